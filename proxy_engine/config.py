@@ -1,0 +1,104 @@
+"""Engine configuration: which models, where they live, and the batching limits.
+
+One pydantic model is the single source of truth: the YAML file, the CLI flags and ``--check`` all validate
+through it, and an unknown key is an error (``extra="forbid"``) rather than a silently ignored typo.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+PromptFormat = Literal["plain", "chat"]
+
+_DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?|mps)$")
+
+# A plain transcript for models that see chat requests as text (the base and anti-expert in the paper).
+DEFAULT_TRANSCRIPT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelConfig(_Strict):
+    """One causal LM: where to load it from and how it sees prompts."""
+
+    path: str = Field(description="Local directory or a hub id already in the local cache (never downloaded).")
+    dtype: DType = "auto"
+    device: str | list[str] = Field(
+        default="cpu",
+        description="'cpu', 'cuda:N', 'auto', or a list of GPUs ['cuda:0', 'cuda:1'] to spread layers over.",
+    )
+    max_memory: dict[str, str] | None = Field(
+        default=None, description="Per-device memory caps for accelerate's device_map, e.g. {'cuda:0': '20GiB'}."
+    )
+    prompt_format: PromptFormat = Field(
+        default="plain", description="'plain': the text as given; 'chat': wrapped in the model's chat template."
+    )
+    chat_template: str | None = Field(
+        default=None, description="A Jinja chat template overriding the tokenizer's (only for prompt_format: chat)."
+    )
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str | list[str]) -> str | list[str]:
+        devices = [value] if isinstance(value, str) else value
+        if not devices:
+            raise ValueError("device list is empty")
+        for device in devices:
+            if not _DEVICE_RE.match(device):
+                raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda:N', 'auto' or a list of 'cuda:N'")
+        if isinstance(value, list) and any(d in ("cpu", "auto") for d in value) and len(value) > 1:
+            raise ValueError("a device list names GPUs only ('cuda:N')")
+        return value
+
+
+class ExpertPairConfig(_Strict):
+    """A fine-tuned small expert and the same small model before tuning."""
+
+    expert: ModelConfig
+    anti_expert: ModelConfig
+    alpha: float = Field(default=1.0, description="Default strength of this pair; a request may override it.")
+
+
+class LimitsConfig(_Strict):
+    """Continuous-batching limits."""
+
+    max_num_seqs: int = Field(default=32, ge=1, description="Sequences decoded together at most.")
+    max_num_batched_tokens: int = Field(
+        default=512, ge=16, description="Prompt tokens prefilled per step per model, so running streams never stall."
+    )
+    max_waiting: int = Field(default=256, ge=0, description="Waiting queue bound; past it requests are refused.")
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Cap on prompt + completion tokens (default: the smallest model's limit)."
+    )
+    request_timeout_s: float | None = Field(default=None, gt=0, description="End a request after this long.")
+
+
+class EngineConfig(_Strict):
+    base: ModelConfig
+    experts: list[ExpertPairConfig] = Field(default_factory=list)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    transcript_template: str = Field(
+        default=DEFAULT_TRANSCRIPT_TEMPLATE,
+        description="Jinja template that renders chat messages as plain text for 'plain' models.",
+    )
+    seed: int = Field(default=0, description="Seeds requests that bring no seed of their own (reproducible runs).")
+
+    @property
+    def default_alphas(self) -> list[float]:
+        return [pair.alpha for pair in self.experts]

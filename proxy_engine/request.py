@@ -1,0 +1,200 @@
+"""What crosses the engine boundary: a prompt and sampling parameters in, ``RequestOutput`` deltas out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+class FinishReason(str, Enum):
+    """Why a sequence ended; the string value is the OpenAI ``finish_reason``."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Target(str, Enum):
+    """Which model a request is served by: the proxy-tuned combination, or one of its parts alone."""
+
+    PROXY = "proxy"  # s_base + sum_i alpha_i (s_expert_i - s_anti_i)
+    BASE = "base"  # s_base alone (the same as alpha 0)
+    EXPERT = "expert"  # the first pair's expert alone
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full or the engine is draining: the caller should retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class PromptInput:
+    """A prompt: completion text, chat messages, or token ids. Exactly one is set.
+
+    Each model renders it in its own format (plain text or its chat template), so the three models' token
+    sequences may differ in length.
+    """
+
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+    token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        given = [x is not None for x in (self.text, self.messages, self.token_ids)]
+        if sum(given) != 1:
+            raise ValueError("a prompt is exactly one of: text, messages, token ids")
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("messages must not be empty")
+            for message in self.messages:
+                if not isinstance(message.get("content"), str) or not isinstance(message.get("role"), str):
+                    raise ValueError("each message needs a string 'role' and a string 'content'")
+        if self.token_ids is not None and not self.token_ids:
+            raise ValueError("the prompt is empty")
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (OpenAI's plus the common vLLM extensions, plus ``alpha``)."""
+
+    max_tokens: int | None = None  # None: up to the context left
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    n: int = 1
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token plus the top k
+    skip_special_tokens: bool = True
+    # None: the configured default of every pair; a number: that alpha for every pair; a list: one per pair.
+    alpha: float | list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int, num_pairs: int) -> None:
+        """Raise ``ValueError`` with a message fit for a 400 if any value is out of range."""
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            _finite(name, float(getattr(self, name)))
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N}, got {self.n}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for stop in self.stop:
+            if not isinstance(stop, str):
+                raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+            if len(stop) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"a stop string may be at most {MAX_STOP_STRING_CHARS} characters")
+        for token_id in self.stop_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"stop_token_ids: {token_id} is outside the vocabulary [0, {vocab_size})")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not 0 <= int(token_id) < vocab_size:
+                raise ValueError(f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})")
+            _finite("logit_bias value", float(bias))
+            if not -100.0 <= float(bias) <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        self.resolve_alphas([0.0] * num_pairs)
+
+    def resolve_alphas(self, defaults: list[float]) -> list[float]:
+        """The alpha of every expert pair for this request."""
+        if self.alpha is None:
+            return list(defaults)
+        alphas = [float(self.alpha)] * len(defaults) if not isinstance(self.alpha, list) else self.alpha
+        if len(alphas) != len(defaults):
+            raise ValueError(f"alpha has {len(alphas)} values but the engine serves {len(defaults)} expert pairs")
+        for value in alphas:
+            _finite("alpha", float(value))
+            if abs(float(value)) > 100:
+                raise ValueError(f"alpha must be in [-100, 100], got {value}")
+        return [float(a) for a in alphas]
+
+
+@dataclass
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    """The combined distribution's log-probability of one generated token, and its top alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """One step's news for one sequence (choice ``index``) of a request."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    text_delta: str
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0  # the base model's prompt length
+    completion_tokens: int = 0  # cumulative for this sequence
+    error: str | None = None  # set when finish_reason is ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
