@@ -59,3 +59,18 @@ class RequestStream:
             if output.finished:
                 self._unfinished -= 1
             yield output
+
+
+class AsyncEngine:
+    """Public contract (implementation lands in this file; see docs/architecture.md).
+
+    - ``AsyncEngine(config: EngineConfig)``: builds nothing yet.
+    - ``await start()``: loads the models off the event loop (``ready`` turns True), starts the step thread.
+    - ``info: ModelInfo`` once started.
+    - ``await add_request(request_id, prompt: PromptInput, params: SamplingParams, target=Target.PROXY)``
+      returns a ``RequestStream``; raises ``ValueError`` (bad parameters, prompt past the context: the
+      message says both lengths) or ``EngineOverloadedError`` (queue full or draining) before any output.
+    - ``abort(request_id)``: idempotent, thread-safe; frees the request's rows in every model within a step.
+    - ``stats() -> EngineStats``; ``tokenize(prompt, target) -> list[int]``; ``detokenize(ids) -> str``.
+    - ``stop_admitting()`` (drain: new requests get EngineOverloadedError); ``await shutdown()``.
+    """
