@@ -7,11 +7,15 @@ step, routed to a per-request ``asyncio.Queue``. This is the only module the ser
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from proxy_engine.config import EngineConfig
-from proxy_engine.request import PromptInput, RequestOutput, SamplingParams, Target
+from proxy_engine.request import EngineOverloadedError, PromptInput, RequestOutput, SamplingParams, Target
+
+log = logging.getLogger("proxy_engine")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class RequestStream:
         self.n = n
         self.prompt_tokens = prompt_tokens
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished_choices = 0  # counted by the engine's dispatcher
         self._unfinished = n
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
@@ -62,15 +67,144 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Public contract (implementation lands in this file; see docs/architecture.md).
+    """Runs ``ProxyEngine.step`` in one background thread and routes its outputs to per-request streams.
 
-    - ``AsyncEngine(config: EngineConfig)``: builds nothing yet.
-    - ``await start()``: loads the models off the event loop (``ready`` turns True), starts the step thread.
-    - ``info: ModelInfo`` once started.
-    - ``await add_request(request_id, prompt: PromptInput, params: SamplingParams, target=Target.PROXY)``
-      returns a ``RequestStream``; raises ``ValueError`` (bad parameters, prompt past the context: the
-      message says both lengths) or ``EngineOverloadedError`` (queue full or draining) before any output.
-    - ``abort(request_id)``: idempotent, thread-safe; frees the request's rows in every model within a step.
-    - ``stats() -> EngineStats``; ``tokenize(prompt, target) -> list[int]``; ``detokenize(ids) -> str``.
-    - ``stop_admitting()`` (drain: new requests get EngineOverloadedError); ``await shutdown()``.
+    - ``await start()`` loads the models off the event loop (``ready`` turns True) and starts the step thread.
+    - ``await add_request(...)`` validates and queues, returning a ``RequestStream``; it raises ``ValueError``
+      (bad parameters, a prompt past the context: the message says both lengths) or ``EngineOverloadedError``
+      (queue full, or draining) before any output.
+    - ``abort(request_id)`` is idempotent and thread-safe; the request's rows leave every model next step.
     """
+
+    def __init__(self, config: EngineConfig, *, idle_wait_s: float = 0.5) -> None:
+        self.config = config
+        self.engine = None  # ProxyEngine, once loaded
+        self.info: ModelInfo | None = None
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+        self._admitting = True
+        self._idle_wait_s = idle_wait_s
+        self.fatal_error: BaseException | None = None
+
+    # --- life cycle ------------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def admitting(self) -> bool:
+        return self._admitting
+
+    async def start(self) -> None:
+        from proxy_engine.engine import ProxyEngine
+        from proxy_engine.loader import load_models
+
+        models = await asyncio.to_thread(load_models, self.config)
+        engine = ProxyEngine(models, self.config)
+        self.info = ModelInfo(
+            base_path=self.config.base.path,
+            expert_paths=[pair.expert.path for pair in self.config.experts],
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+            default_alphas=self.config.default_alphas,
+            eos_token_ids=sorted(engine.eos_ids),
+        )
+        self.engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="proxy-engine-step", daemon=True)
+        self._thread.start()
+        log.info("engine ready: %d models, max_model_len %d", len(models), engine.max_model_len)
+
+    def stop_admitting(self) -> None:
+        """Drain: refuse new requests; running ones go on."""
+        self._admitting = False
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # --- requests --------------------------------------------------------------------------------------------
+    async def add_request(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams, target: Target = Target.PROXY
+    ) -> RequestStream:
+        engine = self._require_engine()
+        if not self._admitting:
+            raise EngineOverloadedError("the server is shutting down and admits no new requests", retry_after_s=5)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        sequences = engine.make_sequences(request_id, prompt, params, target)
+        stream = RequestStream(request_id, len(sequences), sequences[0].primary_prompt_len)
+        self._streams[request_id] = stream
+        try:
+            engine.add(sequences)
+        except EngineOverloadedError:
+            del self._streams[request_id]
+            raise
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        if self.engine is not None and request_id in self._streams:
+            self.engine.abort(request_id)
+            self._wake.set()
+
+    def stats(self) -> EngineStats:
+        engine = self.engine
+        if engine is None:
+            return EngineStats(0, 0, 0, 0, 0)
+        return EngineStats(
+            running=len(engine.running),
+            waiting=engine.num_waiting,
+            prefilling=engine.num_prefilling,
+            prompt_tokens_total=engine.prompt_tokens_total,
+            generation_tokens_total=engine.generation_tokens_total,
+        )
+
+    def tokenize(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
+        return self._require_engine().render(prompt, target)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        engine = self._require_engine()
+        if any(not 0 <= t < engine.vocab_size for t in token_ids):
+            raise ValueError(f"token ids must be in [0, {engine.vocab_size})")
+        return engine.tokenizer.decode(token_ids)
+
+    def _require_engine(self):
+        if self.engine is None:
+            raise EngineOverloadedError("the models are still loading", retry_after_s=5)
+        return self.engine
+
+    # --- the step thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            if not engine.has_work():
+                self._wake.wait(self._idle_wait_s)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except BaseException as error:  # noqa: BLE001 - the engine's own guards failed: stop loudly
+                log.exception("the engine step loop crashed")
+                self.fatal_error = error
+                self._stopping = True
+                return
+            if outputs:
+                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """On the event loop: hand each output to its stream (once per step, not once per token)."""
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream.queue.put_nowait(output)
+            if output.finished:
+                stream.finished_choices += 1
+                if stream.finished_choices == stream.n:
+                    del self._streams[output.request_id]

@@ -1,0 +1,46 @@
+"""The proxy-tuning arithmetic, as pure functions over logits.
+
+    s = s_base + sum_i alpha_i * (s_expert_i - s_anti_i)
+
+Every model contributes ``weight * logits`` to the rows it computed: the base with weight 1, expert i with
+``+alpha_i`` and anti-expert i with ``-alpha_i``. A model absent from a row (alpha 0, or the base for the
+"expert alone" target) contributes nothing and was never run for it. Everything is summed in float32 on the
+base's device, whatever dtype and device each model ran in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One model's logits for some rows of the batch."""
+
+    rows: torch.Tensor  # [b] long: which batch rows these logits belong to
+    weights: torch.Tensor  # [b] float32: that model's weight in each of those rows
+    logits: torch.Tensor  # [b, V]
+
+
+def combine(batch_size: int, vocab_size: int, parts: list[Contribution], device: torch.device) -> torch.Tensor:
+    """``[batch_size, V]`` float32: the weighted sum of every contribution, row by row."""
+    out = torch.zeros((batch_size, vocab_size), dtype=torch.float32, device=device)
+    for part in parts:
+        if part.rows.numel() == 0:
+            continue
+        logits = part.logits.to(device=device, dtype=torch.float32, non_blocking=True)
+        weights = part.weights.to(device=device, dtype=torch.float32, non_blocking=True)
+        out.index_add_(0, part.rows.to(device), logits * weights[:, None])
+    return out
+
+
+def proxy_tuned(
+    base: torch.Tensor, experts: list[torch.Tensor], antis: list[torch.Tensor], alphas: list[float]
+) -> torch.Tensor:
+    """The formula as written, for one batch where every model computed every row (reference and tests)."""
+    out = base.float().clone()
+    for expert, anti, alpha in zip(experts, antis, alphas):
+        out += alpha * (expert.float() - anti.float())
+    return out

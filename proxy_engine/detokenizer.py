@@ -1,0 +1,105 @@
+"""Incremental detokenization with stop strings: what each step may stream, and nothing it must not.
+
+Three rules (the bugs other servers shipped, see docs/openai-compat.md):
+- a text delta never ends in an incomplete UTF-8 character (the decoder's U+FFFD is held back until the
+  next token completes it);
+- a stop string is never streamed in part: the longest tail of the text that could still begin a stop
+  string is held back until it is ruled in or out;
+- the concatenated deltas equal the decoding of all generated tokens, cut before the stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REPLACEMENT = "\ufffd"
+# Tokens decoded together with the new ones, so that tokenizers that drop a leading space on the first
+# token of a decode (SentencePiece) see enough context.
+_CONTEXT_TOKENS = 5
+
+
+def find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
+    """Earliest ``(index, stop)`` of any stop string that ends after ``start``, or None."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        index = text.find(stop, max(0, start - len(stop) + 1))
+        if index >= 0 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+@dataclass
+class StepText:
+    delta: str
+    stopped: bool  # a stop string matched: the sequence is finished
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's generated token ids into safe-to-stream text deltas."""
+
+    def __init__(
+        self, tokenizer, stops: list[str], include_stop: bool = False, skip_special_tokens: bool = True
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.include_stop = include_stop
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""  # all decoded text so far (complete characters only)
+        self.sent = 0  # characters of ``text`` already streamed
+        self._prefix = 0  # ids[_prefix:_read] were decoded as context for the next delta
+        self._read = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> StepText:
+        """Take one generated token; return what may be streamed now."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+            self.text += after[len(before) :]
+            self._prefix = max(self._prefix, len(self.ids) - _CONTEXT_TOKENS)
+            self._read = len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The sequence ended for another reason (length, EOS, abort): flush what was held back."""
+        if self.stopped:
+            return ""
+        tail = self._decode(self.ids[self._prefix :])
+        before = self._decode(self.ids[self._prefix : self._read])
+        if len(tail) > len(before):  # an incomplete character at the very end: emit it as decoded
+            self.text += tail[len(before) :]
+            self._read = len(self.ids)
+        return self._release(final=True).delta
+
+    def _release(self, final: bool) -> StepText:
+        if self.stopped:
+            return StepText("", True)
+        if self.stops:
+            match = find_stop(self.text, self.stops, self.sent)
+            if match is not None:
+                index, stop = match
+                self.text = self.text[: index + (len(stop) if self.include_stop else 0)]
+                self.stopped = True
+                delta = self.text[self.sent :]
+                self.sent = len(self.text)
+                return StepText(delta, True)
+        end = len(self.text) if final else len(self.text) - held_back(self.text[self.sent :], self.stops)
+        delta = self.text[self.sent : end]
+        self.sent = end
+        return StepText(delta, False)

@@ -1,0 +1,434 @@
+"""The step loop: decode every running row in all models, combine, sample; prefill newcomers within budget.
+
+    outputs = engine.step()   # aborts -> decode + combine + sample -> prefill a chunk -> outputs
+
+``ProxyEngine`` is synchronous and owns every tensor; ``AsyncEngine`` (async_engine.py) runs it in a thread.
+Requests and aborts arrive through a locked inbox drained at the start of each step, so a new request joins
+the batch at the next step and an aborted one leaves at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from proxy_engine.combine import Contribution, combine
+from proxy_engine.config import EngineConfig
+from proxy_engine.detokenizer import IncrementalDetokenizer
+from proxy_engine.loader import LoadedModel, eos_token_ids
+from proxy_engine.request import (
+    EngineOverloadedError,
+    FinishReason,
+    PromptInput,
+    RequestOutput,
+    SamplingParams,
+    Target,
+    TokenLogprob,
+    TopLogprob,
+)
+from proxy_engine.runner import ModelRunner, PrefillJob
+from proxy_engine.sampler import (
+    apply_logit_bias,
+    apply_penalties,
+    ban_tokens,
+    filter_top_k_top_p_min_p,
+    sample,
+    top_logprobs,
+)
+from proxy_engine.scheduler import Scheduler
+from proxy_engine.sequence import Sequence, Status
+
+log = logging.getLogger("proxy_engine.engine")
+
+
+@dataclass(eq=False)
+class PrefillGroup:
+    """Sequences being prefilled together: one job per model that any of them uses."""
+
+    sequences: list[Sequence]
+    jobs: dict[int, PrefillJob]
+
+    @property
+    def complete(self) -> bool:
+        return all(job.complete for job in self.jobs.values())
+
+
+class ProxyEngine:
+    """Three (or more) models in lockstep over one continuously batched set of sequences."""
+
+    def __init__(self, models: list[LoadedModel], config: EngineConfig) -> None:
+        self.config = config
+        self.models = models
+        self.tokenizer = models[0].tokenizer
+        self.vocab_size = len(self.tokenizer)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.runners = [ModelRunner(m.model, self.vocab_size, pad_id, m.role) for m in models]
+        cap = config.limits.max_model_len or 10**9
+        self.max_lens = [min(m.max_len, cap) for m in models]
+        self.eos_ids = frozenset(eos_token_ids(models))
+        self.device = self.runners[0].device
+        self.scheduler = Scheduler(config.limits)
+        self.running: list[Sequence] = []
+        self.prefill: PrefillGroup | None = None
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._lock = threading.Lock()
+        self._inbox: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._next_seq_id = 0
+        self._seed_rng = random.Random(config.seed)
+        self._token_text: dict[int, str] = {}
+        # Tests inject faults here: called with the sequences of a phase ("decode", "prefill", "sample").
+        self.fault_hook = None
+        # Analysis mode (as in the research code): called with (sequences, combined logits [B, V]) every step.
+        self.logits_hook = None
+
+    # --- requests in ---------------------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return min(self.max_lens)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.config.experts)
+
+    def weights_for(self, params: SamplingParams, target: Target) -> list[float]:
+        """Each runner's weight: base 1, expert_i +alpha_i, anti_i -alpha_i (or one model alone)."""
+        weights = [0.0] * len(self.runners)
+        if target is Target.EXPERT:
+            if not self.num_pairs:
+                raise ValueError("this deployment has no expert to serve alone")
+            weights[1] = 1.0
+            return weights
+        weights[0] = 1.0
+        if target is Target.PROXY:
+            for i, alpha in enumerate(params.resolve_alphas(self.config.default_alphas)):
+                weights[1 + 2 * i], weights[2 + 2 * i] = alpha, -alpha
+        return weights
+
+    def render(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
+        """The primary model's prompt ids (the base, or the expert when it is served alone)."""
+        index = 1 if target is Target.EXPERT else 0
+        return self.models[index].renderer.render(prompt)
+
+    def make_sequences(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams, target: Target = Target.PROXY
+    ) -> list[Sequence]:
+        """Validate and render a request into its ``n`` sequences; ``ValueError`` says what is wrong."""
+        params.validate(self.vocab_size, self.num_pairs)
+        if prompt.token_ids is not None and any(not 0 <= t < self.vocab_size for t in prompt.token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        weights = self.weights_for(params, target)
+        prompts: dict[int, list[int]] = {}
+        context_left = params.max_tokens or 10**9
+        for index, weight in enumerate(weights):
+            if weight == 0.0:
+                continue
+            ids = self.models[index].renderer.render(prompt)
+            limit = self.max_lens[index]
+            if len(ids) >= limit:
+                raise ValueError(
+                    f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens "
+                    f"as the {self.models[index].role} model sees it; shorten the prompt"
+                )
+            prompts[index] = ids
+            context_left = min(context_left, limit - len(ids))
+        if params.min_tokens > context_left:
+            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the context left ({context_left} tokens)")
+        deadline = None
+        if self.config.limits.request_timeout_s:
+            deadline = time.monotonic() + self.config.limits.request_timeout_s
+        sequences = []
+        stops = list(params.stop)
+        for choice in range(params.n):
+            seed = params.seed + choice if params.seed is not None else self._seed_rng.getrandbits(63)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer, stops, params.include_stop_str_in_output, params.skip_special_tokens
+            )
+            with self._lock:
+                seq_id = self._next_seq_id
+                self._next_seq_id += 1
+            sequences.append(
+                Sequence(seq_id, request_id, choice, params, weights, prompts, context_left, detokenizer,
+                         generator, self.eos_ids, deadline=deadline)
+            )
+        return sequences
+
+    def add(self, sequences: list[Sequence]) -> None:
+        """Queue sequences (any thread); ``EngineOverloadedError`` when the waiting queue is full."""
+        with self._lock:
+            busy = len(self.running) + (len(self.prefill.sequences) if self.prefill else 0) + len(self._inbox)
+            free = self.config.limits.max_num_seqs - busy
+            if not self.scheduler.has_room_for(len(sequences), free):
+                raise EngineOverloadedError(
+                    f"the server is at capacity ({self.config.limits.max_waiting} requests waiting); retry shortly"
+                )
+            self._inbox.extend(sequences)
+
+    def abort(self, request_id: str) -> None:
+        """Abort every sequence of a request (any thread); takes effect at the next step."""
+        with self._lock:
+            self._aborts.add(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    @property
+    def num_prefilling(self) -> int:
+        return len(self.prefill.sequences) if self.prefill else 0
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.prefill or self.scheduler.waiting or self._inbox or self._aborts)
+
+    # --- the step ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        self._drain_inbox(outputs)
+        if self.running:
+            outputs += self._guarded("decode", self.running, self._decode)
+        if self.prefill is None:
+            admitted = self.scheduler.admit(len(self.running))
+            if admitted:
+                self.prefill = self._start_prefill(admitted)
+        if self.prefill is not None:
+            outputs += self._guarded("prefill", self.prefill.sequences, self._prefill_step)
+        return outputs
+
+    def _guarded(self, phase: str, sequences: list[Sequence], run) -> list[RequestOutput]:
+        """Run a batch phase; if it raises, fail the sequences it concerns and keep serving the rest."""
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(phase, sequences)
+            return run()
+        except Exception as error:  # noqa: BLE001 - one bad batch must not stop the engine
+            log.exception("engine %s step failed for %d sequences", phase, len(sequences))
+            failed = [s for s in sequences if s.status is not Status.FINISHED]
+            if phase == "prefill":
+                self.prefill = None
+            else:
+                self.running = [s for s in self.running if s not in failed]
+                self._sync_rows()
+            message = f"internal error during {phase}: {type(error).__name__}"
+            return [self._finish(s, FinishReason.ERROR, error=message) for s in failed]
+
+    def _drain_inbox(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        self.scheduler.add(inbox)
+        now = time.monotonic()
+        expired = {s.request_id for s in self._all_active() if s.deadline is not None and now > s.deadline}
+        if not aborts and not expired:
+            return
+        for sequence in self.scheduler.remove(lambda s: s.request_id in aborts or s.request_id in expired):
+            outputs.append(self._end_early(sequence, aborts))
+        if self.prefill is not None:
+            doomed = [s for s in self.prefill.sequences if s.request_id in aborts or s.request_id in expired]
+            for sequence in doomed:
+                outputs.append(self._end_early(sequence, aborts))
+            if doomed and all(s.status is Status.FINISHED for s in self.prefill.sequences):
+                self.prefill = None
+        leaving = [s for s in self.running if s.request_id in aborts or s.request_id in expired]
+        if leaving:
+            for sequence in leaving:
+                outputs.append(self._end_early(sequence, aborts))
+            self.running = [s for s in self.running if s.status is not Status.FINISHED]
+            self._sync_rows()
+
+    def _end_early(self, sequence: Sequence, aborts: set[str]) -> RequestOutput:
+        if sequence.request_id in aborts:
+            return self._finish(sequence, FinishReason.ABORT)
+        timeout = self.config.limits.request_timeout_s
+        return self._finish(sequence, FinishReason.ERROR, error=f"the request timed out after {timeout:g}s")
+
+    def _all_active(self) -> list[Sequence]:
+        prefilling = self.prefill.sequences if self.prefill else []
+        return [*self.scheduler.waiting, *prefilling, *self.running]
+
+    def _sync_rows(self) -> None:
+        """Make every runner hold exactly the running sequences that use it, in running order."""
+        for index, runner in enumerate(self.runners):
+            runner.keep_rows([s.seq_id for s in self.running if index in s.prompts])
+
+    # --- decode ----------------------------------------------------------------------------------------------
+    def _decode(self) -> list[RequestOutput]:
+        sequences = self.running
+        position = {s.seq_id: row for row, s in enumerate(sequences)}
+        by_id = {s.seq_id: s for s in sequences}
+        parts = []
+        # Launch every model before reading any result: on GPUs the forwards overlap.
+        for index, runner in enumerate(self.runners):
+            if runner.num_rows == 0:
+                continue
+            members = [by_id[seq_id] for seq_id in runner.seq_ids]
+            tokens = torch.tensor([s.last_token for s in members], dtype=torch.long)
+            logits = runner.decode(tokens)
+            rows = torch.tensor([position[s.seq_id] for s in members], dtype=torch.long)
+            weights = torch.tensor([s.weights[index] for s in members], dtype=torch.float32)
+            parts.append(Contribution(rows, weights, logits))
+        combined = combine(len(sequences), self.vocab_size, parts, self.device)
+        outputs = self._sample_and_emit(sequences, combined)
+        finished = [s for s in sequences if s.status is Status.FINISHED]
+        if finished:
+            self.running = [s for s in sequences if s.status is not Status.FINISHED]
+            self._sync_rows()
+        return outputs
+
+    # --- prefill ---------------------------------------------------------------------------------------------
+    def _start_prefill(self, sequences: list[Sequence]) -> PrefillGroup:
+        jobs = {}
+        for index, runner in enumerate(self.runners):
+            members = [s for s in sequences if index in s.prompts]
+            if members:
+                jobs[index] = runner.start_prefill([s.seq_id for s in members], [s.prompts[index] for s in members])
+        for sequence in sequences:
+            sequence.status = Status.PREFILLING
+        return PrefillGroup(sequences, jobs)
+
+    def _prefill_step(self) -> list[RequestOutput]:
+        group = self.prefill
+        assert group is not None
+        # Running rows each cost one token this step; the rest of the budget goes to prompts.
+        budget = max(16, self.config.limits.max_num_batched_tokens - len(self.running))
+        for index, job in group.jobs.items():
+            self.runners[index].prefill_step(job, budget)
+        if not group.complete:
+            return []
+        self.prefill = None
+        alive = [s for s in group.sequences if s.status is not Status.FINISHED]
+        if not alive:
+            return []
+        position = {s.seq_id: row for row, s in enumerate(alive)}
+        parts = []
+        for index, job in group.jobs.items():
+            keep = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in position]
+            members = [s for s in alive if index in s.prompts]
+            rows = torch.tensor([position[s.seq_id] for s in members], dtype=torch.long)
+            weights = torch.tensor([s.weights[index] for s in members], dtype=torch.float32)
+            logits = job.last_logits[torch.tensor(keep, dtype=torch.long, device=job.last_logits.device)]
+            parts.append(Contribution(rows, weights, logits))
+        combined = combine(len(alive), self.vocab_size, parts, self.device)
+        for sequence in alive:
+            self.prompt_tokens_total += sequence.primary_prompt_len
+        outputs = self._sample_and_emit(alive, combined)
+        survivors = [s for s in alive if s.status is not Status.FINISHED]
+        survivor_ids = {s.seq_id for s in survivors}
+        for index, job in group.jobs.items():
+            keep = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in survivor_ids]
+            self.runners[index].add_rows(job, keep)
+        for sequence in survivors:
+            sequence.status = Status.RUNNING
+        self.running.extend(survivors)
+        return outputs
+
+    # --- sampling and outputs --------------------------------------------------------------------------------
+    def _sample_and_emit(self, sequences: list[Sequence], combined: torch.Tensor) -> list[RequestOutput]:
+        """Process, sample and emit one token for each sequence (``combined [B, V]`` float32)."""
+        if self.fault_hook is not None:
+            self.fault_hook("sample", sequences)
+        if self.logits_hook is not None:
+            self.logits_hook(sequences, combined)
+        logits = self._process(sequences, combined)
+        temperature = torch.tensor([s.params.temperature for s in sequences], dtype=torch.float32)
+        tokens = sample(logits, temperature.to(logits.device), [s.generator for s in sequences])
+        want = [s.params.logprobs for s in sequences if s.params.logprobs is not None]
+        chosen_lp = top_values = top_ids = None
+        if want:
+            chosen_lp, top_values, top_ids = top_logprobs(combined, tokens, max(want))
+            chosen_lp, top_values, top_ids = chosen_lp.tolist(), top_values.tolist(), top_ids.tolist()
+        outputs = []
+        for row, (sequence, token) in enumerate(zip(sequences, tokens.tolist())):
+            logprobs = None
+            if sequence.params.logprobs is not None:
+                k = sequence.params.logprobs
+                top = [TopLogprob(i, self.token_text(i), v) for i, v in zip(top_ids[row][:k], top_values[row][:k])]
+                logprobs = [TokenLogprob(token, self.token_text(token), chosen_lp[row], top)]
+            outputs.append(self._advance(sequence, token, logprobs))
+        return outputs
+
+    def _process(self, sequences: list[Sequence], combined: torch.Tensor) -> torch.Tensor:
+        params = [s.params for s in sequences]
+        needs_bias = any(p.logit_bias for p in params)
+        banned = [s.banned_ids() for s in sequences]
+        needs_penalty = any(
+            p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params
+        )
+        sampled = [p for p in params if not p.greedy]
+        needs_filter = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sampled)
+        if not (needs_bias or any(banned) or needs_penalty or needs_filter):
+            return combined
+        logits = combined.clone()
+        device = logits.device
+        if needs_bias:
+            apply_logit_bias(logits, [{int(k): float(v) for k, v in (p.logit_bias or {}).items()} for p in params])
+        if any(banned):
+            ban_tokens(logits, banned)
+        if needs_penalty:
+            counts = torch.zeros_like(logits)
+            prompt_mask = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+            for row, sequence in enumerate(sequences):
+                if sequence.output_ids:
+                    ids = torch.tensor(sequence.output_ids, dtype=torch.long, device=device)
+                    counts[row].index_add_(0, ids, torch.ones(len(ids), device=device))
+                if sequence.params.repetition_penalty != 1.0:
+                    prompt_mask[row, sequence.prompts[sequence.runners[0]]] = True
+            tensor = lambda name: torch.tensor([getattr(p, name) for p in params], dtype=torch.float32, device=device)  # noqa: E731
+            logits = apply_penalties(
+                logits, counts, prompt_mask,
+                tensor("presence_penalty"), tensor("frequency_penalty"), tensor("repetition_penalty"),
+            )
+        if needs_filter:
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params], dtype=torch.long, device=device)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+            logits = filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+        return logits
+
+    def _advance(self, sequence: Sequence, token: int, logprobs: list[TokenLogprob] | None) -> RequestOutput:
+        sequence.output_ids.append(token)
+        self.generation_tokens_total += 1
+        if token in sequence.stop_ids():
+            return self._finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs)
+        step = sequence.detokenizer.add(token)
+        if step.stopped:
+            return self._finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs, text=step.delta)
+        if len(sequence.output_ids) >= sequence.max_tokens:
+            return self._finish(sequence, FinishReason.LENGTH, new_token=token, logprobs=logprobs, text=step.delta)
+        return RequestOutput(
+            sequence.request_id, sequence.index, [token], step.delta, None, logprobs,
+            sequence.primary_prompt_len, len(sequence.output_ids),
+        )
+
+    def _finish(
+        self,
+        sequence: Sequence,
+        reason: FinishReason,
+        *,
+        new_token: int | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+        text: str = "",
+        error: str | None = None,
+    ) -> RequestOutput:
+        sequence.status = Status.FINISHED
+        sequence.finish_reason = reason
+        sequence.error = error
+        if reason is not FinishReason.ERROR:
+            text += sequence.detokenizer.finish()
+        return RequestOutput(
+            sequence.request_id, sequence.index, [new_token] if new_token is not None else [], text, reason,
+            logprobs, sequence.primary_prompt_len, len(sequence.output_ids), error,
+        )
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text

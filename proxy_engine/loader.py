@@ -1,0 +1,132 @@
+"""Load the base and every expert / anti-expert pair, and refuse mismatched vocabularies before serving.
+
+Each model has its own dtype and placement. The three tokenizers must map the same strings to the same ids
+(regular and special tokens alike): proxy-tuning adds logits index by index, so a shifted id would steer
+toward the wrong token. Logit rows wider than the shared vocabulary (padded embeddings, common in real
+families) are cut to it; narrower rows are an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from proxy_engine.config import EngineConfig, ModelConfig
+from proxy_engine.prompts import PromptRenderer
+
+log = logging.getLogger("proxy_engine.loader")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FALLBACK_MAX_LEN = 2048
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    role: str  # "base", "expert", "anti_expert" (with a pair index past the first: "expert_1")
+    config: ModelConfig
+    model: torch.nn.Module
+    tokenizer: object
+    renderer: PromptRenderer
+    max_len: int  # positions the model supports
+    logits_width: int  # rows of its output layer (may exceed the vocabulary)
+
+
+def check_vocabularies(tokenizers: dict[str, object], shown: int = 5) -> int:
+    """Return the shared vocabulary size, or raise ``ValueError`` naming the first differences."""
+    names = list(tokenizers)
+    reference_name = names[0]
+    reference = tokenizers[reference_name].get_vocab()
+    problems: list[str] = []
+    for name in names[1:]:
+        vocab = tokenizers[name].get_vocab()
+        if vocab == reference:
+            continue
+        differences = []
+        for token in sorted(set(reference) | set(vocab), key=lambda t: (reference.get(t, vocab.get(t)), t)):
+            a, b = reference.get(token), vocab.get(token)
+            if a != b:
+                differences.append(f"{token!r} is {a} in {reference_name} but {b} in {name}")
+                if len(differences) == shown:
+                    break
+        size_note = f" ({len(reference)} vs {len(vocab)} tokens)" if len(reference) != len(vocab) else ""
+        problems.append(f"{name} differs from {reference_name}{size_note}: " + "; ".join(differences))
+    if problems:
+        raise ValueError(
+            "the models do not share one vocabulary, so their logits cannot be combined: " + " | ".join(problems)
+        )
+    return len(tokenizers[reference_name])
+
+
+def max_positions(model: torch.nn.Module, tokenizer) -> int:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else _FALLBACK_MAX_LEN
+
+
+def logits_width(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def eos_token_ids(models: list[LoadedModel]) -> list[int]:
+    """Every id any model treats as end of sequence (a chat expert's end-of-turn included)."""
+    ids: set[int] = set()
+    for loaded in models:
+        for source in (loaded.tokenizer.eos_token_id, getattr(loaded.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+def from_pretrained_kwargs(config: ModelConfig) -> dict:
+    from proxy_engine import placement
+
+    return placement.from_pretrained_kwargs(config)
+
+
+def load_one(role: str, config: ModelConfig, transcript_template: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    log.info("loading %s from %s (device %s, dtype %s)", role, config.path, config.device, config.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.path, revision=config.revision, trust_remote_code=config.trust_remote_code, local_files_only=True
+    )
+    model = AutoModelForCausalLM.from_pretrained(config.path, **from_pretrained_kwargs(config)).eval()
+    renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template)
+    loaded = LoadedModel(role, config, model, tokenizer, renderer, max_positions(model, tokenizer), logits_width(model))
+    parameters = sum(p.numel() for p in model.parameters())
+    devices = sorted({str(p.device) for p in model.parameters()})
+    log.info(
+        "loaded %s: %.1fM parameters on %s as %s in %.1fs",
+        role, parameters / 1e6, ",".join(devices), next(model.parameters()).dtype, time.perf_counter() - started,
+    )
+    return loaded
+
+
+def load_models(config: EngineConfig) -> list[LoadedModel]:
+    """Base first, then expert / anti-expert of each pair; vocabularies checked, widths validated."""
+    roles: list[tuple[str, ModelConfig]] = [("base", config.base)]
+    for index, pair in enumerate(config.experts):
+        suffix = "" if index == 0 else f"_{index}"
+        roles += [(f"expert{suffix}", pair.expert), (f"anti_expert{suffix}", pair.anti_expert)]
+    models = [load_one(role, model_config, config.transcript_template) for role, model_config in roles]
+    vocab_size = check_vocabularies({m.role: m.tokenizer for m in models})
+    for loaded in models:
+        if loaded.logits_width < vocab_size:
+            raise ValueError(
+                f"{loaded.role} ({loaded.config.path}) has {loaded.logits_width} logit rows, fewer than the "
+                f"{vocab_size} tokens of the shared vocabulary"
+            )
+        if loaded.logits_width > vocab_size:
+            log.info("%s: cutting %d logit rows to the shared vocabulary of %d", loaded.role, loaded.logits_width, vocab_size)
+    return models

@@ -1,0 +1,62 @@
+"""Each model's own view of a prompt: plain text, or its chat template.
+
+As in the paper, a chat-tuned expert sees the chat format while the base and anti-expert see plain text, so
+the three token sequences differ in length. Chat requests reach a ``plain`` model as a simple transcript
+(``EngineConfig.transcript_template``).
+"""
+
+from __future__ import annotations
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from proxy_engine.request import PromptInput
+
+
+def compile_template(source: str) -> jinja2.Template:
+    """Templates run sandboxed: they come from model repositories and configuration files."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)
+    return environment.from_string(source)
+
+
+class PromptRenderer:
+    """Renders a ``PromptInput`` into one model's token ids."""
+
+    def __init__(self, tokenizer, prompt_format: str, transcript_template: str, chat_template: str | None) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+        self.transcript = compile_template(transcript_template)
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        if prompt_format == "chat" and not self.chat_template:
+            raise ValueError(
+                f"prompt_format is 'chat' but {getattr(tokenizer, 'name_or_path', 'the tokenizer')} has no chat "
+                "template: configure chat_template for this model"
+            )
+
+    def render_text(self, prompt: PromptInput) -> str | None:
+        """The text this model sees (None for token ids given to a plain model, which pass through as they are)."""
+        if self.prompt_format == "chat":
+            messages = prompt.messages
+            if messages is None:
+                text = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+                messages = [{"role": "user", "content": text}]
+            try:
+                return self.tokenizer.apply_chat_template(
+                    messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+                )
+            except jinja2.TemplateError as error:  # e.g. a template that insists on alternating roles
+                raise ValueError(f"the chat template refused these messages: {error}") from error
+        if prompt.messages is not None:
+            return self.transcript.render(messages=prompt.messages, add_generation_prompt=True)
+        return prompt.text
+
+    def render(self, prompt: PromptInput) -> list[int]:
+        if self.prompt_format == "plain" and prompt.token_ids is not None:
+            return list(prompt.token_ids)
+        text = self.render_text(prompt)
+        # A chat template writes its own special tokens (BOS included); plain text gets the tokenizer's usual ones.
+        add_special = self.prompt_format == "plain"
+        ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids

@@ -1,0 +1,66 @@
+"""One choice of one request, as the engine tracks it from the waiting queue to its last token."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from proxy_engine.detokenizer import IncrementalDetokenizer
+from proxy_engine.request import FinishReason, SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """``weights[m]`` is runner m's weight in this sequence's logits; runners with weight 0 never see it."""
+
+    seq_id: int
+    request_id: str
+    index: int  # the choice index (n > 1)
+    params: SamplingParams
+    weights: list[float]
+    prompts: dict[int, list[int]]  # runner index -> that model's prompt ids (only runners with weight != 0)
+    max_tokens: int
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator
+    eos_ids: frozenset[int]
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    @property
+    def runners(self) -> list[int]:
+        return sorted(self.prompts)
+
+    @property
+    def primary_prompt_len(self) -> int:
+        """The prompt length reported as usage: the first model that runs this sequence (the base, usually)."""
+        return len(self.prompts[self.runners[0]])
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+    def stop_ids(self) -> set[int]:
+        ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            ids |= self.eos_ids
+        return ids
+
+    def banned_ids(self) -> list[int]:
+        """Ids that may not end the sequence yet (``min_tokens``)."""
+        if len(self.output_ids) >= self.params.min_tokens:
+            return []
+        return sorted(self.stop_ids())
