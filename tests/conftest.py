@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny model families built once per session (random weights, a tokenizer trained on the fly)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from proxy_engine.families import Family, build_family  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> Family:
+    """Plain-format family: base (2 layers) and a 1-layer expert / anti-expert."""
+    return build_family(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def chat_family(tmp_path_factory) -> Family:
+    """The expert has a chat template and padded logit rows (576 vs a 512-token vocabulary)."""
+    return build_family(tmp_path_factory.mktemp("chat"), padded_expert=True, chat_expert=True)

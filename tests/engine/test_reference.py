@@ -1,0 +1,63 @@
+"""The engine's combined logits equal a naive, uncached, unbatched reference, step by step."""
+
+from __future__ import annotations
+
+import torch
+
+from proxy_engine.request import Target
+from tests.engine.conftest import make_engine, submit
+from tests.engine.reference import NaiveProxy
+
+
+def test_per_step_logits_match_naive_reference(chat_family, chat_models):
+    # A small prefill budget forces chunked prefill; requests arrive at different steps with mixed alphas.
+    engine = make_engine(chat_models, chat_family, max_num_batched_tokens=16, max_num_seqs=8)
+    recorded: dict[int, list[torch.Tensor]] = {}
+
+    def record(sequences, combined):
+        for row, sequence in enumerate(sequences):
+            recorded.setdefault(sequence.seq_id, []).append(combined[row].detach().clone())
+
+    engine.logits_hook = record
+    common = dict(temperature=0, max_tokens=7, ignore_eos=True)
+    schedule = {
+        0: [("a", "The quick brown fox jumps over the lazy dog and keeps running", {"alpha": 1.0}),
+            ("b", "Paris is", {"alpha": 0.0})],
+        2: [("c", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+             {"alpha": 0.5})],
+        4: [("d", "Numbers 0 1 2", {"alpha": 2.0}), ("e", "def add(a, b):", {"target": Target.EXPERT})],
+        5: [("f", "Question: what", {"target": Target.BASE})],
+    }
+    sequences = []
+    step = 0
+    while step < 200 and (engine.has_work() or step <= max(schedule)):
+        for request_id, prompt, extra in schedule.get(step, []):
+            sequences += submit(engine, request_id, prompt, **{**common, **extra})
+        engine.step()
+        step += 1
+
+    reference = NaiveProxy([str(chat_family.base), str(chat_family.expert), str(chat_family.anti_expert)], 512)
+    assert {s.request_id for s in sequences} == set("abcdef")
+    # Each model saw its own prompt: the chat expert's is longer than the base's.
+    a = next(s for s in sequences if s.request_id == "a")
+    assert len(a.prompts[1]) > len(a.prompts[0]) == len(a.prompts[2])
+    b = next(s for s in sequences if s.request_id == "b")
+    assert sorted(b.prompts) == [0], "alpha 0 must not run the small models"
+    for sequence in sequences:
+        prompts = [sequence.prompts.get(i) for i in range(3)]
+        tokens, logits = reference.greedy(prompts, sequence.weights, len(sequence.output_ids))
+        assert sequence.output_ids == tokens, sequence.request_id
+        assert len(recorded[sequence.seq_id]) == len(logits)
+        for got, want in zip(recorded[sequence.seq_id], logits):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_runner_rows_follow_running_sequences(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "x", "one two three", temperature=0, max_tokens=30, ignore_eos=True, alpha=1.0)
+    submit(engine, "y", "four", temperature=0, max_tokens=3, ignore_eos=True, alpha=0.0)
+    for _ in range(6):
+        engine.step()
+    # y finished after 3 tokens; x still runs in all three models.
+    assert [s.request_id for s in engine.running] == ["x"]
+    assert [r.num_rows for r in engine.runners] == [1, 1, 1]
