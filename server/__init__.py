@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server for proxy-tuned models (``create_app`` and the ``proxy-serve`` command)."""

@@ -1,0 +1,176 @@
+"""``proxy-serve``: load the settings (file < environment < flags), build the engine and app, run uvicorn.
+
+The flags are a thin layer over ``ServerSettings``: each one names the settings key it sets, argparse only
+collects strings, and the pydantic model validates them, so a bad flag and a bad YAML value get the same
+one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from server.settings import ENV_PREFIX, ConfigError, ServerSettings, deep_merge, load_settings
+
+logger = logging.getLogger("proxy_serve")
+
+_PAIR = ("engine", "experts", 0)
+
+
+@dataclass(frozen=True)
+class Flag:
+    option: str
+    key: tuple[str | int, ...]  # where the value goes in the settings
+    help: str
+    metavar: str = "VALUE"
+    action: str = "store"  # "store", "append" (repeatable) or "store_true"
+    split_commas: bool = False
+
+
+FLAGS = [
+    Flag("--base", ("engine", "base", "path"), "Base model: a local directory or a hub id already cached.", "PATH_OR_ID"),
+    Flag("--expert", (*_PAIR, "expert", "path"), "Expert (the small fine-tuned model) of the first pair.", "PATH_OR_ID"),
+    Flag("--anti-expert", (*_PAIR, "anti_expert", "path"), "Anti-expert (the expert before tuning).", "PATH_OR_ID"),
+    Flag("--alpha", (*_PAIR, "alpha"), "Default alpha of the first pair (requests may override; 0 = base alone).",
+         "FLOAT"),
+    Flag("--base-device", ("engine", "base", "device"), "Device of the base: cpu, cuda:N, auto, or cuda:0,cuda:1.",
+         "DEVICE", split_commas=True),
+    Flag("--base-dtype", ("engine", "base", "dtype"), "dtype of the base: auto, float32, bfloat16, float16.", "DTYPE"),
+    Flag("--base-prompt-format", ("engine", "base", "prompt_format"), "plain or chat.", "FORMAT"),
+    Flag("--expert-device", (*_PAIR, "expert", "device"), "Device of the expert.", "DEVICE", split_commas=True),
+    Flag("--expert-dtype", (*_PAIR, "expert", "dtype"), "dtype of the expert.", "DTYPE"),
+    Flag("--expert-prompt-format", (*_PAIR, "expert", "prompt_format"),
+         "plain or chat (a chat expert sees chat requests in its own chat template).", "FORMAT"),
+    Flag("--anti-expert-device", (*_PAIR, "anti_expert", "device"), "Device of the anti-expert.", "DEVICE",
+         split_commas=True),
+    Flag("--anti-expert-dtype", (*_PAIR, "anti_expert", "dtype"), "dtype of the anti-expert.", "DTYPE"),
+    Flag("--served-model-name", ("served_model_name",), "Model id clients use (default proxy-tuned); "
+         "'<name>:base' and '<name>:expert' serve the parts alone.", "NAME"),
+    Flag("--host", ("host",), "Address to listen on (default 127.0.0.1; 0.0.0.0 for every interface).", "HOST"),
+    Flag("--port", ("port",), "Port to listen on (default 8000).", "PORT"),
+    Flag("--api-key", ("api_keys",), "Accept this Bearer key (repeatable); without any, no key is needed.", "KEY",
+         action="append"),
+    Flag("--allowed-origins", ("allowed_origins",), "CORS origins allowed to call from a browser "
+         "(comma-separated or repeated; '*' for any).", "ORIGINS", action="append", split_commas=True),
+    Flag("--max-num-seqs", ("engine", "limits", "max_num_seqs"), "Sequences decoded together at most.", "N"),
+    Flag("--max-waiting", ("engine", "limits", "max_waiting"),
+         "Requests that may wait for a slot; past it new ones get 429.", "N"),
+    Flag("--max-model-len", ("engine", "limits", "max_model_len"), "Cap on prompt + completion tokens.", "N"),
+    Flag("--request-timeout", ("engine", "limits", "request_timeout_s"),
+         "End a request after this many seconds (finish_reason length).", "SECONDS"),
+    Flag("--max-body-bytes", ("max_body_bytes",), "Largest request body accepted (default 4 MiB; 413 past it).",
+         "BYTES"),
+    Flag("--log-prompts", ("log_prompts",), "Write prompt text in the per-request log lines (off by default).",
+         action="store_true"),
+    Flag("--log-level", ("log_level",), "debug, info, warning or error (default info).", "LEVEL"),
+]
+
+EPILOG = f"""\
+With no arguments at all, serves a built-in demo family. With --base/--expert/--anti-expert alone, serves that
+triple on the CPU without a config file. Precedence: flags > environment ({ENV_PREFIX}*, nested keys joined
+by '__', e.g. {ENV_PREFIX}ENGINE__LIMITS__MAX_NUM_SEQS=8) > --config file > defaults.
+
+Model ids: NAME (proxy-tuned), NAME:base (the base alone), NAME:expert (the expert alone). A request may send
+"alpha" (a number, or a list with one value per expert pair) to set the strength; 0 is the base alone.
+See docs/server.md for the full configuration reference."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxy-serve",
+        description="OpenAI-compatible server for proxy-tuned models: base + alpha * (expert - anti-expert).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML settings file (see docs/server.md).")
+    parser.add_argument("--check", action="store_true",
+                        help="Validate the configuration, print it (keys hidden) and exit without serving.")
+    for flag in FLAGS:
+        dest = flag.option[2:].replace("-", "_")
+        if flag.action == "store_true":
+            parser.add_argument(flag.option, dest=dest, action="store_true", default=None, help=flag.help)
+        else:
+            parser.add_argument(flag.option, dest=dest, action=flag.action, metavar=flag.metavar, help=flag.help)
+    return parser
+
+
+def _nest(key: tuple[str | int, ...], value: Any) -> Any:
+    """``(engine, experts, 0, alpha), 2`` -> ``{"engine": {"experts": [{"alpha": 2}]}}``."""
+    for part in reversed(key):
+        value = [value] if isinstance(part, int) else {part: value}
+    return value
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for flag in FLAGS:
+        value = getattr(args, flag.option[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if flag.split_commas:
+            items = value if isinstance(value, list) else [value]
+            parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+            value = parts if (isinstance(value, list) or len(parts) > 1) else parts[0] if parts else value
+        overrides = deep_merge(overrides, _nest(flag.key, value))
+    return overrides
+
+
+def resolve_settings(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    from server.demo import default_engine_config
+
+    settings = load_settings(args.config, overrides_from_args(args), default_engine=default_engine_config)
+    return settings, args
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging("info")
+    try:
+        settings, args = resolve_settings(argv)
+    except ConfigError as error:
+        print(f"proxy-serve: {error}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    if args.check:
+        print(settings.model_dump_json(indent=2))
+        return 0
+    return serve(settings)
+
+
+def serve(settings: ServerSettings) -> int:
+    import uvicorn
+
+    from proxy_engine.async_engine import AsyncEngine
+    from server.app import create_app
+
+    failed: list[BaseException] = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM / SIGINT: drain first
+            app.state.ctx.drain()
+            super().handle_exit(sig, frame)
+
+    def on_load_failure(error: BaseException) -> None:
+        failed.append(error)
+        server.should_exit = True
+
+    app = create_app(AsyncEngine(settings.engine), settings, on_load_failure=on_load_failure)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30,
+        log_config=None,
+    )
+    server = Server(config)
+    logger.info("listening on http://%s:%d (model %s)", settings.host, settings.port, settings.served_model_name)
+    server.run()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Server settings: one pydantic model behind the YAML file, the ``PROXY_SERVE_*`` variables and the CLI flags.
+
+Precedence, highest first: command-line flags, environment variables, the YAML file, the defaults. Every
+source is validated by the same model, and ``extra="forbid"`` makes a misspelt key an error that names it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from proxy_engine.config import EngineConfig
+
+ENV_PREFIX = "PROXY_SERVE_"
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line fit to print before exiting."""
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``proxy-serve`` needs: the HTTP side here, the models and limits under ``engine``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    served_model_name: str = Field(
+        default="proxy-tuned",
+        min_length=1,
+        description="Model id of the proxy-tuned model; '<name>:base' and '<name>:expert' name its parts.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Accepted Bearer keys; empty: no key needed. Never logged."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="CORS origins allowed to call the API from a browser ('*' for any)."
+    )
+    max_body_bytes: int = Field(default=4 * MIB, ge=1024, description="Largest request body accepted (413 past it).")
+    log_prompts: bool = Field(default=False, description="Include prompt text in the per-request log lines.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log verbosity.")
+    engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value() for key in keys):
+            raise ValueError("an API key must not be empty")
+        return keys
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if name.endswith((":base", ":expert")) or any(c.isspace() for c in name):
+            raise ValueError("must not contain spaces or end in ':base' / ':expert'")
+        return name
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings merges file, environment and flags itself (the experts list merges by index, which
+        # pydantic-settings' own merge cannot do), so constructing the model reads only what it is given.
+        return (init_settings,)
+
+    def api_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]
+
+    @property
+    def model_ids(self) -> list[str]:
+        """The ids ``/v1/models`` lists: the proxy-tuned model, then its base, then its expert (if any)."""
+        ids = [self.served_model_name, f"{self.served_model_name}:base"]
+        if self.engine.experts:
+            ids.append(f"{self.served_model_name}:expert")
+        return ids
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """Merge ``override`` into ``base``: dicts key by key, lists of dicts index by index, anything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(override, list) and all(isinstance(x, dict) for x in override):
+        merged_list = list(base)
+        for i, value in enumerate(override):
+            if i < len(merged_list):
+                merged_list[i] = deep_merge(merged_list[i], value)
+            else:
+                merged_list.append(value)
+        return merged_list
+    return override
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def read_environment() -> dict[str, Any]:
+    """``PROXY_SERVE_*`` variables as a nested dict (``PROXY_SERVE_ENGINE__LIMITS__MAX_NUM_SEQS=4``)."""
+    return EnvSettingsSource(ServerSettings)()
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming every offending key, e.g. ``engine.limits.max_num_seq: unknown key``."""
+    messages = []
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"]]
+        where = ".".join(loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            messages.append(f"{where}: unknown key")
+        elif item["type"] == "missing":
+            messages.append(f"{where}: required but not given")
+        else:
+            shown = "" if "api_keys" in loc or isinstance(item.get("input"), (dict, list)) else f" (got {item.get('input')!r})"
+            messages.append(f"{where}: {item['msg']}{shown}")
+    return "invalid configuration: " + "; ".join(messages)
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    environ: bool = True,
+    default_engine: Any = None,
+) -> ServerSettings:
+    """Validate file < environment < ``overrides`` (the CLI flags) into one ``ServerSettings``.
+
+    ``default_engine`` (a callable returning an engine config dict) is consulted only when no source names
+    any engine setting: that is how a bare ``proxy-serve`` serves the built-in demo.
+    """
+    data: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    if environ:
+        data = deep_merge(data, read_environment())
+    data = deep_merge(data, overrides or {})
+    if "engine" not in data and default_engine is not None:
+        data["engine"] = default_engine()
+    try:
+        return ServerSettings(**data)
+    except ValidationError as error:
+        raise ConfigError(describe_error(error)) from None
