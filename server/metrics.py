@@ -1,0 +1,95 @@
+"""Prometheus metrics, in a registry owned by one app (no process-wide globals).
+
+Queue sizes and token totals are read from ``engine.stats()`` when scraped, so they are never out of step
+with the engine; latencies are observed by the server as outputs reach it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy_engine.async_engine import EngineStats
+
+PREFIX = "proxy_serve"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats()
+        if stats is None:  # still loading
+            return
+        for name, value, doc in (
+            ("num_requests_running", stats.running, "Sequences in the decode batch."),
+            ("num_requests_prefilling", stats.prefilling, "Sequences whose prompts are being prefilled."),
+            ("num_requests_waiting", stats.waiting, "Sequences queued, not yet prefilling."),
+        ):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        yield CounterMetricFamily(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", value=stats.prompt_tokens_total)
+        yield CounterMetricFamily(
+            f"{PREFIX}_generation_tokens", "Tokens generated.", value=stats.generation_tokens_total
+        )
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_EngineCollector(stats))
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Finished HTTP generation requests.", ["endpoint", "model", "status"],
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "From arrival to the first generated token.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds", "Between successive tokens of one sequence.",
+            buckets=_TOKEN_BUCKETS, registry=self.registry,
+        )
+        self.e2e_latency = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds", "From arrival to the last token.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Latency bookkeeping for one request (all of its choices)."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float | None = None) -> None:
+        self.metrics = metrics
+        self.arrival = arrival if arrival is not None else time.perf_counter()
+        self.first_token_at: float | None = None
+        self._last_token_at: dict[int, float] = {}
+
+    def tokens(self, index: int, count: int) -> None:
+        if count <= 0:
+            return
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - self.arrival)
+        last = self._last_token_at.get(index)
+        if last is not None:
+            per_token = (now - last) / count
+            for _ in range(count):
+                self.metrics.inter_token_latency.observe(per_token)
+        self._last_token_at[index] = now
+
+    def finish(self, observe: bool = True) -> float:
+        elapsed = time.perf_counter() - self.arrival
+        if observe:
+            self.metrics.e2e_latency.observe(elapsed)
+        return elapsed

@@ -1,0 +1,279 @@
+"""The OpenAI wire format: request models (lenient: unknown fields are ignored) and response builders.
+
+Requests validate into pydantic models, then convert into the engine's ``PromptInput`` and ``SamplingParams``;
+range checks on sampling values are the engine's (``SamplingParams.validate``), so there is one rule per value.
+Responses are plain dicts built here, so that ``null`` and absent fields are exactly what clients expect.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proxy_engine.async_engine import ModelInfo
+from proxy_engine.request import PromptInput, SamplingParams, TokenLogprob
+
+from server.errors import bad_request
+
+# The logprob sent in place of -inf (JSON has no infinities).
+MIN_LOGPROB = -9999.0
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+TEXT_PART_TYPES = {"text", "input_text"}
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool | None = False
+
+
+class _SamplingFields(_Lenient):
+    """Fields both endpoints accept. ``None`` always means "the default"."""
+
+    model: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # Proxy-tuning: the strength of every expert pair (a number for all, or one per pair); 0 is the base alone.
+    alpha: float | list[float] | None = None
+    # Common extensions (vLLM's names).
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        values: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "n": self.n,
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
+            "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "skip_special_tokens": self.skip_special_tokens,
+            "alpha": self.alpha,
+            "logprobs": logprobs,
+            "logit_bias": _logit_bias(self.logit_bias),
+        }
+        params = SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
+        if params.top_k == -1:
+            params.top_k = 0
+        return params
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    converted: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            converted[int(key)] = float(value)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+    return converted
+
+
+class CompletionRequest(_SamplingFields):
+    # A string, a list with one string, token ids, or a list with one list of token ids (checked below, so
+    # that a wrong shape gets one clear message instead of one per union member).
+    prompt: Any
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+
+    def prompt_input(self) -> PromptInput:
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return PromptInput(text=prompt)
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            raise bad_request(
+                f"prompt holds {len(prompt)} prompts; send one prompt per request (batched prompts are not supported)",
+                "prompt",
+            )
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+            if isinstance(prompt, str):
+                return PromptInput(text=prompt)
+        if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
+            return PromptInput(token_ids=list(prompt))
+        if isinstance(prompt, list) and not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        raise bad_request("prompt must be a string, a list with one string, or a list of token ids", "prompt")
+
+    def sampling_params(self) -> SamplingParams:
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+        if self.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._sampling(max_tokens, self.logprobs)
+
+
+class ChatMessage(_Lenient):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+    def prompt_input(self) -> PromptInput:
+        messages = []
+        for i, message in enumerate(self.messages):
+            role = CHAT_ROLES.get(message.role)
+            if role is None:
+                raise bad_request(
+                    f"messages[{i}].role {message.role!r} is not supported (use system, developer, user or assistant)",
+                    f"messages[{i}].role",
+                )
+            messages.append({"role": role, "content": _content_text(message.content, i)})
+        return PromptInput(messages=messages)
+
+    def sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._sampling(max_tokens, logprobs)
+
+
+def _content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind not in TEXT_PART_TYPES or not isinstance(part.get("text"), str):
+            raise bad_request(
+                f"messages[{i}].content[{j}] has type {kind!r}: only text parts "
+                '({"type": "text", "text": ...}) are supported',
+                f"messages[{i}].content[{j}].type",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+class TokenizeRequest(_Lenient):
+    model: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+
+    def prompt_input(self) -> PromptInput:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give exactly one of prompt or messages", "prompt")
+        if self.messages is not None:
+            return ChatCompletionRequest(messages=self.messages).prompt_input()
+        if isinstance(self.prompt, str):
+            return PromptInput(text=self.prompt)
+        return PromptInput(token_ids=list(self.prompt or []))
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+    def check(self, info: ModelInfo) -> None:
+        for token_id in self.tokens:
+            if not 0 <= token_id < info.vocab_size:
+                raise bad_request(f"token id {token_id} is outside the vocabulary [0, {info.vocab_size})", "tokens")
+
+
+# ---------------------------------------------------------------- responses
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _lp(value: float) -> float:
+    return value if math.isfinite(value) else MIN_LOGPROB
+
+
+def completion_logprobs(tokens: list[TokenLogprob], start_offset: int) -> dict[str, list]:
+    """Legacy completions format; ``text_offset`` counts characters from the start of the returned text."""
+    offsets, offset = [], start_offset
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [_lp(t.logprob) for t in tokens],
+        "top_logprobs": [{top.token: _lp(top.logprob) for top in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, list]:
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": _lp(t.logprob),
+                "bytes": list(t.token.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": top.token, "logprob": _lp(top.logprob), "bytes": list(top.token.encode("utf-8"))}
+                    for top in t.top
+                ],
+            }
+            for t in tokens
+        ]
+    }
+
+
+def model_card(model_id: str, created: int, root: str, max_model_len: int | None) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "proxy-serve", "root": root}
+    if max_model_len is not None:
+        card["max_model_len"] = max_model_len
+    return card
+
+
+Endpoint = Literal["completions", "chat"]

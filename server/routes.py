@@ -1,0 +1,210 @@
+"""The HTTP endpoints. Each generation route reads the same way: resolve the model, convert the request,
+submit it to the engine, then stream events or collect the whole answer while watching for a disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from proxy_engine.request import PromptInput, SamplingParams
+
+from server.auth import api_key_dependency
+from server.errors import APIError, bad_request
+from server.metrics import RequestTimer
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    chat_logprobs,
+    completion_logprobs,
+    model_card,
+    now,
+    usage,
+)
+from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger
+from server.streaming import EventStreamResponse, chat_events, completion_events
+
+logger = logging.getLogger("proxy_serve")
+
+
+def package_version() -> str:
+    try:
+        return version("proxy-serve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _convert(build: Any) -> Any:
+    """Run a request conversion, turning the engine types' ``ValueError`` into a 400."""
+    try:
+        return build()
+    except ValueError as error:
+        raise bad_request(str(error)) from None
+
+
+def build_router(ctx: ServerContext) -> APIRouter:
+    router = APIRouter()
+    keyed = [Depends(api_key_dependency(ctx.settings.api_key_values()))]
+
+    async def start(
+        request_id: str, endpoint: str, model: str | None, prompt: Any, params: Any, n: int
+    ) -> tuple[Generation, PromptInput]:
+        timer = RequestTimer(ctx.metrics)
+        served, target = ctx.resolve_model(model)
+        prompt_input: PromptInput = _convert(prompt)
+        sampling: SamplingParams = _convert(params)
+        try:
+            stream = await ctx.submit(request_id, prompt_input, sampling, target)
+        except APIError as error:
+            ctx.metrics.requests.labels(endpoint, served, str(error.status)).inc()
+            request_logger.info("%s model=%s status=%d error=%r", request_id, served, error.status, error.message)
+            raise
+        prompt_log = prompt_input.text if prompt_input.text is not None else (
+            prompt_input.messages if prompt_input.messages is not None else prompt_input.token_ids)
+        generation = Generation(ctx, stream, request_id=request_id, endpoint=endpoint, model=served, n=n,
+                                timer=timer, prompt_log=prompt_log)
+        return generation, prompt_input
+
+    async def collect(generation: Generation, request: Request) -> bool:
+        """Run the generation to its end; False if the client left first (the request is then aborted)."""
+        work = asyncio.ensure_future(generation.run_to_end())
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                work.result()  # raises GenerationError
+                return True
+            return False
+        finally:
+            for task in (work, gone):
+                task.cancel()
+            generation.close()
+
+    def failed(generation: Generation) -> APIError:
+        error = APIError(500, f"internal error while generating (request id {generation.request_id})",
+                         code="internal_error", headers={"x-request-id": generation.request_id})
+        return error
+
+    @router.post("/v1/completions", dependencies=keyed)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        request_id = new_request_id("cmpl")
+        generation, prompt = await start(request_id, "completions", body.model, body.prompt_input,
+                                         body.sampling_params, body.n or 1)
+        created = now()
+        echo = None
+        if body.echo:
+            echo = prompt.text if prompt.text is not None else ctx.engine.detokenize(prompt.token_ids or [])
+        headers = {"x-request-id": request_id}
+        if body.stream:
+            events = completion_events(generation, created=created, echo=echo, include_usage=body.include_usage)
+            return EventStreamResponse(events, generation.close, headers)
+        try:
+            if not await collect(generation, request):
+                return Response(status_code=499)
+        except GenerationError:
+            raise failed(generation) from None
+        choices = []
+        for choice in generation.choices:
+            prefix = echo or ""
+            logprobs = completion_logprobs(choice.logprobs, len(prefix)) if body.logprobs is not None else None
+            choices.append({"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
+                            "finish_reason": choice.finish_reason})
+        return JSONResponse(
+            {"id": request_id, "object": "text_completion", "created": created, "model": generation.model,
+             "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)},
+            headers=headers,
+        )
+
+    @router.post("/v1/chat/completions", dependencies=keyed)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        request_id = new_request_id("chatcmpl")
+        generation, _ = await start(request_id, "chat", body.model, body.prompt_input, body.sampling_params,
+                                    body.n or 1)
+        created = now()
+        headers = {"x-request-id": request_id}
+        if body.stream:
+            events = chat_events(generation, created=created, include_usage=body.include_usage)
+            return EventStreamResponse(events, generation.close, headers)
+        try:
+            if not await collect(generation, request):
+                return Response(status_code=499)
+        except GenerationError:
+            raise failed(generation) from None
+        choices = [
+            {"index": c.index, "message": {"role": "assistant", "content": c.text},
+             "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": c.finish_reason}
+            for c in generation.choices
+        ]
+        return JSONResponse(
+            {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
+             "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)},
+            headers=headers,
+        )
+
+    def cards() -> list[dict[str, Any]]:
+        settings = ctx.settings
+        max_len = ctx.info.max_model_len if ctx.engine.ready else None
+        expert = settings.engine.experts[0].expert.path if settings.engine.experts else ""
+        roots = [settings.engine.base.path, settings.engine.base.path, expert]
+        return [model_card(mid, ctx.created, root, max_len) for mid, root in zip(settings.model_ids, roots)]
+
+    @router.get("/v1/models", dependencies=keyed)
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": cards()}
+
+    @router.get("/v1/models/{model_id:path}", dependencies=keyed)
+    async def get_model(model_id: str) -> dict[str, Any]:
+        for card in cards():
+            if card["id"] == model_id:
+                return card
+        ctx.resolve_model(model_id)  # raises the 404
+        raise APIError(404, f"model {model_id!r} does not exist", code="model_not_found")
+
+    @router.post("/tokenize", dependencies=keyed)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        _, target = ctx.resolve_model(body.model)
+        ctx.check_available()
+        prompt = _convert(body.prompt_input)
+        tokens = _convert(lambda: ctx.engine.tokenize(prompt, target))
+        return {"count": len(tokens), "max_model_len": ctx.info.max_model_len, "tokens": tokens}
+
+    @router.post("/detokenize", dependencies=keyed)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        ctx.resolve_model(body.model)
+        ctx.check_available()
+        body.check(ctx.info)
+        return {"prompt": _convert(lambda: ctx.engine.detokenize(body.tokens))}
+
+    @router.get("/health")
+    async def health() -> JSONResponse:
+        if ctx.draining:
+            status = "draining"
+        elif ctx.load_error is not None:
+            status = "failed"
+        elif not ctx.engine.ready:
+            status = "loading"
+        else:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
+
+    @router.get("/version")
+    async def get_version() -> dict[str, str]:
+        return {"version": package_version()}
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return router
+

@@ -1,0 +1,205 @@
+"""The server's side of one request: model id to target, admission, engine outputs to per-choice state.
+
+``ServerContext`` is what every route needs (engine, settings, metrics, draining flag); it lives on the app
+built by ``create_app`` and is never global. ``Generation`` wraps one engine ``RequestStream``: it keeps
+each choice's text, logprobs and finish reason, feeds the latency metrics, and on ``close`` aborts the
+engine request if it did not finish (client gone, error) and writes the request's single log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, RequestStream
+from proxy_engine.request import (
+    EngineOverloadedError,
+    FinishReason,
+    PromptInput,
+    RequestOutput,
+    SamplingParams,
+    Target,
+    TokenLogprob,
+)
+
+from server.errors import APIError, internal_error
+from server.metrics import RequestTimer, ServerMetrics
+from server.settings import ServerSettings
+
+logger = logging.getLogger("proxy_serve")
+request_logger = logging.getLogger("proxy_serve.requests")
+
+
+class GenerationError(Exception):
+    """The engine reported an internal error (``FinishReason.ERROR``) for a request."""
+
+
+def openai_finish_reason(reason: FinishReason) -> str:
+    """``abort`` only reaches a client when the engine's request timeout ended it: a limit, like ``length``."""
+    return FinishReason.LENGTH.value if reason is FinishReason.ABORT else reason.value
+
+
+@dataclass(eq=False)
+class ServerContext:
+    engine: AsyncEngine
+    settings: ServerSettings
+    metrics: ServerMetrics = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    load_error: str | None = None
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(self.stats)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.engine.ready) and not self.draining and self.load_error is None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
+
+    def stats(self) -> EngineStats | None:
+        return self.engine.stats() if self.engine.ready else None
+
+    def drain(self) -> None:
+        """Stop taking new requests (SIGTERM): ``/health`` says draining, new requests get 503."""
+        if not self.draining:
+            self.draining = True
+            logger.info("draining: new requests are refused, running ones finish")
+            if self.engine.ready:
+                self.engine.stop_admitting()
+
+    def resolve_model(self, model: str | None) -> tuple[str, Target]:
+        """The request's ``model`` to (served id, engine target); a missing model means the proxy-tuned one."""
+        name = self.settings.served_model_name
+        if model is None or model == "" or model == name:
+            return name, Target.PROXY
+        if model == f"{name}:base":
+            return model, Target.BASE
+        if model == f"{name}:expert" and self.settings.engine.experts:
+            return model, Target.EXPERT
+        known = ", ".join(self.settings.model_ids)
+        raise APIError(404, f"model {model!r} does not exist; this server serves: {known}", param="model",
+                       code="model_not_found")
+
+    def check_available(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": "5"})
+        if self.load_error is not None:
+            raise APIError(503, "the models failed to load", code="load_failed")
+        if not self.engine.ready:
+            raise APIError(503, "the models are still loading", code="loading", headers={"Retry-After": "5"})
+
+    async def submit(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams, target: Target
+    ) -> RequestStream:
+        """Hand a request to the engine, turning its refusals into HTTP errors."""
+        self.check_available()
+        try:
+            return await self.engine.add_request(request_id, prompt, params, target)
+        except ValueError as error:
+            raise APIError(400, str(error)) from None
+        except EngineOverloadedError as error:
+            retry = str(max(1, int(getattr(error, "retry_after_s", 1) or 1)))
+            if self.draining:
+                raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": retry})
+            raise APIError(429, f"the server is overloaded: {error}", code="server_overloaded",
+                           headers={"Retry-After": retry}) from None
+        except Exception:
+            logger.exception("engine refused request %s with an internal error", request_id)
+            raise internal_error(request_id) from None
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+class Generation:
+    """One accepted request in flight: iterate ``outputs()``, then always ``close()``."""
+
+    def __init__(
+        self,
+        ctx: ServerContext,
+        stream: RequestStream,
+        *,
+        request_id: str,
+        endpoint: str,
+        model: str,
+        n: int,
+        timer: RequestTimer,
+        prompt_log: Any = None,
+    ) -> None:
+        self.ctx = ctx
+        self.stream = stream
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.model = model
+        self.timer = timer
+        self.prompt_log = prompt_log
+        self.choices = [Choice(i) for i in range(n)]
+        self.finished = False
+        self.error: str | None = None
+        self._closed = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.stream.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs after bookkeeping; raises ``GenerationError`` on an engine error."""
+        async for output in self.stream:
+            choice = self.choices[output.index]
+            counted = len(output.new_token_ids)
+            self.timer.tokens(output.index, counted)
+            choice.text += output.text_delta
+            choice.completion_tokens = output.completion_tokens or choice.completion_tokens + counted
+            if output.logprobs:
+                choice.logprobs.extend(output.logprobs)
+            if output.finish_reason is FinishReason.ERROR:
+                self.error = output.error or "unknown engine error"
+                logger.error("engine error in request %s: %s", self.request_id, self.error)
+                raise GenerationError(self.error)
+            if output.finish_reason is not None:
+                choice.finish_reason = openai_finish_reason(output.finish_reason)
+            yield output
+        self.finished = True
+
+    async def run_to_end(self) -> None:
+        async for _ in self.outputs():
+            pass
+
+    def close(self, status: int | str | None = None) -> None:
+        """Abort the engine request unless it finished; count it and write its log line (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.finished:
+            self.ctx.engine.abort(self.request_id)
+        if status is None:
+            status = 200 if self.finished else ("error" if self.error else "disconnected")
+        elapsed = self.timer.finish(observe=self.finished)
+        self.ctx.metrics.requests.labels(self.endpoint, self.model, str(status)).inc()
+        reasons = ",".join(c.finish_reason or "-" for c in self.choices)
+        prompt = f" prompt={self.prompt_log!r}" if self.ctx.settings.log_prompts else ""
+        request_logger.info(
+            "%s model=%s status=%s prompt_tokens=%d completion_tokens=%d finish=%s time=%.3fs%s",
+            self.request_id, self.model, status, self.prompt_tokens, self.completion_tokens, reasons, elapsed, prompt,
+        )

@@ -1,0 +1,148 @@
+"""Server-sent events: the chunk sequences of both endpoints, and a response that aborts on disconnect.
+
+Per choice the order is fixed: (chat) a role-first chunk, content chunks with ``finish_reason: null``, one
+final chunk with an empty delta and the finish reason; then a usage chunk with ``choices: []`` when asked
+for, then ``data: [DONE]``. An engine error after the 200 went out becomes ``data: {"error": ...}`` and
+``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from server.errors import error_body
+from server.protocol import chat_logprobs, completion_logprobs, usage
+from server.serving import Generation, GenerationError
+
+logger = logging.getLogger("proxy_serve")
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _error_event(generation: Generation) -> str:
+    message = f"internal error while generating (request id {generation.request_id})"
+    return sse(error_body(message, type="server_error", code="internal_error"))
+
+
+async def completion_events(
+    generation: Generation, *, created: int, echo: str | None, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {"id": generation.request_id, "object": "text_completion", "created": created,
+                "model": generation.model, "choices": choices}
+        if include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return sse(body)
+
+    # Character offset of the next token in each choice's returned text (for logprobs' text_offset).
+    offsets = [0] * len(generation.choices)
+    if echo:
+        for choice in generation.choices:
+            offsets[choice.index] = len(echo)
+            yield chunk([{"index": choice.index, "text": echo, "logprobs": None, "finish_reason": None}])
+    try:
+        async for output in generation.outputs():
+            if output.text_delta or output.logprobs:
+                logprobs = None
+                if output.logprobs is not None:
+                    logprobs = completion_logprobs(output.logprobs, offsets[output.index])
+                offsets[output.index] += len(output.text_delta)
+                yield chunk([{"index": output.index, "text": output.text_delta, "logprobs": logprobs,
+                              "finish_reason": None}])
+            if output.finished:
+                reason = generation.choices[output.index].finish_reason
+                yield chunk([{"index": output.index, "text": "", "logprobs": None, "finish_reason": reason}])
+    except GenerationError:
+        yield _error_event(generation)
+        yield DONE
+        return
+    if include_usage:
+        yield chunk([], usage=usage(generation.prompt_tokens, generation.completion_tokens))
+    yield DONE
+
+
+async def chat_events(generation: Generation, *, created: int, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {"id": generation.request_id, "object": "chat.completion.chunk", "created": created,
+                "model": generation.model, "choices": choices}
+        if include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return sse(body)
+
+    for choice in generation.choices:
+        yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    try:
+        async for output in generation.outputs():
+            if output.text_delta or output.logprobs:
+                logprobs = chat_logprobs(output.logprobs) if output.logprobs is not None else None
+                yield chunk([{"index": output.index, "delta": {"content": output.text_delta}, "logprobs": logprobs,
+                              "finish_reason": None}])
+            if output.finished:
+                reason = generation.choices[output.index].finish_reason
+                yield chunk([{"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+    except GenerationError:
+        yield _error_event(generation)
+        yield DONE
+        return
+    if include_usage:
+        yield chunk([], usage=usage(generation.prompt_tokens, generation.completion_tokens))
+    yield DONE
+
+
+class EventStreamResponse(Response):
+    """Sends ``events`` as ``text/event-stream`` while watching for the client leaving.
+
+    Whatever ends the stream (last event, disconnect, a failed send, cancellation at shutdown), ``on_close``
+    runs once, right then: the route passes ``Generation.close``, which aborts an unfinished engine request.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None], headers: dict[str, str]) -> None:
+        super().__init__(
+            status_code=200, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
+        )
+        self.events = events
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    try:
+                        await send({"type": "http.response.start", "status": self.status_code,
+                                    "headers": self.raw_headers})
+                        async for event in self.events:
+                            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    except OSError:  # the client went away between two sends
+                        pass
+                    group.cancel_scope.cancel()
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                group.start_soon(watch_disconnect)
+        finally:
+            try:
+                await self.events.aclose()  # type: ignore[attr-defined]
+            finally:
+                self.on_close()
