@@ -1,0 +1,314 @@
+"""Placement: device maps for every device form, memory estimates against real models, one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from proxy_engine import placement
+from proxy_engine.config import EngineConfig, ModelConfig
+from proxy_engine.placement import (
+    GiB,
+    count_parameters,
+    estimate_memory,
+    format_plan,
+    from_pretrained_kwargs,
+    input_device,
+    parse_size,
+    plan_placement,
+)
+
+from .known_models import KNOWN_MODELS
+
+
+def engine(base: dict, *pairs: tuple[dict, dict], **extra) -> EngineConfig:
+    return EngineConfig.model_validate(
+        {"base": base, "experts": [{"expert": e, "anti_expert": a} for e, a in pairs], **extra}
+    )
+
+
+# ------------------------------------------------------------------------------------ from_pretrained_kwargs
+def test_kwargs_cpu_is_a_plain_load():
+    kwargs = from_pretrained_kwargs(ModelConfig(path="m"))
+    assert kwargs == {"dtype": "auto", "local_files_only": True, "trust_remote_code": False, "device_map": None}
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cuda:1", "cuda:1"), ("cuda", "cuda:0"), ("mps", "mps")])
+def test_kwargs_single_device_maps_everything_there(device, expected):
+    kwargs = from_pretrained_kwargs(ModelConfig(path="m", device=device))
+    assert kwargs["device_map"] == {"": expected}
+    assert "max_memory" not in kwargs
+
+
+def test_kwargs_auto_passes_caps_with_accelerate_keys():
+    assert from_pretrained_kwargs(ModelConfig(path="m", device="auto"))["device_map"] == "auto"
+    kwargs = from_pretrained_kwargs(
+        ModelConfig(path="m", device="auto", max_memory={"cuda:0": "20GiB", "cpu": "64GiB"})
+    )
+    assert kwargs["device_map"] == "auto"
+    assert kwargs["max_memory"] == {0: 20 * GiB, "cpu": 64 * GiB}
+
+
+def test_kwargs_gpu_list_restricts_max_memory_to_those_gpus():
+    model = ModelConfig(path="m", device=["cuda:1", "cuda:2"], max_memory={"cuda:1": "30GiB", "cuda:2": "40GiB"})
+    kwargs = from_pretrained_kwargs(model)
+    assert kwargs["device_map"] == "auto"
+    assert kwargs["max_memory"] == {1: 30 * GiB, 2: 40 * GiB}  # no cuda:0, no cpu: nothing lands there
+
+
+def test_kwargs_gpu_list_uncapped_uses_free_memory(monkeypatch):
+    monkeypatch.setattr(placement, "_gpu_free_bytes", lambda index: (10 + index) * GiB)
+    kwargs = from_pretrained_kwargs(ModelConfig(path="m", device=["cuda:0", "cuda:3"], max_memory={"cuda:3": "5GiB"}))
+    assert kwargs["max_memory"] == {0: 10 * GiB, 3: 5 * GiB}
+
+
+def test_kwargs_gpu_list_without_gpus_says_so(monkeypatch):
+    monkeypatch.setattr(placement, "_gpu_free_bytes", lambda index: None)
+    with pytest.raises(ValueError, match="cuda:1"):
+        from_pretrained_kwargs(ModelConfig(path="m", device=["cuda:0", "cuda:1"], max_memory={"cuda:0": "1GiB"}))
+
+
+def test_kwargs_dtype_revision_remote_code():
+    kwargs = from_pretrained_kwargs(
+        ModelConfig(path="m", dtype="bfloat16", device="cuda:0", revision="abc123", trust_remote_code=True)
+    )
+    assert kwargs["dtype"] is torch.bfloat16
+    assert kwargs["revision"] == "abc123"
+    assert kwargs["trust_remote_code"] is True
+    assert kwargs["local_files_only"] is True
+    assert "torch_dtype" not in kwargs  # transformers 5 spells it dtype
+
+
+def test_kwargs_quantization_configs():
+    eight = from_pretrained_kwargs(ModelConfig(path="m", device="cuda:0", quantization="8bit"))
+    assert eight["quantization_config"].load_in_8bit
+    four = from_pretrained_kwargs(ModelConfig(path="m", device="cuda:0", dtype="bfloat16", quantization="4bit"))
+    q = four["quantization_config"]
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert "quantization_config" not in from_pretrained_kwargs(ModelConfig(path="m"))
+
+
+def test_kwargs_load_the_tiny_family_and_input_device(tiny_family):
+    from transformers import AutoModelForCausalLM
+
+    for device in ("cpu", "auto"):
+        model_config = ModelConfig(path=str(tiny_family.base), device=device, dtype="float32")
+        model = AutoModelForCausalLM.from_pretrained(model_config.path, **from_pretrained_kwargs(model_config))
+        assert input_device(model) == torch.device("cpu")
+        assert next(model.parameters()).dtype == torch.float32
+
+
+def test_input_device_follows_the_embedding_layer():
+    class Sharded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(2, 2)
+            self.embed = torch.nn.Embedding(4, 2, device="meta")
+            self.hf_device_map = {"model.embed_tokens": 1, "lm_head": 0}
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    # the embedding is on meta here (standing in for a GPU we lack): the device map's first entry decides
+    assert input_device(Sharded()) == torch.device("cuda", 1)
+    assert input_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------- estimates
+@pytest.mark.parametrize("hub_id", sorted(KNOWN_MODELS))
+def test_parameter_count_matches_published_counts(hub_id):
+    cfg, published = KNOWN_MODELS[hub_id]
+    total, quantizable = count_parameters(cfg)
+    assert total == published
+    assert 0.5 * total < quantizable < total  # embeddings and norms stay unquantized
+
+
+def test_llama2_70b_numbers_used_in_the_configs():
+    cfg, _ = KNOWN_MODELS["meta-llama/Llama-2-70b-hf"]
+    memory = estimate_memory(cfg, "float16")
+    assert round(memory.weight_bytes / GiB, 1) == 128.5
+    assert memory.kv_bytes_per_token == 327_680  # 2 x 80 layers x 8 kv heads x 128 x 2 bytes
+    four = estimate_memory(cfg, "float16", "4bit")
+    assert 34 * GiB < four.weight_bytes < 40 * GiB
+
+
+def test_gpt2_style_estimate_is_close():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=128)
+    real = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
+    total, _ = count_parameters(config.to_dict())
+    assert abs(total - real) / real < 0.01
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_plan_estimate_matches_the_loaded_tiny_family(tiny_family, dtype):
+    from transformers import AutoModelForCausalLM
+
+    side = {"dtype": dtype}
+    config = engine(
+        {"path": str(tiny_family.base), **side},
+        ({"path": str(tiny_family.expert), "prompt_format": "chat", **side}, {"path": str(tiny_family.anti_expert), **side}),
+    )
+    plan = plan_placement(config)
+    assert plan.ok, plan.errors
+    assert [m.name for m in plan.models] == ["base", "expert_0", "anti_expert_0"]
+    assert [m.role for m in plan.models] == ["base", "expert", "anti_expert"]
+    for model_plan in plan.models:
+        assert model_plan.location == "local" and model_plan.devices == ["cpu"] and model_plan.dtype == dtype
+        model = AutoModelForCausalLM.from_pretrained(model_plan.resolved_path, dtype=getattr(torch, dtype))
+        real_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert abs(model_plan.memory.weight_bytes - real_bytes) / real_bytes < 0.10
+        assert model_plan.memory.parameters == sum(p.numel() for p in model.parameters())
+        # KV bytes per token: what a forward over N tokens really stores, divided by N
+        ids = torch.arange(5).unsqueeze(0)
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        stored = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                     for layer in cache.layers)
+        assert model_plan.memory.kv_bytes_per_token == stored // 5
+
+
+def test_auto_dtype_resolves_from_the_checkpoint(tmp_path, tiny_family):
+    plan = plan_placement(engine({"path": str(tiny_family.base)}))
+    assert plan.models[0].dtype == "float32"  # the tiny family is saved in float32
+    fake = _fake_model(tmp_path / "m", {**KNOWN_MODELS["Qwen/Qwen2.5-0.5B"][0]})
+    assert plan_placement(engine({"path": str(fake)})).models[0].dtype == "bfloat16"
+    no_dtype = {k: v for k, v in KNOWN_MODELS["Qwen/Qwen2.5-0.5B"][0].items() if k != "torch_dtype"}
+    assert plan_placement(engine({"path": str(_fake_model(tmp_path / "n", no_dtype))})).models[0].dtype == "float32"
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def test_missing_path_is_one_clear_line(tiny_family, tmp_path):
+    config = engine({"path": str(tmp_path / "nope")})
+    plan = plan_placement(config)
+    assert not plan.ok
+    assert plan.first_error.startswith("base: ") and "not found" in plan.first_error
+    assert "\n" not in plan.first_error
+
+
+def test_cuda_index_past_the_visible_gpus(tiny_family):
+    config = engine({"path": str(tiny_family.base), "device": "cuda:3"})
+    plan = plan_placement(config, device_count=0)
+    assert plan.errors == [
+        "base: device cuda:3 requested but torch.cuda.device_count() = 0 (no CUDA GPU visible; "
+        "check the driver, CUDA_VISIBLE_DEVICES or docker --gpus)"
+    ]
+    assert plan_placement(config, device_count=2).first_error.startswith("base: device cuda:3 requested")
+    assert plan_placement(config, device_count=4, gpu_memory={3: 80 * GiB}).ok
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="this machine has a cuda:3")
+def test_cuda_3_on_this_machine(tiny_family):
+    plan = plan_placement(engine({"path": str(tiny_family.base), "device": "cuda:3"}))
+    assert any("cuda:3" in e for e in plan.errors)
+
+
+def test_gpu_list_errors_name_each_missing_gpu(tiny_family):
+    plan = plan_placement(engine({"path": str(tiny_family.base), "device": ["cuda:0", "cuda:1"]}), device_count=1)
+    assert len(plan.errors) == 1 and "cuda:1" in plan.errors[0]
+
+
+@pytest.mark.skipif(placement.importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes installed")
+def test_quantization_without_bitsandbytes(tiny_family):
+    plan = plan_placement(engine({"path": str(tiny_family.base), "quantization": "8bit"}))
+    assert any("bitsandbytes" in e for e in plan.errors)
+
+
+def test_chat_format_without_template_is_an_error(tiny_family):
+    config = engine(
+        {"path": str(tiny_family.base)},
+        ({"path": str(tiny_family.anti_expert), "prompt_format": "chat"}, {"path": str(tiny_family.anti_expert)}),
+    )
+    errors = plan_placement(config).errors
+    assert len(errors) == 1 and errors[0].startswith("expert_0:") and "chat template" in errors[0]
+
+
+def test_bad_memory_cap(tiny_family):
+    config = engine({"path": str(tiny_family.base), "device": "auto", "max_memory": {"cuda:0": "lots"}})
+    assert "max_memory" in plan_placement(config, device_count=1, gpu_memory={0: GiB}).first_error
+
+
+def test_weights_over_capacity_and_caps(tmp_path):
+    big = _fake_model(tmp_path / "big", KNOWN_MODELS["meta-llama/Llama-2-70b-hf"][0])
+    one_gpu = engine({"path": str(big), "device": "cuda:0", "dtype": "float16"})
+    plan = plan_placement(one_gpu, device_count=1, gpu_memory={0: 80 * GiB})
+    assert plan.errors and plan.errors[0].startswith("cuda:0: the weights placed on it need ~128.48 GiB")
+    capped = engine(
+        {"path": str(big), "device": ["cuda:0", "cuda:1"], "max_memory": {"cuda:0": "40GiB", "cuda:1": "40GiB"}}
+    )
+    plan = plan_placement(capped, device_count=2, gpu_memory={0: 80 * GiB, 1: 80 * GiB})
+    assert any("max_memory allows only 80.00 GiB" in e for e in plan.errors)
+    spread = engine({"path": str(big), "device": ["cuda:0", "cuda:1"]}, limits={"max_num_seqs": 64, "max_model_len": 4096})
+    plan = plan_placement(spread, device_count=2, gpu_memory={0: 80 * GiB, 1: 80 * GiB})
+    assert plan.ok
+    assert plan.device_weight_bytes["cuda:0"] == pytest.approx(128.48 / 2 * GiB, rel=1e-3)
+    assert any("KV cache at the limits" in w for w in plan.warnings)  # 64 x 4096 x 320 KiB = 80 GiB of KV
+
+
+# ------------------------------------------------------------------------------------------- hub cache
+def _fake_model(directory: Path, cfg: dict, weights: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    if weights:
+        (directory / "model.safetensors").write_bytes(b"")
+    return directory
+
+
+def _fake_cache(cache: Path, repo_id: str, cfg: dict, weights: bool = True) -> None:
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    _fake_model(repo / "snapshots" / commit, cfg, weights)
+
+
+def test_hub_id_found_in_the_cache(tmp_path):
+    cfg, published = KNOWN_MODELS["Qwen/Qwen2.5-0.5B-Instruct"]
+    _fake_cache(tmp_path, "Qwen/Qwen2.5-0.5B-Instruct", cfg)
+    plan = plan_placement(engine({"path": "Qwen/Qwen2.5-0.5B-Instruct"}), cache_dir=tmp_path)
+    assert plan.ok, plan.errors
+    model = plan.models[0]
+    assert model.location == "hf-cache" and model.memory.parameters == published and model.vocab_size == 151936
+
+
+def test_hub_id_not_cached_or_without_weights(tmp_path):
+    plan = plan_placement(engine({"path": "meta-llama/Llama-2-70b-hf"}), cache_dir=tmp_path)
+    assert "not in the Hugging Face cache" in plan.first_error and "never downloads" in plan.first_error
+    _fake_cache(tmp_path, "org/config-only", {"model_type": "llama"}, weights=False)
+    plan = plan_placement(engine({"path": "org/config-only"}), cache_dir=tmp_path)
+    assert "weights are not" in plan.first_error
+
+
+# ----------------------------------------------------------------------------------------------- report
+def test_format_plan_table(tiny_family, tmp_path):
+    qwen = _fake_model(tmp_path / "qwen72", KNOWN_MODELS["Qwen/Qwen2.5-72B"][0])
+    small = _fake_model(tmp_path / "qwen05", KNOWN_MODELS["Qwen/Qwen2.5-0.5B"][0])
+    config = engine({"path": str(qwen), "device": ["cuda:0", "cuda:1"]}, ({"path": str(small), "device": "cuda:2"},
+                                                                            {"path": str(small), "device": "cuda:2"}))
+    text = format_plan(plan_placement(config, device_count=3, gpu_memory={i: 80 * GiB for i in range(3)}))
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["model", "role", "path", "found"]
+    assert "72.71B" in text and "135.43" in text and "327,680" in text and "cuda:0,cuda:1" in text
+    assert "combined over the shared 151936 ids" in text
+    assert lines[-1] == "placement OK"
+
+
+def test_check_exit_codes(tiny_family, tmp_path):
+    out = io.StringIO()
+    assert placement.check(engine({"path": str(tiny_family.base)}), stream=out) == 0
+    assert out.getvalue().rstrip().endswith("placement OK")
+    out = io.StringIO()
+    assert placement.check(engine({"path": str(tmp_path / "missing")}), stream=out) == 1
+    assert len(out.getvalue().strip().splitlines()) == 1 and out.getvalue().startswith("error: base:")
+
+
+def test_parse_size():
+    assert parse_size("20GiB") == 20 * GiB
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size(1024) == 1024
+    with pytest.raises(ValueError):
+        parse_size("lots")
