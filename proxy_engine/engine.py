@@ -163,9 +163,8 @@ class ProxyEngine:
     def add(self, sequences: list[Sequence]) -> None:
         """Queue sequences (any thread); ``EngineOverloadedError`` when the waiting queue is full."""
         with self._lock:
-            busy = len(self.running) + (len(self.prefill.sequences) if self.prefill else 0) + len(self._inbox)
-            free = self.config.limits.max_num_seqs - busy
-            if not self.scheduler.has_room_for(len(sequences), free):
+            queued = len(self.scheduler.waiting) + len(self._inbox)
+            if not self.scheduler.has_room_for(len(sequences), queued, len(self.running) + self.num_prefilling):
                 raise EngineOverloadedError(
                     f"the server is at capacity ({self.config.limits.max_waiting} requests waiting); retry shortly"
                 )

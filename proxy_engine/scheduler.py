@@ -15,9 +15,14 @@ class Scheduler:
         self.limits = limits
         self.waiting: deque[Sequence] = deque()
 
-    def has_room_for(self, count: int, free_slots: int) -> bool:
-        """Whether ``count`` more sequences fit: the free batch slots, then ``max_waiting`` queued ones."""
-        return len(self.waiting) + count <= self.limits.max_waiting + max(0, free_slots)
+    def has_room_for(self, count: int, queued: int, in_batch: int) -> bool:
+        """Whether ``count`` more sequences fit: the free batch slots, then ``max_waiting`` queued ones.
+
+        ``queued`` counts sequences not yet admitted (including those not yet handed to the scheduler);
+        ``in_batch`` those running or prefilling.
+        """
+        free_slots = max(0, self.limits.max_num_seqs - in_batch)
+        return queued + count <= self.limits.max_waiting + free_slots
 
     def add(self, sequences: list[Sequence]) -> None:
         self.waiting.extend(sequences)

@@ -1,0 +1,204 @@
+"""Engine behaviour: batch-invariant seeds, abort, vocabulary checks, limits, faults."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from proxy_engine.families import TINY_SMALL, build_model, build_tokenizer
+from proxy_engine.loader import load_models
+from proxy_engine.request import FinishReason, Target
+from tests.engine.conftest import engine_config, make_engine, run_to_end, submit
+
+
+def test_seeded_output_does_not_depend_on_the_batch(chat_family, chat_models):
+    params = dict(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = make_engine(chat_models, chat_family)
+    submit(alone, "r", "Paris is the capital", **params)
+    solo = run_to_end(alone)[("r", 0)]["tokens"]
+
+    busy = make_engine(chat_models, chat_family, max_num_batched_tokens=24)
+    submit(busy, "noise1", "The quick brown fox jumps", temperature=1.0, max_tokens=20, ignore_eos=True)
+    busy.step()
+    submit(busy, "r", "Paris is the capital", **params)
+    submit(busy, "noise2", "def add(a, b):", temperature=0.7, max_tokens=5, ignore_eos=True, alpha=0.0)
+    results = run_to_end(busy)
+    assert results[("r", 0)]["tokens"] == solo
+
+
+def test_n_choices_differ_and_are_reproducible(chat_family, chat_models):
+    outs = []
+    for _ in range(2):
+        engine = make_engine(chat_models, chat_family)
+        submit(engine, "r", "Hello", n=3, seed=5, temperature=1.0, max_tokens=10, ignore_eos=True)
+        outs.append(run_to_end(engine))
+    assert outs[0] == outs[1]
+    tokens = [outs[0][("r", i)]["tokens"] for i in range(3)]
+    assert len({tuple(t) for t in tokens}) > 1
+
+
+def test_abort_frees_rows_in_every_model_and_others_continue(chat_family, chat_models):
+    params = dict(temperature=0, max_tokens=15, ignore_eos=True)
+    reference = make_engine(chat_models, chat_family)
+    submit(reference, "keep", "The quick brown fox", **params)
+    expected = run_to_end(reference)[("keep", 0)]["tokens"]
+
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "keep", "The quick brown fox", **params)
+    submit(engine, "drop", "Paris is the capital of", **params)
+    kept: list[int] = []
+    for _ in range(5):
+        kept += [t for o in engine.step() if o.request_id == "keep" for t in o.new_token_ids]
+    assert [r.num_rows for r in engine.runners] == [2, 2, 2]
+    engine.abort("drop")
+    outputs = engine.step()
+    dropped = [o for o in outputs if o.request_id == "drop"]
+    assert len(dropped) == 1 and dropped[0].finish_reason is FinishReason.ABORT
+    assert [r.num_rows for r in engine.runners] == [1, 1, 1]
+    assert all(r.seq_ids == [engine.running[0].seq_id] for r in engine.runners)
+    kept += [t for o in outputs if o.request_id == "keep" for t in o.new_token_ids]
+    rest = run_to_end(engine)[("keep", 0)]
+    assert rest["finish"] is FinishReason.LENGTH
+    assert kept + rest["tokens"] == expected
+    assert [r.num_rows for r in engine.runners] == [0, 0, 0]
+
+
+def test_abort_of_a_waiting_request(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family, max_num_seqs=1)
+    submit(engine, "first", "Hello", temperature=0, max_tokens=5, ignore_eos=True)
+    submit(engine, "second", "Hello", temperature=0, max_tokens=5, ignore_eos=True)
+    engine.step()
+    engine.abort("second")
+    results = run_to_end(engine)
+    assert results[("second", 0)]["finish"] is FinishReason.ABORT and results[("second", 0)]["tokens"] == []
+    assert results[("first", 0)]["finish"] is FinishReason.LENGTH
+
+
+def test_vocabulary_mismatch_refuses_to_start(tmp_path, tiny_family):
+    other = build_tokenizer(vocab_size=300)
+    build_model(tmp_path / "stranger", other, TINY_SMALL, seed=9)
+    config = engine_config(tiny_family)
+    config.experts[0].expert.path = str(tmp_path / "stranger")
+    with pytest.raises(ValueError, match=r"do not share one vocabulary.*expert differs from base \(512 vs 300 tokens\)"):
+        load_models(config)
+
+
+def test_padded_logit_rows_are_cut_and_narrow_rows_refused(tmp_path, chat_family, chat_models, tiny_family):
+    expert = next(m for m in chat_models if m.role == "expert")
+    assert expert.logits_width == 576
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "r", "Hello", temperature=0, max_tokens=3, ignore_eos=True)
+    assert all(t < 512 for t in run_to_end(engine)[("r", 0)]["tokens"])
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family.base)
+    build_model(tmp_path / "narrow", tokenizer, TINY_SMALL, seed=3, extra_vocab=-12)
+    config = engine_config(tiny_family)
+    config.experts[0].anti_expert.path = str(tmp_path / "narrow")
+    with pytest.raises(ValueError, match="500 logit rows, fewer than the 512"):
+        load_models(config)
+
+
+def test_prompt_past_the_context_is_a_clear_error(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    with pytest.raises(ValueError, match=r"maximum context length is 512 tokens, but the prompt is \d+ tokens"):
+        submit(engine, "r", "word " * 600)
+
+
+def test_max_tokens_bounded_by_context_left(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family, max_model_len=64)
+    sequences = submit(engine, "r", "one two three four five", temperature=0, ignore_eos=True)
+    longest_prompt = max(len(p) for p in sequences[0].prompts.values())
+    assert sequences[0].max_tokens == 64 - longest_prompt
+    result = run_to_end(engine)[("r", 0)]
+    assert result["finish"] is FinishReason.LENGTH and len(result["tokens"]) == 64 - longest_prompt
+
+
+def test_stop_token_ids_min_tokens_and_ignore_eos(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "probe", "Hello", temperature=0, max_tokens=6, ignore_eos=True)
+    probe = run_to_end(engine)[("probe", 0)]["tokens"]
+    stop_id = probe[2]
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "stop", "Hello", temperature=0, max_tokens=6, ignore_eos=True, stop_token_ids=[stop_id])
+    result = run_to_end(engine)[("stop", 0)]
+    assert result["finish"] is FinishReason.STOP and result["tokens"][-1] == stop_id
+    assert len(result["tokens"]) == probe.index(stop_id) + 1
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "min", "Hello", temperature=0, max_tokens=6, ignore_eos=True, stop_token_ids=[stop_id], min_tokens=6)
+    result = run_to_end(engine)[("min", 0)]
+    assert result["finish"] is FinishReason.LENGTH and stop_id not in result["tokens"]
+
+
+def test_final_text_is_the_decoding_of_the_tokens(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "r", "Café 東京", temperature=1.0, seed=3, max_tokens=25, ignore_eos=True)
+    result = run_to_end(engine)[("r", 0)]
+    assert result["text"] == engine.tokenizer.decode(result["tokens"], skip_special_tokens=True)
+
+
+def test_stop_string_ends_and_is_cut(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "probe", "Hello", temperature=0, max_tokens=12, ignore_eos=True)
+    text = run_to_end(engine)[("probe", 0)]["text"]
+    stop = text[5:8]
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "r", "Hello", temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
+    result = run_to_end(engine)[("r", 0)]
+    assert result["finish"] is FinishReason.STOP
+    assert result["text"] == text[: text.index(stop)]
+
+
+def test_logprobs_of_the_combined_distribution(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    captured = []
+    engine.logits_hook = lambda seqs, combined: captured.append(torch.log_softmax(combined[0], -1))
+    submit(engine, "r", "Hello", temperature=0, max_tokens=3, ignore_eos=True, logprobs=3)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    for output, expected in zip(outputs, captured):
+        (entry,) = output.logprobs
+        assert abs(entry.logprob - expected[entry.token_id].item()) < 1e-5
+        assert [t.token_id for t in entry.top] == expected.topk(3).indices.tolist()
+        assert entry.top[0].token_id == entry.token_id  # greedy picks the top token
+
+
+def test_expert_alone_runs_only_the_expert(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    sequences = submit(engine, "r", "Hello", target=Target.EXPERT, temperature=0, max_tokens=3, ignore_eos=True)
+    assert sorted(sequences[0].prompts) == [1]
+    engine.step()
+    engine.step()
+    assert [r.num_rows for r in engine.runners] == [0, 1, 0]
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "victim", "Hello", temperature=0, max_tokens=30, ignore_eos=True)
+    engine.step()
+    engine.step()
+
+    def explode(phase, sequences):
+        if phase == "decode":
+            raise RuntimeError("CUDA out of memory (injected)")
+
+    engine.fault_hook = explode
+    outputs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("victim", FinishReason.ERROR)]
+    assert "RuntimeError" in outputs[0].error
+    assert [r.num_rows for r in engine.runners] == [0, 0, 0]
+    engine.fault_hook = None
+    submit(engine, "after", "Hello", temperature=0, max_tokens=4, ignore_eos=True)
+    assert run_to_end(engine)[("after", 0)]["finish"] is FinishReason.LENGTH
+
+
+def test_waiting_queue_bound(chat_family, chat_models):
+    from proxy_engine.request import EngineOverloadedError
+
+    engine = make_engine(chat_models, chat_family, max_num_seqs=1, max_waiting=1)
+    submit(engine, "a", "Hello", max_tokens=5)
+    submit(engine, "b", "Hello", max_tokens=5)
+    with pytest.raises(EngineOverloadedError):
+        submit(engine, "c", "Hello", max_tokens=5)
