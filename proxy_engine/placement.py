@@ -221,6 +221,8 @@ def locate(model: ModelConfig, *, cache_dir: str | Path | None = None) -> tuple[
             return "missing", local, f"{model.path}: directory has no config.json (is it a model directory?)"
         if not _has_weights(local):
             return "missing", local, f"{model.path}: directory has no weights (*.safetensors or *.bin)"
+        if missing := _missing_shards(local):
+            return "missing", local, f"{model.path}: {len(missing)} weight shard(s) missing, e.g. {missing[0]}"
         return "local", local, None
     if local.exists():
         return "missing", None, f"{model.path}: not a directory"
@@ -250,12 +252,29 @@ def locate(model: ModelConfig, *, cache_dir: str | Path | None = None) -> tuple[
             f"{model.path}: config.json is cached but the weights are not (snapshot {snapshot}); "
             f"fetch them first (hf download {model.path})"
         )
+    if missing := _missing_shards(snapshot):
+        return "missing", snapshot, (
+            f"{model.path}: {len(missing)} weight shard(s) missing from the cache, e.g. {missing[0]} "
+            f"(an interrupted download? hf download {model.path})"
+        )
     return "hf-cache", snapshot, None
 
 
 def _has_weights(directory: Path) -> bool:
-    patterns = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.gguf", "*.pt")
+    patterns = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
     return any(any(directory.glob(p)) for p in patterns)
+
+
+def _missing_shards(directory: Path) -> list[str]:
+    """Shards an index names that are absent (an interrupted download); broken cache symlinks count."""
+    missing: list[str] = []
+    for index in (*directory.glob("*.safetensors.index.json"), *directory.glob("*.bin.index.json")):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError):
+            continue
+        missing += sorted(name for name in shards if not (directory / name).is_file())
+    return missing
 
 
 def read_config(directory: Path) -> dict[str, Any] | None:

@@ -283,6 +283,17 @@ def test_hub_id_not_cached_or_without_weights(tmp_path):
     assert "weights are not" in plan.first_error
 
 
+def test_interrupted_download_is_caught(tmp_path):
+    model = _fake_model(tmp_path / "m", KNOWN_MODELS["Qwen/Qwen2.5-0.5B"][0], weights=False)
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (model / "model-00001-of-00002.safetensors").write_bytes(b"")
+    plan = plan_placement(engine({"path": str(model)}))
+    assert plan.first_error.endswith("1 weight shard(s) missing, e.g. model-00002-of-00002.safetensors")
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"")
+    assert plan_placement(engine({"path": str(model)})).ok
+
+
 # ----------------------------------------------------------------------------------------------- report
 def test_format_plan_table(tiny_family, tmp_path):
     qwen = _fake_model(tmp_path / "qwen72", KNOWN_MODELS["Qwen/Qwen2.5-72B"][0])
