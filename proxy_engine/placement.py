@@ -578,17 +578,18 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
             for k, v in (model_configs[mp.name].max_memory or {}).items()
             if _safe_size(v) is not None
         }
-        weights_cap = [caps.get(d) for d in mp.devices]
-        if len(mp.devices) > 1 and all(c is not None for c in weights_cap):
-            total_cap = sum(c for c in weights_cap if c is not None)
-            if total_cap and mp.memory.weight_bytes > total_cap:
+        device_caps = [caps.get(d) for d in mp.devices]
+        shares = [1 / len(mp.devices)] * len(mp.devices)
+        if len(mp.devices) > 1 and all(c is not None for c in device_caps):
+            known = [c for c in device_caps if c is not None]
+            total_cap = sum(known)
+            if mp.memory.weight_bytes > total_cap:
                 plan.errors.append(
                     f"{mp.name}: weights need ~{_gib(mp.memory.weight_bytes)} GiB but max_memory allows only "
                     f"{_gib(total_cap)} GiB on {', '.join(mp.devices)}"
                 )
-            shares = [c / total_cap if total_cap else 1 / len(mp.devices) for c in weights_cap]  # type: ignore[operator]
-        else:
-            shares = [1 / len(mp.devices)] * len(mp.devices)
+            if total_cap:
+                shares = [c / total_cap for c in known]
         kv = mp.memory.kv_bytes_per_token * limits.max_num_seqs * (plan.max_model_len or 0)
         for device, share in zip(mp.devices, shares):
             plan.device_weight_bytes[device] = plan.device_weight_bytes.get(device, 0) + int(
@@ -677,9 +678,9 @@ def from_pretrained_kwargs(model_config: ModelConfig) -> dict[str, Any]:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         else:
             compute = _TORCH_DTYPES.get(model_config.dtype, torch.bfloat16)
-            if model_config.dtype == "auto":
-                local = Path(model_config.path).expanduser()
-                named = config_dtype(read_config(local)) if local.is_dir() else None
+            if model_config.dtype == "auto":  # the checkpoint's 16-bit dtype when it names one
+                _, directory, _ = locate(model_config)
+                named = config_dtype(read_config(directory)) if directory is not None else None
                 compute = _TORCH_DTYPES[named] if named and named != "float32" else torch.float16
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute

@@ -107,7 +107,8 @@ def test_demo_config_runs_on_the_cpu_with_a_chat_expert(tiny_family):
 
 def test_demo_family_is_in_the_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # the demo paths are relative to the repository root (/app in the image)
-    missing = [p for p in ("base", "expert", "anti_expert") if not (REPO / "demo" / "models" / p / "config.json").exists()]
+    roles = ("base", "expert", "anti_expert")
+    missing = [p for p in roles if not (REPO / "demo" / "models" / p / "config.json").exists()]
     if missing:
         pytest.skip(f"demo/models/{{{','.join(missing)}}} not committed yet (scripts/train_demo.py writes them)")
     plan = plan_placement(EngineConfig.model_validate(load(REPO / "configs" / "demo-cpu.yaml")["engine"]),

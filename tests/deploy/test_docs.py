@@ -30,7 +30,8 @@ def test_yaml_blocks_parse(path):
 def test_kubernetes_example():
     docs = [d for block in blocks(REPO / "docs" / "scaling.md") for d in yaml.safe_load_all(block) if d]
     kinds = {d["kind"]: d for d in docs}
-    assert {"PersistentVolumeClaim", "ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler"} <= set(kinds)
+    expected = {"PersistentVolumeClaim", "ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler"}
+    assert expected <= set(kinds)
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]

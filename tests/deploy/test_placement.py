@@ -90,6 +90,9 @@ def test_kwargs_quantization_configs():
     q = four["quantization_config"]
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_compute_dtype == torch.bfloat16
     assert "quantization_config" not in from_pretrained_kwargs(ModelConfig(path="m"))
+    # auto: the 4-bit compute dtype is the checkpoint's own 16-bit dtype (float16 when it names none)
+    assert from_pretrained_kwargs(ModelConfig(path="m", quantization="4bit"))[
+        "quantization_config"].bnb_4bit_compute_dtype == torch.float16
 
 
 def test_kwargs_load_the_tiny_family_and_input_device(tiny_family):
@@ -152,7 +155,10 @@ def test_plan_estimate_matches_the_loaded_tiny_family(tiny_family, dtype):
     side = {"dtype": dtype}
     config = engine(
         {"path": str(tiny_family.base), **side},
-        ({"path": str(tiny_family.expert), "prompt_format": "chat", **side}, {"path": str(tiny_family.anti_expert), **side}),
+        (
+            {"path": str(tiny_family.expert), "prompt_format": "chat", **side},
+            {"path": str(tiny_family.anti_expert), **side},
+        ),
     )
     plan = plan_placement(config)
     assert plan.ok, plan.errors
@@ -170,6 +176,12 @@ def test_plan_estimate_matches_the_loaded_tiny_family(tiny_family, dtype):
         stored = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                      for layer in cache.layers)
         assert model_plan.memory.kv_bytes_per_token == stored // 5
+
+
+def test_4bit_auto_compute_dtype_follows_the_checkpoint(tmp_path):
+    fake = _fake_model(tmp_path / "q", KNOWN_MODELS["Qwen/Qwen2.5-0.5B"][0])
+    kwargs = from_pretrained_kwargs(ModelConfig(path=str(fake), device="cuda:0", quantization="4bit"))
+    assert kwargs["dtype"] == "auto" and kwargs["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
 
 
 def test_auto_dtype_resolves_from_the_checkpoint(tmp_path, tiny_family):
@@ -242,7 +254,8 @@ def test_weights_over_capacity_and_caps(tmp_path):
     )
     plan = plan_placement(capped, device_count=2, gpu_memory={0: 80 * GiB, 1: 80 * GiB})
     assert any("max_memory allows only 80.00 GiB" in e for e in plan.errors)
-    spread = engine({"path": str(big), "device": ["cuda:0", "cuda:1"]}, limits={"max_num_seqs": 64, "max_model_len": 4096})
+    limits = {"max_num_seqs": 64, "max_model_len": 4096}
+    spread = engine({"path": str(big), "device": ["cuda:0", "cuda:1"]}, limits=limits)
     plan = plan_placement(spread, device_count=2, gpu_memory={0: 80 * GiB, 1: 80 * GiB})
     assert plan.ok
     assert plan.device_weight_bytes["cuda:0"] == pytest.approx(128.48 / 2 * GiB, rel=1e-3)
