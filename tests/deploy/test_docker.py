@@ -46,7 +46,11 @@ def test_runs_as_a_non_root_user():
     users = only("USER")
     assert users, "the image must switch to a non-root user"
     user = users[-1].split(":")[0]
-    assert user not in ("root", "0")
+    args = dict(a.split("=", 1) for a in only("ARG") if "=" in a)
+    if user.startswith("${"):
+        user = args[user[2:-1]].strip('"')
+    assert user not in ("root", "0", "")
+    assert user == "10001"  # the uid docs/scaling.md's runAsUser names
     names = [kw for kw, _ in instructions()]
     assert names.index("USER") < names.index("ENTRYPOINT")
 
