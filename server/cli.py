@@ -157,6 +157,14 @@ def serve(settings: ServerSettings) -> int:
             app.state.ctx.drain()
             super().handle_exit(sig, frame)
 
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            for listener in getattr(self, "servers", []):
+                for sock in listener.sockets:
+                    host, port = sock.getsockname()[:2]
+                    logger.info("listening on http://%s:%d (models: %s)", host, port,
+                                ", ".join(settings.model_ids))
+
     def on_load_failure(error: BaseException) -> None:
         failed.append(error)
         server.should_exit = True
@@ -164,10 +172,9 @@ def serve(settings: ServerSettings) -> int:
     app = create_app(AsyncEngine(settings.engine), settings, on_load_failure=on_load_failure)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30,
-        log_config=None,
+        log_config=None, access_log=False,  # one line per request comes from the server itself
     )
     server = Server(config)
-    logger.info("listening on http://%s:%d (model %s)", settings.host, settings.port, settings.served_model_name)
     server.run()
     return 1 if failed else 0
 

@@ -92,9 +92,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             generation.close()
 
     def failed(generation: Generation) -> APIError:
-        error = APIError(500, f"internal error while generating (request id {generation.request_id})",
-                         code="internal_error", headers={"x-request-id": generation.request_id})
-        return error
+        message = f"{generation.error or 'internal error'} (request id {generation.request_id})"
+        return APIError(500, message, code="internal_error", headers={"x-request-id": generation.request_id})
 
     @router.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -31,7 +31,7 @@ def sse(data: dict[str, Any]) -> str:
 
 
 def _error_event(generation: Generation) -> str:
-    message = f"internal error while generating (request id {generation.request_id})"
+    message = f"{generation.error or 'internal error'} (request id {generation.request_id})"
     return sse(error_body(message, type="server_error", code="internal_error"))
 
 
@@ -113,9 +113,10 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None], headers: dict[str, str]) -> None:
-        super().__init__(
-            status_code=200, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
-        )
+        # Not Response.__init__: it would declare a Content-Length for an empty body.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         self.events = events
         self.on_close = on_close
 

@@ -1,0 +1,68 @@
+"""Server fixtures: real servers on loopback ports around real engines on the tiny family (built once per
+session by ``tests/conftest.py``), plus the OpenAI SDK and httpx clients pointed at them."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import pytest  # noqa: E402
+from srv_live import LiveServer, make_settings  # noqa: E402
+
+from proxy_engine.async_engine import AsyncEngine  # noqa: E402
+
+API_KEY = "sk-test-key-123"
+ORIGIN = "http://frontend.example"
+MODEL = "proxy-tuned"
+
+
+def _serve(settings):
+    server = LiveServer(AsyncEngine(settings.engine), settings).start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def live(tiny_family):
+    """The open server: default limits, no key."""
+    server = _serve(make_settings(tiny_family))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def guarded(tiny_family):
+    """A key, CORS for one origin, a 16 KiB body limit, and room for one sequence and no queue."""
+    settings = make_settings(
+        tiny_family, limits={"max_num_seqs": 1, "max_waiting": 0}, api_keys=[API_KEY], allowed_origins=[ORIGIN],
+        max_body_bytes=16 * 1024,
+    )
+    server = _serve(settings)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def client(live) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture()
+def http(live):
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _servers_idle_after(request):
+    """Every test leaves the servers it used with nothing running, so tests stay independent."""
+    yield
+    from srv_live import wait_until
+
+    for name in ("live", "guarded"):
+        if name in request.fixturenames:
+            server = request.getfixturevalue(name)
+            assert wait_until(server.idle, timeout=60), f"{name} server still busy: {server.engine.stats()}"

@@ -1,0 +1,72 @@
+"""A real uvicorn server on a loopback port, in a thread, around an app from ``create_app``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from server.app import create_app
+from server.settings import ServerSettings, load_settings
+
+
+def make_settings(family, *, limits: dict | None = None, **server: object) -> ServerSettings:
+    engine = {
+        "base": {"path": str(family.base)},
+        "experts": [{"expert": {"path": str(family.expert)}, "anti_expert": {"path": str(family.anti_expert)}}],
+        "limits": limits or {},
+    }
+    return load_settings(overrides={"engine": engine, **server}, environ=False)
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until true; a generous cap so a stuck server fails instead of hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+class LiveServer:
+    def __init__(self, engine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.app = create_app(engine, settings)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2, log_config=None)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def ctx(self):
+        return self.app.state.ctx
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        if not wait_until(healthy, timeout=120, interval=0.1):
+            raise RuntimeError(f"server did not become healthy (load error: {self.ctx.load_error})")
+        return self
+
+    def idle(self) -> bool:
+        stats = self.engine.stats()
+        return stats.running == 0 and stats.waiting == 0 and stats.prefilling == 0
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,138 @@
+"""``proxy-serve``: help, configuration errors (one line naming the key, non-zero exit), precedence, and a real
+run serving the tiny family until SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import httpx
+import pytest
+from srv_live import wait_until
+
+from server.cli import build_parser, overrides_from_args
+from server.settings import ConfigError, load_settings
+
+SECRET = "sk-never-logged-4242"
+
+
+def _run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_documents_every_flag():
+    result = _run("--help")
+    assert result.returncode == 0
+    for flag in ("--config", "--base", "--expert", "--anti-expert", "--alpha", "--served-model-name", "--host",
+                 "--port", "--base-device", "--base-dtype", "--expert-device", "--anti-expert-dtype", "--api-key",
+                 "--allowed-origins", "--max-num-seqs", "--max-waiting", "--request-timeout", "--log-prompts",
+                 "--max-body-bytes", ":base", ":expert", "PROXY_SERVE_"):
+        assert flag in result.stdout, flag
+
+
+def test_unknown_config_key_exits_with_one_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("engine:\n  base: {path: /m}\n  limits: {max_num_seqz: 3}\n")
+    result = _run("--config", str(config))
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "engine.limits.max_num_seqz" in result.stderr and "unknown key" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--base", "/m", "--port", "eighty"], "port"),
+        (["--base", "/m", "--base-dtype", "float8"], "engine.base.dtype"),
+        (["--base", "/m", "--expert", "/e"], "engine.experts.0.anti_expert"),
+        (["--base", "/m", "--base-device", "tpu"], "engine.base.device"),
+    ],
+)
+def test_bad_flag_values_name_the_key(args, named):
+    result = _run(*args)
+    assert result.returncode != 0 and named in result.stderr and "Traceback" not in result.stderr
+
+
+def test_precedence_flags_over_environment_over_file(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text(textwrap.dedent("""
+        port: 7000
+        served_model_name: from-file
+        engine:
+          base: {path: /base}
+          experts:
+            - expert: {path: /e1}
+              anti_expert: {path: /a1}
+              alpha: 0.5
+          limits: {max_num_seqs: 4}
+    """))
+    monkeypatch.setenv("PROXY_SERVE_PORT", "7001")
+    monkeypatch.setenv("PROXY_SERVE_ENGINE__LIMITS__MAX_NUM_SEQS", "6")
+    args = build_parser().parse_args(["--alpha", "2", "--expert-device", "cuda:0", "--port", "7002",
+                                      "--api-key", "k1", "--api-key", "k2", "--allowed-origins", "http://a,http://b"])
+    settings = load_settings(config, overrides_from_args(args))
+    assert settings.port == 7002 and settings.served_model_name == "from-file"
+    assert settings.engine.limits.max_num_seqs == 6
+    pair = settings.engine.experts[0]
+    assert (pair.alpha, pair.expert.path, pair.expert.device, pair.anti_expert.path) == (2.0, "/e1", "cuda:0", "/a1")
+    assert settings.api_key_values() == ["k1", "k2"] and "k1" not in repr(settings)
+    assert settings.allowed_origins == ["http://a", "http://b"]
+    monkeypatch.setenv("PROXY_SERVE_MAX_BODY_BYTES", "tiny")
+    with pytest.raises(ConfigError, match="max_body_bytes"):
+        load_settings(config)
+
+
+def test_no_engine_anywhere_uses_the_default_model():
+    settings = load_settings(overrides={}, environ=False, default_engine=lambda: {"base": {"path": "/demo"}})
+    assert settings.engine.base.path == "/demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serves_a_triple_from_flags_until_sigterm(tiny_family, tmp_path):
+    port = _free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--base", str(tiny_family.base), "--expert", str(tiny_family.expert),
+             "--anti-expert", str(tiny_family.anti_expert), "--port", str(port), "--api-key", SECRET,
+             "--served-model-name", "tiny"],
+            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return process.poll() is not None
+
+        assert wait_until(healthy, timeout=120, interval=0.2) and process.poll() is None, log.read_text()
+        headers = {"Authorization": f"Bearer {SECRET}"}
+        models = httpx.get(f"{url}/v1/models", headers=headers).json()
+        assert [m["id"] for m in models["data"]] == ["tiny", "tiny:base", "tiny:expert"]
+        response = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60,
+                              json={"model": "tiny", "prompt": "private prompt text", "max_tokens": 3})
+        assert response.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    text = log.read_text()
+    assert f"listening on http://127.0.0.1:{port}" in text
+    assert str(tiny_family.base) in text and "on cpu" in text  # what was loaded where
+    assert "model=tiny status=200" in text  # the request's line
+    assert "private prompt text" not in text and SECRET not in text
+    assert "draining" in text

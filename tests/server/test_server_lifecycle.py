@@ -1,0 +1,137 @@
+"""Loading, draining, engine errors after the headers, metrics: driven by a scripted engine where a real one
+cannot be made to misbehave on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from srv_fake_engine import FakeEngine
+
+from server.app import create_app
+from server.settings import load_settings
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+def _settings(**server):
+    engine = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
+    return load_settings(overrides={"engine": engine, **server}, environ=False)
+
+
+@pytest.fixture()
+def fake() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture()
+def app_client(fake):
+    with TestClient(create_app(fake, _settings())) as client:
+        client.portal.call(asyncio.sleep, 0.05)  # let the background load finish
+        yield client
+
+
+def test_engine_error_mid_stream_is_an_error_event_then_done(fake, app_client):
+    fake.fail_at_token = 2
+    with app_client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "boom" in error["message"]
+    assert json.loads(events[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert fake.aborted  # whatever was left of the request is dropped
+
+
+def test_engine_error_without_streaming_is_500_with_request_id(fake, app_client):
+    fake.fail_at_token = 1
+    response = app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    request_id = response.headers["x-request-id"]
+    assert request_id.startswith("cmpl-") and request_id in error["message"]
+    assert error["type"] == "server_error" and "Traceback" not in response.text
+
+
+def test_health_and_requests_while_loading_then_ready():
+    gate = asyncio.Event()
+
+    class SlowEngine(FakeEngine):
+        async def start(self) -> None:
+            await gate.wait()
+            await super().start()
+
+    engine = SlowEngine()
+    with TestClient(create_app(engine, _settings())) as client:
+        assert client.get("/health").status_code == 503 and client.get("/health").json()["status"] == "loading"
+        response = client.post("/v1/completions", json={"prompt": "x"})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "loading"
+        assert "retry-after" in response.headers
+        assert client.get("/v1/models").status_code == 200  # the list is known from the settings
+        client.portal.call(gate.set)
+        client.portal.call(asyncio.sleep, 0.05)
+        assert client.get("/health").status_code == 200
+
+
+def test_load_failure_is_reported():
+    failures = []
+
+    class BrokenEngine(FakeEngine):
+        async def start(self) -> None:
+            raise OSError("no such model directory: /nowhere")
+
+    with TestClient(create_app(BrokenEngine(), _settings(), on_load_failure=failures.append)) as client:
+        client.portal.call(asyncio.sleep, 0.05)
+        assert client.get("/health").json()["status"] == "failed"
+    assert len(failures) == 1
+
+
+def test_draining_refuses_new_requests(fake, app_client):
+    app_client.app.state.ctx.drain()
+    health = app_client.get("/health")
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+    response = app_client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "draining"
+    assert not fake._admitting  # the engine was told to stop admitting
+
+
+def test_overloaded_engine_is_429(fake, app_client):
+    fake.stop_admitting()  # the fake raises EngineOverloadedError from add_request
+    response = app_client.post("/v1/completions", json={"prompt": "x"})
+    assert response.status_code == 429 and response.headers["retry-after"] == "2"
+
+
+def test_metrics_after_requests(app_client):
+    app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
+    with app_client.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 3, "stream": True}) as r:
+        list(r.iter_lines())
+    text = app_client.get("/metrics").text
+    for name in ("proxy_serve_num_requests_running", "proxy_serve_num_requests_waiting",
+                 "proxy_serve_prompt_tokens_total", "proxy_serve_generation_tokens_total",
+                 "proxy_serve_time_to_first_token_seconds_count 2.0", "proxy_serve_inter_token_latency_seconds_count",
+                 "proxy_serve_e2e_request_latency_seconds_count 2.0",
+                 'proxy_serve_requests_total{endpoint="completions",model="proxy-tuned",status="200"} 2.0'):
+        assert name in text, name
+
+
+def test_tokenize_detokenize_and_version(app_client):
+    tokens = app_client.post("/tokenize", json={"prompt": "abc"}).json()
+    assert tokens["count"] == 3 and tokens["max_model_len"] == 64
+    assert app_client.post("/detokenize", json={"tokens": [0, 1]}).json() == {"prompt": "ab"}
+    assert app_client.post("/detokenize", json={"tokens": [1000]}).status_code == 400
+    assert app_client.post("/tokenize", json={}).status_code == 400
+    assert app_client.get("/version").json()["version"]
+
+
+def test_request_log_line_has_no_prompt_unless_asked(fake, caplog):
+    for log_prompts in (False, True):
+        caplog.clear()
+        with TestClient(create_app(FakeEngine(), _settings(log_prompts=log_prompts))) as client:
+            client.portal.call(asyncio.sleep, 0.05)
+            with caplog.at_level("INFO", logger="proxy_serve"):
+                assert client.post("/v1/completions", json={"prompt": "secret words", "max_tokens": 2}).status_code == 200
+        lines = [r.getMessage() for r in caplog.records if r.name == "proxy_serve.requests"]
+        assert len(lines) == 1 and "completion_tokens=2" in lines[0] and "prompt_tokens=" in lines[0]
+        assert ("secret words" in lines[0]) is log_prompts

@@ -1,0 +1,168 @@
+"""The API through the official ``openai`` SDK: what real clients see."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MODEL
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def _stream_text(stream) -> tuple[dict[int, str], dict[int, str], object]:
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    usage = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            piece = choice.text if hasattr(choice, "text") else (choice.delta.content or "")
+            texts[choice.index] = texts.get(choice.index, "") + piece
+            if choice.finish_reason is not None:
+                assert choice.index not in reasons, "two final chunks for one choice"
+                reasons[choice.index] = choice.finish_reason
+    return texts, reasons, usage
+
+
+def test_models_lists_proxy_then_base_then_expert(client):
+    ids = [model.id for model in client.models.list().data]
+    assert ids == [MODEL, f"{MODEL}:base", f"{MODEL}:expert"]
+    assert client.models.retrieve(f"{MODEL}:base").id == f"{MODEL}:base"
+
+
+def test_completion(client):
+    response = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, **GREEDY)
+    assert response.object == "text_completion" and response.id.startswith("cmpl-")
+    assert response.model == MODEL
+    choice = response.choices[0]
+    assert isinstance(choice.text, str) and choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 5
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 5
+
+
+def test_chat(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_completion_tokens=6, **GREEDY
+    )
+    assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_streamed_text_equals_non_streamed_greedy(client, endpoint):
+    if endpoint == "completions":
+        def call(**kw):
+            return client.completions.create(model=MODEL, prompt="Numbers 0 1 2", max_tokens=16, **GREEDY, **kw)
+    else:
+        def call(**kw):
+            return client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Count: 0 1 2"}], max_tokens=16, **GREEDY, **kw
+            )
+    whole = call()
+    texts, reasons, usage = _stream_text(call(stream=True, stream_options={"include_usage": True}))
+    expected = whole.choices[0].text if endpoint == "completions" else whole.choices[0].message.content
+    assert texts[0] == expected
+    assert reasons == {0: whole.choices[0].finish_reason}
+    assert usage is not None and usage.model_dump() == whole.usage.model_dump()
+
+
+def test_n_choices_with_seed_are_reproducible(client):
+    def call(**kw):
+        return client.completions.create(model=MODEL, prompt="The quick", max_tokens=8, n=3, temperature=1.0,
+                                         seed=1234, extra_body={"ignore_eos": True}, **kw)
+
+    first, second = call(), call()
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert first.usage.completion_tokens == 3 * 8
+    texts, reasons, usage = _stream_text(call(stream=True, stream_options={"include_usage": True}))
+    assert texts == {c.index: c.text for c in first.choices}
+    assert set(reasons) == {0, 1, 2}
+    assert usage.completion_tokens == 24
+
+
+def test_chat_n_streamed(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=5, seed=3,
+        stream=True, extra_body={"ignore_eos": True},
+    )
+    texts, reasons, _ = _stream_text(stream)
+    assert set(texts) == {0, 1} and reasons == {0: "length", 1: "length"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_cuts_the_text(client, stream):
+    full = client.completions.create(model=MODEL, prompt="Paris is the", max_tokens=24, **GREEDY).choices[0].text
+    visible = full.strip()
+    assert len(visible) >= 4, f"the tiny model said too little to test stop strings: {full!r}"
+    stop = visible[len(visible) // 2: len(visible) // 2 + 2]
+    expected = full[: full.find(stop)]
+    kwargs = {"model": MODEL, "prompt": "Paris is the", "max_tokens": 24, "stop": [stop, "\u2603never"], **GREEDY}
+    if stream:
+        texts, reasons, _ = _stream_text(client.completions.create(stream=True, **kwargs))
+        assert texts[0] == expected and reasons[0] == "stop"
+    else:
+        response = client.completions.create(**kwargs)
+        assert response.choices[0].text == expected and response.choices[0].finish_reason == "stop"
+
+
+def test_completion_logprobs(client):
+    response = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, logprobs=2, **GREEDY)
+    lp = response.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert all(value <= 0 for value in lp.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    # Greedy: the chosen token is the most likely one.
+    for token_lp, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert token_lp == pytest.approx(max(top.values()), abs=1e-4)
+
+
+def test_chat_logprobs(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, logprobs=True, top_logprobs=3,
+        **GREEDY,
+    )
+    content = response.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 3
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-4)
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, logprobs=True, stream=True, **GREEDY
+    )
+    tokens = [e.token for chunk in streamed for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert tokens == [e.token for e in content]
+
+
+def test_alpha_zero_is_the_base_alone(client):
+    kwargs = {"prompt": "Rome is", "max_tokens": 10, "temperature": 0}
+    by_alpha = client.completions.create(model=MODEL, extra_body={"alpha": 0, "ignore_eos": True}, **kwargs)
+    by_name = client.completions.create(model=f"{MODEL}:base", extra_body={"ignore_eos": True}, **kwargs)
+    assert by_alpha.choices[0].text == by_name.choices[0].text
+
+
+def test_echo_and_text_parts(client):
+    response = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=3, echo=True, **GREEDY)
+    assert response.choices[0].text.startswith("Echo me")
+    parts = client.chat.completions.create(
+        model=MODEL, max_tokens=4, **GREEDY,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]}],
+    )
+    joined = client.chat.completions.create(
+        model=MODEL, max_tokens=4, **GREEDY, messages=[{"role": "user", "content": "hello\nthere"}]
+    )
+    assert parts.choices[0].message.content == joined.choices[0].message.content
+
+
+def test_unknown_fields_and_nulls_are_accepted(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "developer", "content": "x"}, {"role": "user", "content": "y"}],
+        max_tokens=2, user="someone", presence_penalty=0.1, frequency_penalty=0.1,
+        logit_bias={"5": -100}, extra_body={"mirostat_tau": 5, "typical_p": 1, "top_k": 20, "min_p": 0.05,
+                                            "repetition_penalty": 1.1, "min_tokens": 1, "top_a": None},
+    )
+    assert response.choices[0].finish_reason in ("stop", "length")
