@@ -58,13 +58,15 @@ def build_router(ctx: ServerContext) -> APIRouter:
     keyed = [Depends(api_key_dependency(ctx.settings.api_key_values()))]
 
     async def start(
-        request_id: str, endpoint: str, model: str | None, prompt: Any, params: Any, n: int
+        request_id: str, endpoint: str, model: str | None, prompt: Any, params: Any
     ) -> tuple[Generation, PromptInput]:
+        """Resolve, convert and submit; a refusal is counted, logged and raised as its HTTP error."""
         timer = RequestTimer(ctx.metrics)
-        served, target = ctx.resolve_model(model)
-        prompt_input: PromptInput = _convert(prompt)
-        sampling: SamplingParams = _convert(params)
+        served = "unknown"  # a label for refused requests that named no model we serve (bounded cardinality)
         try:
+            served, target = ctx.resolve_model(model)
+            prompt_input: PromptInput = _convert(prompt)
+            sampling: SamplingParams = _convert(params)
             stream = await ctx.submit(request_id, prompt_input, sampling, target)
         except APIError as error:
             ctx.metrics.requests.labels(endpoint, served, str(error.status)).inc()
@@ -72,7 +74,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             raise
         prompt_log = prompt_input.text if prompt_input.text is not None else (
             prompt_input.messages if prompt_input.messages is not None else prompt_input.token_ids)
-        generation = Generation(ctx, stream, request_id=request_id, endpoint=endpoint, model=served, n=n,
+        generation = Generation(ctx, stream, request_id=request_id, endpoint=endpoint, model=served, n=stream.n,
                                 timer=timer, prompt_log=prompt_log)
         return generation, prompt_input
 
@@ -99,11 +101,15 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         request_id = new_request_id("cmpl")
         generation, prompt = await start(request_id, "completions", body.model, body.prompt_input,
-                                         body.sampling_params, body.n or 1)
+                                         body.sampling_params)
         created = now()
         echo = None
         if body.echo:
-            echo = prompt.text if prompt.text is not None else ctx.engine.detokenize(prompt.token_ids or [])
+            try:
+                echo = prompt.text if prompt.text is not None else ctx.engine.detokenize(prompt.token_ids or [])
+            except BaseException:
+                generation.close("error")
+                raise
         headers = {"x-request-id": request_id}
         if body.stream:
             events = completion_events(generation, created=created, echo=echo, include_usage=body.include_usage)
@@ -128,8 +134,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         request_id = new_request_id("chatcmpl")
-        generation, _ = await start(request_id, "chat", body.model, body.prompt_input, body.sampling_params,
-                                    body.n or 1)
+        generation, _ = await start(request_id, "chat", body.model, body.prompt_input, body.sampling_params)
         created = now()
         headers = {"x-request-id": request_id}
         if body.stream:

@@ -8,6 +8,7 @@ engine request if it did not finish (client gone, error) and writes the request'
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -32,6 +33,9 @@ from server.settings import ServerSettings
 
 logger = logging.getLogger("proxy_serve")
 request_logger = logging.getLogger("proxy_serve.requests")
+
+# How often a request waiting for its next output checks that the engine is still alive.
+ENGINE_CHECK_S = 1.0
 
 
 class GenerationError(Exception):
@@ -165,7 +169,7 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """The engine's outputs after bookkeeping; raises ``GenerationError`` on an engine error."""
-        async for output in self.stream:
+        async for output in self._engine_outputs():
             choice = self.choices[output.index]
             counted = len(output.new_token_ids)
             self.timer.tokens(output.index, counted)
@@ -181,6 +185,27 @@ class Generation:
                 choice.finish_reason = openai_finish_reason(output.finish_reason)
             yield output
         self.finished = True
+
+    async def _engine_outputs(self) -> AsyncIterator[RequestOutput]:
+        """The stream's outputs, but never a silent stall: if the engine's step loop dies (``ready`` turns
+        False) while this request waits, the request fails instead of waiting forever."""
+        iterator = aiter(self.stream)
+        while True:
+            pending = asyncio.ensure_future(anext(iterator))
+            try:
+                while not (await asyncio.wait({pending}, timeout=ENGINE_CHECK_S))[0]:
+                    if not self.ctx.engine.ready:
+                        self.error = "the engine stopped unexpectedly"
+                        logger.error("request %s: %s", self.request_id, self.error)
+                        raise GenerationError(self.error)
+            finally:
+                if not pending.done():
+                    pending.cancel()
+            try:
+                output = pending.result()
+            except StopAsyncIteration:
+                return
+            yield output
 
     async def run_to_end(self) -> None:
         async for _ in self.outputs():

@@ -30,7 +30,10 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _error_event(generation: Generation) -> str:
+def _error_event(generation: Generation, error: BaseException) -> str:
+    if not isinstance(error, GenerationError):
+        logger.error("request %s failed while streaming", generation.request_id, exc_info=error)
+        generation.error = "internal error"
     message = f"{generation.error or 'internal error'} (request id {generation.request_id})"
     return sse(error_body(message, type="server_error", code="internal_error"))
 
@@ -64,8 +67,8 @@ async def completion_events(
             if output.finished:
                 reason = generation.choices[output.index].finish_reason
                 yield chunk([{"index": output.index, "text": "", "logprobs": None, "finish_reason": reason}])
-    except GenerationError:
-        yield _error_event(generation)
+    except Exception as error:  # headers are out: the error goes in the stream
+        yield _error_event(generation, error)
         yield DONE
         return
     if include_usage:
@@ -94,8 +97,8 @@ async def chat_events(generation: Generation, *, created: int, include_usage: bo
             if output.finished:
                 reason = generation.choices[output.index].finish_reason
                 yield chunk([{"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
-    except GenerationError:
-        yield _error_event(generation)
+    except Exception as error:  # headers are out: the error goes in the stream
+        yield _error_event(generation, error)
         yield DONE
         return
     if include_usage:

@@ -23,6 +23,7 @@ from proxy_engine.request import (
 class FakeEngine:
     step_s: float = 0.001
     fail_at_token: int | None = None  # emit FinishReason.ERROR at this token of choice 0
+    crash_at_token: int | None = None  # the step loop "dies" here: no more outputs, ready turns False
     max_model_len: int = 64
     ready: bool = False
     aborted: list[str] = field(default_factory=list)
@@ -57,6 +58,9 @@ class FakeEngine:
         total = params.max_tokens or 8
         for k in range(total):
             await asyncio.sleep(self.step_s)
+            if self.crash_at_token == k:
+                self.ready = False
+                return
             for i in range(params.n):
                 if i == 0 and self.fail_at_token == k:
                     stream.queue.put_nowait(RequestOutput(stream.request_id, i, [], "", FinishReason.ERROR,

@@ -55,6 +55,21 @@ def test_engine_error_without_streaming_is_500_with_request_id(fake, app_client)
     assert error["type"] == "server_error" and "Traceback" not in response.text
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_dead_engine_fails_waiting_requests_instead_of_stalling(fake, app_client, monkeypatch, stream):
+    import server.serving
+
+    monkeypatch.setattr(server.serving, "ENGINE_CHECK_S", 0.05)
+    fake.crash_at_token = 2
+    if not stream:
+        response = app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 5})
+        assert response.status_code == 500 and "engine stopped" in response.json()["error"]["message"]
+        return
+    with app_client.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 5, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "engine stopped" in json.loads(events[-2])["error"]["message"]
+
+
 def test_health_and_requests_while_loading_then_ready():
     gate = asyncio.Event()
 
