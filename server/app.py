@@ -17,7 +17,6 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy_engine.async_engine import AsyncEngine
-
 from server.errors import APIError, install_error_handlers
 from server.routes import build_router, package_version
 from server.serving import ServerContext

@@ -31,8 +31,10 @@ class Flag:
 
 
 FLAGS = [
-    Flag("--base", ("engine", "base", "path"), "Base model: a local directory or a hub id already cached.", "PATH_OR_ID"),
-    Flag("--expert", (*_PAIR, "expert", "path"), "Expert (the small fine-tuned model) of the first pair.", "PATH_OR_ID"),
+    Flag("--base", ("engine", "base", "path"), "Base model: a local directory or a hub id already cached.",
+         "PATH_OR_ID"),
+    Flag("--expert", (*_PAIR, "expert", "path"), "Expert (the small fine-tuned model) of the first pair.",
+         "PATH_OR_ID"),
     Flag("--anti-expert", (*_PAIR, "anti_expert", "path"), "Anti-expert (the expert before tuning).", "PATH_OR_ID"),
     Flag("--alpha", (*_PAIR, "alpha"), "Default alpha of the first pair (requests may override; 0 = base alone).",
          "FLOAT"),

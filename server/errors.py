@@ -69,7 +69,8 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 def internal_error(request_id: str | None = None) -> APIError:
     request_id = request_id or f"req-{uuid.uuid4().hex}"
     return APIError(
-        500, f"internal server error (request id {request_id})", code="internal_error", headers={"x-request-id": request_id}
+        500, f"internal server error (request id {request_id})", code="internal_error",
+        headers={"x-request-id": request_id},
     )
 
 

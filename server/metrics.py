@@ -34,7 +34,9 @@ class _EngineCollector(Collector):
             ("num_requests_waiting", stats.waiting, "Sequences queued, not yet prefilling."),
         ):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
-        yield CounterMetricFamily(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", value=stats.prompt_tokens_total)
+        yield CounterMetricFamily(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", value=stats.prompt_tokens_total
+        )
         yield CounterMetricFamily(
             f"{PREFIX}_generation_tokens", "Tokens generated.", value=stats.generation_tokens_total
         )

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.async_engine import ModelInfo
 from proxy_engine.request import PromptInput, SamplingParams, TokenLogprob
-
 from server.errors import bad_request
 
 # The logprob sent in place of -inf (JSON has no infinities).
@@ -270,7 +269,9 @@ def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, list]:
 
 
 def model_card(model_id: str, created: int, root: str, max_model_len: int | None) -> dict[str, Any]:
-    card: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "proxy-serve", "root": root}
+    card: dict[str, Any] = {
+        "id": model_id, "object": "model", "created": created, "owned_by": "proxy-serve", "root": root
+    }
     if max_model_len is not None:
         card["max_model_len"] = max_model_len
     return card

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from proxy_engine.request import PromptInput, SamplingParams
-
 from server.auth import api_key_dependency
 from server.errors import APIError, bad_request
 from server.metrics import RequestTimer
@@ -159,9 +158,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
     def cards() -> list[dict[str, Any]]:
         settings = ctx.settings
         max_len = ctx.info.max_model_len if ctx.engine.ready else None
-        expert = settings.engine.experts[0].expert.path if settings.engine.experts else ""
-        roots = [settings.engine.base.path, settings.engine.base.path, expert]
-        return [model_card(mid, ctx.created, root, max_len) for mid, root in zip(settings.model_ids, roots)]
+        roots = [settings.engine.base.path] * 2 + [pair.expert.path for pair in settings.engine.experts[:1]]
+        ids = settings.model_ids
+        return [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
 
     @router.get("/v1/models", dependencies=keyed)
     async def list_models() -> dict[str, Any]:

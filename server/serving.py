@@ -26,7 +26,6 @@ from proxy_engine.request import (
     Target,
     TokenLogprob,
 )
-
 from server.errors import APIError, internal_error
 from server.metrics import RequestTimer, ServerMetrics
 from server.settings import ServerSettings
@@ -111,7 +110,9 @@ class ServerContext:
         except EngineOverloadedError as error:
             retry = str(max(1, int(getattr(error, "retry_after_s", 1) or 1)))
             if self.draining:
-                raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": retry})
+                raise APIError(
+                    503, "the server is shutting down", code="draining", headers={"Retry-After": retry}
+                ) from None
             raise APIError(429, f"the server is overloaded: {error}", code="server_overloaded",
                            headers={"Retry-After": retry}) from None
         except Exception:

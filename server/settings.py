@@ -141,7 +141,8 @@ def describe_error(error: ValidationError) -> str:
         elif item["type"] == "missing":
             messages.append(f"{where}: required but not given")
         else:
-            shown = "" if "api_keys" in loc or isinstance(item.get("input"), (dict, list)) else f" (got {item.get('input')!r})"
+            hidden = "api_keys" in loc or isinstance(item.get("input"), (dict, list))
+            shown = "" if hidden else f" (got {item.get('input')!r})"
             messages.append(f"{where}: {item['msg']}{shown}")
     return "invalid configuration: " + "; ".join(messages)
 

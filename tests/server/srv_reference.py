@@ -24,7 +24,9 @@ class NaiveProxy:
         return model(torch.tensor([ids])).logits[0, -1].float()  # [V_model]
 
     @torch.no_grad()
-    def greedy(self, prompt_ids: list[int], max_tokens: int, *, alpha: float = 1.0, expert_only: bool = False) -> list[int]:
+    def greedy(
+        self, prompt_ids: list[int], max_tokens: int, *, alpha: float = 1.0, expert_only: bool = False
+    ) -> list[int]:
         """Greedy continuation ignoring EOS (the HTTP side sends ``ignore_eos``)."""
         ids = list(prompt_ids)
         out: list[int] = []

@@ -40,7 +40,7 @@ def test_one_client_leaving_does_not_stop_another(live):
             thread = threading.Thread(target=steady)
             thread.start()
             assert wait_until(lambda: live.engine.stats().running == 2 or not thread.is_alive())
-    import time as _t; _t0 = _t.monotonic(); thread.join(timeout=60); print("JOIN", _t.monotonic() - _t0, live.engine.stats())
+    thread.join(timeout=60)
     events = steady_result["events"]
     assert events[-1] == "data: [DONE]"
     usage = json.loads(events[-2][len("data: "):])["usage"]

@@ -146,7 +146,8 @@ def test_request_log_line_has_no_prompt_unless_asked(fake, caplog):
         with TestClient(create_app(FakeEngine(), _settings(log_prompts=log_prompts))) as client:
             client.portal.call(asyncio.sleep, 0.05)
             with caplog.at_level("INFO", logger="proxy_serve"):
-                assert client.post("/v1/completions", json={"prompt": "secret words", "max_tokens": 2}).status_code == 200
+                response = client.post("/v1/completions", json={"prompt": "secret words", "max_tokens": 2})
+                assert response.status_code == 200
         lines = [r.getMessage() for r in caplog.records if r.name == "proxy_serve.requests"]
         assert len(lines) == 1 and "completion_tokens=2" in lines[0] and "prompt_tokens=" in lines[0]
         assert ("secret words" in lines[0]) is log_prompts

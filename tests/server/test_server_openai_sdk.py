@@ -116,7 +116,7 @@ def test_completion_logprobs(client):
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     # Greedy: the chosen token is the most likely one.
-    for token_lp, top in zip(lp.token_logprobs, lp.top_logprobs):
+    for token_lp, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
         assert token_lp == pytest.approx(max(top.values()), abs=1e-4)
 
 
