@@ -25,14 +25,24 @@ class Contribution:
 
 
 def combine(batch_size: int, vocab_size: int, parts: list[Contribution], device: torch.device) -> torch.Tensor:
-    """``[batch_size, V]`` float32: the weighted sum of every contribution, row by row."""
+    """``[batch_size, V]`` float32: the weighted sum of every contribution, row by row.
+
+    A model appears at most once per row, so each part's rows are unique and a gather-add-scatter is exact
+    (and, on the CPU, far faster than ``index_add_``).
+    """
     out = torch.zeros((batch_size, vocab_size), dtype=torch.float32, device=device)
     for part in parts:
-        if part.rows.numel() == 0:
+        count = part.rows.numel()
+        if count == 0:
             continue
         logits = part.logits.to(device=device, dtype=torch.float32, non_blocking=True)
         weights = part.weights.to(device=device, dtype=torch.float32, non_blocking=True)
-        out.index_add_(0, part.rows.to(device), logits * weights[:, None])
+        weighted = logits * weights[:, None]
+        if count == batch_size and bool((part.rows == torch.arange(count)).all()):
+            out += weighted  # the common case: the model computed every row, in order
+        else:
+            rows = part.rows.to(device)
+            out[rows] += weighted
     return out
 
 

@@ -65,7 +65,7 @@ class ProxyEngine:
         self.config = config
         self.models = models
         self.tokenizer = models[0].tokenizer
-        self.vocab_size = len(self.tokenizer)
+        self.vocab_size = models[0].vocab_size or len(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.runners = [ModelRunner(m.model, self.vocab_size, pad_id, m.role) for m in models]
         cap = config.limits.max_model_len or 10**9

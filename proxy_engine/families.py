@@ -42,7 +42,7 @@ class Shape:
 
 TINY = Shape(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
 TINY_SMALL = Shape(layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64)
-# The benchmark family named in the issues: ~86M base, ~4M pair (with a 32k vocabulary).
+# The benchmark family named in the issues: ~86M base, ~4M pair (with a 4k vocabulary, tied embeddings).
 BENCH_BASE = Shape(layers=12, hidden=768, heads=12, kv_heads=12, intermediate=2048)
 BENCH_SMALL = Shape(layers=4, hidden=256, heads=4, kv_heads=4, intermediate=512)
 
@@ -81,6 +81,7 @@ def build_model(
     chat_template: str | None = None,
     max_position_embeddings: int = 512,
     dtype: torch.dtype = torch.float32,
+    tie_embeddings: bool = False,
 ) -> Path:
     """A random-weight Llama saved with its tokenizer; ``extra_vocab`` pads the logit rows past the vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -97,13 +98,14 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype)
     # Larger-than-default init so that random models have peaked, seed-distinct distributions.
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.5 / shape.hidden**0.5 * 8)
+    if not tie_embeddings:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, 0.5 / shape.hidden**0.5 * 8)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)

@@ -32,32 +32,46 @@ class LoadedModel:
     renderer: PromptRenderer
     max_len: int  # positions the model supports
     logits_width: int  # rows of its output layer (may exceed the vocabulary)
+    vocab_size: int = 0  # the shared vocabulary, set once every model is loaded
 
 
 def check_vocabularies(tokenizers: dict[str, object], shown: int = 5) -> int:
-    """Return the shared vocabulary size, or raise ``ValueError`` naming the first differences."""
+    """Return the shared vocabulary size, or raise ``ValueError`` naming the first differences.
+
+    Every id below the smallest vocabulary must name the same token in every tokenizer (special tokens
+    included). A tokenizer may add tokens *past* that range (CodeLlama's infilling tokens, say): those ids
+    are cut like padded logit rows, since the other models cannot score them.
+    """
     names = list(tokenizers)
+    vocabs = {name: tokenizers[name].get_vocab() for name in names}
+    shared = min(len(v) for v in vocabs.values())
+    by_id = {name: {i: t for t, i in vocab.items() if i < shared} for name, vocab in vocabs.items()}
     reference_name = names[0]
-    reference = tokenizers[reference_name].get_vocab()
+    reference = by_id[reference_name]
     problems: list[str] = []
     for name in names[1:]:
-        vocab = tokenizers[name].get_vocab()
-        if vocab == reference:
+        other = by_id[name]
+        if other == reference:
             continue
         differences = []
-        for token in sorted(set(reference) | set(vocab), key=lambda t: (reference.get(t, vocab.get(t)), t)):
-            a, b = reference.get(token), vocab.get(token)
+        for token_id in range(shared):
+            a, b = reference.get(token_id), other.get(token_id)
             if a != b:
-                differences.append(f"{token!r} is {a} in {reference_name} but {b} in {name}")
+                differences.append(f"id {token_id} is {a!r} in {reference_name} but {b!r} in {name}")
                 if len(differences) == shown:
                     break
-        size_note = f" ({len(reference)} vs {len(vocab)} tokens)" if len(reference) != len(vocab) else ""
-        problems.append(f"{name} differs from {reference_name}{size_note}: " + "; ".join(differences))
+        sizes = f" ({len(vocabs[reference_name])} vs {len(vocabs[name])} tokens)"
+        problems.append(f"{name} differs from {reference_name}{sizes}: " + "; ".join(differences))
     if problems:
         raise ValueError(
             "the models do not share one vocabulary, so their logits cannot be combined: " + " | ".join(problems)
         )
-    return len(tokenizers[reference_name])
+    for name, vocab in vocabs.items():
+        if len(vocab) > shared:
+            extra = sorted((i, t) for t, i in vocab.items() if i >= shared)[:shown]
+            log.warning("%s has %d tokens past the shared vocabulary of %d (cut): %s", name, len(vocab) - shared,
+                        shared, ", ".join(repr(t) for _, t in extra))
+    return shared
 
 
 def max_positions(model: torch.nn.Module, tokenizer) -> int:
@@ -122,6 +136,7 @@ def load_models(config: EngineConfig) -> list[LoadedModel]:
     models = [load_one(role, model_config, config.transcript_template) for role, model_config in roles]
     vocab_size = check_vocabularies({m.role: m.tokenizer for m in models})
     for loaded in models:
+        loaded.vocab_size = vocab_size
         if loaded.logits_width < vocab_size:
             raise ValueError(
                 f"{loaded.role} ({loaded.config.path}) has {loaded.logits_width} logit rows, fewer than the "

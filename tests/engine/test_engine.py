@@ -75,12 +75,30 @@ def test_abort_of_a_waiting_request(chat_family, chat_models):
 
 
 def test_vocabulary_mismatch_refuses_to_start(tmp_path, tiny_family):
-    other = build_tokenizer(vocab_size=300)
+    other = build_tokenizer(vocab_size=300, corpus=["zebra quartz jukebox", "völlig anders gelernt"])
     build_model(tmp_path / "stranger", other, TINY_SMALL, seed=9)
     config = engine_config(tiny_family)
     config.experts[0].expert.path = str(tmp_path / "stranger")
-    with pytest.raises(ValueError, match=r"do not share one vocabulary.*expert differs from base \(512 vs 300 tokens\)"):
+    with pytest.raises(ValueError, match=r"do not share one vocabulary.*expert differs from base \(512 vs 300 tokens\): id \d+ is"):
         load_models(config)
+
+
+def test_extra_tokens_past_the_shared_vocabulary_are_cut(tmp_path, tiny_family):
+    """Like CodeLlama's infilling tokens: a tokenizer with more tokens after the shared ids still serves."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family.base)
+    tokenizer.add_tokens(["<PRE>", "<SUF>"], special_tokens=True)
+    build_model(tmp_path / "wider", tokenizer, TINY_SMALL, seed=4)
+    config = engine_config(tiny_family)
+    config.experts[0].expert.path = str(tmp_path / "wider")
+    models = load_models(config)
+    assert {m.vocab_size for m in models} == {512}
+    from proxy_engine.engine import ProxyEngine
+
+    engine = ProxyEngine(models, config)
+    submit(engine, "r", "Hello", temperature=0, max_tokens=4, ignore_eos=True)
+    assert all(t < 512 for t in run_to_end(engine)[("r", 0)]["tokens"])
 
 
 def test_padded_logit_rows_are_cut_and_narrow_rows_refused(tmp_path, chat_family, chat_models, tiny_family):

@@ -1,0 +1,42 @@
+"""The benchmark family named in the issues: a ~86M base and a ~4M expert / anti-expert pair, random weights.
+
+A 4,096-token byte-level BPE is trained on generated words; embeddings are tied, so the base has ~88M
+parameters (85M in its 12 blocks) and each small model ~3.7M, the sizes the issues name.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from proxy_engine.families import BENCH_BASE, BENCH_SMALL, Family, build_model, build_tokenizer
+
+BENCH_VOCAB = 4096
+DEFAULT_DIR = Path.home() / ".cache" / "proxy-serve" / "bench-family"
+
+
+def _corpus(words: int = 120_000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 11))) for _ in range(40_000)]
+    return [" ".join(rng.choice(vocab) for _ in range(200)) for _ in range(words // 200)]
+
+
+def build_bench_family(root: Path = DEFAULT_DIR, max_positions: int = 2048) -> Family:
+    root = Path(root)
+    family = Family(root / "base", root / "expert", root / "anti_expert")
+    stamp = root / "family.json"
+    options = {"tied": True, "vocab": BENCH_VOCAB, "base": BENCH_BASE.__dict__, "small": BENCH_SMALL.__dict__, "pos": max_positions}
+    if stamp.exists() and json.loads(stamp.read_text()) == options:
+        return family
+    tokenizer = build_tokenizer(BENCH_VOCAB, corpus=_corpus())
+    build_model(family.base, tokenizer, BENCH_BASE, seed=1, max_position_embeddings=max_positions, tie_embeddings=True)
+    build_model(family.expert, tokenizer, BENCH_SMALL, seed=2, max_position_embeddings=max_positions, tie_embeddings=True)
+    build_model(family.anti_expert, tokenizer, BENCH_SMALL, seed=3, max_position_embeddings=max_positions, tie_embeddings=True)
+    stamp.write_text(json.dumps(options))
+    return family
+
+
+if __name__ == "__main__":
+    print(build_bench_family())
