@@ -11,13 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import pytest  # noqa: E402
-from srv_live import LiveServer, make_settings  # noqa: E402
+from srv_live import API_KEY, ORIGIN, LiveServer, make_settings, wait_until  # noqa: E402
 
 from proxy_engine.async_engine import AsyncEngine  # noqa: E402
-
-API_KEY = "sk-test-key-123"
-ORIGIN = "http://frontend.example"
-MODEL = "proxy-tuned"
 
 
 def _serve(settings):
@@ -60,8 +56,6 @@ def http(live):
 def _servers_idle_after(request):
     """Every test leaves the servers it used with nothing running, so tests stay independent."""
     yield
-    from srv_live import wait_until
-
     for name in ("live", "guarded"):
         if name in request.fixturenames:
             server = request.getfixturevalue(name)

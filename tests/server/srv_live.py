@@ -12,6 +12,10 @@ import uvicorn
 from server.app import create_app
 from server.settings import ServerSettings, load_settings
 
+MODEL = "proxy-tuned"
+API_KEY = "sk-test-key-123"
+ORIGIN = "http://frontend.example"
+
 
 def make_settings(family, *, limits: dict | None = None, **server: object) -> ServerSettings:
     engine = {

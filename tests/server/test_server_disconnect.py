@@ -6,8 +6,7 @@ import json
 import threading
 
 import httpx
-from conftest import MODEL
-from srv_live import wait_until
+from srv_live import MODEL, wait_until
 
 LONG = {"model": MODEL, "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
 

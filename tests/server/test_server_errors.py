@@ -7,7 +7,7 @@ import socket
 
 import httpx
 import pytest
-from conftest import API_KEY, MODEL, ORIGIN
+from srv_live import API_KEY, MODEL, ORIGIN, wait_until
 
 
 def _error(response: httpx.Response, status: int) -> dict:
@@ -162,8 +162,6 @@ def test_overload_is_429_with_retry_after(guarded):
 
 def test_non_streaming_disconnect_is_aborted(live):
     """A client that leaves a non-streaming request frees its slot: the engine goes idle again."""
-    from srv_live import wait_until
-
     body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import MODEL
+from srv_live import MODEL
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import MODEL
+from srv_live import MODEL
 from srv_reference import NaiveProxy
 
 MAX_TOKENS = 12

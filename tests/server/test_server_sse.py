@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import MODEL
+from srv_live import MODEL
 
 
 def _events(http, path: str, body: dict) -> list[str]:
