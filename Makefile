@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install serve test bench lint clean demo-models eval
+.PHONY: install serve test bench lint check-config docker clean demo-models eval
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,17 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench.engine_bench
+
+# Validate a deployment without loading weights: make check-config CONFIG=configs/llama2-70b-chat.yaml
+CONFIG ?= configs/demo-cpu.yaml
+check-config: install
+	$(BIN)/proxy-serve --config $(CONFIG) --check
+
+lint: install
+	$(BIN)/hadolint Dockerfile
+
+docker:
+	docker build -t proxy-serve .
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
