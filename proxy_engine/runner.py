@@ -79,6 +79,7 @@ class ModelRunner:
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self.seq_ids: list[int] = []
+        self.padded = False  # any left padding in the batch? (if not, no attention mask is needed)
 
     @property
     def num_rows(self) -> int:
@@ -86,7 +87,7 @@ class ModelRunner:
 
     # --- the forward pass --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: PaddedKVCache):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: PaddedKVCache):
         """Last-position logits ``[B, V]`` (float32, cut to the vocabulary) for ``ids [B, q]``."""
         kwargs = {self._cache_kwarg: cache, "use_cache": True}
         if self._keep_kwarg:
@@ -103,7 +104,10 @@ class ModelRunner:
         ids = token_ids.to(self.device, non_blocking=True).view(-1, 1)
         ones = torch.ones((self.num_rows, 1), dtype=torch.long, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
-        logits = self._forward(ids, self.mask, self.positions.view(-1, 1), self.cache)
+        # Without padding the causal mask is implied: skipping it spares the model a mask build (and, in
+        # transformers, a host synchronisation that would serialise the models' launches on a GPU).
+        mask = self.mask if self.padded else None
+        logits = self._forward(ids, mask, self.positions.view(-1, 1), self.cache)
         self.positions = self.positions + 1
         return logits
 
@@ -150,6 +154,7 @@ class ModelRunner:
             self.mask = _merge_masks(self.mask, mask)
             self.positions = torch.cat([self.positions, positions])
         self.seq_ids = self.seq_ids + list(seq_ids)
+        self.padded = not bool(self.mask.all())
 
     def keep_rows(self, seq_ids: list[int]) -> None:
         """Keep only these sequences (a subset of ours, in our order); trim columns no row needs."""
@@ -166,6 +171,7 @@ class ModelRunner:
         self.positions = self.positions[rows]
         self.cache.select(rows, trim)
         self.seq_ids = list(seq_ids)
+        self.padded = not bool(self.mask.all())
 
     def kv_bytes(self) -> int:
         return self.cache.nbytes()
