@@ -61,3 +61,36 @@ def test_runner_rows_follow_running_sequences(chat_family, chat_models):
     # y finished after 3 tokens; x still runs in all three models.
     assert [s.request_id for s in engine.running] == ["x"]
     assert [r.num_rows for r in engine.runners] == [1, 1, 1]
+
+
+def test_two_expert_pairs_match_the_formula(tiny_family, chat_family):
+    """s = s_base + a1 (e1 - a1) + a2 (e2 - a2), with per-request alphas (one of them 0)."""
+    from proxy_engine.config import EngineConfig, ExpertPairConfig, ModelConfig
+    from proxy_engine.engine import ProxyEngine
+    from proxy_engine.loader import load_models
+
+    def pair(family, alpha):
+        return ExpertPairConfig(expert=ModelConfig(path=str(family.expert)),
+                                anti_expert=ModelConfig(path=str(family.anti_expert)), alpha=alpha)
+
+    config = EngineConfig(base=ModelConfig(path=str(tiny_family.base)),
+                          experts=[pair(tiny_family, 1.0), pair(chat_family, 0.5)])
+    engine = ProxyEngine(load_models(config), config)
+    recorded: dict[int, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda seqs, combined: [
+        recorded.setdefault(s.seq_id, []).append(combined[i].clone()) for i, s in enumerate(seqs)
+    ]
+    sequences = submit(engine, "default", "The quick brown", temperature=0, max_tokens=5, ignore_eos=True)
+    sequences += submit(engine, "custom", "Paris is", temperature=0, max_tokens=5, ignore_eos=True, alpha=[0.0, 2.0])
+    while engine.has_work():
+        engine.step()
+    assert sequences[0].weights == [1.0, 1.0, -1.0, 0.5, -0.5]
+    assert sorted(sequences[1].prompts) == [0, 3, 4]
+    paths = [tiny_family.base, tiny_family.expert, tiny_family.anti_expert, chat_family.expert, chat_family.anti_expert]
+    reference = NaiveProxy([str(p) for p in paths], 512)
+    for sequence in sequences:
+        prompts = [sequence.prompts.get(i) for i in range(5)]
+        tokens, logits = reference.greedy(prompts, sequence.weights, len(sequence.output_ids))
+        assert sequence.output_ids == tokens
+        for got, want in zip(recorded[sequence.seq_id], logits):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
