@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy_engine.async_engine import AsyncEngine
+from proxy_engine.config import ModelConfig
 from server.errors import APIError, install_error_handlers
 from server.routes import build_router, package_version
 from server.serving import ServerContext
@@ -135,8 +136,8 @@ def log_loaded(ctx: ServerContext) -> None:
     config = ctx.settings.engine
     info = ctx.info
 
-    def where(model: object) -> str:
-        return f"{model.path} on {model.device} ({model.dtype}, {model.prompt_format} prompts)"  # type: ignore[attr-defined]
+    def where(model: ModelConfig) -> str:
+        return f"{model.path} on {model.device} ({model.dtype}, {model.prompt_format} prompts)"
 
     logger.info("base: %s", where(config.base))
     for i, pair in enumerate(config.experts):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,6 +31,7 @@ from server.serving import Generation, GenerationError, ServerContext, new_reque
 from server.streaming import EventStreamResponse, chat_events, completion_events
 
 logger = logging.getLogger("proxy_serve")
+T = TypeVar("T")
 
 
 def package_version() -> str:
@@ -44,7 +46,7 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def _convert(build: Any) -> Any:
+def _convert(build: Callable[[], T]) -> T:
     """Run a request conversion, turning the engine types' ``ValueError`` into a 400."""
     try:
         return build()
@@ -57,15 +59,19 @@ def build_router(ctx: ServerContext) -> APIRouter:
     keyed = [Depends(api_key_dependency(ctx.settings.api_key_values()))]
 
     async def start(
-        request_id: str, endpoint: str, model: str | None, prompt: Any, params: Any
+        request_id: str,
+        endpoint: str,
+        model: str | None,
+        prompt: Callable[[], PromptInput],
+        params: Callable[[], SamplingParams],
     ) -> tuple[Generation, PromptInput]:
         """Resolve, convert and submit; a refusal is counted, logged and raised as its HTTP error."""
         timer = RequestTimer(ctx.metrics)
         served = "unknown"  # a label for refused requests that named no model we serve (bounded cardinality)
         try:
             served, target = ctx.resolve_model(model)
-            prompt_input: PromptInput = _convert(prompt)
-            sampling: SamplingParams = _convert(params)
+            prompt_input = _convert(prompt)
+            sampling = _convert(params)
             stream = await ctx.submit(request_id, prompt_input, sampling, target)
         except APIError as error:
             ctx.metrics.requests.labels(endpoint, served, str(error.status)).inc()
