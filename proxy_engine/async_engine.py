@@ -13,7 +13,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from proxy_engine.config import EngineConfig
-from proxy_engine.request import EngineOverloadedError, PromptInput, RequestOutput, SamplingParams, Target
+from proxy_engine.request import (
+    EngineOverloadedError,
+    FinishReason,
+    PromptInput,
+    RequestOutput,
+    SamplingParams,
+    Target,
+)
 
 log = logging.getLogger("proxy_engine")
 
@@ -52,7 +59,7 @@ class RequestStream:
         self.n = n
         self.prompt_tokens = prompt_tokens
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.finished_choices = 0  # counted by the engine's dispatcher
+        self.open_choices = set(range(n))  # kept by the engine's dispatcher
         self._unfinished = n
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
@@ -92,18 +99,16 @@ class AsyncEngine:
     # --- life cycle ------------------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self._thread is not None and self._thread.is_alive()
+        alive = self._thread is not None and self._thread.is_alive()
+        return self.engine is not None and alive and self.fatal_error is None
 
     @property
     def admitting(self) -> bool:
         return self._admitting
 
     async def start(self) -> None:
-        from proxy_engine.engine import ProxyEngine
-        from proxy_engine.loader import load_models
-
-        models = await asyncio.to_thread(load_models, self.config)
-        engine = ProxyEngine(models, self.config)
+        # Importing torch and transformers takes seconds: do it off the event loop too.
+        engine = await asyncio.to_thread(self._build)
         self.info = ModelInfo(
             base_path=self.config.base.path,
             expert_paths=[pair.expert.path for pair in self.config.experts],
@@ -116,7 +121,13 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="proxy-engine-step", daemon=True)
         self._thread.start()
-        log.info("engine ready: %d models, max_model_len %d", len(models), engine.max_model_len)
+        log.info("engine ready: %d models, max_model_len %d", len(engine.models), engine.max_model_len)
+
+    def _build(self):
+        from proxy_engine.engine import ProxyEngine
+        from proxy_engine.loader import load_models
+
+        return ProxyEngine(load_models(self.config), self.config)
 
     def stop_admitting(self) -> None:
         """Drain: refuse new requests; running ones go on."""
@@ -193,6 +204,7 @@ class AsyncEngine:
                 log.exception("the engine step loop crashed")
                 self.fatal_error = error
                 self._stopping = True
+                self._loop.call_soon_threadsafe(self._fail_all, f"the engine stopped: {type(error).__name__}")
                 return
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
@@ -205,6 +217,18 @@ class AsyncEngine:
                 continue
             stream.queue.put_nowait(output)
             if output.finished:
-                stream.finished_choices += 1
-                if stream.finished_choices == stream.n:
+                stream.open_choices.discard(output.index)
+                if not stream.open_choices:
                     del self._streams[output.request_id]
+
+    def _fail_all(self, message: str) -> None:
+        """The step loop died: end every open stream with an error rather than leave it hanging."""
+        self._admitting = False
+        for request_id, stream in list(self._streams.items()):
+            for index in sorted(stream.open_choices):
+                stream.queue.put_nowait(
+                    RequestOutput(request_id, index, [], "", FinishReason.ERROR, prompt_tokens=stream.prompt_tokens,
+                                  error=message, error_code="internal_error")
+                )
+            stream.open_choices.clear()
+        self._streams.clear()

@@ -10,12 +10,50 @@ Three rules (the bugs other servers shipped, see docs/openai-compat.md):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 REPLACEMENT = "\ufffd"
 # Tokens decoded together with the new ones, so that tokenizers that drop a leading space on the first
 # token of a decode (SentencePiece) see enough context.
 _CONTEXT_TOKENS = 5
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's reversible map of bytes to printable characters, inverted (character -> byte)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes)}
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """A token's raw bytes, which may be part of a UTF-8 character (OpenAI's logprobs ``bytes``).
+
+    Byte-level BPE tokens (GPT-2, Llama 3, Qwen) map back through the byte alphabet; SentencePiece byte
+    fallback tokens (``<0xE6>``) are one byte; anything else is its decoded text.
+    """
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        fallback = _BYTE_FALLBACK.match(piece)
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        alphabet = _byte_level_alphabet()
+        if piece and token_id not in getattr(tokenizer, "all_special_ids", []) and all(c in alphabet for c in piece):
+            raw = bytes(alphabet[c] for c in piece)
+            if tokenizer.decode([token_id]) == raw.decode("utf-8", errors="replace"):
+                return raw
+    return tokenizer.decode([token_id]).encode("utf-8")
 
 
 def find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:

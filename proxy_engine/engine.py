@@ -19,7 +19,7 @@ import torch
 
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
-from proxy_engine.detokenizer import IncrementalDetokenizer
+from proxy_engine.detokenizer import IncrementalDetokenizer, token_bytes
 from proxy_engine.loader import LoadedModel, eos_token_ids
 from proxy_engine.request import (
     EngineOverloadedError,
@@ -83,6 +83,7 @@ class ProxyEngine:
         self._next_seq_id = 0
         self._seed_rng = random.Random(config.seed)
         self._token_text: dict[int, str] = {}
+        self._token_bytes: dict[int, list[int]] = {}
         # Tests inject faults here: called with the sequences of a phase ("decode", "prefill", "sample").
         self.fault_hook = None
         # Analysis mode (as in the research code): called with (sequences, combined logits [B, V]) every step.
@@ -215,7 +216,7 @@ class ProxyEngine:
                 self.running = [s for s in self.running if s not in failed]
                 self._sync_rows()
             message = f"internal error during {phase}: {type(error).__name__}"
-            return [self._finish(s, FinishReason.ERROR, error=message) for s in failed]
+            return [self._finish(s, FinishReason.ERROR, error=message, error_code="internal_error") for s in failed]
 
     def _drain_inbox(self, outputs: list[RequestOutput]) -> None:
         with self._lock:
@@ -245,7 +246,9 @@ class ProxyEngine:
         if sequence.request_id in aborts:
             return self._finish(sequence, FinishReason.ABORT)
         timeout = self.config.limits.request_timeout_s
-        return self._finish(sequence, FinishReason.ERROR, error=f"the request timed out after {timeout:g}s")
+        return self._finish(
+            sequence, FinishReason.ERROR, error=f"the request timed out after {timeout:g}s", error_code="timeout"
+        )
 
     def _all_active(self) -> list[Sequence]:
         prefilling = self.prefill.sequences if self.prefill else []
@@ -347,8 +350,11 @@ class ProxyEngine:
             logprobs = None
             if sequence.params.logprobs is not None:
                 k = sequence.params.logprobs
-                top = [TopLogprob(i, self.token_text(i), v) for i, v in zip(top_ids[row][:k], top_values[row][:k])]
-                logprobs = [TokenLogprob(token, self.token_text(token), chosen_lp[row], top)]
+                top = [
+                    TopLogprob(i, self.token_text(i), v, self.token_bytes(i))
+                    for i, v in zip(top_ids[row][:k], top_values[row][:k])
+                ]
+                logprobs = [TokenLogprob(token, self.token_text(token), chosen_lp[row], top, self.token_bytes(token))]
             outputs.append(self._advance(sequence, token, logprobs))
         return outputs
 
@@ -414,6 +420,7 @@ class ProxyEngine:
         logprobs: list[TokenLogprob] | None = None,
         text: str = "",
         error: str | None = None,
+        error_code: str | None = None,
     ) -> RequestOutput:
         sequence.status = Status.FINISHED
         sequence.finish_reason = reason
@@ -422,7 +429,7 @@ class ProxyEngine:
             text += sequence.detokenizer.finish()
         return RequestOutput(
             sequence.request_id, sequence.index, [new_token] if new_token is not None else [], text, reason,
-            logprobs, sequence.primary_prompt_len, len(sequence.output_ids), error,
+            logprobs, sequence.primary_prompt_len, len(sequence.output_ids), error, error_code,
         )
 
     def token_text(self, token_id: int) -> str:
@@ -431,3 +438,10 @@ class ProxyEngine:
             text = self.tokenizer.decode([token_id])
             self._token_text[token_id] = text
         return text
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = list(token_bytes(self.tokenizer, token_id))
+            self._token_bytes[token_id] = raw
+        return raw

@@ -169,6 +169,7 @@ class TopLogprob:
     token_id: int
     token: str
     logprob: float
+    bytes: list[int] = field(default_factory=list)  # the token's raw UTF-8 bytes (may be part of a character)
 
 
 @dataclass
@@ -179,6 +180,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
+    bytes: list[int] = field(default_factory=list)  # the token's raw UTF-8 bytes (may be part of a character)
 
 
 @dataclass
@@ -194,6 +196,7 @@ class RequestOutput:
     prompt_tokens: int = 0  # the base model's prompt length
     completion_tokens: int = 0  # cumulative for this sequence
     error: str | None = None  # set when finish_reason is ERROR
+    error_code: str | None = None  # with ERROR: "timeout" (the request's time limit) or "internal_error"
 
     @property
     def finished(self) -> bool:
