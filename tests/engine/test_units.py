@@ -188,3 +188,24 @@ def test_stop_string_included_on_request():
 def test_earliest_of_several_stops_wins():
     deltas, stopped = _stream("one two three", ["three", "two"])
     assert stopped and "".join(deltas) == "one "
+
+
+def test_token_bytes_round_trip_partial_characters(tiny_family):
+    from transformers import AutoTokenizer
+
+    from proxy_engine.detokenizer import token_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family.base)
+    text = "Café 東京 🙂 hi"
+    ids = tokenizer(text)["input_ids"]
+    pieces = [token_bytes(tokenizer, i) for i in ids]
+    assert b"".join(pieces).decode("utf-8") == text
+    assert any(_is_partial(p) for p in pieces)  # some token holds only part of a character
+
+
+def _is_partial(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
