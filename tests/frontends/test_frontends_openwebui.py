@@ -1,0 +1,99 @@
+"""Open WebUI's calls (recorded from Open WebUI 0.12.4 driving a live server, see docs/frontends.md), replayed
+against a real server: the model list, a streamed chat as the browser sends it (built-in tool definitions, no
+sampler fields, no ``max_tokens``) and with advanced parameters, and the background tasks (title, tags)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fe_calls import (
+    BASE_MODEL,
+    EXPERT_MODEL,
+    MAX_MODEL_LEN,
+    MODEL,
+    OPEN_WEBUI_CHAT,
+    OPEN_WEBUI_CHAT_WITH_PARAMS,
+    OPEN_WEBUI_HEADERS,
+    OPEN_WEBUI_POST_HEADERS,
+    OPEN_WEBUI_TAGS,
+    OPEN_WEBUI_TITLE,
+    bearer,
+    fill_context,
+    open_webui_events,
+)
+
+
+def _post(http, body: dict) -> tuple[int, dict[str, str], str]:
+    """Sends ``body`` as Open WebUI does (``json.dumps`` with its default separators)."""
+    payload = json.dumps(body).encode()
+    with http.stream("POST", "/v1/chat/completions", content=payload, headers=bearer(OPEN_WEBUI_POST_HEADERS)) as r:
+        return r.status_code, dict(r.headers), "".join(r.iter_text())
+
+
+def test_model_list(http):
+    """Connections -> OpenAI API: GET {url}/models with the key; every ``data[].id`` becomes a model."""
+    response = http.get("/v1/models", headers=bearer(OPEN_WEBUI_HEADERS))
+    assert response.status_code == 200
+    listing = response.json()
+    assert listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == [MODEL, BASE_MODEL, EXPERT_MODEL]
+    for card in listing["data"]:
+        assert card["object"] == "model" and isinstance(card["created"], int) and card["owned_by"]
+
+
+def test_model_list_without_the_key_is_refused(http):
+    response = http.get("/v1/models", headers=OPEN_WEBUI_HEADERS)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_streamed_chat_from_the_browser(http):
+    """The default chat: tool definitions are ignored, the reply streams until the context is full."""
+    body = fill_context(http, OPEN_WEBUI_CHAT)
+    status, headers, text = _post(http, body)
+    assert status == 200, text
+    assert headers["content-type"].startswith("text/event-stream")
+    chunks, done = open_webui_events(text)
+    assert done
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert content
+    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert finals == ["length"]  # no max_tokens: it ran to the end of the context
+    assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
+    assert all("usage" not in c for c in chunks)  # not asked for
+
+
+def test_streamed_chat_with_advanced_params_and_usage(http):
+    status, _, text = _post(http, OPEN_WEBUI_CHAT_WITH_PARAMS)
+    assert status == 200, text
+    chunks, done = open_webui_events(text)
+    assert done
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] <= OPEN_WEBUI_CHAT_WITH_PARAMS["max_tokens"]
+    assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + usage["usage"]["completion_tokens"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("task", [OPEN_WEBUI_TITLE, OPEN_WEBUI_TAGS], ids=["title", "tags"])
+def test_background_task(http, task):
+    """Title (``max_tokens`` 1000, past the context: clamped, not refused) and tags (no ``max_tokens``)."""
+    body = fill_context(http, task)
+    status, headers, text = _post(http, body)
+    assert status == 200, text
+    assert headers["content-type"].startswith("application/json")
+    completion = json.loads(text)
+    (choice,) = completion["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = completion["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= MAX_MODEL_LEN
+
+
+def test_task_model_can_be_the_small_expert(http):
+    """The recommended set-up: Settings -> Interface -> task model = NAME:expert."""
+    body = fill_context(http, {**OPEN_WEBUI_TITLE, "model": EXPERT_MODEL})
+    status, _, text = _post(http, body)
+    assert status == 200, text
+    assert json.loads(text)["model"] == EXPERT_MODEL
