@@ -27,7 +27,15 @@ _DEFAULT_TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
+    504: "timeout",
 }
+
+
+class ErrorResponse(JSONResponse):
+    """An error body in ASCII JSON: a message that quotes request input (a lone surrogate, say) always encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class APIError(Exception):
@@ -55,7 +63,7 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return ErrorResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_body(message: str, *, type: str, param: str | None = None, code: str | int | None = None) -> dict:

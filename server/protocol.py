@@ -9,18 +9,35 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.async_engine import ModelInfo
-from proxy_engine.request import PromptInput, SamplingParams, TokenLogprob
+from proxy_engine.request import PromptInput, SamplingParams, TokenLogprob, TopLogprob
 from server.errors import bad_request
 
 # The logprob sent in place of -inf (JSON has no infinities).
 MIN_LOGPROB = -9999.0
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 TEXT_PART_TYPES = {"text", "input_text"}
+
+# Integers that end up in tensors or seed a generator must fit in 64 bits: a bigger one is a 400 naming the
+# field, not an overflow deep in the engine. (Range rules proper stay the engine's.)
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+def check_text(value: str, param: str) -> str:
+    """Refuse text that is not valid Unicode (JSON lets a lone UTF-16 surrogate through as ``\\ud800``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = value[error.start]
+        raise bad_request(
+            f"{param} is not valid Unicode: it holds a lone surrogate (U+{ord(bad):04X}) at character {error.start}",
+            param,
+        ) from None
+    return value
 
 
 class _Lenient(BaseModel):
@@ -43,7 +60,7 @@ class _SamplingFields(_Lenient):
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -51,7 +68,7 @@ class _SamplingFields(_Lenient):
     # Proxy-tuning: the strength of every expert pair (a number for all, or one per pair); 0 is the base alone.
     alpha: float | list[float] | None = None
     # Common extensions (vLLM's names).
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
@@ -78,7 +95,7 @@ class _SamplingFields(_Lenient):
             "n": self.n,
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,
-            "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+            "stop": _stops(self.stop),
             "stop_token_ids": self.stop_token_ids,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
@@ -90,6 +107,13 @@ class _SamplingFields(_Lenient):
         if params.top_k == -1:
             params.top_k = 0
         return params
+
+
+def _stops(stop: str | list[str] | None) -> list[str] | None:
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    return [check_text(text, "stop") for text in stops]
 
 
 def _is_token_id(value: Any) -> bool:
@@ -120,7 +144,7 @@ class CompletionRequest(_SamplingFields):
     def prompt_input(self) -> PromptInput:
         prompt = self.prompt
         if isinstance(prompt, str):
-            return PromptInput(text=prompt)
+            return PromptInput(text=check_text(prompt, "prompt"))
         if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
             raise bad_request(
                 f"prompt holds {len(prompt)} prompts; send one prompt per request (batched prompts are not supported)",
@@ -129,7 +153,7 @@ class CompletionRequest(_SamplingFields):
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
             if isinstance(prompt, str):
-                return PromptInput(text=prompt)
+                return PromptInput(text=check_text(prompt, "prompt"))
         if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
             return PromptInput(token_ids=list(prompt))
         if isinstance(prompt, list) and not prompt:
@@ -154,8 +178,17 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    # Refused when given (vLLM accepts it): a template from the request could read files through Jinja's
+    # loaders or change how every model sees the prompt. Each model renders with its configured template.
+    chat_template: Any = None
 
     def prompt_input(self) -> PromptInput:
+        if self.chat_template is not None:
+            raise bad_request(
+                "chat_template is not accepted in requests: each model renders chat with the template its "
+                "operator configured (engine.*.chat_template)",
+                "chat_template",
+            )
         messages = []
         for i, message in enumerate(self.messages):
             role = CHAT_ROLES.get(message.role)
@@ -179,7 +212,7 @@ def _content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return check_text(content, f"messages[{i}].content")
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type")
@@ -189,7 +222,7 @@ def _content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:
                 '({"type": "text", "text": ...}) are supported',
                 f"messages[{i}].content[{j}].type",
             )
-        texts.append(part["text"])
+        texts.append(check_text(part["text"], f"messages[{i}].content[{j}].text"))
     return "\n".join(texts)
 
 
@@ -202,9 +235,11 @@ class TokenizeRequest(_Lenient):
         if (self.prompt is None) == (self.messages is None):
             raise bad_request("give exactly one of prompt or messages", "prompt")
         if self.messages is not None:
+            if not self.messages:
+                raise bad_request("messages must not be empty", "messages")
             return ChatCompletionRequest(messages=self.messages).prompt_input()
         if isinstance(self.prompt, str):
-            return PromptInput(text=self.prompt)
+            return PromptInput(text=check_text(self.prompt, "prompt"))
         return PromptInput(token_ids=list(self.prompt or []))
 
 
@@ -251,16 +286,20 @@ def completion_logprobs(tokens: list[TokenLogprob], start_offset: int) -> dict[s
     }
 
 
+def _token_bytes(token: TokenLogprob | TopLogprob) -> list[int]:
+    """The engine's raw token bytes (part of a UTF-8 character, for a byte token); its text only if it sent none."""
+    return list(token.bytes) if token.bytes else list(token.token.encode("utf-8"))
+
+
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, list]:
     return {
         "content": [
             {
                 "token": t.token,
                 "logprob": _lp(t.logprob),
-                "bytes": list(t.token.encode("utf-8")),
+                "bytes": _token_bytes(t),
                 "top_logprobs": [
-                    {"token": top.token, "logprob": _lp(top.logprob), "bytes": list(top.token.encode("utf-8"))}
-                    for top in t.top
+                    {"token": top.token, "logprob": _lp(top.logprob), "bytes": _token_bytes(top)} for top in t.top
                 ],
             }
             for t in tokens

@@ -185,6 +185,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
         _, target = ctx.resolve_model(body.model)
         ctx.check_available()
         prompt = _convert(body.prompt_input)
+        vocab = ctx.info.vocab_size
+        if prompt.token_ids is not None and any(not 0 <= t < vocab for t in prompt.token_ids):
+            raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
         tokens = _convert(lambda: ctx.engine.tokenize(prompt, target))
         return {"count": len(tokens), "max_model_len": ctx.info.max_model_len, "tokens": tokens}
 

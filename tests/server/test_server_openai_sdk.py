@@ -128,7 +128,10 @@ def test_chat_logprobs(client):
     content = response.choices[0].logprobs.content
     assert len(content) == 5
     for entry in content:
-        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert entry.logprob <= 0 and entry.bytes and all(0 <= b < 256 for b in entry.bytes)
+        if "\ufffd" not in entry.token:  # a whole character: its bytes are its text's
+            assert entry.bytes == list(entry.token.encode())
+        assert all(top.bytes for top in entry.top_logprobs)
         assert len(entry.top_logprobs) == 3
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-4)
     streamed = client.chat.completions.create(
@@ -136,6 +139,9 @@ def test_chat_logprobs(client):
     )
     tokens = [e.token for chunk in streamed for c in chunk.choices if c.logprobs for e in c.logprobs.content]
     assert tokens == [e.token for e in content]
+    # The raw bytes, a partial character included, add up to the text (byte tokens are not U+FFFD each).
+    raw = bytes(b for entry in content for b in entry.bytes)
+    assert raw.decode("utf-8", errors="replace") == response.choices[0].message.content
 
 
 def test_alpha_zero_is_the_base_alone(client):
