@@ -21,6 +21,7 @@ from server.errors import bad_request
 MIN_LOGPROB = -9999.0
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 TEXT_PART_TYPES = {"text", "input_text"}
+TOP_P_ZERO = 1e-9
 
 # Integers that end up in tensors or seed a generator must fit in 64 bits: a bigger one is a 400 naming the
 # field, not an overflow deep in the engine. (Range rules proper stay the engine's.)
@@ -85,7 +86,9 @@ class _SamplingFields(_Lenient):
         values: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
-            "top_p": self.top_p,
+            # OpenAI reads top_p 0 as "the most likely token only" (LibreChat's slider reaches 0); the engine
+            # needs top_p > 0, and any tiny one keeps exactly that token.
+            "top_p": TOP_P_ZERO if self.top_p == 0 else self.top_p,
             "top_k": self.top_k,
             "min_p": self.min_p,
             "presence_penalty": self.presence_penalty,

@@ -139,3 +139,15 @@ def test_engine_error_mid_stream_is_thrown_by_the_sdk_parser():
     assert caught.value.error["type"] == "server_error"
     with pytest.raises(StreamAPIError, match="request id"):
         open_webui_events(text)
+
+
+def test_top_p_zero_from_the_slider_is_the_most_likely_token(http):
+    """LibreChat's top_p slider reaches 0, which OpenAI reads as "only the most likely token": greedy output."""
+    def reply(**sampling) -> str:
+        body = {**LIBRECHAT_AGENTS_STREAM, "max_tokens": 12, **sampling}
+        status, _, text = _post(http, body, bearer(LANGCHAIN_HEADERS))
+        assert status == 200, text
+        chunks, _ = openai_node_events(text)
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+    assert reply(top_p=0, temperature=0.7) == reply(top_p=1, temperature=0)

@@ -40,7 +40,7 @@ def test_bad_completion_parameters_are_400(http, body, param):
     "body",
     [
         {"prompt": "x", "temperature": -1},
-        {"prompt": "x", "top_p": 0},
+        {"prompt": "x", "top_p": 1.5},
         {"prompt": "x", "n": 0},
         {"prompt": "x", "max_tokens": 0},
         {"prompt": "x", "alpha": [1, 2]},
