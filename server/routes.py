@@ -99,8 +99,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             generation.close()
 
     def failed(generation: Generation) -> APIError:
-        message = f"{generation.error or 'internal error'} (request id {generation.request_id})"
-        return APIError(500, message, code="internal_error", headers={"x-request-id": generation.request_id})
+        """500 (engine fault), 504 (request timeout) or 503 (shutdown), naming the request id."""
+        return generation.api_error()
 
     @router.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -26,7 +26,7 @@ from proxy_engine.request import (
     Target,
     TokenLogprob,
 )
-from server.errors import APIError, internal_error
+from server.errors import APIError, error_body, internal_error
 from server.metrics import RequestTimer, ServerMetrics
 from server.settings import ServerSettings
 
@@ -38,11 +38,26 @@ ENGINE_CHECK_S = 1.0
 
 
 class GenerationError(Exception):
-    """The engine reported an internal error (``FinishReason.ERROR``) for a request."""
+    """A request ended in error after it was accepted: the engine failed it, timed it out, or the server shut
+    down before it finished. ``code`` is one of ``ERRORS``."""
+
+    def __init__(self, message: str, code: str = "internal_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# How each way of failing after admission reaches the client: HTTP status (when nothing was sent yet), and
+# the error's OpenAI type and code (in the body, or in the stream's error event).
+ERRORS: dict[str, tuple[int, str]] = {
+    "internal_error": (500, "server_error"),  # a fault in the engine step (or a bug): the others keep going
+    "timeout": (504, "timeout"),  # limits.request_timeout_s ran out
+    "shutdown": (503, "service_unavailable"),  # SIGTERM's grace period ran out first: retry elsewhere
+}
 
 
 def openai_finish_reason(reason: FinishReason) -> str:
-    """``abort`` only reaches a client when the engine's request timeout ended it: a limit, like ``length``."""
+    """``abort`` never reaches a client that is still there (the server aborts only departed or failed
+    requests); should one slip through, it is reported as a limit, like ``length``."""
     return FinishReason.LENGTH.value if reason is FinishReason.ABORT else reason.value
 
 
@@ -53,7 +68,10 @@ class ServerContext:
     metrics: ServerMetrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
+    # Set when the shutdown grace period runs out: every request still open ends with a "shutdown" error.
+    expired: bool = False
     load_error: str | None = None
+    in_flight: int = 0  # accepted requests not yet closed (what a drain waits for)
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.stats)
@@ -76,6 +94,14 @@ class ServerContext:
             logger.info("draining: new requests are refused, running ones finish")
             if self.engine.ready:
                 self.engine.stop_admitting()
+
+    def expire(self) -> None:
+        """The grace period is over: requests still open end now with a ``shutdown`` error (503 / error event),
+        each noticing within ``ENGINE_CHECK_S``; their engine rows are aborted as they close."""
+        self.drain()
+        if not self.expired:
+            self.expired = True
+            logger.warning("shutdown grace period over: ending %d open request(s)", self.in_flight)
 
     def resolve_model(self, model: str | None) -> tuple[str, Target]:
         """The request's ``model`` to (served id, engine target); a missing model means the proxy-tuned one."""
@@ -158,7 +184,9 @@ class Generation:
         self.choices = [Choice(i) for i in range(n)]
         self.finished = False
         self.error: str | None = None
+        self.error_code: str | None = None  # a key of ERRORS, once self.error is set
         self._closed = False
+        ctx.in_flight += 1
 
     @property
     def prompt_tokens(self) -> int:
@@ -179,26 +207,37 @@ class Generation:
             if output.logprobs:
                 choice.logprobs.extend(output.logprobs)
             if output.finish_reason is FinishReason.ERROR:
-                self.error = output.error or "unknown engine error"
-                logger.error("engine error in request %s: %s", self.request_id, self.error)
-                raise GenerationError(self.error)
+                code = output.error_code if output.error_code in ERRORS else "internal_error"
+                # The engine logged a fault's traceback once; this is the request's own line.
+                log = logger.warning if code == "timeout" else logger.error
+                log("request %s failed (%s): %s", self.request_id, code, output.error or "unknown engine error")
+                self._fail(output.error or "unknown engine error", code)
             if output.finish_reason is not None:
                 choice.finish_reason = openai_finish_reason(output.finish_reason)
             yield output
         self.finished = True
 
+    def _fail(self, message: str, code: str) -> None:
+        self.error, self.error_code = message, code
+        raise GenerationError(message, code)
+
+    def _check_alive(self) -> None:
+        if self.ctx.expired:
+            self._fail("the server shut down before the request finished; retry it", "shutdown")
+        if not self.ctx.engine.ready:
+            logger.error("request %s: the engine stopped unexpectedly", self.request_id)
+            self._fail("the engine stopped unexpectedly", "internal_error")
+
     async def _engine_outputs(self) -> AsyncIterator[RequestOutput]:
         """The stream's outputs, but never a silent stall: if the engine's step loop dies (``ready`` turns
-        False) while this request waits, the request fails instead of waiting forever."""
+        False) or the shutdown grace period ends while this request waits, the request fails instead of
+        waiting forever."""
         iterator = aiter(self.stream)
         while True:
             pending = asyncio.ensure_future(anext(iterator))
             try:
                 while not (await asyncio.wait({pending}, timeout=ENGINE_CHECK_S))[0]:
-                    if not self.ctx.engine.ready:
-                        self.error = "the engine stopped unexpectedly"
-                        logger.error("request %s: %s", self.request_id, self.error)
-                        raise GenerationError(self.error)
+                    self._check_alive()
             finally:
                 if not pending.done():
                     pending.cancel()
@@ -206,7 +245,26 @@ class Generation:
                 output = pending.result()
             except StopAsyncIteration:
                 return
+            if self.ctx.expired:
+                self._check_alive()
             yield output
+
+    def error_body(self) -> dict[str, Any]:
+        """The OpenAI error for this failed request, naming its id (sent as a stream's error event)."""
+        code = self.error_code or "internal_error"
+        _, kind = ERRORS[code]
+        message = f"{self.error or 'internal error'} (request id {self.request_id})"
+        return error_body(message, type=kind, code=code)
+
+    def api_error(self) -> APIError:
+        """The same error as an HTTP response, for a request that had sent nothing yet."""
+        code = self.error_code or "internal_error"
+        status, kind = ERRORS[code]
+        headers = {"x-request-id": self.request_id}
+        if code == "shutdown":
+            headers["Retry-After"] = "5"
+        message = f"{self.error or 'internal error'} (request id {self.request_id})"
+        return APIError(status, message, type=kind, code=code, headers=headers)
 
     async def run_to_end(self) -> None:
         async for _ in self.outputs():
@@ -217,10 +275,12 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self.ctx.in_flight -= 1
         if not self.finished:
             self.ctx.engine.abort(self.request_id)
         if status is None:
-            status = 200 if self.finished else ("error" if self.error else "disconnected")
+            failed = "error" if self.error_code in (None, "internal_error") else self.error_code
+            status = 200 if self.finished else (failed if self.error else "disconnected")
         elapsed = self.timer.finish(observe=self.finished)
         self.ctx.metrics.requests.labels(self.endpoint, self.model, str(status)).inc()
         reasons = ",".join(c.finish_reason or "-" for c in self.choices)

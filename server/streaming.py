@@ -17,7 +17,6 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from server.errors import error_body
 from server.protocol import chat_logprobs, completion_logprobs, usage
 from server.serving import Generation, GenerationError
 
@@ -33,9 +32,8 @@ def sse(data: dict[str, Any]) -> str:
 def _error_event(generation: Generation, error: BaseException) -> str:
     if not isinstance(error, GenerationError):
         logger.error("request %s failed while streaming", generation.request_id, exc_info=error)
-        generation.error = "internal error"
-    message = f"{generation.error or 'internal error'} (request id {generation.request_id})"
-    return sse(error_body(message, type="server_error", code="internal_error"))
+        generation.error, generation.error_code = "internal error", "internal_error"
+    return sse(generation.error_body())  # its type and code say which: internal_error, timeout, shutdown
 
 
 async def completion_events(

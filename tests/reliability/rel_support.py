@@ -36,12 +36,16 @@ class FaultHooks:
             self.rules.remove(rule)
 
 
-def raise_for_seed(seed: int, phase: str, error: Callable[[], BaseException]) -> Rule:
-    """Raise ``error()`` in ``phase`` whenever a sequence of a request sent with this ``seed`` is in it."""
+def raise_for_seed(seed: int, phase: str, error: Callable[[], BaseException], *, after: int = 0) -> Rule:
+    """Raise ``error()`` in ``phase`` whenever a sequence of a request sent with this ``seed`` is in it (from
+    its ``after + 1``-th time on, so that some tokens get out first)."""
+    seen = [0]
 
     def rule(current: str, sequences: list) -> None:
         if current == phase and any(s.params.seed == seed for s in sequences):
-            raise error()
+            seen[0] += 1
+            if seen[0] > after:
+                raise error()
 
     return rule
 
@@ -115,7 +119,10 @@ def events_of(lines: Iterator[str]) -> list[Any]:
 
 
 def stream(client: httpx.Client, path: str, body: dict) -> tuple[int, list[Any]]:
+    """``(status, events)`` of a streamed request (``[error body]`` for a refusal); ``client.last_request_id``
+    is the ``x-request-id`` header."""
     with client.stream("POST", path, json={**body, "stream": True}) as response:
+        client.last_request_id = response.headers.get("x-request-id")
         if response.status_code != 200:
             response.read()
             return response.status_code, [response.json()]
