@@ -5,9 +5,11 @@ sampler fields, no ``max_tokens``) and with advanced parameters, and the backgro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from fe_calls import (
+    API_KEY,
     BASE_MODEL,
     EXPERT_MODEL,
     MAX_MODEL_LEN,
@@ -22,6 +24,8 @@ from fe_calls import (
     fill_context,
     open_webui_events,
 )
+
+from server.protocol import ChatCompletionRequest
 
 
 def _post(http, body: dict) -> tuple[int, dict[str, str], str]:
@@ -97,3 +101,32 @@ def test_task_model_can_be_the_small_expert(http):
     status, _, text = _post(http, body)
     assert status == 200, text
     assert json.loads(text)["model"] == EXPERT_MODEL
+
+
+RECORDED = [json.loads(line) for line in
+            (Path(__file__).resolve().parent / "recorded" / "open-webui-0.12.4.jsonl").read_text().splitlines()]
+RECORDED_POSTS = [call for call in RECORDED if call["method"] == "POST"]
+
+
+@pytest.mark.parametrize("call", RECORDED_POSTS, ids=lambda c: c["body"]["messages"][-1]["content"][:24])
+def test_every_recorded_body_converts(call):
+    """Each body Open WebUI sent in the recorded session (tools, pass-through fields and all) is accepted."""
+    assert call["path"] == "/v1/chat/completions"
+    request = ChatCompletionRequest.model_validate(call["body"])
+    prompt = request.prompt_input()
+    assert prompt.messages and prompt.messages[-1]["role"] == "user"
+    request.sampling_params().validate(vocab_size=512, num_pairs=1)
+
+
+@pytest.mark.parametrize("call", [c for c in RECORDED_POSTS if c["body"].get("stream")], ids=["tools", "params"])
+def test_recorded_chats_replayed_verbatim(http, call):
+    """The recorded streamed chats (both bound their length), sent byte for byte with the recorded headers."""
+    headers = {**call["headers"], "authorization": f"Bearer {API_KEY}"}
+    payload = json.dumps(call["body"]).encode()
+    with http.stream("POST", call["path"], content=payload, headers=headers) as response:
+        assert response.status_code == 200
+        chunks, done = open_webui_events("".join(response.iter_text()))
+    assert done
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] in ("stop", "length")
+    if call["body"].get("stream_options", {}).get("include_usage"):
+        assert chunks[-1]["usage"]["completion_tokens"] <= call["body"]["max_tokens"]
