@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-bases", action="store_true",
                     help="keep OUT/base and OUT/anti_expert instead of pretraining (to iterate on fine-tuning)")
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="train nothing: re-measure the family saved in OUT (keeps the recorded timings)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
     args = ap.parse_args(argv)
 
@@ -334,7 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     max_positions = max(256, plan.block)
     parallel = not (args.sequential or args.quick)
 
-    if args.reuse_bases:
+    if args.eval_only:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(out / "base"))
+        old = out / "metrics.json"
+        timings = json.loads(old.read_text()).get("timings", {}) if old.exists() else {}
+    elif args.reuse_bases:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(out / "base"))
@@ -357,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         ], parallel).items()})
         timings["pretrain_wall_s"] = time.time() - t0
 
+    if not args.eval_only:
+        train_and_save(args, plan, world, tokenizer, blocks, out, parallel, timings)
+        timings["train_total_s"] = time.time() - t_start
+
+    return finish(args, plan, world, out, tasks_path, timings, t_start)
+
+
+def train_and_save(args, plan: Plan, world, tokenizer, blocks, out: Path, parallel: bool, timings: dict) -> None:
     t0 = time.time()
     examples = chat_examples(tokenizer, demo_data.qa_pairs(world.train, seed=args.seed + 3))
     common = {"plan": plan, "blocks": blocks, "tokenizer_dir": str(out / "base"), "threads": args.threads,
@@ -367,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "out": out / "expert"}),
     ], parallel).items()})
     timings["finetune_wall_s"] = time.time() - t0
-    timings["train_total_s"] = time.time() - t_start
 
+
+def finish(args, plan: Plan, world, out: Path, tasks_path: Path, timings: dict, t_start: float) -> int:
     rows = demo_data.heldout_tasks(world, seed=args.seed + 4, limit=plan.eval_limit)
     tasks_path.parent.mkdir(parents=True, exist_ok=True)
     with open(tasks_path, "w") as f:
