@@ -81,18 +81,28 @@ def endpoints_from_args(args: argparse.Namespace) -> list[Endpoint]:
 
 
 class Progress:
+    """'n/total answers (role)' on stderr: redrawn in place on a terminal, every 10% as lines otherwise."""
+
     def __init__(self, total: int, quiet: bool) -> None:
         self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.time()
-        self.last = 0.0
+        self.last, self.bucket = 0.0, -1
+        self.tty = sys.stderr.isatty()
 
     def step(self, label: str) -> None:
         self.done += 1
-        now = time.time()
-        if self.quiet or (now - self.last < 0.5 and self.done < self.total):
+        if self.quiet:
             return
-        self.last = now
-        print(f"\r[proxy-eval] {self.done}/{self.total} answers ({label}) {now - self.t0:.0f}s",
-              end="\n" if self.done == self.total else "", file=sys.stderr, flush=True)
+        now, final = time.time(), self.done == self.total
+        message = f"[proxy-eval] {self.done}/{self.total} answers ({label}) {now - self.t0:.0f}s"
+        if self.tty:
+            if now - self.last >= 0.2 or final:
+                self.last = now
+                print("\r" + message, end="\n" if final else "", file=sys.stderr, flush=True)
+            return
+        bucket = self.done * 10 // self.total
+        if bucket != self.bucket:
+            self.bucket = bucket
+            print(message, file=sys.stderr, flush=True)
 
 
 async def run_model(

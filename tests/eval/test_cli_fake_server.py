@@ -125,7 +125,7 @@ def test_end_to_end_table_and_gap(servers, task_file, tmp_path, capsys):
     rows = [line.split() for line in lines]
     table = {r[0]: float(r[2]) for r in rows if len(r) == 4 and r[0] in ("base", "expert", "proxy", "tuned")}
     assert table == {"base": 0.0, "expert": 0.25, "proxy": 0.75, "tuned": 1.0}
-    assert "4/16 answers" not in err and "16/16 answers" in err  # progress on stderr
+    assert "16/16 answers" in err and len(err.splitlines()) <= 12  # progress on stderr, in 10% steps
     # Every request was a temperature-0 chat request with the given limits and key; the tuned one went elsewhere.
     assert all(r["temperature"] == 0 and r["max_tokens"] == 7 and r["path"] == "chat" for r in main_server.seen)
     assert {r["model"] for r in main_server.seen} == {"proxy-tuned:base", "proxy-tuned:expert", "proxy-tuned"}

@@ -76,3 +76,18 @@ def test_quick_run_end_to_end(tmp_path):
     assert tasks and all(t.messages and t.metric == "exact_match" for t in tasks)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["heldout"]["scores"]) == {"base", "expert", "proxy", "tuned"}
+
+
+def test_committed_family_fits_and_met_its_goals():
+    """The family under demo/models: four models in at most 40 MB, and the recorded local measurement."""
+    models = ROOT / "demo" / "models"
+    size = sum(f.stat().st_size for f in models.rglob("*") if f.is_file())
+    assert size <= 40 * 1024 * 1024, size
+    metrics = json.loads((models / "metrics.json").read_text())
+    scores = metrics["heldout"]["scores"]
+    assert metrics["heldout"]["gap_closed"] >= 0.8
+    assert scores["proxy"] > scores["expert"] + 0.2  # the large base's knowledge
+    assert scores["base"] < 0.1 and metrics["heldout"]["contains"]["base"] > 0.5  # knows, but not the format
+    from proxy_eval.tasks import load_tasks
+
+    assert len(load_tasks(ROOT / "demo" / "tasks" / "heldout.jsonl")) == 240

@@ -1,0 +1,123 @@
+"""`make eval`: serve the demo family (two proxy-serve instances on loopback) and run proxy-eval against them.
+
+    python -m proxy_eval.demo_run [--tasks demo/tasks/heldout.jsonl] [-- extra proxy-eval flags]
+
+Instance 1 serves ``configs/demo-cpu.yaml`` (``proxy-demo`` = proxy-tuned, ``proxy-demo:base``,
+``proxy-demo:expert``); instance 2 serves ``demo/tuned.yaml`` (``proxy-demo-tuned:base``, the truly tuned
+large model alone). Both listen on free loopback ports, are waited for on ``/v1/models`` and are stopped
+afterwards (their logs go to stderr only when something fails). The exit status is proxy-eval's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from proxy_eval import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command() -> list[str]:
+    exe = shutil.which("proxy-serve", path=str(Path(sys.executable).parent)) or shutil.which("proxy-serve")
+    return [exe] if exe else [sys.executable, "-m", "server"]
+
+
+class Server:
+    def __init__(self, config: str, name: str, log_dir: Path) -> None:
+        self.port = free_port()
+        self.name = name
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = log_dir / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [*serve_command(), "--config", config, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.name} server not ready after {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def dump_log(self) -> None:
+        print(f"--- {self.name} server log ({self.log_path}) ---", file=sys.stderr)
+        print(self.log_path.read_text()[-4000:], file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m proxy_eval.demo_run", description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", default="demo/tasks/heldout.jsonl")
+    ap.add_argument("--proxy-config", default="configs/demo-cpu.yaml")
+    ap.add_argument("--tuned-config", default="demo/tuned.yaml")
+    ap.add_argument("--name", default="proxy-demo", help="served_model_name in the proxy config")
+    ap.add_argument("--tuned-name", default="proxy-demo-tuned", help="served_model_name in the tuned config")
+    ap.add_argument("--max-tokens", default="16")
+    ap.add_argument("--startup-timeout", type=float, default=180.0)
+    ap.add_argument("extra", nargs="*", help="more proxy-eval flags (after --)")
+    args = ap.parse_args(argv)
+
+    log_dir = Path(tempfile.mkdtemp(prefix="proxy-eval-demo-"))
+    servers = [Server(args.proxy_config, "proxy", log_dir), Server(args.tuned_config, "tuned", log_dir)]
+    proxy, tuned = servers
+    try:
+        for server in servers:
+            server.wait_ready(args.startup_timeout)
+        print(f"[proxy-eval] servers ready: proxy {proxy.url}, tuned {tuned.url}", file=sys.stderr, flush=True)
+        eval_args = [
+            "--base-url", proxy.url, "--tasks", args.tasks, "--max-tokens", args.max_tokens,
+            "--base-model", f"{args.name}:base", "--expert-model", f"{args.name}:expert", "--proxy-model", args.name,
+            "--tuned-model", f"{args.tuned_name}:base", "--tuned-url", tuned.url, *args.extra,
+        ]
+        print("[proxy-eval] proxy-eval " + " ".join(eval_args), file=sys.stderr, flush=True)
+        rc = cli.main(eval_args)
+    except Exception as exc:  # a server that did not come up: show why
+        print(f"proxy-eval demo: {exc}", file=sys.stderr)
+        for server in servers:
+            server.stop()
+            server.dump_log()
+        return 2
+    for server in servers:
+        server.stop()
+    if rc != 0:
+        for server in servers:
+            server.dump_log()
+    return rc
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raise SystemExit(main())
