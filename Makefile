@@ -38,5 +38,13 @@ lint: install
 docker:
 	docker build -t proxy-serve .
 
+# Retrain the demo family committed under demo/models (fixed seeds; about 12-25 minutes on 2 cores).
+demo-models: install
+	$(BIN)/python -m scripts.train_demo --out demo/models
+
+# Serve the demo family and its truly tuned reference, ask the held-out questions, print the gap closed.
+eval: install
+	$(BIN)/python -m proxy_eval.demo_run -- $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

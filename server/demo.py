@@ -1,5 +1,10 @@
-"""The model a bare ``proxy-serve`` serves. Kept to this one function so that a trained demo family can
-replace the tiny random one without touching anything else."""
+"""The model a bare ``proxy-serve`` serves: the trained demo family committed under ``demo/models``.
+
+The family (a 3.1M-parameter base, a 0.4M chat expert and its untuned anti-expert, trained from scratch by
+``scripts/train_demo.py``; see docs/demo.md) answers questions about an invented world. Where the
+repository's ``demo/`` folder is not beside the installed package (a wheel installed elsewhere), a tiny
+random family is built into the cache instead, so ``proxy-serve`` still starts with no download.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from typing import Any
 
 logger = logging.getLogger("proxy_serve")
 
+TRAINED_DEMO = Path(__file__).resolve().parent.parent / "demo" / "models"
+
 
 def demo_dir() -> Path:
     cache = os.environ.get("PROXY_SERVE_DEMO_DIR")
@@ -18,12 +25,26 @@ def demo_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "proxy-serve" / "demo"
 
 
+def _trained_demo_config(root: Path) -> dict[str, Any]:
+    def model(name: str, prompt_format: str = "plain") -> dict[str, Any]:
+        return {"path": str(root / name), "dtype": "float32", "device": "cpu", "prompt_format": prompt_format}
+
+    return {
+        "base": model("base"),
+        # As in the paper: the chat-tuned expert sees its chat template, base and anti-expert plain text.
+        "experts": [{"expert": model("expert", "chat"), "anti_expert": model("anti_expert"), "alpha": 1.0}],
+    }
+
+
 def default_engine_config() -> dict[str, Any]:
-    """The built-in demo: for now a tiny random-weight family, built once into the cache (it talks nonsense)."""
+    """The built-in demo: the trained family when the repository has it, else a tiny random one."""
+    if (TRAINED_DEMO / "base" / "config.json").exists():
+        logger.info("no model configured: serving the trained demo family from %s", TRAINED_DEMO)
+        return _trained_demo_config(TRAINED_DEMO)
     from proxy_engine.families import build_family  # the engine package, not the server, owns the weights
 
     root = demo_dir()
-    logger.info("no model configured: serving the built-in demo family from %s", root)
+    logger.info("no model configured and no trained demo beside the package: a tiny random family in %s", root)
     family = build_family(root)
     return {
         "base": {"path": str(family.base)},
