@@ -1,0 +1,585 @@
+"""HTTP benchmark: streaming clients against ``proxy-serve`` and ``transformers serve --continuous-batching``.
+
+    python -m bench.http_bench                      # bench family, concurrency 1 4 16 64 (several minutes)
+    python -m bench.http_bench --quick              # tiny family, concurrency 1 and 4, no peer (tests)
+    python -m bench.http_bench --levels 1 16 --max-tokens 64 --threads 2
+
+In one run, on one model family, with the same prompts, max_tokens, greedy decoding and EOS ignored:
+
+- ``proxy``: ``proxy-serve`` (a subprocess on loopback) serving the proxy-tuned model;
+- ``base``: the same server, model ``proxy-tuned:base`` (the base alone; the small models do not run);
+- ``peer``: ``transformers serve --continuous-batching`` (a subprocess) serving the base alone. It has no
+  ``ignore_eos``; its ``generation_config`` request field replaces the model's, and one without an
+  ``eos_token_id`` disables EOS (its continuous-batching manager logs "Setting to -1 (disabled)");
+- ``floor``: the engine floor, a tight KV-cached loop of the three models (``engine_bench.floor_loop``),
+  no server, batch = concurrency, decode only.
+
+Each level runs ``concurrency`` closed-loop clients (httpx async, SSE), each sending ``rounds`` requests one
+after another. Reported per server and level: aggregate tokens/s (usage ``completion_tokens`` summed, over the
+level's wall time), decode tokens/s per stream, time to first token and inter-token latency p50/p99, errors,
+stalled streams (no event for ``--stall-s``, or a stream that ended without ``[DONE]``), and the server's
+resident memory (``/proc/<pid>/status`` VmRSS, sampled every 50 ms): at the level's start, its peak in the
+first and second half of the level, and at its end. Ratios are what to read: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+PROMPT_TOKENS = 32
+
+
+# --- servers ---------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its children (0 once it is gone)."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far: the work a run cost, whatever the
+    contention from other processes on a shared machine (wall-clock numbers are not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RssSampler:
+    """Samples a process's RSS every ``period`` seconds in a thread: ``(time, bytes)`` pairs."""
+
+    def __init__(self, pid: int, period: float = 0.05) -> None:
+        self.pid, self.period = pid, period
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), rss_bytes(self.pid)))
+            self._stop.wait(self.period)
+
+    def window(self, start: float, end: float) -> list[int]:
+        return [b for t, b in self.samples if start <= t <= end]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Server:
+    """A server subprocess on loopback: ``name``, its command, the model id clients send, and its extra body."""
+
+    name: str
+    command: list[str]
+    model: str
+    extra_body: dict[str, Any]
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 300) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("w")
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                        cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not answer /health within {timeout_s:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+# --- clients ---------------------------------------------------------------------------------------------------
+@dataclass
+class StreamResult:
+    ok: bool
+    tokens: int = 0
+    start: float = 0.0
+    first: float | None = None  # time of the first content event
+    end: float = 0.0
+    gaps: list[float] = field(default_factory=list)  # between consecutive content events
+    stalled: bool = False
+    error: str | None = None
+
+
+def _content(event: dict[str, Any]) -> bool:
+    return any(c.get("text") for c in event.get("choices") or [])
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], stall_s: float) -> StreamResult:
+    result = StreamResult(ok=False, start=time.perf_counter())
+    last = None
+    done = finished = False
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body,
+                                 timeout=httpx.Timeout(stall_s, connect=30)) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    result.error = str(event["error"])[:200]
+                    return result
+                now = time.perf_counter()
+                if any(c.get("finish_reason") for c in event.get("choices") or []):
+                    finished = True  # the peer ends here (it sends no [DONE])
+                if _content(event):
+                    if result.first is None:
+                        result.first = now
+                    elif last is not None:
+                        result.gaps.append(now - last)
+                    last = now
+                if event.get("usage"):
+                    result.tokens = int(event["usage"]["completion_tokens"])
+    except httpx.ReadTimeout:
+        result.stalled = True
+        result.error = f"no event for {stall_s:g}s"
+        return result
+    except httpx.HTTPError as error:
+        result.error = f"{type(error).__name__}: {error}"
+        return result
+    finally:
+        result.end = time.perf_counter()
+    if not (done or finished):
+        result.stalled = True
+        result.error = "the stream ended without [DONE] or a finish_reason"
+        return result
+    result.ok = True
+    return result
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass
+class Run:
+    """One measurement: ``concurrency`` closed-loop clients against one target."""
+
+    target: str
+    concurrency: int
+    streams: list[StreamResult]
+    start: float
+    end: float
+    rss_start: int
+    rss_end: int
+    rss_peak: int
+    cpu_s: float  # the server process's CPU time during the run
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.tokens / self.cpu_s if self.cpu_s > 0 else 0.0
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.streams if r.ok)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / (self.end - self.start)
+
+
+async def run_level(server: Server, prompts: list[str], concurrency: int, rounds: int, max_tokens: int,
+                    stall_s: float, sampler: RssSampler) -> Run:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    counter = iter(range(10**9))
+    results: list[StreamResult] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for _ in range(rounds):
+            i = next(counter)
+            body = {"model": server.model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True, **server.extra_body}
+            results.append(await one_stream(client, server.url, body, stall_s))
+
+    async with httpx.AsyncClient(limits=limits) as client:
+        rss_start = rss_bytes(server.process.pid)
+        cpu_start = cpu_seconds(server.process.pid)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        end = time.perf_counter()
+    cpu = cpu_seconds(server.process.pid) - cpu_start
+    rss_end = rss_bytes(server.process.pid)
+    peak = max(sampler.window(start, end) or [rss_end])
+    return Run(server.name, concurrency, results, start, end, rss_start, rss_end, peak, cpu)
+
+
+@dataclass
+class LevelResult:
+    """Every repeat of one target at one concurrency: throughput is the median over repeats, latencies are
+    percentiles over every stream of every repeat."""
+
+    server: str
+    concurrency: int
+    repeats: int
+    requests: int
+    tokens: int
+    tokens_per_s: float  # median over repeats
+    tokens_per_s_runs: list[float]
+    tokens_per_cpu_s: float  # median over repeats: tokens per CPU-second of the server process
+    decode_tokens_per_s: float | None  # per stream: (tokens - 1) / (end - first token), median
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    itl_p50_ms: float | None
+    itl_p99_ms: float | None
+    errors: int
+    stalled: int
+    rss_start_mb: float  # the server process, before the first repeat
+    rss_peak_first_mb: float  # peak during the first repeat
+    rss_peak_last_mb: float  # peak during the last repeat
+    rss_end_mb: float  # after the last repeat
+    error_samples: list[str] = field(default_factory=list)
+
+
+def summarize(runs: list[Run]) -> LevelResult:
+    streams = [s for run in runs for s in run.streams]
+    ok = [s for s in streams if s.ok]
+    ttft = [(s.first - s.start) * 1000 for s in ok if s.first is not None]
+    gaps = [g * 1000 for s in ok for g in s.gaps]
+    decode = [(s.tokens - 1) / (s.end - s.first) for s in ok
+              if s.first is not None and s.tokens > 1 and s.end > s.first]
+    mb = 1 / 2**20
+    return LevelResult(
+        server=runs[0].target, concurrency=runs[0].concurrency, repeats=len(runs), requests=len(streams),
+        tokens=sum(run.tokens for run in runs), tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
+        tokens_per_s_runs=[round(r.tokens_per_s, 2) for r in runs],
+        tokens_per_cpu_s=statistics.median(r.tokens_per_cpu_s for r in runs),
+        decode_tokens_per_s=statistics.median(decode) if decode else None,
+        ttft_p50_ms=percentile(ttft, 50), ttft_p99_ms=percentile(ttft, 99),
+        itl_p50_ms=percentile(gaps, 50), itl_p99_ms=percentile(gaps, 99),
+        errors=sum(1 for s in streams if not s.ok), stalled=sum(1 for s in streams if s.stalled),
+        rss_start_mb=runs[0].rss_start * mb, rss_peak_first_mb=runs[0].rss_peak * mb,
+        rss_peak_last_mb=runs[-1].rss_peak * mb, rss_end_mb=runs[-1].rss_end * mb,
+        error_samples=sorted({s.error for s in streams if s.error})[:3],
+    )
+
+
+async def warm_up(server: Server, prompts: list[str], stall_s: float) -> None:
+    """Two short concurrent requests: loads lazily built state (the peer's batch processor, caches)."""
+    async with httpx.AsyncClient() as client:
+        bodies = [{"model": server.model, "prompt": p, "max_tokens": 8, "temperature": 0, "stream": True,
+                   **server.extra_body} for p in prompts[:2]]
+        results = await asyncio.gather(*(one_stream(client, server.url, b, stall_s) for b in bodies))
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"{server.name} failed its warm-up: {failed[0]}")
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+def make_prompts(tokenizer, count: int, seed: int = 0) -> list[str]:
+    """Random-token texts (random weights rarely emit EOS after them); the same for every server."""
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    return [tokenizer.decode([rng.choice(ids) for _ in range(PROMPT_TOKENS)]).strip() for _ in range(count)]
+
+
+def family_paths(kind: str, root: Path | None):
+    if kind == "tiny":
+        from proxy_engine.families import build_family
+
+        return build_family(root or Path.home() / ".cache" / "proxy-serve" / "tiny-bench")
+    from bench.family import DEFAULT_DIR, build_bench_family
+
+    return build_bench_family(root or DEFAULT_DIR)
+
+
+def server_env(threads: int | None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def proxy_server(family, args, log_dir: Path, model: str, name: str) -> Server:
+    port = free_port()
+    command = [
+        str(VENV_BIN / "proxy-serve"), "--base", str(family.base), "--expert", str(family.expert),
+        "--anti-expert", str(family.anti_expert), "--host", "127.0.0.1", "--port", str(port),
+        "--max-num-seqs", str(args.max_num_seqs), "--max-waiting", "1024", "--log-level", "warning",
+    ]
+    body = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+    return Server(name, command, model, body, server_env(args.threads), port, log_dir / f"{name}.log")
+
+
+def peer_server(family, args, log_dir: Path) -> Server:
+    port = free_port()
+    command = [
+        str(VENV_BIN / "transformers"), "serve", str(family.base), "--continuous-batching", "--device", "cpu",
+        "--dtype", "float32", "--attn-implementation", "sdpa", "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning",
+    ]
+    # No ignore_eos: a generation_config without eos_token_id disables EOS; max_tokens still sets the length.
+    body = {"generation_config": json.dumps({"do_sample": False})}
+    return Server("peer", command, str(family.base), body, server_env(args.threads), port, log_dir / "peer.log")
+
+
+class Floor:
+    """The engine floor in this process (while the servers idle): ``floor_loop`` of the three models."""
+
+    def __init__(self, family, threads: int | None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        paths = [family.base, family.expert, family.anti_expert]
+        self.models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in paths]
+
+    def measure(self, prompt_ids: list[list[int]], tokens: int) -> float:
+        from bench.engine_bench import floor_loop
+
+        width = min(len(i) for i in prompt_ids)
+        return floor_loop(self.models, [i[:width] for i in prompt_ids], tokens)  # equal lengths: no padding
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(levels: list[LevelResult], floor: dict[int, list[float]], ratios: dict[str, float | None],
+             meta: dict[str, Any]) -> str:
+    lines = [
+        f"family: {meta['family']}; prompts ~{PROMPT_TOKENS} tokens; max_tokens {meta['max_tokens']}; greedy, EOS "
+        f"ignored; {meta['rounds']} request(s) per client; {meta['repeats']} interleaved repeats (tok/s: median); "
+        f"threads {meta['threads'] or 'default'}; load average {meta['load_before']} before, {meta['load_after']} after",
+        "",
+        "| server | streams | tok/s | tok per CPU-s | decode tok/s per stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors "
+        "| stalled | RSS MB: start / peak 1st repeat / peak last repeat / end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in levels:
+        lines.append(
+            f"| {r.server} | {r.concurrency} | {r.tokens_per_s:.1f} | {r.tokens_per_cpu_s:.1f} | "
+            f"{fmt(r.decode_tokens_per_s)} | "
+            f"{fmt(r.ttft_p50_ms, 0)} / {fmt(r.ttft_p99_ms, 0)} | {fmt(r.itl_p50_ms, 0)} / {fmt(r.itl_p99_ms, 0)} | "
+            f"{r.errors} | {r.stalled} | {r.rss_start_mb:.0f} / {r.rss_peak_first_mb:.0f} / "
+            f"{r.rss_peak_last_mb:.0f} / {r.rss_end_mb:.0f} |"
+        )
+    for level, values in floor.items():
+        lines.append(f"| floor (no server, decode only) | {level} | {statistics.median(values):.1f} | - | "
+                     f"{statistics.median(values) / level:.1f} | - | - | - | - | - |")
+    lines += ["", "| ratio (median of the repeats' paired ratios) | value |", "|---|---:|"]
+    lines += [f"| {name} | {value:.2f}x |" for name, value in ratios.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def paired(runs: dict[tuple[str, int], list[Run]], a: tuple[str, int], b: tuple[str, int]) -> float | None:
+    """Median over repeats of ``a``'s tokens/s over ``b``'s in the same repeat (side by side in time)."""
+    x, y = runs.get(a), runs.get(b)
+    if not x or not y:
+        return None
+    return statistics.median(p.tokens_per_s / q.tokens_per_s for p, q in zip(x, y) if q.tokens_per_s)
+
+
+def paired_cpu(runs: dict[tuple[str, int], list[Run]], a: tuple[str, int], b: tuple[str, int]) -> float | None:
+    x, y = runs.get(a), runs.get(b)
+    if not x or not y:
+        return None
+    return statistics.median(p.tokens_per_cpu_s / q.tokens_per_cpu_s for p, q in zip(x, y) if q.tokens_per_cpu_s)
+
+
+def compute_ratios(runs: dict[tuple[str, int], list[Run]], levels: dict[tuple[str, int], LevelResult],
+                   floor: dict[int, list[float]]) -> dict[str, float | None]:
+    ratios: dict[str, float | None] = {}
+    for level in sorted({c for _, c in runs}):
+        ratios[f"proxy / peer (base alone), {level} streams"] = paired(runs, ("proxy", level), ("peer", level))
+        ratios[f"base / peer, {level} streams"] = paired(runs, ("base", level), ("peer", level))
+        ratios[f"proxy / peer, {level} streams, tokens per CPU-second"] = paired_cpu(
+            runs, ("proxy", level), ("peer", level))
+        ratios[f"base / peer, {level} streams, tokens per CPU-second"] = paired_cpu(
+            runs, ("base", level), ("peer", level))
+    for level, values in sorted(floor.items()):
+        proxy = runs.get(("proxy", level))
+        if not proxy:
+            continue
+        ratios[f"proxy / floor, {level} streams (aggregate: with prefill and HTTP)"] = statistics.median(
+            r.tokens_per_s / f for r, f in zip(proxy, values))
+        if level == 1:
+            decode = [statistics.median((s.tokens - 1) / (s.end - s.first) for s in r.streams
+                                        if s.ok and s.first and s.tokens > 1) / f for r, f in zip(proxy, values)]
+            ratios["proxy / floor, 1 stream (decode rate after the first token)"] = statistics.median(decode)
+    for level in (16, 64):
+        p, q = levels.get(("proxy", level)), levels.get(("peer", level))
+        if p and q and p.ttft_p50_ms and q.ttft_p50_ms:
+            ratios[f"TTFT p50 at {level}: proxy / peer (lower is better)"] = p.ttft_p50_ms / q.ttft_p50_ms
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny family, levels 1 4, 16 tokens, no peer, no floor")
+    parser.add_argument("--family", choices=["bench", "tiny"], default=None)
+    parser.add_argument("--family-dir", type=Path, default=None)
+    parser.add_argument("--levels", type=int, nargs="+", default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="requests per client, one after another")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats of every measurement")
+    parser.add_argument("--servers", nargs="+", default=None, choices=["proxy", "base", "peer"])
+    parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--floor-max", type=int, default=16, help="measure the floor up to this batch size")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP/MKL threads for every server and the floor (default: each one's own choice)")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--stall-s", type=float, default=120.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--name", default="http", help="output file stem")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the finally clauses stop the servers
+    quick = args.quick
+    args.family = args.family or ("tiny" if quick else "bench")
+    args.levels = args.levels or ([1, 4] if quick else [1, 4, 16, 64])
+    args.max_tokens = args.max_tokens or (16 if quick else 64)
+    args.rounds = args.rounds or (1 if quick else 2)
+    args.repeats = args.repeats or (1 if quick else 2)
+    args.servers = args.servers or (["proxy", "base"] if quick else ["proxy", "base", "peer"])
+    use_floor = not (args.no_floor or quick)
+
+    from transformers import AutoTokenizer
+
+    family = family_paths(args.family, args.family_dir)
+    tokenizer = AutoTokenizer.from_pretrained(family.base)
+    prompts = make_prompts(tokenizer, max(args.levels) * args.rounds)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    load_before = os.getloadavg()[0]
+    log_dir = args.out / "logs"
+
+    processes: list[Server] = []
+    targets: list[Server] = []
+    if "proxy" in args.servers or "base" in args.servers:
+        proxy = proxy_server(family, args, log_dir, "proxy-tuned", "proxy")
+        processes.append(proxy)
+        if "proxy" in args.servers:
+            targets.append(proxy)
+        if "base" in args.servers:
+            targets.append(Server("base", proxy.command, "proxy-tuned:base", proxy.extra_body, proxy.env,
+                                  proxy.port, proxy.log_path))
+    if "peer" in args.servers:
+        peer = peer_server(family, args, log_dir)
+        processes.append(peer)
+        targets.append(peer)
+
+    runs: dict[tuple[str, int], list[Run]] = {}
+    floor: dict[int, list[float]] = {}
+    samplers: dict[int, RssSampler] = {}
+    try:
+        for process in processes:  # every server stays up (idle) while the others are measured
+            process.start()
+            samplers[process.port] = RssSampler(process.process.pid)
+        for target in targets:
+            target.process = next(p.process for p in processes if p.port == target.port)
+            asyncio.run(warm_up(target, prompts, args.stall_s))
+        floor_runner = Floor(family, args.threads) if use_floor else None
+        for level in args.levels:
+            for repeat in range(args.repeats):
+                if floor_runner is not None and level <= args.floor_max:
+                    value = floor_runner.measure(prompt_ids[:level], args.max_tokens)
+                    floor.setdefault(level, []).append(value)
+                    print(f"floor  {level:3d} streams: {value:7.1f} tok/s", flush=True)
+                shift = repeat % len(targets)
+                for target in targets[shift:] + targets[:shift]:  # rotate the order: no one always goes first
+                    run = asyncio.run(run_level(target, prompts, level, args.rounds, args.max_tokens, args.stall_s,
+                                                samplers[target.port]))
+                    runs.setdefault((target.name, level), []).append(run)
+                    errors = sum(1 for s in run.streams if not s.ok)
+                    print(f"{target.name:6s} {level:3d} streams: {run.tokens_per_s:7.1f} tok/s, errors {errors}, "
+                          f"RSS peak {run.rss_peak / 2**20:.0f} MB", flush=True)
+    finally:
+        for sampler in samplers.values():
+            sampler.stop()
+        for process in processes:
+            process.stop()
+
+    levels = {key: summarize(value) for key, value in runs.items()}
+    ordered = [levels[(t.name, level)] for t in targets for level in args.levels if (t.name, level) in levels]
+    ratios = compute_ratios(runs, levels, floor)
+    meta = {"family": args.family, "max_tokens": args.max_tokens, "rounds": args.rounds, "repeats": args.repeats,
+            "threads": args.threads, "levels": args.levels, "load_before": round(load_before, 2),
+            "load_after": round(os.getloadavg()[0], 2), "prompt_tokens": PROMPT_TOKENS,
+            "commands": {p.name: " ".join(p.command) for p in processes}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "floor_tokens_per_s": floor, "levels": [asdict(r) for r in ordered], "ratios": ratios}
+    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
+    table = markdown(ordered, floor, ratios, meta)
+    (args.out / f"{args.name}.md").write_text(table)
+    print(table)
+    return 0 if all(r.errors == 0 for r in ordered) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
