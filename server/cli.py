@@ -62,7 +62,10 @@ FLAGS = [
          "Requests that may wait for a slot; past it new ones get 429.", "N"),
     Flag("--max-model-len", ("engine", "limits", "max_model_len"), "Cap on prompt + completion tokens.", "N"),
     Flag("--request-timeout", ("engine", "limits", "request_timeout_s"),
-         "End a request after this many seconds (finish_reason length).", "SECONDS"),
+         "End a request after this many seconds (504, or an error event with code timeout).", "SECONDS"),
+    Flag("--shutdown-grace", ("shutdown_grace_s",),
+         "On SIGTERM, let running requests finish for up to this many seconds (default 30), then exit 0.",
+         "SECONDS"),
     Flag("--max-body-bytes", ("max_body_bytes",), "Largest request body accepted (default 4 MiB; 413 past it).",
          "BYTES"),
     Flag("--log-prompts", ("log_prompts",), "Write prompt text in the per-request log lines (off by default).",
@@ -89,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="YAML settings file (see docs/server.md).")
     parser.add_argument("--check", action="store_true",
-                        help="Validate the configuration, print it (keys hidden) and exit without serving.")
+                        help="Validate the configuration and the models' placement without loading weights: print "
+                             "the settings (keys hidden) and the placement plan and exit 0, or print the first "
+                             "error in one line and exit 1.")
     for flag in FLAGS:
         dest = flag.option[2:].replace("-", "_")
         if flag.action == "store_true":
@@ -141,44 +146,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
     if args.check:
-        print(settings.model_dump_json(indent=2))
-        return 0
+        return check(settings)
+    from server.process import serve
+
     return serve(settings)
 
 
-def serve(settings: ServerSettings) -> int:
-    import uvicorn
+def check(settings: ServerSettings) -> int:
+    """``--check``: the settings and the placement plan (``proxy_engine.placement.check``), or one error line."""
+    import io
 
-    from proxy_engine.async_engine import AsyncEngine
-    from server.app import create_app
+    from proxy_engine import placement
 
-    failed: list[BaseException] = []
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM / SIGINT: drain first
-            app.state.ctx.drain()
-            super().handle_exit(sig, frame)
-
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets=sockets)
-            for listener in getattr(self, "servers", []):
-                for sock in listener.sockets:
-                    host, port = sock.getsockname()[:2]
-                    logger.info("listening on http://%s:%d (models: %s)", host, port,
-                                ", ".join(settings.model_ids))
-
-    def on_load_failure(error: BaseException) -> None:
-        failed.append(error)
-        server.should_exit = True
-
-    app = create_app(AsyncEngine(settings.engine), settings, on_load_failure=on_load_failure)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30,
-        log_config=None, access_log=False,  # one line per request comes from the server itself
-    )
-    server = Server(config)
-    server.run()
-    return 1 if failed else 0
+    report = io.StringIO()
+    status = placement.check(settings.engine, stream=report)
+    if status != 0:
+        print(report.getvalue().strip(), file=sys.stderr)  # "error: <the first error>"
+        return status
+    print(settings.model_dump_json(indent=2))
+    print(report.getvalue(), end="")
+    return 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ class ServerSettings(BaseSettings):
         default_factory=list, description="CORS origins allowed to call the API from a browser ('*' for any)."
     )
     max_body_bytes: int = Field(default=4 * MIB, ge=1024, description="Largest request body accepted (413 past it).")
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM: how long running requests may take to finish before they are "
+        "ended with a 'shutdown' error (new requests get 503 meanwhile)."
+    )
     log_prompts: bool = Field(default=False, description="Include prompt text in the per-request log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log verbosity.")
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")

@@ -108,14 +108,16 @@ def error_of(response: httpx.Response, status: int | None = None) -> dict:
     return body["error"]
 
 
-def events_of(lines: Iterator[str]) -> list[Any]:
-    """SSE ``data:`` payloads, parsed (``"[DONE]"`` stays a string)."""
-    events: list[Any] = []
+def iter_events(lines: Iterator[str]) -> Iterator[Any]:
+    """SSE ``data:`` payloads as they arrive, parsed (``"[DONE]"`` stays a string)."""
     for line in lines:
         if line.startswith("data: "):
             data = line[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def events_of(lines: Iterator[str]) -> list[Any]:
+    return list(iter_events(lines))
 
 
 def stream(client: httpx.Client, path: str, body: dict) -> tuple[int, list[Any]]:

@@ -131,6 +131,7 @@ def test_serves_a_triple_from_flags_until_sigterm(tiny_family, tmp_path):
             process.kill()
             raise
     text = log.read_text()
+    assert process.returncode == 0, text  # drained and exited cleanly, not killed by the re-raised signal
     assert f"listening on http://127.0.0.1:{port}" in text
     assert str(tiny_family.base) in text and "on cpu" in text  # what was loaded where
     assert "model=tiny status=200" in text  # the request's line

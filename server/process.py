@@ -1,0 +1,132 @@
+"""The serving process: check that the models can be found, bind the port, run uvicorn, drain on SIGTERM.
+
+Start-up failures end the process with status 1 and one line on stderr, ``proxy-serve: error: ...``, never a
+traceback: a model that cannot be found or placed (``proxy_engine.placement``, checked before anything
+loads), a port that cannot be bound (bound before the models load, so a busy port costs no loading time),
+and models that fail to load together (a vocabulary mismatch, say).
+
+SIGTERM or SIGINT: the server keeps listening but admits nothing new (503 ``draining``, and ``/health`` says
+``draining`` so that a load balancer takes it out of rotation), lets the running requests finish for up to
+``shutdown_grace_s``, then ends whatever is left with a ``shutdown`` error (503, or an error event and
+``[DONE]``), shuts the engine down and exits 0. A second signal ends the grace period at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import uvicorn
+
+from server.serving import ENGINE_CHECK_S, ServerContext
+from server.settings import ServerSettings
+
+logger = logging.getLogger("proxy_serve")
+
+# Once the grace period is over: how long the requests it ended have to send their last event.
+FLUSH_S = 2 * ENGINE_CHECK_S + 1.0
+
+
+def fail(message: str) -> int:
+    print(f"proxy-serve: error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def preflight(settings: ServerSettings) -> str | None:
+    """The placement plan's first error (a missing path, an absent GPU, weights too large), or None."""
+    from proxy_engine.placement import plan_placement
+
+    return plan_placement(settings.engine).first_error
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but a signal drains first (see the module docstring) and the process then exits 0."""
+
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext, grace_s: float) -> None:
+        super().__init__(config)
+        self.ctx = ctx
+        self.grace_s = grace_s
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Not uvicorn's own: it re-raises the signal once shut down, so the process would die by it (status
+        # -15) rather than exit 0; and it stops listening at once, so nobody would see /health say draining.
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.grace_s
+            self.ctx.drain()
+            logger.info("%s: draining; %d request(s) running get up to %gs to finish",
+                        signal.Signals(sig).name, self.ctx.in_flight, self.grace_s)
+        else:
+            self.drain_deadline = time.monotonic()  # a second signal: the grace period is over
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            return True
+        if self.drain_deadline is None:
+            return False
+        if self.ctx.in_flight == 0:
+            logger.info("drained: no request running")
+            return True
+        if time.monotonic() >= self.drain_deadline:
+            self.ctx.expire()
+            return True
+        return False
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        for listener in getattr(self, "servers", []):
+            for sock in listener.sockets:
+                host, port = sock.getsockname()[:2]
+                logger.info("listening on http://%s:%d (models: %s)", host, port,
+                            ", ".join(self.ctx.settings.model_ids))
+
+
+def serve(settings: ServerSettings) -> int:
+    """Serve until a signal (then 0) or a start-up failure (then 1, with one line on stderr)."""
+    error = preflight(settings)
+    if error is not None:
+        return fail(error)
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        return fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
+
+    from proxy_engine.async_engine import AsyncEngine
+    from server.app import create_app
+
+    failures: list[BaseException] = []
+
+    def on_load_failure(exc: BaseException) -> None:
+        failures.append(exc)
+        server.should_exit = True
+
+    app = create_app(AsyncEngine(settings.engine), settings, on_load_failure=on_load_failure)
+    config = uvicorn.Config(
+        app, log_level=settings.log_level, timeout_graceful_shutdown=FLUSH_S,
+        log_config=None, access_log=False,  # one line per request comes from the server itself
+    )
+    server = DrainingServer(config, app.state.ctx, settings.shutdown_grace_s)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if failures:
+        return fail(f"failed to load the models: {app.state.ctx.load_error}")
+    return 0

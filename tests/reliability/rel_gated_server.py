@@ -1,0 +1,35 @@
+"""``python rel_gated_server.py <proxy-serve arguments>``: ``proxy-serve`` whose engine holds its decode phase
+while the file named by ``$PROXY_TEST_GATE`` exists (60 s at most), so that a test can keep a request in
+flight for as long as it needs, whatever the machine's speed."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from proxy_engine import engine as engine_module
+
+GATE = Path(os.environ["PROXY_TEST_GATE"])
+_init = engine_module.ProxyEngine.__init__
+
+
+def _hold(phase: str, sequences: list) -> None:
+    if phase == "decode":
+        deadline = time.monotonic() + 60
+        while GATE.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def _gated_init(self, *args, **kwargs) -> None:
+    _init(self, *args, **kwargs)
+    self.fault_hook = _hold
+
+
+engine_module.ProxyEngine.__init__ = _gated_init
+
+if __name__ == "__main__":
+    from server.cli import main
+
+    sys.exit(main(sys.argv[1:]))
