@@ -1,11 +1,14 @@
 """One model and the rows it decodes: prefill (chunked), decode one token for every row, drop rows, add rows.
 
-A runner owns a left-padded batch: a ``PaddedKVCache``, the attention mask ``[B, L]`` (1 = real token) and
-each row's next position. Rows are keyed by sequence id; the engine keeps every runner's rows in the same
-relative order, but a runner may hold only a subset (the small models skip rows whose alpha is 0).
+A runner owns its running rows in a ``SlotKVCache`` (one slot per row, each row's tokens at columns
+``[0, length)``, its next position = its length). Rows are keyed by sequence id; ``seq_ids`` lists them in
+slot order, which the engine follows when it hands tokens to ``decode`` and reads its logits (the order can
+differ from the engine's running order: a leaving row's slot is refilled by the last row, so nothing else
+moves). A runner may hold only a subset of the running sequences (the small models skip rows whose alpha is 0).
 
-Prefill runs in a ``PrefillJob`` of its own (its own cache), a chunk of columns at a time, so a long prompt
-never stalls the running streams for more than one chunk; when it completes, its rows are appended.
+Prefill runs in a ``PrefillJob`` of its own (a left-padded ``PaddedKVCache``), a chunk of columns at a time, so
+a long prompt never stalls the running streams for more than one chunk; when it completes, its rows' real
+columns are copied into free slots.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from proxy_engine.kv_cache import PaddedKVCache
+from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,14 +30,6 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row) :] = 1
     return ids, mask
-
-
-def _merge_masks(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Stack two left-padded masks, left-padding the narrower one."""
-    width = max(a.shape[1], b.shape[1])
-    a = torch.nn.functional.pad(a, (width - a.shape[1], 0))
-    b = torch.nn.functional.pad(b, (width - b.shape[1], 0))
-    return torch.cat([a, b], dim=0)
 
 
 @dataclass(eq=False)
@@ -75,11 +70,8 @@ class ModelRunner:
         self._reset()
 
     def _reset(self) -> None:
-        self.cache = PaddedKVCache(self.num_layers)
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.seq_ids: list[int] = []
-        self.padded = False  # any left padding in the batch? (if not, no attention mask is needed)
+        self.cache = SlotKVCache(self.num_layers)
+        self.seq_ids: list[int] = []  # in slot order
 
     @property
     def num_rows(self) -> int:
@@ -87,7 +79,7 @@ class ModelRunner:
 
     # --- the forward pass --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: PaddedKVCache):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
         """Last-position logits ``[B, V]`` (float32, cut to the vocabulary) for ``ids [B, q]``."""
         kwargs = {self._cache_kwarg: cache, "use_cache": True}
         if self._keep_kwarg:
@@ -96,19 +88,17 @@ class ModelRunner:
         return out.logits[:, -1, : self.vocab_size].float()
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (``[B]``, in row order) and return next-token logits ``[B, V]``.
+        """Append one token per row (``[B]``, in ``seq_ids`` order) and return next-token logits ``[B, V]``.
 
         The launch is asynchronous on accelerators: nothing here waits for the device, so the engine can
         launch all models' decodes before it reads any result.
         """
         ids = token_ids.to(self.device, non_blocking=True).view(-1, 1)
-        ones = torch.ones((self.num_rows, 1), dtype=torch.long, device=self.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        # Without padding the causal mask is implied: skipping it spares the model a mask build (and, in
-        # transformers, a host synchronisation that would serialise the models' launches on a GPU).
-        mask = self.mask if self.padded else None
-        logits = self._forward(ids, mask, self.positions.view(-1, 1), self.cache)
-        self.positions = self.positions + 1
+        # Rows of different lengths get a [B, 1, 1, span] key mask (passed as is: transformers builds none);
+        # rows of one length need none.
+        positions, mask = self.cache.begin_decode(self.device)
+        logits = self._forward(ids, mask, positions.view(-1, 1), self.cache)
+        self.cache.end_decode()
         return logits
 
     # --- rows in and out ---------------------------------------------------------------------------------
@@ -133,45 +123,27 @@ class ModelRunner:
         return columns * len(job.seq_ids)
 
     def add_rows(self, job: PrefillJob, keep: list[int] | None = None) -> None:
-        """Append a completed job's rows (those at indices ``keep`` of the job, by default all)."""
+        """Add a completed job's rows (those at indices ``keep`` of the job, by default all) in new slots."""
         assert job.complete
-        positions = job.mask.sum(dim=1)
-        mask, cache = job.mask, job.cache
-        seq_ids = job.seq_ids
-        if keep is not None and len(keep) != len(job.seq_ids):
-            rows = torch.tensor(keep, dtype=torch.long, device=self.device)
-            if not keep:
-                return
-            mask, positions = mask[rows], positions[rows]
-            trim = int(mask.any(dim=0).int().argmax())
-            mask = mask[:, trim:]
-            cache.select(rows, trim)
-            seq_ids = [job.seq_ids[i] for i in keep]
-        if self.num_rows == 0:
-            self.cache, self.mask, self.positions = cache, mask, positions
-        else:
-            self.cache.append_rows(cache)
-            self.mask = _merge_masks(self.mask, mask)
-            self.positions = torch.cat([self.positions, positions])
-        self.seq_ids = self.seq_ids + list(seq_ids)
-        self.padded = not bool(self.mask.all())
+        rows = list(range(len(job.seq_ids))) if keep is None else list(keep)
+        if not rows:
+            return
+        pads = (job.mask.shape[1] - job.mask.sum(dim=1)).tolist()
+        self.cache.add(job.cache, rows, [int(pads[i]) for i in rows])
+        self.seq_ids = self.seq_ids + [job.seq_ids[i] for i in rows]
 
     def keep_rows(self, seq_ids: list[int]) -> None:
-        """Keep only these sequences (a subset of ours, in our order); trim columns no row needs."""
-        if seq_ids == self.seq_ids:
+        """Keep only these sequences (a subset of ours, in any order); the others' slots are freed."""
+        keep = set(seq_ids)
+        leaving = [slot for slot, seq_id in enumerate(self.seq_ids) if seq_id not in keep]
+        if not leaving:
             return
-        if not seq_ids:
-            self._reset()
+        if len(leaving) == len(self.seq_ids):
+            self._reset()  # frees the buffers
             return
-        index = {s: i for i, s in enumerate(self.seq_ids)}
-        rows = torch.tensor([index[s] for s in seq_ids], dtype=torch.long, device=self.device)
-        mask = self.mask[rows]
-        trim = int(mask.any(dim=0).int().argmax())
-        self.mask = mask[:, trim:]
-        self.positions = self.positions[rows]
-        self.cache.select(rows, trim)
-        self.seq_ids = list(seq_ids)
-        self.padded = not bool(self.mask.all())
+        for source, target in self.cache.remove(leaving):
+            self.seq_ids[target] = self.seq_ids[source]
+        del self.seq_ids[len(self.seq_ids) - len(leaving) :]
 
     def kv_bytes(self) -> int:
         return self.cache.nbytes()
