@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, RequestStream
 from proxy_engine.request import (
+    MAX_N,
     EngineOverloadedError,
     FinishReason,
     PromptInput,
@@ -116,6 +117,25 @@ class ServerContext:
         raise APIError(404, f"model {model!r} does not exist; this server serves: {known}", param="model",
                        code="model_not_found")
 
+    def queue_full(self, sequences: int) -> bool:
+        """Whether the engine would refuse ``sequences`` more right now, by its own rule (free batch slots plus
+        ``max_waiting``). Checked before the prompt is rendered, so that a burst of refusals costs the event
+        loop next to nothing (a 4 MB prompt is not tokenized just to be refused); the engine's check at
+        ``add`` stays the authority."""
+        stats = self.stats()
+        if stats is None:
+            return False
+        limits = self.settings.engine.limits
+        free_slots = max(0, limits.max_num_seqs - stats.running - stats.prefilling)
+        return stats.waiting + sequences > limits.max_waiting + free_slots
+
+    def overloaded(self, message: str, retry_after_s: int | None) -> APIError:
+        retry = str(max(1, int(retry_after_s or 1)))
+        if self.draining:
+            return APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": retry})
+        return APIError(429, f"the server is overloaded: {message}", code="server_overloaded",
+                        headers={"Retry-After": retry})
+
     def check_available(self) -> None:
         if self.draining:
             raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": "5"})
@@ -129,18 +149,15 @@ class ServerContext:
     ) -> RequestStream:
         """Hand a request to the engine, turning its refusals into HTTP errors."""
         self.check_available()
+        if self.queue_full(params.n if 1 <= params.n <= MAX_N else 1):  # a bad n is the engine's 400
+            raise self.overloaded(f"the waiting queue is full ({self.settings.engine.limits.max_waiting} "
+                                  "sequences); retry shortly", 1)
         try:
             return await self.engine.add_request(request_id, prompt, params, target)
         except ValueError as error:
             raise APIError(400, str(error)) from None
         except EngineOverloadedError as error:
-            retry = str(max(1, int(getattr(error, "retry_after_s", 1) or 1)))
-            if self.draining:
-                raise APIError(
-                    503, "the server is shutting down", code="draining", headers={"Retry-After": retry}
-                ) from None
-            raise APIError(429, f"the server is overloaded: {error}", code="server_overloaded",
-                           headers={"Retry-After": retry}) from None
+            raise self.overloaded(str(error), getattr(error, "retry_after_s", 1)) from None
         except Exception:
             logger.exception("engine refused request %s with an internal error", request_id)
             raise internal_error(request_id) from None
