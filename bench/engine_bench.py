@@ -1,6 +1,6 @@
 """Engine decode throughput against the floor (a tight KV-cached loop of the same three models), in one run.
 
-    python -m bench.engine_bench [--tokens 64] [--out bench/results]
+    python -m bench.engine_bench [--tokens 64] [--repeats 3] [--threads N] [--out bench/results]
 
 Rows (greedy, alpha 1, bench family: ~86M base, ~4M expert / anti-expert):
 - floor: prefill, then ``base(t) + expert(t) - anti(t)`` and argmax in a bare loop over transformers'
@@ -10,7 +10,9 @@ Rows (greedy, alpha 1, bench family: ~86M base, ~4M expert / anti-expert):
 - research-style: the research code's way on a mixed workload (32 requests, max_tokens 16..64): static
   batches of 16, three sequential passes, every batch runs until its longest request is done.
 - engine, same mixed workload: continuous batching with 16 slots.
-Ratios are what to read: the machine is shared and noisy.
+Every row is repeated ``--repeats`` times, interleaved, and the median reported; ratios are medians of ratios
+within a repeat (side by side in time), also per CPU-second of this process, which contention from other
+processes on a shared machine disturbs far less than wall time. Ratios are what to read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -30,8 +33,29 @@ from proxy_engine.config import EngineConfig, ExpertPairConfig, LimitsConfig, Mo
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
 from proxy_engine.request import PromptInput, SamplingParams
+from proxy_engine.runner import THREADS_ENV, cpu_threads
 
 PROMPT_LEN = 32
+
+
+class Rate(float):
+    """Tokens/s (the float value), with ``per_cpu_s``: tokens per CPU-second of this process in the same window."""
+
+    per_cpu_s: float
+
+    @classmethod
+    def of(cls, tokens: int, wall: float, cpu: float) -> "Rate":
+        rate = cls(tokens / wall)
+        rate.per_cpu_s = tokens / max(cpu, 1e-9)
+        return rate
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rate(self, tokens: int) -> Rate:
+        return Rate.of(tokens, time.perf_counter() - self.wall, time.process_time() - self.cpu)
 
 
 def prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
@@ -40,24 +64,24 @@ def prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def floor_loop(models, batch: list[list[int]], tokens: int) -> float:
+def floor_loop(models, batch: list[list[int]], tokens: int) -> Rate:
     """Decode tokens/s of the bare loop (all prompts the same length: no padding, no masks)."""
     ids = torch.tensor(batch)
     caches = [DynamicCache() for _ in models]
     logits = [m(input_ids=ids, past_key_values=c, use_cache=True).logits[:, -1].float() for m, c in zip(models, caches)]
     token = (logits[0] + logits[1] - logits[2]).argmax(-1, keepdim=True)
-    start = time.perf_counter()
+    clock = Clock()
     for _ in range(tokens):
         logits = [m(input_ids=token, past_key_values=c, use_cache=True).logits[:, -1].float() for m, c in zip(models, caches)]
         token = (logits[0] + logits[1] - logits[2]).argmax(-1, keepdim=True)
-    return len(batch) * tokens / (time.perf_counter() - start)
+    return clock.rate(len(batch) * tokens)
 
 
 @torch.inference_mode()
-def research_static(models, pad_id: int, requests: list[tuple[list[int], int]], batch_size: int) -> float:
+def research_static(models, pad_id: int, requests: list[tuple[list[int], int]], batch_size: int) -> Rate:
     """Tokens/s of the research code's way: static left-padded batches, sequential passes, no joining."""
     useful = 0
-    start = time.perf_counter()
+    clock = Clock()
     for first in range(0, len(requests), batch_size):
         chunk = requests[first : first + batch_size]
         width = max(len(p) for p, _ in chunk)
@@ -74,10 +98,10 @@ def research_static(models, pad_id: int, requests: list[tuple[list[int], int]], 
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             position = position[:, -1:] + 1
         useful += sum(n for _, n in chunk)
-    return useful / (time.perf_counter() - start)
+    return clock.rate(useful)
 
 
-def engine_decode(engine: ProxyEngine, batch: list[list[int]], tokens: int) -> float:
+def engine_decode(engine: ProxyEngine, batch: list[list[int]], tokens: int) -> Rate:
     """Decode tokens/s of the engine once every sequence runs (prefill excluded, like the floor)."""
     params = SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
     for i, prompt in enumerate(batch):
@@ -85,30 +109,35 @@ def engine_decode(engine: ProxyEngine, batch: list[list[int]], tokens: int) -> f
     while len(engine.running) < len(batch):
         engine.step()
     generated = 0
-    start = time.perf_counter()
+    clock = Clock()
     while engine.has_work():
         generated += sum(len(o.new_token_ids) for o in engine.step())
-    return generated / (time.perf_counter() - start)
+    return clock.rate(generated)
 
 
-def engine_workload(engine: ProxyEngine, requests: list[tuple[list[int], int]]) -> float:
-    start = time.perf_counter()
+def engine_workload(engine: ProxyEngine, requests: list[tuple[list[int], int]]) -> Rate:
+    clock = Clock()
     generated = 0
     for i, (prompt, n) in enumerate(requests):
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         engine.add(engine.make_sequences(f"w{i}", PromptInput(token_ids=prompt), params))
     while engine.has_work():
         generated += sum(len(o.new_token_ids) for o in engine.step())
-    return generated / (time.perf_counter() - start)
+    return clock.rate(generated)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="decode steps per measurement")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N for every row")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for the floor and the engine alike (default: the engine's policy, "
+                             "proxy_engine.runner.cpu_threads)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    threads = args.threads or cpu_threads() or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    os.environ[THREADS_ENV] = str(threads)  # the engine's runners use the same team size as the floor
     family = build_bench_family()
     tokenizer = AutoTokenizer.from_pretrained(family.base)
     paths = [family.base, family.expert, family.anti_expert]
@@ -120,31 +149,49 @@ def main() -> None:
         limits=LimitsConfig(max_num_seqs=16, max_num_batched_tokens=1024),
     )
     loaded = load_models(config)
-    best = lambda f: max(f() for _ in range(args.repeats))  # noqa: E731
-
-    results: dict[str, float] = {}
-    for batch_size in (1, 16):
-        batch = prompts(tokenizer, batch_size)
-        results[f"floor_b{batch_size}"] = best(lambda: floor_loop(models, batch, args.tokens))
-        results[f"engine_b{batch_size}"] = best(lambda: engine_decode(ProxyEngine(loaded, config), batch, args.tokens))
     rng = random.Random(1)
     workload = [(p, rng.randint(16, 64)) for p in prompts(tokenizer, 32, seed=2)]
     pad = tokenizer.pad_token_id or 0
-    results["research_mixed"] = best(lambda: research_static(models, pad, workload, 16))
-    results["engine_mixed"] = best(lambda: engine_workload(ProxyEngine(loaded, config), workload))
+    batches = {size: prompts(tokenizer, size) for size in (1, 16)}
+    rows = {
+        "floor_b1": lambda: floor_loop(models, batches[1], args.tokens),
+        "engine_b1": lambda: engine_decode(ProxyEngine(loaded, config), batches[1], args.tokens),
+        "floor_b16": lambda: floor_loop(models, batches[16], args.tokens),
+        "engine_b16": lambda: engine_decode(ProxyEngine(loaded, config), batches[16], args.tokens),
+        "research_mixed": lambda: research_static(models, pad, workload, 16),
+        "engine_mixed": lambda: engine_workload(ProxyEngine(loaded, config), workload),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+    for _ in range(args.repeats):
+        for name, run in rows.items():
+            rate = run()
+            samples[name].append((float(rate), rate.per_cpu_s))
+    results = {name: statistics.median(v[0] for v in values) for name, values in samples.items()}
+    cpu = {name: statistics.median(v[1] for v in values) for name, values in samples.items()}
+
+    def paired(a: str, b: str, index: int = 0) -> float:
+        return statistics.median(x[index] / y[index] for x, y in zip(samples[a], samples[b]))
 
     ratios = {
-        "engine / floor, 1 sequence": results["engine_b1"] / results["floor_b1"],
-        "engine / floor, 16 sequences": results["engine_b16"] / results["floor_b16"],
-        "engine 16 / engine 1 (aggregate)": results["engine_b16"] / results["engine_b1"],
-        "engine / research-style, mixed workload": results["engine_mixed"] / results["research_mixed"],
+        "engine / floor, 1 sequence": paired("engine_b1", "floor_b1"),
+        "engine / floor, 16 sequences": paired("engine_b16", "floor_b16"),
+        "engine 16 / engine 1 (aggregate)": paired("engine_b16", "engine_b1"),
+        "engine / research-style, mixed workload": paired("engine_mixed", "research_mixed"),
+        "engine / floor, 1 sequence, per CPU-second": paired("engine_b1", "floor_b1", 1),
+        "engine / floor, 16 sequences, per CPU-second": paired("engine_b16", "floor_b16", 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine.json").write_text(json.dumps({"tokens_per_s": results, "ratios": ratios}, indent=2))
+    meta = {"threads": threads, "tokens": args.tokens, "repeats": args.repeats, "load": os.getloadavg()[0]}
+    (args.out / "engine.json").write_text(json.dumps(
+        {"meta": meta, "tokens_per_s": results, "tokens_per_cpu_s": cpu, "ratios": ratios,
+         "samples": samples}, indent=2))
     lines = [
-        "| measurement | tokens/s |", "|---|---:|",
-        *[f"| {name} | {value:.1f} |" for name, value in results.items()],
-        "", "| ratio | value |", "|---|---:|",
+        f"threads {threads}; {args.tokens} decode steps; median of {args.repeats} interleaved repeats; "
+        f"load average {meta['load']:.2f}",
+        "",
+        "| measurement | tokens/s | tokens per CPU-second |", "|---|---:|---:|",
+        *[f"| {name} | {value:.1f} | {cpu[name]:.1f} |" for name, value in results.items()],
+        "", "| ratio (median of paired repeats) | value |", "|---|---:|",
         *[f"| {name} | {value:.2f}x |" for name, value in ratios.items()],
     ]
     table = "\n".join(lines)

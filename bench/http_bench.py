@@ -118,6 +118,7 @@ class Server:
     port: int
     log_path: Path
     process: subprocess.Popen | None = None
+    cwd: Path = ROOT
 
     @property
     def url(self) -> str:
@@ -127,7 +128,7 @@ class Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w")
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=ROOT, start_new_session=True)
+                                        cwd=self.cwd, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -163,6 +164,7 @@ class StreamResult:
     gaps: list[float] = field(default_factory=list)  # between consecutive content events
     stalled: bool = False
     error: str | None = None
+    requested: int = 0  # the request's max_tokens
 
 
 def _content(event: dict[str, Any]) -> bool:
@@ -252,8 +254,20 @@ class Run:
     def tokens_per_s(self) -> float:
         return self.tokens / (self.end - self.start)
 
+    @property
+    def requested(self) -> int:
+        return sum(s.requested for s in self.streams)
 
-async def run_level(server: Server, prompts: list[str], concurrency: int, rounds: int, max_tokens: int,
+
+def request_lengths(count: int, max_tokens: int, spread: float, seed: int = 1) -> list[int]:
+    """Each request's max_tokens: ``max_tokens`` times a factor in ``[1 - spread, 1 + spread]``, the same list
+    for every server. A spread makes streams finish (and new ones join) at different steps, as real traffic
+    does, instead of in lockstep cohorts."""
+    rng = random.Random(seed)
+    return [max(1, round(max_tokens * (1 + spread * (2 * rng.random() - 1)))) for _ in range(count)]
+
+
+async def run_level(server: Server, prompts: list[str], concurrency: int, rounds: int, lengths: list[int],
                     stall_s: float, sampler: RssSampler) -> Run:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     counter = iter(range(10**9))
@@ -262,9 +276,11 @@ async def run_level(server: Server, prompts: list[str], concurrency: int, rounds
     async def worker(client: httpx.AsyncClient) -> None:
         for _ in range(rounds):
             i = next(counter)
-            body = {"model": server.model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+            body = {"model": server.model, "prompt": prompts[i % len(prompts)], "max_tokens": lengths[i % len(lengths)],
                     "temperature": 0, "stream": True, **server.extra_body}
-            results.append(await one_stream(client, server.url, body, stall_s))
+            result = await one_stream(client, server.url, body, stall_s)
+            result.requested = body["max_tokens"]
+            results.append(result)
 
     async with httpx.AsyncClient(limits=limits) as client:
         rss_start = rss_bytes(server.process.pid)
@@ -288,6 +304,7 @@ class LevelResult:
     repeats: int
     requests: int
     tokens: int
+    requested_tokens: int  # the requests' max_tokens summed (EOS ignored: tokens should equal it)
     tokens_per_s: float  # median over repeats
     tokens_per_s_runs: list[float]
     tokens_per_cpu_s: float  # median over repeats: tokens per CPU-second of the server process
@@ -315,7 +332,8 @@ def summarize(runs: list[Run]) -> LevelResult:
     mb = 1 / 2**20
     return LevelResult(
         server=runs[0].target, concurrency=runs[0].concurrency, repeats=len(runs), requests=len(streams),
-        tokens=sum(run.tokens for run in runs), tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
+        tokens=sum(run.tokens for run in runs), requested_tokens=sum(run.requested for run in runs),
+        tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
         tokens_per_s_runs=[round(r.tokens_per_s, 2) for r in runs],
         tokens_per_cpu_s=statistics.median(r.tokens_per_cpu_s for r in runs),
         decode_tokens_per_s=statistics.median(decode) if decode else None,
@@ -366,15 +384,36 @@ def server_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def proxy_server(family, args, log_dir: Path, model: str, name: str) -> Server:
+def proxy_server(family, args, log_dir: Path, model: str, name: str, source: Path | None = None) -> Server:
+    """``proxy-serve`` on the family; ``source``: run the code of another checkout (``--ref``) instead."""
     port = free_port()
-    command = [
-        str(VENV_BIN / "proxy-serve"), "--base", str(family.base), "--expert", str(family.expert),
-        "--anti-expert", str(family.anti_expert), "--host", "127.0.0.1", "--port", str(port),
-        "--max-num-seqs", str(args.max_num_seqs), "--max-waiting", "1024", "--log-level", "warning",
+    flags = [
+        "--base", str(family.base), "--expert", str(family.expert), "--anti-expert", str(family.anti_expert),
+        "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
+        "--max-waiting", "1024", "--log-level", "warning",
     ]
+    env = server_env(args.threads)
+    if source is None:
+        command = [str(VENV_BIN / "proxy-serve"), *flags]
+    else:
+        command = [sys.executable, "-m", "server", *flags]
+        env["PYTHONPATH"] = str(source)
     body = {"ignore_eos": True, "stream_options": {"include_usage": True}}
-    return Server(name, command, model, body, server_env(args.threads), port, log_dir / f"{name}.log")
+    server = Server(name, command, model, body, env, port, log_dir / f"{name}.log")
+    server.cwd = source or ROOT
+    return server
+
+
+def checkout(ref: str, root: Path) -> Path:
+    """The tree of git ``ref`` extracted under ``root`` (``git archive``: the repository is not touched)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    target = root / f"proxy-serve-{sha}"
+    if not (target / "server" / "__main__.py").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
 
 
 def peer_server(family, args, log_dir: Path) -> Server:
@@ -396,8 +435,10 @@ class Floor:
         import torch
         from transformers import AutoModelForCausalLM
 
-        if threads:
-            torch.set_num_threads(threads)
+        from proxy_engine.runner import cpu_threads
+
+        # The servers' team size: --threads, else the engine's own policy (what proxy-serve uses).
+        torch.set_num_threads(threads or cpu_threads() or torch.get_num_threads())
         paths = [family.base, family.expert, family.anti_expert]
         self.models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in paths]
 
@@ -415,7 +456,8 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def markdown(levels: list[LevelResult], floor: dict[int, list[float]], ratios: dict[str, float | None],
              meta: dict[str, Any]) -> str:
     lines = [
-        f"family: {meta['family']}; prompts ~{PROMPT_TOKENS} tokens; max_tokens {meta['max_tokens']}; greedy, EOS "
+        f"family: {meta['family']}; prompts ~{PROMPT_TOKENS} tokens; max_tokens {meta['max_tokens']} "
+        f"(x 1 ± {meta['spread']:g} per request, the same for every server); greedy, EOS "
         f"ignored; {meta['rounds']} request(s) per client; {meta['repeats']} interleaved repeats (tok/s: median); "
         f"threads {meta['threads'] or 'default'}; load average {meta['load_before']} before, {meta['load_after']} after",
         "",
@@ -464,6 +506,13 @@ def compute_ratios(runs: dict[tuple[str, int], list[Run]], levels: dict[tuple[st
             runs, ("proxy", level), ("peer", level))
         ratios[f"base / peer, {level} streams, tokens per CPU-second"] = paired_cpu(
             runs, ("base", level), ("peer", level))
+    refs = sorted({name.split("@", 1)[1] for name, _ in runs if "@" in name})
+    for ref in refs:
+        for level in sorted({c for _, c in runs}):
+            for name in ("proxy", "base"):
+                ratios[f"{name} / {name}@{ref}, {level} streams"] = paired(runs, (name, level), (f"{name}@{ref}", level))
+                ratios[f"{name} / {name}@{ref}, {level} streams, tokens per CPU-second"] = paired_cpu(
+                    runs, (name, level), (f"{name}@{ref}", level))
     for level, values in sorted(floor.items()):
         proxy = runs.get(("proxy", level))
         if not proxy:
@@ -489,8 +538,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, nargs="+", default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="requests per client, one after another")
+    parser.add_argument("--spread", type=float, default=None,
+                        help="each request's max_tokens is max_tokens x [1 - spread, 1 + spread] (default 0.5; quick 0)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats of every measurement")
     parser.add_argument("--servers", nargs="+", default=None, choices=["proxy", "base", "peer"])
+    parser.add_argument("--ref", default=None,
+                        help="also serve proxy and base from this git ref (named proxy@REF, base@REF): before/after "
+                             "measured side by side")
     parser.add_argument("--no-floor", action="store_true")
     parser.add_argument("--floor-max", type=int, default=16, help="measure the floor up to this batch size")
     parser.add_argument("--threads", type=int, default=None,
@@ -505,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     args.family = args.family or ("tiny" if quick else "bench")
     args.levels = args.levels or ([1, 4] if quick else [1, 4, 16, 64])
     args.max_tokens = args.max_tokens or (16 if quick else 64)
+    args.spread = (0.0 if quick else 0.5) if args.spread is None else args.spread
     args.rounds = args.rounds or (1 if quick else 2)
     args.repeats = args.repeats or (1 if quick else 2)
     args.servers = args.servers or (["proxy", "base"] if quick else ["proxy", "base", "peer"])
@@ -516,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(family.base)
     prompts = make_prompts(tokenizer, max(args.levels) * args.rounds)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    lengths = request_lengths(len(prompts), args.max_tokens, args.spread)
     load_before = os.getloadavg()[0]
     log_dir = args.out / "logs"
 
@@ -529,6 +585,15 @@ def main(argv: list[str] | None = None) -> int:
         if "base" in args.servers:
             targets.append(Server("base", proxy.command, "proxy-tuned:base", proxy.extra_body, proxy.env,
                                   proxy.port, proxy.log_path))
+    if args.ref:
+        source = checkout(args.ref, Path(os.environ.get("TMPDIR", "/tmp")))
+        old = proxy_server(family, args, log_dir, "proxy-tuned", f"proxy@{args.ref}", source)
+        processes.append(old)
+        if "proxy" in args.servers:
+            targets.append(old)
+        if "base" in args.servers:
+            targets.append(Server(f"base@{args.ref}", old.command, "proxy-tuned:base", old.extra_body, old.env,
+                                  old.port, old.log_path, cwd=old.cwd))
     if "peer" in args.servers:
         peer = peer_server(family, args, log_dir)
         processes.append(peer)
@@ -553,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"floor  {level:3d} streams: {value:7.1f} tok/s", flush=True)
                 shift = repeat % len(targets)
                 for target in targets[shift:] + targets[:shift]:  # rotate the order: no one always goes first
-                    run = asyncio.run(run_level(target, prompts, level, args.rounds, args.max_tokens, args.stall_s,
+                    run = asyncio.run(run_level(target, prompts, level, args.rounds, lengths, args.stall_s,
                                                 samplers[target.port]))
                     runs.setdefault((target.name, level), []).append(run)
                     errors = sum(1 for s in run.streams if not s.ok)
@@ -568,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = {key: summarize(value) for key, value in runs.items()}
     ordered = [levels[(t.name, level)] for t in targets for level in args.levels if (t.name, level) in levels]
     ratios = compute_ratios(runs, levels, floor)
-    meta = {"family": args.family, "max_tokens": args.max_tokens, "rounds": args.rounds, "repeats": args.repeats,
+    meta = {"family": args.family, "max_tokens": args.max_tokens, "spread": args.spread, "rounds": args.rounds,
+            "repeats": args.repeats,
             "threads": args.threads, "levels": args.levels, "load_before": round(load_before, 2),
             "load_after": round(os.getloadavg()[0], 2), "prompt_tokens": PROMPT_TOKENS,
             "commands": {p.name: " ".join(p.command) for p in processes}}

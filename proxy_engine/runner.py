@@ -14,11 +14,45 @@ columns are copied into free slots.
 from __future__ import annotations
 
 import inspect
+import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
+
+
+THREADS_ENV = "PROXY_SERVE_CPU_THREADS"
+_thread_state = threading.local()
+
+
+def cpu_threads() -> int | None:
+    """Intra-op threads for models on the CPU, or None to leave torch's own setting alone.
+
+    ``PROXY_SERVE_CPU_THREADS`` decides when set; an ``OMP_NUM_THREADS`` set by the deployer is left alone;
+    otherwise one core is left free (as vLLM's CPU backend reserves one for its frontend): the step thread's
+    OpenMP team must not compete with the HTTP event loop, the detokenizer and the clients for the cores. On
+    a shared 2-core machine a team of 2 ran 2-10x slower than a team of 1 whenever another process was busy
+    (its threads spin at every barrier while the other is descheduled); see bench/NOTES.md.
+    """
+    explicit = os.environ.get(THREADS_ENV)
+    if explicit:
+        return max(1, int(explicit))
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cores - 1))
+
+
+def _use_cpu_threads() -> None:
+    """Apply ``cpu_threads()`` once in the calling thread (OpenMP's team size is a per-thread setting)."""
+    if getattr(_thread_state, "configured", False):
+        return
+    _thread_state.configured = True
+    threads = cpu_threads()
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +115,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
         """Last-position logits ``[B, V]`` (float32, cut to the vocabulary) for ``ids [B, q]``."""
+        if self.device.type == "cpu":
+            _use_cpu_threads()
         kwargs = {self._cache_kwarg: cache, "use_cache": True}
         if self._keep_kwarg:
             kwargs[self._keep_kwarg] = 1

@@ -43,7 +43,7 @@ def test_quick_run_against_proxy_serve(tmp_path):
     for (server, concurrency), level in levels.items():
         assert level["errors"] == 0 and level["stalled"] == 0, level["error_samples"]
         # EOS ignored: every request streams exactly max_tokens tokens.
-        assert level["tokens"] == level["requests"] * payload["meta"]["max_tokens"]
+        assert level["tokens"] == level["requested_tokens"] == level["requests"] * payload["meta"]["max_tokens"]
         assert level["requests"] == concurrency
         assert level["ttft_p50_ms"] is not None and level["tokens_per_s"] > 0
         assert level["rss_peak_first_mb"] > 0
@@ -56,5 +56,5 @@ def test_quick_run_against_the_peer(tmp_path):
     assert set(levels) == {("peer", 2), ("proxy", 2)}
     for level in levels.values():
         assert level["errors"] == 0, level["error_samples"]
-        assert level["tokens"] == 2 * payload["meta"]["max_tokens"]
+        assert level["tokens"] == level["requested_tokens"] == 2 * payload["meta"]["max_tokens"]
     assert any(name.startswith("proxy / peer") for name in payload["ratios"])
