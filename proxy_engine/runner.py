@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
 
 
 THREADS_ENV = "PROXY_SERVE_CPU_THREADS"
+FAST_DECODE_ENV = "PROXY_SERVE_FAST_DECODE"  # "0": every decode through transformers' forward
 _thread_state = threading.local()
 
 
@@ -101,6 +103,8 @@ class ModelRunner:
         # transformers 5 renamed past_key_values to cache; accept either.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in params else None
+        # Decode steps of Llama-family models skip transformers' module stack (see fast_decode.py).
+        self._fast = None if os.environ.get(FAST_DECODE_ENV) == "0" else FastDecoder.for_model(model, vocab_size, name)
         self._reset()
 
     def _reset(self) -> None:
@@ -133,7 +137,12 @@ class ModelRunner:
         # Rows of different lengths get a [B, 1, 1, span] key mask (passed as is: transformers builds none);
         # rows of one length need none.
         positions, mask = self.cache.begin_decode(self.device)
-        logits = self._forward(ids, mask, positions.view(-1, 1), self.cache)
+        if self._fast is not None:
+            if self.device.type == "cpu":
+                _use_cpu_threads()
+            logits = self._fast.decode(ids.view(-1), positions, mask, self.cache)
+        else:
+            logits = self._forward(ids, mask, positions.view(-1, 1), self.cache)
         self.cache.end_decode()
         return logits
 

@@ -64,3 +64,51 @@ def test_capacity_grows_and_is_kept_while_rows_run(tiny_family):
     assert runner.seq_ids == [0] and runner.cache.capacity == capacity  # no copy of the batch on leave
     _join(runner, [2], [[1, 2, 3, 4]])
     assert runner.seq_ids == [0, 2] and runner.cache.lengths == [13, 4]
+
+
+def _random_model(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    if kind == "qwen2":  # q/k/v biases, grouped-query heads
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(lin.bias, std=0.5)
+    else:  # rope scaling, padded head (logits past the 80-token shared vocabulary are cut)
+        model = LlamaForCausalLM(LlamaConfig(
+            **common, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
+    return model.eval()
+
+
+def test_fast_decode_matches_transformers(monkeypatch):
+    """The decode step without transformers' module stack gives transformers' logits (and is used)."""
+    for kind in ("qwen2", "llama"):
+        model = _random_model(kind)
+        fast = ModelRunner(model, 80, 0, kind)
+        monkeypatch.setenv("PROXY_SERVE_FAST_DECODE", "0")
+        slow = ModelRunner(model, 80, 0, kind)
+        monkeypatch.delenv("PROXY_SERVE_FAST_DECODE")
+        assert fast._fast is not None and slow._fast is None
+        prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+        for runner in (fast, slow):
+            _join(runner, [0, 1, 2], prompts)
+        for step in range(6):
+            if step == 3:
+                for runner in (fast, slow):
+                    runner.keep_rows([0, 2])
+            tokens = torch.tensor([20 + step] * fast.num_rows)
+            assert fast.seq_ids == slow.seq_ids
+            torch.testing.assert_close(fast.decode(tokens), slow.decode(tokens), atol=1e-5, rtol=1e-5)
+        assert fast.decode(torch.tensor([1, 2])).shape == (2, 80)
+
+
+def test_unsupported_models_fall_back_to_transformers():
+    from proxy_engine.fast_decode import unsupported_reason
+
+    model = _random_model("llama")
+    assert unsupported_reason(model) is None
+    model.config.sliding_window = 16
+    assert unsupported_reason(model) == "sliding-window attention"
