@@ -39,7 +39,6 @@ import os
 import random
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,7 @@ RESULTS = ROOT / "bench" / "results"
 MODEL = "proxy-tuned"
 WORDS = ("the quick brown fox jumps over lazy dog Paris is capital of France proxy tuning steers a large model "
          "with small tuned expert question what two plus answer four hello there how can I help you today "
-         "numbers one ten hundred and café naïve déjà vu Tokyo emoji").split()
+         "numbers one ten hundred and café naïve déjà vu Tokyo emoji").split()  # noqa: SIM905
 STOP_STRINGS = ["e", " the", ".", "\n", "an", "ou", "!"]
 
 
@@ -128,7 +127,8 @@ def engine_counts(url: str) -> dict[str, float]:
 def request_statuses(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     totals: dict[str, float] = {}
-    for status, value in re.findall(r'^proxy_serve_requests_total\{[^}]*status="([^"]+)"\} (\S+)$', text, re.M):
+    pattern = r'^proxy_serve_requests_total\{[^}]*status="([^"]+)"\} (\S+)$'
+    for status, value in re.findall(pattern, text, re.MULTILINE):
         totals[status] = totals.get(status, 0) + float(value)
     return totals
 
@@ -406,6 +406,10 @@ def ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
+def quantiles(values: list[float]) -> dict[str, float | None]:
+    return {"p50": ms(percentile(values, 50)), "p95": ms(percentile(values, 95)), "max": ms(max(values, default=None))}
+
+
 def summarize_round(plans: list[Plan], outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
     completed = [o for o in outcomes if not o.disconnected]
     gaps = [g for o in outcomes for g in o.gaps_s]
@@ -425,8 +429,8 @@ def summarize_round(plans: list[Plan], outcomes: list[Outcome], wall_s: float) -
         "tokens_received": tokens,
         "wall_s": round(wall_s, 2),
         "tokens_per_s": round(tokens / wall_s, 1) if wall_s else None,
-        "ttft_ms": {"p50": ms(percentile(ttfts, 50)), "p95": ms(percentile(ttfts, 95)), "max": ms(max(ttfts, default=None))},
-        "itl_ms": {"p50": ms(percentile(gaps, 50)), "p95": ms(percentile(gaps, 95)), "max": ms(max(gaps, default=None))},
+        "ttft_ms": quantiles(ttfts),
+        "itl_ms": quantiles(gaps),
         "longest_event_gap_ms": ms(max((o.longest_gap_s for o in outcomes), default=None)),
     }
 
@@ -435,8 +439,8 @@ def summarize_round(plans: list[Plan], outcomes: list[Outcome], wall_s: float) -
 def histogram(url: str, name: str) -> dict[float, float]:
     """A Prometheus histogram's cumulative bucket counts, ``{le: count}``."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {float(le): float(count)
-            for le, count in re.findall(rf'^proxy_serve_{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M)}
+    pattern = rf'^proxy_serve_{name}_bucket{{le="([^"]+)"}} (\S+)$'
+    return {float(le): float(count) for le, count in re.findall(pattern, text, re.MULTILINE)}
 
 
 def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:

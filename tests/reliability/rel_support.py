@@ -77,7 +77,8 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                  "TOKENIZERS_PARALLELISM": "false"}
 
 
 def serve(family, *, limits: dict | None = None, **server: Any) -> tuple[LiveServer, FaultHooks]:

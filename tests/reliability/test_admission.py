@@ -15,7 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from rel_support import Gate, choice_tokens, error_of, finish_reasons, idle, serve, stream, stream_error
+from rel_support import (
+    Gate,
+    choice_tokens,
+    error_of,
+    finish_reasons,
+    idle,
+    serve,
+    stream,
+    stream_error,
+)
 from srv_live import MODEL, wait_until
 
 SLOTS, QUEUE = 2, 2

@@ -212,7 +212,7 @@ CATALOGUE = [
 
 
 @pytest.mark.parametrize(("path", "body", "status"), CATALOGUE,
-                         ids=[f"{i}-{'chat' if path == CHAT else 'completions'}" for i, (path, _, _) in enumerate(CATALOGUE)])
+                         ids=[f"{i}-{'chat' if p == CHAT else 'completions'}" for i, (p, _, _) in enumerate(CATALOGUE)])
 def test_catalogue(http, path, body, status):
     body = {"model": MODEL, **body} if "model" not in body else body
     if status == 200:
@@ -283,6 +283,7 @@ def field(name: str, valid: st.SearchStrategy, *edges) -> st.SearchStrategy:
 SMALL_INT_EDGES = (0, -1, 2**31, 2**63, 2**64, 10**40, None, 1.5, "3", True, NAN)
 FLOAT_EDGES = (-1.0, 0.0, NAN, INF, -INF, 1e308, -1e308, None, "0.5", True, 10**40)
 TOKEN_IDS = st.lists(st.integers(min_value=-3, max_value=600), max_size=6)
+STOPS = [" ", "🙂", "\n\n", "<|endoftext|>", "<|user|>", "{{ 7*7 }}", "NaN", "null"]
 PLAIN_TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=5)  # <= 20 tokens: fits the context
 SAMPLING = {
     "model": field("model", st.sampled_from([MODEL, f"{MODEL}:base", f"{MODEL}:expert"]), None, "", "gpt-4o",
@@ -301,7 +302,7 @@ SAMPLING = {
     "presence_penalty": field("presence_penalty", st.floats(min_value=-2, max_value=2), *FLOAT_EDGES),
     "frequency_penalty": field("frequency_penalty", st.floats(min_value=-2, max_value=2), *FLOAT_EDGES),
     "repetition_penalty": field("repetition_penalty", st.floats(min_value=0.5, max_value=2), *FLOAT_EDGES),
-    "stop": field("stop", st.one_of(PLAIN_TEXT, st.lists(PLAIN_TEXT, max_size=4), st.sampled_from([" ", "🙂", "\n\n", "<|endoftext|>", "<|user|>", "{{ 7*7 }}", "NaN", "null"])),
+    "stop": field("stop", st.one_of(PLAIN_TEXT, st.lists(PLAIN_TEXT, max_size=4), st.sampled_from(STOPS)),
                   [], ["s"] * 17, ["s" * 300], None, "\ud800"),
     "seed": field("seed", st.integers(min_value=-(2**63), max_value=2**63 - 1), *SMALL_INT_EDGES),
     "logit_bias": field("logit_bias", st.dictionaries(st.integers(min_value=0, max_value=511).map(str),

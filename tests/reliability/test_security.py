@@ -9,6 +9,7 @@ import logging
 import sys
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -37,7 +38,7 @@ def http(server):
 def test_every_key_is_compared_as_a_fixed_size_digest(monkeypatch):
     """No early exit (every accepted key is compared) and equal lengths (SHA-256 digests): the time taken does
     not depend on which key came close or on how long the given key is."""
-    import server.auth as auth
+    from server import auth
 
     calls: list[tuple[int, int]] = []
     real = hmac.compare_digest
@@ -108,9 +109,9 @@ class FileWatch:
     """An audit hook recording every file the process opens whose path contains a marker (audit hooks cannot be
     removed, so this one does nothing unless a test is watching)."""
 
-    markers: tuple[str, ...] = ()
-    opened: list[str] = []
-    installed = False
+    markers: ClassVar[tuple[str, ...]] = ()
+    opened: ClassVar[list[str]] = []
+    installed: ClassVar[bool] = False
 
     @classmethod
     def hook(cls, event: str, args: tuple) -> None:

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from rel_support import SUBPROCESS_ENV, choice_tokens, error_of, finish_reasons, iter_events, stream_error
+from rel_support import (
+    SUBPROCESS_ENV,
+    choice_tokens,
+    error_of,
+    finish_reasons,
+    iter_events,
+    stream_error,
+)
 from srv_live import MODEL, wait_until
 
 HERE = Path(__file__).resolve().parent
