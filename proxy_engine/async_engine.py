@@ -148,7 +148,8 @@ class AsyncEngine:
             raise EngineOverloadedError("the server is shutting down and admits no new requests", retry_after_s=5)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        sequences = engine.make_sequences(request_id, prompt, params, target)
+        # Rendering and tokenizing a long prompt takes a while: keep it off the event loop.
+        sequences = await asyncio.to_thread(engine.make_sequences, request_id, prompt, params, target)
         stream = RequestStream(request_id, len(sequences), sequences[0].primary_prompt_len)
         self._streams[request_id] = stream
         try:

@@ -103,8 +103,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add(self, token_id: int) -> StepText:
-        """Take one generated token; return what may be streamed now."""
+    def add(self, token_id: int, check_stops: bool = True) -> StepText:
+        """Take one generated token; return what may be streamed now (stop strings matched if ``check_stops``)."""
         self.ids.append(token_id)
         before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(self.ids[self._prefix :])
@@ -112,7 +112,7 @@ class IncrementalDetokenizer:
             self.text += after[len(before) :]
             self._prefix = max(self._prefix, len(self.ids) - _CONTEXT_TOKENS)
             self._read = len(self.ids)
-        return self._release(final=False)
+        return self._release(final=False, check_stops=check_stops)
 
     def finish(self) -> str:
         """The sequence ended for another reason (length, EOS, abort): flush what was held back."""
@@ -125,10 +125,10 @@ class IncrementalDetokenizer:
             self._read = len(self.ids)
         return self._release(final=True).delta
 
-    def _release(self, final: bool) -> StepText:
+    def _release(self, final: bool, check_stops: bool = True) -> StepText:
         if self.stopped:
             return StepText("", True)
-        if self.stops:
+        if self.stops and check_stops:
             match = find_stop(self.text, self.stops, self.sent)
             if match is not None:
                 index, stop = match

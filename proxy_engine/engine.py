@@ -332,21 +332,51 @@ class ProxyEngine:
 
     # --- sampling and outputs --------------------------------------------------------------------------------
     def _sample_and_emit(self, sequences: list[Sequence], combined: torch.Tensor) -> list[RequestOutput]:
-        """Process, sample and emit one token for each sequence (``combined [B, V]`` float32)."""
+        """Process, sample and emit one token for each sequence (``combined [B, V]`` float32).
+
+        If the batch fails (one request's bad value deep in a logit processor, say), every row is retried on
+        its own, so only the rows that fail again end with an error.
+        """
+        try:
+            chosen = self._choose(sequences, combined)
+        except Exception as error:  # noqa: BLE001
+            if len(sequences) == 1:
+                raise
+            log.warning("sampling a batch of %d failed (%s); retrying row by row", len(sequences), error)
+            chosen = []
+            for row, sequence in enumerate(sequences):
+                try:
+                    chosen += self._choose([sequence], combined[row : row + 1])
+                except Exception as row_error:  # noqa: BLE001
+                    log.exception("sampling failed for request %s", sequence.request_id)
+                    chosen.append(row_error)
+        outputs = []
+        for sequence, choice in zip(sequences, chosen):
+            if isinstance(choice, Exception):
+                message = f"internal error during sampling: {type(choice).__name__}"
+                outputs.append(self._finish(sequence, FinishReason.ERROR, error=message, error_code="internal_error"))
+            else:
+                outputs.append(self._advance(sequence, *choice))
+        return outputs
+
+    def _choose(
+        self, sequences: list[Sequence], combined: torch.Tensor
+    ) -> list[tuple[int, list[TokenLogprob] | None]]:
+        """Each row's token and logprobs; touches no sequence state but the generators it draws from."""
         if self.fault_hook is not None:
             self.fault_hook("sample", sequences)
         if self.logits_hook is not None:
             self.logits_hook(sequences, combined)
         logits = self._process(sequences, combined)
         temperature = torch.tensor([s.params.temperature for s in sequences], dtype=torch.float32)
-        tokens = sample(logits, temperature.to(logits.device), [s.generator for s in sequences])
+        tokens = sample(logits, temperature.to(logits.device), [s.generator for s in sequences]).tolist()
         want = [s.params.logprobs for s in sequences if s.params.logprobs is not None]
-        chosen_lp = top_values = top_ids = None
-        if want:
-            chosen_lp, top_values, top_ids = top_logprobs(combined, tokens, max(want))
-            chosen_lp, top_values, top_ids = chosen_lp.tolist(), top_values.tolist(), top_ids.tolist()
-        outputs = []
-        for row, (sequence, token) in enumerate(zip(sequences, tokens.tolist())):
+        if not want:
+            return [(token, None) for token in tokens]
+        chosen_lp, top_values, top_ids = top_logprobs(combined, torch.tensor(tokens, device=combined.device), max(want))
+        chosen_lp, top_values, top_ids = chosen_lp.tolist(), top_values.tolist(), top_ids.tolist()
+        choices = []
+        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
             logprobs = None
             if sequence.params.logprobs is not None:
                 k = sequence.params.logprobs
@@ -355,8 +385,8 @@ class ProxyEngine:
                     for i, v in zip(top_ids[row][:k], top_values[row][:k])
                 ]
                 logprobs = [TokenLogprob(token, self.token_text(token), chosen_lp[row], top, self.token_bytes(token))]
-            outputs.append(self._advance(sequence, token, logprobs))
-        return outputs
+            choices.append((token, logprobs))
+        return choices
 
     def _process(self, sequences: list[Sequence], combined: torch.Tensor) -> torch.Tensor:
         params = [s.params for s in sequences]
@@ -401,7 +431,8 @@ class ProxyEngine:
         self.generation_tokens_total += 1
         if token in sequence.stop_ids():
             return self._finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs)
-        step = sequence.detokenizer.add(token)
+        # Like vLLM, stop strings only count once min_tokens are out (EOS and stop ids are banned until then).
+        step = sequence.detokenizer.add(token, check_stops=len(sequence.output_ids) >= sequence.params.min_tokens)
         if step.stopped:
             return self._finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs, text=step.delta)
         if len(sequence.output_ids) >= sequence.max_tokens:

@@ -107,16 +107,21 @@ def from_pretrained_kwargs(config: ModelConfig) -> dict:
     return placement.from_pretrained_kwargs(config)
 
 
-def load_one(role: str, config: ModelConfig, transcript_template: str) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        config.path, revision=config.revision, trust_remote_code=config.trust_remote_code, local_files_only=True
+    )
+
+
+def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
     log.info("loading %s from %s (device %s, dtype %s)", role, config.path, config.device, config.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(
-        config.path, revision=config.revision, trust_remote_code=config.trust_remote_code, local_files_only=True
-    )
-    model = AutoModelForCausalLM.from_pretrained(config.path, **from_pretrained_kwargs(config)).eval()
     renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template)
+    model = AutoModelForCausalLM.from_pretrained(config.path, **from_pretrained_kwargs(config)).eval()
     loaded = LoadedModel(role, config, model, tokenizer, renderer, max_positions(model, tokenizer), logits_width(model))
     parameters = sum(p.numel() for p in model.parameters())
     devices = sorted({str(p.device) for p in model.parameters()})
@@ -127,14 +132,25 @@ def load_one(role: str, config: ModelConfig, transcript_template: str) -> Loaded
     return loaded
 
 
-def load_models(config: EngineConfig) -> list[LoadedModel]:
-    """Base first, then expert / anti-expert of each pair; vocabularies checked, widths validated."""
+def model_roles(config: EngineConfig) -> list[tuple[str, ModelConfig]]:
+    """``[("base", ...), ("expert", ...), ("anti_expert", ...), ("expert_1", ...), ...]``."""
     roles: list[tuple[str, ModelConfig]] = [("base", config.base)]
     for index, pair in enumerate(config.experts):
         suffix = "" if index == 0 else f"_{index}"
         roles += [(f"expert{suffix}", pair.expert), (f"anti_expert{suffix}", pair.anti_expert)]
-    models = [load_one(role, model_config, config.transcript_template) for role, model_config in roles]
-    vocab_size = check_vocabularies({m.role: m.tokenizer for m in models})
+    return roles
+
+
+def load_models(config: EngineConfig) -> list[LoadedModel]:
+    """Base first, then expert / anti-expert of each pair; vocabularies checked, widths validated.
+
+    The tokenizers are loaded and compared before any weights, so a mismatched deployment fails in seconds
+    rather than after loading a 70B model.
+    """
+    roles = model_roles(config)
+    tokenizers = {role: load_tokenizer(model_config) for role, model_config in roles}
+    vocab_size = check_vocabularies(tokenizers)
+    models = [load_one(role, model_config, tokenizers[role], config.transcript_template) for role, model_config in roles]
     for loaded in models:
         loaded.vocab_size = vocab_size
         if loaded.logits_width < vocab_size:

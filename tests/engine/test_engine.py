@@ -220,3 +220,32 @@ def test_waiting_queue_bound(chat_family, chat_models):
     submit(engine, "b", "Hello", max_tokens=5)
     with pytest.raises(EngineOverloadedError):
         submit(engine, "c", "Hello", max_tokens=5)
+
+
+def test_a_sampling_fault_fails_only_its_own_row(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "good", "Hello", temperature=0, max_tokens=6, ignore_eos=True)
+    submit(engine, "bad", "Hello there", temperature=0, max_tokens=6, ignore_eos=True)
+    engine.step()
+
+    def explode(phase, sequences):
+        if phase == "sample" and any(s.request_id == "bad" for s in sequences):
+            raise IndexError("a bad value deep in sampling (injected)")
+
+    engine.fault_hook = explode
+    results = run_to_end(engine)
+    assert results[("bad", 0)]["finish"] is FinishReason.ERROR
+    assert results[("good", 0)]["finish"] is FinishReason.LENGTH
+    assert len(results[("good", 0)]["tokens"]) == 6 - 1  # one token came before the hook, in the first step
+    assert [r.num_rows for r in engine.runners] == [0, 0, 0]
+
+
+def test_stop_strings_wait_for_min_tokens(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "probe", "Hello", temperature=0, max_tokens=12, ignore_eos=True)
+    text = run_to_end(engine)[("probe", 0)]["text"]
+    stop = text[1:3]
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "r", "Hello", temperature=0, max_tokens=12, ignore_eos=True, stop=[stop], min_tokens=12)
+    result = run_to_end(engine)[("r", 0)]
+    assert result["finish"] is FinishReason.LENGTH and result["text"] == text
