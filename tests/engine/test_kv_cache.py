@@ -112,3 +112,21 @@ def test_unsupported_models_fall_back_to_transformers():
     assert unsupported_reason(model) is None
     model.config.sliding_window = 16
     assert unsupported_reason(model) == "sliding-window attention"
+
+
+def test_packed_weights_give_the_plain_gemm_logits(monkeypatch):
+    """From PACKED_MIN_ROWS rows on, decode runs on oneDNN-packed weight copies: same logits (float32 rounding)."""
+    from proxy_engine import fast_decode
+
+    model = _random_model("llama")
+    monkeypatch.setenv(fast_decode.PACKED_ENV, "1")
+    packed = ModelRunner(model, 80, 0, "llama")
+    monkeypatch.setenv(fast_decode.PACKED_ENV, "0")
+    plain = ModelRunner(model, 80, 0, "llama")
+    assert packed._fast.packed is not None and plain._fast.packed is None
+    rows = list(range(6))
+    for runner in (packed, plain):
+        _join(runner, rows, [[5 + i, 6, 7 + i] for i in rows])
+    for step in range(4):
+        tokens = torch.tensor([30 + step + i for i in rows])
+        torch.testing.assert_close(packed.decode(tokens), plain.decode(tokens), atol=1e-4, rtol=1e-4)
