@@ -57,6 +57,31 @@ def _use_cpu_threads() -> None:
         torch.set_num_threads(threads)
 
 
+_MMAP_THRESHOLD = 4 << 20
+_malloc_tamed = False
+
+
+def _tame_malloc() -> None:
+    """Fix glibc's mmap threshold (once per process) so that freed tensor memory goes back to the system.
+
+    glibc raises its threshold each time a large mmapped block is freed (up to 32 MB), after which such
+    blocks come from the heap, which fragments and keeps them: at 64 streams the server's RSS, measured
+    after each round with every KV buffer freed, grew from 1.6 to 2.7 GB over 8 rounds, and was flat (1.4 GB)
+    with the threshold fixed at 4 MB. A ``MALLOC_MMAP_THRESHOLD_`` set by the deployer is left alone.
+    """
+    global _malloc_tamed
+    if _malloc_tamed or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return
+    _malloc_tamed = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; setting it also stops the dynamic adjustment
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, L], mask [B, L])`` with every row right-aligned."""
     width = max(len(r) for r in rows)
@@ -99,6 +124,7 @@ class ModelRunner:
         self.pad_id = pad_id
         self.num_layers = model.config.num_hidden_layers
         self.device = model.get_input_embeddings().weight.device
+        _tame_malloc()
         params = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values to cache; accept either.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
