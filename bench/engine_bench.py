@@ -44,7 +44,7 @@ class Rate(float):
     per_cpu_s: float
 
     @classmethod
-    def of(cls, tokens: int, wall: float, cpu: float) -> "Rate":
+    def of(cls, tokens: int, wall: float, cpu: float) -> Rate:
         rate = cls(tokens / wall)
         rate.per_cpu_s = tokens / max(cpu, 1e-9)
         return rate

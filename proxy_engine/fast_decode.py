@@ -52,7 +52,7 @@ class PackedLinear:
     of the linear weights: see ``packing_allowed``.
     """
 
-    __slots__ = ("packed", "bias")
+    __slots__ = ("bias", "packed")
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> None:
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
@@ -155,7 +155,7 @@ class FastDecoder:
         self.act = F.silu if getattr(config, "hidden_act", "silu") == "silu" else None
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, vocab_size: int, name: str) -> "FastDecoder | None":
+    def for_model(cls, model: torch.nn.Module, vocab_size: int, name: str) -> FastDecoder | None:
         reason = unsupported_reason(model)
         if reason is not None:
             log.info("%s decodes through transformers: %s", name, reason)

@@ -23,7 +23,6 @@ import torch
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
 
-
 THREADS_ENV = "PROXY_SERVE_CPU_THREADS"
 FAST_DECODE_ENV = "PROXY_SERVE_FAST_DECODE"  # "0": every decode through transformers' forward
 _thread_state = threading.local()
