@@ -1,6 +1,7 @@
 """Engine decode throughput against the floor (a tight KV-cached loop of the same three models), in one run.
 
     python -m bench.engine_bench [--tokens 64] [--repeats 3] [--threads N] [--out bench/results]
+    python -m bench.engine_bench --family tiny --tokens 8 --repeats 1     # seconds: what the tests run
 
 Rows (greedy, alpha 1, bench family: ~86M base, ~4M expert / anti-expert):
 - floor: prefill, then ``base(t) + expert(t) - anti(t)`` and argmax in a bare loop over transformers'
@@ -28,12 +29,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from bench.family import build_bench_family
+from bench.family import family_paths
 from proxy_engine.config import EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
 from proxy_engine.request import PromptInput, SamplingParams
-from proxy_engine.runner import THREADS_ENV, cpu_threads
+from proxy_engine.runner import THREADS_ENV, cache_kwarg, cpu_threads
 
 PROMPT_LEN = 32
 
@@ -68,11 +69,13 @@ def floor_loop(models, batch: list[list[int]], tokens: int) -> Rate:
     """Decode tokens/s of the bare loop (all prompts the same length: no padding, no masks)."""
     ids = torch.tensor(batch)
     caches = [DynamicCache() for _ in models]
-    logits = [m(input_ids=ids, past_key_values=c, use_cache=True).logits[:, -1].float() for m, c in zip(models, caches)]
+    keys = [cache_kwarg(m) for m in models]
+    logits = [m(input_ids=ids, use_cache=True, **{k: c}).logits[:, -1].float() for m, k, c in zip(models, keys, caches)]
     token = (logits[0] + logits[1] - logits[2]).argmax(-1, keepdim=True)
     clock = Clock()
     for _ in range(tokens):
-        logits = [m(input_ids=token, past_key_values=c, use_cache=True).logits[:, -1].float() for m, c in zip(models, caches)]
+        logits = [m(input_ids=token, use_cache=True, **{k: c}).logits[:, -1].float()
+                  for m, k, c in zip(models, keys, caches)]
         token = (logits[0] + logits[1] - logits[2]).argmax(-1, keepdim=True)
     return clock.rate(len(batch) * tokens)
 
@@ -81,6 +84,7 @@ def floor_loop(models, batch: list[list[int]], tokens: int) -> Rate:
 def research_static(models, pad_id: int, requests: list[tuple[list[int], int]], batch_size: int) -> Rate:
     """Tokens/s of the research code's way: static left-padded batches, sequential passes, no joining."""
     useful = 0
+    keys = [cache_kwarg(m) for m in models]
     clock = Clock()
     for first in range(0, len(requests), batch_size):
         chunk = requests[first : first + batch_size]
@@ -91,8 +95,8 @@ def research_static(models, pad_id: int, requests: list[tuple[list[int], int]], 
         caches = [DynamicCache() for _ in models]
         steps = max(n for _, n in chunk)
         for step in range(steps):
-            outs = [m(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=c, use_cache=True)
-                    .logits[:, -1].float() for m, c in zip(models, caches)]
+            outs = [m(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **{k: c})
+                    .logits[:, -1].float() for m, k, c in zip(models, keys, caches)]
             token = (outs[0] + outs[1] - outs[2]).argmax(-1, keepdim=True)
             ids = token
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
@@ -126,7 +130,7 @@ def engine_workload(engine: ProxyEngine, requests: list[tuple[list[int], int]]) 
     return clock.rate(generated)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="decode steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
@@ -134,11 +138,13 @@ def main() -> None:
                         help="intra-op threads for the floor and the engine alike (default: the engine's policy, "
                              "proxy_engine.runner.cpu_threads)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = parser.parse_args()
+    parser.add_argument("--family", choices=["bench", "tiny"], default="bench")
+    parser.add_argument("--family-dir", type=Path, default=None, help="where the family is built or cached")
+    args = parser.parse_args(argv)
     threads = args.threads or cpu_threads() or torch.get_num_threads()
     torch.set_num_threads(threads)
     os.environ[THREADS_ENV] = str(threads)  # the engine's runners use the same team size as the floor
-    family = build_bench_family()
+    family = family_paths(args.family, args.family_dir)
     tokenizer = AutoTokenizer.from_pretrained(family.base)
     paths = [family.base, family.expert, family.anti_expert]
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in paths]
@@ -181,12 +187,12 @@ def main() -> None:
         "engine / floor, 16 sequences, per CPU-second": paired("engine_b16", "floor_b16", 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"threads": threads, "tokens": args.tokens, "repeats": args.repeats, "load": os.getloadavg()[0]}
+    meta = {"family": args.family, "threads": threads, "tokens": args.tokens, "repeats": args.repeats, "load": os.getloadavg()[0]}
     (args.out / "engine.json").write_text(json.dumps(
         {"meta": meta, "tokens_per_s": results, "tokens_per_cpu_s": cpu, "ratios": ratios,
          "samples": samples}, indent=2))
     lines = [
-        f"threads {threads}; {args.tokens} decode steps; median of {args.repeats} interleaved repeats; "
+        f"family {args.family}; threads {threads}; {args.tokens} decode steps; median of {args.repeats} interleaved repeats; "
         f"load average {meta['load']:.2f}",
         "",
         "| measurement | tokens/s | tokens per CPU-second |", "|---|---:|---:|",

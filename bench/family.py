@@ -40,3 +40,12 @@ def build_bench_family(root: Path = DEFAULT_DIR, max_positions: int = 2048) -> F
 
 if __name__ == "__main__":
     print(build_bench_family())
+
+
+def family_paths(kind: str, root: Path | None = None) -> Family:
+    """The benchmarks' family: ``bench`` (the shapes the issues name) or ``tiny`` (seconds to build: tests)."""
+    if kind == "tiny":
+        from proxy_engine.families import build_family
+
+        return build_family(root or Path.home() / ".cache" / "proxy-serve" / "tiny-bench")
+    return build_bench_family(root or DEFAULT_DIR)

@@ -366,16 +366,6 @@ def make_prompts(tokenizer, count: int, seed: int = 0) -> list[str]:
     return [tokenizer.decode([rng.choice(ids) for _ in range(PROMPT_TOKENS)]).strip() for _ in range(count)]
 
 
-def family_paths(kind: str, root: Path | None):
-    if kind == "tiny":
-        from proxy_engine.families import build_family
-
-        return build_family(root or Path.home() / ".cache" / "proxy-serve" / "tiny-bench")
-    from bench.family import DEFAULT_DIR, build_bench_family
-
-    return build_bench_family(root or DEFAULT_DIR)
-
-
 def server_env(threads: int | None) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if threads:
@@ -566,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     use_floor = not (args.no_floor or quick)
 
     from transformers import AutoTokenizer
+
+    from bench.family import family_paths
 
     family = family_paths(args.family, args.family_dir)
     tokenizer = AutoTokenizer.from_pretrained(family.base)

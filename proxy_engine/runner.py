@@ -113,6 +113,11 @@ class PrefillJob:
         return (self.ids.shape[1] - self.done) * len(self.seq_ids)
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: transformers 5 renamed ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class ModelRunner:
     """A causal LM with its batch of rows. ``vocab_size`` cuts padded logit rows to the shared vocabulary."""
 
@@ -125,8 +130,7 @@ class ModelRunner:
         self.device = model.get_input_embeddings().weight.device
         _tame_malloc()
         params = inspect.signature(model.forward).parameters
-        # transformers 5 renamed past_key_values to cache; accept either.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in params else None
         # Decode steps of Llama-family models skip transformers' module stack (see fast_decode.py).
         self._fast = None if os.environ.get(FAST_DECODE_ENV) == "0" else FastDecoder.for_model(model, vocab_size, name)

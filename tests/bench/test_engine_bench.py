@@ -1,0 +1,28 @@
+"""The engine benchmark runs end to end on a tiny family and writes its table; no timings asserted."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench import engine_bench
+from proxy_engine.runner import THREADS_ENV
+
+
+def test_engine_bench_runs_on_a_tiny_family(tmp_path, monkeypatch):
+    monkeypatch.delenv(THREADS_ENV, raising=False)  # the bench sets it; monkeypatch puts it back
+    threads = torch.get_num_threads()
+    try:
+        engine_bench.main(["--family", "tiny", "--family-dir", str(tmp_path / "family"), "--tokens", "4",
+                           "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "out")])
+    finally:
+        torch.set_num_threads(threads)
+    payload = json.loads((tmp_path / "out" / "engine.json").read_text())
+    assert payload["meta"]["family"] == "tiny"
+    rows = {"floor_b1", "engine_b1", "floor_b16", "engine_b16", "research_mixed", "engine_mixed"}
+    assert set(payload["tokens_per_s"]) == rows
+    assert all(rate > 0 for rate in payload["tokens_per_s"].values())
+    assert len(payload["ratios"]) == 6 and all(value > 0 for value in payload["ratios"].values())
+    table = (tmp_path / "out" / "engine.md").read_text()
+    assert table.startswith("family tiny;") and "| engine / floor, 1 sequence |" in table
