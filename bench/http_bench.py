@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="requests per client, one after another")
     parser.add_argument("--spread", type=float, default=None,
-                        help="each request's max_tokens is max_tokens x [1 - spread, 1 + spread] (default 0.5; quick 0)")
+                        help="each request's max_tokens is max_tokens x [1 - spread, 1 + spread] (default 0: all equal, as the floor)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats of every measurement")
     parser.add_argument("--servers", nargs="+", default=None, choices=["proxy", "base", "peer"])
     parser.add_argument("--ref", default=None,
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     args.family = args.family or ("tiny" if quick else "bench")
     args.levels = args.levels or ([1, 4] if quick else [1, 4, 16, 64])
     args.max_tokens = args.max_tokens or (16 if quick else 64)
-    args.spread = (0.0 if quick else 0.5) if args.spread is None else args.spread
+    args.spread = 0.0 if args.spread is None else args.spread
     args.rounds = args.rounds or (1 if quick else 2)
     args.repeats = args.repeats or (1 if quick else 2)
     args.servers = args.servers or (["proxy", "base"] if quick else ["proxy", "base", "peer"])
