@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy_engine.async_engine import AsyncEngine
 from proxy_engine.config import ModelConfig
-from server.errors import APIError, install_error_handlers
+from server.errors import APIError, UnexpectedErrors, install_error_handlers
 from server.routes import build_router, package_version
 from server.serving import ServerContext
 from server.settings import ServerSettings
@@ -116,6 +116,7 @@ def create_app(
             allow_headers=["*"],  # preflight echoes what the browser asks for, Authorization included
             expose_headers=["x-request-id", "retry-after"],
         ))
+    middleware.append(Middleware(UnexpectedErrors))  # inside CORS: a 500 keeps its CORS headers
     middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes))
 
     app = FastAPI(

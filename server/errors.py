@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("proxy_serve")
 
@@ -128,6 +129,42 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
     return "; ".join(lines[:5]) + more, next(iter(messages)) or None
 
 
+class UnexpectedErrors:
+    """Turns an unexpected exception into the OpenAI-shaped 500 *inside* the CORS middleware.
+
+    Starlette answers a handler for ``Exception`` from its outermost middleware, outside CORS: the 500 then
+    carries no ``Access-Control-Allow-Origin`` and a browser frontend shows a CORS failure instead of the
+    error. Once a response has started (a stream), nothing can be sent in its place: the error propagates.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            await _logged_internal_error(exc).response()(scope, receive, send)
+
+
+def _logged_internal_error(exc: BaseException) -> APIError:
+    error = internal_error()
+    logger.error("unhandled error (%s)", error.headers["x-request-id"], exc_info=exc)
+    return error
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -150,8 +187,6 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})).response()
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)  # the last resort, for an error outside ``UnexpectedErrors``
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        error = internal_error()
-        logger.error("unhandled error (%s)", error.headers["x-request-id"], exc_info=exc)
-        return error.response()
+        return _logged_internal_error(exc).response()

@@ -151,3 +151,25 @@ def test_request_log_line_has_no_prompt_unless_asked(fake, caplog):
         lines = [r.getMessage() for r in caplog.records if r.name == "proxy_serve.requests"]
         assert len(lines) == 1 and "completion_tokens=2" in lines[0] and "prompt_tokens=" in lines[0]
         assert ("secret words" in lines[0]) is log_prompts
+
+
+def test_an_unexpected_error_is_a_500_a_browser_can_read(fake):
+    """A bug (here: tokenize raising) answers the OpenAI-shaped 500 with the CORS headers, so a chat frontend
+    shows the error instead of a CORS failure; the server keeps serving."""
+    origin = "http://chat.example"
+    settings = _settings(allowed_origins=[origin])
+    with TestClient(create_app(fake, settings), raise_server_exceptions=False) as client:
+        client.portal.call(asyncio.sleep, 0.05)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug")
+
+        fake.tokenize = broken
+        response = client.post("/tokenize", json={"prompt": "x"}, headers={"Origin": origin})
+        assert response.status_code == 500
+        assert response.headers["access-control-allow-origin"] == origin
+        error = response.json()["error"]
+        assert error["code"] == "internal_error" and response.headers["x-request-id"] in error["message"]
+        assert "a bug" not in response.text and "Traceback" not in response.text
+        del fake.tokenize
+        assert client.post("/tokenize", json={"prompt": "x"}).status_code == 200
