@@ -21,6 +21,7 @@ from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
 from proxy_engine.detokenizer import IncrementalDetokenizer, token_bytes
 from proxy_engine.loader import LoadedModel, eos_token_ids
+from proxy_engine.prompt_scores import PromptScores
 from proxy_engine.request import (
     EngineOverloadedError,
     FinishReason,
@@ -52,6 +53,7 @@ class PrefillGroup:
 
     sequences: list[Sequence]
     jobs: dict[int, PrefillJob]
+    scores: dict[int, PromptScores]  # seq_id -> its prompt logprobs, for the sequences that asked
 
     @property
     def complete(self) -> bool:
@@ -126,7 +128,7 @@ class ProxyEngine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         weights = self.weights_for(params, target)
         prompts: dict[int, list[int]] = {}
-        context_left = params.max_tokens or 10**9
+        context_left = params.max_tokens if params.max_tokens is not None else 10**9
         for index, weight in enumerate(weights):
             if weight == 0.0:
                 continue
@@ -139,6 +141,8 @@ class ProxyEngine:
                 )
             prompts[index] = ids
             context_left = min(context_left, limit - len(ids))
+        if params.prompt_logprobs is not None:
+            self._check_scorable(prompts)
         if params.min_tokens > context_left:
             raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the context left ({context_left} tokens)")
         deadline = None
@@ -160,6 +164,19 @@ class ProxyEngine:
                          generator, self.eos_ids, deadline=deadline)
             )
         return sequences
+
+    def _check_scorable(self, prompts: dict[int, list[int]]) -> None:
+        """Prompt logprobs need every model of the request to read the same tokens (a chat-format model reads
+        its template around them: its position p is not the others' position p)."""
+        for index in prompts:
+            model = self.models[index]
+            if model.renderer.prompt_format != "plain":
+                raise ValueError(
+                    f"prompt logprobs (echo with logprobs) need every model to see the prompt as plain text; the "
+                    f"{model.role} model uses its chat format"
+                )
+        if len({tuple(ids) for ids in prompts.values()}) > 1:
+            raise ValueError("prompt logprobs need the models to tokenize the prompt alike, and they do not")
 
     def add(self, sequences: list[Sequence]) -> None:
         """Queue sequences (any thread); ``EngineOverloadedError`` when the waiting queue is full."""
@@ -290,9 +307,14 @@ class ProxyEngine:
             members = [s for s in sequences if index in s.prompts]
             if members:
                 jobs[index] = runner.start_prefill([s.seq_id for s in members], [s.prompts[index] for s in members])
+        scores = {}
         for sequence in sequences:
             sequence.status = Status.PREFILLING
-        return PrefillGroup(sequences, jobs)
+            k = sequence.params.prompt_logprobs
+            if k is not None:
+                prompt = sequence.prompts[sequence.runners[0]]
+                scores[sequence.seq_id] = PromptScores(prompt, sequence.runners, k, self.vocab_size, self.device)
+        return PrefillGroup(sequences, jobs, scores)
 
     def _prefill_step(self) -> list[RequestOutput]:
         group = self.prefill
@@ -300,26 +322,28 @@ class ProxyEngine:
         # Running rows each cost one token this step; the rest of the budget goes to prompts.
         budget = max(16, self.config.limits.max_num_batched_tokens - len(self.running))
         for index, job in group.jobs.items():
-            self.runners[index].prefill_step(job, budget)
+            self._prefill_chunk(group, index, job, budget)
         if not group.complete:
             return []
         self.prefill = None
         alive = [s for s in group.sequences if s.status is not Status.FINISHED]
         if not alive:
             return []
-        position = {s.seq_id: row for row, s in enumerate(alive)}
-        parts = []
-        for index, job in group.jobs.items():
-            keep = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in position]
-            members = [s for s in alive if index in s.prompts]
-            rows = torch.tensor([position[s.seq_id] for s in members], dtype=torch.long)
-            weights = torch.tensor([s.weights[index] for s in members], dtype=torch.float32)
-            logits = job.last_logits[torch.tensor(keep, dtype=torch.long, device=job.last_logits.device)]
-            parts.append(Contribution(rows, weights, logits))
-        combined = combine(len(alive), self.vocab_size, parts, self.device)
         for sequence in alive:
             self.prompt_tokens_total += sequence.primary_prompt_len
-        outputs = self._sample_and_emit(alive, combined)
+        # max_tokens 0 (echo, scoring a prompt): the prompt is all there is.
+        sampled = [s for s in alive if s.max_tokens > 0]
+        emitted: dict[Sequence, RequestOutput] = {}
+        if sampled:
+            combined = self._combine_last(group, sampled)
+            emitted.update(zip(sampled, self._sample_and_emit(sampled, combined)))
+        for sequence in alive:
+            if sequence.max_tokens == 0:
+                emitted[sequence] = self._finish(sequence, FinishReason.LENGTH)
+            scores = group.scores.get(sequence.seq_id)
+            if scores is not None:
+                emitted[sequence].prompt_logprobs = self._prompt_logprobs(scores)
+        outputs = [emitted[s] for s in alive]
         survivors = [s for s in alive if s.status is not Status.FINISHED]
         survivor_ids = {s.seq_id for s in survivors}
         for index, job in group.jobs.items():
@@ -329,6 +353,43 @@ class ProxyEngine:
             sequence.status = Status.RUNNING
         self.running.extend(survivors)
         return outputs
+
+    def _prefill_chunk(self, group: PrefillGroup, index: int, job: PrefillJob, budget: int) -> None:
+        """One chunk of one model's prefill; the chunk's logits go to the prompt scores that want them."""
+        scored = [row for row, seq_id in enumerate(job.seq_ids) if seq_id in group.scores]
+        first_column = job.done
+        self.runners[index].prefill_step(job, budget, scored)
+        if not scored or job.chunk_logits is None:
+            return
+        width = job.ids.shape[1]
+        weights = {s.seq_id: s.weights[index] for s in group.sequences}
+        for logits, row in zip(job.chunk_logits, scored):
+            scores = group.scores[job.seq_ids[row]]
+            pad = width - len(scores.prompt)  # rows are left-padded to the job's longest prompt
+            scores.add(index, first_column - pad, logits, weights[job.seq_ids[row]])
+        job.chunk_logits = None
+
+    def _combine_last(self, group: PrefillGroup, sequences: list[Sequence]) -> torch.Tensor:
+        """``[len(sequences), V]``: the combined logits after the last prompt token of each sequence."""
+        position = {s.seq_id: row for row, s in enumerate(sequences)}
+        parts = []
+        for index, job in group.jobs.items():
+            keep = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in position]
+            if not keep:
+                continue
+            members = [s for s in sequences if index in s.prompts]
+            rows = torch.tensor([position[s.seq_id] for s in members], dtype=torch.long)
+            weights = torch.tensor([s.weights[index] for s in members], dtype=torch.float32)
+            logits = job.last_logits[torch.tensor(keep, dtype=torch.long, device=job.last_logits.device)]
+            parts.append(Contribution(rows, weights, logits))
+        return combine(len(sequences), self.vocab_size, parts, self.device)
+
+    def _prompt_logprobs(self, scores: PromptScores) -> list[TokenLogprob]:
+        first = scores.prompt[0]
+        entries = [TokenLogprob(first, self.token_text(first), None, [], self.token_bytes(first))]
+        for token, logprob, values, ids in zip(scores.targets, scores.chosen, scores.top_values, scores.top_ids):
+            entries.append(self._token_logprob(token, logprob, ids, values))
+        return entries
 
     # --- sampling and outputs --------------------------------------------------------------------------------
     def _sample_and_emit(self, sequences: list[Sequence], combined: torch.Tensor) -> list[RequestOutput]:
@@ -380,11 +441,7 @@ class ProxyEngine:
             logprobs = None
             if sequence.params.logprobs is not None:
                 k = sequence.params.logprobs
-                top = [
-                    TopLogprob(i, self.token_text(i), v, self.token_bytes(i))
-                    for i, v in zip(top_ids[row][:k], top_values[row][:k])
-                ]
-                logprobs = [TokenLogprob(token, self.token_text(token), chosen_lp[row], top, self.token_bytes(token))]
+                logprobs = [self._token_logprob(token, chosen_lp[row], top_ids[row][:k], top_values[row][:k])]
             choices.append((token, logprobs))
         return choices
 
@@ -462,6 +519,10 @@ class ProxyEngine:
             sequence.request_id, sequence.index, [new_token] if new_token is not None else [], text, reason,
             logprobs, sequence.primary_prompt_len, len(sequence.output_ids), error, error_code,
         )
+
+    def _token_logprob(self, token: int, logprob: float, top_ids: list[int], top_values: list[float]) -> TokenLogprob:
+        top = [TopLogprob(i, self.token_text(i), v, self.token_bytes(i)) for i, v in zip(top_ids, top_values)]
+        return TokenLogprob(token, self.token_text(token), logprob, top, self.token_bytes(token))
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)

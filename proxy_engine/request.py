@@ -92,6 +92,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token plus the top k
+    # The same for every prompt token after the first (the combined distribution's, as for generated tokens):
+    # what ``echo`` with ``logprobs`` returns, and what evaluation harnesses score prompts with.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # None: the configured default of every pair; a number: that alpha for every pair; a list: one per pair.
     alpha: float | list[float] | None = None
@@ -124,16 +127,18 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be at least 0, got {self.max_tokens}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be between 1 and {MAX_N}, got {self.n}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for stop in self.stop:
@@ -176,11 +181,12 @@ class TopLogprob:
 
 @dataclass
 class TokenLogprob:
-    """The combined distribution's log-probability of one generated token, and its top alternatives."""
+    """The combined distribution's log-probability of one token (generated, or of the prompt), and its top
+    alternatives."""
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token: nothing predicts it
     top: list[TopLogprob] = field(default_factory=list)
     bytes: list[int] = field(default_factory=list)  # the token's raw UTF-8 bytes (may be part of a character)
 
@@ -199,6 +205,9 @@ class RequestOutput:
     completion_tokens: int = 0  # cumulative for this sequence
     error: str | None = None  # set when finish_reason is ERROR
     error_code: str | None = None  # with ERROR: "timeout" (the request's time limit) or "internal_error"
+    # On a sequence's first output when ``prompt_logprobs`` was asked: one entry per prompt token (the first
+    # with logprob None).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:

@@ -102,6 +102,7 @@ class PrefillJob:
     cache: PaddedKVCache
     done: int = 0  # columns prefilled so far
     last_logits: torch.Tensor | None = None  # [b, V] float32, once complete
+    chunk_logits: torch.Tensor | None = None  # the last chunk's every-position logits of the scored rows
     positions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     @property
@@ -146,14 +147,19 @@ class ModelRunner:
 
     # --- the forward pass --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
-        """Last-position logits ``[B, V]`` (float32, cut to the vocabulary) for ``ids [B, q]``."""
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache, every_position: bool = False
+    ) -> torch.Tensor:
+        """Logits (float32, cut to the vocabulary) for ``ids [B, q]``: ``[B, V]`` for the last position, or
+        ``[B, q, V]`` for ``every_position`` (prompt logprobs)."""
         if self.device.type == "cpu":
             _use_cpu_threads()
         kwargs = {self._cache_kwarg: cache, "use_cache": True}
         if self._keep_kwarg:
-            kwargs[self._keep_kwarg] = 1
+            kwargs[self._keep_kwarg] = 0 if every_position else 1  # 0: every position
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        if every_position:
+            return out.logits[:, :, : self.vocab_size].float()
         return out.logits[:, -1, : self.vocab_size].float()
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -182,15 +188,23 @@ class ModelRunner:
         job.positions = (job.mask.cumsum(dim=1) - 1).clamp(min=0)
         return job
 
-    def prefill_step(self, job: PrefillJob, max_tokens: int) -> int:
-        """Prefill up to ``max_tokens`` (rows x columns) of ``job``; returns the tokens processed."""
+    def prefill_step(self, job: PrefillJob, max_tokens: int, scored_rows: list[int] | None = None) -> int:
+        """Prefill up to ``max_tokens`` (rows x columns) of ``job``; returns the tokens processed.
+
+        ``scored_rows`` (job row indices) want the logits of every position of this chunk (prompt logprobs):
+        they are left in ``job.chunk_logits`` ``[len(scored_rows), columns, V]``.
+        """
         if job.complete:
             return 0
         columns = max(1, min(job.ids.shape[1] - job.done, max_tokens // max(1, len(job.seq_ids))))
         end = job.done + columns
         logits = self._forward(
-            job.ids[:, job.done : end], job.mask[:, :end], job.positions[:, job.done : end], job.cache
+            job.ids[:, job.done : end], job.mask[:, :end], job.positions[:, job.done : end], job.cache,
+            every_position=bool(scored_rows),
         )
+        if scored_rows:
+            job.chunk_logits = logits[torch.tensor(scored_rows, dtype=torch.long, device=logits.device)]
+            logits = logits[:, -1]
         job.done = end
         if job.complete:
             job.last_logits = logits

@@ -82,7 +82,7 @@ class _SamplingFields(_Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         values: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
@@ -104,6 +104,7 @@ class _SamplingFields(_Lenient):
             "skip_special_tokens": self.skip_special_tokens,
             "alpha": self.alpha,
             "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
             "logit_bias": _logit_bias(self.logit_bias),
         }
         params = SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
@@ -163,13 +164,22 @@ class CompletionRequest(_SamplingFields):
             raise bad_request("prompt must not be empty", "prompt")
         raise bad_request("prompt must be a string, a list with one string, or a list of token ids", "prompt")
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """``echo`` with ``logprobs``: every prompt token's logprob too (how harnesses score a prompt, usually
+        with ``max_tokens`` 0 or 1)."""
+        return bool(self.echo) and self.logprobs is not None
+
     def sampling_params(self) -> SamplingParams:
-        if self.echo and self.logprobs is not None:
-            raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling(max_tokens, self.logprobs)
+        if max_tokens is not None and max_tokens < 1 and not (max_tokens == 0 and self.echo):
+            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise bad_request(f"{field} must be at least 1 (0 only with echo: the prompt alone), got {max_tokens}",
+                              field)
+        prompt_logprobs = self.logprobs if self.wants_prompt_logprobs else None
+        return self._sampling(max_tokens, self.logprobs, prompt_logprobs)
 
 
 class ChatMessage(_Lenient):
@@ -208,6 +218,9 @@ class ChatCompletionRequest(_SamplingFields):
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if max_tokens is not None and max_tokens < 1:  # 0 only makes sense for a completion's echo
+            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise bad_request(f"{field} must be at least 1, got {max_tokens}", field)
         return self._sampling(max_tokens, logprobs)
 
 
@@ -275,16 +288,29 @@ def _lp(value: float) -> float:
     return value if math.isfinite(value) else MIN_LOGPROB
 
 
-def completion_logprobs(tokens: list[TokenLogprob], start_offset: int) -> dict[str, list]:
-    """Legacy completions format; ``text_offset`` counts characters from the start of the returned text."""
-    offsets, offset = [], start_offset
+def completion_logprobs(
+    tokens: list[TokenLogprob], start_offset: int, prompt: list[TokenLogprob] | None = None
+) -> dict[str, list]:
+    """Legacy completions format; ``text_offset`` counts characters from the start of the returned text.
+
+    ``prompt`` (echo with logprobs) comes first, from offset 0; its first token has null logprobs, as in
+    OpenAI's and vLLM's answers.
+    """
+    offsets, offset = [], 0
+    for token in prompt or []:
+        offsets.append(offset)
+        offset += len(token.token)
+    offset = start_offset
     for token in tokens:
         offsets.append(offset)
         offset += len(token.token)
+    every = [*(prompt or []), *tokens]
     return {
-        "tokens": [t.token for t in tokens],
-        "token_logprobs": [_lp(t.logprob) for t in tokens],
-        "top_logprobs": [{top.token: _lp(top.logprob) for top in t.top} for t in tokens],
+        "tokens": [t.token for t in every],
+        "token_logprobs": [None if t.logprob is None else _lp(t.logprob) for t in every],
+        "top_logprobs": [
+            None if t.logprob is None else {top.token: _lp(top.logprob) for top in t.top} for t in every
+        ],
         "text_offset": offsets,
     }
 

@@ -117,7 +117,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 raise
         headers = {"x-request-id": request_id}
         if body.stream:
-            events = completion_events(generation, created=created, echo=echo, include_usage=body.include_usage)
+            events = completion_events(generation, created=created, echo=echo, include_usage=body.include_usage,
+                                       prompt_logprobs=body.wants_prompt_logprobs)
             return EventStreamResponse(events, generation.close, headers)
         try:
             if not await collect(generation, request):
@@ -127,7 +128,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
         choices = []
         for choice in generation.choices:
             prefix = echo or ""
-            logprobs = completion_logprobs(choice.logprobs, len(prefix)) if body.logprobs is not None else None
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(choice.logprobs, len(prefix), choice.prompt_logprobs)
             choices.append({"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
                             "finish_reason": choice.finish_reason})
         return JSONResponse(

@@ -172,6 +172,7 @@ class Choice:
     index: int
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs
     finish_reason: str | None = None
     completion_tokens: int = 0
 
@@ -223,6 +224,8 @@ class Generation:
             choice.completion_tokens = output.completion_tokens or choice.completion_tokens + counted
             if output.logprobs:
                 choice.logprobs.extend(output.logprobs)
+            if output.prompt_logprobs is not None:
+                choice.prompt_logprobs = output.prompt_logprobs
             if output.finish_reason is FinishReason.ERROR:
                 code = output.error_code if output.error_code in ERRORS else "internal_error"
                 # The engine logged a fault's traceback once; this is the request's own line.

@@ -118,7 +118,7 @@ def test_top_logprobs_are_log_softmax():
         ({"min_p": 2}, "min_p"),
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens must be at least 0"),
         ({"n": 0}, "n must"),
         ({"n": 1000}, "n must"),
         ({"logprobs": 50}, "logprobs"),

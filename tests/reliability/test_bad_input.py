@@ -207,7 +207,10 @@ CATALOGUE = [
     (COMPLETIONS, {"prompt": "x", "model": "/etc/passwd"}, 404),
     (COMPLETIONS, {"prompt": "x", "model": "../../proxy-tuned"}, 404),
     (COMPLETIONS, {"prompt": "x", "suffix": "y"}, 400),
-    (COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 1}, 400),
+    (COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 1}, 200),  # prompt logprobs
+    (COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 0}, 200),
+    (COMPLETIONS, {"prompt": "x", "echo": True, "max_tokens": 0}, 200),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400),
 ]
 
 

@@ -172,3 +172,45 @@ def test_unknown_fields_and_nulls_are_accepted(client):
                                             "repetition_penalty": 1.1, "min_tokens": 1, "top_a": None},
     )
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_a_harness(client, http):
+    """What lm-evaluation-harness sends for loglikelihood tasks: token ids, echo, logprobs, max_tokens 0 or 1.
+    Each prompt token's logprob equals the logprob the same model gives that token when it generates it after
+    the same prefix (forced with logit_bias, which logprobs do not see)."""
+    prompt = http.post("/tokenize", json={"model": MODEL, "prompt": "The capital of France"}).json()["tokens"]
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    choice = scored.choices[0]
+    assert choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert scored.usage.prompt_tokens == len(prompt)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(top) == 1 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for i in (1, len(prompt) - 1):
+        forced = client.completions.create(model=MODEL, prompt=prompt[:i], max_tokens=1, logprobs=1, temperature=0,
+                                           logit_bias={str(prompt[i]): 100}, extra_body={"ignore_eos": True})
+        assert forced.choices[0].logprobs.tokens == [lp.tokens[i]]
+        assert abs(forced.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[i]) < 1e-4
+        assert forced.choices[0].logprobs.top_logprobs[0] == pytest.approx(lp.top_logprobs[i], abs=1e-4)
+    # The base alone scores the same prompt differently (the experts shift it), and max_tokens 1 adds a token.
+    base = client.completions.create(model=f"{MODEL}:base", prompt=prompt, max_tokens=0, echo=True, logprobs=0,
+                                     temperature=0).choices[0].logprobs
+    assert base.token_logprobs[1:] != pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    one = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1, **GREEDY)
+    assert one.choices[0].logprobs.token_logprobs[1 : len(prompt)] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert len(one.choices[0].logprobs.tokens) == len(prompt) + 1
+
+
+def test_echo_with_logprobs_streams_the_prompt_first(client):
+    kwargs = dict(model=MODEL, prompt="Echo me please", max_tokens=3, echo=True, logprobs=2, **GREEDY)
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    first = chunks[0].choices[0]
+    assert first.text == "Echo me please" and first.logprobs.token_logprobs[0] is None
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == whole.logprobs.tokens
+    with pytest.raises(Exception, match="at least 1"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=0)
