@@ -356,17 +356,19 @@ class ProxyEngine:
 
     def _prefill_chunk(self, group: PrefillGroup, index: int, job: PrefillJob, budget: int) -> None:
         """One chunk of one model's prefill; the chunk's logits go to the prompt scores that want them."""
-        scored = [row for row, seq_id in enumerate(job.seq_ids) if seq_id in group.scores]
+        scorers = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in group.scores]
+        scored_rows = sorted({job.row_of[i] for i in scorers})
         first_column = job.done
-        self.runners[index].prefill_step(job, budget, scored)
-        if not scored or job.chunk_logits is None:
+        self.runners[index].prefill_step(job, budget, scored_rows)
+        if not scored_rows or job.chunk_logits is None:
             return
         width = job.ids.shape[1]
         weights = {s.seq_id: s.weights[index] for s in group.sequences}
-        for logits, row in zip(job.chunk_logits, scored):
-            scores = group.scores[job.seq_ids[row]]
+        for i in scorers:
+            scores = group.scores[job.seq_ids[i]]
+            logits = job.chunk_logits[scored_rows.index(job.row_of[i])]
             pad = width - len(scores.prompt)  # rows are left-padded to the job's longest prompt
-            scores.add(index, first_column - pad, logits, weights[job.seq_ids[row]])
+            scores.add(index, first_column - pad, logits, weights[job.seq_ids[i]])
         job.chunk_logits = None
 
     def _combine_last(self, group: PrefillGroup, sequences: list[Sequence]) -> torch.Tensor:
@@ -380,8 +382,8 @@ class ProxyEngine:
             members = [s for s in sequences if index in s.prompts]
             rows = torch.tensor([position[s.seq_id] for s in members], dtype=torch.long)
             weights = torch.tensor([s.weights[index] for s in members], dtype=torch.float32)
-            logits = job.last_logits[torch.tensor(keep, dtype=torch.long, device=job.last_logits.device)]
-            parts.append(Contribution(rows, weights, logits))
+            picked = torch.tensor([job.row_of[i] for i in keep], dtype=torch.long, device=job.last_logits.device)
+            parts.append(Contribution(rows, weights, job.last_logits[picked]))
         return combine(len(sequences), self.vocab_size, parts, self.device)
 
     def _prompt_logprobs(self, scores: PromptScores) -> list[TokenLogprob]:

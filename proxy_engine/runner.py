@@ -94,11 +94,16 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @dataclass(eq=False)
 class PrefillJob:
-    """Prompts of some new rows, prefilled a chunk of columns at a time."""
+    """Prompts of some new rows, prefilled a chunk of columns at a time.
+
+    Sequences with the same prompt (the ``n`` choices of a request, or identical requests) share one row of
+    ``ids``: it is prefilled once and copied into each sequence's slot when the job completes.
+    """
 
     seq_ids: list[int]
-    ids: torch.Tensor  # [b, L] left-padded prompt ids
-    mask: torch.Tensor  # [b, L]
+    row_of: list[int]  # seq_ids[i] reads row row_of[i] of ids / the cache / the logits
+    ids: torch.Tensor  # [rows, L] left-padded prompt ids, one row per distinct prompt
+    mask: torch.Tensor  # [rows, L]
     cache: PaddedKVCache
     done: int = 0  # columns prefilled so far
     last_logits: torch.Tensor | None = None  # [b, V] float32, once complete
@@ -111,7 +116,7 @@ class PrefillJob:
 
     @property
     def remaining_tokens(self) -> int:
-        return (self.ids.shape[1] - self.done) * len(self.seq_ids)
+        return (self.ids.shape[1] - self.done) * self.ids.shape[0]
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -183,20 +188,23 @@ class ModelRunner:
 
     # --- rows in and out ---------------------------------------------------------------------------------
     def start_prefill(self, seq_ids: list[int], prompts: list[list[int]]) -> PrefillJob:
-        ids, mask = _left_pad(prompts, self.pad_id)
-        job = PrefillJob(seq_ids, ids.to(self.device), mask.to(self.device), PaddedKVCache(self.num_layers))
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
+        ids, mask = _left_pad([list(prompt) for prompt in distinct], self.pad_id)
+        job = PrefillJob(seq_ids, row_of, ids.to(self.device), mask.to(self.device), PaddedKVCache(self.num_layers))
         job.positions = (job.mask.cumsum(dim=1) - 1).clamp(min=0)
         return job
 
     def prefill_step(self, job: PrefillJob, max_tokens: int, scored_rows: list[int] | None = None) -> int:
         """Prefill up to ``max_tokens`` (rows x columns) of ``job``; returns the tokens processed.
 
-        ``scored_rows`` (job row indices) want the logits of every position of this chunk (prompt logprobs):
-        they are left in ``job.chunk_logits`` ``[len(scored_rows), columns, V]``.
+        ``scored_rows`` (rows of ``job.ids``) want the logits of every position of this chunk (prompt
+        logprobs): they are left in ``job.chunk_logits`` ``[len(scored_rows), columns, V]``.
         """
         if job.complete:
             return 0
-        columns = max(1, min(job.ids.shape[1] - job.done, max_tokens // max(1, len(job.seq_ids))))
+        rows = job.ids.shape[0]
+        columns = max(1, min(job.ids.shape[1] - job.done, max_tokens // rows))
         end = job.done + columns
         logits = self._forward(
             job.ids[:, job.done : end], job.mask[:, :end], job.positions[:, job.done : end], job.cache,
@@ -208,17 +216,19 @@ class ModelRunner:
         job.done = end
         if job.complete:
             job.last_logits = logits
-        return columns * len(job.seq_ids)
+        return columns * rows
 
     def add_rows(self, job: PrefillJob, keep: list[int] | None = None) -> None:
-        """Add a completed job's rows (those at indices ``keep`` of the job, by default all) in new slots."""
+        """Give the sequences ``job.seq_ids[i]`` for ``i`` in ``keep`` (by default all) new slots, each with a copy
+        of its prompt's cache."""
         assert job.complete
-        rows = list(range(len(job.seq_ids))) if keep is None else list(keep)
-        if not rows:
+        members = list(range(len(job.seq_ids))) if keep is None else list(keep)
+        if not members:
             return
+        rows = [job.row_of[i] for i in members]
         pads = (job.mask.shape[1] - job.mask.sum(dim=1)).tolist()
-        self.cache.add(job.cache, rows, [int(pads[i]) for i in rows])
-        self.seq_ids = self.seq_ids + [job.seq_ids[i] for i in rows]
+        self.cache.add(job.cache, rows, [int(pads[row]) for row in rows])
+        self.seq_ids = self.seq_ids + [job.seq_ids[i] for i in members]
 
     def keep_rows(self, seq_ids: list[int]) -> None:
         """Keep only these sequences (a subset of ours, in any order); the others' slots are freed."""

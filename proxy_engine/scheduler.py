@@ -36,13 +36,16 @@ class Scheduler:
         admitted: list[Sequence] = []
         budget = self.limits.max_num_batched_tokens
         width = 0
+        prompts: set[tuple] = set()  # a prompt already admitted costs nothing more: its prefill is shared
         while self.waiting and running + len(admitted) < self.limits.max_num_seqs:
             candidate = self.waiting[0]
             longest = max(len(p) for p in candidate.prompts.values())
-            padded = max(width, longest) * (len(admitted) + 1)
-            if admitted and padded > budget:
+            key = tuple((index, tuple(ids)) for index, ids in sorted(candidate.prompts.items()))
+            padded = max(width, longest) * (len(prompts) + (key not in prompts))
+            if admitted and key not in prompts and padded > budget:
                 break
             admitted.append(self.waiting.popleft())
+            prompts.add(key)
             width = max(width, longest)
         return admitted
 

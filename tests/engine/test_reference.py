@@ -94,3 +94,27 @@ def test_two_expert_pairs_match_the_formula(tiny_family, chat_family):
         assert sequence.output_ids == tokens
         for got, want in zip(recorded[sequence.seq_id], logits):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_identical_prompts_are_prefilled_once(chat_family, chat_models):
+    """The n choices of a request, and another request with the same prompt, share one prefill row per model;
+    each still gets its own slot and decodes exactly as the reference does."""
+    engine = make_engine(chat_models, chat_family, max_num_batched_tokens=16)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    sequences = submit(engine, "n3", prompt, temperature=0, max_tokens=5, ignore_eos=True, n=3)
+    sequences += submit(engine, "same", prompt, temperature=0, max_tokens=5, ignore_eos=True)
+    sequences += submit(engine, "other", "Paris is", temperature=0, max_tokens=5, ignore_eos=True)
+    groups = []
+    start = engine._start_prefill
+    engine._start_prefill = lambda admitted: groups.append(start(admitted)) or groups[-1]
+    while engine.has_work():
+        engine.step()
+    # The four sequences of one prompt were admitted together and share one row in each model's job.
+    first = groups[0]
+    assert [s.request_id for s in first.sequences][:4] == ["n3", "n3", "n3", "same"]
+    assert all(job.row_of[:4] == [0, 0, 0, 0] for job in first.jobs.values())
+    assert all(job.ids.shape[0] == len(set(job.row_of)) for group in groups for job in group.jobs.values())
+    reference = NaiveProxy([str(chat_family.base), str(chat_family.expert), str(chat_family.anti_expert)], 512)
+    for sequence in sequences:
+        tokens, _ = reference.greedy([sequence.prompts.get(i) for i in range(3)], sequence.weights, 5)
+        assert sequence.output_ids == tokens, sequence.request_id
