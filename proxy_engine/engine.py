@@ -173,7 +173,8 @@ class ProxyEngine:
             if model.renderer.prompt_format != "plain":
                 raise ValueError(
                     f"prompt logprobs (echo with logprobs) need every model to see the prompt as plain text; the "
-                    f"{model.role} model uses its chat format"
+                    f"{model.role} model uses its chat format (its positions are not the base's). Score with the "
+                    f"base alone, or serve the pair with prompt_format: plain"
                 )
         if len({tuple(ids) for ids in prompts.values()}) > 1:
             raise ValueError("prompt logprobs need the models to tokenize the prompt alike, and they do not")
