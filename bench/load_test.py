@@ -536,7 +536,7 @@ class LoadConfig:
     disconnect: float = 0.25
     max_tokens: int = 128
     rounds: int = 2
-    warmup: int = 32
+    warmup: int = 64  # one full wave at the default concurrency: the memory reference is then the working size
     seed: int = 0
     family: str = "tiny"
     threads: int = 1
