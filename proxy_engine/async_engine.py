@@ -141,16 +141,34 @@ class AsyncEngine:
 
     # --- requests --------------------------------------------------------------------------------------------
     async def add_request(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams, target: Target = Target.PROXY
+        self,
+        request_id: str,
+        prompt: PromptInput | list[PromptInput],
+        params: SamplingParams,
+        target: Target = Target.PROXY,
     ) -> RequestStream:
+        """Queue a request: one prompt, or several (prompt ``i``'s ``n`` choices are numbered from ``i * n``; the
+        request is admitted or refused as a whole)."""
         engine = self._require_engine()
         if not self._admitting:
             raise EngineOverloadedError("the server is shutting down and admits no new requests", retry_after_s=5)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        if not prompts:
+            raise ValueError("the request has no prompt")
+
+        def render() -> tuple[list, int]:
+            sequences, prompt_tokens = [], 0
+            for i, one in enumerate(prompts):
+                mine = engine.make_sequences(request_id, one, params, target, first_index=i * params.n)
+                sequences += mine
+                prompt_tokens += mine[0].primary_prompt_len
+            return sequences, prompt_tokens
+
         # Rendering and tokenizing a long prompt takes a while: keep it off the event loop.
-        sequences = await asyncio.to_thread(engine.make_sequences, request_id, prompt, params, target)
-        stream = RequestStream(request_id, len(sequences), sequences[0].primary_prompt_len)
+        sequences, prompt_tokens = await asyncio.to_thread(render)
+        stream = RequestStream(request_id, len(sequences), prompt_tokens)
         self._streams[request_id] = stream
         try:
             engine.add(sequences)

@@ -120,9 +120,18 @@ class ProxyEngine:
         return self.models[index].renderer.render(prompt)
 
     def make_sequences(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams, target: Target = Target.PROXY
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        target: Target = Target.PROXY,
+        first_index: int = 0,
     ) -> list[Sequence]:
-        """Validate and render a request into its ``n`` sequences; ``ValueError`` says what is wrong."""
+        """Validate and render a request into its ``n`` sequences; ``ValueError`` says what is wrong.
+
+        Their choice indices start at ``first_index`` (a request with several prompts numbers prompt ``i``'s
+        choices from ``i * n``, as OpenAI does).
+        """
         params.validate(self.vocab_size, self.num_pairs)
         if prompt.token_ids is not None and any(not 0 <= t < self.vocab_size for t in prompt.token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
@@ -150,7 +159,7 @@ class ProxyEngine:
             deadline = time.monotonic() + self.config.limits.request_timeout_s
         sequences = []
         stops = list(params.stop)
-        for choice in range(params.n):
+        for choice in range(first_index, first_index + params.n):
             seed = params.seed + choice if params.seed is not None else self._seed_rng.getrandbits(63)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             detokenizer = IncrementalDetokenizer(

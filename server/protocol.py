@@ -22,6 +22,7 @@ MIN_LOGPROB = -9999.0
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 TEXT_PART_TYPES = {"text", "input_text"}
 TOP_P_ZERO = 1e-9
+MAX_PROMPTS = 64  # prompts in one completions request (each with its n choices)
 
 # Integers that end up in tensors or seed a generator must fit in 64 bits: a bigger one is a 400 naming the
 # field, not an overflow deep in the engine. (Range rules proper stay the engine's.)
@@ -137,7 +138,7 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 
 
 class CompletionRequest(_SamplingFields):
-    # A string, a list with one string, token ids, or a list with one list of token ids (checked below, so
+    # A string, a list of strings, a list of token ids, or a list of lists of token ids (checked below, so
     # that a wrong shape gets one clear message instead of one per union member).
     prompt: Any
     max_tokens: int | None = 16
@@ -145,24 +146,31 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
 
-    def prompt_input(self) -> PromptInput:
+    def prompt_input(self) -> PromptInput | list[PromptInput]:
+        """One prompt, or several: prompt ``i``'s choices are then numbered from ``i * n``, as OpenAI does."""
         prompt = self.prompt
         if isinstance(prompt, str):
             return PromptInput(text=check_text(prompt, "prompt"))
-        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-            raise bad_request(
-                f"prompt holds {len(prompt)} prompts; send one prompt per request (batched prompts are not supported)",
-                "prompt",
-            )
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-            if isinstance(prompt, str):
-                return PromptInput(text=check_text(prompt, "prompt"))
         if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
             return PromptInput(token_ids=list(prompt))
         if isinstance(prompt, list) and not prompt:
             raise bad_request("prompt must not be empty", "prompt")
-        raise bad_request("prompt must be a string, a list with one string, or a list of token ids", "prompt")
+        if not isinstance(prompt, list) or not all(isinstance(p, (str, list)) for p in prompt):
+            raise bad_request(
+                "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+                "prompt",
+            )
+        if len(prompt) > MAX_PROMPTS:
+            raise bad_request(f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}", "prompt")
+        prompts = []
+        for i, one in enumerate(prompt):
+            if isinstance(one, str):
+                prompts.append(PromptInput(text=check_text(one, f"prompt[{i}]")))
+            elif one and all(_is_token_id(t) for t in one):
+                prompts.append(PromptInput(token_ids=list(one)))
+            else:
+                raise bad_request(f"prompt[{i}] must be a string or a non-empty list of token ids", "prompt")
+        return prompts[0] if len(prompts) == 1 else prompts
 
     @property
     def wants_prompt_logprobs(self) -> bool:

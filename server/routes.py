@@ -62,9 +62,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
         request_id: str,
         endpoint: str,
         model: str | None,
-        prompt: Callable[[], PromptInput],
+        prompt: Callable[[], PromptInput | list[PromptInput]],
         params: Callable[[], SamplingParams],
-    ) -> tuple[Generation, PromptInput]:
+    ) -> tuple[Generation, list[PromptInput]]:
         """Resolve, convert and submit; a refusal is counted, logged and raised as its HTTP error."""
         timer = RequestTimer(ctx.metrics)
         served = "unknown"  # a label for refused requests that named no model we serve (bounded cardinality)
@@ -77,11 +77,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
             ctx.metrics.requests.labels(endpoint, served, str(error.status)).inc()
             request_logger.info("%s model=%s status=%d error=%r", request_id, served, error.status, error.message)
             raise
-        prompt_log = prompt_input.text if prompt_input.text is not None else (
-            prompt_input.messages if prompt_input.messages is not None else prompt_input.token_ids)
+        prompts = prompt_input if isinstance(prompt_input, list) else [prompt_input]
+        logged = [p.text if p.text is not None else (p.messages if p.messages is not None else p.token_ids)
+                  for p in prompts]
         generation = Generation(ctx, stream, request_id=request_id, endpoint=endpoint, model=served, n=stream.n,
-                                timer=timer, prompt_log=prompt_log)
-        return generation, prompt_input
+                                timer=timer, prompt_log=logged[0] if len(logged) == 1 else logged)
+        return generation, prompts
 
     async def collect(generation: Generation, request: Request) -> bool:
         """Run the generation to its end; False if the client left first (the request is then aborted)."""
@@ -105,16 +106,18 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         request_id = new_request_id("cmpl")
-        generation, prompt = await start(request_id, "completions", body.model, body.prompt_input,
-                                         body.sampling_params)
+        generation, prompts = await start(request_id, "completions", body.model, body.prompt_input,
+                                          body.sampling_params)
         created = now()
-        echo = None
+        echo: list[str] | None = None  # per choice: choice k answers prompt k // n
         if body.echo:
             try:
-                echo = prompt.text if prompt.text is not None else ctx.engine.detokenize(prompt.token_ids or [])
+                texts = [p.text if p.text is not None else ctx.engine.detokenize(p.token_ids or []) for p in prompts]
             except BaseException:
                 generation.close("error")
                 raise
+            per_prompt = len(generation.choices) // len(prompts)
+            echo = [texts[k // per_prompt] for k in range(len(generation.choices))]
         headers = {"x-request-id": request_id}
         if body.stream:
             events = completion_events(generation, created=created, echo=echo, include_usage=body.include_usage,
@@ -127,7 +130,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             raise failed(generation) from None
         choices = []
         for choice in generation.choices:
-            prefix = echo or ""
+            prefix = echo[choice.index] if echo else ""
             logprobs = None
             if body.logprobs is not None:
                 logprobs = completion_logprobs(choice.logprobs, len(prefix), choice.prompt_logprobs)

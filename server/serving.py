@@ -145,11 +145,12 @@ class ServerContext:
             raise APIError(503, "the models are still loading", code="loading", headers={"Retry-After": "5"})
 
     async def submit(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams, target: Target
+        self, request_id: str, prompt: PromptInput | list[PromptInput], params: SamplingParams, target: Target
     ) -> RequestStream:
-        """Hand a request to the engine, turning its refusals into HTTP errors."""
+        """Hand a request to the engine (one prompt or several), turning its refusals into HTTP errors."""
         self.check_available()
-        if self.queue_full(params.n if 1 <= params.n <= MAX_N else 1):  # a bad n is the engine's 400
+        prompts = len(prompt) if isinstance(prompt, list) else 1
+        if self.queue_full(prompts * (params.n if 1 <= params.n <= MAX_N else 1)):  # a bad n is the engine's 400
             raise self.overloaded(f"the waiting queue is full ({self.settings.engine.limits.max_waiting} "
                                   "sequences); retry shortly", 1)
         try:

@@ -37,8 +37,10 @@ def _error_event(generation: Generation, error: BaseException) -> str:
 
 
 async def completion_events(
-    generation: Generation, *, created: int, echo: str | None, include_usage: bool, prompt_logprobs: bool = False
+    generation: Generation, *, created: int, echo: list[str] | None, include_usage: bool,
+    prompt_logprobs: bool = False,
 ) -> AsyncIterator[str]:
+    """``echo``: each choice's prompt text, sent before its first token."""
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {"id": generation.request_id, "object": "text_completion", "created": created,
                 "model": generation.model, "choices": choices}
@@ -51,15 +53,17 @@ async def completion_events(
     offsets = [0] * len(generation.choices)
     if echo is not None:
         for choice in generation.choices:
-            offsets[choice.index] = len(echo)
+            text = echo[choice.index]
+            offsets[choice.index] = len(text)
             # With prompt logprobs the echo waits for them: they come with each choice's first output.
-            if echo and not prompt_logprobs:
-                yield chunk([{"index": choice.index, "text": echo, "logprobs": None, "finish_reason": None}])
+            if text and not prompt_logprobs:
+                yield chunk([{"index": choice.index, "text": text, "logprobs": None, "finish_reason": None}])
     try:
         async for output in generation.outputs():
             if output.prompt_logprobs is not None:
                 logprobs = completion_logprobs([], 0, output.prompt_logprobs)
-                yield chunk([{"index": output.index, "text": echo or "", "logprobs": logprobs, "finish_reason": None}])
+                text = echo[output.index] if echo else ""
+                yield chunk([{"index": output.index, "text": text, "logprobs": logprobs, "finish_reason": None}])
             if output.text_delta or output.logprobs:
                 logprobs = None
                 if output.logprobs is not None:

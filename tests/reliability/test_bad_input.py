@@ -162,8 +162,11 @@ CATALOGUE = [
     (CHAT, {"messages": [{"role": "user", "content": ""}], "max_tokens": 2}, 200),
     (CHAT, {"messages": [{"role": "user"}], "max_tokens": 2}, 200),  # content null/absent: empty text
     # lists of prompts and token ids
-    (COMPLETIONS, {"prompt": ["a", "b"]}, 400),
-    (COMPLETIONS, {"prompt": [[1, 2], [3]]}, 400),
+    (COMPLETIONS, {"prompt": ["a", "b"], "max_tokens": 2}, 200),
+    (COMPLETIONS, {"prompt": [[1, 2], [3]], "max_tokens": 2, "n": 2}, 200),
+    (COMPLETIONS, {"prompt": ["a", []]}, 400),
+    (COMPLETIONS, {"prompt": ["x"] * 65}, 400),
+    (COMPLETIONS, {"prompt": [[1, 2], list(range(1, 40))]}, 400),  # the second is past the context of 32
     (COMPLETIONS, {"prompt": [1, 2, 3], "max_tokens": 2}, 200),
     (COMPLETIONS, {"prompt": [[1, 2, 3]], "max_tokens": 2}, 200),
     (COMPLETIONS, {"prompt": [-1, 2]}, 400),

@@ -214,3 +214,23 @@ def test_echo_with_logprobs_streams_the_prompt_first(client):
     assert streamed == whole.logprobs.tokens
     with pytest.raises(Exception, match="at least 1"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=0)
+
+
+def test_several_prompts_in_one_request(client):
+    """Prompt i's n choices are numbered from i * n, each as the prompt alone would answer; usage adds up."""
+    prompts = ["Paris is the", "The quick brown", "Numbers 1 2 3"]
+    batch = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, n=2, echo=True, **GREEDY)
+    assert [c.index for c in batch.choices] == list(range(6))
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, **GREEDY) for p in prompts]
+    for k, choice in enumerate(batch.choices):
+        answer = alone[k // 2]
+        assert choice.text == prompts[k // 2] + answer.choices[0].text
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    # Token-id prompts, streamed: every choice ends once, with its own text.
+    ids = [[5, 6, 7], [8, 9]]
+    texts, reasons, usage = _stream_text(client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=4, stream=True, stream_options={"include_usage": True}, **GREEDY))
+    whole = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, **GREEDY)
+    assert texts == {c.index: c.text for c in whole.choices} and set(reasons) == {0, 1}
+    assert usage.total_tokens == whole.usage.total_tokens
