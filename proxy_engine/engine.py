@@ -331,8 +331,9 @@ class ProxyEngine:
         assert group is not None
         # Running rows each cost one token this step; the rest of the budget goes to prompts.
         budget = max(16, self.config.limits.max_num_batched_tokens - len(self.running))
+        columns = self._aligned_columns(group, budget) if group.scores else {}
         for index, job in group.jobs.items():
-            self._prefill_chunk(group, index, job, budget)
+            self._prefill_chunk(group, index, job, budget, columns.get(index))
         if not group.complete:
             return []
         self.prefill = None
@@ -364,12 +365,27 @@ class ProxyEngine:
         self.running.extend(survivors)
         return outputs
 
-    def _prefill_chunk(self, group: PrefillGroup, index: int, job: PrefillJob, budget: int) -> None:
+    @staticmethod
+    def _aligned_columns(group: PrefillGroup, budget: int) -> dict[int, int]:
+        """Columns per job this step such that every job has as many columns left as the others (or none).
+
+        Prompts are right-aligned in every job, so equal columns left means a scored prompt's position p is
+        reached by every model in the same step: its ``PromptScores`` then holds one chunk of positions, where
+        jobs moving at their own pace (fewer rows, faster) could leave it holding most of the prompt.
+        """
+        step = max(1, budget // max(job.ids.shape[0] for job in group.jobs.values()))
+        left = {index: job.ids.shape[1] - job.done for index, job in group.jobs.items()}
+        target = max(0, max(left.values()) - step)
+        return {index: max(0, remaining - target) for index, remaining in left.items()}
+
+    def _prefill_chunk(
+        self, group: PrefillGroup, index: int, job: PrefillJob, budget: int, columns: int | None = None
+    ) -> None:
         """One chunk of one model's prefill; the chunk's logits go to the prompt scores that want them."""
         scorers = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in group.scores]
         scored_rows = sorted({job.row_of[i] for i in scorers})
         first_column = job.done
-        self.runners[index].prefill_step(job, budget, scored_rows)
+        self.runners[index].prefill_step(job, budget, scored_rows, columns)
         if not scored_rows or job.chunk_logits is None:
             return
         width = job.ids.shape[1]

@@ -195,8 +195,11 @@ class ModelRunner:
         job.positions = (job.mask.cumsum(dim=1) - 1).clamp(min=0)
         return job
 
-    def prefill_step(self, job: PrefillJob, max_tokens: int, scored_rows: list[int] | None = None) -> int:
-        """Prefill up to ``max_tokens`` (rows x columns) of ``job``; returns the tokens processed.
+    def prefill_step(
+        self, job: PrefillJob, max_tokens: int, scored_rows: list[int] | None = None, columns: int | None = None
+    ) -> int:
+        """Prefill up to ``max_tokens`` (rows x columns) of ``job``, or exactly ``columns`` columns when given
+        (0: none this step); returns the tokens processed.
 
         ``scored_rows`` (rows of ``job.ids``) want the logits of every position of this chunk (prompt
         logprobs): they are left in ``job.chunk_logits`` ``[len(scored_rows), columns, V]``.
@@ -204,7 +207,11 @@ class ModelRunner:
         if job.complete:
             return 0
         rows = job.ids.shape[0]
-        columns = max(1, min(job.ids.shape[1] - job.done, max_tokens // rows))
+        if columns is None:
+            columns = max(1, max_tokens // rows)
+        columns = min(job.ids.shape[1] - job.done, columns)
+        if columns <= 0:
+            return 0
         end = job.done + columns
         logits = self._forward(
             job.ids[:, job.done : end], job.mask[:, :end], job.positions[:, job.done : end], job.cache,

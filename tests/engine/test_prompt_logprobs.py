@@ -28,10 +28,18 @@ def naive_prompt_logprobs(models, prompt: list[int], weights: list[float], vocab
     return logprobs.gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1).float()
 
 
-def test_prompt_logprobs_match_a_naive_forward(tiny_family, plain_models):
-    # A small budget chunks every prefill; alpha 0 leaves the small models with fewer rows than the base, so
-    # the models reach each position at different steps; prompts of different lengths pad differently.
+def test_prompt_logprobs_match_a_naive_forward(tiny_family, plain_models, monkeypatch):
+    # A small budget chunks every prefill; alpha 0 leaves the small models with fewer rows than the base, and
+    # prompts of different lengths pad differently: the jobs are kept aligned on the prompts' right edge.
     engine = make_engine(plain_models, tiny_family, chat_expert=False, max_num_batched_tokens=16)
+    held = []
+    add = PromptScores.add
+
+    def recording(self, *args):
+        add(self, *args)
+        held.append(self.window.shape[0])
+
+    monkeypatch.setattr(PromptScores, "add", recording)
     requests = {
         "long": ("The quick brown fox jumps over the lazy dog and keeps on running far away", {"alpha": 1.0}),
         "short": ("Paris is the capital", {"alpha": 0.5}),
@@ -61,6 +69,30 @@ def test_prompt_logprobs_match_a_naive_forward(tiny_family, plain_models):
             assert len(entry.top) == 3 and entry.top[0].logprob >= entry.top[-1].logprob
             assert entry.logprob <= entry.top[0].logprob + 1e-6
     assert all(s.finish_reason is FinishReason.LENGTH and len(s.output_ids) == 2 for s in sequences.values())
+    # Every model reaches a position in the same step: never more than one chunk (16 columns here) held.
+    assert held and max(held) <= 16
+
+
+def test_scored_prefills_keep_the_jobs_aligned_on_the_right_edge():
+    """With prompt scores in a group, each job gets the columns that leave it as many to go as the others:
+    a wide job (a longer prompt of another sequence) starts first, the narrow ones join as they line up."""
+    from types import SimpleNamespace
+
+    from proxy_engine.engine import ProxyEngine
+
+    def job(rows: int, width: int, done: int = 0):
+        return SimpleNamespace(ids=torch.zeros(rows, width), done=done)
+
+    group = SimpleNamespace(jobs={0: job(4, 40), 1: job(1, 12), 2: job(1, 30)})
+    assert ProxyEngine._aligned_columns(group, 32) == {0: 8, 1: 0, 2: 0}  # 32 // 4 rows = 8 columns a step
+    steps = 0
+    while any(j.done < j.ids.shape[1] for j in group.jobs.values()):
+        for index, columns in ProxyEngine._aligned_columns(group, 32).items():
+            group.jobs[index].done += columns
+        steps += 1
+        left = [j.ids.shape[1] - j.done for j in group.jobs.values() if j.done]
+        assert len(set(left)) == 1, left  # every started job has as many columns to go as the others
+    assert steps == 5  # the widest job's pace: 40 columns, 8 a step
 
 
 def test_max_tokens_zero_scores_the_prompt_only(tiny_family, plain_models):
