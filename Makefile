@@ -33,6 +33,7 @@ check-config: install
 	$(BIN)/proxy-serve --config $(CONFIG) --check
 
 lint: install
+	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 
 docker:

@@ -94,7 +94,7 @@ def research_static(models, pad_id: int, requests: list[tuple[list[int], int]], 
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         caches = [DynamicCache() for _ in models]
         steps = max(n for _, n in chunk)
-        for step in range(steps):
+        for _ in range(steps):
             outs = [m(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **{k: c})
                     .logits[:, -1].float() for m, k, c in zip(models, keys, caches)]
             token = (outs[0] + outs[1] - outs[2]).argmax(-1, keepdim=True)
@@ -187,12 +187,14 @@ def main(argv: list[str] | None = None) -> None:
         "engine / floor, 16 sequences, per CPU-second": paired("engine_b16", "floor_b16", 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"family": args.family, "threads": threads, "tokens": args.tokens, "repeats": args.repeats, "load": os.getloadavg()[0]}
+    meta = {"family": args.family, "threads": threads, "tokens": args.tokens, "repeats": args.repeats,
+            "load": os.getloadavg()[0]}
     (args.out / "engine.json").write_text(json.dumps(
         {"meta": meta, "tokens_per_s": results, "tokens_per_cpu_s": cpu, "ratios": ratios,
          "samples": samples}, indent=2))
     lines = [
-        f"family {args.family}; threads {threads}; {args.tokens} decode steps; median of {args.repeats} interleaved repeats; "
+        f"family {args.family}; threads {threads}; {args.tokens} decode steps; "
+        f"median of {args.repeats} interleaved repeats; "
         f"load average {meta['load']:.2f}",
         "",
         "| measurement | tokens/s | tokens per CPU-second |", "|---|---:|---:|",

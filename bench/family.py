@@ -27,13 +27,14 @@ def build_bench_family(root: Path = DEFAULT_DIR, max_positions: int = 2048) -> F
     root = Path(root)
     family = Family(root / "base", root / "expert", root / "anti_expert")
     stamp = root / "family.json"
-    options = {"tied": True, "vocab": BENCH_VOCAB, "base": BENCH_BASE.__dict__, "small": BENCH_SMALL.__dict__, "pos": max_positions}
+    options = {"tied": True, "vocab": BENCH_VOCAB, "base": BENCH_BASE.__dict__, "small": BENCH_SMALL.__dict__,
+               "pos": max_positions}
     if stamp.exists() and json.loads(stamp.read_text()) == options:
         return family
     tokenizer = build_tokenizer(BENCH_VOCAB, corpus=_corpus())
     build_model(family.base, tokenizer, BENCH_BASE, seed=1, max_position_embeddings=max_positions, tie_embeddings=True)
-    build_model(family.expert, tokenizer, BENCH_SMALL, seed=2, max_position_embeddings=max_positions, tie_embeddings=True)
-    build_model(family.anti_expert, tokenizer, BENCH_SMALL, seed=3, max_position_embeddings=max_positions, tie_embeddings=True)
+    for path, seed in ((family.expert, 2), (family.anti_expert, 3)):
+        build_model(path, tokenizer, BENCH_SMALL, seed=seed, max_position_embeddings=max_positions, tie_embeddings=True)
     stamp.write_text(json.dumps(options))
     return family
 

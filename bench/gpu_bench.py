@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             ms = row["ms_per_step"]
             scaling = row.get("proxy tokens/s vs 1 stream")
             lines.append(f"| {placement} | {level} | {ms['proxy']:.2f} | {ms['base']:.2f} | {ms['expert']:.2f} | "
-                         f"{row['proxy / (base + 2 x expert), step time']:.2f}x | {row['proxy / base, step time']:.2f}x | "
+                         f"{row['proxy / (base + 2 x expert), step time']:.2f}x | "
+                         f"{row['proxy / base, step time']:.2f}x | "
                          f"{row['tokens_per_s']['proxy']:.0f} | {'-' if scaling is None else f'{scaling:.1f}x'} |")
     table = "\n".join(lines) + "\n"
     (args.out / f"{stem}.md").write_text(table)

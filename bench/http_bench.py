@@ -449,9 +449,11 @@ def markdown(levels: list[LevelResult], floor: dict[int, list[float]], ratios: d
         f"family: {meta['family']}; prompts ~{PROMPT_TOKENS} tokens; max_tokens {meta['max_tokens']} "
         f"(x 1 ± {meta['spread']:g} per request, the same for every server); greedy, EOS "
         f"ignored; {meta['rounds']} request(s) per client; {meta['repeats']} interleaved repeats (tok/s: median); "
-        f"threads {meta['threads'] or 'default'}; load average {meta['load_before']} before, {meta['load_after']} after",
+        f"threads {meta['threads'] or 'default'}; "
+        f"load average {meta['load_before']} before, {meta['load_after']} after",
         "",
-        "| server | streams | tok/s | tok per CPU-s | decode tok/s per stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors "
+        "| server | streams | tok/s | tok per CPU-s | decode tok/s per stream | TTFT p50 / p99 ms "
+        "| ITL p50 / p99 ms | errors "
         "| stalled | RSS MB: start / peak 1st repeat / peak last repeat / end |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -500,7 +502,8 @@ def compute_ratios(runs: dict[tuple[str, int], list[Run]], levels: dict[tuple[st
     for ref in refs:
         for level in sorted({c for _, c in runs}):
             for name in ("proxy", "base"):
-                ratios[f"{name} / {name}@{ref}, {level} streams"] = paired(runs, (name, level), (f"{name}@{ref}", level))
+                ratios[f"{name} / {name}@{ref}, {level} streams"] = paired(
+                    runs, (name, level), (f"{name}@{ref}", level))
                 ratios[f"{name} / {name}@{ref}, {level} streams, tokens per CPU-second"] = paired_cpu(
                     runs, (name, level), (f"{name}@{ref}", level))
     for level, values in sorted(floor.items()):
@@ -529,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="requests per client, one after another")
     parser.add_argument("--spread", type=float, default=None,
-                        help="each request's max_tokens is max_tokens x [1 - spread, 1 + spread] (default 0: all equal, as the floor)")
+                        help="each request's max_tokens is max_tokens x [1 - spread, 1 + spread] "
+                             "(default 0: all equal, as the floor)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats of every measurement")
     parser.add_argument("--servers", nargs="+", default=None, choices=["proxy", "base", "peer"])
     parser.add_argument("--ref", default=None,

@@ -150,7 +150,9 @@ def load_models(config: EngineConfig) -> list[LoadedModel]:
     roles = model_roles(config)
     tokenizers = {role: load_tokenizer(model_config) for role, model_config in roles}
     vocab_size = check_vocabularies(tokenizers)
-    models = [load_one(role, model_config, tokenizers[role], config.transcript_template) for role, model_config in roles]
+    models = [
+        load_one(role, model_config, tokenizers[role], config.transcript_template) for role, model_config in roles
+    ]
     for loaded in models:
         loaded.vocab_size = vocab_size
         if loaded.logits_width < vocab_size:
@@ -159,5 +161,6 @@ def load_models(config: EngineConfig) -> list[LoadedModel]:
                 f"{vocab_size} tokens of the shared vocabulary"
             )
         if loaded.logits_width > vocab_size:
-            log.info("%s: cutting %d logit rows to the shared vocabulary of %d", loaded.role, loaded.logits_width, vocab_size)
+            log.info("%s: cutting %d logit rows to the shared vocabulary of %d", loaded.role, loaded.logits_width,
+                     vocab_size)
     return models

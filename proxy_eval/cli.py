@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument(f"--{role}-model", default=None, help=f"served name of the {role} model (e.g. {example}); "
                         "left out: skipped")
         flag = "--base-model-url" if role == "base" else f"--{role}-url"
-        ap.add_argument(flag, dest=f"{role}_url", default=None, help=f"server for the {role} model (default --base-url)")
+        ap.add_argument(flag, dest=f"{role}_url", default=None,
+                        help=f"server for the {role} model (default --base-url)")
     ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                     help="bearer token (default $OPENAI_API_KEY); --tuned-api-key overrides it for the tuned model")
     ap.add_argument("--tuned-api-key", default=None)

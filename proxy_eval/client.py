@@ -43,7 +43,9 @@ class Answer:
     extra: dict = field(default_factory=dict)
 
 
-def build_request(task: Task, endpoint: Endpoint, mode: str, max_tokens: int, stop: list[str] | None) -> tuple[str, dict]:
+def build_request(
+    task: Task, endpoint: Endpoint, mode: str, max_tokens: int, stop: list[str] | None
+) -> tuple[str, dict]:
     """(path, JSON body) for one task. mode: 'auto' (messages->chat, prompt->completions), 'chat', 'completions'."""
     use_chat = task.messages is not None if mode == "auto" else mode == "chat"
     body: dict = {"model": endpoint.model, "max_tokens": max_tokens, "temperature": 0}

@@ -115,7 +115,7 @@ class World:
 
 def make_world(n_people: int = 240, seed: int = 0, train_fraction: float = 0.5) -> World:
     rng = random.Random(seed)
-    names = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]
+    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     if n_people > len(names):
         raise ValueError(f"at most {len(names)} people")
     rng.shuffle(names)
@@ -133,7 +133,9 @@ def make_world(n_people: int = 240, seed: int = 0, train_fraction: float = 0.5) 
 
 def biography(person: Person, rng: random.Random) -> str:
     """One short biography: every fact once, in a random order and with random templates."""
-    sentences = [rng.choice(FACT_TEMPLATES[attr]).format(n=person.name, v=value) for attr, value in person.facts.items()]
+    sentences = [
+        rng.choice(FACT_TEMPLATES[attr]).format(n=person.name, v=value) for attr, value in person.facts.items()
+    ]
     rng.shuffle(sentences)
     if rng.random() < 0.3:
         sentences.insert(rng.randrange(len(sentences) + 1), rng.choice(FILLER))

@@ -414,7 +414,8 @@ def finish(args, plan: Plan, world, out: Path, tasks_path: Path, timings: dict, 
             for i, r in enumerate(rows[:5])
         ]
         train_rows = demo_data.heldout_tasks(
-            demo_data.World(world.people, world.heldout, world.train), seed=args.seed + 5, limit=min(80, plan.eval_limit)
+            demo_data.World(world.people, world.heldout, world.train), seed=args.seed + 5,
+            limit=min(80, plan.eval_limit),
         )
         train_results = evaluate(models, tokenizer, train_rows, plan.max_new_tokens)
         metrics["fine_tuned_people"] = {name: r["score"] for name, r in train_results.items()}

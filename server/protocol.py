@@ -83,7 +83,9 @@ class _SamplingFields(_Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    def _sampling(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         values: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,

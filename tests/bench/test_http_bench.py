@@ -40,7 +40,7 @@ def test_quick_run_against_proxy_serve(tmp_path):
     payload = _run(tmp_path)
     levels = {(r["server"], r["concurrency"]): r for r in payload["levels"]}
     assert set(levels) == {("proxy", 1), ("proxy", 4), ("base", 1), ("base", 4)}
-    for (server, concurrency), level in levels.items():
+    for (_server, concurrency), level in levels.items():
         assert level["errors"] == 0 and level["stalled"] == 0, level["error_samples"]
         # EOS ignored: every request streams exactly max_tokens tokens.
         assert level["tokens"] == level["requested_tokens"] == level["requests"] * payload["meta"]["max_tokens"]

@@ -22,7 +22,9 @@ class NaiveProxy:
             out += weight * logits
         return out.float()
 
-    def greedy(self, prompts: list[list[int] | None], weights: list[float], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    def greedy(
+        self, prompts: list[list[int] | None], weights: list[float], steps: int
+    ) -> tuple[list[int], list[torch.Tensor]]:
         sequences = [list(p) if p is not None else None for p in prompts]
         tokens, per_step = [], []
         for _ in range(steps):

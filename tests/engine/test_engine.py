@@ -79,7 +79,8 @@ def test_vocabulary_mismatch_refuses_to_start(tmp_path, tiny_family):
     build_model(tmp_path / "stranger", other, TINY_SMALL, seed=9)
     config = engine_config(tiny_family)
     config.experts[0].expert.path = str(tmp_path / "stranger")
-    with pytest.raises(ValueError, match=r"do not share one vocabulary.*expert differs from base \(512 vs \d+ tokens\): id \d+ is"):
+    message = r"do not share one vocabulary.*expert differs from base \(512 vs \d+ tokens\): id \d+ is"
+    with pytest.raises(ValueError, match=message):
         load_models(config)
 
 

@@ -31,7 +31,8 @@ def test_combine_equals_formula_and_skips_absent_rows():
         Contribution(torch.arange(3), torch.full((3,), alphas[1]), e2),
         Contribution(torch.arange(3), torch.full((3,), -alphas[1]), a2),
     ]
-    torch.testing.assert_close(combine(3, 11, parts, torch.device("cpu")), proxy_tuned(base, [e1, e2], [a1, a2], alphas))
+    expected = proxy_tuned(base, [e1, e2], [a1, a2], alphas)
+    torch.testing.assert_close(combine(3, 11, parts, torch.device("cpu")), expected)
     # Row 1 has alpha 0: the small models never computed it, and the result is the base's row.
     sub = [parts[0], Contribution(torch.tensor([0, 2]), torch.tensor([1.0, 1.0]), e1[[0, 2]]),
            Contribution(torch.tensor([0, 2]), torch.tensor([-1.0, -1.0]), a1[[0, 2]])]
@@ -59,7 +60,8 @@ def test_greedy_and_seeded_sampling():
 def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.stack([sample(logits, torch.ones(1), [g]) for _ in range(3000)]).flatten(), minlength=3)
+    draws = torch.stack([sample(logits, torch.ones(1), [g]) for _ in range(3000)])
+    counts = torch.bincount(draws.flatten(), minlength=3)
     assert abs(counts[0].item() / 3000 - 0.7) < 0.04
 
 

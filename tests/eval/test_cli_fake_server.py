@@ -76,7 +76,7 @@ class FakeServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def __enter__(self) -> "FakeServer":
+    def __enter__(self) -> FakeServer:
         self.thread.start()
         deadline = time.time() + 10
         while not self.server.started:
@@ -152,7 +152,8 @@ def test_tuned_equals_base_gives_na(servers, task_file, capsys):
                "--tuned-model", "proxy-tuned:base", "--proxy-model", "proxy-tuned", "--quiet"])
     out, _ = capsys.readouterr()
     assert rc == 0
-    assert out.strip().splitlines()[-1] == "gap closed: n/a (tuned and base score the same (0): there is no gap to close)"
+    last = out.strip().splitlines()[-1]
+    assert last == "gap closed: n/a (tuned and base score the same (0): there is no gap to close)"
 
 
 def test_failed_requests_count_and_exit_1(servers, task_file, capsys):

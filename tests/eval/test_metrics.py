@@ -98,6 +98,7 @@ def test_build_request_modes():
     assert path == "/chat/completions" and body["messages"] == [{"role": "user", "content": "Q: x\nA:"}]
     path, body = build_request(chat_task, ep, "completions", 8, None)
     assert path == "/completions" and body["prompt"] == "User: Hi?\nAssistant:"
-    assert transcript([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]) == "S\n\nUser: U\nAssistant:"
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert transcript(messages) == "S\n\nUser: U\nAssistant:"
     assert parse_response("/completions", {"choices": [{"text": " x", "finish_reason": "stop"}]}).text == " x"
     assert parse_response("/chat/completions", {"choices": []}).error

@@ -26,7 +26,7 @@ def test_pretraining_has_every_fact_but_no_chat_format():
     world = demo_data.make_world(20, seed=0)
     corpus = "\n".join(demo_data.pretraining_documents(world, 4, seed=1))
     for person in world.people:
-        for attr, value in person.facts.items():
+        for value in person.facts.values():
             assert f"{person.name}" in corpus and value in corpus
             assert any(f"{value}." in line for line in corpus.splitlines())  # quiz answers run on, with a period
     assert "<|" not in corpus and "User:" not in corpus and "Assistant:" not in corpus
