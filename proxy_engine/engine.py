@@ -317,13 +317,17 @@ class ProxyEngine:
             members = [s for s in sequences if index in s.prompts]
             if members:
                 jobs[index] = runner.start_prefill([s.seq_id for s in members], [s.prompts[index] for s in members])
-        scores = {}
+        scores: dict[int, PromptScores] = {}
+        shared: dict[tuple, PromptScores] = {}  # a request's n choices score their one prompt once
         for sequence in sequences:
             sequence.status = Status.PREFILLING
             k = sequence.params.prompt_logprobs
             if k is not None:
                 prompt = sequence.prompts[sequence.runners[0]]
-                scores[sequence.seq_id] = PromptScores(prompt, sequence.runners, k, self.vocab_size, self.device)
+                key = (tuple(prompt), tuple(sequence.weights), k)
+                if key not in shared:
+                    shared[key] = PromptScores(prompt, sequence.runners, k, self.vocab_size, self.device)
+                scores[sequence.seq_id] = shared[key]
         return PrefillGroup(sequences, jobs, scores)
 
     def _prefill_step(self) -> list[RequestOutput]:
@@ -348,12 +352,15 @@ class ProxyEngine:
         if sampled:
             combined = self._combine_last(group, sampled)
             emitted.update(zip(sampled, self._sample_and_emit(sampled, combined)))
+        scored: dict[int, list[TokenLogprob]] = {}
         for sequence in alive:
             if sequence.max_tokens == 0:
                 emitted[sequence] = self._finish(sequence, FinishReason.LENGTH)
             scores = group.scores.get(sequence.seq_id)
             if scores is not None:
-                emitted[sequence].prompt_logprobs = self._prompt_logprobs(scores)
+                if id(scores) not in scored:
+                    scored[id(scores)] = self._prompt_logprobs(scores)
+                emitted[sequence].prompt_logprobs = scored[id(scores)]
         outputs = [emitted[s] for s in alive]
         survivors = [s for s in alive if s.status is not Status.FINISHED]
         survivor_ids = {s.seq_id for s in survivors}
@@ -390,8 +397,12 @@ class ProxyEngine:
             return
         width = job.ids.shape[1]
         weights = {s.seq_id: s.weights[index] for s in group.sequences}
+        added: set[int] = set()
         for i in scorers:
             scores = group.scores[job.seq_ids[i]]
+            if id(scores) in added:  # shared by sequences with the same prompt and weights
+                continue
+            added.add(id(scores))
             logits = job.chunk_logits[scored_rows.index(job.row_of[i])]
             pad = width - len(scores.prompt)  # rows are left-padded to the job's longest prompt
             scores.add(index, first_column - pad, logits, weights[job.seq_ids[i]])
