@@ -73,6 +73,29 @@ class RequestStream:
             yield output
 
 
+async def _in_daemon_thread(function, name: str):
+    """``await function()`` run in a new daemon thread (which the interpreter does not wait for at exit)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(setter, value) -> None:
+        if not future.done():  # the awaiting task may have been cancelled
+            setter(value)
+
+    def run() -> None:
+        try:
+            outcome = (future.set_result, function())
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+            outcome = (future.set_exception, error)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for the result any more
+            pass
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
+
+
 class AsyncEngine:
     """Runs ``ProxyEngine.step`` in one background thread and routes its outputs to per-request streams.
 
@@ -107,8 +130,10 @@ class AsyncEngine:
         return self._admitting
 
     async def start(self) -> None:
-        # Importing torch and transformers takes seconds: do it off the event loop too.
-        engine = await asyncio.to_thread(self._build)
+        # Importing torch and transformers takes seconds, loading a 70B model minutes: off the event loop, in a
+        # daemon thread of its own. (In the default executor, asyncio.run would wait for it at exit: a server
+        # told to stop while loading would stop only once loaded.)
+        engine = await _in_daemon_thread(self._build, "proxy-engine-load")
         self.info = ModelInfo(
             base_path=self.config.base.path,
             expert_paths=[pair.expert.path for pair in self.config.experts],

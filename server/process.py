@@ -8,12 +8,14 @@ and models that fail to load together (a vocabulary mismatch, say).
 SIGTERM or SIGINT: the server keeps listening but admits nothing new (503 ``draining``, and ``/health`` says
 ``draining`` so that a load balancer takes it out of rotation), lets the running requests finish for up to
 ``shutdown_grace_s``, then ends whatever is left with a ``shutdown`` error (503, or an error event and
-``[DONE]``), shuts the engine down and exits 0. A second signal ends the grace period at once.
+``[DONE]``), shuts the engine down and exits 0. A second signal ends the grace period at once. A signal while
+the models are still loading exits 0 at once (the load is abandoned, not awaited).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -129,4 +131,13 @@ def serve(settings: ServerSettings) -> int:
         sock.close()
     if failures:
         return fail(f"failed to load the models: {app.state.ctx.load_error}")
+    ctx = app.state.ctx
+    if ctx.load_error is None and not ctx.engine.ready and ctx.engine.engine is None:
+        # A signal while the models load: the loading thread cannot be interrupted, and the interpreter would
+        # wait for it at exit (minutes for a 70B model). Nothing was served and nothing needs cleaning up.
+        logger.info("stopped while the models were loading")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -1,6 +1,7 @@
 """``python rel_gated_server.py <proxy-serve arguments>``: ``proxy-serve`` whose engine holds its decode phase
 while the file named by ``$PROXY_TEST_GATE`` exists (60 s at most), so that a test can keep a request in
-flight for as long as it needs, whatever the machine's speed."""
+flight for as long as it needs, whatever the machine's speed; and whose model loading holds while the file
+named by ``$PROXY_TEST_LOAD_GATE`` exists (120 s at most), like a 70B model that takes minutes to load."""
 
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ def _gated_init(self, *args, **kwargs) -> None:
 
 
 engine_module.ProxyEngine.__init__ = _gated_init
+
+if os.environ.get("PROXY_TEST_LOAD_GATE"):
+    from proxy_engine import async_engine
+
+    LOAD_GATE = Path(os.environ["PROXY_TEST_LOAD_GATE"])
+    _build = async_engine.AsyncEngine._build
+
+    def _slow_build(self):
+        deadline = time.monotonic() + 120
+        while LOAD_GATE.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return _build(self)
+
+    async_engine.AsyncEngine._build = _slow_build
 
 if __name__ == "__main__":
     from server.cli import main

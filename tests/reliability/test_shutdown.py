@@ -184,3 +184,36 @@ def test_a_second_signal_ends_the_grace_period_at_once():
     assert ctx.drained == 1 and first is not None and not server.should_exit
     server.handle_exit(signal.SIGINT, None)
     assert server.drain_deadline < first and not server._captured_signals  # no re-raise at exit: status 0
+
+
+def test_sigterm_while_the_models_load_exits_at_once(tiny_family, tmp_path):
+    """A rollout that stops a server still loading a large model must not wait for the load to finish."""
+    gate = tmp_path / "loading"
+    gate.touch()
+    port = free_port()
+    log = tmp_path / "loading.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "rel_gated_server.py"), "--base", str(tiny_family.base), "--expert",
+             str(tiny_family.expert), "--anti-expert", str(tiny_family.anti_expert), "--port", str(port)],
+            stdout=sink, stderr=subprocess.STDOUT,
+            env={**os.environ, **SUBPROCESS_ENV, "PROXY_TEST_GATE": str(tmp_path / "gate"),
+                 "PROXY_TEST_LOAD_GATE": str(gate)},
+        )
+    try:
+        def loading() -> bool:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            except httpx.HTTPError:
+                return False
+            return response.status_code == 503 and "loading" in response.text
+
+        assert wait_until(loading, timeout=60, interval=0.1), log.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0, log.read_text()  # the gate would hold the load for 120 s
+        assert "stopped while the models were loading" in log.read_text()
+    finally:
+        gate.unlink(missing_ok=True)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
