@@ -143,7 +143,8 @@ class ProxyEngine:
                 continue
             ids = self.models[index].renderer.render(prompt)
             limit = self.max_lens[index]
-            if len(ids) >= limit:
+            # A prompt may fill the whole context only when nothing is to follow it (max_tokens 0: scoring).
+            if len(ids) > limit or (len(ids) == limit and params.max_tokens != 0):
                 raise ValueError(
                     f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens "
                     f"as the {self.models[index].role} model sees it; shorten the prompt"

@@ -153,3 +153,19 @@ def test_prompt_scores_hold_only_the_positions_between_the_models():
     want = torch.log_softmax(combined, -1)[:-1].gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1)
     torch.testing.assert_close(torch.tensor(scores.chosen), want, atol=1e-5, rtol=0)
     assert scores.top_ids == torch.log_softmax(combined, -1)[:-1].topk(2).indices.tolist()
+
+
+def test_a_prompt_may_fill_the_context_when_only_scored(tiny_family, plain_models):
+    """Harnesses score windows of exactly the model's length: with max_tokens 0 nothing follows the prompt."""
+    engine = make_engine(plain_models, tiny_family, chat_expert=False, max_model_len=32)
+    window = [(7 * i) % 500 + 3 for i in range(32)]
+    submit(engine, "full", window, max_tokens=0, prompt_logprobs=0)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    (output,) = outputs
+    assert output.finish_reason is FinishReason.LENGTH and len(output.prompt_logprobs) == 32
+    with pytest.raises(ValueError, match="maximum context length is 32 tokens, but the prompt is 32 tokens"):
+        submit(engine, "one more", window, max_tokens=1)
+    with pytest.raises(ValueError, match="maximum context length is 32 tokens, but the prompt is 33 tokens"):
+        submit(engine, "too long", [*window, 5], max_tokens=0, prompt_logprobs=0)
