@@ -536,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 0: all equal, as the floor)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats of every measurement")
     parser.add_argument("--servers", nargs="+", default=None, choices=["proxy", "base", "peer"])
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE,...",
+                        help="also serve this code with these environment variables, measured as proxy@NAME and "
+                             "base@NAME (e.g. passive2:OMP_NUM_THREADS=2,OMP_WAIT_POLICY=PASSIVE); repeatable")
     parser.add_argument("--ref", default=None,
                         help="also serve proxy and base from this git ref (named proxy@REF, base@REF): before/after "
                              "measured side by side")
@@ -581,15 +584,22 @@ def main(argv: list[str] | None = None) -> int:
         if "base" in args.servers:
             targets.append(Server("base", proxy.command, "proxy-tuned:base", proxy.extra_body, proxy.env,
                                   proxy.port, proxy.log_path))
-    if args.ref:
-        source = checkout(args.ref, Path(os.environ.get("TMPDIR", "/tmp")))
-        old = proxy_server(family, args, log_dir, "proxy-tuned", f"proxy@{args.ref}", source)
-        processes.append(old)
+    def alongside(suffix: str, source: Path | None = None, env: dict[str, str] | None = None) -> None:
+        """Another proxy-serve, measured as proxy@SUFFIX and base@SUFFIX next to ours."""
+        other = proxy_server(family, args, log_dir, "proxy-tuned", f"proxy@{suffix}", source)
+        other.env.update(env or {})
+        processes.append(other)
         if "proxy" in args.servers:
-            targets.append(old)
+            targets.append(other)
         if "base" in args.servers:
-            targets.append(Server(f"base@{args.ref}", old.command, "proxy-tuned:base", old.extra_body, old.env,
-                                  old.port, old.log_path, cwd=old.cwd))
+            targets.append(Server(f"base@{suffix}", other.command, "proxy-tuned:base", other.extra_body, other.env,
+                                  other.port, other.log_path, cwd=other.cwd))
+
+    if args.ref:
+        alongside(args.ref, source=checkout(args.ref, Path(os.environ.get("TMPDIR", "/tmp"))))
+    for spec in args.variant:
+        name, _, assignments = spec.partition(":")
+        alongside(name, env=dict(pair.split("=", 1) for pair in assignments.split(",") if pair))
     if "peer" in args.servers:
         peer = peer_server(family, args, log_dir)
         processes.append(peer)

@@ -58,3 +58,11 @@ def test_quick_run_against_the_peer(tmp_path):
         assert level["errors"] == 0, level["error_samples"]
         assert level["tokens"] == level["requested_tokens"] == 2 * payload["meta"]["max_tokens"]
     assert any(name.startswith("proxy / peer") for name in payload["ratios"])
+
+
+def test_a_variant_is_served_and_compared_side_by_side(tmp_path):
+    """``--variant NAME:VAR=VALUE``: the same code under other environment variables, as proxy@NAME."""
+    payload = _run(tmp_path, "--servers", "proxy", "--levels", "1", "--variant", "passive:OMP_WAIT_POLICY=PASSIVE")
+    assert {(r["server"], r["concurrency"]) for r in payload["levels"]} == {("proxy", 1), ("proxy@passive", 1)}
+    assert all(r["errors"] == 0 for r in payload["levels"])
+    assert "proxy / proxy@passive, 1 streams" in payload["ratios"]
