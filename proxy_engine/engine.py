@@ -299,10 +299,7 @@ class ProxyEngine:
                 continue
             members = [by_id[seq_id] for seq_id in runner.seq_ids]
             tokens = torch.tensor([s.last_token for s in members], dtype=torch.long)
-            logits = runner.decode(tokens)
-            rows = torch.tensor([position[s.seq_id] for s in members], dtype=torch.long)
-            weights = torch.tensor([s.weights[index] for s in members], dtype=torch.float32)
-            parts.append(Contribution(rows, weights, logits))
+            parts.append(self._contribution(index, members, position, runner.decode(tokens)))
         combined = combine(len(sequences), self.vocab_size, parts, self.device)
         outputs = self._sample_and_emit(sequences, combined)
         finished = [s for s in sequences if s.status is Status.FINISHED]
@@ -412,17 +409,25 @@ class ProxyEngine:
     def _combine_last(self, group: PrefillGroup, sequences: list[Sequence]) -> torch.Tensor:
         """``[len(sequences), V]``: the combined logits after the last prompt token of each sequence."""
         position = {s.seq_id: row for row, s in enumerate(sequences)}
+        by_id = {s.seq_id: s for s in sequences}
         parts = []
         for index, job in group.jobs.items():
             keep = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in position]
             if not keep:
                 continue
-            members = [s for s in sequences if index in s.prompts]
-            rows = torch.tensor([position[s.seq_id] for s in members], dtype=torch.long)
-            weights = torch.tensor([s.weights[index] for s in members], dtype=torch.float32)
+            members = [by_id[job.seq_ids[i]] for i in keep]
             picked = torch.tensor([job.row_of[i] for i in keep], dtype=torch.long, device=job.last_logits.device)
-            parts.append(Contribution(rows, weights, job.last_logits[picked]))
+            parts.append(self._contribution(index, members, position, job.last_logits[picked]))
         return combine(len(sequences), self.vocab_size, parts, self.device)
+
+    @staticmethod
+    def _contribution(
+        index: int, members: list[Sequence], position: dict[int, int], logits: torch.Tensor
+    ) -> Contribution:
+        """Runner ``index``'s logits (one row per member, in order) placed at each member's batch row."""
+        rows = torch.tensor([position[s.seq_id] for s in members], dtype=torch.long)
+        weights = torch.tensor([s.weights[index] for s in members], dtype=torch.float32)
+        return Contribution(rows, weights, logits)
 
     def _prompt_logprobs(self, scores: PromptScores) -> list[TokenLogprob]:
         first = scores.prompt[0]

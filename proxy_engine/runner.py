@@ -114,10 +114,6 @@ class PrefillJob:
     def complete(self) -> bool:
         return self.done >= self.ids.shape[1]
 
-    @property
-    def remaining_tokens(self) -> int:
-        return (self.ids.shape[1] - self.done) * self.ids.shape[0]
-
 
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The forward's name for the KV cache: transformers 5 renamed ``past_key_values`` to ``cache``."""

@@ -83,6 +83,14 @@ class _SamplingFields(_Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def _max_tokens(self, *, zero_ok: bool, note: str = "") -> int | None:
+        """``max_completion_tokens`` (it wins) or ``max_tokens``; below 1 is a 400, except 0 when ``zero_ok``."""
+        field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        value = getattr(self, field)
+        if value is not None and value < 1 and not (zero_ok and value == 0):
+            raise bad_request(f"{field} must be at least 1{note}, got {value}", field)
+        return value
+
     def _sampling(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
     ) -> SamplingParams:
@@ -183,11 +191,7 @@ class CompletionRequest(_SamplingFields):
     def sampling_params(self) -> SamplingParams:
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        if max_tokens is not None and max_tokens < 1 and not (max_tokens == 0 and self.echo):
-            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-            raise bad_request(f"{field} must be at least 1 (0 only with echo: the prompt alone), got {max_tokens}",
-                              field)
+        max_tokens = self._max_tokens(zero_ok=bool(self.echo), note=" (0 only with echo: the prompt alone)")
         prompt_logprobs = self.logprobs if self.wants_prompt_logprobs else None
         return self._sampling(max_tokens, self.logprobs, prompt_logprobs)
 
@@ -227,11 +231,7 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        if max_tokens is not None and max_tokens < 1:  # 0 only makes sense for a completion's echo
-            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-            raise bad_request(f"{field} must be at least 1, got {max_tokens}", field)
-        return self._sampling(max_tokens, logprobs)
+        return self._sampling(self._max_tokens(zero_ok=False), logprobs)  # 0 only makes sense for an echo
 
 
 def _content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:

@@ -157,10 +157,15 @@ def test_final_text_is_the_decoding_of_the_tokens(chat_family, chat_models):
     assert result["text"] == engine.tokenizer.decode(result["tokens"], skip_special_tokens=True)
 
 
-def test_stop_string_ends_and_is_cut(chat_family, chat_models):
+def _greedy_hello(chat_family, chat_models) -> str:
+    """The 12-token greedy answer to "Hello": stop strings are cut from it."""
     engine = make_engine(chat_models, chat_family)
     submit(engine, "probe", "Hello", temperature=0, max_tokens=12, ignore_eos=True)
-    text = run_to_end(engine)[("probe", 0)]["text"]
+    return run_to_end(engine)[("probe", 0)]["text"]
+
+
+def test_stop_string_ends_and_is_cut(chat_family, chat_models):
+    text = _greedy_hello(chat_family, chat_models)
     stop = text[5:8]
     engine = make_engine(chat_models, chat_family)
     submit(engine, "r", "Hello", temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
@@ -242,9 +247,7 @@ def test_a_sampling_fault_fails_only_its_own_row(chat_family, chat_models):
 
 
 def test_stop_strings_wait_for_min_tokens(chat_family, chat_models):
-    engine = make_engine(chat_models, chat_family)
-    submit(engine, "probe", "Hello", temperature=0, max_tokens=12, ignore_eos=True)
-    text = run_to_end(engine)[("probe", 0)]["text"]
+    text = _greedy_hello(chat_family, chat_models)
     stop = text[1:3]
     engine = make_engine(chat_models, chat_family)
     submit(engine, "r", "Hello", temperature=0, max_tokens=12, ignore_eos=True, stop=[stop], min_tokens=12)
