@@ -318,7 +318,7 @@ class Floor:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from proxy_engine.runner import cpu_threads
+        from proxy_engine.cpu_tuning import cpu_threads
 
         # The servers' team size: --threads, else the engine's own policy (what proxy-serve uses).
         torch.set_num_threads(threads or cpu_threads() or torch.get_num_threads())
