@@ -31,7 +31,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": to
 _FALLBACK_MAX_LEN = 2048
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class LoadedModel:
     role: str  # "base", "expert", "anti_expert" (with a pair index past the first: "expert_1")
     config: ModelConfig
@@ -204,7 +204,8 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
     log.info("loading %s from %s (device %s, dtype %s)", role, config.path, config.device, config.dtype)
     renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template)
     model = AutoModelForCausalLM.from_pretrained(config.path, **from_pretrained_kwargs(config)).eval()
-    loaded = LoadedModel(role, config, model, tokenizer, renderer, max_positions(model, tokenizer), logits_width(model))
+    loaded = LoadedModel(role=role, config=config, model=model, tokenizer=tokenizer, renderer=renderer,
+                         max_len=max_positions(model, tokenizer), logits_width=logits_width(model))
     parameters = sum(p.numel() for p in model.parameters())
     devices = sorted({str(p.device) for p in model.parameters()})
     log.info(
