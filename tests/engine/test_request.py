@@ -44,5 +44,5 @@ def test_wire_enums_read_as_their_values():
     body = json.dumps({"code": ErrorCode.TIMEOUT, "finish": FinishReason.STOP})
     assert body == '{"code": "timeout", "finish": "stop"}'
     code = ErrorCode.INTERNAL_ERROR
-    assert f"{code}" == "{}".format(code) == str(code) == "internal_error"
+    assert f"{code}" == format(code) == str(code) == "internal_error"
     assert ErrorCode("shutdown") is ErrorCode.SHUTDOWN and FinishReason.LENGTH == "length"
