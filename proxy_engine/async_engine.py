@@ -13,15 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from proxy_engine.config import EngineConfig
-from proxy_engine.request import (
-    EngineOverloadedError,
-    ErrorCode,
-    FinishReason,
-    PromptInput,
-    RequestOutput,
-    SamplingParams,
-    Target,
-)
+from proxy_engine.request import EngineOverloadedError, PromptInput, RequestOutput, SamplingParams, Target
 
 log = logging.getLogger("proxy_engine")
 
@@ -272,9 +264,7 @@ class AsyncEngine:
         for request_id, stream in list(self._streams.items()):
             for index in sorted(stream.open_choices):
                 stream.queue.put_nowait(
-                    RequestOutput(request_id=request_id, index=index, new_token_ids=[], text_delta="",
-                                  finish_reason=FinishReason.ERROR, prompt_tokens=stream.prompt_tokens,
-                                  error=message, error_code=ErrorCode.INTERNAL_ERROR)
+                    RequestOutput.failure(request_id, index, message, prompt_tokens=stream.prompt_tokens)
                 )
             stream.open_choices.clear()
         self._streams.clear()

@@ -235,3 +235,14 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def failure(
+        cls, request_id: str, index: int, error: str, code: ErrorCode = ErrorCode.INTERNAL_ERROR, *,
+        prompt_tokens: int = 0, completion_tokens: int = 0,
+    ) -> RequestOutput:
+        """Choice ``index``'s last output when it ends in error (no token, no text)."""
+        return cls(
+            request_id=request_id, index=index, new_token_ids=[], text_delta="", finish_reason=FinishReason.ERROR,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error, error_code=code,
+        )

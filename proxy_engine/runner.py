@@ -68,7 +68,7 @@ class ModelRunner:
     ``runtime`` (default: from the environment) holds the CPU and decode-path knobs."""
 
     def __init__(
-        self, model: torch.nn.Module, vocab_size: int, pad_id: int, name: str, runtime: RuntimeConfig | None = None
+        self, model: torch.nn.Module, vocab_size: int, pad_id: int, name: str, *, runtime: RuntimeConfig | None = None
     ) -> None:
         self.model = model
         self.runtime = runtime or RuntimeConfig()

@@ -16,15 +16,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy_engine import PromptInput, SamplingParams  # the package's public request types
 from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, RequestStream
 from proxy_engine.request import (
     MAX_N,
     EngineOverloadedError,
     ErrorCode,
     FinishReason,
-    PromptInput,
     RequestOutput,
-    SamplingParams,
     Target,
     TokenLogprob,
 )
