@@ -67,6 +67,7 @@ class ProxyEngine:
         self.scheduler = Scheduler(config.limits)
         self.outputs = OutputBuilder(self.tokenizer)
         self.prefill: PrefillGroup | None = None
+        self._synced_version = 0
         self.prompt_tokens_total = 0
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
@@ -235,7 +236,7 @@ class ProxyEngine:
             failed = [self.outputs.fail(s, phase, error) for s in sequences if not s.finished]
             # The batch may have failed for lack of memory: give its rows back now, not at the next step.
             self.scheduler.retire()
-            self._sync_rows()
+            self._sync_rows(force=True)  # a prefill may have failed half-way through handing its rows over
             return failed
 
     def _intake(self) -> list[RequestOutput]:
@@ -257,8 +258,11 @@ class ProxyEngine:
         message = f"the request timed out after {self.config.limits.request_timeout_s:g}s"
         return self.outputs.finish(sequence, FinishReason.ERROR, error=message, error_code=ErrorCode.TIMEOUT)
 
-    def _sync_rows(self) -> None:
+    def _sync_rows(self, force: bool = False) -> None:
         """Make every runner hold exactly the running sequences that use it (once a step, before decode)."""
+        if self._synced_version == self.scheduler.running_version and not force:
+            return  # nobody joined or left since the last sync
+        self._synced_version = self.scheduler.running_version
         for index, runner in enumerate(self.runners):
             runner.keep_rows([s.seq_id for s in self.scheduler.running if index in s.prompts])
 
