@@ -21,6 +21,8 @@ from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
 from proxy_engine.detokenizer import IncrementalDetokenizer, token_bytes
 from proxy_engine.loader import LoadedModel, eos_token_ids
+from proxy_engine.prefix_cache import PrefixCache, kv_bytes_per_token
+from proxy_engine.prefix_cache import unsupported_reason as prefix_cache_unsupported
 from proxy_engine.prompt_scores import PromptScores
 from proxy_engine.request import (
     EngineOverloadedError,
@@ -69,9 +71,18 @@ class ProxyEngine:
         self.tokenizer = models[0].tokenizer
         self.vocab_size = models[0].vocab_size or len(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.runners = [ModelRunner(m.model, self.vocab_size, pad_id, m.role) for m in models]
         cap = config.limits.max_model_len or 10**9
         self.max_lens = [min(m.max_len, cap) for m in models]
+        # Each model's KV bytes when every sequence is at the length cap: the KV cache's budget at the limits.
+        self.kv_bytes_per_token = [kv_bytes_per_token(m.model) for m in models]
+        self.kv_budgets = [
+            per_token * config.limits.max_num_seqs * max_len
+            for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
+        ]
+        self.runners = [
+            ModelRunner(m.model, self.vocab_size, pad_id, m.role, self._prefix_cache(m, budget))
+            for m, budget in zip(models, self.kv_budgets)
+        ]
         self.eos_ids = frozenset(eos_token_ids(models))
         self.device = self.runners[0].device
         self.scheduler = Scheduler(config.limits)
@@ -90,6 +101,29 @@ class ProxyEngine:
         self.fault_hook = None
         # Analysis mode (as in the research code): called with (sequences, combined logits [B, V]) every step.
         self.logits_hook = None
+
+    def _prefix_cache(self, model: LoadedModel, kv_budget: int) -> PrefixCache | None:
+        settings = self.config.prefix_cache
+        if not settings.enabled:
+            return None
+        reason = prefix_cache_unsupported(model.model)
+        if reason is not None:
+            log.info("%s: prefix caching off (%s)", model.role, reason)
+            return None
+        return PrefixCache(settings.block_size, int(kv_budget * settings.memory_fraction), model.role)
+
+    def kv_cache_usage(self) -> float:
+        """KV memory in use (running rows and the prompts being prefilled) over the budget at the limits, 0-1."""
+        used = 0
+        jobs = self.prefill.jobs if self.prefill is not None else {}
+        for index, runner in enumerate(self.runners):
+            tokens = runner.kv_tokens()
+            job = jobs.get(index)
+            if job is not None:
+                tokens += job.cache.length * job.ids.shape[0]
+            used += tokens * self.kv_bytes_per_token[index]
+        total = sum(self.kv_budgets)
+        return min(1.0, used / total) if total else 0.0
 
     # --- requests in ---------------------------------------------------------------------------------------
     @property
@@ -314,7 +348,11 @@ class ProxyEngine:
         for index, runner in enumerate(self.runners):
             members = [s for s in sequences if index in s.prompts]
             if members:
-                jobs[index] = runner.start_prefill([s.seq_id for s in members], [s.prompts[index] for s in members])
+                # Prompt logprobs need every position's logits: a scored prompt starts on no cached columns.
+                jobs[index] = runner.start_prefill(
+                    [s.seq_id for s in members], [s.prompts[index] for s in members],
+                    [s.params.prompt_logprobs is None for s in members],
+                )
         scores: dict[int, PromptScores] = {}
         shared: dict[tuple, PromptScores] = {}  # a request's n choices score their one prompt once
         for sequence in sequences:
@@ -339,6 +377,8 @@ class ProxyEngine:
         if not group.complete:
             return []
         self.prefill = None
+        for index, job in group.jobs.items():
+            self.runners[index].cache_prompts(job)
         alive = [s for s in group.sequences if s.status is not Status.FINISHED]
         if not alive:
             return []
