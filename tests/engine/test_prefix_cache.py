@@ -278,3 +278,24 @@ def _input(messages):
 
 def _expert_ids(engine: ProxyEngine, messages) -> list[int]:
     return engine.models[1].renderer.render(_input(messages))
+
+
+async def test_the_engines_stats_report_each_models_queries_and_hits(chat_family):
+    from proxy_engine.async_engine import AsyncEngine
+    from proxy_engine.request import SamplingParams
+
+    engine = AsyncEngine(engine_config(chat_family, chat_expert=True))
+    await engine.start()
+    try:
+        for request_id in ("one", "two"):
+            stream = await engine.add_request(
+                request_id, _input(chat(f"Question {request_id}?")), SamplingParams(temperature=0, max_tokens=2)
+            )
+            [output async for output in stream]
+        stats = engine.stats()
+        assert [cache.model for cache in stats.prefix_caches] == ["base", "expert", "anti_expert"]
+        for cache in stats.prefix_caches:
+            assert cache.queries_total > cache.hits_total > 0 and 0 < cache.usage < 1
+        assert stats.kv_cache_usage == 0.0  # nothing running any more
+    finally:
+        await engine.shutdown()
