@@ -6,9 +6,14 @@ first block and stops at the first miss, and two prompts share exactly the block
 prefix. Keys are compared by value (the parent's unique id and the token tuple), so no hash collision can hand
 one prompt another's K/V.
 
-Each block holds its K and V per layer (``[kv_heads, block_size, head_dim]`` each, on that layer's device: a model
-spread over GPUs keeps each layer's part where the layer runs). Blocks are copies, not views of a prefill
-job's buffers, so a job or a batch ending never frees them and an eviction never touches a running row.
+Each block holds its K and V per layer (``[kv_heads, block_size, head_dim]`` each, on that layer's device: a
+model spread over GPUs keeps each layer's part where the layer runs). Blocks are copies, not views of a
+prefill job's buffers, so a job or a batch ending never frees them, an eviction never touches a running row,
+and evicting a block frees exactly its bytes. Copying is bound by memory bandwidth, about 1% of the prefill
+that produced the K/V. Tried and dropped: one tensor per prompt's new blocks (a segment: one copy instead of
+2 x layers per block, but a segment's memory stays until its last block goes, so a shared system prompt
+pinned the questions cached after it), and a vLLM-style pool of block slots (its indexed write cost 3x a
+plain copy on the CPU).
 
 Eviction is least-recently-used within a byte budget. Every use of a chain touches its blocks from the last
 to the first, so a block is always more recent than its descendants and the LRU victim is a leaf: a chain is
@@ -85,7 +90,7 @@ class PrefixCache:
     @property
     def usage(self) -> float:
         """Bytes held over the budget, 0-1."""
-        return self.nbytes / self.budget_bytes if self.budget_bytes else 0.0
+        return min(1.0, self.nbytes / self.budget_bytes) if self.budget_bytes else 0.0
 
     def match(self, tokens: Sequence[int], limit: int | None = None) -> list[Block]:
         """The cached blocks of ``tokens``' longest cached full-block prefix, at most ``limit`` tokens long.
@@ -112,6 +117,16 @@ class PrefixCache:
     def record_query(self, queried: int, hit: int) -> None:
         self.queries_total += queried
         self.hits_total += hit
+
+    def read(self, chain: list[Block], layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s K and V of the chain's first ``tokens`` tokens: ``[kv_heads, tokens, head_dim]`` each."""
+        parts = chain[: -(-tokens // self.block_size)]
+        if len(parts) == 1:
+            k, v = parts[0].kv[layer]
+        else:
+            k = torch.cat([block.kv[layer][0] for block in parts], dim=1)
+            v = torch.cat([block.kv[layer][1] for block in parts], dim=1)
+        return k[:, :tokens], v[:, :tokens]
 
     # --- writing ---------------------------------------------------------------------------------------------
     def insert(self, tokens: Sequence[int], layers_kv) -> int:
@@ -179,22 +194,6 @@ class PrefixCache:
         self.nbytes -= block.nbytes
         self.evictions_total += 1
 
-    def clear(self) -> None:
-        self._blocks.clear()
-        self._by_id.clear()
-        self.nbytes = 0
-
-
-def gather(chain: list[Block], layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer ``layer``'s K and V of the chain's first ``tokens`` tokens: ``[kv_heads, tokens, head_dim]`` each."""
-    size = chain[0].kv[layer][0].shape[1]
-    parts = chain[: -(-tokens // size)]
-    if len(parts) == 1:
-        k, v = parts[0].kv[layer]
-    else:
-        k = torch.cat([block.kv[layer][0] for block in parts], dim=1)
-        v = torch.cat([block.kv[layer][1] for block in parts], dim=1)
-    return k[:, :tokens], v[:, :tokens]
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:

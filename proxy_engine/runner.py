@@ -28,7 +28,7 @@ import torch
 
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
-from proxy_engine.prefix_cache import PrefixCache, gather
+from proxy_engine.prefix_cache import PrefixCache
 
 THREADS_ENV = "PROXY_SERVE_CPU_THREADS"
 FAST_DECODE_ENV = "PROXY_SERVE_FAST_DECODE"  # "0": every decode through transformers' forward
@@ -238,7 +238,7 @@ class ModelRunner:
             cache.record_query(len(job.prompts[row]), used)
             if used:
                 cache.touch(chain[: -(-used // cache.block_size)])
-                pieces.append((row, job.pad(row), [gather(chain, layer, used) for layer in range(self.num_layers)]))
+                pieces.append((row, job.pad(row), [cache.read(chain, layer, used) for layer in range(self.num_layers)]))
                 job.reused += used
         if start > 0:
             job.cache.preload(job.ids.shape[0], job.ids.shape[1], start, pieces)

@@ -10,7 +10,7 @@ import torch
 
 from proxy_engine.config import PrefixCacheConfig
 from proxy_engine.engine import ProxyEngine
-from proxy_engine.prefix_cache import PrefixCache, gather, unsupported_reason
+from proxy_engine.prefix_cache import PrefixCache, unsupported_reason
 from proxy_engine.request import FinishReason
 from tests.engine.conftest import engine_config, submit
 
@@ -91,7 +91,7 @@ def test_blocks_come_back_for_the_longest_shared_full_block_prefix():
     assert len(cache.match(prompt[:6] + [1, 2, 3, 4])) == 1  # differs inside the second block
     assert cache.match([5] + prompt[1:]) == []  # a block is keyed by everything before it, not its own tokens
     assert len(cache.match(prompt, limit=7)) == 1  # at most 7 tokens: one full block
-    k, v = gather(cache.match(prompt), layer=1, tokens=6)
+    k, v = cache.read(cache.match(prompt), layer=1, tokens=6)
     assert torch.equal(k, _kv(11)[1][0][:, :6]) and torch.equal(v, _kv(11)[1][1][:, :6])
     # Inserting again adds nothing; a longer prompt adds only its new blocks, from the uncached span.
     spans = []
@@ -104,14 +104,26 @@ def test_blocks_come_back_for_the_longest_shared_full_block_prefix():
 def test_least_recently_used_blocks_go_first_and_chains_shrink_from_their_end():
     cache = PrefixCache(block_size=4, budget_bytes=5 * BLOCK_BYTES)
     a, b, c = [list(range(s, s + 8)) for s in (0, 100, 200)]
-    cache.insert(a, _span(_kv(8)))
-    cache.insert(b, _span(_kv(8)))
+    cache.insert(a, _span(_kv(8, 1000)))
+    cache.insert(b[:4], _span(_kv(8, 2000)))  # b's head first (a system prompt), then the rest of b
+    cache.insert(b, _span(_kv(8, 2000)))
     cache.touch(cache.match(a))  # a is used again: b is now the least recent
-    cache.insert(c, _span(_kv(8)))  # 6 blocks > 5: one goes, and it is b's last
+    cache.insert(c, _span(_kv(8, 3000)))  # 6 blocks > 5: one goes, and it is b's last
     assert cache.nbytes <= cache.budget_bytes and cache.num_blocks == 5
     assert len(cache.match(a)) == 2 and len(cache.match(c)) == 2
     assert len(cache.match(b)) == 1  # b's head is kept: a chain is never cut from its start
     assert cache.evictions_total == 1
+    cache.touch(cache.match(b))
+    cache.touch(cache.match(a))
+    cache.insert(list(range(300, 304)), _span(_kv(4)))  # c is the least recent now: its last block goes
+    assert len(cache.match(c)) == 1 and cache.num_blocks == 5 and cache.evictions_total == 2
+    # Every chain still reads back its own values.
+    for prompt, value in ((a, 1000), (b, 2000), (c, 3000)):
+        for layer in (0, 1):
+            tokens = 4 * len(cache.match(prompt)) - 1
+            k, v = cache.read(cache.match(prompt), layer, tokens)
+            expected = _kv(8, value)[layer]
+            assert torch.equal(k, expected[0][:, :tokens]) and torch.equal(v, expected[1][:, :tokens])
 
 
 def test_a_prompt_longer_than_the_budget_keeps_its_head():
