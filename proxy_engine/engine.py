@@ -28,6 +28,7 @@ from proxy_engine.loader import LoadedModel, eos_token_ids
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
 from proxy_engine.prefix_cache import PrefixCache, kv_bytes_per_token
+from proxy_engine.prefix_cache import budget_bytes as prefix_cache_budget
 from proxy_engine.prefix_cache import unsupported_reason as prefix_cache_unsupported
 from proxy_engine.request import (
     EngineOverloadedError,
@@ -95,7 +96,10 @@ class ProxyEngine:
         if reason is not None:
             log.info("%s: prefix caching off (%s)", model.role, reason)
             return None
-        return PrefixCache(settings.block_size, int(kv_budget * settings.memory_fraction), model.role)
+        device = model.model.get_input_embeddings().weight.device
+        budget = prefix_cache_budget(kv_budget, settings.memory_fraction, device)
+        log.info("%s: prefix cache of up to %.0f MB", model.role, budget / 2**20)
+        return PrefixCache(settings.block_size, budget, model.role)
 
     def kv_cache_usage(self) -> float:
         """KV memory in use (running rows and the prompts being prefilled) over the budget at the limits, 0-1."""

@@ -24,6 +24,7 @@ The cache is owned by one ``ModelRunner`` and used only from the engine's step t
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -209,3 +210,27 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     element = torch.empty(0, dtype=getattr(model, "dtype", torch.float32)).element_size()
     return 2 * layers * kv_heads * head_dim * element
+
+
+FREE_MEMORY_SHARE = 0.2  # of the memory free on the model's device when the engine starts
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free now on ``device`` (host RAM available for the CPU), or None when unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def budget_bytes(kv_at_limits: int, fraction: float, device: torch.device) -> int:
+    """The cache's budget: ``fraction`` of the model's KV cache at the limits, and never more than
+    ``FREE_MEMORY_SHARE`` of what its device has free at start (the running batch's KV and activations need
+    the rest; the limits' KV is a worst case that the deployer may have sized past the memory)."""
+    budget = int(kv_at_limits * fraction)
+    free = free_memory_bytes(device)
+    return budget if free is None else min(budget, int(free * FREE_MEMORY_SHARE))

@@ -11,7 +11,13 @@ import torch
 
 from proxy_engine.config import PrefixCacheConfig
 from proxy_engine.engine import ProxyEngine
-from proxy_engine.prefix_cache import PrefixCache, unsupported_reason
+from proxy_engine.prefix_cache import (
+    FREE_MEMORY_SHARE,
+    PrefixCache,
+    budget_bytes,
+    free_memory_bytes,
+    unsupported_reason,
+)
 from proxy_engine.request import FinishReason
 from tests.engine.conftest import engine_config, submit
 
@@ -133,6 +139,14 @@ def test_a_prompt_longer_than_the_budget_keeps_its_head():
     assert cache.insert(prompt, _span(_kv(40))) == 3
     assert len(cache.match(prompt)) == 3 and cache.nbytes == 3 * BLOCK_BYTES
     assert PrefixCache(block_size=4, budget_bytes=0).insert(prompt, _span(_kv(40))) == 0
+
+
+def test_the_budget_is_a_share_of_the_kv_at_the_limits_capped_by_free_memory():
+    assert budget_bytes(1000, 0.25, torch.device("meta")) == 250  # free memory unknown: the share alone
+    free = free_memory_bytes(torch.device("cpu"))
+    assert free is not None and free > 0
+    assert budget_bytes(1000, 0.25, torch.device("cpu")) == 250
+    assert budget_bytes(10 * free, 1.0, torch.device("cpu")) <= free * FREE_MEMORY_SHARE
 
 
 def test_models_whose_state_is_not_per_token_kv_are_refused():
