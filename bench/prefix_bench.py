@@ -13,7 +13,9 @@ same loaded models: prefix caching on (the default) and off. Each repeat, in a r
   first turn (cold) and of the next (the first turn, the assistant's answer and a new question).
 - **unshared traffic**: ``--batch`` requests of random ``--traffic-prompt`` token prompts (nothing shared),
   ``--traffic-tokens`` tokens each, all at once: generated tokens/s (prefill included) with the cache on and
-  off; also per CPU-second of this process, which other processes on a shared machine disturb far less.
+  off, in the order on, off, off, on (or the reverse); also per CPU-second of this process, which other
+  processes on a shared machine disturb far less, and the share of the CPU time spent in the cache's own work
+  (lookups, copying K/V in and out), which the machine's load does not move.
 
 Every prompt is new in each repeat (random tokens or words), so only the intended prefix can hit. Ratios are
 medians of ratios within a repeat; they are what to read.
@@ -22,6 +24,7 @@ medians of ratios within a repeat; they are what to read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -62,17 +65,44 @@ def run_request(engine: ProxyEngine, request_id: str, prompt: PromptInput, max_t
     return first, text
 
 
-def traffic(engine: ProxyEngine, tag: str, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
-    """Generated tokens per second and per CPU-second for a batch of requests sent at once."""
+def traffic(engine: ProxyEngine, tag: str, prompts: list[list[int]], tokens: int) -> tuple[float, float, float]:
+    """Generated tokens per second and per CPU-second for a batch of requests sent at once, and the CPU time
+    the prefix cache's own work took (lookups, copies in and out), in seconds."""
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    spent = [0.0]
     timer = Timer()
-    for i, prompt in enumerate(prompts):
-        engine.add(engine.make_sequences(f"{tag}-{i}", PromptInput(token_ids=prompt), params))
-    generated = 0
-    while engine.has_work():
-        generated += sum(len(o.new_token_ids) for o in engine.step())
+    with cache_timing(engine, spent):
+        for i, prompt in enumerate(prompts):
+            engine.add(engine.make_sequences(f"{tag}-{i}", PromptInput(token_ids=prompt), params))
+        generated = 0
+        while engine.has_work():
+            generated += sum(len(o.new_token_ids) for o in engine.step())
     wall, cpu = timer.elapsed()
-    return generated / wall, generated / max(cpu, 1e-9)
+    return generated / wall, generated / max(cpu, 1e-9), spent[0]
+
+
+@contextlib.contextmanager
+def cache_timing(engine: ProxyEngine, spent: list[float]):
+    """Add the thread CPU time of the runners' prefix-cache methods to ``spent[0]`` while in the block."""
+    originals = []
+    for runner in engine.runners:
+        for name in ("_start_from_cache", "cache_prompts"):
+            original = getattr(runner, name)
+
+            def timed(*args, _original=original, **kwargs):
+                started = time.thread_time()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    spent[0] += time.thread_time() - started
+
+            setattr(runner, name, timed)
+            originals.append((runner, name))
+    try:
+        yield
+    finally:
+        for runner, name in originals:
+            delattr(runner, name)  # back to the class's method
 
 
 def random_ids(rng: random.Random, count: int, vocab: int) -> list[int]:
@@ -120,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     samples: dict[str, list[float]] = {name: [] for name in (
         "ttft_shared_s", "ttft_unshared_s", "ttft_first_turn_s", "ttft_next_turn_s",
         "traffic_on_tok_s", "traffic_off_tok_s", "traffic_on_tok_cpu_s", "traffic_off_tok_cpu_s",
+        "cache_cpu_share",
     )}
     prompt_lens: dict[str, int] = {}
 
@@ -145,12 +176,20 @@ def main(argv: list[str] | None = None) -> None:
         samples["ttft_next_turn_s"].append(run_request(cached, f"turn2-{repeat}", PromptInput(messages=turn2), 1)[0])
 
     def unshared_traffic(repeat: int) -> None:
-        order = [(cached, "on"), (uncached, "off")][:: 1 if repeat % 2 else -1]
-        for engine, state in order:
-            prompts = [random_ids(rng, args.traffic_prompt, vocab) for _ in range(args.batch)]
-            rate, per_cpu = traffic(engine, f"traffic-{state}-{repeat}", prompts, args.traffic_tokens)
-            samples[f"traffic_{state}_tok_s"].append(rate)
-            samples[f"traffic_{state}_tok_cpu_s"].append(per_cpu)
+        # on, off, off, on (or the reverse): a drift in the machine's load over the four runs cancels out.
+        pair = [(cached, "on"), (uncached, "off")][:: 1 if repeat % 2 else -1]
+        for half in (pair, pair[::-1]):
+            rates = {}
+            for engine, state in half:
+                prompts = [random_ids(rng, args.traffic_prompt, vocab) for _ in range(args.batch)]
+                started = time.process_time()
+                rate, per_cpu, spent = traffic(engine, f"traffic-{state}-{repeat}", prompts, args.traffic_tokens)
+                rates[state] = (rate, per_cpu)
+                if state == "on":
+                    samples["cache_cpu_share"].append(spent / (time.process_time() - started))
+            for state in ("on", "off"):
+                samples[f"traffic_{state}_tok_s"].append(rates[state][0])
+                samples[f"traffic_{state}_tok_cpu_s"].append(rates[state][1])
 
     scenarios = [shared_prefix, chat_turns, unshared_traffic]
     for repeat in range(args.repeats):
@@ -183,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         *[f"| {name} | {value:.3f} |" for name, value in medians.items()],
         "", "| ratio (median of paired repeats) | value |", "|---|---:|",
         *[f"| {name} | {value:.2f}x |" for name, value in ratios.items()],
+        "", f"the prefix cache's own work (lookups, copying K/V in and out) on the unshared traffic: "
+        f"{100 * medians['cache_cpu_share']:.2f}% of the CPU time (median)",
         "", "prefix cache hits / queries (tokens): "
         + ", ".join(f"{name} {h:,} / {q:,}" for name, (h, q) in hits.items()),
     ]
