@@ -35,11 +35,18 @@ from pathlib import Path
 import torch
 
 from bench.family import family_paths
-from proxy_engine.config import EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig, PrefixCacheConfig
+from proxy_engine.config import (
+    CPU_THREADS_ENV,
+    EngineConfig,
+    ExpertPairConfig,
+    LimitsConfig,
+    ModelConfig,
+    PrefixCacheConfig,
+)
+from proxy_engine.cpu_tuning import cpu_threads
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
 from proxy_engine.request import PromptInput, SamplingParams
-from proxy_engine.runner import THREADS_ENV, cpu_threads
 
 
 class Timer:
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     threads = args.threads or cpu_threads() or torch.get_num_threads()
     torch.set_num_threads(threads)
-    os.environ[THREADS_ENV] = str(threads)
+    os.environ[CPU_THREADS_ENV] = str(threads)
     family = family_paths(args.family, args.family_dir)
     config = EngineConfig(
         base=ModelConfig(path=str(family.base)),

@@ -71,7 +71,10 @@ class ProxyEngine:
             for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
         ]
         self.runners = [
-            ModelRunner(m.model, self.vocab_size, pad_id, m.role, self._prefix_cache(m, budget))
+            ModelRunner(
+                m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
+                prefix_cache=self._prefix_cache(m, budget),
+            )
             for m, budget in zip(models, self.kv_budgets)
         ]
         self.eos_ids = frozenset(eos_token_ids(models))

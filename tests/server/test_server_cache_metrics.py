@@ -21,7 +21,10 @@ def test_queue_kv_usage_and_prefix_cache_counters_per_model():
     stats = EngineStats(
         running=3, waiting=2, prefilling=1, prompt_tokens_total=900, generation_tokens_total=40,
         kv_cache_usage=0.25,
-        prefix_caches=(PrefixCacheStats("base", 900, 600, 0.5), PrefixCacheStats("expert", 950, 608, 0.125)),
+        prefix_caches=(
+            PrefixCacheStats(model="base", queries_total=900, hits_total=600, usage=0.5),
+            PrefixCacheStats(model="expert", queries_total=950, hits_total=608, usage=0.125),
+        ),
     )
     got = samples(stats)
     assert got[("proxy_serve_num_requests_running", ())] == 3
@@ -34,6 +37,6 @@ def test_queue_kv_usage_and_prefix_cache_counters_per_model():
 
 
 def test_without_a_prefix_cache_the_counters_are_absent_and_usage_is_zero():
-    got = samples(EngineStats(0, 0, 0, 0, 0))
+    got = samples(EngineStats())
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.0
     assert not any(name.startswith("proxy_serve_prefix_cache") for name, _ in got)
