@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from proxy_engine.config import EngineConfig
-from proxy_engine.placement import GiB, plan_placement
+from proxy_engine.memory import GiB
+from proxy_engine.placement import plan_placement
 
 from .known_models import KNOWN_MODELS
 
