@@ -164,7 +164,8 @@ class ProxyEngine:
             seed = params.seed + choice if params.seed is not None else self._seed_rng.getrandbits(63)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             detokenizer = IncrementalDetokenizer(
-                self.tokenizer, stops, params.include_stop_str_in_output, params.skip_special_tokens
+                self.tokenizer, stops, params.include_stop_str_in_output, params.skip_special_tokens,
+                prompt_ids=prompts[min(prompts)],  # the text rule: decode(prompt + output) - decode(prompt)
             )
             with self._lock:
                 seq_id = self._next_seq_id
