@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from proxy_engine.attention_masks import DecodeMasks
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
 
@@ -136,6 +137,8 @@ class ModelRunner:
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in params else None
         # Decode steps of Llama-family models skip transformers' module stack (see fast_decode.py).
         self._fast = None if os.environ.get(FAST_DECODE_ENV) == "0" else FastDecoder.for_model(model, vocab_size, name)
+        # Decode through transformers: additive masks with the model's sliding window (see attention_masks.py).
+        self._masks = DecodeMasks(model.config, model.get_input_embeddings().weight.dtype)
         self._reset()
 
     def _reset(self) -> None:
@@ -178,6 +181,7 @@ class ModelRunner:
                 _use_cpu_threads()
             logits = self._fast.decode(ids.view(-1), positions, mask, self.cache)
         else:
+            mask = self._masks.build(positions, self.cache.state.span, uniform=mask is None)
             logits = self._forward(ids, mask, positions.view(-1, 1), self.cache)
         self.cache.end_decode()
         return logits

@@ -5,14 +5,14 @@ the ``sentencepiece`` package, byte-level BPE with ``tokenizers``) and wrapped i
 real family ships. Each family is a base (2 layers), a chat- or task-tuned expert and its anti-expert (1 layer),
 saved as Hugging Face checkpoints the server loads like any other.
 
-| family    | architecture (transformers)  | tokenizer                                    | what it exercises          |
-|-----------|------------------------------|----------------------------------------------|----------------------------|
-| llama2    | LlamaForCausalLM             | SentencePiece BPE, byte fallback, dummy prefix, BOS; ``[INST]`` | leading-space decoding |
-| llama3    | LlamaForCausalLM             | byte-level BPE, ``<|begin_of_text|>``, end ids end_of_text + eot | several end ids  |
-| qwen2.5   | Qwen2ForCausalLM (qkv bias)  | byte-level BPE, ChatML, no BOS; rows padded past the vocabulary | padded rows       |
-| mistral   | MistralForCausalLM (window 8)| SentencePiece like Llama-2; the expert is OpenHermes-style ChatML with ``<|im_end|>`` past the shared vocabulary | sliding window, out-of-vocab end id |
-| gemma2    | Gemma2ForCausalLM (eager)    | SentencePiece, no dummy prefix, ``<start_of_turn>``; soft-capping, local layers | eager masks |
-| pythia    | GPTNeoXForCausalLM           | byte-level BPE (GPT-NeoX); a task expert (plain prompts) | the transformers path |
+- llama2: LlamaForCausalLM; SentencePiece BPE, byte fallback, dummy prefix, BOS; ``[INST]`` chat expert.
+- llama3: LlamaForCausalLM; byte-level BPE, ``<|begin_of_text|>``, end ids ``<|end_of_text|>`` and ``<|eot_id|>``.
+- qwen2.5: Qwen2ForCausalLM (qkv bias); byte-level BPE, ChatML, no BOS; logit rows padded past the tokenizer.
+- mistral: MistralForCausalLM with a sliding window of 8 (transformers decode path); SentencePiece like Llama-2;
+  an OpenHermes-style ChatML expert whose ``<|im_end|>`` end id lies past the shared vocabulary.
+- gemma2: Gemma2ForCausalLM, eager attention, soft-capping, local + global layers; SentencePiece without a dummy
+  prefix, ``<start_of_turn>``.
+- pythia: GPTNeoXForCausalLM (partial rotary, parallel residual); byte-level BPE; a task expert (plain prompts).
 
 They live in the tests, not in ``proxy_engine``: they need the test-only ``sentencepiece`` package, and the
 benchmarks measure speed on ``proxy_engine.families`` (one architecture is enough there).
@@ -60,7 +60,8 @@ CHATML_TEMPLATE = (
 )
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
 

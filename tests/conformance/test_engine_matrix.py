@@ -96,8 +96,8 @@ def test_token_id_prompt_for_a_chat_expert_keeps_one_bos(loaded):
 def test_expert_alone_through_its_template(loaded):
     family, models, tokenizers = loaded
     engine = ProxyEngine(models, engine_config(family))
-    made = engine.make_sequences("e", PromptInput(messages=CHAT), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
-                                 Target.EXPERT)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    made = engine.make_sequences("e", PromptInput(messages=CHAT), params, Target.EXPERT)
     engine.add(made)
     tokens, text = [], ""
     while engine.has_work():
