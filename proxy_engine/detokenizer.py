@@ -90,7 +90,8 @@ def byte_fallback_ids(tokenizer) -> frozenset[int]:
     """Ids of SentencePiece byte-fallback tokens (``<0x00>`` .. ``<0xFF>``), cached on the tokenizer."""
     cached = getattr(tokenizer, "_proxy_serve_byte_ids", None)
     if cached is None:
-        cached = frozenset(i for piece, i in tokenizer.get_vocab().items() if _BYTE_FALLBACK.match(piece))
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        cached = frozenset(i for piece, i in vocab.items() if _BYTE_FALLBACK.match(piece))
         try:
             tokenizer._proxy_serve_byte_ids = cached
         except AttributeError:  # a tokenizer that refuses attributes: recomputed each time (tests' fakes)
@@ -132,6 +133,7 @@ class IncrementalDetokenizer:
         self._prefix = max(0, len(context) - _CONTEXT_TOKENS)
         self._read = len(context)
         self._bytes = byte_fallback_ids(tokenizer)
+        self.flushed = ""  # text that only ``finish`` committed
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
@@ -197,7 +199,8 @@ class IncrementalDetokenizer:
         before = self._context()
         tail = self._decode(self.ids[self._prefix :])
         if len(tail) > len(before):  # an incomplete character (or byte run) at the very end: as decoded
-            self.text += tail[len(before) :]
+            self.flushed = tail[len(before) :]  # the last token's text grows by this (logprobs)
+            self.text += self.flushed
             self._read = len(self.ids)
         return self._release(final=True).delta
 
