@@ -109,3 +109,24 @@ def test_expert_alone_through_its_template(loaded):
     expected, _ = naive.greedy([None, expert_prompt, None], [0.0, 1.0, 0.0], 6)
     assert tokens == expected
     assert text == completion_text(tokenizers[1], expert_prompt, expected)
+
+
+def test_end_ids_past_the_shared_vocabulary_are_dropped_with_a_warning(loaded, caplog):
+    """Mistral base + OpenHermes-style expert: ``<|im_end|>`` (420) is past the shared 420 tokens. min_tokens
+    bans every end id: it indexed past the logits (IndexError, a 500) before the id was dropped."""
+    family, models, tokenizers = loaded
+    with caplog.at_level("WARNING", logger="proxy_engine.loader"):
+        engine = ProxyEngine(models, engine_config(family))
+    vocab = models[0].vocab_size
+    assert all(i < vocab for i in engine.eos_ids)
+    past = [i for i in (tokenizers[1].eos_token_id,) if i >= vocab]
+    if not past:
+        return
+    assert any("past the shared vocabulary" in r.message for r in caplog.records)
+    made = engine.make_sequences("m", PromptInput(text="The capital of France is"),
+                                 SamplingParams(max_tokens=4, min_tokens=3, temperature=0.0))
+    engine.add(made)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    assert outputs[-1].finished and outputs[-1].error is None
