@@ -21,7 +21,7 @@ from proxy_engine.prompts import compile_template
 from server.settings import load_settings
 from tests.conformance.conftest import engine_config
 from tests.conformance.reference import NaiveProxy, completion_text, per_model_prompts
-from tests.server.srv_live import LiveServer
+from tests.server.live import LiveServer
 
 TOKENS = 8
 TOP = 4
@@ -66,7 +66,7 @@ def _stream(url: str, path: str, body: dict) -> list[dict]:
 
 def _check_logprobs(logprobs: dict, text: str, start: int = 0) -> None:
     tokens, offsets = logprobs["tokens"], logprobs["text_offset"]
-    assert "".join(tokens) == text[start:] if start else "".join(tokens) == text
+    assert "".join(tokens) == text[start:]
     position = start
     for token, offset in zip(tokens, offsets):
         assert offset == position
