@@ -67,3 +67,4 @@ def test_a_generator_on_another_device_than_the_logits_is_used_there():
     generator = torch.Generator(device="cpu").manual_seed(0)
     token = draw(logits, torch.tensor([False]), [generator])
     assert int(token[0]) in (0, 1)
+
