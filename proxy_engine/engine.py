@@ -28,6 +28,7 @@ from proxy_engine.loader import LoadedModel, eos_token_ids
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
 from proxy_engine.request import (
+    ContextLengthError,
     EngineOverloadedError,
     ErrorCode,
     FinishReason,
@@ -160,20 +161,20 @@ class ProxyEngine:
         for index, ids in prompts.items():
             limit, role = self.max_lens[index], self.models[index].role
             if max_tokens is None and len(ids) >= limit:
-                raise ValueError(
+                raise ContextLengthError(
                     f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens as "
-                    f"the {role} model sees it, which leaves no room for a completion; shorten the prompt"
+                    f"the {role} model sees it, which leaves no room for a completion; shorten the prompt", "prompt"
                 )
             if max_tokens is not None and len(ids) + max_tokens > limit:
                 if max_tokens == 0:
-                    raise ValueError(
+                    raise ContextLengthError(
                         f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens "
-                        f"as the {role} model sees it; shorten the prompt"
+                        f"as the {role} model sees it; shorten the prompt", "prompt"
                     )
-                raise ValueError(
+                raise ContextLengthError(
                     f"This model's maximum context length is {limit} tokens. However, you requested "
                     f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt as the {role} model sees it, "
-                    f"{max_tokens} in max_tokens). Please reduce the length of the prompt or max_tokens"
+                    f"{max_tokens} in max_tokens). Please reduce the length of the prompt or max_tokens", "max_tokens"
                 )
             left = min(left, limit - len(ids))
         return max_tokens if max_tokens is not None else left
