@@ -139,3 +139,24 @@ def test_chat_reaches_each_model_its_own_way(served):
             assert len({top["token"] for top in entry["top_logprobs"]}) == TOP
         deltas = [c["choices"][0]["delta"].get("content") or "" for c in streamed if c["choices"]]
         assert "".join(deltas) == text
+
+
+def test_the_issue_case_forced_tokens_keep_their_space(served):
+    """Prompt "The capital of France is", three forced ``▁P`` (logit_bias): text " P P P" plain, streamed and
+    echoed; logprobs tokens [" P", " P", " P"] at offsets that follow the text; no top-logprobs key lost."""
+    family, server, tokenizers, *_ = served
+    piece = "▁P" if "▁P" in tokenizers[0].get_vocab() else "ĠP"
+    if piece not in tokenizers[0].get_vocab():
+        pytest.skip(f"{family.spec.name}: no single-token ' P'")
+    p = tokenizers[0].convert_tokens_to_ids(piece)
+    prompt = "The capital of France is"
+    body = {**COMMON, "prompt": prompt, "max_tokens": 3, "logit_bias": {str(p): 100}, "logprobs": TOP,
+            "echo": False}
+    choice = _post(server.url, "/v1/completions", body)["choices"][0]
+    assert choice["text"] == " P P P"
+    assert choice["logprobs"]["tokens"] == [" P", " P", " P"]
+    assert choice["logprobs"]["text_offset"] == [0, 2, 4]
+    echoed = _post(server.url, "/v1/completions", {**body, "echo": True, "logprobs": None})["choices"][0]
+    assert echoed["text"] == "The capital of France is P P P"
+    streamed = _stream(server.url, "/v1/completions", body)
+    assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == " P P P"
