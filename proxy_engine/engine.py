@@ -31,6 +31,7 @@ from proxy_engine.prefix_cache import PrefixCache, kv_bytes_per_token
 from proxy_engine.prefix_cache import budget_bytes as prefix_cache_budget
 from proxy_engine.prefix_cache import unsupported_reason as prefix_cache_unsupported
 from proxy_engine.request import (
+    ContextLengthError,
     EngineOverloadedError,
     ErrorCode,
     FinishReason,
@@ -163,20 +164,10 @@ class ProxyEngine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         weights = self.weights_for(params, target)
         prompts: dict[int, list[int]] = {}
-        context_left = params.max_tokens if params.max_tokens is not None else 10**9
         for index, weight in enumerate(weights):
-            if weight == 0.0:
-                continue
-            ids = self.models[index].renderer.render(prompt)
-            limit = self.max_lens[index]
-            # A prompt may fill the whole context only when nothing is to follow it (max_tokens 0: scoring).
-            if len(ids) > limit or (len(ids) == limit and params.max_tokens != 0):
-                raise ValueError(
-                    f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens "
-                    f"as the {self.models[index].role} model sees it; shorten the prompt"
-                )
-            prompts[index] = ids
-            context_left = min(context_left, limit - len(ids))
+            if weight != 0.0:
+                prompts[index] = self.models[index].renderer.render(prompt)
+        context_left = self._context_left(prompts, params.max_tokens)
         if params.prompt_logprobs is not None:
             self._check_scorable(prompts)
         if params.min_tokens > context_left:
@@ -192,10 +183,42 @@ class ProxyEngine:
                 self._next_seq_id += 1
             sequences.append(Sequence(
                 seq_id=seq_id, request_id=request_id, index=choice, params=params, weights=weights,
-                prompts=prompts, max_tokens=context_left, detokenizer=self.outputs.detokenizer(params),
-                generator=torch.Generator(device="cpu").manual_seed(seed), eos_ids=self.eos_ids, deadline=deadline,
+                prompts=prompts, max_tokens=context_left,
+                detokenizer=self.outputs.detokenizer(params, prompts[min(prompts)]),
+                # On the logits' device: torch.multinomial draws with a generator of the probabilities' device.
+                generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
+                deadline=deadline,
             ))
         return sequences
+
+    def _context_left(self, prompts: dict[int, list[int]], max_tokens: int | None) -> int:
+        """The completion tokens allowed: ``max_tokens``, or (when it is None) the context every model has left.
+
+        ``ValueError`` (a 400, as OpenAI and vLLM answer) when a prompt plus ``max_tokens`` does not fit a
+        model's context; a missing ``max_tokens`` needs room for one token. A prompt may fill the whole context
+        only when nothing is to follow it (``max_tokens`` 0: scoring).
+        """
+        left = 10**18
+        for index, ids in prompts.items():
+            limit, role = self.max_lens[index], self.models[index].role
+            if max_tokens is None and len(ids) >= limit:
+                raise ContextLengthError(
+                    f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens as "
+                    f"the {role} model sees it, which leaves no room for a completion; shorten the prompt", "prompt"
+                )
+            if max_tokens is not None and len(ids) + max_tokens > limit:
+                if max_tokens == 0:
+                    raise ContextLengthError(
+                        f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens "
+                        f"as the {role} model sees it; shorten the prompt", "prompt"
+                    )
+                raise ContextLengthError(
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt as the {role} model sees it, "
+                    f"{max_tokens} in max_tokens). Please reduce the length of the prompt or max_tokens", "max_tokens"
+                )
+            left = min(left, limit - len(ids))
+        return max_tokens if max_tokens is not None else left
 
     def _check_scorable(self, prompts: dict[int, list[int]]) -> None:
         """Prompt logprobs need every model of the request to read the same tokens (a chat-format model reads
@@ -386,6 +409,6 @@ class ProxyEngine:
         batch = SamplingBatch.build(sequences, combined.device)
         tokens = batch.sample(batch.process(combined))
         return [
-            (token, None if lp is None else [self.outputs.token_logprob(token, *lp)])
-            for token, lp in zip(tokens, batch.top_logprobs(combined, tokens))
+            (token, None if lp is None else [self.outputs.token_logprob(sequence, token, *lp)])
+            for sequence, token, lp in zip(sequences, tokens, batch.top_logprobs(combined, tokens))
         ]

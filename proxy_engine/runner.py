@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from proxy_engine.attention_masks import DecodeMasks
 from proxy_engine.config import RuntimeConfig
 from proxy_engine.cpu_tuning import tame_malloc, use_cpu_threads
 from proxy_engine.fast_decode import FastDecoder
@@ -106,6 +107,8 @@ class ModelRunner:
         self._fast = None
         if self.runtime.fast_decode:
             self._fast = FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights)
+        # Decode through transformers: additive masks with the model's sliding window (see attention_masks.py).
+        self._masks = DecodeMasks(model.config, model.get_input_embeddings().weight.dtype)
         self._reset()
 
     def _reset(self) -> None:
@@ -148,6 +151,7 @@ class ModelRunner:
                 use_cpu_threads(self.runtime)
             logits = self._fast.decode(ids.view(-1), positions, mask, self.cache)
         else:
+            mask = self._masks.build(positions, self.cache.state.span, uniform=mask is None)
             logits = self._forward(ids, mask, positions.view(-1, 1), self.cache)
         self.cache.end_decode()
         return logits
