@@ -55,6 +55,17 @@ class Target(str, Enum):
     EXPERT = "expert"  # the first pair's expert alone
 
 
+class ContextLengthError(ValueError):
+    """A prompt (plus ``max_tokens``) that does not fit the context: a 400 naming the field, as OpenAI's
+    ``context_length_exceeded``."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full or the engine is draining: the caller should retry later."""
 

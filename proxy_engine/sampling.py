@@ -67,6 +67,15 @@ def penalties(sequences: list[Sequence], device: torch.device) -> LogitsProcesso
     return penalise
 
 
+def temperature_scaling(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
+    """``logits / T`` for sampled rows, before any filter: top-p then measures the nucleus that is sampled."""
+    values = [s.params.temperature for s in sequences]
+    if all(t in (0.0, 1.0) for t in values):
+        return None
+    column = _float_column(values, device)
+    return lambda logits: sampler.apply_temperature(logits, column.to(logits.device))
+
+
 def top_k_top_p_min_p(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
     params = [s.params for s in sequences]
     if not any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params if not p.greedy):
@@ -77,9 +86,11 @@ def top_k_top_p_min_p(sequences: list[Sequence], device: torch.device) -> Logits
     return lambda logits: sampler.filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)
 
 
-# The one place that orders the processors (temperature is applied by ``sample``, between the penalties and
-# the filters, as vLLM and transformers do).
-PROCESSORS: tuple[ProcessorFactory, ...] = (logit_bias, min_tokens_ban, penalties, top_k_top_p_min_p)
+# The one place that orders the processors (docs/sampling.md): bias and bans, penalties, then transformers'
+# warpers in their order: temperature, top-k, top-p over what top-k kept, min-p.
+PROCESSORS: tuple[ProcessorFactory, ...] = (
+    logit_bias, min_tokens_ban, penalties, temperature_scaling, top_k_top_p_min_p,
+)
 
 
 @dataclass(kw_only=True)
@@ -113,7 +124,8 @@ class SamplingBatch:
         return logits
 
     def sample(self, logits: torch.Tensor) -> list[int]:
-        return sampler.sample(logits, self.temperature.to(logits.device), self.generators).tolist()
+        """Draw from the processed logits (temperature already applied); greedy rows take the argmax."""
+        return sampler.draw(logits, self.temperature.to(logits.device) == 0, self.generators).tolist()
 
     def top_logprobs(
         self, combined: torch.Tensor, tokens: list[int]

@@ -154,8 +154,9 @@ class ServerContext:
                                   "sequences); retry shortly", 1)
         try:
             return await self.engine.add_request(request_id, prompt, params, target)
-        except ValueError as error:
-            raise APIError(400, str(error)) from None
+        except ValueError as error:  # a ContextLengthError names its field and code
+            raise APIError(400, str(error), param=getattr(error, "param", None),
+                           code=getattr(error, "code", None)) from None
         except EngineOverloadedError as error:
             raise self.overloaded(str(error), getattr(error, "retry_after_s", 1)) from None
         except Exception:
