@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(settings.log_level.upper())
     if args.check:
         return check(settings)
-    from server.process import serve
+    from server.process import exit_now, serve
 
-    return serve(settings)
+    exit_now(serve(settings))
 
 
 def check(settings: ServerSettings) -> int:

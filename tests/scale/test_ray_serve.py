@@ -1,0 +1,257 @@
+"""proxy-serve on Ray Serve (server/ray_serve.py), on a local Ray cluster of two CPUs, loopback only.
+
+The resource and policy arithmetic is checked without Ray running; the cluster tests deploy a tiny family and
+check that two replicas both serve, that a replica killed mid-stream is replaced while new requests succeed,
+and that the queue-depth autoscaler moves between one and two replicas under a bounded load.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray", reason="ray[serve] is not installed: pip install -e '.[scale]'")
+serve = pytest.importorskip("ray.serve")
+
+from proxy_engine.config import EngineConfig  # noqa: E402
+from proxy_engine.families import Family, build_family  # noqa: E402
+from server.ray_serve import (  # noqa: E402
+    REPLICA_HEADER,
+    STAT_SEQUENCES,
+    QueueDepthPolicy,
+    app_builder,
+    build_app,
+    desired_replicas,
+    gpus_needed,
+    replica_resources,
+)
+from server.settings import ServerSettings, load_settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOYMENT = "ProxyServe"
+# Generous bounds on waiting for the cluster (replicas start worker processes that import torch on 2 shared
+# cores); they bound the test's length, they assert nothing about speed.
+SETTLE_S = 180.0
+
+
+# ---------------------------------------------------------------------------------------- without a cluster
+def engine(devices: dict[str, str | list[str]]) -> EngineConfig:
+    def model(role: str) -> dict:
+        return {"path": f"/m/{role}", "device": devices.get(role, "cpu")}
+
+    return EngineConfig.model_validate({
+        "base": model("base"), "experts": [{"expert": model("expert"), "anti_expert": model("anti_expert")}],
+    })
+
+
+def test_a_replica_reserves_the_gpus_its_models_name():
+    assert gpus_needed(engine({})) == 0
+    assert gpus_needed(engine({"base": ["cuda:0", "cuda:1"], "expert": "cuda:2", "anti_expert": "cuda:3"})) == 4
+    assert gpus_needed(engine({"base": "cuda", "expert": "cuda:0"})) == 1
+    config = yaml.safe_load((REPO / "configs" / "llama2-70b-chat.yaml").read_text())["engine"]
+    options = replica_resources(EngineConfig.model_validate(config), num_cpus=8)
+    assert options["placement_group_bundles"] == [{"CPU": 8, "GPU": 4}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"] == {"num_cpus": 8, "num_gpus": 4}
+    cpu = replica_resources(engine({}), num_cpus=0.5)
+    assert cpu["placement_group_bundles"] == [{"CPU": 0.5}] and cpu["ray_actor_options"]["num_gpus"] == 0
+    with pytest.raises(ValueError, match="num_gpus"):
+        gpus_needed(engine({"base": "auto"}))
+    auto = replica_resources(engine({"base": "auto"}), num_gpus=2)
+    assert auto["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 2}]
+
+
+def context(per_replica: list[float] | None, current: int, ongoing: float = 0.0, queued: float = 0.0):
+    metrics = None if per_replica is None else {STAT_SEQUENCES: {f"r{i}": v for i, v in enumerate(per_replica)}}
+    return SimpleNamespace(aggregated_metrics=metrics, current_num_replicas=current, total_num_requests=ongoing,
+                           total_queued_requests=queued)
+
+
+def test_the_policy_scales_on_the_engines_queue_depth():
+    policy = QueueDepthPolicy(target_sequences=8)
+    assert policy(context([8, 8], 2))[0] == 2  # full batches, no queue: stay
+    assert policy(context([8, 9], 2))[0] == 3  # a queue forms: one more
+    assert policy(context([8, 8], 2, queued=1))[0] == 3  # requests Ray holds back count too
+    assert policy(context([1, 2, 0], 3))[0] == 1  # the rest fit in one
+    assert policy(context([0, 0], 2))[0] == 1  # idle: down to one (Ray's min_replicas applies after)
+    assert policy(context(None, 1, ongoing=20))[0] == 3  # no engine reported yet: Ray's own count
+    assert desired_replicas(0, 4, current=0) == 0 and desired_replicas(4, 4, current=0) == 1
+    with pytest.raises(ValueError):
+        QueueDepthPolicy(target_sequences=0)
+
+
+def test_app_builder_reads_a_config_and_refuses_unknown_arguments():
+    application = app_builder({"config": str(REPO / "configs" / "demo-cpu.yaml"), "min_replicas": "1",
+                               "max_replicas": "3", "num_cpus": "2"})
+    assert application is not None
+    with pytest.raises(ValueError, match="unknown argument"):
+        app_builder({"replicas": "2"})
+
+
+# -------------------------------------------------------------------------------------------- on a cluster
+@pytest.fixture(scope="module")
+def long_family(tmp_path_factory) -> Family:
+    """A tiny family with room for long streams (a replica must still be streaming when it is killed)."""
+    return build_family(tmp_path_factory.mktemp("ray-family"), max_position_embeddings=4096)
+
+
+def settings_for(family: Family) -> ServerSettings:
+    return load_settings(overrides={
+        "served_model_name": "tiny",
+        "engine": {
+            "base": {"path": str(family.base)},
+            "experts": [{"expert": {"path": str(family.expert)}, "anti_expert": {"path": str(family.anti_expert)}}],
+            # One sequence at a time: a second request queues, which is what the autoscaler reads.
+            "limits": {"max_num_seqs": 1, "max_waiting": 16},
+        },
+    }, environ=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    # Replicas report their engine's stats every half second (Ray's default is 10 s), so the autoscaling test
+    # does not wait minutes. Set before ray.init: the workers inherit the environment.
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024, log_to_driver=False,
+             configure_logging=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def running_replicas(app: str) -> int:
+    status = serve.status().applications.get(app)
+    if status is None or DEPLOYMENT not in status.deployments:
+        return 0
+    return status.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
+
+
+def wait_for(condition, what: str, timeout: float = SETTLE_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def complete(client: httpx.Client, max_tokens: int = 4) -> httpx.Response:
+    return client.post("/v1/completions", json={"model": "tiny", "prompt": "Paris is", "max_tokens": max_tokens})
+
+
+def replicas_answering(client: httpx.Client, want: int, attempts: int = 80) -> set[str]:
+    seen: set[str] = set()
+    for _ in range(attempts):
+        response = complete(client)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"]
+        seen.add(response.headers[REPLICA_HEADER])
+        if len(seen) >= want:
+            break
+    return seen
+
+
+@pytest.fixture(scope="module")
+def two_replicas(cluster: str, long_family: Family) -> Iterator[str]:
+    app = build_app(settings_for(long_family), min_replicas=2, max_replicas=2, num_cpus=0.25,
+                    health_check_period_s=1.0)
+    serve.run(app, name="fixed", route_prefix="/")
+    try:
+        yield cluster
+    finally:
+        serve.delete("fixed")
+
+
+def test_both_replicas_serve(two_replicas: str):
+    assert running_replicas("fixed") == 2
+    with httpx.Client(base_url=two_replicas, timeout=60) as client:
+        assert len(replicas_answering(client, want=2)) == 2
+        models = client.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]][0] == "tiny"
+
+
+def test_a_replica_killed_mid_stream_is_replaced(two_replicas: str):
+    body = {"model": "tiny", "prompt": "Once upon", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=two_replicas, timeout=60) as client:
+        events, completed = 0, False
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            victim = response.headers[REPLICA_HEADER]
+            lines = response.iter_lines()
+            try:
+                for line in lines:
+                    if line.startswith("data: {"):
+                        events += 1
+                        if events == 3:  # events arrive while the generation runs: Ray's proxy streams them
+                            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+                    completed = completed or line == "data: [DONE]"
+            except httpx.HTTPError:
+                pass  # the connection to a dead replica may end abruptly
+        assert events >= 3 and not completed, "the stream outlived its replica"
+
+        # New requests succeed at once or after Ray notices the death; then the replica is replaced.
+        wait_for(lambda: complete(client).status_code == 200, "a request succeeds after the kill")
+        for _ in range(5):
+            assert complete(client).status_code == 200
+        # Ray's status may still count the dead replica for a moment: wait for two live ones answering.
+        wait_for(lambda: len(replicas_answering(client, want=2, attempts=10) - {victim}) == 2,
+                 "two replicas serving, the killed one not among them")
+        assert running_replicas("fixed") == 2
+
+
+def test_autoscaling_between_one_and_two_replicas(cluster: str, long_family: Family):
+    app = build_app(settings_for(long_family), min_replicas=1, max_replicas=2, target_sequences=1, num_cpus=0.25,
+                    upscale_delay_s=0.5, downscale_delay_s=2.0, look_back_period_s=2.0, health_check_period_s=1.0)
+    serve.run(app, name="autoscale", route_prefix="/")
+    try:
+        assert running_replicas("autoscale") == 1
+        stop = threading.Event()
+        failures: list[str] = []
+
+        def load() -> None:  # one client streaming long completions back to back, until told to stop
+            with httpx.Client(base_url=cluster, timeout=60) as client:
+                body = {"model": "tiny", "prompt": "Once upon", "max_tokens": 256, "ignore_eos": True,
+                        "stream": True}
+                while not stop.is_set():
+                    with client.stream("POST", "/v1/completions", json=body) as response:
+                        if response.status_code != 200:
+                            failures.append(response.read().decode())
+                        for _ in response.iter_lines():
+                            pass
+
+        clients = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+        for thread in clients:
+            thread.start()
+        try:  # three streams on max_num_seqs 1 at target 1 sequence per replica: two replicas wanted
+            wait_for(lambda: running_replicas("autoscale") == 2, "scaled up to 2 replicas under load")
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=SETTLE_S)
+        assert not failures, failures[:2]
+        wait_for(lambda: running_replicas("autoscale") == 1, "scaled down to 1 replica once idle")
+        with httpx.Client(base_url=cluster, timeout=60) as client:
+            assert complete(client).status_code == 200
+    finally:
+        serve.delete("autoscale")
