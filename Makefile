@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install serve test bench lint check-config docker docker-base docker-test clean demo-models eval
+.PHONY: install install-scale serve test test-scale bench lint check-config docker docker-base docker-test clean demo-models eval
 
 install: $(VENV)/.installed
 
@@ -18,11 +18,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# Ray Serve scale-out (server/ray_serve.py): the `scale` extra, ray[serve].
+install-scale: $(VENV)/.installed-scale
+
+$(VENV)/.installed-scale: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test,scale]'
+	touch $@
+
 serve: install
 	$(BIN)/proxy-serve $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Ray Serve on a local two-CPU Ray cluster, loopback only (about 3.5 minutes on two cores): not in `make test`.
+test-scale: install-scale
+	PROXY_SERVE_SCALE_TESTS=1 $(BIN)/python -m pytest -q tests/scale tests/deploy/test_ray_serve_units.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.engine_bench
