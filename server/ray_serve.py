@@ -38,6 +38,7 @@ REPLICA_HEADER = "x-proxy-serve-replica"
 # What a replica's engine holds, reported to Ray's autoscaler under these names.
 STAT_SEQUENCES = "engine_sequences"
 STAT_WAITING = "engine_waiting"
+STAT_KV_USAGE = "engine_kv_cache_usage"
 _CUDA = re.compile(r"^cuda(?::(\d+))?$")
 
 
@@ -179,7 +180,11 @@ class ProxyServeReplica:
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self.engine.stats()
         waiting = stats.waiting + stats.prefilling
-        return {STAT_SEQUENCES: float(stats.running + waiting), STAT_WAITING: float(waiting)}
+        reported = {STAT_SEQUENCES: float(stats.running + waiting), STAT_WAITING: float(waiting)}
+        usage = getattr(stats, "kv_cache_usage", None)  # the KV-cache gauge, where the engine reports one
+        if usage is not None:
+            reported[STAT_KV_USAGE] = float(usage)
+        return reported
 
 
 def _preloaded_engine_class() -> type:
