@@ -123,6 +123,9 @@ def serve(settings: ServerSettings) -> int:
     config = uvicorn.Config(
         app, log_level=settings.log_level, timeout_graceful_shutdown=FLUSH_S,
         log_config=None, access_log=False,  # one line per request comes from the server itself
+        # The event loop and HTTP parser the server was measured and tested with, whatever else is installed
+        # (uvicorn's "auto" switches to uvloop and httptools when present, e.g. with the `scale` extra's Ray).
+        loop="asyncio", http="h11",
     )
     server = DrainingServer(config, app.state.ctx, settings.shutdown_grace_s)
     try:
