@@ -16,7 +16,8 @@ buffered) and ``/metrics``. What Ray adds:
   sequences running, prefilling and waiting); ``QueueDepthPolicy`` asks for as many replicas as those
   sequences (plus requests Ray itself holds back) need at ``target_sequences`` per replica.
 
-Nothing here imports torch at module level: Ray's controller imports this module to run the policy.
+Nothing here imports torch at module level (the engine loads it when it starts): Ray's controller imports
+this module to run the policy.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy_engine.async_engine import AsyncEngine
 from proxy_engine.config import EngineConfig
 from server.settings import ServerSettings, load_settings
 
@@ -134,6 +137,14 @@ def autoscaling_config(
 
 
 # ------------------------------------------------------------------------------------------------- replica
+class PreloadedEngine(AsyncEngine):
+    """Started by the replica's constructor; the app's start-up finds it running and leaves it so."""
+
+    async def start(self) -> None:
+        if self.engine is None:
+            await super().start()
+
+
 class _ReplicaHeader:
     """Names the replica that answered (``x-proxy-serve-replica``), for logs, debugging and the tests."""
 
@@ -159,10 +170,8 @@ class ProxyServeReplica:
     """One replica: an engine loaded before Ray routes to it, and the app around it."""
 
     async def __init__(self, settings: ServerSettings) -> None:
-        import ray
-
         self.settings = settings
-        self.engine = _preloaded_engine_class()(settings.engine)
+        self.engine = PreloadedEngine(settings.engine)
         await self.engine.start()  # Ray marks the replica ready (and routes to it) only once this returns
         self.name = ray.get_runtime_context().get_actor_name() or "replica"
 
@@ -185,19 +194,6 @@ class ProxyServeReplica:
         if usage is not None:
             reported[STAT_KV_USAGE] = float(usage)
         return reported
-
-
-def _preloaded_engine_class() -> type:
-    from proxy_engine.async_engine import AsyncEngine
-
-    class PreloadedEngine(AsyncEngine):
-        """Started by the replica's constructor; the app's start-up finds it running and leaves it so."""
-
-        async def start(self) -> None:
-            if self.engine is None:
-                await super().start()
-
-    return PreloadedEngine
 
 
 # ------------------------------------------------------------------------------------------------- builder
