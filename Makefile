@@ -31,7 +31,7 @@ serve: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Ray Serve on a local two-CPU Ray cluster, loopback only (2.5-3.5 minutes on two cores): not in `make test`.
+# Ray Serve on a local two-CPU Ray cluster, loopback only (2.5-4 minutes on two shared cores): not in `make test`.
 test-scale: install-scale
 	PROXY_SERVE_SCALE_TESTS=1 $(BIN)/python -m pytest -q tests/scale tests/deploy/test_ray_serve_units.py $(PYTEST_ARGS)
 

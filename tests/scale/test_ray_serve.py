@@ -1,7 +1,7 @@
 """proxy-serve on Ray Serve (server/ray_serve.py), on a local Ray cluster of two CPUs, loopback only.
 
 Two replicas of a tiny family both serve; a replica killed mid-stream is replaced while new requests succeed;
-the queue-depth autoscaler moves between one and two replicas under a bounded load. 2.5-3.5 minutes on two
+the queue-depth autoscaler moves between one and two replicas under a bounded load. 2.5-4 minutes on two
 shared cores, so not in ``make test``: ``make test-scale`` runs them (PROXY_SERVE_SCALE_TESTS=1).
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("PROXY_SERVE_SCALE_TESTS") != "1",
-    reason="Ray cluster tests (2.5-3.5 min): run them with make test-scale",
+    reason="Ray cluster tests (2.5-4 min): run them with make test-scale",
 )
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed: pip install -e '.[scale]'")
 serve = pytest.importorskip("ray.serve")
@@ -181,12 +181,16 @@ def test_autoscaling_between_one_and_two_replicas(cluster: str, long_family: Fam
         for thread in clients:
             thread.start()
         try:  # three streams on max_num_seqs 1 at target 1 sequence per replica: two replicas wanted
-            wait_for(lambda: running_replicas("autoscale") == 2, "scaled up to 2 replicas under load")
-            # What the policy reads: the live engines' own counts, through Ray's custom-metrics hook.
+            # What the policy reads: the live engine's own counts, through Ray's custom-metrics hook (asked while
+            # the loaded replica is the only one: Ray routes a call to the less busy replica once there are two).
             handle = serve.get_deployment_handle(DEPLOYMENT, app_name="autoscale")
-            reports = [handle.record_autoscaling_stats.remote().result(timeout_s=60) for _ in range(20)]
-            assert all(set(r) >= {STAT_SEQUENCES, STAT_WAITING} for r in reports)
-            assert max(r[STAT_SEQUENCES] for r in reports) >= 1
+
+            def engine_report() -> dict[str, float]:
+                return handle.record_autoscaling_stats.remote().result(timeout_s=60)
+
+            report = wait_for(lambda: (r := engine_report())[STAT_SEQUENCES] >= 1 and r, "the engine reports its load")
+            assert report[STAT_WAITING] >= 0
+            wait_for(lambda: running_replicas("autoscale") == 2, "scaled up to 2 replicas under load")
         finally:
             stop.set()
             for thread in clients:
