@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         from server.check import check
 
         return check(settings)
-    from server.process import serve
+    from server.process import exit_now, serve
 
-    return serve(settings)
+    exit_now(serve(settings))
 
 
 if __name__ == "__main__":
