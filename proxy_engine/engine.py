@@ -27,6 +27,9 @@ from proxy_engine.config import EngineConfig
 from proxy_engine.loader import LoadedModel, eos_token_ids
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
+from proxy_engine.prefix_cache import PrefixCache, kv_bytes_per_token
+from proxy_engine.prefix_cache import budget_bytes as prefix_cache_budget
+from proxy_engine.prefix_cache import unsupported_reason as prefix_cache_unsupported
 from proxy_engine.request import (
     ContextLengthError,
     EngineOverloadedError,
@@ -60,9 +63,21 @@ class ProxyEngine:
         self.tokenizer = models[0].tokenizer
         self.vocab_size = models[0].vocab_size or len(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.runners = [ModelRunner(m.model, self.vocab_size, pad_id, m.role) for m in models]
         cap = config.limits.max_model_len or 10**9
         self.max_lens = [min(m.max_len, cap) for m in models]
+        # Each model's KV bytes when every sequence is at the length cap: the KV cache's budget at the limits.
+        self.kv_bytes_per_token = [kv_bytes_per_token(m.model) for m in models]
+        self.kv_budgets = [
+            per_token * config.limits.max_num_seqs * max_len
+            for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
+        ]
+        self.runners = [
+            ModelRunner(
+                m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
+                prefix_cache=self._prefix_cache(m, budget),
+            )
+            for m, budget in zip(models, self.kv_budgets)
+        ]
         self.eos_ids = frozenset(eos_token_ids(models))
         self.device = self.runners[0].device
         self.scheduler = Scheduler(config.limits)
@@ -76,6 +91,32 @@ class ProxyEngine:
         self._seed_rng = random.Random(config.seed)
         self.fault_hook: FaultHook | None = None
         self.logits_hook: LogitsHook | None = None
+
+    def _prefix_cache(self, model: LoadedModel, kv_budget: int) -> PrefixCache | None:
+        settings = self.config.prefix_cache
+        if not settings.enabled:
+            return None
+        reason = prefix_cache_unsupported(model.model)
+        if reason is not None:
+            log.info("%s: prefix caching off (%s)", model.role, reason)
+            return None
+        device = model.model.get_input_embeddings().weight.device
+        budget = prefix_cache_budget(kv_budget, settings.memory_fraction, device)
+        log.info("%s: prefix cache of up to %.0f MB", model.role, budget / 2**20)
+        return PrefixCache(settings.block_size, budget, model.role)
+
+    def kv_cache_usage(self) -> float:
+        """KV memory in use (running rows and the prompts being prefilled) over the budget at the limits, 0-1."""
+        used = 0
+        jobs = self.prefill.jobs if self.prefill is not None else {}
+        for index, runner in enumerate(self.runners):
+            tokens = runner.kv_tokens()
+            job = jobs.get(index)
+            if job is not None and not job.complete:  # a complete job's rows are the runner's now
+                tokens += job.cache.length * job.ids.shape[0]
+            used += tokens * self.kv_bytes_per_token[index]
+        total = sum(self.kv_budgets)
+        return min(1.0, used / total) if total else 0.0
 
     # --- requests in ---------------------------------------------------------------------------------------
     @property
@@ -310,6 +351,7 @@ class ProxyEngine:
         group.advance(max(16, self.config.limits.max_num_batched_tokens - running))
         if not group.complete:
             return []
+        group.cache_prompts()  # complete: its prompts' full blocks go to each model's prefix cache
         alive = [s for s in group.sequences if not s.finished]
         self.prompt_tokens_total += sum(s.primary_prompt_len for s in alive)
         # max_tokens 0 (echo, scoring a prompt): the prompt is all there is.

@@ -12,7 +12,14 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 
 
-class FinishReason(str, Enum):
+class _Wire(str, Enum):
+    """An enum whose members are their wire strings: ``str()``, ``%s``, f-strings and JSON give the value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FinishReason(_Wire):
     """Why a sequence ended; the string value is the OpenAI ``finish_reason``."""
 
     STOP = "stop"
@@ -20,11 +27,8 @@ class FinishReason(str, Enum):
     ABORT = "abort"
     ERROR = "error"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ErrorCode(str, Enum):
+class ErrorCode(_Wire):
     """The ``code`` of every error a client can get, engine's and server's alike (OpenAI's error ``code``)."""
 
     # A request failed after it was accepted (RequestOutput.error_code, the stream's error event).
@@ -39,9 +43,8 @@ class ErrorCode(str, Enum):
     MODEL_NOT_FOUND = "model_not_found"
     INVALID_API_KEY = "invalid_api_key"
     REQUEST_TOO_LARGE = "request_too_large"
-
-    def __str__(self) -> str:
-        return self.value
+    NOT_FOUND = "not_found"  # no such endpoint
+    METHOD_NOT_ALLOWED = "method_not_allowed"
 
 
 class Target(str, Enum):
@@ -243,3 +246,14 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def failure(
+        cls, request_id: str, index: int, error: str, code: ErrorCode = ErrorCode.INTERNAL_ERROR, *,
+        prompt_tokens: int = 0, completion_tokens: int = 0,
+    ) -> RequestOutput:
+        """Choice ``index``'s last output when it ends in error (no token, no text)."""
+        return cls(
+            request_id=request_id, index=index, new_token_ids=[], text_delta="", finish_reason=FinishReason.ERROR,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error, error_code=code,
+        )
