@@ -127,9 +127,10 @@ CATALOGUE = [
     # huge numbers
     (COMPLETIONS, {"prompt": "x", "n": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "n": 17}, 400),
-    (COMPLETIONS, {"prompt": "x", "max_tokens": HUGE}, 200),  # bounded by the context left
-    (COMPLETIONS, {"prompt": "x", "max_tokens": 2**63}, 200),
-    (CHAT, {"messages": USER, "max_completion_tokens": HUGE}, 200),
+    # past the context left: a 400 naming the lengths (context_length_exceeded), as OpenAI and vLLM answer
+    (COMPLETIONS, {"prompt": "x", "max_tokens": HUGE}, 400),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 2**63}, 400),
+    (CHAT, {"messages": USER, "max_completion_tokens": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "top_k": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "top_k": 2**62, "max_tokens": 2}, 200),
     (COMPLETIONS, {"prompt": "x", "seed": HUGE}, 400),
