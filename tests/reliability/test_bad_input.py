@@ -135,7 +135,15 @@ CATALOGUE = [
     (COMPLETIONS, {"prompt": "x", "seed": 2**63 - 1, "n": 3, "max_tokens": 2}, 200),
     (COMPLETIONS, {"prompt": "x", "logprobs": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "min_tokens": HUGE}, 400),
-    (COMPLETIONS, {"prompt": "x", "temperature": 1e308}, 200),
+    (COMPLETIONS, {"prompt": "x", "temperature": 1e308}, 400),  # float32 makes it inf, and -inf / inf NaN
+    (COMPLETIONS, {"prompt": "x", "temperature": 1e4, "top_k": 3}, 200),
+    (COMPLETIONS, {"prompt": "x", "temperature": 1e-39}, 200),  # below 1e-5: greedy (was a 500 in prefill)
+    (COMPLETIONS, {"prompt": "x", "temperature": 5e-324, "n": 2}, 200),
+    (CHAT, {"messages": USER, "temperature": 1e-39, "top_p": 0.5}, 200),
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 1e-300}, 400),  # was a 500 in decode
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 1e300}, 400),
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0.01, "max_tokens": 4}, 200),
+    (CHAT, {"messages": USER, "repetition_penalty": 100, "max_tokens": 4}, 200),
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": HUGE}, 400),
     # negative and NaN numbers
     (COMPLETIONS, {"prompt": "x", "max_tokens": -1}, 400),
@@ -199,6 +207,12 @@ CATALOGUE = [
     (COMPLETIONS, {"prompt": "x", "stop_token_ids": [512]}, 400),
     (COMPLETIONS, {"prompt": "x", "stop_token_ids": [-1]}, 400),
     (CHAT, {"messages": USER, "logit_bias": {"100000": -100}}, 400),
+    # per-request lists past their limits
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [1] * 257}, 400),
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [1] * 256, "max_tokens": 2}, 200),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400),
+    (CHAT, {"messages": USER, "logit_bias": {str(i): 1 for i in range(300)}, "max_tokens": 2}, 200),
+    (CHAT, {"messages": USER * 2049}, 400),
     # stop lists too long (or too long a stop)
     (COMPLETIONS, {"prompt": "x", "stop": ["s"] * 17}, 400),
     (COMPLETIONS, {"prompt": "x", "stop": ["s" * 257]}, 400),
