@@ -27,6 +27,7 @@ from proxy_engine.request import (
     Target,
     TokenLogprob,
 )
+from proxy_engine.scheduler import has_room
 from server.errors import APIError, error_body, internal_error
 from server.guards import clip
 from server.metrics import RequestTimer, ServerMetrics
@@ -134,9 +135,8 @@ class ServerContext:
         stats = self.stats()
         if stats is None:
             return False
-        limits = self.settings.engine.limits
-        free_slots = max(0, limits.max_num_seqs - stats.running - stats.prefilling)
-        return stats.waiting + self.reserved + sequences > limits.max_waiting + free_slots
+        return not has_room(self.settings.engine.limits, sequences, stats.waiting + self.reserved,
+                            stats.running + stats.prefilling)
 
     @property
     def capacity(self) -> int:

@@ -3,7 +3,7 @@
 ``/health`` answers 503 "failed", every open stream ends with an error event and ``[DONE]``, a waiting
 non-streamed request gets a 500, new requests get 503 ``engine_failed``, and the process exits non-zero so
 that an orchestrator restarts it. The fault is injected in a real ``proxy-serve`` subprocess
-(``rel_gated_server.py``, ``$PROXY_TEST_DIE``).
+(``gated_server.py``, ``$PROXY_TEST_DIE``).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import threading
 
 import httpx
-from rel_support import error_of, stream_error
-from srv_live import MODEL, wait_until
-from test_shutdown import Streamer, launch  # noqa: F401 - launch is a fixture
 
 from server.metrics import PREFIX
+from tests.reliability.support import error_of, stream_error
+from tests.reliability.test_shutdown import Streamer, launch  # noqa: F401 - launch is a fixture
+from tests.server.live import MODEL, wait_until
 
 __all__ = ["launch"]
 

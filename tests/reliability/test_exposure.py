@@ -10,8 +10,9 @@ import socket
 
 import httpx
 import pytest
-from rel_support import error_of, serve
-from srv_live import API_KEY, MODEL, ORIGIN
+
+from tests.reliability.support import error_of, serve
+from tests.server.live import API_KEY, MODEL, ORIGIN
 
 BODY = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
 
@@ -213,9 +214,8 @@ def test_past_the_connection_limit_uvicorn_answers_an_openai_shaped_503(open_ser
     ("127.0.0.1", [], False), ("localhost", [], False), ("::1", [], False),
 ])
 def test_an_open_port_without_a_key_warns_loudly(tiny_family, caplog, host, keys, loud):
-    from srv_live import make_settings
-
     from server.process import warn_if_exposed
+    from tests.server.live import make_settings
 
     settings = make_settings(tiny_family, host=host, api_keys=keys)
     with caplog.at_level(logging.WARNING, logger="proxy_serve"):

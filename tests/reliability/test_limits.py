@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from rel_support import error_of, idle, serve
-from srv_live import MODEL, wait_until
+
+from tests.reliability.support import error_of, idle, serve
+from tests.server.live import MODEL, wait_until
 
 SLOTS, QUEUE = 2, 2
 

@@ -9,7 +9,7 @@ both shapes must score the prompt the same.
 
 from __future__ import annotations
 
-from srv_live import MODEL
+from tests.server.live import MODEL
 
 LM_EVAL_0_4_13 = {"temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
 
