@@ -191,7 +191,7 @@ class AsyncEngine:
         request may return (``ValueError`` past it), so that no answer holds gigabytes of them."""
         engine = self._require_engine()
         if self.fatal_error is not None:
-            raise RuntimeError("the engine has stopped")
+            raise EngineOverloadedError("the engine has stopped", retry_after_s=5)
         if not self._admitting:
             raise EngineOverloadedError("the server is shutting down and admits no new requests", retry_after_s=5)
         if request_id in self._streams:
