@@ -76,7 +76,8 @@ class GuardedH11Protocol(H11Protocol):
 def uvicorn_config(app: Any, settings: Any, **overrides: Any) -> uvicorn.Config:
     protocol = type("ServerH11Protocol", (GuardedH11Protocol,), {"header_timeout_s": settings.header_timeout_s})
     options: dict[str, Any] = {
-        "http": protocol,
+        "http": protocol,  # h11 (GuardedH11Protocol), whatever else is installed
+        "loop": "asyncio",  # not uvloop, even when an extra (Ray) installs it
         "limit_concurrency": settings.limit_concurrency,
         "timeout_keep_alive": settings.timeout_keep_alive_s,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
