@@ -40,6 +40,7 @@ from bench.load_test import build_family, start_server, wait_idle
 
 MODEL = "proxy-tuned"
 WORDS = "the quick brown fox jumps over a lazy dog while Paris stays the capital of France".split()
+OVERSIZED = 5 * 1024 * 1024  # past the default max_body_bytes (4 MiB)
 ACTIONS = {"stream": 30, "drop": 12, "whole": 14, "score": 12, "tokenize": 8, "detokenize": 4, "hostile": 20}
 
 
@@ -63,6 +64,8 @@ class Tally:
     failures: list[str] = field(default_factory=list)
     streams_done: int = 0
     tokens: int = 0
+    current: str = ""  # the action in progress (a client runs one at a time)
+    early_closes: int = 0  # connection closed while the client still sent an oversized body (after the 413)
 
     def fail(self, message: str) -> None:
         if len(self.failures) < 50:
@@ -120,7 +123,7 @@ def hostile(rng: random.Random) -> tuple[str, bytes, dict[str, str], set[int]]:
         ("/tokenize", json.dumps({"model": MODEL, "prompt": "x" * 2_000_000}).encode(), json_type, {400}),
         ("/detokenize", json.dumps({"model": MODEL, "tokens": [-1]}).encode(), json_type, {400}),
         ("/v1/completions", b"\xff\xfe" * 100, json_type, {400}),
-        ("/v1/completions", b"x" * (5 * 1024 * 1024), json_type, {413}),
+        ("/v1/completions", b"x" * OVERSIZED, json_type, {413}),
         ("garbage", b"GARBAGE\r\n\r\n", {}, {400}),
     ]
     return rng.choice(cases)
@@ -169,6 +172,7 @@ async def one_action(client: httpx.AsyncClient, url: str, rng: random.Random, co
     action = rng.choices(list(ACTIONS), weights=list(ACTIONS.values()))[0]
     tally.by_action[action] += 1
     allowed = {200, 429}
+    tally.current = action
     if action in ("stream", "drop"):
         path, body = request_body(rng, config)
         status = await read_stream(client, path, body, tally, leave_after=rng.randint(1, 4) if action == "drop"
@@ -198,6 +202,7 @@ async def one_action(client: httpx.AsyncClient, url: str, rng: random.Random, co
         status = response.status_code
     else:
         path, raw, headers, allowed = hostile(rng)
+        tally.current = f"hostile {path} ({len(raw)} bytes)"
         if path == "garbage":
             status = await raw_socket(url, raw)
         elif path == "/v1/models":
@@ -216,8 +221,13 @@ async def client_loop(url: str, deadline: float, rng: random.Random, config: Soa
         try:
             await one_action(client, url, rng, config, tally)
         except (TimeoutError, httpx.HTTPError, OSError) as error:
+            if isinstance(error, (httpx.ReadError, httpx.WriteError)) and f"({OVERSIZED} bytes)" in tally.current:
+                # The server answers 413 as soon as the declared length is past the limit and closes the
+                # connection; a client still writing the rest of a 5 MB body may see the close first.
+                tally.early_closes += 1
+                continue
             tally.statuses["connection error"] += 1
-            tally.fail(f"{type(error).__name__}: {error}")
+            tally.fail(f"{tally.current}: {type(error).__name__}: {error}")
 
 
 async def soak(url: str, config: SoakConfig, rss: Callable[[], float]) -> tuple[Tally, list[tuple[float, float]]]:
@@ -272,7 +282,8 @@ def run(config: SoakConfig, *, family=None, log_dir: Path | None = None) -> dict
         "config": asdict(config), "wall_s": round(wall, 1), "requests": requests,
         "requests_per_s": round(requests / wall, 1) if wall else None, "by_action": dict(tally.by_action),
         "statuses": {str(k): v for k, v in sorted(tally.statuses.items(), key=str)},
-        "streams_completed": tally.streams_done, "stream_events": tally.tokens, "rss": rss,
+        "oversized_early_closes": tally.early_closes, "streams_completed": tally.streams_done,
+        "stream_events": tally.tokens, "rss": rss,
         "engine_after": counts, "s_to_idle": round(idle_s, 2), "exit_status": status, "checks": checks,
         "failures": tally.failures, "ok": all(checks.values()), "log": str(server.log),
     }

@@ -211,6 +211,11 @@ class ServerContext:
             self.reserved -= sequences
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def prompt_chars(prompt: PromptInput) -> int:
     """Characters a prompt gives the tokenizer (token ids count one each)."""
     if prompt.text is not None:
@@ -312,6 +317,9 @@ class Generation:
         iterator = aiter(self.stream)
         while True:
             pending = asyncio.ensure_future(anext(iterator))
+            # If this generator is closed (the client left) just as the stream ends, nobody reads the
+            # task's StopAsyncIteration: mark it read, or asyncio logs "Task exception was never retrieved".
+            pending.add_done_callback(_retrieve)
             try:
                 while not (await asyncio.wait({pending}, timeout=ENGINE_CHECK_S))[0]:
                     self._check_alive()
