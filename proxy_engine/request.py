@@ -20,7 +20,14 @@ MAX_TEMPERATURE = 1e4  # past it float32 turns T into inf and -inf / inf into Na
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
-class FinishReason(str, Enum):
+class _Wire(str, Enum):
+    """An enum whose members are their wire strings: ``str()``, ``%s``, f-strings and JSON give the value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FinishReason(_Wire):
     """Why a sequence ended; the string value is the OpenAI ``finish_reason``."""
 
     STOP = "stop"
@@ -28,11 +35,8 @@ class FinishReason(str, Enum):
     ABORT = "abort"
     ERROR = "error"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ErrorCode(str, Enum):
+class ErrorCode(_Wire):
     """The ``code`` of every error a client can get, engine's and server's alike (OpenAI's error ``code``)."""
 
     # A request failed after it was accepted (RequestOutput.error_code, the stream's error event).
@@ -47,9 +51,15 @@ class ErrorCode(str, Enum):
     MODEL_NOT_FOUND = "model_not_found"
     INVALID_API_KEY = "invalid_api_key"
     REQUEST_TOO_LARGE = "request_too_large"
-
-    def __str__(self) -> str:
-        return self.value
+    NOT_FOUND = "not_found"  # no such endpoint
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PROMPT_TOO_LONG = "prompt_too_long"  # max_prompt_chars / max_request_chars, before tokenizing
+    ENGINE_FAILED = "engine_failed"  # the step thread died: the process exits 1
+    HOST_NOT_ALLOWED = "host_not_allowed"  # Host header outside allowed_hosts (403)
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a POST that is not JSON (415)
+    CORS_REFUSED = "cors_refused"  # a refused CORS preflight
+    REQUEST_TIMEOUT = "request_timeout"  # the body stopped arriving (408)
+    INVALID_HTTP_REQUEST = "invalid_http_request"  # uvicorn could not parse the request
 
 
 class Target(str, Enum):
@@ -58,6 +68,17 @@ class Target(str, Enum):
     PROXY = "proxy"  # s_base + sum_i alpha_i (s_expert_i - s_anti_i)
     BASE = "base"  # s_base alone (the same as alpha 0)
     EXPERT = "expert"  # the first pair's expert alone
+
+
+class ContextLengthError(ValueError):
+    """A prompt (plus ``max_tokens``) that does not fit the context: a 400 naming the field, as OpenAI's
+    ``context_length_exceeded``."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EngineOverloadedError(RuntimeError):
@@ -247,3 +268,14 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def failure(
+        cls, request_id: str, index: int, error: str, code: ErrorCode = ErrorCode.INTERNAL_ERROR, *,
+        prompt_tokens: int = 0, completion_tokens: int = 0,
+    ) -> RequestOutput:
+        """Choice ``index``'s last output when it ends in error (no token, no text)."""
+        return cls(
+            request_id=request_id, index=index, new_token_ids=[], text_delta="", finish_reason=FinishReason.ERROR,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error, error_code=code,
+        )

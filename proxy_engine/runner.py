@@ -9,76 +9,27 @@ moves). A runner may hold only a subset of the running sequences (the small mode
 Prefill runs in a ``PrefillJob`` of its own (a left-padded ``PaddedKVCache``), a chunk of columns at a time, so
 a long prompt never stalls the running streams for more than one chunk; when it completes, its rows' real
 columns are copied into free slots.
+
+With a ``PrefixCache`` (prefix_cache.py), a job starts from the cached K/V of its rows' prompt prefixes: each
+row's cached columns are copied into the job's cache at that row's own offset (after its left padding), and
+the job starts at the first column that some row lacks. Every row has at least its last prompt token computed
+(its logits give the first output token). A row may decline reuse (prompt logprobs need every position's
+logits). When a job completes, ``cache_prompts`` adds its prompts' full blocks to the cache.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
-import threading
 from dataclasses import dataclass, field
 
 import torch
 
+from proxy_engine.attention_masks import DecodeMasks
+from proxy_engine.config import RuntimeConfig
+from proxy_engine.cpu_tuning import tame_malloc, use_cpu_threads
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
-
-THREADS_ENV = "PROXY_SERVE_CPU_THREADS"
-FAST_DECODE_ENV = "PROXY_SERVE_FAST_DECODE"  # "0": every decode through transformers' forward
-_thread_state = threading.local()
-
-
-def cpu_threads() -> int | None:
-    """Intra-op threads for models on the CPU, or None to leave torch's own setting alone.
-
-    ``PROXY_SERVE_CPU_THREADS`` decides when set; an ``OMP_NUM_THREADS`` set by the deployer is left alone;
-    otherwise one core is left free (as vLLM's CPU backend reserves one for its frontend): the step thread's
-    OpenMP team must not compete with the HTTP event loop, the detokenizer and the clients for the cores. On
-    a shared 2-core machine a team of 2 ran 2-10x slower than a team of 1 whenever another process was busy
-    (its threads spin at every barrier while the other is descheduled); see bench/NOTES.md.
-    """
-    explicit = os.environ.get(THREADS_ENV)
-    if explicit:
-        return max(1, int(explicit))
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(torch.get_num_threads(), cores - 1))
-
-
-def _use_cpu_threads() -> None:
-    """Apply ``cpu_threads()`` once in the calling thread (OpenMP's team size is a per-thread setting)."""
-    if getattr(_thread_state, "configured", False):
-        return
-    _thread_state.configured = True
-    threads = cpu_threads()
-    if threads is not None and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
-_MMAP_THRESHOLD = 4 << 20
-_malloc_tamed = False
-
-
-def _tame_malloc() -> None:
-    """Fix glibc's mmap threshold (once per process) so that freed tensor memory goes back to the system.
-
-    glibc raises its threshold each time a large mmapped block is freed (up to 32 MB), after which such
-    blocks come from the heap, which fragments and keeps them: at 64 streams the server's RSS, measured
-    after each round with every KV buffer freed, grew from 1.6 to 2.7 GB over 8 rounds, and was flat (1.4 GB)
-    with the threshold fixed at 4 MB. A ``MALLOC_MMAP_THRESHOLD_`` set by the deployer is left alone.
-    """
-    global _malloc_tamed
-    if _malloc_tamed or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return
-    _malloc_tamed = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; setting it also stops the dynamic adjustment
-    except (OSError, AttributeError):  # not glibc
-        pass
+from proxy_engine.prefix_cache import PrefixCache
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,10 +60,16 @@ class PrefillJob:
     last_logits: torch.Tensor | None = None  # [b, V] float32, once complete
     chunk_logits: torch.Tensor | None = None  # the last chunk's every-position logits of the scored rows
     positions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    prompts: list[tuple[int, ...]] = field(default_factory=list)  # row r's prompt (distinct, in row order)
+    reused: int = 0  # prompt tokens taken from the prefix cache, over the rows
 
     @property
     def complete(self) -> bool:
         return self.done >= self.ids.shape[1]
+
+    def pad(self, row: int) -> int:
+        """Leading pad columns of row ``row``."""
+        return self.ids.shape[1] - len(self.prompts[row])
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -121,21 +78,37 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 
 class ModelRunner:
-    """A causal LM with its batch of rows. ``vocab_size`` cuts padded logit rows to the shared vocabulary."""
+    """A causal LM with its batch of rows. ``vocab_size`` cuts padded logit rows to the shared vocabulary;
+    ``runtime`` (default: from the environment) holds the CPU and decode-path knobs."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, pad_id: int, name: str) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vocab_size: int,
+        pad_id: int,
+        name: str,
+        *,
+        runtime: RuntimeConfig | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.model = model
+        self.runtime = runtime or RuntimeConfig()
+        self.prefix_cache = prefix_cache
         self.name = name
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.num_layers = model.config.num_hidden_layers
         self.device = model.get_input_embeddings().weight.device
-        _tame_malloc()
+        tame_malloc()
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = cache_kwarg(model)
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in params else None
         # Decode steps of Llama-family models skip transformers' module stack (see fast_decode.py).
-        self._fast = None if os.environ.get(FAST_DECODE_ENV) == "0" else FastDecoder.for_model(model, vocab_size, name)
+        self._fast = None
+        if self.runtime.fast_decode:
+            self._fast = FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights)
+        # Decode through transformers: additive masks with the model's sliding window (see attention_masks.py).
+        self._masks = DecodeMasks(model.config, model.get_input_embeddings().weight.dtype)
         self._reset()
 
     def _reset(self) -> None:
@@ -154,7 +127,7 @@ class ModelRunner:
         """Logits (float32, cut to the vocabulary) for ``ids [B, q]``: ``[B, V]`` for the last position, or
         ``[B, q, V]`` for ``every_position`` (prompt logprobs)."""
         if self.device.type == "cpu":
-            _use_cpu_threads()
+            use_cpu_threads(self.runtime)
         kwargs = {self._cache_kwarg: cache, "use_cache": True}
         if self._keep_kwarg:
             kwargs[self._keep_kwarg] = 0 if every_position else 1  # 0: every position
@@ -175,21 +148,75 @@ class ModelRunner:
         positions, mask = self.cache.begin_decode(self.device)
         if self._fast is not None:
             if self.device.type == "cpu":
-                _use_cpu_threads()
+                use_cpu_threads(self.runtime)
             logits = self._fast.decode(ids.view(-1), positions, mask, self.cache)
         else:
+            mask = self._masks.build(positions, self.cache.state.span, uniform=mask is None)
             logits = self._forward(ids, mask, positions.view(-1, 1), self.cache)
         self.cache.end_decode()
         return logits
 
     # --- rows in and out ---------------------------------------------------------------------------------
-    def start_prefill(self, seq_ids: list[int], prompts: list[list[int]]) -> PrefillJob:
+    def start_prefill(
+        self, seq_ids: list[int], prompts: list[list[int]], reuse: list[bool] | None = None
+    ) -> PrefillJob:
+        """A job for these sequences' prompts; ``reuse[i]`` False keeps sequence i's prompt from starting on
+        cached columns (its row then computes every position)."""
         distinct: dict[tuple[int, ...], int] = {}
         row_of = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
         ids, mask = _left_pad([list(prompt) for prompt in distinct], self.pad_id)
         job = PrefillJob(seq_ids, row_of, ids.to(self.device), mask.to(self.device), PaddedKVCache(self.num_layers))
         job.positions = (job.mask.cumsum(dim=1) - 1).clamp(min=0)
+        job.prompts = list(distinct)
+        if self.prefix_cache is not None:
+            row_reuse = [True] * len(distinct)
+            for i, row in enumerate(row_of):  # a row shared with a scoring sequence is scored, so computed
+                row_reuse[row] = row_reuse[row] and (reuse is None or reuse[i])
+            self._start_from_cache(job, row_reuse)
         return job
+
+    def _start_from_cache(self, job: PrefillJob, row_reuse: list[bool]) -> None:
+        """Fill the job's first columns from the prefix cache and start it after them.
+
+        The job starts at ``min(pad + hit)`` over its rows, so a row with a longer hit recomputes the columns
+        between that start and the end of its hit (the same values): one forward per chunk for every row.
+        """
+        cache = self.prefix_cache
+        assert cache is not None
+        chains = []
+        for row, prompt in enumerate(job.prompts):
+            # Never the whole prompt: the last token must run through the model for its logits.
+            chains.append(cache.match(prompt, len(prompt) - 1) if row_reuse[row] else [])
+        start = min(job.pad(row) + len(chain) * cache.block_size for row, chain in enumerate(chains))
+        pieces = []
+        for row, chain in enumerate(chains):
+            if not row_reuse[row]:
+                continue
+            used = max(0, start - job.pad(row))
+            cache.record_query(len(job.prompts[row]), used)
+            if used:
+                cache.touch(chain[: -(-used // cache.block_size)])
+                pieces.append((row, job.pad(row), [cache.read(chain, layer, used) for layer in range(self.num_layers)]))
+                job.reused += used
+        if start > 0:
+            job.cache.preload(job.ids.shape[0], job.ids.shape[1], start, pieces)
+            job.done = start
+
+    def cache_prompts(self, job: PrefillJob) -> int:
+        """Add a complete job's prompts' full blocks to the prefix cache; returns the blocks added."""
+        if self.prefix_cache is None or not job.complete:
+            return 0
+        added = 0
+        layers = job.cache.layers
+        for row, prompt in enumerate(job.prompts):
+            pad = job.pad(row)
+
+            def span(start: int, end: int, row: int = row, pad: int = pad) -> list:
+                return [(lay.k_buf[row, :, pad + start : pad + end], lay.v_buf[row, :, pad + start : pad + end])
+                        for lay in layers]
+
+            added += self.prefix_cache.insert(prompt, span)
+        return added
 
     def prefill_step(
         self, job: PrefillJob, max_tokens: int, scored_rows: list[int] | None = None, columns: int | None = None
@@ -248,3 +275,7 @@ class ModelRunner:
 
     def kv_bytes(self) -> int:
         return self.cache.nbytes()
+
+    def kv_tokens(self) -> int:
+        """Tokens held for the running rows (their live columns)."""
+        return sum(self.cache.lengths)

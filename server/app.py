@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy_engine.async_engine import AsyncEngine
 from proxy_engine.config import ModelConfig
+from proxy_engine.request import ErrorCode
 from server.auth import ApiKeyGate
 from server.errors import APIError, UnexpectedErrors, install_error_handlers
 from server.guards import HostAllowList, ShapedCORS, StrictJSON, default_allowed_hosts
@@ -53,7 +54,7 @@ class BodySizeLimit:
                 message = await asyncio.wait_for(receive(), self.timeout_s)
             except TimeoutError:
                 error = APIError(408, f"the request body did not arrive within {self.timeout_s:g}s (body_timeout_s)",
-                                 code="request_timeout", headers={"Connection": "close"})
+                                 code=ErrorCode.REQUEST_TIMEOUT, headers={"Connection": "close"})
                 await error.response()(scope, receive, send)
                 return
             if message["type"] == "http.disconnect":
@@ -79,7 +80,7 @@ class BodySizeLimit:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = APIError(413, f"request body is larger than the limit of {self.max_bytes} bytes",
-                         code="request_too_large")
+                         code=ErrorCode.REQUEST_TOO_LARGE)
         await error.response()(scope, receive, send)
 
 

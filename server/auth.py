@@ -12,6 +12,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy_engine.request import ErrorCode
 from server.errors import APIError
 
 # Paths any client may read: probes and scrapers carry no key.
@@ -66,4 +67,4 @@ def _digest(key: bytes) -> bytes:
 
 
 def _unauthorized(message: str) -> APIError:
-    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return APIError(401, message, code=ErrorCode.INVALID_API_KEY, headers={"WWW-Authenticate": "Bearer"})

@@ -19,6 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy_engine.request import ErrorCode
 from server.errors import APIError
 
 logger = logging.getLogger("proxy_serve")
@@ -64,7 +65,7 @@ class HostAllowList:
             if not host_allowed(host, self.allowed):
                 logger.warning("refused a request for host %r (not in allowed_hosts)", clip(host, 80))
                 error = APIError(403, f"host {clip(host, 80)!r} is not allowed: set allowed_hosts (or an API key) "
-                                 "to serve it", code="host_not_allowed")
+                                 "to serve it", code=ErrorCode.HOST_NOT_ALLOWED)
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -88,7 +89,7 @@ class StrictJSON:
             if not is_json(content_type):
                 given = f"'{clip(content_type, 60)}'" if content_type else "none"
                 error = APIError(415, f"the request body must be JSON with 'Content-Type: application/json' "
-                                 f"(got {given})", code="unsupported_media_type")
+                                 f"(got {given})", code=ErrorCode.UNSUPPORTED_MEDIA_TYPE)
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -101,7 +102,7 @@ class ShapedCORS(CORSMiddleware):
             return response
         reason = bytes(response.body).decode("utf-8", "replace")  # "Disallowed CORS origin, method"
         shaped = APIError(400, f"CORS preflight refused: {reason.removeprefix('Disallowed CORS ')} not allowed "
-                          "(allowed_origins)", code="cors_refused").response()
+                          "(allowed_origins)", code=ErrorCode.CORS_REFUSED).response()
         for name, value in response.headers.items():
             if name.lower() not in ("content-type", "content-length"):
                 shaped.headers[name] = value

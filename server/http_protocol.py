@@ -19,6 +19,7 @@ import uvicorn
 from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from proxy_engine.request import ErrorCode
 from server.errors import error_body
 
 
@@ -28,7 +29,7 @@ def _json(status: int, message: str, kind: str, code: str) -> bytes:
 
 async def _service_unavailable(scope: Any, receive: Any, send: Any) -> None:
     body = _json(503, "the server is at its connection limit (limit_concurrency); retry shortly",
-                 "service_unavailable", "server_overloaded")
+                 "service_unavailable", ErrorCode.SERVER_OVERLOADED.value)
     await send({"type": "http.response.start", "status": 503,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"retry-after", b"1"), (b"connection", b"close")]})
@@ -61,8 +62,9 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        body = _json(400, f"invalid HTTP request: {msg.rstrip('.')} (a malformed request line or headers, or a "
-                          "head larger than max_header_bytes)", "invalid_request_error", "invalid_http_request")
+        message = (f"invalid HTTP request: {msg.rstrip('.')} (a malformed request line or headers, or a head larger "
+                   "than max_header_bytes)")
+        body = _json(400, message, "invalid_request_error", ErrorCode.INVALID_HTTP_REQUEST.value)
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
                       h11.EndOfMessage()):

@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 
@@ -169,8 +169,17 @@ def serve(settings: ServerSettings) -> int:
         # A signal while the models load: the loading thread cannot be interrupted, and the interpreter would
         # wait for it at exit (minutes for a 70B model). Nothing was served and nothing needs cleaning up.
         logger.info("stopped while the models were loading")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_now(0)
     return 0
+
+
+def exit_now(status: int) -> NoReturn:
+    """Exit without the interpreter's teardown, once serving is over (the engine is shut down, the socket closed).
+
+    With torch and three models loaded, the teardown frees module after module for seconds (3-5 s measured on
+    two busy cores): time a drain does not have under `docker stop`'s 10 s or a pod's grace period.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

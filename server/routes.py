@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from proxy_engine.request import PromptInput, SamplingParams
+from proxy_engine.request import ErrorCode, PromptInput, SamplingParams
 from server.errors import APIError, bad_request
 from server.guards import clip
 from server.metrics import RequestTimer
@@ -190,7 +190,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             if card["id"] == model_id:
                 return card
         ctx.resolve_model(model_id)  # raises the 404
-        raise APIError(404, f"model {clip(model_id, 100)!r} does not exist", code="model_not_found")
+        raise APIError(404, f"model {clip(model_id, 100)!r} does not exist", code=ErrorCode.MODEL_NOT_FOUND)
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
