@@ -127,9 +127,9 @@ CATALOGUE = [
     # huge numbers
     (COMPLETIONS, {"prompt": "x", "n": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "n": 17}, 400),
-    (COMPLETIONS, {"prompt": "x", "max_tokens": HUGE}, 200),  # bounded by the context left
-    (COMPLETIONS, {"prompt": "x", "max_tokens": 2**63}, 200),
-    (CHAT, {"messages": USER, "max_completion_tokens": HUGE}, 200),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": HUGE}, 400),  # past the context: 400 naming both lengths
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 2**63}, 400),
+    (CHAT, {"messages": USER, "max_completion_tokens": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "top_k": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "top_k": 2**62, "max_tokens": 2}, 200),
     (COMPLETIONS, {"prompt": "x", "seed": HUGE}, 400),
