@@ -83,7 +83,10 @@ class LimitsConfig(_Strict):
     max_num_batched_tokens: int = Field(
         default=512, ge=16, description="Prompt tokens prefilled per step per model, so running streams never stall."
     )
-    max_waiting: int = Field(default=256, ge=0, description="Waiting queue bound; past it requests are refused.")
+    max_waiting: int = Field(
+        default=256, ge=0, description="Sequences (prompts x n) that may wait beyond the free batch slots; past it "
+        "requests are refused (429), and one needing more than max_num_seqs + max_waiting is a 400.",
+    )
     max_model_len: int | None = Field(
         default=None, ge=16, description="Cap on prompt + completion tokens (default: the smallest model's limit)."
     )

@@ -240,7 +240,7 @@ class ProxyEngine:
         with self._lock:
             if not has_room(self.config.limits, len(sequences), self.num_waiting, self.scheduler.in_batch):
                 raise EngineOverloadedError(
-                    f"the server is at capacity ({self.config.limits.max_waiting} requests waiting); retry shortly"
+                    f"the server is at capacity ({self.config.limits.max_waiting} sequences may wait); retry shortly"
                 )
             self._inbox.extend(sequences)
 

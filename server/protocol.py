@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from proxy_engine.async_engine import ModelInfo
 from proxy_engine.request import PromptInput, SamplingParams, TokenLogprob, TopLogprob
 from server.errors import bad_request
+from server.guards import clip
 
 # The logprob sent in place of -inf (JSON has no infinities).
 MIN_LOGPROB = -9999.0
@@ -23,6 +24,7 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assist
 TEXT_PART_TYPES = {"text", "input_text"}
 TOP_P_ZERO = 1e-9
 MAX_PROMPTS = 64  # prompts in one completions request (each with its n choices)
+MAX_MESSAGES = 2048  # messages in one chat request (a long agent transcript has hundreds)
 
 # Integers that end up in tensors or seed a generator must fit in 64 bits: a bigger one is a 400 naming the
 # field, not an overflow deep in the engine. (Range rules proper stay the engine's.)
@@ -143,7 +145,7 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         try:
             converted[int(key)] = float(value)
         except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+            raise bad_request(f"logit_bias keys must be token ids, got {clip(key, 40)!r}", "logit_bias") from None
     return converted
 
 
@@ -216,6 +218,8 @@ class ChatCompletionRequest(_SamplingFields):
                 "operator configured (engine.*.chat_template)",
                 "chat_template",
             )
+        if len(self.messages) > MAX_MESSAGES:
+            raise bad_request(f"at most {MAX_MESSAGES} messages in one request, got {len(self.messages)}", "messages")
         messages = []
         for i, message in enumerate(self.messages):
             role = CHAT_ROLES.get(message.role)

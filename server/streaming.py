@@ -8,6 +8,7 @@ for, then ``data: [DONE]``. An engine error after the 200 went out becomes ``dat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -62,9 +63,13 @@ async def completion_events(
     try:
         async for output in generation.outputs():
             if output.prompt_logprobs is not None:
-                logprobs = completion_logprobs([], 0, output.prompt_logprobs)
                 text = echo[output.index] if echo else ""
-                yield chunk([{"index": output.index, "text": text, "logprobs": logprobs, "finish_reason": None}])
+
+                def first(output=output, text=text) -> str:
+                    logprobs = completion_logprobs([], 0, output.prompt_logprobs)
+                    return chunk([{"index": output.index, "text": text, "logprobs": logprobs, "finish_reason": None}])
+
+                yield await asyncio.to_thread(first)  # one entry per prompt token: built off the event loop
             if output.text_delta or output.logprobs:
                 logprobs = None
                 if output.logprobs is not None:
