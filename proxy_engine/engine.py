@@ -20,6 +20,7 @@ import torch
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
 from proxy_engine.detokenizer import IncrementalDetokenizer, token_bytes
+from proxy_engine.grammar import GrammarCompiler, apply_grammar_masks
 from proxy_engine.loader import LoadedModel, eos_token_ids
 from proxy_engine.prompt_scores import PromptScores
 from proxy_engine.request import (
@@ -73,6 +74,8 @@ class ProxyEngine:
         cap = config.limits.max_model_len or 10**9
         self.max_lens = [min(m.max_len, cap) for m in models]
         self.eos_ids = frozenset(eos_token_ids(models))
+        # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
         self.device = self.runners[0].device
         self.scheduler = Scheduler(config.limits)
         self.running: list[Sequence] = []
@@ -160,6 +163,9 @@ class ProxyEngine:
             deadline = time.monotonic() + self.config.limits.request_timeout_s
         sequences = []
         stops = list(params.stop)
+        structured = params.structured
+        if structured is not None:
+            self.grammars.matcher(structured)  # compile (or find cached) once: a bad constraint is a ValueError
         for choice in range(first_index, first_index + params.n):
             seed = params.seed + choice if params.seed is not None else self._seed_rng.getrandbits(63)
             generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -171,7 +177,8 @@ class ProxyEngine:
                 self._next_seq_id += 1
             sequences.append(
                 Sequence(seq_id, request_id, choice, params, weights, prompts, context_left, detokenizer,
-                         generator, self.eos_ids, deadline=deadline)
+                         generator, self.eos_ids, deadline=deadline,
+                         grammar=self.grammars.matcher(structured) if structured is not None else None)
             )
         return sequences
 
@@ -499,10 +506,15 @@ class ProxyEngine:
         )
         sampled = [p for p in params if not p.greedy]
         needs_filter = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sampled)
-        if not (needs_bias or any(banned) or needs_penalty or needs_filter):
+        constrained = any(s.grammar is not None for s in sequences)
+        if not (needs_bias or any(banned) or needs_penalty or needs_filter or constrained):
             return combined
         logits = combined.clone()
         device = logits.device
+        if constrained:
+            # First, like vLLM's bitmask: what the grammar forbids is out before any other processor sees it.
+            apply_grammar_masks(logits, [s.grammar for s in sequences], [sorted(s.stop_ids()) for s in sequences],
+                                self.grammars.mask_words)
         if needs_bias:
             apply_logit_bias(logits, [{int(k): float(v) for k, v in (p.logit_bias or {}).items()} for p in params])
         if any(banned):
@@ -533,9 +545,17 @@ class ProxyEngine:
         self.generation_tokens_total += 1
         if token in sequence.stop_ids():
             return self._finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs)
+        grammar_done = False
+        if sequence.grammar is not None:
+            if not sequence.grammar.accept(token):
+                return self._finish(sequence, FinishReason.ERROR, new_token=token, logprobs=logprobs,
+                                    error=f"the output left its grammar: {sequence.grammar.error}",
+                                    error_code="internal_error")
+            # A complete output (a finite schema's closing brace) ends here: nothing else may follow it.
+            grammar_done = sequence.grammar.finished
         # Like vLLM, stop strings only count once min_tokens are out (EOS and stop ids are banned until then).
         step = sequence.detokenizer.add(token, check_stops=len(sequence.output_ids) >= sequence.params.min_tokens)
-        if step.stopped:
+        if step.stopped or grammar_done:
             return self._finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs, text=step.delta)
         if len(sequence.output_ids) >= sequence.max_tokens:
             return self._finish(sequence, FinishReason.LENGTH, new_token=token, logprobs=logprobs, text=step.delta)

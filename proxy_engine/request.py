@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from proxy_engine.grammar import StructuredOutput
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_N = 16
@@ -98,6 +100,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # None: the configured default of every pair; a number: that alpha for every pair; a list: one per pair.
     alpha: float | list[float] | None = None
+    # A constraint on the output (JSON schema, regex, choice, grammar), applied to the combined logits.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -156,6 +160,8 @@ class SamplingParams:
             if not -100.0 <= float(bias) <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         self.resolve_alphas([0.0] * num_pairs)
+        if self.structured is not None:
+            self.structured.validate()
 
     def resolve_alphas(self, defaults: list[float]) -> list[float]:
         """The alpha of every expert pair for this request."""

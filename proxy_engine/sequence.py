@@ -9,6 +9,7 @@ from enum import Enum
 import torch
 
 from proxy_engine.detokenizer import IncrementalDetokenizer
+from proxy_engine.grammar import GrammarMatcher
 from proxy_engine.request import FinishReason, SamplingParams
 
 
@@ -39,6 +40,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    grammar: GrammarMatcher | None = None  # the output's constraint, advanced with every accepted token
 
     @property
     def runners(self) -> list[int]:
