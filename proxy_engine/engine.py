@@ -44,8 +44,19 @@ from proxy_engine.sampler import (
 )
 from proxy_engine.scheduler import Scheduler
 from proxy_engine.sequence import Sequence, Status
+from proxy_engine.tool_calls import detect_format
 
 log = logging.getLogger("proxy_engine.engine")
+
+
+def resolve_tool_call_format(config: EngineConfig, models: list[LoadedModel]) -> str:
+    """The configured tool-call format, or (``auto``) the one the chat templates write: a chat-format model's
+    template first (the expert's, usually), then any tokenizer's."""
+    if config.tool_call_format != "auto":
+        return config.tool_call_format
+    templates = [m.renderer.chat_template for m in models if m.renderer.prompt_format == "chat"]
+    templates += [m.renderer.chat_template for m in models]
+    return detect_format(next((t for t in templates if t), None))
 
 
 @dataclass(eq=False)
@@ -76,6 +87,9 @@ class ProxyEngine:
         self.eos_ids = frozenset(eos_token_ids(models))
         # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+        self.tool_call_format = resolve_tool_call_format(config, models)
+        for model in models:
+            model.renderer.tool_format = self.tool_call_format
         self.device = self.runners[0].device
         self.scheduler = Scheduler(config.limits)
         self.running: list[Sequence] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from proxy_engine.grammar import StructuredOutput
 
@@ -51,8 +52,11 @@ class PromptInput:
     """
 
     text: str | None = None
-    messages: list[dict[str, str]] | None = None
+    # Chat messages: "role" and "content" strings; an assistant's may carry OpenAI "tool_calls", a "tool"
+    # message its "tool_call_id".
+    messages: list[dict[str, Any]] | None = None
     token_ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools the models are told about (chat only)
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.text, self.messages, self.token_ids)]
@@ -66,6 +70,8 @@ class PromptInput:
                     raise ValueError("each message needs a string 'role' and a string 'content'")
         if self.token_ids is not None and not self.token_ids:
             raise ValueError("the prompt is empty")
+        if self.tools and self.messages is None:
+            raise ValueError("tools need a chat prompt (messages)")
 
 
 def _finite(name: str, value: float) -> None:
