@@ -74,7 +74,8 @@ def render_calls(fmt: str, calls: list[dict[str, Any]]) -> str:
 
 def tools_preamble(fmt: str, tools: list[dict[str, Any]]) -> str:
     """What a plain-text model reads about the tools, and how to call them, before the transcript."""
-    listed = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+    listed = "\n".join(json.dumps(tool.get("function", tool), ensure_ascii=False, separators=(",", ":"))
+                       for tool in tools)
     example = render_calls(fmt, [{"function": {"name": "<name>", "arguments": {"<argument>": "<value>"}}}])
     return f"You may call these tools:\n{listed}\nTo call a tool, answer with: {example}"
 
