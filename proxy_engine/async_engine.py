@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from proxy_engine.config import EngineConfig
 from proxy_engine.request import (
     EngineOverloadedError,
+    ErrorCode,
     FinishReason,
     PromptInput,
     RequestOutput,
@@ -273,8 +274,9 @@ class AsyncEngine:
         for request_id, stream in list(self._streams.items()):
             for index in sorted(stream.open_choices):
                 stream.queue.put_nowait(
-                    RequestOutput(request_id, index, [], "", FinishReason.ERROR, prompt_tokens=stream.prompt_tokens,
-                                  error=message, error_code="internal_error")
+                    RequestOutput(request_id=request_id, index=index, new_token_ids=[], text_delta="",
+                                  finish_reason=FinishReason.ERROR, prompt_tokens=stream.prompt_tokens,
+                                  error=message, error_code=ErrorCode.INTERNAL_ERROR)
                 )
             stream.open_choices.clear()
         self._streams.clear()

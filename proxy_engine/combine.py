@@ -23,6 +23,11 @@ class Contribution:
     weights: torch.Tensor  # [b] float32: that model's weight in each of those rows
     logits: torch.Tensor  # [b, V]
 
+    @classmethod
+    def of(cls, logits: torch.Tensor, rows: list[int], weights: list[float]) -> Contribution:
+        """``logits`` (one row per entry of ``rows``) placed at those batch rows with those weights."""
+        return cls(torch.tensor(rows, dtype=torch.long), torch.tensor(weights, dtype=torch.float32), logits)
+
 
 def combine(batch_size: int, vocab_size: int, parts: list[Contribution], device: torch.device) -> torch.Tensor:
     """``[batch_size, V]`` float32: the weighted sum of every contribution, row by row.

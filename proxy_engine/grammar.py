@@ -91,9 +91,10 @@ def grammar_source(spec: StructuredOutput) -> str:
 class GrammarMatcher:
     """A sequence's position in its grammar. ``fill`` writes the allowed-next-token bits; ``accept`` advances."""
 
-    def __init__(self, matcher, vocab_size: int) -> None:
+    def __init__(self, matcher, vocab_size: int, words: int) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size
+        self.words = words  # int32 words per bitmask row (the tokenizer's width, which may pass vocab_size)
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this row's allowed tokens into ``bitmask [B, words]`` (int32, on the CPU)."""
@@ -174,7 +175,7 @@ class GrammarCompiler:
                 self._cache[key] = template
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-        return GrammarMatcher(template.deep_copy(), self.vocab_size)
+        return GrammarMatcher(template.deep_copy(), self.vocab_size, self.mask_words)
 
     def _compile(self, spec: StructuredOutput):
         import llguidance

@@ -4,7 +4,7 @@ What ``echo`` with ``logprobs`` returns and what evaluation harnesses score mult
 combination is linear, so each model adds ``weight * logits`` of its prefill chunks into one buffer per
 sequence; a position becomes log-probabilities as soon as every model of the sequence has reached it, so
 the buffer holds only the positions between the slowest and the fastest model. The engine keeps the jobs of
-a group with scores in step (``ProxyEngine._aligned_columns``): that is one chunk, never ``[prompt, V]``.
+a group with scores in step (``PrefillGroup._aligned_columns``): that is one chunk, never ``[prompt, V]``.
 """
 
 from __future__ import annotations

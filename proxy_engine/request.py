@@ -27,6 +27,26 @@ class FinishReason(str, Enum):
         return self.value
 
 
+class ErrorCode(str, Enum):
+    """The ``code`` of every error a client can get, engine's and server's alike (OpenAI's error ``code``)."""
+
+    # A request failed after it was accepted (RequestOutput.error_code, the stream's error event).
+    INTERNAL_ERROR = "internal_error"  # a fault in the engine step (or a bug): the other requests keep going
+    TIMEOUT = "timeout"  # limits.request_timeout_s ran out
+    SHUTDOWN = "shutdown"  # SIGTERM's grace period ran out first
+    # Refused before it started (HTTP status only).
+    DRAINING = "draining"
+    SERVER_OVERLOADED = "server_overloaded"
+    LOADING = "loading"
+    LOAD_FAILED = "load_failed"
+    MODEL_NOT_FOUND = "model_not_found"
+    INVALID_API_KEY = "invalid_api_key"
+    REQUEST_TOO_LARGE = "request_too_large"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Target(str, Enum):
     """Which model a request is served by: the proxy-tuned combination, or one of its parts alone."""
 
@@ -203,7 +223,7 @@ class TokenLogprob:
     bytes: list[int] = field(default_factory=list)  # the token's raw UTF-8 bytes (may be part of a character)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RequestOutput:
     """One step's news for one sequence (choice ``index``) of a request."""
 
@@ -216,7 +236,7 @@ class RequestOutput:
     prompt_tokens: int = 0  # the base model's prompt length
     completion_tokens: int = 0  # cumulative for this sequence
     error: str | None = None  # set when finish_reason is ERROR
-    error_code: str | None = None  # with ERROR: "timeout" (the request's time limit) or "internal_error"
+    error_code: ErrorCode | None = None  # with ERROR: TIMEOUT (the request's time limit) or INTERNAL_ERROR
     # On a sequence's first output when ``prompt_logprobs`` was asked: one entry per prompt token (the first
     # with logprob None).
     prompt_logprobs: list[TokenLogprob] | None = None

@@ -1,56 +1,115 @@
-"""Admission: which waiting sequences start prefilling, within the batch and queue limits."""
+"""Who is where: every sequence is waiting, prefilling or running, and the scheduler is the one that moves it.
+
+    add -> waiting --admit--> prefilling --promote--> running --retire--> (gone)
+    remove: out of any of the three (abort, timeout)
+
+The engine asks the scheduler, never its own lists; the runners' rows follow ``running`` (the engine syncs
+them once per step). This module imports no torch, so the server can apply ``has_room`` (the queue bound)
+before it renders a prompt.
+"""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from proxy_engine.config import LimitsConfig
-from proxy_engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from proxy_engine.sequence import Sequence
+
+
+def has_room(limits: LimitsConfig, count: int, queued: int, in_batch: int) -> bool:
+    """Whether ``count`` more sequences fit: the free batch slots, then ``max_waiting`` queued ones.
+
+    ``queued`` counts sequences not yet admitted (including those not yet handed to the scheduler);
+    ``in_batch`` those running or prefilling.
+    """
+    free_slots = max(0, limits.max_num_seqs - in_batch)
+    return queued + count <= limits.max_waiting + free_slots
+
+
+def _prompt_key(sequence: Sequence) -> tuple:
+    return tuple((index, tuple(ids)) for index, ids in sorted(sequence.prompts.items()))
 
 
 class Scheduler:
-    """A FIFO waiting queue. Admits whole groups of sequences while the running batch has room."""
+    """A FIFO waiting queue, the group being prefilled, the running batch."""
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
         self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
 
-    def has_room_for(self, count: int, queued: int, in_batch: int) -> bool:
-        """Whether ``count`` more sequences fit: the free batch slots, then ``max_waiting`` queued ones.
+    # --- counts ----------------------------------------------------------------------------------------------
+    @property
+    def in_batch(self) -> int:
+        """Sequences holding (or about to hold) a batch slot: running or prefilling, and not finished."""
+        return sum(not s.finished for s in self.running) + sum(not s.finished for s in self.prefilling)
 
-        ``queued`` counts sequences not yet admitted (including those not yet handed to the scheduler);
-        ``in_batch`` those running or prefilling.
-        """
-        free_slots = max(0, self.limits.max_num_seqs - in_batch)
-        return queued + count <= self.limits.max_waiting + free_slots
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
 
+    def active(self) -> Iterator[Sequence]:
+        yield from self.waiting
+        yield from self.prefilling
+        yield from self.running
+
+    # --- moves -----------------------------------------------------------------------------------------------
     def add(self, sequences: list[Sequence]) -> None:
         self.waiting.extend(sequences)
 
-    def admit(self, running: int) -> list[Sequence]:
-        """Sequences to prefill next: FIFO, up to the free batch slots and about one step's token budget.
+    def admit(self) -> list[Sequence]:
+        """Move the next group from waiting to prefilling: FIFO, up to the free batch slots and about one
+        step's token budget (``max_num_batched_tokens`` of left-padded prompt).
 
         The first waiting sequence is always admitted when a slot is free, however long its prompt: its
-        prefill is chunked, so it cannot stall the running streams.
+        prefill is chunked, so it cannot stall the running streams. A prompt already admitted costs nothing
+        more: its prefill is shared.
         """
         admitted: list[Sequence] = []
         budget = self.limits.max_num_batched_tokens
+        in_batch = self.in_batch
         width = 0
-        prompts: set[tuple] = set()  # a prompt already admitted costs nothing more: its prefill is shared
-        while self.waiting and running + len(admitted) < self.limits.max_num_seqs:
+        prompts: set[tuple] = set()
+        while self.waiting and in_batch + len(admitted) < self.limits.max_num_seqs:
             candidate = self.waiting[0]
             longest = max(len(p) for p in candidate.prompts.values())
-            key = tuple((index, tuple(ids)) for index, ids in sorted(candidate.prompts.items()))
+            key = _prompt_key(candidate)
             padded = max(width, longest) * (len(prompts) + (key not in prompts))
             if admitted and key not in prompts and padded > budget:
                 break
             admitted.append(self.waiting.popleft())
             prompts.add(key)
             width = max(width, longest)
+        for sequence in admitted:
+            sequence.start_prefill()
+        self.prefilling += admitted
         return admitted
 
-    def remove(self, predicate) -> list[Sequence]:
-        removed = [s for s in self.waiting if predicate(s)]
+    def promote(self, sequences: list[Sequence]) -> None:
+        """Prefilled: these leave ``prefilling``; those not finished by their first token join ``running``."""
+        leaving = set(map(id, sequences))
+        self.prefilling = [s for s in self.prefilling if id(s) not in leaving]
+        for sequence in sequences:
+            if not sequence.finished:
+                sequence.start_running()
+                self.running.append(sequence)
+
+    def remove(self, predicate: Callable[[Sequence], bool]) -> list[Sequence]:
+        """Take the sequences ``predicate`` picks out of every list (aborts, timeouts); the caller ends them."""
+        removed = [s for s in self.active() if predicate(s)]
         if removed:
             self.waiting = deque(s for s in self.waiting if not predicate(s))
+            self.prefilling = [s for s in self.prefilling if not predicate(s)]
+            self.running = [s for s in self.running if not predicate(s)]
         return removed
+
+    def retire(self) -> None:
+        """Drop the finished sequences (their last output is out) from ``prefilling`` and ``running``."""
+        if any(s.finished for s in self.prefilling):
+            self.prefilling = [s for s in self.prefilling if not s.finished]
+        if any(s.finished for s in self.running):
+            self.running = [s for s in self.running if not s.finished]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
-
-from proxy_engine.detokenizer import IncrementalDetokenizer
-from proxy_engine.grammar import GrammarMatcher
 from proxy_engine.request import FinishReason, SamplingParams
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+    from proxy_engine.detokenizer import IncrementalDetokenizer
+    from proxy_engine.grammar import GrammarMatcher
 
 
 class Status(Enum):
@@ -20,7 +23,7 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Sequence:
     """``weights[m]`` is runner m's weight in this sequence's logits; runners with weight 0 never see it."""
 
@@ -41,6 +44,21 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     grammar: GrammarMatcher | None = None  # the output's constraint, advanced with every accepted token
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def start_prefill(self) -> None:
+        self.status = Status.PREFILLING
+
+    def start_running(self) -> None:
+        self.status = Status.RUNNING
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.error = error
 
     @property
     def runners(self) -> list[int]:

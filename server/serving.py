@@ -27,6 +27,7 @@ from proxy_engine.request import (
     Target,
     TokenLogprob,
 )
+from proxy_engine.scheduler import has_room
 from server.errors import APIError, error_body, internal_error
 from server.metrics import RequestTimer, ServerMetrics
 from server.settings import ServerSettings
@@ -125,9 +126,7 @@ class ServerContext:
         stats = self.stats()
         if stats is None:
             return False
-        limits = self.settings.engine.limits
-        free_slots = max(0, limits.max_num_seqs - stats.running - stats.prefilling)
-        return stats.waiting + sequences > limits.max_waiting + free_slots
+        return not has_room(self.settings.engine.limits, sequences, stats.waiting, stats.running + stats.prefilling)
 
     def overloaded(self, message: str, retry_after_s: int | None) -> APIError:
         retry = str(max(1, int(retry_after_s or 1)))

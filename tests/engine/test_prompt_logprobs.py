@@ -78,16 +78,16 @@ def test_scored_prefills_keep_the_jobs_aligned_on_the_right_edge():
     a wide job (a longer prompt of another sequence) starts first, the narrow ones join as they line up."""
     from types import SimpleNamespace
 
-    from proxy_engine.engine import ProxyEngine
+    from proxy_engine.prefill import PrefillGroup
 
     def job(rows: int, width: int, done: int = 0):
         return SimpleNamespace(ids=torch.zeros(rows, width), done=done)
 
     group = SimpleNamespace(jobs={0: job(4, 40), 1: job(1, 12), 2: job(1, 30)})
-    assert ProxyEngine._aligned_columns(group, 32) == {0: 8, 1: 0, 2: 0}  # 32 // 4 rows = 8 columns a step
+    assert PrefillGroup._aligned_columns(group, 32) == {0: 8, 1: 0, 2: 0}  # 32 // 4 rows = 8 columns a step
     steps = 0
     while any(j.done < j.ids.shape[1] for j in group.jobs.values()):
-        for index, columns in ProxyEngine._aligned_columns(group, 32).items():
+        for index, columns in PrefillGroup._aligned_columns(group, 32).items():
             group.jobs[index].done += columns
         steps += 1
         left = [j.ids.shape[1] - j.done for j in group.jobs.values() if j.done]

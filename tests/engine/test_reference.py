@@ -105,10 +105,10 @@ def test_identical_prompts_are_prefilled_once(chat_family, chat_models):
     sequences += submit(engine, "same", prompt, temperature=0, max_tokens=5, ignore_eos=True)
     sequences += submit(engine, "other", "Paris is", temperature=0, max_tokens=5, ignore_eos=True)
     groups = []
-    start = engine._start_prefill
-    engine._start_prefill = lambda admitted: groups.append(start(admitted)) or groups[-1]
     while engine.has_work():
         engine.step()
+        if engine.prefill is not None and (not groups or engine.prefill is not groups[-1]):
+            groups.append(engine.prefill)
     # The four sequences of one prompt were admitted together and share one row in each model's job.
     first = groups[0]
     assert [s.request_id for s in first.sequences][:4] == ["n3", "n3", "n3", "same"]

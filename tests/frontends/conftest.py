@@ -4,21 +4,16 @@ that requests without ``max_tokens`` stay quick), started the way ``tests/server
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The live-server helper is shared with tests/server (it is a plain module there, not a package).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
-
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-from fe_calls import API_KEY, BROWSER_ORIGIN  # noqa: E402
-from srv_live import LiveServer, make_settings, wait_until  # noqa: E402
 
 from proxy_engine.async_engine import AsyncEngine  # noqa: E402
+from tests.frontends.calls import API_KEY, BROWSER_ORIGIN  # noqa: E402
+from tests.server.live import LiveServer, make_settings, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from fe_calls import BROWSER_ORIGIN, MODEL, OPENAI_NODE_HEADERS, bearer, openai_node_events
+
+from tests.frontends.calls import BROWSER_ORIGIN, MODEL, OPENAI_NODE_HEADERS, bearer, openai_node_events
 
 # What a browser adds to a cross-origin fetch; the openai SDK in a browser adds its x-stainless-* headers.
 BROWSER = {"origin": BROWSER_ORIGIN, "referer": f"{BROWSER_ORIGIN}/", "sec-fetch-mode": "cors",

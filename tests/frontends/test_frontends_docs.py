@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import yaml
-from fe_calls import LANGCHAIN_HEADERS, LIBRECHAT_AGENTS_TITLE, MODEL, bearer, openai_node_events
+
+from tests.frontends.calls import LANGCHAIN_HEADERS, LIBRECHAT_AGENTS_TITLE, MODEL, bearer, openai_node_events
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "frontends.md"
 

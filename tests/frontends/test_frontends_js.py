@@ -13,7 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fe_calls import API_KEY, BASE_MODEL, EXPERT_MODEL, MODEL
+
+from tests.frontends.calls import API_KEY, BASE_MODEL, EXPERT_MODEL, MODEL
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 PACKAGES = ("openai", "@langchain/openai", "@langchain/core")

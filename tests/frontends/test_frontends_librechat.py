@@ -9,7 +9,10 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
-from fe_calls import (
+
+from server.app import create_app
+from server.settings import load_settings
+from tests.frontends.calls import (
     API_KEY,
     BASE_MODEL,
     EXPERT_MODEL,
@@ -27,10 +30,7 @@ from fe_calls import (
     open_webui_events,
     openai_node_events,
 )
-from srv_fake_engine import FakeEngine
-
-from server.app import create_app
-from server.settings import load_settings
+from tests.server.fake_engine import FakeEngine
 
 
 def _post(http, body: dict, headers: dict) -> tuple[int, dict[str, str], str]:

@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from fe_calls import (
+
+from server.protocol import ChatCompletionRequest
+from tests.frontends.calls import (
     API_KEY,
     BASE_MODEL,
     EXPERT_MODEL,
@@ -24,8 +26,6 @@ from fe_calls import (
     fill_context,
     open_webui_events,
 )
-
-from server.protocol import ChatCompletionRequest
 
 
 def _post(http, body: dict) -> tuple[int, dict[str, str], str]:

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from rel_support import (
+
+from tests.reliability.support import (
     Gate,
     choice_tokens,
     error_of,
@@ -25,7 +26,7 @@ from rel_support import (
     stream,
     stream_error,
 )
-from srv_live import MODEL, wait_until
+from tests.server.live import MODEL, wait_until
 
 SLOTS, QUEUE = 2, 2
 TOKENS = 20

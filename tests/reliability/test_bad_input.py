@@ -23,8 +23,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rel_support import error_of, events_of, serve
-from srv_live import MODEL
+
+from tests.reliability.support import error_of, events_of, serve
+from tests.server.live import MODEL
 
 EXAMPLES = int(os.environ.get("PROXY_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(

@@ -12,7 +12,8 @@ import threading
 
 import httpx
 import pytest
-from rel_support import (
+
+from tests.reliability.support import (
     Gate,
     choice_tokens,
     error_of,
@@ -23,7 +24,7 @@ from rel_support import (
     stream,
     stream_error,
 )
-from srv_live import MODEL, wait_until
+from tests.server.live import MODEL, wait_until
 
 POISON = 66_613
 LONG = {"model": MODEL, "prompt": "Steady", "max_tokens": 24, "ignore_eos": True, "logprobs": 0,

@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import httpx
 import pytest
-from rel_support import error_of, idle, raise_for_seed, serve, stream
-from srv_live import MODEL
+
+from tests.reliability.support import error_of, idle, raise_for_seed, serve, stream
+from tests.server.live import MODEL
 
 KEY, OTHER_KEY, NEAR_MISS = "sk-live-0123456789abcdef", "sk-second-key-42", "sk-live-0123456789abcdeX"
 SECRET_PROMPT = "my-private-diary-entry-7f3a"

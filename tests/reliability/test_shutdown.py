@@ -1,7 +1,7 @@
 """SIGTERM: stop admitting (503, ``/health`` says draining), let running streams finish within the grace period
 (``--shutdown-grace``), end what is left with a ``shutdown`` error, and exit 0.
 
-The server is a real ``proxy-serve`` subprocess whose engine can be held still (``rel_gated_server.py``), so
+The server is a real ``proxy-serve`` subprocess whose engine can be held still (``gated_server.py``), so
 that a request is in flight for exactly as long as a test needs.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from rel_support import (
+
+from tests.reliability.support import (
     SUBPROCESS_ENV,
     choice_tokens,
     error_of,
@@ -25,7 +26,7 @@ from rel_support import (
     iter_events,
     stream_error,
 )
-from srv_live import MODEL, wait_until
+from tests.server.live import MODEL, wait_until
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,7 +46,7 @@ class Subprocess:
         self.log = tmp_path / "server.log"
         with open(self.log, "w") as sink:
             self.process = subprocess.Popen(
-                [sys.executable, str(HERE / "rel_gated_server.py"), "--base", str(family.base), "--expert",
+                [sys.executable, str(HERE / "gated_server.py"), "--base", str(family.base), "--expert",
                  str(family.expert), "--anti-expert", str(family.anti_expert), "--port", str(self.port), *args],
                 stdout=sink, stderr=subprocess.STDOUT,
                 env={**os.environ, **SUBPROCESS_ENV, "PROXY_TEST_GATE": str(self.gate)},
@@ -194,7 +195,7 @@ def test_sigterm_while_the_models_load_exits_at_once(tiny_family, tmp_path):
     log = tmp_path / "loading.log"
     with open(log, "w") as sink:
         process = subprocess.Popen(
-            [sys.executable, str(HERE / "rel_gated_server.py"), "--base", str(tiny_family.base), "--expert",
+            [sys.executable, str(HERE / "gated_server.py"), "--base", str(tiny_family.base), "--expert",
              str(tiny_family.expert), "--anti-expert", str(tiny_family.anti_expert), "--port", str(port)],
             stdout=sink, stderr=subprocess.STDOUT,
             env={**os.environ, **SUBPROCESS_ENV, "PROXY_TEST_GATE": str(tmp_path / "gate"),

@@ -14,9 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from rel_support import SUBPROCESS_ENV
 
 from proxy_engine.families import TINY_SMALL, build_model, build_tokenizer
+from tests.reliability.support import SUBPROCESS_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import pytest  # noqa: E402
-from srv_live import API_KEY, ORIGIN, LiveServer, make_settings, wait_until  # noqa: E402
 
 from proxy_engine.async_engine import AsyncEngine  # noqa: E402
+from tests.server.live import API_KEY, ORIGIN, LiveServer, make_settings, wait_until  # noqa: E402
 
 
 def _serve(settings):

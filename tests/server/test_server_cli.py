@@ -12,10 +12,10 @@ import textwrap
 
 import httpx
 import pytest
-from srv_live import wait_until
 
 from server.cli import build_parser, overrides_from_args
 from server.settings import ConfigError, load_settings
+from tests.server.live import wait_until
 
 SECRET = "sk-never-logged-4242"
 

@@ -6,7 +6,8 @@ import json
 import threading
 
 import httpx
-from srv_live import MODEL, wait_until
+
+from tests.server.live import MODEL, wait_until
 
 LONG = {"model": MODEL, "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
 

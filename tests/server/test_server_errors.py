@@ -7,7 +7,8 @@ import socket
 
 import httpx
 import pytest
-from srv_live import API_KEY, MODEL, ORIGIN, wait_until
+
+from tests.server.live import API_KEY, MODEL, ORIGIN, wait_until
 
 
 def _error(response: httpx.Response, status: int) -> dict:

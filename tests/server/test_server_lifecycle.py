@@ -8,10 +8,10 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
-from srv_fake_engine import FakeEngine
 
 from server.app import create_app
 from server.settings import load_settings
+from tests.server.fake_engine import FakeEngine
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 

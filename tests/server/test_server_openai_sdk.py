@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from srv_live import MODEL
+
+from tests.server.live import MODEL
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 

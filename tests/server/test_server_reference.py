@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from srv_live import MODEL
-from srv_reference import NaiveProxy
+
+from tests.server.live import MODEL
+from tests.server.reference import NaiveProxy
 
 MAX_TOKENS = 12
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from srv_live import MODEL
+
+from tests.server.live import MODEL
 
 
 def _events(http, path: str, body: dict) -> list[str]:

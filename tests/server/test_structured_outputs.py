@@ -7,7 +7,8 @@ import re
 
 import pydantic
 import pytest
-from srv_live import MODEL
+
+from tests.server.live import MODEL
 
 # Finite: a random-weight model ends in valid JSON within a few dozen tokens.
 SCHEMA = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from srv_live import MODEL
+
+from tests.server.live import MODEL
 
 WEATHER = {
     "type": "function",

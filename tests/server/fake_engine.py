@@ -63,8 +63,9 @@ class FakeEngine:
                 return
             for i in range(params.n):
                 if i == 0 and self.fail_at_token == k:
-                    stream.queue.put_nowait(RequestOutput(stream.request_id, i, [], "", FinishReason.ERROR,
-                                                          error="boom", prompt_tokens=stream.prompt_tokens))
+                    stream.queue.put_nowait(RequestOutput(
+                        request_id=stream.request_id, index=i, new_token_ids=[], text_delta="",
+                        finish_reason=FinishReason.ERROR, error="boom", prompt_tokens=stream.prompt_tokens))
                     continue
                 finish = FinishReason.LENGTH if k == total - 1 else None
                 logprobs = None
@@ -72,7 +73,8 @@ class FakeEngine:
                     top = [TopLogprob(k, f"w{k}", -0.5)][: params.logprobs]
                     logprobs = [TokenLogprob(k, f"w{k} ", -0.5, top)]
                 stream.queue.put_nowait(RequestOutput(
-                    stream.request_id, i, [k], f"w{k} ", finish, logprobs, stream.prompt_tokens, k + 1))
+                    request_id=stream.request_id, index=i, new_token_ids=[k], text_delta=f"w{k} ", finish_reason=finish,
+                    logprobs=logprobs, prompt_tokens=stream.prompt_tokens, completion_tokens=k + 1))
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

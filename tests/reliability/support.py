@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
-from srv_live import LiveServer, make_settings, wait_until
 
 from proxy_engine.async_engine import AsyncEngine
+from tests.server.live import LiveServer, make_settings, wait_until
 
 Rule = Callable[[str, list], None]
 

@@ -1,4 +1,4 @@
-"""``python rel_gated_server.py <proxy-serve arguments>``: ``proxy-serve`` whose engine holds its decode phase
+"""``python gated_server.py <proxy-serve arguments>``: ``proxy-serve`` whose engine holds its decode phase
 while the file named by ``$PROXY_TEST_GATE`` exists (60 s at most), so that a test can keep a request in
 flight for as long as it needs, whatever the machine's speed; and whose model loading holds while the file
 named by ``$PROXY_TEST_LOAD_GATE`` exists (120 s at most), like a 70B model that takes minutes to load."""

@@ -1,0 +1,90 @@
+"""scheduler: the admission budget rule, the queue bound, and the moves between waiting, prefilling, running."""
+
+from __future__ import annotations
+
+from proxy_engine.config import LimitsConfig
+from proxy_engine.request import FinishReason, SamplingParams
+from proxy_engine.scheduler import Scheduler, has_room
+from proxy_engine.sequence import Sequence, Status
+
+
+def _sequence(seq_id: int, prompt_len: int, *, prompt_token: int | None = None, request_id: str = "r") -> Sequence:
+    """A sequence whose base prompt is ``prompt_len`` tokens (distinct per seq_id unless ``prompt_token``)."""
+    token = seq_id if prompt_token is None else prompt_token
+    return Sequence(
+        seq_id=seq_id, request_id=request_id, index=0, params=SamplingParams(), weights=[1.0],
+        prompts={0: [token] * prompt_len}, max_tokens=8, detokenizer=None, generator=None, eos_ids=frozenset(),
+    )
+
+
+def _scheduler(**limits) -> Scheduler:
+    return Scheduler(LimitsConfig(**limits))
+
+
+def test_admission_stops_at_the_padded_token_budget():
+    # Left-padded to the longest prompt: 3 prompts of width 10 are 30 tokens; a 4th would make 40 > 32.
+    scheduler = _scheduler(max_num_batched_tokens=32)
+    scheduler.add([_sequence(i, 10) for i in range(5)])
+    assert [s.seq_id for s in scheduler.admit()] == [0, 1, 2]
+    assert [s.seq_id for s in scheduler.waiting] == [3, 4]
+
+
+def test_a_long_prompt_widens_every_row_of_the_group():
+    scheduler = _scheduler(max_num_batched_tokens=32)
+    scheduler.add([_sequence(0, 4), _sequence(1, 20)])  # 2 rows x 20 columns = 40 > 32
+    assert [s.seq_id for s in scheduler.admit()] == [0]
+
+
+def test_the_first_waiting_sequence_is_admitted_whatever_its_length():
+    scheduler = _scheduler(max_num_batched_tokens=16)
+    scheduler.add([_sequence(0, 500), _sequence(1, 2)])
+    assert [s.seq_id for s in scheduler.admit()] == [0]  # its prefill is chunked
+
+
+def test_a_shared_prompt_costs_nothing_more():
+    # The n choices of a request (same prompt) are prefilled once: they do not count against the budget.
+    scheduler = _scheduler(max_num_batched_tokens=16)
+    scheduler.add([_sequence(i, 10, prompt_token=7) for i in range(4)] + [_sequence(9, 10)])
+    assert [s.seq_id for s in scheduler.admit()] == [0, 1, 2, 3]
+
+
+def test_admission_stops_at_the_free_batch_slots():
+    scheduler = _scheduler(max_num_seqs=3)
+    scheduler.add([_sequence(i, 2) for i in range(5)])
+    first = scheduler.admit()
+    assert len(first) == 3 and all(s.status is Status.PREFILLING for s in first)
+    assert scheduler.admit() == []  # three in the batch already
+    first[0].finish(FinishReason.ABORT)
+    assert [s.seq_id for s in scheduler.admit()] == [3]  # a finished one no longer holds its slot
+
+
+def test_promote_runs_the_survivors_and_retire_drops_the_finished():
+    scheduler = _scheduler()
+    scheduler.add([_sequence(i, 2) for i in range(3)])
+    group = scheduler.admit()
+    group[1].finish(FinishReason.LENGTH)  # e.g. max_tokens 0: done at its prompt
+    scheduler.promote(group)
+    assert scheduler.prefilling == [] and [s.seq_id for s in scheduler.running] == [0, 2]
+    assert all(s.status is Status.RUNNING for s in scheduler.running)
+    scheduler.running[0].finish(FinishReason.STOP)
+    assert scheduler.in_batch == 1
+    scheduler.retire()
+    assert [s.seq_id for s in scheduler.running] == [2]
+
+
+def test_remove_takes_sequences_out_of_every_list():
+    scheduler = _scheduler(max_num_seqs=2)
+    scheduler.add([_sequence(i, 2, request_id=f"r{i % 2}") for i in range(4)])
+    scheduler.promote(scheduler.admit())  # 0 (r0) and 1 (r1) running; 2 (r0) and 3 (r1) waiting
+    removed = scheduler.remove(lambda s: s.request_id == "r0")
+    assert sorted(s.seq_id for s in removed) == [0, 2]
+    assert [s.seq_id for s in scheduler.waiting] == [3] and [s.seq_id for s in scheduler.running] == [1]
+
+
+def test_the_queue_bound_counts_free_slots_then_max_waiting():
+    limits = LimitsConfig(max_num_seqs=4, max_waiting=2)
+    assert has_room(limits, count=6, queued=0, in_batch=0)  # 4 slots + 2 waiting
+    assert not has_room(limits, count=7, queued=0, in_batch=0)
+    assert has_room(limits, count=1, queued=1, in_batch=4)
+    assert not has_room(limits, count=2, queued=1, in_batch=4)
+    assert has_room(limits, count=2, queued=0, in_batch=9)  # over-full batch: no negative slots
