@@ -27,6 +27,7 @@ from server.protocol import (
     now,
     usage,
 )
+from server.responses import add_responses_routes
 from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger
 from server.streaming import EventStreamResponse, chat_events, completion_events
 from server.tools import assistant_message
@@ -183,6 +184,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         roots = [settings.engine.base.path] * 2 + [pair.expert.path for pair in settings.engine.experts[:1]]
         ids = settings.model_ids
         return [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
+
+    add_responses_routes(router, ctx, keyed, start, collect, tool_call_format)
 
     @router.get("/v1/models", dependencies=keyed)
     async def list_models() -> dict[str, Any]:
