@@ -235,9 +235,14 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    functions: Any = None  # the deprecated spelling: refused with a pointer to tools
+    function_call: Any = None
 
     def tool_plan(self, fmt: str = "hermes") -> tool_fields.ToolPlan:
         """What the request's tools mean (validated once: a bad tool or tool_choice is a 400)."""
+        for legacy in ("functions", "function_call"):
+            if getattr(self, legacy) is not None:
+                raise bad_request(f"{legacy} (deprecated) is not supported: send tools and tool_choice", legacy)
         cached = self.__dict__.get("_plan")
         if cached is None:
             cached = tool_fields.plan(tool_fields.check_tools(self.tools), self.tool_choice, self.parallel_tool_calls,

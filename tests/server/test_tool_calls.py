@@ -154,6 +154,7 @@ def test_tools_reach_the_base_through_the_transcript(client, agent_http):
         ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
          "response_format", "cannot be combined"),
         ({"messages": [{"role": "tool", "content": "21"}]}, "messages[0].tool_call_id", "needs tool_call_id"),
+        ({"functions": [WEATHER["function"]]}, "functions", "send tools"),
     ],
 )
 def test_bad_tool_requests_are_400s(agent_http, body, param, needle):
