@@ -7,7 +7,9 @@ JSON schema that cannot end before ``--tokens`` (an array of at least 64 small o
 constrained run computes a mask: llguidance's per-row mask over the tokenizer, unpacked to the shared vocabulary
 and applied to the combined logits. Rows are interleaved and repeated; the ratio (constrained step time / free
 step time, per repeat, then the median) is what to read. Also in CPU time of this process, which other
-processes on a shared machine disturb less than wall time.
+processes on a shared machine disturb less than wall time, and the grammar work alone (one row's mask and
+advance, replayed from a constrained run's tokens) as a share of a free step: on a busy machine the ratio's
+noise can exceed the cost it measures, the share cannot.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ from bench.engine_bench import Clock, prompts
 from bench.family import family_paths
 from proxy_engine.config import EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
 from proxy_engine.engine import ProxyEngine
-from proxy_engine.grammar import StructuredOutput
+from proxy_engine.grammar import StructuredOutput, apply_grammar_masks
 from proxy_engine.loader import load_models
 from proxy_engine.request import PromptInput, SamplingParams
 from proxy_engine.runner import THREADS_ENV, cpu_threads
@@ -40,7 +43,7 @@ SCHEMA = {
 
 
 def decode(engine: ProxyEngine, batch: list[list[int]], tokens: int, constrained: bool) -> tuple[float, float]:
-    """Seconds (wall, CPU) per decode step once every sequence runs."""
+    """Seconds (wall, CPU) per decode step once every sequence runs; the first sequence's tokens in ``last_ids``."""
     structured = StructuredOutput("json_schema", SCHEMA) if constrained else None
     params = SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True, structured=structured)
     for i, prompt in enumerate(batch):
@@ -50,10 +53,29 @@ def decode(engine: ProxyEngine, batch: list[list[int]], tokens: int, constrained
     steps = 0
     clock = Clock()
     while engine.has_work():
-        engine.step()
+        for output in engine.step():
+            if output.request_id == "r0":
+                last_ids.extend(output.new_token_ids)
         steps += 1
     rate = clock.rate(steps)  # steps per second
     return 1.0 / float(rate), 1.0 / rate.per_cpu_s
+
+
+last_ids: list[int] = []
+
+
+def mask_cost(engine: ProxyEngine, token_ids: list[int]) -> float:
+    """Seconds per step of one row's grammar work alone: its mask (computed, unpacked, applied to a logits row)
+    and its advance, replaying a constrained run's tokens through a fresh matcher."""
+    matcher = engine.grammars.matcher(StructuredOutput("json_schema", SCHEMA))
+    logits = torch.randn(1, engine.vocab_size)
+    times = []
+    for token in token_ids:
+        start = time.perf_counter()
+        apply_grammar_masks(logits.clone(), [matcher], [sorted(engine.eos_ids)], matcher.words)
+        matcher.accept(token)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.batch:
             batch = prompts(engine.tokenizer, size)
             for constrained in (False, True):
+                last_ids.clear()
                 samples.setdefault((size, constrained), []).append(decode(engine, batch, args.tokens, constrained))
+    mask_s = mask_cost(engine, list(last_ids))
     rows = []
     for size in args.batch:
         free, constrained = samples[(size, False)], samples[(size, True)]
@@ -92,18 +116,22 @@ def main(argv: list[str] | None = None) -> None:
             "constrained_ms": 1e3 * statistics.median(s[0] for s in constrained),
             "ratio": statistics.median(c[0] / f[0] for c, f in zip(constrained, free)),
             "ratio_cpu": statistics.median(c[1] / f[1] for c, f in zip(constrained, free)),
+            "mask_share": size * mask_s / statistics.median(s[0] for s in free),
         })
-    meta = {"family": args.family, "vocab": engine.vocab_size, "threads": threads, "tokens": args.tokens,
+    meta = {"family": args.family, "vocab": engine.vocab_size, "mask_us_per_row": mask_s * 1e6,
+            "threads": threads, "tokens": args.tokens,
             "repeats": args.repeats, "load": os.getloadavg()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "structured.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"family {args.family} (vocab {engine.vocab_size}); threads {threads}; {args.tokens} decode steps; "
           f"median of {args.repeats} interleaved repeats; load average {meta['load']:.2f}\n")
-    print("| sequences | free step (ms) | JSON-schema step (ms) | ratio | ratio per CPU-second |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| sequences | free step (ms) | JSON-schema step (ms) | ratio | ratio per CPU-second | "
+          "grammar work / free step |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['batch']} | {row['free_ms']:.2f} | {row['constrained_ms']:.2f} | {row['ratio']:.3f} | "
-              f"{row['ratio_cpu']:.3f} |")
+              f"{row['ratio_cpu']:.3f} | {100 * row['mask_share']:.1f}% |")
+    print(f"\nGrammar work per constrained row and step (mask + advance, replayed alone): {mask_s * 1e6:.0f} us")
 
 
 if __name__ == "__main__":
