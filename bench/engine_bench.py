@@ -30,11 +30,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from bench.family import family_paths
-from proxy_engine.config import EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
+from proxy_engine.config import CPU_THREADS_ENV, EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
+from proxy_engine.cpu_tuning import cpu_threads
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
 from proxy_engine.request import PromptInput, SamplingParams
-from proxy_engine.runner import THREADS_ENV, cache_kwarg, cpu_threads
+from proxy_engine.runner import cache_kwarg
 
 PROMPT_LEN = 32
 
@@ -136,14 +137,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads for the floor and the engine alike (default: the engine's policy, "
-                             "proxy_engine.runner.cpu_threads)")
+                             "proxy_engine.cpu_tuning.cpu_threads)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--family", choices=["bench", "tiny"], default="bench")
     parser.add_argument("--family-dir", type=Path, default=None, help="where the family is built or cached")
     args = parser.parse_args(argv)
     threads = args.threads or cpu_threads() or torch.get_num_threads()
     torch.set_num_threads(threads)
-    os.environ[THREADS_ENV] = str(threads)  # the engine's runners use the same team size as the floor
+    os.environ[CPU_THREADS_ENV] = str(threads)  # the engine's runners use the same team size as the floor
     family = family_paths(args.family, args.family_dir)
     tokenizer = AutoTokenizer.from_pretrained(family.base)
     paths = [family.base, family.expert, family.anti_expert]

@@ -94,7 +94,8 @@ def build(shape: Shape, device: str, dtype: torch.dtype, seed: int, role: str, t
                 parameter.normal_(0.0, 0.02)
     renderer = PromptRenderer(tok, "plain", "{{ messages }}", None)
     model_config = ModelConfig(path=f"random-{shape.name}", device=device if device != "cpu" else "cpu")
-    return LoadedModel(role, model_config, model, tok, renderer, 4096, VOCAB, VOCAB)
+    return LoadedModel(role=role, config=model_config, model=model, tokenizer=tok, renderer=renderer, max_len=4096,
+                       logits_width=VOCAB, vocab_size=VOCAB)
 
 
 def decode_rate(engine: ProxyEngine, prompts: list[list[int]], steps: int, target: Target) -> tuple[float, float]:

@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,115 +41,29 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.harness import (
+    ROOT,
+    RssSampler,
+    ServerProcess,
+    cpu_seconds,
+    free_port,
+    percentile,
+    proxy_serve_flags,
+    rss_bytes,
+    server_env,
+)
+
 VENV_BIN = Path(sys.executable).parent
 PROMPT_TOKENS = 32
 
 
 # --- servers ---------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@dataclass(kw_only=True)
+class Server(ServerProcess):
+    """A server subprocess, with the model id its clients send and the extra fields of their request bodies."""
 
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process and its children (0 once it is gone)."""
-    total = 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far: the work a run cost, whatever the
-    contention from other processes on a shared machine (wall-clock numbers are not)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class RssSampler:
-    """Samples a process's RSS every ``period`` seconds in a thread: ``(time, bytes)`` pairs."""
-
-    def __init__(self, pid: int, period: float = 0.05) -> None:
-        self.pid, self.period = pid, period
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), rss_bytes(self.pid)))
-            self._stop.wait(self.period)
-
-    def window(self, start: float, end: float) -> list[int]:
-        return [b for t, b in self.samples if start <= t <= end]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-@dataclass
-class Server:
-    """A server subprocess on loopback: ``name``, its command, the model id clients send, and its extra body."""
-
-    name: str
-    command: list[str]
     model: str
     extra_body: dict[str, Any]
-    env: dict[str, str]
-    port: int
-    log_path: Path
-    process: subprocess.Popen | None = None
-    cwd: Path = ROOT
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 300) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("w")
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=self.cwd, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not answer /health within {timeout_s:.0f}s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
 
 
 # --- clients ---------------------------------------------------------------------------------------------------
@@ -220,14 +133,6 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], 
     return result
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
 @dataclass
 class Run:
     """One measurement: ``concurrency`` closed-loop clients against one target."""
@@ -283,13 +188,13 @@ async def run_level(server: Server, prompts: list[str], concurrency: int, rounds
             results.append(result)
 
     async with httpx.AsyncClient(limits=limits) as client:
-        rss_start = rss_bytes(server.process.pid)
-        cpu_start = cpu_seconds(server.process.pid)
+        rss_start = rss_bytes(server.pid)
+        cpu_start = cpu_seconds(server.pid)
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         end = time.perf_counter()
-    cpu = cpu_seconds(server.process.pid) - cpu_start
-    rss_end = rss_bytes(server.process.pid)
+    cpu = cpu_seconds(server.pid) - cpu_start
+    rss_end = rss_bytes(server.pid)
     peak = max(sampler.window(start, end) or [rss_end])
     return Run(server.name, concurrency, results, start, end, rss_start, rss_end, peak, cpu)
 
@@ -366,22 +271,10 @@ def make_prompts(tokenizer, count: int, seed: int = 0) -> list[str]:
     return [tokenizer.decode([rng.choice(ids) for _ in range(PROMPT_TOKENS)]).strip() for _ in range(count)]
 
 
-def server_env(threads: int | None) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-        env["MKL_NUM_THREADS"] = str(threads)
-    return env
-
-
 def proxy_server(family, args, log_dir: Path, model: str, name: str, source: Path | None = None) -> Server:
     """``proxy-serve`` on the family; ``source``: run the code of another checkout (``--ref``) instead."""
     port = free_port()
-    flags = [
-        "--base", str(family.base), "--expert", str(family.expert), "--anti-expert", str(family.anti_expert),
-        "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
-        "--max-waiting", "1024", "--log-level", "warning",
-    ]
+    flags = [*proxy_serve_flags(family, port), "--max-num-seqs", str(args.max_num_seqs), "--max-waiting", "1024"]
     env = server_env(args.threads)
     if source is None:
         command = [str(VENV_BIN / "proxy-serve"), *flags]
@@ -389,9 +282,8 @@ def proxy_server(family, args, log_dir: Path, model: str, name: str, source: Pat
         command = [sys.executable, "-m", "server", *flags]
         env["PYTHONPATH"] = str(source)
     body = {"ignore_eos": True, "stream_options": {"include_usage": True}}
-    server = Server(name, command, model, body, env, port, log_dir / f"{name}.log")
-    server.cwd = source or ROOT
-    return server
+    return Server(name=name, command=command, model=model, extra_body=body, env=env, port=port,
+                  log_path=log_dir / f"{name}.log", cwd=source or ROOT)
 
 
 def checkout(ref: str, root: Path) -> Path:
@@ -415,7 +307,8 @@ def peer_server(family, args, log_dir: Path) -> Server:
     ]
     # No ignore_eos: a generation_config without eos_token_id disables EOS; max_tokens still sets the length.
     body = {"generation_config": json.dumps({"do_sample": False})}
-    return Server("peer", command, str(family.base), body, server_env(args.threads), port, log_dir / "peer.log")
+    return Server(name="peer", command=command, model=str(family.base), extra_body=body, env=server_env(args.threads),
+                  port=port, log_path=log_dir / "peer.log")
 
 
 class Floor:
@@ -425,7 +318,7 @@ class Floor:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from proxy_engine.runner import cpu_threads
+        from proxy_engine.cpu_tuning import cpu_threads
 
         # The servers' team size: --threads, else the engine's own policy (what proxy-serve uses).
         torch.set_num_threads(threads or cpu_threads() or torch.get_num_threads())
@@ -582,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         if "proxy" in args.servers:
             targets.append(proxy)
         if "base" in args.servers:
-            targets.append(Server("base", proxy.command, "proxy-tuned:base", proxy.extra_body, proxy.env,
-                                  proxy.port, proxy.log_path))
+            targets.append(dataclasses.replace(proxy, name="base", model="proxy-tuned:base"))
     def alongside(suffix: str, source: Path | None = None, env: dict[str, str] | None = None) -> None:
         """Another proxy-serve, measured as proxy@SUFFIX and base@SUFFIX next to ours."""
         other = proxy_server(family, args, log_dir, "proxy-tuned", f"proxy@{suffix}", source)
@@ -592,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         if "proxy" in args.servers:
             targets.append(other)
         if "base" in args.servers:
-            targets.append(Server(f"base@{suffix}", other.command, "proxy-tuned:base", other.extra_body, other.env,
-                                  other.port, other.log_path, cwd=other.cwd))
+            targets.append(dataclasses.replace(other, name=f"base@{suffix}", model="proxy-tuned:base"))
 
     if args.ref:
         alongside(args.ref, source=checkout(args.ref, Path(os.environ.get("TMPDIR", "/tmp"))))
@@ -611,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for process in processes:  # every server stays up (idle) while the others are measured
             process.start()
-            samplers[process.port] = RssSampler(process.process.pid)
+            samplers[process.port] = RssSampler(process.pid)
         for target in targets:
             target.process = next(p.process for p in processes if p.port == target.port)
             asyncio.run(warm_up(target, prompts, args.stall_s))

@@ -35,11 +35,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +46,8 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.harness import ROOT, ServerProcess, free_port, percentile, proxy_serve_flags, server_env
+
 RESULTS = ROOT / "bench" / "results"
 MODEL = "proxy-tuned"
 WORDS = ("the quick brown fox jumps over lazy dog Paris is capital of France proxy tuning steers a large model "
@@ -59,60 +57,11 @@ STOP_STRINGS = ["e", " the", ".", "\n", "an", "ou", "!"]
 
 
 # ------------------------------------------------------------------------------------------- the server
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    url: str
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def rss_mb(self) -> float:
-        """Resident memory of the server process (Linux ``/proc``; no psutil needed)."""
-        text = Path(f"/proc/{self.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
-
-    def stop(self) -> int:
-        self.process.terminate()  # SIGTERM: the server drains, then exits 0
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(family, *, threads: int, extra: list[str], log_dir: Path, name: str) -> ServerProcess:
     port = free_port()
-    log = log_dir / f"{name}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--base", str(family.base), "--expert", str(family.expert),
-             "--anti-expert", str(family.anti_expert), "--port", str(port), "--log-level", "warning", *extra],
-            stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-        )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.process.kill()
-    raise RuntimeError(f"the server did not become healthy:\n{log.read_text()[-2000:]}")
+    command = [sys.executable, "-m", "server", *proxy_serve_flags(family, port), *extra]
+    return ServerProcess(name=name, command=command, env=server_env(threads), port=port,
+                         log_path=log_dir / f"{name}.log").start(timeout_s=180)
 
 
 def engine_counts(url: str) -> dict[str, float]:
@@ -393,13 +342,6 @@ async def run_round(url: str, plans: list[Plan], concurrency: int, stop_texts: s
         start = time.perf_counter()
         outcomes = await asyncio.wait_for(asyncio.gather(*(one(p) for p in plans)), timeout=limit_s)
         return list(outcomes), time.perf_counter() - start
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def ms(value: float | None) -> float | None:

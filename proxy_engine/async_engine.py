@@ -39,13 +39,13 @@ class ModelInfo:
     tool_call_format: str = "hermes"  # how this family writes tool calls (proxy_engine/tool_calls.py)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineStats:
-    running: int  # sequences in the decode batch
-    waiting: int  # sequences queued, not yet prefilling
-    prefilling: int  # sequences whose prompts are being prefilled
-    prompt_tokens_total: int
-    generation_tokens_total: int
+    running: int = 0  # sequences in the decode batch
+    waiting: int = 0  # sequences queued, not yet prefilling
+    prefilling: int = 0  # sequences whose prompts are being prefilled
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
 
 
 class RequestStream:
@@ -214,7 +214,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         engine = self.engine
         if engine is None:
-            return EngineStats(0, 0, 0, 0, 0)
+            return EngineStats()
         return EngineStats(
             running=len(engine.running),
             waiting=engine.num_waiting,

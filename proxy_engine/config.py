@@ -6,10 +6,11 @@ through it, and an unknown key is an error (``extra="forbid"``) rather than a si
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 PromptFormat = Literal["plain", "chat"]
@@ -93,6 +94,36 @@ class LimitsConfig(_Strict):
     request_timeout_s: float | None = Field(default=None, gt=0, description="End a request after this long.")
 
 
+CPU_THREADS_ENV = "PROXY_SERVE_CPU_THREADS"
+FAST_DECODE_ENV = "PROXY_SERVE_FAST_DECODE"
+PACKED_WEIGHTS_ENV = "PROXY_SERVE_PACKED_WEIGHTS"
+
+
+class RuntimeConfig(_Strict):
+    """Process-level performance knobs. Each may also be set by its environment variable (named in its
+    description), which wins over the file, as every ``PROXY_SERVE_*`` variable does."""
+
+    cpu_threads: int | None = Field(
+        default=None, ge=1, description=f"Intra-op threads for models on the CPU ({CPU_THREADS_ENV}); default: "
+        "OMP_NUM_THREADS when the deployer set it, else one core fewer than this process may use.",
+    )
+    fast_decode: bool = Field(
+        default=True, description=f"Llama-family decode steps skip transformers' module stack ({FAST_DECODE_ENV}).",
+    )
+    packed_weights: bool | None = Field(
+        default=None, description=f"oneDNN-packed copies of the linear weights for CPU float32 decode "
+        f"({PACKED_WEIGHTS_ENV}); default: when the copies take at most a tenth of the memory.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _environment_wins(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        names = {"cpu_threads": CPU_THREADS_ENV, "fast_decode": FAST_DECODE_ENV, "packed_weights": PACKED_WEIGHTS_ENV}
+        return {**data, **{key: os.environ[var] for key, var in names.items() if os.environ.get(var)}}
+
+
 class EngineConfig(_Strict):
     base: ModelConfig
     experts: list[ExpertPairConfig] = Field(default_factory=list)
@@ -108,6 +139,7 @@ class EngineConfig(_Strict):
         "plain transcripts): 'auto' detects it from the chat template ([TOOL_CALLS]: mistral, <|python_tag|>: "
         "llama3_json, else hermes <tool_call>).",
     )
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @property
     def default_alphas(self) -> list[float]:

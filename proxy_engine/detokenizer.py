@@ -1,6 +1,6 @@
 """Incremental detokenization with stop strings: what each step may stream, and nothing it must not.
 
-Three rules (the bugs other servers shipped, see docs/openai-compat.md):
+Three rules, each a bug other OpenAI-compatible servers shipped (tests/engine/test_detokenizer.py pins them):
 - a text delta never ends in an incomplete UTF-8 character (the decoder's U+FFFD is held back until the
   next token completes it);
 - a stop string is never streamed in part: the longest tail of the text that could still begin a stop

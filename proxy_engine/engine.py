@@ -71,7 +71,7 @@ class ProxyEngine:
         self.tokenizer = models[0].tokenizer
         self.vocab_size = models[0].vocab_size or len(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.runners = [ModelRunner(m.model, self.vocab_size, pad_id, m.role) for m in models]
+        self.runners = [ModelRunner(m.model, self.vocab_size, pad_id, m.role, config.runtime) for m in models]
         cap = config.limits.max_model_len or 10**9
         self.max_lens = [min(m.max_len, cap) for m in models]
         self.eos_ids = frozenset(eos_token_ids(models))

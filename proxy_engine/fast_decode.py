@@ -18,9 +18,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from proxy_engine.config import PACKED_WEIGHTS_ENV
+
 log = logging.getLogger("proxy_engine.fast_decode")
 
-PACKED_ENV = "PROXY_SERVE_PACKED_WEIGHTS"  # "0": never, "1": always, unset: when the copies are small
 PACKED_MIN_ROWS = 4  # below this many rows the plain (row-major) GEMM is as fast or faster
 _PACKED_MEMORY_SHARE = 0.1  # unset: pack when the copies take at most this share of physical memory
 
@@ -67,15 +68,17 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def packing_allowed(model: torch.nn.Module, name: str) -> bool:
-    """Whether to keep oneDNN-packed copies of the linear weights (CPU, float32, and memory to spare)."""
-    setting = os.environ.get(PACKED_ENV)
+def packing_allowed(model: torch.nn.Module, name: str, setting: bool | None = None) -> bool:
+    """Whether to keep oneDNN-packed copies of the linear weights (CPU, float32, and memory to spare).
+
+    ``setting`` (``RuntimeConfig.packed_weights``): False never, True always, None when the copies are small.
+    """
     weight = model.lm_head.weight
-    if setting == "0" or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if setting is False or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return False
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False
-    if setting == "1":
+    if setting:
         return True
     size = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
     try:
@@ -84,7 +87,7 @@ def packing_allowed(model: torch.nn.Module, name: str) -> bool:
         return False
     if size > _PACKED_MEMORY_SHARE * memory:
         log.info("%s: no packed weight copies (%.1f GB would exceed %.0f%% of memory; %s=1 forces them)", name,
-                 size / 1e9, _PACKED_MEMORY_SHARE * 100, PACKED_ENV)
+                 size / 1e9, _PACKED_MEMORY_SHARE * 100, PACKED_WEIGHTS_ENV)
         return False
     return True
 
@@ -155,12 +158,16 @@ class FastDecoder:
         self.act = F.silu if getattr(config, "hidden_act", "silu") == "silu" else None
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, vocab_size: int, name: str) -> FastDecoder | None:
+    def for_model(
+        cls, model: torch.nn.Module, vocab_size: int, name: str, packed: bool | None = None
+    ) -> FastDecoder | None:
+        """The fast decoder of ``model``, or None when its architecture is not supported; ``packed`` as in
+        ``packing_allowed``."""
         reason = unsupported_reason(model)
         if reason is not None:
             log.info("%s decodes through transformers: %s", name, reason)
             return None
-        pack = packing_allowed(model, name)
+        pack = packing_allowed(model, name, packed)
         try:
             return cls(model, vocab_size, pack)
         except RuntimeError as error:  # a oneDNN build that cannot reorder: the plain GEMM everywhere

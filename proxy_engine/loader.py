@@ -4,6 +4,10 @@ Each model has its own dtype and placement. The three tokenizers must map the sa
 (regular and special tokens alike): proxy-tuning adds logits index by index, so a shifted id would steer
 toward the wrong token. Logit rows wider than the shared vocabulary (padded embeddings, common in real
 families) are cut to it; narrower rows are an error.
+
+``from_pretrained_kwargs(model_config)`` turns one ``ModelConfig`` into the keyword arguments of
+``AutoModelForCausalLM.from_pretrained`` (device map, memory caps, dtype, quantization), as the placement plan
+(placement.py) foresaw; ``input_device(model)`` says where a loaded (possibly sharded) model wants its input ids.
 """
 
 from __future__ import annotations
@@ -11,19 +15,23 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from proxy_engine.config import EngineConfig, ModelConfig
+from proxy_engine.memory import config_dtype, parse_size
+from proxy_engine.model_files import locate, read_config
+from proxy_engine.placement import accelerate_key, gpu_free_bytes, normalise_device
 from proxy_engine.prompts import PromptRenderer
 
 log = logging.getLogger("proxy_engine.loader")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FALLBACK_MAX_LEN = 2048
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class LoadedModel:
     role: str  # "base", "expert", "anti_expert" (with a pair index past the first: "expert_1")
     config: ModelConfig
@@ -101,10 +109,84 @@ def eos_token_ids(models: list[LoadedModel]) -> list[int]:
     return sorted(ids)
 
 
-def from_pretrained_kwargs(config: ModelConfig) -> dict:
-    from proxy_engine import placement
+# ------------------------------------------------------------------------------------------ from_pretrained
+def from_pretrained_kwargs(model_config: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for ``AutoModelForCausalLM.from_pretrained(model_config.path, **kwargs)``.
 
-    return placement.from_pretrained_kwargs(config)
+    - ``dtype``: a ``torch.dtype``, or "auto" (the checkpoint's dtype; float32 when it names none).
+    - ``device_map``: None for the CPU (a plain load), ``{"": device}`` for one device, "auto" for "auto" and
+      for a list of GPUs; a list also gets ``max_memory`` holding exactly those GPUs (the others absent, so
+      accelerate puts nothing on them), each capped by ``max_memory`` or else by its free memory now.
+    - ``quantization_config``: a ``BitsAndBytesConfig`` for 8bit / 4bit.
+    - ``local_files_only=True`` always (never download); ``revision`` and ``trust_remote_code`` as configured.
+    """
+    kwargs: dict[str, Any] = {
+        "dtype": "auto" if model_config.dtype == "auto" else TORCH_DTYPES[model_config.dtype],
+        "local_files_only": True,
+        "trust_remote_code": model_config.trust_remote_code,
+    }
+    if model_config.revision is not None:
+        kwargs["revision"] = model_config.revision
+    caps: dict[int | str, int] = {
+        accelerate_key(k): parse_size(v) for k, v in (model_config.max_memory or {}).items()
+    }
+    device = model_config.device
+    if isinstance(device, list):
+        gpus = [accelerate_key(d) for d in device]
+        max_memory: dict[int | str, int] = {}
+        for gpu in gpus:
+            cap = caps.get(gpu)
+            if cap is None:
+                cap = gpu_free_bytes(gpu) if isinstance(gpu, int) else None
+            if cap is None:
+                raise ValueError(
+                    f"{model_config.path}: cannot size cuda:{gpu} (no such GPU visible); give max_memory for it"
+                )
+            max_memory[gpu] = cap
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = max_memory
+    elif device == "auto":
+        kwargs["device_map"] = "auto"
+        if caps:
+            kwargs["max_memory"] = caps
+    elif device == "cpu":
+        kwargs["device_map"] = None
+    else:
+        kwargs["device_map"] = {"": normalise_device(device)}
+
+    if model_config.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        if model_config.quantization == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            compute = TORCH_DTYPES.get(model_config.dtype, torch.bfloat16)
+            if model_config.dtype == "auto":  # the checkpoint's 16-bit dtype when it names one
+                _, directory, _ = locate(model_config)
+                named = config_dtype(read_config(directory)) if directory is not None else None
+                compute = TORCH_DTYPES[named] if named and named != "float32" else torch.float16
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+            )
+    return kwargs
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where input ids must go: the embedding layer's device (the first shard when layers are spread)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict) and device_map:
+        first = next(iter(device_map.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        if first not in ("disk", "meta"):
+            return torch.device(first)
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
 
 
 def load_tokenizer(config: ModelConfig):
@@ -122,7 +204,8 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
     log.info("loading %s from %s (device %s, dtype %s)", role, config.path, config.device, config.dtype)
     renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template)
     model = AutoModelForCausalLM.from_pretrained(config.path, **from_pretrained_kwargs(config)).eval()
-    loaded = LoadedModel(role, config, model, tokenizer, renderer, max_positions(model, tokenizer), logits_width(model))
+    loaded = LoadedModel(role=role, config=config, model=model, tokenizer=tokenizer, renderer=renderer,
+                         max_len=max_positions(model, tokenizer), logits_width=logits_width(model))
     parameters = sum(p.numel() for p in model.parameters())
     devices = sorted({str(p.device) for p in model.parameters()})
     log.info(

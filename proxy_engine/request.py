@@ -15,7 +15,14 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 
 
-class FinishReason(str, Enum):
+class _Wire(str, Enum):
+    """An enum whose members are their wire strings: ``str()``, ``%s``, f-strings and JSON give the value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FinishReason(_Wire):
     """Why a sequence ended; the string value is the OpenAI ``finish_reason``."""
 
     STOP = "stop"
@@ -23,11 +30,8 @@ class FinishReason(str, Enum):
     ABORT = "abort"
     ERROR = "error"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ErrorCode(str, Enum):
+class ErrorCode(_Wire):
     """The ``code`` of every error a client can get, engine's and server's alike (OpenAI's error ``code``)."""
 
     # A request failed after it was accepted (RequestOutput.error_code, the stream's error event).
@@ -42,9 +46,8 @@ class ErrorCode(str, Enum):
     MODEL_NOT_FOUND = "model_not_found"
     INVALID_API_KEY = "invalid_api_key"
     REQUEST_TOO_LARGE = "request_too_large"
-
-    def __str__(self) -> str:
-        return self.value
+    NOT_FOUND = "not_found"  # no such endpoint
+    METHOD_NOT_ALLOWED = "method_not_allowed"
 
 
 class Target(str, Enum):

@@ -14,71 +14,14 @@ columns are copied into free slots.
 from __future__ import annotations
 
 import inspect
-import os
-import threading
 from dataclasses import dataclass, field
 
 import torch
 
+from proxy_engine.config import RuntimeConfig
+from proxy_engine.cpu_tuning import tame_malloc, use_cpu_threads
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
-
-THREADS_ENV = "PROXY_SERVE_CPU_THREADS"
-FAST_DECODE_ENV = "PROXY_SERVE_FAST_DECODE"  # "0": every decode through transformers' forward
-_thread_state = threading.local()
-
-
-def cpu_threads() -> int | None:
-    """Intra-op threads for models on the CPU, or None to leave torch's own setting alone.
-
-    ``PROXY_SERVE_CPU_THREADS`` decides when set; an ``OMP_NUM_THREADS`` set by the deployer is left alone;
-    otherwise one core is left free (as vLLM's CPU backend reserves one for its frontend): the step thread's
-    OpenMP team must not compete with the HTTP event loop, the detokenizer and the clients for the cores. On
-    a shared 2-core machine a team of 2 ran 2-10x slower than a team of 1 whenever another process was busy
-    (its threads spin at every barrier while the other is descheduled); see bench/NOTES.md.
-    """
-    explicit = os.environ.get(THREADS_ENV)
-    if explicit:
-        return max(1, int(explicit))
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(torch.get_num_threads(), cores - 1))
-
-
-def _use_cpu_threads() -> None:
-    """Apply ``cpu_threads()`` once in the calling thread (OpenMP's team size is a per-thread setting)."""
-    if getattr(_thread_state, "configured", False):
-        return
-    _thread_state.configured = True
-    threads = cpu_threads()
-    if threads is not None and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
-_MMAP_THRESHOLD = 4 << 20
-_malloc_tamed = False
-
-
-def _tame_malloc() -> None:
-    """Fix glibc's mmap threshold (once per process) so that freed tensor memory goes back to the system.
-
-    glibc raises its threshold each time a large mmapped block is freed (up to 32 MB), after which such
-    blocks come from the heap, which fragments and keeps them: at 64 streams the server's RSS, measured
-    after each round with every KV buffer freed, grew from 1.6 to 2.7 GB over 8 rounds, and was flat (1.4 GB)
-    with the threshold fixed at 4 MB. A ``MALLOC_MMAP_THRESHOLD_`` set by the deployer is left alone.
-    """
-    global _malloc_tamed
-    if _malloc_tamed or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return
-    _malloc_tamed = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; setting it also stops the dynamic adjustment
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,21 +64,27 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 
 class ModelRunner:
-    """A causal LM with its batch of rows. ``vocab_size`` cuts padded logit rows to the shared vocabulary."""
+    """A causal LM with its batch of rows. ``vocab_size`` cuts padded logit rows to the shared vocabulary;
+    ``runtime`` (default: from the environment) holds the CPU and decode-path knobs."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, pad_id: int, name: str) -> None:
+    def __init__(
+        self, model: torch.nn.Module, vocab_size: int, pad_id: int, name: str, runtime: RuntimeConfig | None = None
+    ) -> None:
         self.model = model
+        self.runtime = runtime or RuntimeConfig()
         self.name = name
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.num_layers = model.config.num_hidden_layers
         self.device = model.get_input_embeddings().weight.device
-        _tame_malloc()
+        tame_malloc()
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = cache_kwarg(model)
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in params else None
         # Decode steps of Llama-family models skip transformers' module stack (see fast_decode.py).
-        self._fast = None if os.environ.get(FAST_DECODE_ENV) == "0" else FastDecoder.for_model(model, vocab_size, name)
+        self._fast = None
+        if self.runtime.fast_decode:
+            self._fast = FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights)
         self._reset()
 
     def _reset(self) -> None:
@@ -154,7 +103,7 @@ class ModelRunner:
         """Logits (float32, cut to the vocabulary) for ``ids [B, q]``: ``[B, V]`` for the last position, or
         ``[B, q, V]`` for ``every_position`` (prompt logprobs)."""
         if self.device.type == "cpu":
-            _use_cpu_threads()
+            use_cpu_threads(self.runtime)
         kwargs = {self._cache_kwarg: cache, "use_cache": True}
         if self._keep_kwarg:
             kwargs[self._keep_kwarg] = 0 if every_position else 1  # 0: every position
@@ -175,7 +124,7 @@ class ModelRunner:
         positions, mask = self.cache.begin_decode(self.device)
         if self._fast is not None:
             if self.device.type == "cpu":
-                _use_cpu_threads()
+                use_cpu_threads(self.runtime)
             logits = self._fast.decode(ids.view(-1), positions, mask, self.cache)
         else:
             logits = self._forward(ids, mask, positions.view(-1, 1), self.cache)

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy_engine.async_engine import AsyncEngine
 from proxy_engine.config import ModelConfig
+from proxy_engine.request import ErrorCode
 from server.errors import APIError, UnexpectedErrors, install_error_handlers
 from server.routes import build_router, package_version
 from server.serving import ServerContext
@@ -71,7 +72,7 @@ class BodySizeLimit:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = APIError(413, f"request body is larger than the limit of {self.max_bytes} bytes",
-                         code="request_too_large")
+                         code=ErrorCode.REQUEST_TOO_LARGE)
         await error.response()(scope, receive, send)
 
 

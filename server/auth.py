@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
+from proxy_engine.request import ErrorCode
 from server.errors import APIError
 
 
@@ -38,4 +39,4 @@ def _digest(key: bytes) -> bytes:
 
 
 def _unauthorized(message: str) -> APIError:
-    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return APIError(401, message, code=ErrorCode.INVALID_API_KEY, headers={"WWW-Authenticate": "Bearer"})

@@ -146,26 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
     if args.check:
+        from server.check import check
+
         return check(settings)
     from server.process import serve
 
     return serve(settings)
-
-
-def check(settings: ServerSettings) -> int:
-    """``--check``: the settings and the placement plan (``proxy_engine.placement.check``), or one error line."""
-    import io
-
-    from proxy_engine import placement
-
-    report = io.StringIO()
-    status = placement.check(settings.engine, stream=report)
-    if status != 0:
-        print(report.getvalue().strip(), file=sys.stderr)  # "error: <the first error>"
-        return status
-    print(settings.model_dump_json(indent=2))
-    print(report.getvalue(), end="")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy_engine.request import ErrorCode
+
 logger = logging.getLogger("proxy_serve")
 
 _DEFAULT_TYPES = {
@@ -78,7 +80,7 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 def internal_error(request_id: str | None = None) -> APIError:
     request_id = request_id or f"req-{uuid.uuid4().hex}"
     return APIError(
-        500, f"internal server error (request id {request_id})", code="internal_error",
+        500, f"internal server error (request id {request_id})", code=ErrorCode.INTERNAL_ERROR,
         headers={"x-request-id": request_id},
     )
 
@@ -184,7 +186,7 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path}"
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code)
         return APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)  # the last resort, for an error outside ``UnexpectedErrors``

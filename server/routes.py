@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from proxy_engine.request import PromptInput, SamplingParams
+from proxy_engine.request import ErrorCode, PromptInput, SamplingParams
 from server.auth import api_key_dependency
 from server.errors import APIError, bad_request
 from server.metrics import RequestTimer
@@ -197,7 +197,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             if card["id"] == model_id:
                 return card
         ctx.resolve_model(model_id)  # raises the 404
-        raise APIError(404, f"model {model_id!r} does not exist", code="model_not_found")
+        raise APIError(404, f"model {model_id!r} does not exist", code=ErrorCode.MODEL_NOT_FOUND)
 
     @router.post("/tokenize", dependencies=keyed)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, Reque
 from proxy_engine.request import (
     MAX_N,
     EngineOverloadedError,
+    ErrorCode,
     FinishReason,
     PromptInput,
     RequestOutput,
@@ -43,17 +44,17 @@ class GenerationError(Exception):
     """A request ended in error after it was accepted: the engine failed it, timed it out, or the server shut
     down before it finished. ``code`` is one of ``ERRORS``."""
 
-    def __init__(self, message: str, code: str = "internal_error") -> None:
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INTERNAL_ERROR) -> None:
         super().__init__(message)
         self.code = code
 
 
 # How each way of failing after admission reaches the client: HTTP status (when nothing was sent yet), and
 # the error's OpenAI type and code (in the body, or in the stream's error event).
-ERRORS: dict[str, tuple[int, str]] = {
-    "internal_error": (500, "server_error"),  # a fault in the engine step (or a bug): the others keep going
-    "timeout": (504, "timeout"),  # limits.request_timeout_s ran out
-    "shutdown": (503, "service_unavailable"),  # SIGTERM's grace period ran out first: retry elsewhere
+ERRORS: dict[ErrorCode, tuple[int, str]] = {
+    ErrorCode.INTERNAL_ERROR: (500, "server_error"),  # a fault in the engine step (or a bug): the others keep going
+    ErrorCode.TIMEOUT: (504, "timeout"),  # limits.request_timeout_s ran out
+    ErrorCode.SHUTDOWN: (503, "service_unavailable"),  # SIGTERM's grace period ran out first: retry elsewhere
 }
 
 
@@ -116,7 +117,7 @@ class ServerContext:
             return model, Target.EXPERT
         known = ", ".join(self.settings.model_ids)
         raise APIError(404, f"model {model!r} does not exist; this server serves: {known}", param="model",
-                       code="model_not_found")
+                       code=ErrorCode.MODEL_NOT_FOUND)
 
     def queue_full(self, sequences: int) -> bool:
         """Whether the engine would refuse ``sequences`` more right now, by its own rule (free batch slots plus
@@ -131,17 +132,17 @@ class ServerContext:
     def overloaded(self, message: str, retry_after_s: int | None) -> APIError:
         retry = str(max(1, int(retry_after_s or 1)))
         if self.draining:
-            return APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": retry})
-        return APIError(429, f"the server is overloaded: {message}", code="server_overloaded",
+            return APIError(503, "the server is shutting down", code=ErrorCode.DRAINING, headers={"Retry-After": retry})
+        return APIError(429, f"the server is overloaded: {message}", code=ErrorCode.SERVER_OVERLOADED,
                         headers={"Retry-After": retry})
 
     def check_available(self) -> None:
         if self.draining:
-            raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": "5"})
+            raise APIError(503, "the server is shutting down", code=ErrorCode.DRAINING, headers={"Retry-After": "5"})
         if self.load_error is not None:
-            raise APIError(503, "the models failed to load", code="load_failed")
+            raise APIError(503, "the models failed to load", code=ErrorCode.LOAD_FAILED)
         if not self.engine.ready:
-            raise APIError(503, "the models are still loading", code="loading", headers={"Retry-After": "5"})
+            raise APIError(503, "the models are still loading", code=ErrorCode.LOADING, headers={"Retry-After": "5"})
 
     async def submit(
         self, request_id: str, prompt: PromptInput | list[PromptInput], params: SamplingParams, target: Target
@@ -202,7 +203,7 @@ class Generation:
         self.choices = [Choice(i) for i in range(n)]
         self.finished = False
         self.error: str | None = None
-        self.error_code: str | None = None  # a key of ERRORS, once self.error is set
+        self.error_code: ErrorCode | None = None  # a key of ERRORS, once self.error is set
         self._closed = False
         ctx.in_flight += 1
 
@@ -227,9 +228,9 @@ class Generation:
             if output.prompt_logprobs is not None:
                 choice.prompt_logprobs = output.prompt_logprobs
             if output.finish_reason is FinishReason.ERROR:
-                code = output.error_code if output.error_code in ERRORS else "internal_error"
+                code = output.error_code if output.error_code in ERRORS else ErrorCode.INTERNAL_ERROR
                 # The engine logged a fault's traceback once; this is the request's own line.
-                log = logger.warning if code == "timeout" else logger.error
+                log = logger.warning if code == ErrorCode.TIMEOUT else logger.error
                 log("request %s failed (%s): %s", self.request_id, code, output.error or "unknown engine error")
                 self._fail(output.error or "unknown engine error", code)
             if output.finish_reason is not None:
@@ -237,16 +238,16 @@ class Generation:
             yield output
         self.finished = True
 
-    def _fail(self, message: str, code: str) -> None:
+    def _fail(self, message: str, code: ErrorCode) -> None:
         self.error, self.error_code = message, code
         raise GenerationError(message, code)
 
     def _check_alive(self) -> None:
         if self.ctx.expired:
-            self._fail("the server shut down before the request finished; retry it", "shutdown")
+            self._fail("the server shut down before the request finished; retry it", ErrorCode.SHUTDOWN)
         if not self.ctx.engine.ready:
             logger.error("request %s: the engine stopped unexpectedly", self.request_id)
-            self._fail("the engine stopped unexpectedly", "internal_error")
+            self._fail("the engine stopped unexpectedly", ErrorCode.INTERNAL_ERROR)
 
     async def _engine_outputs(self) -> AsyncIterator[RequestOutput]:
         """The stream's outputs, but never a silent stall: if the engine's step loop dies (``ready`` turns
@@ -271,17 +272,17 @@ class Generation:
 
     def error_body(self) -> dict[str, Any]:
         """The OpenAI error for this failed request, naming its id (sent as a stream's error event)."""
-        code = self.error_code or "internal_error"
+        code = self.error_code or ErrorCode.INTERNAL_ERROR
         _, kind = ERRORS[code]
         message = f"{self.error or 'internal error'} (request id {self.request_id})"
         return error_body(message, type=kind, code=code)
 
     def api_error(self) -> APIError:
         """The same error as an HTTP response, for a request that had sent nothing yet."""
-        code = self.error_code or "internal_error"
+        code = self.error_code or ErrorCode.INTERNAL_ERROR
         status, kind = ERRORS[code]
         headers = {"x-request-id": self.request_id}
-        if code == "shutdown":
+        if code == ErrorCode.SHUTDOWN:
             headers["Retry-After"] = "5"
         message = f"{self.error or 'internal error'} (request id {self.request_id})"
         return APIError(status, message, type=kind, code=code, headers=headers)
@@ -299,7 +300,7 @@ class Generation:
         if not self.finished:
             self.ctx.engine.abort(self.request_id)
         if status is None:
-            failed = "error" if self.error_code in (None, "internal_error") else self.error_code
+            failed = "error" if self.error_code in (None, ErrorCode.INTERNAL_ERROR) else self.error_code
             status = 200 if self.finished else (failed if self.error else "disconnected")
         elapsed = self.timer.finish(observe=self.finished)
         self.ctx.metrics.requests.labels(self.endpoint, self.model, str(status)).inc()

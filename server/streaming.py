@@ -17,6 +17,7 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from proxy_engine.request import ErrorCode
 from server.protocol import chat_logprobs, completion_logprobs, usage
 from server.serving import Generation, GenerationError
 from server.tools import ChoiceStream, ToolPlan, finish_reason
@@ -33,7 +34,7 @@ def sse(data: dict[str, Any]) -> str:
 def _error_event(generation: Generation, error: BaseException) -> str:
     if not isinstance(error, GenerationError):
         logger.error("request %s failed while streaming", generation.request_id, exc_info=error)
-        generation.error, generation.error_code = "internal error", "internal_error"
+        generation.error, generation.error_code = "internal error", ErrorCode.INTERNAL_ERROR
     return sse(generation.error_body())  # its type and code say which: internal_error, timeout, shutdown
 
 

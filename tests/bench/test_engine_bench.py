@@ -7,11 +7,11 @@ import json
 import torch
 
 from bench import engine_bench
-from proxy_engine.runner import THREADS_ENV
+from proxy_engine.config import CPU_THREADS_ENV
 
 
 def test_engine_bench_runs_on_a_tiny_family(tmp_path, monkeypatch):
-    monkeypatch.delenv(THREADS_ENV, raising=False)  # the bench sets it; monkeypatch puts it back
+    monkeypatch.delenv(CPU_THREADS_ENV, raising=False)  # the bench sets it; monkeypatch puts it back
     threads = torch.get_num_threads()
     try:
         engine_bench.main(["--family", "tiny", "--family-dir", str(tmp_path / "family"), "--tokens", "4",

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from proxy_engine.config import EngineConfig
-from proxy_engine.placement import GiB, plan_placement
+from proxy_engine.memory import GiB
+from proxy_engine.placement import plan_placement
 
 from .conftest import REPO
 from .known_models import KNOWN_MODELS

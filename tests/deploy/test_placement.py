@@ -9,18 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from proxy_engine import placement
+from proxy_engine import loader, placement
 from proxy_engine.config import EngineConfig, ModelConfig
-from proxy_engine.placement import (
-    GiB,
-    count_parameters,
-    estimate_memory,
-    format_plan,
-    from_pretrained_kwargs,
-    input_device,
-    parse_size,
-    plan_placement,
-)
+from proxy_engine.loader import from_pretrained_kwargs, input_device
+from proxy_engine.memory import GiB, count_parameters, estimate_memory, parse_size
+from proxy_engine.placement import plan_placement
+from server.check import check, format_plan
+from server.settings import ServerSettings
 
 from .known_models import KNOWN_MODELS
 
@@ -61,13 +56,13 @@ def test_kwargs_gpu_list_restricts_max_memory_to_those_gpus():
 
 
 def test_kwargs_gpu_list_uncapped_uses_free_memory(monkeypatch):
-    monkeypatch.setattr(placement, "_gpu_free_bytes", lambda index: (10 + index) * GiB)
+    monkeypatch.setattr(loader, "gpu_free_bytes", lambda index: (10 + index) * GiB)
     kwargs = from_pretrained_kwargs(ModelConfig(path="m", device=["cuda:0", "cuda:3"], max_memory={"cuda:3": "5GiB"}))
     assert kwargs["max_memory"] == {0: 10 * GiB, 3: 5 * GiB}
 
 
 def test_kwargs_gpu_list_without_gpus_says_so(monkeypatch):
-    monkeypatch.setattr(placement, "_gpu_free_bytes", lambda index: None)
+    monkeypatch.setattr(loader, "gpu_free_bytes", lambda index: None)
     with pytest.raises(ValueError, match="cuda:1"):
         from_pretrained_kwargs(ModelConfig(path="m", device=["cuda:0", "cuda:1"], max_memory={"cuda:0": "1GiB"}))
 
@@ -322,12 +317,13 @@ def test_format_plan_table(tiny_family, tmp_path):
 
 
 def test_check_exit_codes(tiny_family, tmp_path):
-    out = io.StringIO()
-    assert placement.check(engine({"path": str(tiny_family.base)}), stream=out) == 0
-    assert out.getvalue().rstrip().endswith("placement OK")
-    out = io.StringIO()
-    assert placement.check(engine({"path": str(tmp_path / "missing")}), stream=out) == 1
-    assert len(out.getvalue().strip().splitlines()) == 1 and out.getvalue().startswith("error: base:")
+    out, err = io.StringIO(), io.StringIO()
+    assert check(ServerSettings(engine=engine({"path": str(tiny_family.base)})), out=out, err=err) == 0
+    assert out.getvalue().rstrip().endswith("placement OK") and not err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert check(ServerSettings(engine=engine({"path": str(tmp_path / "missing")})), out=out, err=err) == 1
+    assert not out.getvalue()
+    assert len(err.getvalue().strip().splitlines()) == 1 and err.getvalue().startswith("error: base:")
 
 
 def test_parse_size():

@@ -116,13 +116,12 @@ def test_unsupported_models_fall_back_to_transformers():
 
 def test_packed_weights_give_the_plain_gemm_logits(monkeypatch):
     """From PACKED_MIN_ROWS rows on, decode runs on oneDNN-packed weight copies: same logits (float32 rounding)."""
-    from proxy_engine import fast_decode
+    from proxy_engine.config import PACKED_WEIGHTS_ENV, RuntimeConfig
 
     model = _random_model("llama")
-    monkeypatch.setenv(fast_decode.PACKED_ENV, "1")
-    packed = ModelRunner(model, 80, 0, "llama")
-    monkeypatch.setenv(fast_decode.PACKED_ENV, "0")
-    plain = ModelRunner(model, 80, 0, "llama")
+    packed = ModelRunner(model, 80, 0, "llama", RuntimeConfig(packed_weights=True))
+    monkeypatch.setenv(PACKED_WEIGHTS_ENV, "0")  # the variable works as well, and wins over the config
+    plain = ModelRunner(model, 80, 0, "llama", RuntimeConfig(packed_weights=True))
     assert packed._fast.packed is not None and plain._fast.packed is None
     rows = list(range(6))
     for runner in (packed, plain):

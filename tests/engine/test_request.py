@@ -33,3 +33,16 @@ from proxy_engine.request import SamplingParams
 def test_invalid_sampling_values_are_clear_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs).validate(vocab_size=100, num_pairs=1)
+
+
+def test_wire_enums_read_as_their_values():
+    """Finish reasons and error codes go into JSON bodies, SSE events, log lines and metric labels as is."""
+    import json
+
+    from proxy_engine.request import ErrorCode, FinishReason
+
+    body = json.dumps({"code": ErrorCode.TIMEOUT, "finish": FinishReason.STOP})
+    assert body == '{"code": "timeout", "finish": "stop"}'
+    code = ErrorCode.INTERNAL_ERROR
+    assert f"{code}" == format(code) == str(code) == "internal_error"
+    assert ErrorCode("shutdown") is ErrorCode.SHUTDOWN and FinishReason.LENGTH == "length"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.harness import free_port
 from tests.reliability.support import (
     SUBPROCESS_ENV,
     choice_tokens,
@@ -29,12 +29,6 @@ from tests.reliability.support import (
 from tests.server.live import MODEL, wait_until
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Subprocess:

@@ -84,7 +84,7 @@ class FakeEngine:
 
     def stats(self) -> EngineStats:
         running = sum(1 for t in self._tasks.values() if not t.done())
-        return EngineStats(running, 0, 0, 0, 0)
+        return EngineStats(running=running)
 
     def stop_admitting(self) -> None:
         self._admitting = False
