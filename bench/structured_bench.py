@@ -25,12 +25,12 @@ import torch
 
 from bench.engine_bench import Clock, prompts
 from bench.family import family_paths
-from proxy_engine.config import EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
+from proxy_engine.config import CPU_THREADS_ENV, EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
+from proxy_engine.cpu_tuning import cpu_threads
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.grammar import StructuredOutput, apply_grammar_masks
 from proxy_engine.loader import load_models
 from proxy_engine.request import PromptInput, SamplingParams
-from proxy_engine.runner import THREADS_ENV, cpu_threads
 
 # Unbounded in practice: at least 64 items of ~15 tokens each, so a run of a few hundred steps never completes it.
 SCHEMA = {
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     threads = cpu_threads() or torch.get_num_threads()
-    os.environ[THREADS_ENV] = str(threads)
+    os.environ[CPU_THREADS_ENV] = str(threads)
     family = family_paths(args.family, args.family_dir)
     config = EngineConfig(
         base=ModelConfig(path=str(family.base)),

@@ -419,14 +419,14 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, keyed: list, sta
         snapshot, _ = finished(items)
         return JSONResponse(snapshot, headers=headers)
 
-    @router.get("/v1/responses/{response_id}", dependencies=keyed)
+    @router.get("/v1/responses/{response_id:path}", dependencies=keyed)
     async def get_response(response_id: str) -> JSONResponse:
         entry = store.get(response_id)
         if entry is None:
             raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
         return JSONResponse(entry.response)
 
-    @router.delete("/v1/responses/{response_id}", dependencies=keyed)
+    @router.delete("/v1/responses/{response_id:path}", dependencies=keyed)
     async def delete_response(response_id: str) -> JSONResponse:
         if not store.delete(response_id):
             raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")

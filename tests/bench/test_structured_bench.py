@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from bench import structured_bench
-from proxy_engine.runner import THREADS_ENV
+from proxy_engine.config import CPU_THREADS_ENV
 
 
 def test_structured_bench_runs_on_a_tiny_family(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(THREADS_ENV, raising=False)  # the bench sets it; monkeypatch puts it back
+    monkeypatch.delenv(CPU_THREADS_ENV, raising=False)  # the bench sets it; monkeypatch puts it back
     structured_bench.main(["--family", "tiny", "--family-dir", str(tmp_path / "family"), "--tokens", "4",
                            "--repeats", "1", "--batch", "1", "2", "--out", str(tmp_path / "out")])
     payload = json.loads((tmp_path / "out" / "structured.json").read_text())
