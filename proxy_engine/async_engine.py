@@ -13,15 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from proxy_engine.config import EngineConfig
-from proxy_engine.request import (
-    EngineOverloadedError,
-    ErrorCode,
-    FinishReason,
-    PromptInput,
-    RequestOutput,
-    SamplingParams,
-    Target,
-)
+from proxy_engine.request import EngineOverloadedError, PromptInput, RequestOutput, SamplingParams, Target
 
 log = logging.getLogger("proxy_engine")
 
@@ -40,12 +32,24 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrefixCacheStats:
+    """One model's prefix cache, in prompt tokens (as vLLM's ``prefix_cache_queries`` / ``prefix_cache_hits``)."""
+
+    model: str  # the model's role: base, expert, anti_expert (expert_1, ... for further pairs)
+    queries_total: int = 0  # prompt tokens looked up
+    hits_total: int = 0  # of those, tokens taken from the cache (not computed)
+    usage: float = 0.0  # bytes held over the cache's budget, 0-1
+
+
+@dataclass(frozen=True, kw_only=True)
 class EngineStats:
     running: int = 0  # sequences in the decode batch
     waiting: int = 0  # sequences queued, not yet prefilling
     prefilling: int = 0  # sequences whose prompts are being prefilled
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    kv_cache_usage: float = 0.0  # KV memory of the running and prefilling rows over the budget at the limits, 0-1
+    prefix_caches: tuple[PrefixCacheStats, ...] = ()  # the models with a prefix cache
 
 
 class RequestStream:
@@ -221,6 +225,15 @@ class AsyncEngine:
             prefilling=engine.num_prefilling,
             prompt_tokens_total=engine.prompt_tokens_total,
             generation_tokens_total=engine.generation_tokens_total,
+            kv_cache_usage=engine.kv_cache_usage(),
+            prefix_caches=tuple(
+                PrefixCacheStats(
+                    model=runner.name, queries_total=cache.queries_total, hits_total=cache.hits_total,
+                    usage=cache.usage,
+                )
+                for runner in engine.runners
+                if (cache := runner.prefix_cache) is not None
+            ),
         )
 
     def tokenize(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
@@ -274,9 +287,7 @@ class AsyncEngine:
         for request_id, stream in list(self._streams.items()):
             for index in sorted(stream.open_choices):
                 stream.queue.put_nowait(
-                    RequestOutput(request_id=request_id, index=index, new_token_ids=[], text_delta="",
-                                  finish_reason=FinishReason.ERROR, prompt_tokens=stream.prompt_tokens,
-                                  error=message, error_code=ErrorCode.INTERNAL_ERROR)
+                    RequestOutput.failure(request_id, index, message, prompt_tokens=stream.prompt_tokens)
                 )
             stream.open_choices.clear()
         self._streams.clear()

@@ -29,6 +29,18 @@ class Contribution:
         return cls(torch.tensor(rows, dtype=torch.long), torch.tensor(weights, dtype=torch.float32), logits)
 
 
+def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` as float32 on ``device``. A copy to an accelerator is asynchronous (its stream orders the use
+    after the copy); a copy to the host is synchronous, since the CPU would read the tensor at once, possibly
+    before a non-blocking device-to-host copy had landed (base on the CPU, expert on a GPU)."""
+    return tensor.to(device=device, dtype=torch.float32, non_blocking=non_blocking_to(device))
+
+
+def non_blocking_to(device: torch.device | str) -> bool:
+    """Whether a copy *to* ``device`` may be asynchronous: only when the host does not read the result."""
+    return torch.device(device).type != "cpu"
+
+
 def combine(batch_size: int, vocab_size: int, parts: list[Contribution], device: torch.device) -> torch.Tensor:
     """``[batch_size, V]`` float32: the weighted sum of every contribution, row by row.
 
@@ -40,8 +52,8 @@ def combine(batch_size: int, vocab_size: int, parts: list[Contribution], device:
         count = part.rows.numel()
         if count == 0:
             continue
-        logits = part.logits.to(device=device, dtype=torch.float32, non_blocking=True)
-        weights = part.weights.to(device=device, dtype=torch.float32, non_blocking=True)
+        logits = moved(part.logits, device)
+        weights = moved(part.weights, device)
         weighted = logits * weights[:, None]
         if count == batch_size and bool((part.rows == torch.arange(count)).all()):
             out += weighted  # the common case: the model computed every row, in order

@@ -124,10 +124,25 @@ class RuntimeConfig(_Strict):
         return {**data, **{key: os.environ[var] for key, var in names.items() if os.environ.get(var)}}
 
 
+class PrefixCacheConfig(_Strict):
+    """Reuse of prompt prefixes across requests (each model caches its own rendering of the prompt)."""
+
+    enabled: bool = Field(default=True, description="Reuse cached K/V of prompt prefixes seen before.")
+    block_size: int = Field(
+        default=16, ge=1, le=4096, description="Tokens per cached block: prefixes are reused in whole blocks."
+    )
+    memory_fraction: float = Field(
+        default=0.25, gt=0, le=4,
+        description="Each model's cache budget, as a share of its KV cache at the limits (max_num_seqs x "
+                    "max_model_len tokens); least recently used blocks are evicted past it.",
+    )
+
+
 class EngineConfig(_Strict):
     base: ModelConfig
     experts: list[ExpertPairConfig] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    prefix_cache: PrefixCacheConfig = Field(default_factory=PrefixCacheConfig)
     transcript_template: str = Field(
         default=DEFAULT_TRANSCRIPT_TEMPLATE,
         description="Jinja template that renders chat messages as plain text for 'plain' models.",

@@ -6,6 +6,13 @@ Three rules, each a bug other OpenAI-compatible servers shipped (tests/engine/te
 - a stop string is never streamed in part: the longest tail of the text that could still begin a stop
   string is held back until it is ruled in or out;
 - the concatenated deltas equal the decoding of all generated tokens, cut before the stop string.
+
+The text rule (docs/text.md): a completion's text is ``decode(prompt + output) - decode(prompt)``, never
+``decode(output)``. Each step decodes a short window that reaches back into the prompt, so a SentencePiece
+tokenizer (whose decoder strips one leading space from whatever it decodes alone) keeps the space before the
+first generated word. A SentencePiece byte-fallback token (``<0xE6>``) commits no text until a token that is not
+a byte follows it: the decoder turns a whole run of bytes into U+FFFD as soon as one of them is invalid, so a
+character that decoded fine could still become U+FFFD (the full decode must win).
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from functools import lru_cache
 
 REPLACEMENT = "\ufffd"
 # Tokens decoded together with the new ones, so that tokenizers that drop a leading space on the first
-# token of a decode (SentencePiece) see enough context.
+# token of a decode (SentencePiece) see enough context; the window reaches further back while it decodes to
+# nothing (special tokens), up to _MAX_CONTEXT_TOKENS.
 _CONTEXT_TOKENS = 5
+_MAX_CONTEXT_TOKENS = 64
 
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -77,51 +86,121 @@ def held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
+def byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """Ids of SentencePiece byte-fallback tokens (``<0x00>`` .. ``<0xFF>``), cached on the tokenizer."""
+    cached = getattr(tokenizer, "_proxy_serve_byte_ids", None)
+    if cached is None:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        cached = frozenset(i for piece, i in vocab.items() if _BYTE_FALLBACK.match(piece))
+        try:
+            tokenizer._proxy_serve_byte_ids = cached
+        except AttributeError:  # a tokenizer that refuses attributes: recomputed each time (tests' fakes)
+            pass
+    return cached
+
+
+def partial_bytes_key(raw: bytes) -> str:
+    """OpenAI's spelling of a token that is part of a UTF-8 character: ``bytes:\\xe6\\x9d``."""
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 @dataclass
 class StepText:
     delta: str
     stopped: bool  # a stop string matched: the sequence is finished
+    token_text: str = ""  # the text this token added (logprobs' ``token``; the tokens' texts join to the text)
 
 
 class IncrementalDetokenizer:
-    """Turns one sequence's generated token ids into safe-to-stream text deltas."""
+    """Turns one sequence's generated token ids into safe-to-stream text deltas.
+
+    ``prompt_ids`` (the primary model's prompt) is the context of the first tokens: only its tail is kept.
+    """
 
     def __init__(
-        self, tokenizer, stops: list[str], include_stop: bool = False, skip_special_tokens: bool = True
+        self, tokenizer, stops: list[str], include_stop: bool = False, skip_special_tokens: bool = True,
+        prompt_ids: list[int] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.stops = stops
         self.include_stop = include_stop
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
+        context = list(prompt_ids or [])[-_MAX_CONTEXT_TOKENS:]
+        self.ids: list[int] = context  # the prompt's tail, then every generated token
         self.text = ""  # all decoded text so far (complete characters only)
         self.sent = 0  # characters of ``text`` already streamed
-        self._prefix = 0  # ids[_prefix:_read] were decoded as context for the next delta
-        self._read = 0
+        # ids[_prefix:_read] were decoded as context for the next delta
+        self._prefix = max(0, len(context) - _CONTEXT_TOKENS)
+        self._read = len(context)
+        self._bytes = byte_fallback_ids(tokenizer)
+        self.flushed = ""  # text that only ``finish`` committed
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def _context(self) -> str:
+        """The decoded window before the pending tokens, widened while it decodes to nothing (only special
+        tokens, say) so that a SentencePiece decoder does not take the next token's space for a leading one."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        while not before and self._prefix > 0 and self._read - self._prefix < _MAX_CONTEXT_TOKENS:
+            self._prefix = max(0, self._prefix - _CONTEXT_TOKENS)
+            before = self._decode(self.ids[self._prefix : self._read])
+        return before
+
     def add(self, token_id: int, check_stops: bool = True) -> StepText:
         """Take one generated token; return what may be streamed now (stop strings matched if ``check_stops``)."""
         self.ids.append(token_id)
-        before = self._decode(self.ids[self._prefix : self._read])
-        after = self._decode(self.ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
-            self.text += after[len(before) :]
-            self._prefix = max(self._prefix, len(self.ids) - _CONTEXT_TOKENS)
-            self._read = len(self.ids)
-        return self._release(final=False, check_stops=check_stops)
+        added = ""
+        if token_id not in self._bytes:  # a byte run commits when a token that is not a byte ends it
+            before = self._context()
+            after = self._decode(self.ids[self._prefix :])
+            if len(after) > len(before) and not after.endswith(REPLACEMENT):
+                added = after[len(before) :]
+                self.text += added
+                self._prefix = max(self._prefix, len(self.ids) - _CONTEXT_TOKENS)
+                self._read = len(self.ids)
+        step = self._release(final=False, check_stops=check_stops)
+        step.token_text = added
+        return step
+
+    def render(self, token_ids: list[int]) -> list[str]:
+        """Each candidate's text if it came next (before ``add``): the top-logprobs keys, distinct.
+
+        A candidate is rendered in context (decode(context + candidate) - decode(context)), so SentencePiece's
+        ``▁P`` is `` P`` and ``P`` is ``P``. A candidate that makes no complete character (part of a UTF-8
+        character, a skipped special token) is spelled as OpenAI spells partial bytes (``bytes:\\xe6``) or by
+        its vocabulary piece; any remaining clash gets the id appended, so no entry is lost.
+        """
+        before = self._context()
+        window = self.ids[self._prefix :]
+        keys: list[str] = []
+        seen: set[str] = set()
+        for token_id in token_ids:
+            after = self._decode([*window, token_id])
+            text = after[len(before) :] if after.startswith(before) else ""
+            if token_id in self._bytes or not text or text.endswith(REPLACEMENT) or text in seen:
+                raw = token_bytes(self.tokenizer, token_id)
+                try:
+                    complete = raw.decode("utf-8") if raw else ""
+                except UnicodeDecodeError:
+                    complete = None
+                text = partial_bytes_key(raw) if complete is None else self.tokenizer.convert_ids_to_tokens(token_id)
+                if not isinstance(text, str) or not text or text in seen:
+                    text = f"{text}#{token_id}"
+            seen.add(text)
+            keys.append(text)
+        return keys
 
     def finish(self) -> str:
         """The sequence ended for another reason (length, EOS, abort): flush what was held back."""
         if self.stopped:
             return ""
+        before = self._context()
         tail = self._decode(self.ids[self._prefix :])
-        before = self._decode(self.ids[self._prefix : self._read])
-        if len(tail) > len(before):  # an incomplete character at the very end: emit it as decoded
-            self.text += tail[len(before) :]
+        if len(tail) > len(before):  # an incomplete character (or byte run) at the very end: as decoded
+            self.flushed = tail[len(before) :]  # the last token's text grows by this (logprobs)
+            self.text += self.flushed
             self._read = len(self.ids)
         return self._release(final=True).delta
 

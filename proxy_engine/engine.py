@@ -28,7 +28,11 @@ from proxy_engine.grammar import GrammarCompiler
 from proxy_engine.loader import LoadedModel, eos_token_ids
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
+from proxy_engine.prefix_cache import PrefixCache, kv_bytes_per_token
+from proxy_engine.prefix_cache import budget_bytes as prefix_cache_budget
+from proxy_engine.prefix_cache import unsupported_reason as prefix_cache_unsupported
 from proxy_engine.request import (
+    ContextLengthError,
     EngineOverloadedError,
     ErrorCode,
     FinishReason,
@@ -71,9 +75,21 @@ class ProxyEngine:
         self.tokenizer = models[0].tokenizer
         self.vocab_size = models[0].vocab_size or len(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.runners = [ModelRunner(m.model, self.vocab_size, pad_id, m.role, config.runtime) for m in models]
         cap = config.limits.max_model_len or 10**9
         self.max_lens = [min(m.max_len, cap) for m in models]
+        # Each model's KV bytes when every sequence is at the length cap: the KV cache's budget at the limits.
+        self.kv_bytes_per_token = [kv_bytes_per_token(m.model) for m in models]
+        self.kv_budgets = [
+            per_token * config.limits.max_num_seqs * max_len
+            for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
+        ]
+        self.runners = [
+            ModelRunner(
+                m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
+                prefix_cache=self._prefix_cache(m, budget),
+            )
+            for m, budget in zip(models, self.kv_budgets)
+        ]
         self.eos_ids = frozenset(eos_token_ids(models))
         # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
@@ -84,6 +100,7 @@ class ProxyEngine:
         self.scheduler = Scheduler(config.limits)
         self.outputs = OutputBuilder(self.tokenizer)
         self.prefill: PrefillGroup | None = None
+        self._synced_version = 0
         self.prompt_tokens_total = 0
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
@@ -92,6 +109,32 @@ class ProxyEngine:
         self._seed_rng = random.Random(config.seed)
         self.fault_hook: FaultHook | None = None
         self.logits_hook: LogitsHook | None = None
+
+    def _prefix_cache(self, model: LoadedModel, kv_budget: int) -> PrefixCache | None:
+        settings = self.config.prefix_cache
+        if not settings.enabled:
+            return None
+        reason = prefix_cache_unsupported(model.model)
+        if reason is not None:
+            log.info("%s: prefix caching off (%s)", model.role, reason)
+            return None
+        device = model.model.get_input_embeddings().weight.device
+        budget = prefix_cache_budget(kv_budget, settings.memory_fraction, device)
+        log.info("%s: prefix cache of up to %.0f MB", model.role, budget / 2**20)
+        return PrefixCache(settings.block_size, budget, model.role)
+
+    def kv_cache_usage(self) -> float:
+        """KV memory in use (running rows and the prompts being prefilled) over the budget at the limits, 0-1."""
+        used = 0
+        jobs = self.prefill.jobs if self.prefill is not None else {}
+        for index, runner in enumerate(self.runners):
+            tokens = runner.kv_tokens()
+            job = jobs.get(index)
+            if job is not None and not job.complete:  # a complete job's rows are the runner's now
+                tokens += job.cache.length * job.ids.shape[0]
+            used += tokens * self.kv_bytes_per_token[index]
+        total = sum(self.kv_budgets)
+        return min(1.0, used / total) if total else 0.0
 
     # --- requests in ---------------------------------------------------------------------------------------
     @property
@@ -139,20 +182,10 @@ class ProxyEngine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         weights = self.weights_for(params, target)
         prompts: dict[int, list[int]] = {}
-        context_left = params.max_tokens if params.max_tokens is not None else 10**9
         for index, weight in enumerate(weights):
-            if weight == 0.0:
-                continue
-            ids = self.models[index].renderer.render(prompt)
-            limit = self.max_lens[index]
-            # A prompt may fill the whole context only when nothing is to follow it (max_tokens 0: scoring).
-            if len(ids) > limit or (len(ids) == limit and params.max_tokens != 0):
-                raise ValueError(
-                    f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens "
-                    f"as the {self.models[index].role} model sees it; shorten the prompt"
-                )
-            prompts[index] = ids
-            context_left = min(context_left, limit - len(ids))
+            if weight != 0.0:
+                prompts[index] = self.models[index].renderer.render(prompt)
+        context_left = self._context_left(prompts, params.max_tokens)
         if params.prompt_logprobs is not None:
             self._check_scorable(prompts)
         if params.min_tokens > context_left:
@@ -169,11 +202,42 @@ class ProxyEngine:
                 self._next_seq_id += 1
             sequences.append(Sequence(
                 seq_id=seq_id, request_id=request_id, index=choice, params=params, weights=weights,
-                prompts=prompts, max_tokens=context_left, detokenizer=self.outputs.detokenizer(params),
-                generator=torch.Generator(device="cpu").manual_seed(seed), eos_ids=self.eos_ids, deadline=deadline,
-                grammar=self.grammars.matcher(structured) if structured is not None else None,
+                prompts=prompts, max_tokens=context_left,
+                detokenizer=self.outputs.detokenizer(params, prompts[min(prompts)]),
+                # On the logits' device: torch.multinomial draws with a generator of the probabilities' device.
+                generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
+                deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
             ))
         return sequences
+
+    def _context_left(self, prompts: dict[int, list[int]], max_tokens: int | None) -> int:
+        """The completion tokens allowed: ``max_tokens``, or (when it is None) the context every model has left.
+
+        ``ValueError`` (a 400, as OpenAI and vLLM answer) when a prompt plus ``max_tokens`` does not fit a
+        model's context; a missing ``max_tokens`` needs room for one token. A prompt may fill the whole context
+        only when nothing is to follow it (``max_tokens`` 0: scoring).
+        """
+        left = 10**18
+        for index, ids in prompts.items():
+            limit, role = self.max_lens[index], self.models[index].role
+            if max_tokens is None and len(ids) >= limit:
+                raise ContextLengthError(
+                    f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens as "
+                    f"the {role} model sees it, which leaves no room for a completion; shorten the prompt", "prompt"
+                )
+            if max_tokens is not None and len(ids) + max_tokens > limit:
+                if max_tokens == 0:
+                    raise ContextLengthError(
+                        f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens "
+                        f"as the {role} model sees it; shorten the prompt", "prompt"
+                    )
+                raise ContextLengthError(
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt as the {role} model sees it, "
+                    f"{max_tokens} in max_tokens). Please reduce the length of the prompt or max_tokens", "max_tokens"
+                )
+            left = min(left, limit - len(ids))
+        return max_tokens if max_tokens is not None else left
 
     def _check_scorable(self, prompts: dict[int, list[int]]) -> None:
         """Prompt logprobs need every model of the request to read the same tokens (a chat-format model reads
@@ -254,7 +318,7 @@ class ProxyEngine:
             failed = [self.outputs.fail(s, phase, error) for s in sequences if not s.finished]
             # The batch may have failed for lack of memory: give its rows back now, not at the next step.
             self.scheduler.retire()
-            self._sync_rows()
+            self._sync_rows(force=True)  # a prefill may have failed half-way through handing its rows over
             return failed
 
     def _intake(self) -> list[RequestOutput]:
@@ -276,8 +340,11 @@ class ProxyEngine:
         message = f"the request timed out after {self.config.limits.request_timeout_s:g}s"
         return self.outputs.finish(sequence, FinishReason.ERROR, error=message, error_code=ErrorCode.TIMEOUT)
 
-    def _sync_rows(self) -> None:
+    def _sync_rows(self, force: bool = False) -> None:
         """Make every runner hold exactly the running sequences that use it (once a step, before decode)."""
+        if self._synced_version == self.scheduler.running_version and not force:
+            return  # nobody joined or left since the last sync
+        self._synced_version = self.scheduler.running_version
         for index, runner in enumerate(self.runners):
             runner.keep_rows([s.seq_id for s in self.scheduler.running if index in s.prompts])
 
@@ -306,6 +373,7 @@ class ProxyEngine:
         group.advance(max(16, self.config.limits.max_num_batched_tokens - running))
         if not group.complete:
             return []
+        group.cache_prompts()  # complete: its prompts' full blocks go to each model's prefix cache
         alive = [s for s in group.sequences if not s.finished]
         self.prompt_tokens_total += sum(s.primary_prompt_len for s in alive)
         # max_tokens 0 (echo, scoring a prompt): the prompt is all there is.
@@ -363,6 +431,6 @@ class ProxyEngine:
         batch = SamplingBatch.build(sequences, combined.device)
         tokens = batch.sample(batch.process(combined))
         return [
-            (token, None if lp is None else [self.outputs.token_logprob(token, *lp)])
-            for token, lp in zip(tokens, batch.top_logprobs(combined, tokens))
+            (token, None if lp is None else [self.outputs.token_logprob(sequence, token, *lp)])
+            for sequence, token, lp in zip(sequences, tokens, batch.top_logprobs(combined, tokens))
         ]

@@ -99,6 +99,25 @@ class PaddedKVCache(Cache):
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
 
+    def preload(self, rows: int, capacity: int, length: int, pieces: list[tuple[int, int, list]]) -> None:
+        """Start with columns ``[0, length)`` already filled (a cached prefix), before any forward.
+
+        Each piece ``(row, column, kv)`` writes ``kv[layer] = (k, v)`` (``[kv_heads, n, head_dim]`` each) into
+        that row from that column on; the other columns of ``[0, length)`` stay zero (left padding, masked).
+        ``capacity`` is the job's full width, so the chunks that follow never regrow the buffers.
+        """
+        assert pieces and all(layer.k_buf is None for layer in self.layers)
+        for index, layer in enumerate(self.layers):
+            k0, v0 = pieces[0][2][index]
+            layer.k_buf = k0.new_zeros((rows, k0.shape[0], capacity, k0.shape[-1]))
+            layer.v_buf = v0.new_zeros((rows, v0.shape[0], capacity, v0.shape[-1]))
+            for row, column, kv in pieces:
+                k, v = kv[index]
+                layer.k_buf[row, :, column : column + k.shape[1]] = k
+                layer.v_buf[row, :, column : column + v.shape[1]] = v
+            layer.length = length
+            layer.is_initialized, layer.device = True, k0.device
+
     def nbytes(self) -> int:
         return sum(
             layer.k_buf.numel() * layer.k_buf.element_size() * 2 for layer in self.layers if layer.k_buf is not None

@@ -98,14 +98,31 @@ def logits_width(model: torch.nn.Module) -> int:
 
 
 def eos_token_ids(models: list[LoadedModel]) -> list[int]:
-    """Every id any model treats as end of sequence (a chat expert's end-of-turn included)."""
-    ids: set[int] = set()
+    """Every id any model treats as end of sequence (a chat expert's end-of-turn included), within the shared
+    vocabulary.
+
+    An end id past the shared vocabulary (a Mistral base with an OpenHermes expert: ``<|im_end|>`` is 32000, the
+    shared vocabulary 32000 tokens) can never be sampled, since the combined logits stop at the shared
+    vocabulary: it is dropped with a warning (banning it for ``min_tokens`` indexed past the logits).
+    """
+    ids: dict[int, str] = {}
     for loaded in models:
         for source in (loaded.tokenizer.eos_token_id, getattr(loaded.model.generation_config, "eos_token_id", None)):
             if isinstance(source, int):
-                ids.add(source)
+                ids.setdefault(source, loaded.role)
             elif isinstance(source, (list, tuple)):
-                ids.update(int(i) for i in source)
+                for i in source:
+                    ids.setdefault(int(i), loaded.role)
+    shared = min((m.vocab_size for m in models if m.vocab_size), default=0)
+    if shared:
+        for token_id, role in sorted(ids.items()):
+            if token_id >= shared:
+                log.warning(
+                    "the %s model's end id %d lies past the shared vocabulary of %d tokens: it can never be sampled "
+                    "and is ignored (that model's turns end only on the shared end ids, stop strings or max_tokens)",
+                    role, token_id, shared,
+                )
+                del ids[token_id]
     return sorted(ids)
 
 

@@ -1,8 +1,12 @@
 """From chosen tokens to ``RequestOutput`` deltas: detokenizing, stop checks, finishing, logprob entries.
 
 The builder owns everything text-side of a sequence's life: it makes each sequence's incremental detokenizer,
-caches every token's text and raw bytes (the same few thousand ids recur in every logprobs answer), and
-turns a token into the step's output (``advance``) or a sequence's last one (``finish``).
+caches every token's raw bytes (the same few thousand ids recur in every logprobs answer), and turns a token
+into the step's output (``advance``) or a sequence's last one (``finish``).
+
+Token texts follow the text rule (docs/text.md): a logprobs entry's ``token`` is the text that token added to
+the completion (so the entries join to the text and ``text_offset`` stays true), and its alternatives are
+rendered in the same context, each key distinct (``IncrementalDetokenizer.render``).
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ class OutputBuilder:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.generation_tokens_total = 0
-        self._token_text: dict[int, str] = {}
         self._token_bytes: dict[int, list[int]] = {}
 
-    def detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
+    def detokenizer(self, params: SamplingParams, prompt_ids: list[int] | None = None) -> IncrementalDetokenizer:
+        """``prompt_ids``: the primary model's prompt, the context of the first generated tokens."""
         return IncrementalDetokenizer(
-            self.tokenizer, list(params.stop), params.include_stop_str_in_output, params.skip_special_tokens
+            self.tokenizer, list(params.stop), params.include_stop_str_in_output, params.skip_special_tokens,
+            prompt_ids=prompt_ids,
         )
 
     # --- a sequence's outputs --------------------------------------------------------------------------------
@@ -31,6 +36,8 @@ class OutputBuilder:
         sequence.output_ids.append(token)
         self.generation_tokens_total += 1
         if token in sequence.stop_ids():
+            if logprobs:
+                logprobs[0].token = ""  # a stop id adds nothing to the text
             return self.finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs)
         complete = False
         if sequence.grammar is not None:
@@ -42,6 +49,8 @@ class OutputBuilder:
             complete = sequence.grammar.finished
         # Like vLLM, stop strings only count once min_tokens are out (EOS and stop ids are banned until then).
         step = sequence.detokenizer.add(token, check_stops=len(sequence.output_ids) >= sequence.params.min_tokens)
+        if logprobs:
+            logprobs[0].token = step.token_text
         if step.stopped or complete:
             return self.finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs, text=step.delta)
         if len(sequence.output_ids) >= sequence.max_tokens:
@@ -63,6 +72,8 @@ class OutputBuilder:
         sequence.finish(reason, error)
         if reason is not FinishReason.ERROR:
             text += sequence.detokenizer.finish()
+            if logprobs and new_token is not None:
+                logprobs[-1].token += sequence.detokenizer.flushed
         new_tokens = [new_token] if new_token is not None else []
         return self._output(sequence, new_tokens, text, reason, logprobs, error, error_code)
 
@@ -87,24 +98,29 @@ class OutputBuilder:
         )
 
     # --- logprob entries -------------------------------------------------------------------------------------
-    def token_logprob(self, token: int, logprob: float, top_ids: list[int], top_values: list[float]) -> TokenLogprob:
-        top = [TopLogprob(i, self.token_text(i), v, self.token_bytes(i)) for i, v in zip(top_ids, top_values)]
-        return TokenLogprob(token, self.token_text(token), logprob, top, self.token_bytes(token))
+    def token_logprob(
+        self, sequence: Sequence, token: int, logprob: float, top_ids: list[int], top_values: list[float]
+    ) -> TokenLogprob:
+        """The entry of ``token`` about to be added to ``sequence`` (before ``advance``): its alternatives
+        rendered in the sequence's context; its own text is set by ``advance`` (what it added to the text)."""
+        keys = sequence.detokenizer.render([*top_ids, token])
+        top = [TopLogprob(i, key, v, self.token_bytes(i)) for i, key, v in zip(top_ids, keys, top_values)]
+        return TokenLogprob(token, keys[-1], logprob, top, self.token_bytes(token))
 
     def prompt_logprobs(self, scores: PromptScores) -> list[TokenLogprob]:
-        """One entry per prompt token; the first has no logprob (nothing predicts it)."""
+        """One entry per prompt token; the first has no logprob (nothing predicts it). Texts join to the
+        prompt's decoding, in context like the completion's."""
+        detokenizer = IncrementalDetokenizer(self.tokenizer, [])
         first = scores.prompt[0]
-        entries = [TokenLogprob(first, self.token_text(first), None, [], self.token_bytes(first))]
+        entries = [TokenLogprob(first, detokenizer.add(first).token_text, None, [], self.token_bytes(first))]
         for token, logprob, values, ids in zip(scores.targets, scores.chosen, scores.top_values, scores.top_ids):
-            entries.append(self.token_logprob(token, logprob, ids, values))
+            keys = detokenizer.render(ids)
+            top = [TopLogprob(i, key, v, self.token_bytes(i)) for i, key, v in zip(ids, keys, values)]
+            entries.append(TokenLogprob(token, detokenizer.add(token).token_text, logprob, top,
+                                        self.token_bytes(token)))
+        detokenizer.finish()
+        entries[-1].token += detokenizer.flushed
         return entries
-
-    def token_text(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id])
-            self._token_text[token_id] = text
-        return text
 
     def token_bytes(self, token_id: int) -> list[int]:
         raw = self._token_bytes.get(token_id)

@@ -239,6 +239,8 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
             if total_cap:
                 shares = [c / total_cap for c in known]
         kv = mp.memory.kv_bytes_per_token * limits.max_num_seqs * (plan.max_model_len or 0)
+        if config.prefix_cache.enabled:  # the prefix cache's budget is a share of that, on top of it
+            kv = int(kv * (1 + config.prefix_cache.memory_fraction))
         for device, share in zip(mp.devices, shares):
             plan.device_weight_bytes[device] = plan.device_weight_bytes.get(device, 0) + int(
                 mp.memory.weight_bytes * share

@@ -3,6 +3,7 @@
     group = PrefillGroup(sequences, runners, vocab_size, device)   # one PrefillJob per model in use
     group.advance(budget)            # a chunk of every job; chunk logits feed the prompt scores
     group.complete -> group.first_logits(sequences)  # combined logits after each prompt's last token
+    group.cache_prompts()            # their prompts' full blocks into each model's prefix cache
     group.hand_over(survivors)       # their prompts' KV into the runners' slots
 
 Jobs of a group with prompt scores are kept column-aligned (``_aligned_columns``), so a scored position is
@@ -34,7 +35,9 @@ class PrefillGroup:
             members = [s for s in sequences if index in s.prompts]
             if members:
                 prompts = [s.prompts[index] for s in members]
-                self.jobs[index] = runner.start_prefill([s.seq_id for s in members], prompts)
+                # Prompt logprobs need every position's logits: a scored prompt starts on no cached columns.
+                reuse = [s.params.prompt_logprobs is None for s in members]
+                self.jobs[index] = runner.start_prefill([s.seq_id for s in members], prompts, reuse)
         self.scores: dict[int, PromptScores] = {}  # seq_id -> its prompt logprobs, for the sequences that asked
         shared: dict[tuple, PromptScores] = {}  # a request's n choices score their one prompt once
         for sequence in sequences:
@@ -104,6 +107,12 @@ class PrefillGroup:
             rows, weights = [position[s.seq_id] for s in members], [s.weights[index] for s in members]
             parts.append(Contribution.of(job.last_logits[picked], rows, weights))
         return combine(len(sequences), self.vocab_size, parts, self.device)
+
+    def cache_prompts(self) -> None:
+        """Add the complete jobs' prompts to their models' prefix caches (a group dropped mid-prefill adds
+        nothing: its jobs never complete)."""
+        for index, job in self.jobs.items():
+            self.runners[index].cache_prompts(job)
 
     def hand_over(self, survivors: list[Sequence]) -> None:
         """Give each survivor a slot, with a copy of its prompt's cache, in every runner it uses."""

@@ -35,12 +35,21 @@ class PromptRenderer:
                 "template: configure chat_template for this model"
             )
 
+    def ids_to_text(self, token_ids: list[int]) -> str:
+        """A token-id prompt as text for a chat template, without the BOS the tokenizer put first: the template
+        writes its own, and a second one would be a different prompt than the model was tuned on."""
+        ids = list(token_ids)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and ids and ids[0] == bos:
+            ids = ids[1:]
+        return self.tokenizer.decode(ids)
+
     def render_text(self, prompt: PromptInput) -> str | None:
         """The text this model sees (None for token ids given to a plain model, which pass through as they are)."""
         if self.prompt_format == "chat":
             messages = prompt.messages
             if messages is None:
-                text = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+                text = prompt.text if prompt.text is not None else self.ids_to_text(prompt.token_ids)
                 messages = [{"role": "user", "content": text}]
             extra = {"tools": prompt.tools} if prompt.tools else {}  # the template writes them its own way
             try:

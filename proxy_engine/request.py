@@ -58,6 +58,17 @@ class Target(str, Enum):
     EXPERT = "expert"  # the first pair's expert alone
 
 
+class ContextLengthError(ValueError):
+    """A prompt (plus ``max_tokens``) that does not fit the context: a 400 naming the field, as OpenAI's
+    ``context_length_exceeded``."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full or the engine is draining: the caller should retry later."""
 
@@ -247,3 +258,14 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def failure(
+        cls, request_id: str, index: int, error: str, code: ErrorCode = ErrorCode.INTERNAL_ERROR, *,
+        prompt_tokens: int = 0, completion_tokens: int = 0,
+    ) -> RequestOutput:
+        """Choice ``index``'s last output when it ends in error (no token, no text)."""
+        return cls(
+            request_id=request_id, index=index, new_token_ids=[], text_delta="", finish_reason=FinishReason.ERROR,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error, error_code=code,
+        )

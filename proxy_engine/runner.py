@@ -9,6 +9,12 @@ moves). A runner may hold only a subset of the running sequences (the small mode
 Prefill runs in a ``PrefillJob`` of its own (a left-padded ``PaddedKVCache``), a chunk of columns at a time, so
 a long prompt never stalls the running streams for more than one chunk; when it completes, its rows' real
 columns are copied into free slots.
+
+With a ``PrefixCache`` (prefix_cache.py), a job starts from the cached K/V of its rows' prompt prefixes: each
+row's cached columns are copied into the job's cache at that row's own offset (after its left padding), and
+the job starts at the first column that some row lacks. Every row has at least its last prompt token computed
+(its logits give the first output token). A row may decline reuse (prompt logprobs need every position's
+logits). When a job completes, ``cache_prompts`` adds its prompts' full blocks to the cache.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from proxy_engine.attention_masks import DecodeMasks
 from proxy_engine.config import RuntimeConfig
 from proxy_engine.cpu_tuning import tame_malloc, use_cpu_threads
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
+from proxy_engine.prefix_cache import PrefixCache
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +60,16 @@ class PrefillJob:
     last_logits: torch.Tensor | None = None  # [b, V] float32, once complete
     chunk_logits: torch.Tensor | None = None  # the last chunk's every-position logits of the scored rows
     positions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    prompts: list[tuple[int, ...]] = field(default_factory=list)  # row r's prompt (distinct, in row order)
+    reused: int = 0  # prompt tokens taken from the prefix cache, over the rows
 
     @property
     def complete(self) -> bool:
         return self.done >= self.ids.shape[1]
+
+    def pad(self, row: int) -> int:
+        """Leading pad columns of row ``row``."""
+        return self.ids.shape[1] - len(self.prompts[row])
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -68,10 +82,18 @@ class ModelRunner:
     ``runtime`` (default: from the environment) holds the CPU and decode-path knobs."""
 
     def __init__(
-        self, model: torch.nn.Module, vocab_size: int, pad_id: int, name: str, runtime: RuntimeConfig | None = None
+        self,
+        model: torch.nn.Module,
+        vocab_size: int,
+        pad_id: int,
+        name: str,
+        *,
+        runtime: RuntimeConfig | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.runtime = runtime or RuntimeConfig()
+        self.prefix_cache = prefix_cache
         self.name = name
         self.vocab_size = vocab_size
         self.pad_id = pad_id
@@ -85,6 +107,8 @@ class ModelRunner:
         self._fast = None
         if self.runtime.fast_decode:
             self._fast = FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights)
+        # Decode through transformers: additive masks with the model's sliding window (see attention_masks.py).
+        self._masks = DecodeMasks(model.config, model.get_input_embeddings().weight.dtype)
         self._reset()
 
     def _reset(self) -> None:
@@ -127,18 +151,72 @@ class ModelRunner:
                 use_cpu_threads(self.runtime)
             logits = self._fast.decode(ids.view(-1), positions, mask, self.cache)
         else:
+            mask = self._masks.build(positions, self.cache.state.span, uniform=mask is None)
             logits = self._forward(ids, mask, positions.view(-1, 1), self.cache)
         self.cache.end_decode()
         return logits
 
     # --- rows in and out ---------------------------------------------------------------------------------
-    def start_prefill(self, seq_ids: list[int], prompts: list[list[int]]) -> PrefillJob:
+    def start_prefill(
+        self, seq_ids: list[int], prompts: list[list[int]], reuse: list[bool] | None = None
+    ) -> PrefillJob:
+        """A job for these sequences' prompts; ``reuse[i]`` False keeps sequence i's prompt from starting on
+        cached columns (its row then computes every position)."""
         distinct: dict[tuple[int, ...], int] = {}
         row_of = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
         ids, mask = _left_pad([list(prompt) for prompt in distinct], self.pad_id)
         job = PrefillJob(seq_ids, row_of, ids.to(self.device), mask.to(self.device), PaddedKVCache(self.num_layers))
         job.positions = (job.mask.cumsum(dim=1) - 1).clamp(min=0)
+        job.prompts = list(distinct)
+        if self.prefix_cache is not None:
+            row_reuse = [True] * len(distinct)
+            for i, row in enumerate(row_of):  # a row shared with a scoring sequence is scored, so computed
+                row_reuse[row] = row_reuse[row] and (reuse is None or reuse[i])
+            self._start_from_cache(job, row_reuse)
         return job
+
+    def _start_from_cache(self, job: PrefillJob, row_reuse: list[bool]) -> None:
+        """Fill the job's first columns from the prefix cache and start it after them.
+
+        The job starts at ``min(pad + hit)`` over its rows, so a row with a longer hit recomputes the columns
+        between that start and the end of its hit (the same values): one forward per chunk for every row.
+        """
+        cache = self.prefix_cache
+        assert cache is not None
+        chains = []
+        for row, prompt in enumerate(job.prompts):
+            # Never the whole prompt: the last token must run through the model for its logits.
+            chains.append(cache.match(prompt, len(prompt) - 1) if row_reuse[row] else [])
+        start = min(job.pad(row) + len(chain) * cache.block_size for row, chain in enumerate(chains))
+        pieces = []
+        for row, chain in enumerate(chains):
+            if not row_reuse[row]:
+                continue
+            used = max(0, start - job.pad(row))
+            cache.record_query(len(job.prompts[row]), used)
+            if used:
+                cache.touch(chain[: -(-used // cache.block_size)])
+                pieces.append((row, job.pad(row), [cache.read(chain, layer, used) for layer in range(self.num_layers)]))
+                job.reused += used
+        if start > 0:
+            job.cache.preload(job.ids.shape[0], job.ids.shape[1], start, pieces)
+            job.done = start
+
+    def cache_prompts(self, job: PrefillJob) -> int:
+        """Add a complete job's prompts' full blocks to the prefix cache; returns the blocks added."""
+        if self.prefix_cache is None or not job.complete:
+            return 0
+        added = 0
+        layers = job.cache.layers
+        for row, prompt in enumerate(job.prompts):
+            pad = job.pad(row)
+
+            def span(start: int, end: int, row: int = row, pad: int = pad) -> list:
+                return [(lay.k_buf[row, :, pad + start : pad + end], lay.v_buf[row, :, pad + start : pad + end])
+                        for lay in layers]
+
+            added += self.prefix_cache.insert(prompt, span)
+        return added
 
     def prefill_step(
         self, job: PrefillJob, max_tokens: int, scored_rows: list[int] | None = None, columns: int | None = None
@@ -197,3 +275,7 @@ class ModelRunner:
 
     def kv_bytes(self) -> int:
         return self.cache.nbytes()
+
+    def kv_tokens(self) -> int:
+        """Tokens held for the running rows (their live columns)."""
+        return sum(self.cache.lengths)

@@ -1,8 +1,10 @@
 """From combined logits to tokens: logit processors, then greedy or seeded sampling. Pure functions.
 
-Order (as vLLM and transformers do it): logit_bias -> min_tokens ban -> repetition / frequency / presence
-penalties -> temperature -> top-k -> top-p -> min-p -> sample. Every row has its own ``torch.Generator`` so a
-seeded request draws the same numbers whatever else is in the batch.
+Order (transformers' warpers; docs/sampling.md): logit_bias -> min_tokens ban -> repetition / frequency /
+presence penalties -> temperature -> top-k -> top-p over what top-k kept (renormalised) -> min-p -> sample.
+Temperature comes before every filter, so top-p measures the nucleus of the distribution that is sampled.
+Every row has its own ``torch.Generator`` so a seeded request draws the same numbers whatever else is in the
+batch; a generator is used on its own device (the logits' device, where the engine creates it).
 """
 
 from __future__ import annotations
@@ -52,44 +54,60 @@ def apply_penalties(
     return logits
 
 
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``logits / T`` row by row; rows with ``T == 0`` (greedy) are left as they are (argmax is unchanged)."""
+    scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(logits.dtype)
+    return logits / scale[:, None]
+
+
 def filter_top_k_top_p_min_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
-    """Mask (``-inf``) tokens outside each row's top-k, nucleus top-p and min-p sets.
+    """Mask (``-inf``) tokens outside each row's top-k, then its top-p nucleus, then its min-p set.
 
-    ``top_k [B]`` (0 = off), ``top_p [B]`` (1 = off), ``min_p [B]`` (0 = off). The most likely token always stays.
+    Applied to temperature-scaled logits. ``top_k [B]`` (0 = off), ``top_p [B]`` (1 = off), ``min_p [B]``
+    (0 = off). Top-p is measured on the distribution renormalised over what top-k kept, and min-p on the one
+    renormalised over what top-p kept (as transformers' warpers chain); the most likely token always stays.
     """
     vocab = logits.shape[-1]
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
     remove = ranks >= k[:, None]
-    probs = torch.softmax(sorted_logits, dim=-1)
-    # Drop a token once the mass before it already reaches top_p.
+    remove[:, 0] = False
+    probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+    # Drop a token once the mass before it already reaches top_p (the smallest set holding top_p).
     mass_before = probs.cumsum(dim=-1) - probs
     remove |= mass_before >= top_p[:, None]
+    remove[:, 0] = False
+    probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
     remove |= probs < (min_p[:, None] * probs[:, :1])
     remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(
-    logits: torch.Tensor, temperature: torch.Tensor, generators: Sequence[torch.Generator | None]
-) -> torch.Tensor:
-    """``[B]`` token ids: argmax where temperature is 0, else a draw from ``softmax(logits / T)``.
-
-    Each sampled row draws from its own generator (batch-invariant seeds).
-    """
-    greedy = temperature == 0
+def draw(logits: torch.Tensor, greedy: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """``[B]`` token ids: argmax for greedy rows, else a draw from ``softmax(logits)`` (already scaled and
+    filtered) with the row's own generator, on the generator's device."""
     tokens = logits.argmax(dim=-1)
     if bool(greedy.all()):
         return tokens
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    probs = torch.softmax(scaled, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
     for row in torch.nonzero(~greedy).flatten().tolist():
-        tokens[row] = torch.multinomial(probs[row], 1, generator=generators[row]).squeeze()
+        generator = generators[row]
+        row_probs = probs[row]
+        if generator is not None and generator.device != row_probs.device:
+            row_probs = row_probs.to(generator.device)  # never reached when the engine places generators
+        tokens[row] = torch.multinomial(row_probs, 1, generator=generator).squeeze().to(tokens.device)
     return tokens
+
+
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor, generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """``[B]`` token ids: argmax where temperature is 0, else a draw from ``softmax(logits / T)``."""
+    return draw(apply_temperature(logits, temperature), temperature == 0, generators)
 
 
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

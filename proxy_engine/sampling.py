@@ -16,15 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from proxy_engine import sampler
 from proxy_engine.grammar import apply_grammar_masks
-from proxy_engine.sampler import (
-    apply_logit_bias,
-    apply_penalties,
-    ban_tokens,
-    filter_top_k_top_p_min_p,
-    sample,
-    top_logprobs,
-)
 from proxy_engine.sequence import Sequence
 
 # ``[B, V] -> [B, V]`` for the batch's rows; it may change its argument in place (``process`` hands it a copy).
@@ -54,7 +47,7 @@ def logit_bias(sequences: list[Sequence], device: torch.device) -> LogitsProcess
     if not any(biases):
         return None
     rows = [{int(k): float(v) for k, v in (bias or {}).items()} for bias in biases]
-    return lambda logits: apply_logit_bias(logits, rows)
+    return lambda logits: sampler.apply_logit_bias(logits, rows)
 
 
 def min_tokens_ban(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
@@ -62,7 +55,7 @@ def min_tokens_ban(sequences: list[Sequence], device: torch.device) -> LogitsPro
     banned = [s.banned_ids() for s in sequences]
     if not any(banned):
         return None
-    return lambda logits: ban_tokens(logits, banned)
+    return lambda logits: sampler.ban_tokens(logits, banned)
 
 
 def penalties(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
@@ -82,9 +75,18 @@ def penalties(sequences: list[Sequence], device: torch.device) -> LogitsProcesso
                 counts[row].index_add_(0, ids, torch.ones(len(ids), device=logits.device))
             if sequence.params.repetition_penalty != 1.0:
                 prompt_mask[row, sequence.prompts[sequence.runners[0]]] = True
-        return apply_penalties(logits, counts, prompt_mask, presence, frequency, repetition)
+        return sampler.apply_penalties(logits, counts, prompt_mask, presence, frequency, repetition)
 
     return penalise
+
+
+def temperature_scaling(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
+    """``logits / T`` for sampled rows, before any filter: top-p then measures the nucleus that is sampled."""
+    values = [s.params.temperature for s in sequences]
+    if all(t in (0.0, 1.0) for t in values):
+        return None
+    column = _float_column(values, device)
+    return lambda logits: sampler.apply_temperature(logits, column.to(logits.device))
 
 
 def top_k_top_p_min_p(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
@@ -94,13 +96,15 @@ def top_k_top_p_min_p(sequences: list[Sequence], device: torch.device) -> Logits
     top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params], dtype=torch.long, device=device)
     top_p = _float_column([p.top_p for p in params], device)
     min_p = _float_column([p.min_p for p in params], device)
-    return lambda logits: filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+    return lambda logits: sampler.filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)
 
 
-# The one place that orders the processors (temperature is applied by ``sample``, between the penalties and
-# the filters, as vLLM and transformers do).
-# The grammar mask comes first, as vLLM applies its bitmask: what the grammar forbids is out before the others.
-PROCESSORS: tuple[ProcessorFactory, ...] = (grammar_mask, logit_bias, min_tokens_ban, penalties, top_k_top_p_min_p)
+# The one place that orders the processors (docs/sampling.md): the grammar mask first (as vLLM applies its
+# bitmask: what the grammar forbids is out before the others), bias and bans, penalties, then transformers'
+# warpers in their order: temperature, top-k, top-p over what top-k kept, min-p.
+PROCESSORS: tuple[ProcessorFactory, ...] = (
+    grammar_mask, logit_bias, min_tokens_ban, penalties, temperature_scaling, top_k_top_p_min_p,
+)
 
 
 @dataclass(kw_only=True)
@@ -134,7 +138,8 @@ class SamplingBatch:
         return logits
 
     def sample(self, logits: torch.Tensor) -> list[int]:
-        return sample(logits, self.temperature.to(logits.device), self.generators).tolist()
+        """Draw from the processed logits (temperature already applied); greedy rows take the argmax."""
+        return sampler.draw(logits, self.temperature.to(logits.device) == 0, self.generators).tolist()
 
     def top_logprobs(
         self, combined: torch.Tensor, tokens: list[int]
@@ -143,7 +148,7 @@ class SamplingBatch:
         want = [k for k in self.logprobs if k is not None]
         if not want:
             return [None] * len(tokens)
-        chosen, values, ids = top_logprobs(combined, torch.tensor(tokens, device=combined.device), max(want))
+        chosen, values, ids = sampler.top_logprobs(combined, torch.tensor(tokens, device=combined.device), max(want))
         chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
         return [
             None if k is None else (chosen[row], ids[row][:k], values[row][:k]) for row, k in enumerate(self.logprobs)

@@ -26,7 +26,7 @@ class Flag:
     key: tuple[str | int, ...]  # where the value goes in the settings
     help: str
     metavar: str = "VALUE"
-    action: str = "store"  # "store", "append" (repeatable) or "store_true"
+    action: str = "store"  # "store", "append" (repeatable), "store_true" or "store_false"
     split_commas: bool = False
 
 
@@ -61,6 +61,10 @@ FLAGS = [
     Flag("--max-waiting", ("engine", "limits", "max_waiting"),
          "Requests that may wait for a slot; past it new ones get 429.", "N"),
     Flag("--max-model-len", ("engine", "limits", "max_model_len"), "Cap on prompt + completion tokens.", "N"),
+    Flag("--no-prefix-caching", ("engine", "prefix_cache", "enabled"),
+         "Compute every prompt in full (by default, prompt prefixes seen before are reused).", action="store_false"),
+    Flag("--prefix-cache-fraction", ("engine", "prefix_cache", "memory_fraction"),
+         "Each model's prefix-cache budget, as a share of its KV cache at the limits (default 0.25).", "FRACTION"),
     Flag("--request-timeout", ("engine", "limits", "request_timeout_s"),
          "End a request after this many seconds (504, or an error event with code timeout).", "SECONDS"),
     Flag("--shutdown-grace", ("shutdown_grace_s",),
@@ -97,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "error in one line and exit 1.")
     for flag in FLAGS:
         dest = flag.option[2:].replace("-", "_")
-        if flag.action == "store_true":
-            parser.add_argument(flag.option, dest=dest, action="store_true", default=None, help=flag.help)
+        if flag.action in ("store_true", "store_false"):
+            parser.add_argument(flag.option, dest=dest, action=flag.action, default=None, help=flag.help)
         else:
             parser.add_argument(flag.option, dest=dest, action=flag.action, metavar=flag.metavar, help=flag.help)
     return parser
@@ -149,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         from server.check import check
 
         return check(settings)
-    from server.process import serve
+    from server.process import exit_now, serve
 
-    return serve(settings)
+    exit_now(serve(settings))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,31 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_generation_tokens", "Tokens generated.", value=stats.generation_tokens_total
         )
+        yield from _cache_metrics(stats)
+
+
+def _cache_metrics(stats: EngineStats) -> Iterable[Metric]:
+    """KV-cache usage and each model's prefix-cache counters (the vLLM equivalents are in docs/server.md)."""
+    yield GaugeMetricFamily(
+        f"{PREFIX}_kv_cache_usage_perc",
+        "KV cache of the running and prefilling sequences over its size at the limits (max_num_seqs x "
+        "max_model_len), all models, 0-1.",
+        value=stats.kv_cache_usage,
+    )
+    queries = CounterMetricFamily(
+        f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the model's prefix cache.", labels=["model"]
+    )
+    hits = CounterMetricFamily(
+        f"{PREFIX}_prefix_cache_hits", "Prompt tokens taken from the model's prefix cache.", labels=["model"]
+    )
+    usage = GaugeMetricFamily(
+        f"{PREFIX}_prefix_cache_usage_perc", "The model's prefix cache over its budget, 0-1.", labels=["model"]
+    )
+    for cache in stats.prefix_caches:
+        queries.add_metric([cache.model], cache.queries_total)
+        hits.add_metric([cache.model], cache.hits_total)
+        usage.add_metric([cache.model], cache.usage)
+    yield from (queries, hits, usage)
 
 
 class ServerMetrics:

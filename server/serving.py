@@ -16,15 +16,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy_engine import PromptInput, SamplingParams  # the package's public request types
 from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, RequestStream
 from proxy_engine.request import (
     MAX_N,
     EngineOverloadedError,
     ErrorCode,
     FinishReason,
-    PromptInput,
     RequestOutput,
-    SamplingParams,
     Target,
     TokenLogprob,
 )
@@ -155,8 +154,9 @@ class ServerContext:
                                   "sequences); retry shortly", 1)
         try:
             return await self.engine.add_request(request_id, prompt, params, target)
-        except ValueError as error:
-            raise APIError(400, str(error)) from None
+        except ValueError as error:  # a ContextLengthError names its field and code
+            raise APIError(400, str(error), param=getattr(error, "param", None),
+                           code=getattr(error, "code", None)) from None
         except EngineOverloadedError as error:
             raise self.overloaded(str(error), getattr(error, "retry_after_s", 1)) from None
         except Exception:

@@ -168,14 +168,17 @@ def load_settings(
     """Validate file < environment < ``overrides`` (the CLI flags) into one ``ServerSettings``.
 
     ``default_engine`` (a callable returning an engine config dict) is consulted only when no source names
-    any engine setting: that is how a bare ``proxy-serve`` serves the built-in demo.
+    a model (no ``engine.base``, no ``engine.experts``): that is how a bare ``proxy-serve`` serves the built-in
+    demo, and other engine settings (``--max-num-seqs 4``) apply on top of it rather than replace it.
     """
     data: dict[str, Any] = read_config_file(config_file) if config_file else {}
     if environ:
         data = deep_merge(data, read_environment())
     data = deep_merge(data, overrides or {})
-    if "engine" not in data and default_engine is not None:
-        data["engine"] = default_engine()
+    engine = data.get("engine")
+    names_a_model = engine is not None and (not isinstance(engine, dict) or "base" in engine or "experts" in engine)
+    if default_engine is not None and not names_a_model:
+        data["engine"] = deep_merge(default_engine(), engine or {})
     try:
         return ServerSettings(**data)
     except ValidationError as error:

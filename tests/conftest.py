@@ -22,3 +22,17 @@ def tiny_family(tmp_path_factory) -> Family:
 def chat_family(tmp_path_factory) -> Family:
     """The expert has a chat template and padded logit rows (576 vs a 512-token vocabulary)."""
     return build_family(tmp_path_factory.mktemp("chat"), padded_expert=True, chat_expert=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run only where CUDA is available; elsewhere they are skipped and say why."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); run `pytest -m gpu` on one")
+    for item in gpu_items:
+        item.add_marker(skip)

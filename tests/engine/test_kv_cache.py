@@ -119,9 +119,9 @@ def test_packed_weights_give_the_plain_gemm_logits(monkeypatch):
     from proxy_engine.config import PACKED_WEIGHTS_ENV, RuntimeConfig
 
     model = _random_model("llama")
-    packed = ModelRunner(model, 80, 0, "llama", RuntimeConfig(packed_weights=True))
+    packed = ModelRunner(model, 80, 0, "llama", runtime=RuntimeConfig(packed_weights=True))
     monkeypatch.setenv(PACKED_WEIGHTS_ENV, "0")  # the variable works as well, and wins over the config
-    plain = ModelRunner(model, 80, 0, "llama", RuntimeConfig(packed_weights=True))
+    plain = ModelRunner(model, 80, 0, "llama", runtime=RuntimeConfig(packed_weights=True))
     assert packed._fast.packed is not None and plain._fast.packed is None
     rows = list(range(6))
     for runner in (packed, plain):

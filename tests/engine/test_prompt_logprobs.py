@@ -165,7 +165,9 @@ def test_a_prompt_may_fill_the_context_when_only_scored(tiny_family, plain_model
         outputs += engine.step()
     (output,) = outputs
     assert output.finish_reason is FinishReason.LENGTH and len(output.prompt_logprobs) == 32
-    with pytest.raises(ValueError, match="maximum context length is 32 tokens, but the prompt is 32 tokens"):
+    # The cause is prompt plus max_tokens, and the message names both (lm-evaluation-harness sends max_tokens 1).
+    with pytest.raises(ValueError, match=r"32 tokens\. However, you requested 33 tokens \(32 in the prompt .*"
+                                         r"1 in max_tokens\)"):
         submit(engine, "one more", window, max_tokens=1)
     with pytest.raises(ValueError, match="maximum context length is 32 tokens, but the prompt is 33 tokens"):
         submit(engine, "too long", [*window, 5], max_tokens=0, prompt_logprobs=0)

@@ -6,17 +6,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from proxy_engine import EngineOverloadedError, FinishReason, PromptInput, RequestOutput, SamplingParams, TokenLogprob
 from proxy_engine.async_engine import EngineStats, ModelInfo, RequestStream
-from proxy_engine.request import (
-    EngineOverloadedError,
-    FinishReason,
-    PromptInput,
-    RequestOutput,
-    SamplingParams,
-    Target,
-    TokenLogprob,
-    TopLogprob,
-)
+from proxy_engine.request import Target, TopLogprob
 
 
 @dataclass
@@ -63,9 +55,8 @@ class FakeEngine:
                 return
             for i in range(params.n):
                 if i == 0 and self.fail_at_token == k:
-                    stream.queue.put_nowait(RequestOutput(
-                        request_id=stream.request_id, index=i, new_token_ids=[], text_delta="",
-                        finish_reason=FinishReason.ERROR, error="boom", prompt_tokens=stream.prompt_tokens))
+                    stream.queue.put_nowait(RequestOutput.failure(stream.request_id, i, "boom",
+                                                                  prompt_tokens=stream.prompt_tokens))
                     continue
                 finish = FinishReason.LENGTH if k == total - 1 else None
                 logprobs = None

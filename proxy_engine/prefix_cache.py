@@ -1,0 +1,236 @@
+"""One model's prefix cache: the K/V of prompt blocks, reused by later prompts that start the same way.
+
+A prompt is cut into blocks of ``block_size`` tokens. A block is keyed by its parent block (the one before it)
+and its own tokens, so a key names the whole prefix up to the block's end: a lookup walks the chain from the
+first block and stops at the first miss, and two prompts share exactly the blocks of their common full-block
+prefix. Keys are compared by value (the parent's unique id and the token tuple), so no hash collision can hand
+one prompt another's K/V.
+
+Each block holds its K and V per layer (``[kv_heads, block_size, head_dim]`` each, on that layer's device: a
+model spread over GPUs keeps each layer's part where the layer runs). Blocks are copies, not views of a
+prefill job's buffers, so a job or a batch ending never frees them, an eviction never touches a running row,
+and evicting a block frees exactly its bytes. Copying is bound by memory bandwidth, about 1% of the prefill
+that produced the K/V. Tried and dropped: one tensor per prompt's new blocks (a segment: one copy instead of
+2 x layers per block, but a segment's memory stays until its last block goes, so a shared system prompt
+pinned the questions cached after it), and a vLLM-style pool of block slots (its indexed write cost 3x a
+plain copy on the CPU).
+
+Eviction is least-recently-used within a byte budget. Every use of a chain touches its blocks from the last
+to the first, so a block is always more recent than its descendants and the LRU victim is a leaf: a chain is
+shortened from its end, never cut from its start (which would orphan the rest).
+
+The cache is owned by one ``ModelRunner`` and used only from the engine's step thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+_ROOT = -1  # the parent id of a prompt's first block
+
+
+@dataclass(eq=False)
+class Block:
+    id: int
+    key: tuple[int, tuple[int, ...]]  # (parent block id, this block's token ids)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V, [kv_heads, block_size, head_dim] each
+    nbytes: int
+    children: set[int] = field(default_factory=set)
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why reusing cached prompt K/V could be wrong for ``model`` (None when it is safe).
+
+    Reuse is exact when every layer's state is one K/V pair per token that depends only on the tokens up to it:
+    full causal attention. Recurrent / state-space / linear-attention layers carry a state that is not per
+    token; sliding-window layers may be given caches that drop old columns (vLLM needs a separate allocator
+    for them), so they are left out rather than trusted.
+    """
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    if config is None:
+        return "the model has no config to check its attention against"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if kinds - {"full_attention"}:
+        return f"layers other than full attention ({', '.join(sorted(kinds - {'full_attention'}))})"
+    if not getattr(config, "is_decoder", True) or getattr(config, "is_encoder_decoder", False):
+        return "not a decoder-only model"
+    return None
+
+
+class PrefixCache:
+    """Blocks of prompt K/V of one model, LRU-evicted within ``budget_bytes``."""
+
+    def __init__(self, block_size: int, budget_bytes: int, name: str = "") -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be at least 1")
+        self.block_size = block_size
+        self.budget_bytes = max(0, int(budget_bytes))
+        self.name = name
+        self._blocks: OrderedDict[tuple[int, tuple[int, ...]], Block] = OrderedDict()  # oldest use first
+        self._by_id: dict[int, Block] = {}
+        self._next_id = 0
+        self.nbytes = 0
+        # Prometheus-style totals, in tokens (as vLLM's prefix_cache_queries / prefix_cache_hits).
+        self.queries_total = 0
+        self.hits_total = 0
+        self.evictions_total = 0  # blocks
+
+    # --- reading ---------------------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def usage(self) -> float:
+        """Bytes held over the budget, 0-1."""
+        return min(1.0, self.nbytes / self.budget_bytes) if self.budget_bytes else 0.0
+
+    def match(self, tokens: Sequence[int], limit: int | None = None) -> list[Block]:
+        """The cached blocks of ``tokens``' longest cached full-block prefix, at most ``limit`` tokens long.
+
+        Touches nothing: ``touch`` the blocks actually used.
+        """
+        usable = len(tokens) if limit is None else min(limit, len(tokens))
+        chain: list[Block] = []
+        parent = _ROOT
+        size = self.block_size
+        for i in range(usable // size):
+            block = self._blocks.get((parent, tuple(tokens[i * size : (i + 1) * size])))
+            if block is None:
+                break
+            chain.append(block)
+            parent = block.id
+        return chain
+
+    def touch(self, chain: list[Block]) -> None:
+        """Mark a chain as just used: last block first, so each block stays more recent than its children."""
+        for block in reversed(chain):
+            self._blocks.move_to_end(block.key)
+
+    def record_query(self, queried: int, hit: int) -> None:
+        self.queries_total += queried
+        self.hits_total += hit
+
+    def read(self, chain: list[Block], layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s K and V of the chain's first ``tokens`` tokens: ``[kv_heads, tokens, head_dim]`` each."""
+        parts = chain[: -(-tokens // self.block_size)]
+        if len(parts) == 1:
+            k, v = parts[0].kv[layer]
+        else:
+            k = torch.cat([block.kv[layer][0] for block in parts], dim=1)
+            v = torch.cat([block.kv[layer][1] for block in parts], dim=1)
+        return k[:, :tokens], v[:, :tokens]
+
+    # --- writing ---------------------------------------------------------------------------------------------
+    def insert(self, tokens: Sequence[int], layers_kv) -> int:
+        """Cache ``tokens``' full blocks (those not cached yet); returns how many blocks were added.
+
+        ``layers_kv(start, end)`` gives the K and V of token columns ``[start, end)``, one ``(k, v)`` pair per
+        layer of ``[kv_heads, end - start, head_dim]`` tensors (views are fine: blocks copy what they keep); it
+        is called once, for the uncached span only.
+        """
+        full = len(tokens) // self.block_size
+        if full == 0 or self.budget_bytes == 0:
+            return 0
+        chain = self.match(tokens)
+        self.touch(chain)  # the cached part is in use: it must not be evicted to make room for the rest
+        new = full - len(chain)
+        if new <= 0:
+            return 0
+        start, end = len(chain) * self.block_size, full * self.block_size
+        kv = layers_kv(start, end)
+        block_bytes = sum(t.numel() * t.element_size() for pair in kv for t in pair) // new
+        room_blocks = self.budget_bytes // block_bytes if block_bytes else 0
+        new = min(new, room_blocks - len(chain))  # a prompt longer than the whole budget keeps its head
+        if new <= 0:
+            return 0
+        self._evict(self.budget_bytes - new * block_bytes, keep=len(chain))
+        parent = chain[-1].id if chain else _ROOT
+        size = self.block_size
+        added: list[Block] = []
+        for i in range(new):
+            piece = tuple(tokens[start + i * size : start + (i + 1) * size])
+            # A copy of the block's columns: the job's buffers are freed when the job ends.
+            columns = slice(i * size, (i + 1) * size)
+            block_kv = [(k[:, columns].clone(), v[:, columns].clone()) for k, v in kv]
+            block = Block(self._next_id, (parent, piece), block_kv, block_bytes)
+            self._next_id += 1
+            self._blocks[block.key] = block
+            self._by_id[block.id] = block
+            if parent != _ROOT:
+                self._by_id[parent].children.add(block.id)
+            self.nbytes += block_bytes
+            added.append(block)
+            parent = block.id
+        self.touch(chain + added)
+        return new
+
+    def _evict(self, target_bytes: int, keep: int = 0) -> None:
+        """Evict least-recently-used blocks until at most ``target_bytes`` are held, sparing the ``keep`` most
+        recent (the chain being extended)."""
+        while self.nbytes > target_bytes and len(self._blocks) > keep:
+            _, oldest = next(iter(self._blocks.items()))
+            self._remove_subtree(oldest)
+
+    def _remove_subtree(self, block: Block) -> None:
+        # LRU order makes the victim a leaf; a subtree is removed whole all the same, so that no block is left
+        # behind unreachable.
+        for child_id in list(block.children):
+            child = self._by_id.get(child_id)
+            if child is not None:
+                self._remove_subtree(child)
+        del self._blocks[block.key]
+        del self._by_id[block.id]
+        parent = self._by_id.get(block.key[0])
+        if parent is not None:
+            parent.children.discard(block.id)
+        self.nbytes -= block.nbytes
+        self.evictions_total += 1
+
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """K and V bytes per token over all layers, at the model's compute dtype (0 when the config lacks shapes)."""
+    config = model.config
+    config = getattr(config, "get_text_config", lambda: config)()
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    if not (layers and heads and hidden):
+        return 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    element = torch.empty(0, dtype=getattr(model, "dtype", torch.float32)).element_size()
+    return 2 * layers * kv_heads * head_dim * element
+
+
+FREE_MEMORY_SHARE = 0.2  # of the memory free on the model's device when the engine starts
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free now on ``device`` (host RAM available for the CPU), or None when unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def budget_bytes(kv_at_limits: int, fraction: float, device: torch.device) -> int:
+    """The cache's budget: ``fraction`` of the model's KV cache at the limits, and never more than
+    ``FREE_MEMORY_SHARE`` of what its device has free at start (the running batch's KV and activations need
+    the rest; the limits' KV is a worst case that the deployer may have sized past the memory)."""
+    budget = int(kv_at_limits * fraction)
+    free = free_memory_bytes(device)
+    return budget if free is None else min(budget, int(free * FREE_MEMORY_SHARE))

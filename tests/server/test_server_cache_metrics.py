@@ -1,0 +1,42 @@
+"""The engine's cache and queue numbers on /metrics, under the names documented in docs/server.md."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy_engine.async_engine import EngineStats, PrefixCacheStats
+from server.metrics import ServerMetrics
+
+
+def samples(stats: EngineStats) -> dict[tuple[str, tuple], float]:
+    text = ServerMetrics(lambda: stats).render().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_queue_kv_usage_and_prefix_cache_counters_per_model():
+    stats = EngineStats(
+        running=3, waiting=2, prefilling=1, prompt_tokens_total=900, generation_tokens_total=40,
+        kv_cache_usage=0.25,
+        prefix_caches=(
+            PrefixCacheStats(model="base", queries_total=900, hits_total=600, usage=0.5),
+            PrefixCacheStats(model="expert", queries_total=950, hits_total=608, usage=0.125),
+        ),
+    )
+    got = samples(stats)
+    assert got[("proxy_serve_num_requests_running", ())] == 3
+    assert got[("proxy_serve_num_requests_waiting", ())] == 2
+    assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.25
+    assert got[("proxy_serve_prefix_cache_queries_total", (("model", "base"),))] == 900
+    assert got[("proxy_serve_prefix_cache_hits_total", (("model", "base"),))] == 600
+    assert got[("proxy_serve_prefix_cache_hits_total", (("model", "expert"),))] == 608
+    assert got[("proxy_serve_prefix_cache_usage_perc", (("model", "expert"),))] == 0.125
+
+
+def test_without_a_prefix_cache_the_counters_are_absent_and_usage_is_zero():
+    got = samples(EngineStats())
+    assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.0
+    assert not any(name.startswith("proxy_serve_prefix_cache") for name, _ in got)
