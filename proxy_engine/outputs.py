@@ -41,11 +41,19 @@ class OutputBuilder:
             if logprobs:
                 logprobs[0].token = self.tokenizer.decode([token])
             return self.finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs)
+        complete = False
+        if sequence.grammar is not None:
+            if not sequence.grammar.accept(token):
+                return self.finish(sequence, FinishReason.ERROR, new_token=token, logprobs=logprobs,
+                                   error=f"the output left its grammar: {sequence.grammar.error}",
+                                   error_code=ErrorCode.INTERNAL_ERROR)
+            # A complete output (a finite schema's closing brace) ends here: nothing else may follow it.
+            complete = sequence.grammar.finished
         # Like vLLM, stop strings only count once min_tokens are out (EOS and stop ids are banned until then).
         step = sequence.detokenizer.add(token, check_stops=len(sequence.output_ids) >= sequence.params.min_tokens)
         if logprobs:
             logprobs[0].token = step.token_text
-        if step.stopped:
+        if step.stopped or complete:
             return self.finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs, text=step.delta)
         if len(sequence.output_ids) >= sequence.max_tokens:
             return self.finish(sequence, FinishReason.LENGTH, new_token=token, logprobs=logprobs, text=step.delta)

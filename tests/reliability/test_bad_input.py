@@ -489,4 +489,4 @@ def test_fuzz_every_schema_operation(server, http, data):
     body = data.draw(st.one_of(JUNK, st.fixed_dictionaries({}, optional={
         "prompt": st.one_of(TEXT, TOKEN_IDS), "messages": st.lists(MESSAGE, max_size=2), "tokens": TOKEN_IDS,
         "model": SAMPLING["model"]})))
-    send(http, path, body)
+    send(http, path, body, method=method)  # POST, or DELETE (a stored response)
