@@ -1,18 +1,25 @@
-# syntax=docker/dockerfile:1
 # proxy-serve: an OpenAI-compatible server for proxy-tuned models, on NVIDIA GPUs (or the CPU for the demo).
 #
 #   docker build -t proxy-serve .
 #   docker run -p 8000:8000 proxy-serve                                   # the built-in demo, CPU, no volume
+#   docker run -p 8000:8000 proxy-serve --api-key sk-test                 # flags add to the default (the demo)
 #   docker run --gpus all -p 8000:8000 -v /models:/models proxy-serve --config /models/x.yaml
 #   docker run --gpus all proxy-serve --config /models/x.yaml --check      # plan only, no weights loaded
 #
-# The CUDA "base" flavour is enough: the torch wheel brings its own CUDA runtime, cuBLAS and cuDNN (as pip
-# packages), so the "runtime" flavour would only add a second copy of them. The host needs an NVIDIA driver
-# recent enough for the wheel's CUDA (12.8: driver >= 570) and the NVIDIA Container Toolkit.
-FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+# The PyPI torch wheel pinned below (torch==2.13.0, Linux x86_64) is a CUDA 13.0 build: it depends on
+# cuda-toolkit==13.0.3 and the nvidia-*-cu13 wheels. So the base is CUDA 13.0 and the host needs an NVIDIA driver
+# for CUDA 13 (>= 580) and the NVIDIA Container Toolkit. The CUDA "base" flavour is enough: the wheel brings its
+# own CUDA runtime, cuBLAS and cuDNN as pip packages, and the base sets NVIDIA_REQUIRE_CUDA=cuda>=13.0, which
+# the Container Toolkit checks against the host's driver. Another CUDA: change both build arguments together,
+# e.g. --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04 \
+#      --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (driver >= 570).
+# Any base with apt, python3 (>= 3.10) and useradd works: scripts/docker_base.sh builds a Debian stand-in.
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
+FROM ${BASE_IMAGE}
 
-# Linux x86_64 torch wheels on PyPI are CUDA builds; set TORCH_INDEX_URL to a cuXYZ wheel index for another
-# CUDA version. EXTRA_PIP adds optional packages, e.g. --build-arg EXTRA_PIP=bitsandbytes for 8bit/4bit.
+# TORCH_SPEC carries the pin (the CUDA build it brings is named above); TORCH_INDEX_URL selects another wheel
+# index (a cuXYZ one, or https://download.pytorch.org/whl/cpu for a CPU-only image of ~1 GB). EXTRA_PIP adds
+# optional packages, e.g. --build-arg EXTRA_PIP=bitsandbytes==X.Y.Z for 8bit/4bit.
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX_URL=""
 ARG EXTRA_PIP=""
@@ -50,6 +57,12 @@ RUN useradd --uid "$APP_UID" --user-group --create-home --home-dir /home/app --s
     && mkdir -p /models /config /home/app/.cache/huggingface \
     && chown -R app:app /models /config /home/app
 
+# The installed package serves the trained demo family under /app/demo/models when no model is configured
+# (PROXY_SERVE_DEMO_MODELS), so flags given after the image name add to that default instead of losing it.
+# SIGTERM drains: running requests get PROXY_SERVE_SHUTDOWN_GRACE_S seconds to finish, then the rest end with a
+# "shutdown" error and the server exits 0 (about 3 s later). `docker stop` sends SIGKILL after 10 s unless told
+# otherwise, so the grace here fits in that; for a longer one raise both: docker run --stop-timeout 40
+# -e PROXY_SERVE_SHUTDOWN_GRACE_S=30 (compose: stop_grace_period; Kubernetes: terminationGracePeriodSeconds).
 # Models never download at run time: mount them at /models, or mount a Hugging Face cache (hub ids then resolve
 # offline). PROXY_SERVE_* variables override the config file (PROXY_SERVE_API_KEYS='["sk-..."]', ...).
 # (DL3064 mistakes TOKENIZERS_PARALLELISM for a token.)
@@ -58,6 +71,8 @@ ENV HF_HOME=/home/app/.cache/huggingface \
     HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
     PROXY_SERVE_HOST=0.0.0.0 \
+    PROXY_SERVE_SHUTDOWN_GRACE_S=5 \
+    PROXY_SERVE_DEMO_MODELS=/app/demo/models \
     PROXY_SERVE_DEMO_DIR=/home/app/.cache/proxy-serve/demo
 VOLUME ["/models", "/home/app/.cache/huggingface"]
 
@@ -69,5 +84,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15m --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PROXY_SERVE_PORT', '8000'), timeout=4)"]
 
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["proxy-serve"]
-CMD ["--config", "/app/configs/demo-cpu.yaml"]
+# No default arguments: a bare proxy-serve serves the demo (above), and whatever follows the image name is
+# added to it (--api-key, --max-num-seqs, ...) or replaces it (--config FILE, --base/--expert/--anti-expert).
+CMD []

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install serve test bench lint check-config docker clean demo-models eval
+.PHONY: install install-scale serve test test-scale bench lint check-config docker docker-base docker-test clean demo-models eval
 
 install: $(VENV)/.installed
 
@@ -18,11 +18,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# Ray Serve scale-out (server/ray_serve.py): the `scale` extra, ray[serve].
+install-scale: $(VENV)/.installed-scale
+
+$(VENV)/.installed-scale: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test,scale]'
+	touch $@
+
 serve: install
 	$(BIN)/proxy-serve $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Ray Serve on a local two-CPU Ray cluster, loopback only (2.5-4 minutes on two shared cores): not in `make test`.
+test-scale: install-scale
+	PROXY_SERVE_SCALE_TESTS=1 $(BIN)/python -m pytest -q tests/scale tests/deploy/test_ray_serve_units.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.engine_bench
@@ -36,8 +47,18 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 
+# BASE_IMAGE= (empty) builds on the Dockerfile's CUDA base; docker-base makes a Debian stand-in for machines that
+# cannot pull it (docs/deployment.md): make docker-base && make docker-test BASE_IMAGE=proxy-serve-base:bookworm
+BASE_IMAGE ?=
 docker:
-	docker build -t proxy-serve .
+	docker build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t proxy-serve .
+
+docker-base:
+	scripts/docker_base.sh proxy-serve-base:bookworm
+
+# Builds the image and runs it against the Docker daemon (health, chat, stream, uid, drain). Not part of `make test`.
+docker-test:
+	BASE_IMAGE=$(BASE_IMAGE) scripts/docker_test.sh
 
 # Retrain the demo family committed under demo/models (fixed seeds; about 12-25 minutes on 2 cores).
 demo-models: install

@@ -28,6 +28,7 @@ class ModelInfo:
     vocab_size: int
     default_alphas: list[float]
     eos_token_ids: list[int]
+    tool_call_format: str = "hermes"  # how this family writes tool calls (proxy_engine/tool_calls.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +77,17 @@ class RequestStream:
             if output.finished:
                 self._unfinished -= 1
             yield output
+
+
+def check_prompt_logprob_entries(sequences: list, k: int, limit: int) -> None:
+    """Each choice returns one entry per prompt token, each with its top ``k``: refuse an answer past ``limit``."""
+    entries = sum(s.primary_prompt_len for s in sequences) * (1 + k)
+    if entries > limit:
+        raise ValueError(
+            f"the answer would hold {entries} prompt logprob entries (prompt tokens x choices x (1 + logprobs "
+            f"{k})), more than the limit of {limit} (max_logprob_entries): send fewer prompts, a smaller n or "
+            "fewer logprobs"
+        )
 
 
 async def _in_daemon_thread(function, name: str):
@@ -146,6 +158,7 @@ class AsyncEngine:
             vocab_size=engine.vocab_size,
             default_alphas=self.config.default_alphas,
             eos_token_ids=sorted(engine.eos_ids),
+            tool_call_format=engine.tool_call_format,
         )
         self.engine = engine
         self._loop = asyncio.get_running_loop()
@@ -176,10 +189,15 @@ class AsyncEngine:
         prompt: PromptInput | list[PromptInput],
         params: SamplingParams,
         target: Target = Target.PROXY,
+        *,
+        max_logprob_entries: int | None = None,
     ) -> RequestStream:
         """Queue a request: one prompt, or several (prompt ``i``'s ``n`` choices are numbered from ``i * n``; the
-        request is admitted or refused as a whole)."""
+        request is admitted or refused as a whole). ``max_logprob_entries`` bounds the prompt logprobs the
+        request may return (``ValueError`` past it), so that no answer holds gigabytes of them."""
         engine = self._require_engine()
+        if self.fatal_error is not None:
+            raise EngineOverloadedError("the engine has stopped", retry_after_s=5)
         if not self._admitting:
             raise EngineOverloadedError("the server is shutting down and admits no new requests", retry_after_s=5)
         if request_id in self._streams:
@@ -194,6 +212,8 @@ class AsyncEngine:
                 mine = engine.make_sequences(request_id, one, params, target, first_index=i * params.n)
                 sequences += mine
                 prompt_tokens += mine[0].primary_prompt_len
+            if max_logprob_entries is not None and params.prompt_logprobs is not None:
+                check_prompt_logprob_entries(sequences, params.prompt_logprobs, max_logprob_entries)
             return sequences, prompt_tokens
 
         # Rendering and tokenizing a long prompt takes a while: keep it off the event loop.
@@ -250,20 +270,27 @@ class AsyncEngine:
 
     # --- the step thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._steps()
+        except BaseException as error:  # noqa: BLE001 - the engine's own guards failed: stop loudly
+            # Outside the guarded phases (admission, the inbox, a bug in the loop itself): nothing can be
+            # trusted any more. Every open request ends with an error; the server reports "failed" and exits.
+            log.exception("the engine step loop crashed")
+            self.fatal_error = error
+            self._stopping = True
+            try:
+                self._loop.call_soon_threadsafe(self._fail_all, f"the engine stopped: {type(error).__name__}")
+            except RuntimeError:  # the event loop is closed: nobody is waiting
+                pass
+
+    def _steps(self) -> None:
         engine = self.engine
         while not self._stopping:
             if not engine.has_work():
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
                 continue
-            try:
-                outputs = engine.step()
-            except BaseException as error:  # noqa: BLE001 - the engine's own guards failed: stop loudly
-                log.exception("the engine step loop crashed")
-                self.fatal_error = error
-                self._stopping = True
-                self._loop.call_soon_threadsafe(self._fail_all, f"the engine stopped: {type(error).__name__}")
-                return
+            outputs = engine.step()
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
 

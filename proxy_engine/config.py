@@ -18,10 +18,14 @@ PromptFormat = Literal["plain", "chat"]
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?|mps)$")
 
 # A plain transcript for models that see chat requests as text (the base and anti-expert in the paper).
+# ``tools_text`` (set when a request brings tools) lists them and shows the family's call format; an assistant's
+# earlier calls arrive already written out in its content, and tool results as role "tool".
 DEFAULT_TRANSCRIPT_TEMPLATE = (
+    "{% if tools_text %}{{ tools_text }}\n\n{% endif %}"
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'tool' %}Tool: {{ m['content'] }}\n"
     "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
@@ -83,7 +87,10 @@ class LimitsConfig(_Strict):
     max_num_batched_tokens: int = Field(
         default=512, ge=16, description="Prompt tokens prefilled per step per model, so running streams never stall."
     )
-    max_waiting: int = Field(default=256, ge=0, description="Waiting queue bound; past it requests are refused.")
+    max_waiting: int = Field(
+        default=256, ge=0, description="Sequences (prompts x n) that may wait beyond the free batch slots; past it "
+        "requests are refused (429), and one needing more than max_num_seqs + max_waiting is a 400.",
+    )
     max_model_len: int | None = Field(
         default=None, ge=16, description="Cap on prompt + completion tokens (default: the smallest model's limit)."
     )
@@ -144,6 +151,12 @@ class EngineConfig(_Strict):
         description="Jinja template that renders chat messages as plain text for 'plain' models.",
     )
     seed: int = Field(default=0, description="Seeds requests that bring no seed of their own (reproducible runs).")
+    tool_call_format: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        default="auto",
+        description="How this family writes tool calls (parsed from answers to tool_choice 'auto', written into "
+        "plain transcripts): 'auto' detects it from the chat template ([TOOL_CALLS]: mistral, <|python_tag|>: "
+        "llama3_json, else hermes <tool_call>).",
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @property

@@ -224,13 +224,12 @@ class SlotKVCache(Cache):
 
     @property
     def slots(self) -> int:
-        buf = self.layers[0].k_buf if self.layers else None
-        return 0 if buf is None else buf.shape[0]
+        """Slots every layer has (layers may differ after an allocation failed part-way)."""
+        return min((0 if layer.k_buf is None else layer.k_buf.shape[0] for layer in self.layers), default=0)
 
     @property
     def capacity(self) -> int:
-        buf = self.layers[0].k_buf if self.layers else None
-        return 0 if buf is None else buf.shape[2]
+        return min((0 if layer.k_buf is None else layer.k_buf.shape[2] for layer in self.layers), default=0)
 
     def _reserve(self, like: torch.Tensor, rows: int, width: int) -> None:
         slots, capacity = self.slots, self.capacity
@@ -241,6 +240,11 @@ class SlotKVCache(Cache):
         new_slots = slots if rows <= slots else _rounded(rows * 5 // 4, 4)
         new_capacity = capacity if width <= capacity else _rounded(width * 5 // 4, _MIN_CAPACITY)
         for layer in self.layers:
+            # A layer grown by an earlier attempt that failed part-way (out of memory in a later layer) keeps
+            # its buffers: every layer holds the live rows either way, and ``slots`` / ``capacity`` read the
+            # smallest layer, so the cache stays consistent whichever layer an allocation fails in.
+            if layer.k_buf is not None and layer.k_buf.shape[0] >= new_slots and layer.k_buf.shape[2] >= new_capacity:
+                continue
             layer.allocate(like if layer.k_buf is None else layer.k_buf, new_slots, new_capacity)
 
     # --- decode --------------------------------------------------------------------------------------------

@@ -115,8 +115,21 @@ class PrefillGroup:
             self.runners[index].cache_prompts(job)
 
     def hand_over(self, survivors: list[Sequence]) -> None:
-        """Give each survivor a slot, with a copy of its prompt's cache, in every runner it uses."""
+        """Give each survivor a slot, with a copy of its prompt's cache, in every runner it uses.
+
+        All or nothing: if one runner fails (out of memory in the third model, say), the rows already added
+        to the others are taken out again before the error propagates, so that no runner holds a row the
+        others lack and the running batch decodes on as before.
+        """
         survivor_ids = {s.seq_id for s in survivors}
-        for index, job in self.jobs.items():
-            keep = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in survivor_ids]
-            self.runners[index].add_rows(job, keep)
+        done: list[tuple[int, list[int]]] = []  # (runner index, its rows before)
+        try:
+            for index, job in self.jobs.items():
+                keep = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in survivor_ids]
+                before = list(self.runners[index].seq_ids)
+                self.runners[index].add_rows(job, keep)
+                done.append((index, before))
+        except BaseException:
+            for index, before in done:
+                self.runners[index].keep_rows(before)
+            raise

@@ -5,11 +5,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
+
+from proxy_engine.grammar import StructuredOutput
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
+# Below this a temperature is sampled greedily (vLLM's rule): the limit of softmax(logits / T) as T -> 0, and
+# logits / T would overflow float32 (1e-39 is a float32 subnormal: the division gives inf, then NaN).
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 1e4  # past it float32 turns T into inf and -inf / inf into NaN; 1e4 is already uniform
+# logits / r and logits * r stay finite in float32 for any logit a model gives; outside, 1e-300 rounds to 0.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 class _Wire(str, Enum):
@@ -45,6 +56,13 @@ class ErrorCode(_Wire):
     REQUEST_TOO_LARGE = "request_too_large"
     NOT_FOUND = "not_found"  # no such endpoint
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    PROMPT_TOO_LONG = "prompt_too_long"  # max_prompt_chars / max_request_chars, before tokenizing
+    ENGINE_FAILED = "engine_failed"  # the step thread died: the process exits 1
+    HOST_NOT_ALLOWED = "host_not_allowed"  # Host header outside allowed_hosts (403)
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a POST that is not JSON (415)
+    CORS_REFUSED = "cors_refused"  # a refused CORS preflight
+    REQUEST_TIMEOUT = "request_timeout"  # the body stopped arriving (408)
+    INVALID_HTTP_REQUEST = "invalid_http_request"  # uvicorn could not parse the request
 
 
 class Target(str, Enum):
@@ -83,8 +101,11 @@ class PromptInput:
     """
 
     text: str | None = None
-    messages: list[dict[str, str]] | None = None
+    # Chat messages: "role" and "content" strings; an assistant's may carry OpenAI "tool_calls", a "tool"
+    # message its "tool_call_id".
+    messages: list[dict[str, Any]] | None = None
     token_ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools the models are told about (chat only)
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.text, self.messages, self.token_ids)]
@@ -98,6 +119,8 @@ class PromptInput:
                     raise ValueError("each message needs a string 'role' and a string 'content'")
         if self.token_ids is not None and not self.token_ids:
             raise ValueError("the prompt is empty")
+        if self.tools and self.messages is None:
+            raise ValueError("tools need a chat prompt (messages)")
 
 
 def _finite(name: str, value: float) -> None:
@@ -132,6 +155,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # None: the configured default of every pair; a number: that alpha for every pair; a list: one per pair.
     alpha: float | list[float] | None = None
+    # A constraint on the output (JSON schema, regex, choice, grammar), applied to the combined logits.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -146,8 +171,10 @@ class SamplingParams:
         """Raise ``ValueError`` with a message fit for a 400 if any value is out of range."""
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             _finite(name, float(getattr(self, name)))
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0  # greedy: see MIN_TEMPERATURE
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not -1 <= self.top_k < 2**63:
@@ -159,8 +186,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be in [{low:g}, {high:g}], got {self.repetition_penalty}")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise ValueError(f"max_tokens must be at least 0, got {self.max_tokens}")
         if self.min_tokens < 0:
@@ -180,6 +208,10 @@ class SamplingParams:
                 raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
             if len(stop) > MAX_STOP_STRING_CHARS:
                 raise ValueError(f"a stop string may be at most {MAX_STOP_STRING_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        if len(self.logit_bias or {}) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias or {})}")
         for token_id in self.stop_token_ids:
             if not 0 <= token_id < vocab_size:
                 raise ValueError(f"stop_token_ids: {token_id} is outside the vocabulary [0, {vocab_size})")
@@ -190,6 +222,8 @@ class SamplingParams:
             if not -100.0 <= float(bias) <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         self.resolve_alphas([0.0] * num_pairs)
+        if self.structured is not None:
+            self.structured.validate()
 
     def resolve_alphas(self, defaults: list[float]) -> list[float]:
         """The alpha of every expert pair for this request."""

@@ -2,8 +2,8 @@
 
     python -m proxy_eval.demo_run [--tasks demo/tasks/heldout.jsonl] [-- extra proxy-eval flags]
 
-Instance 1 serves ``configs/demo-cpu.yaml`` (``proxy-demo`` = proxy-tuned, ``proxy-demo:base``,
-``proxy-demo:expert``); instance 2 serves ``demo/tuned.yaml`` (``proxy-demo-tuned:base``, the truly tuned
+Instance 1 serves ``configs/demo-cpu.yaml`` (``proxy-tuned``, ``proxy-tuned:base``,
+``proxy-tuned:expert``); instance 2 serves ``demo/tuned.yaml`` (``proxy-demo-tuned:base``, the truly tuned
 large model alone). Both listen on free loopback ports, are waited for on ``/v1/models`` and are stopped
 afterwards (their logs go to stderr only when something fails). The exit status is proxy-eval's.
 """
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="demo/tasks/heldout.jsonl")
     ap.add_argument("--proxy-config", default="configs/demo-cpu.yaml")
     ap.add_argument("--tuned-config", default="demo/tuned.yaml")
-    ap.add_argument("--name", default="proxy-demo", help="served_model_name in the proxy config")
+    ap.add_argument("--name", default="proxy-tuned", help="served_model_name in the proxy config")
     ap.add_argument("--tuned-name", default="proxy-demo-tuned", help="served_model_name in the tuned config")
     ap.add_argument("--max-tokens", default="16")
     ap.add_argument("--startup-timeout", type=float, default=180.0)

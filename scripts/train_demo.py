@@ -211,6 +211,28 @@ def save(model, tokenizer, directory: Path, chat: bool) -> None:
     if not chat:
         for name in ("chat_template.jinja", "chat_template.json"):
             (directory / name).unlink(missing_ok=True)
+    portable_tokenizer_config(directory)
+
+
+# transformers 5 writes its own class name and keys, which transformers 4.x cannot read (evaluation harnesses
+# pin 4.x): the class both read, and the 4.x name of the special-token list (5.x reads it too).
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+_V5_ONLY_KEYS = ("backend", "is_local", "local_files_only")
+
+
+def portable_tokenizer_config(directory: Path) -> None:
+    """Rewrite ``directory/tokenizer_config.json`` so that transformers 4.x and 5.x both load it."""
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = extra
+    elif isinstance(extra, dict) and extra:
+        config["extra_special_tokens"] = extra
+    for key in _V5_ONLY_KEYS:
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 @torch.no_grad()

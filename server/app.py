@@ -13,13 +13,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy_engine.async_engine import AsyncEngine
 from proxy_engine.config import ModelConfig
 from proxy_engine.request import ErrorCode
+from server.auth import ApiKeyGate
 from server.errors import APIError, UnexpectedErrors, install_error_handlers
+from server.guards import HostAllowList, ShapedCORS, StrictJSON, default_allowed_hosts
 from server.routes import build_router, package_version
 from server.serving import ServerContext
 from server.settings import ServerSettings
@@ -34,9 +35,10 @@ class BodySizeLimit:
     ``receive`` is the server's again, so disconnect detection keeps working.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s  # longest wait for the next piece of the body (408 past it)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -48,7 +50,13 @@ class BodySizeLimit:
             return
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                error = APIError(408, f"the request body did not arrive within {self.timeout_s:g}s (body_timeout_s)",
+                                 code=ErrorCode.REQUEST_TIMEOUT, headers={"Connection": "close"})
+                await error.response()(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -108,17 +116,21 @@ def create_app(
             if engine.ready:
                 await engine.shutdown()
 
-    middleware = []
+    keys = settings.api_key_values()
+    allowed_hosts = settings.allowed_hosts or default_allowed_hosts(bool(keys))
+    middleware = [Middleware(HostAllowList, allowed=allowed_hosts)]
     if settings.allowed_origins:
         middleware.append(Middleware(
-            CORSMiddleware,
+            ShapedCORS,
             allow_origins=settings.allowed_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],  # preflight echoes what the browser asks for, Authorization included
             expose_headers=["x-request-id", "retry-after"],
         ))
+    middleware.append(Middleware(ApiKeyGate, keys=keys))  # inside CORS: a 401 keeps its CORS headers
     middleware.append(Middleware(UnexpectedErrors))  # inside CORS: a 500 keeps its CORS headers
-    middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes))
+    middleware.append(Middleware(StrictJSON))
+    middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s))
 
     app = FastAPI(
         title="proxy-serve",
@@ -126,7 +138,7 @@ def create_app(
         description="OpenAI-compatible server for proxy-tuned language models.",
         lifespan=lifespan,
         middleware=middleware,
-        strict_content_type=False,  # a body without Content-Type is still read as JSON
+        strict_content_type=True,  # StrictJSON answers first, with a 415
     )
     app.state.ctx = ctx
     install_error_handlers(app)

@@ -1,37 +1,65 @@
-"""Optional Bearer API keys. Only the routes that need a key depend on this, so CORS preflight (OPTIONS),
-``/health`` and ``/metrics`` never ask for one. Keys are compared in constant time and never logged: the
-given key and every accepted one are hashed to 32 bytes first, so that the comparison takes the same time
-whatever their lengths, and every accepted key is compared, so that it does not tell which one came close."""
+"""Optional Bearer API keys, checked by ``ApiKeyGate`` (an ASGI middleware) before anything reads the body, so
+that a client without the key gets 401 whatever it sent (never a 400 about a body it may not send). CORS
+preflight (OPTIONS), ``/health``, ``/metrics`` and ``/version`` never ask for one; ``/docs`` and
+``/openapi.json`` do when keys are set. Keys are compared in constant time and never logged: the given key and
+every accepted one are hashed to 32 bytes first, so that the comparison takes the same time whatever their
+lengths, and every accepted key is compared, so that it does not tell which one came close."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
 
-from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy_engine.request import ErrorCode
 from server.errors import APIError
 
+# Paths any client may read: probes and scrapers carry no key.
+PUBLIC_PATHS = frozenset({"/health", "/metrics", "/version"})
 
-def api_key_dependency(keys: list[str]) -> Callable[[Request], Awaitable[None]]:
-    digests = [_digest(key.encode()) for key in keys]
 
-    async def check(request: Request) -> None:
-        if not digests:
+class KeyChecker:
+    """``check(authorization_header)`` raises the 401 unless the header carries an accepted key."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.digests = [_digest(key.encode()) for key in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.digests)
+
+    def check(self, authorization: str) -> None:
+        if not self.digests:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         given = _digest(token.strip().encode())
         matched = False
-        for digest in digests:  # no early exit: the time taken does not tell which key came close
+        for digest in self.digests:  # no early exit: the time taken does not tell which key came close
             matched |= hmac.compare_digest(given, digest)
         if not matched:
             raise _unauthorized("incorrect API key")
 
-    return check
+
+class ApiKeyGate:
+    """Refuses a request without an accepted key (401) before the app, and so before its body is read."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.checker = KeyChecker(keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and self.checker.enabled and scope["method"] != "OPTIONS"
+                and scope["path"] not in PUBLIC_PATHS):
+            header = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
+            try:
+                self.checker.check(header.decode("latin-1"))
+            except APIError as error:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _digest(key: bytes) -> bytes:

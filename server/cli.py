@@ -59,7 +59,8 @@ FLAGS = [
          "(comma-separated or repeated; '*' for any).", "ORIGINS", action="append", split_commas=True),
     Flag("--max-num-seqs", ("engine", "limits", "max_num_seqs"), "Sequences decoded together at most.", "N"),
     Flag("--max-waiting", ("engine", "limits", "max_waiting"),
-         "Requests that may wait for a slot; past it new ones get 429.", "N"),
+         "Sequences (prompts x n) that may wait beyond the free batch slots; past it new requests get 429 "
+         "(a request needing more than max-num-seqs + max-waiting at once is a 400).", "N"),
     Flag("--max-model-len", ("engine", "limits", "max_model_len"), "Cap on prompt + completion tokens.", "N"),
     Flag("--no-prefix-caching", ("engine", "prefix_cache", "enabled"),
          "Compute every prompt in full (by default, prompt prefixes seen before are reused).", action="store_false"),
@@ -153,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         from server.check import check
 
         return check(settings)
-    from server.process import serve
+    from server.process import exit_now, serve
 
-    return serve(settings)
+    exit_now(serve(settings))
 
 
 if __name__ == "__main__":

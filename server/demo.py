@@ -2,8 +2,10 @@
 
 The family (a 3.1M-parameter base, a 0.4M chat expert and its untuned anti-expert, trained from scratch by
 ``scripts/train_demo.py``; see docs/demo.md) answers questions about an invented world. Where the
-repository's ``demo/`` folder is not beside the installed package (a wheel installed elsewhere), a tiny
-random family is built into the cache instead, so ``proxy-serve`` still starts with no download.
+repository's ``demo/`` folder is not beside the installed package (a wheel installed elsewhere, as in the
+container image), ``PROXY_SERVE_DEMO_MODELS`` names where the trained family is (the image sets it to
+``/app/demo/models``); with neither, a tiny random family is built into the cache instead, so ``proxy-serve``
+still starts with no download.
 """
 
 from __future__ import annotations
@@ -16,6 +18,18 @@ from typing import Any
 logger = logging.getLogger("proxy_serve")
 
 TRAINED_DEMO = Path(__file__).resolve().parent.parent / "demo" / "models"
+DEMO_MODELS_ENV = "PROXY_SERVE_DEMO_MODELS"
+
+
+def trained_demo() -> Path | None:
+    """Where the trained demo family is: ``$PROXY_SERVE_DEMO_MODELS``, else beside the package, else None."""
+    configured = os.environ.get(DEMO_MODELS_ENV)
+    for root in ([Path(configured)] if configured else []) + [TRAINED_DEMO]:
+        if (root / "base" / "config.json").exists():
+            return root
+    if configured:  # named but not there: say so, rather than quietly serving random weights
+        logger.warning("%s=%s holds no trained demo family (no base/config.json)", DEMO_MODELS_ENV, configured)
+    return None
 
 
 def demo_dir() -> Path:
@@ -38,9 +52,10 @@ def _trained_demo_config(root: Path) -> dict[str, Any]:
 
 def default_engine_config() -> dict[str, Any]:
     """The built-in demo: the trained family when the repository has it, else a tiny random one."""
-    if (TRAINED_DEMO / "base" / "config.json").exists():
-        logger.info("no model configured: serving the trained demo family from %s", TRAINED_DEMO)
-        return _trained_demo_config(TRAINED_DEMO)
+    trained = trained_demo()
+    if trained is not None:
+        logger.info("no model configured: serving the trained demo family from %s", trained)
+        return _trained_demo_config(trained)
     from proxy_engine.families import build_family  # the engine package, not the server, owns the weights
 
     root = demo_dir()

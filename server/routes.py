@@ -9,12 +9,12 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from proxy_engine.request import ErrorCode, PromptInput, SamplingParams
-from server.auth import api_key_dependency
 from server.errors import APIError, bad_request
+from server.guards import clip
 from server.metrics import RequestTimer
 from server.protocol import (
     ChatCompletionRequest,
@@ -27,8 +27,10 @@ from server.protocol import (
     now,
     usage,
 )
+from server.responses import add_responses_routes
 from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger
 from server.streaming import EventStreamResponse, chat_events, completion_events
+from server.tools import assistant_message
 
 logger = logging.getLogger("proxy_serve")
 T = TypeVar("T")
@@ -54,9 +56,14 @@ def _convert(build: Callable[[], T]) -> T:
         raise bad_request(str(error)) from None
 
 
+def tool_call_format(ctx: ServerContext) -> str:
+    """The family's tool-call format (known once the models are loaded; until then requests are refused anyway)."""
+    info = ctx.engine.info
+    return info.tool_call_format if info is not None else "hermes"
+
+
 def build_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
-    keyed = [Depends(api_key_dependency(ctx.settings.api_key_values()))]
 
     async def start(
         request_id: str,
@@ -75,7 +82,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             stream = await ctx.submit(request_id, prompt_input, sampling, target)
         except APIError as error:
             ctx.metrics.requests.labels(endpoint, served, str(error.status)).inc()
-            request_logger.info("%s model=%s status=%d error=%r", request_id, served, error.status, error.message)
+            request_logger.info("%s model=%s status=%d error=%r", request_id, served, error.status,
+                                clip(error.message, 300))
             raise
         prompts = prompt_input if isinstance(prompt_input, list) else [prompt_input]
         logged = [p.text if p.text is not None else (p.messages if p.messages is not None else p.token_ids)
@@ -103,7 +111,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         """500 (engine fault), 504 (request timeout) or 503 (shutdown), naming the request id."""
         return generation.api_error()
 
-    @router.post("/v1/completions", dependencies=keyed)
+    @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         request_id = new_request_id("cmpl")
         generation, prompts = await start(request_id, "completions", body.model, body.prompt_input,
@@ -128,39 +136,48 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 return Response(status_code=499)
         except GenerationError:
             raise failed(generation) from None
-        choices = []
-        for choice in generation.choices:
-            prefix = echo[choice.index] if echo else ""
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = completion_logprobs(choice.logprobs, len(prefix), choice.prompt_logprobs)
-            choices.append({"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
-                            "finish_reason": choice.finish_reason})
-        return JSONResponse(
-            {"id": request_id, "object": "text_completion", "created": created, "model": generation.model,
-             "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)},
-            headers=headers,
-        )
 
-    @router.post("/v1/chat/completions", dependencies=keyed)
+        def answer() -> dict[str, Any]:
+            choices = []
+            for choice in generation.choices:
+                prefix = echo[choice.index] if echo else ""
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = completion_logprobs(choice.logprobs, len(prefix), choice.prompt_logprobs)
+                choices.append({"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
+                                "finish_reason": choice.finish_reason})
+            return {"id": request_id, "object": "text_completion", "created": created, "model": generation.model,
+                    "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)}
+
+        if body.logprobs is None:
+            return JSONResponse(answer(), headers=headers)
+        # Logprobs (with echo, one entry per prompt token per choice) can be megabytes: built and encoded off
+        # the event loop.
+        content = await asyncio.to_thread(lambda: JSONResponse(answer()).body)
+        return Response(content, media_type="application/json", headers=headers)
+
+    @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         request_id = new_request_id("chatcmpl")
-        generation, _ = await start(request_id, "chat", body.model, body.prompt_input, body.sampling_params)
+        fmt = tool_call_format(ctx)
+        generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
+                                    lambda: body.sampling_params(fmt))
+        plan = body.tool_plan(fmt)
         created = now()
         headers = {"x-request-id": request_id}
         if body.stream:
-            events = chat_events(generation, created=created, include_usage=body.include_usage)
+            events = chat_events(generation, created=created, include_usage=body.include_usage, plan=plan)
             return EventStreamResponse(events, generation.close, headers)
         try:
             if not await collect(generation, request):
                 return Response(status_code=499)
         except GenerationError:
             raise failed(generation) from None
-        choices = [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": c.finish_reason}
-            for c in generation.choices
-        ]
+        choices = []
+        for c in generation.choices:
+            message, reason = assistant_message(plan, c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason})
         return JSONResponse(
             {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
              "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)},
@@ -174,39 +191,48 @@ def build_router(ctx: ServerContext) -> APIRouter:
         ids = settings.model_ids
         return [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
 
-    @router.get("/v1/models", dependencies=keyed)
+    add_responses_routes(router, ctx, start, collect, tool_call_format)
+
+    @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": cards()}
 
-    @router.get("/v1/models/{model_id:path}", dependencies=keyed)
+    @router.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         for card in cards():
             if card["id"] == model_id:
                 return card
         ctx.resolve_model(model_id)  # raises the 404
-        raise APIError(404, f"model {model_id!r} does not exist", code=ErrorCode.MODEL_NOT_FOUND)
+        raise APIError(404, f"model {clip(model_id, 100)!r} does not exist", code=ErrorCode.MODEL_NOT_FOUND)
 
-    @router.post("/tokenize", dependencies=keyed)
+    @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         _, target = ctx.resolve_model(body.model)
         ctx.check_available()
         prompt = _convert(body.prompt_input)
+        ctx.check_size([prompt], SamplingParams())
         vocab = ctx.info.vocab_size
         if prompt.token_ids is not None and any(not 0 <= t < vocab for t in prompt.token_ids):
             raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
-        tokens = _convert(lambda: ctx.engine.tokenize(prompt, target))
+        # A long prompt takes seconds to tokenize: off the event loop, or every stream and /health would wait.
+        tokens = await asyncio.to_thread(_convert, lambda: ctx.engine.tokenize(prompt, target))
         return {"count": len(tokens), "max_model_len": ctx.info.max_model_len, "tokens": tokens}
 
-    @router.post("/detokenize", dependencies=keyed)
+    @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         ctx.resolve_model(body.model)
         ctx.check_available()
+        if len(body.tokens) > ctx.info.max_model_len:
+            raise bad_request(f"tokens holds {len(body.tokens)} ids, more than the context of "
+                              f"{ctx.info.max_model_len} (max_model_len)", "tokens")
         body.check(ctx.info)
-        return {"prompt": _convert(lambda: ctx.engine.detokenize(body.tokens))}
+        return {"prompt": await asyncio.to_thread(_convert, lambda: ctx.engine.detokenize(body.tokens))}
 
     @router.get("/health")
     async def health() -> JSONResponse:
-        if ctx.draining:
+        if ctx.engine_failed:
+            status = "failed"
+        elif ctx.draining:
             status = "draining"
         elif ctx.load_error is not None:
             status = "failed"

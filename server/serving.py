@@ -29,6 +29,7 @@ from proxy_engine.request import (
 )
 from proxy_engine.scheduler import has_room
 from server.errors import APIError, error_body, internal_error
+from server.guards import clip
 from server.metrics import RequestTimer, ServerMetrics
 from server.settings import ServerSettings
 
@@ -74,6 +75,9 @@ class ServerContext:
     expired: bool = False
     load_error: str | None = None
     in_flight: int = 0  # accepted requests not yet closed (what a drain waits for)
+    # Sequences of requests admitted by the server but still being rendered and tokenized (not yet in the
+    # engine's queue): counted against the queue, so that a burst is refused before it is tokenized.
+    reserved: int = 0
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.stats)
@@ -81,6 +85,11 @@ class ServerContext:
     @property
     def ready(self) -> bool:
         return bool(self.engine.ready) and not self.draining and self.load_error is None
+
+    @property
+    def engine_failed(self) -> bool:
+        """The engine's step thread died: nothing can be served any more (the process exits non-zero)."""
+        return getattr(self.engine, "fatal_error", None) is not None
 
     @property
     def info(self) -> ModelInfo:
@@ -115,7 +124,7 @@ class ServerContext:
         if model == f"{name}:expert" and self.settings.engine.experts:
             return model, Target.EXPERT
         known = ", ".join(self.settings.model_ids)
-        raise APIError(404, f"model {model!r} does not exist; this server serves: {known}", param="model",
+        raise APIError(404, f"model {clip(model, 100)!r} does not exist; this server serves: {known}", param="model",
                        code=ErrorCode.MODEL_NOT_FOUND)
 
     def queue_full(self, sequences: int) -> bool:
@@ -126,7 +135,38 @@ class ServerContext:
         stats = self.stats()
         if stats is None:
             return False
-        return not has_room(self.settings.engine.limits, sequences, stats.waiting, stats.running + stats.prefilling)
+        return not has_room(self.settings.engine.limits, sequences, stats.waiting + self.reserved,
+                            stats.running + stats.prefilling)
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the engine can hold at once: a request asking for more can never be admitted."""
+        limits = self.settings.engine.limits
+        return limits.max_num_seqs + limits.max_waiting
+
+    def check_size(self, prompts: list[PromptInput], params: SamplingParams) -> None:
+        """400 for a request that no wait would let in, or whose prompts are too long to be worth tokenizing."""
+        n = params.n if 1 <= params.n <= MAX_N else 1  # a bad n is the engine's 400
+        sequences = len(prompts) * n
+        if sequences > self.capacity:
+            raise APIError(
+                400, f"the request needs {sequences} sequences ({len(prompts)} prompt(s) x n={n}) but this server "
+                f"holds at most {self.capacity} at once (max_num_seqs + max_waiting): send fewer prompts or a "
+                "smaller n", param="n" if n > 1 else "prompt", code=ErrorCode.REQUEST_TOO_LARGE)
+        total = 0
+        for i, prompt in enumerate(prompts):
+            chars = prompt_chars(prompt)
+            total += chars
+            if chars > self.settings.max_prompt_chars:
+                where = "messages" if prompt.messages is not None else ("prompt" if len(prompts) == 1 else
+                                                                        f"prompt[{i}]")
+                raise APIError(400, f"{where} holds {chars} characters, more than the limit of "
+                               f"{self.settings.max_prompt_chars} (max_prompt_chars)", param=where.split("[")[0],
+                               code=ErrorCode.PROMPT_TOO_LONG)
+        if total > self.settings.max_request_chars:
+            raise APIError(400, f"the request's prompts hold {total} characters, more than the limit of "
+                           f"{self.settings.max_request_chars} (max_request_chars)", param="prompt",
+                           code=ErrorCode.PROMPT_TOO_LONG)
 
     def overloaded(self, message: str, retry_after_s: int | None) -> APIError:
         retry = str(max(1, int(retry_after_s or 1)))
@@ -136,6 +176,8 @@ class ServerContext:
                         headers={"Retry-After": retry})
 
     def check_available(self) -> None:
+        if self.engine_failed:
+            raise APIError(503, "the engine has failed and the server is restarting", code=ErrorCode.ENGINE_FAILED)
         if self.draining:
             raise APIError(503, "the server is shutting down", code=ErrorCode.DRAINING, headers={"Retry-After": "5"})
         if self.load_error is not None:
@@ -148,12 +190,16 @@ class ServerContext:
     ) -> RequestStream:
         """Hand a request to the engine (one prompt or several), turning its refusals into HTTP errors."""
         self.check_available()
-        prompts = len(prompt) if isinstance(prompt, list) else 1
-        if self.queue_full(prompts * (params.n if 1 <= params.n <= MAX_N else 1)):  # a bad n is the engine's 400
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        self.check_size(prompts, params)
+        sequences = len(prompts) * (params.n if 1 <= params.n <= MAX_N else 1)
+        if self.queue_full(sequences):
             raise self.overloaded(f"the waiting queue is full ({self.settings.engine.limits.max_waiting} "
                                   "sequences); retry shortly", 1)
+        self.reserved += sequences  # released once the engine has queued them (or refused)
         try:
-            return await self.engine.add_request(request_id, prompt, params, target)
+            return await self.engine.add_request(request_id, prompt, params, target,
+                                                 max_logprob_entries=self.settings.max_logprob_entries)
         except ValueError as error:  # a ContextLengthError names its field and code
             raise APIError(400, str(error), param=getattr(error, "param", None),
                            code=getattr(error, "code", None)) from None
@@ -162,6 +208,22 @@ class ServerContext:
         except Exception:
             logger.exception("engine refused request %s with an internal error", request_id)
             raise internal_error(request_id) from None
+        finally:
+            self.reserved -= sequences
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def prompt_chars(prompt: PromptInput) -> int:
+    """Characters a prompt gives the tokenizer (token ids count one each)."""
+    if prompt.text is not None:
+        return len(prompt.text)
+    if prompt.messages is not None:
+        return sum(len(m.get("content") or "") for m in prompt.messages)
+    return len(prompt.token_ids or [])
 
 
 def new_request_id(prefix: str) -> str:
@@ -256,6 +318,9 @@ class Generation:
         iterator = aiter(self.stream)
         while True:
             pending = asyncio.ensure_future(anext(iterator))
+            # If this generator is closed (the client left) just as the stream ends, nobody reads the
+            # task's StopAsyncIteration: mark it read, or asyncio logs "Task exception was never retrieved".
+            pending.add_done_callback(_retrieve)
             try:
                 while not (await asyncio.wait({pending}, timeout=ENGINE_CHECK_S))[0]:
                     self._check_alive()

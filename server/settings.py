@@ -44,12 +44,48 @@ class ServerSettings(BaseSettings):
         default_factory=list, description="CORS origins allowed to call the API from a browser ('*' for any)."
     )
     max_body_bytes: int = Field(default=4 * MIB, ge=1024, description="Largest request body accepted (413 past it).")
+    allowed_hosts: list[str] | None = Field(
+        default=None, description="Host header values accepted (names, optionally with ':port'; '*' for any); "
+        "a request naming another host gets 403 (DNS-rebinding defence). Default: localhost names only when no "
+        "API key is set, any host when one is.",
+    )
+    max_prompt_chars: int = Field(
+        default=MIB, ge=1, description="Characters in one prompt (a prompt string, or all of a chat's message "
+        "texts) before it is tokenized; 400 past it.",
+    )
+    max_request_chars: int = Field(
+        default=4 * MIB, ge=1, description="Characters in all the prompts of one request before they are "
+        "tokenized; 400 past it.",
+    )
+    max_logprob_entries: int = Field(
+        default=1_000_000, ge=1, description="Log-probability entries one response may hold (each token counts "
+        "1 + its top alternatives, over every choice and, with echo, every prompt token); 400 past it.",
+    )
+    limit_concurrency: int = Field(
+        default=512, ge=1, description="Open connections plus running requests at most; past it uvicorn answers "
+        "503 at once.",
+    )
+    timeout_keep_alive_s: float = Field(default=5.0, gt=0, description="An idle keep-alive connection is "
+                                        "closed after this long.")
+    header_timeout_s: float = Field(default=30.0, gt=0, description="A connection must send a request's "
+                                    "headers within this long of opening (or of its last response); else closed.")
+    body_timeout_s: float = Field(default=60.0, gt=0, description="Longest wait for the next piece of a "
+                                  "request body; 408 past it.")
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, description="Largest request head (request line "
+                                  "and headers) read; past it the connection gets 400 and is closed.")
     shutdown_grace_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM: how long running requests may take to finish before they are "
         "ended with a 'shutdown' error (new requests get 503 meanwhile)."
     )
     log_prompts: bool = Field(default=False, description="Include prompt text in the per-request log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log verbosity.")
+    responses_store_max: int = Field(
+        default=1000, ge=0, description="Responses API: stored responses kept in memory for previous_response_id "
+        "(the oldest leave first); 0 turns the store off (previous_response_id is then a 400)."
+    )
+    responses_store_ttl_s: float = Field(
+        default=3600.0, gt=0, description="Responses API: how long a stored response is kept, in seconds."
+    )
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")
 
     @field_validator("api_keys")
@@ -161,14 +197,17 @@ def load_settings(
     """Validate file < environment < ``overrides`` (the CLI flags) into one ``ServerSettings``.
 
     ``default_engine`` (a callable returning an engine config dict) is consulted only when no source names
-    any engine setting: that is how a bare ``proxy-serve`` serves the built-in demo.
+    a model (no ``engine.base``, no ``engine.experts``): that is how a bare ``proxy-serve`` serves the built-in
+    demo, and other engine settings (``--max-num-seqs 4``) apply on top of it rather than replace it.
     """
     data: dict[str, Any] = read_config_file(config_file) if config_file else {}
     if environ:
         data = deep_merge(data, read_environment())
     data = deep_merge(data, overrides or {})
-    if "engine" not in data and default_engine is not None:
-        data["engine"] = default_engine()
+    engine = data.get("engine")
+    names_a_model = engine is not None and (not isinstance(engine, dict) or "base" in engine or "experts" in engine)
+    if default_engine is not None and not names_a_model:
+        data["engine"] = deep_merge(default_engine(), engine or {})
     try:
         return ServerSettings(**data)
     except ValidationError as error:

@@ -55,15 +55,53 @@ def test_runs_as_a_non_root_user():
     assert names.index("USER") < names.index("ENTRYPOINT")
 
 
+def build_args() -> dict[str, str]:
+    return {k: v.strip('"') for k, _, v in (a.partition("=") for a in only("ARG")) if v}
+
+
 def test_healthcheck_entrypoint_cmd_expose():
     (health,) = only("HEALTHCHECK")
     assert "/health" in health and "--start-period" in health
     assert json.loads(only("ENTRYPOINT")[-1]) == ["proxy-serve"]
-    cmd = json.loads(only("CMD")[-1])
-    assert cmd[0] == "--config"
-    assert (REPO / cmd[1].removeprefix("/app/")).is_file(), "the default CMD serves a config that is in the image"
+    # No default arguments: flags after the image name add to the built-in demo instead of replacing a --config.
+    assert json.loads(only("CMD")[-1]) == []
+    env = " ".join(only("ENV"))
+    assert "PROXY_SERVE_DEMO_MODELS=/app/demo/models" in env
+    assert (REPO / "demo" / "models" / "base" / "config.json").is_file(), "the demo family the image serves"
     assert "8000" in only("EXPOSE")[-1].split()
-    assert only("FROM")[0].split()[0].startswith(("nvidia/cuda:", "pytorch/pytorch:"))
+
+
+def test_no_syntax_directive():
+    # "# syntax=" makes BuildKit pull a frontend image: offline builds and `docker compose build` fail.
+    head = DOCKERFILE.read_text().lstrip().splitlines()[0].replace(" ", "").lower()
+    assert not head.startswith("#syntax=") and "# syntax=" not in DOCKERFILE.read_text()
+
+
+def test_base_image_is_an_argument_matching_the_torch_wheel():
+    args = build_args()
+    assert only("FROM") == ["${BASE_IMAGE}"]
+    names = [kw for kw, _ in instructions()]
+    assert names[0] == "ARG" and instructions()[0][1].startswith("BASE_IMAGE="), "ARG BASE_IMAGE before FROM"
+    # The pinned PyPI torch wheel (Linux x86_64) is a CUDA 13.0 build (it requires cuda-toolkit==13.0.3), so the
+    # default base is CUDA 13.0, and the comment and docs name the driver it needs.
+    assert args["TORCH_SPEC"] == "torch==2.13.0"
+    assert args["BASE_IMAGE"].startswith("nvidia/cuda:13.0.") and "-base-" in args["BASE_IMAGE"]
+    for text in (DOCKERFILE.read_text(), (REPO / "docs" / "deployment.md").read_text()):
+        assert "CUDA 13.0" in text and ">= 580" in text
+
+
+def test_docker_stop_outlasts_the_drain():
+    """A plain `docker stop` waits 10 s before SIGKILL: the image's grace plus the final flush fits in it."""
+    from server.process import FLUSH_S
+
+    assert only("STOPSIGNAL") == ["SIGTERM"]
+    env = dict(part.split("=", 1) for line in only("ENV") for part in line.replace("\\", " ").split() if "=" in part)
+    grace = float(env["PROXY_SERVE_SHUTDOWN_GRACE_S"])
+    assert grace + FLUSH_S + 1.0 <= 10.0
+    server = compose()["services"]["proxy-serve"]
+    compose_grace = float(server["environment"]["PROXY_SERVE_SHUTDOWN_GRACE_S"])
+    period = server["stop_grace_period"]
+    assert period.endswith("s") and compose_grace + FLUSH_S + 1.0 <= float(period[:-1])
 
 
 def test_volumes_and_environment():
@@ -145,6 +183,7 @@ def test_compose_server_service():
     (device,) = server["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert server["command"][0] == "--config"
+    assert server["command"][1].endswith("/app/configs/demo-cpu.yaml}")
     mounts = " ".join(server["volumes"])
     assert ":/models" in mounts and ":/home/app/.cache/huggingface" in mounts
 

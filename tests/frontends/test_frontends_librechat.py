@@ -126,7 +126,7 @@ def test_engine_error_mid_stream_is_thrown_by_the_sdk_parser():
     fake = FakeEngine(fail_at_token=2)
     engine = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
     settings = load_settings(overrides={"engine": engine, "api_keys": [API_KEY]}, environ=False)
-    with TestClient(create_app(fake, settings)) as client:
+    with TestClient(create_app(fake, settings), base_url="http://localhost") as client:
         client.portal.call(asyncio.sleep, 0.05)  # let the background load finish
         body = {**LIBRECHAT_AGENTS_STREAM, "max_tokens": 5}
         payload = json.dumps(body, separators=(",", ":")).encode()

@@ -1,6 +1,7 @@
 """``python gated_server.py <proxy-serve arguments>``: ``proxy-serve`` whose engine holds its decode phase
 while the file named by ``$PROXY_TEST_GATE`` exists (60 s at most), so that a test can keep a request in
-flight for as long as it needs, whatever the machine's speed; and whose model loading holds while the file
+flight for as long as it needs, whatever the machine's speed; whose step thread dies while the file named by
+``$PROXY_TEST_DIE`` exists; and whose model loading holds while the file
 named by ``$PROXY_TEST_LOAD_GATE`` exists (120 s at most), like a 70B model that takes minutes to load."""
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ def _gated_init(self, *args, **kwargs) -> None:
 
 
 engine_module.ProxyEngine.__init__ = _gated_init
+
+if os.environ.get("PROXY_TEST_DIE"):
+    # While the file named by $PROXY_TEST_DIE exists, the step raises before its guarded phases (where a fault
+    # in admission or in the inbox would): the step thread dies.
+    DIE = Path(os.environ["PROXY_TEST_DIE"])
+    _step = engine_module.ProxyEngine.step
+
+    def _dying_step(self):
+        if DIE.exists():
+            raise RuntimeError("injected fault outside the guarded phases")
+        return _step(self)
+
+    engine_module.ProxyEngine.step = _dying_step
 
 if os.environ.get("PROXY_TEST_LOAD_GATE"):
     from proxy_engine import async_engine

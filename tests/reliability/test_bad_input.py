@@ -127,16 +127,25 @@ CATALOGUE = [
     # huge numbers
     (COMPLETIONS, {"prompt": "x", "n": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "n": 17}, 400),
-    (COMPLETIONS, {"prompt": "x", "max_tokens": HUGE}, 200),  # bounded by the context left
-    (COMPLETIONS, {"prompt": "x", "max_tokens": 2**63}, 200),
-    (CHAT, {"messages": USER, "max_completion_tokens": HUGE}, 200),
+    # past the context left: a 400 naming the lengths (context_length_exceeded), as OpenAI and vLLM answer
+    (COMPLETIONS, {"prompt": "x", "max_tokens": HUGE}, 400),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 2**63}, 400),
+    (CHAT, {"messages": USER, "max_completion_tokens": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "top_k": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "top_k": 2**62, "max_tokens": 2}, 200),
     (COMPLETIONS, {"prompt": "x", "seed": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "seed": 2**63 - 1, "n": 3, "max_tokens": 2}, 200),
     (COMPLETIONS, {"prompt": "x", "logprobs": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "min_tokens": HUGE}, 400),
-    (COMPLETIONS, {"prompt": "x", "temperature": 1e308}, 200),
+    (COMPLETIONS, {"prompt": "x", "temperature": 1e308}, 400),  # float32 makes it inf, and -inf / inf NaN
+    (COMPLETIONS, {"prompt": "x", "temperature": 1e4, "top_k": 3}, 200),
+    (COMPLETIONS, {"prompt": "x", "temperature": 1e-39}, 200),  # below 1e-5: greedy (was a 500 in prefill)
+    (COMPLETIONS, {"prompt": "x", "temperature": 5e-324, "n": 2}, 200),
+    (CHAT, {"messages": USER, "temperature": 1e-39, "top_p": 0.5}, 200),
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 1e-300}, 400),  # was a 500 in decode
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 1e300}, 400),
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0.01, "max_tokens": 4}, 200),
+    (CHAT, {"messages": USER, "repetition_penalty": 100, "max_tokens": 4}, 200),
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": HUGE}, 400),
     # negative and NaN numbers
     (COMPLETIONS, {"prompt": "x", "max_tokens": -1}, 400),
@@ -200,6 +209,12 @@ CATALOGUE = [
     (COMPLETIONS, {"prompt": "x", "stop_token_ids": [512]}, 400),
     (COMPLETIONS, {"prompt": "x", "stop_token_ids": [-1]}, 400),
     (CHAT, {"messages": USER, "logit_bias": {"100000": -100}}, 400),
+    # per-request lists past their limits
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [1] * 257}, 400),
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [1] * 256, "max_tokens": 2}, 200),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400),
+    (CHAT, {"messages": USER, "logit_bias": {str(i): 1 for i in range(300)}, "max_tokens": 2}, 200),
+    (CHAT, {"messages": USER * 2049}, 400),
     # stop lists too long (or too long a stop)
     (COMPLETIONS, {"prompt": "x", "stop": ["s"] * 17}, 400),
     (COMPLETIONS, {"prompt": "x", "stop": ["s" * 257]}, 400),
@@ -302,30 +317,56 @@ SAMPLING = {
     "max_tokens": field("max_tokens", st.integers(min_value=1, max_value=6), *SMALL_INT_EDGES),
     "max_completion_tokens": field("max_completion_tokens", st.integers(min_value=1, max_value=6),
                                    *SMALL_INT_EDGES),
-    "temperature": field("temperature", st.floats(min_value=0, max_value=2), *FLOAT_EDGES),
+    "temperature": field("temperature", st.floats(min_value=0, max_value=2), *FLOAT_EDGES, 1e-39, 5e-324, 1e-5,
+                         1e4, 1.0001e4),
     "top_p": field("top_p", st.floats(min_value=0.05, max_value=1), *FLOAT_EDGES),
     "top_k": field("top_k", st.integers(min_value=-1, max_value=600), *SMALL_INT_EDGES),
     "min_p": field("min_p", st.floats(min_value=0, max_value=1), *FLOAT_EDGES),
     "presence_penalty": field("presence_penalty", st.floats(min_value=-2, max_value=2), *FLOAT_EDGES),
     "frequency_penalty": field("frequency_penalty", st.floats(min_value=-2, max_value=2), *FLOAT_EDGES),
-    "repetition_penalty": field("repetition_penalty", st.floats(min_value=0.5, max_value=2), *FLOAT_EDGES),
+    "repetition_penalty": field("repetition_penalty", st.floats(min_value=0.5, max_value=2), *FLOAT_EDGES, 1e-300,
+                                1e300, 0.01, 100, 0.0099),
     "stop": field("stop", st.one_of(PLAIN_TEXT, st.lists(PLAIN_TEXT, max_size=4), st.sampled_from(STOPS)),
                   [], ["s"] * 17, ["s" * 300], None, "\ud800"),
     "seed": field("seed", st.integers(min_value=-(2**63), max_value=2**63 - 1), *SMALL_INT_EDGES),
     "logit_bias": field("logit_bias", st.dictionaries(st.integers(min_value=0, max_value=511).map(str),
                                                       st.floats(min_value=-100, max_value=100), max_size=3),
-                        {"512": 1}, {"-1": 1}, {"x": 1}, {"1": NAN}, {"1": 1e9}, {}, None),
+                        {"512": 1}, {"-1": 1}, {"x": 1}, {"1": NAN}, {"1": 1e9}, {}, None,
+                        {str(i): 1 for i in range(301)}),
     "alpha": field("alpha", st.one_of(st.floats(min_value=-3, max_value=3), st.lists(st.floats(-3, 3), min_size=1,
                                                                                       max_size=1)),
                    *FLOAT_EDGES, [], [1, 2], [NAN]),
     "stop_token_ids": field("stop_token_ids", st.lists(st.integers(min_value=0, max_value=511), max_size=3), None,
-                            [], [10**40], [-1], [512]),
+                            [], [10**40], [-1], [512], [1] * 257),
     "ignore_eos": field("ignore_eos", st.booleans(), None, "no"),
     "min_tokens": field("min_tokens", st.integers(min_value=0, max_value=1), *SMALL_INT_EDGES),
     "skip_special_tokens": field("skip_special_tokens", st.booleans(), None),
     "include_stop_str_in_output": field("include_stop_str_in_output", st.booleans(), None),
     "user": field("user", PLAIN_TEXT, None),
     "unknown_sampler_field": JUNK,
+}
+# Fields other parts of the API add (structured output, tools): shape-level fuzzing only, expecting a 200 or a
+# 4xx whatever the server does with them (not in VALID: a server may refuse what it does not support).
+SCHEMA = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["object", "string", "integer", "array"])},
+                                         optional={"properties": st.dictionaries(TEXT, JUNK, max_size=2),
+                                                   "required": st.lists(TEXT, max_size=2)}), JUNK)
+FUNCTION = st.fixed_dictionaries({"name": st.one_of(st.sampled_from(["get_weather", "a" * 65, ""]), TEXT)},
+                                 optional={"description": TEXT, "parameters": SCHEMA, "strict": st.booleans()})
+NEWER = {
+    "response_format": st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "grammar", "x"])},
+                              optional={"json_schema": st.fixed_dictionaries(
+                                  {"name": TEXT}, optional={"schema": SCHEMA, "strict": st.booleans()})}),
+        JUNK),
+    "tools": st.one_of(st.lists(st.one_of(st.fixed_dictionaries({"type": st.just("function"), "function": FUNCTION}),
+                                          JUNK), max_size=3), JUNK),
+    "tool_choice": st.one_of(st.sampled_from(["auto", "none", "required", "any"]),
+                             st.fixed_dictionaries({"type": st.just("function"),
+                                                    "function": st.fixed_dictionaries({"name": TEXT})}), JUNK),
+    "parallel_tool_calls": st.one_of(st.booleans(), JUNK),
+    "guided_json": st.one_of(SCHEMA, JUNK),
+    "guided_regex": st.one_of(st.sampled_from(["[a-z]+", "(", "a{1000000}"]), JUNK),
+    "guided_choice": st.one_of(st.lists(TEXT, max_size=3), JUNK),
 }
 COMPLETION_FIELDS = {
     **SAMPLING,
@@ -335,6 +376,7 @@ COMPLETION_FIELDS = {
     "logprobs": field("logprobs", st.integers(min_value=0, max_value=3), *SMALL_INT_EDGES, 20, 21),
     "echo": field("echo", st.booleans(), None),
     "suffix": field("suffix", st.none(), "", "x"),
+    **{k: NEWER[k] for k in ("response_format", "guided_json", "guided_regex", "guided_choice")},
 }
 COMPLETION_BODY = st.fixed_dictionaries({}, optional=COMPLETION_FIELDS)
 VALID_COMPLETION = st.fixed_dictionaries(
@@ -348,7 +390,11 @@ CONTENT = st.one_of(
     st.lists(st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "input_text"]), "text": TEXT}),
                        st.fixed_dictionaries({"type": st.sampled_from(["image_url", "audio"])}), JUNK), max_size=3),
 )
-MESSAGE = st.one_of(st.fixed_dictionaries({"role": ROLE, "content": CONTENT}), JUNK)
+TOOL_CALL = st.fixed_dictionaries({"id": TEXT, "type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": TEXT, "arguments": st.one_of(st.just('{"city": "Paris"}'), TEXT)})})
+MESSAGE = st.one_of(st.fixed_dictionaries({"role": ROLE, "content": CONTENT},
+                                          optional={"tool_calls": st.one_of(st.lists(TOOL_CALL, max_size=2), JUNK),
+                                                    "tool_call_id": st.one_of(TEXT, JUNK), "name": TEXT}), JUNK)
 VALID_MESSAGE = st.fixed_dictionaries({
     "role": st.sampled_from(["system", "developer", "user", "assistant"]),
     "content": st.one_of(PLAIN_TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": PLAIN_TEXT}),
@@ -360,6 +406,7 @@ CHAT_FIELDS = {
                       [{"role": "user", "content": "\ud800"}]),
     "logprobs": field("logprobs", st.booleans(), None, 1),
     "chat_template": st.one_of(st.none(), TEXT),
+    **NEWER,
 }
 CHAT_BODY = st.fixed_dictionaries({}, optional={**CHAT_FIELDS, "messages": st.one_of(CHAT_FIELDS["messages"],
                                                                                    st.lists(MESSAGE, max_size=3)),
@@ -442,4 +489,4 @@ def test_fuzz_every_schema_operation(server, http, data):
     body = data.draw(st.one_of(JUNK, st.fixed_dictionaries({}, optional={
         "prompt": st.one_of(TEXT, TOKEN_IDS), "messages": st.lists(MESSAGE, max_size=2), "tokens": TOKEN_IDS,
         "model": SAMPLING["model"]})))
-    send(http, path, body)
+    send(http, path, body, method=method)  # POST, or DELETE (a stored response)

@@ -34,7 +34,8 @@ class FakeEngine:
     def detokenize(self, ids: list[int]) -> str:
         return "".join(chr(97 + i % 26) for i in ids)
 
-    async def add_request(self, request_id, prompt, params, target=Target.PROXY) -> RequestStream:
+    async def add_request(self, request_id, prompt, params, target=Target.PROXY, *,
+                          max_logprob_entries=None) -> RequestStream:
         if not self._admitting:
             raise EngineOverloadedError("draining", retry_after_s=2)
         params.validate(self.info.vocab_size, 1)

@@ -10,6 +10,7 @@ import httpx
 import uvicorn
 
 from server.app import create_app
+from server.http_protocol import uvicorn_config
 from server.settings import ServerSettings, load_settings
 
 MODEL = "proxy-tuned"
@@ -46,7 +47,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2, log_config=None)
+        config = uvicorn_config(self.app, settings, log_level="warning", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

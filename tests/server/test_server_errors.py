@@ -166,7 +166,7 @@ def test_non_streaming_disconnect_is_aborted(live):
     """A client that leaves a non-streaming request frees its slot: the engine goes idle again."""
     body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         assert wait_until(lambda: live.engine.stats().running == 1)
     assert wait_until(live.idle)

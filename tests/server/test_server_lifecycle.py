@@ -28,7 +28,7 @@ def fake() -> FakeEngine:
 
 @pytest.fixture()
 def app_client(fake):
-    with TestClient(create_app(fake, _settings())) as client:
+    with TestClient(create_app(fake, _settings()), base_url="http://localhost") as client:
         client.portal.call(asyncio.sleep, 0.05)  # let the background load finish
         yield client
 
@@ -79,7 +79,7 @@ def test_health_and_requests_while_loading_then_ready():
             await super().start()
 
     engine = SlowEngine()
-    with TestClient(create_app(engine, _settings())) as client:
+    with TestClient(create_app(engine, _settings()), base_url="http://localhost") as client:
         assert client.get("/health").status_code == 503 and client.get("/health").json()["status"] == "loading"
         response = client.post("/v1/completions", json={"prompt": "x"})
         assert response.status_code == 503 and response.json()["error"]["code"] == "loading"
@@ -97,7 +97,8 @@ def test_load_failure_is_reported():
         async def start(self) -> None:
             raise OSError("no such model directory: /nowhere")
 
-    with TestClient(create_app(BrokenEngine(), _settings(), on_load_failure=failures.append)) as client:
+    app = create_app(BrokenEngine(), _settings(), on_load_failure=failures.append)
+    with TestClient(app, base_url="http://localhost") as client:
         client.portal.call(asyncio.sleep, 0.05)
         assert client.get("/health").json()["status"] == "failed"
     assert len(failures) == 1
@@ -143,7 +144,8 @@ def test_tokenize_detokenize_and_version(app_client):
 def test_request_log_line_has_no_prompt_unless_asked(fake, caplog):
     for log_prompts in (False, True):
         caplog.clear()
-        with TestClient(create_app(FakeEngine(), _settings(log_prompts=log_prompts))) as client:
+        app = create_app(FakeEngine(), _settings(log_prompts=log_prompts))
+        with TestClient(app, base_url="http://localhost") as client:
             client.portal.call(asyncio.sleep, 0.05)
             with caplog.at_level("INFO", logger="proxy_serve"):
                 response = client.post("/v1/completions", json={"prompt": "secret words", "max_tokens": 2})
@@ -158,7 +160,7 @@ def test_an_unexpected_error_is_a_500_a_browser_can_read(fake):
     shows the error instead of a CORS failure; the server keeps serving."""
     origin = "http://chat.example"
     settings = _settings(allowed_origins=[origin])
-    with TestClient(create_app(fake, settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(fake, settings), raise_server_exceptions=False, base_url="http://localhost") as client:
         client.portal.call(asyncio.sleep, 0.05)
 
         def broken(*args, **kwargs):
