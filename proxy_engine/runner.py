@@ -20,6 +20,7 @@ logits). When a job completes, ``cache_prompts`` adds its prompts' full blocks t
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,8 @@ from proxy_engine.cpu_tuning import tame_malloc, use_cpu_threads
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
 from proxy_engine.prefix_cache import PrefixCache
+
+log = logging.getLogger("proxy_engine.runner")
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +218,11 @@ class ModelRunner:
                 return [(lay.k_buf[row, :, pad + start : pad + end], lay.v_buf[row, :, pad + start : pad + end])
                         for lay in layers]
 
-            added += self.prefix_cache.insert(prompt, span)
+            try:
+                added += self.prefix_cache.insert(prompt, span)
+            except RuntimeError as error:  # out of memory, most likely: caching is an optimisation
+                # A block is linked only once its copy exists, so the cache stays consistent; the requests go on.
+                log.warning("%s: prompt not cached (%s: %s)", self.name, type(error).__name__, error)
         return added
 
     def prefill_step(
