@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 _ROOT = -1  # the parent id of a prompt's first block
+
+# (start, end) -> per layer (k, v), each [kv_heads, end - start, head_dim]: a span of a prompt's K/V.
+SpanReader = Callable[[int, int], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass(eq=False)
@@ -130,7 +133,7 @@ class PrefixCache:
         return k[:, :tokens], v[:, :tokens]
 
     # --- writing ---------------------------------------------------------------------------------------------
-    def insert(self, tokens: Sequence[int], layers_kv) -> int:
+    def insert(self, tokens: Sequence[int], layers_kv: SpanReader) -> int:
         """Cache ``tokens``' full blocks (those not cached yet); returns how many blocks were added.
 
         ``layers_kv(start, end)`` gives the K and V of token columns ``[start, end)``, one ``(k, v)`` pair per

@@ -20,6 +20,7 @@ logits). When a job completes, ``cache_prompts`` adds its prompts' full blocks t
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,8 @@ from proxy_engine.cpu_tuning import tame_malloc, use_cpu_threads
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
 from proxy_engine.prefix_cache import PrefixCache
+
+log = logging.getLogger("proxy_engine.runner")
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +175,11 @@ class ModelRunner:
             row_reuse = [True] * len(distinct)
             for i, row in enumerate(row_of):  # a row shared with a scoring sequence is scored, so computed
                 row_reuse[row] = row_reuse[row] and (reuse is None or reuse[i])
-            self._start_from_cache(job, row_reuse)
+            try:
+                self._start_from_cache(job, row_reuse)
+            except RuntimeError as error:  # out of memory for the copied columns: prefill it all instead
+                log.warning("%s: cached prefix not used (%s: %s)", self.name, type(error).__name__, error)
+                job.cache, job.done = PaddedKVCache(self.num_layers), 0
         return job
 
     def _start_from_cache(self, job: PrefillJob, row_reuse: list[bool]) -> None:
@@ -188,19 +195,21 @@ class ModelRunner:
             # Never the whole prompt: the last token must run through the model for its logits.
             chains.append(cache.match(prompt, len(prompt) - 1) if row_reuse[row] else [])
         start = min(job.pad(row) + len(chain) * cache.block_size for row, chain in enumerate(chains))
-        pieces = []
+        pieces, queries = [], []
         for row, chain in enumerate(chains):
             if not row_reuse[row]:
                 continue
             used = max(0, start - job.pad(row))
-            cache.record_query(len(job.prompts[row]), used)
+            queries.append((len(job.prompts[row]), used))
             if used:
                 cache.touch(chain[: -(-used // cache.block_size)])
                 pieces.append((row, job.pad(row), [cache.read(chain, layer, used) for layer in range(self.num_layers)]))
-                job.reused += used
         if start > 0:
             job.cache.preload(job.ids.shape[0], job.ids.shape[1], start, pieces)
             job.done = start
+        for queried, used in queries:  # counted once the columns are in (a failed copy reuses nothing)
+            cache.record_query(queried, used)
+            job.reused += used
 
     def cache_prompts(self, job: PrefillJob) -> int:
         """Add a complete job's prompts' full blocks to the prefix cache; returns the blocks added."""
@@ -215,7 +224,11 @@ class ModelRunner:
                 return [(lay.k_buf[row, :, pad + start : pad + end], lay.v_buf[row, :, pad + start : pad + end])
                         for lay in layers]
 
-            added += self.prefix_cache.insert(prompt, span)
+            try:
+                added += self.prefix_cache.insert(prompt, span)
+            except RuntimeError as error:  # out of memory, most likely: caching is an optimisation
+                # A block is linked only once its copy exists, so the cache stays consistent; the requests go on.
+                log.warning("%s: prompt not cached (%s: %s)", self.name, type(error).__name__, error)
         return added
 
     def prefill_step(

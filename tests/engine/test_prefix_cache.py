@@ -332,3 +332,34 @@ async def test_the_engines_stats_report_each_models_queries_and_hits(chat_family
         assert engine.stats().kv_cache_usage == 0.0
     finally:
         await engine.shutdown()
+
+
+def test_a_failure_to_cache_a_prompt_fails_no_request(chat_family, models, monkeypatch):
+    cached, plain = build(models, chat_family), build(models, chat_family, enabled=False)
+
+    def out_of_memory(self, tokens, layers_kv):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(PrefixCache, "insert", out_of_memory)
+    for engine in (cached, plain):
+        submit(engine, "r", chat("What is the capital of France?"), **GREEDY)
+    assert_same(collect(cached), collect(plain))
+    assert all(r.prefix_cache.num_blocks == 0 for r in cached.runners)
+
+
+def test_a_cached_prefix_that_cannot_be_copied_in_is_computed_instead(chat_family, models, monkeypatch):
+    from proxy_engine.kv_cache import PaddedKVCache
+
+    cached, plain = build(models, chat_family), build(models, chat_family, enabled=False)
+    submit(cached, "warm", chat("What is the capital of France?"), **GREEDY)
+    collect(cached)
+
+    def out_of_memory(self, *args):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(PaddedKVCache, "preload", out_of_memory)
+    before = hits(cached)
+    for engine in (cached, plain):
+        submit(engine, "r", chat("What is the capital of Spain?"), **GREEDY)
+    assert_same(collect(cached), collect(plain))
+    assert hits(cached) == before  # nothing was reused, and nothing is counted as a hit
