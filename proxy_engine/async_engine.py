@@ -28,6 +28,7 @@ class ModelInfo:
     vocab_size: int
     default_alphas: list[float]
     eos_token_ids: list[int]
+    tool_call_format: str = "hermes"  # how this family writes tool calls (proxy_engine/tool_calls.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +158,7 @@ class AsyncEngine:
             vocab_size=engine.vocab_size,
             default_alphas=self.config.default_alphas,
             eos_token_ids=sorted(engine.eos_ids),
+            tool_call_format=engine.tool_call_format,
         )
         self.engine = engine
         self._loop = asyncio.get_running_loop()

@@ -18,10 +18,14 @@ PromptFormat = Literal["plain", "chat"]
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?|mps)$")
 
 # A plain transcript for models that see chat requests as text (the base and anti-expert in the paper).
+# ``tools_text`` (set when a request brings tools) lists them and shows the family's call format; an assistant's
+# earlier calls arrive already written out in its content, and tool results as role "tool".
 DEFAULT_TRANSCRIPT_TEMPLATE = (
+    "{% if tools_text %}{{ tools_text }}\n\n{% endif %}"
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'tool' %}Tool: {{ m['content'] }}\n"
     "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
@@ -147,6 +151,12 @@ class EngineConfig(_Strict):
         description="Jinja template that renders chat messages as plain text for 'plain' models.",
     )
     seed: int = Field(default=0, description="Seeds requests that bring no seed of their own (reproducible runs).")
+    tool_call_format: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        default="auto",
+        description="How this family writes tool calls (parsed from answers to tool_choice 'auto', written into "
+        "plain transcripts): 'auto' detects it from the chat template ([TOOL_CALLS]: mistral, <|python_tag|>: "
+        "llama3_json, else hermes <tool_call>).",
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @property

@@ -24,6 +24,7 @@ import torch
 
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
+from proxy_engine.grammar import GrammarCompiler
 from proxy_engine.loader import LoadedModel, eos_token_ids
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
@@ -45,6 +46,7 @@ from proxy_engine.runner import ModelRunner
 from proxy_engine.sampling import SamplingBatch
 from proxy_engine.scheduler import Scheduler, has_room
 from proxy_engine.sequence import Sequence
+from proxy_engine.tool_calls import detect_format
 
 log = logging.getLogger("proxy_engine.engine")
 
@@ -52,6 +54,16 @@ log = logging.getLogger("proxy_engine.engine")
 FaultHook = Callable[[str, list[Sequence]], None]
 # Analysis mode (as in the research code): called with the sequences and their combined logits [B, V].
 LogitsHook = Callable[[list[Sequence], torch.Tensor], None]
+
+
+def resolve_tool_call_format(config: EngineConfig, models: list[LoadedModel]) -> str:
+    """The configured tool-call format, or (``auto``) the one the chat templates write: a chat-format model's
+    template first (the expert's, usually), then any tokenizer's."""
+    if config.tool_call_format != "auto":
+        return config.tool_call_format
+    templates = [m.renderer.chat_template for m in models if m.renderer.prompt_format == "chat"]
+    templates += [m.renderer.chat_template for m in models]
+    return detect_format(next((t for t in templates if t), None))
 
 
 class ProxyEngine:
@@ -79,10 +91,16 @@ class ProxyEngine:
             for m, budget in zip(models, self.kv_budgets)
         ]
         self.eos_ids = frozenset(eos_token_ids(models))
+        # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+        self.tool_call_format = resolve_tool_call_format(config, models)
+        for model in models:
+            model.renderer.tool_format = self.tool_call_format
         self.device = self.runners[0].device
         self.scheduler = Scheduler(config.limits)
         self.outputs = OutputBuilder(self.tokenizer)
         self.prefill: PrefillGroup | None = None
+        self._synced_version = 0
         self.prompt_tokens_total = 0
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
@@ -176,6 +194,7 @@ class ProxyEngine:
         if self.config.limits.request_timeout_s:
             deadline = time.monotonic() + self.config.limits.request_timeout_s
         sequences = []
+        structured = params.structured  # compiled (or found cached) here: a bad constraint is a ValueError
         for choice in range(first_index, first_index + params.n):
             seed = params.seed + choice if params.seed is not None else self._seed_rng.getrandbits(63)
             with self._lock:
@@ -187,7 +206,7 @@ class ProxyEngine:
                 detokenizer=self.outputs.detokenizer(params, prompts[min(prompts)]),
                 # On the logits' device: torch.multinomial draws with a generator of the probabilities' device.
                 generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
-                deadline=deadline,
+                deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
             ))
         return sequences
 
@@ -299,7 +318,7 @@ class ProxyEngine:
             failed = [self.outputs.fail(s, phase, error) for s in sequences if not s.finished]
             # The batch may have failed for lack of memory: give its rows back now, not at the next step.
             self.scheduler.retire()
-            self._sync_rows()
+            self._sync_rows(force=True)  # a prefill may have failed half-way through handing its rows over
             return failed
 
     def _intake(self) -> list[RequestOutput]:
@@ -321,8 +340,11 @@ class ProxyEngine:
         message = f"the request timed out after {self.config.limits.request_timeout_s:g}s"
         return self.outputs.finish(sequence, FinishReason.ERROR, error=message, error_code=ErrorCode.TIMEOUT)
 
-    def _sync_rows(self) -> None:
+    def _sync_rows(self, force: bool = False) -> None:
         """Make every runner hold exactly the running sequences that use it (once a step, before decode)."""
+        if self._synced_version == self.scheduler.running_version and not force:
+            return  # nobody joined or left since the last sync
+        self._synced_version = self.scheduler.running_version
         for index, runner in enumerate(self.runners):
             runner.keep_rows([s.seq_id for s in self.scheduler.running if index in s.prompts])
 

@@ -36,14 +36,24 @@ class OutputBuilder:
         sequence.output_ids.append(token)
         self.generation_tokens_total += 1
         if token in sequence.stop_ids():
+            # A stop id adds nothing to the text; its entry shows the token decoded alone (``<|eot_id|>``), as
+            # vLLM's does, so clients can tell which token ended the sequence.
             if logprobs:
-                logprobs[0].token = ""  # a stop id adds nothing to the text
+                logprobs[0].token = self.tokenizer.decode([token])
             return self.finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs)
+        complete = False
+        if sequence.grammar is not None:
+            if not sequence.grammar.accept(token):
+                return self.finish(sequence, FinishReason.ERROR, new_token=token, logprobs=logprobs,
+                                   error=f"the output left its grammar: {sequence.grammar.error}",
+                                   error_code=ErrorCode.INTERNAL_ERROR)
+            # A complete output (a finite schema's closing brace) ends here: nothing else may follow it.
+            complete = sequence.grammar.finished
         # Like vLLM, stop strings only count once min_tokens are out (EOS and stop ids are banned until then).
         step = sequence.detokenizer.add(token, check_stops=len(sequence.output_ids) >= sequence.params.min_tokens)
         if logprobs:
             logprobs[0].token = step.token_text
-        if step.stopped:
+        if step.stopped or complete:
             return self.finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs, text=step.delta)
         if len(sequence.output_ids) >= sequence.max_tokens:
             return self.finish(sequence, FinishReason.LENGTH, new_token=token, logprobs=logprobs, text=step.delta)
@@ -95,9 +105,10 @@ class OutputBuilder:
     ) -> TokenLogprob:
         """The entry of ``token`` about to be added to ``sequence`` (before ``advance``): its alternatives
         rendered in the sequence's context; its own text is set by ``advance`` (what it added to the text)."""
-        keys = sequence.detokenizer.render([*top_ids, token])
+        keys = sequence.detokenizer.render(top_ids)
         top = [TopLogprob(i, key, v, self.token_bytes(i)) for i, key, v in zip(top_ids, keys, top_values)]
-        return TokenLogprob(token, keys[-1], logprob, top, self.token_bytes(token))
+        text = keys[top_ids.index(token)] if token in top_ids else sequence.detokenizer.render([token])[0]
+        return TokenLogprob(token, text, logprob, top, self.token_bytes(token))
 
     def prompt_logprobs(self, scores: PromptScores) -> list[TokenLogprob]:
         """One entry per prompt token; the first has no logprob (nothing predicts it). Texts join to the

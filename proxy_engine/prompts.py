@@ -11,6 +11,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from proxy_engine.request import PromptInput
+from proxy_engine.tool_calls import DEFAULT_FORMAT, template_messages, tools_preamble, transcript_messages
 
 
 def compile_template(source: str) -> jinja2.Template:
@@ -27,6 +28,7 @@ class PromptRenderer:
         self.prompt_format = prompt_format
         self.transcript = compile_template(transcript_template)
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.tool_format = DEFAULT_FORMAT  # the family's tool-call format (the engine sets the configured one)
         if prompt_format == "chat" and not self.chat_template:
             raise ValueError(
                 f"prompt_format is 'chat' but {getattr(tokenizer, 'name_or_path', 'the tokenizer')} has no chat "
@@ -49,14 +51,18 @@ class PromptRenderer:
             if messages is None:
                 text = prompt.text if prompt.text is not None else self.ids_to_text(prompt.token_ids)
                 messages = [{"role": "user", "content": text}]
+            extra = {"tools": prompt.tools} if prompt.tools else {}  # the template writes them its own way
             try:
                 return self.tokenizer.apply_chat_template(
-                    messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+                    template_messages(messages), chat_template=self.chat_template, add_generation_prompt=True,
+                    tokenize=False, **extra,
                 )
             except jinja2.TemplateError as error:  # e.g. a template that insists on alternating roles
                 raise ValueError(f"the chat template refused these messages: {error}") from error
         if prompt.messages is not None:
-            return self.transcript.render(messages=prompt.messages, add_generation_prompt=True)
+            tools_text = tools_preamble(self.tool_format, prompt.tools) if prompt.tools else ""
+            messages = transcript_messages(self.tool_format, prompt.messages)
+            return self.transcript.render(messages=messages, add_generation_prompt=True, tools_text=tools_text)
         return prompt.text
 
     def render(self, prompt: PromptInput) -> list[int]:

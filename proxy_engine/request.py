@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
+
+from proxy_engine.grammar import StructuredOutput
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -98,8 +101,11 @@ class PromptInput:
     """
 
     text: str | None = None
-    messages: list[dict[str, str]] | None = None
+    # Chat messages: "role" and "content" strings; an assistant's may carry OpenAI "tool_calls", a "tool"
+    # message its "tool_call_id".
+    messages: list[dict[str, Any]] | None = None
     token_ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools the models are told about (chat only)
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.text, self.messages, self.token_ids)]
@@ -113,6 +119,8 @@ class PromptInput:
                     raise ValueError("each message needs a string 'role' and a string 'content'")
         if self.token_ids is not None and not self.token_ids:
             raise ValueError("the prompt is empty")
+        if self.tools and self.messages is None:
+            raise ValueError("tools need a chat prompt (messages)")
 
 
 def _finite(name: str, value: float) -> None:
@@ -147,6 +155,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # None: the configured default of every pair; a number: that alpha for every pair; a list: one per pair.
     alpha: float | list[float] | None = None
+    # A constraint on the output (JSON schema, regex, choice, grammar), applied to the combined logits.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -212,6 +222,8 @@ class SamplingParams:
             if not -100.0 <= float(bias) <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         self.resolve_alphas([0.0] * num_pairs)
+        if self.structured is not None:
+            self.structured.validate()
 
     def resolve_alphas(self, defaults: list[float]) -> list[float]:
         """The alpha of every expert pair for this request."""

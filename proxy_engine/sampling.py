@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from proxy_engine import sampler
+from proxy_engine.grammar import apply_grammar_masks
 from proxy_engine.sequence import Sequence
 
 # ``[B, V] -> [B, V]`` for the batch's rows; it may change its argument in place (``process`` hands it a copy).
@@ -27,6 +28,18 @@ ProcessorFactory = Callable[[list[Sequence], torch.device], LogitsProcessor | No
 
 def _float_column(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def grammar_mask(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
+    """Structured outputs: each constrained row keeps only what its grammar allows next (its stop ids only where
+    the grammar may end); free rows in the same batch are untouched."""
+    matchers = [s.grammar for s in sequences]
+    constrained = [m for m in matchers if m is not None]
+    if not constrained:
+        return None
+    stop_ids = [sorted(s.stop_ids()) if s.grammar is not None else [] for s in sequences]
+    words = constrained[0].words
+    return lambda logits: apply_grammar_masks(logits, matchers, stop_ids, words)
 
 
 def logit_bias(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
@@ -86,10 +99,11 @@ def top_k_top_p_min_p(sequences: list[Sequence], device: torch.device) -> Logits
     return lambda logits: sampler.filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)
 
 
-# The one place that orders the processors (docs/sampling.md): bias and bans, penalties, then transformers'
+# The one place that orders the processors (docs/sampling.md): the grammar mask first (as vLLM applies its
+# bitmask: what the grammar forbids is out before the others), bias and bans, penalties, then transformers'
 # warpers in their order: temperature, top-k, top-p over what top-k kept, min-p.
 PROCESSORS: tuple[ProcessorFactory, ...] = (
-    logit_bias, min_tokens_ban, penalties, temperature_scaling, top_k_top_p_min_p,
+    grammar_mask, logit_bias, min_tokens_ban, penalties, temperature_scaling, top_k_top_p_min_p,
 )
 
 

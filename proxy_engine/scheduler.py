@@ -42,6 +42,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.running_version = 0  # changes whenever a sequence joins or leaves ``running``
 
     # --- counts ----------------------------------------------------------------------------------------------
     @property
@@ -69,6 +70,8 @@ class Scheduler:
         prefill is chunked, so it cannot stall the running streams. A prompt already admitted costs nothing
         more: its prefill is shared.
         """
+        if not self.waiting:
+            return []
         admitted: list[Sequence] = []
         budget = self.limits.max_num_batched_tokens
         in_batch = self.in_batch
@@ -97,6 +100,7 @@ class Scheduler:
             if not sequence.finished:
                 sequence.start_running()
                 self.running.append(sequence)
+                self.running_version += 1
 
     def remove(self, predicate: Callable[[Sequence], bool]) -> list[Sequence]:
         """Take the sequences ``predicate`` picks out of every list (aborts, timeouts); the caller ends them."""
@@ -105,6 +109,7 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if not predicate(s))
             self.prefilling = [s for s in self.prefilling if not predicate(s)]
             self.running = [s for s in self.running if not predicate(s)]
+            self.running_version += 1
         return removed
 
     def retire(self) -> None:
@@ -113,3 +118,4 @@ class Scheduler:
             self.prefilling = [s for s in self.prefilling if not s.finished]
         if any(s.finished for s in self.running):
             self.running = [s for s in self.running if not s.finished]
+            self.running_version += 1

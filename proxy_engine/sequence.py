@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # annotations only
     import torch
 
     from proxy_engine.detokenizer import IncrementalDetokenizer
+    from proxy_engine.grammar import GrammarMatcher
 
 
 class Status(Enum):
@@ -42,6 +43,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    grammar: GrammarMatcher | None = None  # the output's constraint, advanced with every accepted token
 
     @property
     def finished(self) -> bool:

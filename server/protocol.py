@@ -7,6 +7,7 @@ Responses are plain dicts built here, so that ``null`` and absent fields are exa
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Annotated, Any, Literal
@@ -15,12 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.async_engine import ModelInfo
 from proxy_engine.request import PromptInput, SamplingParams, TokenLogprob, TopLogprob
+from server import structured as structured_fields
+from server import tools as tool_fields
 from server.errors import bad_request
 from server.guards import clip
 
 # The logprob sent in place of -inf (JSON has no infinities).
 MIN_LOGPROB = -9999.0
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 TEXT_PART_TYPES = {"text", "input_text"}
 TOP_P_ZERO = 1e-9
 MAX_PROMPTS = 64  # prompts in one completions request (each with its n choices)
@@ -80,6 +83,13 @@ class _SamplingFields(_Lenient):
     min_tokens: int | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # Output constraints (server/structured.py): OpenAI's, and vLLM's two spellings.
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     @property
     def include_usage(self) -> bool:
@@ -93,8 +103,14 @@ class _SamplingFields(_Lenient):
             raise bad_request(f"{field} must be at least 1{note}, got {value}", field)
         return value
 
+    def structured(self):
+        """The request's one output constraint, or None (two are a 400)."""
+        guided = {name: getattr(self, name) for name in ("guided_json", "guided_regex", "guided_choice",
+                                                         "guided_grammar")}
+        return structured_fields.resolve(self.response_format, self.structured_outputs, guided)
+
     def _sampling(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None, structured=None
     ) -> SamplingParams:
         values: dict[str, Any] = {
             "max_tokens": max_tokens,
@@ -119,6 +135,7 @@ class _SamplingFields(_Lenient):
             "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,
             "logit_bias": _logit_bias(self.logit_bias),
+            "structured": structured if structured is not None else self.structured(),
         }
         params = SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
         if params.top_k == -1:
@@ -195,12 +212,18 @@ class CompletionRequest(_SamplingFields):
             raise bad_request("suffix is not supported", "suffix")
         max_tokens = self._max_tokens(zero_ok=bool(self.echo), note=" (0 only with echo: the prompt alone)")
         prompt_logprobs = self.logprobs if self.wants_prompt_logprobs else None
-        return self._sampling(max_tokens, self.logprobs, prompt_logprobs)
+        structured = self.structured()
+        if structured is not None and max_tokens == 0:
+            raise bad_request("an output constraint needs max_tokens of at least 1", "max_tokens")
+        return self._sampling(max_tokens, self.logprobs, prompt_logprobs, structured)
 
 
 class ChatMessage(_Lenient):
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -210,8 +233,26 @@ class ChatCompletionRequest(_SamplingFields):
     # Refused when given (vLLM accepts it): a template from the request could read files through Jinja's
     # loaders or change how every model sees the prompt. Each model renders with its configured template.
     chat_template: Any = None
+    # Tool calls (server/tools.py).
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: Any = None  # the deprecated spelling: refused with a pointer to tools
+    function_call: Any = None
 
-    def prompt_input(self) -> PromptInput:
+    def tool_plan(self, fmt: str = "hermes") -> tool_fields.ToolPlan:
+        """What the request's tools mean (validated once: a bad tool or tool_choice is a 400)."""
+        for legacy in ("functions", "function_call"):
+            if getattr(self, legacy) is not None:
+                raise bad_request(f"{legacy} (deprecated) is not supported: send tools and tool_choice", legacy)
+        cached = self.__dict__.get("_plan")
+        if cached is None:
+            cached = tool_fields.plan(tool_fields.check_tools(self.tools), self.tool_choice, self.parallel_tool_calls,
+                                      fmt)
+            self.__dict__["_plan"] = cached
+        return cached
+
+    def prompt_input(self, fmt: str = "hermes") -> PromptInput:
         if self.chat_template is not None:
             raise bad_request(
                 "chat_template is not accepted in requests: each model renders chat with the template its "
@@ -225,17 +266,51 @@ class ChatCompletionRequest(_SamplingFields):
             role = CHAT_ROLES.get(message.role)
             if role is None:
                 raise bad_request(
-                    f"messages[{i}].role {message.role!r} is not supported (use system, developer, user or assistant)",
+                    f"messages[{i}].role {message.role!r} is not supported (use system, developer, user, assistant or "
+                    "tool)",
                     f"messages[{i}].role",
                 )
-            messages.append({"role": role, "content": _content_text(message.content, i)})
-        return PromptInput(messages=messages)
+            messages.append(_chat_message(role, message, i))
+        plan = self.tool_plan(fmt)
+        return PromptInput(messages=messages, tools=plan.tools or None)
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, fmt: str = "hermes") -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(self._max_tokens(zero_ok=False), logprobs)  # 0 only makes sense for an echo
+        structured = self.structured()
+        plan = self.tool_plan(fmt)
+        if plan.mode != "text" and structured is not None:
+            raise bad_request("response_format (or another output constraint) cannot be combined with tools unless "
+                              "tool_choice is 'none'", "response_format")
+        structured = plan.constraint or structured
+        return self._sampling(self._max_tokens(zero_ok=False), logprobs, structured=structured)
+
+
+def _chat_message(role: str, message: ChatMessage, i: int) -> dict[str, Any]:
+    """One message for the engine: an assistant's ``tool_calls`` checked and kept, a tool result's id required."""
+    out: dict[str, Any] = {"role": role, "content": _content_text(message.content, i)}
+    if message.tool_calls:
+        if role != "assistant":
+            raise bad_request(f"messages[{i}]: only assistant messages carry tool_calls", f"messages[{i}].tool_calls")
+        calls = []
+        for j, call in enumerate(message.tool_calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise bad_request(f"messages[{i}].tool_calls[{j}] needs function.name", f"messages[{i}].tool_calls")
+            arguments = function.get("arguments", "{}")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            calls.append({"id": str(call.get("id") or ""), "type": "function",
+                          "function": {"name": function["name"], "arguments": arguments}})
+        out["tool_calls"] = calls
+    if role == "tool":
+        if not message.tool_call_id:
+            raise bad_request(f"messages[{i}] (role tool) needs tool_call_id", f"messages[{i}].tool_call_id")
+        out["tool_call_id"] = message.tool_call_id
+    if message.name and role in ("tool", "user"):
+        out["name"] = message.name
+    return out
 
 
 def _content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:

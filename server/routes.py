@@ -27,8 +27,10 @@ from server.protocol import (
     now,
     usage,
 )
+from server.responses import add_responses_routes
 from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger
 from server.streaming import EventStreamResponse, chat_events, completion_events
+from server.tools import assistant_message
 
 logger = logging.getLogger("proxy_serve")
 T = TypeVar("T")
@@ -52,6 +54,12 @@ def _convert(build: Callable[[], T]) -> T:
         return build()
     except ValueError as error:
         raise bad_request(str(error)) from None
+
+
+def tool_call_format(ctx: ServerContext) -> str:
+    """The family's tool-call format (known once the models are loaded; until then requests are refused anyway)."""
+    info = ctx.engine.info
+    return info.tool_call_format if info is not None else "hermes"
 
 
 def build_router(ctx: ServerContext) -> APIRouter:
@@ -151,22 +159,25 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         request_id = new_request_id("chatcmpl")
-        generation, _ = await start(request_id, "chat", body.model, body.prompt_input, body.sampling_params)
+        fmt = tool_call_format(ctx)
+        generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
+                                    lambda: body.sampling_params(fmt))
+        plan = body.tool_plan(fmt)
         created = now()
         headers = {"x-request-id": request_id}
         if body.stream:
-            events = chat_events(generation, created=created, include_usage=body.include_usage)
+            events = chat_events(generation, created=created, include_usage=body.include_usage, plan=plan)
             return EventStreamResponse(events, generation.close, headers)
         try:
             if not await collect(generation, request):
                 return Response(status_code=499)
         except GenerationError:
             raise failed(generation) from None
-        choices = [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": c.finish_reason}
-            for c in generation.choices
-        ]
+        choices = []
+        for c in generation.choices:
+            message, reason = assistant_message(plan, c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason})
         return JSONResponse(
             {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
              "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)},
@@ -179,6 +190,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         roots = [settings.engine.base.path] * 2 + [pair.expert.path for pair in settings.engine.experts[:1]]
         ids = settings.model_ids
         return [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
+
+    add_responses_routes(router, ctx, start, collect, tool_call_format)
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:

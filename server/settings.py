@@ -79,6 +79,13 @@ class ServerSettings(BaseSettings):
     )
     log_prompts: bool = Field(default=False, description="Include prompt text in the per-request log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log verbosity.")
+    responses_store_max: int = Field(
+        default=1000, ge=0, description="Responses API: stored responses kept in memory for previous_response_id "
+        "(the oldest leave first); 0 turns the store off (previous_response_id is then a 400)."
+    )
+    responses_store_ttl_s: float = Field(
+        default=3600.0, gt=0, description="Responses API: how long a stored response is kept, in seconds."
+    )
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")
 
     @field_validator("api_keys")

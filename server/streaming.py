@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from proxy_engine.request import ErrorCode
 from server.protocol import chat_logprobs, completion_logprobs, usage
 from server.serving import Generation, GenerationError
+from server.tools import ChoiceStream, ToolPlan, finish_reason
 
 logger = logging.getLogger("proxy_serve")
 
@@ -89,7 +90,13 @@ async def completion_events(
     yield DONE
 
 
-async def chat_events(generation: Generation, *, created: int, include_usage: bool) -> AsyncIterator[str]:
+async def chat_events(
+    generation: Generation, *, created: int, include_usage: bool, plan: ToolPlan | None = None
+) -> AsyncIterator[str]:
+    """``plan``: the request's tools; each choice's text goes out as content or tool-call deltas (server/tools.py)."""
+    plan = plan or ToolPlan("text")
+    streams = {choice.index: ChoiceStream(plan) for choice in generation.choices}
+
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {"id": generation.request_id, "object": "chat.completion.chunk", "created": created,
                 "model": generation.model, "choices": choices}
@@ -103,12 +110,19 @@ async def chat_events(generation: Generation, *, created: int, include_usage: bo
                       "finish_reason": None}])
     try:
         async for output in generation.outputs():
-            if output.text_delta or output.logprobs:
-                logprobs = chat_logprobs(output.logprobs) if output.logprobs is not None else None
-                yield chunk([{"index": output.index, "delta": {"content": output.text_delta}, "logprobs": logprobs,
+            stream = streams[output.index]
+            deltas = stream.feed(output.text_delta)
+            if output.finished:
+                deltas += stream.finish()
+            logprobs = chat_logprobs(output.logprobs) if output.logprobs else None
+            if logprobs is not None and not deltas:  # logprobs of held-back text still go out with their token
+                deltas = [{"content": ""}]
+            for k, delta in enumerate(deltas):
+                yield chunk([{"index": output.index, "delta": delta, "logprobs": logprobs if k == 0 else None,
                               "finish_reason": None}])
             if output.finished:
-                reason = generation.choices[output.index].finish_reason
+                reason = finish_reason(stream.made_calls and bool(plan.calls(stream.text)[1]),
+                                       generation.choices[output.index].finish_reason)
                 yield chunk([{"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
     except Exception as error:  # headers are out: the error goes in the stream
         yield _error_event(generation, error)

@@ -227,6 +227,8 @@ def test_a_scoring_request_computes_every_position_and_still_fills_the_cache(tin
     before = hits(cached)
     for e in (cached, plain):
         submit(e, "score", prompt, temperature=0, max_tokens=2, prompt_logprobs=2, ignore_eos=True)
+        # The same prompt unscored, in the same batch: it shares the scored row, which computes every position.
+        submit(e, "same", prompt, **GREEDY)
     result = collect(cached)
     assert hits(cached) == before  # nothing skipped for the scored prompt
     assert_same(result, collect(plain))

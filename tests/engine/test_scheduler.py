@@ -63,13 +63,19 @@ def test_promote_runs_the_survivors_and_retire_drops_the_finished():
     scheduler.add([_sequence(i, 2) for i in range(3)])
     group = scheduler.admit()
     group[1].finish(FinishReason.LENGTH)  # e.g. max_tokens 0: done at its prompt
+    version = scheduler.running_version
     scheduler.promote(group)
+    assert scheduler.running_version != version  # the engine resyncs its runners' rows
     assert scheduler.prefilling == [] and [s.seq_id for s in scheduler.running] == [0, 2]
     assert all(s.status is Status.RUNNING for s in scheduler.running)
     scheduler.running[0].finish(FinishReason.STOP)
     assert scheduler.in_batch == 1
+    version = scheduler.running_version
     scheduler.retire()
-    assert [s.seq_id for s in scheduler.running] == [2]
+    assert [s.seq_id for s in scheduler.running] == [2] and scheduler.running_version != version
+    version = scheduler.running_version
+    scheduler.retire()
+    assert scheduler.running_version == version  # nothing left: no resync
 
 
 def test_remove_takes_sequences_out_of_every_list():

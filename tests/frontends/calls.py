@@ -145,7 +145,8 @@ OPEN_WEBUI_HEADERS = {
 OPEN_WEBUI_POST_HEADERS = {"content-type": "application/json", **OPEN_WEBUI_HEADERS}
 
 # Two of the 28 built-in tool definitions that a chat from the browser carries by default ("native" function
-# calling); the server ignores ``tools`` and answers in text, which Open WebUI shows as the reply.
+# calling); the models read them (a plain model in its transcript) and an answer in the family's call format
+# comes back as ``tool_calls``.
 _OPEN_WEBUI_TOOLS = [
     {"type": "function", "function": {
         "name": "get_current_timestamp", "description": "Get the current Unix timestamp in seconds.",

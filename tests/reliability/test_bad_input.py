@@ -127,7 +127,8 @@ CATALOGUE = [
     # huge numbers
     (COMPLETIONS, {"prompt": "x", "n": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "n": 17}, 400),
-    (COMPLETIONS, {"prompt": "x", "max_tokens": HUGE}, 400),  # past the context: 400 naming both lengths
+    # past the context left: a 400 naming the lengths (context_length_exceeded), as OpenAI and vLLM answer
+    (COMPLETIONS, {"prompt": "x", "max_tokens": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "max_tokens": 2**63}, 400),
     (CHAT, {"messages": USER, "max_completion_tokens": HUGE}, 400),
     (COMPLETIONS, {"prompt": "x", "top_k": HUGE}, 400),
@@ -488,4 +489,4 @@ def test_fuzz_every_schema_operation(server, http, data):
     body = data.draw(st.one_of(JUNK, st.fixed_dictionaries({}, optional={
         "prompt": st.one_of(TEXT, TOKEN_IDS), "messages": st.lists(MESSAGE, max_size=2), "tokens": TOKEN_IDS,
         "model": SAMPLING["model"]})))
-    send(http, path, body)
+    send(http, path, body, method=method)  # POST, or DELETE (a stored response)

@@ -56,7 +56,51 @@ def http(live):
 def _servers_idle_after(request):
     """Every test leaves the servers it used with nothing running, so tests stay independent."""
     yield
-    for name in ("live", "guarded"):
+    for name in ("live", "guarded", "agent"):
         if name in request.fixturenames:
             server = request.getfixturevalue(name)
             assert wait_until(server.idle, timeout=60), f"{name} server still busy: {server.engine.stats()}"
+
+
+# A chat template that writes the tools and earlier calls (as real families' templates do), for the chat expert.
+TOOL_CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>{{ tools | tojson }}<|end|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% else %}{{ m['content'] }}{% endif %}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def agent_family(tmp_path_factory):
+    """The tiny family with room for tool lists (2,048 positions) and a chat-format expert."""
+    from proxy_engine.families import build_family
+
+    return build_family(tmp_path_factory.mktemp("agent"), chat_expert=True, max_position_embeddings=2048)
+
+
+@pytest.fixture(scope="session")
+def agent(agent_family):
+    """A server for agents' requests: tools, structured outputs, the Responses API."""
+    from server.settings import load_settings
+
+    engine = {
+        "base": {"path": str(agent_family.base)},
+        "experts": [{"expert": {"path": str(agent_family.expert), "prompt_format": "chat",
+                                "chat_template": TOOL_CHAT_TEMPLATE},
+                     "anti_expert": {"path": str(agent_family.anti_expert)}}],
+    }
+    server = _serve(load_settings(overrides={"engine": engine}, environ=False))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def agent_client(agent) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture()
+def agent_http(agent):
+    with httpx.Client(base_url=agent.url, timeout=60) as c:
+        yield c

@@ -40,3 +40,29 @@ def test_without_a_prefix_cache_the_counters_are_absent_and_usage_is_zero():
     got = samples(EngineStats())
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.0
     assert not any(name.startswith("proxy_serve_prefix_cache") for name, _ in got)
+
+
+def _value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or sample.labels == labels):
+                return sample.value
+    raise AssertionError(f"{name} {labels} not on /metrics")
+
+
+def test_a_chats_next_turn_shows_as_prefix_cache_hits_on_metrics(http):
+    """Through HTTP on a real engine: the second turn of a conversation is served from each model's cache."""
+    system = {"role": "system", "content": "You answer in one short sentence about European capitals. " * 4}
+    before = http.get("/metrics").text
+    hits_before = {m: _value(before, "proxy_serve_prefix_cache_hits_total", {"model": m})
+                   for m in ("base", "expert", "anti_expert")}
+    first = [system, {"role": "user", "content": "What is the capital of France?"}]
+    reply = http.post("/v1/chat/completions", json={"messages": first, "max_tokens": 4, "temperature": 0})
+    assert reply.status_code == 200
+    answer = reply.json()["choices"][0]["message"]["content"]
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Spain?"}]
+    assert http.post("/v1/chat/completions", json={"messages": second, "max_tokens": 4}).status_code == 200
+    after = http.get("/metrics").text
+    for model, hits in hits_before.items():
+        assert _value(after, "proxy_serve_prefix_cache_hits_total", {"model": model}) >= hits + 32, model
+    assert 0.0 <= _value(after, "proxy_serve_kv_cache_usage_perc") <= 1.0

@@ -1,0 +1,216 @@
+"""How a model family writes tool calls: render them into a plain transcript, and parse them out of generated text.
+
+Three formats cover the common open families (``EngineConfig.tool_call_format``, detected from the chat
+template when left at ``auto``):
+
+- ``hermes`` (Hermes, Qwen 2/2.5/3): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, one block per call.
+- ``llama3_json`` (Llama 3.1+): the whole answer is ``{"name": ..., "parameters": {...}}`` (after an optional
+  ``<|python_tag|>``; several calls separated by ``;``).
+- ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``, or the newer
+  ``[TOOL_CALLS]name[ARGS]{...}`` per call.
+
+Pure functions, no tensors: the engine renders transcripts with them, the server parses answers with them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+ToolCallFormat = Literal["hermes", "llama3_json", "mistral"]
+FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral")
+DEFAULT_FORMAT: ToolCallFormat = "hermes"
+
+# What starts a call in each format: text from here on is held back from a stream until it parses (or not).
+CALL_MARKERS: dict[str, tuple[str, ...]] = {
+    "hermes": ("<tool_call>",),
+    "llama3_json": ("<|python_tag|>",),
+    "mistral": ("[TOOL_CALLS]",),
+}
+_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_MISTRAL_ARGS = re.compile(r"([A-Za-z0-9_.\-]+)\[ARGS\]")
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    name: str
+    arguments: str  # a JSON object, as a string (what OpenAI's ``function.arguments`` holds)
+
+
+def detect_format(chat_template: str | None) -> ToolCallFormat:
+    """The family's format, from what its chat template writes (Hermes / Qwen when nothing tells)."""
+    template = chat_template or ""
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<|python_tag|>" in template or "ipython" in template:
+        return "llama3_json"
+    return DEFAULT_FORMAT
+
+
+def _arguments_object(arguments: Any) -> dict[str, Any]:
+    """OpenAI sends ``arguments`` as a JSON string; templates and transcripts want the object."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return {"_raw": arguments}
+    return arguments if isinstance(arguments, dict) else {"_value": arguments}
+
+
+def render_calls(fmt: str, calls: list[dict[str, Any]]) -> str:
+    """An assistant's tool calls (OpenAI's ``tool_calls`` entries) as the family writes them."""
+    pairs = [(c.get("function", {}).get("name", ""), _arguments_object(c.get("function", {}).get("arguments")))
+             for c in calls]
+    if fmt == "llama3_json":
+        return "<|python_tag|>" + "; ".join(json.dumps({"name": n, "parameters": a}, ensure_ascii=False)
+                                          for n, a in pairs)
+    if fmt == "mistral":
+        return "[TOOL_CALLS]" + json.dumps([{"name": n, "arguments": a} for n, a in pairs], ensure_ascii=False)
+    return "".join(f"<tool_call>{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}</tool_call>"
+                   for n, a in pairs)
+
+
+def tools_preamble(fmt: str, tools: list[dict[str, Any]]) -> str:
+    """What a plain-text model reads about the tools, and how to call them, before the transcript."""
+    listed = "\n".join(json.dumps(tool.get("function", tool), ensure_ascii=False, separators=(",", ":"))
+                       for tool in tools)
+    example = render_calls(fmt, [{"function": {"name": "<name>", "arguments": {"<argument>": "<value>"}}}])
+    return f"You may call these tools:\n{listed}\nTo call a tool, answer with: {example}"
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as Hugging Face chat templates expect them: tool call arguments as objects, not strings."""
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            message = dict(message)
+            message["tool_calls"] = [
+                {**call, "function": {**call.get("function", {}),
+                                      "arguments": _arguments_object(call.get("function", {}).get("arguments"))}}
+                for call in message["tool_calls"]
+            ]
+        out.append(message)
+    return out
+
+
+def transcript_messages(fmt: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for a plain transcript: an assistant's calls written out in its content, in the family's format."""
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            content = (message.get("content") or "") + render_calls(fmt, message["tool_calls"])
+            message = {"role": "assistant", "content": content}
+        out.append(message)
+    return out
+
+
+def _call(name: Any, arguments: Any) -> ParsedCall | None:
+    if not isinstance(name, str) or not name:
+        return None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        return None
+    return ParsedCall(name, json.dumps(arguments, ensure_ascii=False))
+
+
+def _objects(text: str) -> list[Any] | None:
+    """Every JSON value in ``text``, one after another (separated by whitespace or ``;``), or None if any fails."""
+    decoder = json.JSONDecoder()
+    values, position = [], 0
+    while True:
+        while position < len(text) and text[position] in " \t\r\n;":
+            position += 1
+        if position == len(text):
+            return values
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            return None
+        values.append(value)
+
+
+def parse_calls(fmt: str, text: str) -> tuple[str | None, list[ParsedCall]]:
+    """``(content, calls)`` from a generated answer. Without a well-formed call, the whole text is content."""
+    if fmt == "hermes":
+        start = text.find("<tool_call>")
+        if start < 0:
+            return text, []
+        calls = []
+        for block in _HERMES_BLOCK.findall(text[start:]):
+            values = _objects(block)
+            if not values or len(values) != 1 or not isinstance(values[0], dict):
+                return text, []
+            call = _call(values[0].get("name"), values[0].get("arguments", values[0].get("parameters")))
+            if call is None:
+                return text, []
+            calls.append(call)
+        return (text[:start] or None), calls
+    if fmt == "mistral":
+        start = text.find("[TOOL_CALLS]")
+        if start < 0:
+            return text, []
+        body = text[start + len("[TOOL_CALLS]"):]
+        calls = _mistral_calls(body)
+        return ((text[:start] or None), calls) if calls else (text, [])
+    # llama3_json: the answer is the call(s), optionally after <|python_tag|>.
+    stripped = text.strip()
+    tagged = stripped.startswith("<|python_tag|>")
+    body = stripped[len("<|python_tag|>"):] if tagged else stripped
+    if not body.startswith("{"):
+        return text, []
+    values = _objects(body)
+    if not values or not all(isinstance(v, dict) for v in values):
+        return text, []
+    calls = [_call(v.get("name"), v.get("parameters", v.get("arguments"))) for v in values]
+    if any(c is None for c in calls):
+        return text, []
+    return None, [c for c in calls if c is not None]
+
+
+def _mistral_calls(body: str) -> list[ParsedCall]:
+    named = _MISTRAL_ARGS.match(body.lstrip())
+    if named:  # name[ARGS]{...} (repeated, each after its own [TOOL_CALLS])
+        calls = []
+        for chunk in body.split("[TOOL_CALLS]"):
+            match = _MISTRAL_ARGS.match(chunk.lstrip())
+            values = _objects(chunk.lstrip()[match.end():]) if match else None
+            if not match or not values or len(values) != 1:
+                return []
+            call = _call(match.group(1), values[0])
+            if call is None:
+                return []
+            calls.append(call)
+        return calls
+    values = _objects(body)
+    if not values or len(values) != 1:
+        return []
+    items = values[0] if isinstance(values[0], list) else [values[0]]
+    calls = [_call(v.get("name"), v.get("arguments", v.get("parameters"))) if isinstance(v, dict) else None
+             for v in items]
+    return [] if any(c is None for c in calls) or not calls else [c for c in calls if c is not None]
+
+
+def looks_like_call_start(fmt: str, text: str) -> bool:
+    """Whether a stream must hold ``text`` back: a call may be starting (llama3_json: the answer opens an object)."""
+    if fmt == "llama3_json" and text.lstrip().startswith("{"):
+        return True
+    return any(marker in text for marker in CALL_MARKERS[fmt])
+
+
+def marker_prefix_len(fmt: str, text: str) -> int:
+    """Length of the longest tail of ``text`` that could be the start of a call marker (held back while streaming)."""
+    best = 0
+    for marker in CALL_MARKERS[fmt]:
+        for length in range(min(len(marker) - 1, len(text)), 0, -1):
+            if text.endswith(marker[:length]):
+                best = max(best, length)
+                break
+    return best

@@ -1,0 +1,433 @@
+"""``POST /v1/responses`` (OpenAI's Responses API), served by the chat path.
+
+A request becomes a chat conversation (``instructions`` first, then the stored conversation of
+``previous_response_id``, then ``input``'s messages, function calls and their outputs), is generated exactly as
+``/v1/chat/completions`` would generate it (so greedy output is the same), and the answer goes back as output
+items: a ``message`` with ``output_text``, and ``function_call`` items. Streamed, it is the documented event
+sequence: ``response.created``, ``response.in_progress``, per item ``response.output_item.added`` (a message's
+``response.content_part.added``, ``response.output_text.delta`` ... ``response.output_text.done``,
+``response.content_part.done``; a call's ``response.function_call_arguments.delta`` ... ``.done``),
+``response.output_item.done``, and ``response.completed`` (``response.incomplete`` when cut by
+``max_output_tokens``).
+
+Fields this server cannot honour are a 400 naming the field, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.errors import APIError, bad_request
+from server.protocol import ChatCompletionRequest, _Lenient, check_text
+from server.response_store import ResponseStore
+from server.serving import Generation, GenerationError, ServerContext
+from server.streaming import EventStreamResponse, sse
+from server.tools import ChoiceStream, ToolPlan, check_tools
+
+# OpenAI fields with no implementation here: refused when given a value that would change the answer.
+_UNSUPPORTED = ("background", "conversation", "prompt", "reasoning", "max_tool_calls", "top_logprobs",
+                "context_management", "moderation")
+_INPUT_TEXT = {"input_text", "output_text", "text"}
+_ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponsesRequest(_Lenient):
+    model: str | None = None
+    input: Any = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    text: dict[str, Any] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    stream: bool | None = False
+    store: bool | None = True
+    previous_response_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+    truncation: str | None = None
+    include: list[Any] | None = None
+    # The server's sampling extensions, as on the other endpoints.
+    seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    alpha: float | list[float] | None = None
+    background: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    reasoning: Any = None
+    max_tool_calls: Any = None
+    top_logprobs: Any = None
+    context_management: Any = None
+    moderation: Any = None
+
+    def check_supported(self) -> None:
+        for name in _UNSUPPORTED:
+            value = getattr(self, name)
+            if value not in (None, False, [], {}, 0):
+                raise bad_request(f"{name} is not supported by this server", name)
+        if self.truncation not in (None, "disabled"):
+            raise bad_request("truncation 'auto' is not supported: a prompt past the context is a 400", "truncation")
+        if self.include:
+            raise bad_request("include is not supported (no reasoning, search or logprob items)", "include")
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise bad_request(f"max_output_tokens must be at least 1, got {self.max_output_tokens}",
+                              "max_output_tokens")
+
+    def response_format(self) -> dict[str, Any] | None:
+        """``text.format`` as chat's ``response_format``."""
+        if not self.text:
+            return None
+        unknown = set(self.text) - {"format", "verbosity"}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise bad_request(f"text.{name} is not supported", f"text.{name}")
+        fmt = self.text.get("format")
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict):
+            raise bad_request("text.format must be an object with a 'type'", "text.format")
+        kind = fmt.get("type")
+        if kind in ("text", "json_object"):
+            return {"type": kind}
+        if kind == "json_schema":
+            if "schema" not in fmt:
+                raise bad_request("text.format.schema is required", "text.format.schema")
+            return {"type": "json_schema",
+                    "json_schema": {"name": fmt.get("name", "output"), "schema": fmt["schema"],
+                                    "strict": fmt.get("strict")}}
+        raise bad_request(f"text.format.type {kind!r} is not supported (text, json_object or json_schema)",
+                          "text.format.type")
+
+    def input_messages(self) -> list[dict[str, Any]]:
+        """``input`` as chat messages (consecutive function calls become one assistant message)."""
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": check_text(self.input, "input")}]
+        if not isinstance(self.input, list) or not self.input:
+            raise bad_request("input must be a string or a non-empty list of items", "input")
+        messages: list[dict[str, Any]] = []
+        for i, item in enumerate(self.input):
+            where = f"input[{i}]"
+            if not isinstance(item, dict):
+                raise bad_request(f"{where} must be an object", where)
+            kind = item.get("type", "message")
+            if kind == "message":
+                role = _ROLES.get(item.get("role"))
+                if role is None:
+                    raise bad_request(f"{where}.role {item.get('role')!r} is not supported", f"{where}.role")
+                messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+            elif kind == "function_call":
+                call = {"id": item.get("call_id") or item.get("id") or "", "type": "function",
+                        "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
+                if not isinstance(call["function"]["name"], str):
+                    raise bad_request(f"{where}.name is required", f"{where}.name")
+                if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls") \
+                        and not messages[-1]["content"]:
+                    messages[-1]["tool_calls"].append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "function_call_output":
+                if not item.get("call_id"):
+                    raise bad_request(f"{where}.call_id is required", f"{where}.call_id")
+                output = item.get("output")
+                content = output if isinstance(output, str) else _text(output, f"{where}.output")
+                messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": content})
+            else:
+                raise bad_request(f"{where}.type {kind!r} is not supported (message, function_call, "
+                                  "function_call_output)", f"{where}.type")
+        return messages
+
+    def to_chat(self, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+        self.check_supported()
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        messages += history + self.input_messages()
+        tools = check_tools(self.tools, flat=True)
+        tool_choice = self.tool_choice
+        if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+            if not isinstance(tool_choice.get("name"), str):
+                raise bad_request('tool_choice must name a function: {"type": "function", "name": ...}',
+                                  "tool_choice")
+            tool_choice = {"type": "function", "function": {"name": tool_choice["name"]}}
+        elif isinstance(tool_choice, dict):
+            raise bad_request(f"tool_choice type {tool_choice.get('type')!r} is not supported", "tool_choice")
+        fields: dict[str, Any] = {
+            "model": self.model, "messages": messages, "tools": tools or None, "tool_choice": tool_choice,
+            "parallel_tool_calls": self.parallel_tool_calls, "max_tokens": self.max_output_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "response_format": self.response_format(),
+            "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty, "alpha": self.alpha, "user": self.user,
+        }
+        return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _text(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return check_text(content, param)
+    if not isinstance(content, list):
+        raise bad_request(f"{param} must be a string or a list of text parts", param)
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in _INPUT_TEXT or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise bad_request(f"{param}[{j}] has type {kind!r}: only text parts (input_text, output_text) are "
+                              "supported", f"{param}[{j}].type")
+        texts.append(check_text(part["text"], f"{param}[{j}].text"))
+    return "\n".join(texts)
+
+
+class ResponseBuilder:
+    """The Response object of one request, as it grows: items are added as generation goes."""
+
+    def __init__(self, body: ResponsesRequest, chat: ChatCompletionRequest, response_id: str, model: str,
+                 plan: ToolPlan) -> None:
+        self.body = body
+        self.plan = plan
+        self.id = response_id
+        self.model = model
+        self.created_at = time.time()
+        self.output: list[dict[str, Any]] = []
+        self.tools = [{"type": "function", "name": t["function"]["name"],
+                       "description": t["function"].get("description"),
+                       "parameters": t["function"].get("parameters"), "strict": t["function"].get("strict", False)}
+                      for t in plan.tools] if chat.tools else []
+
+    def snapshot(self, status: str, usage: dict[str, Any] | None = None,
+                 incomplete: str | None = None) -> dict[str, Any]:
+        body = self.body
+        text_format = {"format": {"type": "text"}}
+        if body.text and body.text.get("format"):
+            text_format = {"format": body.text["format"]}
+        tool_choice = body.tool_choice if body.tool_choice is not None else ("auto" if self.tools else "none")
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "completed_at": time.time() if status in ("completed", "incomplete") else None,
+            "error": None, "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": self.model,
+            "output": [dict(item) for item in self.output], "parallel_tool_calls": self.plan.parallel,
+            "previous_response_id": body.previous_response_id, "temperature": body.temperature,
+            "top_p": body.top_p, "tool_choice": tool_choice, "tools": self.tools, "text": text_format,
+            "truncation": "disabled", "store": bool(body.store), "metadata": body.metadata or {},
+            "user": body.user, "usage": usage,
+        }
+
+
+def response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A response's output items as one assistant message (what a later ``previous_response_id`` continues)."""
+    text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
+    calls = [{"id": item["call_id"], "type": "function",
+              "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in output if item["type"] == "function_call"]
+    message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+    if calls:
+        message["tool_calls"] = calls
+    return [message]
+
+
+class ItemStream:
+    """Turns one choice's chat deltas (``ChoiceStream``'s) into output items and the Responses stream events."""
+
+    def __init__(self, builder: ResponseBuilder) -> None:
+        self.builder = builder
+        self.sequence = 0
+        self.message: dict[str, Any] | None = None  # the open message item
+        self.calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its open function_call item
+
+    def event(self, kind: str, **fields: Any) -> str:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return sse(data)
+
+    def _index(self, item: dict[str, Any]) -> int:
+        return self.builder.output.index(item)
+
+    def feed(self, delta: dict[str, Any]) -> list[str]:
+        events = []
+        if delta.get("content"):
+            if self.message is None:
+                self.message = {"id": _id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                                "content": []}
+                self.builder.output.append(self.message)
+                index = self._index(self.message)
+                events.append(self.event("response.output_item.added", output_index=index, item=_copy(self.message)))
+                self.message["content"].append({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                events.append(self.event("response.content_part.added", item_id=self.message["id"],
+                                         output_index=index, content_index=0,
+                                         part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
+            self.message["content"][0]["text"] += delta["content"]
+            events.append(self.event("response.output_text.delta", item_id=self.message["id"],
+                                     output_index=self._index(self.message), content_index=0, delta=delta["content"],
+                                     logprobs=[]))
+        for call in delta.get("tool_calls") or []:
+            item = self.calls.get(call["index"])
+            function = call.get("function") or {}
+            if item is None:
+                events += self._close_message()
+                item = {"id": _id("fc"), "type": "function_call", "call_id": call.get("id") or _id("call"),
+                        "name": function.get("name", ""), "arguments": "", "status": "in_progress"}
+                self.calls[call["index"]] = item
+                self.builder.output.append(item)
+                events.append(self.event("response.output_item.added", output_index=self._index(item),
+                                         item=_copy(item)))
+            if function.get("arguments"):
+                item["arguments"] += function["arguments"]
+                events.append(self.event("response.function_call_arguments.delta", item_id=item["id"],
+                                         output_index=self._index(item), delta=function["arguments"]))
+        return events
+
+    def _close_message(self, status: str = "completed") -> list[str]:
+        message, self.message = self.message, None
+        if message is None:
+            return []
+        index, part = self._index(message), message["content"][0]
+        message["status"] = status
+        return [
+            self.event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0,
+                       text=part["text"], logprobs=[]),
+            self.event("response.content_part.done", item_id=message["id"], output_index=index, content_index=0,
+                       part=_copy(part)),
+            self.event("response.output_item.done", output_index=index, item=_copy(message)),
+        ]
+
+    def close(self, status: str) -> list[str]:
+        """End every open item (``incomplete`` when the answer was cut)."""
+        events = self._close_message(status)
+        for item in self.calls.values():
+            item["status"] = status
+            index = self._index(item)
+            events.append(self.event("response.function_call_arguments.done", item_id=item["id"],
+                                     output_index=index, arguments=item["arguments"]))
+            events.append(self.event("response.output_item.done", output_index=index, item=_copy(item)))
+        self.calls = {}
+        return events
+
+
+def _copy(item: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(item))
+
+
+Start = Callable[..., Awaitable[tuple[Generation, list]]]
+Collect = Callable[[Generation, Request], Awaitable[bool]]
+
+
+def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, collect: Collect,
+                         tool_call_format: Callable[[ServerContext], str]) -> None:
+    store = ResponseStore(ctx.settings.responses_store_max, ctx.settings.responses_store_ttl_s)
+    ctx.responses_store = store  # type: ignore[attr-defined] - for tests and metrics
+
+    def history(previous: str | None) -> list[dict[str, Any]]:
+        if previous is None:
+            return []
+        if not store.enabled:
+            raise bad_request("previous_response_id needs the response store, which is off on this server "
+                              "(responses_store_max: 0): send the whole conversation as input", "previous_response_id")
+        entry = store.get(previous)
+        if entry is None:
+            raise APIError(404, f"previous response {previous!r} was not found (responses are kept for "
+                           f"{ctx.settings.responses_store_ttl_s:g}s, {store.max_entries} at most)",
+                           param="previous_response_id", code="not_found")
+        return [dict(m) for m in entry.messages]
+
+    @router.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        response_id = _id("resp")
+        fmt = tool_call_format(ctx)
+        past: list[dict[str, Any]] = []
+        chat: ChatCompletionRequest | None = None
+
+        def prompt():
+            nonlocal chat, past
+            past = history(body.previous_response_id)
+            chat = body.to_chat(past)
+            return chat.prompt_input(fmt)
+
+        generation, _ = await start(response_id, "responses", body.model, prompt,
+                                    lambda: chat.sampling_params(fmt))
+        assert chat is not None
+        plan = chat.tool_plan(fmt)
+        builder = ResponseBuilder(body, chat, response_id, generation.model, plan)
+        conversation = past + body.input_messages()
+        headers = {"x-request-id": response_id}
+
+        def finished(items: ItemStream) -> tuple[dict[str, Any], str]:
+            choice = generation.choices[0]
+            incomplete = "max_output_tokens" if choice.finish_reason == "length" else None
+            status = "incomplete" if incomplete else "completed"
+            tail = items.close(status)
+            snapshot = builder.snapshot(status, response_usage(generation.prompt_tokens, generation.completion_tokens),
+                                        incomplete)
+            if body.store:
+                store.put(response_id, snapshot, conversation + output_messages(builder.output))
+            return snapshot, "".join(tail)
+
+        if body.stream:
+            async def events() -> AsyncIterator[str]:
+                items = ItemStream(builder)
+                choice_stream = ChoiceStream(plan)
+                yield items.event("response.created", response=builder.snapshot("in_progress"))
+                yield items.event("response.in_progress", response=builder.snapshot("in_progress"))
+                try:
+                    async for output in generation.outputs():
+                        deltas = choice_stream.feed(output.text_delta)
+                        if output.finished:
+                            deltas += choice_stream.finish()
+                        for delta in deltas:
+                            for event in items.feed(delta):
+                                yield event
+                except Exception as error:  # headers are out: the failure goes in the stream
+                    failure = generation.error_body()["error"] if isinstance(error, GenerationError) else {
+                        "message": "internal error", "type": "server_error", "code": "internal_error"}
+                    failed = builder.snapshot("failed")
+                    failed["error"] = {"code": failure.get("code") or "server_error", "message": failure["message"]}
+                    yield items.event("response.failed", response=failed)
+                    return
+                snapshot, tail = finished(items)
+                yield tail
+                kind = "response.completed" if snapshot["status"] == "completed" else "response.incomplete"
+                yield items.event(kind, response=snapshot)
+
+            return EventStreamResponse(events(), generation.close, headers)
+
+        try:
+            if not await collect(generation, request):
+                return Response(status_code=499)
+        except GenerationError:
+            raise generation.api_error() from None
+        items = ItemStream(builder)
+        choice_stream = ChoiceStream(plan)
+        for delta in choice_stream.feed(generation.choices[0].text) + choice_stream.finish():
+            items.feed(delta)
+        snapshot, _ = finished(items)
+        return JSONResponse(snapshot, headers=headers)
+
+    @router.get("/v1/responses/{response_id:path}")
+    async def get_response(response_id: str) -> JSONResponse:
+        entry = store.get(response_id)
+        if entry is None:
+            raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
+        return JSONResponse(entry.response)
+
+    @router.delete("/v1/responses/{response_id:path}")
+    async def delete_response(response_id: str) -> JSONResponse:
+        if not store.delete(response_id):
+            raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})

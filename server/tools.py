@@ -1,0 +1,232 @@
+"""Tool calls on the wire: validate ``tools`` and ``tool_choice``, constrain ``required`` / named choices, and turn
+each choice's generated text into ``message.tool_calls`` (whole) or OpenAI's ``delta.tool_calls`` (streamed).
+
+- ``none``: the tools are not shown to the models; the answer is text.
+- ``auto``: the models see the tools (a chat expert through its template, the others through the transcript)
+  and answer freely; the family's call format (``proxy_engine/tool_calls.py``) is parsed out of the answer.
+- a named function: the answer is generated under that function's parameter schema: it IS the arguments.
+- ``required``: the answer is generated under a schema for ``[{"name": ..., "parameters": {...}}, ...]``
+  (one item when ``parallel_tool_calls`` is false), so every call is valid against its function's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy_engine.grammar import StructuredOutput
+from proxy_engine.tool_calls import ParsedCall, looks_like_call_start, marker_prefix_len, parse_calls
+from server.errors import bad_request
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class ToolPlan:
+    """What a request's tools mean for generation and for the answer."""
+
+    mode: str  # "text" (no tools, or tool_choice none), "auto", "named", "required"
+    tools: list[dict[str, Any]] = field(default_factory=list)  # shown to the models (empty for "text")
+    name: str | None = None  # the named function
+    parallel: bool = True
+    fmt: str = "hermes"
+
+    @property
+    def constraint(self) -> StructuredOutput | None:
+        if self.mode == "named":
+            return StructuredOutput("json_schema", _parameters(self._function(self.name)))
+        if self.mode == "required":
+            items = [
+                {"type": "object",
+                 "properties": {"name": {"const": t["function"]["name"]}, "parameters": _parameters(t["function"])},
+                 "required": ["name", "parameters"], "additionalProperties": False}
+                for t in self.tools
+            ]
+            schema: dict[str, Any] = {"type": "array", "items": {"anyOf": items}, "minItems": 1}
+            if not self.parallel:
+                schema["maxItems"] = 1
+            return StructuredOutput("json_schema", schema)
+        return None
+
+    def _function(self, name: str | None) -> dict[str, Any]:
+        return next(t["function"] for t in self.tools if t["function"]["name"] == name)
+
+    def calls(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        """``(content, calls)`` of a finished answer."""
+        if self.mode == "named":
+            try:
+                arguments = json.loads(text)
+            except json.JSONDecodeError:
+                return text, []  # cut by max_tokens: no complete call
+            return None, [ParsedCall(self.name or "", json.dumps(arguments, ensure_ascii=False))]
+        if self.mode == "required":
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:
+                return text, []
+            return None, [ParsedCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
+        if self.mode == "auto":
+            content, calls = parse_calls(self.fmt, text)
+            known = {t["function"]["name"] for t in self.tools}
+            if not calls or any(c.name not in known for c in calls):
+                return text, []
+            return content, calls if self.parallel else calls[:1]
+        return text, []
+
+
+def _parameters(function: dict[str, Any]) -> Any:
+    return function.get("parameters") or EMPTY_PARAMETERS
+
+
+def check_tools(tools: Any, param: str = "tools", flat: bool = False) -> list[dict[str, Any]]:
+    """OpenAI function tools, normalised to ``{"type": "function", "function": {...}}``; anything else is a 400.
+
+    ``flat``: the Responses API's shape (``{"type": "function", "name", "parameters", ...}``).
+    """
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise bad_request(f"{param} must be a list of tools", param)
+    checked, names = [], set()
+    for i, tool in enumerate(tools):
+        where = f"{param}[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+            raise bad_request(f"{where}.type {kind!r} is not supported: only function tools are", f"{where}.type")
+        function = {k: v for k, v in tool.items() if k != "type"} if flat else tool.get("function")
+        if not isinstance(function, dict):
+            raise bad_request(f"{where}.function must be an object with a 'name'", f"{where}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise bad_request(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}",
+                              f"{where}.function.name")
+        if name in names:
+            raise bad_request(f"{where}: two tools are named {name!r}", f"{where}.function.name")
+        names.add(name)
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise bad_request(f"{where}.function.parameters must be a JSON schema object",
+                              f"{where}.function.parameters")
+        kept = {"name": name}
+        for key in ("description", "parameters", "strict"):
+            if function.get(key) is not None:
+                kept[key] = function[key]
+        checked.append({"type": "function", "function": kept})
+    return checked
+
+
+def plan(tools: list[dict[str, Any]], tool_choice: Any, parallel: bool | None, fmt: str,
+         flat: bool = False) -> ToolPlan:
+    """The request's ``ToolPlan``; a ``tool_choice`` naming no tool (or the wrong shape) is a 400."""
+    parallel = True if parallel is None else bool(parallel)
+    choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise bad_request(f"tool_choice {choice!r} is not supported (none, auto, required, or a function)",
+                              "tool_choice")
+        if choice == "none" or not tools:
+            if choice == "required":
+                raise bad_request("tool_choice 'required' needs tools", "tool_choice")
+            return ToolPlan("text", fmt=fmt)
+        return ToolPlan(choice, tools, parallel=parallel, fmt=fmt)
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name") if flat else (choice.get("function") or {}).get("name")
+        if not isinstance(name, str):
+            shape = '{"type": "function", "name": ...}' if flat else '{"type": "function", "function": {"name": ...}}'
+            raise bad_request(f"tool_choice must name a function: {shape}", "tool_choice")
+        if name not in {t["function"]["name"] for t in tools}:
+            known = ", ".join(t["function"]["name"] for t in tools) or "no tools were given"
+            raise bad_request(f"tool_choice names {name!r}, which is not among the tools ({known})", "tool_choice")
+        return ToolPlan("named", tools, name=name, parallel=False, fmt=fmt)
+    raise bad_request("tool_choice must be 'none', 'auto', 'required' or a function", "tool_choice")
+
+
+def message_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
+    return [{"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in calls]
+
+
+class ChoiceStream:
+    """One streamed choice's text turned into chat deltas: content, or tool calls in OpenAI's delta shape
+    (per call: ``index``, ``id``, ``type`` and ``name`` once, then ``arguments`` fragments that join to the JSON).
+
+    A named call streams its arguments as they are generated. ``auto`` streams content until a call may be
+    starting (its marker, or a tail that could begin one, is held back), then buffers; ``required`` buffers.
+    """
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.text = ""
+        self.sent = 0  # characters of text already sent as content (or, named, as arguments)
+        self.holding = False  # auto: a call may have started; nothing more is sent until the end
+        self.made_calls = False
+        self.call_id = new_call_id()
+
+    def feed(self, delta: str) -> list[dict[str, Any]]:
+        self.text += delta
+        mode = self.plan.mode
+        if mode == "named":
+            out = []
+            if not self.made_calls:
+                self.made_calls = True
+                out.append({"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
+                                            "function": {"name": self.plan.name, "arguments": ""}}]})
+            if delta:
+                out.append({"tool_calls": [{"index": 0, "function": {"arguments": delta}}]})
+            return out
+        if mode == "required" or self.holding:
+            return []
+        if mode == "auto":
+            if looks_like_call_start(self.plan.fmt, self.text):
+                self.holding = True
+                return []
+            safe = len(self.text) - marker_prefix_len(self.plan.fmt, self.text)
+        else:
+            safe = len(self.text)
+        piece, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        return [{"content": piece}] if piece else []
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Whatever is left once the choice ended: the buffered calls, or held-back text as content."""
+        mode = self.plan.mode
+        if mode == "named":
+            return [] if self.made_calls else self.feed("")
+        if mode == "text":
+            rest = self.text[self.sent:]
+            return [{"content": rest}] if rest else []
+        content, calls = self.plan.calls(self.text)
+        if not calls:
+            rest = self.text[self.sent:]
+            return [{"content": rest}] if rest else []
+        self.made_calls = True
+        out = []
+        unsent = (content or "")[self.sent:]
+        if unsent:
+            out.append({"content": unsent})
+        for index, call in enumerate(calls):
+            out.append({"tool_calls": [{"index": index, "id": new_call_id(), "type": "function",
+                                        "function": {"name": call.name, "arguments": ""}}]})
+            out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+        return out
+
+
+def finish_reason(made_calls: bool, reason: str | None) -> str | None:
+    """``tool_calls`` when the answer is complete calls; a cut answer keeps ``length``."""
+    return "tool_calls" if made_calls and reason == "stop" else reason
+
+
+def assistant_message(plan: ToolPlan, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+    """A finished choice's ``message`` (content and/or ``tool_calls``) and its ``finish_reason``."""
+    content, calls = plan.calls(text)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = message_calls(calls)
+    return message, finish_reason(bool(calls), reason)

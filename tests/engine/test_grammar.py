@@ -1,0 +1,138 @@
+"""Structured outputs in the engine: the grammar mask on the combined logits, per row, with EOS where it may end."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from proxy_engine.grammar import GrammarCompiler, StructuredOutput, allowed_mask, unpack_bitmask
+from proxy_engine.request import FinishReason, Target
+
+from .conftest import make_engine, run_to_end, submit
+
+# Finite: every value is bounded, so even a random-weight model ends in valid JSON within a few dozen tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "colour": {"type": "string", "enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["colour", "count", "ok"],
+    "additionalProperties": False,
+}
+
+
+def _json(text: str):
+    return json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def engine(chat_family, chat_models):
+    return make_engine(chat_models, chat_family)
+
+
+@pytest.mark.parametrize("target", [Target.PROXY, Target.BASE, Target.EXPERT])
+def test_json_schema_output_is_valid_for_every_target(engine, target):
+    spec = StructuredOutput("json_schema", SCHEMA)
+    submit(engine, f"s-{target.value}", "Give me JSON", target, max_tokens=60, temperature=1.0, seed=3, structured=spec)
+    result = run_to_end(engine)[(f"s-{target.value}", 0)]
+    assert result["finish"] is FinishReason.STOP, result
+    value = _json(result["text"])
+    assert set(value) == {"colour", "count", "ok"} and value["colour"] in {"red", "green", "blue"}
+    assert 0 <= value["count"] <= 99 and isinstance(value["ok"], bool)
+    assert " " not in result["text"]  # compact: no whitespace between tokens
+
+
+def test_constrained_and_free_rows_share_a_batch(engine):
+    """A free row in the same batch is untouched: its tokens equal those it gets alone."""
+    submit(engine, "alone", "The quick", max_tokens=12, temperature=0, ignore_eos=True)
+    alone = run_to_end(engine)[("alone", 0)]["tokens"]
+    submit(engine, "free", "The quick", max_tokens=12, temperature=0, ignore_eos=True)
+    submit(engine, "json", "The quick", max_tokens=60, temperature=0.7, seed=1,
+           structured=StructuredOutput("json_schema", SCHEMA), n=2)
+    results = run_to_end(engine)
+    assert results[("free", 0)]["tokens"] == alone
+    for index in (0, 1):
+        assert _json(results[("json", index)]["text"])["colour"] in {"red", "green", "blue"}
+
+
+def test_regex_choice_and_grammar(engine):
+    submit(engine, "re", "Date:", max_tokens=20, temperature=1.0, seed=5,
+           structured=StructuredOutput("regex", r"20[0-9]{2}-(0[1-9]|1[0-2])"))
+    submit(engine, "choice", "Pick:", max_tokens=20, temperature=1.0, seed=5,
+           structured=StructuredOutput("choice", ["yes please", "no", "maybe \"later\""]))
+    submit(engine, "lark", "Say:", max_tokens=20, temperature=1.0, seed=5,
+           structured=StructuredOutput("grammar", 'start: "ab" ("c" | "d") "!"'))
+    submit(engine, "gbnf", "Say:", max_tokens=20, temperature=1.0, seed=5,
+           structured=StructuredOutput("grammar", 'root ::= "x" [0-9] "y"'))
+    results = run_to_end(engine)
+    assert re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])", results[("re", 0)]["text"])
+    assert results[("choice", 0)]["text"] in {"yes please", "no", 'maybe "later"'}
+    assert results[("lark", 0)]["text"] in {"abc!", "abd!"}
+    assert re.fullmatch(r"x[0-9]y", results[("gbnf", 0)]["text"])
+    assert all(r["finish"] is FinishReason.STOP for r in results.values())
+
+
+def test_json_object_and_ignore_eos_still_end_when_the_grammar_is_complete(engine):
+    submit(engine, "done", "JSON:", max_tokens=30, temperature=0, ignore_eos=True,
+           structured=StructuredOutput("choice", ["{}"]))
+    result = run_to_end(engine)[("done", 0)]
+    assert result["text"] == "{}" and result["finish"] is FinishReason.STOP
+
+
+def test_json_object_stays_an_object_while_cut_by_length(engine):
+    submit(engine, "obj", "JSON:", max_tokens=8, temperature=1.0, seed=2, structured=StructuredOutput("json_object"))
+    result = run_to_end(engine)[("obj", 0)]
+    assert result["text"].startswith("{")
+    if result["finish"] is FinishReason.STOP:
+        assert isinstance(_json(result["text"]), dict)
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        (StructuredOutput("json_schema", {"type": "nonsense"}), "Invalid type"),
+        (StructuredOutput("regex", "(ab"), "unclosed group"),
+        (StructuredOutput("grammar", "start: undefined_rule"), "undefined_rule"),
+        (StructuredOutput("choice", []), "non-empty list"),
+        (StructuredOutput("json_schema", "not a schema"), "must be an object"),
+    ],
+)
+def test_a_constraint_that_cannot_compile_is_a_value_error(engine, spec, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        submit(engine, "bad", "x", max_tokens=4, structured=spec)
+
+
+def test_compiled_grammars_are_cached(chat_models):
+    tokenizer = chat_models[0].tokenizer
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0], cache_size=2)
+    for spec in (StructuredOutput("regex", "a+"), StructuredOutput("regex", "a+"), StructuredOutput("regex", "b+"),
+                 StructuredOutput("regex", "c+"), StructuredOutput("regex", "a+")):
+        compiler.matcher(spec)
+    assert (compiler.hits, compiler.misses) == (1, 4)  # the third distinct one evicted the first
+
+
+def test_mask_covers_the_shared_vocabulary_only_and_eos_follows_the_grammar(chat_models):
+    tokenizer = chat_models[0].tokenizer
+    narrow = len(tokenizer) - 100  # a shared vocabulary narrower than the tokenizer (cut ids)
+    compiler = GrammarCompiler(tokenizer, narrow, [0])
+    matcher = compiler.matcher(StructuredOutput("choice", ["ab"]))
+    rows, allowed = allowed_mask([None, matcher], [[0], [0]], narrow, compiler.mask_words)
+    assert rows == [1] and allowed.shape == (1, narrow)
+    assert not allowed[0, 0]  # EOS not yet
+    first = allowed[0].nonzero().flatten().tolist()
+    assert first and all(tokenizer.decode([t]) in ("a", "ab") for t in first)
+    for token in tokenizer("ab", add_special_tokens=False)["input_ids"]:
+        assert matcher.accept(token)
+    _, allowed = allowed_mask([matcher], [[0]], narrow, compiler.mask_words)
+    assert allowed[0].nonzero().flatten().tolist() == [0]  # only the end
+
+
+def test_unpack_bitmask():
+    bitmask = torch.tensor([[0b101, -(2**31) + 1]], dtype=torch.int32)  # bits 0 and 31 of word 1: sign bit set
+    assert unpack_bitmask(bitmask, 64)[0].nonzero().flatten().tolist() == [0, 2, 32, 63]
+    assert unpack_bitmask(bitmask, 40)[0].nonzero().flatten().tolist() == [0, 2, 32]

@@ -1,0 +1,98 @@
+"""Tool-call formats: parsing each family's calls, writing them into transcripts, and the prompts models see."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy_engine.config import DEFAULT_TRANSCRIPT_TEMPLATE
+from proxy_engine.prompts import PromptRenderer
+from proxy_engine.request import PromptInput
+from proxy_engine.tool_calls import (
+    ParsedCall,
+    detect_format,
+    marker_prefix_len,
+    parse_calls,
+    render_calls,
+    tools_preamble,
+)
+
+CALL = ParsedCall("get_weather", json.dumps({"city": "Paris"}))
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+OPENAI_CALL = {"id": "call_1", "type": "function",
+               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+ASKED = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [OPENAI_CALL]}]
+
+
+@pytest.mark.parametrize(
+    "fmt, text, content, calls",
+    [
+        ("hermes", 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+         "Sure.", [CALL]),
+        ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+                   '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+         None, [CALL, CALL]),
+        ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}', None, [CALL]),  # no close
+        ("hermes", "<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
+        ("hermes", "just text", "just text", []),
+        ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [CALL]),
+        ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+                        '{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [CALL, CALL]),
+        ("llama3_json", '{"not": "a call"}', '{"not": "a call"}', []),
+        ("mistral", 'Ok [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', "Ok ", [CALL]),
+        ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', None, [CALL]),
+        ("mistral", "[TOOL_CALLS]oops", "[TOOL_CALLS]oops", []),
+    ],
+)
+def test_parse_calls(fmt, text, content, calls):
+    assert parse_calls(fmt, text) == (content, calls)
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
+def test_rendered_calls_parse_back(fmt):
+    text = render_calls(fmt, [OPENAI_CALL])
+    assert parse_calls(fmt, text)[1] == [CALL]
+
+
+def test_detect_format_from_the_chat_template():
+    assert detect_format("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert detect_format("{% if m.role == 'ipython' %}<|python_tag|>{% endif %}") == "llama3_json"
+    assert detect_format("<tool_call>") == "hermes"
+    assert detect_format(None) == "hermes"
+
+
+def test_marker_prefix_len():
+    assert marker_prefix_len("hermes", "Hello <tool") == len("<tool")
+    assert marker_prefix_len("hermes", "Hello") == 0
+    assert marker_prefix_len("mistral", "x [TOOL_") == len("[TOOL_")
+
+
+def test_the_transcript_shows_tools_calls_and_results(tiny_family):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_family.base))
+    renderer = PromptRenderer(tokenizer, "plain", DEFAULT_TRANSCRIPT_TEMPLATE, None)
+    messages = [*ASKED, {"role": "tool", "content": "21C", "tool_call_id": "call_1"}]
+    text = renderer.render_text(PromptInput(messages=messages, tools=TOOLS))
+    assert text.startswith(tools_preamble("hermes", TOOLS))
+    assert 'Assistant: <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n' in text
+    assert text.endswith("Tool: 21C\nAssistant:")
+    # Without tools the transcript is what it always was.
+    plain = renderer.render_text(PromptInput(messages=[{"role": "user", "content": "Hi"}]))
+    assert plain == "User: Hi\nAssistant:"
+
+
+def test_a_chat_model_gets_tools_through_its_template(tiny_family):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_family.base))
+    template = ("{% if tools %}TOOLS={{ tools | tojson }};{% endif %}{% for m in messages %}{{ m.role }}:"
+                "{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments.city }}"
+                "{% else %}{{ m.content }}{% endif %};"
+                "{% endfor %}")
+    renderer = PromptRenderer(tokenizer, "chat", DEFAULT_TRANSCRIPT_TEMPLATE, template)
+    messages = ASKED
+    text = renderer.render_text(PromptInput(messages=messages, tools=TOOLS))
+    assert text.startswith("TOOLS=") and '"get_weather"' in text
+    assert "assistant:Paris;" in text  # arguments reach the template as an object, as transformers documents

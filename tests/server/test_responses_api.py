@@ -1,0 +1,149 @@
+"""``POST /v1/responses`` through the OpenAI SDK: plain, streamed, structured, with a tool, and continued."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.server.live import MODEL
+
+WEATHER = {
+    "type": "function", "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                   "required": ["city"], "additionalProperties": False},
+    "strict": True,
+}
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+          "additionalProperties": False}
+GREEDY = {"temperature": 0, "max_output_tokens": 8}
+
+
+@pytest.fixture()
+def client(agent_client):
+    return agent_client
+
+
+def test_plain_response_equals_the_chat_answer(client):
+    response = client.responses.create(model=MODEL, input="Hello there", instructions="Be brief.", **GREEDY)
+    assert response.object == "response" and response.id.startswith("resp_")
+    assert response.status in ("completed", "incomplete")
+    chat = client.chat.completions.create(
+        model=MODEL, max_tokens=8, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+    )
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.usage.output_tokens == chat.usage.completion_tokens
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    if chat.choices[0].finish_reason == "length":
+        assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_streamed_events_in_the_documented_order(client):
+    whole = client.responses.create(model=MODEL, input="Count: 1 2 3", **GREEDY)
+    kinds, text = [], ""
+    final = None
+    for event in client.responses.create(model=MODEL, input="Count: 1 2 3", stream=True, **GREEDY):
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[2:5] == ["response.output_item.added", "response.content_part.added", "response.output_text.delta"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert text == whole.output_text == final.output_text
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_structured_text_format(client):
+    response = client.responses.create(
+        model=MODEL, input="Is it ok?", temperature=1.0, max_output_tokens=30,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}},
+    )
+    assert response.status == "completed" and isinstance(json.loads(response.output_text)["ok"], bool)
+
+
+def test_a_tool_call_and_its_output_in_a_second_turn(client):
+    first = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER],
+                                    tool_choice={"type": "function", "name": "get_weather"}, temperature=1.0,
+                                    max_output_tokens=60)
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    assert call.call_id.startswith("call_")
+    second = client.responses.create(
+        model=MODEL, tools=[WEATHER], **GREEDY,
+        input=[{"role": "user", "content": "Weather in Paris?"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": '{"celsius": 21}'}],
+    )
+    assert second.usage.input_tokens > first.usage.input_tokens
+    # The same turn through previous_response_id: the stored conversation continues.
+    continued = client.responses.create(
+        model=MODEL, tools=[WEATHER], previous_response_id=first.id, **GREEDY,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"celsius": 21}'}],
+    )
+    assert continued.output_text == second.output_text
+    assert continued.usage.input_tokens == second.usage.input_tokens
+
+
+def test_streamed_tool_call_events(client):
+    kinds, arguments, done = [], "", None
+    for event in client.responses.create(model=MODEL, input="Weather?", tools=[WEATHER], tool_choice="required",
+                                         parallel_tool_calls=False, temperature=1.0, max_output_tokens=100,
+                                         stream=True):
+        kinds.append(event.type)
+        if event.type == "response.function_call_arguments.delta":
+            arguments += event.delta
+        if event.type == "response.function_call_arguments.done":
+            done = event.arguments
+    assert "response.output_item.added" in kinds and kinds[-1] == "response.completed"
+    assert arguments == done and json.loads(done)["city"] in ("Paris", "Rome")
+
+
+def test_stored_responses_can_be_read_and_deleted(client, agent_http):
+    response = client.responses.create(model=MODEL, input="Hi", **GREEDY)
+    assert client.responses.retrieve(response.id).output_text == response.output_text
+    client.responses.delete(response.id)
+    assert agent_http.get(f"/v1/responses/{response.id}").status_code == 404
+    unstored = client.responses.create(model=MODEL, input="Hi", store=False, **GREEDY)
+    assert agent_http.get(f"/v1/responses/{unstored.id}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"previous_response_id": "resp_unknown"}, 404, "previous_response_id"),
+        ({"reasoning": {"effort": "high"}}, 400, "reasoning"),
+        ({"background": True}, 400, "background"),
+        ({"truncation": "auto"}, 400, "truncation"),
+        ({"input": [{"type": "image_generation_call"}]}, 400, "input[0].type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
+         "input[0].content[0].type"),
+        ({"tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice"),
+        ({"text": {"format": {"type": "grammar"}}}, 400, "text.format.type"),
+    ],
+)
+def test_what_is_not_implemented_is_refused_naming_the_field(agent_http, body, status, param):
+    payload = {"model": MODEL, "input": "Hi", "max_output_tokens": 4, **body}
+    response = agent_http.post("/v1/responses", json=payload)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_the_store_is_bounded(tiny_family):
+    from server.response_store import ResponseStore
+
+    now = [0.0]
+    store = ResponseStore(max_entries=2, ttl_s=10, clock=lambda: now[0])
+    for name in ("a", "b", "c"):
+        store.put(name, {}, [])
+    assert store.get("a") is None and store.get("b") is not None and len(store) == 2
+    now[0] = 11
+    assert store.get("c") is None and len(store) == 0
+    off = ResponseStore(max_entries=0, ttl_s=10)
+    off.put("a", {}, [])
+    assert not off.enabled and off.get("a") is None
