@@ -285,7 +285,7 @@ def run(config: SoakConfig, *, family=None, log_dir: Path | None = None) -> dict
         "oversized_early_closes": tally.early_closes, "streams_completed": tally.streams_done,
         "stream_events": tally.tokens, "rss": rss,
         "engine_after": counts, "s_to_idle": round(idle_s, 2), "exit_status": status, "checks": checks,
-        "failures": tally.failures, "ok": all(checks.values()), "log": str(server.log),
+        "failures": tally.failures, "ok": all(checks.values()), "log": str(server.log_path),
     }
 
 
