@@ -68,14 +68,34 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def _own_cpu_seconds(pid: int) -> tuple[float, int]:
+    """(user + system CPU seconds, parent pid) of one process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[1])
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far: the work a run cost, whatever the
-    contention from other processes on a shared machine (wall-clock numbers are not)."""
+    """User + system CPU time of a process (all its threads) and its live descendants so far (an engine core
+    in its own process is the server's work too): the work a run cost, whatever the contention from other
+    processes on a shared machine (wall-clock numbers are not)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = _own_cpu_seconds(pid)[0]
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[tuple[int, float]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != pid:
+            try:
+                seconds, parent = _own_cpu_seconds(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append((int(entry.name), seconds))
+    todo = [pid]
+    while todo:
+        for child, seconds in children.get(todo.pop(), []):
+            total += seconds
+            todo.append(child)
+    return total
 
 
 class RssSampler:

@@ -100,6 +100,7 @@ class LimitsConfig(_Strict):
 CPU_THREADS_ENV = "PROXY_SERVE_CPU_THREADS"
 FAST_DECODE_ENV = "PROXY_SERVE_FAST_DECODE"
 PACKED_WEIGHTS_ENV = "PROXY_SERVE_PACKED_WEIGHTS"
+ENGINE_PROCESS_ENV = "PROXY_SERVE_ENGINE_PROCESS"
 
 
 class RuntimeConfig(_Strict):
@@ -117,13 +118,18 @@ class RuntimeConfig(_Strict):
         default=None, description=f"oneDNN-packed copies of the linear weights for CPU float32 decode "
         f"({PACKED_WEIGHTS_ENV}); default: when the copies take at most a tenth of the memory.",
     )
+    engine_process: bool = Field(
+        default=False, description=f"Run the engine core (the step loop) in its own process, away from the HTTP "
+        f"server's GIL ({ENGINE_PROCESS_ENV}); its intra-op team then defaults to every core. See bench/NOTES.md.",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _environment_wins(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        names = {"cpu_threads": CPU_THREADS_ENV, "fast_decode": FAST_DECODE_ENV, "packed_weights": PACKED_WEIGHTS_ENV}
+        names = {"cpu_threads": CPU_THREADS_ENV, "fast_decode": FAST_DECODE_ENV, "packed_weights": PACKED_WEIGHTS_ENV,
+                 "engine_process": ENGINE_PROCESS_ENV}
         return {**data, **{key: os.environ[var] for key, var in names.items() if os.environ.get(var)}}
 
 

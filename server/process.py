@@ -143,7 +143,7 @@ def serve(settings: ServerSettings) -> int:
     except OSError as exc:
         return fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
 
-    from proxy_engine.async_engine import AsyncEngine
+    from proxy_engine.engine_process import async_engine_for
     from server.app import create_app
 
     failures: list[BaseException] = []
@@ -152,7 +152,7 @@ def serve(settings: ServerSettings) -> int:
         failures.append(exc)
         server.should_exit = True
 
-    app = create_app(AsyncEngine(settings.engine), settings, on_load_failure=on_load_failure)
+    app = create_app(async_engine_for(settings.engine), settings, on_load_failure=on_load_failure)
     warn_if_exposed(settings)
     config = uvicorn_config(app, settings, timeout_graceful_shutdown=FLUSH_S)
     server = DrainingServer(config, app.state.ctx, settings.shutdown_grace_s)

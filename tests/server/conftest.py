@@ -12,12 +12,12 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import pytest  # noqa: E402
 
-from proxy_engine.async_engine import AsyncEngine  # noqa: E402
+from proxy_engine.engine_process import async_engine_for  # noqa: E402
 from tests.server.live import API_KEY, ORIGIN, LiveServer, make_settings, wait_until  # noqa: E402
 
 
 def _serve(settings):
-    server = LiveServer(AsyncEngine(settings.engine), settings).start()
+    server = LiveServer(async_engine_for(settings.engine), settings).start()
     return server
 
 

@@ -1,0 +1,76 @@
+"""The engine core in its own process: a stream, an abort, tokenize / detokenize, stats, a killed child."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy_engine.engine_process import EngineProcess, async_engine_for
+from proxy_engine.request import EngineOverloadedError, FinishReason, PromptInput, SamplingParams
+from tests.engine.conftest import engine_config
+
+
+async def _collect(stream):
+    return [o async for o in stream]
+
+
+async def test_stream_abort_stats_and_a_killed_child(chat_family):
+    config = engine_config(chat_family, chat_expert=True, max_num_seqs=4)
+    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"engine_process": True})})
+    engine = async_engine_for(config)
+    assert isinstance(engine, EngineProcess)
+    await engine.start()
+    try:
+        assert engine.ready and engine.process.pid is not None
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2, seed=1)
+        stream = await engine.add_request("a", PromptInput(text="Hello"), params)
+        assert stream.prompt_tokens > 0
+        outputs = await _collect(stream)
+        assert sorted(o.index for o in outputs if o.finished) == [0, 1]
+        assert all(o.finish_reason is FinishReason.LENGTH for o in outputs if o.finished)
+        assert sum(len(o.new_token_ids) for o in outputs) == 12
+        assert engine.stats().generation_tokens_total >= 12
+        # Errors raised in the child reach the caller as the same exception types.
+        with pytest.raises(ValueError):
+            await engine.add_request("bad", PromptInput(text="x"), SamplingParams(temperature=-1))
+        ids = await asyncio.to_thread(engine.tokenize, PromptInput(text="Hello"))
+        assert ids and engine.detokenize(ids[:3]) == engine.tokenizer.decode(ids[:3])
+
+        long = await engine.add_request("long", PromptInput(text="Hi"), SamplingParams(max_tokens=400, ignore_eos=True))
+        first = await long.__aiter__().__anext__()
+        assert not first.finished
+        engine.abort("long")
+        rest = await asyncio.wait_for(_collect(long), timeout=30)
+        assert rest[-1].finish_reason is FinishReason.ABORT
+        for _ in range(100):
+            if engine.stats().running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().running == 0
+
+        # The child dies mid-stream (a crash, the OOM killer): every open stream ends with an error.
+        doomed = await engine.add_request("doomed", PromptInput(text="Hi"),
+                                          SamplingParams(max_tokens=400, ignore_eos=True))
+        await doomed.__aiter__().__anext__()
+        engine.process.kill()
+        outputs = await asyncio.wait_for(_collect(doomed), timeout=30)
+        assert outputs[-1].finish_reason is FinishReason.ERROR and outputs[-1].error_code == "internal_error"
+        assert "engine process exited" in outputs[-1].error
+        assert not engine.ready and engine.fatal_error is not None
+        with pytest.raises(EngineOverloadedError):
+            await engine.add_request("later", PromptInput(text="Hi"), SamplingParams(max_tokens=5))
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_load_failure_is_reported(chat_family, tmp_path):
+    config = engine_config(chat_family, chat_expert=True)
+    config = config.model_copy(update={
+        "base": config.base.model_copy(update={"path": str(tmp_path / "missing")}),
+        "runtime": config.runtime.model_copy(update={"engine_process": True}),
+    })
+    engine = EngineProcess(config)
+    with pytest.raises(RuntimeError):
+        await engine.start()
+    assert not engine.ready
