@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from proxy_engine.config import (
     CPU_THREADS_ENV,
+    ENGINE_PROCESS_ENV,
     FAST_DECODE_ENV,
     PACKED_WEIGHTS_ENV,
     EngineConfig,
@@ -21,12 +22,13 @@ from proxy_engine.cpu_tuning import cpu_threads
 
 @pytest.fixture(autouse=True)
 def _no_knobs_set(monkeypatch):
-    for name in (CPU_THREADS_ENV, FAST_DECODE_ENV, PACKED_WEIGHTS_ENV, "OMP_NUM_THREADS"):
+    for name in (CPU_THREADS_ENV, FAST_DECODE_ENV, PACKED_WEIGHTS_ENV, ENGINE_PROCESS_ENV, "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
 
 
 def test_defaults_and_values_from_the_config():
-    assert RuntimeConfig() == RuntimeConfig(cpu_threads=None, fast_decode=True, packed_weights=None)
+    assert RuntimeConfig() == RuntimeConfig(cpu_threads=None, fast_decode=True, packed_weights=None,
+                                            engine_process=False)
     assert RuntimeConfig(cpu_threads=3, fast_decode=False).cpu_threads == 3
 
 
@@ -36,6 +38,8 @@ def test_the_environment_sets_and_wins(monkeypatch):
     monkeypatch.setenv(PACKED_WEIGHTS_ENV, "1")
     runtime = EngineConfig(base=ModelConfig(path="m"), runtime={"cpu_threads": 7}).runtime
     assert (runtime.cpu_threads, runtime.fast_decode, runtime.packed_weights) == (2, False, True)
+    monkeypatch.setenv(ENGINE_PROCESS_ENV, "1")
+    assert RuntimeConfig(engine_process=False).engine_process is True
 
 
 def test_a_bad_variable_names_the_field(monkeypatch):
