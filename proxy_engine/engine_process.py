@@ -43,18 +43,23 @@ _STOP_WAIT_S = 10.0
 _CALL_TIMEOUT_S = 120.0
 
 
-def _error_payload(error: BaseException) -> tuple[str, str, int]:
-    """An exception as plain data (exceptions with keyword arguments do not always unpickle)."""
-    return type(error).__name__, str(error), getattr(error, "retry_after_s", 1)
+def _error_payload(error: BaseException) -> tuple:
+    """An exception as (class, args, attributes): rebuilt without calling ``__init__``, since exceptions whose
+    ``__init__`` takes other arguments than ``args`` (``ContextLengthError``'s ``param``) do not unpickle."""
+    payload = (type(error), error.args, dict(vars(error)))
+    try:
+        pickle.dumps(payload)
+    except Exception:  # noqa: BLE001 - an unpicklable class or attribute: its name and message still say it
+        return (RuntimeError, (f"{type(error).__name__}: {error}",), {})
+    return payload
 
 
-def _raise_payload(payload: tuple[str, str, int]) -> None:
-    kind, message, retry_after_s = payload
-    if kind == "EngineOverloadedError":
-        raise EngineOverloadedError(message, retry_after_s=retry_after_s)
-    if kind == "ValueError":
-        raise ValueError(message)
-    raise RuntimeError(f"{kind}: {message}")
+def _rebuild_error(payload: tuple) -> BaseException:
+    cls, args, attributes = payload
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(attributes)
+    return error
 
 
 class EngineProcess(AsyncEngine):
@@ -209,10 +214,7 @@ class EngineProcess(AsyncEngine):
                         if ok:
                             future.set_result(value)
                         else:
-                            try:
-                                _raise_payload(value)
-                            except BaseException as error:  # noqa: BLE001 - handed to the caller
-                                future.set_exception(error)
+                            future.set_exception(_rebuild_error(value))
                 elif kind == "fatal":
                     break
         finally:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from proxy_engine.engine_process import EngineProcess, async_engine_for
-from proxy_engine.request import EngineOverloadedError, FinishReason, PromptInput, SamplingParams
+from proxy_engine.request import ContextLengthError, EngineOverloadedError, FinishReason, PromptInput, SamplingParams
 from tests.engine.conftest import engine_config
 
 
@@ -34,6 +34,9 @@ async def test_stream_abort_stats_and_a_killed_child(chat_family):
         # Errors raised in the child reach the caller as the same exception types.
         with pytest.raises(ValueError):
             await engine.add_request("bad", PromptInput(text="x"), SamplingParams(temperature=-1))
+        with pytest.raises(ContextLengthError) as refused:  # its own fields too: the server's 400 names param
+            await engine.add_request("huge", PromptInput(text="x"), SamplingParams(max_tokens=10**12))
+        assert refused.value.param == "max_tokens" and "huge" not in engine._streams
         ids = await asyncio.to_thread(engine.tokenize, PromptInput(text="Hello"))
         assert ids and engine.detokenize(ids[:3]) == engine.tokenizer.decode(ids[:3])
 
