@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 from typing import Any
 
@@ -348,6 +349,9 @@ class _Child:
 
 def child_main(conn, config: EngineConfig, idle_wait_s: float) -> None:
     """The child process's entry point: load, report ``ready`` (or ``failed``), then serve the pipe."""
+    # Ctrl-C reaches the whole process group: the API process drains and then sends "stop" (or exits, which
+    # closes the pipe); the engine must keep serving the running requests meanwhile.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
     try:
         from proxy_engine.engine import ProxyEngine

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 from bench import harness
 
@@ -20,6 +24,25 @@ def test_proc_readings_of_this_process_and_of_a_gone_one():
     assert harness.rss_bytes(os.getpid()) > 0
     assert harness.cpu_seconds(999_999_999) == 0.0  # gone: no error
     assert harness.rss_bytes(999_999_999) == 0
+
+
+def test_cpu_seconds_count_the_descendants(tmp_path):
+    # A parent that only waits for a child that burns CPU: the engine core in its own process is the server's
+    # work too.
+    burn = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\ntime.sleep(30)\n"
+    (tmp_path / "burn.py").write_text(burn)
+    parent = subprocess.Popen(["sh", "-c", f"{sys.executable} {tmp_path / 'burn.py'}; true"], start_new_session=True)
+    try:
+        for _ in range(200):
+            if harness.cpu_seconds(parent.pid) >= 0.4:
+                break
+            time.sleep(0.05)
+        fields = Path(f"/proc/{parent.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        assert harness.cpu_seconds(parent.pid) >= 0.4 > own
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the shell and its child (a session of their own)
+        parent.wait()
 
 
 def test_a_server_starts_answers_health_and_stops_with_its_exit_status(tmp_path):
