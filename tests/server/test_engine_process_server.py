@@ -1,0 +1,45 @@
+"""The server over the engine core in its own process: a streamed completion, /tokenize, /metrics, a 400, and
+a killed engine process failing /health."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from proxy_engine.engine_process import EngineProcess
+from server.metrics import PREFIX
+from tests.server.live import MODEL, LiveServer, make_settings, wait_until
+
+
+def test_the_server_over_an_engine_process(tiny_family):
+    settings = make_settings(tiny_family)
+    engine = EngineProcess(settings.engine)
+    server = LiveServer(engine, settings).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            body = {"model": MODEL, "prompt": "Hello", "max_tokens": 5, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["usage"]["completion_tokens"] == 5
+
+            tokens = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello"}).json()["tokens"]
+            assert http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json()["prompt"].strip()
+            too_long = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 10**9})
+            assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+
+            def generated() -> float:  # the stats come back from the child with each step
+                lines = http.get("/metrics").text.splitlines()
+                return max(float(line.split()[-1]) for line in lines
+                           if line.startswith(f"{PREFIX}_generation_tokens") and not line.startswith("#"))
+
+            assert wait_until(lambda: generated() >= 5)
+
+            engine.process.kill()
+            assert wait_until(lambda: http.get("/health").status_code == 503, timeout=30)
+            assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 503
+    finally:
+        server.stop()
