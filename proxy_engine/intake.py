@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -82,34 +83,27 @@ def check_scorable(prompts: dict[int, list[int]], models: list[LoadedModel]) -> 
         raise ValueError("prompt logprobs need the models to tokenize the prompt alike, and they do not")
 
 
+@dataclass(eq=False)
 class Intake:
     """Validates, renders and numbers requests into sequences (any thread)."""
 
-    def __init__(
-        self,
-        models: list[LoadedModel],
-        config: EngineConfig,
-        max_lens: list[int],
-        vocab_size: int,
-        eos_ids: frozenset[int],
-        outputs: OutputBuilder,
-        device: torch.device,
-    ) -> None:
-        self.models = models
-        self.config = config
-        self.max_lens = max_lens
-        self.vocab_size = vocab_size
-        self.eos_ids = eos_ids
-        self.outputs = outputs
-        self.device = device
+    models: list[LoadedModel]
+    config: EngineConfig
+    max_lens: list[int]  # each model's context, capped by limits.max_model_len
+    vocab_size: int
+    eos_ids: frozenset[int]
+    outputs: OutputBuilder  # makes each sequence's detokenizer
+    device: torch.device  # where the sequences' sampling generators live
+
+    def __post_init__(self) -> None:
         # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
-        self.grammars = GrammarCompiler(models[0].tokenizer, vocab_size, eos_ids)
-        self.tool_call_format = resolve_tool_call_format(config, models)
-        for model in models:
+        self.grammars = GrammarCompiler(self.models[0].tokenizer, self.vocab_size, self.eos_ids)
+        self.tool_call_format = resolve_tool_call_format(self.config, self.models)
+        for model in self.models:
             model.renderer.tool_format = self.tool_call_format
         self._lock = threading.Lock()
         self._next_seq_id = 0
-        self._seed_rng = random.Random(config.seed)
+        self._seed_rng = random.Random(self.config.seed)
 
     @property
     def num_pairs(self) -> int:
