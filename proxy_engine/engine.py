@@ -113,9 +113,6 @@ class ProxyEngine:
     def num_pairs(self) -> int:
         return self.intake.num_pairs
 
-    def weights_for(self, params: SamplingParams, target: Target) -> list[float]:
-        return self.intake.weights_for(params, target)
-
     def render(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         return self.intake.render(prompt, target)
 
