@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from bench.family import family_paths
-from proxy_engine.config import CPU_THREADS_ENV, EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
+from bench.family import engine_config, family_paths
+from proxy_engine.config import CPU_THREADS_ENV, LimitsConfig
 from proxy_engine.cpu_tuning import cpu_threads
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
@@ -106,13 +106,17 @@ def research_static(models, pad_id: int, requests: list[tuple[list[int], int]], 
     return clock.rate(useful)
 
 
-def engine_decode(engine: ProxyEngine, batch: list[list[int]], tokens: int) -> Rate:
-    """Decode tokens/s of the engine once every sequence runs (prefill excluded, like the floor)."""
-    params = SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
+def start_decoding(engine: ProxyEngine, batch: list[list[int]], params: SamplingParams) -> None:
+    """Submit one request ``r<i>`` per prompt and step until all of them decode (their prefill done)."""
     for i, prompt in enumerate(batch):
         engine.add(engine.make_sequences(f"r{i}", PromptInput(token_ids=prompt), params))
     while len(engine.running) < len(batch):
         engine.step()
+
+
+def engine_decode(engine: ProxyEngine, batch: list[list[int]], tokens: int) -> Rate:
+    """Decode tokens/s of the engine once every sequence runs (prefill excluded, like the floor)."""
+    start_decoding(engine, batch, SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True))
     generated = 0
     clock = Clock()
     while engine.has_work():
@@ -149,12 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(family.base)
     paths = [family.base, family.expert, family.anti_expert]
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in paths]
-    config = EngineConfig(
-        base=ModelConfig(path=str(family.base)),
-        experts=[ExpertPairConfig(expert=ModelConfig(path=str(family.expert)),
-                                  anti_expert=ModelConfig(path=str(family.anti_expert)))],
-        limits=LimitsConfig(max_num_seqs=16, max_num_batched_tokens=1024),
-    )
+    config = engine_config(family, LimitsConfig(max_num_seqs=16, max_num_batched_tokens=1024))
     loaded = load_models(config)
     rng = random.Random(1)
     workload = [(p, rng.randint(16, 64)) for p in prompts(tokenizer, 32, seed=2)]

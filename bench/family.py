@@ -10,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+from proxy_engine.config import EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
 from proxy_engine.families import BENCH_BASE, BENCH_SMALL, Family, build_model, build_tokenizer
 
 BENCH_VOCAB = 4096
@@ -50,3 +51,13 @@ def family_paths(kind: str, root: Path | None = None) -> Family:
 
         return build_family(root or Path.home() / ".cache" / "proxy-serve" / "tiny-bench")
     return build_bench_family(root or DEFAULT_DIR)
+
+
+def engine_config(family: Family, limits: LimitsConfig | None = None) -> EngineConfig:
+    """The engine's config for the family: its base and one expert pair, under ``limits`` (default ones)."""
+    return EngineConfig(
+        base=ModelConfig(path=str(family.base)),
+        experts=[ExpertPairConfig(expert=ModelConfig(path=str(family.expert)),
+                                  anti_expert=ModelConfig(path=str(family.anti_expert)))],
+        limits=limits or LimitsConfig(),
+    )

@@ -34,13 +34,9 @@ from pathlib import Path
 
 import torch
 
-from bench.family import family_paths
+from bench.family import engine_config, family_paths
 from proxy_engine.config import (
     CPU_THREADS_ENV,
-    EngineConfig,
-    ExpertPairConfig,
-    LimitsConfig,
-    ModelConfig,
     PrefixCacheConfig,
 )
 from proxy_engine.cpu_tuning import cpu_threads
@@ -143,12 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(threads)
     os.environ[CPU_THREADS_ENV] = str(threads)
     family = family_paths(args.family, args.family_dir)
-    config = EngineConfig(
-        base=ModelConfig(path=str(family.base)),
-        experts=[ExpertPairConfig(expert=ModelConfig(path=str(family.expert)),
-                                  anti_expert=ModelConfig(path=str(family.anti_expert)))],
-        limits=LimitsConfig(),
-    )
+    config = engine_config(family)
     models = load_models(config)
     cached = ProxyEngine(models, config)
     uncached = ProxyEngine(models, config.model_copy(update={"prefix_cache": PrefixCacheConfig(enabled=False)}))

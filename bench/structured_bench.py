@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from bench.engine_bench import Clock, prompts
-from bench.family import family_paths
-from proxy_engine.config import CPU_THREADS_ENV, EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
+from bench.engine_bench import Clock, prompts, start_decoding
+from bench.family import engine_config, family_paths
+from proxy_engine.config import CPU_THREADS_ENV, LimitsConfig
 from proxy_engine.cpu_tuning import cpu_threads
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.grammar import StructuredOutput, apply_grammar_masks
 from proxy_engine.loader import load_models
-from proxy_engine.request import PromptInput, SamplingParams
+from proxy_engine.request import SamplingParams
 
 # Unbounded in practice: at least 64 items of ~15 tokens each, so a run of a few hundred steps never completes it.
 SCHEMA = {
@@ -45,11 +45,8 @@ SCHEMA = {
 def decode(engine: ProxyEngine, batch: list[list[int]], tokens: int, constrained: bool) -> tuple[float, float]:
     """Seconds (wall, CPU) per decode step once every sequence runs; the first sequence's tokens in ``last_ids``."""
     structured = StructuredOutput("json_schema", SCHEMA) if constrained else None
-    params = SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True, structured=structured)
-    for i, prompt in enumerate(batch):
-        engine.add(engine.make_sequences(f"r{i}", PromptInput(token_ids=prompt), params))
-    while len(engine.running) < len(batch):
-        engine.step()
+    start_decoding(engine, batch, SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True,
+                                                 structured=structured))
     steps = 0
     clock = Clock()
     while engine.has_work():
@@ -90,12 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = cpu_threads() or torch.get_num_threads()
     os.environ[CPU_THREADS_ENV] = str(threads)
     family = family_paths(args.family, args.family_dir)
-    config = EngineConfig(
-        base=ModelConfig(path=str(family.base)),
-        experts=[ExpertPairConfig(expert=ModelConfig(path=str(family.expert)),
-                                  anti_expert=ModelConfig(path=str(family.anti_expert)))],
-        limits=LimitsConfig(max_num_seqs=max(args.batch), max_num_batched_tokens=1024),
-    )
+    config = engine_config(family, LimitsConfig(max_num_seqs=max(args.batch), max_num_batched_tokens=1024))
     loaded = load_models(config)
     engine = ProxyEngine(loaded, config)
     engine.grammars.matcher(StructuredOutput("json_schema", SCHEMA))  # the tokenizer conversion, once, outside

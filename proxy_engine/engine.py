@@ -1,21 +1,20 @@
 """The step loop: requests in, then every step decode the running batch in all models, combine, sample, and
 prefill newcomers within the token budget.
 
-    sequences = engine.make_sequences(request_id, prompt, params)   # validate, render, one per choice
+    sequences = engine.make_sequences(request_id, prompt, params)   # intake.py: validate, render, one per choice
     engine.add(sequences)       # any thread; refused when the queue is full (the scheduler's rule)
-    outputs = engine.step()     # intake -> decode + combine + sample -> admit / prefill a chunk -> retire
+    outputs = engine.step()     # inbox -> decode + combine + sample -> admit / prefill a chunk -> retire
 
 ``ProxyEngine`` is synchronous and owns every tensor; ``AsyncEngine`` (async_engine.py) runs it in a thread.
 Requests and aborts arrive through a locked inbox drained at the start of each step, so a new request joins
-the batch at the next step and an aborted one leaves at once. Where each sequence is, the scheduler says
-(scheduler.py); the prefill group (prefill.py), the sampling batch (sampling.py) and the output builder
-(outputs.py) do the work of their phase.
+the batch at the next step and an aborted one leaves at once. Requests become sequences in intake.py, on the
+caller's thread. Where each sequence is, the scheduler says (scheduler.py); the prefill group (prefill.py),
+the sampling batch (sampling.py) and the output builder (outputs.py) do the work of their phase.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -24,15 +23,13 @@ import torch
 
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
-from proxy_engine.grammar import GrammarCompiler
+from proxy_engine.intake import Intake
 from proxy_engine.loader import LoadedModel, eos_token_ids
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
-from proxy_engine.prefix_cache import PrefixCache, kv_bytes_per_token
-from proxy_engine.prefix_cache import budget_bytes as prefix_cache_budget
-from proxy_engine.prefix_cache import unsupported_reason as prefix_cache_unsupported
+from proxy_engine.prefix_cache import for_model as prefix_cache_for
+from proxy_engine.prefix_cache import kv_bytes_per_token
 from proxy_engine.request import (
-    ContextLengthError,
     EngineOverloadedError,
     ErrorCode,
     FinishReason,
@@ -46,7 +43,6 @@ from proxy_engine.runner import ModelRunner
 from proxy_engine.sampling import SamplingBatch
 from proxy_engine.scheduler import Scheduler, has_room
 from proxy_engine.sequence import Sequence
-from proxy_engine.tool_calls import detect_format
 
 log = logging.getLogger("proxy_engine.engine")
 
@@ -54,16 +50,6 @@ log = logging.getLogger("proxy_engine.engine")
 FaultHook = Callable[[str, list[Sequence]], None]
 # Analysis mode (as in the research code): called with the sequences and their combined logits [B, V].
 LogitsHook = Callable[[list[Sequence], torch.Tensor], None]
-
-
-def resolve_tool_call_format(config: EngineConfig, models: list[LoadedModel]) -> str:
-    """The configured tool-call format, or (``auto``) the one the chat templates write: a chat-format model's
-    template first (the expert's, usually), then any tokenizer's."""
-    if config.tool_call_format != "auto":
-        return config.tool_call_format
-    templates = [m.renderer.chat_template for m in models if m.renderer.prompt_format == "chat"]
-    templates += [m.renderer.chat_template for m in models]
-    return detect_format(next((t for t in templates if t), None))
 
 
 class ProxyEngine:
@@ -86,42 +72,24 @@ class ProxyEngine:
         self.runners = [
             ModelRunner(
                 m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
-                prefix_cache=self._prefix_cache(m, budget),
+                prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, budget),
             )
             for m, budget in zip(models, self.kv_budgets)
         ]
         self.eos_ids = frozenset(eos_token_ids(models))
-        # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
-        self.tool_call_format = resolve_tool_call_format(config, models)
-        for model in models:
-            model.renderer.tool_format = self.tool_call_format
         self.device = self.runners[0].device
         self.scheduler = Scheduler(config.limits)
         self.outputs = OutputBuilder(self.tokenizer)
+        self.intake = Intake(models, config, self.max_lens, self.vocab_size, self.eos_ids, self.outputs, self.device)
+        self.grammars, self.tool_call_format = self.intake.grammars, self.intake.tool_call_format
         self.prefill: PrefillGroup | None = None
         self._synced_version = 0
         self.prompt_tokens_total = 0
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
-        self._next_seq_id = 0
-        self._seed_rng = random.Random(config.seed)
         self.fault_hook: FaultHook | None = None
         self.logits_hook: LogitsHook | None = None
-
-    def _prefix_cache(self, model: LoadedModel, kv_budget: int) -> PrefixCache | None:
-        settings = self.config.prefix_cache
-        if not settings.enabled:
-            return None
-        reason = prefix_cache_unsupported(model.model)
-        if reason is not None:
-            log.info("%s: prefix caching off (%s)", model.role, reason)
-            return None
-        device = model.model.get_input_embeddings().weight.device
-        budget = prefix_cache_budget(kv_budget, settings.memory_fraction, device)
-        log.info("%s: prefix cache of up to %.0f MB", model.role, budget / 2**20)
-        return PrefixCache(settings.block_size, budget, model.role)
 
     def kv_cache_usage(self) -> float:
         """KV memory in use (running rows and the prompts being prefilled) over the budget at the limits, 0-1."""
@@ -143,115 +111,17 @@ class ProxyEngine:
 
     @property
     def num_pairs(self) -> int:
-        return len(self.config.experts)
-
-    def weights_for(self, params: SamplingParams, target: Target) -> list[float]:
-        """Each runner's weight: base 1, expert_i +alpha_i, anti_i -alpha_i (or one model alone)."""
-        weights = [0.0] * len(self.runners)
-        if target is Target.EXPERT:
-            if not self.num_pairs:
-                raise ValueError("this deployment has no expert to serve alone")
-            weights[1] = 1.0
-            return weights
-        weights[0] = 1.0
-        if target is Target.PROXY:
-            for i, alpha in enumerate(params.resolve_alphas(self.config.default_alphas)):
-                weights[1 + 2 * i], weights[2 + 2 * i] = alpha, -alpha
-        return weights
+        return self.intake.num_pairs
 
     def render(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
-        """The primary model's prompt ids (the base, or the expert when it is served alone)."""
-        index = 1 if target is Target.EXPERT else 0
-        return self.models[index].renderer.render(prompt)
+        return self.intake.render(prompt, target)
 
     def make_sequences(
-        self,
-        request_id: str,
-        prompt: PromptInput,
-        params: SamplingParams,
-        target: Target = Target.PROXY,
+        self, request_id: str, prompt: PromptInput, params: SamplingParams, target: Target = Target.PROXY,
         first_index: int = 0,
     ) -> list[Sequence]:
-        """Validate and render a request into its ``n`` sequences; ``ValueError`` says what is wrong.
-
-        Their choice indices start at ``first_index`` (a request with several prompts numbers prompt ``i``'s
-        choices from ``i * n``, as OpenAI does).
-        """
-        params.validate(self.vocab_size, self.num_pairs)
-        if prompt.token_ids is not None and any(not 0 <= t < self.vocab_size for t in prompt.token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        weights = self.weights_for(params, target)
-        prompts: dict[int, list[int]] = {}
-        for index, weight in enumerate(weights):
-            if weight != 0.0:
-                prompts[index] = self.models[index].renderer.render(prompt)
-        context_left = self._context_left(prompts, params.max_tokens)
-        if params.prompt_logprobs is not None:
-            self._check_scorable(prompts)
-        if params.min_tokens > context_left:
-            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the context left ({context_left} tokens)")
-        deadline = None
-        if self.config.limits.request_timeout_s:
-            deadline = time.monotonic() + self.config.limits.request_timeout_s
-        sequences = []
-        structured = params.structured  # compiled (or found cached) here: a bad constraint is a ValueError
-        for choice in range(first_index, first_index + params.n):
-            seed = params.seed + choice if params.seed is not None else self._seed_rng.getrandbits(63)
-            with self._lock:
-                seq_id = self._next_seq_id
-                self._next_seq_id += 1
-            sequences.append(Sequence(
-                seq_id=seq_id, request_id=request_id, index=choice, params=params, weights=weights,
-                prompts=prompts, max_tokens=context_left,
-                detokenizer=self.outputs.detokenizer(params, prompts[min(prompts)]),
-                # On the logits' device: torch.multinomial draws with a generator of the probabilities' device.
-                generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
-                deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
-            ))
-        return sequences
-
-    def _context_left(self, prompts: dict[int, list[int]], max_tokens: int | None) -> int:
-        """The completion tokens allowed: ``max_tokens``, or (when it is None) the context every model has left.
-
-        ``ValueError`` (a 400, as OpenAI and vLLM answer) when a prompt plus ``max_tokens`` does not fit a
-        model's context; a missing ``max_tokens`` needs room for one token. A prompt may fill the whole context
-        only when nothing is to follow it (``max_tokens`` 0: scoring).
-        """
-        left = 10**18
-        for index, ids in prompts.items():
-            limit, role = self.max_lens[index], self.models[index].role
-            if max_tokens is None and len(ids) >= limit:
-                raise ContextLengthError(
-                    f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens as "
-                    f"the {role} model sees it, which leaves no room for a completion; shorten the prompt", "prompt"
-                )
-            if max_tokens is not None and len(ids) + max_tokens > limit:
-                if max_tokens == 0:
-                    raise ContextLengthError(
-                        f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens "
-                        f"as the {role} model sees it; shorten the prompt", "prompt"
-                    )
-                raise ContextLengthError(
-                    f"This model's maximum context length is {limit} tokens. However, you requested "
-                    f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt as the {role} model sees it, "
-                    f"{max_tokens} in max_tokens). Please reduce the length of the prompt or max_tokens", "max_tokens"
-                )
-            left = min(left, limit - len(ids))
-        return max_tokens if max_tokens is not None else left
-
-    def _check_scorable(self, prompts: dict[int, list[int]]) -> None:
-        """Prompt logprobs need every model of the request to read the same tokens (a chat-format model reads
-        its template around them: its position p is not the others' position p)."""
-        for index in prompts:
-            model = self.models[index]
-            if model.renderer.prompt_format != "plain":
-                raise ValueError(
-                    f"prompt logprobs (echo with logprobs) need every model to see the prompt as plain text; the "
-                    f"{model.role} model uses its chat format (its positions are not the base's). Score with the "
-                    f"base alone, or serve the pair with prompt_format: plain"
-                )
-        if len({tuple(ids) for ids in prompts.values()}) > 1:
-            raise ValueError("prompt logprobs need the models to tokenize the prompt alike, and they do not")
+        """Validate and render a request into its ``n`` sequences (intake.py); ``ValueError`` says what is wrong."""
+        return self.intake.make_sequences(request_id, prompt, params, target, first_index)
 
     def add(self, sequences: list[Sequence]) -> None:
         """Queue sequences (any thread); ``EngineOverloadedError`` when the waiting queue is full."""
@@ -291,7 +161,7 @@ class ProxyEngine:
 
     # --- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = self._intake()
+        outputs = self._drain_inbox()
         self._sync_rows()
         if self.scheduler.running:
             outputs += self._guarded("decode", self.scheduler.running, self._decode)
@@ -321,7 +191,7 @@ class ProxyEngine:
             self._sync_rows(force=True)  # a prefill may have failed half-way through handing its rows over
             return failed
 
-    def _intake(self) -> list[RequestOutput]:
+    def _drain_inbox(self) -> list[RequestOutput]:
         """New sequences join the waiting queue; aborted and timed-out ones leave, wherever they are."""
         with self._lock:
             inbox, self._inbox = self._inbox, []

@@ -24,6 +24,7 @@ The cache is owned by one ``ModelRunner`` and used only from the engine's step t
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -31,6 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from proxy_engine.config import PrefixCacheConfig
+
+log = logging.getLogger("proxy_engine.engine")  # the engine's logger, as before the move
 _ROOT = -1  # the parent id of a prompt's first block
 
 # (start, end) -> per layer (k, v), each [kv_heads, end - start, head_dim]: a span of a prompt's K/V.
@@ -237,3 +241,19 @@ def budget_bytes(kv_at_limits: int, fraction: float, device: torch.device) -> in
     budget = int(kv_at_limits * fraction)
     free = free_memory_bytes(device)
     return budget if free is None else min(budget, int(free * FREE_MEMORY_SHARE))
+
+
+def for_model(
+    settings: PrefixCacheConfig, model: torch.nn.Module, role: str, kv_at_limits: int
+) -> PrefixCache | None:
+    """The model's prefix cache, or None when caching is off or the model cannot use it (the log says why)."""
+    if not settings.enabled:
+        return None
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.info("%s: prefix caching off (%s)", role, reason)
+        return None
+    device = model.get_input_embeddings().weight.device
+    budget = budget_bytes(kv_at_limits, settings.memory_fraction, device)
+    log.info("%s: prefix cache of up to %.0f MB", role, budget / 2**20)
+    return PrefixCache(settings.block_size, budget, role)

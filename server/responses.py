@@ -407,11 +407,8 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
 
             return EventStreamResponse(events(), generation.close, headers)
 
-        try:
-            if not await collect(generation, request):
-                return Response(status_code=499)
-        except GenerationError:
-            raise generation.api_error() from None
+        if not await collect(generation, request):  # raises the request's HTTP error if it failed
+            return Response(status_code=499)
         items = ItemStream(builder)
         choice_stream = ChoiceStream(plan)
         for delta in choice_stream.feed(generation.choices[0].text) + choice_stream.finish():

@@ -93,23 +93,23 @@ def build_router(ctx: ServerContext) -> APIRouter:
         return generation, prompts
 
     async def collect(generation: Generation, request: Request) -> bool:
-        """Run the generation to its end; False if the client left first (the request is then aborted)."""
+        """Run the generation to its end; False if the client left first (the request is then aborted); raises the
+        request's HTTP error if it failed."""
         work = asyncio.ensure_future(generation.run_to_end())
         gone = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if work.done():
-                work.result()  # raises GenerationError
+                try:
+                    work.result()
+                except GenerationError:  # 500 (engine fault), 504 (timeout) or 503 (shutdown), naming the request
+                    raise generation.api_error() from None
                 return True
             return False
         finally:
             for task in (work, gone):
                 task.cancel()
             generation.close()
-
-    def failed(generation: Generation) -> APIError:
-        """500 (engine fault), 504 (request timeout) or 503 (shutdown), naming the request id."""
-        return generation.api_error()
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -131,11 +131,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             events = completion_events(generation, created=created, echo=echo, include_usage=body.include_usage,
                                        prompt_logprobs=body.wants_prompt_logprobs)
             return EventStreamResponse(events, generation.close, headers)
-        try:
-            if not await collect(generation, request):
-                return Response(status_code=499)
-        except GenerationError:
-            raise failed(generation) from None
+        if not await collect(generation, request):
+            return Response(status_code=499)
 
         def answer() -> dict[str, Any]:
             choices = []
@@ -168,11 +165,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if body.stream:
             events = chat_events(generation, created=created, include_usage=body.include_usage, plan=plan)
             return EventStreamResponse(events, generation.close, headers)
-        try:
-            if not await collect(generation, request):
-                return Response(status_code=499)
-        except GenerationError:
-            raise failed(generation) from None
+        if not await collect(generation, request):
+            return Response(status_code=499)
         choices = []
         for c in generation.choices:
             message, reason = assistant_message(plan, c.text, c.finish_reason)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -39,29 +40,57 @@ def _error_event(generation: Generation, error: BaseException) -> str:
     return sse(generation.error_body())  # its type and code say which: internal_error, timeout, shutdown
 
 
-async def completion_events(
-    generation: Generation, *, created: int, echo: list[str] | None, include_usage: bool,
-    prompt_logprobs: bool = False,
-) -> AsyncIterator[str]:
-    """``echo``: each choice's prompt text, sent before its first token."""
+Chunk = Callable[..., str]  # (choices, **extra fields) -> one SSE event
+
+
+def _chunker(generation: Generation, kind: str, created: int, include_usage: bool) -> Chunk:
+    """Builds the endpoint's chunks: ``kind`` is the object name; ``usage`` is null until the usage chunk."""
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": generation.request_id, "object": "text_completion", "created": created,
-                "model": generation.model, "choices": choices}
+        body = {"id": generation.request_id, "object": kind, "created": created, "model": generation.model,
+                "choices": choices}
         if include_usage:
             body["usage"] = None
         body.update(extra)
         return sse(body)
 
-    # Character offset of the next token in each choice's returned text (for logprobs' text_offset).
-    offsets = [0] * len(generation.choices)
-    if echo is not None:
-        for choice in generation.choices:
-            text = echo[choice.index]
-            offsets[choice.index] = len(text)
-            # With prompt logprobs the echo waits for them: they come with each choice's first output.
-            if text and not prompt_logprobs:
-                yield chunk([{"index": choice.index, "text": text, "logprobs": None, "finish_reason": None}])
-    try:
+    return chunk
+
+
+async def _ended(
+    generation: Generation, events: AsyncIterator[str], chunk: Chunk, include_usage: bool
+) -> AsyncIterator[str]:
+    """``events``, then the usage chunk when asked for and ``[DONE]``; a failure after the 200 went out becomes
+    an error event and ``[DONE]`` (no usage)."""
+    async with aclosing(events):
+        try:
+            async for event in events:
+                yield event
+        except Exception as error:  # headers are out: the error goes in the stream
+            yield _error_event(generation, error)
+            yield DONE
+            return
+    if include_usage:
+        yield chunk([], usage=usage(generation.prompt_tokens, generation.completion_tokens))
+    yield DONE
+
+
+def completion_events(
+    generation: Generation, *, created: int, echo: list[str] | None, include_usage: bool,
+    prompt_logprobs: bool = False,
+) -> AsyncIterator[str]:
+    """``echo``: each choice's prompt text, sent before its first token."""
+    chunk = _chunker(generation, "text_completion", created, include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        # Character offset of the next token in each choice's returned text (for logprobs' text_offset).
+        offsets = [0] * len(generation.choices)
+        if echo is not None:
+            for choice in generation.choices:
+                text = echo[choice.index]
+                offsets[choice.index] = len(text)
+                # With prompt logprobs the echo waits for them: they come with each choice's first output.
+                if text and not prompt_logprobs:
+                    yield chunk([{"index": choice.index, "text": text, "logprobs": None, "finish_reason": None}])
         async for output in generation.outputs():
             if output.prompt_logprobs is not None:
                 text = echo[output.index] if echo else ""
@@ -81,34 +110,22 @@ async def completion_events(
             if output.finished:
                 reason = generation.choices[output.index].finish_reason
                 yield chunk([{"index": output.index, "text": "", "logprobs": None, "finish_reason": reason}])
-    except Exception as error:  # headers are out: the error goes in the stream
-        yield _error_event(generation, error)
-        yield DONE
-        return
-    if include_usage:
-        yield chunk([], usage=usage(generation.prompt_tokens, generation.completion_tokens))
-    yield DONE
+
+    return _ended(generation, events(), chunk, include_usage)
 
 
-async def chat_events(
+def chat_events(
     generation: Generation, *, created: int, include_usage: bool, plan: ToolPlan | None = None
 ) -> AsyncIterator[str]:
     """``plan``: the request's tools; each choice's text goes out as content or tool-call deltas (server/tools.py)."""
     plan = plan or ToolPlan("text")
     streams = {choice.index: ChoiceStream(plan) for choice in generation.choices}
+    chunk = _chunker(generation, "chat.completion.chunk", created, include_usage)
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": generation.request_id, "object": "chat.completion.chunk", "created": created,
-                "model": generation.model, "choices": choices}
-        if include_usage:
-            body["usage"] = None
-        body.update(extra)
-        return sse(body)
-
-    for choice in generation.choices:
-        yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
-    try:
+    async def events() -> AsyncIterator[str]:
+        for choice in generation.choices:
+            yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
         async for output in generation.outputs():
             stream = streams[output.index]
             deltas = stream.feed(output.text_delta)
@@ -124,13 +141,8 @@ async def chat_events(
                 reason = finish_reason(stream.made_calls and bool(plan.calls(stream.text)[1]),
                                        generation.choices[output.index].finish_reason)
                 yield chunk([{"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
-    except Exception as error:  # headers are out: the error goes in the stream
-        yield _error_event(generation, error)
-        yield DONE
-        return
-    if include_usage:
-        yield chunk([], usage=usage(generation.prompt_tokens, generation.completion_tokens))
-    yield DONE
+
+    return _ended(generation, events(), chunk, include_usage)
 
 
 class EventStreamResponse(Response):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -70,3 +71,16 @@ def test_the_parts_alone_fall_short(bare_server):
     base = _ask(bare_server, "proxy-tuned:base")
     assert base.strip() != ANSWER  # knows the fact but does not answer in the tuned format: it rambles on
     assert _ask(bare_server, "proxy-tuned:expert").strip() != ANSWER  # the small expert lacks the knowledge
+
+
+def test_the_readme_structured_output_closes_on_the_demo(bare_server):
+    """README's example: a finite schema always ends in valid JSON, even on a model that never saw JSON."""
+    schema = {"type": "object", "properties": {"town": {"enum": ["Islebrook", "Oxmere", "Northwold", "Ashgrove"]}},
+              "required": ["town"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "Home", "schema": schema, "strict": True}}
+    body = {"model": "proxy-tuned", "messages": QUESTION, "max_tokens": 32, "response_format": response_format}
+    response = httpx.post(f"{bare_server}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert json.loads(choice["message"]["content"])["town"] in schema["properties"]["town"]["enum"]

@@ -1,0 +1,174 @@
+"""Request intake: a request's prompt and parameters in, its ``n`` sequences out, or a ``ValueError`` saying
+what is wrong (the server's 400).
+
+    intake = Intake(models, config, max_lens, vocab_size, eos_ids, outputs, device)
+    sequences = intake.make_sequences(request_id, prompt, params, target)
+
+It runs on the caller's thread (the server's request handler), never the step thread: rendering each model's
+prompt, checking it against each model's context, and compiling a structured-output grammar all happen here,
+so the step loop only ever sees sequences that are ready to run. It touches no tensor but the sequences'
+generators.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from proxy_engine.config import EngineConfig
+from proxy_engine.grammar import GrammarCompiler
+from proxy_engine.loader import LoadedModel
+from proxy_engine.outputs import OutputBuilder
+from proxy_engine.request import ContextLengthError, PromptInput, SamplingParams, Target
+from proxy_engine.sequence import Sequence
+from proxy_engine.tool_calls import detect_format
+
+
+def resolve_tool_call_format(config: EngineConfig, models: list[LoadedModel]) -> str:
+    """The configured tool-call format, or (``auto``) the one the chat templates write: a chat-format model's
+    template first (the expert's, usually), then any tokenizer's."""
+    if config.tool_call_format != "auto":
+        return config.tool_call_format
+    templates = [m.renderer.chat_template for m in models if m.renderer.prompt_format == "chat"]
+    templates += [m.renderer.chat_template for m in models]
+    return detect_format(next((t for t in templates if t), None))
+
+
+def context_left(prompts: dict[int, list[int]], max_tokens: int | None, limits: list[int], roles: list[str]) -> int:
+    """The completion tokens allowed: ``max_tokens``, or (when it is None) the context every model has left.
+
+    ``ValueError`` (a 400, as OpenAI and vLLM answer) when a prompt plus ``max_tokens`` does not fit a model's
+    context; a missing ``max_tokens`` needs room for one token. A prompt may fill the whole context only when
+    nothing is to follow it (``max_tokens`` 0: scoring).
+    """
+    left = 10**18
+    for index, ids in prompts.items():
+        limit, role = limits[index], roles[index]
+        if max_tokens is None and len(ids) >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens as "
+                f"the {role} model sees it, which leaves no room for a completion; shorten the prompt", "prompt"
+            )
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            if max_tokens == 0:
+                raise ContextLengthError(
+                    f"This model's maximum context length is {limit} tokens, but the prompt is {len(ids)} tokens "
+                    f"as the {role} model sees it; shorten the prompt", "prompt"
+                )
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt as the {role} model sees it, "
+                f"{max_tokens} in max_tokens). Please reduce the length of the prompt or max_tokens", "max_tokens"
+            )
+        left = min(left, limit - len(ids))
+    return max_tokens if max_tokens is not None else left
+
+
+def check_scorable(prompts: dict[int, list[int]], models: list[LoadedModel]) -> None:
+    """Prompt logprobs need every model of the request to read the same tokens (a chat-format model reads its
+    template around them: its position p is not the others' position p)."""
+    for index in prompts:
+        model = models[index]
+        if model.renderer.prompt_format != "plain":
+            raise ValueError(
+                f"prompt logprobs (echo with logprobs) need every model to see the prompt as plain text; the "
+                f"{model.role} model uses its chat format (its positions are not the base's). Score with the "
+                f"base alone, or serve the pair with prompt_format: plain"
+            )
+    if len({tuple(ids) for ids in prompts.values()}) > 1:
+        raise ValueError("prompt logprobs need the models to tokenize the prompt alike, and they do not")
+
+
+@dataclass(eq=False)
+class Intake:
+    """Validates, renders and numbers requests into sequences (any thread)."""
+
+    models: list[LoadedModel]
+    config: EngineConfig
+    max_lens: list[int]  # each model's context, capped by limits.max_model_len
+    vocab_size: int
+    eos_ids: frozenset[int]
+    outputs: OutputBuilder  # makes each sequence's detokenizer
+    device: torch.device  # where the sequences' sampling generators live
+
+    def __post_init__(self) -> None:
+        # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
+        self.grammars = GrammarCompiler(self.models[0].tokenizer, self.vocab_size, self.eos_ids)
+        self.tool_call_format = resolve_tool_call_format(self.config, self.models)
+        for model in self.models:
+            model.renderer.tool_format = self.tool_call_format
+        self._lock = threading.Lock()
+        self._next_seq_id = 0
+        self._seed_rng = random.Random(self.config.seed)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.config.experts)
+
+    def weights_for(self, params: SamplingParams, target: Target) -> list[float]:
+        """Each model's weight: base 1, expert_i +alpha_i, anti_i -alpha_i (or one model alone)."""
+        weights = [0.0] * len(self.models)
+        if target is Target.EXPERT:
+            if not self.num_pairs:
+                raise ValueError("this deployment has no expert to serve alone")
+            weights[1] = 1.0
+            return weights
+        weights[0] = 1.0
+        if target is Target.PROXY:
+            for i, alpha in enumerate(params.resolve_alphas(self.config.default_alphas)):
+                weights[1 + 2 * i], weights[2 + 2 * i] = alpha, -alpha
+        return weights
+
+    def render(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
+        """The primary model's prompt ids (the base, or the expert when it is served alone)."""
+        index = 1 if target is Target.EXPERT else 0
+        return self.models[index].renderer.render(prompt)
+
+    def make_sequences(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        target: Target = Target.PROXY,
+        first_index: int = 0,
+    ) -> list[Sequence]:
+        """Validate and render a request into its ``n`` sequences; ``ValueError`` says what is wrong.
+
+        Their choice indices start at ``first_index`` (a request with several prompts numbers prompt ``i``'s
+        choices from ``i * n``, as OpenAI does).
+        """
+        params.validate(self.vocab_size, self.num_pairs)
+        if prompt.token_ids is not None and any(not 0 <= t < self.vocab_size for t in prompt.token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        weights = self.weights_for(params, target)
+        prompts = {
+            index: self.models[index].renderer.render(prompt) for index, weight in enumerate(weights) if weight != 0.0
+        }
+        left = context_left(prompts, params.max_tokens, self.max_lens, [m.role for m in self.models])
+        if params.prompt_logprobs is not None:
+            check_scorable(prompts, self.models)
+        if params.min_tokens > left:
+            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the context left ({left} tokens)")
+        deadline = None
+        if self.config.limits.request_timeout_s:
+            deadline = time.monotonic() + self.config.limits.request_timeout_s
+        structured = params.structured  # compiled (or found cached) here: a bad constraint is a ValueError
+        sequences = []
+        for choice in range(first_index, first_index + params.n):
+            seed = params.seed + choice if params.seed is not None else self._seed_rng.getrandbits(63)
+            with self._lock:
+                seq_id = self._next_seq_id
+                self._next_seq_id += 1
+            sequences.append(Sequence(
+                seq_id=seq_id, request_id=request_id, index=choice, params=params, weights=weights,
+                prompts=prompts, max_tokens=left,
+                detokenizer=self.outputs.detokenizer(params, prompts[min(prompts)]),
+                # On the logits' device: torch.multinomial draws with a generator of the probabilities' device.
+                generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
+                deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
+            ))
+        return sequences
