@@ -113,6 +113,24 @@ async def _in_daemon_thread(function, name: str):
     return await future
 
 
+def engine_stats(engine) -> EngineStats:
+    """A ``ProxyEngine``'s counts as the server reads them (in this process, or sent from an engine process)."""
+    return EngineStats(
+        running=len(engine.running),
+        waiting=engine.num_waiting,
+        prefilling=engine.num_prefilling,
+        prompt_tokens_total=engine.prompt_tokens_total,
+        generation_tokens_total=engine.generation_tokens_total,
+        kv_cache_usage=engine.kv_cache_usage(),
+        prefix_caches=tuple(
+            PrefixCacheStats(model=runner.name, queries_total=cache.queries_total, hits_total=cache.hits_total,
+                             usage=cache.usage)
+            for runner in engine.runners
+            if (cache := runner.prefix_cache) is not None
+        ),
+    )
+
+
 class AsyncEngine:
     """Runs ``ProxyEngine.step`` in one background thread and routes its outputs to per-request streams.
 
@@ -183,6 +201,19 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 10)
 
     # --- requests --------------------------------------------------------------------------------------------
+    def _admissible(self, request_id: str, prompt: PromptInput | list[PromptInput]) -> list[PromptInput]:
+        """The request's prompts, once it may be admitted at all (a 503 or 400 otherwise)."""
+        if self.fatal_error is not None:
+            raise EngineOverloadedError("the engine has stopped", retry_after_s=5)
+        if not self._admitting:
+            raise EngineOverloadedError("the server is shutting down and admits no new requests", retry_after_s=5)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        if not prompts:
+            raise ValueError("the request has no prompt")
+        return prompts
+
     async def add_request(
         self,
         request_id: str,
@@ -196,15 +227,7 @@ class AsyncEngine:
         request is admitted or refused as a whole). ``max_logprob_entries`` bounds the prompt logprobs the
         request may return (``ValueError`` past it), so that no answer holds gigabytes of them."""
         engine = self._require_engine()
-        if self.fatal_error is not None:
-            raise EngineOverloadedError("the engine has stopped", retry_after_s=5)
-        if not self._admitting:
-            raise EngineOverloadedError("the server is shutting down and admits no new requests", retry_after_s=5)
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        prompts = prompt if isinstance(prompt, list) else [prompt]
-        if not prompts:
-            raise ValueError("the request has no prompt")
+        prompts = self._admissible(request_id, prompt)
 
         def render() -> tuple[list, int]:
             sequences, prompt_tokens = [], 0
@@ -234,25 +257,7 @@ class AsyncEngine:
             self._wake.set()
 
     def stats(self) -> EngineStats:
-        engine = self.engine
-        if engine is None:
-            return EngineStats()
-        return EngineStats(
-            running=len(engine.running),
-            waiting=engine.num_waiting,
-            prefilling=engine.num_prefilling,
-            prompt_tokens_total=engine.prompt_tokens_total,
-            generation_tokens_total=engine.generation_tokens_total,
-            kv_cache_usage=engine.kv_cache_usage(),
-            prefix_caches=tuple(
-                PrefixCacheStats(
-                    model=runner.name, queries_total=cache.queries_total, hits_total=cache.hits_total,
-                    usage=cache.usage,
-                )
-                for runner in engine.runners
-                if (cache := runner.prefix_cache) is not None
-            ),
-        )
+        return EngineStats() if self.engine is None else engine_stats(self.engine)
 
     def tokenize(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         return self._require_engine().render(prompt, target)

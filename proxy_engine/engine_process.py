@@ -30,10 +30,10 @@ from proxy_engine.async_engine import (
     AsyncEngine,
     EngineStats,
     ModelInfo,
-    PrefixCacheStats,
     RequestStream,
     _in_daemon_thread,
     check_prompt_logprob_entries,
+    engine_stats,
 )
 from proxy_engine.config import EngineConfig
 from proxy_engine.request import EngineOverloadedError, PromptInput, SamplingParams, Target
@@ -131,15 +131,7 @@ class EngineProcess(AsyncEngine):
         max_logprob_entries: int | None = None,
     ) -> RequestStream:
         self._require_engine()
-        if self.fatal_error is not None:
-            raise EngineOverloadedError("the engine has stopped", retry_after_s=5)
-        if not self._admitting:
-            raise EngineOverloadedError("the server is shutting down and admits no new requests", retry_after_s=5)
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        prompts = prompt if isinstance(prompt, list) else [prompt]
-        if not prompts:
-            raise ValueError("the request has no prompt")
+        prompts = self._admissible(request_id, prompt)
         # Registered before the child sees the request: its outputs may be dispatched before this task resumes.
         stream = RequestStream(request_id, len(prompts) * params.n, 0)
         self._streams[request_id] = stream
@@ -251,23 +243,6 @@ def _child_config(config: EngineConfig) -> EngineConfig:
     return config.model_copy(update={"runtime": config.runtime.model_copy(update={"cpu_threads": cores})})
 
 
-def _stats_of(engine) -> EngineStats:
-    return EngineStats(
-        running=len(engine.running),
-        waiting=engine.num_waiting,
-        prefilling=engine.num_prefilling,
-        prompt_tokens_total=engine.prompt_tokens_total,
-        generation_tokens_total=engine.generation_tokens_total,
-        kv_cache_usage=engine.kv_cache_usage(),
-        prefix_caches=tuple(
-            PrefixCacheStats(model=runner.name, queries_total=cache.queries_total, hits_total=cache.hits_total,
-                             usage=cache.usage)
-            for runner in engine.runners
-            if (cache := runner.prefix_cache) is not None
-        ),
-    )
-
-
 class _Child:
     """The engine side: a step thread (as ``AsyncEngine._steps``) and the pipe reader (the main thread)."""
 
@@ -292,7 +267,7 @@ class _Child:
                     self.wake.clear()
                     continue
                 outputs = engine.step()
-                self.send(("step", outputs, _stats_of(engine)))
+                self.send(("step", outputs, engine_stats(engine)))
         except BaseException as error:  # noqa: BLE001 - the engine's own guards failed: stop loudly
             log.exception("the engine step loop crashed")
             try:
