@@ -1,0 +1,96 @@
+"""``tool_choice: auto`` end to end with a scripted engine that answers in each family's call format (a random
+model never writes a call on its own): parsed into ``message.tool_calls``, streamed in OpenAI's delta shape."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from proxy_engine import FinishReason, RequestOutput
+from server.app import create_app
+from server.settings import load_settings
+from tests.server.fake_engine import FakeEngine
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ANSWERS = {
+    "hermes": ["Let me check. <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>'],
+    "llama3_json": ['{"name": "get_weather", ', '"parameters": {"city": "Paris"}}'],
+    "mistral": ["Let me check. [TOOL_", 'CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'],
+}
+CONTENT = {"hermes": "Let me check. ", "llama3_json": None, "mistral": "Let me check. "}
+
+
+class ScriptedEngine(FakeEngine):
+    """Answers every request with ``pieces``, one per step, then stops."""
+
+    def __init__(self, fmt: str, pieces: list[str]) -> None:
+        super().__init__()
+        self.fmt, self.pieces = fmt, pieces
+
+    async def start(self) -> None:
+        await super().start()
+        self.info = dataclasses.replace(self.info, tool_call_format=self.fmt)
+
+    async def _run(self, stream, params) -> None:
+        for k, piece in enumerate(self.pieces):
+            await asyncio.sleep(self.step_s)
+            finish = FinishReason.STOP if k == len(self.pieces) - 1 else None
+            stream.queue.put_nowait(RequestOutput(
+                request_id=stream.request_id, index=0, new_token_ids=[k], text_delta=piece, finish_reason=finish,
+                prompt_tokens=stream.prompt_tokens, completion_tokens=k + 1))
+
+
+def _client(fmt: str, pieces: list[str]):
+    engine = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
+    app = create_app(ScriptedEngine(fmt, pieces), load_settings(overrides={"engine": engine}, environ=False))
+    return TestClient(app)
+
+
+@pytest.mark.parametrize("fmt", list(ANSWERS))
+def test_auto_parses_the_family_format(fmt):
+    with _client(fmt, ANSWERS[fmt]) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+        ask = dict(model="proxy-tuned", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+                   max_tokens=10)
+        whole = client.chat.completions.create(**ask).choices[0]
+        assert whole.finish_reason == "tool_calls"
+        assert whole.message.content == CONTENT[fmt]
+        [call] = whole.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+        content, calls, reasons = "", {}, []
+        for chunk in client.chat.completions.create(stream=True, **ask):
+            for choice in chunk.choices:
+                content += choice.delta.content or ""
+                reasons += [choice.finish_reason] if choice.finish_reason else []
+                for delta in choice.delta.tool_calls or []:
+                    entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                    entry["name"] += (delta.function.name or "") if delta.function else ""
+                    entry["arguments"] += (delta.function.arguments or "") if delta.function else ""
+        assert content == (CONTENT[fmt] or "") and reasons == ["tool_calls"]
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("get_weather", {"city": "Paris"})]
+
+
+def test_a_call_to_an_unknown_function_is_text():
+    pieces = ['<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>']
+    with _client("hermes", pieces) as http:
+        body = {"model": "proxy-tuned", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS}
+        choice = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and choice["message"]["content"] == pieces[0]
+        assert "tool_calls" not in choice["message"]
+
+
+def test_responses_api_returns_function_call_items():
+    with _client("hermes", ANSWERS["hermes"]) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+        flat = [{"type": "function", **TOOLS[0]["function"]}]
+        response = client.responses.create(model="proxy-tuned", input="Weather?", tools=flat, max_output_tokens=10)
+        kinds = [item.type for item in response.output]
+        assert kinds == ["message", "function_call"] and response.output_text == "Let me check. "
+        assert json.loads(response.output[1].arguments) == {"city": "Paris"}
