@@ -49,13 +49,13 @@ class ScriptedEngine(FakeEngine):
 def _client(fmt: str, pieces: list[str]):
     engine = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
     app = create_app(ScriptedEngine(fmt, pieces), load_settings(overrides={"engine": engine}, environ=False))
-    return TestClient(app)
+    return TestClient(app, base_url="http://localhost")  # a localhost name: the default Host allow-list
 
 
 @pytest.mark.parametrize("fmt", list(ANSWERS))
 def test_auto_parses_the_family_format(fmt):
     with _client(fmt, ANSWERS[fmt]) as http:
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+        client = openai.OpenAI(base_url="http://localhost/v1", api_key="x", http_client=http, max_retries=0)
         ask = dict(model="proxy-tuned", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
                    max_tokens=10)
         whole = client.chat.completions.create(**ask).choices[0]
@@ -88,7 +88,7 @@ def test_a_call_to_an_unknown_function_is_text():
 
 def test_responses_api_returns_function_call_items():
     with _client("hermes", ANSWERS["hermes"]) as http:
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+        client = openai.OpenAI(base_url="http://localhost/v1", api_key="x", http_client=http, max_retries=0)
         flat = [{"type": "function", **TOOLS[0]["function"]}]
         response = client.responses.create(model="proxy-tuned", input="Weather?", tools=flat, max_output_tokens=10)
         kinds = [item.type for item in response.output]
