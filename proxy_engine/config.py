@@ -119,7 +119,7 @@ class RuntimeConfig(_Strict):
         f"({PACKED_WEIGHTS_ENV}); default: when the copies take at most a tenth of the memory.",
     )
     engine_process: bool = Field(
-        default=False, description=f"Run the engine core (the step loop) in its own process, away from the HTTP "
+        default=True, description=f"Run the engine core (the step loop) in its own process, away from the HTTP "
         f"server's GIL ({ENGINE_PROCESS_ENV}); its intra-op team then defaults to every core. See bench/NOTES.md.",
     )
 

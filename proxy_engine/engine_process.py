@@ -1,4 +1,4 @@
-"""The engine core in its own process (opt-in: ``runtime.engine_process`` / ``PROXY_SERVE_ENGINE_PROCESS=1``).
+"""The engine core in its own process (the default: ``runtime.engine_process`` / ``PROXY_SERVE_ENGINE_PROCESS``).
 
 ``EngineProcess`` is an ``AsyncEngine`` (same interface, same streams) whose ``ProxyEngine`` runs in a child
 process started with ``spawn``: the step loop no longer shares a GIL with the HTTP event loop, and its intra-op
@@ -324,9 +324,11 @@ class _Child:
 
 def child_main(conn, config: EngineConfig, idle_wait_s: float) -> None:
     """The child process's entry point: load, report ``ready`` (or ``failed``), then serve the pipe."""
-    # Ctrl-C reaches the whole process group: the API process drains and then sends "stop" (or exits, which
-    # closes the pipe); the engine must keep serving the running requests meanwhile.
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd's control-group kill, a supervisor's
+    # killpg), reach this process too: the API process drains and then sends "stop" (or exits, which closes
+    # the pipe); the engine must keep serving the running requests meanwhile.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
     try:
         from proxy_engine.engine import ProxyEngine

@@ -28,7 +28,7 @@ def _no_knobs_set(monkeypatch):
 
 def test_defaults_and_values_from_the_config():
     assert RuntimeConfig() == RuntimeConfig(cpu_threads=None, fast_decode=True, packed_weights=None,
-                                            engine_process=False)
+                                            engine_process=True)
     assert RuntimeConfig(cpu_threads=3, fast_decode=False).cpu_threads == 3
 
 
@@ -65,4 +65,4 @@ def test_check_shows_the_knobs(tiny_family):
     assert check(settings, out=out, err=io.StringIO()) == 0
     shown = json.loads(out.getvalue()[: out.getvalue().index("\n}\n") + 2])  # the settings, then the plan
     assert shown["engine"]["runtime"] == {"cpu_threads": 1, "fast_decode": True, "packed_weights": None,
-                                         "engine_process": False}
+                                         "engine_process": True}

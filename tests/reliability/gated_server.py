@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from proxy_engine import engine as engine_module
+# The gates patch the engine in this process: it must not run in an engine process of its own.
+os.environ["PROXY_SERVE_ENGINE_PROCESS"] = "0"
+
+from proxy_engine import engine as engine_module  # noqa: E402
 
 GATE = Path(os.environ["PROXY_TEST_GATE"])
 _init = engine_module.ProxyEngine.__init__
