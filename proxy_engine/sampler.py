@@ -103,13 +103,6 @@ def draw(logits: torch.Tensor, greedy: torch.Tensor, generators: Sequence[torch.
     return tokens
 
 
-def sample(
-    logits: torch.Tensor, temperature: torch.Tensor, generators: Sequence[torch.Generator | None]
-) -> torch.Tensor:
-    """``[B]`` token ids: argmax where temperature is 0, else a draw from ``softmax(logits / T)``."""
-    return draw(apply_temperature(logits, temperature), temperature == 0, generators)
-
-
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of the combined distribution: ``(chosen [B], top values [B, k], top ids [B, k])``."""
     logprobs = torch.log_softmax(logits, dim=-1)

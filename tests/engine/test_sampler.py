@@ -10,26 +10,26 @@ from proxy_engine.sampler import (
     apply_logit_bias,
     apply_penalties,
     ban_tokens,
+    draw,
     filter_top_k_top_p_min_p,
-    sample,
     top_logprobs,
 )
 
 
 def test_greedy_and_seeded_sampling():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
-    assert sample(logits, torch.zeros(2), [None, None]).tolist() == [1, 0]
+    assert draw(logits, torch.tensor([True, True]), [None, None]).tolist() == [1, 0]
     draws = []
     for _ in range(2):
         g = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
-        draws.append([sample(logits, torch.ones(2), g).tolist() for _ in range(20)])
+        draws.append([draw(logits, torch.tensor([False, False]), g).tolist() for _ in range(20)])
     assert draws[0] == draws[1]
 
 
 def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample(logits, torch.ones(1), [g]) for _ in range(3000)])
+    draws = torch.stack([draw(logits, torch.tensor([False]), [g]) for _ in range(3000)])
     counts = torch.bincount(draws.flatten(), minlength=3)
     assert abs(counts[0].item() / 3000 - 0.7) < 0.04
 
