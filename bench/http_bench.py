@@ -78,6 +78,8 @@ class StreamResult:
     stalled: bool = False
     error: str | None = None
     requested: int = 0  # the request's max_tokens
+    events: int = 0  # content events: the token count of a server that sends no usage (one token per event)
+    usage: bool = False  # the stream carried usage (its completion_tokens is then the count)
 
 
 def _content(event: dict[str, Any]) -> bool:
@@ -109,12 +111,14 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], 
                 if any(c.get("finish_reason") for c in event.get("choices") or []):
                     finished = True  # the peer ends here (it sends no [DONE])
                 if _content(event):
+                    result.events += 1
                     if result.first is None:
                         result.first = now
                     elif last is not None:
                         result.gaps.append(now - last)
                     last = now
                 if event.get("usage"):
+                    result.usage = True
                     result.tokens = int(event["usage"]["completion_tokens"])
     except httpx.ReadTimeout:
         result.stalled = True
@@ -129,6 +133,10 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], 
         result.stalled = True
         result.error = "the stream ended without [DONE] or a finish_reason"
         return result
+    if not result.usage:
+        # A server that sends no usage (transformers serve unless asked for it): the content events are the count,
+        # one per token there (a token that ends mid-character merges into the next event: a lower bound).
+        result.tokens = result.events
     result.ok = True
     return result
 
@@ -162,6 +170,22 @@ class Run:
     @property
     def requested(self) -> int:
         return sum(s.requested for s in self.streams)
+
+
+class NoTokensError(RuntimeError):
+    """A server answered a level without a single token: its figures would be meaningless (and its ratios a
+    division by zero), so the run stops with a message naming it."""
+
+
+def require_tokens(run: Run, log_path: Path | None = None) -> None:
+    """Raise ``NoTokensError`` naming ``run``'s server when none of its streams produced a token."""
+    if run.tokens > 0:
+        return
+    errors = sorted({s.error for s in run.streams if s.error})
+    why = f"errors: {'; '.join(errors[:2])}" if errors else "its streams ended without content"
+    where = f" (its log: {log_path})" if log_path else ""
+    raise NoTokensError(f"{run.target} produced no tokens at {run.concurrency} stream(s), "
+                        f"{len(run.streams)} request(s): {why}{where}")
 
 
 def request_lengths(count: int, max_tokens: int, spread: float, seed: int = 1) -> list[int]:
@@ -306,7 +330,8 @@ def peer_server(family, args, log_dir: Path) -> Server:
         "--log-level", "warning",
     ]
     # No ignore_eos: a generation_config without eos_token_id disables EOS; max_tokens still sets the length.
-    body = {"generation_config": json.dumps({"do_sample": False})}
+    # Usage only when asked for (5.25); without it the content events are counted (one_stream).
+    body = {"generation_config": json.dumps({"do_sample": False}), "stream_options": {"include_usage": True}}
     return Server(name="peer", command=command, model=str(family.base), extra_body=body, env=server_env(args.threads),
                   port=port, log_path=log_dir / "peer.log")
 
@@ -369,16 +394,14 @@ def markdown(levels: list[LevelResult], floor: dict[int, list[float]], ratios: d
 def paired(runs: dict[tuple[str, int], list[Run]], a: tuple[str, int], b: tuple[str, int]) -> float | None:
     """Median over repeats of ``a``'s tokens/s over ``b``'s in the same repeat (side by side in time)."""
     x, y = runs.get(a), runs.get(b)
-    if not x or not y:
-        return None
-    return statistics.median(p.tokens_per_s / q.tokens_per_s for p, q in zip(x, y) if q.tokens_per_s)
+    values = [p.tokens_per_s / q.tokens_per_s for p, q in zip(x or [], y or []) if q.tokens_per_s]
+    return statistics.median(values) if values else None
 
 
 def paired_cpu(runs: dict[tuple[str, int], list[Run]], a: tuple[str, int], b: tuple[str, int]) -> float | None:
     x, y = runs.get(a), runs.get(b)
-    if not x or not y:
-        return None
-    return statistics.median(p.tokens_per_cpu_s / q.tokens_per_cpu_s for p, q in zip(x, y) if q.tokens_per_cpu_s)
+    values = [p.tokens_per_cpu_s / q.tokens_per_cpu_s for p, q in zip(x or [], y or []) if q.tokens_per_cpu_s]
+    return statistics.median(values) if values else None
 
 
 def compute_ratios(runs: dict[tuple[str, int], list[Run]], levels: dict[tuple[str, int], LevelResult],
@@ -406,9 +429,11 @@ def compute_ratios(runs: dict[tuple[str, int], list[Run]], levels: dict[tuple[st
         ratios[f"proxy / floor, {level} streams (aggregate: with prefill and HTTP)"] = statistics.median(
             r.tokens_per_s / f for r, f in zip(proxy, values))
         if level == 1:
-            decode = [statistics.median((s.tokens - 1) / (s.end - s.first) for s in r.streams
-                                        if s.ok and s.first and s.tokens > 1) / f for r, f in zip(proxy, values)]
-            ratios["proxy / floor, 1 stream (decode rate after the first token)"] = statistics.median(decode)
+            rates = [[(s.tokens - 1) / (s.end - s.first) for s in r.streams if s.ok and s.first and s.tokens > 1]
+                     for r in proxy]
+            decode = [statistics.median(rate) / f for rate, f in zip(rates, values) if rate]
+            if decode:
+                ratios["proxy / floor, 1 stream (decode rate after the first token)"] = statistics.median(decode)
     for level in (16, 64):
         p, q = levels.get(("proxy", level)), levels.get(("peer", level))
         if p and q and p.ttft_p50_ms and q.ttft_p50_ms:
@@ -518,9 +543,13 @@ def main(argv: list[str] | None = None) -> int:
                     run = asyncio.run(run_level(target, prompts, level, args.rounds, lengths, args.stall_s,
                                                 samplers[target.port]))
                     runs.setdefault((target.name, level), []).append(run)
+                    require_tokens(run, target.log_path)
                     errors = sum(1 for s in run.streams if not s.ok)
                     print(f"{target.name:6s} {level:3d} streams: {run.tokens_per_s:7.1f} tok/s, errors {errors}, "
                           f"RSS peak {run.rss_peak / 2**20:.0f} MB", flush=True)
+    except NoTokensError as error:
+        print(f"http_bench: {error}", file=sys.stderr)
+        return 1
     finally:
         for sampler in samplers.values():
             sampler.stop()

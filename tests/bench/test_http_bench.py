@@ -54,3 +54,67 @@ def test_a_variant_is_served_and_compared_side_by_side(tmp_path):
     assert {(r["server"], r["concurrency"]) for r in payload["levels"]} == {("proxy", 1), ("proxy@passive", 1)}
     assert all(r["errors"] == 0 for r in payload["levels"])
     assert "proxy / proxy@passive, 1 streams" in payload["ratios"]
+
+
+# --- token counting and a server that produces nothing, without servers --------------------------------------
+def _sse(*events: dict | str) -> bytes:
+    return b"".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events)
+
+
+def _stream(payload: bytes):
+    import asyncio
+
+    import httpx
+
+    from bench.http_bench import one_stream
+
+    async def go():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=payload))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await one_stream(client, "http://peer", {"prompt": "x", "stream": True}, stall_s=5)
+
+    return asyncio.run(go())
+
+
+def _text(text: str, finish: str | None = None) -> dict:
+    return {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+
+
+def test_a_stream_without_usage_counts_its_content_events():
+    """transformers serve 5.25 sends usage only when asked: its tokens are then its content events."""
+    result = _stream(_sse(_text("a"), _text(" b"), _text(""), _text("c"), _text("", "length")))
+    assert result.ok and not result.usage
+    assert result.tokens == result.events == 3
+    assert result.first is not None and len(result.gaps) == 2
+
+
+def test_usage_wins_over_the_event_count():
+    usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}}
+    result = _stream(_sse(_text("ab"), _text("cd", "length"), usage, "[DONE]"))
+    assert result.ok and result.usage and result.events == 2 and result.tokens == 5
+
+
+def _run_of(streams: list, target: str = "peer"):
+    from bench.http_bench import Run
+
+    return Run(target, len(streams), streams, start=0.0, end=1.0, rss_start=0, rss_end=0, rss_peak=0, cpu_s=0.5)
+
+
+def test_a_server_with_no_tokens_is_an_error_naming_it():
+    import pytest
+
+    from bench.http_bench import NoTokensError, StreamResult, compute_ratios, require_tokens, summarize
+
+    silent = _stream(_sse(_text("", "length")))
+    assert silent.ok and silent.tokens == 0
+    run = _run_of([silent, StreamResult(ok=False, error="HTTP 500: boom")])
+    with pytest.raises(NoTokensError, match=r"^peer produced no tokens at 2 stream\(s\), 2 request\(s\): errors: "
+                                            r"HTTP 500: boom \(its log: peer.log\)$"):
+        require_tokens(run, Path("peer.log"))
+    require_tokens(_run_of([_stream(_sse(_text("a", "length")))]))  # one token is enough
+    # The figures themselves never divide by zero or take the median of nothing.
+    proxy = _run_of([_stream(_sse(_text("a"), _text("b", "length")))], "proxy")
+    runs = {("proxy", 2): [proxy], ("peer", 2): [run]}
+    levels = {key: summarize(value) for key, value in runs.items()}
+    ratios = compute_ratios(runs, levels, {})
+    assert ratios["proxy / peer (base alone), 2 streams"] is None
