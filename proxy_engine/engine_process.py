@@ -322,6 +322,16 @@ class _Child:
                 return
 
 
+def _thread_lock_for_progress_bars() -> None:
+    """tqdm (transformers' "Loading weights" bars) guards its bars with a ``multiprocessing.RLock``: in a spawned
+    process that is a named semaphore registered with the resource tracker, which this process never unlinks (it
+    ends with ``os._exit``, or is killed), so the tracker warned of "1 leaked semaphore objects" after every
+    shutdown. No other process shares this one's bars: a thread lock is enough, and leaves nothing behind."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def child_main(conn, config: EngineConfig, idle_wait_s: float) -> None:
     """The child process's entry point: load, report ``ready`` (or ``failed``), then serve the pipe."""
     # Ctrl-C, and a SIGTERM sent to the whole process group (systemd's control-group kill, a supervisor's
@@ -330,6 +340,7 @@ def child_main(conn, config: EngineConfig, idle_wait_s: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
+    _thread_lock_for_progress_bars()
     try:
         from proxy_engine.engine import ProxyEngine
         from proxy_engine.loader import load_models

@@ -131,6 +131,43 @@ def test_sigterm_drains_running_streams_then_exits_zero(launch):
     assert events[-2]["usage"]["completion_tokens"] == 30
     log = server.log.read_text()
     assert "SIGTERM: draining" in log and "drained" in log and "Traceback" not in log
+    assert "leaked" not in log
+
+
+def test_sigterm_drain_with_the_engine_process_leaves_no_semaphore(tiny_family, tmp_path):
+    """The real ``proxy-serve`` (engine core in its own process, the default): after a request and a SIGTERM drain
+    it exits 0 and Python's resource tracker finds nothing leaked (tqdm's multiprocessing lock, created while
+    the child loaded the models, used to be one "leaked semaphore" on every shutdown)."""
+    port = free_port()
+    env = {**os.environ, **SUBPROCESS_ENV}
+    env.pop("PROXY_SERVE_ENGINE_PROCESS", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "--base", str(tiny_family.base), "--expert", str(tiny_family.expert),
+         "--anti-expert", str(tiny_family.anti_expert), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return process.poll() is not None
+
+        assert wait_until(healthy, timeout=120, interval=0.2) and process.poll() is None
+        answer = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4},
+                            timeout=60)
+        assert answer.status_code == 200, answer.text
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "engine process" in stderr and "drained" in stderr  # it ran in its own process, and drained
+    assert "leaked semaphore" not in stderr and "resource_tracker" not in stderr, stderr[-3000:]
 
 
 def test_grace_period_over_ends_open_requests_with_a_shutdown_error(launch):
