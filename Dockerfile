@@ -46,9 +46,10 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 # image serves something with no volume at all).
 WORKDIR /app
 COPY . .
+# Every dependency at its tested version (requirements.lock, pip constraints; torch is TORCH_SPEC's, above).
 # EXTRA_PIP is the builder's to pin (e.g. bitsandbytes==X.Y.Z).
 # hadolint ignore=DL3013
-RUN pip install . ${EXTRA_PIP:+$EXTRA_PIP} \
+RUN pip install -c requirements.lock . ${EXTRA_PIP:+$EXTRA_PIP} \
     && rm -rf build ./*.egg-info \
     && python -c "import proxy_engine.placement, server.cli"
 

@@ -4,26 +4,37 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU wheel; on a GPU machine: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
+# The tested set: every other package installs at the version pinned here (`make lock` regenerates it).
+LOCK ?= requirements.lock
+PIP_LOCKED = $(BIN)/python -m pip install --quiet -c $(LOCK)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-scale serve test test-scale bench lint check-config docker docker-base docker-test clean demo-models eval
+.PHONY: install install-scale lock serve test test-scale bench lint check-config docker docker-base docker-test clean demo-models eval
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# torch first, unconstrained (TORCH_SPEC may name another index); then the project at the locked versions.
+# Re-runs when pyproject.toml or the lock changes.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP_LOCKED) --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(PIP_LOCKED) -e '.[test]'
 	touch $@
 
 # Ray Serve scale-out (server/ray_serve.py): the `scale` extra, ray[serve].
 install-scale: $(VENV)/.installed-scale
 
-$(VENV)/.installed-scale: $(VENV)/.installed pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test,scale]'
+$(VENV)/.installed-scale: $(VENV)/.installed pyproject.toml $(LOCK)
+	$(PIP_LOCKED) -e '.[test,scale]'
 	touch $@
+
+# Re-resolve pyproject.toml with every extra in a throwaway venv, write the lock, then run the suite on it.
+# Keeps each locked version pyproject.toml still allows (adds new packages); UPGRADE=1: newest of everything.
+lock:
+	$(PYTHON) scripts/lock.py --lock $(LOCK) --python $(PYTHON) --torch-spec '$(TORCH_SPEC)' $(if $(UPGRADE),--upgrade)
+	$(MAKE) test
 
 serve: install
 	$(BIN)/proxy-serve $(ARGS)

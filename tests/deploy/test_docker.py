@@ -134,8 +134,8 @@ def test_dockerignore_lets_in_what_the_image_needs():
         line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for needed in ("pyproject.toml", "proxy_engine/config.py", "proxy_engine/placement.py", "server/cli.py",
-                   "configs/demo-cpu.yaml", "demo/models/base/config.json"):
+    for needed in ("pyproject.toml", "requirements.lock", "proxy_engine/config.py", "proxy_engine/placement.py",
+                   "server/cli.py", "configs/demo-cpu.yaml", "demo/models/base/config.json"):
         assert not _ignored(needed, patterns), needed
     for kept_out in (".git/HEAD", ".venv/bin/python", "tests/deploy/test_docker.py", "bench/results/x.json",
                      "proxy_engine/__pycache__/config.cpython-312.pyc"):
