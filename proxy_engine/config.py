@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -163,7 +164,22 @@ class EngineConfig(_Strict):
         "plain transcripts): 'auto' detects it from the chat template ([TOOL_CALLS]: mistral, <|python_tag|>: "
         "llama3_json, else hermes <tool_call>).",
     )
+    generation_config: str = Field(
+        default="auto",
+        description="Default sampling parameters for requests that omit them (vLLM's --generation-config): 'auto' "
+        "reads each model's generation_config.json (the expert's for the proxy-tuned model), 'vllm' or 'none' "
+        "uses none, or a folder holding a generation_config.json (proxy_engine/sampling_defaults.py).",
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config_folder(cls, value: str) -> str:
+        if value in ("auto", "vllm", "none"):
+            return value
+        if not (Path(value).expanduser() / "generation_config.json").is_file():
+            raise ValueError(f"{value!r} is not a folder holding a generation_config.json (or use auto, vllm, none)")
+        return value
 
     @property
     def default_alphas(self) -> list[float]:

@@ -149,6 +149,8 @@ class Intake:
             index: self.models[index].renderer.render(prompt) for index, weight in enumerate(weights) if weight != 0.0
         }
         left = context_left(prompts, params.max_tokens, self.max_lens, [m.role for m in self.models])
+        if params.max_tokens is None and params.default_max_tokens:
+            left = min(left, params.default_max_tokens)
         if params.prompt_logprobs is not None:
             check_scorable(prompts, self.models)
         if params.min_tokens > left:

@@ -109,3 +109,12 @@ def has_chat_template(directory: Path) -> bool:
         return bool(json.loads((directory / "tokenizer_config.json").read_text()).get("chat_template"))
     except (OSError, ValueError):
         return False
+
+
+def read_generation_config(directory: Path) -> dict[str, Any] | None:
+    """A model's generation_config.json (its authors' generation settings), or None if absent or unreadable."""
+    try:
+        values = json.loads((directory / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None

@@ -132,7 +132,10 @@ def _finite(name: str, value: float) -> None:
 class SamplingParams:
     """Per-request decoding settings (OpenAI's plus the common vLLM extensions, plus ``alpha``)."""
 
-    max_tokens: int | None = None  # None: up to the context left
+    max_tokens: int | None = None  # None: up to the context left (or default_max_tokens, if fewer)
+    # The model's recommended length (generation_config.json max_new_tokens) for a request that set none: a cap,
+    # never a refusal (the client did not ask for it).
+    default_max_tokens: int | None = None
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off

@@ -212,6 +212,18 @@ def save(model, tokenizer, directory: Path, chat: bool) -> None:
         for name in ("chat_template.jinja", "chat_template.json"):
             (directory / name).unlink(missing_ok=True)
     portable_tokenizer_config(directory)
+    greedy_generation_config(directory)
+
+
+def greedy_generation_config(directory: Path) -> None:
+    """``"do_sample": false`` written out (save_pretrained leaves it out: transformers' default), so that a server
+    reading the file for its defaults (proxy-serve's --generation-config auto) decodes greedily, as the
+    evaluation does: a chat frontend that sends no temperature then gets the answers `make eval` scored, every
+    time, instead of a 3M-parameter model's draws at temperature 1 (docs/demo.md)."""
+    path = directory / "generation_config.json"
+    config = json.loads(path.read_text())
+    config["do_sample"] = False
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # transformers 5 writes its own class name and keys, which transformers 4.x cannot read (evaluation harnesses

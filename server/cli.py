@@ -73,6 +73,10 @@ FLAGS = [
          "SECONDS"),
     Flag("--max-body-bytes", ("max_body_bytes",), "Largest request body accepted (default 4 MiB; 413 past it).",
          "BYTES"),
+    Flag("--generation-config", ("engine", "generation_config"),
+         "Default sampling parameters for requests that omit them: auto (each model's generation_config.json; "
+         "the expert's for the proxy-tuned model), vllm or none (no defaults), or a folder holding one.",
+         "auto|vllm|none|FOLDER"),
     Flag("--log-prompts", ("log_prompts",), "Write prompt text in the per-request log lines (off by default).",
          action="store_true"),
     Flag("--log-level", ("log_level",), "debug, info, warning or error (default info).", "LEVEL"),

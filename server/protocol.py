@@ -110,8 +110,13 @@ class _SamplingFields(_Lenient):
         return structured_fields.resolve(self.response_format, self.structured_outputs, guided)
 
     def _sampling(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None, structured=None
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None, structured=None,
+        defaults: dict[str, Any] | None = None,
     ) -> SamplingParams:
+        """The engine's parameters: the request's fields, then ``defaults`` (the model's generation_config) for
+        the sampler fields it left out; its ``max_tokens`` there is a cap for a request that sent none."""
+        defaults = dict(defaults or {})
+        default_max_tokens = defaults.pop("max_tokens", None)
         values: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
@@ -136,7 +141,11 @@ class _SamplingFields(_Lenient):
             "prompt_logprobs": prompt_logprobs,
             "logit_bias": _logit_bias(self.logit_bias),
             "structured": structured if structured is not None else self.structured(),
+            "default_max_tokens": default_max_tokens if max_tokens is None else None,
         }
+        for name, value in defaults.items():
+            if values.get(name) is None:
+                values[name] = value
         params = SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
         if params.top_k == -1:
             params.top_k = 0
@@ -207,7 +216,7 @@ class CompletionRequest(_SamplingFields):
         with ``max_tokens`` 0 or 1)."""
         return bool(self.echo) and self.logprobs is not None
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
         max_tokens = self._max_tokens(zero_ok=bool(self.echo), note=" (0 only with echo: the prompt alone)")
@@ -215,7 +224,7 @@ class CompletionRequest(_SamplingFields):
         structured = self.structured()
         if structured is not None and max_tokens == 0:
             raise bad_request("an output constraint needs max_tokens of at least 1", "max_tokens")
-        return self._sampling(max_tokens, self.logprobs, prompt_logprobs, structured)
+        return self._sampling(max_tokens, self.logprobs, prompt_logprobs, structured, defaults)
 
 
 class ChatMessage(_Lenient):
@@ -274,7 +283,7 @@ class ChatCompletionRequest(_SamplingFields):
         plan = self.tool_plan(fmt)
         return PromptInput(messages=messages, tools=plan.tools or None)
 
-    def sampling_params(self, fmt: str = "hermes") -> SamplingParams:
+    def sampling_params(self, fmt: str = "hermes", defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -284,7 +293,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise bad_request("response_format (or another output constraint) cannot be combined with tools unless "
                               "tool_choice is 'none'", "response_format")
         structured = plan.constraint or structured
-        return self._sampling(self._max_tokens(zero_ok=False), logprobs, structured=structured)
+        return self._sampling(self._max_tokens(zero_ok=False), logprobs, structured=structured, defaults=defaults)
 
 
 def _chat_message(role: str, message: ChatMessage, i: int) -> dict[str, Any]:

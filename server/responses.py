@@ -361,7 +361,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
             return chat.prompt_input(fmt)
 
         generation, _ = await start(response_id, "responses", body.model, prompt,
-                                    lambda: chat.sampling_params(fmt))
+                                    lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model)))
         assert chat is not None
         plan = chat.tool_plan(fmt)
         builder = ResponseBuilder(body, chat, response_id, generation.model, plan)

@@ -115,7 +115,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         request_id = new_request_id("cmpl")
         generation, prompts = await start(request_id, "completions", body.model, body.prompt_input,
-                                          body.sampling_params)
+                                          lambda: body.sampling_params(ctx.defaults_for(body.model)))
         created = now()
         echo: list[str] | None = None  # per choice: choice k answers prompt k // n
         if body.echo:
@@ -158,7 +158,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         request_id = new_request_id("chatcmpl")
         fmt = tool_call_format(ctx)
         generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
-                                    lambda: body.sampling_params(fmt))
+                                    lambda: body.sampling_params(fmt, ctx.defaults_for(body.model)))
         plan = body.tool_plan(fmt)
         created = now()
         headers = {"x-request-id": request_id}

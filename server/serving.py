@@ -27,6 +27,7 @@ from proxy_engine.request import (
     Target,
     TokenLogprob,
 )
+from proxy_engine.sampling_defaults import SamplingDefaults, describe, sampling_defaults
 from proxy_engine.scheduler import has_room
 from server.errors import APIError, error_body, internal_error
 from server.guards import clip
@@ -69,6 +70,7 @@ class ServerContext:
     engine: AsyncEngine
     settings: ServerSettings
     metrics: ServerMetrics = field(init=False)
+    defaults: dict[Target, SamplingDefaults] = field(init=False)  # per target: engine.generation_config's
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     # Set when the shutdown grace period runs out: every request still open ends with a "shutdown" error.
@@ -81,6 +83,16 @@ class ServerContext:
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.stats)
+        self.defaults = sampling_defaults(self.settings.engine)
+        names = {Target.PROXY: self.settings.served_model_name, Target.BASE: f"{self.settings.served_model_name}:base"}
+        if self.settings.engine.experts:
+            names[Target.EXPERT] = f"{self.settings.served_model_name}:expert"
+        for line in describe(self.defaults, names):
+            logger.info("sampling defaults for requests that omit them: %s", line)
+
+    def defaults_for(self, model: str | None) -> dict[str, Any]:
+        """The sampling fields ``model``'s requests get when they omit them (``engine.generation_config``)."""
+        return self.defaults[self.resolve_model(model)[1]].values
 
     @property
     def ready(self) -> bool:

@@ -84,3 +84,15 @@ def test_the_readme_structured_output_closes_on_the_demo(bare_server):
     choice = response.json()["choices"][0]
     assert choice["finish_reason"] == "stop"
     assert json.loads(choice["message"]["content"])["town"] in schema["properties"]["town"]["enum"]
+
+
+def test_a_chat_with_no_sampler_fields_answers_as_the_evaluation_did(bare_server):
+    """What a chat frontend sends (no temperature, no max_tokens): the demo's generation_config.json makes the
+    default greedy, so the answer is the evaluated one, every time (at temperature 1 it was a draw)."""
+    body = {"model": "proxy-tuned", "messages": QUESTION}
+    answers = set()
+    for _ in range(3):
+        response = httpx.post(f"{bare_server}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        answers.add(response.json()["choices"][0]["message"]["content"].strip())
+    assert answers == {ANSWER}
