@@ -28,7 +28,8 @@ class ModelInfo:
     vocab_size: int
     default_alphas: list[float]
     eos_token_ids: list[int]
-    tool_call_format: str = "hermes"  # how this family writes tool calls (proxy_engine/tool_calls.py)
+    # How this family writes tool calls (proxy_engine/tool_calls.py); None: it does not (no template renders tools).
+    tool_call_format: str | None = "hermes"
 
 
 @dataclass(frozen=True, kw_only=True)

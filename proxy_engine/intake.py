@@ -25,17 +25,20 @@ from proxy_engine.loader import LoadedModel
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.request import ContextLengthError, PromptInput, SamplingParams, Target
 from proxy_engine.sequence import Sequence
-from proxy_engine.tool_calls import detect_format
+from proxy_engine.tool_calls import DEFAULT_FORMAT, detect_format, renders_tools
 
 
-def resolve_tool_call_format(config: EngineConfig, models: list[LoadedModel]) -> str:
+def resolve_tool_call_format(config: EngineConfig, models: list[LoadedModel]) -> str | None:
     """The configured tool-call format, or (``auto``) the one the chat templates write: a chat-format model's
-    template first (the expert's, usually), then any tokenizer's."""
+    template first (the expert's, usually), then any tokenizer's; the first that renders tools decides. None when
+    no template renders tools: the family was not tuned to call them (the server then answers ``tool_choice``
+    auto without the tools, docs/frontends.md)."""
     if config.tool_call_format != "auto":
         return config.tool_call_format
     templates = [m.renderer.chat_template for m in models if m.renderer.prompt_format == "chat"]
     templates += [m.renderer.chat_template for m in models]
-    return detect_format(next((t for t in templates if t), None))
+    template = next((t for t in templates if renders_tools(t)), None)
+    return detect_format(template) if template is not None else None
 
 
 def context_left(prompts: dict[int, list[int]], max_tokens: int | None, limits: list[int], roles: list[str]) -> int:
@@ -99,8 +102,8 @@ class Intake:
         # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
         self.grammars = GrammarCompiler(self.models[0].tokenizer, self.vocab_size, self.eos_ids)
         self.tool_call_format = resolve_tool_call_format(self.config, self.models)
-        for model in self.models:
-            model.renderer.tool_format = self.tool_call_format
+        for model in self.models:  # a named or required call still shows plain models the tools, in some format
+            model.renderer.tool_format = self.tool_call_format or DEFAULT_FORMAT
         self._lock = threading.Lock()
         self._next_seq_id = 0
         self._seed_rng = random.Random(self.config.seed)

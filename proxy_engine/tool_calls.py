@@ -39,6 +39,15 @@ class ParsedCall:
     arguments: str  # a JSON object, as a string (what OpenAI's ``function.arguments`` holds)
 
 
+_READS_TOOLS = re.compile(r"\btools\b")
+
+
+def renders_tools(chat_template: str | None) -> bool:
+    """Whether a chat template does anything with the request's ``tools`` (SmolLM2's, Llama 2's and the demo's do
+    not: a family tuned without tools)."""
+    return bool(chat_template and _READS_TOOLS.search(chat_template))
+
+
 def detect_format(chat_template: str | None) -> ToolCallFormat:
     """The family's format, from what its chat template writes (Hermes / Qwen when nothing tells)."""
     template = chat_template or ""

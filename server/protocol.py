@@ -249,7 +249,7 @@ class ChatCompletionRequest(_SamplingFields):
     functions: Any = None  # the deprecated spelling: refused with a pointer to tools
     function_call: Any = None
 
-    def tool_plan(self, fmt: str = "hermes") -> tool_fields.ToolPlan:
+    def tool_plan(self, fmt: str | None = "hermes") -> tool_fields.ToolPlan:
         """What the request's tools mean (validated once: a bad tool or tool_choice is a 400)."""
         for legacy in ("functions", "function_call"):
             if getattr(self, legacy) is not None:
@@ -261,7 +261,7 @@ class ChatCompletionRequest(_SamplingFields):
             self.__dict__["_plan"] = cached
         return cached
 
-    def prompt_input(self, fmt: str = "hermes") -> PromptInput:
+    def prompt_input(self, fmt: str | None = "hermes") -> PromptInput:
         if self.chat_template is not None:
             raise bad_request(
                 "chat_template is not accepted in requests: each model renders chat with the template its "
@@ -283,7 +283,7 @@ class ChatCompletionRequest(_SamplingFields):
         plan = self.tool_plan(fmt)
         return PromptInput(messages=messages, tools=plan.tools or None)
 
-    def sampling_params(self, fmt: str = "hermes", defaults: dict[str, Any] | None = None) -> SamplingParams:
+    def sampling_params(self, fmt: str | None = "hermes", defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

@@ -330,7 +330,7 @@ Collect = Callable[[Generation, Request], Awaitable[bool]]
 
 
 def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, collect: Collect,
-                         tool_call_format: Callable[[ServerContext], str]) -> None:
+                         tool_call_format: Callable[[ServerContext], str | None]) -> None:
     store = ResponseStore(ctx.settings.responses_store_max, ctx.settings.responses_store_ttl_s)
     ctx.responses_store = store  # type: ignore[attr-defined] - for tests and metrics
 
@@ -361,7 +361,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
             return chat.prompt_input(fmt)
 
         generation, _ = await start(response_id, "responses", body.model, prompt,
-                                    lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model)))
+                                    lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model)), request)
         assert chat is not None
         plan = chat.tool_plan(fmt)
         builder = ResponseBuilder(body, chat, response_id, generation.model, plan)

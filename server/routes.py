@@ -28,7 +28,7 @@ from server.protocol import (
     usage,
 )
 from server.responses import add_responses_routes
-from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger
+from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger, request_shape
 from server.streaming import EventStreamResponse, chat_events, completion_events
 from server.tools import assistant_message
 
@@ -56,8 +56,9 @@ def _convert(build: Callable[[], T]) -> T:
         raise bad_request(str(error)) from None
 
 
-def tool_call_format(ctx: ServerContext) -> str:
-    """The family's tool-call format (known once the models are loaded; until then requests are refused anyway)."""
+def tool_call_format(ctx: ServerContext) -> str | None:
+    """The family's tool-call format, None if it has none (known once the models are loaded; until then requests
+    are refused anyway)."""
     info = ctx.engine.info
     return info.tool_call_format if info is not None else "hermes"
 
@@ -71,20 +72,27 @@ def build_router(ctx: ServerContext) -> APIRouter:
         model: str | None,
         prompt: Callable[[], PromptInput | list[PromptInput]],
         params: Callable[[], SamplingParams],
+        http: Request,
     ) -> tuple[Generation, list[PromptInput]]:
-        """Resolve, convert and submit; a refusal is counted, logged and raised as its HTTP error."""
+        """Resolve, convert and submit; a refusal is counted, logged and raised as its HTTP error. At debug
+        level, each request's shape is logged too (what a frontend sends: keys, messages, tools, prompt tokens)."""
         timer = RequestTimer(ctx.metrics)
         served = "unknown"  # a label for refused requests that named no model we serve (bounded cardinality)
+        shape = request_shape(await http.json()) if request_logger.isEnabledFor(logging.DEBUG) else None
         try:
             served, target = ctx.resolve_model(model)
             prompt_input = _convert(prompt)
             sampling = _convert(params)
             stream = await ctx.submit(request_id, prompt_input, sampling, target)
         except APIError as error:
+            if shape is not None:
+                request_logger.debug("%s %s %s prompt_tokens=? (refused)", request_id, endpoint, shape)
             ctx.metrics.requests.labels(endpoint, served, str(error.status)).inc()
             request_logger.info("%s model=%s status=%d error=%r", request_id, served, error.status,
                                 clip(error.message, 300))
             raise
+        if shape is not None:
+            request_logger.debug("%s %s %s prompt_tokens=%d", request_id, endpoint, shape, stream.prompt_tokens)
         prompts = prompt_input if isinstance(prompt_input, list) else [prompt_input]
         logged = [p.text if p.text is not None else (p.messages if p.messages is not None else p.token_ids)
                   for p in prompts]
@@ -115,7 +123,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         request_id = new_request_id("cmpl")
         generation, prompts = await start(request_id, "completions", body.model, body.prompt_input,
-                                          lambda: body.sampling_params(ctx.defaults_for(body.model)))
+                                          lambda: body.sampling_params(ctx.defaults_for(body.model)), request)
         created = now()
         echo: list[str] | None = None  # per choice: choice k answers prompt k // n
         if body.echo:
@@ -158,7 +166,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         request_id = new_request_id("chatcmpl")
         fmt = tool_call_format(ctx)
         generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
-                                    lambda: body.sampling_params(fmt, ctx.defaults_for(body.model)))
+                                    lambda: body.sampling_params(fmt, ctx.defaults_for(body.model)), request)
         plan = body.tool_plan(fmt)
         created = now()
         headers = {"x-request-id": request_id}

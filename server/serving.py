@@ -238,6 +238,25 @@ def prompt_chars(prompt: PromptInput) -> int:
     return len(prompt.token_ids or [])
 
 
+def request_shape(body: Any) -> str:
+    """A request body's shape for the debug log, without its content: the keys it sent (the ignored ones too),
+    how many messages / input items / prompts / tools, and its tool_choice, e.g.
+    ``keys=messages,model,stream,tools messages=1 tools=36 tool_choice=-``."""
+    if not isinstance(body, dict):
+        return f"body={type(body).__name__}"
+    parts = [f"keys={','.join(sorted(clip(str(k), 40) for k in body)[:64])}"]
+    for key in ("messages", "input", "prompt", "tools"):
+        value = body.get(key)
+        if isinstance(value, list):
+            parts.append(f"{key}={len(value)}")
+        elif isinstance(value, str) and key != "tools":
+            parts.append(f"{key}=1")
+    if "tools" in body:
+        choice = body.get("tool_choice")
+        parts.append(f"tool_choice={clip(choice, 20) if isinstance(choice, str) else 'function' if choice else '-'}")
+    return " ".join(parts)
+
+
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

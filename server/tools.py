@@ -4,6 +4,8 @@ each choice's generated text into ``message.tool_calls`` (whole) or OpenAI's ``d
 - ``none``: the tools are not shown to the models; the answer is text.
 - ``auto``: the models see the tools (a chat expert through its template, the others through the transcript)
   and answer freely; the family's call format (``proxy_engine/tool_calls.py``) is parsed out of the answer.
+  A family with no call format (no chat template of it renders tools) is served the chat without the tools, with
+  a warning: under ``auto`` a model may always answer in text, and this one can only do that (see ``plan``).
 - a named function: the answer is generated under that function's parameter schema: it IS the arguments.
 - ``required``: the answer is generated under a schema for ``[{"name": ..., "parameters": {...}}, ...]``
   (one item when ``parallel_tool_calls`` is false), so every call is valid against its function's parameters.
@@ -12,16 +14,25 @@ each choice's generated text into ``message.tool_calls`` (whole) or OpenAI's ``d
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy_engine.grammar import StructuredOutput
-from proxy_engine.tool_calls import ParsedCall, looks_like_call_start, marker_prefix_len, parse_calls
+from proxy_engine.tool_calls import (
+    DEFAULT_FORMAT,
+    ParsedCall,
+    looks_like_call_start,
+    marker_prefix_len,
+    parse_calls,
+)
 from server.errors import bad_request
 
+logger = logging.getLogger("proxy_serve")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_warned_no_format = False  # the first tools-without-a-format request is a warning; later ones are debug lines
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 
@@ -38,6 +49,7 @@ class ToolPlan:
     name: str | None = None  # the named function
     parallel: bool = True
     fmt: str = "hermes"
+    dropped: int = 0  # tools left out under auto: the family has no tool-call format
 
     @property
     def constraint(self) -> StructuredOutput | None:
@@ -123,11 +135,39 @@ def check_tools(tools: Any, param: str = "tools", flat: bool = False) -> list[di
     return checked
 
 
-def plan(tools: list[dict[str, Any]], tool_choice: Any, parallel: bool | None, fmt: str,
+def plan(tools: list[dict[str, Any]], tool_choice: Any, parallel: bool | None, fmt: str | None,
          flat: bool = False) -> ToolPlan:
-    """The request's ``ToolPlan``; a ``tool_choice`` naming no tool (or the wrong shape) is a 400."""
+    """The request's ``ToolPlan``; a ``tool_choice`` naming no tool (or the wrong shape) is a 400.
+
+    ``fmt`` None (the family writes no tool calls): ``auto`` (given, or implied by tools without a tool_choice)
+    answers the chat without the tools rather than refusing it. Chat frontends send their tool lists with every
+    message and no tool_choice (Open WebUI: 36 built-in tools, 26k characters), and a model that was never shown
+    tools in tuning can neither use them nor fit them in a small context; under ``auto`` a text answer is always
+    a valid one. ``required`` and a named function still work: the grammar writes the call.
+    """
     parallel = True if parallel is None else bool(parallel)
     choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+    if fmt is None:
+        if choice == "auto" and tools:
+            _warn_dropped(len(tools))
+            return ToolPlan("text", dropped=len(tools))
+        fmt = DEFAULT_FORMAT
+    return _plan(tools, choice, parallel, fmt, flat)
+
+
+def _warn_dropped(count: int) -> None:
+    global _warned_no_format
+    message = ("%d tool(s) under tool_choice auto were left out: the served family has no tool-call format (none of "
+               "its chat templates renders tools), so the chat is answered as text. Set engine.tool_call_format to "
+               "parse calls in one, or send tool_choice 'required' or a function (docs/frontends.md)")
+    if _warned_no_format:
+        logger.debug(message, count)
+    else:
+        _warned_no_format = True
+        logger.warning(message + "; further such requests are logged at debug level", count)
+
+
+def _plan(tools: list[dict[str, Any]], choice: Any, parallel: bool, fmt: str, flat: bool) -> ToolPlan:
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
             raise bad_request(f"tool_choice {choice!r} is not supported (none, auto, required, or a function)",

@@ -96,3 +96,29 @@ def test_a_chat_model_gets_tools_through_its_template(tiny_family):
     text = renderer.render_text(PromptInput(messages=messages, tools=TOOLS))
     assert text.startswith("TOOLS=") and '"get_weather"' in text
     assert "assistant:Paris;" in text  # arguments reach the template as an object, as transformers documents
+
+
+def test_a_family_whose_templates_render_no_tools_has_no_tool_call_format():
+    """SmolLM2's, Llama 2's and the demo's templates ignore ``tools``: such a family was never tuned to call them
+    (the server then answers tool_choice auto without them); the first template that renders tools decides."""
+    from types import SimpleNamespace
+
+    from proxy_engine.config import EngineConfig
+    from proxy_engine.intake import resolve_tool_call_format
+    from proxy_engine.tool_calls import renders_tools
+
+    def model(template, fmt="chat"):
+        return SimpleNamespace(renderer=SimpleNamespace(chat_template=template, prompt_format=fmt))
+
+    plain = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    hermes = "{% if tools %}{{ tools | tojson }}{% endif %}" + plain
+    mistral = "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]" + plain
+    assert not renders_tools(plain) and not renders_tools(None) and renders_tools(hermes)
+    assert not renders_tools("{{ mytools }}")  # a word containing "tools" is not the variable
+    config = EngineConfig(base={"path": "b"})
+    assert resolve_tool_call_format(config, [model(None, "plain"), model(plain), model(None, "plain")]) is None
+    assert resolve_tool_call_format(config, [model(None, "plain"), model(plain), model(hermes, "plain")]) == "hermes"
+    assert resolve_tool_call_format(config, [model(mistral, "plain"), model(hermes)]) == "hermes"  # chat first
+    assert resolve_tool_call_format(config, [model(mistral, "plain"), model(plain)]) == "mistral"
+    forced = EngineConfig(base={"path": "b"}, tool_call_format="llama3_json")
+    assert resolve_tool_call_format(forced, [model(plain)]) == "llama3_json"  # the operator's word wins

@@ -175,3 +175,30 @@ def test_an_unexpected_error_is_a_500_a_browser_can_read(fake):
         assert "a bug" not in response.text and "Traceback" not in response.text
         del fake.tokenize
         assert client.post("/tokenize", json={"prompt": "x"}).status_code == 200
+
+
+def test_each_requests_shape_is_logged_at_debug_level(fake, caplog):
+    """What a frontend sends, without its content: keys (ignored ones too), messages, tools, prompt tokens."""
+    tools = [{"type": "function", "function": {"name": f"t{i}"}} for i in range(3)]
+    chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            "tools": tools, "tool_choice": "none", "max_tokens": 2, "x_frontend_field": 1}
+    with TestClient(create_app(fake, _settings()), base_url="http://localhost") as client:
+        client.portal.call(asyncio.sleep, 0.05)
+        with caplog.at_level("INFO", logger="proxy_serve"):
+            assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        assert not [r for r in caplog.records if r.levelname == "DEBUG"]  # off at info: the body is not re-read
+        with caplog.at_level("DEBUG", logger="proxy_serve"):
+            assert client.post("/v1/chat/completions", json=chat).status_code == 200
+            assert client.post("/v1/completions", json={"prompt": ["a b"], "max_tokens": 1}).status_code == 200
+            assert client.post("/v1/chat/completions", json={**chat, "model": "nope"}).status_code == 404
+    shapes = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG" and r.name == "proxy_serve.requests"]
+    prompt_tokens = len(fake.tokenize(fake.requests[1][1]))
+    assert prompt_tokens > 0
+    assert shapes[0].startswith("chatcmpl-") and shapes[0].endswith(
+        f" chat keys=max_tokens,messages,tool_choice,tools,x_frontend_field messages=2 tools=3 tool_choice=none "
+        f"prompt_tokens={prompt_tokens}")
+    assert shapes[1].startswith("cmpl-") and shapes[1].endswith(" completions keys=max_tokens,prompt prompt=1 "
+                                                                "prompt_tokens=3")
+    assert shapes[2].endswith("keys=max_tokens,messages,model,tool_choice,tools,x_frontend_field messages=2 tools=3 "
+                              "tool_choice=none prompt_tokens=? (refused)")
+    assert "hi" not in " ".join(shapes) and "be brief" not in " ".join(shapes)
