@@ -97,7 +97,10 @@ class Intake:
 
     def __post_init__(self) -> None:
         # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
-        self.grammars = GrammarCompiler(self.models[0].tokenizer, self.vocab_size, self.eos_ids)
+        limits = self.config.limits
+        self.grammars = GrammarCompiler(self.models[0].tokenizer, self.vocab_size, self.eos_ids,
+                                        cache_bytes=limits.grammar_cache_mb * 2**20,
+                                        compile_timeout_s=limits.grammar_compile_timeout_s)
         self.tool_call_format = resolve_tool_call_format(self.config, self.models)
         for model in self.models:
             model.renderer.tool_format = self.tool_call_format

@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy_engine import PromptInput, SamplingParams  # the package's public request types
 from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, RequestStream
+from proxy_engine.grammar import GrammarBusyError
 from proxy_engine.request import (
     MAX_N,
     EngineOverloadedError,
@@ -203,7 +204,7 @@ class ServerContext:
         except ValueError as error:  # a ContextLengthError names its field and code
             raise APIError(400, str(error), param=getattr(error, "param", None),
                            code=getattr(error, "code", None)) from None
-        except EngineOverloadedError as error:
+        except (EngineOverloadedError, GrammarBusyError) as error:
             raise self.overloaded(str(error), getattr(error, "retry_after_s", 1)) from None
         except Exception:
             logger.exception("engine refused request %s with an internal error", request_id)
