@@ -173,5 +173,6 @@ class Intake:
                 # On the logits' device: torch.multinomial draws with a generator of the probabilities' device.
                 generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
                 deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
+                cache_salt=prompt.cache_salt,
             ))
         return sequences

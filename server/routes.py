@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from proxy_engine.request import ErrorCode, PromptInput, SamplingParams
+from server.auth import tenant
 from server.errors import APIError, bad_request
 from server.guards import clip
 from server.metrics import RequestTimer
@@ -71,15 +72,17 @@ def build_router(ctx: ServerContext) -> APIRouter:
         model: str | None,
         prompt: Callable[[], PromptInput | list[PromptInput]],
         params: Callable[[], SamplingParams],
+        salt: str | None = None,
     ) -> tuple[Generation, list[PromptInput]]:
-        """Resolve, convert and submit; a refusal is counted, logged and raised as its HTTP error."""
+        """Resolve, convert and submit; a refusal is counted, logged and raised as its HTTP error. ``salt``: the
+        request's prefix-cache salt (``ServerContext.cache_salt``)."""
         timer = RequestTimer(ctx.metrics)
         served = "unknown"  # a label for refused requests that named no model we serve (bounded cardinality)
         try:
             served, target = ctx.resolve_model(model)
             prompt_input = _convert(prompt)
             sampling = _convert(params)
-            stream = await ctx.submit(request_id, prompt_input, sampling, target)
+            stream = await ctx.submit(request_id, prompt_input, sampling, target, salt)
         except APIError as error:
             ctx.metrics.requests.labels(endpoint, served, str(error.status)).inc()
             request_logger.info("%s model=%s status=%d error=%r", request_id, served, error.status,
@@ -115,7 +118,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         request_id = new_request_id("cmpl")
         generation, prompts = await start(request_id, "completions", body.model, body.prompt_input,
-                                          body.sampling_params)
+                                          body.sampling_params, ctx.cache_salt(tenant(request), body.cache_salt))
         created = now()
         echo: list[str] | None = None  # per choice: choice k answers prompt k // n
         if body.echo:
@@ -158,7 +161,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         request_id = new_request_id("chatcmpl")
         fmt = tool_call_format(ctx)
         generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
-                                    lambda: body.sampling_params(fmt))
+                                    lambda: body.sampling_params(fmt), ctx.cache_salt(tenant(request), body.cache_salt))
         plan = body.tool_plan(fmt)
         created = now()
         headers = {"x-request-id": request_id}

@@ -9,6 +9,8 @@ engine request if it did not finish (client gone, error) and writes the request'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -161,9 +163,12 @@ class ServerContext:
             if chars > self.settings.max_prompt_chars:
                 where = "messages" if prompt.messages is not None else ("prompt" if len(prompts) == 1 else
                                                                         f"prompt[{i}]")
-                raise APIError(400, f"{where} holds {chars} characters, more than the limit of "
-                               f"{self.settings.max_prompt_chars} (max_prompt_chars)", param=where.split("[")[0],
-                               code=ErrorCode.PROMPT_TOO_LONG)
+                param = where.split("[")[0]
+                if prompt.tools:  # the larger part is named: a tools bomb is a 400 about tools
+                    where, param = "messages and tools", "tools" if 2 * tools_chars(prompt) > chars else "messages"
+                raise APIError(400, f"{where} hold{'' if ' and ' in where else 's'} {chars} characters, "
+                               f"more than the limit of {self.settings.max_prompt_chars} (max_prompt_chars)",
+                               param=param, code=ErrorCode.PROMPT_TOO_LONG)
         if total > self.settings.max_request_chars:
             raise APIError(400, f"the request's prompts hold {total} characters, more than the limit of "
                            f"{self.settings.max_request_chars} (max_request_chars)", param="prompt",
@@ -186,13 +191,27 @@ class ServerContext:
         if not self.engine.ready:
             raise APIError(503, "the models are still loading", code=ErrorCode.LOADING, headers={"Retry-After": "5"})
 
+    def cache_salt(self, tenant: str | None, salt: str | None) -> str | None:
+        """A request's prefix-cache salt: its key's tenant id (``cache_salt_per_key``) and its own ``cache_salt``.
+        Prompts with different salts share no cached block (docs/security.md)."""
+        parts = []
+        if tenant is not None and self.settings.cache_salt_per_key:
+            parts.append(f"key:{tenant}")
+        if salt is not None:
+            parts.append(f"salt:{salt}")
+        return "\n".join(parts) or None
+
     async def submit(
-        self, request_id: str, prompt: PromptInput | list[PromptInput], params: SamplingParams, target: Target
+        self, request_id: str, prompt: PromptInput | list[PromptInput], params: SamplingParams, target: Target,
+        salt: str | None = None,
     ) -> RequestStream:
         """Hand a request to the engine (one prompt or several), turning its refusals into HTTP errors."""
         self.check_available()
         prompts = prompt if isinstance(prompt, list) else [prompt]
         self.check_size(prompts, params)
+        if salt is not None:
+            prompts = [dataclasses.replace(one, cache_salt=salt) for one in prompts]
+            prompt = prompts if isinstance(prompt, list) else prompts[0]
         sequences = len(prompts) * (params.n if 1 <= params.n <= MAX_N else 1)
         if self.queue_full(sequences):
             raise self.overloaded(f"the waiting queue is full ({self.settings.engine.limits.max_waiting} "
@@ -219,12 +238,24 @@ def _retrieve(task: asyncio.Future) -> None:
 
 
 def prompt_chars(prompt: PromptInput) -> int:
-    """Characters a prompt gives the tokenizer (token ids count one each)."""
+    """Characters a prompt gives the tokenizer (token ids count one each): every message's text, name and
+    earlier tool calls, and the tools' definitions, which are rendered into the prompt too (a 3.8 MB tool
+    description was rendered and tokenized for every model before the prompt's size was ever checked)."""
     if prompt.text is not None:
         return len(prompt.text)
     if prompt.messages is not None:
-        return sum(len(m.get("content") or "") for m in prompt.messages)
+        chars = sum(len(m.get("content") or "") + len(m.get("name") or "") + len(m.get("tool_call_id") or "")
+                    + sum(_json_chars(call) for call in m.get("tool_calls") or []) for m in prompt.messages)
+        return chars + tools_chars(prompt)
     return len(prompt.token_ids or [])
+
+
+def tools_chars(prompt: PromptInput) -> int:
+    return sum(_json_chars(tool) for tool in prompt.tools or [])
+
+
+def _json_chars(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
 def new_request_id(prefix: str) -> str:

@@ -83,6 +83,14 @@ class ServerSettings(BaseSettings):
         default=1000, ge=0, description="Responses API: stored responses kept in memory for previous_response_id "
         "(the oldest leave first); 0 turns the store off (previous_response_id is then a 400)."
     )
+    responses_store_max_mb: int = Field(
+        default=256, ge=0, description="Responses API: memory for stored responses, in MB of their JSON (the "
+        "oldest leave first); 0 turns the store off."
+    )
+    cache_salt_per_key: bool = Field(
+        default=True, description="Salt the prefix cache with each request's API key, so that requests made with "
+        "different keys never share cached prompts (no cross-tenant timing side channel); see docs/security.md."
+    )
     responses_store_ttl_s: float = Field(
         default=3600.0, gt=0, description="Responses API: how long a stored response is kept, in seconds."
     )
