@@ -55,6 +55,8 @@ FLAGS = [
     Flag("--port", ("port",), "Port to listen on (default 8000).", "PORT"),
     Flag("--api-key", ("api_keys",), "Accept this Bearer key (repeatable); without any, no key is needed.", "KEY",
          action="append"),
+    Flag("--api-keys-file", ("api_keys_file",), "Accept the Bearer keys in this file, one per line (a mounted "
+         "secret; the keys stay out of the command line and the environment).", "FILE"),
     Flag("--allowed-origins", ("allowed_origins",), "CORS origins allowed to call from a browser "
          "(comma-separated or repeated; '*' for any).", "ORIGINS", action="append", split_commas=True),
     Flag("--max-num-seqs", ("engine", "limits", "max_num_seqs"), "Sequences decoded together at most.", "N"),
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("info")
     try:
         settings, args = resolve_settings(argv)
+        settings.api_key_values()  # an unreadable or empty api_keys_file is a configuration error, said here
     except ConfigError as error:
         print(f"proxy-serve: {error}", file=sys.stderr)
         return 2

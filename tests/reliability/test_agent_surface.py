@@ -274,3 +274,18 @@ def test_a_tool_message_must_answer_an_earlier_call(process_server):
         error = error_of(http.post("/v1/responses", json={"model": MODEL, "max_output_tokens": 2, "input": [
             {"type": "function_call_output", "call_id": "call_9", "output": "21C"}]}), 400)
         assert "answers no tool call" in error["message"], error
+
+
+# --- keys from a file -----------------------------------------------------------------------------------------
+def test_api_keys_can_come_from_a_file(tiny_family, tmp_path, capsys):
+    from server.cli import main
+
+    keys = tmp_path / "keys"
+    keys.write_text("# mounted from a secret\nsk-from-file\n")
+    settings = make_settings(tiny_family, api_keys_file=str(keys))
+    assert settings.has_keys and settings.api_key_values() == ["sk-from-file"]
+    assert "sk-from-file" not in repr(settings)  # only the path is in the settings
+    (tmp_path / "empty").write_text("\n# nothing\n")
+    for bad, needle in ((tmp_path / "missing", "cannot read"), (tmp_path / "empty", "holds no key")):
+        assert main(["--api-keys-file", str(bad), "--check"]) == 2
+        assert needle in capsys.readouterr().err
