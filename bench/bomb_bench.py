@@ -10,9 +10,11 @@ For each checkout (``--repo NAME=PATH``: its ``server`` package is what runs, wi
 - **bombs**: ``--tool-bombs`` clients loop on a chat whose one tool has a ``--tool-mb`` MB description
   (``tool_choice: auto``, under the body limit) and ``--grammar-bombs`` clients loop on a chat under a fresh
   JSON schema of ``--properties`` optional properties each time (about 240 KB at 8,000: seconds of compiling,
-  and past ~500 a grammar that cannot run); meanwhile the same plain requests are timed again.
+  and past ~500 a grammar that cannot run); the same plain requests are timed again while the tool bombs
+  loop, while the grammar bombs loop, and while both do.
 
-The figure to read is the ratio of the medians, bombs / idle, per checkout; each bomb's statuses are counted.
+The figure to read is the ratio of the medians, each phase / idle, per checkout; each bomb's answers are
+counted.
 No timing is asserted anywhere (tests/bench/test_bomb_bench.py runs it small).
 """
 
@@ -42,28 +44,34 @@ def plain_body(max_tokens: int) -> dict:
             "messages": [{"role": "user", "content": "Say hello."}]}
 
 
-def tool_bomb(mb: float) -> dict:
+def tool_bomb(mb: float) -> bytes:
+    """One body, encoded once: the clients' own work stays small on a machine they share with the server."""
     description = "x" * int(mb * 2**20)
     tool = {"type": "function", "function": {"name": "f", "description": description,
                                              "parameters": {"type": "object"}}}
-    return {"model": MODEL, "max_tokens": 4, "tools": [tool], "tool_choice": "auto",
-            "messages": [{"role": "user", "content": "Hi"}]}
+    return json.dumps({"model": MODEL, "max_tokens": 4, "tools": [tool], "tool_choice": "auto",
+                       "messages": [{"role": "user", "content": "Hi"}]}).encode()
 
 
-def grammar_bomb(properties: int) -> dict:
+def grammar_bomb(properties: int) -> bytes:
     tag = next(_fresh)  # a fresh schema each time: no cache can answer it
     schema = {"type": "object", "properties": {f"p{tag}_{i}": {"type": "integer"} for i in range(properties)}}
-    return {"model": MODEL, "max_tokens": 4, "guided_json": schema, "messages": [{"role": "user", "content": "Hi"}]}
+    return json.dumps({"model": MODEL, "max_tokens": 4, "guided_json": schema,
+                       "messages": [{"role": "user", "content": "Hi"}]}).encode()
 
 
-def time_plain(client: httpx.Client, count: int, max_tokens: int) -> list[float]:
-    latencies = []
+def time_plain(client: httpx.Client, count: int, max_tokens: int, timeout_s: float) -> tuple[list[float], int]:
+    """Latencies of ``count`` plain requests, one after another, and how many ran past ``timeout_s`` (those count
+    as ``timeout_s``: a lower bound, so a stalled server does not hold the run for minutes)."""
+    latencies, late = [], 0
     for _ in range(count):
         started = time.perf_counter()
-        response = client.post("/v1/chat/completions", json=plain_body(max_tokens))
-        response.raise_for_status()
-        latencies.append(time.perf_counter() - started)
-    return latencies
+        try:
+            client.post("/v1/chat/completions", json=plain_body(max_tokens), timeout=timeout_s).raise_for_status()
+        except httpx.TimeoutException:
+            late += 1
+        latencies.append(min(time.perf_counter() - started, timeout_s))
+    return latencies, late
 
 
 class Bombers:
@@ -79,10 +87,12 @@ class Bombers:
         with httpx.Client(base_url=self.url, timeout=300) as client:
             while not self.stop.is_set():
                 try:
-                    status = str(client.post("/v1/chat/completions", json=make()).status_code)
+                    status = str(client.post("/v1/chat/completions", content=make(),
+                                             headers={"Content-Type": "application/json"}).status_code)
                 except httpx.HTTPError as error:
                     status = type(error).__name__
-                self.statuses[f"{kind} {status}"] += 1
+                if not self.stop.is_set():  # answers while the run ends (the server stopping) are not counted
+                    self.statuses[f"{kind} {status}"] += 1
 
     def __enter__(self) -> Bombers:
         for thread in self.threads:
@@ -93,7 +103,10 @@ class Bombers:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         for thread in self.threads:
-            thread.join(300)
+            thread.join(1)  # a bomb still waiting for its answer ends with the server (daemon threads)
+
+
+PHASES = ("tool bombs", "grammar bombs", "both")
 
 
 def run_checkout(name: str, repo: Path, args, family) -> dict:
@@ -101,31 +114,41 @@ def run_checkout(name: str, repo: Path, args, family) -> dict:
     command = [sys.executable, "-m", "server", *proxy_serve_flags(family, port)]
     server = ServerProcess(name=name, command=command, env=server_env(threads=args.threads, PYTHONPATH=str(repo)),
                            port=port, log_path=args.out / "logs" / f"bombs-{name}.log", cwd=repo).start()
+    body = tool_bomb(args.tool_mb)
+    tools = [("tool", lambda: body)] * args.tool_bombs
+    grammars = [("grammar", lambda: grammar_bomb(args.properties))] * args.grammar_bombs
+    phases = {}
     try:
         with httpx.Client(base_url=server.url, timeout=300) as client:
-            time_plain(client, 2, args.max_tokens)  # warm-up
-            idle = time_plain(client, args.plain, args.max_tokens)
-            makers = [("tool", lambda: tool_bomb(args.tool_mb))] * args.tool_bombs
-            makers += [("grammar", lambda: grammar_bomb(args.properties))] * args.grammar_bombs
-            with Bombers(server.url, makers) as bombers:
-                loaded = time_plain(client, args.plain, args.max_tokens)
+            time_plain(client, 2, args.max_tokens, args.plain_timeout)  # warm-up
+            idle, _ = time_plain(client, args.plain, args.max_tokens, args.plain_timeout)
+            for phase, makers in zip(PHASES, (tools, grammars, tools + grammars)):
+                if not makers:
+                    continue
+                with Bombers(server.url, makers) as bombers:
+                    loaded, late = time_plain(client, args.plain, args.max_tokens, args.plain_timeout)
+                    bombers.stop.set()
+                phases[phase] = {"latencies_s": loaded, "median_s": statistics.median(loaded),
+                                 "p90_s": percentile(loaded, 90), "late": late,
+                                 "ratio": statistics.median(loaded) / statistics.median(idle),
+                                 "bomb_statuses": dict(bombers.statuses)}
     finally:
-        server.stop()
-    return {"idle_s": idle, "bombs_s": loaded, "idle_median_s": statistics.median(idle),
-            "bombs_median_s": statistics.median(loaded), "bombs_p90_s": percentile(loaded, 90),
-            "ratio": statistics.median(loaded) / statistics.median(idle), "bomb_statuses": dict(bombers.statuses)}
+        server.stop(grace_s=5)
+    return {"idle_s": idle, "idle_median_s": statistics.median(idle), "phases": phases}
 
 
 def table(results: dict[str, dict], args) -> str:
-    lines = [f"Plain chat ({args.max_tokens} tokens) latency, idle and while {args.tool_bombs} tool bombs "
-             f"({args.tool_mb} MB description) and {args.grammar_bombs} grammar bombs ({args.properties} optional "
-             f"properties, fresh each time) loop; {args.plain} requests per phase, family {args.family}.", "",
-             "| checkout | idle median s | with bombs median s | p90 s | bombs / idle | bomb answers |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"Plain chat ({args.max_tokens} tokens) latency, idle and while bombs loop: {args.tool_bombs} clients "
+             f"sending a tool with a {args.tool_mb} MB description, {args.grammar_bombs} sending a fresh schema of "
+             f"{args.properties} optional properties; {args.plain} plain requests per phase, family {args.family}.",
+             f"Requests past {args.plain_timeout:g} s count as {args.plain_timeout:g} s (a lower bound).", "",
+             "| checkout | phase | idle median s | median s | p90 s | / idle | past the cap | bomb answers |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        answers = ", ".join(f"{k}: {v}" for k, v in sorted(r["bomb_statuses"].items()))
-        lines.append(f"| {name} | {r['idle_median_s']:.3f} | {r['bombs_median_s']:.3f} | {r['bombs_p90_s']:.3f} | "
-                     f"{r['ratio']:.2f}x | {answers} |")
+        for phase, p in r["phases"].items():
+            answers = ", ".join(f"{k}: {v}" for k, v in sorted(p["bomb_statuses"].items()))
+            lines.append(f"| {name} | {phase} | {r['idle_median_s']:.3f} | {p['median_s']:.3f} | {p['p90_s']:.3f} | "
+                         f"{p['ratio']:.2f}x | {p['late']}/{args.plain} | {answers} |")
     return "\n".join(lines) + "\n"
 
 
@@ -137,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--family-dir", type=Path, default=None)
     parser.add_argument("--plain", type=int, default=8, help="plain requests per phase")
     parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--plain-timeout", type=float, default=60.0, help="a plain request's cap, seconds")
     parser.add_argument("--tool-bombs", type=int, default=3)
     parser.add_argument("--tool-mb", type=float, default=3.8)
     parser.add_argument("--grammar-bombs", type=int, default=3)

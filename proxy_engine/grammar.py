@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -218,7 +219,8 @@ class GrammarCompiler:
         self._pending: dict[bytes, _Pending] = {}
         self.nbytes = 0
         self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(compile_threads, thread_name_prefix="proxy-grammar")
+        self._pool = concurrent.futures.ThreadPoolExecutor(compile_threads, thread_name_prefix="proxy-grammar",
+                                                           initializer=lower_priority)
         self.hits = 0
         self.misses = 0
 
@@ -320,6 +322,20 @@ class GrammarCompiler:
         if problem:
             raise ValueError(f"invalid {_NAMES[spec.kind]}: {clip_error(problem)}")
         return matcher
+
+
+COMPILE_NICENESS = 10
+
+
+def lower_priority() -> None:
+    """Run this thread (a compiler's) at a lower CPU priority than the step thread and the event loop: on a
+    busy machine a grammar bomb's seconds of compiling then take the CPU they leave, not the CPU they need.
+    Linux gives each thread its own nice value; elsewhere this does nothing."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + COMPILE_NICENESS))
+    except (AttributeError, OSError):
+        pass
 
 
 def probe(matcher) -> str | None:

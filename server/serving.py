@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -255,7 +254,23 @@ def tools_chars(prompt: PromptInput) -> int:
 
 
 def _json_chars(value: Any) -> int:
-    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+    """The characters a JSON value carries (its strings and keys, scalars as written, two per container), by a
+    walk that never copies: serializing a 3.8 MB tool description only to measure it took 40-90 ms of the event
+    loop per request, twice its parsing."""
+    chars, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, dict):
+            chars += 2 + sum(len(str(key)) for key in item)
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            chars += 2
+            stack.extend(item)
+        else:
+            chars += len(str(item))
+    return chars
 
 
 def new_request_id(prefix: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from proxy_engine.grammar import (
+    COMPILE_NICENESS,
     MAX_SPEC_DEPTH,
     GrammarBusyError,
     GrammarCompiler,
@@ -164,6 +166,23 @@ def test_a_schema_nested_too_deep_is_refused_before_compiling(chat_models):
     assert compiler.misses == 0
     assert json_depth(deep, 10**6) == 2 * MAX_SPEC_DEPTH + 1
     assert json_depth([[1], {"a": [2]}], 100) == 3 and json_depth(7, 5) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
+def test_compiles_run_at_a_lower_cpu_priority_than_their_caller(chat_models, monkeypatch):
+    tokenizer = chat_models[0].tokenizer
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0])
+    seen = []
+    real = compiler._compile
+
+    def watched(spec, source):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real(spec, source)
+
+    monkeypatch.setattr(compiler, "_compile", watched)
+    compiler.matcher(StructuredOutput("regex", "nice+"))
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, caller + COMPILE_NICENESS)] and caller < 19
 
 
 def test_a_compile_past_its_budget_is_a_value_error_and_one_never_started_is_busy(chat_models, monkeypatch):

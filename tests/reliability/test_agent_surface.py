@@ -139,7 +139,7 @@ def test_metadata_within_openai_limits_is_kept(process_server):
         assert http.get(f"/v1/responses/{response.json()['id']}").json()["metadata"] == metadata
 
 
-@pytest.mark.parametrize("where", ["response_format", "guided_json", "tools", "responses"])
+@pytest.mark.parametrize("where", ["response_format", "guided_json", "guided_json_text", "tools", "responses"])
 def test_a_schema_too_deep_for_the_engine_is_a_400(process_server, where):
     """240-470 levels were a 500 with a traceback (RecursionError pickling the request to the engine)."""
     schema = deep_schema(300)
@@ -149,6 +149,8 @@ def test_a_schema_too_deep_for_the_engine_is_a_400(process_server, where):
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     elif where == "guided_json":
         body["guided_json"] = schema
+    elif where == "guided_json_text":  # a schema given as a string, past the JSON parser's own recursion limit
+        body["guided_json"] = "[" * 100_000 + "]" * 100_000
     elif where == "tools":
         body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
     else:
@@ -156,7 +158,7 @@ def test_a_schema_too_deep_for_the_engine_is_a_400(process_server, where):
                                        "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}}
     with client(process_server) as http:
         error = error_of(http.post(path, json=body), 400)
-        assert "nested more than" in error["message"], error
+        assert "nested" in error["message"], error
         assert chat(http).status_code == 200  # and the server goes on
 
 
