@@ -21,4 +21,4 @@ def test_bomb_bench_runs_and_counts_the_bombs_answers(tmp_path):
     assert {k.split()[1] for k in answers} <= {"400", "429"}, answers
     payload = json.loads((tmp_path / "out" / "bombs.json").read_text())
     assert all(phase["ratio"] > 0 for phase in payload["results"]["this"]["phases"].values())
-    assert "bombs / idle" in (tmp_path / "out" / "bombs.md").read_text()
+    assert "| / idle |" in (tmp_path / "out" / "bombs.md").read_text()
