@@ -7,12 +7,14 @@ step, routed to a per-request ``asyncio.Queue``. This is the only module the ser
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from proxy_engine.config import EngineConfig
+from proxy_engine.grammar import CONSTRAINED_RENDER_THREADS
 from proxy_engine.request import EngineOverloadedError, PromptInput, RequestOutput, SamplingParams, Target
 
 log = logging.getLogger("proxy_engine")
@@ -78,6 +80,13 @@ class RequestStream:
             if output.finished:
                 self._unfinished -= 1
             yield output
+
+
+def constrained_render_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that render requests with an output constraint: they wait there for the grammar compiler (its
+    own thread, ``GrammarCompiler``), so grammar bombs never hold the threads that admit plain requests."""
+    return concurrent.futures.ThreadPoolExecutor(CONSTRAINED_RENDER_THREADS,
+                                                 thread_name_prefix="proxy-engine-constrained")
 
 
 def check_prompt_logprob_entries(sequences: list, k: int, limit: int) -> None:
@@ -154,6 +163,7 @@ class AsyncEngine:
         self._admitting = True
         self._idle_wait_s = idle_wait_s
         self.fatal_error: BaseException | None = None
+        self._constrained = constrained_render_pool()
 
     # --- life cycle ------------------------------------------------------------------------------------------
     @property
@@ -240,8 +250,12 @@ class AsyncEngine:
                 check_prompt_logprob_entries(sequences, params.prompt_logprobs, max_logprob_entries)
             return sequences, prompt_tokens
 
-        # Rendering and tokenizing a long prompt takes a while: keep it off the event loop.
-        sequences, prompt_tokens = await asyncio.to_thread(render)
+        # Rendering and tokenizing a long prompt takes a while: keep it off the event loop. A constrained request
+        # waits there for its grammar to compile: in a pool of its own, so that plain requests never queue behind.
+        if params.structured is None:
+            sequences, prompt_tokens = await asyncio.to_thread(render)
+        else:
+            sequences, prompt_tokens = await asyncio.get_running_loop().run_in_executor(self._constrained, render)
         stream = RequestStream(request_id, len(sequences), prompt_tokens)
         self._streams[request_id] = stream
         try:

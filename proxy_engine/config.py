@@ -96,6 +96,14 @@ class LimitsConfig(_Strict):
         default=None, ge=16, description="Cap on prompt + completion tokens (default: the smallest model's limit)."
     )
     request_timeout_s: float | None = Field(default=None, gt=0, description="End a request after this long.")
+    grammar_compile_timeout_s: float = Field(
+        default=5.0, gt=0, description="Longest a request waits for its output constraint (JSON schema, regex, "
+        "grammar) to compile: still compiling then is a 400, not started (others' grammars first) a 429.",
+    )
+    grammar_cache_mb: int = Field(
+        default=256, ge=0, description="Memory for compiled output constraints (estimated from their size), "
+        "least recently used dropped first.",
+    )
 
 
 CPU_THREADS_ENV = "PROXY_SERVE_CPU_THREADS"

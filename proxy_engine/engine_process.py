@@ -33,6 +33,7 @@ from proxy_engine.async_engine import (
     RequestStream,
     _in_daemon_thread,
     check_prompt_logprob_entries,
+    constrained_render_pool,
     engine_stats,
 )
 from proxy_engine.config import EngineConfig
@@ -253,6 +254,8 @@ class _Child:
         self.stopping = False
         # Rendering a long prompt takes a while: off the reader, so that aborts are not held up behind it.
         self.workers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="proxy-engine-render")
+        # A request with an output constraint waits for the grammar compiler: never in the pool above.
+        self.constrained = constrained_render_pool()
 
     def send(self, message: tuple) -> None:
         with self.send_lock:
@@ -310,7 +313,9 @@ class _Child:
                 return
             kind = message[0]
             if kind == "add":
-                self.workers.submit(self.add, *message[1:])
+                params: SamplingParams = message[4]
+                pool = self.workers if params.structured is None else self.constrained
+                pool.submit(self.add, *message[1:])
             elif kind == "abort":
                 self.engine.abort(message[1])
                 self.wake.set()

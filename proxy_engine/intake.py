@@ -100,7 +100,10 @@ class Intake:
 
     def __post_init__(self) -> None:
         # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
-        self.grammars = GrammarCompiler(self.models[0].tokenizer, self.vocab_size, self.eos_ids)
+        limits = self.config.limits
+        self.grammars = GrammarCompiler(self.models[0].tokenizer, self.vocab_size, self.eos_ids,
+                                        cache_bytes=limits.grammar_cache_mb * 2**20,
+                                        compile_timeout_s=limits.grammar_compile_timeout_s)
         self.tool_call_format = resolve_tool_call_format(self.config, self.models)
         for model in self.models:  # a named or required call still shows plain models the tools, in some format
             model.renderer.tool_format = self.tool_call_format or DEFAULT_FORMAT
@@ -175,5 +178,6 @@ class Intake:
                 # On the logits' device: torch.multinomial draws with a generator of the probabilities' device.
                 generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
                 deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
+                cache_salt=prompt.cache_salt,
             ))
         return sequences

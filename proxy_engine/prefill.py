@@ -37,7 +37,8 @@ class PrefillGroup:
                 prompts = [s.prompts[index] for s in members]
                 # Prompt logprobs need every position's logits: a scored prompt starts on no cached columns.
                 reuse = [s.params.prompt_logprobs is None for s in members]
-                self.jobs[index] = runner.start_prefill([s.seq_id for s in members], prompts, reuse)
+                salts = [s.cache_salt for s in members]
+                self.jobs[index] = runner.start_prefill([s.seq_id for s in members], prompts, reuse, salts)
         self.scores: dict[int, PromptScores] = {}  # seq_id -> its prompt logprobs, for the sequences that asked
         shared: dict[tuple, PromptScores] = {}  # a request's n choices score their one prompt once
         for sequence in sequences:

@@ -35,7 +35,7 @@ import torch
 from proxy_engine.config import PrefixCacheConfig
 
 log = logging.getLogger("proxy_engine.engine")  # the engine's logger, as before the move
-_ROOT = -1  # the parent id of a prompt's first block
+_ROOT = -1  # the parent id of an unsalted prompt's first block (a salted one's parent is its salt string)
 
 # (start, end) -> per layer (k, v), each [kv_heads, end - start, head_dim]: a span of a prompt's K/V.
 SpanReader = Callable[[int, int], list[tuple[torch.Tensor, torch.Tensor]]]
@@ -44,7 +44,7 @@ SpanReader = Callable[[int, int], list[tuple[torch.Tensor, torch.Tensor]]]
 @dataclass(eq=False)
 class Block:
     id: int
-    key: tuple[int, tuple[int, ...]]  # (parent block id, this block's token ids)
+    key: tuple[int | str, tuple[int, ...]]  # (parent block id, or the salt for a first block; its token ids)
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V, [kv_heads, block_size, head_dim] each
     nbytes: int
     children: set[int] = field(default_factory=set)
@@ -81,7 +81,7 @@ class PrefixCache:
         self.block_size = block_size
         self.budget_bytes = max(0, int(budget_bytes))
         self.name = name
-        self._blocks: OrderedDict[tuple[int, tuple[int, ...]], Block] = OrderedDict()  # oldest use first
+        self._blocks: OrderedDict[tuple[int | str, tuple[int, ...]], Block] = OrderedDict()  # oldest use first
         self._by_id: dict[int, Block] = {}
         self._next_id = 0
         self.nbytes = 0
@@ -100,14 +100,15 @@ class PrefixCache:
         """Bytes held over the budget, 0-1."""
         return min(1.0, self.nbytes / self.budget_bytes) if self.budget_bytes else 0.0
 
-    def match(self, tokens: Sequence[int], limit: int | None = None) -> list[Block]:
-        """The cached blocks of ``tokens``' longest cached full-block prefix, at most ``limit`` tokens long.
+    def match(self, tokens: Sequence[int], limit: int | None = None, salt: str | None = None) -> list[Block]:
+        """The cached blocks of ``tokens``' longest cached full-block prefix, at most ``limit`` tokens long, among
+        the blocks cached with the same ``salt``.
 
         Touches nothing: ``touch`` the blocks actually used.
         """
         usable = len(tokens) if limit is None else min(limit, len(tokens))
         chain: list[Block] = []
-        parent = _ROOT
+        parent: int | str = _ROOT if salt is None else salt
         size = self.block_size
         for i in range(usable // size):
             block = self._blocks.get((parent, tuple(tokens[i * size : (i + 1) * size])))
@@ -137,8 +138,8 @@ class PrefixCache:
         return k[:, :tokens], v[:, :tokens]
 
     # --- writing ---------------------------------------------------------------------------------------------
-    def insert(self, tokens: Sequence[int], layers_kv: SpanReader) -> int:
-        """Cache ``tokens``' full blocks (those not cached yet); returns how many blocks were added.
+    def insert(self, tokens: Sequence[int], layers_kv: SpanReader, salt: str | None = None) -> int:
+        """Cache ``tokens``' full blocks (those not cached yet) under ``salt``; returns how many blocks were added.
 
         ``layers_kv(start, end)`` gives the K and V of token columns ``[start, end)``, one ``(k, v)`` pair per
         layer of ``[kv_heads, end - start, head_dim]`` tensors (views are fine: blocks copy what they keep); it
@@ -147,7 +148,7 @@ class PrefixCache:
         full = len(tokens) // self.block_size
         if full == 0 or self.budget_bytes == 0:
             return 0
-        chain = self.match(tokens)
+        chain = self.match(tokens, salt=salt)
         self.touch(chain)  # the cached part is in use: it must not be evicted to make room for the rest
         new = full - len(chain)
         if new <= 0:
@@ -160,7 +161,7 @@ class PrefixCache:
         if new <= 0:
             return 0
         self._evict(self.budget_bytes - new * block_bytes, keep=len(chain))
-        parent = chain[-1].id if chain else _ROOT
+        parent: int | str = chain[-1].id if chain else (_ROOT if salt is None else salt)
         size = self.block_size
         added: list[Block] = []
         for i in range(new):
@@ -172,7 +173,7 @@ class PrefixCache:
             self._next_id += 1
             self._blocks[block.key] = block
             self._by_id[block.id] = block
-            if parent != _ROOT:
+            if isinstance(parent, int) and parent != _ROOT:  # a first block's parent is the root or its salt
                 self._by_id[parent].children.add(block.id)
             self.nbytes += block_bytes
             added.append(block)

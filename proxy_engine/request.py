@@ -106,6 +106,8 @@ class PromptInput:
     messages: list[dict[str, Any]] | None = None
     token_ids: list[int] | None = None
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools the models are told about (chat only)
+    # vLLM's cache_salt: mixed into the prefix cache's keys, so that only prompts with the same salt share blocks.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.text, self.messages, self.token_ids)]

@@ -64,6 +64,7 @@ class PrefillJob:
     chunk_logits: torch.Tensor | None = None  # the last chunk's every-position logits of the scored rows
     positions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     prompts: list[tuple[int, ...]] = field(default_factory=list)  # row r's prompt (distinct, in row order)
+    salts: list[str | None] = field(default_factory=list)  # row r's prefix-cache salt (rows differ by salt too)
     reused: int = 0  # prompt tokens taken from the prefix cache, over the rows
 
     @property
@@ -161,16 +162,19 @@ class ModelRunner:
 
     # --- rows in and out ---------------------------------------------------------------------------------
     def start_prefill(
-        self, seq_ids: list[int], prompts: list[list[int]], reuse: list[bool] | None = None
+        self, seq_ids: list[int], prompts: list[list[int]], reuse: list[bool] | None = None,
+        salts: list[str | None] | None = None,
     ) -> PrefillJob:
         """A job for these sequences' prompts; ``reuse[i]`` False keeps sequence i's prompt from starting on
-        cached columns (its row then computes every position)."""
-        distinct: dict[tuple[int, ...], int] = {}
-        row_of = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
-        ids, mask = _left_pad([list(prompt) for prompt in distinct], self.pad_id)
+        cached columns (its row then computes every position); ``salts[i]`` is its prefix-cache salt."""
+        salts = salts or [None] * len(prompts)
+        distinct: dict[tuple[str | None, tuple[int, ...]], int] = {}
+        row_of = [distinct.setdefault((salt, tuple(prompt)), len(distinct)) for salt, prompt in zip(salts, prompts)]
+        ids, mask = _left_pad([list(prompt) for _, prompt in distinct], self.pad_id)
         job = PrefillJob(seq_ids, row_of, ids.to(self.device), mask.to(self.device), PaddedKVCache(self.num_layers))
         job.positions = (job.mask.cumsum(dim=1) - 1).clamp(min=0)
-        job.prompts = list(distinct)
+        job.prompts = [prompt for _, prompt in distinct]
+        job.salts = [salt for salt, _ in distinct]
         if self.prefix_cache is not None:
             row_reuse = [True] * len(distinct)
             for i, row in enumerate(row_of):  # a row shared with a scoring sequence is scored, so computed
@@ -193,7 +197,7 @@ class ModelRunner:
         chains = []
         for row, prompt in enumerate(job.prompts):
             # Never the whole prompt: the last token must run through the model for its logits.
-            chains.append(cache.match(prompt, len(prompt) - 1) if row_reuse[row] else [])
+            chains.append(cache.match(prompt, len(prompt) - 1, job.salts[row]) if row_reuse[row] else [])
         start = min(job.pad(row) + len(chain) * cache.block_size for row, chain in enumerate(chains))
         pieces, queries = [], []
         for row, chain in enumerate(chains):
@@ -225,7 +229,7 @@ class ModelRunner:
                         for lay in layers]
 
             try:
-                added += self.prefix_cache.insert(prompt, span)
+                added += self.prefix_cache.insert(prompt, span, job.salts[row])
             except RuntimeError as error:  # out of memory, most likely: caching is an optimisation
                 # A block is linked only once its copy exists, so the cache stays consistent; the requests go on.
                 log.warning("%s: prompt not cached (%s: %s)", self.name, type(error).__name__, error)

@@ -44,6 +44,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     grammar: GrammarMatcher | None = None  # the output's constraint, advanced with every accepted token
+    cache_salt: str | None = None  # its prompt's prefix-cache salt (PromptInput.cache_salt)
 
     @property
     def finished(self) -> bool:

@@ -3,13 +3,18 @@ that a client without the key gets 401 whatever it sent (never a 400 about a bod
 preflight (OPTIONS), ``/health``, ``/metrics`` and ``/version`` never ask for one; ``/docs`` and
 ``/openapi.json`` do when keys are set. Keys are compared in constant time and never logged: the given key and
 every accepted one are hashed to 32 bytes first, so that the comparison takes the same time whatever their
-lengths, and every accepted key is compared, so that it does not tell which one came close."""
+lengths, and every accepted key is compared, so that it does not tell which one came close.
+
+The gate also says which key a request came with: ``tenant(request)`` is a digest of the key (never the key),
+which scopes stored responses and, by default, salts the prefix cache (docs/security.md). Without keys every
+request is the same tenant (None)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy_engine.request import ErrorCode
@@ -17,6 +22,7 @@ from server.errors import APIError
 
 # Paths any client may read: probes and scrapers carry no key.
 PUBLIC_PATHS = frozenset({"/health", "/metrics", "/version"})
+TENANT = "proxy_serve_tenant"  # the key of the request's tenant id in the ASGI scope's state
 
 
 class KeyChecker:
@@ -29,9 +35,10 @@ class KeyChecker:
     def enabled(self) -> bool:
         return bool(self.digests)
 
-    def check(self, authorization: str) -> None:
+    def check(self, authorization: str) -> str | None:
+        """The caller's tenant id (a digest of its key), or None when no key is needed; 401 without a good key."""
         if not self.digests:
-            return
+            return None
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
@@ -41,6 +48,7 @@ class KeyChecker:
             matched |= hmac.compare_digest(given, digest)
         if not matched:
             raise _unauthorized("incorrect API key")
+        return given.hex()
 
 
 class ApiKeyGate:
@@ -55,11 +63,17 @@ class ApiKeyGate:
                 and scope["path"] not in PUBLIC_PATHS):
             header = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
             try:
-                self.checker.check(header.decode("latin-1"))
+                tenant = self.checker.check(header.decode("latin-1"))
             except APIError as error:
                 await error.response()(scope, receive, send)
                 return
+            scope.setdefault("state", {})[TENANT] = tenant
         await self.app(scope, receive, send)
+
+
+def tenant(request: Request) -> str | None:
+    """Who made the request: a digest of its API key (set by ``ApiKeyGate``), or None on a server without keys."""
+    return request.scope.get("state", {}).get(TENANT)
 
 
 def _digest(key: bytes) -> bytes:

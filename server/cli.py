@@ -55,6 +55,8 @@ FLAGS = [
     Flag("--port", ("port",), "Port to listen on (default 8000).", "PORT"),
     Flag("--api-key", ("api_keys",), "Accept this Bearer key (repeatable); without any, no key is needed.", "KEY",
          action="append"),
+    Flag("--api-keys-file", ("api_keys_file",), "Accept the Bearer keys in this file, one per line (a mounted "
+         "secret; the keys stay out of the command line and the environment).", "FILE"),
     Flag("--allowed-origins", ("allowed_origins",), "CORS origins allowed to call from a browser "
          "(comma-separated or repeated; '*' for any).", "ORIGINS", action="append", split_commas=True),
     Flag("--max-num-seqs", ("engine", "limits", "max_num_seqs"), "Sequences decoded together at most.", "N"),
@@ -68,6 +70,11 @@ FLAGS = [
          "Each model's prefix-cache budget, as a share of its KV cache at the limits (default 0.25).", "FRACTION"),
     Flag("--request-timeout", ("engine", "limits", "request_timeout_s"),
          "End a request after this many seconds (504, or an error event with code timeout).", "SECONDS"),
+    Flag("--grammar-compile-timeout", ("engine", "limits", "grammar_compile_timeout_s"),
+         "Longest a request waits for its JSON schema / regex / grammar to compile (default 5; 400 past it).",
+         "SECONDS"),
+    Flag("--grammar-cache-mb", ("engine", "limits", "grammar_cache_mb"),
+         "Memory for compiled output constraints (default 256 MB).", "MB"),
     Flag("--shutdown-grace", ("shutdown_grace_s",),
          "On SIGTERM, let running requests finish for up to this many seconds (default 30), then exit 0.",
          "SECONDS"),
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("info")
     try:
         settings, args = resolve_settings(argv)
+        settings.api_key_values()  # an unreadable or empty api_keys_file is a configuration error, said here
     except ConfigError as error:
         print(f"proxy-serve: {error}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ def is_loopback(host: str) -> bool:
 
 def warn_if_exposed(settings: ServerSettings) -> None:
     """A loud warning for a port open beyond this machine with no API key: anyone who reaches it can use it."""
-    if is_loopback(settings.host) or settings.api_keys:
+    if is_loopback(settings.host) or settings.has_keys:
         return
     hosts = settings.allowed_hosts or ["localhost names only"]
     bar = "!" * 100

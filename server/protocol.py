@@ -29,6 +29,10 @@ TOP_P_ZERO = 1e-9
 MAX_PROMPTS = 64  # prompts in one completions request (each with its n choices)
 MAX_MESSAGES = 2048  # messages in one chat request (a long agent transcript has hundreds)
 
+# Text fields that are neither prompt nor constraint, bounded so that no field escapes a limit (docs/reliability.md).
+MAX_USER_CHARS = 512  # `user` (OpenAI: an end-user id)
+MAX_CACHE_SALT_CHARS = 256  # `cache_salt` (vLLM's): any secret works, a long one buys nothing
+
 # Integers that end up in tensors or seed a generator must fit in 64 bits: a bigger one is a 400 naming the
 # field, not an overflow deep in the engine. (Range rules proper stay the engine's.)
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -71,7 +75,9 @@ class _SamplingFields(_Lenient):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
+    # vLLM's: mixed into the prefix cache's block keys, so only requests with the same salt share cached prompts.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     # Proxy-tuning: the strength of every expert pair (a number for all, or one per pair); 0 is the base alone.
     alpha: float | list[float] | None = None
     # Common extensions (vLLM's names).
@@ -280,6 +286,7 @@ class ChatCompletionRequest(_SamplingFields):
                     f"messages[{i}].role",
                 )
             messages.append(_chat_message(role, message, i))
+        check_tool_results(messages)
         plan = self.tool_plan(fmt)
         return PromptInput(messages=messages, tools=plan.tools or None)
 
@@ -320,6 +327,16 @@ def _chat_message(role: str, message: ChatMessage, i: int) -> dict[str, Any]:
     if message.name and role in ("tool", "user"):
         out["name"] = message.name
     return out
+
+
+def check_tool_results(messages: list[dict[str, Any]]) -> None:
+    """A ``tool`` message answers a call an earlier assistant message made (OpenAI refuses it otherwise)."""
+    called: set[str] = set()
+    for i, message in enumerate(messages):
+        called.update(call["id"] for call in message.get("tool_calls") or [])
+        if message["role"] == "tool" and message["tool_call_id"] not in called:
+            raise bad_request(f"messages[{i}].tool_call_id {clip(message['tool_call_id'], 80)!r} answers no tool call "
+                              "of an earlier assistant message", f"messages[{i}].tool_call_id")
 
 
 def _content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:

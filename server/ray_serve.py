@@ -16,12 +16,20 @@ buffered) and ``/metrics``. What Ray adds:
   sequences running, prefilling and waiting); ``QueueDepthPolicy`` asks for as many replicas as those
   sequences (plus requests Ray itself holds back) need at ``target_sequences`` per replica.
 
+What Ray's proxy takes away, and how it is given back (docs/security.md): uvicorn's connection limit becomes
+``max_queued_requests`` (Ray answers 503 past it), its keep-alive timeout Ray's ``http_options``
+(``serve_http_options``); the app's own body limit and body timeout apply as under uvicorn; the header timeout
+and header size cap have no Serve equivalent. API keys come from ``api_keys_file`` (a mounted secret), read by
+each replica: keys in the settings or ``runtime_env.env_vars`` are readable by anyone who reaches Ray's
+dashboard or jobs API. The replica header is sent only at ``log_level: debug``.
+
 Nothing here imports torch at module level (the engine loads it when it starts): Ray's controller imports
 this module to run the policy.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -37,7 +45,9 @@ from proxy_engine.async_engine import AsyncEngine
 from proxy_engine.config import EngineConfig
 from server.settings import ServerSettings, load_settings
 
-REPLICA_HEADER = "x-proxy-serve-replica"
+log = logging.getLogger("proxy_serve")
+
+REPLICA_HEADER = "x-proxy-serve-replica"  # sent only at log_level debug: it names an actor of the cluster
 # What a replica's engine holds, reported to Ray's autoscaler under these names.
 STAT_SEQUENCES = "engine_sequences"
 STAT_WAITING = "engine_waiting"
@@ -165,6 +175,30 @@ class _ReplicaHeader:
         await self.app(scope, receive, tagged)
 
 
+def replica_app(app: ASGIApp, settings: ServerSettings, name: str) -> ASGIApp:
+    """The replica's app: with the replica header only when debugging (every response, 401s included, named an
+    actor of the cluster to any client)."""
+    return _ReplicaHeader(app, name) if settings.log_level == "debug" else app
+
+
+def serve_http_options(settings: ServerSettings) -> dict[str, Any]:
+    """Ray proxy options matching ``proxy-serve``'s uvicorn limits, for ``serve.start(http_options=...)`` or a
+    Serve config's ``http_options`` (cluster-wide: Ray's proxy is shared by its applications)."""
+    return {"keep_alive_timeout_s": settings.timeout_keep_alive_s}
+
+
+def deployment_warnings(settings: ServerSettings) -> list[str]:
+    """What a deployer should hear about the settings given to Ray (logged by ``build_app``)."""
+    warnings = []
+    if settings.api_keys:
+        warnings.append("API keys given in the settings or PROXY_SERVE_API_KEYS travel in Ray's deployment "
+                        "arguments and runtime_env, readable by anyone who reaches Ray's dashboard or jobs API: "
+                        "use api_keys_file (a mounted secret) instead")
+    if not settings.has_keys:
+        warnings.append("no API key is set: anyone who reaches Ray's HTTP proxy can use the models")
+    return warnings
+
+
 @serve.ingress()
 class ProxyServeReplica:
     """One replica: an engine loaded before Ray routes to it, and the app around it."""
@@ -179,7 +213,7 @@ class ProxyServeReplica:
         from server.app import create_app
 
         # (not self.app: Ray's wrapper owns that name)
-        return _ReplicaHeader(create_app(self.engine, self.settings), self.name)
+        return replica_app(create_app(self.engine, self.settings), self.settings, self.name)
 
     def check_health(self) -> None:
         """Fails once the engine is gone (its step thread died): Ray then replaces this replica."""
@@ -219,10 +253,14 @@ def build_app(
     that Ray queues them (and counts them for the autoscaler) rather than the engine refusing them with 429.
     """
     limits = settings.engine.limits
+    for warning in deployment_warnings(settings):
+        log.warning("ray serve: %s", warning)
     options: dict[str, Any] = replica_resources(settings.engine, num_cpus=num_cpus, num_gpus=num_gpus)
     options.update(
         name=name,
         max_ongoing_requests=limits.max_num_seqs + limits.max_waiting,
+        # uvicorn's limit_concurrency under proxy-serve: requests Ray holds for a replica past that get a 503.
+        max_queued_requests=settings.limit_concurrency,
         # Ray waits this long for running requests before stopping a replica (a scale-down, a redeploy).
         graceful_shutdown_timeout_s=settings.shutdown_grace_s,
         health_check_period_s=health_check_period_s,

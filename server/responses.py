@@ -19,13 +19,15 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import Field, StringConstraints
 
+from server.auth import tenant
 from server.errors import APIError, bad_request
-from server.protocol import ChatCompletionRequest, _Lenient, check_text
+from server.protocol import MAX_CACHE_SALT_CHARS, MAX_USER_CHARS, ChatCompletionRequest, _Lenient, check_text
 from server.response_store import ResponseStore
 from server.serving import Generation, GenerationError, ServerContext
 from server.streaming import EventStreamResponse, sse
@@ -36,6 +38,10 @@ _UNSUPPORTED = ("background", "conversation", "prompt", "reasoning", "max_tool_c
                 "context_management", "moderation")
 _INPUT_TEXT = {"input_text", "output_text", "text"}
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+# OpenAI's limits on metadata: 16 pairs, keys up to 64 characters, string values up to 512. It is stored with
+# every response, so unbounded it was the way to fill the store's memory.
+MAX_METADATA_PAIRS = 16
+Metadata = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]]
 
 
 def _id(prefix: str) -> str:
@@ -56,8 +62,9 @@ class ResponsesRequest(_Lenient):
     stream: bool | None = False
     store: bool | None = True
     previous_response_id: str | None = None
-    metadata: dict[str, Any] | None = None
-    user: str | None = None
+    metadata: Metadata | None = Field(default=None, max_length=MAX_METADATA_PAIRS)
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     truncation: str | None = None
     include: list[Any] | None = None
     # The server's sampling extensions, as on the other endpoints.
@@ -331,16 +338,18 @@ Collect = Callable[[Generation, Request], Awaitable[bool]]
 
 def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, collect: Collect,
                          tool_call_format: Callable[[ServerContext], str | None]) -> None:
-    store = ResponseStore(ctx.settings.responses_store_max, ctx.settings.responses_store_ttl_s)
+    settings = ctx.settings
+    store = ResponseStore(settings.responses_store_max, settings.responses_store_ttl_s,
+                          settings.responses_store_max_mb * 2**20)
     ctx.responses_store = store  # type: ignore[attr-defined] - for tests and metrics
 
-    def history(previous: str | None) -> list[dict[str, Any]]:
+    def history(previous: str | None, owner: str | None) -> list[dict[str, Any]]:
         if previous is None:
             return []
         if not store.enabled:
             raise bad_request("previous_response_id needs the response store, which is off on this server "
                               "(responses_store_max: 0): send the whole conversation as input", "previous_response_id")
-        entry = store.get(previous)
+        entry = store.get(previous, owner)
         if entry is None:
             raise APIError(404, f"previous response {previous!r} was not found (responses are kept for "
                            f"{ctx.settings.responses_store_ttl_s:g}s, {store.max_entries} at most)",
@@ -350,18 +359,20 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
     @router.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         response_id = _id("resp")
+        owner = tenant(request)
         fmt = tool_call_format(ctx)
         past: list[dict[str, Any]] = []
         chat: ChatCompletionRequest | None = None
 
         def prompt():
             nonlocal chat, past
-            past = history(body.previous_response_id)
+            past = history(body.previous_response_id, owner)
             chat = body.to_chat(past)
             return chat.prompt_input(fmt)
 
         generation, _ = await start(response_id, "responses", body.model, prompt,
-                                    lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model)), request)
+                                    lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model)), request,
+                                    salt=ctx.cache_salt(owner, body.cache_salt))
         assert chat is not None
         plan = chat.tool_plan(fmt)
         builder = ResponseBuilder(body, chat, response_id, generation.model, plan)
@@ -376,7 +387,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
             snapshot = builder.snapshot(status, response_usage(generation.prompt_tokens, generation.completion_tokens),
                                         incomplete)
             if body.store:
-                store.put(response_id, snapshot, conversation + output_messages(builder.output))
+                store.put(response_id, owner, snapshot, conversation + output_messages(builder.output))
             return snapshot, "".join(tail)
 
         if body.stream:
@@ -417,14 +428,14 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         return JSONResponse(snapshot, headers=headers)
 
     @router.get("/v1/responses/{response_id:path}")
-    async def get_response(response_id: str) -> JSONResponse:
-        entry = store.get(response_id)
+    async def get_response(response_id: str, request: Request) -> JSONResponse:
+        entry = store.get(response_id, tenant(request))
         if entry is None:
             raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
         return JSONResponse(entry.response)
 
     @router.delete("/v1/responses/{response_id:path}")
-    async def delete_response(response_id: str) -> JSONResponse:
-        if not store.delete(response_id):
+    async def delete_response(response_id: str, request: Request) -> JSONResponse:
+        if not store.delete(response_id, tenant(request)):
             raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from proxy_engine.request import ErrorCode, PromptInput, SamplingParams
+from server.auth import tenant
 from server.errors import APIError, bad_request
 from server.guards import clip
 from server.metrics import RequestTimer
@@ -73,9 +74,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
         prompt: Callable[[], PromptInput | list[PromptInput]],
         params: Callable[[], SamplingParams],
         http: Request,
+        salt: str | None = None,
     ) -> tuple[Generation, list[PromptInput]]:
-        """Resolve, convert and submit; a refusal is counted, logged and raised as its HTTP error. At debug
-        level, each request's shape is logged too (what a frontend sends: keys, messages, tools, prompt tokens)."""
+        """Resolve, convert and submit; a refusal is counted, logged and raised as its HTTP error. ``salt``: the
+        request's prefix-cache salt (``ServerContext.cache_salt``). At debug level, each request's shape is logged
+        too (what a frontend sends: keys, messages, tools, prompt tokens)."""
         timer = RequestTimer(ctx.metrics)
         served = "unknown"  # a label for refused requests that named no model we serve (bounded cardinality)
         shape = request_shape(await http.json()) if request_logger.isEnabledFor(logging.DEBUG) else None
@@ -83,7 +86,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             served, target = ctx.resolve_model(model)
             prompt_input = _convert(prompt)
             sampling = _convert(params)
-            stream = await ctx.submit(request_id, prompt_input, sampling, target)
+            stream = await ctx.submit(request_id, prompt_input, sampling, target, salt)
         except APIError as error:
             if shape is not None:
                 request_logger.debug("%s %s %s prompt_tokens=? (refused)", request_id, endpoint, shape)
@@ -123,7 +126,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         request_id = new_request_id("cmpl")
         generation, prompts = await start(request_id, "completions", body.model, body.prompt_input,
-                                          lambda: body.sampling_params(ctx.defaults_for(body.model)), request)
+                                          lambda: body.sampling_params(ctx.defaults_for(body.model)), request,
+                                          ctx.cache_salt(tenant(request), body.cache_salt))
         created = now()
         echo: list[str] | None = None  # per choice: choice k answers prompt k // n
         if body.echo:
@@ -166,7 +170,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         request_id = new_request_id("chatcmpl")
         fmt = tool_call_format(ctx)
         generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
-                                    lambda: body.sampling_params(fmt, ctx.defaults_for(body.model)), request)
+                                    lambda: body.sampling_params(fmt, ctx.defaults_for(body.model)), request,
+                                    ctx.cache_salt(tenant(request), body.cache_salt))
         plan = body.tool_plan(fmt)
         created = now()
         headers = {"x-request-id": request_id}

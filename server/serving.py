@@ -9,6 +9,7 @@ engine request if it did not finish (client gone, error) and writes the request'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 
 from proxy_engine import PromptInput, SamplingParams  # the package's public request types
 from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, RequestStream
+from proxy_engine.grammar import GrammarBusyError
 from proxy_engine.request import (
     MAX_N,
     EngineOverloadedError,
@@ -172,9 +174,12 @@ class ServerContext:
             if chars > self.settings.max_prompt_chars:
                 where = "messages" if prompt.messages is not None else ("prompt" if len(prompts) == 1 else
                                                                         f"prompt[{i}]")
-                raise APIError(400, f"{where} holds {chars} characters, more than the limit of "
-                               f"{self.settings.max_prompt_chars} (max_prompt_chars)", param=where.split("[")[0],
-                               code=ErrorCode.PROMPT_TOO_LONG)
+                param = where.split("[")[0]
+                if prompt.tools:  # the larger part is named: a tools bomb is a 400 about tools
+                    where, param = "messages and tools", "tools" if 2 * tools_chars(prompt) > chars else "messages"
+                raise APIError(400, f"{where} hold{'' if ' and ' in where else 's'} {chars} characters, "
+                               f"more than the limit of {self.settings.max_prompt_chars} (max_prompt_chars)",
+                               param=param, code=ErrorCode.PROMPT_TOO_LONG)
         if total > self.settings.max_request_chars:
             raise APIError(400, f"the request's prompts hold {total} characters, more than the limit of "
                            f"{self.settings.max_request_chars} (max_request_chars)", param="prompt",
@@ -197,13 +202,27 @@ class ServerContext:
         if not self.engine.ready:
             raise APIError(503, "the models are still loading", code=ErrorCode.LOADING, headers={"Retry-After": "5"})
 
+    def cache_salt(self, tenant: str | None, salt: str | None) -> str | None:
+        """A request's prefix-cache salt: its key's tenant id (``cache_salt_per_key``) and its own ``cache_salt``.
+        Prompts with different salts share no cached block (docs/security.md)."""
+        parts = []
+        if tenant is not None and self.settings.cache_salt_per_key:
+            parts.append(f"key:{tenant}")
+        if salt is not None:
+            parts.append(f"salt:{salt}")
+        return "\n".join(parts) or None
+
     async def submit(
-        self, request_id: str, prompt: PromptInput | list[PromptInput], params: SamplingParams, target: Target
+        self, request_id: str, prompt: PromptInput | list[PromptInput], params: SamplingParams, target: Target,
+        salt: str | None = None,
     ) -> RequestStream:
         """Hand a request to the engine (one prompt or several), turning its refusals into HTTP errors."""
         self.check_available()
         prompts = prompt if isinstance(prompt, list) else [prompt]
         self.check_size(prompts, params)
+        if salt is not None:
+            prompts = [dataclasses.replace(one, cache_salt=salt) for one in prompts]
+            prompt = prompts if isinstance(prompt, list) else prompts[0]
         sequences = len(prompts) * (params.n if 1 <= params.n <= MAX_N else 1)
         if self.queue_full(sequences):
             raise self.overloaded(f"the waiting queue is full ({self.settings.engine.limits.max_waiting} "
@@ -215,7 +234,7 @@ class ServerContext:
         except ValueError as error:  # a ContextLengthError names its field and code
             raise APIError(400, str(error), param=getattr(error, "param", None),
                            code=getattr(error, "code", None)) from None
-        except EngineOverloadedError as error:
+        except (EngineOverloadedError, GrammarBusyError) as error:
             raise self.overloaded(str(error), getattr(error, "retry_after_s", 1)) from None
         except Exception:
             logger.exception("engine refused request %s with an internal error", request_id)
@@ -230,11 +249,15 @@ def _retrieve(task: asyncio.Future) -> None:
 
 
 def prompt_chars(prompt: PromptInput) -> int:
-    """Characters a prompt gives the tokenizer (token ids count one each)."""
+    """Characters a prompt gives the tokenizer (token ids count one each): every message's text, name and
+    earlier tool calls, and the tools' definitions, which are rendered into the prompt too (a 3.8 MB tool
+    description was rendered and tokenized for every model before the prompt's size was ever checked)."""
     if prompt.text is not None:
         return len(prompt.text)
     if prompt.messages is not None:
-        return sum(len(m.get("content") or "") for m in prompt.messages)
+        chars = sum(len(m.get("content") or "") + len(m.get("name") or "") + len(m.get("tool_call_id") or "")
+                    + sum(_json_chars(call) for call in m.get("tool_calls") or []) for m in prompt.messages)
+        return chars + tools_chars(prompt)
     return len(prompt.token_ids or [])
 
 
@@ -255,6 +278,30 @@ def request_shape(body: Any) -> str:
         choice = body.get("tool_choice")
         parts.append(f"tool_choice={clip(choice, 20) if isinstance(choice, str) else 'function' if choice else '-'}")
     return " ".join(parts)
+
+
+def tools_chars(prompt: PromptInput) -> int:
+    return sum(_json_chars(tool) for tool in prompt.tools or [])
+
+
+def _json_chars(value: Any) -> int:
+    """The characters a JSON value carries (its strings and keys, scalars as written, two per container), by a
+    walk that never copies: serializing a 3.8 MB tool description only to measure it took 40-90 ms of the event
+    loop per request, twice its parsing."""
+    chars, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, dict):
+            chars += 2 + sum(len(str(key)) for key in item)
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            chars += 2
+            stack.extend(item)
+        else:
+            chars += len(str(item))
+    return chars
 
 
 def new_request_id(prefix: str) -> str:

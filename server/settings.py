@@ -40,6 +40,11 @@ class ServerSettings(BaseSettings):
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="Accepted Bearer keys; empty: no key needed. Never logged."
     )
+    api_keys_file: str | None = Field(
+        default=None, description="A file of accepted Bearer keys, one per line ('#' comments), e.g. a mounted "
+        "Kubernetes or Docker secret. Read where the server starts (each Ray replica reads its own), so the keys "
+        "never travel in a config, an environment variable or Ray's job and deployment metadata.",
+    )
     allowed_origins: list[str] = Field(
         default_factory=list, description="CORS origins allowed to call the API from a browser ('*' for any)."
     )
@@ -83,6 +88,14 @@ class ServerSettings(BaseSettings):
         default=1000, ge=0, description="Responses API: stored responses kept in memory for previous_response_id "
         "(the oldest leave first); 0 turns the store off (previous_response_id is then a 400)."
     )
+    responses_store_max_mb: int = Field(
+        default=256, ge=0, description="Responses API: memory for stored responses, in MB of their JSON (the "
+        "oldest leave first); 0 turns the store off."
+    )
+    cache_salt_per_key: bool = Field(
+        default=True, description="Salt the prefix cache with each request's API key, so that requests made with "
+        "different keys never share cached prompts (no cross-tenant timing side channel); see docs/security.md."
+    )
     responses_store_ttl_s: float = Field(
         default=3600.0, gt=0, description="Responses API: how long a stored response is kept, in seconds."
     )
@@ -116,7 +129,16 @@ class ServerSettings(BaseSettings):
         return (init_settings,)
 
     def api_key_values(self) -> list[str]:
-        return [key.get_secret_value() for key in self.api_keys]
+        """Every accepted key: ``api_keys`` and those of ``api_keys_file`` (read now; ``ConfigError`` if it cannot
+        be read or holds no key)."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_keys_file:
+            keys += read_key_file(self.api_keys_file)
+        return keys
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self.api_keys or self.api_keys_file)
 
     @property
     def model_ids(self) -> list[str]:
@@ -125,6 +147,19 @@ class ServerSettings(BaseSettings):
         if self.engine.experts:
             ids.append(f"{self.served_model_name}:expert")
         return ids
+
+
+def read_key_file(path: str | Path) -> list[str]:
+    """The keys of a key file: one per line, blank lines and ``#`` comments skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read api_keys_file {str(path)!r}: {getattr(error, 'strerror', None) or error}") \
+            from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"api_keys_file {str(path)!r} holds no key")
+    return keys
 
 
 def deep_merge(base: Any, override: Any) -> Any:

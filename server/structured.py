@@ -29,6 +29,8 @@ def _schema(value: Any, param: str) -> Any:
             value = json.loads(value)
         except json.JSONDecodeError as error:
             raise bad_request(f"{param} is not valid JSON: {error.msg}", param) from None
+        except RecursionError:  # nested past the parser's recursion limit: far past MAX_SPEC_DEPTH anyway
+            raise bad_request(f"{param} is nested too deeply", param) from None
     if not isinstance(value, (dict, bool)):
         raise bad_request(f"{param} must be a JSON schema object", param)
     return value

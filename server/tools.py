@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy_engine.grammar import StructuredOutput
+from proxy_engine.grammar import StructuredOutput, json_depth
 from proxy_engine.tool_calls import (
     DEFAULT_FORMAT,
     ParsedCall,
@@ -29,11 +29,16 @@ from proxy_engine.tool_calls import (
     parse_calls,
 )
 from server.errors import bad_request
+from server.guards import clip
 
 logger = logging.getLogger("proxy_serve")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _warned_no_format = False  # the first tools-without-a-format request is a warning; later ones are debug lines
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+MAX_TOOLS = 128  # OpenAI's limit on tools in one request
+# Nesting of one tool's parameters (objects and arrays). The required / named constraint wraps them a few
+# levels deeper, within the grammar's own limit (proxy_engine.grammar.MAX_SPEC_DEPTH).
+MAX_PARAMETERS_DEPTH = 48
 
 
 def new_call_id() -> str:
@@ -107,6 +112,8 @@ def check_tools(tools: Any, param: str = "tools", flat: bool = False) -> list[di
         return []
     if not isinstance(tools, list):
         raise bad_request(f"{param} must be a list of tools", param)
+    if len(tools) > MAX_TOOLS:
+        raise bad_request(f"at most {MAX_TOOLS} tools in one request, got {len(tools)}", param)
     checked, names = [], set()
     for i, tool in enumerate(tools):
         where = f"{param}[{i}]"
@@ -123,16 +130,28 @@ def check_tools(tools: Any, param: str = "tools", flat: bool = False) -> list[di
         if name in names:
             raise bad_request(f"{where}: two tools are named {name!r}", f"{where}.function.name")
         names.add(name)
-        parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise bad_request(f"{where}.function.parameters must be a JSON schema object",
-                              f"{where}.function.parameters")
+        check_parameters(function.get("parameters"), f"{where}.parameters" if flat else f"{where}.function.parameters")
         kept = {"name": name}
         for key in ("description", "parameters", "strict"):
             if function.get(key) is not None:
                 kept[key] = function[key]
         checked.append({"type": "function", "function": kept})
     return checked
+
+
+def check_parameters(parameters: Any, param: str) -> None:
+    """A function's ``parameters``: an object schema, as OpenAI requires (a call's arguments are a JSON object;
+    a ``{"type": "string"}`` schema made a named call's arguments a JSON string), nested within bounds."""
+    if parameters is None:
+        return
+    if not isinstance(parameters, dict):
+        raise bad_request(f"{param} must be a JSON schema object", param)
+    kind = parameters.get("type", "object")
+    if kind != "object":
+        raise bad_request(f"{param} must be a schema of type 'object' (the arguments are a JSON object), got type "
+                          f"{clip(json.dumps(kind), 40)}", param)
+    if json_depth(parameters, MAX_PARAMETERS_DEPTH) > MAX_PARAMETERS_DEPTH:
+        raise bad_request(f"{param} is nested more than {MAX_PARAMETERS_DEPTH} levels deep", param)
 
 
 def plan(tools: list[dict[str, Any]], tool_choice: Any, parallel: bool | None, fmt: str | None,

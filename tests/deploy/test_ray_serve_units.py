@@ -15,13 +15,19 @@ pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip instal
 
 from proxy_engine.config import EngineConfig  # noqa: E402
 from server.ray_serve import (  # noqa: E402
+    REPLICA_HEADER,
     STAT_SEQUENCES,
     QueueDepthPolicy,
     app_builder,
+    build_app,
+    deployment_warnings,
     desired_replicas,
     gpus_needed,
+    replica_app,
     replica_resources,
+    serve_http_options,
 )
+from server.settings import load_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,3 +83,43 @@ def test_app_builder_reads_a_config_and_refuses_unknown_arguments():
     assert application is not None
     with pytest.raises(ValueError, match="unknown argument"):
         app_builder({"replicas": "2"})
+
+
+def settings(**server):
+    return load_settings(config_file=REPO / "configs" / "demo-cpu.yaml", overrides=server, environ=False)
+
+
+def test_the_deployment_keeps_the_servers_limits():
+    """uvicorn's connection limit becomes Ray's queue bound per replica; its keep-alive timeout Ray's proxy's."""
+    config = settings(limit_concurrency=64, timeout_keep_alive_s=3)
+    assert build_app(config)._bound_deployment.max_queued_requests == 64
+    assert serve_http_options(config) == {"keep_alive_timeout_s": 3}
+
+
+async def _headers(app) -> list:
+    sent = []
+
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+
+    async def send(message):
+        sent.append(message)
+
+    await replica_app(inner, app, "SERVE_REPLICA::x")({"type": "http"}, None, send)
+    return [name for name, _ in sent[0]["headers"]]
+
+
+def test_the_replica_header_is_sent_only_when_debugging():
+    import asyncio
+
+    assert asyncio.run(_headers(settings())) == []
+    assert asyncio.run(_headers(settings(log_level="debug"))) == [REPLICA_HEADER.encode()]
+
+
+def test_keys_in_the_settings_or_none_at_all_are_warned_about(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# a mounted secret\nsk-one\n\nsk-two\n")
+    assert deployment_warnings(settings(api_keys_file=str(keys))) == []
+    assert settings(api_keys_file=str(keys)).api_key_values() == ["sk-one", "sk-two"]
+    assert "api_keys_file" in deployment_warnings(settings(api_keys=["sk-inline"]))[0]
+    assert "no API key" in deployment_warnings(settings())[0]

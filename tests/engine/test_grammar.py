@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from proxy_engine.grammar import GrammarCompiler, StructuredOutput, allowed_mask, unpack_bitmask
+from proxy_engine.grammar import (
+    COMPILE_NICENESS,
+    MAX_SPEC_DEPTH,
+    GrammarBusyError,
+    GrammarCompiler,
+    StructuredOutput,
+    allowed_mask,
+    json_depth,
+    unpack_bitmask,
+)
 from proxy_engine.request import FinishReason, Target
 
 from .conftest import make_engine, run_to_end, submit
@@ -107,13 +120,99 @@ def test_a_constraint_that_cannot_compile_is_a_value_error(engine, spec, needle)
         submit(engine, "bad", "x", max_tokens=4, structured=spec)
 
 
-def test_compiled_grammars_are_cached(chat_models):
+def test_compiled_grammars_are_cached_within_a_byte_budget(chat_models):
     tokenizer = chat_models[0].tokenizer
-    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0], cache_size=2)
-    for spec in (StructuredOutput("regex", "a+"), StructuredOutput("regex", "a+"), StructuredOutput("regex", "b+"),
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0])
+    compiler.matcher(StructuredOutput("regex", "a+"))
+    compiler.cache_bytes = 2 * compiler.nbytes + 100  # room for two entries of this size
+    for spec in (StructuredOutput("regex", "a+"), StructuredOutput("regex", "b+"),
                  StructuredOutput("regex", "c+"), StructuredOutput("regex", "a+")):
         compiler.matcher(spec)
     assert (compiler.hits, compiler.misses) == (1, 4)  # the third distinct one evicted the first
+    assert compiler.nbytes <= compiler.cache_bytes
+
+
+def test_errors_are_cached_and_short(chat_models):
+    tokenizer = chat_models[0].tokenizer
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="undefined_rule"):
+            compiler.matcher(StructuredOutput("grammar", "start: undefined_rule"))
+    assert (compiler.hits, compiler.misses) == (1, 1)
+
+
+def test_a_grammar_that_cannot_run_is_refused_at_compile_time(chat_models):
+    """~500 optional properties compile, then fail at the first token (llguidance's 2,000-item row limit): the
+    compiler follows the first forced tokens, so that is a ValueError (400) before admission, not a 500 later,
+    and its message is one short line, without llguidance's parser state or the grammar."""
+    tokenizer = chat_models[0].tokenizer
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0])
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(520)}}
+    with pytest.raises(ValueError, match="max is 2000") as caught:
+        compiler.matcher(StructuredOutput("json_schema", schema))
+    assert len(str(caught.value)) < 400 and "<state>" not in str(caught.value)
+    small = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(20)}}
+    assert compiler.matcher(StructuredOutput("json_schema", small)) is not None
+
+
+def test_a_schema_nested_too_deep_is_refused_before_compiling(chat_models):
+    tokenizer = chat_models[0].tokenizer
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0])
+    deep: dict = {"type": "string"}
+    for _ in range(MAX_SPEC_DEPTH):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(ValueError, match=f"nested more than {MAX_SPEC_DEPTH} levels"):
+        compiler.matcher(StructuredOutput("json_schema", deep))
+    assert compiler.misses == 0
+    assert json_depth(deep, 10**6) == 2 * MAX_SPEC_DEPTH + 1
+    assert json_depth([[1], {"a": [2]}], 100) == 3 and json_depth(7, 5) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
+def test_compiles_run_at_a_lower_cpu_priority_than_their_caller(chat_models, monkeypatch):
+    tokenizer = chat_models[0].tokenizer
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0])
+    seen = []
+    real = compiler._compile
+
+    def watched(spec, source):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real(spec, source)
+
+    monkeypatch.setattr(compiler, "_compile", watched)
+    compiler.matcher(StructuredOutput("regex", "nice+"))
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, caller + COMPILE_NICENESS)] and caller < 19
+
+
+def test_a_compile_past_its_budget_is_a_value_error_and_one_never_started_is_busy(chat_models, monkeypatch):
+    """One compile thread: a slow grammar (held here) makes its request a 400 once the budget is spent; a
+    grammar queued behind it for the whole budget is refused as busy (429) without being compiled; the held
+    compile finishes in the background and a retry is served from the cache."""
+    tokenizer = chat_models[0].tokenizer
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0], compile_timeout_s=0.3)
+    release, compiled = threading.Event(), []
+    real = compiler._compile
+
+    def held(spec, source):
+        compiled.append(spec.value)
+        if spec.value == "slow+":
+            release.wait(30)
+        return real(spec, source)
+
+    monkeypatch.setattr(compiler, "_compile", held)
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(compiler.matcher, StructuredOutput("regex", "slow+"))
+        wait_until(lambda: compiled == ["slow+"])
+        queued = pool.submit(compiler.matcher, StructuredOutput("regex", "queued+"))
+        with pytest.raises(ValueError, match="did not compile within 0.3 s"):
+            slow.result(30)
+        with pytest.raises(GrammarBusyError):
+            queued.result(30)
+    release.set()
+    wait_until(lambda: compiler.nbytes > 0 and not compiler._pending)
+    assert compiled == ["slow+"]  # the queued one was skipped, its waiter gone
+    assert compiler.matcher(StructuredOutput("regex", "slow+")) is not None and compiler.hits == 1
 
 
 def test_mask_covers_the_shared_vocabulary_only_and_eos_follows_the_grammar(chat_models):
@@ -136,3 +235,10 @@ def test_unpack_bitmask():
     bitmask = torch.tensor([[0b101, -(2**31) + 1]], dtype=torch.int32)  # bits 0 and 31 of word 1: sign bit set
     assert unpack_bitmask(bitmask, 64)[0].nonzero().flatten().tolist() == [0, 2, 32, 63]
     assert unpack_bitmask(bitmask, 40)[0].nonzero().flatten().tolist() == [0, 2, 32]
+
+
+def wait_until(condition, limit_s: float = 30.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)

@@ -18,7 +18,7 @@ from proxy_engine.prefix_cache import (
     free_memory_bytes,
     unsupported_reason,
 )
-from proxy_engine.request import FinishReason
+from proxy_engine.request import FinishReason, PromptInput, SamplingParams
 from tests.engine.conftest import engine_config, submit
 
 SYSTEM = "You are a careful assistant who answers questions about the capitals of Europe. " * 3
@@ -108,6 +108,18 @@ def test_blocks_come_back_for_the_longest_shared_full_block_prefix():
     assert spans == [(8, 16)] and cache.num_blocks == 4
 
 
+def test_a_salted_prompt_shares_blocks_only_with_the_same_salt():
+    """vLLM's cache_salt: the salt is the first block's parent, so the whole chain is apart per salt."""
+    cache = PrefixCache(block_size=4, budget_bytes=100 * BLOCK_BYTES)
+    prompt = list(range(100, 112))
+    assert cache.insert(prompt, _span(_kv(12)), salt="tenant-a") == 3
+    assert cache.match(prompt) == [] and cache.match(prompt, salt="tenant-b") == []
+    assert len(cache.match(prompt, salt="tenant-a")) == 3
+    assert cache.insert(prompt, _span(_kv(12))) == 3 and cache.num_blocks == 6  # unsalted: its own chain
+    cache._evict(0)
+    assert cache.num_blocks == 0 and cache.nbytes == 0
+
+
 def test_least_recently_used_blocks_go_first_and_chains_shrink_from_their_end():
     cache = PrefixCache(block_size=4, budget_bytes=5 * BLOCK_BYTES)
     a, b, c = [list(range(s, s + 8)) for s in (0, 100, 200)]
@@ -180,6 +192,25 @@ def test_a_shared_system_prompt_is_reused_by_every_model_with_the_uncached_outpu
     second = collect(cached)
     assert all(h >= 3 * 8 for h in hits(cached))
     assert_same(second, collect(plain))
+
+
+def test_requests_with_another_salt_reuse_nothing_and_get_the_same_output(chat_family, models):
+    cached, plain = build(models, chat_family), build(models, chat_family, enabled=False)
+    prompt = chat("What is the capital of France?")
+
+    def run(engine, request_id, salt):
+        engine.add(engine.make_sequences(request_id, PromptInput(messages=prompt, cache_salt=salt),
+                                         SamplingParams(**GREEDY)))
+        return collect(engine)
+
+    reference = run(plain, "ref", None)
+    run(cached, "a1", "a")
+    assert hits(cached) == [0, 0, 0]
+    for salt in ("b", None):  # another tenant, and an unsalted request: cold
+        assert_same(run(cached, f"{salt}", salt), {(f"{salt}", 0): reference[("ref", 0)]})
+        assert hits(cached) == [0, 0, 0]
+    run(cached, "a2", "a")  # the same salt again: a hit
+    assert all(h > 0 for h in hits(cached))
 
 
 def test_a_chats_next_turn_reuses_the_first(chat_family, models):
@@ -337,7 +368,7 @@ async def test_the_engines_stats_report_each_models_queries_and_hits(chat_family
 def test_a_failure_to_cache_a_prompt_fails_no_request(chat_family, models, monkeypatch):
     cached, plain = build(models, chat_family), build(models, chat_family, enabled=False)
 
-    def out_of_memory(self, tokens, layers_kv):
+    def out_of_memory(self, tokens, layers_kv, salt=None):
         raise torch.OutOfMemoryError("injected")
 
     monkeypatch.setattr(PrefixCache, "insert", out_of_memory)

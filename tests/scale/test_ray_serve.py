@@ -43,6 +43,7 @@ def long_family(tmp_path_factory) -> Family:
 def settings_for(family: Family) -> ServerSettings:
     return load_settings(overrides={
         "served_model_name": "tiny",
+        "log_level": "debug",  # the replica header (which the tests read) is sent only when debugging
         "engine": {
             "base": {"path": str(family.base)},
             "experts": [{"expert": {"path": str(family.expert)}, "anti_expert": {"path": str(family.anti_expert)}}],

@@ -140,10 +140,33 @@ def test_the_store_is_bounded(tiny_family):
     now = [0.0]
     store = ResponseStore(max_entries=2, ttl_s=10, clock=lambda: now[0])
     for name in ("a", "b", "c"):
-        store.put(name, {}, [])
-    assert store.get("a") is None and store.get("b") is not None and len(store) == 2
+        store.put(name, None, {}, [])
+    assert store.get("a", None) is None and store.get("b", None) is not None and len(store) == 2
     now[0] = 11
-    assert store.get("c") is None and len(store) == 0
+    assert store.get("c", None) is None and len(store) == 0
     off = ResponseStore(max_entries=0, ttl_s=10)
-    off.put("a", {}, [])
-    assert not off.enabled and off.get("a") is None
+    off.put("a", None, {}, [])
+    assert not off.enabled and off.get("a", None) is None
+
+
+def test_the_store_is_bounded_by_bytes(tiny_family):
+    """Counted in bytes of compact JSON (what each entry holds): the oldest leave until the new one fits, and
+    one larger than the whole store is not kept."""
+    from server.response_store import ResponseStore
+
+    store = ResponseStore(max_entries=1000, ttl_s=60, max_bytes=10_000)
+    for name in "abcd":
+        assert store.put(name, None, {"text": "x" * 3000}, [])
+    assert store.nbytes <= 10_000 and len(store) == 3 and store.get("a", None) is None
+    assert not store.put("huge", None, {"text": "x" * 20_000}, []) and store.get("huge", None) is None
+    assert store.get("d", None).response == {"text": "x" * 3000}
+
+
+def test_a_stored_response_belongs_to_its_key(tiny_family):
+    from server.response_store import ResponseStore
+
+    store = ResponseStore(max_entries=10, ttl_s=60)
+    store.put("r", "k1", {"id": "r"}, [{"role": "user", "content": "secret"}])
+    assert store.get("r", "k2") is None and store.get("r", None) is None
+    assert not store.delete("r", "k2") and store.get("r", "k1") is not None
+    assert store.delete("r", "k1") and store.get("r", "k1") is None
