@@ -24,6 +24,7 @@ from server.protocol import (
     chat_logprobs,
     completion_logprobs,
     model_card,
+    model_logprobs,
     now,
     usage,
 )
@@ -141,12 +142,15 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = completion_logprobs(choice.logprobs, len(prefix), choice.prompt_logprobs)
-                choices.append({"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
-                                "finish_reason": choice.finish_reason})
+                entry = {"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
+                         "finish_reason": choice.finish_reason}
+                if body.model_logprobs is not None:
+                    entry["model_logprobs"] = model_logprobs(choice.model_logprobs)
+                choices.append(entry)
             return {"id": request_id, "object": "text_completion", "created": created, "model": generation.model,
                     "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)}
 
-        if body.logprobs is None:
+        if body.logprobs is None and body.model_logprobs is None:
             return JSONResponse(answer(), headers=headers)
         # Logprobs (with echo, one entry per prompt token per choice) can be megabytes: built and encoded off
         # the event loop.
@@ -170,8 +174,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
         choices = []
         for c in generation.choices:
             message, reason = assistant_message(plan, c.text, c.finish_reason)
-            choices.append({"index": c.index, "message": message,
-                            "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason})
+            entry = {"index": c.index, "message": message,
+                     "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason}
+            if body.model_logprobs is not None:
+                entry["model_logprobs"] = model_logprobs(c.model_logprobs)
+            choices.append(entry)
         return JSONResponse(
             {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
              "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)},
@@ -183,7 +190,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
         max_len = ctx.info.max_model_len if ctx.engine.ready else None
         roots = [settings.engine.base.path] * 2 + [pair.expert.path for pair in settings.engine.experts[:1]]
         ids = settings.model_ids
-        return [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
+        listed = [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
+        # The proxy-tuned model's default strength per expert pair: what a request's ``alpha`` overrides (the
+        # playground builds one slider per pair from it).
+        listed[0]["alpha"] = [pair.alpha for pair in settings.engine.experts]
+        return listed
 
     add_responses_routes(router, ctx, start, collect, tool_call_format)
 
