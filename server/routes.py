@@ -57,6 +57,13 @@ def _convert(build: Callable[[], T]) -> T:
         raise bad_request(str(error)) from None
 
 
+async def off_the_loop(answer: Callable[[], dict[str, Any]], headers: dict[str, str]) -> Response:
+    """An answer that can be megabytes (logprobs: with echo one entry per prompt token per choice; per-model logprobs
+    one per model per token), built and encoded in a worker thread so that other streams and /health go on."""
+    content = await asyncio.to_thread(lambda: JSONResponse(answer()).body)
+    return Response(content, media_type="application/json", headers=headers)
+
+
 def tool_call_format(ctx: ServerContext) -> str:
     """The family's tool-call format (known once the models are loaded; until then requests are refused anyway)."""
     info = ctx.engine.info
@@ -152,10 +159,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
         if body.logprobs is None and body.model_logprobs is None:
             return JSONResponse(answer(), headers=headers)
-        # Logprobs (with echo, one entry per prompt token per choice) can be megabytes: built and encoded off
-        # the event loop.
-        content = await asyncio.to_thread(lambda: JSONResponse(answer()).body)
-        return Response(content, media_type="application/json", headers=headers)
+        return await off_the_loop(answer, headers)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -171,19 +175,22 @@ def build_router(ctx: ServerContext) -> APIRouter:
             return EventStreamResponse(events, generation.close, headers)
         if not await collect(generation, request):
             return Response(status_code=499)
-        choices = []
-        for c in generation.choices:
-            message, reason = assistant_message(plan, c.text, c.finish_reason)
-            entry = {"index": c.index, "message": message,
-                     "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason}
-            if body.model_logprobs is not None:
-                entry["model_logprobs"] = model_logprobs(c.model_logprobs)
-            choices.append(entry)
-        return JSONResponse(
-            {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
-             "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)},
-            headers=headers,
-        )
+
+        def answer() -> dict[str, Any]:
+            choices = []
+            for c in generation.choices:
+                message, reason = assistant_message(plan, c.text, c.finish_reason)
+                entry = {"index": c.index, "message": message,
+                         "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason}
+                if body.model_logprobs is not None:
+                    entry["model_logprobs"] = model_logprobs(c.model_logprobs)
+                choices.append(entry)
+            return {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
+                    "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)}
+
+        if body.model_logprobs is None:
+            return JSONResponse(answer(), headers=headers)
+        return await off_the_loop(answer, headers)
 
     def cards() -> list[dict[str, Any]]:
         settings = ctx.settings

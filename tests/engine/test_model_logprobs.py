@@ -123,3 +123,38 @@ def test_entry_limit_names_the_field(chat_family, chat_models):
     with pytest.raises(FieldError, match="max_logprob_entries") as caught:
         check_logprob_entries(sequences, params, 2 * 10 * 4 * 5 - 1)
     assert caught.value.param == "model_logprobs"
+
+
+def test_with_prompt_logprobs_at_alpha_zero(tiny_family):
+    """The small models run for the analysis but weigh nothing in the prompt's scores either."""
+    from proxy_engine.engine import ProxyEngine
+    from proxy_engine.loader import load_models
+    from tests.engine.conftest import engine_config
+
+    config = engine_config(tiny_family)
+    engine = ProxyEngine(load_models(config), config)
+    scored = {}
+    for request_id, extra in (("analysed", {"model_logprobs": 1, "alpha": 0.0}), ("base", {"alpha": 0.0})):
+        submit(engine, request_id, "one two three", max_tokens=1, temperature=0, prompt_logprobs=2, **extra)
+        while engine.has_work():
+            for output in engine.step():
+                if output.prompt_logprobs is not None:
+                    scored[request_id] = [(e.token_id, e.logprob) for e in output.prompt_logprobs]
+    assert scored["analysed"][0] == scored["base"][0]
+    for (token, got), (_, expected) in zip(scored["analysed"][1:], scored["base"][1:]):
+        assert got == pytest.approx(expected, abs=1e-5), token
+
+
+def test_two_expert_pairs_name_each_model(tiny_family):
+    from proxy_engine.config import ExpertPairConfig
+    from proxy_engine.engine import ProxyEngine
+    from proxy_engine.loader import load_models
+    from tests.engine.conftest import engine_config
+
+    config = engine_config(tiny_family)
+    config.experts = [config.experts[0], ExpertPairConfig(**config.experts[0].model_dump())]
+    engine = ProxyEngine(load_models(config), config)
+    submit(engine, "r", "Hello", temperature=0, max_tokens=2, ignore_eos=True, alpha=[1.0, 0.5], model_logprobs=1)
+    entries = analyses(engine)
+    assert [m.role for m in entries[0].models] == ["base", "expert", "anti_expert", "expert_1", "anti_expert_1",
+                                                   "proxy"]
