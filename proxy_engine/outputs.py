@@ -129,11 +129,13 @@ class OutputBuilder:
     def token_analysis(self, sequence: Sequence, token: int, distributions: list[Distribution]) -> TokenAnalysis:
         """The per-model entry of ``token`` about to be added to ``sequence`` (before ``advance``, which sets its
         text): every distribution's alternatives rendered in the sequence's context, as ``token_logprob``'s."""
-        models = []
-        for role, logprob, ids, values in distributions:
-            keys = sequence.detokenizer.render(ids)
-            top = [TopLogprob(i, key, v, self.token_bytes(i)) for i, key, v in zip(ids, keys, values)]
-            models.append(ModelLogprobs(role, logprob, top))
+        # The models mostly agree on their candidates: each distinct one is rendered once (rendering dominates).
+        candidates = list(dict.fromkeys(i for _, _, ids, _ in distributions for i in ids))
+        text = dict(zip(candidates, sequence.detokenizer.render(candidates)))
+        models = [
+            ModelLogprobs(role, logprob, [TopLogprob(i, text[i], v, self.token_bytes(i)) for i, v in zip(ids, values)])
+            for role, logprob, ids, values in distributions
+        ]
         # Runner 0 (the base: always in a proxy-tuned row) comes first, the combination last.
         base, proxy = models[0], models[-1]
         assert proxy.role == PROXY_ROLE
