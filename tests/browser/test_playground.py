@@ -147,3 +147,31 @@ def test_the_page_needs_no_network(page, demo_server):
     origins = page.evaluate("() => performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
     assert origins and set(origins) == {demo_server.url}
 
+
+
+def test_summary_functions_in_the_browser(page):
+    """analysis.js, as the browser runs it: the paper's two numbers from a hand-made list of entries."""
+
+    def entry(token: str, shift: float, base_top: int, proxy_top: int) -> dict:
+        def model(top: int) -> dict:
+            return {"logprob": -1.0, "top_logprobs": [{"token": "x", "token_id": top, "logprob": -0.5}]}
+
+        return {"token": token, "token_id": proxy_top, "shift": shift,
+                "models": {"base": model(base_top), "expert": model(9), "anti_expert": model(9),
+                           "proxy": model(proxy_top)}}
+
+    entries = [entry(" a", 2.5, 1, 2), entry(" b", -0.1, 3, 3), entry("\n", -6.0, 4, 5), entry(" d", 0.0, 6, 6)]
+    result = page.evaluate(
+        """async (entries) => {
+            const m = await import("./analysis.js");
+            return {summary: m.summarize(entries, 2), roles: m.roles(entries[0]), up: m.shiftColour(9),
+                    down: m.shiftColour(-0.1), visible: m.visible("a\\nb"), percent: m.percent(Math.log(0.5))};
+        }""",
+        entries,
+    )
+    summary = result["summary"]
+    assert summary["tokens"] == 4 and summary["changed"] == [0, 2] and summary["share"] == 0.5
+    assert [(m["position"], m["shift"]) for m in summary["mostShifted"]] == [(2, -6.0), (0, 2.5)]
+    assert result["roles"] == ["base", "expert", "anti_expert", "proxy"]
+    assert result["up"] == "rgba(30, 150, 80, 0.800)" and result["down"].startswith("rgba(225, 105, 30, 0.0")
+    assert result["visible"] == "a↵\nb" and result["percent"] == "50%"

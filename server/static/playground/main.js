@@ -44,7 +44,8 @@ function buildAlphaSliders(defaults) {
     output.htmlFor = input.id;
     output.textContent = Number(value).toFixed(2);
     input.addEventListener("input", () => { output.textContent = Number(input.value).toFixed(2); });
-    input.addEventListener("change", () => runProxy()); // a new strength re-runs the proxy-tuned column
+    // A new strength re-runs the proxy-tuned column (the other two do not depend on it).
+    input.addEventListener("change", () => runProxy().catch((error) => setStatus(error.message, true)));
     label.append(`${name} `, input, output);
     box.append(label);
   });
@@ -112,6 +113,7 @@ async function runColumn(name, model, extra, onChoice) {
   const [endpoint, body] = requestFor(model);
   try {
     await stream(endpoint, { ...body, ...extra }, key(), (chunk) => {
+      if (state.runs[name] !== controller) return; // a newer run owns the column now
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) return; // the usage chunk
       onChoice(choice);
@@ -151,7 +153,7 @@ function runProxy() {
       state.entries.push(entry);
     }
     if (entries.length) renderSummary();
-  }).catch((error) => setStatus(error.message, true));
+  });
 }
 
 async function runAll() {
