@@ -158,3 +158,31 @@ def test_two_expert_pairs_name_each_model(tiny_family):
     entries = analyses(engine)
     assert [m.role for m in entries[0].models] == ["base", "expert", "anti_expert", "expert_1", "anti_expert_1",
                                                    "proxy"]
+
+
+def test_row_by_row_retry_keeps_each_rows_analysis(chat_family, chat_models):
+    """A sampling batch that fails is retried row by row: the surviving row's per-model logprobs are its own."""
+
+    def run(fault: bool) -> dict[str, list]:
+        engine = make_engine(chat_models, chat_family)
+
+        def hook(phase, sequences):
+            if fault and phase == "sample" and any(s.request_id == "bad" for s in sequences):
+                raise RuntimeError("injected")
+
+        engine.fault_hook = hook
+        submit(engine, "good", "Hello", temperature=0, max_tokens=3, ignore_eos=True, model_logprobs=2)
+        if fault:
+            submit(engine, "bad", "Hello", temperature=0, max_tokens=3, ignore_eos=True, model_logprobs=2)
+        seen: dict[str, list] = {"good": [], "bad": []}
+        while engine.has_work():
+            for output in engine.step():
+                seen[output.request_id] += output.model_logprobs or []
+        return seen
+
+    faulty, clean = run(True), run(False)
+    assert faulty["bad"] == []
+    assert [(e.token_id, [m.role for m in e.models]) for e in faulty["good"]] == [
+        (e.token_id, [m.role for m in e.models]) for e in clean["good"]]
+    for got, expected in zip(faulty["good"], clean["good"]):
+        assert [m.logprob for m in got.models] == pytest.approx([m.logprob for m in expected.models], abs=1e-5)
