@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from proxy_engine.config import EngineConfig
 from proxy_engine.grammar import CONSTRAINED_RENDER_THREADS
-from proxy_engine.request import EngineOverloadedError, PromptInput, RequestOutput, SamplingParams, Target
+from proxy_engine.request import EngineOverloadedError, FieldError, PromptInput, RequestOutput, SamplingParams, Target
 
 log = logging.getLogger("proxy_engine")
 
@@ -89,15 +89,30 @@ def constrained_render_pool() -> concurrent.futures.ThreadPoolExecutor:
                                                  thread_name_prefix="proxy-engine-constrained")
 
 
-def check_prompt_logprob_entries(sequences: list, k: int, limit: int) -> None:
-    """Each choice returns one entry per prompt token, each with its top ``k``: refuse an answer past ``limit``."""
-    entries = sum(s.primary_prompt_len for s in sequences) * (1 + k)
-    if entries > limit:
-        raise ValueError(
-            f"the answer would hold {entries} prompt logprob entries (prompt tokens x choices x (1 + logprobs "
-            f"{k})), more than the limit of {limit} (max_logprob_entries): send fewer prompts, a smaller n or "
-            "fewer logprobs"
-        )
+def check_logprob_entries(sequences: list, params: SamplingParams, limit: int | None) -> None:
+    """Refuse (``ValueError``) an answer holding more than ``limit`` logprob entries: with prompt logprobs, one
+    per prompt token per choice, each with its top k; with ``model_logprobs``, one per model and one for the
+    proxy at each token the choice may generate, each with its top k."""
+    if limit is None:
+        return
+    k = params.prompt_logprobs
+    if k is not None:
+        entries = sum(s.primary_prompt_len for s in sequences) * (1 + k)
+        if entries > limit:
+            raise ValueError(
+                f"the answer would hold {entries} prompt logprob entries (prompt tokens x choices x (1 + logprobs "
+                f"{k})), more than the limit of {limit} (max_logprob_entries): send fewer prompts, a smaller n or "
+                "fewer logprobs"
+            )
+    k = params.model_logprobs
+    if k is not None:
+        entries = sum(s.max_tokens * (len(s.prompts) + 1) for s in sequences) * (1 + k)
+        if entries > limit:
+            raise FieldError(
+                f"the answer could hold {entries} model logprob entries (tokens x choices x (models + proxy) x "
+                f"(1 + model_logprobs {k})), more than the limit of {limit} (max_logprob_entries): send a smaller "
+                "max_tokens, a smaller n or a smaller model_logprobs", "model_logprobs"
+            )
 
 
 async def _in_daemon_thread(function, name: str):
@@ -235,8 +250,8 @@ class AsyncEngine:
         max_logprob_entries: int | None = None,
     ) -> RequestStream:
         """Queue a request: one prompt, or several (prompt ``i``'s ``n`` choices are numbered from ``i * n``; the
-        request is admitted or refused as a whole). ``max_logprob_entries`` bounds the prompt logprobs the
-        request may return (``ValueError`` past it), so that no answer holds gigabytes of them."""
+        request is admitted or refused as a whole). ``max_logprob_entries`` bounds the logprobs (prompt or per-model)
+        the request may return (``ValueError`` past it), so that no answer holds gigabytes of them."""
         engine = self._require_engine()
         prompts = self._admissible(request_id, prompt)
 
@@ -246,8 +261,7 @@ class AsyncEngine:
                 mine = engine.make_sequences(request_id, one, params, target, first_index=i * params.n)
                 sequences += mine
                 prompt_tokens += mine[0].primary_prompt_len
-            if max_logprob_entries is not None and params.prompt_logprobs is not None:
-                check_prompt_logprob_entries(sequences, params.prompt_logprobs, max_logprob_entries)
+            check_logprob_entries(sequences, params, max_logprob_entries)
             return sequences, prompt_tokens
 
         # Rendering and tokenizing a long prompt takes a while: keep it off the event loop. A constrained request

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from proxy_engine.analysis import Distribution, model_logprobs
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
 from proxy_engine.intake import Intake
@@ -37,6 +38,7 @@ from proxy_engine.request import (
     RequestOutput,
     SamplingParams,
     Target,
+    TokenAnalysis,
     TokenLogprob,
 )
 from proxy_engine.runner import ModelRunner
@@ -59,6 +61,7 @@ class ProxyEngine:
         self.config = config
         self.models = models
         self.tokenizer = models[0].tokenizer
+        self.roles = [m.role for m in models]
         self.vocab_size = models[0].vocab_size or len(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         cap = config.limits.max_model_len or 10**9
@@ -223,7 +226,7 @@ class ProxyEngine:
         sequences = self.scheduler.running
         position = {s.seq_id: row for row, s in enumerate(sequences)}
         by_id = {s.seq_id: s for s in sequences}
-        parts = []
+        parts: dict[int, Contribution] = {}
         # Launch every model before reading any result: on GPUs the forwards overlap.
         for index, runner in enumerate(self.runners):
             if runner.num_rows == 0:
@@ -231,9 +234,8 @@ class ProxyEngine:
             members = [by_id[seq_id] for seq_id in runner.seq_ids]
             tokens = torch.tensor([s.last_token for s in members], dtype=torch.long)
             rows, weights = [position[s.seq_id] for s in members], [s.weights[index] for s in members]
-            parts.append(Contribution.of(runner.decode(tokens), rows, weights))
-        combined = combine(len(sequences), self.vocab_size, parts, self.device)
-        return self._sample_and_emit(sequences, combined)
+            parts[index] = Contribution.of(runner.decode(tokens), rows, weights)
+        return self._sample_and_emit(sequences, parts)
 
     def _prefill(self) -> list[RequestOutput]:
         group = self.prefill
@@ -250,7 +252,7 @@ class ProxyEngine:
         sampled = [s for s in alive if s.max_tokens > 0]
         emitted: dict[Sequence, RequestOutput] = {}
         if sampled:
-            emitted.update(zip(sampled, self._sample_and_emit(sampled, group.first_logits(sampled))))
+            emitted.update(zip(sampled, self._sample_and_emit(sampled, group.first_contributions(sampled))))
         scored: dict[int, list[TokenLogprob]] = {}  # a prompt shared by several choices is converted once
         for sequence in alive:
             if sequence.max_tokens == 0:
@@ -265,14 +267,16 @@ class ProxyEngine:
         return [emitted[s] for s in alive]
 
     # --- sampling --------------------------------------------------------------------------------------------
-    def _sample_and_emit(self, sequences: list[Sequence], combined: torch.Tensor) -> list[RequestOutput]:
-        """Process, sample and emit one token for each sequence (``combined [B, V]`` float32).
+    def _sample_and_emit(self, sequences: list[Sequence], parts: dict[int, Contribution]) -> list[RequestOutput]:
+        """Combine each model's logits (``parts``, by runner index), then process, sample and emit one token for
+        each sequence.
 
         If the batch fails (one request's bad value deep in a logit processor, say), every row is retried on
         its own, so only the rows that fail again end with an error.
         """
+        combined = combine(len(sequences), self.vocab_size, list(parts.values()), self.device)
         try:
-            chosen = self._choose(sequences, combined)
+            chosen = self._choose(sequences, combined, parts)
         except Exception as error:  # noqa: BLE001
             if len(sequences) == 1:
                 raise
@@ -280,7 +284,7 @@ class ProxyEngine:
             chosen = []
             for row, sequence in enumerate(sequences):
                 try:
-                    chosen += self._choose([sequence], combined[row : row + 1])
+                    chosen += self._choose([sequence], combined[row : row + 1], _only_row(parts, row))
                 except Exception as row_error:  # noqa: BLE001
                     log.exception("sampling failed for request %s", sequence.request_id)
                     chosen.append(row_error)
@@ -291,16 +295,35 @@ class ProxyEngine:
         ]
 
     def _choose(
-        self, sequences: list[Sequence], combined: torch.Tensor
-    ) -> list[tuple[int, list[TokenLogprob] | None]]:
-        """Each row's token and logprobs; touches no sequence state but the generators it draws from."""
+        self, sequences: list[Sequence], combined: torch.Tensor, parts: dict[int, Contribution]
+    ) -> list[tuple[int, list[TokenLogprob] | None, list[TokenAnalysis] | None]]:
+        """Each row's token, logprobs and per-model logprobs; touches no sequence state but the generators it
+        draws from."""
         if self.fault_hook is not None:
             self.fault_hook("sample", sequences)
         if self.logits_hook is not None:
             self.logits_hook(sequences, combined)
         batch = SamplingBatch.build(sequences, combined.device)
         tokens = batch.sample(batch.process(combined))
+        analyses: list[list[Distribution] | None] = [None] * len(tokens)
+        wanted = [s.params.model_logprobs for s in sequences]
+        if any(k is not None for k in wanted):  # analysis mode: free unless a row asked for it
+            analyses = model_logprobs(parts, combined, tokens, wanted, self.roles)
         return [
-            (token, None if lp is None else [self.outputs.token_logprob(sequence, token, *lp)])
-            for sequence, token, lp in zip(sequences, tokens, batch.top_logprobs(combined, tokens))
+            (token, None if lp is None else [self.outputs.token_logprob(sequence, token, *lp)],
+             None if analysis is None else [self.outputs.token_analysis(sequence, token, analysis)])
+            for sequence, token, lp, analysis in zip(
+                sequences, tokens, batch.top_logprobs(combined, tokens), analyses
+            )
         ]
+
+
+def _only_row(parts: dict[int, Contribution], row: int) -> dict[int, Contribution]:
+    """The contributions to one batch row, as row 0 of a batch of one (the row-by-row sampling retry)."""
+    alone = {}
+    for index, part in parts.items():
+        hits = (part.rows == row).nonzero().flatten()
+        if hits.numel():
+            alone[index] = Contribution(torch.zeros(1, dtype=torch.long), part.weights[hits],
+                                        part.logits[hits.to(part.logits.device)])
+    return alone

@@ -32,7 +32,7 @@ from proxy_engine.async_engine import (
     ModelInfo,
     RequestStream,
     _in_daemon_thread,
-    check_prompt_logprob_entries,
+    check_logprob_entries,
     constrained_render_pool,
     engine_stats,
 )
@@ -287,8 +287,7 @@ class _Child:
                 mine = engine.make_sequences(request_id, one, params, target, first_index=i * params.n)
                 sequences += mine
                 prompt_tokens += mine[0].primary_prompt_len
-            if max_logprob_entries is not None and params.prompt_logprobs is not None:
-                check_prompt_logprob_entries(sequences, params.prompt_logprobs, max_logprob_entries)
+            check_logprob_entries(sequences, params, max_logprob_entries)
             with self.send_lock:  # the reply goes out before any of the request's outputs can
                 engine.add(sequences)
                 self.conn.send(("reply", call_id, True, prompt_tokens))

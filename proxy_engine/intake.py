@@ -23,7 +23,7 @@ from proxy_engine.config import EngineConfig
 from proxy_engine.grammar import GrammarCompiler
 from proxy_engine.loader import LoadedModel
 from proxy_engine.outputs import OutputBuilder
-from proxy_engine.request import ContextLengthError, PromptInput, SamplingParams, Target
+from proxy_engine.request import ContextLengthError, FieldError, PromptInput, SamplingParams, Target
 from proxy_engine.sequence import Sequence
 from proxy_engine.tool_calls import DEFAULT_FORMAT, detect_format, renders_tools
 
@@ -148,11 +148,17 @@ class Intake:
         choices from ``i * n``, as OpenAI does).
         """
         params.validate(self.vocab_size, self.num_pairs)
+        if params.model_logprobs is not None and target is not Target.PROXY:
+            raise FieldError(
+                "model_logprobs explains the proxy-tuned combination: ask it of the proxy-tuned model, not of one "
+                "model alone (every model's distribution is in its answer)", "model_logprobs"
+            )
         if prompt.token_ids is not None and any(not 0 <= t < self.vocab_size for t in prompt.token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         weights = self.weights_for(params, target)
         prompts = {
-            index: self.models[index].renderer.render(prompt) for index, weight in enumerate(weights) if weight != 0.0
+            index: self.models[index].renderer.render(prompt)
+            for index, weight in enumerate(weights) if weight != 0.0 or params.model_logprobs is not None
         }
         left = context_left(prompts, params.max_tokens, self.max_lens, [m.role for m in self.models])
         if params.max_tokens is None and params.default_max_tokens:

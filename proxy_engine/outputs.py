@@ -11,9 +11,19 @@ rendered in the same context, each key distinct (``IncrementalDetokenizer.render
 
 from __future__ import annotations
 
+from proxy_engine.analysis import PROXY_ROLE, Distribution
 from proxy_engine.detokenizer import IncrementalDetokenizer, token_bytes
 from proxy_engine.prompt_scores import PromptScores
-from proxy_engine.request import ErrorCode, FinishReason, RequestOutput, SamplingParams, TokenLogprob, TopLogprob
+from proxy_engine.request import (
+    ErrorCode,
+    FinishReason,
+    ModelLogprobs,
+    RequestOutput,
+    SamplingParams,
+    TokenAnalysis,
+    TokenLogprob,
+    TopLogprob,
+)
 from proxy_engine.sequence import Sequence
 
 
@@ -31,33 +41,36 @@ class OutputBuilder:
         )
 
     # --- a sequence's outputs --------------------------------------------------------------------------------
-    def advance(self, sequence: Sequence, token: int, logprobs: list[TokenLogprob] | None) -> RequestOutput:
-        """Append ``token`` and say what the client gets: a text delta, or the end (stop id or string, length)."""
+    def advance(
+        self, sequence: Sequence, token: int, logprobs: list[TokenLogprob] | None,
+        analysis: list[TokenAnalysis] | None = None,
+    ) -> RequestOutput:
+        """Append ``token`` and say what the client gets: a text delta, or the end (stop id or string, length).
+        ``logprobs`` and ``analysis`` (per-model logprobs) are the token's entries, if asked for."""
         sequence.output_ids.append(token)
         self.generation_tokens_total += 1
+        entries = Entries(logprobs, analysis)
         if token in sequence.stop_ids():
             # A stop id adds nothing to the text; its entry shows the token decoded alone (``<|eot_id|>``), as
             # vLLM's does, so clients can tell which token ended the sequence.
-            if logprobs:
-                logprobs[0].token = self.tokenizer.decode([token])
-            return self.finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs)
+            entries.name(self.tokenizer.decode([token]))
+            return self.finish(sequence, FinishReason.STOP, new_token=token, entries=entries)
         complete = False
         if sequence.grammar is not None:
             if not sequence.grammar.accept(token):
-                return self.finish(sequence, FinishReason.ERROR, new_token=token, logprobs=logprobs,
+                return self.finish(sequence, FinishReason.ERROR, new_token=token, entries=entries,
                                    error=f"the output left its grammar: {sequence.grammar.error}",
                                    error_code=ErrorCode.INTERNAL_ERROR)
             # A complete output (a finite schema's closing brace) ends here: nothing else may follow it.
             complete = sequence.grammar.finished
         # Like vLLM, stop strings only count once min_tokens are out (EOS and stop ids are banned until then).
         step = sequence.detokenizer.add(token, check_stops=len(sequence.output_ids) >= sequence.params.min_tokens)
-        if logprobs:
-            logprobs[0].token = step.token_text
+        entries.name(step.token_text)
         if step.stopped or complete:
-            return self.finish(sequence, FinishReason.STOP, new_token=token, logprobs=logprobs, text=step.delta)
+            return self.finish(sequence, FinishReason.STOP, new_token=token, entries=entries, text=step.delta)
         if len(sequence.output_ids) >= sequence.max_tokens:
-            return self.finish(sequence, FinishReason.LENGTH, new_token=token, logprobs=logprobs, text=step.delta)
-        return self._output(sequence, [token], step.delta, logprobs=logprobs)
+            return self.finish(sequence, FinishReason.LENGTH, new_token=token, entries=entries, text=step.delta)
+        return self._output(sequence, [token], step.delta, entries=entries)
 
     def finish(
         self,
@@ -65,19 +78,20 @@ class OutputBuilder:
         reason: FinishReason,
         *,
         new_token: int | None = None,
-        logprobs: list[TokenLogprob] | None = None,
+        entries: Entries | None = None,
         text: str = "",
         error: str | None = None,
         error_code: ErrorCode | None = None,
     ) -> RequestOutput:
         """End ``sequence`` (the held-back text is released unless it failed) and build its last output."""
         sequence.finish(reason, error)
+        entries = entries or Entries()
         if reason is not FinishReason.ERROR:
             text += sequence.detokenizer.finish()
-            if logprobs and new_token is not None:
-                logprobs[-1].token += sequence.detokenizer.flushed
+            if new_token is not None:
+                entries.extend_last(sequence.detokenizer.flushed)
         new_tokens = [new_token] if new_token is not None else []
-        return self._output(sequence, new_tokens, text, reason, logprobs, error, error_code)
+        return self._output(sequence, new_tokens, text, reason, entries, error, error_code)
 
     def fail(self, sequence: Sequence, phase: str, error: BaseException) -> RequestOutput:
         message = f"internal error during {phase}: {type(error).__name__}"
@@ -89,14 +103,16 @@ class OutputBuilder:
         new_tokens: list[int],
         text: str,
         reason: FinishReason | None = None,
-        logprobs: list[TokenLogprob] | None = None,
+        entries: Entries | None = None,
         error: str | None = None,
         error_code: ErrorCode | None = None,
     ) -> RequestOutput:
+        entries = entries or Entries()
         return RequestOutput(
             request_id=sequence.request_id, index=sequence.index, new_token_ids=new_tokens, text_delta=text,
-            finish_reason=reason, logprobs=logprobs, prompt_tokens=sequence.primary_prompt_len,
+            finish_reason=reason, logprobs=entries.logprobs, prompt_tokens=sequence.primary_prompt_len,
             completion_tokens=len(sequence.output_ids), error=error, error_code=error_code,
+            model_logprobs=entries.analysis,
         )
 
     # --- logprob entries -------------------------------------------------------------------------------------
@@ -109,6 +125,21 @@ class OutputBuilder:
         top = [TopLogprob(i, key, v, self.token_bytes(i)) for i, key, v in zip(top_ids, keys, top_values)]
         text = keys[top_ids.index(token)] if token in top_ids else sequence.detokenizer.render([token])[0]
         return TokenLogprob(token, text, logprob, top, self.token_bytes(token))
+
+    def token_analysis(self, sequence: Sequence, token: int, distributions: list[Distribution]) -> TokenAnalysis:
+        """The per-model entry of ``token`` about to be added to ``sequence`` (before ``advance``, which sets its
+        text): every distribution's alternatives rendered in the sequence's context, as ``token_logprob``'s."""
+        # The models mostly agree on their candidates: each distinct one is rendered once (rendering dominates).
+        candidates = list(dict.fromkeys(i for _, _, ids, _ in distributions for i in ids))
+        text = dict(zip(candidates, sequence.detokenizer.render(candidates)))
+        models = [
+            ModelLogprobs(role, logprob, [TopLogprob(i, text[i], v, self.token_bytes(i)) for i, v in zip(ids, values)])
+            for role, logprob, ids, values in distributions
+        ]
+        # Runner 0 (the base: always in a proxy-tuned row) comes first, the combination last.
+        base, proxy = models[0], models[-1]
+        assert proxy.role == PROXY_ROLE
+        return TokenAnalysis(token, "", proxy.logprob - base.logprob, models)
 
     def prompt_logprobs(self, scores: PromptScores) -> list[TokenLogprob]:
         """One entry per prompt token; the first has no logprob (nothing predicts it). Texts join to the
@@ -131,3 +162,25 @@ class OutputBuilder:
             raw = list(token_bytes(self.tokenizer, token_id))
             self._token_bytes[token_id] = raw
         return raw
+
+
+class Entries:
+    """A new token's entries (its logprobs, its per-model logprobs), each optional, given the token's text
+    together: what it added to the completion, as ``advance`` learns it."""
+
+    def __init__(
+        self, logprobs: list[TokenLogprob] | None = None, analysis: list[TokenAnalysis] | None = None
+    ) -> None:
+        self.logprobs = logprobs
+        self.analysis = analysis
+
+    def _all(self) -> list[list[TokenLogprob] | list[TokenAnalysis]]:
+        return [entries for entries in (self.logprobs, self.analysis) if entries]
+
+    def name(self, text: str) -> None:
+        for entries in self._all():
+            entries[0].token = text
+
+    def extend_last(self, text: str) -> None:
+        for entries in self._all():
+            entries[-1].token += text

@@ -2,7 +2,7 @@
 
     group = PrefillGroup(sequences, runners, vocab_size, device)   # one PrefillJob per model in use
     group.advance(budget)            # a chunk of every job; chunk logits feed the prompt scores
-    group.complete -> group.first_logits(sequences)  # combined logits after each prompt's last token
+    group.complete -> group.first_contributions(sequences)  # each model's logits after each prompt's last token
     group.cache_prompts()            # their prompts' full blocks into each model's prefix cache
     group.hand_over(survivors)       # their prompts' KV into the runners' slots
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from proxy_engine.combine import Contribution, combine
+from proxy_engine.combine import Contribution
 from proxy_engine.prompt_scores import PromptScores
 from proxy_engine.runner import ModelRunner, PrefillJob
 from proxy_engine.sequence import Sequence
@@ -94,11 +94,12 @@ class PrefillGroup:
             scores.add(index, first_column - pad, logits, weights[job.seq_ids[i]])
         job.chunk_logits = None
 
-    def first_logits(self, sequences: list[Sequence]) -> torch.Tensor:
-        """``[len(sequences), V]``: the combined logits after the last prompt token of each sequence."""
+    def first_contributions(self, sequences: list[Sequence]) -> dict[int, Contribution]:
+        """Each model's logits after the last prompt token of each sequence (by runner index; ``Contribution``
+        rows index ``sequences``): ``combine`` them for the first token."""
         position = {s.seq_id: row for row, s in enumerate(sequences)}
         by_id = {s.seq_id: s for s in sequences}
-        parts = []
+        parts: dict[int, Contribution] = {}
         for index, job in self.jobs.items():
             keep = [i for i, seq_id in enumerate(job.seq_ids) if seq_id in position]
             if not keep:
@@ -106,8 +107,8 @@ class PrefillGroup:
             members = [by_id[job.seq_ids[i]] for i in keep]
             picked = torch.tensor([job.row_of[i] for i in keep], dtype=torch.long, device=job.last_logits.device)
             rows, weights = [position[s.seq_id] for s in members], [s.weights[index] for s in members]
-            parts.append(Contribution.of(job.last_logits[picked], rows, weights))
-        return combine(len(sequences), self.vocab_size, parts, self.device)
+            parts[index] = Contribution.of(job.last_logits[picked], rows, weights)
+        return parts
 
     def cache_prompts(self) -> None:
         """Add the complete jobs' prompts to their models' prefix caches (a group dropped mid-prefill adds

@@ -84,6 +84,16 @@ class ContextLengthError(ValueError):
         self.param = param
 
 
+class FieldError(ValueError):
+    """A request field the engine cannot honour in this request: a 400 naming it (``param``)."""
+
+    code = None
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full or the engine is draining: the caller should retry later."""
 
@@ -157,6 +167,10 @@ class SamplingParams:
     # The same for every prompt token after the first (the combined distribution's, as for generated tokens):
     # what ``echo`` with ``logprobs`` returns, and what evaluation harnesses score prompts with.
     prompt_logprobs: int | None = None
+    # Per generated token, each model's own distribution (base, every expert and anti-expert) and the combined
+    # one: the chosen token's logprob and the top k of each (analysis.py). Every model then runs for the
+    # sequence, even one whose weight is 0 (alpha 0), so that its distribution can be shown.
+    model_logprobs: int | None = None
     skip_special_tokens: bool = True
     # None: the configured default of every pair; a number: that alpha for every pair; a list: one per pair.
     alpha: float | list[float] | None = None
@@ -202,7 +216,7 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be between 1 and {MAX_N}, got {self.n}")
-        for name in ("logprobs", "prompt_logprobs"):
+        for name in ("logprobs", "prompt_logprobs", "model_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
@@ -264,6 +278,26 @@ class TokenLogprob:
     bytes: list[int] = field(default_factory=list)  # the token's raw UTF-8 bytes (may be part of a character)
 
 
+@dataclass
+class ModelLogprobs:
+    """One distribution at one generated position: a model's own (``role`` is its role: ``base``, ``expert``,
+    ``anti_expert``, ``expert_1``...) or the combined one the token was drawn from (``proxy``)."""
+
+    role: str
+    logprob: float  # the chosen token's
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class TokenAnalysis:
+    """What every model thought of one generated token (``SamplingParams.model_logprobs``)."""
+
+    token_id: int
+    token: str  # the text the token added to the completion (as a ``TokenLogprob``'s)
+    shift: float  # the proxy's logprob of the token minus the base's: how far the tuning moved it
+    models: list[ModelLogprobs] = field(default_factory=list)  # the base, each expert and anti-expert, the proxy
+
+
 @dataclass(kw_only=True)
 class RequestOutput:
     """One step's news for one sequence (choice ``index``) of a request."""
@@ -281,6 +315,7 @@ class RequestOutput:
     # On a sequence's first output when ``prompt_logprobs`` was asked: one entry per prompt token (the first
     # with logprob None).
     prompt_logprobs: list[TokenLogprob] | None = None
+    model_logprobs: list[TokenAnalysis] | None = None  # one per new token, when asked for
 
     @property
     def finished(self) -> bool:

@@ -32,7 +32,8 @@ class Sequence:
     index: int  # the choice index (n > 1)
     params: SamplingParams
     weights: list[float]
-    prompts: dict[int, list[int]]  # runner index -> that model's prompt ids (only runners with weight != 0)
+    # runner index -> that model's prompt ids: the runners with weight != 0 (every runner with model_logprobs)
+    prompts: dict[int, list[int]]
     max_tokens: int
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator

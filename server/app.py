@@ -21,6 +21,7 @@ from proxy_engine.request import ErrorCode
 from server.auth import ApiKeyGate
 from server.errors import APIError, UnexpectedErrors, install_error_handlers
 from server.guards import HostAllowList, ShapedCORS, StrictJSON, default_allowed_hosts
+from server.playground import mount_playground
 from server.routes import build_router, package_version
 from server.serving import ServerContext
 from server.settings import ServerSettings
@@ -143,6 +144,7 @@ def create_app(
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(build_router(ctx))
+    mount_playground(app)
     return app
 
 

@@ -1,6 +1,7 @@
 """Optional Bearer API keys, checked by ``ApiKeyGate`` (an ASGI middleware) before anything reads the body, so
 that a client without the key gets 401 whatever it sent (never a 400 about a body it may not send). CORS
-preflight (OPTIONS), ``/health``, ``/metrics`` and ``/version`` never ask for one; ``/docs`` and
+preflight (OPTIONS), ``/health``, ``/metrics``, ``/version`` and the playground's static files (server/playground.py:
+its API calls carry the key) never ask for one; ``/docs`` and
 ``/openapi.json`` do when keys are set. Keys are compared in constant time and never logged: the given key and
 every accepted one are hashed to 32 bytes first, so that the comparison takes the same time whatever their
 lengths, and every accepted key is compared, so that it does not tell which one came close.
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy_engine.request import ErrorCode
 from server.errors import APIError
+from server.playground import is_playground
 
 # Paths any client may read: probes and scrapers carry no key.
 PUBLIC_PATHS = frozenset({"/health", "/metrics", "/version"})
@@ -60,7 +62,7 @@ class ApiKeyGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and self.checker.enabled and scope["method"] != "OPTIONS"
-                and scope["path"] not in PUBLIC_PATHS):
+                and scope["path"] not in PUBLIC_PATHS and not is_playground(scope["path"])):
             header = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
             try:
                 tenant = self.checker.check(header.decode("latin-1"))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.async_engine import ModelInfo
-from proxy_engine.request import PromptInput, SamplingParams, TokenLogprob, TopLogprob
+from proxy_engine.request import PromptInput, SamplingParams, TokenAnalysis, TokenLogprob, TopLogprob
 from server import structured as structured_fields
 from server import tools as tool_fields
 from server.errors import bad_request
@@ -80,6 +80,8 @@ class _SamplingFields(_Lenient):
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     # Proxy-tuning: the strength of every expert pair (a number for all, or one per pair); 0 is the base alone.
     alpha: float | list[float] | None = None
+    # Proxy-tuning analysis: per generated token, every model's top-k logprobs and the proxy's (docs/playground.md).
+    model_logprobs: int | None = None
     # Common extensions (vLLM's names).
     top_k: Int64 | None = None
     min_p: float | None = None
@@ -145,6 +147,7 @@ class _SamplingFields(_Lenient):
             "alpha": self.alpha,
             "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,
+            "model_logprobs": self.model_logprobs,
             "logit_bias": _logit_bias(self.logit_bias),
             "structured": structured if structured is not None else self.structured(),
             "default_max_tokens": default_max_tokens if max_tokens is None else None,
@@ -449,6 +452,28 @@ def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, list]:
             for t in tokens
         ]
     }
+
+
+def model_logprobs(entries: list[TokenAnalysis]) -> list[dict[str, Any]]:
+    """Per generated token: its text and id, ``shift`` (the proxy's logprob of it minus the base's) and each
+    distribution (``base``, ``expert``, ``anti_expert``..., ``proxy``) with the token's logprob and the top k."""
+    return [
+        {
+            "token": entry.token,
+            "token_id": entry.token_id,
+            "shift": _lp(entry.shift),
+            "models": {
+                model.role: {
+                    "logprob": _lp(model.logprob),
+                    "top_logprobs": [
+                        {"token": top.token, "token_id": top.token_id, "logprob": _lp(top.logprob)} for top in model.top
+                    ],
+                }
+                for model in entry.models
+            },
+        }
+        for entry in entries
+    ]
 
 
 def model_card(model_id: str, created: int, root: str, max_model_len: int | None) -> dict[str, Any]:

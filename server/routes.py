@@ -25,6 +25,7 @@ from server.protocol import (
     chat_logprobs,
     completion_logprobs,
     model_card,
+    model_logprobs,
     now,
     usage,
 )
@@ -55,6 +56,13 @@ def _convert(build: Callable[[], T]) -> T:
         return build()
     except ValueError as error:
         raise bad_request(str(error)) from None
+
+
+async def off_the_loop(answer: Callable[[], dict[str, Any]], headers: dict[str, str]) -> Response:
+    """An answer that can be megabytes (logprobs: with echo one entry per prompt token per choice; per-model logprobs
+    one per model per token), built and encoded in a worker thread so that other streams and /health go on."""
+    content = await asyncio.to_thread(lambda: JSONResponse(answer()).body)
+    return Response(content, media_type="application/json", headers=headers)
 
 
 def tool_call_format(ctx: ServerContext) -> str | None:
@@ -153,17 +161,17 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = completion_logprobs(choice.logprobs, len(prefix), choice.prompt_logprobs)
-                choices.append({"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
-                                "finish_reason": choice.finish_reason})
+                entry = {"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
+                         "finish_reason": choice.finish_reason}
+                if body.model_logprobs is not None:
+                    entry["model_logprobs"] = model_logprobs(choice.model_logprobs)
+                choices.append(entry)
             return {"id": request_id, "object": "text_completion", "created": created, "model": generation.model,
                     "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)}
 
-        if body.logprobs is None:
+        if body.logprobs is None and body.model_logprobs is None:
             return JSONResponse(answer(), headers=headers)
-        # Logprobs (with echo, one entry per prompt token per choice) can be megabytes: built and encoded off
-        # the event loop.
-        content = await asyncio.to_thread(lambda: JSONResponse(answer()).body)
-        return Response(content, media_type="application/json", headers=headers)
+        return await off_the_loop(answer, headers)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -180,23 +188,33 @@ def build_router(ctx: ServerContext) -> APIRouter:
             return EventStreamResponse(events, generation.close, headers)
         if not await collect(generation, request):
             return Response(status_code=499)
-        choices = []
-        for c in generation.choices:
-            message, reason = assistant_message(plan, c.text, c.finish_reason)
-            choices.append({"index": c.index, "message": message,
-                            "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason})
-        return JSONResponse(
-            {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
-             "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)},
-            headers=headers,
-        )
+
+        def answer() -> dict[str, Any]:
+            choices = []
+            for c in generation.choices:
+                message, reason = assistant_message(plan, c.text, c.finish_reason)
+                entry = {"index": c.index, "message": message,
+                         "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason}
+                if body.model_logprobs is not None:
+                    entry["model_logprobs"] = model_logprobs(c.model_logprobs)
+                choices.append(entry)
+            return {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
+                    "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)}
+
+        if body.model_logprobs is None:
+            return JSONResponse(answer(), headers=headers)
+        return await off_the_loop(answer, headers)
 
     def cards() -> list[dict[str, Any]]:
         settings = ctx.settings
         max_len = ctx.info.max_model_len if ctx.engine.ready else None
         roots = [settings.engine.base.path] * 2 + [pair.expert.path for pair in settings.engine.experts[:1]]
         ids = settings.model_ids
-        return [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
+        listed = [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
+        # The proxy-tuned model's default strength per expert pair: what a request's ``alpha`` overrides (the
+        # playground builds one slider per pair from it).
+        listed[0]["alpha"] = [pair.alpha for pair in settings.engine.experts]
+        return listed
 
     add_responses_routes(router, ctx, start, collect, tool_call_format)
 

@@ -27,6 +27,7 @@ from proxy_engine.request import (
     FinishReason,
     RequestOutput,
     Target,
+    TokenAnalysis,
     TokenLogprob,
 )
 from proxy_engine.sampling_defaults import SamplingDefaults, describe, sampling_defaults
@@ -314,6 +315,7 @@ class Choice:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs
+    model_logprobs: list[TokenAnalysis] = field(default_factory=list)  # every model's view of each token
     finish_reason: str | None = None
     completion_tokens: int = 0
 
@@ -365,6 +367,8 @@ class Generation:
             choice.completion_tokens = output.completion_tokens or choice.completion_tokens + counted
             if output.logprobs:
                 choice.logprobs.extend(output.logprobs)
+            if output.model_logprobs:
+                choice.model_logprobs.extend(output.model_logprobs)
             if output.prompt_logprobs is not None:
                 choice.prompt_logprobs = output.prompt_logprobs
             if output.finish_reason is FinishReason.ERROR:

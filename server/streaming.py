@@ -19,8 +19,8 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from proxy_engine.request import ErrorCode
-from server.protocol import chat_logprobs, completion_logprobs, usage
+from proxy_engine.request import ErrorCode, RequestOutput
+from server.protocol import chat_logprobs, completion_logprobs, model_logprobs, usage
 from server.serving import Generation, GenerationError
 from server.tools import ChoiceStream, ToolPlan, finish_reason
 
@@ -38,6 +38,11 @@ def _error_event(generation: Generation, error: BaseException) -> str:
         logger.error("request %s failed while streaming", generation.request_id, exc_info=error)
         generation.error, generation.error_code = "internal error", ErrorCode.INTERNAL_ERROR
     return sse(generation.error_body())  # its type and code say which: internal_error, timeout, shutdown
+
+
+def _analysis(output: RequestOutput) -> dict[str, Any]:
+    """A content chunk's ``model_logprobs`` (its tokens' entries), only when the request asked for them."""
+    return {"model_logprobs": model_logprobs(output.model_logprobs)} if output.model_logprobs else {}
 
 
 Chunk = Callable[..., str]  # (choices, **extra fields) -> one SSE event
@@ -100,13 +105,13 @@ def completion_events(
                     return chunk([{"index": output.index, "text": text, "logprobs": logprobs, "finish_reason": None}])
 
                 yield await asyncio.to_thread(first)  # one entry per prompt token: built off the event loop
-            if output.text_delta or output.logprobs:
+            if output.text_delta or output.logprobs or output.model_logprobs:
                 logprobs = None
                 if output.logprobs is not None:
                     logprobs = completion_logprobs(output.logprobs, offsets[output.index])
                 offsets[output.index] += len(output.text_delta)
                 yield chunk([{"index": output.index, "text": output.text_delta, "logprobs": logprobs,
-                              "finish_reason": None}])
+                              "finish_reason": None, **_analysis(output)}])
             if output.finished:
                 reason = generation.choices[output.index].finish_reason
                 yield chunk([{"index": output.index, "text": "", "logprobs": None, "finish_reason": reason}])
@@ -132,11 +137,11 @@ def chat_events(
             if output.finished:
                 deltas += stream.finish()
             logprobs = chat_logprobs(output.logprobs) if output.logprobs else None
-            if logprobs is not None and not deltas:  # logprobs of held-back text still go out with their token
-                deltas = [{"content": ""}]
+            if (logprobs is not None or output.model_logprobs) and not deltas:
+                deltas = [{"content": ""}]  # logprobs of held-back text still go out with their token
             for k, delta in enumerate(deltas):
                 yield chunk([{"index": output.index, "delta": delta, "logprobs": logprobs if k == 0 else None,
-                              "finish_reason": None}])
+                              "finish_reason": None, **(_analysis(output) if k == 0 else {})}])
             if output.finished:
                 reason = finish_reason(stream.made_calls and bool(plan.calls(stream.text)[1]),
                                        generation.choices[output.index].finish_reason)
