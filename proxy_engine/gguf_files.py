@@ -77,7 +77,6 @@ def _value(field) -> Any:
 
 @lru_cache(maxsize=16)
 def _read_header(file: Path, _mtime: float) -> GGUFHeader:
-    require_gguf()
     from gguf import GGUFReader
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
@@ -106,6 +105,7 @@ def read_header(file: Path) -> GGUFHeader:
 
     Raises ``ImportError`` (naming the extra) without the ``gguf`` package, ``ValueError`` for a file that is not
     GGUF."""
+    require_gguf()
     file = Path(file).resolve()
     try:
         return _read_header(file, file.stat().st_mtime)

@@ -9,6 +9,7 @@ Matrices whose rows are whole Q8_0 blocks are stored quantized (Q8_0), as real f
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,33 @@ def tiny_llama(vocab_size: int, *, layers: int = 2, hidden: int = 64, seed: int 
             if "norm" not in name:
                 parameter.normal_(0.0, 2.0 / parameter.shape[-1] ** 0.5)
     return model
+
+
+@dataclass(frozen=True)
+class GGUFFamily:
+    """A triple in the three forms a deployer meets: a ``.gguf`` file (the base, Q8_0 blocks), a directory
+    holding one (the expert, ChatML template) and a transformers directory (the anti-expert)."""
+
+    base: Path
+    expert: Path
+    anti_expert: Path
+    base_parameters: int
+    base_config: object
+
+
+def build_gguf_family(root: Path) -> GGUFFamily:
+    from tests.conformance.families import CHATML_TEMPLATE, qwen_tokenizer
+
+    root = Path(root)
+    tokenizer = qwen_tokenizer()
+    ids = {"bos": None, "eos": tokenizer.eos_token_id}
+    base = tiny_llama(len(tokenizer), layers=2, hidden=64, seed=1, **ids)
+    expert = tiny_llama(len(tokenizer), layers=1, hidden=32, seed=2, **ids)
+    anti_expert = tiny_llama(len(tokenizer), layers=1, hidden=32, seed=3, **ids)
+    base_file = write_llama_gguf(base, tokenizer, root / "base" / "tiny-base.Q8_0.gguf")
+    write_llama_gguf(expert, tokenizer, root / "expert" / "tiny-expert.Q8_0.gguf", chat_template=CHATML_TEMPLATE)
+    anti_expert.save_pretrained(root / "anti_expert")
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(root / "anti_expert")
+    return GGUFFamily(base_file, root / "expert", root / "anti_expert",
+                      sum(p.numel() for p in base.parameters()), base.config)
