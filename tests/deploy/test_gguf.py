@@ -18,14 +18,11 @@ from proxy_engine.model_files import locate
 from proxy_engine.placement import plan_placement
 from server.check import check
 from server.cli import resolve_settings
-from tests.tiny_gguf import build_gguf_family
-
-pytest.importorskip("gguf", reason="the gguf extra is not installed (pip install 'proxy-serve[gguf]')")
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return build_gguf_family(tmp_path_factory.mktemp("gguf-family"))
+def family(gguf_family):
+    return gguf_family
 
 
 def _config(family, **base) -> EngineConfig:
