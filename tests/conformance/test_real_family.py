@@ -9,21 +9,21 @@ tokens: a 135M model on two shared cores.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 import torch
 
 from proxy_engine.async_engine import AsyncEngine
 from proxy_engine.prompts import compile_template
 from server.settings import load_settings
+from tests.conformance.client import post, stream
 from tests.conformance.real_smollm2 import PACKAGE, converted, gguf_path
 from tests.conformance.reference import NaiveProxy, completion_text
 from tests.server.live import LiveServer
 
 TOP = 3
+TIMEOUT = 300  # seconds a request may take: a 135M model on two shared cores, beside other work
 LOGPROB_TOLERANCE = 1e-4  # float32 on a different kernel path (batched, cached, packed weights) than generate's
 PLAIN = [("The capital of France is", 8), ("def fibonacci(n):", 8)]
 CHAT = [("What is the capital of France?", 12), ("Name three colors.", 10)]
@@ -44,7 +44,7 @@ def real(request):
                      "anti_expert": {"path": str(directory)}, "alpha": 1.0}],
     }
     settings = load_settings(overrides={"engine": engine, "served_model_name": "smollm2"}, environ=False)
-    server = LiveServer(AsyncEngine(settings.engine), settings).start()
+    server = LiveServer(AsyncEngine(settings.engine), settings).start(timeout=900)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     yield server, model, tokenizer, compile_template(settings.engine.transcript_template)
@@ -67,23 +67,14 @@ def _generate(model, tokenizer, ids: list[int], tokens: int) -> tuple[str, list[
     ends = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
                else [model.generation_config.eos_token_id])
     shown = new[:-1] if new and new[-1] in ends else new  # the end token ends the turn; it is not text
-    return completion_text(tokenizer, ids, shown), logprobs[:len(shown)], tops[:len(shown)]
+    return completion_text(tokenizer, ids, shown), logprobs, tops  # logprobs: the end token's too, if any
 
 
-def _post(url: str, path: str, body: dict) -> dict:
-    response = httpx.post(f"{url}{path}", json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def _stream(url: str, path: str, body: dict) -> list[dict]:
-    chunks = []
-    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=300) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[6:]))
-    return chunks
+def _without_end(tokens: list[str], text: str, tokenizer) -> list[str]:
+    """The logprob entries' tokens but a last end token, whose entry the server keeps (with no text)."""
+    if tokens and tokens[-1] == tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+        return tokens[:-1]
+    return tokens
 
 
 def _close(got: list[float], expected: list[float]) -> None:
@@ -97,14 +88,15 @@ def test_plain_completions_equal_generate(real):
     def one(case):
         prompt, tokens = case
         body = {"model": "smollm2:base", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "logprobs": TOP}
-        return _post(server.url, "/v1/completions", body)["choices"][0], _stream(server.url, "/v1/completions", body)
+        return post(server.url, "/v1/completions", body, TIMEOUT)["choices"][0], stream(
+            server.url, "/v1/completions", body, TIMEOUT)
 
     with ThreadPoolExecutor(len(PLAIN)) as pool:
         answers = list(pool.map(one, PLAIN))
     for (prompt, tokens), (choice, streamed) in zip(PLAIN, answers):
         text, logprobs, tops = _generate(model, tokenizer, tokenizer(prompt)["input_ids"], tokens)
         assert choice["text"] == text, prompt
-        assert "".join(choice["logprobs"]["tokens"]) == text
+        assert "".join(_without_end(choice["logprobs"]["tokens"], text, tokenizer)) == text
         _close(choice["logprobs"]["token_logprobs"], logprobs)
         for top, expected in zip(choice["logprobs"]["top_logprobs"], tops):
             _close(sorted(top.values()), sorted(expected.values()))
@@ -120,8 +112,8 @@ def test_chat_equals_generate_over_the_chat_template(real):
         question, tokens = case
         body = {"model": "smollm2:expert", "messages": [{"role": "user", "content": question}],
                 "max_tokens": tokens, "temperature": 0, "logprobs": True, "top_logprobs": TOP}
-        return (_post(server.url, "/v1/chat/completions", body)["choices"][0],
-                _stream(server.url, "/v1/chat/completions", body))
+        return (post(server.url, "/v1/chat/completions", body, TIMEOUT)["choices"][0],
+                stream(server.url, "/v1/chat/completions", body, TIMEOUT))
 
     with ThreadPoolExecutor(len(CHAT)) as pool:
         answers = list(pool.map(one, CHAT))
@@ -131,7 +123,7 @@ def test_chat_equals_generate_over_the_chat_template(real):
         text, logprobs, tops = _generate(model, tokenizer, list(ids), tokens)
         assert choice["message"]["content"] == text, question
         content = choice["logprobs"]["content"]
-        assert "".join(entry["token"] for entry in content) == text
+        assert "".join(_without_end([entry["token"] for entry in content], text, tokenizer)) == text
         _close([entry["logprob"] for entry in content], logprobs)
         for entry, expected in zip(content, tops):
             _close(sorted(t["logprob"] for t in entry["top_logprobs"]), sorted(expected.values()))
@@ -147,7 +139,7 @@ def test_the_proxy_of_the_three_equals_the_naive_reference(real):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     body = {"model": "smollm2", "messages": messages, "max_tokens": 6, "temperature": 0, "alpha": 0.5,
             "ignore_eos": True}
-    choice = _post(server.url, "/v1/chat/completions", body)["choices"][0]
+    choice = post(server.url, "/v1/chat/completions", body, TIMEOUT)["choices"][0]
     plain = tokenizer(transcript.render(messages=messages, add_generation_prompt=True))["input_ids"]
     chat = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                               return_dict=True)["input_ids"])

@@ -3,26 +3,14 @@ naive reference's over what transformers makes of the same files."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-
 import httpx
 import torch
 
 from tests.engine.reference import NaiveProxy
 from tests.reliability.support import SUBPROCESS_ENV
-from tests.server.live import wait_until
+from tests.server.live import cli_server
 
 TOKENS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _reference(family) -> tuple[NaiveProxy, object]:
@@ -40,22 +28,9 @@ def _reference(family) -> tuple[NaiveProxy, object]:
 
 def test_serves_a_gguf_triple_from_flags(gguf_family, tmp_path):
     family = gguf_family
-    port, log = _free_port(), tmp_path / "server.log"
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--base", str(family.base), "--expert", str(family.expert),
-             "--anti-expert", str(family.anti_expert), "--port", str(port), "--served-model-name", "tiny-gguf"],
-            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **SUBPROCESS_ENV},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return process.poll() is not None
-
-        assert wait_until(healthy, timeout=180, interval=0.3) and process.poll() is None, log.read_text()
+    args = ["--base", str(family.base), "--expert", str(family.expert), "--anti-expert", str(family.anti_expert),
+            "--served-model-name", "tiny-gguf"]
+    with cli_server(args, tmp_path / "server.log", env=SUBPROCESS_ENV, timeout=180) as (url, process):
         models = httpx.get(f"{url}/v1/models").json()
         assert [m["id"] for m in models["data"]] == ["tiny-gguf", "tiny-gguf:base", "tiny-gguf:expert"]
         body = {"model": "tiny-gguf", "prompt": "The capital of France is", "max_tokens": TOKENS, "temperature": 0,
@@ -66,14 +41,7 @@ def test_serves_a_gguf_triple_from_flags(gguf_family, tmp_path):
             "model": "tiny-gguf:base", "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": TOKENS,
             "temperature": 0, "ignore_eos": True})
         assert chat.status_code == 200, chat.text
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    text = log.read_text()
+    text = (tmp_path / "server.log").read_text()
     assert process.returncode == 0, text
     assert f"loading base from {family.base}" in text
 
