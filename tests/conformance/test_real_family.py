@@ -146,3 +146,22 @@ def test_the_proxy_of_the_three_equals_the_naive_reference(real):
     naive = NaiveProxy([], len(tokenizer), models=[model, model, model])
     tokens, _ = naive.greedy([plain, chat, plain], [1.0, 0.5, -0.5], 6)
     assert choice["message"]["content"] == completion_text(tokenizer, plain, tokens)
+
+
+def test_the_files_tokenizer_round_trips_and_matches_the_converted_one(real):
+    """The tokenizer built from the GGUF metadata (what the server's base uses): byte-level BPE, so any text
+    decodes back to itself, and it splits text as the converted directory's does."""
+    from transformers import AutoTokenizer
+
+    _, _, converted_tokenizer, _ = real
+    file = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    assert tokenizer.chat_template == converted_tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer) == 49152
+    for text in ["The quick brown fox", "  two spaces, a\ttab and\r\nCRLF", "Café, naïve, déjà vu, Ünïcödé",
+                 "東京, 日本語, emoji 🙂🚀 and 👩‍👩‍👧", "def add(a, b):\n    return a + b\n",
+                 "<|im_start|>user\nhi<|im_end|>",
+                 "\u200b zero width, \x00 nul, \ufffd replacement"]:
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.decode(ids) == text, text
+        assert ids == converted_tokenizer(text)["input_ids"], text
