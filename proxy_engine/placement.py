@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from proxy_engine.config import EngineConfig, ModelConfig
-from proxy_engine.memory import MemoryEstimate, estimate_memory, gib, parse_size, resolve_dtype
+from proxy_engine.gguf_files import GGUFHeader, find_gguf, read_header
+from proxy_engine.memory import MemoryEstimate, counted_memory, estimate_memory, gib, parse_size, resolve_dtype
 from proxy_engine.model_files import has_chat_template, locate, read_config, text_config
 
 
@@ -33,7 +34,7 @@ class ModelPlan:
     pair: int | None  # the expert pair's index (None for the base)
     path: str  # as configured
     resolved_path: str | None  # the local directory (a cache snapshot for a hub id); None when not found
-    location: str  # "local" | "hf-cache" | "missing"
+    location: str  # "local" | "hf-cache" | "gguf" | "missing"
     dtype: str  # resolved: float32 | bfloat16 | float16
     quantization: str  # none | 8bit | 4bit
     devices: list[str]  # concrete devices: ["cpu"], ["cuda:0"], ["cuda:0", "cuda:1"], ...
@@ -170,7 +171,12 @@ def plan_placement(
         location, directory, error = locate(model, cache_dir=cache_dir)
         if error:
             plan.errors.append(f"{name}: {error}")
-        cfg = read_config(directory) if directory is not None and location != "missing" else None
+        gguf_path = find_gguf(model.path, model.gguf_file)[0] if location == "gguf" else None
+        gguf = _gguf_header(name, model.path, gguf_path, plan) if gguf_path is not None else None
+        if gguf is not None:
+            cfg = gguf.config
+        else:
+            cfg = read_config(directory) if directory is not None and location not in ("missing", "gguf") else None
         dtype = resolve_dtype(model, cfg)
         devices = resolve_devices(model, count)
         plan.errors.extend(_device_errors(name, model, devices, count))
@@ -187,17 +193,27 @@ def plan_placement(
         if model.max_memory and not (isinstance(model.device, list) or model.device == "auto"):
             plan.warnings.append(f"{name}: max_memory is ignored for a single device ({model.device})")
         if model.prompt_format == "chat" and directory is not None and location != "missing":
-            if model.chat_template is None and not has_chat_template(directory):
+            if model.chat_template is None and not _has_template(model, directory, gguf):
                 plan.errors.append(
                     f"{name}: prompt_format is chat but the tokenizer has no chat template; set chat_template"
                 )
-        memory = estimate_memory(cfg, dtype, model.quantization, directory) if location != "missing" else None
+        if gguf is not None:
+            if model.quantization != "none":
+                plan.errors.append(f"{name}: quantization {model.quantization} does not apply to a GGUF file "
+                                   "(transformers dequantizes it on load); leave quantization at none")
+            counted = (gguf.parameters, gguf.quantizable_parameters)
+            memory = counted_memory(counted, cfg, dtype, "none", "gguf")  # dequantized: dtype bytes per parameter
+        elif location == "gguf":
+            memory = None  # the header could not be read (the error says why)
+        else:
+            memory = estimate_memory(cfg, dtype, model.quantization, directory) if location != "missing" else None
         plan.models.append(
             ModelPlan(
                 name=name, role=role, pair=pair, path=model.path,
-                resolved_path=str(directory) if directory is not None and location != "missing" else None,
+                resolved_path=_resolved_path(location, directory, gguf_path),
                 location=location, dtype=dtype, quantization=model.quantization, devices=devices,
-                architecture=((cfg or {}).get("architectures") or [None])[0],
+                architecture=((cfg or {}).get("architectures") or [None])[0]
+                or (f"{cfg['model_type']} (GGUF)" if gguf is not None else None),
                 vocab_size=text_config(cfg).get("vocab_size") if cfg else None,
                 max_position_embeddings=text_config(cfg).get("max_position_embeddings") if cfg else None,
                 memory=memory,
@@ -206,6 +222,25 @@ def plan_placement(
 
     _account_memory(plan, config, gpu_memory)
     return plan
+
+def _gguf_header(name: str, path: str, file: Path, plan: PlacementPlan) -> GGUFHeader | None:
+    """The GGUF file's header, or None with the reason in ``plan.errors`` (the gguf extra missing, a bad file)."""
+    try:
+        return read_header(file)
+    except (ImportError, ValueError) as error:
+        plan.errors.append(f"{name}: {path}: {error}")
+        return None
+
+def _resolved_path(location: str, directory: Path | None, gguf_path: Path | None) -> str | None:
+    if gguf_path is not None:
+        return str(gguf_path)
+    return str(directory) if directory is not None and location != "missing" else None
+
+def _has_template(model: ModelConfig, directory: Path, gguf: GGUFHeader | None) -> bool:
+    """Whether the tokenizer the model will use has a chat template (a separate tokenizer directory's, if set)."""
+    if model.tokenizer is not None and Path(model.tokenizer).expanduser().is_dir():
+        return has_chat_template(Path(model.tokenizer).expanduser())
+    return bool(gguf.chat_template) if gguf is not None else has_chat_template(directory)
 
 def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[int, int]) -> None:
     """Spread each model's weights and worst-case KV cache over its devices and compare with capacity.

@@ -11,7 +11,13 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from proxy_engine.request import PromptInput
-from proxy_engine.tool_calls import DEFAULT_FORMAT, template_messages, tools_preamble, transcript_messages
+from proxy_engine.tool_calls import (
+    DEFAULT_FORMAT,
+    messages_with_tools_preamble,
+    template_messages,
+    tools_preamble,
+    transcript_messages,
+)
 
 
 def compile_template(source: str) -> jinja2.Template:
@@ -20,10 +26,39 @@ def compile_template(source: str) -> jinja2.Template:
     return environment.from_string(source)
 
 
-class PromptRenderer:
-    """Renders a ``PromptInput`` into one model's token ids."""
+_PROBE_MESSAGES = [{"role": "user", "content": "Hello"}]
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "probe_lookup", "description": "Look something up.",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+}}
 
-    def __init__(self, tokenizer, prompt_format: str, transcript_template: str, chat_template: str | None) -> None:
+
+def template_ignores_tools(tokenizer, chat_template: str | None) -> bool:
+    """Whether the chat template renders a conversation the same with a tool as without (SmolLM2's does): then a
+    request's tools never reach the model through it. A template that fails on the probe is given the benefit of
+    the doubt."""
+    if not chat_template:
+        return False
+    try:
+        renders = [
+            tokenizer.apply_chat_template(_PROBE_MESSAGES, chat_template=chat_template, add_generation_prompt=True,
+                                          tokenize=False, **extra)
+            for extra in ({}, {"tools": [_PROBE_TOOL]})
+        ]
+    except Exception:  # templates are arbitrary Jinja: a refusal here says nothing about tools
+        return False
+    return renders[0] == renders[1]
+
+
+class PromptRenderer:
+    """Renders a ``PromptInput`` into one model's token ids.
+
+    ``tools_preamble``: when this chat-format model's template ignores ``tools`` (``ignores_tools``), write a
+    request's tools into the system message instead (``tool_calls.messages_with_tools_preamble``).
+    """
+
+    def __init__(self, tokenizer, prompt_format: str, transcript_template: str, chat_template: str | None,
+                 tools_preamble: bool = False) -> None:
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         self.transcript = compile_template(transcript_template)
@@ -34,6 +69,8 @@ class PromptRenderer:
                 f"prompt_format is 'chat' but {getattr(tokenizer, 'name_or_path', 'the tokenizer')} has no chat "
                 "template: configure chat_template for this model"
             )
+        self.ignores_tools = prompt_format == "chat" and template_ignores_tools(tokenizer, self.chat_template)
+        self.tools_preamble = tools_preamble
 
     def ids_to_text(self, token_ids: list[int]) -> str:
         """A token-id prompt as text for a chat template, without the BOS the tokenizer put first: the template
@@ -52,6 +89,8 @@ class PromptRenderer:
                 text = prompt.text if prompt.text is not None else self.ids_to_text(prompt.token_ids)
                 messages = [{"role": "user", "content": text}]
             extra = {"tools": prompt.tools} if prompt.tools else {}  # the template writes them its own way
+            if prompt.tools and self.ignores_tools and self.tools_preamble:
+                messages, extra = messages_with_tools_preamble(self.tool_format, messages, prompt.tools), {}
             try:
                 return self.tokenizer.apply_chat_template(
                     template_messages(messages), chat_template=self.chat_template, add_generation_prompt=True,

@@ -223,3 +223,27 @@ def marker_prefix_len(fmt: str, text: str) -> int:
                 best = max(best, length)
                 break
     return best
+
+
+def system_tools_preamble(fmt: str, tools: list[dict[str, Any]]) -> str:
+    """The tools as Hermes-style chat templates write them into the system message: their definitions inside
+    ``<tools></tools>``, one JSON object a line, then how to call one in the family's format."""
+    listed = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+    example = render_calls(fmt, [{"function": {"name": "<function-name>", "arguments": {"<argument>": "<value>"}}}])
+    return (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{listed}\n</tools>"
+        f"\n\nFor each function call, answer with the function's name and arguments like this:\n{example}"
+    )
+
+
+def messages_with_tools_preamble(fmt: str, messages: list[dict[str, Any]],
+                                 tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for a chat template that ignores ``tools``: the preamble closes the system message (or is one),
+    and an assistant's earlier calls are written out in its content, since such a template ignores those too."""
+    preamble = system_tools_preamble(fmt, tools)
+    messages = transcript_messages(fmt, messages)
+    if messages and messages[0].get("role") == "system":
+        first = messages[0]
+        return [{**first, "content": f"{first.get('content') or ''}\n\n{preamble}"}, *messages[1:]]
+    return [{"role": "system", "content": preamble}, *messages]

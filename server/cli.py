@@ -31,8 +31,8 @@ class Flag:
 
 
 FLAGS = [
-    Flag("--base", ("engine", "base", "path"), "Base model: a local directory or a hub id already cached.",
-         "PATH_OR_ID"),
+    Flag("--base", ("engine", "base", "path"), "Base model: a local directory, a hub id already cached, or a GGUF "
+         "file (or a directory holding one; the gguf extra).", "PATH_OR_ID"),
     Flag("--expert", (*_PAIR, "expert", "path"), "Expert (the small fine-tuned model) of the first pair.",
          "PATH_OR_ID"),
     Flag("--anti-expert", (*_PAIR, "anti_expert", "path"), "Anti-expert (the expert before tuning).", "PATH_OR_ID"),
@@ -49,6 +49,10 @@ FLAGS = [
     Flag("--anti-expert-device", (*_PAIR, "anti_expert", "device"), "Device of the anti-expert.", "DEVICE",
          split_commas=True),
     Flag("--anti-expert-dtype", (*_PAIR, "anti_expert", "dtype"), "dtype of the anti-expert.", "DTYPE"),
+    Flag("--base-tools-preamble", ("engine", "base", "tools_preamble"), "Write a request's tools into the base's "
+         "system message when its chat template ignores them (docs/gguf.md).", action="store_true"),
+    Flag("--expert-tools-preamble", (*_PAIR, "expert", "tools_preamble"), "The same for the expert.",
+         action="store_true"),
     Flag("--served-model-name", ("served_model_name",), "Model id clients use (default proxy-tuned); "
          "'<name>:base' and '<name>:expert' serve the parts alone.", "NAME"),
     Flag("--host", ("host",), "Address to listen on (default 127.0.0.1; 0.0.0.0 for every interface).", "HOST"),

@@ -24,6 +24,16 @@ def chat_family(tmp_path_factory) -> Family:
     return build_family(tmp_path_factory.mktemp("chat"), padded_expert=True, chat_expert=True)
 
 
+@pytest.fixture(scope="session")
+def gguf_family(tmp_path_factory):
+    """A tiny triple as a .gguf file (base), a directory holding one (expert) and a transformers directory
+    (anti-expert): tests/tiny_gguf.py. Needs the ``gguf`` package (the test extra installs it)."""
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'proxy-serve[gguf]')")
+    from tests.tiny_gguf import build_gguf_family
+
+    return build_gguf_family(tmp_path_factory.mktemp("gguf-family"))
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests run only where CUDA is available; elsewhere they are skipped and say why."""
     gpu_items = [item for item in items if "gpu" in item.keywords]

@@ -9,16 +9,16 @@ family, concurrent requests of mixed alpha, and the text rules checked on what t
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 from transformers import AutoTokenizer
 
 from proxy_engine.async_engine import AsyncEngine
 from proxy_engine.prompts import compile_template
 from server.settings import load_settings
+from tests.conformance.client import post as _post
+from tests.conformance.client import stream as _stream
 from tests.conformance.conftest import engine_config
 from tests.conformance.reference import NaiveProxy, completion_text, per_model_prompts
 from tests.server.live import LiveServer
@@ -46,22 +46,6 @@ def _expected(served, prompt, alpha: float) -> str:
     used = [0] if alpha == 0 else [0, 1, 2]
     tokens, _ = naive.greedy([prompts[i] if i in used else None for i in range(3)], [1.0, alpha, -alpha], TOKENS)
     return completion_text(tokenizers[0], prompts[0], tokens)
-
-
-def _post(url: str, path: str, body: dict) -> dict:
-    response = httpx.post(f"{url}{path}", json=body, timeout=120)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def _stream(url: str, path: str, body: dict) -> list[dict]:
-    chunks = []
-    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=120) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[6:]))
-    return chunks
 
 
 def _check_logprobs(logprobs: dict, text: str, start: int = 0) -> None:

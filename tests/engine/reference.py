@@ -7,8 +7,9 @@ from transformers import AutoModelForCausalLM
 
 
 class NaiveProxy:
-    def __init__(self, paths: list[str], vocab_size: int) -> None:
-        self.models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in paths]
+    def __init__(self, paths: list[str], vocab_size: int, models: list | None = None) -> None:
+        """The models at ``paths``, or ``models`` already loaded (GGUF files, say)."""
+        self.models = models or [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in paths]
         self.vocab_size = vocab_size
 
     @torch.no_grad()

@@ -1,10 +1,18 @@
-"""A real uvicorn server on a loopback port, in a thread, around an app from ``create_app``."""
+"""A real uvicorn server on a loopback port, in a thread, around an app from ``create_app``; or ``proxy-serve``
+itself in a subprocess (``cli_server``)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -55,7 +63,8 @@ class LiveServer:
     def ctx(self):
         return self.app.state.ctx
 
-    def start(self) -> LiveServer:
+    def start(self, timeout: float = 120) -> LiveServer:
+        """Serve, and wait until healthy (``timeout``: a real model loads for minutes on a shared machine)."""
         self.thread.start()
 
         def healthy() -> bool:
@@ -64,7 +73,7 @@ class LiveServer:
             except httpx.HTTPError:
                 return False
 
-        if not wait_until(healthy, timeout=120, interval=0.1):
+        if not wait_until(healthy, timeout=timeout, interval=0.1):
             raise RuntimeError(f"server did not become healthy (load error: {self.ctx.load_error})")
         return self
 
@@ -75,3 +84,37 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cli_server(args: list[str], log: Path, *, env: dict | None = None,
+               timeout: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``python -m server ARGS --port P``, its output in ``log``: yields ``(url, process)`` once healthy, then sends
+    SIGTERM; when the block ends the process has exited (``process.returncode``), or it was killed and this raises."""
+    port = free_port()
+    with open(log, "w") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "server", *args, "--port", str(port)], stdout=sink,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return process.poll() is not None
+
+        assert wait_until(healthy, timeout=timeout, interval=0.2) and process.poll() is None, Path(log).read_text()
+        yield url, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise

@@ -4,8 +4,6 @@ run serving the tiny family until SIGTERM."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +13,7 @@ import pytest
 
 from server.cli import build_parser, overrides_from_args
 from server.settings import ConfigError, load_settings
-from tests.server.live import wait_until
+from tests.server.live import cli_server
 
 SECRET = "sk-never-logged-4242"
 
@@ -92,47 +90,20 @@ def test_no_engine_anywhere_uses_the_default_model():
     assert settings.engine.base.path == "/demo"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_serves_a_triple_from_flags_until_sigterm(tiny_family, tmp_path):
-    port = _free_port()
     log = tmp_path / "server.log"
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--base", str(tiny_family.base), "--expert", str(tiny_family.expert),
-             "--anti-expert", str(tiny_family.anti_expert), "--port", str(port), "--api-key", SECRET,
-             "--served-model-name", "tiny"],
-            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return process.poll() is not None
-
-        assert wait_until(healthy, timeout=120, interval=0.2) and process.poll() is None, log.read_text()
+    args = ["--base", str(tiny_family.base), "--expert", str(tiny_family.expert), "--anti-expert",
+            str(tiny_family.anti_expert), "--api-key", SECRET, "--served-model-name", "tiny"]
+    with cli_server(args, log) as (url, process):
         headers = {"Authorization": f"Bearer {SECRET}"}
         models = httpx.get(f"{url}/v1/models", headers=headers).json()
         assert [m["id"] for m in models["data"]] == ["tiny", "tiny:base", "tiny:expert"]
         response = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60,
                               json={"model": "tiny", "prompt": "private prompt text", "max_tokens": 3})
         assert response.status_code == 200
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
     text = log.read_text()
     assert process.returncode == 0, text  # drained and exited cleanly, not killed by the re-raised signal
-    assert f"listening on http://127.0.0.1:{port}" in text
+    assert f"listening on {url}" in text
     assert str(tiny_family.base) in text and "on cpu" in text  # what was loaded where
     assert "model=tiny status=200" in text  # the request's line
     assert "private prompt text" not in text and SECRET not in text
