@@ -129,3 +129,38 @@ def test_packed_weights_give_the_plain_gemm_logits(monkeypatch):
     for step in range(4):
         tokens = torch.tensor([30 + step + i for i in rows])
         torch.testing.assert_close(packed.decode(tokens), plain.decode(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_weights_are_views_and_both_layouts_match_transformers():
+    """q/k/v and gate/up share one storage per layer (no second copy); row- and column-major give the same logits."""
+    from transformers import DynamicCache
+
+    from proxy_engine.fast_decode import FastDecoder
+
+    for column_major in (False, True):
+        model = _random_model("llama")
+        ids = torch.tensor([[5, 6, 7, 8]])
+        with torch.inference_mode():
+            expected = model(input_ids=ids, cache=DynamicCache()).logits[:, -1, :80]
+        decoder = FastDecoder(model, 80, column_major=column_major)
+        attn = model.model.layers[0].self_attn
+        shared = attn.q_proj.weight.untyped_storage().data_ptr()
+        assert attn.k_proj.weight.untyped_storage().data_ptr() == shared
+        assert attn.q_proj.weight.is_contiguous() is not column_major
+        runner = ModelRunner(model, 80, 0, "llama")
+        runner._fast = decoder
+        _join(runner, [0], [[5, 6, 7]])
+        torch.testing.assert_close(runner.decode(torch.tensor([8])), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_table_gives_rotary_emb_values():
+    from proxy_engine.fast_decode import RotaryTable
+
+    model = _random_model("llama")
+    rotary = model.model.rotary_emb
+    table = RotaryTable(rotary, model.model.embed_tokens.weight)
+    positions = torch.tensor([0, 3, 1500])
+    cos, sin = table(positions, 1500)
+    ref_cos, ref_sin = rotary(model.model.embed_tokens.weight[:1, None], positions.view(-1, 1))
+    torch.testing.assert_close(cos, ref_cos)
+    torch.testing.assert_close(sin, ref_sin)
