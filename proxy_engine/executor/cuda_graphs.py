@@ -113,9 +113,10 @@ class DecodeGraphs:
         n = ids.shape[0]
         # Pinned, and a new block each step: the copy is asynchronous (the host goes on to launch the next model)
         # and the caching host allocator keeps a block until the copy that reads it has run.
-        padded = torch.zeros((2, captured.rows), dtype=torch.long, pin_memory=True)
+        pinned = self.device.type == "cuda"
+        padded = torch.zeros((2, captured.rows), dtype=torch.long, pin_memory=pinned)
         padded[0, :n], padded[1, :n] = ids, positions
-        self.inputs[:, : captured.rows].copy_(padded, non_blocking=True)  # one host-to-device copy
+        self.inputs[:, : captured.rows].copy_(padded, non_blocking=pinned)  # one host-to-device copy
         captured.graph.replay()
         return captured.logits[:n]
 

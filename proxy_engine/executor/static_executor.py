@@ -12,7 +12,8 @@ import logging
 
 import torch
 
-from proxy_engine.executor.buckets import MIN_SPAN, batch_buckets, bucket_for, span_buckets
+from proxy_engine.executor import buckets as bucketing
+from proxy_engine.executor.buckets import batch_buckets, bucket_for, span_buckets
 from proxy_engine.executor.cuda_graphs import CaptureReport, DecodeGraphs
 from proxy_engine.executor.static_cache import SlotPlan, StaticSlotKVCache
 from proxy_engine.executor.static_decode import StaticDecoder, decode_backends
@@ -24,14 +25,14 @@ class StaticExecutor:
     """Static buffers sized by ``plan`` for ``model``; graphs captured at construction unless ``eager``."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, name: str, plan: SlotPlan, *, eager: bool,
-                 min_span: int = MIN_SPAN) -> None:
+                 min_span: int | None = None) -> None:
         self.name = name
         self.decoder = StaticDecoder(model, vocab_size, plan.capacity)
         self.device = self.decoder.device
         self.cache = StaticSlotKVCache(model.config.num_hidden_layers, plan, self.decoder.kv_heads,
                                        self.decoder.head_dim, self.decoder.dtype, self.device)
         self.batch_buckets = batch_buckets(plan.slots)
-        self.span_buckets = span_buckets(plan.capacity, min_span)
+        self.span_buckets = span_buckets(plan.capacity, min_span or bucketing.MIN_SPAN)
         self._rows = torch.arange(plan.slots, device=self.device)
         self.graphs: DecodeGraphs | None = None
         self.capture_report: CaptureReport | None = None
