@@ -147,3 +147,17 @@ def test_fused_weights_are_views_and_prefill_still_reads_them():
         torch.testing.assert_close(model(torch.tensor([[5, 6, 7, 8]])).logits, before)
     ModelRunner(model, 80, 0, "qwen2", runtime=STATIC, slot_plan=SlotPlan(2, 64, 0))  # a second engine: same tensors
     assert attn._proxy_fused_qkv[0] is fused
+
+
+def test_models_sharing_a_gpu_split_its_free_memory(monkeypatch):
+    from proxy_engine.executor import selection
+
+    monkeypatch.setattr(selection, "free_bytes", lambda device: None if device.type == "cpu" else 10_000)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    # The engine's budget at its limits: 4 rows x 100 tokens; 8000 of the 10000 free bytes may hold static K/V.
+    plans = selection.static_kv_plans([10, 5, 5], [gpu, gpu, gpu], 4, [100, 100, 100], fraction=0.8)
+    assert [p.slots for p in plans] == [4, 4, 4]  # 4000 + 2000 + 2000 fit
+    plans = selection.static_kv_plans([20, 10, 10], [gpu, gpu, gpu], 4, [100, 100, 100], fraction=0.8)
+    assert [p.slots for p in plans] == [2, 2, 2]  # 16000 wanted: each model gets its share, whole rows only
+    plans = selection.static_kv_plans([20, 10, 10], [gpu, cpu, cpu], 4, [100, 100, 100], fraction=0.8)
+    assert [p.slots for p in plans] == [4, 4, 4]  # alone on the GPU: 8000 bytes for its 8000
