@@ -16,6 +16,7 @@ started=$(date +%s)
 stamp() { echo "[gpu.sh +$(( $(date +%s) - started ))s] $*"; }
 
 stamp "environment"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 timeout 15 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader || true
 timeout 60 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count())" || true

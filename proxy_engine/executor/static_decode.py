@@ -15,7 +15,11 @@ imports), with four differences that make it graph-safe and cheaper:
   (``[rows, kv_heads, group, head_dim]`` against ``[rows, kv_heads, span, head_dim]``): no K/V is repeated and
   any SDPA backend takes it (the mask is the same for the whole group: they share the position);
 - q/k/v and gate/up run as one GEMM each on fused weights; the model's own Linear weights become views of the
-  fused tensors, so transformers' forward (prefill) reads the same memory and nothing is held twice.
+  fused tensors, so transformers' forward (prefill) reads the same memory and nothing is held twice;
+- fewer, larger kernels (each costs a few microseconds even inside a graph, and a step has thousands): RMSNorm
+  through ``F.rms_norm`` (one fused kernel on CUDA, float32 statistics as LlamaRMSNorm), rotary applied to q
+  and k together as ``x * cos + swap_halves(x) * signed_sin`` (one ``cat`` and one ``addcmul``), and the
+  residual adds folded into the o / down GEMMs (``addmm``) where those have no bias.
 
 On CUDA the attention backend is chosen explicitly (``DECODE_BACKENDS``): PyTorch's memory-efficient kernel,
 math as the fallback, never cuDNN, which builds a new execution plan for each new span (1.6 ms of host time
@@ -30,7 +34,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.fast_decode import _norm, _rotate_half, unsupported_reason
+from proxy_engine.fast_decode import unsupported_reason
 
 log = logging.getLogger("proxy_engine.executor.static_decode")
 
@@ -89,6 +93,18 @@ def _fused(linears: list[torch.nn.Linear], attribute: str, owner: torch.nn.Modul
     return weight, bias
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm (float32 statistics, the result in the input dtype, then the weight) in one fused kernel."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _linear_add(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x + h W^T (+ b)``: the residual add in the GEMM's epilogue when there is no bias."""
+    if bias is None:
+        return torch.addmm(x, h, weight.t())
+    return x + F.linear(h, weight, bias)
+
+
 class StaticDecoder:
     """The fixed-shape decode step of one Llama-family model (see the module docstring)."""
 
@@ -110,6 +126,9 @@ class StaticDecoder:
         self.fused = False
         with torch.no_grad():
             self.cos, self.sin = self._rotary_table(inner.rotary_emb, max_positions)
+            half = self.head_dim // 2
+            # rotate_half(x) * sin == swap_halves(x) * signed_sin: the negation moves into the table.
+            self.signed_sin = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
             if fuse:
                 try:
                     self.qkv = [_fused([lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj],
@@ -130,14 +149,18 @@ class StaticDecoder:
         cos, sin = rotary(probe, torch.arange(positions, device=self.device)[None, :])
         return cos[0].contiguous(), sin[0].contiguous()
 
-    def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+    def _qk_v(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q and k side by side [n, (heads + kv_heads) * D], v [n, kv_heads * D])``: slices of one GEMM's
+        output when fused (the rotary then runs once over q and k)."""
+        qk_size = (self.heads + self.kv_heads) * self.head_dim
         if self.fused:
             weight, bias = self.qkv[index]
-            return F.linear(h, weight, bias).split([q_size, kv_size, kv_size], dim=-1)
+            out = F.linear(h, weight, bias)
+            return out[:, :qk_size], out[:, qk_size:]
         attn = self.layers[index].self_attn
-        return (F.linear(h, attn.q_proj.weight, attn.q_proj.bias), F.linear(h, attn.k_proj.weight, attn.k_proj.bias),
-                F.linear(h, attn.v_proj.weight, attn.v_proj.bias))
+        q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias)
+        k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias)
+        return torch.cat((q, k), dim=-1), F.linear(h, attn.v_proj.weight, attn.v_proj.bias)
 
     def _gate_up(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
@@ -151,32 +174,32 @@ class StaticDecoder:
         ``cache`` (a slot cache whose buffers hold at least ``span`` columns), attending over ``[0, span)``."""
         n = ids.shape[0]
         heads, kv_heads, head_dim, group = self.heads, self.kv_heads, self.head_dim, self.group
+        half = head_dim // 2
         x = F.embedding(ids, self.embed)  # [n, hidden]
-        cos = self.cos.index_select(0, positions)[:, None, None, :]  # [n, 1, 1, D]
-        sin = self.sin.index_select(0, positions)[:, None, None, :]
+        cos = self.cos.index_select(0, positions)[:, None, :]  # [n, 1, D] against [n, heads + kv_heads, D]
+        sin = self.signed_sin.index_select(0, positions)[:, None, :]
         seen = self.columns[:span][None, :] <= positions[:, None]  # [n, span]: the row's tokens and the new one
         bias = torch.where(seen, self.seen_value, self.hidden_value)[:, None, None, :]  # [n, 1, 1, span]
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             norm = layer.input_layernorm
-            h = _norm(x, norm.weight, norm.variance_epsilon)
-            q, k, v = self._qkv(index, h)
-            q = q.reshape(n, heads, 1, head_dim)
-            k = k.reshape(n, kv_heads, 1, head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            h = _rms_norm(x, norm.weight, norm.variance_epsilon)
+            qk, v = self._qk_v(index, h)
+            qk = qk.reshape(n, heads + kv_heads, head_dim)
+            qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
+            q, k = qk[:, :heads], qk[:, heads:]  # [n, heads, D], [n, kv_heads, D]
             kv = cache.layers[index]
-            kv.k_buf[rows, :, positions] = k[:, :, 0]
+            kv.k_buf[rows, :, positions] = k
             kv.v_buf[rows, :, positions] = v.reshape(n, kv_heads, head_dim)
             keys, values = kv.k_buf[:n, :, :span], kv.v_buf[:n, :, :span]  # [n, kv_heads, span, D]
             # Query heads h = g * group + j share K/V head g (transformers' repeat_kv): fold j into the query axis.
             out = F.scaled_dot_product_attention(q.reshape(n, kv_heads, group, head_dim), keys, values,
                                                  attn_mask=bias, scale=attn.scaling)  # [n, kv_heads, group, D]
-            x = x + F.linear(out.reshape(n, heads * head_dim), attn.o_proj.weight, attn.o_proj.bias)
+            x = _linear_add(x, out.reshape(n, heads * head_dim), attn.o_proj.weight, attn.o_proj.bias)
             norm = layer.post_attention_layernorm
-            h = _norm(x, norm.weight, norm.variance_epsilon)
+            h = _rms_norm(x, norm.weight, norm.variance_epsilon)
             gate, up = self._gate_up(index, h)
             gate = self.act(gate) if self.act is not None else mlp.act_fn(gate)
-            x = x + F.linear(gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        x = _norm(x, self.final_norm.weight, self.final_norm.variance_epsilon)
+            x = _linear_add(x, gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        x = _rms_norm(x, self.final_norm.weight, self.final_norm.variance_epsilon)
         return F.linear(x, self.head_weight, self.head_bias).float()
