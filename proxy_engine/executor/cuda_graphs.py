@@ -7,9 +7,10 @@ bounded: capture stops at ``memory_budget`` bytes of pool growth, and the bucket
 
 Every graph of a device shares one memory pool (``torch.cuda.graph_pool_handle``): the three models replay
 one after another on one stream, so their intermediates can reuse the same memory; the largest shapes are
-captured first so the smaller ones fit in what they left. Inputs go through static buffers (``ids``,
-``positions``): a step copies its rows' tokens and positions in (padding rows: token 0 at position 0, in
-free slots) and replays; the logits are the graph's own output tensor, valid until the next replay.
+captured first so the smaller ones fit in what they left. Inputs go through a static ``[2, rows]`` buffer per
+batch bucket (token ids, positions): a step copies its rows' tokens and positions in with one asynchronous copy
+from pinned memory (padding rows: token 0 at position 0, in free slots) and replays; the logits are the
+graph's own output tensor, valid until the next replay.
 """
 
 from __future__ import annotations
@@ -59,8 +60,7 @@ class DecodeGraphs:
         self._step = step
         self.device = device
         self.backends = backends
-        self.inputs = torch.zeros((2, max_rows), dtype=torch.long, device=device)  # token ids; positions
-        self.ids, self.positions = self.inputs[0], self.inputs[1]
+        self.inputs: dict[int, torch.Tensor] = {}  # rows -> [2, rows]: token ids, positions (contiguous)
         self.rows = torch.arange(max_rows, device=device)
         self.captured: dict[tuple[int, int], CapturedStep] = {}
 
@@ -79,7 +79,6 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         reserved = torch.cuda.memory_reserved(self.device)
         skipped: list[tuple[int, int]] = []
-        self.inputs.zero_()
         for span in sorted(span_buckets, reverse=True):
             for rows in sorted(batch_buckets, reverse=True):
                 if torch.cuda.memory_reserved(self.device) - reserved > memory_budget:
@@ -90,9 +89,15 @@ class DecodeGraphs:
         return CaptureReport(len(self.captured), time.perf_counter() - started,
                              torch.cuda.memory_reserved(self.device) - reserved, skipped)
 
+    def _inputs(self, rows: int) -> torch.Tensor:
+        if rows not in self.inputs:
+            self.inputs[rows] = torch.zeros((2, rows), dtype=torch.long, device=self.device)
+        return self.inputs[rows]
+
     def _run(self, rows: int, span: int) -> torch.Tensor:
+        inputs = self._inputs(rows)
         with self.backends():
-            return self._step(self.ids[:rows], self.positions[:rows], self.rows[:rows], span)
+            return self._step(inputs[0], inputs[1], self.rows[:rows], span)
 
     def _capture_one(self, rows: int, span: int, pool) -> CapturedStep:
         side = torch.cuda.Stream(self.device)
@@ -116,7 +121,7 @@ class DecodeGraphs:
         pinned = self.device.type == "cuda"
         padded = torch.zeros((2, captured.rows), dtype=torch.long, pin_memory=pinned)
         padded[0, :n], padded[1, :n] = ids, positions
-        self.inputs[:, : captured.rows].copy_(padded, non_blocking=pinned)  # one host-to-device copy
+        self._inputs(captured.rows).copy_(padded, non_blocking=pinned)  # one host-to-device copy
         captured.graph.replay()
         return captured.logits[:n]
 

@@ -88,9 +88,12 @@ class StaticExecutor:
         if captured is not None:
             logits = self.graphs.replay(captured, token_ids, positions)
         else:
+            size = rows or n
+            padded = torch.zeros((2, size), dtype=torch.long)
+            padded[0, :n], padded[1, :n] = token_ids, positions
+            padded = padded.to(self.device)
             with decode_backends(self.device):
-                logits = self.decoder.step(token_ids.to(self.device), positions.to(self.device),
-                                           self._row_index(n), span, cache)
+                logits = self.decoder.step(padded[0], padded[1], self._row_index(size), span, cache)[:n]
         cache.end_decode()
         return logits
 
