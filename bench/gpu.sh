@@ -13,6 +13,11 @@ exec > >(tee -a "$OUT_DIR/gpu.log") 2>&1
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 started=$(date +%s)
+# The GPU image lacks pydantic & co.: wheels from ../shared/tools/gpu-wheels.sh, carried as .whl/, go to /tmp/site.
+if [ -d .whl ] && ! "$PYTHON" -c "import pydantic" 2>/dev/null; then
+  timeout 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 stamp() { echo "[gpu.sh +$(( $(date +%s) - started ))s] $*"; }
 
 stamp "environment"

@@ -59,8 +59,9 @@ def free_bytes(device: torch.device) -> int | None:
 def static_kv_plans(bytes_per_token: list[int], devices: list[torch.device], max_rows: int, max_lens: list[int],
                     fraction: float = KV_MEMORY_FRACTION) -> list[SlotPlan | None]:
     """Each model's static buffers: ``max_rows`` slots of its ``max_len`` tokens (the engine's KV budget at its
-    limits), or fewer slots where the models sharing a GPU would not fit in ``fraction`` of its free memory
-    (split in proportion to their budgets)."""
+    limits), or None where the models sharing a GPU would not fit in ``fraction`` of its free memory (each
+    model's share in proportion to its budget). Such a model keeps the growable cache (the ``fast`` executor,
+    no graphs): fewer static slots than ``max_num_seqs`` would have to regrow, at full length, under load."""
     wanted = [per_token * max_rows * max_len for per_token, max_len in zip(bytes_per_token, max_lens)]
     plans: list[SlotPlan | None] = []
     for index, device in enumerate(devices):
@@ -69,5 +70,11 @@ def static_kv_plans(bytes_per_token: list[int], devices: list[torch.device], max
         if free is not None:
             together = sum(w for w, d in zip(wanted, devices) if d == device)
             available = int(free * fraction * wanted[index] / together) if together else 0
-        plans.append(plan_slots(bytes_per_token[index], max_rows, max_lens[index], available))
+        plan = plan_slots(bytes_per_token[index], max_rows, max_lens[index], available)
+        if plan is not None and plan.slots < max_rows:
+            log.warning("static K/V for %d sequences of %d tokens needs %.1f GiB on %s, %.1f GiB available: that "
+                        "model decodes without CUDA graphs (lower --max-num-seqs or --max-model-len to use them)",
+                        max_rows, max_lens[index], wanted[index] / 2**30, device, (available or 0) / 2**30)
+            plan = None
+        plans.append(plan)
     return plans

@@ -43,12 +43,14 @@ def _engine(family, devices: list[str], runtime: RuntimeConfig | None = None) ->
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return build("llama2", tmp_path_factory.mktemp("gpu") / "llama2")
+    # Llama-3's family: a byte-level tokenizer (the GPU image has ``tokenizers`` but not ``sentencepiece``) and a
+    # chat expert, so each model sees its own rendering of the prompt.
+    return build("llama3", tmp_path_factory.mktemp("gpu") / "llama3")
 
 
 def _matches_the_reference(family, devices: list[str]) -> None:
     """Greedy proxy-tuned tokens at two alphas equal the naive reference's, each model fed its own rendering
-    of the prompt (the llama2 family's expert sees its chat template)."""
+    of the prompt (the family's expert sees its chat template)."""
     engine = _engine(family, devices)
     got = _run(engine, {"France": GREEDY, "Germany": SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
                                                                    alpha=0.5)})
