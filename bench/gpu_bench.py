@@ -1,43 +1,56 @@
-"""GPU benchmark: proxy-tuned decoding against the base alone, on random-weight models of real shapes.
+"""GPU benchmark: the engine's proxy-tuned decode against the paper's naive loop and the bandwidth floor.
 
     python -m bench.gpu_bench                       # 7B-shaped base, 1.1B-shaped pair, bf16, cuda:0 (bench/gpu.sh)
     python -m bench.gpu_bench --quick               # smaller shapes, fewer steps
     python -m bench.gpu_bench --cpu --quick         # tiny shapes on the CPU: the code path, in tests
 
 The three models share a 32,000-token vocabulary and are built directly on the device with random weights
-(nothing is written to disk). ``ProxyEngine`` runs them; per concurrency (1 and 16 by default) and per
-target it measures decode only (from the step at which every sequence runs): milliseconds per step and
-aggregate tokens/s.
+(nothing is written to disk). Everything below is measured in one run, one section after another; a section
+that fails is reported (with its traceback) and the next one runs. The report is rewritten after each section.
 
-- ``proxy``: base + (expert - anti-expert), alpha 1;
-- ``base``: the base alone (``Target.BASE``: the pair does not run);
-- ``expert``: the expert alone (``Target.EXPERT``), i.e. half of the pair's own cost.
-
-Goal: proxy step time within 1.1x of (base + 2 x expert), the models run one after another on one GPU; and
-throughput that scales with concurrency. With two or more GPUs a second placement puts the pair on
-``cuda:1`` (the base's forward and the pair's then overlap: the engine launches every model before it reads
-any result).
+1. ``bandwidth``: a device-to-device copy of 1 GiB; the floor is the three models' weights read once per step.
+2. ``paper loop``: the paper's released decode loop (three transformers forwards with their own caches, then
+   ``base + (expert - anti)``, argmax, the tokens read back each step), proxy-tuned and the base alone.
+3. ``engine`` with CUDA graphs and with ``enforce_eager``: ms per decode step and tokens/s of ``proxy``
+   (alpha 1), ``base`` (``Target.BASE``) and ``expert`` (``Target.EXPERT``, half of the pair's own cost), once
+   every sequence runs (prefill excluded); the graphs' capture time and memory.
+4. ``ttft``: time to first token of a 1,500-token prompt (one request alone, prefill in one chunk).
+5. ``identity``: greedy tokens with graphs vs eager (bf16 real shapes: divergences with the top-2 margin of the
+   combined logits where they part), and on a float32 family (exact); seeded sampling with vs without graphs.
+6. ``attention``: the decode attention of the pair's shape per SDPA backend (host + device time per call, the
+   span growing by one each call as in decoding, or fixed as in a bucket).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from proxy_engine.config import EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
+from proxy_engine.config import (
+    EngineConfig,
+    ExpertPairConfig,
+    LimitsConfig,
+    ModelConfig,
+    PrefixCacheConfig,
+    RuntimeConfig,
+)
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import LoadedModel
 from proxy_engine.prompts import PromptRenderer
 from proxy_engine.request import PromptInput, SamplingParams, Target
 
 VOCAB = 32_000
+TTFT_PROMPT = 1_500
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,7 @@ BASE_QUICK = Shape("1.3B", 2048, 24, 16, 16, 5504)
 PAIR_QUICK = Shape("160M", 768, 12, 12, 4, 2048)
 BASE_CPU = Shape("tiny", 128, 2, 4, 2, 256)
 PAIR_CPU = Shape("tinier", 64, 1, 2, 1, 128)
+FP32_SHAPE = Shape("fp32-small", 256, 4, 8, 2, 512)  # the float32 family of the exactness check
 
 
 def tokenizer(vocab: int = VOCAB):
@@ -98,6 +112,75 @@ def build(shape: Shape, device: str, dtype: torch.dtype, seed: int, role: str, t
                        logits_width=VOCAB, vocab_size=VOCAB)
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def weight_bytes(models: list[LoadedModel]) -> int:
+    return sum(p.numel() * p.element_size() for m in models for p in m.model.parameters())
+
+
+# --- 1. bandwidth --------------------------------------------------------------------------------------------
+def copy_bandwidth(device: str, size: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes moved per second (read + write) by a device-to-device copy of ``size`` bytes."""
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    sync()
+    return 2 * size * repeats / (time.perf_counter() - start)
+
+
+# --- 2. the paper's loop -------------------------------------------------------------------------------------
+@torch.inference_mode()
+def paper_loop(models: list[LoadedModel], prompts: list[list[int]], steps: int, proxy: bool) -> float:
+    """ms per step of the paper's decode loop (proxy-tuned, or the base alone): each model a transformers forward
+    with its own cache, ``base + (expert - anti)``, argmax, the tokens read back (its end-of-text check)."""
+    from transformers import DynamicCache
+
+    from proxy_engine.runner import cache_kwarg
+
+    used = models if proxy else models[:1]
+    ids = torch.tensor(prompts, device=used[0].model.device)
+    caches = [DynamicCache() for _ in used]
+    nxt = None
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        logits = [m.model(input_ids=tokens.to(m.model.device), use_cache=True,
+                          **{cache_kwarg(m.model): cache}).logits[:, -1]
+                  for m, cache in zip(used, caches)]
+        if not proxy:
+            return logits[0].argmax(-1)
+        base, expert, anti = (x.float().to(logits[0].device) for x in logits)
+        return (base + (expert - anti)).argmax(-1)
+
+    nxt = forward(ids)
+    for _ in range(2):
+        nxt = forward(nxt[:, None])
+        nxt.tolist()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        nxt = forward(nxt[:, None])
+        nxt.tolist()
+    return (time.perf_counter() - start) / steps * 1000
+
+
+# --- 3. the engine -------------------------------------------------------------------------------------------
+def make_engine(models: list[LoadedModel], max_rows: int, max_len: int, eager: bool, executor: str) -> ProxyEngine:
+    config = EngineConfig(
+        base=models[0].config, experts=[ExpertPairConfig(expert=models[1].config, anti_expert=models[2].config)],
+        limits=LimitsConfig(max_num_seqs=max_rows, max_model_len=max_len, max_num_batched_tokens=2048),
+        prefix_cache=PrefixCacheConfig(enabled=False),  # random prompts; and the TTFT prompt must be computed
+        runtime=RuntimeConfig(enforce_eager=eager, decode_executor=executor, engine_process=False),
+    )
+    return ProxyEngine(models, config)
+
+
 def decode_rate(engine: ProxyEngine, prompts: list[list[int]], steps: int, target: Target) -> tuple[float, float]:
     """``(ms per decode step, tokens/s)`` once every sequence runs; prefill excluded."""
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
@@ -108,7 +191,7 @@ def decode_rate(engine: ProxyEngine, prompts: list[list[int]], steps: int, targe
         engine.step()
     for _ in range(2):  # warm: allocator, kernels
         engine.step()
-    sync(engine)
+    sync()
     start = time.perf_counter()
     tokens = 0
     for _ in range(steps):
@@ -119,9 +202,211 @@ def decode_rate(engine: ProxyEngine, prompts: list[list[int]], steps: int, targe
     return elapsed / steps * 1000, tokens / elapsed
 
 
-def sync(engine: ProxyEngine) -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def engine_rates(engine: ProxyEngine, prompts: list[list[int]], levels: list[int], steps: int,
+                 repeats: int) -> dict:
+    rows = {}
+    for level in levels:
+        samples: dict[str, list[tuple[float, float]]] = {"proxy": [], "base": [], "expert": []}
+        for _ in range(repeats):  # interleaved
+            for name, target in (("proxy", Target.PROXY), ("base", Target.BASE), ("expert", Target.EXPERT)):
+                samples[name].append(decode_rate(engine, prompts[:level], steps, target))
+        ms = {name: statistics.median(s[0] for s in values) for name, values in samples.items()}
+        rate = {name: statistics.median(s[1] for s in values) for name, values in samples.items()}
+        rows[str(level)] = {"ms_per_step": ms, "tokens_per_s": rate,
+                            "proxy / (base + 2 x expert)": ms["proxy"] / (ms["base"] + 2 * ms["expert"]),
+                            "proxy / base": ms["proxy"] / ms["base"]}
+        print(f"  {level:3d} streams: proxy {ms['proxy']:.2f} ms, base {ms['base']:.2f} ms, expert "
+              f"{ms['expert']:.2f} ms per step; proxy {rate['proxy']:.0f} tok/s, base {rate['base']:.0f} tok/s",
+              flush=True)
+    return rows
+
+
+def capture_info(engine: ProxyEngine) -> dict:
+    info = {}
+    for runner in engine.runners:
+        static = runner._static
+        report = static.capture_report if static is not None else None
+        info[runner.name] = {
+            "executor": runner.executor,
+            "graphs": report.graphs if report else 0,
+            "capture_s": round(report.seconds, 3) if report else 0.0,
+            "graph_pool_mib": round(report.pool_bytes / 2**20, 1) if report else 0.0,
+            "kv_slots": static.cache.slots if static else None,
+            "kv_capacity": static.cache.capacity if static else None,
+            "kv_gib": round(static.cache.nbytes() / 2**30, 3) if static else None,
+        }
+    return info
+
+
+# --- 4. time to first token ----------------------------------------------------------------------------------
+def ttft(engine: ProxyEngine, prompt_tokens: int, repeats: int = 3) -> dict:
+    gen = torch.Generator().manual_seed(7)
+    times = []
+    for attempt in range(repeats + 1):  # the first one warms the prefill kernels of that length
+        prompt = torch.randint(10, VOCAB, (prompt_tokens,), generator=gen).tolist()
+        engine.add(engine.make_sequences(f"ttft-{attempt}", PromptInput(token_ids=prompt),
+                                         SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)))
+        sync()
+        start = time.perf_counter()
+        while not any(o.new_token_ids for o in engine.step()):
+            pass
+        elapsed = (time.perf_counter() - start) * 1000
+        while engine.has_work():
+            engine.step()
+        if attempt:
+            times.append(elapsed)
+    return {"prompt_tokens": prompt_tokens, "ms": statistics.median(times), "all_ms": [round(t, 2) for t in times]}
+
+
+# --- 5. identity ---------------------------------------------------------------------------------------------
+def greedy_run(engine: ProxyEngine, prompts: list[list[int]], tokens: int,
+               params: SamplingParams | None = None) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """Each prompt's tokens, and per step the top-2 margin of its combined logits."""
+    margins: dict[str, list[float]] = {}
+
+    def hook(sequences, combined):
+        top = combined.float().topk(2, dim=-1).values
+        for sequence, (first, second) in zip(sequences, top.tolist()):
+            margins.setdefault(sequence.request_id, []).append(first - second)
+
+    engine.logits_hook = hook
+    params = params or SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    out: dict[str, list[int]] = {}
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.add(engine.make_sequences(f"id-{i}", PromptInput(token_ids=prompt), params))
+        while engine.has_work():
+            for output in engine.step():
+                out.setdefault(output.request_id, []).extend(output.new_token_ids)
+    finally:
+        engine.logits_hook = None
+    return out, margins
+
+
+def compare(graphed: tuple[dict, dict], eager: tuple[dict, dict]) -> dict:
+    """Identical sequences, and each divergence with the top-2 margins where the two runs part."""
+    (tokens_a, margins_a), (tokens_b, margins_b) = graphed, eager
+    divergences = []
+    for key in sorted(tokens_a):
+        a, b = tokens_a[key], tokens_b.get(key, [])
+        if a == b:
+            continue
+        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        divergences.append({"request": key, "step": step,
+                            "margin_graphs": round(margins_a[key][step], 5) if step < len(margins_a[key]) else None,
+                            "margin_eager": round(margins_b[key][step], 5) if step < len(margins_b[key]) else None})
+    return {"sequences": len(tokens_a), "identical": len(tokens_a) - len(divergences), "divergences": divergences}
+
+
+# --- 6. attention backends -----------------------------------------------------------------------------------
+def attention_backends(device: str, dtype: torch.dtype, shape: Shape, rows: int, spans: list[int],
+                       calls: int = 50) -> dict:
+    """µs per decode attention call (host + device, the stream synced at the end) per backend: ``fixed`` span
+    (a bucket) and ``growing`` (one more column per call: a new shape each time, as an unbucketed decode)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    d = shape.hidden // shape.heads
+    group = shape.heads // shape.kv_heads
+    results: dict[str, dict] = {}
+    backends = {"efficient": [SDPBackend.EFFICIENT_ATTENTION], "math": [SDPBackend.MATH],
+                "cudnn": [SDPBackend.CUDNN_ATTENTION]}
+    for span in spans:
+        q = torch.randn(rows, shape.kv_heads, group, d, device=device, dtype=dtype)
+        k = torch.randn(rows, shape.kv_heads, span + calls, d, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        for name, chosen in backends.items():
+            for mode in ("fixed", "growing"):
+                def call(i: int, span: int = span, mode: str = mode, q=q, k=k, v=v) -> torch.Tensor:
+                    width = span + (i if mode == "growing" else 0)
+                    mask = torch.zeros(rows, 1, 1, width, device=device, dtype=dtype)
+                    return F.scaled_dot_product_attention(q, k[:, :, :width], v[:, :, :width], attn_mask=mask)
+                try:
+                    with sdpa_kernel(chosen):
+                        call(0)
+                        sync()
+                        start = time.perf_counter()
+                        for i in range(calls):
+                            call(i)
+                        sync()
+                    us = (time.perf_counter() - start) / calls * 1e6
+                    results.setdefault(f"span {span}", {})[f"{name} {mode}"] = round(us, 1)
+                except RuntimeError as error:
+                    results.setdefault(f"span {span}", {})[f"{name} {mode}"] = f"unavailable: {str(error)[:80]}"
+    return results
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+class Report:
+    def __init__(self, out: Path, stem: str) -> None:
+        self.data: dict = {"sections": {}, "errors": {}}
+        self.out, self.stem = out, stem
+        out.mkdir(parents=True, exist_ok=True)
+
+    def section(self, name: str, run: Callable[[], object]) -> object:
+        started = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            value = run()
+        except Exception as error:  # noqa: BLE001 - the next sections still run
+            traceback.print_exc()
+            self.data["errors"][name] = f"{type(error).__name__}: {error}"
+            value = None
+        else:
+            self.data["sections"][name] = value
+        seconds = time.perf_counter() - started
+        memory = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                  if torch.cuda.is_available() else "")
+        print(f"   ({seconds:.1f}s{memory})", flush=True)
+        self.save()
+        return value
+
+    def save(self) -> None:
+        (self.out / f"{self.stem}.json").write_text(json.dumps(self.data, indent=2, default=str))
+        (self.out / f"{self.stem}.md").write_text(markdown(self.data))
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(data: dict) -> str:
+    s = data["sections"]
+    lines = [f"device {data.get('device')}, {data.get('dtype')}; base {data.get('base')}, pair {data.get('pair')} x 2; "
+             f"vocab {VOCAB}; prompts {data.get('prompt_tokens')} tokens; {data.get('steps')} decode steps", ""]
+    floor = s.get("bandwidth", {}) or {}
+    if floor:
+        lines.append(f"copy bandwidth {floor['copy_tb_s']:.2f} TB/s; weights {floor['weights_gb']:.2f} GB; "
+                     f"floor {floor['floor_ms']:.2f} ms per proxy step")
+        lines.append("")
+    paper = s.get("paper loop") or {}
+    lines += ["| ms per decode step | streams | proxy | base | expert | proxy / (base + 2 expert) | proxy tok/s "
+              "| base tok/s | proxy vs paper loop | proxy / floor |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label in ("engine, graphs", "engine, eager"):
+        for level, row in (s.get(label) or {}).get("rates", {}).items():
+            ms, rate = row["ms_per_step"], row["tokens_per_s"]
+            peer = (paper.get(level) or {}).get("proxy_ms")
+            lines.append(f"| {label} | {level} | {ms['proxy']:.2f} | {ms['base']:.2f} | {ms['expert']:.2f} | "
+                         f"{row['proxy / (base + 2 x expert)']:.2f}x | {rate['proxy']:.0f} | {rate['base']:.0f} | "
+                         f"{_fmt(peer / ms['proxy'] if peer else None)}x | "
+                         f"{_fmt(ms['proxy'] / floor['floor_ms'] if floor else None)}x |")
+    for level, row in paper.items():
+        lines.append(f"| paper loop | {level} | {row['proxy_ms']:.2f} | {row['base_ms']:.2f} | - | - | "
+                     f"{row['proxy_tok_s']:.0f} | {row['base_tok_s']:.0f} | 1.00x | "
+                     f"{_fmt(row['proxy_ms'] / floor['floor_ms'] if floor else None)}x |")
+    if s.get("ttft"):
+        lines += ["", f"TTFT, {s['ttft']['prompt_tokens']}-token prompt (graphs engine): {s['ttft']['ms']:.1f} ms"]
+    for name in ("identity, real shapes", "identity fp32", "seeded sampling fp32"):
+        if s.get(name):
+            value = s[name]
+            lines.append(f"{name}: {value['identical']}/{value['sequences']} identical; divergences "
+                         f"{value['divergences']}")
+    if s.get("attention"):
+        lines += ["", "attention, µs per call: " + json.dumps(s["attention"])]
+    if data["errors"]:
+        lines += ["", "errors: " + json.dumps(data["errors"])]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,83 +414,118 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (the code path only)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer steps")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--steps", type=int, default=None, help="decode steps measured per row (default 64; quick 16)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="decode steps measured per row (default 48; quick 16)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--ttft-tokens", type=int, default=TTFT_PROMPT)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--verbose", action="store_true", help="the engine's INFO log (capture time and memory)")
     args = parser.parse_args(argv)
-    steps = args.steps or (16 if args.quick else 64)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    steps = args.steps or (16 if args.quick else 48)
     if args.cpu:
-        base_shape, pair_shape, dtype, devices = BASE_CPU, PAIR_CPU, torch.float32, ["cpu"]
+        base_shape, pair_shape, dtype, device = BASE_CPU, PAIR_CPU, torch.float32, "cpu"
+        executor = "static"  # the graph-safe step, eagerly: the CUDA backend's code path on the CPU
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: use --cpu", file=sys.stderr)
             return 2
         base_shape, pair_shape = (BASE_QUICK, PAIR_QUICK) if args.quick else (BASE_7B, PAIR_1B)
-        dtype, devices = torch.bfloat16, [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    placements = {"one device": (devices[0], devices[0])}
-    if len(devices) > 1:
-        placements["pair on a second GPU"] = (devices[0], devices[1])
+        dtype, device, executor = torch.bfloat16, "cuda:0", "auto"
+    stem = "gpu_cpu_path" if args.cpu else "gpu"
+    report = Report(args.out, stem)
+    report.data.update({"device": torch.cuda.get_device_name(0) if not args.cpu else "cpu", "dtype": str(dtype),
+                        "base": base_shape.name, "pair": pair_shape.name, "steps": steps,
+                        "prompt_tokens": args.prompt_tokens, "torch": torch.__version__})
+    import transformers
 
+    report.data["transformers"] = transformers.__version__
     tok = tokenizer()
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, VOCAB, (args.prompt_tokens,), generator=gen).tolist() for _ in range(max(args.levels))]
-    limits = LimitsConfig(max_num_seqs=max(args.levels), max_num_batched_tokens=max(2048, args.prompt_tokens * 4))
-    report: dict = {"device": torch.cuda.get_device_name(0) if not args.cpu else "cpu", "dtype": str(dtype),
-                    "base": base_shape.__dict__, "pair": pair_shape.__dict__, "steps": steps,
-                    "prompt_tokens": args.prompt_tokens, "placements": {}}
+    levels = sorted(args.levels)
+    prompts = [torch.randint(10, VOCAB, (args.prompt_tokens,), generator=gen).tolist() for _ in range(levels[-1])]
+    max_len = max(args.ttft_tokens + 16, args.prompt_tokens + steps + 16)
     started = time.perf_counter()
-    for placement, (base_device, pair_device) in placements.items():
-        models = [build(base_shape, base_device, dtype, 1, "base", tok),
-                  build(pair_shape, pair_device, dtype, 2, "expert", tok),
-                  build(pair_shape, pair_device, dtype, 3, "anti_expert", tok)]
-        print(f"[{placement}] built in {time.perf_counter() - started:.0f}s", flush=True)
-        config = EngineConfig(base=models[0].config,
-                              experts=[ExpertPairConfig(expert=models[1].config, anti_expert=models[2].config)],
-                              limits=limits)
-        engine = ProxyEngine(models, config)
+    models = [build(base_shape, device, dtype, 1, "base", tok), build(pair_shape, device, dtype, 2, "expert", tok),
+              build(pair_shape, device, dtype, 3, "anti_expert", tok)]
+    print(f"built in {time.perf_counter() - started:.0f}s", flush=True)
+
+    def bandwidth() -> dict:
+        rate = copy_bandwidth(device, 1 << (30 if not args.cpu else 24))
+        weights = weight_bytes(models)
+        return {"copy_tb_s": rate / 1e12, "weights_gb": weights / 1e9, "floor_ms": weights / rate * 1000}
+
+    report.section("bandwidth", bandwidth)
+
+    def paper() -> dict:
         rows = {}
-        for level in args.levels:
-            samples: dict[str, list[tuple[float, float]]] = {"proxy": [], "base": [], "expert": []}
-            for _ in range(args.repeats):  # interleaved
-                for name, target in (("proxy", Target.PROXY), ("base", Target.BASE), ("expert", Target.EXPERT)):
-                    samples[name].append(decode_rate(engine, prompts[:level], steps, target))
-            ms = {name: statistics.median(s[0] for s in values) for name, values in samples.items()}
-            rate = {name: statistics.median(s[1] for s in values) for name, values in samples.items()}
-            rows[level] = {
-                "ms_per_step": ms, "tokens_per_s": rate,
-                "proxy / (base + 2 x expert), step time": ms["proxy"] / (ms["base"] + 2 * ms["expert"]),
-                "proxy / base, step time": ms["proxy"] / ms["base"],
-            }
-            print(f"[{placement}] {level:3d} streams: proxy {ms['proxy']:.2f} ms, base {ms['base']:.2f} ms, expert "
-                  f"{ms['expert']:.2f} ms per step; proxy {rate['proxy']:.0f} tok/s", flush=True)
-        for level in args.levels[1:]:
-            rows[level]["proxy tokens/s vs 1 stream"] = rows[level]["tokens_per_s"]["proxy"] / rows[args.levels[0]][
-                "tokens_per_s"]["proxy"]
-        report["placements"][placement] = rows
-        del engine, models
+        for level in levels:
+            proxy_ms = paper_loop(models, prompts[:level], steps, proxy=True)
+            base_ms = paper_loop(models, prompts[:level], steps, proxy=False)
+            rows[str(level)] = {"proxy_ms": proxy_ms, "base_ms": base_ms, "proxy_tok_s": level * 1000 / proxy_ms,
+                                "base_tok_s": level * 1000 / base_ms}
+            print(f"  {level:3d} streams: proxy {proxy_ms:.2f} ms, base {base_ms:.2f} ms per step", flush=True)
+        return rows
+
+    report.section("paper loop", paper)
+    identity: dict[str, tuple] = {}
+    id_prompts = prompts[: levels[-1]]
+    for label, eager in (("engine, graphs", False), ("engine, eager", True)):
+        holder: dict = {}
+
+        def start(eager: bool = eager, holder: dict = holder) -> dict:
+            t0 = time.perf_counter()
+            holder["engine"] = make_engine(models, levels[-1], max_len, eager, executor)
+            sync()
+            return {"start_s": round(time.perf_counter() - t0, 2), "runners": capture_info(holder["engine"])}
+
+        def rates(holder: dict = holder, label: str = label) -> dict:
+            info = report.data["sections"].get(f"{label}: start", {})
+            return {**info, "rates": engine_rates(holder["engine"], prompts, levels, steps, args.repeats)}
+
+        report.section(f"{label}: start", start)
+        if "engine" not in holder:
+            continue
+        report.section(label, rates)
+        if not eager:
+            report.section("ttft", lambda holder=holder: ttft(holder["engine"], args.ttft_tokens))
+        report.section(f"{label}: greedy", lambda holder=holder, label=label: identity.__setitem__(
+            label, greedy_run(holder["engine"], id_prompts, 32)) or {"runs": len(id_prompts)})
+        del holder["engine"]
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_cpu_path" if args.cpu else "gpu"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    lines = [f"device {report['device']}, {report['dtype']}; base {base_shape.name}, pair {pair_shape.name} x 2; "
-             f"vocab {VOCAB}; prompts {args.prompt_tokens} tokens; {steps} decode steps; median of {args.repeats}", "",
-             "| placement | streams | proxy ms/step | base ms/step | expert ms/step | proxy / (base + 2 expert) "
-             "| proxy / base | proxy tok/s | scaling vs 1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for placement, rows in report["placements"].items():
-        for level, row in rows.items():
-            ms = row["ms_per_step"]
-            scaling = row.get("proxy tokens/s vs 1 stream")
-            lines.append(f"| {placement} | {level} | {ms['proxy']:.2f} | {ms['base']:.2f} | {ms['expert']:.2f} | "
-                         f"{row['proxy / (base + 2 x expert), step time']:.2f}x | "
-                         f"{row['proxy / base, step time']:.2f}x | "
-                         f"{row['tokens_per_s']['proxy']:.0f} | {'-' if scaling is None else f'{scaling:.1f}x'} |")
-    table = "\n".join(lines) + "\n"
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
-    return 0
+    if len(identity) == 2:
+        report.section("identity, real shapes", lambda: compare(identity["engine, graphs"], identity["engine, eager"]))
+    models.clear()  # free the real shapes before the float32 family
+    gc.collect()
+
+    def fp32_family() -> dict:
+        shape = FP32_SHAPE if device != "cpu" else BASE_CPU
+        small = [build(shape, device, torch.float32, seed, role, tok)
+                 for seed, role in ((11, "base"), (12, "expert"), (13, "anti_expert"))]
+        runs: dict[str, tuple] = {}
+        sampled: dict[str, tuple] = {}
+        for label, eager in (("graphs", False), ("eager", True)):
+            engine = make_engine(small, 16, 512, eager, executor)
+            runs[label] = greedy_run(engine, [p[:64] for p in prompts[:16]], 48)
+            params = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=32, ignore_eos=True)
+            sampled[label] = greedy_run(engine, [p[:40] for p in prompts[:8]], 32, params)
+            del engine
+        report.data["sections"]["seeded sampling fp32"] = compare(sampled["graphs"], sampled["eager"])
+        return compare(runs["graphs"], runs["eager"])
+
+    report.section("identity fp32", fp32_family)
+    if device != "cpu":
+        report.section("attention", lambda: attention_backends(device, dtype, pair_shape, levels[-1],
+                                                               [256, 1024, 4096]))
+    report.data["seconds"] = round(time.perf_counter() - started, 1)
+    report.save()
+    print(markdown(report.data))
+    return 0 if not report.data["errors"] else 1
 
 
 if __name__ == "__main__":

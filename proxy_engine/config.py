@@ -124,6 +124,8 @@ CPU_THREADS_ENV = "PROXY_SERVE_CPU_THREADS"
 FAST_DECODE_ENV = "PROXY_SERVE_FAST_DECODE"
 PACKED_WEIGHTS_ENV = "PROXY_SERVE_PACKED_WEIGHTS"
 ENGINE_PROCESS_ENV = "PROXY_SERVE_ENGINE_PROCESS"
+ENFORCE_EAGER_ENV = "PROXY_SERVE_ENFORCE_EAGER"
+DECODE_EXECUTOR_ENV = "PROXY_SERVE_DECODE_EXECUTOR"
 
 
 class RuntimeConfig(_Strict):
@@ -145,6 +147,14 @@ class RuntimeConfig(_Strict):
         default=True, description=f"Run the engine core (the step loop) in its own process, away from the HTTP "
         f"server's GIL ({ENGINE_PROCESS_ENV}); its intra-op team then defaults to every core. See bench/NOTES.md.",
     )
+    enforce_eager: bool = Field(
+        default=False, description=f"Decode without CUDA graphs ({ENFORCE_EAGER_ENV}; vLLM's --enforce-eager): the "
+        "same static-buffer step, run eagerly. See docs/gpu.md.",
+    )
+    decode_executor: Literal["auto", "static", "fast", "transformers"] = Field(
+        default="auto", description=f"How models decode ({DECODE_EXECUTOR_ENV}): auto (static buffers and CUDA "
+        "graphs on CUDA, the fast path on the CPU), or one of static / fast / transformers for every model.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -152,7 +162,8 @@ class RuntimeConfig(_Strict):
         if not isinstance(data, dict):
             return data
         names = {"cpu_threads": CPU_THREADS_ENV, "fast_decode": FAST_DECODE_ENV, "packed_weights": PACKED_WEIGHTS_ENV,
-                 "engine_process": ENGINE_PROCESS_ENV}
+                 "engine_process": ENGINE_PROCESS_ENV, "enforce_eager": ENFORCE_EAGER_ENV,
+                 "decode_executor": DECODE_EXECUTOR_ENV}
         return {**data, **{key: os.environ[var] for key, var in names.items() if os.environ.get(var)}}
 
 

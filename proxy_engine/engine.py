@@ -24,8 +24,9 @@ import torch
 from proxy_engine.analysis import Distribution, model_logprobs
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
+from proxy_engine.executor import static_kv_plans
 from proxy_engine.intake import Intake
-from proxy_engine.loader import LoadedModel, eos_token_ids
+from proxy_engine.loader import LoadedModel, eos_token_ids, input_device
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
 from proxy_engine.prefix_cache import for_model as prefix_cache_for
@@ -72,12 +73,15 @@ class ProxyEngine:
             per_token * config.limits.max_num_seqs * max_len
             for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
         ]
+        # Static K/V buffers (the CUDA executor's) within those budgets and the GPUs' free memory.
+        slot_plans = static_kv_plans(self.kv_bytes_per_token, [input_device(m.model) for m in models],
+                                     config.limits.max_num_seqs, self.max_lens)
         self.runners = [
             ModelRunner(
                 m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
-                prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, budget),
+                prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, budget), slot_plan=plan,
             )
-            for m, budget in zip(models, self.kv_budgets)
+            for m, budget, plan in zip(models, self.kv_budgets, slot_plans)
         ]
         self.eos_ids = frozenset(eos_token_ids(models))
         self.device = self.runners[0].device

@@ -28,6 +28,9 @@ import torch
 from proxy_engine.attention_masks import DecodeMasks
 from proxy_engine.config import RuntimeConfig
 from proxy_engine.cpu_tuning import tame_malloc, use_cpu_threads
+from proxy_engine.executor import FAST, STATIC, choose_executor
+from proxy_engine.executor.static_cache import SlotPlan
+from proxy_engine.executor.static_decode import disable_cudnn_attention
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
 from proxy_engine.prefix_cache import PrefixCache
@@ -66,6 +69,7 @@ class PrefillJob:
     prompts: list[tuple[int, ...]] = field(default_factory=list)  # row r's prompt (distinct, in row order)
     salts: list[str | None] = field(default_factory=list)  # row r's prefix-cache salt (rows differ by salt too)
     reused: int = 0  # prompt tokens taken from the prefix cache, over the rows
+    padded: bool = True  # some row has pad columns (else prefill passes no mask: the flash path, no mask built)
 
     @property
     def complete(self) -> bool:
@@ -83,7 +87,8 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 class ModelRunner:
     """A causal LM with its batch of rows. ``vocab_size`` cuts padded logit rows to the shared vocabulary;
-    ``runtime`` (default: from the environment) holds the CPU and decode-path knobs."""
+    ``runtime`` (default: from the environment) holds the CPU and decode-path knobs; ``slot_plan`` sizes the
+    static K/V buffers of the static executor (executor/: chosen per model and device)."""
 
     def __init__(
         self,
@@ -94,6 +99,7 @@ class ModelRunner:
         *,
         runtime: RuntimeConfig | None = None,
         prefix_cache: PrefixCache | None = None,
+        slot_plan: SlotPlan | None = None,
     ) -> None:
         self.model = model
         self.runtime = runtime or RuntimeConfig()
@@ -107,16 +113,30 @@ class ModelRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = cache_kwarg(model)
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in params else None
-        # Decode steps of Llama-family models skip transformers' module stack (see fast_decode.py).
+        # Decode steps of Llama-family models skip transformers' module stack: static buffers and CUDA graphs
+        # (executor/) or fast_decode.py's step.
+        self.executor = choose_executor(model, self.device, self.runtime, slot_plan, name)
+        if self.device.type == "cuda":
+            disable_cudnn_attention()
         self._fast = None
-        if self.runtime.fast_decode:
+        self._static = None
+        if self.executor == STATIC:
+            from proxy_engine.executor.static_executor import StaticExecutor
+
+            assert slot_plan is not None
+            self._static = StaticExecutor(model, vocab_size, name, slot_plan, eager=self.runtime.enforce_eager)
+        elif self.executor == FAST:
             self._fast = FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights)
         # Decode through transformers: additive masks with the model's sliding window (see attention_masks.py).
         self._masks = DecodeMasks(model.config, model.get_input_embeddings().weight.dtype)
         self._reset()
 
     def _reset(self) -> None:
-        self.cache = SlotKVCache(self.num_layers)
+        if self._static is not None:
+            self._static.cache.clear()  # the static buffers stay (graphs were captured over them)
+            self.cache: SlotKVCache = self._static.cache
+        else:
+            self.cache = SlotKVCache(self.num_layers)
         self.seq_ids: list[int] = []  # in slot order
 
     @property
@@ -146,6 +166,8 @@ class ModelRunner:
         The launch is asynchronous on accelerators: nothing here waits for the device, so the engine can
         launch all models' decodes before it reads any result.
         """
+        if self._static is not None:
+            return self._static.decode(token_ids)
         ids = token_ids.to(self.device, non_blocking=True).view(-1, 1)
         # Rows of different lengths get a [B, 1, 1, span] key mask (passed as is: transformers builds none);
         # rows of one length need none.
@@ -173,6 +195,7 @@ class ModelRunner:
         ids, mask = _left_pad([list(prompt) for _, prompt in distinct], self.pad_id)
         job = PrefillJob(seq_ids, row_of, ids.to(self.device), mask.to(self.device), PaddedKVCache(self.num_layers))
         job.positions = (job.mask.cumsum(dim=1) - 1).clamp(min=0)
+        job.padded = bool((mask == 0).any())
         job.prompts = [prompt for _, prompt in distinct]
         job.salts = [salt for salt, _ in distinct]
         if self.prefix_cache is not None:
@@ -254,7 +277,8 @@ class ModelRunner:
             return 0
         end = job.done + columns
         logits = self._forward(
-            job.ids[:, job.done : end], job.mask[:, :end], job.positions[:, job.done : end], job.cache,
+            job.ids[:, job.done : end], job.mask[:, :end] if job.padded else None, job.positions[:, job.done : end],
+            job.cache,
             every_position=bool(scored_rows),
         )
         if scored_rows:

@@ -38,6 +38,8 @@ FLAGS = [
     Flag("--anti-expert", (*_PAIR, "anti_expert", "path"), "Anti-expert (the expert before tuning).", "PATH_OR_ID"),
     Flag("--alpha", (*_PAIR, "alpha"), "Default alpha of the first pair (requests may override; 0 = base alone).",
          "FLOAT"),
+    Flag("--enforce-eager", ("engine", "runtime", "enforce_eager"),
+         "Decode without CUDA graphs (the same static-buffer step, run eagerly; vLLM's name).", action="store_true"),
     Flag("--base-device", ("engine", "base", "device"), "Device of the base: cpu, cuda:N, auto, or cuda:0,cuda:1.",
          "DEVICE", split_commas=True),
     Flag("--base-dtype", ("engine", "base", "dtype"), "dtype of the base: auto, float32, bfloat16, float16.", "DTYPE"),
@@ -115,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Validate the configuration and the models' placement without loading weights: print "
                              "the settings (keys hidden) and the placement plan and exit 0, or print the first "
                              "error in one line and exit 1.")
+    parser.add_argument("--device", metavar="DEVICE",
+                        help="Put every model on this device (cpu, cuda, cuda:N; vLLM's name), whatever the config "
+                             "file says; a per-model device flag given with it still wins for that model.")
     for flag in FLAGS:
         dest = flag.option[2:].replace("-", "_")
         if flag.action in ("store_true", "store_false"):
@@ -150,7 +155,28 @@ def resolve_settings(argv: list[str] | None = None) -> tuple[ServerSettings, arg
     from server.demo import default_engine_config
 
     settings = load_settings(args.config, overrides_from_args(args), default_engine=default_engine_config)
+    if args.device:
+        settings = with_one_device(settings, args)
     return settings, args
+
+
+def with_one_device(settings: ServerSettings, args: argparse.Namespace) -> ServerSettings:
+    """``--device``: every model on that device, but for the models whose own device flag was given too."""
+    engine = settings.engine.model_dump()
+    own = {("base",): args.base_device, ("experts", 0, "expert"): args.expert_device,
+           ("experts", 0, "anti_expert"): args.anti_expert_device}
+    places = [("base",)] + [("experts", i, role) for i in range(len(engine["experts"]))
+                            for role in ("expert", "anti_expert")]
+    for place in places:
+        if own.get(place) is None:
+            target = engine
+            for part in place:
+                target = target[part]
+            target["device"] = args.device
+    try:
+        return settings.model_copy(update={"engine": type(settings.engine).model_validate(engine)})
+    except ValueError as error:
+        raise ConfigError(f"--device {args.device}: {error}") from error
 
 
 def configure_logging(level: str) -> None:

@@ -36,7 +36,8 @@ def gguf_family(tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests run only where CUDA is available; elsewhere they are skipped and say why."""
-    gpu_items = [item for item in items if "gpu" in item.keywords]
+    # The marker, not ``item.keywords`` (which also holds the names of the folders: tests/gpu/ itself).
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
     import torch

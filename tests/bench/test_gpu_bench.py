@@ -1,4 +1,4 @@
-"""The GPU benchmark's code path, on the CPU with tiny shapes (no GPU here): it runs and reports every row."""
+"""The GPU benchmark's code path, on the CPU with tiny shapes (no GPU here): every section runs and reports."""
 
 from __future__ import annotations
 
@@ -12,17 +12,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cpu_quick_path(tmp_path):
-    assert gpu_bench.main(["--cpu", "--quick", "--steps", "4", "--repeats", "1", "--prompt-tokens", "16",
-                           "--out", str(tmp_path)]) == 0
+    assert gpu_bench.main(["--cpu", "--quick", "--steps", "3", "--repeats", "1", "--prompt-tokens", "16",
+                           "--ttft-tokens", "40", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_cpu_path.json").read_text())
-    rows = report["placements"]["one device"]
-    assert set(rows) == {"1", "16"}
-    for row in rows.values():
-        assert set(row["ms_per_step"]) == {"proxy", "base", "expert"}
-        assert all(value > 0 for value in row["ms_per_step"].values())
-        assert row["proxy / (base + 2 x expert), step time"] > 0
-    assert rows["16"]["proxy tokens/s vs 1 stream"] > 0
-    assert "| one device | 16 |" in (tmp_path / "gpu_cpu_path.md").read_text()
+    sections = report["sections"]
+    assert report["errors"] == {}
+    assert sections["bandwidth"]["floor_ms"] > 0
+    assert set(sections["paper loop"]) == {"1", "16"}
+    for label in ("engine, graphs", "engine, eager"):
+        rows = sections[label]["rates"]
+        assert set(rows) == {"1", "16"}
+        for row in rows.values():
+            assert set(row["ms_per_step"]) == {"proxy", "base", "expert"}
+            assert all(value > 0 for value in row["ms_per_step"].values())
+            assert row["proxy / (base + 2 x expert)"] > 0
+        assert all(r["executor"] == "static" for r in sections[label]["runners"].values())
+    assert sections["ttft"]["prompt_tokens"] == 40 and sections["ttft"]["ms"] > 0
+    # On the CPU both engines run the same step eagerly: identical tokens, greedy and seeded.
+    for name in ("identity, real shapes", "identity fp32", "seeded sampling fp32"):
+        assert sections[name]["identical"] == sections[name]["sequences"] > 0, name
+    table = (tmp_path / "gpu_cpu_path.md").read_text()
+    assert "| engine, graphs | 16 |" in table and "| paper loop | 1 |" in table
 
 
 def test_tokenizer_has_the_shared_vocabulary():

@@ -1,0 +1,9 @@
+"""The model executor layer: how one model decodes its rows on its device (see selection.py).
+
+``static`` (static_executor.py, on CUDA with graphs), ``fast`` (fast_decode.py, the CPU backend) and
+``transformers`` (the model's own forward); ``ModelRunner`` (runner.py) owns rows and prefill and calls one.
+"""
+
+from proxy_engine.executor.selection import FAST, STATIC, TRANSFORMERS, choose_executor, static_kv_plans
+
+__all__ = ["FAST", "STATIC", "TRANSFORMERS", "choose_executor", "static_kv_plans"]

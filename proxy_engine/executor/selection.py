@@ -1,0 +1,80 @@
+"""Which decode executor a model gets, and the static K/V buffers each model may allocate.
+
+Three executors decode a runner's rows (``ModelRunner.decode`` dispatches on the choice):
+
+- ``static`` (the CUDA backend): fixed K/V buffers, fixed-shape steps, CUDA graphs (static_executor.py); the
+  default on CUDA for the Llama family;
+- ``fast`` (the CPU backend): fast_decode.py's step over the growable slot cache; the default on the CPU;
+- ``transformers``: the model's own forward, for every architecture the other two do not know.
+
+``RuntimeConfig.decode_executor`` forces one (``static`` on the CPU runs the graph-safe step eagerly: the tests
+compare it with the others there); a model that cannot take the one asked for falls back along
+static -> fast -> transformers, and the log says why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from proxy_engine.config import RuntimeConfig
+from proxy_engine.executor.static_cache import SlotPlan, plan_slots
+from proxy_engine.executor.static_decode import static_unsupported_reason
+from proxy_engine.fast_decode import unsupported_reason
+
+log = logging.getLogger("proxy_engine.executor")
+
+STATIC, FAST, TRANSFORMERS = "static", "fast", "transformers"
+KV_MEMORY_FRACTION = 0.8  # of a GPU's free memory once the weights are in, for the static K/V of its models
+
+
+def choose_executor(model: torch.nn.Module, device: torch.device, runtime: RuntimeConfig,
+                    plan: SlotPlan | None, name: str = "model") -> str:
+    """``static``, ``fast`` or ``transformers`` for ``model`` on ``device`` (see the module docstring)."""
+    wanted = runtime.decode_executor
+    if not runtime.fast_decode or wanted == TRANSFORMERS:
+        return TRANSFORMERS
+    if wanted == "auto":
+        wanted = STATIC if device.type == "cuda" else FAST
+    if wanted == STATIC:
+        reason = static_unsupported_reason(model) or (None if plan is not None else "no memory for static K/V")
+        if reason is None:
+            return STATIC
+        log.info("%s: no static decode (%s)", name, reason)
+    reason = unsupported_reason(model)
+    if reason is None:
+        return FAST
+    log.info("%s decodes through transformers: %s", name, reason)
+    return TRANSFORMERS
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory on a GPU; None (no limit) elsewhere."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def static_kv_plans(bytes_per_token: list[int], devices: list[torch.device], max_rows: int, max_lens: list[int],
+                    fraction: float = KV_MEMORY_FRACTION) -> list[SlotPlan | None]:
+    """Each model's static buffers: ``max_rows`` slots of its ``max_len`` tokens (the engine's KV budget at its
+    limits), or None where the models sharing a GPU would not fit in ``fraction`` of its free memory (each
+    model's share in proportion to its budget). Such a model keeps the growable cache (the ``fast`` executor,
+    no graphs): fewer static slots than ``max_num_seqs`` would have to regrow, at full length, under load."""
+    wanted = [per_token * max_rows * max_len for per_token, max_len in zip(bytes_per_token, max_lens)]
+    plans: list[SlotPlan | None] = []
+    for index, device in enumerate(devices):
+        free = free_bytes(device)
+        available = None
+        if free is not None:
+            together = sum(w for w, d in zip(wanted, devices) if d == device)
+            available = int(free * fraction * wanted[index] / together) if together else 0
+        plan = plan_slots(bytes_per_token[index], max_rows, max_lens[index], available)
+        if plan is not None and plan.slots < max_rows:
+            log.warning("static K/V for %d sequences of %d tokens needs %.1f GiB on %s, %.1f GiB available: that "
+                        "model decodes without CUDA graphs (lower --max-num-seqs or --max-model-len to use them)",
+                        max_rows, max_lens[index], wanted[index] / 2**30, device, (available or 0) / 2**30)
+            plan = None
+        plans.append(plan)
+    return plans

@@ -1,0 +1,205 @@
+"""A decode step with fixed shapes over static K/V buffers: the math a CUDA graph captures.
+
+``StaticDecoder.step(ids, positions, rows, span, cache)`` computes next-token logits for ``rows`` rows (slots
+``[0, rows)`` of a ``StaticSlotKVCache``), attending over columns ``[0, span)``: every tensor's shape depends
+only on ``(rows, span)``, and nothing reads a value back to the host, so the same call runs eagerly (the CPU,
+``--enforce-eager``, shapes past the largest bucket) or is captured once per bucket and replayed
+(cuda_graphs.py). It is the model's math, op for op, as fast_decode.py's (whose RMSNorm and ``rotate_half`` it
+imports), with four differences that make it graph-safe and cheaper:
+
+- rotary ``cos`` / ``sin`` come from a table computed once for every position by the model's own
+  ``rotary_emb`` (the same float32 arithmetic per position; RoPE types that depend on the sequence length,
+  "dynamic" NTK and "longrope", are not supported here and decode on the other paths);
+- the key mask is built inside the step from the positions tensor (``column <= position``), not on the host;
+- grouped-query attention folds the query heads of a K/V head into the query-length axis
+  (``[rows, kv_heads, group, head_dim]`` against ``[rows, kv_heads, span, head_dim]``): no K/V is repeated and
+  any SDPA backend takes it (the mask is the same for the whole group: they share the position);
+- q/k/v and gate/up run as one GEMM each on fused weights; the model's own Linear weights become views of the
+  fused tensors, so transformers' forward (prefill) reads the same memory and nothing is held twice;
+- fewer, larger kernels (each costs a few microseconds even inside a graph, and a step has thousands): RMSNorm
+  through ``F.rms_norm`` (one fused kernel on CUDA, float32 statistics as LlamaRMSNorm), rotary applied to q
+  and k together as ``x * cos + swap_halves(x) * signed_sin`` (one ``cat`` and one ``addcmul``), and the
+  residual adds folded into the o / down GEMMs (``addmm``) where those have no bias.
+
+On CUDA the attention backend is chosen explicitly (``DECODE_BACKENDS``): PyTorch's memory-efficient kernel,
+math as the fallback, never cuDNN, which builds a new execution plan for each new span (1.6 ms of host time
+per call in issue 18's profile).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from proxy_engine.fast_decode import unsupported_reason
+
+log = logging.getLogger("proxy_engine.executor.static_decode")
+
+# The rope types whose frequencies depend on the sequence seen so far (transformers' dynamic_rope_update).
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def static_unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot use the static decode step (None when it can)."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return reason
+    rope_type = str(getattr(model.model.rotary_emb, "rope_type", "default"))
+    if any(kind in rope_type for kind in _LENGTH_DEPENDENT_ROPE):
+        return f"RoPE type {rope_type} depends on the sequence length"
+    return None
+
+
+def decode_backends(device: torch.device):
+    """The SDPA context of a decode step: on CUDA memory-efficient attention (math as fallback), never cuDNN."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def disable_cudnn_attention() -> None:
+    """Process-wide: SDPA never picks cuDNN (a new plan for every new shape: prefill chunks and the
+    transformers decode path meet new shapes all the time)."""
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("cuDNN attention disabled for SDPA (a new execution plan per shape)")
+
+
+def _fused(linears: list[torch.nn.Linear], attribute: str, owner: torch.nn.Module) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor | None]:
+    """One weight (and bias) for ``linears``, whose own weights become views of it (idempotent: a second
+    decoder over the same model finds the fused tensors on ``owner``)."""
+    existing = getattr(owner, attribute, None)
+    if existing is not None:
+        return existing
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])
+                          for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    setattr(owner, attribute, (weight, bias))
+    return weight, bias
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm (float32 statistics, the result in the input dtype, then the weight) in one fused kernel."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _linear_add(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x + h W^T (+ b)``: the residual add in the GEMM's epilogue when there is no bias."""
+    if bias is None:
+        return torch.addmm(x, h, weight.t())
+    return x + F.linear(h, weight, bias)
+
+
+class StaticDecoder:
+    """The fixed-shape decode step of one Llama-family model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, max_positions: int, fuse: bool = True) -> None:
+        config = model.config
+        inner = model.model
+        self.embed = inner.embed_tokens.weight
+        self.layers = list(inner.layers)
+        self.final_norm = inner.norm
+        self.head_weight = model.lm_head.weight[:vocab_size]
+        self.head_bias = None if model.lm_head.bias is None else model.lm_head.bias[:vocab_size]
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.group = self.heads // self.kv_heads
+        self.act = F.silu if getattr(config, "hidden_act", "silu") == "silu" else None
+        self.device = self.embed.device
+        self.dtype = self.embed.dtype
+        self.fused = False
+        with torch.no_grad():
+            self.cos, self.sin = self._rotary_table(inner.rotary_emb, max_positions)
+            half = self.head_dim // 2
+            # rotate_half(x) * sin == swap_halves(x) * signed_sin: the negation moves into the table.
+            self.signed_sin = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
+            if fuse:
+                try:
+                    self.qkv = [_fused([lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj],
+                                       "_proxy_fused_qkv", lay.self_attn) for lay in self.layers]
+                    self.gate_up = [_fused([lay.mlp.gate_proj, lay.mlp.up_proj], "_proxy_fused_gate_up", lay.mlp)
+                                    for lay in self.layers]
+                    self.fused = True
+                except RuntimeError as error:  # out of memory for the transient copy: separate GEMMs
+                    log.warning("q/k/v and gate/up not fused (%s: %s)", type(error).__name__, error)
+        # Static index tensors: slices of them are views, so a captured graph reads fixed addresses.
+        self.columns = torch.arange(max_positions, device=self.device)
+        self.hidden_value = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        self.seen_value = torch.zeros((), dtype=self.dtype, device=self.device)
+
+    def _rotary_table(self, rotary: torch.nn.Module, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [positions, head_dim]`` in the model's dtype, from the model's own rotary module."""
+        probe = torch.zeros((1, 1, self.head_dim), dtype=self.dtype, device=self.device)
+        cos, sin = rotary(probe, torch.arange(positions, device=self.device)[None, :])
+        return cos[0].contiguous(), sin[0].contiguous()
+
+    def _qk_v(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q and k side by side [n, (heads + kv_heads) * D], v [n, kv_heads * D])``: slices of one GEMM's
+        output when fused (the rotary then runs once over q and k)."""
+        qk_size = (self.heads + self.kv_heads) * self.head_dim
+        if self.fused:
+            weight, bias = self.qkv[index]
+            out = F.linear(h, weight, bias)
+            return out[:, :qk_size], out[:, qk_size:]
+        attn = self.layers[index].self_attn
+        q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias)
+        k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias)
+        return torch.cat((q, k), dim=-1), F.linear(h, attn.v_proj.weight, attn.v_proj.bias)
+
+    def _gate_up(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            weight, bias = self.gate_up[index]
+            return F.linear(h, weight, bias).chunk(2, dim=-1)
+        mlp = self.layers[index].mlp
+        return F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias), F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, span: int, cache) -> torch.Tensor:
+        """Logits ``[n, V]`` (float32) for ``ids [n]`` at ``positions [n]``, written into slots ``rows [n]`` of
+        ``cache`` (a slot cache whose buffers hold at least ``span`` columns), attending over ``[0, span)``."""
+        n = ids.shape[0]
+        heads, kv_heads, head_dim, group = self.heads, self.kv_heads, self.head_dim, self.group
+        half = head_dim // 2
+        x = F.embedding(ids, self.embed)  # [n, hidden]
+        cos = self.cos.index_select(0, positions)[:, None, :]  # [n, 1, D] against [n, heads + kv_heads, D]
+        sin = self.signed_sin.index_select(0, positions)[:, None, :]
+        seen = self.columns[:span][None, :] <= positions[:, None]  # [n, span]: the row's tokens and the new one
+        bias = torch.where(seen, self.seen_value, self.hidden_value)[:, None, None, :]  # [n, 1, 1, span]
+        for index, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norm = layer.input_layernorm
+            h = _rms_norm(x, norm.weight, norm.variance_epsilon)
+            qk, v = self._qk_v(index, h)
+            qk = qk.reshape(n, heads + kv_heads, head_dim)
+            qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
+            q, k = qk[:, :heads], qk[:, heads:]  # [n, heads, D], [n, kv_heads, D]
+            kv = cache.layers[index]
+            kv.k_buf[rows, :, positions] = k
+            kv.v_buf[rows, :, positions] = v.reshape(n, kv_heads, head_dim)
+            keys, values = kv.k_buf[:n, :, :span], kv.v_buf[:n, :, :span]  # [n, kv_heads, span, D]
+            # Query heads h = g * group + j share K/V head g (transformers' repeat_kv): fold j into the query axis.
+            out = F.scaled_dot_product_attention(q.reshape(n, kv_heads, group, head_dim), keys, values,
+                                                 attn_mask=bias, scale=attn.scaling)  # [n, kv_heads, group, D]
+            x = _linear_add(x, out.reshape(n, heads * head_dim), attn.o_proj.weight, attn.o_proj.bias)
+            norm = layer.post_attention_layernorm
+            h = _rms_norm(x, norm.weight, norm.variance_epsilon)
+            gate, up = self._gate_up(index, h)
+            gate = self.act(gate) if self.act is not None else mlp.act_fn(gate)
+            x = _linear_add(x, gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        x = _rms_norm(x, self.final_norm.weight, self.final_norm.variance_epsilon)
+        return F.linear(x, self.head_weight, self.head_bias).float()

@@ -1,0 +1,60 @@
+"""The engine with the CUDA backend's executor (static buffers, the graph-safe step; eager on the CPU) gives
+today's tokens, token for token, on the tiny families of the Llama-family architectures: greedy and seeded,
+requests arriving while others run, rows leaving at different lengths."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy_engine.config import RuntimeConfig
+from proxy_engine.engine import ProxyEngine
+from proxy_engine.executor import buckets
+from proxy_engine.loader import load_models
+from proxy_engine.request import PromptInput, SamplingParams
+from tests.conformance.conftest import engine_config
+from tests.conformance.families import build
+
+PROMPTS = ["The capital of France is", "def add(a, b):", "Hello", "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and"]
+
+
+def _requests() -> list[tuple[int, str, SamplingParams]]:
+    """(arrival step, prompt, params): greedy at two alphas, seeded sampling, different lengths."""
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        out.append((i * 3, prompt, SamplingParams(max_tokens=8 + 5 * i, temperature=0.0, ignore_eos=True,
+                                                  alpha=0.5 if i % 2 else 1.0)))
+        out.append((i * 3 + 1, prompt, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=i,
+                                                      ignore_eos=True)))
+    return out
+
+
+def _run(engine: ProxyEngine) -> dict[str, list[int]]:
+    pending = list(enumerate(_requests()))
+    out: dict[str, list[int]] = {}
+    for step in range(400):
+        while pending and pending[0][1][0] <= step:
+            index, (_, prompt, params) = pending.pop(0)
+            engine.add(engine.make_sequences(f"r{index}", PromptInput(text=prompt), params))
+        if not pending and not engine.has_work():
+            break
+        for output in engine.step():
+            assert output.error is None, output.error
+            out.setdefault(output.request_id, []).extend(output.new_token_ids)
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama2", "qwen2.5"])
+def test_static_executor_gives_todays_tokens(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(buckets, "MIN_SPAN", 16)  # prompts and outputs cross span buckets
+    family = build(name, tmp_path / name)
+    config = engine_config(family, max_num_seqs=6, max_model_len=160)
+    models = load_models(config)
+    today = ProxyEngine(models, config)
+    static_config = config.model_copy(update={"runtime": RuntimeConfig(decode_executor="static")})
+    static = ProxyEngine(models, static_config)
+    assert [r.executor for r in today.runners] == ["fast"] * 3
+    assert [r.executor for r in static.runners] == ["static"] * 3
+    assert static.runners[0]._static.span_buckets == [16, 32, 64, 128, 160]
+    assert static.runners[0].cache.slots == 6
+    expected = _run(today)
+    assert _run(static) == expected and len(expected) == 2 * len(PROMPTS)

@@ -1,0 +1,150 @@
+"""What a CUDA graph needs of the decode step, checked on the CPU: no value read back to the host, shapes that
+depend only on (rows, span), and the capture procedure (warm-up on a side stream, one shared pool, largest shapes
+first, the memory budget) driven through stand-ins for ``torch.cuda``'s graph API."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from proxy_engine.executor import cuda_graphs
+from proxy_engine.executor.cuda_graphs import DecodeGraphs
+from proxy_engine.executor.static_cache import SlotPlan
+from proxy_engine.executor.static_executor import StaticExecutor
+from tests.engine.test_kv_cache import _random_model
+
+# Tensor methods that read a device value on the host (a sync, and a capture error, on CUDA).
+_HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
+               "unique", "masked_select", "any", "all"}
+
+
+class _NoHostReads(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in _HOST_READS:
+            raise AssertionError(f"the decode step reads a value on the host: {name}")
+        return func(*args, **(kwargs or {}))
+
+
+class _Shapes(TorchDispatchMode):
+    """Records every aten op the step runs, with its output shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trace: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.trace.append((str(func), tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))))
+        return out
+
+
+def _executor(kind: str = "qwen2") -> StaticExecutor:
+    return StaticExecutor(_random_model(kind), 80, kind, SlotPlan(4, 64, 0), eager=True, min_span=16)
+
+
+def _step(executor: StaticExecutor, rows: int, span: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 80, (rows,), generator=generator)
+    positions = torch.randint(0, span, (rows,), generator=generator)
+    return executor.decoder.step(ids, positions, torch.arange(rows), span, executor.cache)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_step_reads_nothing_back_to_the_host(kind):
+    executor = _executor(kind)
+    with torch.inference_mode(), _NoHostReads():
+        assert _step(executor, 4, 32, 0).shape == (4, 80)
+
+
+def test_the_steps_ops_and_shapes_depend_only_on_rows_and_span():
+    executor = _executor()
+    traces = []
+    for seed in (0, 1):  # other tokens, other positions: the same ops on the same shapes
+        with torch.inference_mode(), _Shapes() as shapes:
+            _step(executor, 4, 32, seed)
+        traces.append(shapes.trace)
+    assert traces[0] == traces[1] and len(traces[0]) > 20
+
+
+class _FakeStream:
+    def __init__(self, device=None) -> None:
+        self.waited = 0
+
+    def wait_stream(self, other) -> None:
+        self.waited += 1
+
+
+class _FakeGraph:
+    def __init__(self) -> None:
+        self.pool = None
+
+    def replay(self) -> None:
+        raise AssertionError("not replayed in this test")
+
+
+class _FakeCuda:
+    """The parts of ``torch.cuda`` the capture uses; pool memory grows by ``per_graph`` bytes per capture."""
+
+    def __init__(self, per_graph: int) -> None:
+        self.per_graph, self.reserved, self.events = per_graph, 0, []
+        self.pool = object()
+
+    def install(self, monkeypatch) -> None:
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "device", lambda device: nullcontext())
+        monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: self.reserved)
+        monkeypatch.setattr(cuda, "graph_pool_handle", lambda: self.pool)
+        monkeypatch.setattr(cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(cuda, "Stream", _FakeStream)
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: _FakeStream())
+        monkeypatch.setattr(cuda, "CUDAGraph", _FakeGraph)
+        monkeypatch.setattr(cuda, "stream", self._stream)
+        monkeypatch.setattr(cuda, "graph", self._graph)
+        monkeypatch.setattr(cuda_graphs, "_POOLS", {})
+
+    @contextmanager
+    def _stream(self, stream):
+        self.events.append("warm-up")
+        yield
+
+    @contextmanager
+    def _graph(self, graph, pool=None):
+        assert pool is self.pool  # every capture shares the device's pool
+        self.events.append("capture")
+        yield
+        self.reserved += self.per_graph
+
+
+def test_capture_warms_up_then_captures_largest_first_within_the_budget(monkeypatch):
+    fake = _FakeCuda(per_graph=100)
+    fake.install(monkeypatch)
+    executor = _executor()
+    graphs = DecodeGraphs(executor._graph_step, executor.device, 4, lambda: nullcontext())
+    with torch.inference_mode():
+        report = graphs.capture([1, 2, 4], [16, 32, 64], memory_budget=450)
+    assert fake.events[:4] == ["warm-up", "capture", "warm-up", "capture"]
+    # Largest span first, largest batch first; past 450 bytes of pool growth the rest stay eager.
+    assert list(graphs.captured) == [(4, 64), (2, 64), (1, 64), (4, 32), (2, 32)]
+    assert report.graphs == 5 and report.pool_bytes == 500 and report.skipped == [(1, 32), (4, 16), (2, 16), (1, 16)]
+    assert all(c.logits.shape == (rows, 80) for (rows, _), c in graphs.captured.items())
+    assert set(graphs.inputs) == {1, 2, 4}  # one static input buffer per batch bucket, shared by its spans
+
+
+def test_a_failed_capture_leaves_the_model_decoding_eagerly(monkeypatch):
+    fake = _FakeCuda(per_graph=1)
+    fake.install(monkeypatch)
+
+    def broken(graph, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph", broken)
+    executor = _executor()
+    executor._capture()
+    assert executor.graphs is None and not executor.graphed
