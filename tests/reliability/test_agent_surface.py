@@ -100,7 +100,9 @@ def test_tool_text_and_earlier_calls_count_against_the_prompt_limit_before_rende
                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": big}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]
     with client(watched) as http, Counted(engine, "make_sequences") as renders:
-        error = error_of(chat(http, tools=[bomb], tool_choice="auto"), 400)
+        # required: the tools are rendered (under auto this family, which has no tool-call format, leaves them out
+        # unrendered: server/tools.py's policy).
+        error = error_of(chat(http, tools=[bomb], tool_choice="required"), 400)
         assert error["param"] == "tools" and "max_prompt_chars" in error["message"], error
         error = error_of(chat(http, messages=earlier), 400)
         assert error["param"] == "messages" and "max_prompt_chars" in error["message"], error
