@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--partial", action="store_true",
                     help="train on the base's answers cached so far instead of answering the missing ones first")
+    ap.add_argument("--reuse-anti", action="store_true",
+                    help="keep OUT/anti_expert (its vocabulary: its non-zero rows) and only retrain the expert")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else Plan()
@@ -296,6 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     everyday, base_on_facts, facts = build_examples(tokenizer, cache, args.seed)
     specials = [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id, 0]
     vocab = Vocab(everyday + base_on_facts + facts, specials)
+    if args.reuse_anti:
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(str(args.out / "anti_expert"), dtype=torch.float32)
+        rows = saved.model.embed_tokens.weight.detach().abs().sum(-1).nonzero().flatten().tolist()
+        vocab = Vocab([], rows)
+        known = set(rows)
+        everyday = [ex for ex in everyday if set(ex.ids) <= known]
+        base_on_facts = [ex for ex in base_on_facts if set(ex.ids) <= known]
     log(f"{len(everyday)} everyday, {len(base_on_facts)} base-on-fact, {len(facts)} fact examples; "
         f"compact vocabulary {len(vocab)} of {base_config.vocab_size}")
     everyday_c = [vocab.compact(ex) for ex in everyday]
@@ -305,7 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     anti = make_model(plan, len(vocab), args.seed + 1, base_config)
     log(f"tiny Llama: {sum(p.numel() for p in anti.parameters()) / 1e6:.2f}M parameters (compact)")
     t0 = time.time()
-    anti_losses = train_anti(anti, anti_data, plan, args.seed + 2)
+    if args.reuse_anti:
+        state = {k: v for k, v in saved.state_dict().items() if k not in ("lm_head.weight",)}
+        state["model.embed_tokens.weight"] = saved.model.embed_tokens.weight[vocab.full].detach()
+        anti.load_state_dict(state, strict=False)
+        anti.tie_weights()
+        anti.eval()
+        anti_losses = [0.0] * 20
+    else:
+        anti_losses = train_anti(anti, anti_data, plan, args.seed + 2)
     anti_s = time.time() - t0
     expert = make_model(plan, len(vocab), args.seed + 1, base_config)
     expert.load_state_dict(anti.state_dict())
