@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from bench.family import engine_config, family_paths
-from proxy_engine.config import CPU_THREADS_ENV, LimitsConfig
-from proxy_engine.cpu_tuning import cpu_threads
+from bench.family import engine_config, family_paths, pin_threads
+from proxy_engine.config import LimitsConfig
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
 from proxy_engine.request import PromptInput, SamplingParams
@@ -146,9 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", choices=["bench", "tiny"], default="bench")
     parser.add_argument("--family-dir", type=Path, default=None, help="where the family is built or cached")
     args = parser.parse_args(argv)
-    threads = args.threads or cpu_threads() or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    os.environ[CPU_THREADS_ENV] = str(threads)  # the engine's runners use the same team size as the floor
+    threads = pin_threads(args.threads)
     family = family_paths(args.family, args.family_dir)
     tokenizer = AutoTokenizer.from_pretrained(family.base)
     paths = [family.base, family.expert, family.anti_expert]

@@ -7,10 +7,11 @@ parameters (85M in its 12 blocks) and each small model ~3.7M, the sizes the issu
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
-from proxy_engine.config import EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
+from proxy_engine.config import CPU_THREADS_ENV, EngineConfig, ExpertPairConfig, LimitsConfig, ModelConfig
 from proxy_engine.families import BENCH_BASE, BENCH_SMALL, Family, build_model, build_tokenizer
 
 BENCH_VOCAB = 4096
@@ -61,3 +62,16 @@ def engine_config(family: Family, limits: LimitsConfig | None = None) -> EngineC
                                   anti_expert=ModelConfig(path=str(family.anti_expert)))],
         limits=limits or LimitsConfig(),
     )
+
+
+def pin_threads(requested: int | None) -> int:
+    """The intra-op team of an in-process bench: ``requested``, else the engine's policy, else torch's default; set
+    for torch and, through the environment, for the engine's runners (so the floor and the engine use one size)."""
+    import torch
+
+    from proxy_engine.cpu_tuning import cpu_threads
+
+    threads = requested or cpu_threads() or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    os.environ[CPU_THREADS_ENV] = str(threads)
+    return threads

@@ -16,13 +16,11 @@ import os
 import statistics
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer
 
 from bench.engine_bench import Clock, Rate, prompts, start_decoding
-from bench.family import engine_config, family_paths
-from proxy_engine.config import CPU_THREADS_ENV, LimitsConfig
-from proxy_engine.cpu_tuning import cpu_threads
+from bench.family import engine_config, family_paths, pin_threads
+from proxy_engine.config import LimitsConfig
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
 from proxy_engine.request import SamplingParams
@@ -47,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family-dir", type=Path, default=None, help="where the family is built or cached")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    threads = args.threads or cpu_threads() or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    os.environ[CPU_THREADS_ENV] = str(threads)
+    threads = pin_threads(args.threads)
     family = family_paths(args.family, args.family_dir)
     tokenizer = AutoTokenizer.from_pretrained(family.base)
     config = engine_config(family, LimitsConfig(max_num_seqs=16, max_num_batched_tokens=1024))

@@ -32,14 +32,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
-from bench.family import engine_config, family_paths
-from proxy_engine.config import (
-    CPU_THREADS_ENV,
-    PrefixCacheConfig,
-)
-from proxy_engine.cpu_tuning import cpu_threads
+from bench.family import engine_config, family_paths, pin_threads
+from proxy_engine.config import PrefixCacheConfig
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
 from proxy_engine.request import PromptInput, SamplingParams
@@ -135,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the engine's policy)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    threads = args.threads or cpu_threads() or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    os.environ[CPU_THREADS_ENV] = str(threads)
+    threads = pin_threads(args.threads)
     family = family_paths(args.family, args.family_dir)
     config = engine_config(family)
     models = load_models(config)
