@@ -8,7 +8,8 @@ For each checkout (``--repo NAME=PATH``: its ``server`` package is what runs, wi
 
 - **idle**: ``--plain`` chat requests of ``--max-tokens`` tokens, one after another: their latencies;
 - **bombs**: ``--tool-bombs`` clients loop on a chat whose one tool has a ``--tool-mb`` MB description
-  (``tool_choice: auto``, under the body limit) and ``--grammar-bombs`` clients loop on a chat under a fresh
+  (``tool_choice: required``: a family with no tool-call format leaves tools out under ``auto``; under the
+  body limit) and ``--grammar-bombs`` clients loop on a chat under a fresh
   JSON schema of ``--properties`` optional properties each time (about 240 KB at 8,000: seconds of compiling,
   and past ~500 a grammar that cannot run); the same plain requests are timed again while the tool bombs
   loop, while the grammar bombs loop, and while both do.
@@ -49,7 +50,7 @@ def tool_bomb(mb: float) -> bytes:
     description = "x" * int(mb * 2**20)
     tool = {"type": "function", "function": {"name": "f", "description": description,
                                              "parameters": {"type": "object"}}}
-    return json.dumps({"model": MODEL, "max_tokens": 4, "tools": [tool], "tool_choice": "auto",
+    return json.dumps({"model": MODEL, "max_tokens": 4, "tools": [tool], "tool_choice": "required",
                        "messages": [{"role": "user", "content": "Hi"}]}).encode()
 
 
