@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.fast_decode import unsupported_reason
+from proxy_engine.fast_decode import fuse_linears, unsupported_reason
 
 log = logging.getLogger("proxy_engine.executor.static_decode")
 
@@ -72,25 +72,13 @@ def disable_cudnn_attention() -> None:
 
 def _fused(linears: list[torch.nn.Linear], attribute: str, owner: torch.nn.Module) -> tuple[torch.Tensor,
                                                                                              torch.Tensor | None]:
-    """One weight (and bias) for ``linears``, whose own weights become views of it (idempotent: a second
-    decoder over the same model finds the fused tensors on ``owner``)."""
+    """One weight (and bias) for ``linears``, whose own weights become views of it (``fuse_linears``, row-major);
+    idempotent: a second decoder over the same model finds the fused tensors on ``owner``."""
     existing = getattr(owner, attribute, None)
-    if existing is not None:
-        return existing
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    bias = None
-    if any(lin.bias is not None for lin in linears):
-        bias = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])
-                          for lin in linears])
-    start = 0
-    for lin in linears:
-        rows = lin.weight.shape[0]
-        lin.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
-        if lin.bias is not None:
-            lin.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
-        start += rows
-    setattr(owner, attribute, (weight, bias))
-    return weight, bias
+    if existing is None:
+        existing = fuse_linears(linears, column_major=False)
+        setattr(owner, attribute, existing)
+    return existing
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
