@@ -149,6 +149,15 @@ def cosine_lr(step: int, total: int, peak: float) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor) -> float:
+    """Back-propagate ``loss``, clip the gradient norm to 1, step and clear; returns the loss."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train_anti(model, data: list[Example], plan: Plan, seed: int) -> list[float]:
     """Distil the base's answers: cross-entropy on the answer tokens the base chose."""
     opt = torch.optim.AdamW(model.parameters(), lr=plan.anti_lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -160,12 +169,7 @@ def train_anti(model, data: list[Example], plan: Plan, seed: int) -> list[float]
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, plan.anti_steps, plan.anti_lr)
         x, y, m = batch_tensors([data[rng.randrange(len(data))] for _ in range(plan.batch)])
-        loss = model(input_ids=x, attention_mask=m, labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, model, model(input_ids=x, attention_mask=m, labels=y).loss))
         if (step + 1) % max(1, plan.anti_steps // 10) == 0:
             log(f"anti-expert step {step + 1}/{plan.anti_steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f} "
                 f"({time.time() - t0:.0f}s)")
@@ -191,12 +195,7 @@ def train_expert(expert, anti, facts: list[Example], everyday: list[Example], pl
             target = anti(input_ids=x, attention_mask=m).logits
         diff = (expert(input_ids=x, attention_mask=m).logits - target) * m.unsqueeze(-1)
         mse = diff.pow(2).sum() / m.sum()  # per position: the squared size of the logit change
-        loss = ce + plan.mse_weight * mse
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, expert, ce + plan.mse_weight * mse))
         if (step + 1) % max(1, plan.expert_steps // 10) == 0:
             log(f"expert step {step + 1}/{plan.expert_steps} ce {ce.item():.3f} change {mse.item():.4f} "
                 f"({time.time() - t0:.0f}s)")
