@@ -22,6 +22,7 @@ from server.auth import ApiKeyGate
 from server.errors import APIError, UnexpectedErrors, install_error_handlers
 from server.guards import HostAllowList, ShapedCORS, StrictJSON, default_allowed_hosts
 from server.playground import mount_playground
+from server.refusal_log import RefusalLog
 from server.routes import build_router, package_version
 from server.serving import ServerContext
 from server.settings import ServerSettings
@@ -119,7 +120,8 @@ def create_app(
 
     keys = settings.api_key_values()
     allowed_hosts = settings.allowed_hosts or default_allowed_hosts(bool(keys))
-    middleware = [Middleware(HostAllowList, allowed=allowed_hosts)]
+    middleware = [Middleware(RefusalLog)]  # outermost: sees every layer's refusal
+    middleware.append(Middleware(HostAllowList, allowed=allowed_hosts))
     if settings.allowed_origins:
         middleware.append(Middleware(
             ShapedCORS,

@@ -29,6 +29,7 @@ from server.protocol import (
     now,
     usage,
 )
+from server.refusal_log import mark_logged
 from server.responses import add_responses_routes
 from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger, request_shape
 from server.streaming import EventStreamResponse, chat_events, completion_events
@@ -88,6 +89,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         request's prefix-cache salt (``ServerContext.cache_salt``). At debug level, each request's shape is logged
         too (what a frontend sends: keys, messages, tools, prompt tokens)."""
         timer = RequestTimer(ctx.metrics)
+        mark_logged(http.scope)  # this request's line is written below if refused, by Generation.close otherwise
         served = "unknown"  # a label for refused requests that named no model we serve (bounded cardinality)
         shape = request_shape(await http.json()) if request_logger.isEnabledFor(logging.DEBUG) else None
         try:
