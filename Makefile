@@ -70,8 +70,8 @@ test-browser: install
 	  $(BIN)/python -m pytest -q tests/browser $(PYTEST_ARGS)
 
 # Open WebUI's chat page at its default settings, in Debian's chromium, against the real-base demo (DEMO=real):
-# the demo question answered, every chat and background-task call a 200 (tests/browser/test_openwebui.py; about
-# 3 minutes on 2 cores). Open WebUI gets a virtual environment of its own, outside this one (it pins its own
+# the demo question answered, every chat and background-task call a 200 (tests/browser/test_openwebui.py; under
+# 2 minutes on 2 cores once installed). Open WebUI gets a virtual environment of its own, outside this one (it pins its own
 # FastAPI, pydantic and torch): 2.9 GB, installed once. Not part of `make test`.
 OPENWEBUI_SPEC ?= open-webui==0.12.4
 OPENWEBUI_PYTHON ?= python3.11
