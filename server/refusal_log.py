@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 request_logger = logging.getLogger("proxy_serve.requests")  # the generation routes' request lines go here too
 
 LOGGED = "proxy_serve.request_logged"  # in the scope's state: a generation route writes this request's line
+# Its 503 says "loading" or "draining" to probes that poll every few seconds: a state, not a refused request.
+UNLOGGED_PATHS = frozenset({"/health"})
 MAX_ERROR_BYTES = 4096  # of an error body read back for its message (errors are small; a stream is never read)
 
 
@@ -40,7 +42,7 @@ class RefusalLog:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in UNLOGGED_PATHS:
             await self.app(scope, receive, send)
             return
         status, body = 0, bytearray()

@@ -68,3 +68,23 @@ def test_error_message_reads_the_openai_shape_or_keeps_the_text():
     assert error_message(b"Internal Server Error") == "Internal Server Error"
     assert error_message(b'{"detail": "x"}') == '{"detail": "x"}'
     assert error_message(b'{"error": {"mess') == '{"error": {"mess'  # cut at MAX_ERROR_BYTES
+
+
+def test_health_while_loading_is_a_state_not_a_refusal(caplog):
+    """Probes poll /health every few seconds; its 503 "loading" would fill the log during a start."""
+    gate = asyncio.Event()
+
+    class SlowEngine(FakeEngine):
+        async def start(self) -> None:
+            await gate.wait()
+            await super().start()
+
+    engine = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
+    settings = load_settings(overrides={"engine": engine}, environ=False)
+    with TestClient(create_app(SlowEngine(), settings), base_url="http://localhost") as client:
+        with caplog.at_level("INFO", logger="proxy_serve"):
+            assert client.get("/health").status_code == 503
+            assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 503
+        client.portal.call(gate.set)
+    lines = request_lines(caplog)
+    assert len(lines) == 1 and "status=503" in lines[0] and not lines[0].startswith("refused"), lines
