@@ -11,12 +11,15 @@ afterwards (their logs go to stderr only when something fails). The exit status 
 ``--real`` measures the real-base demo (``configs/demo-real.yaml``, one server) on three task files in
 ``demo/real/tasks``: the facts in a held-out phrasing and in an unseen one (base, expert, proxy; the gap is the
 one between the base and the expert, which plays the truly tuned model), and the held-out everyday questions
-(base and proxy against the base's own cached answers: the share the proxy leaves unchanged).
+(base and proxy against the base's own cached answers: the share the proxy leaves unchanged). After them, the
+everyday answers are judged by the fluency check (``proxy_eval.fluency``: unchanged, or free of the invented
+world's words and within a bound of the base's own per-token log-likelihood, scored locally on the base).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -27,8 +30,10 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
-from proxy_eval import cli
+from proxy_eval import cli, fluency
+from proxy_eval.tasks import load_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,27 +94,90 @@ REAL_NAME = "proxy-real"
 REAL_TASKS = "demo/real/tasks"
 
 
-def real_runs(url: str, tasks_dir: str = REAL_TASKS, name: str = REAL_NAME) -> list[tuple[str, list[str]]]:
-    """The proxy-eval runs of the real-base demo: (title, arguments) for each task file."""
+def real_runs(
+    url: str, tasks_dir: str = REAL_TASKS, name: str = REAL_NAME, everyday_predictions: Path | None = None
+) -> list[tuple[str, list[str]]]:
+    """The proxy-eval runs of the real-base demo: (title, arguments) for each task file; the everyday answers go
+    to ``everyday_predictions`` when given (for the fluency check)."""
     models = ["--base-url", url, "--base-model", f"{name}:base", "--proxy-model", name]
     facts = [*models, "--expert-model", f"{name}:expert", "--tuned-model", f"{name}:expert", "--max-tokens", "24"]
+    keep = ["--predictions", str(everyday_predictions)] if everyday_predictions else []
     return [
         ("facts, held-out phrasing", ["--tasks", f"{tasks_dir}/facts_heldout.jsonl", *facts]),
         ("facts, unseen phrasing", ["--tasks", f"{tasks_dir}/facts_unseen.jsonl", *facts]),
         ("everyday questions (score = the base's own answer, unchanged)",
-         ["--tasks", f"{tasks_dir}/everyday.jsonl", *models, "--max-tokens", "24"]),
+         ["--tasks", f"{tasks_dir}/everyday.jsonl", *models, "--max-tokens", "24", *keep]),
     ]
 
 
+def leak_words() -> set[str]:
+    """The invented world's words (its people's names, its towns) that the base never says in its cached everyday
+    answers: one of them in an everyday answer is the pair's facts leaking. (Asked about Anouk Brenner, the base
+    does say her name; asked how to boil an egg, it says none of these.)"""
+    from scripts import base_answers, real_demo_data
+
+    everyday = set(real_demo_data.everyday_questions())
+    said = {w for q, row in base_answers.load_cache().items() if q in everyday for w in fluency.words_of(row["text"])}
+    return real_demo_data.fact_words(real_demo_data.fact_people()) - said
+
+
+def fluency_report(predictions: Path, tasks_file: Path, base_path: Path, words: set[str]) -> str:
+    """The fluency check on every everyday answer of base and proxy (their texts in ``predictions``), against the
+    base's cached answer (each task's reference): a table, then every proxy answer that changed, with its
+    verdict."""
+    from proxy_eval.likelihood import AnswerScorer
+
+    tasks = {t.id: t for t in load_tasks(tasks_file)}
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+    scorer = AnswerScorer(base_path)
+    verdicts: dict[str, list[tuple[str, str, fluency.Verdict]]] = {}
+    for row in rows:
+        task = tasks[row["id"]]
+        reference = task.reference[0]
+        base_nll = fluency.mean_nll(scorer.logprobs(task.messages or [], reference))
+        for role in ("base", "proxy"):
+            text = (row.get(role) or {}).get("text")
+            if text is None:
+                continue
+            nll = fluency.mean_nll(scorer.logprobs(task.messages or [], text))
+            verdicts.setdefault(role, []).append((task.id, text, fluency.judge(text, reference, words, nll, base_nll)))
+    lines = [f"tasks: {len(rows)}; fluent = unchanged, or no invented word and at most "
+             f"{fluency.MAX_EXCESS_NLL:g} nats/token over the base answer's NLL under the base", "",
+             f"{'role':<7} {'unchanged':>9} {'fluent':>7} {'leaks':>5} {'mean excess NLL':>15}"]
+    for role, judged in verdicts.items():
+        n = len(judged)
+        excess = [v.excess_nll for _, _, v in judged if v.excess_nll is not None]
+        lines.append(f"{role:<7} {sum(v.unchanged for _, _, v in judged) / n:>9.3f} "
+                     f"{sum(v.fluent for _, _, v in judged) / n:>7.3f} {sum(bool(v.leaked) for _, _, v in judged):>5d} "
+                     f"{sum(excess) / max(1, len(excess)):>+15.2f}")
+    changed = [(i, t, v) for i, t, v in verdicts.get("proxy", []) if not v.unchanged]
+    if changed:
+        lines += ["", "proxy answers that changed:"]
+        lines += [f"  [{'pass' if v.fluent else 'FAIL'}] {i!r} -> {t!r} ({v.reason})" for i, t, v in changed]
+    return "\n".join(lines)
+
+
+def config_base_path(config: str) -> Path:
+    """The base model's directory named in a proxy-serve config (relative paths from the repository root)."""
+    path = Path(yaml.safe_load((ROOT / config).read_text())["engine"]["base"]["path"])
+    return path if path.is_absolute() else ROOT / path
+
+
 def run_real(args: argparse.Namespace, log_dir: Path) -> int:
-    server = Server(args.proxy_config if args.proxy_config != DEFAULT_PROXY_CONFIG else REAL_CONFIG, "real", log_dir)
+    config = args.proxy_config if args.proxy_config != DEFAULT_PROXY_CONFIG else REAL_CONFIG
+    server = Server(config, "real", log_dir)
+    predictions = log_dir / "everyday.predictions.jsonl"
     try:
         server.wait_ready(args.startup_timeout)
         rc = 0
-        for title, eval_args in real_runs(server.url):
+        for title, eval_args in real_runs(server.url, args.real_tasks, everyday_predictions=predictions):
             print(f"\n## {title}", flush=True)
             print("[proxy-eval] proxy-eval " + " ".join(eval_args), file=sys.stderr, flush=True)
             rc = max(rc, cli.main([*eval_args, *args.extra]))
+        server.stop()  # the base is loaded again, locally, to score the answers
+        print("\n## everyday answers: the fluency check (docs/demo.md, \"The fluency check\")", flush=True)
+        print(fluency_report(predictions, Path(args.real_tasks) / "everyday.jsonl", config_base_path(config),
+                             leak_words()), flush=True)
     except Exception as exc:
         print(f"proxy-eval demo: {exc}", file=sys.stderr)
         server.stop()
@@ -134,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", default="16")
     ap.add_argument("--startup-timeout", type=float, default=180.0)
     ap.add_argument("--real", action="store_true", help="measure the real-base demo (configs/demo-real.yaml)")
+    ap.add_argument("--real-tasks", default=REAL_TASKS, help="the real-base demo's task directory")
     ap.add_argument("extra", nargs="*", help="more proxy-eval flags (after --)")
     args = ap.parse_args(argv)
 
