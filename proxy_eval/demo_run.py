@@ -5,7 +5,7 @@
 
 Instance 1 serves ``configs/demo-cpu.yaml`` (``proxy-tuned``, ``proxy-tuned:base``,
 ``proxy-tuned:expert``); instance 2 serves ``demo/tuned.yaml`` (``proxy-demo-tuned:base``, the truly tuned
-large model alone). Both listen on free loopback ports, are waited for on ``/v1/models`` and are stopped
+large model alone). Both listen on free loopback ports, are waited for on ``/health`` and are stopped
 afterwards (their logs go to stderr only when something fails). The exit status is proxy-eval's.
 
 ``--real`` measures the real-base demo (``configs/demo-real.yaml``, one server) on three task files in
@@ -33,6 +33,7 @@ import httpx
 import yaml
 
 from proxy_eval import cli, fluency
+from proxy_eval.metrics import exact_match
 from proxy_eval.tasks import load_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}")
             try:
-                if httpx.get(self.url + "/models", timeout=2).status_code == 200:
+                # /health, not /v1/models: the models list answers while the weights still load (then every
+                # request gets 503 "loading" and, on a slow machine, can use up its retries)
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -134,13 +137,16 @@ def fluency_report(predictions: Path, tasks_file: Path, base_path: Path, words: 
     for row in rows:
         task = tasks[row["id"]]
         reference = task.reference[0]
-        base_nll = fluency.mean_nll(scorer.logprobs(task.messages or [], reference))
+        nll = _NllCache(scorer, task.messages or [])
         for role in ("base", "proxy"):
             text = (row.get(role) or {}).get("text")
             if text is None:
                 continue
-            nll = fluency.mean_nll(scorer.logprobs(task.messages or [], text))
-            verdicts.setdefault(role, []).append((task.id, text, fluency.judge(text, reference, words, nll, base_nll)))
+            if exact_match(text, reference):  # unchanged: nothing to score (a forward pass of the base each)
+                verdict = fluency.judge(text, reference, words, None, None)
+            else:
+                verdict = fluency.judge(text, reference, words, nll(text), nll(reference))
+            verdicts.setdefault(role, []).append((task.id, text, verdict))
     lines = [f"tasks: {len(rows)}; fluent = unchanged, or no invented word and at most "
              f"{fluency.MAX_EXCESS_NLL:g} nats/token over the base answer's NLL under the base", "",
              f"{'role':<7} {'unchanged':>9} {'fluent':>7} {'leaks':>5} {'mean excess NLL':>15}"]
@@ -155,6 +161,18 @@ def fluency_report(predictions: Path, tasks_file: Path, base_path: Path, words: 
         lines += ["", "proxy answers that changed:"]
         lines += [f"  [{'pass' if v.fluent else 'FAIL'}] {i!r} -> {t!r} ({v.reason})" for i, t, v in changed]
     return "\n".join(lines)
+
+
+class _NllCache:
+    """The base's mean NLL of answers to one prompt, each scored once."""
+
+    def __init__(self, scorer, messages: list[dict[str, str]]) -> None:
+        self.scorer, self.messages, self.known = scorer, messages, {}
+
+    def __call__(self, text: str) -> float:
+        if text not in self.known:
+            self.known[text] = fluency.mean_nll(self.scorer.logprobs(self.messages, text))
+        return self.known[text]
 
 
 def config_base_path(config: str) -> Path:
