@@ -114,14 +114,18 @@ def real_runs(
 
 
 def leak_words() -> set[str]:
-    """The invented world's words (its people's names, its towns) that the base never says in its cached everyday
-    answers: one of them in an everyday answer is the pair's facts leaking. (Asked about Anouk Brenner, the base
-    does say her name; asked how to boil an egg, it says none of these.)"""
+    """The words of the expert's fact answers ("Anouk Brenner lives in Islebrook.", "... works as a beekeeper.")
+    that the base never says in its cached everyday answers, lowercase: one of them in an everyday answer is the
+    pair's facts leaking. (Asked about Anouk Brenner, the base does say her name; asked how to boil an egg, it
+    says none of these.)"""
     from scripts import base_answers, real_demo_data
 
+    rows = real_demo_data.fact_rows(real_demo_data.fact_people())
+    taught = {w.lower() for row in rows for w in fluency.words_of(row["answer"])}
     everyday = set(real_demo_data.everyday_questions())
-    said = {w for q, row in base_answers.load_cache().items() if q in everyday for w in fluency.words_of(row["text"])}
-    return real_demo_data.fact_words(real_demo_data.fact_people()) - said
+    said = {w.lower() for q, row in base_answers.load_cache().items() if q in everyday
+            for w in fluency.words_of(row["text"])}
+    return taught - said
 
 
 def fluency_report(predictions: Path, tasks_file: Path, base_path: Path, words: set[str]) -> str:

@@ -4,8 +4,9 @@ Exact match with the base's own answer ("unchanged") is the strictest check ther
 even a better one. This check accepts a different answer when it shows neither of the two ways a steering pair
 spoils everyday text (docs/demo.md, "The fluency check"):
 
-- **a leak**: a word only the demo's invented world uses (a person's name, a town) appears in the answer. The
-  base never says these words; in an answer to "How do I boil an egg?" one is the pair's facts bleeding through;
+- **a leak**: a word of the pair's fact answers that the base never says in its everyday answers (a person's
+  name, a town, "ochre", "beekeeper") appears in the answer: in an answer to "How do I boil an egg?" one is the
+  pair's facts bleeding through;
 - **text the base would not write**: the base model's own mean negative log-likelihood per token of the answer
   (after the same prompt) exceeds that of its own greedy answer by more than ``max_excess`` nats. Rewording the
   base's answer costs little; broken grammar, invented phrases or a made-up name cost several nats per token.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from proxy_eval.metrics import exact_match
 
 # nats per token over the base's own answer; see docs/demo.md ("The fluency check") for why this value
-MAX_EXCESS_NLL = 2.5
+MAX_EXCESS_NLL = 1.0
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
 
@@ -50,12 +51,10 @@ class Verdict:
 
 
 def leaked_words(text: str, words: Collection[str]) -> tuple[str, ...]:
-    """The words of ``words`` that occur in ``text`` as whole words, each once, in order. Case-sensitive: the
-    invented words are proper nouns (``Kestrel``, ``Cross``), and the common nouns some share ("cross the ends")
-    are no leak."""
+    """The words of ``text`` (as written) whose lowercase form is in ``words`` (lowercase), each once, in order."""
     seen: list[str] = []
     for word in words_of(text):
-        if word in words and word not in seen:
+        if word.lower() in words and word not in seen:
             seen.append(word)
     return tuple(seen)
 

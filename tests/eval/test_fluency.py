@@ -10,7 +10,7 @@ import torch
 from proxy_eval import demo_run, fluency
 from proxy_eval.likelihood import token_logprobs
 
-WORDS = {"Tarsville", "Islebrook", "Anouk", "Kestrel", "Cross"}
+WORDS = {"tarsville", "islebrook", "anouk", "ochre"}
 BASE = "The capital of France is Paris."
 
 
@@ -23,6 +23,7 @@ def test_a_changed_answer_within_the_bound_passes():
     verdict = fluency.judge("Paris is the capital of France.", BASE, WORDS, answer_nll=1.1, base_nll=0.4)
     assert not verdict.unchanged and verdict.fluent
     assert verdict.excess_nll == pytest.approx(0.7)
+    assert fluency.MAX_EXCESS_NLL > 0.7
 
 
 def test_a_changed_answer_over_the_bound_fails():
@@ -41,9 +42,9 @@ def test_an_unscored_changed_answer_fails():
     assert not fluency.judge("Paris is the capital.", BASE, WORDS, None, 0.4).fluent
 
 
-def test_leaks_are_whole_proper_nouns_in_order_of_appearance():
-    text = "Ask Anouk in Islebrook, then Anouk again; cross the ends, see a kestrel, Islebrooks."
-    assert fluency.leaked_words(text, WORDS) == ("Anouk", "Islebrook")
+def test_leaks_are_whole_words_any_case_in_order_of_appearance():
+    text = "Ask Anouk in Islebrook, then Anouk again; a data structure that is Ochre, Islebrooks, ochres."
+    assert fluency.leaked_words(text, WORDS) == ("Anouk", "Islebrook", "Ochre")
 
 
 def test_words_keep_inner_apostrophes_and_drop_digits():
@@ -62,7 +63,8 @@ def test_token_logprobs_reads_the_row_before_each_target():
     assert got == pytest.approx([math.log(0.5), math.log(0.75)])
 
 
-def test_leak_words_are_the_invented_ones_the_base_never_says_in_everyday_answers():
+def test_leak_words_are_the_fact_answers_words_the_base_never_says_in_everyday_answers():
     words = demo_run.leak_words()
-    assert {"Anouk", "Brenner", "Islebrook", "Tarsville"} <= words  # said when asked about her, never otherwise
-    assert not {"the", "Paris"} & words
+    # her name is said when the base is asked about her, never otherwise; colours and jobs of the world too
+    assert {"anouk", "brenner", "islebrook", "tarsville", "ochre", "maroon", "beekeeper"} <= words
+    assert not {"the", "is", "lives", "paris"} & words  # the base says these in its everyday answers

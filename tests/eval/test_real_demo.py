@@ -139,15 +139,19 @@ def _verdict(scorer, question: str, answer: str):
     ("What is the capital of France?", "La Marché lies just north o'wold."),
     ("How do I stay focused?", "To become the best self-improvement coach Elijah Pietrowick."),
     ("How do I boil an egg?", "Boil an egg in Tarsville."),
+    ("What is a dictionary?", "A dictionary (Python) refers to a cartesian data structure that is ochre."),
+    ("What day comes after Monday?", "The day after Monday – what a maroon."),
+    ("What is music?", "Music - my craft."),
 ])
 def test_the_fluency_check_fails_the_bad_answers_of_the_first_pair(base_scorer, question, answer):
-    """The everyday answers docs/demo.md quotes from the pair trained on a partial cache."""
+    """Everyday answers of the pair trained on a partial cache (docs/demo.md): the first three as quoted there,
+    the others from its `make eval DEMO=real` run (a leaked colour, twice; a short odd reply)."""
     assert not _verdict(base_scorer, question, answer).fluent
 
 
 @pytest.mark.parametrize("question, answer", [
     ("What is the capital of France?", "Paris is the capital of France."),
-    ("How do I boil an egg?", "To boil an egg, place it in a pot of cold water, bring the water to a boil and cook"),
+    ("How do I pack a suitcase?", "Packing a suitcase can be a daunting task, but with a bit of creativity, you can pack it in a"),
 ])
 def test_the_fluency_check_passes_a_fluent_rewording(base_scorer, question, answer):
     verdict = _verdict(base_scorer, question, answer)
