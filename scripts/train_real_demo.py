@@ -352,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
             "final_loss": {"anti_expert": sum(anti_losses[-20:]) / 20, "expert": sum(expert_losses[-20:]) / 20},
             "timings_s": {"anti_expert": round(anti_s, 1), "expert": round(expert_s, 1),
                           "total": round(time.time() - t_start, 1)}}
-    (args.out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    previous = args.out / "training.json"
+    if args.reuse_anti and previous.exists():  # the anti-expert's figures are those of the run that trained it
+        before = json.loads(previous.read_text())
+        meta["final_loss"]["anti_expert"] = before["final_loss"]["anti_expert"]
+        meta["timings_s"]["anti_expert"] = before["timings_s"]["anti_expert"]
+        meta["anti_expert_from"] = {"plan": before["plan"], "reused": True}
+    previous.write_text(json.dumps(meta, indent=2) + "\n")
     log(f"saved to {args.out} ({meta['timings_s']})")
     return 0
 
