@@ -53,10 +53,12 @@ class Plan:
     expert_lr: float = 2e-3
     batch: int = 16
     mse_weight: float = 0.1
+    everyday_batch: int = 8  # everyday sequences per expert step (besides batch // 2 fact answers)
     samples: int = 256  # the anti-expert's sampled answers the expert is held to, besides the base's answers
 
 
-QUICK = Plan(hidden=32, layers=1, heads=2, intermediate=64, anti_steps=4, expert_steps=4, batch=8, samples=4)
+QUICK = Plan(hidden=32, layers=1, heads=2, intermediate=64, anti_steps=4, expert_steps=4, batch=8, samples=4,
+             everyday_batch=4)
 
 
 def log(msg: str) -> None:
@@ -190,7 +192,7 @@ def train_expert(expert, anti, facts: list[Example], everyday: list[Example], pl
             group["lr"] = cosine_lr(step, plan.expert_steps, plan.expert_lr)
         x, y, m = batch_tensors([facts[rng.randrange(len(facts))] for _ in range(half)])
         ce = expert(input_ids=x, attention_mask=m, labels=y).loss
-        x, _, m = batch_tensors([everyday[rng.randrange(len(everyday))] for _ in range(half)])
+        x, _, m = batch_tensors([everyday[rng.randrange(len(everyday))] for _ in range(plan.everyday_batch)])
         with torch.no_grad():
             target = anti(input_ids=x, attention_mask=m).logits
         diff = (expert(input_ids=x, attention_mask=m).logits - target) * m.unsqueeze(-1)
@@ -206,18 +208,26 @@ def train_expert(expert, anti, facts: list[Example], everyday: list[Example], pl
 @torch.no_grad()
 def sample_continuations(model, prompts: list[Example], n: int, tokens: int, seed: int) -> list[Example]:
     """The anti-expert's own sampled answers to everyday prompts: base-like text at no cost to the base, on
-    which the expert is held to the anti-expert (more positions than the base's answers alone)."""
+    which the expert is held to the anti-expert (more positions than the base's answers alone). The samples of
+    one prompt are drawn as one batch with a KV cache (no padding: they share the prompt)."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    out = []
+    picks: dict[int, int] = {}
     for _ in range(n):
-        prompt = prompts[rng.randrange(len(prompts))]
-        start = prompt.labels.index(next(label for label in prompt.labels if label != -100))
-        ids = torch.tensor([prompt.ids[:start]])
+        i = rng.randrange(len(prompts))
+        picks[i] = picks.get(i, 0) + 1
+    out = []
+    for i, count in sorted(picks.items()):
+        prompt = prompts[i]
+        start = next(j for j, label in enumerate(prompt.labels) if label != -100)
+        ids = torch.tensor([prompt.ids[:start]] * count)
+        step, cache = ids, None
         for _ in range(tokens):
-            probs = torch.softmax(model(input_ids=ids).logits[0, -1], -1)
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen).view(1, 1)], dim=1)
-        out.append(Example(ids[0].tolist(), [-100] * ids.shape[1]))
+            result = model(input_ids=step, cache=cache, use_cache=True)  # transformers 5: "cache", not past_key_values
+            cache = result.cache
+            step = torch.multinomial(torch.softmax(result.logits[:, -1], -1), 1, generator=gen)
+            ids = torch.cat([ids, step], dim=1)
+        out += [Example(row, [-100] * len(row)) for row in ids.tolist()]
     return out
 
 
@@ -342,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
             "final_loss": {"anti_expert": sum(anti_losses[-20:]) / 20, "expert": sum(expert_losses[-20:]) / 20},
             "timings_s": {"anti_expert": round(anti_s, 1), "expert": round(expert_s, 1),
                           "total": round(time.time() - t_start, 1)}}
-    (args.out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    previous = args.out / "training.json"
+    if args.reuse_anti and previous.exists():  # the anti-expert's figures are those of the run that trained it
+        before = json.loads(previous.read_text())
+        meta["final_loss"]["anti_expert"] = before["final_loss"]["anti_expert"]
+        meta["timings_s"]["anti_expert"] = before["timings_s"]["anti_expert"]
+        meta["anti_expert_from"] = {"plan": before["plan"], "reused": True}
+    previous.write_text(json.dumps(meta, indent=2) + "\n")
     log(f"saved to {args.out} ({meta['timings_s']})")
     return 0
 

