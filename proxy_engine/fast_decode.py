@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +289,18 @@ class FastDecoder:
         if pack:
             self.packed = [{name: PackedLinear([w], [b]) for name, (w, b) in fused.items()} for fused in self.fused]
             self.packed_head = PackedLinear([self.head_weight], [self.head_bias])
+        # The step's per-layer callables, bound once (the loop then does no lookups): the plain GEMMs on the fused
+        # weights, the same with the one-row bags where they fit, and the packed GEMMs.
+        plain = [tuple(partial(F.linear, weight=w, bias=b) for w, b in (f["qkv"], f["o"], f["gate_up"], f["down"]))
+                 for f in self.fused]
+        self.plain_linears = plain
+        self.bag_linears = [tuple(bags.get(name, fn) for name, fn in zip(("qkv", "o", "gate_up", "down"), fns))
+                            for bags, fns in zip(self.bags, plain)]
+        self.packed_linears = None if self.packed is None else [
+            (p["qkv"], p["o"], p["gate_up"], p["down"]) for p in self.packed]
+        self.norms = [(lay.input_layernorm.weight, lay.input_layernorm.variance_epsilon,
+                       lay.post_attention_layernorm.weight, lay.post_attention_layernorm.variance_epsilon,
+                       lay.self_attn.scaling, lay.mlp.act_fn) for lay in self.layers]
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -325,34 +338,20 @@ class FastDecoder:
         cos, sin = self.rotary.signed_sin(positions, cache.state.span - 1)  # [n, 1, D] against [n, heads, D]
         gqa = kv_heads != heads
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        packed = self.packed if self.packed is not None and n >= PACKED_MIN_ROWS else None
-        bags = self.bags if n == 1 else None
-
-        def linear(index: int, name: str, h: torch.Tensor) -> torch.Tensor:
-            if packed is not None:
-                return packed[index][name](h)
-            if bags is not None and name in bags[index]:
-                return bags[index][name](h)
-            weight, bias = self.fused[index][name]
-            return F.linear(h, weight, bias)
-
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            norm = layer.input_layernorm
-            qkv = linear(index, "qkv", _norm(x, norm.weight, norm.variance_epsilon))
-            qk = rotate_signed(qkv[:, : q_size + kv_size].view(n, heads + kv_heads, head_dim), cos, sin)
-            q = qk[:, :heads, None]  # [n, heads, 1, D]
-            k = qk[:, heads:, None]
-            v = qkv[:, q_size + kv_size :].view(n, kv_heads, 1, head_dim)
-            keys, values = cache.layers[index].update(k, v)  # [n, kv_heads, span, D]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                                 enable_gqa=gqa)  # [n, heads, 1, D]
-            x = x + linear(index, "o", out.reshape(n, q_size))
-            norm = layer.post_attention_layernorm
-            gate, up = linear(index, "gate_up", _norm(x, norm.weight, norm.variance_epsilon)).chunk(2, dim=-1)
-            gate = self.act(gate) if self.act is not None else layer.mlp.act_fn(gate)
-            x = x + linear(index, "down", gate * up)
+        packed = self.packed_linears is not None and n >= PACKED_MIN_ROWS
+        linears = self.packed_linears if packed else self.bag_linears if n == 1 else self.plain_linears
+        qk_size = q_size + kv_size
+        for (qkv_proj, o_proj, gate_up_proj, down_proj), (norm1, eps1, norm2, eps2, scaling, act_fn), kv in zip(
+                linears, self.norms, cache.layers):
+            qkv = qkv_proj(_norm(x, norm1, eps1))
+            qk = rotate_signed(qkv[:, :qk_size].view(n, heads + kv_heads, head_dim), cos, sin)
+            keys, values = kv.update(qk[:, heads:, None], qkv[:, qk_size:].view(n, kv_heads, 1, head_dim))
+            out = F.scaled_dot_product_attention(qk[:, :heads, None], keys, values, attn_mask=mask, scale=scaling,
+                                                 enable_gqa=gqa)  # [n, heads, 1, D] against [n, kv_heads, span, D]
+            x = x + o_proj(out.reshape(n, q_size))
+            gate, up = gate_up_proj(_norm(x, norm2, eps2)).chunk(2, dim=-1)
+            x = x + down_proj((self.act or act_fn)(gate) * up)
         x = _norm(x, self.final_norm.weight, self.final_norm.variance_epsilon)
-        if packed is not None:
+        if packed:
             return self.packed_head(x).float()
         return F.linear(x, self.head_weight, self.head_bias).float()
