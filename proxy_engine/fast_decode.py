@@ -247,7 +247,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """``rotate`` with the negation in the table: ``rotate_half(x) * sin == swap_halves(x) * signed_sin``
-    exactly (a sign flip), so the result is the same; three kernels instead of six."""
+    exactly (a sign flip); three kernels instead of six. ``addcmul`` may fuse its multiply-add (an FMA: one
+    rounding instead of two), so values can differ from ``rotate`` in the last bit."""
     return torch.addcmul(x * cos, _swap_halves(x), signed_sin)
 
 
