@@ -54,7 +54,7 @@ def _swap_halves(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x[..., half:], x[..., :half]), dim=-1)
 
 
-BAG_MAX_OUTPUTS = 768  # one-row GEMVs with at most this many outputs run as a weighted embedding bag
+BAG_MAX_OUTPUTS = 640  # one-row GEMVs with at most this many outputs run as a weighted embedding bag
 
 
 class BagGemv:
@@ -65,7 +65,8 @@ class BagGemv:
     real SmolLM2-135M's shapes, one row, one thread, weights cold (as in a step, 540 MB per token), it read
     24.8 GB/s against MKL's GEMV's 13.4 for o_proj (``[576, 576]``) and 17.8 against 11 for down_proj
     (``[1536, 576]``), but lost at 960 outputs and more (12.6 against 15.4 for q/k/v, 11 against 22 for the
-    head): hence ``BAG_MAX_OUTPUTS``. The same products summed in another order (float32 rounding only).
+    head), and the bench family's base (768 outputs) stepped 16% slower with bags on o / down: hence
+    ``BAG_MAX_OUTPUTS``. The same products summed in another order (float32 rounding only).
     """
 
     __slots__ = ("bias", "index", "offsets", "table")
