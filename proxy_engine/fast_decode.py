@@ -258,7 +258,9 @@ class FastDecoder:
 
     q/k/v and gate/up are fused (one GEMM each: their weights are moved into one storage per layer, see
     ``fuse_linears``), rotary cos / sin come from a table, q and k are rotated together. ``column_major``
-    (CPU float32) stores the linear weights column-major for the one-row GEMV.
+    (CPU float32) stores the linear weights column-major for the one-row GEMV; a one-row step then runs the
+    narrow ones (o, down) as embedding bags (``BagGemv``), and steps of ``PACKED_MIN_ROWS`` rows or more use
+    the packed copies when there are any.
     """
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, pack: bool = False, column_major: bool = False
