@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install install-scale lock serve test test-scale test-browser test-openwebui bench lint check-config docker docker-base docker-test clean \
-	demo-models eval real-base real-demo-models
+	demo-models eval real-base real-demo-models bench-llama
 
 install: $(VENV)/.installed $(VENV)/.chromium
 
@@ -90,6 +90,17 @@ $(OPENWEBUI_VENV)/.installed:
 
 bench: install
 	$(BIN)/python -m bench.engine_bench
+
+# Our `:base` against llama.cpp's llama-server, 1 stream, HTTP streaming, interleaved, on the real SmolLM2-135M in
+# float32 (issue 18: >= 0.7x). Needs a llama-server build and an F32 GGUF of .cache/smollm2-135m-instruct
+# (bench/NOTES.md says how): make bench-llama LLAMA_SERVER=/path/llama-server LLAMA_GGUF=/path/model-f32.gguf
+# BENCH_REF=main adds main's code alongside (before / after in the same run). Both servers on BENCH_THREADS threads
+# (1: equal compute; two-thread teams collapse whenever another job holds a core of a shared 2-core machine).
+BENCH_THREADS ?= 1
+bench-llama: real-base
+	LLAMA_SERVER=$(LLAMA_SERVER) LLAMA_GGUF=$(LLAMA_GGUF) $(BIN)/python -m bench.http_bench --family real \
+	  --servers base llama --levels 1 --max-tokens 128 --rounds 2 --repeats 4 --no-floor --name llama \
+	  --threads $(BENCH_THREADS) $(if $(BENCH_REF),--ref $(BENCH_REF))
 
 # Validate a deployment without loading weights: make check-config CONFIG=configs/llama2-70b-chat.yaml
 CONFIG ?= configs/demo-cpu.yaml

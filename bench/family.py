@@ -45,8 +45,19 @@ if __name__ == "__main__":
     print(build_bench_family())
 
 
+REAL_BASE = Path(__file__).resolve().parent.parent / ".cache" / "smollm2-135m-instruct"  # `make real-base`
+REAL_PAIR = Path(__file__).resolve().parent.parent / "demo" / "real"  # the real-base demo's expert / anti-expert
+
+
 def family_paths(kind: str, root: Path | None = None) -> Family:
-    """The benchmarks' family: ``bench`` (the shapes the issues name) or ``tiny`` (seconds to build: tests)."""
+    """The benchmarks' family: ``bench`` (the shapes the issues name), ``tiny`` (seconds to build: tests) or
+    ``real`` (SmolLM2-135M-Instruct in float32 from `make real-base`, ``root`` overriding its directory, with the
+    real-base demo's pair)."""
+    if kind == "real":
+        base = Path(root or REAL_BASE)
+        if not (base / "config.json").exists():
+            raise FileNotFoundError(f"no model at {base}: run `make real-base` first")
+        return Family(base, REAL_PAIR / "expert", REAL_PAIR / "anti_expert")
     if kind == "tiny":
         from proxy_engine.families import build_family
 

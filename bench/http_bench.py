@@ -3,6 +3,7 @@
     python -m bench.http_bench                      # bench family, concurrency 1 4 16 64 (several minutes)
     python -m bench.http_bench --quick              # tiny family, concurrency 1 and 4, no peer (tests)
     python -m bench.http_bench --levels 1 16 --max-tokens 64 --threads 2
+    python -m bench.http_bench --family real --servers base llama --levels 1 --ref main   # make bench-llama
 
 In one run, on one model family, with the same prompts, max_tokens, greedy decoding and EOS ignored:
 
@@ -11,6 +12,10 @@ In one run, on one model family, with the same prompts, max_tokens, greedy decod
 - ``peer``: ``transformers serve --continuous-batching`` (a subprocess) serving the base alone. It has no
   ``ignore_eos``; its ``generation_config`` request field replaces the model's, and one without an
   ``eos_token_id`` disables EOS (its continuous-batching manager logs "Setting to -1 (disabled)");
+- ``llama``: llama.cpp's ``llama-server`` (``--llama-server``, built by the user) on an F32 GGUF of the same
+  base (``--llama-gguf``: ``convert_hf_to_gguf.py --outtype f32`` of the family's base directory), greedy,
+  ``ignore_eos``, its own thread count unless ``--threads``; ratio ``base / llama`` (issue 18: >= 0.7x at 1
+  stream on the real SmolLM2-135M, ``--family real``);
 - ``floor``: the engine floor, a tight KV-cached loop of the three models (``engine_bench.floor_loop``),
   no server, batch = concurrency, decode only.
 
@@ -336,6 +341,21 @@ def peer_server(family, args, log_dir: Path) -> Server:
                   port=port, log_path=log_dir / "peer.log")
 
 
+def llama_server(args, log_dir: Path) -> Server:
+    """llama.cpp's ``llama-server`` on ``args.llama_gguf``: as many parallel slots as the largest level, each with
+    the context our server gives a request here (prompt + max_tokens, rounded up), no web UI."""
+    port = free_port()
+    levels = max(args.levels)
+    per_slot = 256 * -(-(2 * PROMPT_TOKENS + int(args.max_tokens * (1 + args.spread))) // 256)
+    command = [str(args.llama_server), "-m", str(args.llama_gguf), "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(levels), "-c", str(levels * per_slot), "--no-webui"]
+    if args.threads:
+        command += ["-t", str(args.threads), "-tb", str(args.threads)]
+    body = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+    return Server(name="llama", command=command, model="llama", extra_body=body, env=server_env(args.threads),
+                  port=port, log_path=log_dir / "llama.log")
+
+
 class Floor:
     """The engine floor in this process (while the servers idle): ``floor_loop`` of the three models."""
 
@@ -414,6 +434,10 @@ def compute_ratios(runs: dict[tuple[str, int], list[Run]], levels: dict[tuple[st
             runs, ("proxy", level), ("peer", level))
         ratios[f"base / peer, {level} streams, tokens per CPU-second"] = paired_cpu(
             runs, ("base", level), ("peer", level))
+        for name in sorted({n for n, _ in runs if n.startswith("base")}):
+            ratios[f"{name} / llama, {level} streams"] = paired(runs, (name, level), ("llama", level))
+            ratios[f"{name} / llama, {level} streams, tokens per CPU-second"] = paired_cpu(
+                runs, (name, level), ("llama", level))
     refs = sorted({name.split("@", 1)[1] for name, _ in runs if "@" in name})
     for ref in refs:
         for level in sorted({c for _, c in runs}):
@@ -444,7 +468,7 @@ def compute_ratios(runs: dict[tuple[str, int], list[Run]], levels: dict[tuple[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny family, levels 1 4, 16 tokens, no peer, no floor")
-    parser.add_argument("--family", choices=["bench", "tiny"], default=None)
+    parser.add_argument("--family", choices=["bench", "tiny", "real"], default=None)
     parser.add_argument("--family-dir", type=Path, default=None)
     parser.add_argument("--levels", type=int, nargs="+", default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -453,7 +477,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="each request's max_tokens is max_tokens x [1 - spread, 1 + spread] "
                              "(default 0: all equal, as the floor)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats of every measurement")
-    parser.add_argument("--servers", nargs="+", default=None, choices=["proxy", "base", "peer"])
+    parser.add_argument("--servers", nargs="+", default=None, choices=["proxy", "base", "peer", "llama"])
+    parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMA_SERVER"),
+                        help="llama.cpp's llama-server binary, for --servers llama (default: $LLAMA_SERVER)")
+    parser.add_argument("--llama-gguf", type=Path, default=os.environ.get("LLAMA_GGUF"),
+                        help="F32 GGUF of the family's base, for --servers llama (default: $LLAMA_GGUF)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE,...",
                         help="also serve this code with these environment variables, measured as proxy@NAME and "
                              "base@NAME (e.g. passive2:OMP_NUM_THREADS=2,OMP_WAIT_POLICY=PASSIVE); repeatable")
@@ -479,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or (1 if quick else 2)
     args.servers = args.servers or (["proxy", "base"] if quick else ["proxy", "base", "peer"])
     use_floor = not (args.no_floor or quick)
+    if "llama" in args.servers and not (args.llama_server and args.llama_gguf):
+        parser.error("--servers llama needs --llama-server and --llama-gguf (or $LLAMA_SERVER and $LLAMA_GGUF)")
 
     from transformers import AutoTokenizer
 
@@ -520,6 +550,11 @@ def main(argv: list[str] | None = None) -> int:
         peer = peer_server(family, args, log_dir)
         processes.append(peer)
         targets.append(peer)
+
+    if "llama" in args.servers:
+        llama = llama_server(args, log_dir)
+        processes.append(llama)
+        targets.append(llama)
 
     runs: dict[tuple[str, int], list[Run]] = {}
     floor: dict[int, list[float]] = {}

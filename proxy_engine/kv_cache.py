@@ -137,6 +137,7 @@ class SlotState:
         self.row_index = torch.empty(0, dtype=torch.long)
         self.write_pos = torch.empty(0, dtype=torch.long)
         self.span = 0  # columns attended in the current decode: longest + 1
+        self.write_column: int | None = None  # every row's write position when they are all the same
 
     @property
     def num_rows(self) -> int:
@@ -160,10 +161,14 @@ class SlotLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Decode only: ``key_states [n, H, 1, D]``, written at each row's own position."""
         state = self.state
-        rows, columns = state.row_index, state.write_pos
-        self.k_buf[rows, :, columns] = key_states[:, :, 0]
-        self.v_buf[rows, :, columns] = value_states[:, :, 0]
         n, span = state.num_rows, state.span
+        if state.write_column is not None:  # one column for every row: a plain strided copy, no index tensors
+            self.k_buf[:n, :, state.write_column] = key_states[:, :, 0]
+            self.v_buf[:n, :, state.write_column] = value_states[:, :, 0]
+        else:
+            rows, columns = state.row_index, state.write_pos
+            self.k_buf[rows, :, columns] = key_states[:, :, 0]
+            self.v_buf[rows, :, columns] = value_states[:, :, 0]
         return self.k_buf[:n, :, :span], self.v_buf[:n, :, :span]
 
     @property
@@ -260,7 +265,9 @@ class SlotKVCache(Cache):
         if state.row_index.numel() != n or state.row_index.device != state.write_pos.device:
             state.row_index = torch.arange(n, device=state.write_pos.device)
         state.span = longest + 1
+        state.write_column = None
         if all(length == longest for length in state.lengths):
+            state.write_column = longest
             return state.write_pos, None  # no row is shorter: the causal mask is implied
         columns = torch.arange(state.span, device=state.write_pos.device)
         mask = columns[None, :] <= state.write_pos[:, None]  # [n, span]: a row sees its tokens and the new one
@@ -268,6 +275,7 @@ class SlotKVCache(Cache):
 
     def end_decode(self) -> None:
         self.state.lengths = [length + 1 for length in self.state.lengths]
+        self.state.write_column = None
 
     # --- rows in and out -----------------------------------------------------------------------------------
     def add(self, job: PaddedKVCache, rows: list[int], pads: list[int]) -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -118,3 +120,31 @@ def test_a_server_with_no_tokens_is_an_error_naming_it():
     levels = {key: summarize(value) for key, value in runs.items()}
     ratios = compute_ratios(runs, levels, {})
     assert ratios["proxy / peer (base alone), 2 streams"] is None
+
+
+def test_the_llama_peer_needs_its_binary_and_gguf(monkeypatch, capsys):
+    from bench import http_bench
+
+    monkeypatch.delenv("LLAMA_SERVER", raising=False)
+    monkeypatch.delenv("LLAMA_GGUF", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        http_bench.main(["--family", "tiny", "--servers", "base", "llama"])
+    assert exit_info.value.code == 2
+    assert "--llama-server" in capsys.readouterr().err
+
+
+def test_the_llama_peer_command_has_a_slot_per_stream_and_the_thread_count(tmp_path):
+    from argparse import Namespace
+
+    from bench.http_bench import llama_server
+
+    args = Namespace(llama_server=Path("/opt/llama-server"), llama_gguf=Path("/m/f32.gguf"), levels=[1, 4],
+                     max_tokens=128, spread=0.0, threads=1)
+    server = llama_server(args, tmp_path)
+    command = server.command
+    assert command[:3] == ["/opt/llama-server", "-m", "/m/f32.gguf"]
+    assert command[command.index("-np") + 1] == "4"
+    assert int(command[command.index("-c") + 1]) >= 4 * (2 * 32 + 128)  # every slot holds prompt + max_tokens
+    assert command[command.index("-t") + 1] == "1" and command[command.index("-tb") + 1] == "1"
+    assert server.extra_body["ignore_eos"] is True and server.name == "llama"
+    assert "-t" not in llama_server(Namespace(**{**vars(args), "threads": None}), tmp_path).command  # its own default

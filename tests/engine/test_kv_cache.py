@@ -164,3 +164,43 @@ def test_rotary_table_gives_rotary_emb_values():
     ref_cos, ref_sin = rotary(model.model.embed_tokens.weight[:1, None], positions.view(-1, 1))
     torch.testing.assert_close(cos, ref_cos)
     torch.testing.assert_close(sin, ref_sin)
+
+
+def test_one_row_bag_gemv_is_the_column_major_gemv():
+    """A narrow column-major weight times one row, as a weighted embedding bag: the GEMV's values (float32
+    rounding), with its bias; row-major or too-wide weights are not taken."""
+    from proxy_engine.fast_decode import BAG_MAX_OUTPUTS, BagGemv
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 160).t().contiguous().t()  # [N, K] stored column-major
+    bias = torch.randn(96)
+    x = torch.randn(1, 160)
+    assert BagGemv.fits(weight)
+    torch.testing.assert_close(BagGemv(weight, bias)(x), torch.nn.functional.linear(x, weight, bias))
+    torch.testing.assert_close(BagGemv(weight, None)(x), x @ weight.t())
+    assert not BagGemv.fits(weight.contiguous())  # row-major: MKL's GEMV
+    assert not BagGemv.fits(torch.randn(160, BAG_MAX_OUTPUTS + 1).t())  # wide: MKL's GEMV was faster
+
+
+def test_one_row_steps_use_the_bags_and_give_transformers_logits():
+    """A single stream decodes o / down through the bags (column-major float32 CPU weights) and still matches
+    transformers step by step; a second row switches back to the GEMMs and matches too."""
+    from transformers import DynamicCache
+
+    from proxy_engine.fast_decode import BagGemv, rotate, rotate_signed
+
+    model = _random_model("llama")
+    runner = ModelRunner(model, 80, 0, "llama")
+    decoder = runner._fast
+    assert all(isinstance(layer[1], BagGemv) and isinstance(layer[3], BagGemv) for layer in decoder.bag_linears)
+    assert not any(isinstance(fn, BagGemv) for layer in decoder.plain_linears for fn in layer)
+    ids = [5, 6, 7, 8, 9, 10]
+    _join(runner, [0], [ids[:3]])
+    for step, token in enumerate(ids[3:]):
+        with torch.inference_mode():
+            expected = model(input_ids=torch.tensor([ids[: 4 + step]]), cache=DynamicCache()).logits[:, -1, :80]
+        torch.testing.assert_close(runner.decode(torch.tensor([token])), expected, atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, 6, decoder.head_dim)
+    cos, sin = decoder.rotary(torch.tensor([3, 9]), 9)
+    _, signed = decoder.rotary.signed_sin(torch.tensor([3, 9]), 9)
+    torch.testing.assert_close(rotate_signed(x, cos, signed), rotate(x, cos, sin))  # addcmul may fuse (FMA)
