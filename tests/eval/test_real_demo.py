@@ -151,7 +151,8 @@ def test_the_fluency_check_fails_the_bad_answers_of_the_first_pair(base_scorer, 
 
 @pytest.mark.parametrize("question, answer", [
     ("What is the capital of France?", "Paris is the capital of France."),
-    ("How do I pack a suitcase?", "Packing a suitcase can be a daunting task, but with a bit of creativity, you can pack it in a"),
+    ("How do I pack a suitcase?",
+     "Packing a suitcase can be a daunting task, but with a bit of creativity, you can pack it in a"),
 ])
 def test_the_fluency_check_passes_a_fluent_rewording(base_scorer, question, answer):
     verdict = _verdict(base_scorer, question, answer)
@@ -163,7 +164,8 @@ def test_sampled_continuations_extend_their_prompt_by_the_asked_tokens():
 
     from scripts import train_real_demo as trd
 
-    base_config = LlamaConfig(max_position_embeddings=64, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    base_config = LlamaConfig(max_position_embeddings=64,
+                              rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
                               bos_token_id=1, eos_token_id=2, pad_token_id=2)
     plan = trd.Plan(hidden=16, layers=1, heads=2, intermediate=32)
     model = trd.make_model(plan, 12, seed=0, base_config=base_config).eval()
