@@ -12,10 +12,8 @@ this one: it pins its own torch, FastAPI and pydantic) and runs this file; elsew
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,12 +23,11 @@ import pytest
 
 from bench.harness import ServerProcess, free_port
 from tests.browser.request_log import LoggedRequest, read_refusals, read_requests
+from tests.browser.requirements import CHROMIUM, browser_missing, skip_unless_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ["OPENWEBUI_VENV"]) if os.environ.get("OPENWEBUI_VENV") else None
 OPEN_WEBUI = VENV / "bin" / "open-webui" if VENV else None
-NAMED = os.environ.get("PLAYGROUND_CHROMIUM")
-CHROMIUM = shutil.which(NAMED) if NAMED else shutil.which("chromium") or shutil.which("chromium-browser")
 CONFIG = ROOT / "configs" / "demo-real.yaml"
 MODEL = "proxy-real"  # served_model_name in CONFIG
 KEY = "sk-openwebui-e2e"
@@ -49,19 +46,15 @@ def _missing() -> str | None:
         return "OPENWEBUI_VENV is not set (make test-openwebui installs Open WebUI and sets it)"
     if not OPEN_WEBUI.exists():
         return f"no Open WebUI at {OPEN_WEBUI} (make test-openwebui installs it)"
-    if importlib.util.find_spec("playwright") is None:
-        return "Playwright is not installed (the test extra has it)"
-    if CHROMIUM is None:
-        return "Debian's chromium is not installed (apt-get install -y chromium)"
+    if (missing := browser_missing()) is not None:
+        return missing
     if not (ROOT / ".cache" / "smollm2-135m-instruct" / "config.json").exists():
         return "the real base is not set up (make real-base)"
     return None
 
 
 MISSING = _missing()
-if MISSING and REQUIRED:
-    raise RuntimeError(f"make test-openwebui: {MISSING}")
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+pytestmark = skip_unless_ready(MISSING, REQUIRED, "make test-openwebui")
 if MISSING is None:
     from playwright import sync_api
 

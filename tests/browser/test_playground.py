@@ -10,20 +10,16 @@ test-browser``) writes the README's screenshot. Skipped, with the reason, withou
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from bench.harness import ServerProcess, free_port
+from tests.browser.requirements import CHROMIUM, browser_missing, skip_unless_ready
 
 ROOT = Path(__file__).resolve().parents[2]
-# PLAYGROUND_CHROMIUM names another build of chromium (a path or a command).
-NAMED = os.environ.get("PLAYGROUND_CHROMIUM")
-CHROMIUM = shutil.which(NAMED) if NAMED else shutil.which("chromium") or shutil.which("chromium-browser")
 KEY = "sk-playground-test"
 ANSWER = "Islebrook"
 TIMEOUT_MS = 120_000  # two shared cores may be busy with other tests
@@ -33,20 +29,15 @@ REQUIRED = bool(os.environ.get("PROXY_SERVE_REQUIRE_BROWSER"))
 
 
 def _missing() -> str | None:
-    if importlib.util.find_spec("playwright") is None:
-        return "Playwright is not installed (the test extra has it)"
-    if CHROMIUM is None:
-        return "Debian's chromium is not installed (apt-get install -y chromium; make install does it where apt is"\
-            " available)"
+    if (missing := browser_missing()) is not None:
+        return missing
     if not (ROOT / "demo" / "models" / "base" / "config.json").exists():
         return "the trained demo family is absent"
     return None
 
 
 MISSING = _missing()
-if MISSING and REQUIRED:
-    raise RuntimeError(f"make test-browser: {MISSING}")
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+pytestmark = skip_unless_ready(MISSING, REQUIRED, "make test-browser")
 if MISSING is None:
     from playwright import sync_api
 
