@@ -49,10 +49,10 @@ class Plan:
     intermediate: int = 384
     anti_steps: int = 300
     anti_lr: float = 3e-3
-    expert_steps: int = 300
-    expert_lr: float = 2e-3
+    expert_steps: int = 3000
+    expert_lr: float = 3e-3
     batch: int = 16
-    mse_weight: float = 0.1
+    mse_weight: float = 0.01  # 0.1 held the expert so close to the anti that the proxy kept a third of its facts
     everyday_batch: int = 8  # everyday sequences per expert step (besides batch // 2 fact answers)
     samples: int = 256  # the anti-expert's sampled answers the expert is held to, besides the base's answers
 
