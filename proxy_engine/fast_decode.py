@@ -66,7 +66,8 @@ class BagGemv:
     24.8 GB/s against MKL's GEMV's 13.4 for o_proj (``[576, 576]``) and 17.8 against 11 for down_proj
     (``[1536, 576]``), but lost at 960 outputs and more (12.6 against 15.4 for q/k/v, 11 against 22 for the
     head), and the bench family's base (768 outputs) stepped 16% slower with bags on o / down: hence
-    ``BAG_MAX_OUTPUTS``. The same products summed in another order (float32 rounding only).
+    ``BAG_MAX_OUTPUTS``. One bag runs on one thread: with a team of two, MKL's GEMV splits and wins
+    (``FastDecoder.linears_for``). The same products summed in another order (float32 rounding only).
     """
 
     __slots__ = ("bias", "index", "offsets", "table")
@@ -258,9 +259,9 @@ class FastDecoder:
 
     q/k/v and gate/up are fused (one GEMM each: their weights are moved into one storage per layer, see
     ``fuse_linears``), rotary cos / sin come from a table, q and k are rotated together. ``column_major``
-    (CPU float32) stores the linear weights column-major for the one-row GEMV; a one-row step then runs the
-    narrow ones (o, down) as embedding bags (``BagGemv``), and steps of ``PACKED_MIN_ROWS`` rows or more use
-    the packed copies when there are any.
+    (CPU float32) stores the linear weights column-major for the one-row GEMV; a one-row step on a one-thread
+    team then runs the narrow ones (o, down) as embedding bags (``BagGemv``), and steps of ``PACKED_MIN_ROWS``
+    rows or more use the packed copies when there are any (``linears_for``).
     """
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, pack: bool = False, column_major: bool = False
@@ -282,7 +283,7 @@ class FastDecoder:
                 "down": fuse_linears([mlp.down_proj], column_major),
             })
         self.rotary = RotaryTable(inner.rotary_emb, inner.embed_tokens.weight)
-        # One-row steps (a single stream) run the narrow column-major GEMVs (o, down) as embedding bags.
+        # One-row steps on a one-thread team run the narrow column-major GEMVs (o, down) as embedding bags.
         self.bags: list[dict[str, BagGemv]] = [
             {name: BagGemv(w, b) for name, (w, b) in fused.items() if BagGemv.fits(w)} for fused in self.fused]
 
@@ -333,6 +334,20 @@ class FastDecoder:
             log.warning("%s: packing the linear weights failed (%s); using the plain GEMM", name, error)
             return cls(model, vocab_size, False, column_major)
 
+    def linears_for(self, rows: int) -> list:
+        """The per-layer (qkv, o, gate_up, down) callables for a step of ``rows`` rows, in the calling thread.
+
+        The bags only for one row on a one-thread team: an embedding bag of one bag runs on one thread, while
+        MKL's GEMV splits across the team, so with two threads the bags made the real SmolLM2-135M's one-row
+        step 1.25x slower (25.6 against 31.9 ms, quiet machine). With one thread they were within a few
+        percent of MKL either way (-3.5 to -8% of the step on a loaded machine, +2 to +4% on a quiet one).
+        """
+        if self.packed_linears is not None and rows >= PACKED_MIN_ROWS:
+            return self.packed_linears
+        if rows == 1 and torch.get_num_threads() == 1:
+            return self.bag_linears
+        return self.plain_linears
+
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
         """``ids [n]``, ``positions [n]``, ``mask [n, 1, 1, span]`` or None, ``cache`` a ``SlotKVCache``."""
@@ -343,7 +358,7 @@ class FastDecoder:
         gqa = kv_heads != heads
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         packed = self.packed_linears is not None and n >= PACKED_MIN_ROWS
-        linears = self.packed_linears if packed else self.bag_linears if n == 1 else self.plain_linears
+        linears = self.linears_for(n)
         qk_size = q_size + kv_size
         for (qkv_proj, o_proj, gate_up_proj, down_proj), (norm1, eps1, norm2, eps2, scaling, act_fn), kv in zip(
                 linears, self.norms, cache.layers):

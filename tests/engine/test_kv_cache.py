@@ -200,7 +200,29 @@ def test_one_row_steps_use_the_bags_and_give_transformers_logits():
         with torch.inference_mode():
             expected = model(input_ids=torch.tensor([ids[: 4 + step]]), cache=DynamicCache()).logits[:, -1, :80]
         torch.testing.assert_close(runner.decode(torch.tensor([token])), expected, atol=1e-5, rtol=1e-5)
+    assert decoder.linears_for(1) is decoder.bag_linears and decoder.linears_for(2) is decoder.plain_linears
     x = torch.randn(2, 6, decoder.head_dim)
     cos, sin = decoder.rotary(torch.tensor([3, 9]), 9)
     _, signed = decoder.rotary.signed_sin(torch.tensor([3, 9]), 9)
     torch.testing.assert_close(rotate_signed(x, cos, signed), rotate(x, cos, sin))  # addcmul may fuse (FMA)
+
+
+def test_one_row_steps_on_a_team_of_threads_use_the_gemv():
+    """One bag runs on one thread, MKL's GEMV on the whole team: with two threads a single stream keeps the
+    plain GEMV (the bags made the real model's step 1.25x slower there), and its logits are the same."""
+    model = _random_model("llama")
+    runner = ModelRunner(model, 80, 0, "llama")
+    decoder = runner._fast
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert decoder.linears_for(1) is decoder.plain_linears
+        _join(runner, [0], [[5, 6, 7]])
+        two = runner.decode(torch.tensor([8]))
+        torch.set_num_threads(1)
+        assert decoder.linears_for(1) is decoder.bag_linears
+    finally:
+        torch.set_num_threads(threads)
+    other = ModelRunner(model, 80, 0, "llama")
+    _join(other, [0], [[5, 6, 7]])
+    torch.testing.assert_close(two, other.decode(torch.tensor([8])), atol=1e-5, rtol=1e-5)
