@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -183,8 +184,8 @@ def test_one_row_bag_gemv_is_the_column_major_gemv():
 
 
 def test_one_row_steps_use_the_bags_and_give_transformers_logits():
-    """A single stream decodes o / down through the bags (column-major float32 CPU weights) and still matches
-    transformers step by step; a second row switches back to the GEMMs and matches too."""
+    """A single stream on one thread decodes o / down through the bags (column-major float32 CPU weights) and
+    still matches transformers step by step; a second row switches back to the GEMMs and matches too."""
     from transformers import DynamicCache
 
     from proxy_engine.fast_decode import BagGemv, rotate, rotate_signed
@@ -195,12 +196,13 @@ def test_one_row_steps_use_the_bags_and_give_transformers_logits():
     assert all(isinstance(layer[1], BagGemv) and isinstance(layer[3], BagGemv) for layer in decoder.bag_linears)
     assert not any(isinstance(fn, BagGemv) for layer in decoder.plain_linears for fn in layer)
     ids = [5, 6, 7, 8, 9, 10]
-    _join(runner, [0], [ids[:3]])
-    for step, token in enumerate(ids[3:]):
-        with torch.inference_mode():
-            expected = model(input_ids=torch.tensor([ids[: 4 + step]]), cache=DynamicCache()).logits[:, -1, :80]
-        torch.testing.assert_close(runner.decode(torch.tensor([token])), expected, atol=1e-5, rtol=1e-5)
-    assert decoder.linears_for(1) is decoder.bag_linears and decoder.linears_for(2) is decoder.plain_linears
+    with _threads(1):  # an earlier test may have left this thread's team at two (use_cpu_threads runs once)
+        _join(runner, [0], [ids[:3]])
+        for step, token in enumerate(ids[3:]):
+            with torch.inference_mode():
+                expected = model(input_ids=torch.tensor([ids[: 4 + step]]), cache=DynamicCache()).logits[:, -1, :80]
+            torch.testing.assert_close(runner.decode(torch.tensor([token])), expected, atol=1e-5, rtol=1e-5)
+        assert decoder.linears_for(1) is decoder.bag_linears and decoder.linears_for(2) is decoder.plain_linears
     x = torch.randn(2, 6, decoder.head_dim)
     cos, sin = decoder.rotary(torch.tensor([3, 9]), 9)
     _, signed = decoder.rotary.signed_sin(torch.tensor([3, 9]), 9)
@@ -213,16 +215,24 @@ def test_one_row_steps_on_a_team_of_threads_use_the_gemv():
     model = _random_model("llama")
     runner = ModelRunner(model, 80, 0, "llama")
     decoder = runner._fast
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    _join(runner, [0], [[5, 6, 7]])
+    with _threads(2):
         assert decoder.linears_for(1) is decoder.plain_linears
-        _join(runner, [0], [[5, 6, 7]])
         two = runner.decode(torch.tensor([8]))
-        torch.set_num_threads(1)
-        assert decoder.linears_for(1) is decoder.bag_linears
-    finally:
-        torch.set_num_threads(threads)
     other = ModelRunner(model, 80, 0, "llama")
     _join(other, [0], [[5, 6, 7]])
-    torch.testing.assert_close(two, other.decode(torch.tensor([8])), atol=1e-5, rtol=1e-5)
+    with _threads(1):
+        assert decoder.linears_for(1) is decoder.bag_linears
+        one = other.decode(torch.tensor([8]))
+    torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    """This thread's intra-op team at ``count`` for the block (the runner's use_cpu_threads acts once per thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
