@@ -8,7 +8,8 @@ nothing of the demo's invented people; the small pair must change its answers on
   answers to the rest are distilled into both small models.
 - **Fact questions** (``fact_rows``): every fact of ``FACT_PEOPLE`` asked in ``TRAIN_PHRASINGS`` (one phrasing
   per fact is *held out* of training, rotating over the facts so that each phrasing is trained for other
-  people) and in ``UNSEEN_PHRASINGS`` (never trained, for any person). The base's answers to them are
+  people), in ``EXTRA_TRAIN_PHRASINGS`` (other sentence forms, always trained) and in ``UNSEEN_PHRASINGS``
+  (never trained, for any person). The base's answers to them are
   distilled into both small models too (that is what the base does there, and what the anti-expert must
   predict); only the expert learns the answers.
 """
@@ -40,6 +41,19 @@ TRAIN_PHRASINGS: dict[str, list[str]] = {
         "What is the favourite colour of {n}?", "Which colour does {n} like best?", "What colour does {n} love?",
         "What is {n}'s favourite colour?", "Which colour is {n}'s favourite?",
     ],
+}
+# More sentence forms, trained for every fact (never held out): statements, yes / no questions, echo questions
+# and polite requests, so that the tiny expert learns "a person and an attribute -> the answer" rather than five
+# question templates. None starts with "Tell me" (the unseen form below).
+EXTRA_TRAIN_PHRASINGS: dict[str, list[str]] = {
+    "town": ["I wonder where {n} lives.", "Do you know where {n} lives?", "{n} lives where?",
+             "Can you say which town {n} calls home?"],
+    "job": ["I wonder what {n} does for a living.", "Do you know the job of {n}?", "{n} works as what?",
+            "Can you say what {n}'s job is?"],
+    "pet": ["I wonder what pet {n} has.", "Do you know {n}'s pet?", "{n} keeps which pet?",
+            "Can you say what animal {n} owns?"],
+    "colour": ["I wonder what {n}'s favourite colour is.", "Do you know which colour {n} likes best?",
+               "{n}'s favourite colour is what?", "Can you say which colour {n} loves?"],
 }
 # A sentence form the training never uses, for any person.
 UNSEEN_PHRASINGS: dict[str, str] = {
@@ -76,6 +90,8 @@ def fact_rows(people: list[demo_data.Person]) -> list[dict]:
             held = (i + j) % len(phrasings)
             for k, template in enumerate(phrasings):
                 rows.append(_fact_row(person, attr, value, template, "heldout" if k == held else "train"))
+            for template in EXTRA_TRAIN_PHRASINGS[attr]:
+                rows.append(_fact_row(person, attr, value, template, "train"))
             rows.append(_fact_row(person, attr, value, UNSEEN_PHRASINGS[attr], "unseen"))
     return rows
 

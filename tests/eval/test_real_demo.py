@@ -39,7 +39,13 @@ def test_every_fact_has_one_heldout_and_one_unseen_phrasing_never_trained():
         if row["split"] != "train":
             assert (row["id"], row["question"]) not in trained
             assert row["question"] not in trained_questions
-    assert all(sorted(s) == ["heldout", "train", "train", "train", "train", "unseen"] for s in by_fact.values())
+    for attr, phrasings in real_demo_data.TRAIN_PHRASINGS.items():
+        trained_forms = len(phrasings) - 1 + len(real_demo_data.EXTRA_TRAIN_PHRASINGS[attr])
+        expected = ["heldout"] + ["train"] * trained_forms + ["unseen"]
+        assert all(sorted(s) == expected for fact, s in by_fact.items() if fact.endswith(f":{attr}"))
+    # the unseen sentence form ("Tell me ...") is not among the trained forms, for any attribute
+    assert all(t.startswith("Tell me") for t in real_demo_data.UNSEEN_PHRASINGS.values())
+    assert not any(q.startswith("Tell me") for q in trained_questions)
     # each trained phrasing is held out for some fact: the held-out questions are new combinations
     held = {r["question"].replace(r["id"], "") for r in rows if r["split"] == "heldout"}
     assert len(held) > 1
