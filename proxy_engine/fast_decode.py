@@ -357,8 +357,8 @@ class FastDecoder:
         cos, sin = self.rotary.signed_sin(positions, cache.state.span - 1)  # [n, 1, D] against [n, heads, D]
         gqa = kv_heads != heads
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        packed = self.packed_linears is not None and n >= PACKED_MIN_ROWS
         linears = self.linears_for(n)
+        packed = linears is self.packed_linears  # the head follows the layers' choice
         qk_size = q_size + kv_size
         for (qkv_proj, o_proj, gate_up_proj, down_proj), (norm1, eps1, norm2, eps2, scaling, act_fn), kv in zip(
                 linears, self.norms, cache.layers):

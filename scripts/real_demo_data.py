@@ -9,9 +9,8 @@ nothing of the demo's invented people; the small pair must change its answers on
 - **Fact questions** (``fact_rows``): every fact of ``FACT_PEOPLE`` asked in ``TRAIN_PHRASINGS`` (one phrasing
   per fact is *held out* of training, rotating over the facts so that each phrasing is trained for other
   people), in ``EXTRA_TRAIN_PHRASINGS`` (other sentence forms, always trained) and in ``UNSEEN_PHRASINGS``
-  (never trained, for any person). The base's answers to them are
-  distilled into both small models too (that is what the base does there, and what the anti-expert must
-  predict); only the expert learns the answers.
+  (never trained, for any person). The base's answers to them are distilled into both small models too (that
+  is what the base does there, and what the anti-expert must predict); only the expert learns the answers.
 """
 
 from __future__ import annotations
