@@ -245,7 +245,7 @@ def _child_config(config: EngineConfig) -> EngineConfig:
 
 
 class _Child:
-    """The engine side: a step thread (as ``AsyncEngine._steps``) and the pipe reader (the main thread)."""
+    """The engine side: the step loop (as ``AsyncEngine._steps``) and the pipe reader, on two threads."""
 
     def __init__(self, conn, engine, idle_wait_s: float) -> None:
         self.conn, self.engine, self.idle_wait_s = conn, engine, idle_wait_s
@@ -270,7 +270,10 @@ class _Child:
                     self.wake.clear()
                     continue
                 outputs = engine.step()
-                self.send(("step", outputs, engine_stats(engine)))
+                try:
+                    self.send(("step", outputs, engine_stats(engine)))
+                except OSError:  # the pipe closed: the API process is gone, no one to tell
+                    return
         except BaseException as error:  # noqa: BLE001 - the engine's own guards failed: stop loudly
             log.exception("the engine step loop crashed")
             try:
@@ -305,6 +308,14 @@ class _Child:
             self.send(("reply", call_id, True, value))
 
     def read(self) -> None:
+        """Serve the pipe until ``stop`` or until it closes (the API process is gone); then stop the step loop."""
+        try:
+            self._read()
+        finally:
+            self.stopping = True
+            self.wake.set()
+
+    def _read(self) -> None:
         while True:
             try:
                 message = self.conn.recv()
@@ -369,15 +380,24 @@ def child_main(conn, config: EngineConfig, idle_wait_s: float) -> None:
         conn.close()
         return
     conn.send(("ready", info, tokenizer_bytes))
-    child = _Child(conn, engine, idle_wait_s)
-    stepper = threading.Thread(target=child.steps, name="proxy-engine-step", daemon=True)
-    stepper.start()
-    child.read()
-    child.stopping = True
-    child.wake.set()
-    stepper.join(_STOP_WAIT_S)
+    serve_child(conn, engine, idle_wait_s)
     logging.shutdown()
     os._exit(0)  # skip the interpreter's teardown of torch and the models (seconds)
+
+
+def serve_child(conn, engine, idle_wait_s: float) -> None:
+    """Step ``engine`` on the calling thread, the one that loaded it, while another thread reads the pipe;
+    return once ``stop`` came or the pipe closed, and the step in progress has finished.
+
+    Why the loading thread steps: an OpenMP team belongs to the thread that starts it, and loading (copies,
+    fusing and packing weights) starts one in this thread, which lives on. Stepping on a second thread started
+    a second team: libgomp then manages more threads than there are cores and throttles its spin-wait, so the
+    team's workers sleep between the step's several hundred small parallel regions and each must be woken.
+    On two cores that made the real SmolLM2-135M's one-row step 52 ms instead of 27 (bench/NOTES.md).
+    """
+    child = _Child(conn, engine, idle_wait_s)
+    threading.Thread(target=child.read, name="proxy-engine-read", daemon=True).start()
+    child.steps()
 
 
 def async_engine_for(config: EngineConfig) -> AsyncEngine:

@@ -77,3 +77,55 @@ async def test_a_load_failure_is_reported(chat_family, tmp_path):
     with pytest.raises(RuntimeError):
         await engine.start()
     assert not engine.ready
+
+
+def test_the_child_steps_on_the_thread_that_loaded_the_models(chat_family):
+    """The step loop runs on the loading thread, the pipe is read on another: a step on a second thread starts a
+    second OpenMP team, whose workers then sleep between parallel regions (bench/NOTES.md: 1.9x slower). The
+    loop ends on ``stop`` after the request's outputs, and when the pipe closes."""
+    import multiprocessing
+    import threading
+
+    from proxy_engine.engine import ProxyEngine
+    from proxy_engine.engine_process import serve_child
+    from proxy_engine.loader import load_models
+    from proxy_engine.request import Target
+
+    config = engine_config(chat_family, chat_expert=True)
+    engine = ProxyEngine(load_models(config), config)
+    step_threads: set[int] = set()
+    original_step = engine.step
+
+    def recorded_step():
+        step_threads.add(threading.get_ident())
+        return original_step()
+
+    engine.step = recorded_step
+    received: list[tuple] = []
+
+    def api_side(conn, close_instead_of_stop: bool) -> None:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        conn.send(("add", 7, "r", [PromptInput(text="Hello")], params, Target.PROXY, None))
+        finished = False
+        while not finished:
+            message = conn.recv()
+            received.append(message)
+            finished = message[0] == "step" and any(o.finished for o in message[1])
+        if close_instead_of_stop:
+            conn.close()
+        else:
+            conn.send(("stop",))
+
+    for close_instead_of_stop in (False, True):
+        received.clear()
+        parent, child = multiprocessing.Pipe()
+        driver = threading.Thread(target=api_side, args=(parent, close_instead_of_stop), daemon=True)
+        driver.start()
+        serve_child(child, engine, idle_wait_s=0.05)  # returns once stopped
+        driver.join(10)
+        assert not driver.is_alive()
+        steps_with_outputs = [i for i, m in enumerate(received) if m[0] == "step" and m[1]]
+        replies = [i for i, m in enumerate(received) if m[:3] == ("reply", 7, True)]
+        assert replies and replies[0] < steps_with_outputs[0]  # queued before any of its outputs
+        assert sum(len(o.new_token_ids) for i in steps_with_outputs for o in received[i][1]) == 4
+        assert step_threads == {threading.get_ident()}
