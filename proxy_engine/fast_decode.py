@@ -355,7 +355,7 @@ class FastDecoder:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = self.embed(ids)  # [n, hidden]
         cos, sin = self.rotary.signed_sin(positions, cache.state.span - 1)  # [n, 1, D] against [n, heads, D]
-        gqa = kv_heads != heads
+        group = heads // kv_heads
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         linears = self.linears_for(n)
         packed = linears is self.packed_linears  # the head follows the layers' choice
@@ -365,8 +365,11 @@ class FastDecoder:
             qkv = qkv_proj(_norm(x, norm1, eps1))
             qk = rotate_signed(qkv[:, :qk_size].view(n, heads + kv_heads, head_dim), cos, sin)
             keys, values = kv.update(qk[:, heads:, None], qkv[:, qk_size:].view(n, kv_heads, 1, head_dim))
-            out = F.scaled_dot_product_attention(qk[:, :heads, None], keys, values, attn_mask=mask, scale=scaling,
-                                                 enable_gqa=gqa)  # [n, heads, 1, D] against [n, kv_heads, span, D]
+            # The query heads of one K/V head share its keys and the row's mask: folded into the query axis
+            # ([n, kv_heads, group, D] against [n, kv_heads, span, D]), K/V are read once, where enable_gqa
+            # repeated them (1.15-1.7x slower attention on the CPU, more the longer the span: bench/NOTES.md).
+            out = F.scaled_dot_product_attention(qk[:, :heads].view(n, kv_heads, group, head_dim), keys, values,
+                                                 attn_mask=mask, scale=scaling)
             x = x + o_proj(out.reshape(n, q_size))
             gate, up = gate_up_proj(_norm(x, norm2, eps2)).chunk(2, dim=-1)
             x = x + down_proj((self.act or act_fn)(gate) * up)
