@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from bench import prefix_bench
 from proxy_engine.config import CPU_THREADS_ENV
+from tests.threads import torch_threads
 
 
 def test_prefix_bench_runs_on_a_tiny_family(tmp_path, monkeypatch):
     monkeypatch.delenv(CPU_THREADS_ENV, raising=False)  # the bench sets it; monkeypatch puts it back
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads():  # the bench sets this thread's team
         prefix_bench.main(["--family", "tiny", "--family-dir", str(tmp_path / "family"), "--repeats", "1",
                            "--prefix-tokens", "120", "--batch", "2", "--traffic-prompt", "24", "--traffic-tokens", "2",
                            "--threads", "1", "--out", str(tmp_path / "out")])
-    finally:
-        torch.set_num_threads(threads)
     payload = json.loads((tmp_path / "out" / "prefix.json").read_text())
     assert payload["meta"]["family"] == "tiny"
     assert len(payload["ratios"]) == 4 and all(value > 0 for value in payload["ratios"].values())

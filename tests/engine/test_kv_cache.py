@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from proxy_engine.runner import ModelRunner
+from tests.threads import torch_threads
 
 
 def _alone(model, ids: list[int]) -> torch.Tensor:
@@ -196,7 +196,7 @@ def test_one_row_steps_use_the_bags_and_give_transformers_logits():
     assert all(isinstance(layer[1], BagGemv) and isinstance(layer[3], BagGemv) for layer in decoder.bag_linears)
     assert not any(isinstance(fn, BagGemv) for layer in decoder.plain_linears for fn in layer)
     ids = [5, 6, 7, 8, 9, 10]
-    with _threads(1):  # an earlier test may have left this thread's team at two (use_cpu_threads runs once)
+    with torch_threads(1):  # an earlier test may have left this thread's team at two (use_cpu_threads runs once)
         _join(runner, [0], [ids[:3]])
         for step, token in enumerate(ids[3:]):
             with torch.inference_mode():
@@ -216,23 +216,12 @@ def test_one_row_steps_on_a_team_of_threads_use_the_gemv():
     runner = ModelRunner(model, 80, 0, "llama")
     decoder = runner._fast
     _join(runner, [0], [[5, 6, 7]])
-    with _threads(2):
+    with torch_threads(2):
         assert decoder.linears_for(1) is decoder.plain_linears
         two = runner.decode(torch.tensor([8]))
     other = ModelRunner(model, 80, 0, "llama")
     _join(other, [0], [[5, 6, 7]])
-    with _threads(1):
+    with torch_threads(1):
         assert decoder.linears_for(1) is decoder.bag_linears
         one = other.decode(torch.tensor([8]))
     torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)
-
-
-@contextlib.contextmanager
-def _threads(count: int):
-    """This thread's intra-op team at ``count`` for the block (the runner's use_cpu_threads acts once per thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
