@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared script (6 minutes at most): the gpu tests, then bench/gpu_bench.py (the engine with
 # CUDA graphs and with --enforce-eager against the paper's loop and the bandwidth floor, TTFT, graph/eager token
-# identity, attention backends) on random 7B / 1.1B-shaped models (bf16, 32k vocabulary, nothing on disk).
+# identity, fusions one at a time, attention backends) on random 7B / 1.1B-shaped models (bf16, 32k vocabulary,
+# nothing on disk).
 #   bash bench/gpu.sh            # writes gpu.json, gpu.md, gpu.log, gpu-tests.xml to $OUT (when set) or bench/results
 # Each part is time-boxed (SIGINT first, so Python prints where it was); a part that fails or times out does not
 # stop the next; the report is rewritten after each bench section, and a summary table closes the log.
@@ -26,14 +27,14 @@ timeout 15 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version -
 timeout 60 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count())" || true
 
-stamp "gpu tests (tests/gpu, 100 s at most)"
-timeout -s INT -k 10 100 "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs tests/gpu \
+stamp "gpu tests (tests/gpu, 95 s at most)"
+timeout -s INT -k 10 95 "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs tests/gpu \
   --junitxml="$OUT_DIR/gpu-tests.xml"
 tests_rc=$?
 stamp "gpu tests exit $tests_rc"
 
-stamp "bench (215 s at most)"
-timeout -s INT -k 10 215 "$PYTHON" -m bench.gpu_bench --verbose --out "$OUT_DIR"
+stamp "bench (230 s at most)"
+timeout -s INT -k 10 230 "$PYTHON" -m bench.gpu_bench --verbose --out "$OUT_DIR"
 bench_rc=$?
 stamp "bench exit $bench_rc"
 
@@ -76,6 +77,9 @@ if s.get("ttft"):
 for name in ("identity, real shapes", "identity fp32", "seeded sampling fp32"):
     if s.get(name):
         print(f"{name}: {s[name]['identical']}/{s[name]['sequences']} identical; {s[name]['divergences'][:4]}")
+if s.get("fusions"):
+    from bench.fusions import markdown as fusion_lines
+    print("\n".join(fusion_lines(s["fusions"])))
 for label in ("engine, graphs: start", "engine, eager: start"):
     if s.get(label):
         print(label, json.dumps(s[label]))

@@ -17,7 +17,9 @@ that fails is reported (with its traceback) and the next one runs. The report is
 4. ``ttft``: time to first token of a 1,500-token prompt (one request alone, prefill in one chunk).
 5. ``identity``: greedy tokens with graphs vs eager (bf16 real shapes: divergences with the top-2 margin of the
    combined logits where they part), and on a float32 family (exact); seeded sampling with vs without graphs.
-6. ``attention``: the decode attention of the pair's shape per SDPA backend (host + device time per call, the
+6. ``fusions``: each fusion of the static step undone on its own, timed with a graph and eagerly at 1 and 16
+   rows, on the base and the pair's shapes, and the kernels of one eager step by device time (``bench/fusions.py``).
+7. ``attention``: the decode attention of the pair's shape per SDPA backend (host + device time per call, the
    span growing by one each call as in decoding, or fixed as in a bucket).
 """
 
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from bench import fusions
 from proxy_engine.config import (
     EngineConfig,
     ExpertPairConfig,
@@ -402,6 +405,8 @@ def markdown(data: dict) -> str:
             value = s[name]
             lines.append(f"{name}: {value['identical']}/{value['sequences']} identical; divergences "
                          f"{value['divergences']}")
+    if s.get("fusions"):
+        lines += fusions.markdown(s["fusions"])
     if s.get("attention"):
         lines += ["", "attention, µs per call: " + json.dumps(s["attention"])]
     if data["errors"]:
@@ -500,6 +505,14 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if len(identity) == 2:
         report.section("identity, real shapes", lambda: compare(identity["engine, graphs"], identity["engine, eager"]))
+
+    def fusion_section() -> dict:
+        named = {f"base {base_shape.name}": models[0].model, f"pair {pair_shape.name}": models[1].model}
+        return {"timings": {name: fusions.time_variants(model, VOCAB, levels, steps=steps)
+                            for name, model in named.items()},
+                "profiles": {name: fusions.profile_step(model, VOCAB, levels[-1]) for name, model in named.items()}}
+
+    report.section("fusions", fusion_section)
     models.clear()  # free the real shapes before the float32 family
     gc.collect()
 

@@ -4,8 +4,8 @@
 ``[0, rows)`` of a ``StaticSlotKVCache``), attending over columns ``[0, span)``: every tensor's shape depends
 only on ``(rows, span)``, and nothing reads a value back to the host, so the same call runs eagerly (the CPU,
 ``--enforce-eager``, shapes past the largest bucket) or is captured once per bucket and replayed
-(cuda_graphs.py). It is the model's math, op for op, as fast_decode.py's (whose RMSNorm and ``rotate_half`` it
-imports), with four differences that make it graph-safe and cheaper:
+(cuda_graphs.py). It is the model's math, op for op, as fast_decode.py's, with these differences that make it
+graph-safe and cheaper:
 
 - rotary ``cos`` / ``sin`` come from a table computed once for every position by the model's own
   ``rotary_emb`` (the same float32 arithmetic per position; RoPE types that depend on the sequence length,
@@ -81,20 +81,33 @@ def _fused(linears: list[torch.nn.Linear], attribute: str, owner: torch.nn.Modul
     return existing
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm (float32 statistics, the result in the input dtype, then the weight) in one fused kernel."""
-    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
-
-
-def _linear_add(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x + h W^T (+ b)``: the residual add in the GEMM's epilogue when there is no bias."""
-    if bias is None:
-        return torch.addmm(x, h, weight.t())
-    return x + F.linear(h, weight, bias)
-
-
 class StaticDecoder:
-    """The fixed-shape decode step of one Llama-family model (see the module docstring)."""
+    """The fixed-shape decode step of one Llama-family model (see the module docstring).
+
+    The three small fused forms (``rms_norm``, ``rotate``, ``linear_add``) are static methods so that
+    ``bench/fusions.py`` can put each one's unfused form back alone and time what it saves on a GPU.
+    """
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """LlamaRMSNorm (float32 statistics, the result in the input dtype, then the weight) in one fused kernel."""
+        return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+    @staticmethod
+    def rotate(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, heads: int) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+        """Rotary on q and k together (``qk [n, heads + kv_heads, D]``): ``x * cos + swap_halves(x) * signed_sin``,
+        one ``cat`` and one ``addcmul``; ``(q [n, heads, D], k [n, kv_heads, D])``."""
+        half = qk.shape[-1] // 2
+        qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), signed_sin)
+        return qk[:, :heads], qk[:, heads:]
+
+    @staticmethod
+    def linear_add(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x + h W^T (+ b)``: the residual add in the GEMM's epilogue when there is no bias."""
+        if bias is None:
+            return torch.addmm(x, h, weight.t())
+        return x + F.linear(h, weight, bias)
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, max_positions: int, fuse: bool = True) -> None:
         config = model.config
@@ -162,7 +175,6 @@ class StaticDecoder:
         ``cache`` (a slot cache whose buffers hold at least ``span`` columns), attending over ``[0, span)``."""
         n = ids.shape[0]
         heads, kv_heads, head_dim, group = self.heads, self.kv_heads, self.head_dim, self.group
-        half = head_dim // 2
         x = F.embedding(ids, self.embed)  # [n, hidden]
         cos = self.cos.index_select(0, positions)[:, None, :]  # [n, 1, D] against [n, heads + kv_heads, D]
         sin = self.signed_sin.index_select(0, positions)[:, None, :]
@@ -171,11 +183,9 @@ class StaticDecoder:
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             norm = layer.input_layernorm
-            h = _rms_norm(x, norm.weight, norm.variance_epsilon)
+            h = self.rms_norm(x, norm.weight, norm.variance_epsilon)
             qk, v = self._qk_v(index, h)
-            qk = qk.reshape(n, heads + kv_heads, head_dim)
-            qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
-            q, k = qk[:, :heads], qk[:, heads:]  # [n, heads, D], [n, kv_heads, D]
+            q, k = self.rotate(qk.reshape(n, heads + kv_heads, head_dim), cos, sin, heads)  # [n, heads | kv_heads, D]
             kv = cache.layers[index]
             kv.k_buf[rows, :, positions] = k
             kv.v_buf[rows, :, positions] = v.reshape(n, kv_heads, head_dim)
@@ -183,11 +193,11 @@ class StaticDecoder:
             # Query heads h = g * group + j share K/V head g (transformers' repeat_kv): fold j into the query axis.
             out = F.scaled_dot_product_attention(q.reshape(n, kv_heads, group, head_dim), keys, values,
                                                  attn_mask=bias, scale=attn.scaling)  # [n, kv_heads, group, D]
-            x = _linear_add(x, out.reshape(n, heads * head_dim), attn.o_proj.weight, attn.o_proj.bias)
+            x = self.linear_add(x, out.reshape(n, heads * head_dim), attn.o_proj.weight, attn.o_proj.bias)
             norm = layer.post_attention_layernorm
-            h = _rms_norm(x, norm.weight, norm.variance_epsilon)
+            h = self.rms_norm(x, norm.weight, norm.variance_epsilon)
             gate, up = self._gate_up(index, h)
             gate = self.act(gate) if self.act is not None else mlp.act_fn(gate)
-            x = _linear_add(x, gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        x = _rms_norm(x, self.final_norm.weight, self.final_norm.variance_epsilon)
+            x = self.linear_add(x, gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        x = self.rms_norm(x, self.final_norm.weight, self.final_norm.variance_epsilon)
         return F.linear(x, self.head_weight, self.head_bias).float()

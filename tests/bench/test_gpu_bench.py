@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from bench import gpu_bench
+from bench import fusions, gpu_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,8 +31,12 @@ def test_cpu_quick_path(tmp_path):
     # On the CPU both engines run the same step eagerly: identical tokens, greedy and seeded.
     for name in ("identity, real shapes", "identity fp32", "seeded sampling fp32"):
         assert sections[name]["identical"] == sections[name]["sequences"] > 0, name
+    for by_rows in sections["fusions"]["timings"].values():
+        assert set(by_rows) == {"1", "16"} and all(set(table) == set(fusions.VARIANTS) for table in by_rows.values())
+    assert {profile["clock"] for profile in sections["fusions"]["profiles"].values()} == {"host"}
     table = (tmp_path / "gpu_cpu_path.md").read_text()
     assert "| engine, graphs | 16 |" in table and "| paper loop | 1 |" in table
+    assert "| rotary on q, k apart | 16 |" in table
 
 
 def test_tokenizer_has_the_shared_vocabulary():
