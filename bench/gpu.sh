@@ -18,6 +18,12 @@ started=$(date +%s)
 if [ -d .whl ] && ! "$PYTHON" -c "import pydantic" 2>/dev/null; then
   timeout 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  # The carried transformers (the lock's) may want a newer huggingface-hub than the image has, and then fails at
+  # import: keep the image's own transformers and tokenizers instead (the suite passes with 5.17 too).
+  if ! "$PYTHON" -c "import transformers" >/dev/null 2>&1; then
+    echo "the carried transformers does not import here; using the image's"
+    rm -rf /tmp/site/transformers /tmp/site/transformers-* /tmp/site/tokenizers /tmp/site/tokenizers-*
+  fi
 fi
 stamp() { echo "[gpu.sh +$(( $(date +%s) - started ))s] $*"; }
 

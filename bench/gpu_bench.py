@@ -241,6 +241,13 @@ def capture_info(engine: ProxyEngine) -> dict:
     return info
 
 
+def require_graphs(runners: dict, device: str) -> None:
+    """On CUDA, a graphs-against-eager comparison means nothing unless graphs were captured (a failed capture
+    leaves a model eager, and the comparison would be eager against eager)."""
+    if device != "cpu" and not all(info.get("graphs") for info in runners.values()):
+        raise RuntimeError(f"not every model captured CUDA graphs ({json.dumps(runners)}): no comparison")
+
+
 # --- 4. time to first token ----------------------------------------------------------------------------------
 def ttft(engine: ProxyEngine, prompt_tokens: int, repeats: int = 3) -> dict:
     gen = torch.Generator().manual_seed(7)
@@ -349,6 +356,8 @@ class Report:
     def section(self, name: str, run: Callable[[], object]) -> object:
         started = time.perf_counter()
         print(f"== {name}", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # the peak printed below is this section's
         try:
             value = run()
         except Exception as error:  # noqa: BLE001 - the next sections still run
@@ -504,7 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if len(identity) == 2:
-        report.section("identity, real shapes", lambda: compare(identity["engine, graphs"], identity["engine, eager"]))
+        def real_identity() -> dict:
+            require_graphs(report.data["sections"].get("engine, graphs: start", {}).get("runners", {}), device)
+            return compare(identity["engine, graphs"], identity["engine, eager"])
+
+        report.section("identity, real shapes", real_identity)
 
     def fusion_section() -> dict:
         named = {f"base {base_shape.name}": models[0].model, f"pair {pair_shape.name}": models[1].model}
@@ -524,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         sampled: dict[str, tuple] = {}
         for label, eager in (("graphs", False), ("eager", True)):
             engine = make_engine(small, 16, 512, eager, executor)
+            if not eager:
+                require_graphs(capture_info(engine), device)
             runs[label] = greedy_run(engine, [p[:64] for p in prompts[:16]], 48)
             params = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=32, ignore_eos=True)
             sampled[label] = greedy_run(engine, [p[:40] for p in prompts[:8]], 32, params)

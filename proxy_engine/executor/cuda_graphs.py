@@ -7,7 +7,13 @@ bounded: capture stops at ``memory_budget`` bytes of pool growth, and the bucket
 
 Every graph of a device shares one memory pool (``torch.cuda.graph_pool_handle``): the three models replay
 one after another on one stream, so their intermediates can reuse the same memory; the largest shapes are
-captured first so the smaller ones fit in what they left. Inputs go through a static ``[2, rows]`` buffer per
+captured first so the smaller ones fit in what they left. A pool is shared only while a graph captured into
+it is alive: once its graphs are gone the allocator may keep the pool with blocks still in it (cuBLAS's
+workspace for the capture stream is allocated there for good) and a capture that joins it fails an internal
+assert, so the next engine in the process (a test, the bench) starts a pool of its own. Captures run on one
+capture stream per device (``torch.cuda.graph``'s default stream lives on whichever device was current
+first, so a pair on a second GPU would be launched off the captured stream) and warm up on one side stream
+per device (cuBLAS keeps a workspace per stream it has seen). Inputs go through a static ``[2, rows]`` buffer per
 batch bucket (token ids, positions): a step copies its rows' tokens and positions in with one asynchronous copy
 from pinned memory (padding rows: token 0 at position 0, in free slots) and replays; the logits are the
 graph's own output tensor, valid until the next replay.
@@ -17,22 +23,48 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 log = logging.getLogger("proxy_engine.executor.cuda_graphs")
 
 GRAPH_MEMORY_BUDGET = 2 << 30  # pool growth allowed per model's captures, bytes: the stated start-up budget
-_POOLS: dict[int, object] = {}  # device index -> the shared graph memory pool
 
 
-def shared_pool(device: torch.device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _POOLS:
-        _POOLS[index] = torch.cuda.graph_pool_handle()
-    return _POOLS[index]
+@dataclass
+class _DevicePool:
+    """A device's graph memory pool and the graphs captured into it (weakly held: it is shared while one lives)."""
+
+    handle: object
+    graphs: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+
+
+_POOLS: dict[int, _DevicePool] = {}  # device index -> its shared graph memory pool
+_STREAMS: dict[int, tuple[object, object]] = {}  # device index -> (warm-up stream, capture stream)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def shared_pool(device: torch.device) -> _DevicePool:
+    """The device's pool while a graph captured into it lives, else a new one (see the module docstring)."""
+    index = _index(device)
+    pool = _POOLS.get(index)
+    if pool is None or not pool.graphs:
+        pool = _POOLS[index] = _DevicePool(torch.cuda.graph_pool_handle())
+    return pool
+
+
+def capture_streams(device: torch.device) -> tuple[object, object]:
+    """``(warm-up stream, capture stream)`` of ``device``, made once and reused by every capture there."""
+    index = _index(device)
+    if index not in _STREAMS:
+        _STREAMS[index] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    return _STREAMS[index]
 
 
 @dataclass
@@ -77,6 +109,9 @@ class DecodeGraphs:
         started = time.perf_counter()
         pool = shared_pool(self.device)
         torch.cuda.synchronize(self.device)
+        # What the allocator caches but nothing uses (the weights fusion released, say) would be handed back by
+        # the first capture (``torch.cuda.graph`` empties the cache) and read as negative pool growth.
+        torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(self.device)
         skipped: list[tuple[int, int]] = []
         for span in sorted(span_buckets, reverse=True):
@@ -99,15 +134,16 @@ class DecodeGraphs:
         with self.backends():
             return self._step(inputs[0], inputs[1], self.rows[:rows], span)
 
-    def _capture_one(self, rows: int, span: int, pool) -> CapturedStep:
-        side = torch.cuda.Stream(self.device)
+    def _capture_one(self, rows: int, span: int, pool: _DevicePool) -> CapturedStep:
+        side, capture = capture_streams(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisation, cuBLAS workspaces
             self._run(rows, span)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool.handle, stream=capture):
             logits = self._run(rows, span)
+        pool.graphs.add(graph)
         return CapturedStep(rows, span, graph, logits)
 
     def find(self, rows: int, span: int) -> CapturedStep | None:

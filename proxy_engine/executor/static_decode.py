@@ -40,6 +40,9 @@ log = logging.getLogger("proxy_engine.executor.static_decode")
 
 # The rope types whose frequencies depend on the sequence seen so far (transformers' dynamic_rope_update).
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# Row strides of an attention mask the memory-efficient SDPA kernel reads in place (its preprocess_mask pads
+# any other mask into a fresh copy first).
+MASK_ALIGNMENT = 8
 
 
 def static_unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -79,6 +82,11 @@ def _fused(linears: list[torch.nn.Linear], attribute: str, owner: torch.nn.Modul
         existing = fuse_linears(linears, column_major=False)
         setattr(owner, attribute, existing)
     return existing
+
+
+def _aligned(width: int) -> int:
+    """``width`` rounded up to the attention mask's alignment (``MASK_ALIGNMENT`` elements)."""
+    return -(-width // MASK_ALIGNMENT) * MASK_ALIGNMENT
 
 
 class StaticDecoder:
@@ -140,7 +148,7 @@ class StaticDecoder:
                 except RuntimeError as error:  # out of memory for the transient copy: separate GEMMs
                     log.warning("q/k/v and gate/up not fused (%s: %s)", type(error).__name__, error)
         # Static index tensors: slices of them are views, so a captured graph reads fixed addresses.
-        self.columns = torch.arange(max_positions, device=self.device)
+        self.columns = torch.arange(_aligned(max_positions), device=self.device)
         self.hidden_value = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         self.seen_value = torch.zeros((), dtype=self.dtype, device=self.device)
 
@@ -178,8 +186,11 @@ class StaticDecoder:
         x = F.embedding(ids, self.embed)  # [n, hidden]
         cos = self.cos.index_select(0, positions)[:, None, :]  # [n, 1, D] against [n, heads + kv_heads, D]
         sin = self.signed_sin.index_select(0, positions)[:, None, :]
-        seen = self.columns[:span][None, :] <= positions[:, None]  # [n, span]: the row's tokens and the new one
-        bias = torch.where(seen, self.seen_value, self.hidden_value)[:, None, None, :]  # [n, 1, 1, span]
+        # [n, span]: the row's tokens and the new one; built _aligned(span) wide and sliced, so the mask's strides
+        # are what the memory-efficient kernel takes as is (else it pads a copy in every layer: a bucket as long
+        # as an unaligned max_model_len).
+        seen = self.columns[:_aligned(span)][None, :] <= positions[:, None]
+        bias = torch.where(seen, self.seen_value, self.hidden_value)[:, None, None, :span]  # [n, 1, 1, span]
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             norm = layer.input_layernorm

@@ -89,18 +89,35 @@ class _FakeGraph:
 
 
 class _FakeCuda:
-    """The parts of ``torch.cuda`` the capture uses; pool memory grows by ``per_graph`` bytes per capture."""
+    """The parts of ``torch.cuda`` the capture uses; pool memory grows by ``per_graph`` bytes per capture, and
+    ``cached`` bytes sit in the allocator's cache, unused, until ``empty_cache``."""
 
-    def __init__(self, per_graph: int) -> None:
-        self.per_graph, self.reserved, self.events = per_graph, 0, []
-        self.pool = object()
+    def __init__(self, per_graph: int, cached: int = 0) -> None:
+        self.per_graph, self.reserved, self.events = per_graph, cached, []
+        self.cached = cached
+        self.pools: list[object] = []
+        self.streams: list[tuple[object, object]] = []  # (warm-up, capture) stream of each capture
+        self._current_warm_up = None
+
+    @property
+    def pool(self) -> object:
+        return self.pools[-1]
+
+    def _new_pool(self) -> object:
+        self.pools.append(object())
+        return self.pools[-1]
+
+    def _empty_cache(self) -> None:
+        self.reserved -= self.cached
+        self.cached = 0
 
     def install(self, monkeypatch) -> None:
         cuda = torch.cuda
         monkeypatch.setattr(cuda, "device", lambda device: nullcontext())
         monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: self.reserved)
-        monkeypatch.setattr(cuda, "graph_pool_handle", lambda: self.pool)
+        monkeypatch.setattr(cuda, "graph_pool_handle", self._new_pool)
+        monkeypatch.setattr(cuda, "empty_cache", self._empty_cache)
         monkeypatch.setattr(cuda, "current_device", lambda: 0)
         monkeypatch.setattr(cuda, "Stream", _FakeStream)
         monkeypatch.setattr(cuda, "current_stream", lambda device=None: _FakeStream())
@@ -108,16 +125,19 @@ class _FakeCuda:
         monkeypatch.setattr(cuda, "stream", self._stream)
         monkeypatch.setattr(cuda, "graph", self._graph)
         monkeypatch.setattr(cuda_graphs, "_POOLS", {})
+        monkeypatch.setattr(cuda_graphs, "_STREAMS", {})
 
     @contextmanager
     def _stream(self, stream):
         self.events.append("warm-up")
+        self._current_warm_up = stream
         yield
 
     @contextmanager
-    def _graph(self, graph, pool=None):
-        assert pool is self.pool  # every capture shares the device's pool
+    def _graph(self, graph, pool=None, stream=None):
+        assert pool is self.pool  # every capture shares the device's newest pool
         self.events.append("capture")
+        self.streams.append((self._current_warm_up, stream))
         yield
         self.reserved += self.per_graph
 
@@ -135,6 +155,42 @@ def test_capture_warms_up_then_captures_largest_first_within_the_budget(monkeypa
     assert report.graphs == 5 and report.pool_bytes == 500 and report.skipped == [(1, 32), (4, 16), (2, 16), (1, 16)]
     assert all(c.logits.shape == (rows, 80) for (rows, _), c in graphs.captured.items())
     assert set(graphs.inputs) == {1, 2, 4}  # one static input buffer per batch bucket, shared by its spans
+    # One warm-up stream and one capture stream for the device, made once (not the class-wide default capture
+    # stream, which lives on whichever device was current first).
+    assert len(set(fake.streams)) == 1 and None not in fake.streams[0]
+    assert fake.streams[0][0] is not fake.streams[0][1]
+
+
+def test_cache_the_allocator_held_before_the_captures_is_not_counted_as_negative_growth(monkeypatch):
+    fake = _FakeCuda(per_graph=100, cached=8 << 30)  # the weights that fusing q/k/v released, cached
+    fake.install(monkeypatch)
+    executor = _executor()
+    graphs = DecodeGraphs(executor._graph_step, executor.device, 4, lambda: nullcontext())
+    with torch.inference_mode():
+        report = graphs.capture([1, 2], [16], memory_budget=1 << 30)
+    assert report.pool_bytes == 200 and report.graphs == 2
+
+
+def test_a_pool_is_shared_while_a_graph_in_it_lives_and_a_new_one_made_after(monkeypatch):
+    import gc
+
+    fake = _FakeCuda(per_graph=1)
+    fake.install(monkeypatch)
+    executor = _executor()
+    first = DecodeGraphs(executor._graph_step, executor.device, 4, lambda: nullcontext())
+    second = DecodeGraphs(executor._graph_step, executor.device, 4, lambda: nullcontext())
+    with torch.inference_mode():
+        first.capture([1], [16])
+        second.capture([2], [16])  # another model of the same engine: the same pool
+        assert len(fake.pools) == 1
+        first.clear()
+        second.clear()
+        gc.collect()
+        # Every graph of that pool is gone: the allocator may hold the pool with blocks in it (cuBLAS's workspace),
+        # and joining it would fail its use-count assert, so the next capture (a new engine) starts a new pool.
+        third = DecodeGraphs(executor._graph_step, executor.device, 4, lambda: nullcontext())
+        third.capture([1], [16])
+    assert len(fake.pools) == 2
 
 
 def test_a_failed_capture_leaves_the_model_decoding_eagerly(monkeypatch):
@@ -148,3 +204,26 @@ def test_a_failed_capture_leaves_the_model_decoding_eagerly(monkeypatch):
     executor = _executor()
     executor._capture()
     assert executor.graphs is None and not executor.graphed
+
+
+def test_the_attention_mask_has_strides_the_memory_efficient_kernel_reads_in_place(monkeypatch):
+    """A span that is not a multiple of 8 (a bucket as long as an odd max_model_len) still gives a mask whose
+    strides are multiples of 8: else SDPA pads a copy of it in every layer of every step."""
+    import torch.nn.functional as F
+
+    from proxy_engine.executor import static_decode
+
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append((tuple(attn_mask.shape), attn_mask.stride()))
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(static_decode.F, "scaled_dot_product_attention", spy)
+    executor = _executor()
+    with torch.inference_mode():
+        _step(executor, 3, 20, 0)
+    assert seen and all(shape == (3, 1, 1, 20) for shape, _ in seen)
+    assert all(stride[-1] == 1 and all(s % static_decode.MASK_ALIGNMENT == 0 for s in stride[:-1])
+               for _, stride in seen)
