@@ -53,6 +53,7 @@ class EngineStats:
     generation_tokens_total: int = 0
     kv_cache_usage: float = 0.0  # KV memory of the running and prefilling rows over the budget at the limits, 0-1
     prefix_caches: tuple[PrefixCacheStats, ...] = ()  # the models with a prefix cache
+    max_num_seqs: int = 0  # the running batch's cap: the config's, or fewer where static K/V holds fewer; 0 unknown
 
 
 class RequestStream:
@@ -153,6 +154,7 @@ def engine_stats(engine) -> EngineStats:
             for runner in engine.runners
             if (cache := runner.prefix_cache) is not None
         ),
+        max_num_seqs=engine.limits.max_num_seqs,
     )
 
 

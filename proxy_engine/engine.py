@@ -24,13 +24,13 @@ import torch
 from proxy_engine.analysis import Distribution, model_logprobs
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
-from proxy_engine.executor import static_kv_plans
+from proxy_engine.executor import KV_MEMORY_FRACTION, running_cap, static_kv_plans
 from proxy_engine.intake import Intake
 from proxy_engine.loader import LoadedModel, eos_token_ids, input_device
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
+from proxy_engine.prefix_cache import FREE_MEMORY_SHARE, kv_bytes_per_token
 from proxy_engine.prefix_cache import for_model as prefix_cache_for
-from proxy_engine.prefix_cache import kv_bytes_per_token
 from proxy_engine.request import (
     EngineOverloadedError,
     ErrorCode,
@@ -73,9 +73,16 @@ class ProxyEngine:
             per_token * config.limits.max_num_seqs * max_len
             for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
         ]
-        # Static K/V buffers (the CUDA executor's) within those budgets and the GPUs' free memory.
+        # Static K/V buffers (the CUDA executor's) within those budgets and the GPUs' free memory, leaving the
+        # prefix caches their share of it (prefix_cache.FREE_MEMORY_SHARE) when they are on.
+        kv_fraction = KV_MEMORY_FRACTION - (FREE_MEMORY_SHARE if config.prefix_cache.enabled else 0.0)
         slot_plans = static_kv_plans(self.kv_bytes_per_token, [input_device(m.model) for m in models],
-                                     config.limits.max_num_seqs, self.max_lens)
+                                     config.limits.max_num_seqs, self.max_lens, kv_fraction)
+        # The running batch never outgrows the static buffers: fewer slots than max_num_seqs cap it.
+        self.limits = config.limits
+        running = running_cap(slot_plans, config.limits.max_num_seqs)
+        if running < config.limits.max_num_seqs:
+            self.limits = config.limits.model_copy(update={"max_num_seqs": running})
         self.runners = [
             ModelRunner(
                 m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
@@ -85,7 +92,7 @@ class ProxyEngine:
         ]
         self.eos_ids = frozenset(eos_token_ids(models))
         self.device = self.runners[0].device
-        self.scheduler = Scheduler(config.limits)
+        self.scheduler = Scheduler(self.limits)
         self.outputs = OutputBuilder(self.tokenizer)
         self.intake = Intake(models, config, self.max_lens, self.vocab_size, self.eos_ids, self.outputs, self.device)
         self.grammars, self.tool_call_format = self.intake.grammars, self.intake.tool_call_format
@@ -133,7 +140,7 @@ class ProxyEngine:
     def add(self, sequences: list[Sequence]) -> None:
         """Queue sequences (any thread); ``EngineOverloadedError`` when the waiting queue is full."""
         with self._lock:
-            if not has_room(self.config.limits, len(sequences), self.num_waiting, self.scheduler.in_batch):
+            if not has_room(self.limits, len(sequences), self.num_waiting, self.scheduler.in_batch):
                 raise EngineOverloadedError(
                     f"the server is at capacity ({self.config.limits.max_waiting} sequences may wait); retry shortly"
                 )

@@ -19,6 +19,7 @@ from typing import Any
 
 from proxy_engine import PromptInput, SamplingParams  # the package's public request types
 from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, RequestStream
+from proxy_engine.config import LimitsConfig
 from proxy_engine.grammar import GrammarBusyError
 from proxy_engine.request import (
     MAX_N,
@@ -150,13 +151,21 @@ class ServerContext:
         stats = self.stats()
         if stats is None:
             return False
-        return not has_room(self.settings.engine.limits, sequences, stats.waiting + self.reserved,
+        return not has_room(self.limits(stats), sequences, stats.waiting + self.reserved,
                             stats.running + stats.prefilling)
+
+    def limits(self, stats: EngineStats | None) -> LimitsConfig:
+        """The engine's limits as it applies them: the config's, with the running batch capped where the
+        engine's static K/V buffers hold fewer than ``max_num_seqs`` rows (it says so in its stats)."""
+        limits = self.settings.engine.limits
+        if stats is not None and 0 < stats.max_num_seqs < limits.max_num_seqs:
+            return limits.model_copy(update={"max_num_seqs": stats.max_num_seqs})
+        return limits
 
     @property
     def capacity(self) -> int:
         """Sequences the engine can hold at once: a request asking for more can never be admitted."""
-        limits = self.settings.engine.limits
+        limits = self.limits(self.stats())
         return limits.max_num_seqs + limits.max_waiting
 
     def check_size(self, prompts: list[PromptInput], params: SamplingParams) -> None:

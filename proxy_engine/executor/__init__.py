@@ -4,6 +4,14 @@
 ``transformers`` (the model's own forward); ``ModelRunner`` (runner.py) owns rows and prefill and calls one.
 """
 
-from proxy_engine.executor.selection import FAST, STATIC, TRANSFORMERS, choose_executor, static_kv_plans
+from proxy_engine.executor.selection import (
+    FAST,
+    KV_MEMORY_FRACTION,
+    STATIC,
+    TRANSFORMERS,
+    choose_executor,
+    running_cap,
+    static_kv_plans,
+)
 
-__all__ = ["FAST", "STATIC", "TRANSFORMERS", "choose_executor", "static_kv_plans"]
+__all__ = ["FAST", "KV_MEMORY_FRACTION", "STATIC", "TRANSFORMERS", "choose_executor", "running_cap", "static_kv_plans"]

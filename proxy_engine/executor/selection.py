@@ -59,9 +59,15 @@ def free_bytes(device: torch.device) -> int | None:
 def static_kv_plans(bytes_per_token: list[int], devices: list[torch.device], max_rows: int, max_lens: list[int],
                     fraction: float = KV_MEMORY_FRACTION) -> list[SlotPlan | None]:
     """Each model's static buffers: ``max_rows`` slots of its ``max_len`` tokens (the engine's KV budget at its
-    limits), or None where the models sharing a GPU would not fit in ``fraction`` of its free memory (each
-    model's share in proportion to its budget). Such a model keeps the growable cache (the ``fast`` executor,
-    no graphs): fewer static slots than ``max_num_seqs`` would have to regrow, at full length, under load."""
+    limits), or as many slots as ``fraction`` of its GPU's free memory holds (the models sharing a GPU share it
+    in proportion to their budgets); None where not even one full-length row fits (that model keeps the
+    growable cache and the ``fast`` executor, no graphs).
+
+    Fewer slots than ``max_rows`` cap the running batch (``running_cap``), as vLLM's KV pool caps its
+    concurrency: a Llama-2-7B base at the default 32 sequences of 4,096 tokens wants 64 GiB of K/V, more than
+    an 80 GB GPU has beside the weights, and without a cap it would lose its graphs altogether. (That 20-odd
+    rows from graphs beat 32 launched op by op is expected from issue 18's profile, not yet measured.)
+    """
     wanted = [per_token * max_rows * max_len for per_token, max_len in zip(bytes_per_token, max_lens)]
     plans: list[SlotPlan | None] = []
     for index, device in enumerate(devices):
@@ -71,10 +77,20 @@ def static_kv_plans(bytes_per_token: list[int], devices: list[torch.device], max
             together = sum(w for w, d in zip(wanted, devices) if d == device)
             available = int(free * fraction * wanted[index] / together) if together else 0
         plan = plan_slots(bytes_per_token[index], max_rows, max_lens[index], available)
-        if plan is not None and plan.slots < max_rows:
-            log.warning("static K/V for %d sequences of %d tokens needs %.1f GiB on %s, %.1f GiB available: that "
-                        "model decodes without CUDA graphs (lower --max-num-seqs or --max-model-len to use them)",
-                        max_rows, max_lens[index], wanted[index] / 2**30, device, (available or 0) / 2**30)
-            plan = None
+        if plan is None:
+            log.warning("static K/V for one sequence of %d tokens does not fit in the %.1f GiB available on %s: that "
+                        "model decodes without CUDA graphs (lower --max-model-len to use them)", max_lens[index],
+                        (available or 0) / 2**30, device)
+        elif plan.slots < max_rows:
+            log.warning("static K/V for %d sequences of %d tokens needs %.1f GiB on %s, %.1f GiB available: %d "
+                        "sequences run at once (lower --max-model-len for more)", max_rows, max_lens[index],
+                        wanted[index] / 2**30, device, (available or 0) / 2**30, plan.slots)
         plans.append(plan)
-    return plans
+    # The fewest slots cap the running batch, so no model needs more: the others' buffers shrink to match.
+    cap = running_cap(plans, max_rows)
+    return [None if plan is None else SlotPlan(cap, plan.capacity, plan.nbytes // plan.slots * cap) for plan in plans]
+
+
+def running_cap(plans: list[SlotPlan | None], max_rows: int) -> int:
+    """Sequences that may run at once: ``max_rows``, or fewer where a model's static buffers hold fewer."""
+    return min([max_rows, *(plan.slots for plan in plans if plan is not None)])

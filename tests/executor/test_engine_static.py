@@ -58,3 +58,38 @@ def test_static_executor_gives_todays_tokens(name, tmp_path, monkeypatch):
     assert static.runners[0].cache.slots == 6
     expected = _run(today)
     assert _run(static) == expected and len(expected) == 2 * len(PROMPTS)
+
+
+def test_static_buffers_for_fewer_rows_than_max_num_seqs_cap_the_running_batch(tmp_path, monkeypatch):
+    """Where a GPU's free memory holds static K/V for fewer than max_num_seqs full-length rows, the models keep
+    their graphs and the running batch is capped at what the buffers hold (vLLM caps its concurrency by its KV
+    pool the same way); every request still completes with today's tokens."""
+    from proxy_engine.executor import selection
+    from proxy_engine.prefix_cache import FREE_MEMORY_SHARE, kv_bytes_per_token
+
+    monkeypatch.setattr(buckets, "MIN_SPAN", 16)
+    family = build("llama2", tmp_path / "llama2")
+    config = engine_config(family, max_num_seqs=6, max_model_len=160)
+    models = load_models(config)
+    expected = _run(ProxyEngine(models, config))
+    per_token = [kv_bytes_per_token(m.model) for m in models]
+    fraction = selection.KV_MEMORY_FRACTION - (FREE_MEMORY_SHARE if config.prefix_cache.enabled else 0.0)
+    # Free memory for 2.5 full-length rows of every model (each model's share in proportion to its budget).
+    free = int(2.5 * sum(per_token) * 160 / fraction)
+    monkeypatch.setattr(selection, "free_bytes", lambda device: free)
+    static = ProxyEngine(models, config.model_copy(update={"runtime": RuntimeConfig(decode_executor="static")}))
+    assert [r.executor for r in static.runners] == ["static"] * 3
+    assert [r.cache.slots for r in static.runners] == [2, 2, 2]
+    assert static.limits.max_num_seqs == 2 and config.limits.max_num_seqs == 6
+    most = 0
+    step = static.step
+
+    def counted_step():
+        nonlocal most
+        outputs = step()
+        most = max(most, static.scheduler.in_batch, len(static.running))
+        return outputs
+
+    monkeypatch.setattr(static, "step", counted_step)
+    assert _run(static) == expected
+    assert most == 2  # the cap was reached and never passed

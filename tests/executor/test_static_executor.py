@@ -158,6 +158,14 @@ def test_models_sharing_a_gpu_split_its_free_memory(monkeypatch):
     plans = selection.static_kv_plans([10, 5, 5], [gpu, gpu, gpu], 4, [100, 100, 100], fraction=0.8)
     assert [p.slots for p in plans] == [4, 4, 4]  # 4000 + 2000 + 2000 fit
     plans = selection.static_kv_plans([20, 10, 10], [gpu, gpu, gpu], 4, [100, 100, 100], fraction=0.8)
-    assert plans == [None, None, None]  # 16000 wanted, 8000 there: the growable cache (fast path) instead
+    # 16000 wanted, 8000 there: two full-length rows each, and the running batch is capped at two.
+    assert [p.slots for p in plans] == [2, 2, 2] and [p.nbytes for p in plans] == [4000, 2000, 2000]
+    assert selection.running_cap(plans, 4) == 2
     plans = selection.static_kv_plans([20, 10, 10], [gpu, cpu, cpu], 4, [100, 100, 100], fraction=0.8)
     assert [p.slots for p in plans] == [4, 4, 4]  # alone on the GPU: 8000 bytes for its 8000
+    plans = selection.static_kv_plans([40, 10, 10], [gpu, cpu, cpu], 4, [100, 100, 100], fraction=0.8)
+    # The GPU holds two of the base's rows: the pair on the CPU needs no more than the batch can hold.
+    assert [(p.slots, p.nbytes) for p in plans] == [(2, 8000), (2, 2000), (2, 2000)]
+    plans = selection.static_kv_plans([100, 10, 10], [gpu, cpu, cpu], 4, [100, 100, 100], fraction=0.8)
+    # Not one full-length row of the base fits: it keeps the growable cache (the fast path), and caps nothing.
+    assert plans[0] is None and [p.slots for p in plans[1:]] == [4, 4] and selection.running_cap(plans, 4) == 4

@@ -82,6 +82,21 @@ def test_the_largest_request_that_fits_is_served(http):
     assert http.post("/v1/completions", json=body).status_code == 200
 
 
+def test_a_running_cap_from_static_kv_buffers_counts_in_admission(small, http, monkeypatch):
+    """Where the engine's static K/V buffers hold fewer rows than max_num_seqs (on a GPU short of memory), the
+    engine caps its running batch and reports the cap in its stats; the server's admission counts with it, so a
+    request that only the config's larger batch would hold is a 400, not a 429 retried forever."""
+    engine = small.engine.engine
+    capped = engine.limits.model_copy(update={"max_num_seqs": SLOTS - 1})
+    monkeypatch.setattr(engine, "limits", capped)
+    monkeypatch.setattr(engine.scheduler, "limits", capped)
+    assert small.engine.stats().max_num_seqs == SLOTS - 1
+    body = {"model": MODEL, "prompt": ["x", "y"], "n": 2, "max_tokens": 2}  # 4 sequences: 1 + 2 hold 3
+    error = error_of(http.post("/v1/completions", json=body), 400)
+    assert error["code"] == "request_too_large" and "holds at most 3 at once" in error["message"]
+    assert http.post("/v1/completions", json={**body, "n": 1}).status_code == 200
+
+
 def test_admission_reserves_before_it_tokenizes(small):
     """Ten requests arrive while the first ones are still being tokenized (held): the queue's room (2 slots
     + 2 waiting) is reserved by the first four, the other six are refused at once, untokenized."""
