@@ -67,13 +67,8 @@ class ProxyEngine:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         cap = config.limits.max_model_len or 10**9
         self.max_lens = [min(m.max_len, cap) for m in models]
-        # Each model's KV bytes when every sequence is at the length cap: the KV cache's budget at the limits.
         self.kv_bytes_per_token = [kv_bytes_per_token(m.model) for m in models]
-        self.kv_budgets = [
-            per_token * config.limits.max_num_seqs * max_len
-            for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
-        ]
-        # Static K/V buffers (the CUDA executor's) within those budgets and the GPUs' free memory, leaving the
+        # Static K/V buffers (the CUDA executor's) for the limits within the GPUs' free memory, leaving the
         # prefix caches their share of it (prefix_cache.FREE_MEMORY_SHARE) when they are on.
         kv_fraction = KV_MEMORY_FRACTION - (FREE_MEMORY_SHARE if config.prefix_cache.enabled else 0.0)
         slot_plans = static_kv_plans(self.kv_bytes_per_token, [input_device(m.model) for m in models],
@@ -83,6 +78,11 @@ class ProxyEngine:
         running = running_cap(slot_plans, config.limits.max_num_seqs)
         if running < config.limits.max_num_seqs:
             self.limits = config.limits.model_copy(update={"max_num_seqs": running})
+        # Each model's KV bytes when every sequence the batch holds is at the length cap: the budget at the limits.
+        self.kv_budgets = [
+            per_token * self.limits.max_num_seqs * max_len
+            for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
+        ]
         self.runners = [
             ModelRunner(
                 m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,

@@ -81,6 +81,7 @@ def test_static_buffers_for_fewer_rows_than_max_num_seqs_cap_the_running_batch(t
     assert [r.executor for r in static.runners] == ["static"] * 3
     assert [r.cache.slots for r in static.runners] == [2, 2, 2]
     assert static.limits.max_num_seqs == 2 and config.limits.max_num_seqs == 6
+    assert static.kv_budgets == [per * 2 * 160 for per in per_token]  # the KV usage metric's denominator
     most = 0
     step = static.step
 
