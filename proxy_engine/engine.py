@@ -24,7 +24,7 @@ import torch
 from proxy_engine.analysis import Distribution, model_logprobs
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
-from proxy_engine.executor import KV_MEMORY_FRACTION, running_cap, static_kv_plans
+from proxy_engine.executor import KV_MEMORY_FRACTION, running_cap, static_kv_plans, wants_static
 from proxy_engine.intake import Intake
 from proxy_engine.loader import LoadedModel, eos_token_ids, input_device
 from proxy_engine.outputs import OutputBuilder
@@ -71,8 +71,10 @@ class ProxyEngine:
         # Static K/V buffers (the CUDA executor's) for the limits within the GPUs' free memory, leaving the
         # prefix caches their share of it (prefix_cache.FREE_MEMORY_SHARE) when they are on.
         kv_fraction = KV_MEMORY_FRACTION - (FREE_MEMORY_SHARE if config.prefix_cache.enabled else 0.0)
-        slot_plans = static_kv_plans(self.kv_bytes_per_token, [input_device(m.model) for m in models],
-                                     config.limits.max_num_seqs, self.max_lens, kv_fraction)
+        devices = [input_device(m.model) for m in models]
+        slot_plans = static_kv_plans(self.kv_bytes_per_token, devices, config.limits.max_num_seqs, self.max_lens,
+                                     kv_fraction, [wants_static(m.model, d, config.runtime)
+                                                   for m, d in zip(models, devices)])
         # The running batch never outgrows the static buffers: fewer slots than max_num_seqs cap it.
         self.limits = config.limits
         running = running_cap(slot_plans, config.limits.max_num_seqs)
@@ -179,6 +181,11 @@ class ProxyEngine:
         self._sync_rows()
         if self.scheduler.running:
             outputs += self._guarded("decode", self.scheduler.running, self._decode)
+            # Free the rows of the sequences that just finished before admitting: a prefill completing in this
+            # step hands its rows over at once, and the runners must never hold more than the batch's slots
+            # (static K/V buffers would regrow and drop their CUDA graphs).
+            self.scheduler.retire()
+            self._sync_rows()
         if not self.scheduler.prefilling:  # done, failed or aborted: the next group may start
             self.prefill = None
             admitted = self.scheduler.admit()

@@ -88,9 +88,15 @@ def test_static_buffers_for_fewer_rows_than_max_num_seqs_cap_the_running_batch(t
     def counted_step():
         nonlocal most
         outputs = step()
-        most = max(most, static.scheduler.in_batch, len(static.running))
+        most = max(most, static.scheduler.in_batch, len(static.running), *(r.num_rows for r in static.runners))
         return outputs
 
     monkeypatch.setattr(static, "step", counted_step)
     assert _run(static) == expected
-    assert most == 2  # the cap was reached and never passed
+    assert most == 2  # the cap was reached and never passed, by the scheduler's counts or the runners' rows
+    # No runner ever held more rows than its slots: the buffers never regrew (which would drop the graphs).
+    assert all(r.cache.generation == 0 and r.cache.slots == 2 for r in static.runners)
+    # Models that decode on another executor plan no static buffers, so the same memory caps nothing.
+    for runtime in (RuntimeConfig(), RuntimeConfig(decode_executor="transformers")):
+        other = ProxyEngine(models, config.model_copy(update={"runtime": runtime}))
+        assert "static" not in [r.executor for r in other.runners] and other.limits.max_num_seqs == 6
