@@ -5,7 +5,8 @@ transformers' layer does. Each variant here puts exactly one of them back to its
 stay as served), and one puts back all four; every variant is timed on the same model, rows and span, with a
 CUDA graph (as served) and eagerly (``--enforce-eager``; on the CPU only this):
 
-- ``separate q/k/v, gate/up``: three and two GEMMs per layer instead of one each (``StaticDecoder(fuse=False)``);
+- ``separate q/k/v, gate/up``: three and two GEMMs per layer instead of one each, and a ``cat`` to put q and k
+  side by side for the joint rotary (``StaticDecoder(fuse=False)``);
 - ``RMSNorm op by op``: LlamaRMSNorm's float32 ``pow, mean, add, rsqrt, mul`` instead of ``F.rms_norm``;
 - ``rotary on q, k apart``: ``x * cos + swap_halves(x) * sin`` on q and on k, a ``mul`` and an ``add`` each,
   instead of one ``addcmul`` over q and k side by side;
@@ -151,6 +152,7 @@ def time_variants(model: torch.nn.Module, vocab_size: int, levels: list[int], sp
 def profile_step(model: torch.nn.Module, vocab_size: int, rows: int, span: int = 256, top: int = 15) -> dict:
     """The kernels of one eager static step (``rows`` rows, a ``span`` bucket) by time: device time on CUDA,
     host time on the CPU; per step, with the number of launches."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     device = model.lm_head.weight.device
@@ -178,8 +180,9 @@ def profile_step(model: torch.nn.Module, vocab_size: int, rows: int, span: int =
         _sync(device)
     wall_ms = (time.perf_counter() - started) / steps * 1000
     events = prof.key_averages()
-    if cuda:  # kernels: events with device time of their own
-        timed = [(e.key, e.count, e.self_device_time_total) for e in events if e.self_device_time_total > 0]
+    if cuda:  # the kernels themselves (an aten op also carries its kernels' device time: counted once here)
+        timed = [(e.key, e.count, e.self_device_time_total) for e in events
+                 if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
     else:  # the CPU: aten ops by their own host time
         timed = [(e.key, e.count, e.self_cpu_time_total) for e in events if e.key.startswith("aten::")]
     timed.sort(key=lambda item: item[2], reverse=True)

@@ -12,6 +12,8 @@ from proxy_engine.executor.selection import (
     choose_executor,
     running_cap,
     static_kv_plans,
+    wants_static,
 )
 
-__all__ = ["FAST", "KV_MEMORY_FRACTION", "STATIC", "TRANSFORMERS", "choose_executor", "running_cap", "static_kv_plans"]
+__all__ = ["FAST", "KV_MEMORY_FRACTION", "STATIC", "TRANSFORMERS", "choose_executor", "running_cap", "static_kv_plans",
+           "wants_static"]

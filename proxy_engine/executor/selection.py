@@ -29,14 +29,26 @@ STATIC, FAST, TRANSFORMERS = "static", "fast", "transformers"
 KV_MEMORY_FRACTION = 0.8  # of a GPU's free memory once the weights are in, for the static K/V of its models
 
 
+def _wanted(device: torch.device, runtime: RuntimeConfig) -> str:
+    if not runtime.fast_decode or runtime.decode_executor == TRANSFORMERS:
+        return TRANSFORMERS
+    if runtime.decode_executor == "auto":
+        return STATIC if device.type == "cuda" else FAST
+    return runtime.decode_executor
+
+
+def wants_static(model: torch.nn.Module, device: torch.device, runtime: RuntimeConfig) -> bool:
+    """Whether ``model`` decodes through the static executor given memory for its buffers (what they are
+    planned for: a model that never uses them takes no share of the GPU and caps no batch)."""
+    return _wanted(device, runtime) == STATIC and static_unsupported_reason(model) is None
+
+
 def choose_executor(model: torch.nn.Module, device: torch.device, runtime: RuntimeConfig,
                     plan: SlotPlan | None, name: str = "model") -> str:
     """``static``, ``fast`` or ``transformers`` for ``model`` on ``device`` (see the module docstring)."""
-    wanted = runtime.decode_executor
-    if not runtime.fast_decode or wanted == TRANSFORMERS:
+    wanted = _wanted(device, runtime)
+    if wanted == TRANSFORMERS:
         return TRANSFORMERS
-    if wanted == "auto":
-        wanted = STATIC if device.type == "cuda" else FAST
     if wanted == STATIC:
         reason = static_unsupported_reason(model) or (None if plan is not None else "no memory for static K/V")
         if reason is None:
@@ -57,20 +69,25 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def static_kv_plans(bytes_per_token: list[int], devices: list[torch.device], max_rows: int, max_lens: list[int],
-                    fraction: float = KV_MEMORY_FRACTION) -> list[SlotPlan | None]:
+                    fraction: float = KV_MEMORY_FRACTION, static: list[bool] | None = None) -> list[SlotPlan | None]:
     """Each model's static buffers: ``max_rows`` slots of its ``max_len`` tokens (the engine's KV budget at its
     limits), or as many slots as ``fraction`` of its GPU's free memory holds (the models sharing a GPU share it
     in proportion to their budgets); None where not even one full-length row fits (that model keeps the
-    growable cache and the ``fast`` executor, no graphs).
+    growable cache and the ``fast`` executor, no graphs), and for the models ``static`` says decode otherwise.
 
     Fewer slots than ``max_rows`` cap the running batch (``running_cap``), as vLLM's KV pool caps its
     concurrency: a Llama-2-7B base at the default 32 sequences of 4,096 tokens wants 64 GiB of K/V, more than
     an 80 GB GPU has beside the weights, and without a cap it would lose its graphs altogether. (That 20-odd
     rows from graphs beat 32 launched op by op is expected from issue 18's profile, not yet measured.)
     """
-    wanted = [per_token * max_rows * max_len for per_token, max_len in zip(bytes_per_token, max_lens)]
+    static = static if static is not None else [True] * len(devices)
+    wanted = [per_token * max_rows * max_len if use else 0
+              for per_token, max_len, use in zip(bytes_per_token, max_lens, static)]
     plans: list[SlotPlan | None] = []
     for index, device in enumerate(devices):
+        if not static[index]:  # decodes on another executor: no buffers, no share of the GPU
+            plans.append(None)
+            continue
         free = free_bytes(device)
         available = None
         if free is not None:

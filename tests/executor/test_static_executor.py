@@ -166,6 +166,10 @@ def test_models_sharing_a_gpu_split_its_free_memory(monkeypatch):
     plans = selection.static_kv_plans([40, 10, 10], [gpu, cpu, cpu], 4, [100, 100, 100], fraction=0.8)
     # The GPU holds two of the base's rows: the pair on the CPU needs no more than the batch can hold.
     assert [(p.slots, p.nbytes) for p in plans] == [(2, 8000), (2, 2000), (2, 2000)]
+    plans = selection.static_kv_plans([20, 10, 10], [gpu, gpu, gpu], 4, [100, 100, 100], fraction=0.8,
+                                      static=[True, False, False])
+    # The pair decodes on another executor: no buffers for it, and the base has the GPU's 8000 bytes alone.
+    assert plans[1:] == [None, None] and plans[0].slots == 4
     plans = selection.static_kv_plans([100, 10, 10], [gpu, cpu, cpu], 4, [100, 100, 100], fraction=0.8)
     # Not one full-length row of the base fits: it keeps the growable cache (the fast path), and caps nothing.
     assert plans[0] is None and [p.slots for p in plans[1:]] == [4, 4] and selection.running_cap(plans, 4) == 4
