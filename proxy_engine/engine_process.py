@@ -380,6 +380,7 @@ def child_main(conn, config: EngineConfig, idle_wait_s: float) -> None:
         conn.close()
         return
     conn.send(("ready", info, tokenizer_bytes))
+    conn.send(("stats", engine_stats(engine)))  # before any step: the running cap the server's admission counts
     serve_child(conn, engine, idle_wait_s)
     logging.shutdown()
     os._exit(0)  # skip the interpreter's teardown of torch and the models (seconds)

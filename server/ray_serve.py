@@ -251,6 +251,9 @@ def build_app(
     ``target_sequences`` defaults to the engine's ``max_num_seqs`` (a replica is added when the batches are
     full and a queue forms). Ray may hand a replica up to ``max_num_seqs + max_waiting`` requests at once; past
     that Ray queues them (and counts them for the autoscaler) rather than the engine refusing them with 429.
+    Both read the config's ``max_num_seqs``: a replica whose GPU holds static K/V for fewer rows caps its batch
+    lower (engine.py) and refuses with 429 what Ray sends past that; set ``max_num_seqs`` to the cap its log
+    gives (or pass ``target_sequences``) on such GPUs.
     """
     limits = settings.engine.limits
     for warning in deployment_warnings(settings):

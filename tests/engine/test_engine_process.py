@@ -23,6 +23,12 @@ async def test_stream_abort_stats_and_a_killed_child(chat_family):
     await engine.start()
     try:
         assert engine.ready and engine.process.pid is not None
+        # The stats arrive before any step: the running batch's cap (the server's admission counts with it).
+        for _ in range(100):
+            if engine.stats().max_num_seqs:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().max_num_seqs == 4
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2, seed=1)
         stream = await engine.add_request("a", PromptInput(text="Hello"), params)
         assert stream.prompt_tokens > 0
