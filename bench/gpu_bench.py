@@ -17,10 +17,11 @@ that fails is reported (with its traceback) and the next one runs. The report is
 4. ``ttft``: time to first token of a 1,500-token prompt (one request alone, prefill in one chunk).
 5. ``identity``: greedy tokens with graphs vs eager (bf16 real shapes: divergences with the top-2 margin of the
    combined logits where they part), and on a float32 family (exact); seeded sampling with vs without graphs.
-6. ``fusions``: each fusion of the static step undone on its own, timed with a graph and eagerly at 1 and 16
-   rows, on the base and the pair's shapes, and the kernels of one eager step by device time (``bench/fusions.py``).
-7. ``attention``: the decode attention of the pair's shape per SDPA backend (host + device time per call, the
+6. ``attention``: the decode attention of the pair's shape per SDPA backend (host + device time per call, the
    span growing by one each call as in decoding, or fixed as in a bucket).
+7. ``fusions`` (last: the longest, and the least needed should gpu.sh's time box cut it): each fusion of the
+   static step undone on its own, timed with a graph and eagerly at 1 and 16 rows, on the base and the pair's
+   shapes, and the kernels of one eager step by device time (``bench/fusions.py``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from proxy_engine.request import PromptInput, SamplingParams, Target
 
 VOCAB = 32_000
 TTFT_PROMPT = 1_500
+FUSION_STEPS = 16  # steps per variant per round (3 rounds): about a minute for the 7B and 1.1B shapes together
 
 
 @dataclass(frozen=True)
@@ -519,14 +521,6 @@ def main(argv: list[str] | None = None) -> int:
 
         report.section("identity, real shapes", real_identity)
 
-    def fusion_section() -> dict:
-        named = {f"base {base_shape.name}": models[0].model, f"pair {pair_shape.name}": models[1].model}
-        return {"timings": {name: fusions.time_variants(model, VOCAB, levels, steps=steps)
-                            for name, model in named.items()},
-                "profiles": {name: fusions.profile_step(model, VOCAB, levels[-1]) for name, model in named.items()}}
-
-    report.section("fusions", fusion_section)
-    models.clear()  # free the real shapes before the float32 family
     gc.collect()
 
     def fp32_family() -> dict:
@@ -550,6 +544,17 @@ def main(argv: list[str] | None = None) -> int:
     if device != "cpu":
         report.section("attention", lambda: attention_backends(device, dtype, pair_shape, levels[-1],
                                                                [256, 1024, 4096]))
+
+    def fusion_section() -> dict:
+        named = {f"base {base_shape.name}": models[0].model, f"pair {pair_shape.name}": models[1].model}
+        return {"timings": {name: fusions.time_variants(model, VOCAB, levels, steps=FUSION_STEPS)
+                            for name, model in named.items()},
+                "profiles": {name: fusions.profile_step(model, VOCAB, levels[-1]) for name, model in named.items()}}
+
+    # Last: the longest section (6 variants x 2 shapes x 2 levels, captured and eager), and the one whose loss
+    # to gpu.sh's time box costs least.
+    report.section("fusions", fusion_section)
+    models.clear()
     report.data["seconds"] = round(time.perf_counter() - started, 1)
     report.save()
     print(markdown(report.data))
