@@ -83,6 +83,12 @@ if s.get("ttft"):
 for name in ("identity, real shapes", "identity fp32", "seeded sampling fp32"):
     if s.get(name):
         print(f"{name}: {s[name]['identical']}/{s[name]['sequences']} identical; {s[name]['divergences'][:4]}")
+if s.get("host profile"):
+    host = s["host profile"]
+    print(f"host profile ({host['rows']} rows, graphs): {host['profiled_ms_per_step']} ms per step under cProfile")
+    for f in host["top"][:10]:
+        print(f"  {f['own_ms_per_step']:8.3f} ms own {f['cum_ms_per_step']:8.3f} ms cum {f['calls_per_step']:6} calls  "
+              f"{f['function']}")
 if s.get("fusions"):
     from bench.fusions import markdown as fusion_lines
     print("\n".join(fusion_lines(s["fusions"])))

@@ -14,7 +14,9 @@ that fails is reported (with its traceback) and the next one runs. The report is
 3. ``engine`` with CUDA graphs and with ``enforce_eager``: ms per decode step and tokens/s of ``proxy``
    (alpha 1), ``base`` (``Target.BASE``) and ``expert`` (``Target.EXPERT``, half of the pair's own cost), once
    every sequence runs (prefill excluded); the graphs' capture time and memory.
-4. ``ttft``: time to first token of a 1,500-token prompt (one request alone, prefill in one chunk).
+4. ``host profile``: ``cProfile`` of 16 proxy-tuned steps with graphs at the most streams (the host's part of a
+   step, and the wait for the GPU); ``ttft``: time to first token of a 1,500-token prompt (one request alone,
+   prefill in one chunk).
 5. ``identity``: greedy tokens with graphs vs eager (bf16 real shapes: divergences with the top-2 margin of the
    combined logits where they part), and on a float32 family (exact); seeded sampling with vs without graphs.
 6. ``attention``: the decode attention of the pair's shape per SDPA backend (host + device time per call, the
@@ -250,6 +252,39 @@ def require_graphs(runners: dict, device: str) -> None:
         raise RuntimeError(f"not every model captured CUDA graphs ({json.dumps(runners)}): no comparison")
 
 
+def host_profile(engine: ProxyEngine, prompts: list[list[int]], steps: int = 16, top: int = 20) -> dict:
+    """Where an engine step's time goes on the host: ``cProfile`` over ``steps`` proxy-tuned decode steps of
+    ``len(prompts)`` rows, the functions by their own time per step. On CUDA the wait for the GPU shows as the
+    own time of the call that reads the sampled tokens back (``tolist``); the rest is the host's part of the
+    step (graph launches, combine, sampling, detokenizing), the part a graph spanning the three models and the
+    combine could save (docs/gpu.md, "Not done")."""
+    import cProfile
+    import pstats
+
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add(engine.make_sequences(f"host-{i}", PromptInput(token_ids=prompt), params))
+    while len(engine.running) < len(prompts):
+        engine.step()
+    engine.step()
+    sync()
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    elapsed = time.perf_counter() - started
+    while engine.has_work():
+        engine.step()
+    entries = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, _)
+    ranked = sorted(entries.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return {"rows": len(prompts), "profiled_ms_per_step": round(elapsed / steps * 1000, 3),
+            "top": [{"function": f"{Path(file).name}:{line} {name}", "calls_per_step": round(calls / steps, 1),
+                     "own_ms_per_step": round(own / steps * 1000, 4), "cum_ms_per_step": round(cum / steps * 1000, 4)}
+                    for (file, line, name), (_, calls, own, cum, _) in ranked]}
+
+
 # --- 4. time to first token ----------------------------------------------------------------------------------
 def ttft(engine: ProxyEngine, prompt_tokens: int, repeats: int = 3) -> dict:
     gen = torch.Generator().manual_seed(7)
@@ -416,6 +451,13 @@ def markdown(data: dict) -> str:
             value = s[name]
             lines.append(f"{name}: {value['identical']}/{value['sequences']} identical; divergences "
                          f"{value['divergences']}")
+    if s.get("host profile"):
+        host = s["host profile"]
+        lines += ["", f"host profile, graphs engine, {host['rows']} rows: {host['profiled_ms_per_step']} ms per "
+                  "proxy step under cProfile", "", "| function | calls per step | own ms | cumulative ms |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {f['function']} | {f['calls_per_step']} | {f['own_ms_per_step']} | {f['cum_ms_per_step']} |"
+                  for f in host["top"]]
     if s.get("fusions"):
         lines += fusions.markdown(s["fusions"])
     if s.get("attention"):
@@ -507,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         report.section(label, rates)
         if not eager:
+            report.section("host profile", lambda holder=holder: host_profile(holder["engine"], prompts))
             report.section("ttft", lambda holder=holder: ttft(holder["engine"], args.ttft_tokens))
         report.section(f"{label}: greedy", lambda holder=holder, label=label: identity.__setitem__(
             label, greedy_run(holder["engine"], id_prompts, 32)) or {"runs": len(id_prompts)})

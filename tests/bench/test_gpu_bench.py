@@ -28,6 +28,10 @@ def test_cpu_quick_path(tmp_path):
             assert row["proxy / (base + 2 x expert)"] > 0
         assert all(r["executor"] == "static" for r in sections[label]["runners"].values())
     assert sections["ttft"]["prompt_tokens"] == 40 and sections["ttft"]["ms"] > 0
+    host = sections["host profile"]
+    assert host["rows"] == 16 and host["profiled_ms_per_step"] > 0 and len(host["top"]) == 20
+    assert any("static_decode.py" in f["function"] and f["calls_per_step"] == 3 for f in host["top"])  # 3 models
+    assert sum(f["own_ms_per_step"] for f in host["top"]) <= host["profiled_ms_per_step"]
     # On the CPU both engines run the same step eagerly: identical tokens, greedy and seeded.
     for name in ("identity, real shapes", "identity fp32", "seeded sampling fp32"):
         assert sections[name]["identical"] == sections[name]["sequences"] > 0, name
@@ -36,7 +40,7 @@ def test_cpu_quick_path(tmp_path):
     assert {profile["clock"] for profile in sections["fusions"]["profiles"].values()} == {"host"}
     table = (tmp_path / "gpu_cpu_path.md").read_text()
     assert "| engine, graphs | 16 |" in table and "| paper loop | 1 |" in table
-    assert "| rotary on q, k apart | 16 |" in table
+    assert "| rotary on q, k apart | 16 |" in table and "host profile, graphs engine, 16 rows" in table
 
 
 def test_tokenizer_has_the_shared_vocabulary():
