@@ -73,8 +73,8 @@ class ProxyEngine:
         kv_fraction = KV_MEMORY_FRACTION - (FREE_MEMORY_SHARE if config.prefix_cache.enabled else 0.0)
         devices = [input_device(m.model) for m in models]
         slot_plans = static_kv_plans(self.kv_bytes_per_token, devices, config.limits.max_num_seqs, self.max_lens,
-                                     kv_fraction, [wants_static(m.model, d, config.runtime)
-                                                   for m, d in zip(models, devices)])
+                                     kv_fraction, [wants_static(m.model, d, config.runtime, max_len)
+                                                   for m, d, max_len in zip(models, devices, self.max_lens)])
         # The running batch never outgrows the static buffers: fewer slots than max_num_seqs cap it.
         self.limits = config.limits
         running = running_cap(slot_plans, config.limits.max_num_seqs)
@@ -89,8 +89,9 @@ class ProxyEngine:
             ModelRunner(
                 m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
                 prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, budget), slot_plan=plan,
+                max_len=max_len,
             )
-            for m, budget, plan in zip(models, self.kv_budgets, slot_plans)
+            for m, budget, plan, max_len in zip(models, self.kv_budgets, slot_plans, self.max_lens)
         ]
         self.eos_ids = frozenset(eos_token_ids(models))
         self.device = self.runners[0].device

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from proxy_engine.attention_masks import sliding_window
 from proxy_engine.config import PACKED_WEIGHTS_ENV
 
 log = logging.getLogger("proxy_engine.fast_decode")
@@ -138,15 +139,20 @@ def packing_allowed(model: torch.nn.Module, name: str, setting: bool | None = No
     return True
 
 
-def unsupported_reason(model: torch.nn.Module) -> str | None:
-    """Why ``model`` cannot use the fast decode step (None when it can)."""
+def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> str | None:
+    """Why ``model`` cannot use the fast decode step (None when it can). A sliding window that no sequence of
+    ``max_len`` tokens can outgrow (Mistral v0.1's 4,096 under a 4,096-token limit) attends like full
+    attention, so it is no reason."""
     name = type(model).__name__
     if name not in _SUPPORTED:
         return f"{name} is not a recognised Llama-family architecture"
     config = model.config
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+    window = sliding_window(config)
+    window_binds = window is not None and (max_len is None or max_len > window)
+    if window_binds:
         return "sliding-window attention"
-    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+    allowed = {"full_attention"} if window is None else {"full_attention", "sliding_attention"}
+    if any(t not in allowed for t in (getattr(config, "layer_types", None) or [])):
         return "layers other than full attention"
     if config._attn_implementation not in ("sdpa", "eager"):
         return f"attention implementation {config._attn_implementation}"
@@ -314,11 +320,11 @@ class FastDecoder:
     @classmethod
     def for_model(
         cls, model: torch.nn.Module, vocab_size: int, name: str, packed: bool | None = None,
-        column_major: bool | None = None,
+        column_major: bool | None = None, max_len: int | None = None,
     ) -> FastDecoder | None:
         """The fast decoder of ``model``, or None when its architecture is not supported; ``packed`` as in
-        ``packing_allowed``; ``column_major`` None: on the CPU in float32."""
-        reason = unsupported_reason(model)
+        ``packing_allowed``; ``column_major`` None: on the CPU in float32; ``max_len`` the longest sequence."""
+        reason = unsupported_reason(model, max_len)
         if reason is not None:
             log.info("%s decodes through transformers: %s", name, reason)
             return None

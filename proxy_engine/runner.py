@@ -88,7 +88,8 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 class ModelRunner:
     """A causal LM with its batch of rows. ``vocab_size`` cuts padded logit rows to the shared vocabulary;
     ``runtime`` (default: from the environment) holds the CPU and decode-path knobs; ``slot_plan`` sizes the
-    static K/V buffers of the static executor (executor/: chosen per model and device)."""
+    static K/V buffers of the static executor (executor/: chosen per model and device); ``max_len``, the longest
+    sequence it will hold, lets a sliding-window model whose window it never outgrows decode on the fast paths."""
 
     def __init__(
         self,
@@ -100,6 +101,7 @@ class ModelRunner:
         runtime: RuntimeConfig | None = None,
         prefix_cache: PrefixCache | None = None,
         slot_plan: SlotPlan | None = None,
+        max_len: int | None = None,
     ) -> None:
         self.model = model
         self.runtime = runtime or RuntimeConfig()
@@ -115,7 +117,7 @@ class ModelRunner:
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in params else None
         # Decode steps of Llama-family models skip transformers' module stack: static buffers and CUDA graphs
         # (executor/) or fast_decode.py's step.
-        self.executor = choose_executor(model, self.device, self.runtime, slot_plan, name)
+        self.executor = choose_executor(model, self.device, self.runtime, slot_plan, name, max_len)
         if self.device.type == "cuda":
             disable_cudnn_attention()
         self._fast = None
@@ -126,7 +128,8 @@ class ModelRunner:
             assert slot_plan is not None
             self._static = StaticExecutor(model, vocab_size, name, slot_plan, eager=self.runtime.enforce_eager)
         elif self.executor == FAST:
-            self._fast = FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights)
+            self._fast = FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights,
+                                               max_len=max_len)
         # Decode through transformers: additive masks with the model's sliding window (see attention_masks.py).
         self._masks = DecodeMasks(model.config, model.get_input_embeddings().weight.dtype)
         self._reset()

@@ -37,24 +37,27 @@ def _wanted(device: torch.device, runtime: RuntimeConfig) -> str:
     return runtime.decode_executor
 
 
-def wants_static(model: torch.nn.Module, device: torch.device, runtime: RuntimeConfig) -> bool:
+def wants_static(model: torch.nn.Module, device: torch.device, runtime: RuntimeConfig,
+                 max_len: int | None = None) -> bool:
     """Whether ``model`` decodes through the static executor given memory for its buffers (what they are
     planned for: a model that never uses them takes no share of the GPU and caps no batch)."""
-    return _wanted(device, runtime) == STATIC and static_unsupported_reason(model) is None
+    return _wanted(device, runtime) == STATIC and static_unsupported_reason(model, max_len) is None
 
 
 def choose_executor(model: torch.nn.Module, device: torch.device, runtime: RuntimeConfig,
-                    plan: SlotPlan | None, name: str = "model") -> str:
-    """``static``, ``fast`` or ``transformers`` for ``model`` on ``device`` (see the module docstring)."""
+                    plan: SlotPlan | None, name: str = "model", max_len: int | None = None) -> str:
+    """``static``, ``fast`` or ``transformers`` for ``model`` on ``device`` (see the module docstring);
+    ``max_len``, the longest sequence, lets a sliding window that never binds decode like full attention."""
     wanted = _wanted(device, runtime)
     if wanted == TRANSFORMERS:
         return TRANSFORMERS
     if wanted == STATIC:
-        reason = static_unsupported_reason(model) or (None if plan is not None else "no memory for static K/V")
+        reason = (static_unsupported_reason(model, max_len)
+                  or (None if plan is not None else "no memory for static K/V"))
         if reason is None:
             return STATIC
         log.info("%s: no static decode (%s)", name, reason)
-    reason = unsupported_reason(model)
+    reason = unsupported_reason(model, max_len)
     if reason is None:
         return FAST
     log.info("%s decodes through transformers: %s", name, reason)

@@ -45,9 +45,10 @@ _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 MASK_ALIGNMENT = 8
 
 
-def static_unsupported_reason(model: torch.nn.Module) -> str | None:
-    """Why ``model`` cannot use the static decode step (None when it can)."""
-    reason = unsupported_reason(model)
+def static_unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> str | None:
+    """Why ``model`` cannot use the static decode step (None when it can); ``max_len`` as in
+    ``unsupported_reason``."""
+    reason = unsupported_reason(model, max_len)
     if reason is not None:
         return reason
     rope_type = str(getattr(model.model.rotary_emb, "rope_type", "default"))

@@ -115,6 +115,41 @@ def test_unsupported_models_fall_back_to_transformers():
     assert unsupported_reason(model) == "sliding-window attention"
 
 
+def test_a_sliding_window_the_sequences_never_outgrow_decodes_on_the_fast_paths(monkeypatch):
+    """Mistral v0.1 (a 4,096-token window) served at max_model_len 4,096 attends like full attention: the fast
+    and static steps take it, with transformers' logits; past the window it stays on transformers' path."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from proxy_engine.config import RuntimeConfig
+    from proxy_engine.executor.static_cache import SlotPlan
+    from proxy_engine.fast_decode import unsupported_reason
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**common, sliding_window=32)).eval()
+    assert unsupported_reason(model) == "sliding-window attention"  # no limit known: the window may bind
+    assert unsupported_reason(model, 33) == "sliding-window attention"
+    assert unsupported_reason(model, 32) is None
+    qwen = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=32, max_window_layers=1))
+    assert qwen.config.layer_types == ["full_attention", "sliding_attention"]
+    assert unsupported_reason(qwen, 32) is None and unsupported_reason(qwen, 64) == "sliding-window attention"
+
+    fast = ModelRunner(model, 80, 0, "mistral", max_len=32)
+    static = ModelRunner(model, 80, 0, "mistral", max_len=32, runtime=RuntimeConfig(decode_executor="static"),
+                         slot_plan=SlotPlan(3, 32, 0))
+    slow = ModelRunner(model, 80, 0, "mistral", max_len=33)
+    assert (fast.executor, static.executor, slow.executor) == ("fast", "static", "transformers")
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    for runner in (fast, static, slow):
+        _join(runner, [0, 1, 2], prompts)
+    for step in range(20):  # up to 25 tokens: inside the window, as max_len promises
+        tokens = torch.tensor([20 + step] * 3)
+        expected = slow.decode(tokens)
+        torch.testing.assert_close(fast.decode(tokens), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(static.decode(tokens), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_packed_weights_give_the_plain_gemm_logits(monkeypatch):
     """From PACKED_MIN_ROWS rows on, decode runs on oneDNN-packed weight copies: same logits (float32 rounding)."""
     from proxy_engine.config import PACKED_WEIGHTS_ENV, RuntimeConfig
