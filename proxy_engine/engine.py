@@ -44,7 +44,7 @@ from proxy_engine.request import (
 )
 from proxy_engine.runner import ModelRunner
 from proxy_engine.sampling import SamplingBatch
-from proxy_engine.scheduler import Scheduler, has_room
+from proxy_engine.scheduler import Scheduler, has_room, with_running_cap
 from proxy_engine.sequence import Sequence
 
 log = logging.getLogger("proxy_engine.engine")
@@ -76,10 +76,7 @@ class ProxyEngine:
                                      kv_fraction, [wants_static(m.model, d, config.runtime, max_len)
                                                    for m, d, max_len in zip(models, devices, self.max_lens)])
         # The running batch never outgrows the static buffers: fewer slots than max_num_seqs cap it.
-        self.limits = config.limits
-        running = running_cap(slot_plans, config.limits.max_num_seqs)
-        if running < config.limits.max_num_seqs:
-            self.limits = config.limits.model_copy(update={"max_num_seqs": running})
+        self.limits = with_running_cap(config.limits, running_cap(slot_plans, config.limits.max_num_seqs))
         # Each model's KV bytes when every sequence the batch holds is at the length cap: the budget at the limits.
         self.kv_budgets = [
             per_token * self.limits.max_num_seqs * max_len

@@ -30,6 +30,14 @@ def has_room(limits: LimitsConfig, count: int, queued: int, in_batch: int) -> bo
     return queued + count <= limits.max_waiting + free_slots
 
 
+def with_running_cap(limits: LimitsConfig, cap: int) -> LimitsConfig:
+    """``limits`` as the engine applies them: ``max_num_seqs`` lowered to ``cap`` where its static K/V buffers
+    hold fewer rows (``cap`` 0, or one at least ``max_num_seqs``: the limits as configured)."""
+    if 0 < cap < limits.max_num_seqs:
+        return limits.model_copy(update={"max_num_seqs": cap})
+    return limits
+
+
 def _prompt_key(sequence: Sequence) -> tuple:
     return tuple((index, tuple(ids)) for index, ids in sorted(sequence.prompts.items()))
 

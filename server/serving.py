@@ -32,7 +32,7 @@ from proxy_engine.request import (
     TokenLogprob,
 )
 from proxy_engine.sampling_defaults import SamplingDefaults, describe, sampling_defaults
-from proxy_engine.scheduler import has_room
+from proxy_engine.scheduler import has_room, with_running_cap
 from server.errors import APIError, error_body, internal_error
 from server.guards import clip
 from server.metrics import RequestTimer, ServerMetrics
@@ -157,10 +157,7 @@ class ServerContext:
     def limits(self, stats: EngineStats | None) -> LimitsConfig:
         """The engine's limits as it applies them: the config's, with the running batch capped where the
         engine's static K/V buffers hold fewer than ``max_num_seqs`` rows (it says so in its stats)."""
-        limits = self.settings.engine.limits
-        if stats is not None and 0 < stats.max_num_seqs < limits.max_num_seqs:
-            return limits.model_copy(update={"max_num_seqs": stats.max_num_seqs})
-        return limits
+        return with_running_cap(self.settings.engine.limits, stats.max_num_seqs if stats is not None else 0)
 
     @property
     def capacity(self) -> int:

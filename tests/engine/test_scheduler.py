@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from proxy_engine.config import LimitsConfig
 from proxy_engine.request import FinishReason, SamplingParams
-from proxy_engine.scheduler import Scheduler, has_room
+from proxy_engine.scheduler import Scheduler, has_room, with_running_cap
 from proxy_engine.sequence import Sequence, Status
 
 
@@ -94,3 +94,11 @@ def test_the_queue_bound_counts_free_slots_then_max_waiting():
     assert has_room(limits, count=1, queued=1, in_batch=4)
     assert not has_room(limits, count=2, queued=1, in_batch=4)
     assert has_room(limits, count=2, queued=0, in_batch=9)  # over-full batch: no negative slots
+
+
+def test_a_running_cap_lowers_max_num_seqs_and_nothing_else():
+    limits = LimitsConfig(max_num_seqs=8, max_waiting=3)
+    capped = with_running_cap(limits, 5)
+    assert capped.max_num_seqs == 5 and capped.max_waiting == 3 and limits.max_num_seqs == 8
+    assert with_running_cap(limits, 0) is limits and with_running_cap(limits, 8) is limits  # unknown, or no cap
+    assert with_running_cap(limits, 12) is limits  # never raised past the config
