@@ -92,20 +92,34 @@ def _per_call_ms(run: Callable[[], object], calls: int, device: torch.device) ->
     return (time.perf_counter() - started) / calls * 1000
 
 
+def _cache_for(decoder: StaticDecoder, rows: int, span: int) -> StaticSlotKVCache:
+    """Static K/V of ``rows`` slots of ``span`` tokens shaped for ``decoder``."""
+    return StaticSlotKVCache(len(decoder.layers), SlotPlan(rows, span, 0), decoder.kv_heads, decoder.head_dim,
+                             decoder.dtype, decoder.device)
+
+
+def _eager_step(decoder: StaticDecoder, cache: StaticSlotKVCache, ids_host: torch.Tensor,
+                positions_host: torch.Tensor, span: int) -> Callable[[], torch.Tensor]:
+    """One eager step of ``decoder`` over ``cache``: the rows' tokens at their positions, under the served SDPA
+    backends."""
+    device = decoder.device
+    ids, positions = ids_host.to(device), positions_host.to(device)
+    slots = torch.arange(ids.shape[0], device=device)
+
+    def eager() -> torch.Tensor:
+        with decode_backends(device):
+            return decoder.step(ids, positions, slots, span, cache)
+
+    return eager
+
+
 def _runners(decoder: StaticDecoder, cache: StaticSlotKVCache, ids_host: torch.Tensor, positions_host: torch.Tensor,
              span: int) -> dict[str, Callable[[], object]]:
     """One step of ``decoder``, ``eager`` and, on CUDA, ``graph`` (captured now; replayed as served: the inputs
     copied from pinned memory each step)."""
     device = decoder.device
     rows = ids_host.shape[0]
-    ids, positions = ids_host.to(device), positions_host.to(device)
-    slots = torch.arange(rows, device=device)
-
-    def eager() -> torch.Tensor:
-        with decode_backends(device):
-            return decoder.step(ids, positions, slots, span, cache)
-
-    runners: dict[str, Callable[[], object]] = {"eager": eager}
+    runners: dict[str, Callable[[], object]] = {"eager": _eager_step(decoder, cache, ids_host, positions_host, span)}
     if device.type == "cuda":
         graphs = DecodeGraphs(lambda i, p, r, s: decoder.step(i, p, r, s, cache), device, rows,
                               lambda: decode_backends(device))
@@ -123,9 +137,7 @@ def time_variants(model: torch.nn.Module, vocab_size: int, levels: list[int], sp
     ``rounds`` rounds that each time every variant in turn (``steps`` steps each), so drift hits all alike."""
     device = model.lm_head.weight.device
     variants = decoders(model, vocab_size, span)
-    first = variants[SERVED]
-    plan = SlotPlan(max(levels), span, 0)
-    cache = StaticSlotKVCache(len(first.layers), plan, first.kv_heads, first.head_dim, first.dtype, device)
+    cache = _cache_for(variants[SERVED], max(levels), span)
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     for rows in levels:
         ids = torch.randint(10, vocab_size, (rows,))
@@ -157,17 +169,9 @@ def profile_step(model: torch.nn.Module, vocab_size: int, rows: int, span: int =
 
     device = model.lm_head.weight.device
     decoder = StaticDecoder(model, vocab_size, span)
-    cache = StaticSlotKVCache(len(decoder.layers), SlotPlan(rows, span, 0), decoder.kv_heads, decoder.head_dim,
-                              decoder.dtype, device)
-    ids = torch.randint(10, vocab_size, (rows,), device=device)
-    positions = torch.full((rows,), span // 2, dtype=torch.long, device=device)
-    slots = torch.arange(rows, device=device)
+    step = _eager_step(decoder, _cache_for(decoder, rows, span), torch.randint(10, vocab_size, (rows,)),
+                       torch.full((rows,), span // 2, dtype=torch.long), span)
     cuda = device.type == "cuda"
-
-    def step() -> torch.Tensor:
-        with decode_backends(device):
-            return decoder.step(ids, positions, slots, span, cache)
-
     for _ in range(2):
         step()
     _sync(device)
