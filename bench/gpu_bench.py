@@ -36,6 +36,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,24 +189,35 @@ def make_engine(models: list[LoadedModel], max_rows: int, max_len: int, eager: b
     return ProxyEngine(models, config)
 
 
-def decode_rate(engine: ProxyEngine, prompts: list[list[int]], steps: int, target: Target) -> tuple[float, float]:
-    """``(ms per decode step, tokens/s)`` once every sequence runs; prefill excluded."""
+@contextmanager
+def decoding(engine: ProxyEngine, prompts: list[list[int]], steps: int, target: Target = Target.PROXY,
+             tag: str = "run"):
+    """Every prompt decoding greedily (prefill done, two warm steps: allocator, kernels) with room for ``steps``
+    more tokens each; the engine drained on exit."""
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
     for i, prompt in enumerate(prompts):
-        engine.add(engine.make_sequences(f"{target.value}-{i}-{time.monotonic_ns()}", PromptInput(token_ids=prompt),
-                                         params, target))
-    while len(engine.running) < len(prompts):
-        engine.step()
-    for _ in range(2):  # warm: allocator, kernels
-        engine.step()
-    sync()
-    start = time.perf_counter()
-    tokens = 0
-    for _ in range(steps):
-        tokens += sum(len(o.new_token_ids) for o in engine.step())  # each step ends in a host sync (tolist)
-    elapsed = time.perf_counter() - start
-    while engine.has_work():
-        engine.step()
+        engine.add(engine.make_sequences(f"{tag}-{target.value}-{i}-{time.monotonic_ns()}",
+                                         PromptInput(token_ids=prompt), params, target))
+    try:
+        while len(engine.running) < len(prompts):
+            engine.step()
+        for _ in range(2):
+            engine.step()
+        sync()
+        yield
+    finally:
+        while engine.has_work():
+            engine.step()
+
+
+def decode_rate(engine: ProxyEngine, prompts: list[list[int]], steps: int, target: Target) -> tuple[float, float]:
+    """``(ms per decode step, tokens/s)`` once every sequence runs; prefill excluded."""
+    with decoding(engine, prompts, steps, target):
+        start = time.perf_counter()
+        tokens = 0
+        for _ in range(steps):
+            tokens += sum(len(o.new_token_ids) for o in engine.step())  # each step ends in a host sync (tolist)
+        elapsed = time.perf_counter() - start
     return elapsed / steps * 1000, tokens / elapsed
 
 
@@ -261,22 +273,14 @@ def host_profile(engine: ProxyEngine, prompts: list[list[int]], steps: int = 16,
     import cProfile
     import pstats
 
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add(engine.make_sequences(f"host-{i}", PromptInput(token_ids=prompt), params))
-    while len(engine.running) < len(prompts):
-        engine.step()
-    engine.step()
-    sync()
     profiler = cProfile.Profile()
-    started = time.perf_counter()
-    profiler.enable()
-    for _ in range(steps):
-        engine.step()
-    profiler.disable()
-    elapsed = time.perf_counter() - started
-    while engine.has_work():
-        engine.step()
+    with decoding(engine, prompts, steps, tag="host"):
+        started = time.perf_counter()
+        profiler.enable()
+        for _ in range(steps):
+            engine.step()
+        profiler.disable()
+        elapsed = time.perf_counter() - started
     entries = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, _)
     ranked = sorted(entries.items(), key=lambda item: item[1][2], reverse=True)[:top]
     return {"rows": len(prompts), "profiled_ms_per_step": round(elapsed / steps * 1000, 3),
