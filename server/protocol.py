@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,6 +55,52 @@ def check_text(value: str, param: str) -> str:
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def asks_nothing(value: Any) -> bool:
+    """A value that asks for nothing beyond the default: absent, null, false, zero or empty."""
+    return value is None or value is False or (isinstance(value, int) and value == 0) or value in ("", [], {})
+
+
+@dataclass(frozen=True)
+class Unhonoured:
+    """A request field that would change what the client gets back, and that this server does not do.
+
+    Unknown sampler hints are ignored (frontends send many), but dropping one of these would answer a different
+    request than the one sent (audio, a web search, beam search, moderation that blocks): a value ``accepts``
+    refuses is a 400 naming the field.
+    """
+
+    why: str
+    accepts: Callable[[Any], bool] = asks_nothing
+
+
+def refuse_unhonoured(request: BaseModel, rules: Mapping[str, Unhonoured]) -> None:
+    """400 for the first field of ``rules`` whose value ``request`` sets and this server would not honour."""
+    for name, rule in rules.items():
+        if not rule.accepts(getattr(request, name)):
+            raise bad_request(f"{name} is not supported: {rule.why}", name)
+
+
+def _null(value: Any) -> bool:
+    """For a field whose mere presence asks for something (``web_search_options: {}`` searches with defaults)."""
+    return value is None
+
+
+def _text_only(value: Any) -> bool:
+    return value is None or (isinstance(value, list) and all(kind == "text" for kind in value))
+
+
+# vLLM's extensions that change the output, on both endpoints; the ones honoured are fields of _SamplingFields.
+_UNHONOURED_SAMPLING = {
+    "use_beam_search": Unhonoured("beam search is not implemented (sampling and greedy decoding only)"),
+    "logits_processors": Unhonoured("logits processors cannot be loaded from a request"),
+    "bad_words": Unhonoured("word bans are not implemented; logit_bias bans single token ids"),
+    "allowed_token_ids": Unhonoured("use logit_bias, guided_choice or guided_regex to restrict the output"),
+    "prompt_logprobs": Unhonoured("prompt logprobs come from /v1/completions with echo: true and logprobs"),
+    "return_tokens_as_token_ids": Unhonoured("logprobs name tokens by their text and bytes"),
+    "truncate_prompt_tokens": Unhonoured("prompts are never truncated: one past the context is a 400 saying so"),
+}
 
 
 class StreamOptions(_Lenient):
@@ -98,6 +146,16 @@ class _SamplingFields(_Lenient):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    # Refused when set (UNHONOURED); declared so that they are read, not dropped with the unknown fields.
+    use_beam_search: Any = None
+    logits_processors: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    prompt_logprobs: Any = None
+    return_tokens_as_token_ids: Any = None
+    truncate_prompt_tokens: Any = None
+
+    UNHONOURED: ClassVar[dict[str, Unhonoured]] = _UNHONOURED_SAMPLING
 
     @property
     def include_usage(self) -> bool:
@@ -123,6 +181,7 @@ class _SamplingFields(_Lenient):
     ) -> SamplingParams:
         """The engine's parameters: the request's fields, then ``defaults`` (the model's generation_config) for
         the sampler fields it left out; its ``max_tokens`` there is a cap for a request that sent none."""
+        refuse_unhonoured(self, self.UNHONOURED)
         defaults = dict(defaults or {})
         default_max_tokens = defaults.pop("max_tokens", None)
         values: dict[str, Any] = {
@@ -192,6 +251,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool | None = False
     suffix: str | None = None
+    best_of: Int64 | None = None
 
     def prompt_input(self) -> PromptInput | list[PromptInput]:
         """One prompt, or several: prompt ``i``'s choices are then numbered from ``i * n``, as OpenAI does."""
@@ -228,6 +288,11 @@ class CompletionRequest(_SamplingFields):
     def sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
+        # best_of up to n asks for nothing more (LangChain sends best_of 1 whatever n is); more would mean
+        # generating best_of choices and returning the n likeliest, which this server does not do (nor vLLM's V1).
+        if self.best_of is not None and self.best_of > (self.n or 1):
+            raise bad_request(f"best_of > n is not supported (best_of {self.best_of}, n {self.n or 1}): send n "
+                              "alone", "best_of")
         max_tokens = self._max_tokens(zero_ok=bool(self.echo), note=" (0 only with echo: the prompt alone)")
         prompt_logprobs = self.logprobs if self.wants_prompt_logprobs else None
         structured = self.structured()
@@ -257,6 +322,23 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: Any = None  # the deprecated spelling: refused with a pointer to tools
     function_call: Any = None
+    # Refused when set (UNHONOURED): OpenAI's output kinds and services this server does not have, vLLM's chat echo.
+    modalities: Any = None
+    audio: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    documents: Any = None
+    echo: Any = None
+
+    UNHONOURED: ClassVar[dict[str, Unhonoured]] = {
+        **_UNHONOURED_SAMPLING,
+        "modalities": Unhonoured("only text output", _text_only),
+        "audio": Unhonoured("no audio output (text only)"),
+        "web_search_options": Unhonoured("no web search: the models answer from the prompt alone", _null),
+        "moderation": Unhonoured("no moderation model runs on this server"),
+        "documents": Unhonoured("documents are not rendered into the prompt; put them in a message"),
+        "echo": Unhonoured("echo is a /v1/completions field"),
+    }
 
     def tool_plan(self, fmt: str | None = "hermes") -> tool_fields.ToolPlan:
         """What the request's tools mean (validated once: a bad tool or tool_choice is a 400)."""

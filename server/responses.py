@@ -27,15 +27,31 @@ from pydantic import Field, StringConstraints
 
 from server.auth import tenant
 from server.errors import APIError, bad_request
-from server.protocol import MAX_CACHE_SALT_CHARS, MAX_USER_CHARS, ChatCompletionRequest, _Lenient, check_text
+from server.protocol import (
+    MAX_CACHE_SALT_CHARS,
+    MAX_USER_CHARS,
+    ChatCompletionRequest,
+    Unhonoured,
+    _Lenient,
+    check_text,
+    refuse_unhonoured,
+)
 from server.response_store import ResponseStore
 from server.serving import Generation, GenerationError, ServerContext
 from server.streaming import EventStreamResponse, sse
 from server.tools import ChoiceStream, ToolPlan, check_tools
 
 # OpenAI fields with no implementation here: refused when given a value that would change the answer.
-_UNSUPPORTED = ("background", "conversation", "prompt", "reasoning", "max_tool_calls", "top_logprobs",
-                "context_management", "moderation")
+_UNHONOURED = {
+    "background": Unhonoured("responses run while the request is open (stream one to follow it)"),
+    "conversation": Unhonoured("no conversation objects: chain responses with previous_response_id"),
+    "prompt": Unhonoured("no stored prompt templates"),
+    "reasoning": Unhonoured("the models give no reasoning items"),
+    "max_tool_calls": Unhonoured("the number of tool calls is not capped"),
+    "top_logprobs": Unhonoured("responses carry no logprobs here; /v1/chat/completions returns them"),
+    "context_management": Unhonoured("no context compaction"),
+    "moderation": Unhonoured("no moderation model runs on this server"),
+}
 _INPUT_TEXT = {"input_text", "output_text", "text"}
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 # OpenAI's limits on metadata: 16 pairs, keys up to 64 characters, string values up to 512. It is stored with
@@ -83,10 +99,7 @@ class ResponsesRequest(_Lenient):
     moderation: Any = None
 
     def check_supported(self) -> None:
-        for name in _UNSUPPORTED:
-            value = getattr(self, name)
-            if value not in (None, False, [], {}, 0):
-                raise bad_request(f"{name} is not supported by this server", name)
+        refuse_unhonoured(self, _UNHONOURED)
         if self.truncation not in (None, "disabled"):
             raise bad_request("truncation 'auto' is not supported: a prompt past the context is a 400", "truncation")
         if self.include:

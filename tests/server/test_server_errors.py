@@ -8,6 +8,7 @@ import socket
 import httpx
 import pytest
 
+from server.protocol import ChatCompletionRequest, CompletionRequest
 from tests.server.live import API_KEY, MODEL, ORIGIN, wait_until
 
 
@@ -66,6 +67,54 @@ def test_out_of_range_values_are_400(http, body):
 )
 def test_bad_chat_messages_are_400(http, messages):
     _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}), 400)
+
+
+# What clients really send for each field the server would not honour (protocol.UNHONOURED).
+_UNHONOURED_VALUES = {
+    "use_beam_search": True,
+    "logits_processors": ["my_module.MyProcessor"],
+    "bad_words": ["darn"],
+    "allowed_token_ids": [5, 6],
+    "prompt_logprobs": 1,
+    "return_tokens_as_token_ids": True,
+    "truncate_prompt_tokens": 100,
+    "modalities": ["text", "audio"],
+    "audio": {"voice": "alloy", "format": "wav"},
+    "web_search_options": {},
+    "moderation": {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}},
+    "documents": [{"title": "a", "text": "b"}],
+    "echo": True,
+}
+
+
+@pytest.mark.parametrize("field", sorted(ChatCompletionRequest.UNHONOURED))
+def test_a_chat_field_that_would_change_the_answer_is_refused_not_dropped(http, field):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], field: _UNHONOURED_VALUES[field]}
+    error = _error(http.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == field and error["message"].startswith(f"{field} is not supported: ")
+
+
+@pytest.mark.parametrize("field", sorted(CompletionRequest.UNHONOURED))
+def test_a_completions_field_that_would_change_the_answer_is_refused_not_dropped(http, field):
+    body = {"model": MODEL, "prompt": "x", field: _UNHONOURED_VALUES[field]}
+    assert _error(http.post("/v1/completions", json=body), 400)["param"] == field
+
+
+def test_values_of_those_fields_that_ask_for_nothing_more_are_accepted(http):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "modalities": ["text"],
+            "use_beam_search": False, "audio": None, "bad_words": [], "echo": False, "prompt_logprobs": None}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    # LangChain sends best_of 1 whatever n is; best_of == n asks for no extra candidates either.
+    for n, best_of in ((1, 1), (2, 1), (2, 2)):
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "n": n, "best_of": best_of}
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200 and len(response.json()["choices"]) == n
+
+
+def test_best_of_above_n_is_refused(http):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "n": 1, "best_of": 3}
+    error = _error(http.post("/v1/completions", json=body), 400)
+    assert error["param"] == "best_of" and "best_of 3, n 1" in error["message"]
 
 
 def test_top_logprobs_without_logprobs_is_400(http):
