@@ -26,6 +26,9 @@ def compile_template(source: str) -> jinja2.Template:
     return environment.from_string(source)
 
 
+# Marks the end of a continued final message in the rendered transcript (as transformers' own tag does).
+_CONTINUE_MARKER = "\x00proxy-serve:continue\x00"
+
 _PROBE_MESSAGES = [{"role": "user", "content": "Hello"}]
 _PROBE_TOOL = {"type": "function", "function": {
     "name": "probe_lookup", "description": "Look something up.",
@@ -93,16 +96,39 @@ class PromptRenderer:
                 messages, extra = messages_with_tools_preamble(self.tool_format, messages, prompt.tools), {}
             try:
                 return self.tokenizer.apply_chat_template(
-                    template_messages(messages), chat_template=self.chat_template, add_generation_prompt=True,
-                    tokenize=False, **extra,
+                    template_messages(messages), chat_template=self.chat_template,
+                    add_generation_prompt=prompt.generation_prompt, continue_final_message=prompt.continue_final,
+                    tokenize=False, **(prompt.template_kwargs or {}), **extra,
                 )
             except jinja2.TemplateError as error:  # e.g. a template that insists on alternating roles
                 raise ValueError(f"the chat template refused these messages: {error}") from error
+            except ValueError as error:
+                if not prompt.continue_final:
+                    raise
+                # transformers' message quotes the whole rendered prompt: say what is wrong instead.
+                raise ValueError("the chat template does not write the final message's content as given, so it "
+                                 "cannot be continued") from error
         if prompt.messages is not None:
             tools_text = tools_preamble(self.tool_format, prompt.tools) if prompt.tools else ""
             messages = transcript_messages(self.tool_format, prompt.messages)
-            return self.transcript.render(messages=messages, add_generation_prompt=True, tools_text=tools_text)
+            if not prompt.continue_final:
+                return self.transcript.render(messages=messages, add_generation_prompt=prompt.generation_prompt,
+                                              tools_text=tools_text)
+            return self._open_final_message(messages, tools_text)
         return prompt.text
+
+    def _open_final_message(self, messages: list[dict], tools_text: str) -> str:
+        """The transcript up to the end of the final message's content, so the model continues that message.
+
+        As transformers does for chat templates: a marker appended to the content shows where it ends once
+        rendered, whatever the transcript template writes around it (its trailing newline, say)."""
+        final = dict(messages[-1], content=messages[-1]["content"] + _CONTINUE_MARKER)
+        rendered = self.transcript.render(messages=[*messages[:-1], final], add_generation_prompt=False,
+                                          tools_text=tools_text)
+        if _CONTINUE_MARKER not in rendered:
+            raise ValueError("the transcript template does not write the final message's content as given, so it "
+                             "cannot be continued")
+        return rendered[: rendered.rindex(_CONTINUE_MARKER)]
 
     def render(self, prompt: PromptInput) -> list[int]:
         if self.prompt_format == "plain" and prompt.token_ids is not None:

@@ -9,6 +9,13 @@ from typing import Any
 
 from proxy_engine.grammar import StructuredOutput
 
+# Template variables a request may not set through template_kwargs: the renderer's own (and transformers'
+# apply_chat_template parameters, which would otherwise be taken for its options).
+RESERVED_TEMPLATE_VARIABLES = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+})
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_N = 16
@@ -118,6 +125,13 @@ class PromptInput:
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools the models are told about (chat only)
     # vLLM's cache_salt: mixed into the prefix cache's keys, so that only prompts with the same salt share blocks.
     cache_salt: str | None = None
+    # Chat only (vLLM's names). ``continue_final``: the last message is an assistant's, left open for the models
+    # to continue (a prefill of the answer), so no generation prompt follows it.
+    continue_final: bool = False
+    # False: no generation prompt after the messages (and no new assistant turn opened).
+    generation_prompt: bool = True
+    # Extra variables for the chat templates (``enable_thinking``, say); the plain transcript does not read them.
+    template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.text, self.messages, self.token_ids)]
@@ -133,6 +147,21 @@ class PromptInput:
             raise ValueError("the prompt is empty")
         if self.tools and self.messages is None:
             raise ValueError("tools need a chat prompt (messages)")
+        # Errors name the fields by the request's (vLLM's) names: add_generation_prompt, continue_final_message,
+        # chat_template_kwargs.
+        if self.messages is None and (self.continue_final or not self.generation_prompt or self.template_kwargs):
+            raise ValueError("add_generation_prompt, continue_final_message and chat_template_kwargs need messages")
+        reserved = sorted(RESERVED_TEMPLATE_VARIABLES.intersection(self.template_kwargs or {}))
+        if reserved:
+            raise FieldError(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
+        if self.continue_final:
+            if self.generation_prompt:
+                raise FieldError("continue_final_message and add_generation_prompt cannot both be true: the final "
+                                 "message is continued, so no new assistant turn opens", "add_generation_prompt")
+            final = self.messages[-1]
+            if final["role"] != "assistant" or final.get("tool_calls"):
+                raise FieldError("continue_final_message needs the final message to be an assistant's, without "
+                                 "tool_calls", "continue_final_message")
 
 
 def _finite(name: str, value: float) -> None:

@@ -55,8 +55,8 @@ def _convert(build: Callable[[], T]) -> T:
     """Run a request conversion, turning the engine types' ``ValueError`` into a 400."""
     try:
         return build()
-    except ValueError as error:
-        raise bad_request(str(error)) from None
+    except ValueError as error:  # a FieldError names its field
+        raise bad_request(str(error), getattr(error, "param", None)) from None
 
 
 async def off_the_loop(answer: Callable[[], dict[str, Any]], headers: dict[str, str]) -> Response:

@@ -145,6 +145,13 @@ def test_no_request_field_reads_a_file(server, http, tiny_family, tmp_path):
                     assert http.post("/v1/completions", json=body).status_code == 200
                 assert http.post("/v1/chat/completions", json={"model": MODEL, "messages": user, "max_tokens": 2}
                                  ).status_code == 200
+                # Template variables are values in the sandbox; the template itself cannot be swapped through them.
+                assert http.post("/v1/chat/completions", json={
+                    "model": MODEL, "messages": user, "max_tokens": 2, "chat_template_kwargs": {"path": target}}
+                                 ).status_code == 200
+                assert error_of(http.post("/v1/chat/completions", json={
+                    "model": MODEL, "messages": user, "chat_template_kwargs": {"chat_template": target}}), 400
+                                )["param"] == "chat_template_kwargs"
                 error_of(http.get(f"/v1/models/{target}"), 404)
                 error_of(http.post("/tokenize", json={"model": target, "prompt": "x"}), 404)
                 assert http.post("/tokenize", json={"prompt": target}).status_code == 200

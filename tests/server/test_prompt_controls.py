@@ -1,0 +1,58 @@
+"""vLLM's chat prompt controls over HTTP: a continued assistant message (a prefill of the answer), no generation
+prompt, template variables, on /v1/chat/completions and /tokenize. The test family's models all read chat as the
+plain transcript, so a continued chat is exactly a completion of the transcript's text."""
+
+from __future__ import annotations
+
+import json
+
+from tests.server.live import MODEL
+
+PARTIAL = [{"role": "user", "content": "Name a city in France"}, {"role": "assistant", "content": "The city of"}]
+TRANSCRIPT = "User: Name a city in France\nAssistant: The city of"
+
+
+def _tokens(http, **body) -> list[int]:
+    response = http.post("/tokenize", json={"model": MODEL, **body})
+    assert response.status_code == 200, response.text
+    return response.json()["tokens"]
+
+
+def test_a_continued_message_is_the_prompt_a_completion_of_its_text_would_be(http):
+    assert _tokens(http, messages=PARTIAL, continue_final_message=True) == _tokens(http, prompt=TRANSCRIPT)
+    # vLLM's clients send add_generation_prompt false with it; the same prompt.
+    assert _tokens(http, messages=PARTIAL, continue_final_message=True, add_generation_prompt=False) == _tokens(
+        http, prompt=TRANSCRIPT)
+    assert _tokens(http, messages=PARTIAL[:1], add_generation_prompt=False) == _tokens(
+        http, prompt="User: Name a city in France\n")
+    # chat_template_kwargs reach chat templates only: the transcript reads none.
+    assert _tokens(http, messages=PARTIAL, chat_template_kwargs={"enable_thinking": False}) == _tokens(
+        http, messages=PARTIAL)
+
+
+def test_a_continued_chat_answers_with_the_continuation_only(http):
+    greedy = {"model": MODEL, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    chat = http.post("/v1/chat/completions", json={"messages": PARTIAL, "continue_final_message": True, **greedy})
+    completion = http.post("/v1/completions", json={"prompt": TRANSCRIPT, **greedy})
+    assert chat.status_code == 200 and completion.status_code == 200, chat.text
+    content = chat.json()["choices"][0]["message"]["content"]
+    assert content and content == completion.json()["choices"][0]["text"]
+    assert chat.json()["usage"] == completion.json()["usage"]
+    streamed = http.post("/v1/chat/completions", json={"messages": PARTIAL, "continue_final_message": True,
+                                                       "stream": True, **greedy})
+    deltas = [line for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "".join(json.loads(d[6:])["choices"][0]["delta"].get("content") or "" for d in deltas) == (
+        content)
+
+
+def test_contradictory_controls_are_400_naming_the_field(http):
+    cases = [
+        ({"messages": PARTIAL, "continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
+        ({"messages": PARTIAL[:1], "continue_final_message": True}, "continue_final_message"),
+        ({"messages": PARTIAL, "chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template_kwargs"),
+    ]
+    for body, param in cases:
+        for path in ("/v1/chat/completions", "/tokenize"):
+            response = http.post(path, json={"model": MODEL, "max_tokens": 2, **body})
+            assert response.status_code == 400, (path, body, response.text)
+            assert response.json()["error"]["param"] == param
