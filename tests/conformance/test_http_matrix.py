@@ -40,9 +40,9 @@ def served(family):
     server.stop()
 
 
-def _expected(served, prompt, alpha: float) -> str:
+def _expected(served, prompt, alpha: float, continue_final: bool = False) -> str:
     family, _, tokenizers, naive, transcript = served
-    prompts = per_model_prompts(family, tokenizers, prompt, transcript)
+    prompts = per_model_prompts(family, tokenizers, prompt, transcript, continue_final)
     used = [0] if alpha == 0 else [0, 1, 2]
     tokens, _ = naive.greedy([prompts[i] if i in used else None for i in range(3)], [1.0, alpha, -alpha], TOKENS)
     return completion_text(tokenizers[0], prompts[0], tokens)
@@ -123,6 +123,20 @@ def test_chat_reaches_each_model_its_own_way(served):
             assert len({top["token"] for top in entry["top_logprobs"]}) == TOP
         deltas = [c["choices"][0]["delta"].get("content") or "" for c in streamed if c["choices"]]
         assert "".join(deltas) == text
+
+
+def test_a_continued_assistant_message_is_continued_by_every_model(served):
+    """continue_final_message: the expert continues through its template's own continuation, base and anti-expert
+    through the transcript cut after the message; the reply is the continuation, right to the character (a
+    SentencePiece family's first word keeps its space)."""
+    family, server, *_ = served
+    messages = [*CHAT, {"role": "assistant", "content": "The capital of France is"}]
+    body = {**COMMON, "messages": messages, "continue_final_message": True}
+    choice = _post(server.url, "/v1/chat/completions", body)["choices"][0]
+    text = _expected(served, messages, 1.0, continue_final=True)
+    assert choice["message"]["content"] == text, family.spec.name
+    streamed = _stream(server.url, "/v1/chat/completions", body)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed if c["choices"]) == text
 
 
 def test_the_issue_case_forced_tokens_keep_their_space(served):
