@@ -134,7 +134,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        request_id = new_request_id("cmpl")
+        request_id = new_request_id("cmpl", request.headers.get("x-request-id"))
         generation, prompts = await start(request_id, "completions", body.model, body.prompt_input,
                                           lambda: body.sampling_params(ctx.defaults_for(body.model)), request,
                                           ctx.cache_salt(tenant(request), body.cache_salt))
@@ -177,7 +177,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        request_id = new_request_id("chatcmpl")
+        request_id = new_request_id("chatcmpl", request.headers.get("x-request-id"))
         fmt = tool_call_format(ctx)
         generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
                                     lambda: body.sampling_params(fmt, ctx.defaults_for(body.model)), request,

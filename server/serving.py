@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -311,7 +312,17 @@ def _json_chars(value: Any) -> int:
     return chars
 
 
-def new_request_id(prefix: str) -> str:
+# A client's (or its gateway's) X-Request-Id worth keeping: what UUIDs, Envoy's and cloud load balancers' ids are
+# made of, nothing that could break a log line or a header.
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/=+-]{1,128}")
+
+
+def new_request_id(prefix: str, client_id: str | None = None) -> str:
+    """A fresh id; a client's ``X-Request-Id`` (``client_id``) is kept in it, so that the client's logs and ours
+    meet (``chatcmpl-<theirs>-<8 hex>``). Never the header alone: ids are unique in the engine, and a repeated
+    header must not let one request's abort reach another's."""
+    if client_id is not None and CLIENT_REQUEST_ID.fullmatch(client_id):
+        return f"{prefix}-{client_id}-{uuid.uuid4().hex[:8]}"
     return f"{prefix}-{uuid.uuid4().hex}"
 
 

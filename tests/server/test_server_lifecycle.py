@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -53,6 +55,29 @@ def test_engine_error_without_streaming_is_500_with_request_id(fake, app_client)
     request_id = response.headers["x-request-id"]
     assert request_id.startswith("cmpl-") and request_id in error["message"]
     assert error["type"] == "server_error" and "Traceback" not in response.text
+
+
+def test_a_client_request_id_is_kept_in_ours_and_never_shared(app_client, caplog):
+    """X-Request-Id from a client or its gateway appears in the id (body, header, log line) so that both logs
+    meet; two requests sending the same one still get distinct ids (an abort reaches only its own request)."""
+    ids = []
+    for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})):
+        for _ in range(2):
+            with caplog.at_level(logging.INFO, logger="proxy_serve.requests"):
+                response = app_client.post(path, json=body, headers={"X-Request-Id": "gw-7f3a:9/1"})
+            assert response.status_code == 200
+            ids.append(response.json()["id"])
+            assert response.headers["x-request-id"] == ids[-1]
+    assert [i.rsplit("-", 1)[0] for i in ids] == ["cmpl-gw-7f3a:9/1"] * 2 + ["chatcmpl-gw-7f3a:9/1"] * 2
+    assert len(set(ids)) == 4 and all(len(i.rsplit("-", 1)[1]) == 8 for i in ids)
+    logged = " ".join(r.getMessage() for r in caplog.records if r.name == "proxy_serve.requests")
+    assert all(i in logged for i in ids)
+    # One that could break a log line or a header, or is too long, is not kept.
+    for sent in ("a b", "x" * 129, "id;rm", "\"q\"", ""):
+        response = app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                   headers={"X-Request-Id": sent})
+        assert re.fullmatch(r"cmpl-[0-9a-f]{32}", response.json()["id"])
 
 
 @pytest.mark.parametrize("stream", [True, False])
