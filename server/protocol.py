@@ -105,6 +105,7 @@ _UNHONOURED_SAMPLING = {
 
 class StreamOptions(_Lenient):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's: with include_usage, the counts so far in every chunk
 
 
 class _SamplingFields(_Lenient):
@@ -160,6 +161,10 @@ class _SamplingFields(_Lenient):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def _max_tokens(self, *, zero_ok: bool, note: str = "") -> int | None:
         """``max_completion_tokens`` (it wins) or ``max_tokens``; below 1 is a 400, except 0 when ``zero_ok``."""

@@ -151,7 +151,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         headers = {"x-request-id": request_id}
         if body.stream:
             events = completion_events(generation, created=created, echo=echo, include_usage=body.include_usage,
-                                       prompt_logprobs=body.wants_prompt_logprobs)
+                                       prompt_logprobs=body.wants_prompt_logprobs,
+                                       continuous_usage=body.continuous_usage)
             return EventStreamResponse(events, generation.close, headers)
         if not await collect(generation, request):
             return Response(status_code=499)
@@ -186,7 +187,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         created = now()
         headers = {"x-request-id": request_id}
         if body.stream:
-            events = chat_events(generation, created=created, include_usage=body.include_usage, plan=plan)
+            events = chat_events(generation, created=created, include_usage=body.include_usage, plan=plan,
+                                 continuous_usage=body.continuous_usage)
             return EventStreamResponse(events, generation.close, headers)
         if not await collect(generation, request):
             return Response(status_code=499)

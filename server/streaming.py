@@ -48,13 +48,14 @@ def _analysis(output: RequestOutput) -> dict[str, Any]:
 Chunk = Callable[..., str]  # (choices, **extra fields) -> one SSE event
 
 
-def _chunker(generation: Generation, kind: str, created: int, include_usage: bool) -> Chunk:
-    """Builds the endpoint's chunks: ``kind`` is the object name; ``usage`` is null until the usage chunk."""
+def _chunker(generation: Generation, kind: str, created: int, include_usage: bool, continuous: bool) -> Chunk:
+    """Builds the endpoint's chunks: ``kind`` is the object name; ``usage`` is null until the usage chunk, or,
+    ``continuous`` (vLLM's ``continuous_usage_stats``), the counts so far in every chunk."""
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {"id": generation.request_id, "object": kind, "created": created, "model": generation.model,
                 "choices": choices}
         if include_usage:
-            body["usage"] = None
+            body["usage"] = usage(generation.prompt_tokens, generation.completion_tokens) if continuous else None
         body.update(extra)
         return sse(body)
 
@@ -81,10 +82,10 @@ async def _ended(
 
 def completion_events(
     generation: Generation, *, created: int, echo: list[str] | None, include_usage: bool,
-    prompt_logprobs: bool = False,
+    prompt_logprobs: bool = False, continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """``echo``: each choice's prompt text, sent before its first token."""
-    chunk = _chunker(generation, "text_completion", created, include_usage)
+    chunk = _chunker(generation, "text_completion", created, include_usage, continuous_usage)
 
     async def events() -> AsyncIterator[str]:
         # Character offset of the next token in each choice's returned text (for logprobs' text_offset).
@@ -120,12 +121,13 @@ def completion_events(
 
 
 def chat_events(
-    generation: Generation, *, created: int, include_usage: bool, plan: ToolPlan | None = None
+    generation: Generation, *, created: int, include_usage: bool, plan: ToolPlan | None = None,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """``plan``: the request's tools; each choice's text goes out as content or tool-call deltas (server/tools.py)."""
     plan = plan or ToolPlan("text")
     streams = {choice.index: ChoiceStream(plan) for choice in generation.choices}
-    chunk = _chunker(generation, "chat.completion.chunk", created, include_usage)
+    chunk = _chunker(generation, "chat.completion.chunk", created, include_usage, continuous_usage)
 
     async def events() -> AsyncIterator[str]:
         for choice in generation.choices:

@@ -92,6 +92,27 @@ def test_completion_stream_events(http):
     assert chunks[-1]["usage"] == whole["usage"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_puts_the_counts_so_far_in_every_chunk(http, path):
+    """vLLM's stream_options.continuous_usage_stats: every chunk's usage counts the tokens generated up to it,
+    never going back, and the final usage chunk equals the non-streamed answer's."""
+    prompt = {"prompt": "Hello"} if "chat" not in path else {"messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": MODEL, **prompt, "max_tokens": 6, "n": 2, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = [json.loads(p) for p in _events(http, path, body)]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 12
+    assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] for c in chunks)
+    content = [c for c in chunks if c["choices"] and (c["choices"][0].get("text") or
+                                                       (c["choices"][0].get("delta") or {}).get("content"))]
+    assert content and content[-1]["usage"]["completion_tokens"] > 0
+    whole = http.post(path, json={**body, "stream": False}).json()
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    # Without include_usage it asks for nothing.
+    body["stream_options"] = {"continuous_usage_stats": True}
+    assert all(json.loads(p).get("usage") is None for p in _events(http, path, body))
+
+
 def test_stream_with_logprobs_and_echo(http):
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True,
             "temperature": 0, "echo": True}
