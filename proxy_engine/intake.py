@@ -154,7 +154,7 @@ class Intake:
                 "model alone (every model's distribution is in its answer)", "model_logprobs"
             )
         if prompt.token_ids is not None and any(not 0 <= t < self.vocab_size for t in prompt.token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+            raise FieldError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         weights = self.weights_for(params, target)
         prompts = {
             index: self.models[index].renderer.render(prompt)
@@ -166,7 +166,7 @@ class Intake:
         if params.prompt_logprobs is not None:
             check_scorable(prompts, self.models)
         if params.min_tokens > left:
-            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the context left ({left} tokens)")
+            raise FieldError(f"min_tokens ({params.min_tokens}) exceeds the context left ({left} tokens)", "min_tokens")
         deadline = None
         if self.config.limits.request_timeout_s:
             deadline = time.monotonic() + self.config.limits.request_timeout_s

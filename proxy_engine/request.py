@@ -166,7 +166,7 @@ class PromptInput:
 
 def _finite(name: str, value: float) -> None:
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+        raise FieldError(f"{name} must be a finite number, got {value}", name.split()[0])
 
 
 @dataclass
@@ -220,55 +220,61 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             _finite(name, float(getattr(self, name)))
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+            raise FieldError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}", "temperature")
         if 0 < self.temperature < MIN_TEMPERATURE:
             self.temperature = 0.0  # greedy: see MIN_TEMPERATURE
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise FieldError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not -1 <= self.top_k < 2**63:
-            raise ValueError(f"top_k must be -1, 0 (off) or a positive count of tokens, got {self.top_k}")
+            raise FieldError(f"top_k must be -1, 0 (off) or a positive count of tokens, got {self.top_k}", "top_k")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+            raise FieldError(f"seed must fit in 64 bits, got {self.seed}", "seed")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise FieldError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise FieldError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
         low, high = REPETITION_PENALTY_RANGE
         if not low <= self.repetition_penalty <= high:
-            raise ValueError(f"repetition_penalty must be in [{low:g}, {high:g}], got {self.repetition_penalty}")
+            raise FieldError(f"repetition_penalty must be in [{low:g}, {high:g}], got {self.repetition_penalty}",
+                             "repetition_penalty")
         if self.max_tokens is not None and self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be at least 0, got {self.max_tokens}")
+            raise FieldError(f"max_tokens must be at least 0, got {self.max_tokens}", "max_tokens")
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+            raise FieldError(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            raise FieldError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                             "min_tokens")
         if not 1 <= self.n <= MAX_N:
-            raise ValueError(f"n must be between 1 and {MAX_N}, got {self.n}")
+            raise FieldError(f"n must be between 1 and {MAX_N}, got {self.n}", "n")
         for name in ("logprobs", "prompt_logprobs", "model_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
+                raise FieldError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}", name)
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+            raise FieldError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
         for stop in self.stop:
             if not isinstance(stop, str):
-                raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+                raise FieldError(f"stop must be a string or a list of strings, got {type(stop).__name__}", "stop")
             if len(stop) > MAX_STOP_STRING_CHARS:
-                raise ValueError(f"a stop string may be at most {MAX_STOP_STRING_CHARS} characters")
+                raise FieldError(f"a stop string may be at most {MAX_STOP_STRING_CHARS} characters", "stop")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+            raise FieldError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}",
+                             "stop_token_ids")
         if len(self.logit_bias or {}) > MAX_LOGIT_BIAS:
-            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias or {})}")
+            raise FieldError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias or {})}",
+                             "logit_bias")
         for token_id in self.stop_token_ids:
             if not 0 <= token_id < vocab_size:
-                raise ValueError(f"stop_token_ids: {token_id} is outside the vocabulary [0, {vocab_size})")
+                raise FieldError(f"stop_token_ids: {token_id} is outside the vocabulary [0, {vocab_size})",
+                                 "stop_token_ids")
         for token_id, bias in (self.logit_bias or {}).items():
             if not 0 <= int(token_id) < vocab_size:
-                raise ValueError(f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})")
+                raise FieldError(f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})",
+                                 "logit_bias")
             _finite("logit_bias value", float(bias))
             if not -100.0 <= float(bias) <= 100.0:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+                raise FieldError(f"logit_bias values must be in [-100, 100], got {bias}", "logit_bias")
         self.resolve_alphas([0.0] * num_pairs)
         if self.structured is not None:
             self.structured.validate()
@@ -279,11 +285,12 @@ class SamplingParams:
             return list(defaults)
         alphas = [float(self.alpha)] * len(defaults) if not isinstance(self.alpha, list) else self.alpha
         if len(alphas) != len(defaults):
-            raise ValueError(f"alpha has {len(alphas)} values but the engine serves {len(defaults)} expert pairs")
+            raise FieldError(f"alpha has {len(alphas)} values but the engine serves {len(defaults)} expert pairs",
+                             "alpha")
         for value in alphas:
             _finite("alpha", float(value))
             if abs(float(value)) > 100:
-                raise ValueError(f"alpha must be in [-100, 100], got {value}")
+                raise FieldError(f"alpha must be in [-100, 100], got {value}", "alpha")
         return [float(a) for a in alphas]
 
 

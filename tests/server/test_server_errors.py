@@ -40,19 +40,30 @@ def test_bad_completion_parameters_are_400(http, body, param):
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "param"),
     [
-        {"prompt": "x", "temperature": -1},
-        {"prompt": "x", "top_p": 1.5},
-        {"prompt": "x", "n": 0},
-        {"prompt": "x", "max_tokens": 0},
-        {"prompt": "x", "alpha": [1, 2]},
-        {"prompt": "x", "logprobs": 50},
-        {"prompt": [999999]},
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "alpha": [1, 2]}, "alpha"),
+        ({"prompt": "x", "alpha": 1000}, "alpha"),
+        ({"prompt": "x", "logprobs": 50}, "logprobs"),
+        ({"prompt": "x", "min_p": 1.5}, "min_p"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+        ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "x", "top_k": -2}, "top_k"),
+        ({"prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
+        ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids"),
+        ({"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"999999": 1}}, "logit_bias"),
+        ({"prompt": [999999]}, "prompt"),
     ],
 )
-def test_out_of_range_values_are_400(http, body):
-    _error(http.post("/v1/completions", json={"model": MODEL, **body}), 400)
+def test_out_of_range_values_are_400_naming_the_field(http, body, param):
+    assert _error(http.post("/v1/completions", json={"model": MODEL, **body}), 400)["param"] == param
 
 
 @pytest.mark.parametrize(
