@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.async_engine import ModelInfo
-from proxy_engine.request import PromptInput, SamplingParams, TokenAnalysis, TokenLogprob, TopLogprob
+from proxy_engine.request import MAX_LOGPROBS, PromptInput, SamplingParams, TokenAnalysis, TokenLogprob, TopLogprob
 from server import structured as structured_fields
 from server import tools as tool_fields
 from server.errors import bad_request
@@ -396,6 +396,10 @@ class ChatCompletionRequest(_SamplingFields):
     def sampling_params(self, fmt: str | None = "hermes", defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:  # the engine's bound,
+            # named as chat names it (the engine's check would say "logprobs")
+            raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}",
+                              "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         structured = self.structured()
         plan = self.tool_plan(fmt)

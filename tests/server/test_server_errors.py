@@ -131,6 +131,9 @@ def test_best_of_above_n_is_refused(http):
 def test_top_logprobs_without_logprobs_is_400(http):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}
     assert _error(http.post("/v1/chat/completions", json=body), 400)["param"] == "top_logprobs"
+    for count in (21, -1):
+        error = _error(http.post("/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": count}), 400)
+        assert error["param"] == "top_logprobs" and error["message"].startswith("top_logprobs must be between 0 and 20")
 
 
 def test_malformed_json_is_400(http):
