@@ -97,9 +97,11 @@ _UNHONOURED_SAMPLING = {
     "logits_processors": Unhonoured("logits processors cannot be loaded from a request"),
     "bad_words": Unhonoured("word bans are not implemented; logit_bias bans single token ids"),
     "allowed_token_ids": Unhonoured("use logit_bias, guided_choice or guided_regex to restrict the output"),
-    "prompt_logprobs": Unhonoured("prompt logprobs come from /v1/completions with echo: true and logprobs"),
+    # 0 asks for something here: each prompt token's own logprob.
+    "prompt_logprobs": Unhonoured("prompt logprobs come from /v1/completions with echo: true and logprobs", _null),
     "return_tokens_as_token_ids": Unhonoured("logprobs name tokens by their text and bytes"),
-    "truncate_prompt_tokens": Unhonoured("prompts are never truncated: one past the context is a 400 saying so"),
+    "truncate_prompt_tokens": Unhonoured("prompts are never truncated: one past the context is a 400 saying so",
+                                         _null),
 }
 
 

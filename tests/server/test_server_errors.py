@@ -86,7 +86,7 @@ _UNHONOURED_VALUES = {
     "logits_processors": ["my_module.MyProcessor"],
     "bad_words": ["darn"],
     "allowed_token_ids": [5, 6],
-    "prompt_logprobs": 1,
+    "prompt_logprobs": 0,  # 0 asks for each prompt token's own logprob
     "return_tokens_as_token_ids": True,
     "truncate_prompt_tokens": 100,
     "modalities": ["text", "audio"],
