@@ -183,8 +183,12 @@ class ServerContext:
                 where = "messages" if prompt.messages is not None else ("prompt" if len(prompts) == 1 else
                                                                         f"prompt[{i}]")
                 param = where.split("[")[0]
-                if prompt.tools:  # the larger part is named: a tools bomb is a 400 about tools
-                    where, param = "messages and tools", "tools" if 2 * tools_chars(prompt) > chars else "messages"
+                if prompt.tools or prompt.template_kwargs:  # the largest part is named: a tools bomb is about tools
+                    extra = {"tools": tools_chars(prompt),
+                             "chat_template_kwargs": _json_chars(prompt.template_kwargs or {})}
+                    parts = {"messages": chars - sum(extra.values()), **extra}
+                    where = " and ".join(name for name, count in parts.items() if count)
+                    param = max(parts, key=parts.__getitem__)
                 raise APIError(400, f"{where} hold{'' if ' and ' in where else 's'} {chars} characters, "
                                f"more than the limit of {self.settings.max_prompt_chars} (max_prompt_chars)",
                                param=param, code=ErrorCode.PROMPT_TOO_LONG)
@@ -265,7 +269,7 @@ def prompt_chars(prompt: PromptInput) -> int:
     if prompt.messages is not None:
         chars = sum(len(m.get("content") or "") + len(m.get("name") or "") + len(m.get("tool_call_id") or "")
                     + sum(_json_chars(call) for call in m.get("tool_calls") or []) for m in prompt.messages)
-        return chars + tools_chars(prompt)
+        return chars + tools_chars(prompt) + _json_chars(prompt.template_kwargs or {})
     return len(prompt.token_ids or [])
 
 

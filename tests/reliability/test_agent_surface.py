@@ -106,6 +106,9 @@ def test_tool_text_and_earlier_calls_count_against_the_prompt_limit_before_rende
         assert error["param"] == "tools" and "max_prompt_chars" in error["message"], error
         error = error_of(chat(http, messages=earlier), 400)
         assert error["param"] == "messages" and "max_prompt_chars" in error["message"], error
+        # Template variables are rendered with the messages: they count too (a bomb there is named).
+        error = error_of(chat(http, chat_template_kwargs={"notes": big}), 400)
+        assert error["param"] == "chat_template_kwargs" and "max_prompt_chars" in error["message"], error
         error = error_of(chat(http, tools=[TOOL] * 129), 400)
         assert "at most 128 tools" in error["message"], error
         assert renders.calls == 0  # refused before anything was rendered or tokenized
