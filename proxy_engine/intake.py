@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from proxy_engine.bad_words import bad_word_token_ids
 from proxy_engine.config import EngineConfig
 from proxy_engine.grammar import GrammarCompiler
 from proxy_engine.loader import LoadedModel
@@ -171,6 +172,9 @@ class Intake:
         if self.config.limits.request_timeout_s:
             deadline = time.monotonic() + self.config.limits.request_timeout_s
         structured = params.structured  # compiled (or found cached) here: a bad constraint is a ValueError
+        # A spelling with a token past the shared vocabulary can never be generated: nothing to ban.
+        bad_word_ids = tuple(ids for ids in bad_word_token_ids(self.models[0].tokenizer, params.bad_words or [])
+                             if max(ids) < self.vocab_size)
         sequences = []
         for choice in range(first_index, first_index + params.n):
             seed = params.seed + choice if params.seed is not None else self._seed_rng.getrandbits(63)
@@ -184,6 +188,6 @@ class Intake:
                 # On the logits' device: torch.multinomial draws with a generator of the probabilities' device.
                 generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
                 deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
-                cache_salt=prompt.cache_salt,
+                cache_salt=prompt.cache_salt, bad_word_ids=bad_word_ids,
             ))
         return sequences

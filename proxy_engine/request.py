@@ -22,6 +22,7 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
+MAX_BAD_WORDS = 64
 # Below this a temperature is sampled greedily (vLLM's rule): the limit of softmax(logits / T) as T -> 0, and
 # logits / T would overflow float32 (1e-39 is a float32 subnormal: the division gives inf, then NaN).
 MIN_TEMPERATURE = 1e-5
@@ -185,6 +186,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    # vLLM's: only these tokens may be generated (None: any); words the output must not contain (bad_words.py).
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     seed: int | None = None
     n: int = 1
     min_tokens: int = 0
@@ -275,6 +279,22 @@ class SamplingParams:
             _finite("logit_bias value", float(bias))
             if not -100.0 <= float(bias) <= 100.0:
                 raise FieldError(f"logit_bias values must be in [-100, 100], got {bias}", "logit_bias")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise FieldError("allowed_token_ids must not be empty (leave it out to allow every token)",
+                                 "allowed_token_ids")
+            if len(self.allowed_token_ids) > vocab_size:
+                raise FieldError(f"allowed_token_ids lists {len(self.allowed_token_ids)} ids; the vocabulary has "
+                                 f"{vocab_size}", "allowed_token_ids")
+            if any(not 0 <= token_id < vocab_size for token_id in self.allowed_token_ids):
+                raise FieldError(f"allowed_token_ids must be in [0, {vocab_size})", "allowed_token_ids")
+        if self.bad_words is not None:
+            if len(self.bad_words) > MAX_BAD_WORDS:
+                raise FieldError(f"at most {MAX_BAD_WORDS} bad_words, got {len(self.bad_words)}", "bad_words")
+            for word in self.bad_words:
+                if not isinstance(word, str) or not word.strip() or len(word) > MAX_STOP_STRING_CHARS:
+                    raise FieldError(f"each of bad_words must be a word of 1 to {MAX_STOP_STRING_CHARS} characters",
+                                     "bad_words")
         self.resolve_alphas([0.0] * num_pairs)
         if self.structured is not None:
             self.structured.validate()

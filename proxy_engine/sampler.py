@@ -25,10 +25,20 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float] | N
 
 
 def ban_tokens(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Set ``-inf`` on each row's banned ids (EOS and stop ids before ``min_tokens``)."""
+    """Set ``-inf`` on each row's banned ids (end ids before ``min_tokens``, the ends of bad words)."""
     for row, ids in enumerate(banned):
         if ids:
             logits[row, list(ids)] = float("-inf")
+    return logits
+
+
+def keep_only(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """Set ``-inf`` on every id but each row's ``allowed`` ones (rows with None keep everything)."""
+    for row, ids in enumerate(allowed):
+        if ids:
+            keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            keep[list(ids)] = True
+            logits[row].masked_fill_(~keep, float("-inf"))
     return logits
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from proxy_engine import sampler
+from proxy_engine.bad_words import banned_next
 from proxy_engine.grammar import apply_grammar_masks
 from proxy_engine.sequence import Sequence
 
@@ -48,6 +49,22 @@ def logit_bias(sequences: list[Sequence], device: torch.device) -> LogitsProcess
         return None
     rows = [{int(k): float(v) for k, v in (bias or {}).items()} for bias in biases]
     return lambda logits: sampler.apply_logit_bias(logits, rows)
+
+
+def allowed_tokens(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
+    """vLLM's ``allowed_token_ids``: a row that lists them may generate nothing else."""
+    allowed = [s.params.allowed_token_ids for s in sequences]
+    if not any(allowed):
+        return None
+    return lambda logits: sampler.keep_only(logits, allowed)
+
+
+def bad_words_ban(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
+    """vLLM's ``bad_words``: the token that would complete a bad word gets ``-inf``."""
+    banned = [banned_next(s.bad_word_ids, s.output_ids) if s.bad_word_ids else [] for s in sequences]
+    if not any(banned):
+        return None
+    return lambda logits: sampler.ban_tokens(logits, banned)
 
 
 def min_tokens_ban(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
@@ -100,10 +117,11 @@ def top_k_top_p_min_p(sequences: list[Sequence], device: torch.device) -> Logits
 
 
 # The one place that orders the processors (docs/sampling.md): the grammar mask first (as vLLM applies its
-# bitmask: what the grammar forbids is out before the others), bias and bans, penalties, then transformers'
-# warpers in their order: temperature, top-k, top-p over what top-k kept, min-p.
+# bitmask: what the grammar forbids is out before the others), bias, the allowed set and bans, penalties, then
+# transformers' warpers in their order: temperature, top-k, top-p over what top-k kept, min-p.
 PROCESSORS: tuple[ProcessorFactory, ...] = (
-    grammar_mask, logit_bias, min_tokens_ban, penalties, temperature_scaling, top_k_top_p_min_p,
+    grammar_mask, logit_bias, allowed_tokens, bad_words_ban, min_tokens_ban, penalties, temperature_scaling,
+    top_k_top_p_min_p,
 )
 
 

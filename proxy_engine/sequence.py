@@ -46,6 +46,7 @@ class Sequence:
     error: str | None = None
     grammar: GrammarMatcher | None = None  # the output's constraint, advanced with every accepted token
     cache_salt: str | None = None  # its prompt's prefix-cache salt (PromptInput.cache_salt)
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences (bad_words.py)
 
     @property
     def finished(self) -> bool:

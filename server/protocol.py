@@ -95,8 +95,6 @@ def _text_only(value: Any) -> bool:
 _UNHONOURED_SAMPLING = {
     "use_beam_search": Unhonoured("beam search is not implemented (sampling and greedy decoding only)"),
     "logits_processors": Unhonoured("logits processors cannot be loaded from a request"),
-    "bad_words": Unhonoured("word bans are not implemented; logit_bias bans single token ids"),
-    "allowed_token_ids": Unhonoured("use logit_bias, guided_choice or guided_regex to restrict the output"),
     # 0 asks for something here: each prompt token's own logprob.
     "prompt_logprobs": Unhonoured("prompt logprobs come from /v1/completions with echo: true and logprobs", _null),
     "return_tokens_as_token_ids": Unhonoured("logprobs name tokens by their text and bytes"),
@@ -138,6 +136,8 @@ class _SamplingFields(_Lenient):
     min_p: float | None = None
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     skip_special_tokens: bool | None = None
@@ -152,8 +152,6 @@ class _SamplingFields(_Lenient):
     # Refused when set (UNHONOURED); declared so that they are read, not dropped with the unknown fields.
     use_beam_search: Any = None
     logits_processors: Any = None
-    bad_words: Any = None
-    allowed_token_ids: Any = None
     prompt_logprobs: Any = None
     return_tokens_as_token_ids: Any = None
     truncate_prompt_tokens: Any = None
@@ -208,6 +206,8 @@ class _SamplingFields(_Lenient):
             "ignore_eos": self.ignore_eos,
             "stop": _stops(self.stop),
             "stop_token_ids": self.stop_token_ids,
+            "allowed_token_ids": self.allowed_token_ids,
+            "bad_words": self.bad_words,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
             "alpha": self.alpha,

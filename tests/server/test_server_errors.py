@@ -84,8 +84,6 @@ def test_bad_chat_messages_are_400(http, messages):
 _UNHONOURED_VALUES = {
     "use_beam_search": True,
     "logits_processors": ["my_module.MyProcessor"],
-    "bad_words": ["darn"],
-    "allowed_token_ids": [5, 6],
     "prompt_logprobs": 0,  # 0 asks for each prompt token's own logprob
     "return_tokens_as_token_ids": True,
     "truncate_prompt_tokens": 100,
@@ -113,7 +111,7 @@ def test_a_completions_field_that_would_change_the_answer_is_refused_not_dropped
 
 def test_values_of_those_fields_that_ask_for_nothing_more_are_accepted(http):
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "modalities": ["text"],
-            "use_beam_search": False, "audio": None, "bad_words": [], "echo": False, "prompt_logprobs": None}
+            "use_beam_search": False, "audio": None, "echo": False, "prompt_logprobs": None}
     assert http.post("/v1/chat/completions", json=chat).status_code == 200
     # LangChain sends best_of 1 whatever n is; best_of == n asks for no extra candidates either.
     for n, best_of in ((1, 1), (2, 1), (2, 2)):

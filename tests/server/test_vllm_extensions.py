@@ -1,6 +1,7 @@
-"""vLLM's chat prompt controls over HTTP: a continued assistant message (a prefill of the answer), no generation
-prompt, template variables, on /v1/chat/completions and /tokenize. The test family's models all read chat as the
-plain transcript, so a continued chat is exactly a completion of the transcript's text."""
+"""vLLM's request extensions over HTTP. The chat prompt controls: a continued assistant message (a prefill of the
+answer), no generation prompt, template variables, on /v1/chat/completions and /tokenize (the test family's models
+all read chat as the plain transcript, so a continued chat is exactly a completion of the transcript's text). And
+the output constraints allowed_token_ids and bad_words."""
 
 from __future__ import annotations
 
@@ -56,3 +57,19 @@ def test_contradictory_controls_are_400_naming_the_field(http):
             response = http.post(path, json={"model": MODEL, "max_tokens": 2, **body})
             assert response.status_code == 400, (path, body, response.text)
             assert response.json()["error"]["param"] == param
+
+
+def test_allowed_token_ids_and_bad_words_are_honoured(http):
+    """vLLM's two output constraints reach the engine (tests/engine/test_bad_words.py has the rules)."""
+    only = _tokens(http, prompt=" Paris")[-1]
+    body = {"model": MODEL, "prompt": "Name a city:", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    answer = http.post("/v1/completions", json={**body, "allowed_token_ids": [only]})
+    expected = http.post("/detokenize", json={"model": MODEL, "tokens": [only] * 3}).json()["prompt"]
+    assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == expected
+    free = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    first = free.split()[0]
+    banned = http.post("/v1/completions", json={**body, "bad_words": [first]}).json()["choices"][0]["text"]
+    assert banned != free
+    for bad in ({"allowed_token_ids": []}, {"bad_words": [""]}, {"bad_words": "x"}):
+        response = http.post("/v1/completions", json={**body, **bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == next(iter(bad))

@@ -1,0 +1,88 @@
+"""vLLM's ``allowed_token_ids`` and ``bad_words``: the token sequences a word is banned as (vLLM's rule, on a
+byte-level BPE and a SentencePiece tokenizer), the completion rule, and both through the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy_engine.bad_words import bad_word_token_ids, banned_next
+from proxy_engine.request import FieldError, SamplingParams
+from tests.engine.conftest import make_engine, run_to_end, submit
+
+
+def _contains(tokens: list[int], run: tuple[int, ...]) -> bool:
+    return any(tuple(tokens[i:i + len(run)]) == run for i in range(len(tokens) - len(run) + 1))
+
+
+def test_a_word_is_banned_as_spelled_alone_and_after_a_space(chat_family):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_family.base))  # byte-level BPE
+    spelled = bad_word_token_ids(tokenizer, ["capital", " capital"])
+    alone = tuple(tokenizer.encode("capital", add_special_tokens=False))
+    spaced = tuple(tokenizer.encode(" capital", add_special_tokens=False))
+    assert spelled[0] == alone
+    assert (spaced in spelled) == (spaced[0] != alone[0] and len(spaced) == len(alone))
+    assert len(spelled) == len(set(spelled))  # " capital" and "capital" are one word: spelled once
+
+
+def test_sentencepiece_spellings_follow_the_same_rule():
+    from tests.conformance.families import llama2_tokenizer
+
+    tokenizer = llama2_tokenizer()
+    for word in ("capital", "France", "東京"):
+        alone = tuple(tokenizer.encode(word, add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word, add_special_tokens=False))
+        expected = [alone] + ([spaced] if spaced[0] != alone[0] and len(spaced) == len(alone) else [])
+        assert list(bad_word_token_ids(tokenizer, [word])) == list(dict.fromkeys(expected))
+
+
+def test_the_last_token_is_banned_only_when_the_output_ends_with_the_rest():
+    words = ((7,), (1, 2, 3), (4, 5))
+    assert banned_next(words, []) == [7]  # one token: always; longer words need their head in the output
+    assert banned_next(words, [9, 1, 2]) == [7, 3]
+    assert banned_next(words, [1, 2, 9]) == [7]
+    assert banned_next(words, [4]) == [7, 5]
+
+
+def test_bad_words_keep_the_greedy_output_free_of_them(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "probe", "The capital of France is", temperature=0, max_tokens=12, ignore_eos=True)
+    probe = run_to_end(engine)[("probe", 0)]
+    texts = [engine.tokenizer.decode([t]) for t in probe["tokens"]]
+    word = next(t for t in texts if t.startswith(" ") and t[1:].isalpha())  # the first whole word greedy writes
+    engine = make_engine(chat_models, chat_family)
+    submit(engine, "ban", "The capital of France is", temperature=0, max_tokens=12, ignore_eos=True,
+           bad_words=[word])
+    banned = run_to_end(engine)[("ban", 0)]
+    assert banned["tokens"] != probe["tokens"]
+    spelled = bad_word_token_ids(engine.tokenizer, [word])
+    assert tuple(engine.tokenizer.encode(word, add_special_tokens=False)) in spelled
+    for run in spelled:
+        assert not _contains(banned["tokens"], run), (word, run)
+
+
+def test_allowed_token_ids_are_all_that_is_generated(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    allowed = [5, 17, 40, 41, 300]
+    submit(engine, "sampled", "Hello", temperature=1.0, seed=4, max_tokens=20, ignore_eos=True,
+           allowed_token_ids=allowed)
+    submit(engine, "greedy", "Hello", temperature=0, max_tokens=8, ignore_eos=True, allowed_token_ids=[300])
+    results = run_to_end(engine)
+    assert set(results[("sampled", 0)]["tokens"]) <= set(allowed) and len(results[("sampled", 0)]["tokens"]) == 20
+    assert results[("greedy", 0)]["tokens"] == [300] * 8
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+        ({"bad_words": ["  "]}, "bad_words"),
+        ({"bad_words": ["x"] * 65}, "bad_words"),
+    ],
+)
+def test_bad_values_name_their_field(params, param):
+    with pytest.raises(FieldError) as refused:
+        SamplingParams(**params).validate(vocab_size=1000, num_pairs=1)
+    assert refused.value.param == param
