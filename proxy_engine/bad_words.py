@@ -1,9 +1,12 @@
 """vLLM's ``bad_words``: words the output must not contain, banned token by token as they would complete.
 
-Each word becomes the token sequences that spell it at the start of a text and after a space (as vLLM
-tokenizes them, so that a request means the same on both servers). A sequence of one token is banned outright;
-a longer one has its last token banned whenever the output ends with the rest of it. Only the output counts:
-a word the prompt ends with half-written may still be completed (vLLM's rule too).
+Each word becomes the token sequences that spell it at the start of a text and after a space. A sequence of
+one token is banned outright; a longer one has its last token banned whenever the output ends with the rest of
+it (vLLM's rule). Only the output counts: a word the prompt ends with half-written may still be completed.
+
+Unlike vLLM, the after-a-space spelling is kept whatever its token count: vLLM drops it when it has another
+number of tokens than the word alone, so with a byte-level BPE ``bad_words: ["hedgehog"]`` let `` hedgehog``
+(``Ġhedge`` ``hog`` against ``hed`` ``ge`` ``hog``) through in mid-sentence, which is where words occur.
 """
 
 from __future__ import annotations
@@ -12,16 +15,16 @@ from collections.abc import Sequence
 
 
 def bad_word_token_ids(tokenizer, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
-    """The token sequences of ``words``: each word alone, and after a space when that spells it with other
-    tokens of the same count (byte-level BPE's ``Ġword``; SentencePiece gives the same pieces both ways)."""
+    """The token sequences of ``words``: each word alone, and after a space (byte-level BPE's ``Ġword``;
+    SentencePiece's dummy prefix already spells the word alone as ``▁word``, and its ``▁`` ``▁word`` is
+    dropped: the second token alone is the same ban)."""
     spelled: list[tuple[int, ...]] = []
     for word in words:
         alone = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
-        if alone:
-            spelled.append(alone)
         spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
-        if spaced and alone and spaced[0] != alone[0] and len(spaced) == len(alone):
-            spelled.append(spaced)
+        if spaced[1:] == alone:  # a lone space token before the word: banning the word alone covers it
+            spaced = ()
+        spelled += [ids for ids in (alone, spaced) if ids]
     return tuple(dict.fromkeys(spelled))  # distinct, in order
 
 
