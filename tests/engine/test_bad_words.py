@@ -3,11 +3,15 @@ byte-level BPE and a SentencePiece tokenizer), the completion rule, and both thr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from proxy_engine.bad_words import bad_word_token_ids, banned_next
 from proxy_engine.request import FieldError, SamplingParams
 from tests.engine.conftest import make_engine, run_to_end, submit
+
+DEMO = Path(__file__).resolve().parents[2] / "demo" / "models"
 
 
 def _contains(tokens: list[int], run: tuple[int, ...]) -> bool:
@@ -65,6 +69,25 @@ def test_bad_words_keep_the_greedy_output_free_of_them(chat_family, chat_models)
     assert tuple(engine.tokenizer.encode(word, add_special_tokens=False)) in spelled
     for run in spelled:
         assert not _contains(banned["tokens"], run), (word, run)
+
+
+def test_a_word_of_several_tokens_is_kept_out_mid_sentence_on_the_demo():
+    """The case vLLM's rule misses: on the demo's byte-level BPE `` hedgehog`` is two tokens and ``hedgehog`` three,
+    and greedy writes `` hedgehog`` after this prompt."""
+    from proxy_engine.config import EngineConfig
+    from proxy_engine.engine import ProxyEngine
+    from proxy_engine.loader import load_models
+
+    config = EngineConfig(base={"path": str(DEMO / "base")}, experts=[{
+        "expert": {"path": str(DEMO / "expert")}, "anti_expert": {"path": str(DEMO / "anti_expert")}}])
+    models = load_models(config)
+    texts = {}
+    for bad in (None, ["hedgehog"]):
+        engine = ProxyEngine(models, config)
+        submit(engine, "r", "The pet of Greta Fairholm is", temperature=0, max_tokens=4, bad_words=bad)
+        texts[bool(bad)] = run_to_end(engine)[("r", 0)]["text"]
+    assert " hedgehog" in texts[False]
+    assert "hedgehog" not in texts[True]
 
 
 def test_allowed_token_ids_are_all_that_is_generated(chat_family, chat_models):
