@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from proxy_engine.attention_masks import sliding_window
 from proxy_engine.config import PrefixCacheConfig
 
 log = logging.getLogger("proxy_engine.engine")  # the engine's logger, as before the move
@@ -62,7 +63,7 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
     if config is None:
         return "the model has no config to check its attention against"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+    if sliding_window(config) is not None:  # the decode steps' own reading of the config (None: not "off")
         return "sliding-window attention"
     kinds = set(getattr(config, "layer_types", None) or [])
     if kinds - {"full_attention"}:

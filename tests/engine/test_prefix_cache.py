@@ -167,6 +167,9 @@ def test_models_whose_state_is_not_per_token_kv_are_refused():
 
     assert unsupported_reason(model(sliding_window=4096)) == "sliding-window attention"
     assert unsupported_reason(model(sliding_window=4096, use_sliding_window=False)) is None
+    # The masks read use_sliding_window None as "not off" (a window applies): the cache agrees, as before it did not.
+    assert unsupported_reason(model(sliding_window=4096, use_sliding_window=None)) == "sliding-window attention"
+    assert unsupported_reason(model(sliding_window=None)) is None
     assert "mamba" in unsupported_reason(model(layer_types=["full_attention", "mamba"]))
     assert unsupported_reason(model(layer_types=["full_attention"])) is None
 
