@@ -21,6 +21,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPLACEMENT = "\ufffd"
 # Tokens decoded together with the new ones, so that tokenizers that drop a leading space on the first
@@ -101,14 +104,7 @@ def backend_decode(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]]
     and no clean-up of the decoded text, checked by behaviour on a probe (whether clean-up applies has changed
     between transformers versions). Anything else keeps ``tokenizer.decode``. Decided once per tokenizer.
     """
-    cached = getattr(tokenizer, "_proxy_serve_backend_decode", None)
-    if cached is None:
-        cached = _decodes_through_backend(tokenizer)
-        try:
-            tokenizer._proxy_serve_backend_decode = cached
-        except AttributeError:  # a tokenizer that refuses attributes: decided again each time (tests' fakes)
-            pass
-    if cached:
+    if _kept_on(tokenizer, "_proxy_serve_backend_decode", lambda: _decodes_through_backend(tokenizer)):
         return partial(tokenizer._tokenizer.decode, skip_special_tokens=skip_special_tokens)
     return partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
 
@@ -130,15 +126,24 @@ def _decodes_through_backend(tokenizer) -> bool:
 
 def byte_fallback_ids(tokenizer) -> frozenset[int]:
     """Ids of SentencePiece byte-fallback tokens (``<0x00>`` .. ``<0xFF>``), cached on the tokenizer."""
-    cached = getattr(tokenizer, "_proxy_serve_byte_ids", None)
-    if cached is None:
+    def find() -> frozenset[int]:
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-        cached = frozenset(i for piece, i in vocab.items() if _BYTE_FALLBACK.match(piece))
+        return frozenset(i for piece, i in vocab.items() if _BYTE_FALLBACK.match(piece))
+
+    return _kept_on(tokenizer, "_proxy_serve_byte_ids", find)
+
+
+def _kept_on(tokenizer, attribute: str, compute: Callable[[], T]) -> T:
+    """``compute()``, worked out once per tokenizer and kept on it as ``attribute`` (recomputed each time for a
+    tokenizer that refuses attributes: tests' fakes)."""
+    value = getattr(tokenizer, attribute, None)
+    if value is None:
+        value = compute()
         try:
-            tokenizer._proxy_serve_byte_ids = cached
-        except AttributeError:  # a tokenizer that refuses attributes: recomputed each time (tests' fakes)
+            setattr(tokenizer, attribute, value)
+        except AttributeError:
             pass
-    return cached
+    return value
 
 
 def partial_bytes_key(raw: bytes) -> str:
