@@ -316,7 +316,25 @@ class ChatMessage(_Lenient):
     name: str | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatPromptControls(_Lenient):
+    """vLLM's prompt controls, on chat and on /tokenize with messages: continue the final assistant message (a
+    prefill of the answer), no generation prompt, and extra variables for the chat templates
+    (``enable_thinking``, say)."""
+
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_controls(self) -> dict[str, Any]:
+        """``PromptInput``'s continue_final / generation_prompt / template_kwargs: a continued final message
+        opens no new assistant turn unless add_generation_prompt says otherwise (which the engine refuses)."""
+        continue_final = bool(self.continue_final_message)
+        generation_prompt = not continue_final if self.add_generation_prompt is None else self.add_generation_prompt
+        return {"continue_final": continue_final, "generation_prompt": generation_prompt,
+                "template_kwargs": self.chat_template_kwargs or None}
+
+
+class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = False
     top_logprobs: int | None = None
@@ -329,11 +347,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: Any = None  # the deprecated spelling: refused with a pointer to tools
     function_call: Any = None
-    # vLLM's prompt controls: continue the final assistant message (a prefill of the answer), no generation
-    # prompt, and extra variables for the chat templates (``enable_thinking``, say).
-    add_generation_prompt: bool | None = None
-    continue_final_message: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
     # Refused when set (UNHONOURED): OpenAI's output kinds and services this server does not have, vLLM's chat echo.
     modalities: Any = None
     audio: Any = None
@@ -386,14 +399,6 @@ class ChatCompletionRequest(_SamplingFields):
         check_tool_results(messages)
         plan = self.tool_plan(fmt)
         return PromptInput(messages=messages, tools=plan.tools or None, **self.template_controls())
-
-    def template_controls(self) -> dict[str, Any]:
-        """``PromptInput``'s continue_final / generation_prompt / template_kwargs: a continued final message
-        opens no new assistant turn unless add_generation_prompt says otherwise (which the engine refuses)."""
-        continue_final = bool(self.continue_final_message)
-        generation_prompt = not continue_final if self.add_generation_prompt is None else self.add_generation_prompt
-        return {"continue_final": continue_final, "generation_prompt": generation_prompt,
-                "template_kwargs": self.chat_template_kwargs or None}
 
     def sampling_params(self, fmt: str | None = "hermes", defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -466,13 +471,10 @@ def _content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:
     return "\n".join(texts)
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(ChatPromptControls):
     model: str | None = None
     prompt: str | list[int] | None = None
     messages: list[ChatMessage] | None = None
-    add_generation_prompt: bool | None = None
-    continue_final_message: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
 
     def prompt_input(self) -> PromptInput:
         if (self.prompt is None) == (self.messages is None):
@@ -480,10 +482,8 @@ class TokenizeRequest(_Lenient):
         if self.messages is not None:
             if not self.messages:
                 raise bad_request("messages must not be empty", "messages")
-            return ChatCompletionRequest(
-                messages=self.messages, add_generation_prompt=self.add_generation_prompt,
-                continue_final_message=self.continue_final_message, chat_template_kwargs=self.chat_template_kwargs,
-            ).prompt_input()
+            controls = {name: getattr(self, name) for name in ChatPromptControls.model_fields}
+            return ChatCompletionRequest(messages=self.messages, **controls).prompt_input()
         if isinstance(self.prompt, str):
             return PromptInput(text=check_text(self.prompt, "prompt"))
         return PromptInput(token_ids=list(self.prompt or []))
