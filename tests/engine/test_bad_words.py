@@ -3,15 +3,11 @@ byte-level BPE and a SentencePiece tokenizer), the completion rule, and both thr
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from proxy_engine.bad_words import bad_word_token_ids, banned_next
 from proxy_engine.request import FieldError, SamplingParams
 from tests.engine.conftest import make_engine, run_to_end, submit
-
-DEMO = Path(__file__).resolve().parents[2] / "demo" / "models"
 
 
 def _contains(tokens: list[int], run: tuple[int, ...]) -> bool:
@@ -77,9 +73,9 @@ def test_a_word_of_several_tokens_is_kept_out_mid_sentence_on_the_demo():
     from proxy_engine.config import EngineConfig
     from proxy_engine.engine import ProxyEngine
     from proxy_engine.loader import load_models
+    from server.demo import default_engine_config
 
-    config = EngineConfig(base={"path": str(DEMO / "base")}, experts=[{
-        "expert": {"path": str(DEMO / "expert")}, "anti_expert": {"path": str(DEMO / "anti_expert")}}])
+    config = EngineConfig(**default_engine_config())  # what `make serve` serves
     models = load_models(config)
     texts = {}
     for bad in (None, ["hedgehog"]):

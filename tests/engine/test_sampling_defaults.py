@@ -12,8 +12,7 @@ from pydantic import ValidationError
 from proxy_engine.config import EngineConfig
 from proxy_engine.request import Target
 from proxy_engine.sampling_defaults import describe, from_generation_config, sampling_defaults
-
-ROOT = Path(__file__).resolve().parents[2]
+from server.demo import default_engine_config
 
 
 def test_a_files_recommendations_are_the_sampler_fields_it_sets():
@@ -98,7 +97,5 @@ def test_a_folder_without_the_file_is_a_configuration_error(tmp_path):
 
 def test_the_demo_family_decodes_greedily_by_default():
     """The demo ships its own files: a frontend that sends no temperature gets the answers `make eval` scored."""
-    config = EngineConfig(base={"path": str(ROOT / "demo/models/base")}, experts=[{
-        "expert": {"path": str(ROOT / "demo/models/expert")},
-        "anti_expert": {"path": str(ROOT / "demo/models/anti_expert")}}])
+    config = EngineConfig(**default_engine_config())  # what `make serve` serves
     assert {t: d.values for t, d in sampling_defaults(config).items()} == {t: {"temperature": 0.0} for t in Target}
