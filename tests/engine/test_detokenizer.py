@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from proxy_engine.detokenizer import IncrementalDetokenizer, find_stop, held_back
-
-DEMO = Path(__file__).resolve().parents[2] / "demo" / "models" / "base"
+from server.demo import TRAINED_DEMO
 
 
 def test_stop_helpers():
@@ -97,7 +94,7 @@ def test_the_backend_decode_is_transformers_decode_on_every_family_style():
 
     tokenizers = {name: getattr(families, f"{name}_tokenizer")() for name in ("llama2", "gemma", "llama3", "qwen",
                                                                                "neox")}
-    tokenizers["demo"] = AutoTokenizer.from_pretrained(str(DEMO))
+    tokenizers["demo"] = AutoTokenizer.from_pretrained(str(TRAINED_DEMO / "base"))
     rng = random.Random(0)
     direct = []
     for name, tokenizer in tokenizers.items():
