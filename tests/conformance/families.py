@@ -13,6 +13,11 @@ saved as Hugging Face checkpoints the server loads like any other.
 - gemma2: Gemma2ForCausalLM, eager attention, soft-capping, local + global layers; SentencePiece without a dummy
   prefix, ``<start_of_turn>``.
 - pythia: GPTNeoXForCausalLM (partial rotary, parallel residual); byte-level BPE; a task expert (plain prompts).
+- llama3.1: LlamaForCausalLM with Llama-3.1's ``llama3`` RoPE scaling and a head size that is not hidden / heads
+  (Mistral-Nemo's quirk); tokenizer as llama3.
+- qwen3: Qwen3ForCausalLM (query / key norms, transformers decode path); tokenizer and ChatML as qwen2.5.
+- gemma3: Gemma3ForCausalLM (query / key norms, sliding + global layers with their own RoPE bases, sdpa);
+  tokenizer as gemma2.
 
 They live in the tests, not in ``proxy_engine``: they need the test-only ``sentencepiece`` package, and the
 benchmarks measure speed on ``proxy_engine.families`` (one architecture is enough there).
@@ -198,6 +203,29 @@ def gemma2_config(vocab, layers, hidden, **ids):
     )
 
 
+def llama31_config(vocab, layers, hidden, **ids):
+    # Llama-3.1's RoPE scaling (a static rewrite of the frequencies) and a head size of 24, not 64 / 4 heads.
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    return _llama_config("LlamaConfig", vocab, layers, hidden, head_dim=24, rope_theta=500000.0,
+                         rope_scaling=scaling, **ids)
+
+
+def qwen3_config(vocab, layers, hidden, **ids):
+    return _llama_config("Qwen3Config", vocab, layers, hidden, head_dim=hidden // 4, **ids)
+
+
+def gemma3_config(vocab, layers, hidden, **ids):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=256,
+        sliding_window=6, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        query_pre_attn_scalar=hidden // 4, attn_implementation="sdpa", **ids,
+    )
+
+
 def neox_config(vocab, layers, hidden, **ids):
     from transformers import GPTNeoXConfig
 
@@ -244,6 +272,14 @@ SPECS: dict[str, Spec] = {
              GEMMA_TEMPLATE, end_tokens=["<eos>", "<end_of_turn>"]),
         Spec("pythia", "GPTNeoXForCausalLM", "byte-level BPE (GPT-NeoX)", "sdpa, partial rotary, parallel residual",
              "transformers", neox_tokenizer, neox_config, None),
+        Spec("llama3.1", "LlamaForCausalLM (`llama3` RoPE scaling, head size 24 ≠ hidden / heads)",
+             "byte-level BPE as Llama-3", "sdpa", "fast", llama3_tokenizer, llama31_config, LLAMA3_TEMPLATE,
+             end_tokens=["<|end_of_text|>", "<|eot_id|>"]),
+        Spec("qwen3", "Qwen3ForCausalLM (query / key norms)", "byte-level BPE, ChatML, no BOS", "sdpa",
+             "transformers", qwen_tokenizer, qwen3_config, CHATML_TEMPLATE, end_tokens=["<|endoftext|>", "<|im_end|>"]),
+        Spec("gemma3", "Gemma3ForCausalLM (query / key norms)", "SentencePiece BPE, no dummy prefix, <start_of_turn>",
+             "sdpa, local + global layers with their own RoPE bases", "transformers", gemma_tokenizer, gemma3_config,
+             GEMMA_TEMPLATE, end_tokens=["<eos>", "<end_of_turn>"]),
     ]
 }
 

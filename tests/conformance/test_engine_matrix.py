@@ -78,6 +78,14 @@ def test_greedy_matches_naive_reference_token_and_character(loaded):
         assert got["text"] == completion_text(tokenizers[0], expected_prompts[0], expected), request_id
 
 
+def test_each_model_decodes_on_the_path_the_family_table_names(loaded):
+    """The README's "decode path" column is what the engine picks: the fast step for the Llama family (RoPE
+    scaling and odd head sizes included), transformers' forward for the rest (query / key norms, windows)."""
+    family, models, _ = loaded
+    engine = ProxyEngine(models, engine_config(family))
+    assert {runner.executor for runner in engine.runners} == {family.spec.decode_path}
+
+
 def test_token_id_prompt_for_a_chat_expert_keeps_one_bos(loaded):
     """A token-id prompt (BOS first, as the tokenizer makes it) rendered through a chat template: one BOS."""
     family, models, tokenizers = loaded
