@@ -5,9 +5,10 @@ mask and cache dispatch) whatever the batch: for the small expert / anti-expert 
 time (a 4-layer, 3.7M-parameter model: 2.0 ms per step at one row, 1.2 ms with this path), and 5-8% of
 the base's. Prefill, and every architecture not recognised here, still run through transformers.
 
-The math is the model's, op for op: RMSNorm in float32 then the weight, rotary embeddings from the model's own
-``rotary_emb`` (every RoPE scaling type), SDPA with the module's scaling (grouped-query heads included),
-SiLU-gated MLP, the final norm and the head cut to the shared vocabulary. The weights are not copied.
+The math is the model's, op for op: RMSNorm in float32 then the weight (Qwen3's per-head query / key norms
+included), rotary embeddings from the model's own ``rotary_emb`` (every RoPE scaling type), SDPA with the
+module's scaling (grouped-query heads included), SiLU-gated MLP, the final norm and the head cut to the shared
+vocabulary. The weights are not copied.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ log = logging.getLogger("proxy_engine.fast_decode")
 PACKED_MIN_ROWS = 4  # below this many rows the plain (row-major) GEMM is as fast or faster
 _PACKED_MEMORY_SHARE = 0.1  # unset: pack when the copies take at most this share of physical memory
 
-# Architectures whose decoder layer is exactly: RMSNorm -> q/k/v (bias allowed) -> RoPE -> attention -> o ->
-# residual -> RMSNorm -> down(act(gate) * up) -> residual.
-_SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+# Architectures whose decoder layer is exactly: RMSNorm -> q/k/v (bias allowed) -> [RMSNorm of each q and k head]
+# -> RoPE -> attention -> o -> residual -> RMSNorm -> down(act(gate) * up) -> residual.
+_SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+# RMSNorm classes that are LlamaRMSNorm under another name (float32 statistics, then ``weight * x``; not Gemma's
+# ``(1 + weight) * x``).
+_LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -42,6 +46,33 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+def head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's query / key RMSNorm for ``x [n, heads, D]``, every head at once: ``weight [heads, D]`` holds each
+    head's norm weight (``head_norm_weight``); float32 statistics, the result in the input dtype, then the weight."""
+    return weight * F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def head_norm_weight(attention: torch.nn.Module, heads: int, kv_heads: int) -> tuple[torch.Tensor, float] | None:
+    """``(weight [heads + kv_heads, D], eps)`` for q and k side by side (the query norm's weight on each query
+    head, the key norm's on each key head), or None for attention without query / key norms."""
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    if q_norm is None:
+        return None
+    weight = torch.cat((q_norm.weight.detach().expand(heads, -1), k_norm.weight.detach().expand(kv_heads, -1)))
+    return weight, q_norm.variance_epsilon
+
+
+def _head_norms_reason(attention: torch.nn.Module, head_dim: int) -> str | None:
+    """Why ``attention``'s query / key norms are not Qwen3's (one LlamaRMSNorm over each head, one eps)."""
+    norms = [getattr(attention, name, None) for name in ("q_norm", "k_norm")]
+    if all(norm is None for norm in norms):
+        return None
+    if any(norm is None or type(norm).__name__ not in _LLAMA_RMS_NORMS or tuple(norm.weight.shape) != (head_dim,)
+           for norm in norms) or norms[0].variance_epsilon != norms[1].variance_epsilon:
+        return "query / key norms other than an RMSNorm over each head"
+    return None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -162,15 +193,17 @@ def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> st
     if len(devices) != 1 or next(iter(devices)).type == "meta":
         return f"weights on {len(devices)} devices"
     inner = model.model
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         if any(type(lin) is not torch.nn.Linear for lin in linears):
             return "quantized or replaced linear layers"
-        if any(hasattr(attn, extra) for extra in ("q_norm", "k_norm")):
-            return "query / key norms"
+        reason = _head_norms_reason(attn, head_dim)
+        if reason is not None:
+            return reason
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            if type(norm).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"):
+            if type(norm).__name__ not in _LLAMA_RMS_NORMS:
                 return f"{type(norm).__name__}"
     if type(model.lm_head) is not torch.nn.Linear or getattr(config, "final_logit_softcapping", None):
         return "a non-linear output head"
@@ -309,13 +342,15 @@ class FastDecoder:
                             for bags, fns in zip(self.bags, plain)]
         self.packed_linears = None if self.packed is None else [
             (p["qkv"], p["o"], p["gate_up"], p["down"]) for p in self.packed]
-        self.norms = [(lay.input_layernorm.weight, lay.input_layernorm.variance_epsilon,
-                       lay.post_attention_layernorm.weight, lay.post_attention_layernorm.variance_epsilon,
-                       lay.self_attn.scaling, lay.mlp.act_fn) for lay in self.layers]
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.act = F.silu if getattr(config, "hidden_act", "silu") == "silu" else None
+        # Per layer: the two norms, the attention scaling, the activation and the query / key norms (or None).
+        self.norms = [(lay.input_layernorm.weight, lay.input_layernorm.variance_epsilon,
+                       lay.post_attention_layernorm.weight, lay.post_attention_layernorm.variance_epsilon,
+                       lay.self_attn.scaling, lay.mlp.act_fn,
+                       head_norm_weight(lay.self_attn, self.heads, self.kv_heads)) for lay in self.layers]
 
     @classmethod
     def for_model(
@@ -366,10 +401,13 @@ class FastDecoder:
         linears = self.linears_for(n)
         packed = linears is self.packed_linears  # the head follows the layers' choice
         qk_size = q_size + kv_size
-        for (qkv_proj, o_proj, gate_up_proj, down_proj), (norm1, eps1, norm2, eps2, scaling, act_fn), kv in zip(
-                linears, self.norms, cache.layers):
+        for (qkv_proj, o_proj, gate_up_proj, down_proj), (norm1, eps1, norm2, eps2, scaling, act_fn, qk_norm), kv \
+                in zip(linears, self.norms, cache.layers):
             qkv = qkv_proj(_norm(x, norm1, eps1))
-            qk = rotate_signed(qkv[:, :qk_size].view(n, heads + kv_heads, head_dim), cos, sin)
+            qk = qkv[:, :qk_size].view(n, heads + kv_heads, head_dim)
+            if qk_norm is not None:
+                qk = head_norm(qk, *qk_norm)
+            qk = rotate_signed(qk, cos, sin)
             keys, values = kv.update(qk[:, heads:, None], qkv[:, qk_size:].view(n, kv_heads, 1, head_dim))
             # The query heads of one K/V head share its keys and the row's mask: folded into the query axis
             # ([n, kv_heads, group, D] against [n, kv_heads, span, D]), K/V are read once, where enable_gqa

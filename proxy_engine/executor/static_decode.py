@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.fast_decode import fuse_linears, unsupported_reason
+from proxy_engine.fast_decode import fuse_linears, head_norm, head_norm_weight, unsupported_reason
 
 log = logging.getLogger("proxy_engine.executor.static_decode")
 
@@ -131,6 +131,7 @@ class StaticDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.group = self.heads // self.kv_heads
         self.act = F.silu if getattr(config, "hidden_act", "silu") == "silu" else None
+        self.head_norms = [head_norm_weight(lay.self_attn, self.heads, self.kv_heads) for lay in self.layers]
         self.device = self.embed.device
         self.dtype = self.embed.dtype
         self.fused = False
@@ -197,7 +198,10 @@ class StaticDecoder:
             norm = layer.input_layernorm
             h = self.rms_norm(x, norm.weight, norm.variance_epsilon)
             qk, v = self._qk_v(index, h)
-            q, k = self.rotate(qk.reshape(n, heads + kv_heads, head_dim), cos, sin, heads)  # [n, heads | kv_heads, D]
+            qk = qk.reshape(n, heads + kv_heads, head_dim)
+            if self.head_norms[index] is not None:  # Qwen3: RMSNorm over each q and k head, before the rotary
+                qk = head_norm(qk, *self.head_norms[index])
+            q, k = self.rotate(qk, cos, sin, heads)  # [n, heads | kv_heads, D]
             kv = cache.layers[index]
             kv.k_buf[rows, :, positions] = k
             kv.v_buf[rows, :, positions] = v.reshape(n, kv_heads, head_dim)

@@ -13,7 +13,7 @@ from proxy_engine.executor.static_cache import SlotPlan, StaticSlotKVCache
 from tests.engine.test_kv_cache import _random_model
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # rope scaling and grouped heads; q/k/v biases
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])  # rope scaling, grouped heads; q/k/v biases; q/k norms
 @torch.inference_mode()
 def test_every_variant_gives_the_served_steps_logits(kind):
     model = _random_model(kind)

@@ -276,7 +276,7 @@ SPECS: dict[str, Spec] = {
              "byte-level BPE as Llama-3", "sdpa", "fast", llama3_tokenizer, llama31_config, LLAMA3_TEMPLATE,
              end_tokens=["<|end_of_text|>", "<|eot_id|>"]),
         Spec("qwen3", "Qwen3ForCausalLM (query / key norms)", "byte-level BPE, ChatML, no BOS", "sdpa",
-             "transformers", qwen_tokenizer, qwen3_config, CHATML_TEMPLATE, end_tokens=["<|endoftext|>", "<|im_end|>"]),
+             "fast", qwen_tokenizer, qwen3_config, CHATML_TEMPLATE, end_tokens=["<|endoftext|>", "<|im_end|>"]),
         Spec("gemma3", "Gemma3ForCausalLM (query / key norms)", "SentencePiece BPE, no dummy prefix, <start_of_turn>",
              "sdpa, local + global layers with their own RoPE bases", "transformers", gemma_tokenizer, gemma3_config,
              GEMMA_TEMPLATE, end_tokens=["<eos>", "<end_of_turn>"]),
@@ -316,6 +316,8 @@ def _save_model(directory: Path, spec: Spec, tokenizer, *, layers: int, hidden: 
                 parameter.normal_(0.0, 2.0 / parameter.shape[-1] ** 0.5)
             elif name.endswith("bias"):
                 parameter.normal_(0.0, 0.1)
+            elif "norm" in name:  # not all ones: a norm weight applied to the wrong heads or rows shows
+                parameter.uniform_(0.5, 1.5)
     directory.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(directory)
@@ -332,7 +334,7 @@ def build(name: str, root: Path) -> BuiltFamily:
     root = Path(root)
     family = BuiltFamily(spec, root / "base", root / "expert", root / "anti_expert")
     stamp = root / "family.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == {"name": name, "version": 1}:
+    if stamp.exists() and json.loads(stamp.read_text()) == {"name": name, "version": 2}:
         return family
     tokenizer = spec.tokenizer()
     end_ids = [tokenizer.convert_tokens_to_ids(t) for t in spec.end_tokens] or [tokenizer.eos_token_id]
@@ -349,5 +351,5 @@ def build(name: str, root: Path) -> BuiltFamily:
         expert_eos = [expert_tokenizer.convert_tokens_to_ids(spec.expert_eos)]
     _save_model(family.expert, spec, expert_tokenizer, layers=1, hidden=32, seed=2,
                 extra_rows=spec.expert_extra_rows, template=spec.expert_template, eos=expert_eos)
-    stamp.write_text(json.dumps({"name": name, "version": 1}))
+    stamp.write_text(json.dumps({"name": name, "version": 2}))
     return family

@@ -68,7 +68,7 @@ def test_capacity_grows_and_is_kept_while_rows_run(tiny_family):
 
 
 def _random_model(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)
@@ -78,6 +78,11 @@ def _random_model(kind: str):
         for layer in model.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(lin.bias, std=0.5)
+    elif kind == "qwen3":  # RMSNorm over each query / key head, weights other than ones
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     else:  # rope scaling, padded head (logits past the 80-token shared vocabulary are cut)
         model = LlamaForCausalLM(LlamaConfig(
             **common, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
@@ -86,7 +91,7 @@ def _random_model(kind: str):
 
 def test_fast_decode_matches_transformers(monkeypatch):
     """The decode step without transformers' module stack gives transformers' logits (and is used)."""
-    for kind in ("qwen2", "llama"):
+    for kind in ("qwen2", "qwen3", "llama"):
         model = _random_model(kind)
         fast = ModelRunner(model, 80, 0, kind)
         monkeypatch.setenv("PROXY_SERVE_FAST_DECODE", "0")
@@ -113,6 +118,10 @@ def test_unsupported_models_fall_back_to_transformers():
     assert unsupported_reason(model) is None
     model.config.sliding_window = 16
     assert unsupported_reason(model) == "sliding-window attention"
+    qwen3 = _random_model("qwen3")
+    assert unsupported_reason(qwen3) is None
+    qwen3.model.layers[1].self_attn.k_norm.variance_epsilon = 1e-3  # not one norm for q and k: not the step's math
+    assert unsupported_reason(qwen3) == "query / key norms other than an RMSNorm over each head"
 
 
 def test_a_sliding_window_the_sequences_never_outgrow_decodes_on_the_fast_paths(monkeypatch):

@@ -1,6 +1,6 @@
 """The engine with the CUDA backend's executor (static buffers, the graph-safe step; eager on the CPU) gives
-today's tokens, token for token, on the tiny families of the Llama-family architectures: greedy and seeded,
-requests arriving while others run, rows leaving at different lengths."""
+today's tokens, token for token, on the tiny families of the Llama-family architectures (Qwen3's query / key
+norms included): greedy and seeded, requests arriving while others run, rows leaving at different lengths."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _run(engine: ProxyEngine) -> dict[str, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["llama2", "qwen2.5"])
+@pytest.mark.parametrize("name", ["llama2", "qwen2.5", "qwen3"])
 def test_static_executor_gives_todays_tokens(name, tmp_path, monkeypatch):
     monkeypatch.setattr(buckets, "MIN_SPAN", 16)  # prompts and outputs cross span buckets
     family = build(name, tmp_path / name)
