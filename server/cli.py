@@ -90,6 +90,9 @@ FLAGS = [
          "Default sampling parameters for requests that omit them: auto (each model's generation_config.json; "
          "the expert's for the proxy-tuned model), vllm or none (no defaults), or a folder holding one.",
          "auto|vllm|none|FOLDER"),
+    Flag("--reasoning-parser", ("reasoning_parser",), "Move <think> ... </think> out of chat answers into "
+         "reasoning_content: deepseek_r1 (the template opens the block: R1 and its distills) or qwen3 (the model "
+         "opens it). vLLM's names.", "deepseek_r1|qwen3"),
     Flag("--log-prompts", ("log_prompts",), "Write prompt text in the per-request log lines (off by default).",
          action="store_true"),
     Flag("--log-level", ("log_level",), "debug, info, warning or error (default info).", "LEVEL"),

@@ -22,6 +22,7 @@ from server import structured as structured_fields
 from server import tools as tool_fields
 from server.errors import bad_request
 from server.guards import clip
+from server.reasoning import ReasoningParser, thinking_disabled
 
 # The logprob sent in place of -inf (JSON has no infinities).
 MIN_LOGPROB = -9999.0
@@ -354,6 +355,8 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
     moderation: Any = None
     documents: Any = None
     echo: Any = None
+    # vLLM's: false leaves reasoning_content out of the answer (with a reasoning parser; server/reasoning.py).
+    include_reasoning: bool = True
 
     UNHONOURED: ClassVar[dict[str, Unhonoured]] = {
         **_UNHONOURED_SAMPLING,
@@ -376,6 +379,16 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
                                       fmt)
             self.__dict__["_plan"] = cached
         return cached
+
+    def reasoning_parser(self, configured: ReasoningParser | None, fmt: str | None = "hermes"
+                         ) -> ReasoningParser | None:
+        """The reasoning parser of this request's answer: the server's, unless the request turned thinking off
+        through its template variables or constrains the output (a grammar leaves no room to think)."""
+        if configured is None or thinking_disabled(self.chat_template_kwargs):
+            return None
+        if self.structured() is not None or self.tool_plan(fmt).mode in ("named", "required"):
+            return None
+        return configured
 
     def prompt_input(self, fmt: str | None = "hermes") -> PromptInput:
         if self.chat_template is not None:

@@ -36,6 +36,7 @@ from server.protocol import (
     check_text,
     refuse_unhonoured,
 )
+from server.reasoning import Reasoning, ReasoningSplitter
 from server.response_store import ResponseStore
 from server.serving import Generation, GenerationError, ServerContext
 from server.streaming import EventStreamResponse, sse
@@ -46,7 +47,8 @@ _UNHONOURED = {
     "background": Unhonoured("responses run while the request is open (stream one to follow it)"),
     "conversation": Unhonoured("no conversation objects: chain responses with previous_response_id"),
     "prompt": Unhonoured("no stored prompt templates"),
-    "reasoning": Unhonoured("the models give no reasoning items"),
+    "reasoning": Unhonoured("reasoning effort and summaries are not configurable (with --reasoning-parser the "
+                            "models' thinking comes back as reasoning items)"),
     "max_tool_calls": Unhonoured("the number of tool calls is not capped"),
     "top_logprobs": Unhonoured("responses carry no logprobs here; /v1/chat/completions returns them"),
     "context_management": Unhonoured("no context compaction"),
@@ -160,6 +162,8 @@ class ResponsesRequest(_Lenient):
                     messages[-1]["tool_calls"].append(call)
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "reasoning":
+                continue  # an earlier answer's thinking, sent back: chat templates leave past thinking out too
             elif kind == "function_call_output":
                 if not item.get("call_id"):
                     raise bad_request(f"{where}.call_id is required", f"{where}.call_id")
@@ -168,7 +172,7 @@ class ResponsesRequest(_Lenient):
                 messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": content})
             else:
                 raise bad_request(f"{where}.type {kind!r} is not supported (message, function_call, "
-                                  "function_call_output)", f"{where}.type")
+                                  "function_call_output, reasoning)", f"{where}.type")
         return messages
 
     def to_chat(self, history: list[dict[str, Any]]) -> ChatCompletionRequest:
@@ -264,11 +268,13 @@ def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class ItemStream:
-    """Turns one choice's chat deltas (``ChoiceStream``'s) into output items and the Responses stream events."""
+    """Turns one choice's chat deltas (``ChoiceStream``'s, and ``reasoning_content`` ones with a reasoning parser)
+    into output items (``reasoning``, ``message``, ``function_call``) and the Responses stream events."""
 
     def __init__(self, builder: ResponseBuilder) -> None:
         self.builder = builder
         self.sequence = 0
+        self.reasoning: dict[str, Any] | None = None  # the open reasoning item
         self.message: dict[str, Any] | None = None  # the open message item
         self.calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its open function_call item
 
@@ -282,6 +288,19 @@ class ItemStream:
 
     def feed(self, delta: dict[str, Any]) -> list[str]:
         events = []
+        if delta.get("reasoning_content"):
+            if self.reasoning is None:
+                self.reasoning = {"id": _id("rs"), "type": "reasoning", "summary": [], "status": "in_progress",
+                                  "content": [{"type": "reasoning_text", "text": ""}]}
+                self.builder.output.append(self.reasoning)
+                events.append(self.event("response.output_item.added", output_index=self._index(self.reasoning),
+                                         item=_copy(self.reasoning)))
+            self.reasoning["content"][0]["text"] += delta["reasoning_content"]
+            events.append(self.event("response.reasoning_text.delta", item_id=self.reasoning["id"],
+                                     output_index=self._index(self.reasoning), content_index=0,
+                                     delta=delta["reasoning_content"]))
+        if delta.get("content") or delta.get("tool_calls"):
+            events += self._close_reasoning()
         if delta.get("content"):
             if self.message is None:
                 self.message = {"id": _id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
@@ -314,6 +333,18 @@ class ItemStream:
                                          output_index=self._index(item), delta=function["arguments"]))
         return events
 
+    def _close_reasoning(self, status: str = "completed") -> list[str]:
+        reasoning, self.reasoning = self.reasoning, None
+        if reasoning is None:
+            return []
+        index = self._index(reasoning)
+        reasoning["status"] = status
+        return [
+            self.event("response.reasoning_text.done", item_id=reasoning["id"], output_index=index, content_index=0,
+                       text=reasoning["content"][0]["text"]),
+            self.event("response.output_item.done", output_index=index, item=_copy(reasoning)),
+        ]
+
     def _close_message(self, status: str = "completed") -> list[str]:
         message, self.message = self.message, None
         if message is None:
@@ -330,7 +361,7 @@ class ItemStream:
 
     def close(self, status: str) -> list[str]:
         """End every open item (``incomplete`` when the answer was cut)."""
-        events = self._close_message(status)
+        events = self._close_reasoning(status) + self._close_message(status)
         for item in self.calls.values():
             item["status"] = status
             index = self._index(item)
@@ -388,6 +419,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
                                     salt=ctx.cache_salt(owner, body.cache_salt))
         assert chat is not None
         plan = chat.tool_plan(fmt)
+        reasoning = Reasoning(chat.reasoning_parser(settings.reasoning_parser, fmt))
         builder = ResponseBuilder(body, chat, response_id, generation.model, plan)
         conversation = past + body.input_messages()
         headers = {"x-request-id": response_id}
@@ -406,15 +438,12 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         if body.stream:
             async def events() -> AsyncIterator[str]:
                 items = ItemStream(builder)
-                choice_stream = ChoiceStream(plan)
+                choice_stream, splitter = ChoiceStream(plan), ReasoningSplitter(reasoning.parser)
                 yield items.event("response.created", response=builder.snapshot("in_progress"))
                 yield items.event("response.in_progress", response=builder.snapshot("in_progress"))
                 try:
                     async for output in generation.outputs():
-                        deltas = choice_stream.feed(output.text_delta)
-                        if output.finished:
-                            deltas += choice_stream.finish()
-                        for delta in deltas:
+                        for delta in reasoning.deltas(splitter, choice_stream, output.text_delta, output.finished):
                             for event in items.feed(delta):
                                 yield event
                 except Exception as error:  # headers are out: the failure goes in the stream
@@ -434,8 +463,8 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         if not await collect(generation, request):  # raises the request's HTTP error if it failed
             return Response(status_code=499)
         items = ItemStream(builder)
-        choice_stream = ChoiceStream(plan)
-        for delta in choice_stream.feed(generation.choices[0].text) + choice_stream.finish():
+        splitter = ReasoningSplitter(reasoning.parser)
+        for delta in reasoning.deltas(splitter, ChoiceStream(plan), generation.choices[0].text, True):
             items.feed(delta)
         snapshot, _ = finished(items)
         return JSONResponse(snapshot, headers=headers)

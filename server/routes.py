@@ -29,11 +29,11 @@ from server.protocol import (
     now,
     usage,
 )
+from server.reasoning import Reasoning
 from server.refusal_log import mark_logged
 from server.responses import add_responses_routes
 from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger, request_shape
 from server.streaming import EventStreamResponse, chat_events, completion_events
-from server.tools import assistant_message
 
 logger = logging.getLogger("proxy_serve")
 T = TypeVar("T")
@@ -184,11 +184,13 @@ def build_router(ctx: ServerContext) -> APIRouter:
                                     lambda: body.sampling_params(fmt, ctx.defaults_for(body.model)), request,
                                     ctx.cache_salt(tenant(request), body.cache_salt))
         plan = body.tool_plan(fmt)
+        configured = ctx.settings.reasoning_parser
+        reasoning = Reasoning(body.reasoning_parser(configured, fmt), configured is not None, body.include_reasoning)
         created = now()
         headers = {"x-request-id": request_id}
         if body.stream:
             events = chat_events(generation, created=created, include_usage=body.include_usage, plan=plan,
-                                 continuous_usage=body.continuous_usage)
+                                 continuous_usage=body.continuous_usage, reasoning=reasoning)
             return EventStreamResponse(events, generation.close, headers)
         if not await collect(generation, request):
             return Response(status_code=499)
@@ -196,7 +198,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         def answer() -> dict[str, Any]:
             choices = []
             for c in generation.choices:
-                message, reason = assistant_message(plan, c.text, c.finish_reason)
+                message, reason = reasoning.message(plan, c.text, c.finish_reason)
                 entry = {"index": c.index, "message": message,
                          "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason}
                 if body.model_logprobs is not None:

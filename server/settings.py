@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy_engine.config import EngineConfig
+from server.reasoning import ReasoningParser
 
 ENV_PREFIX = "PROXY_SERVE_"
 MIB = 1024 * 1024
@@ -98,6 +99,12 @@ class ServerSettings(BaseSettings):
     )
     responses_store_ttl_s: float = Field(
         default=3600.0, gt=0, description="Responses API: how long a stored response is kept, in seconds."
+    )
+    reasoning_parser: ReasoningParser | None = Field(
+        default=None, description="Move the thinking of reasoning models (<think> ... </think>) out of chat answers "
+        "into reasoning_content, as vLLM's --reasoning-parser: 'deepseek_r1' (the template opens the block in the "
+        "prompt: DeepSeek-R1 and its distills, Qwen3 Thinking-2507) or 'qwen3' (the model opens it: Qwen3's hybrid "
+        "models). Unset: the thinking stays in content (server/reasoning.py).",
     )
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")
 

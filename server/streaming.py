@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy_engine.request import ErrorCode, RequestOutput
 from server.protocol import chat_logprobs, completion_logprobs, model_logprobs, usage
+from server.reasoning import Reasoning, ReasoningSplitter
 from server.serving import Generation, GenerationError
 from server.tools import ChoiceStream, ToolPlan, finish_reason
 
@@ -122,11 +123,14 @@ def completion_events(
 
 def chat_events(
     generation: Generation, *, created: int, include_usage: bool, plan: ToolPlan | None = None,
-    continuous_usage: bool = False,
+    continuous_usage: bool = False, reasoning: Reasoning | None = None,
 ) -> AsyncIterator[str]:
-    """``plan``: the request's tools; each choice's text goes out as content or tool-call deltas (server/tools.py)."""
+    """``plan``: the request's tools; each choice's text goes out as content or tool-call deltas (server/tools.py),
+    its thinking as ``reasoning_content`` deltas when ``reasoning`` has a parser (server/reasoning.py)."""
     plan = plan or ToolPlan("text")
+    reasoning = reasoning or Reasoning()
     streams = {choice.index: ChoiceStream(plan) for choice in generation.choices}
+    splitters = {choice.index: ReasoningSplitter(reasoning.parser) for choice in generation.choices}
     chunk = _chunker(generation, "chat.completion.chunk", created, include_usage, continuous_usage)
 
     async def events() -> AsyncIterator[str]:
@@ -135,9 +139,7 @@ def chat_events(
                           "finish_reason": None}])
         async for output in generation.outputs():
             stream = streams[output.index]
-            deltas = stream.feed(output.text_delta)
-            if output.finished:
-                deltas += stream.finish()
+            deltas = reasoning.deltas(splitters[output.index], stream, output.text_delta, output.finished)
             logprobs = chat_logprobs(output.logprobs) if output.logprobs else None
             if (logprobs is not None or output.model_logprobs) and not deltas:
                 deltas = [{"content": ""}]  # logprobs of held-back text still go out with their token

@@ -1,0 +1,144 @@
+"""Reasoning text out of a chat answer: ``<think> ... </think>`` goes to ``reasoning_content``, the rest is content.
+
+Reasoning models write their thinking before the answer between ``<think>`` and ``</think>``. vLLM's
+``--reasoning-parser`` moves it out of ``content`` into ``message.reasoning_content`` (``delta.reasoning_content``
+when streamed), the field DeepSeek's API introduced and that the SDKs' users, LibreChat, Open WebUI and LiteLLM
+read. ``--reasoning-parser`` here takes vLLM's two names for the two ways such a model starts its answer:
+
+- ``deepseek_r1``: the chat template opens the block in the prompt (DeepSeek-R1 and its distills, Qwen3's
+  "Thinking-2507" models), so the answer starts inside it: everything up to ``</think>`` is reasoning (a
+  ``<think>`` the model writes anyway is dropped), and an answer cut before ``</think>`` is all reasoning;
+- ``qwen3``: the model opens the block itself when it thinks (Qwen3's hybrid models): an answer that starts with
+  ``<think>`` (after white space) reasons up to ``</think>`` or its end; any other answer is all content.
+
+Text is kept as written (the newlines around the tags included), so the streamed pieces join to the whole
+answer's two fields. A request with ``chat_template_kwargs: {"enable_thinking": false}`` (or ``thinking:
+false``) asked for no thinking, and one whose output is constrained (``response_format``, a required or named tool
+call) cannot write any: both are read as content only. ``include_reasoning: false`` (vLLM's) drops the reasoning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from server.tools import ChoiceStream, ToolPlan, assistant_message
+
+START, END = "<think>", "</think>"
+ReasoningParser = Literal["deepseek_r1", "qwen3"]
+
+
+def _prefix_tail(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of ``tag`` (it may be a tag arriving)."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def thinking_disabled(template_kwargs: dict[str, Any] | None) -> bool:
+    """Whether the request's chat template variables turn thinking off (Qwen3's ``enable_thinking``, DeepSeek
+    V3.1's ``thinking``)."""
+    kwargs = template_kwargs or {}
+    return kwargs.get("enable_thinking") is False or kwargs.get("thinking") is False
+
+
+@dataclass
+class ReasoningSplitter:
+    """One choice's text, fed as it is generated, split into ``(field, piece)`` pairs, ``field`` being
+    ``"reasoning_content"`` or ``"content"``; a piece that may be the start of a tag is held back until the next
+    text or ``finish`` decides it. ``parser`` None: everything is content."""
+
+    parser: ReasoningParser | None
+
+    def __post_init__(self) -> None:
+        self.state = "content" if self.parser is None else "start"
+        self.pending = ""  # text not yet given out
+
+    def feed(self, delta: str) -> list[tuple[str, str]]:
+        self.pending += delta
+        out: list[tuple[str, str]] = []
+        if self.state == "start":
+            head = self.pending.lstrip()
+            if START.startswith(head):  # nothing yet, or a "<think>" on its way: wait
+                return out
+            if head.startswith(START):
+                self.pending = head[len(START):]
+                self.state = "reasoning"
+            else:
+                self.state = "reasoning" if self.parser == "deepseek_r1" else "content"
+        if self.state == "reasoning":
+            end = self.pending.find(END)
+            if end < 0:
+                keep = _prefix_tail(self.pending, END)
+                piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+                return [("reasoning_content", piece)] if piece else out
+            if end:
+                out.append(("reasoning_content", self.pending[:end]))
+            self.pending = self.pending[end + len(END):]
+            self.state = "content"
+        if self.pending:
+            out.append(("content", self.pending))
+            self.pending = ""
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        """What was held back, once the choice ended: the start of an answer too short to decide is read by the
+        parser's rule for an answer without tags; a partial end tag is reasoning text after all."""
+        rest, self.pending = self.pending, ""
+        if not rest:
+            return []
+        if self.state == "start":
+            field = "reasoning_content" if self.parser == "deepseek_r1" else "content"
+            if field == "reasoning_content" and rest.lstrip() and START.startswith(rest.lstrip()):
+                return []  # a lone, cut "<think" opening tag: nothing said
+            return [(field, rest)]
+        return [("reasoning_content" if self.state == "reasoning" else "content", rest)]
+
+
+def split_reasoning(parser: ReasoningParser | None, text: str) -> tuple[str | None, str | None]:
+    """``(reasoning, content)`` of a whole answer; either is None when there is none of it (the content is ""
+    rather than None for an answer without reasoning, as without a parser)."""
+    splitter = ReasoningSplitter(parser)
+    pieces = splitter.feed(text) + splitter.finish()
+    reasoning = "".join(p for f, p in pieces if f == "reasoning_content")
+    content = "".join(p for f, p in pieces if f == "content")
+    if splitter.state == "reasoning":
+        return reasoning or None, None  # ended inside the thinking (cut by max_tokens, say): no answer yet
+    return reasoning or None, content
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """A chat request's reasoning: the parser of its answer (None: all of it is content), whether the server has
+    a parser at all (``reasoning_content`` is then part of every answer, null when there is none) and whether the
+    request wants the reasoning back (``include_reasoning``)."""
+
+    parser: ReasoningParser | None = None
+    configured: bool = False
+    include: bool = True
+
+    def message(self, plan: ToolPlan, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A finished choice's ``message`` and ``finish_reason``: tool calls are read from the content only."""
+        reasoning, content = split_reasoning(self.parser, text)
+        message, reason = assistant_message(plan, content or "", reason)
+        if content is None:
+            message["content"] = None
+        if self.configured:
+            message["reasoning_content"] = reasoning if self.include else None
+        return message, reason
+
+    def deltas(self, splitter: ReasoningSplitter, stream: ChoiceStream, delta: str, finished: bool
+               ) -> list[dict[str, Any]]:
+        """One streamed output's chat deltas: reasoning pieces as ``reasoning_content``, content through the
+        choice's tool-call stream; with ``finished``, whatever either held back."""
+        if self.parser is None:
+            out = stream.feed(delta)
+            return out + stream.finish() if finished else out
+        out = []
+        for field, piece in splitter.feed(delta) + (splitter.finish() if finished else []):
+            if field == "content":
+                out += stream.feed(piece)
+            elif self.include:
+                out.append({"reasoning_content": piece})
+        return out + stream.finish() if finished else out

@@ -1,0 +1,189 @@
+"""``--reasoning-parser``: a reasoning model's ``<think> ... </think>`` leaves ``content`` for ``reasoning_content``,
+whole and streamed (pieces that join to the whole), with tools, and not where the request turned thinking off or
+constrained its output; a real engine's stream through it; the flag and its bad values."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy_engine.engine_process import async_engine_for
+from server.app import create_app
+from server.cli import resolve_settings
+from server.reasoning import ReasoningSplitter, split_reasoning
+from server.settings import ConfigError, load_settings
+from tests.server.live import LiveServer, make_settings
+from tests.server.test_tool_call_parsing import TOOLS, ScriptedEngine
+
+THINKING = ["<th", "ink>\nThe user greets", " me.\n</th", "ink>\n\nHello", " there!"]
+CUT = ["<think>\nStill", " thinking"]  # max_tokens ran out inside the block
+
+
+@pytest.mark.parametrize(
+    ("parser", "text", "expected"),
+    [
+        ("deepseek_r1", "<think>\nhm\n</think>\n\nHi", ("\nhm\n", "\n\nHi")),
+        ("deepseek_r1", "hm</think>Hi", ("hm", "Hi")),  # the template opened the block: no start tag
+        ("deepseek_r1", "still thinking", ("still thinking", None)),  # never closed: no answer yet
+        ("deepseek_r1", "", (None, "")),
+        ("qwen3", "<think>\nhm\n</think>\n\nHi", ("\nhm\n", "\n\nHi")),
+        ("qwen3", "  <think>hm</think>Hi", ("hm", "Hi")),
+        ("qwen3", "<think>cut", ("cut", None)),
+        ("qwen3", "hm</think>Hi", (None, "hm</think>Hi")),  # the model opens the block itself, or there is none
+        ("qwen3", "Plain answer", (None, "Plain answer")),
+        ("qwen3", "<thinking> is a tag", (None, "<thinking> is a tag")),
+        (None, "<think>hm</think>Hi", (None, "<think>hm</think>Hi")),
+    ],
+)
+def test_split_reasoning(parser, text, expected):
+    assert split_reasoning(parser, text) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.sampled_from(["<think>\nab</think>\n\ncd", "ab</think>cd", "plain </think", "  <think>x</th",
+                             "<thi", "a<think>b</think>c", "<think></think>", ""]),
+       cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=6),
+       parser=st.sampled_from(["deepseek_r1", "qwen3"]))
+def test_streamed_pieces_join_to_the_whole_answers_fields(text, cuts, parser):
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    splitter = ReasoningSplitter(parser)
+    pieces = []
+    for start, end in zip(bounds, bounds[1:]):
+        pieces += splitter.feed(text[start:end])
+    pieces += splitter.finish()
+    reasoning, content = split_reasoning(parser, text)
+    assert "".join(p for f, p in pieces if f == "reasoning_content") == (reasoning or "")
+    assert "".join(p for f, p in pieces if f == "content") == (content or "")
+    assert all(p for _, p in pieces)  # no empty pieces go out
+
+
+def _served(pieces: list[str], parser: str | None = "qwen3", fmt: str = "hermes") -> TestClient:
+    engine = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
+    overrides = {"engine": engine, **({"reasoning_parser": parser} if parser else {})}
+    app = create_app(ScriptedEngine(fmt, pieces), load_settings(overrides=overrides, environ=False))
+    return TestClient(app, base_url="http://localhost")
+
+
+def _sdk(http: TestClient) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://localhost/v1", api_key="x", http_client=http, max_retries=0)
+
+
+def _streamed(client: openai.OpenAI, **ask) -> tuple[str, str, list[str]]:
+    reasoning, content, reasons = "", "", []
+    for chunk in client.chat.completions.create(stream=True, **ask):
+        for choice in chunk.choices:
+            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            content += choice.delta.content or ""
+            reasons += [choice.finish_reason] if choice.finish_reason else []
+    return reasoning, content, reasons
+
+
+ASK = dict(model="proxy-tuned", messages=[{"role": "user", "content": "Hi"}], max_tokens=10)
+
+
+def test_thinking_goes_to_reasoning_content_whole_and_streamed():
+    with _served(THINKING) as http:
+        client = _sdk(http)
+        message = client.chat.completions.create(**ASK).choices[0].message
+        assert message.reasoning_content == "\nThe user greets me.\n" and message.content == "\n\nHello there!"
+        reasoning, content, reasons = _streamed(client, **ASK)
+        assert (reasoning, content, reasons) == (message.reasoning_content, message.content, ["stop"])
+
+
+def test_an_answer_cut_inside_the_thinking_has_no_content():
+    with _served(CUT, parser="deepseek_r1") as http:
+        choice = http.post("/v1/chat/completions", json=ASK).json()["choices"][0]
+        assert choice["message"]["reasoning_content"] == "\nStill thinking" and choice["message"]["content"] is None
+        reasoning, content, _ = _streamed(_sdk(http), **ASK)
+        assert (reasoning, content) == ("\nStill thinking", "")
+
+
+def test_include_reasoning_false_drops_it():
+    with _served(THINKING) as http:
+        body = {**ASK, "include_reasoning": False}
+        message = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert message["reasoning_content"] is None and message["content"] == "\n\nHello there!"
+        reasoning, content, _ = _streamed(_sdk(http), **ASK, extra_body={"include_reasoning": False})
+        assert (reasoning, content) == ("", "\n\nHello there!")
+
+
+@pytest.mark.parametrize("extra", [
+    {"chat_template_kwargs": {"enable_thinking": False}},  # Qwen3's switch: the answer is all content
+    {"response_format": {"type": "json_object"}},  # a grammar leaves no room to think
+])
+def test_no_parsing_where_the_request_rules_thinking_out(extra):
+    with _served(["Hm</think>Hi"], parser="deepseek_r1") as http:
+        message = http.post("/v1/chat/completions", json={**ASK, **extra}).json()["choices"][0]["message"]
+        assert message["content"] == "Hm</think>Hi" and message["reasoning_content"] is None
+
+
+def test_tool_calls_are_read_from_the_content_after_the_thinking():
+    pieces = ["<think>I need the weather.</think>", '<tool_call>{"name": "get_weather", ',
+              '"arguments": {"city": "Paris"}}</tool_call>']
+    with _served(pieces) as http:
+        client = _sdk(http)
+        choice = client.chat.completions.create(**ASK, tools=TOOLS).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.reasoning_content == "I need the weather."
+        [call] = choice.message.tool_calls
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        reasoning, content, reasons = _streamed(client, **ASK, tools=TOOLS)
+        assert (reasoning, content, reasons) == ("I need the weather.", "", ["tool_calls"])
+
+
+def test_without_a_parser_the_answer_is_unchanged():
+    with _served(THINKING, parser=None) as http:
+        message = http.post("/v1/chat/completions", json=ASK).json()["choices"][0]["message"]
+        assert message["content"] == "".join(THINKING) and "reasoning_content" not in message
+        chunks = http.post("/v1/chat/completions", json={**ASK, "stream": True}).text
+        assert "reasoning_content" not in chunks
+
+
+def test_a_real_engines_stream_goes_through_the_parser(tiny_family):
+    """deepseek_r1 on a model that never closes a block: the whole answer is reasoning, streamed in the same
+    pieces that join to the whole answer's (the real detokenizer's deltas, multi-byte characters included)."""
+    served = make_settings(tiny_family, reasoning_parser="deepseek_r1")
+    server = LiveServer(async_engine_for(served.engine), served).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+        ask = dict(model="proxy-tuned", messages=[{"role": "user", "content": "Hi"}], max_tokens=12, temperature=0)
+        message = client.chat.completions.create(**ask).choices[0].message
+        plain = client.chat.completions.create(**ask, extra_body={"include_reasoning": False}).choices[0].message
+        assert message.content is None and message.reasoning_content and plain.reasoning_content is None
+        reasoning, content, reasons = _streamed(client, **ask)
+        assert (reasoning, content, reasons) == (message.reasoning_content, "", ["length"])
+    finally:
+        server.stop()
+
+
+def test_the_flag_sets_the_parser_and_a_bad_name_is_named():
+    settings_, _ = resolve_settings(["--base", "/m", "--reasoning-parser", "qwen3"])
+    assert settings_.reasoning_parser == "qwen3"
+    with pytest.raises(ConfigError, match="reasoning_parser"):
+        resolve_settings(["--base", "/m", "--reasoning-parser", "r1"])
+
+
+def test_responses_api_returns_the_thinking_as_a_reasoning_item():
+    with _served(THINKING) as http:
+        client = _sdk(http)
+        response = client.responses.create(model="proxy-tuned", input="Hi", max_output_tokens=10)
+        assert [item.type for item in response.output] == ["reasoning", "message"]
+        assert response.output[0].content[0].text == "\nThe user greets me.\n"
+        assert response.output_text == "\n\nHello there!"
+        events = list(client.responses.create(model="proxy-tuned", input="Hi", max_output_tokens=10, stream=True))
+        kinds = [e.type for e in events]
+        assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+        thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+        assert thought == "\nThe user greets me.\n"
+        final = events[-1].response
+        assert [item.type for item in final.output] == ["reasoning", "message"]
+        assert final.output[0].status == "completed" and final.output_text == "\n\nHello there!"
+        # a client that sends the output back as input (managing the context itself) is answered
+        again = client.responses.create(model="proxy-tuned", max_output_tokens=10, input=[
+            {"role": "user", "content": "Hi"}, *[item.model_dump(exclude_none=True) for item in response.output],
+            {"role": "user", "content": "And?"}])
+        assert again.status == "completed"
