@@ -48,6 +48,12 @@ def llama(tmp_path_factory):
     return build("llama3", tmp_path_factory.mktemp("gpu") / "llama3")
 
 
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    # Qwen3's per-head query / key norms in the static step (byte-level tokenizer too).
+    return build("qwen3", tmp_path_factory.mktemp("gpu") / "qwen3")
+
+
 def _matches_the_reference(family, devices: list[str]) -> None:
     """Greedy proxy-tuned tokens at two alphas equal the naive reference's, each model fed its own rendering
     of the prompt (the family's expert sees its chat template)."""
@@ -62,8 +68,9 @@ def _matches_the_reference(family, devices: list[str]) -> None:
         assert got[request_id] == expected, (request_id, devices)
 
 
-def test_models_on_the_cpu_match_the_reference(llama):
-    _matches_the_reference(llama, ["cpu", "cpu", "cpu"])
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_models_on_the_cpu_match_the_reference(name, request):
+    _matches_the_reference(request.getfixturevalue(name), ["cpu", "cpu", "cpu"])
 
 
 @gpu
@@ -87,11 +94,18 @@ def test_seeded_sampling_on_cuda_is_reproducible_and_batch_invariant(llama):
 
 
 @gpu
-def test_cuda_graphs_decode_as_eager_does(llama):
+def test_qwen3_on_cuda_matches_the_reference(qwen3):
+    _matches_the_reference(qwen3, ["cuda:0"] * 3)
+
+
+@gpu
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_cuda_graphs_decode_as_eager_does(name, request):
     """The CUDA executor captures graphs at start-up; greedy and seeded requests give the same tokens with and
     without them (--enforce-eager), at batch sizes that fall in different buckets (rows padded)."""
-    graphed = _engine(llama, ["cuda:0"] * 3)
-    eager = _engine(llama, ["cuda:0"] * 3, RuntimeConfig(enforce_eager=True))
+    family = request.getfixturevalue(name)
+    graphed = _engine(family, ["cuda:0"] * 3)
+    eager = _engine(family, ["cuda:0"] * 3, RuntimeConfig(enforce_eager=True))
     assert all(r.executor == "static" for r in graphed.runners + eager.runners)
     assert all(r._static.graphed for r in graphed.runners)
     assert not any(r._static.graphed for r in eager.runners)
