@@ -11,6 +11,10 @@ same loaded models: prefix caching on (the default) and off. Each repeat, in a r
   sent first, untimed), against an unshared request of the same length, on the engine with the cache: TTFT.
 - **chat's next turn**: a conversation whose system prompt is about ``--prefix-tokens`` tokens; TTFT of its
   first turn (cold) and of the next (the first turn, the assistant's answer and a new question).
+- **a burst sharing a cached prefix**: ``--burst`` requests whose first ``--prefix-tokens`` tokens an earlier
+  request had, each with its own ``--suffix-tokens`` tail, sent at once: the mean of their times to first token,
+  read against the one request with a shared prefix above (alone, it is the best a request of the burst can do).
+  The admission budget counts only the uncached columns, so the burst prefills as one group.
 - **unshared traffic**: ``--batch`` requests of random ``--traffic-prompt`` token prompts (nothing shared),
   ``--traffic-tokens`` tokens each, all at once: generated tokens/s (prefill included) with the cache on and
   off, in the order on, off, off, on (or the reverse); also per CPU-second of this process, which other
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix-tokens", type=int, default=1500, help="shared prefix / system prompt length")
     parser.add_argument("--suffix-tokens", type=int, default=32, help="tokens after the shared prefix")
     parser.add_argument("--batch", type=int, default=8, help="requests of the unshared traffic")
+    parser.add_argument("--burst", type=int, default=8, help="requests of the burst sharing a cached prefix")
     parser.add_argument("--traffic-prompt", type=int, default=256, help="prompt tokens of each traffic request")
     parser.add_argument("--traffic-tokens", type=int, default=32, help="tokens generated per traffic request")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the engine's policy)")
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, vocab = cached.tokenizer, cached.vocab_size
     rng = random.Random(7)
     samples: dict[str, list[float]] = {name: [] for name in (
-        "ttft_shared_s", "ttft_unshared_s", "ttft_first_turn_s", "ttft_next_turn_s",
+        "ttft_shared_s", "ttft_unshared_s", "ttft_first_turn_s", "ttft_next_turn_s", "ttft_burst_mean_s",
         "traffic_on_tok_s", "traffic_off_tok_s", "traffic_on_tok_cpu_s", "traffic_off_tok_cpu_s",
         "cache_cpu_share",
     )}
@@ -165,6 +170,20 @@ def main(argv: list[str] | None = None) -> None:
         samples["ttft_first_turn_s"].append(first)
         samples["ttft_next_turn_s"].append(run_request(cached, f"turn2-{repeat}", PromptInput(messages=turn2), 1)[0])
 
+    def shared_burst(repeat: int) -> None:
+        prefix = random_ids(rng, args.prefix_tokens, vocab)
+        run_request(cached, f"burst-warm{repeat}", PromptInput(token_ids=prefix + random_ids(rng, 8, vocab)), 1)
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        timer, firsts = Timer(), {}
+        for i in range(args.burst):
+            prompt = PromptInput(token_ids=prefix + random_ids(rng, args.suffix_tokens, vocab))
+            cached.add(cached.make_sequences(f"burst{repeat}-{i}", prompt, params))
+        while cached.has_work():
+            for output in cached.step():
+                if output.new_token_ids:
+                    firsts.setdefault(output.request_id, timer.elapsed()[0])
+        samples["ttft_burst_mean_s"].append(statistics.fmean(firsts.values()))
+
     def unshared_traffic(repeat: int) -> None:
         # on, off, off, on (or the reverse): a drift in the machine's load over the four runs cancels out.
         pair = [(cached, "on"), (uncached, "off")][:: 1 if repeat % 2 else -1]
@@ -181,9 +200,9 @@ def main(argv: list[str] | None = None) -> None:
                 samples[f"traffic_{state}_tok_s"].append(rates[state][0])
                 samples[f"traffic_{state}_tok_cpu_s"].append(rates[state][1])
 
-    scenarios = [shared_prefix, chat_turns, unshared_traffic]
+    scenarios = [shared_prefix, chat_turns, shared_burst, unshared_traffic]
     for repeat in range(args.repeats):
-        for scenario in scenarios[repeat % 3 :] + scenarios[: repeat % 3]:
+        for scenario in scenarios[repeat % 4 :] + scenarios[: repeat % 4]:
             scenario(repeat)
 
     def paired(a: str, b: str) -> float:
@@ -192,14 +211,16 @@ def main(argv: list[str] | None = None) -> None:
     ratios = {
         "TTFT shared prefix / unshared (target <= 0.3x)": paired("ttft_shared_s", "ttft_unshared_s"),
         "TTFT chat next turn / first turn (target <= 0.3x)": paired("ttft_next_turn_s", "ttft_first_turn_s"),
+        f"TTFT of a burst of {args.burst} sharing a cached prefix (mean) / one alone":
+            paired("ttft_burst_mean_s", "ttft_shared_s"),
         "unshared traffic tokens/s, cache on / off (target >= 0.97x)": paired("traffic_on_tok_s", "traffic_off_tok_s"),
         "unshared traffic per CPU-second, cache on / off": paired("traffic_on_tok_cpu_s", "traffic_off_tok_cpu_s"),
     }
     medians = {name: statistics.median(values) for name, values in samples.items()}
     hits = {r.name: (r.prefix_cache.hits_total, r.prefix_cache.queries_total) for r in cached.runners if r.prefix_cache}
     meta = {"family": args.family, "threads": threads, "repeats": args.repeats, "prefix_tokens": args.prefix_tokens,
-            "prompt_tokens": prompt_lens, "batch": args.batch, "traffic_prompt": args.traffic_prompt,
-            "traffic_tokens": args.traffic_tokens, "load": os.getloadavg()[0],
+            "prompt_tokens": prompt_lens, "batch": args.batch, "burst": args.burst,
+            "traffic_prompt": args.traffic_prompt, "traffic_tokens": args.traffic_tokens, "load": os.getloadavg()[0],
             "max_num_batched_tokens": config.limits.max_num_batched_tokens}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prefix.json").write_text(json.dumps(
