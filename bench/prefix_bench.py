@@ -14,7 +14,8 @@ same loaded models: prefix caching on (the default) and off. Each repeat, in a r
 - **a burst sharing a cached prefix**: ``--burst`` requests whose first ``--prefix-tokens`` tokens an earlier
   request had, each with its own ``--suffix-tokens`` tail, sent at once: the mean of their times to first token,
   read against the one request with a shared prefix above (alone, it is the best a request of the burst can do).
-  The admission budget counts only the uncached columns, so the burst prefills as one group.
+  Admission counts whole prompts against ``max_num_batched_tokens``, so at the default limits each request of
+  the burst prefills as its own group, one after another (bench/NOTES.md: grouping them was slower on the CPU).
 - **unshared traffic**: ``--batch`` requests of random ``--traffic-prompt`` token prompts (nothing shared),
   ``--traffic-tokens`` tokens each, all at once: generated tokens/s (prefill included) with the cache on and
   off, in the order on, off, off, on (or the reverse); also per CPU-second of this process, which other

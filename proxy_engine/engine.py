@@ -186,20 +186,13 @@ class ProxyEngine:
             self._sync_rows()
         if not self.scheduler.prefilling:  # done, failed or aborted: the next group may start
             self.prefill = None
-            admitted = self.scheduler.admit(self._uncached if self.config.prefix_cache.enabled else None)
+            admitted = self.scheduler.admit()
             if admitted:
                 self.prefill = PrefillGroup(admitted, self.runners, self.vocab_size, self.device)
         if self.prefill is not None:
             outputs += self._guarded("prefill", self.prefill.sequences, self._prefill)
         self.scheduler.retire()
         return outputs
-
-    def _uncached(self, sequence: Sequence) -> int:
-        """The longest part of ``sequence``'s prompts its models' prefix caches do not hold (what its prefill
-        computes; a scored prompt is computed whole)."""
-        reuse = sequence.params.prompt_logprobs is None
-        return max(len(prompt) - (self.runners[index].cached_prefix(prompt, sequence.cache_salt) if reuse else 0)
-                   for index, prompt in sequence.prompts.items())
 
     def _guarded(
         self, phase: str, sequences: list[Sequence], run: Callable[[], list[RequestOutput]]

@@ -212,14 +212,6 @@ class ModelRunner:
                 job.cache, job.done = PaddedKVCache(self.num_layers), 0
         return job
 
-    def cached_prefix(self, prompt: list[int], salt: str | None = None) -> int:
-        """Tokens of ``prompt`` a prefill would take from the prefix cache (never its last: its logits are
-        needed); touches nothing."""
-        cache = self.prefix_cache
-        if cache is None or len(prompt) < 2:
-            return 0
-        return len(cache.match(prompt, len(prompt) - 1, salt)) * cache.block_size
-
     def _start_from_cache(self, job: PrefillJob, row_reuse: list[bool]) -> None:
         """Fill the job's first columns from the prefix cache and start it after them.
 

@@ -70,16 +70,9 @@ class Scheduler:
     def add(self, sequences: list[Sequence]) -> None:
         self.waiting.extend(sequences)
 
-    def admit(self, uncached: Callable[[Sequence], int] | None = None) -> list[Sequence]:
+    def admit(self) -> list[Sequence]:
         """Move the next group from waiting to prefilling: FIFO, up to the free batch slots and about one
-        step's token budget (``max_num_batched_tokens`` of the columns the group computes).
-
-        A group's prefill computes, in every row, the columns from the first one some row lacks to the end:
-        left-padded to the longest prompt, and starting after the prefix cache's columns, that is the longest
-        *uncached* part of its prompts. ``uncached(sequence)`` gives a sequence's (its longest prompt less what
-        the prefix cache holds of it; default: its longest prompt). So requests whose prompts are mostly cached
-        (a shared system prompt) prefill together, and a cold prompt does not join a cached one (nor the
-        reverse) unless both fit the budget: mixed, the cached rows would recompute what their cache holds.
+        step's token budget (``max_num_batched_tokens`` of left-padded prompt).
 
         The first waiting sequence is always admitted when a slot is free, however long its prompt: its
         prefill is chunked, so it cannot stall the running streams. A prompt already admitted costs nothing
@@ -94,7 +87,7 @@ class Scheduler:
         prompts: set[tuple] = set()
         while self.waiting and in_batch + len(admitted) < self.limits.max_num_seqs:
             candidate = self.waiting[0]
-            longest = uncached(candidate) if uncached is not None else max(map(len, candidate.prompts.values()))
+            longest = max(len(p) for p in candidate.prompts.values())
             key = _prompt_key(candidate)
             padded = max(width, longest) * (len(prompts) + (key not in prompts))
             if admitted and key not in prompts and padded > budget:

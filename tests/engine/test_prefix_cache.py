@@ -248,35 +248,6 @@ def test_mixed_alphas_n_choices_and_a_cold_row_in_one_batch(chat_family, models)
     assert cached.runners[0].prefix_cache.hits_total > 0
 
 
-def test_requests_sharing_a_cached_prefix_prefill_together_and_a_cold_one_waits(chat_family, models):
-    """The admission budget counts the columns a group computes, past the cached ones: four requests whose
-    system prompt is cached fit one group where their whole prompts would not, and a cold prompt of the same
-    length waits for the next group instead of making them recompute what their cache holds."""
-    length = max(len(models[i].renderer.render(_input(chat("What is the capital of Spain?")))) for i in range(3))
-    budget = 2 * length - 1  # two whole prompts do not fit; four uncached tails do
-    cached = build(models, chat_family, max_num_batched_tokens=budget)
-    plain = build(models, chat_family, enabled=False, max_num_batched_tokens=budget)
-    submit(cached, "warm", chat("Tell me something."), **GREEDY)
-    collect(cached)
-    cold = [(7 * i) % 300 + 20 for i in range(length)]  # token ids: as long, nothing shared
-    requests = [(f"q{i}", chat(f"What is the capital of country number {i}?")) for i in range(4)] + [("cold", cold)]
-    for engine in (cached, plain):
-        for request_id, prompt in requests:
-            submit(engine, request_id, prompt, **GREEDY)
-    before, groups, admit = hits(cached), [], cached.scheduler.admit
-
-    def recorded(*args, **kwargs):
-        group = admit(*args, **kwargs)
-        groups.extend([sorted(s.request_id for s in group)] if group else [])
-        return group
-
-    cached.scheduler.admit = recorded
-    assert_same(collect(cached), collect(plain))
-    assert groups == [["q0", "q1", "q2", "q3"], ["cold"]]
-    system = len(models[0].renderer.render(_input(chat(""))))
-    assert hits(cached)[0] - before[0] >= 4 * (system - 2 * 8)  # every one of the four reused its system prompt
-
-
 def test_a_scoring_request_computes_every_position_and_still_fills_the_cache(tiny_family, plain_models):
     def engine(enabled: bool) -> ProxyEngine:
         config = engine_config(tiny_family)

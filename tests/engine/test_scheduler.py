@@ -35,24 +35,6 @@ def test_a_long_prompt_widens_every_row_of_the_group():
     assert [s.seq_id for s in scheduler.admit()] == [0]
 
 
-def test_the_budget_counts_only_what_the_prefix_cache_does_not_hold():
-    # Four 100-token prompts whose first 96 tokens are cached compute 4 columns each: one group of 4 x 4 = 16.
-    # A cold 100-token prompt next would make every row compute 100 columns: it waits for the next group.
-    scheduler = _scheduler(max_num_batched_tokens=32)
-    scheduler.add([_sequence(i, 100) for i in range(5)])
-    uncached = {0: 4, 1: 4, 2: 4, 3: 4, 4: 100}
-    assert [s.seq_id for s in scheduler.admit(lambda s: uncached[s.seq_id])] == [0, 1, 2, 3]
-    scheduler.promote(scheduler.prefilling)
-    assert [s.seq_id for s in scheduler.admit(lambda s: uncached[s.seq_id])] == [4]
-
-
-def test_a_cached_prompt_does_not_join_a_cold_group():
-    scheduler = _scheduler(max_num_batched_tokens=64)
-    scheduler.add([_sequence(0, 40), _sequence(1, 40)])
-    uncached = {0: 40, 1: 2}  # joined, the cached one would recompute the 38 columns its cache holds: 2 x 40 > 64
-    assert [s.seq_id for s in scheduler.admit(lambda s: uncached[s.seq_id])] == [0]
-
-
 def test_the_first_waiting_sequence_is_admitted_whatever_its_length():
     scheduler = _scheduler(max_num_batched_tokens=16)
     scheduler.add([_sequence(0, 500), _sequence(1, 2)])
