@@ -137,7 +137,8 @@ class RuntimeConfig(_Strict):
         "OMP_NUM_THREADS when the deployer set it, else one core fewer than this process may use.",
     )
     fast_decode: bool = Field(
-        default=True, description=f"Llama-family decode steps skip transformers' module stack ({FAST_DECODE_ENV}).",
+        default=True,
+        description=f"Decode steps of architecture.py's families skip transformers' module stack ({FAST_DECODE_ENV}).",
     )
     packed_weights: bool | None = Field(
         default=None, description=f"oneDNN-packed copies of the linear weights for CPU float32 decode "

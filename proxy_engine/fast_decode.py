@@ -1,40 +1,37 @@
-"""A decode step for Llama-family models that calls the model's own weights without its module stack.
+"""A decode step for the decoder-only families of ``architecture.py``, on the model's own weights, without its
+module stack.
 
 transformers' forward costs a fixed amount of Python per layer (module calls, keyword plumbing, decorators,
 mask and cache dispatch) whatever the batch: for the small expert / anti-expert it was most of their decode
 time (a 4-layer, 3.7M-parameter model: 2.0 ms per step at one row, 1.2 ms with this path), and 5-8% of
 the base's. Prefill, and every architecture not recognised here, still run through transformers.
 
-The math is the model's, op for op: RMSNorm in float32 then the weight (Qwen3's per-head query / key norms
-included), rotary embeddings from the model's own ``rotary_emb`` (every RoPE scaling type), SDPA with the
-module's scaling (grouped-query heads included), SiLU-gated MLP, the final norm and the head cut to the shared
-vocabulary. The weights are not copied.
+The math is the model's, op for op, as architecture.py reads it (Llama, Mistral, Qwen2 / Qwen3, Gemma / Gemma-2 /
+Gemma-3): its RMSNorms (Llama's or Gemma's, two or four per layer, per-head query / key norms), rotary embeddings
+from the model's own rotary module (every RoPE scaling type; Gemma-3's local base), SDPA with the module's
+scaling (grouped-query heads included) or, under Gemma-2's soft-cap, the eager attention it implies, a sliding
+window where a layer has one, the gated MLP with the model's activation, the final norm (and soft-cap) and the
+head cut to the shared vocabulary. The weights are not copied.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.attention_masks import sliding_window
+from proxy_engine.architecture import LENGTH_DEPENDENT_ROPE, DecoderLayout, Norm, unsupported_reason
+from proxy_engine.attention_masks import FULL, SLIDING, visible
 from proxy_engine.config import PACKED_WEIGHTS_ENV
 
 log = logging.getLogger("proxy_engine.fast_decode")
 
 PACKED_MIN_ROWS = 4  # below this many rows the plain (row-major) GEMM is as fast or faster
 _PACKED_MEMORY_SHARE = 0.1  # unset: pack when the copies take at most this share of physical memory
-
-# Architectures whose decoder layer is exactly: RMSNorm -> q/k/v (bias allowed) -> [RMSNorm of each q and k head]
-# -> RoPE -> attention -> o -> residual -> RMSNorm -> down(act(gate) * up) -> residual.
-_SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
-# RMSNorm classes that are LlamaRMSNorm under another name (float32 statistics, then ``weight * x``; not Gemma's
-# ``(1 + weight) * x``).
-_LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm: float32 statistics, then the weight in the input dtype."""
@@ -48,31 +45,38 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-def head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen3's query / key RMSNorm for ``x [n, heads, D]``, every head at once: ``weight [heads, D]`` holds each
-    head's norm weight (``head_norm_weight``); float32 statistics, the result in the input dtype, then the weight."""
-    return weight * F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps).to(x.dtype)
+def offset_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """GemmaRMSNorm: float32 statistics times ``weight`` (``1 + w`` in float32), then the input dtype."""
+    return F.rms_norm(x.to(torch.float32), (x.shape[-1],), weight, eps).to(x.dtype)
 
 
-def head_norm_weight(attention: torch.nn.Module, heads: int, kv_heads: int) -> tuple[torch.Tensor, float] | None:
-    """``(weight [heads + kv_heads, D], eps)`` for q and k side by side (the query norm's weight on each query
-    head, the key norm's on each key head), or None for attention without query / key norms."""
-    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
-    if q_norm is None:
-        return None
-    weight = torch.cat((q_norm.weight.detach().expand(heads, -1), k_norm.weight.detach().expand(kv_heads, -1)))
-    return weight, q_norm.variance_epsilon
+def apply_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """``norm`` (architecture.py) on ``x [..., hidden]``."""
+    return offset_norm(x, norm.weight, norm.eps) if norm.offset else _norm(x, norm.weight, norm.eps)
 
 
-def _head_norms_reason(attention: torch.nn.Module, head_dim: int) -> str | None:
-    """Why ``attention``'s query / key norms are not Qwen3's (one LlamaRMSNorm over each head, one eps)."""
-    norms = [getattr(attention, name, None) for name in ("q_norm", "k_norm")]
-    if all(norm is None for norm in norms):
-        return None
-    if any(norm is None or type(norm).__name__ not in _LLAMA_RMS_NORMS or tuple(norm.weight.shape) != (head_dim,)
-           for norm in norms) or norms[0].variance_epsilon != norms[1].variance_epsilon:
-        return "query / key norms other than an RMSNorm over each head"
-    return None
+def head_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """The query / key RMSNorm of ``x [n, heads, D]``, every head at once: ``norm.weight [heads, D]`` holds each
+    head's weight (``architecture.head_norm_of``); float32 statistics, then Llama's or Gemma's weighting."""
+    normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=norm.eps)
+    if norm.offset:
+        return (normed * norm.weight).to(x.dtype)
+    return norm.weight * normed.to(x.dtype)
+
+
+def softcapped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float, cap: float) -> torch.Tensor:
+    """Eager attention with Gemma-2's logit soft-cap (``cap * tanh(scores / cap)`` before the mask; SDPA has no
+    such step): ``q [n, kv_heads, group, D]`` against ``keys, values [n, kv_heads, span, D]``; ``mask``
+    ``[n, 1, 1, span]`` boolean (True: seen) or additive. The softmax in float32, as transformers'."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -170,46 +174,6 @@ def packing_allowed(model: torch.nn.Module, name: str, setting: bool | None = No
     return True
 
 
-def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> str | None:
-    """Why ``model`` cannot use the fast decode step (None when it can). A sliding window that no sequence of
-    ``max_len`` tokens can outgrow (Mistral v0.1's 4,096 under a 4,096-token limit) attends like full
-    attention, so it is no reason."""
-    name = type(model).__name__
-    if name not in _SUPPORTED:
-        return f"{name} is not a recognised Llama-family architecture"
-    config = model.config
-    window = sliding_window(config)
-    window_binds = window is not None and (max_len is None or max_len > window)
-    if window_binds:
-        return "sliding-window attention"
-    allowed = {"full_attention"} if window is None else {"full_attention", "sliding_attention"}
-    if any(t not in allowed for t in (getattr(config, "layer_types", None) or [])):
-        return "layers other than full attention"
-    if config._attn_implementation not in ("sdpa", "eager"):
-        return f"attention implementation {config._attn_implementation}"
-    if any(hasattr(m, "_hf_hook") for m in model.modules()):
-        return "accelerate hooks (offloaded or dispatched weights)"
-    devices = {p.device for p in model.parameters()}
-    if len(devices) != 1 or next(iter(devices)).type == "meta":
-        return f"weights on {len(devices)} devices"
-    inner = model.model
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if any(type(lin) is not torch.nn.Linear for lin in linears):
-            return "quantized or replaced linear layers"
-        reason = _head_norms_reason(attn, head_dim)
-        if reason is not None:
-            return reason
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            if type(norm).__name__ not in _LLAMA_RMS_NORMS:
-                return f"{type(norm).__name__}"
-    if type(model.lm_head) is not torch.nn.Linear or getattr(config, "final_logit_softcapping", None):
-        return "a non-linear output head"
-    return None
-
-
 def fuse_linears(linears: list[torch.nn.Linear], column_major: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Move the weights of ``linears`` (same input size) into one storage and return ``(weight [N, K], bias)``,
     the concatenated weight (a view of that storage) and bias (None when no linear has one).
@@ -251,10 +215,13 @@ class RotaryTable:
 
     _STATIC = 1024
 
-    def __init__(self, rotary: torch.nn.Module, like: torch.Tensor) -> None:
+    def __init__(self, rotary: Callable, like: torch.Tensor, rope_type: str | None = None) -> None:
+        """``rotary(x, position_ids) -> (cos, sin)``: the model's rotary module (or one bound to a layer type);
+        ``rope_type`` defaults to the module's."""
         self.rotary = rotary
         self.like = like[:1]  # dtype and device
-        self.static = getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope")
+        rope_type = rope_type if rope_type is not None else getattr(rotary, "rope_type", "default")
+        self.static = rope_type not in LENGTH_DEPENDENT_ROPE
         self.cos = self.sin = self.signed = like.new_empty(0)
 
     def __call__(self, positions: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,13 +270,13 @@ class FastDecoder:
     rows or more use the packed copies when there are any (``linears_for``).
     """
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, pack: bool = False, column_major: bool = False
-                 ) -> None:
-        config = model.config
+    def __init__(self, model: torch.nn.Module, vocab_size: int, pack: bool = False, column_major: bool = False,
+                 max_len: int | None = None) -> None:
         inner = model.model
-        self.embed = inner.embed_tokens
+        self.layout = DecoderLayout(model, max_len)
+        self.embed = inner.embed_tokens.weight
+        self.embed_scale = self.layout.embed_scale
         self.layers = list(inner.layers)
-        self.final_norm = inner.norm
         if column_major:
             column_major_head(model)
         self.fused: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []
@@ -321,7 +288,8 @@ class FastDecoder:
                 "gate_up": fuse_linears([mlp.gate_proj, mlp.up_proj], column_major),
                 "down": fuse_linears([mlp.down_proj], column_major),
             })
-        self.rotary = RotaryTable(inner.rotary_emb, inner.embed_tokens.weight)
+        self.rotary = {kind: RotaryTable(rotary, self.embed, rope_type)
+                       for kind, (rotary, rope_type) in self.layout.rotary.items()}
         # One-row steps on a one-thread team run the narrow column-major GEMVs (o, down) as embedding bags.
         self.bags: list[dict[str, BagGemv]] = [
             {name: BagGemv(w, b) for name, (w, b) in fused.items() if BagGemv.fits(w)} for fused in self.fused]
@@ -342,15 +310,10 @@ class FastDecoder:
                             for bags, fns in zip(self.bags, plain)]
         self.packed_linears = None if self.packed is None else [
             (p["qkv"], p["o"], p["gate_up"], p["down"]) for p in self.packed]
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.act = F.silu if getattr(config, "hidden_act", "silu") == "silu" else None
-        # Per layer: the two norms, the attention scaling, the activation and the query / key norms (or None).
-        self.norms = [(lay.input_layernorm.weight, lay.input_layernorm.variance_epsilon,
-                       lay.post_attention_layernorm.weight, lay.post_attention_layernorm.variance_epsilon,
-                       lay.self_attn.scaling, lay.mlp.act_fn,
-                       head_norm_weight(lay.self_attn, self.heads, self.kv_heads)) for lay in self.layers]
+        layout = self.layout
+        self.heads, self.kv_heads, self.head_dim = layout.heads, layout.kv_heads, layout.head_dim
+        # The activation per layer: SiLU called directly (the common case), else the module's own.
+        self.acts = [F.silu if isinstance(lay.mlp.act_fn, torch.nn.SiLU) else lay.mlp.act_fn for lay in self.layers]
 
     @classmethod
     def for_model(
@@ -368,12 +331,12 @@ class FastDecoder:
             weight = model.lm_head.weight
             column_major = weight.device.type == "cpu" and weight.dtype == torch.float32
         try:
-            return cls(model, vocab_size, pack, column_major)
+            return cls(model, vocab_size, pack, column_major, max_len)
         except RuntimeError as error:  # a oneDNN build that cannot reorder: the plain GEMM everywhere
             if not pack:
                 raise
             log.warning("%s: packing the linear weights failed (%s); using the plain GEMM", name, error)
-            return cls(model, vocab_size, False, column_major)
+            return cls(model, vocab_size, False, column_major, max_len)
 
     def linears_for(self, rows: int) -> list:
         """The per-layer (qkv, o, gate_up, down) callables for a step of ``rows`` rows, in the calling thread.
@@ -391,33 +354,47 @@ class FastDecoder:
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
-        """``ids [n]``, ``positions [n]``, ``mask [n, 1, 1, span]`` or None, ``cache`` a ``SlotKVCache``."""
+        """``ids [n]``, ``positions [n]``, ``mask [n, 1, 1, span]`` (bool) or None, ``cache`` a ``SlotKVCache``;
+        layers with a sliding window build their own mask from the positions."""
         n = ids.shape[0]
+        layout = self.layout
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        x = self.embed(ids)  # [n, hidden]
-        cos, sin = self.rotary.signed_sin(positions, cache.state.span - 1)  # [n, 1, D] against [n, heads, D]
+        x = F.embedding(ids, self.embed)  # [n, hidden]
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        span = cache.state.span
+        tables = {kind: table.signed_sin(positions, span - 1) for kind, table in self.rotary.items()}  # [n, 1, D]
+        masks = {FULL: mask}
+        if layout.windowed:
+            masks[SLIDING] = visible(positions, span, layout.window)[:, None, None, :]
         group = heads // kv_heads
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         linears = self.linears_for(n)
         packed = linears is self.packed_linears  # the head follows the layers' choice
         qk_size = q_size + kv_size
-        for (qkv_proj, o_proj, gate_up_proj, down_proj), (norm1, eps1, norm2, eps2, scaling, act_fn, qk_norm), kv \
-                in zip(linears, self.norms, cache.layers):
-            qkv = qkv_proj(_norm(x, norm1, eps1))
+        for (qkv_proj, o_proj, gate_up_proj, down_proj), lay, act, kv in zip(linears, layout.layers, self.acts,
+                                                                            cache.layers):
+            qkv = qkv_proj(apply_norm(x, lay.attn_norm))
             qk = qkv[:, :qk_size].view(n, heads + kv_heads, head_dim)
-            if qk_norm is not None:
-                qk = head_norm(qk, *qk_norm)
-            qk = rotate_signed(qk, cos, sin)
+            if lay.head_norm is not None:
+                qk = head_norm(qk, lay.head_norm)
+            qk = rotate_signed(qk, *tables[lay.kind])
             keys, values = kv.update(qk[:, heads:, None], qkv[:, qk_size:].view(n, kv_heads, 1, head_dim))
             # The query heads of one K/V head share its keys and the row's mask: folded into the query axis
             # ([n, kv_heads, group, D] against [n, kv_heads, span, D]), K/V are read once, where enable_gqa
             # repeated them (1.15-1.7x slower attention on the CPU, more the longer the span: bench/NOTES.md).
-            out = F.scaled_dot_product_attention(qk[:, :heads].view(n, kv_heads, group, head_dim), keys, values,
-                                                 attn_mask=mask, scale=scaling)
-            x = x + o_proj(out.reshape(n, q_size))
-            gate, up = gate_up_proj(_norm(x, norm2, eps2)).chunk(2, dim=-1)
-            x = x + down_proj((self.act or act_fn)(gate) * up)
-        x = _norm(x, self.final_norm.weight, self.final_norm.variance_epsilon)
-        if packed:
-            return self.packed_head(x).float()
-        return F.linear(x, self.head_weight, self.head_bias).float()
+            q = qk[:, :heads].view(n, kv_heads, group, head_dim)
+            if lay.softcap is None:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[lay.kind], scale=lay.scaling)
+            else:
+                out = softcapped_attention(q, keys, values, masks[lay.kind], lay.scaling, lay.softcap)
+            h = o_proj(out.reshape(n, q_size))
+            x = x + (h if lay.attn_out_norm is None else apply_norm(h, lay.attn_out_norm))
+            gate, up = gate_up_proj(apply_norm(x, lay.mlp_norm)).chunk(2, dim=-1)
+            h = down_proj(act(gate) * up)
+            x = x + (h if lay.mlp_out_norm is None else apply_norm(h, lay.mlp_out_norm))
+        x = apply_norm(x, layout.final_norm)
+        logits = self.packed_head(x) if packed else F.linear(x, self.head_weight, self.head_bias)
+        if layout.final_softcap is not None:
+            logits = torch.tanh(logits / layout.final_softcap) * layout.final_softcap
+        return logits.float()

@@ -115,8 +115,8 @@ class ModelRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = cache_kwarg(model)
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in params else None
-        # Decode steps of Llama-family models skip transformers' module stack: static buffers and CUDA graphs
-        # (executor/) or fast_decode.py's step.
+        # Decode steps of the families architecture.py knows skip transformers' module stack: static buffers and
+        # CUDA graphs (executor/) or fast_decode.py's step.
         self.executor = choose_executor(model, self.device, self.runtime, slot_plan, name, max_len)
         if self.device.type == "cuda":
             disable_cudnn_attention()

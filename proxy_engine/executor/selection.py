@@ -3,7 +3,7 @@
 Three executors decode a runner's rows (``ModelRunner.decode`` dispatches on the choice):
 
 - ``static`` (the CUDA backend): fixed K/V buffers, fixed-shape steps, CUDA graphs (static_executor.py); the
-  default on CUDA for the Llama family;
+  default on CUDA for the families architecture.py knows;
 - ``fast`` (the CPU backend): fast_decode.py's step over the growable slot cache; the default on the CPU;
 - ``transformers``: the model's own forward, for every architecture the other two do not know.
 
@@ -18,10 +18,10 @@ import logging
 
 import torch
 
+from proxy_engine.architecture import unsupported_reason
 from proxy_engine.config import RuntimeConfig
 from proxy_engine.executor.static_cache import SlotPlan, plan_slots
 from proxy_engine.executor.static_decode import static_unsupported_reason
-from proxy_engine.fast_decode import unsupported_reason
 
 log = logging.getLogger("proxy_engine.executor")
 

@@ -10,7 +10,8 @@ graph-safe and cheaper:
 - rotary ``cos`` / ``sin`` come from a table computed once for every position by the model's own
   ``rotary_emb`` (the same float32 arithmetic per position; RoPE types that depend on the sequence length,
   "dynamic" NTK and "longrope", are not supported here and decode on the other paths);
-- the key mask is built inside the step from the positions tensor (``column <= position``), not on the host;
+- the key mask is built inside the step from the positions tensor (``column <= position``, and ``column >
+  position - window`` for a sliding-window layer), not on the host;
 - grouped-query attention folds the query heads of a K/V head into the query-length axis
   (``[rows, kv_heads, group, head_dim]`` against ``[rows, kv_heads, span, head_dim]``): no K/V is repeated and
   any SDPA backend takes it (the mask is the same for the whole group: they share the position);
@@ -34,12 +35,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.fast_decode import fuse_linears, head_norm, head_norm_weight, unsupported_reason
+from proxy_engine.architecture import LENGTH_DEPENDENT_ROPE, DecoderLayout, Norm, unsupported_reason
+from proxy_engine.attention_masks import FULL, SLIDING
+from proxy_engine.fast_decode import fuse_linears, head_norm, offset_norm, softcapped_attention
 
 log = logging.getLogger("proxy_engine.executor.static_decode")
 
-# The rope types whose frequencies depend on the sequence seen so far (transformers' dynamic_rope_update).
-_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 # Row strides of an attention mask the memory-efficient SDPA kernel reads in place (its preprocess_mask pads
 # any other mask into a fresh copy first).
 MASK_ALIGNMENT = 8
@@ -51,9 +52,9 @@ def static_unsupported_reason(model: torch.nn.Module, max_len: int | None = None
     reason = unsupported_reason(model, max_len)
     if reason is not None:
         return reason
-    rope_type = str(getattr(model.model.rotary_emb, "rope_type", "default"))
-    if any(kind in rope_type for kind in _LENGTH_DEPENDENT_ROPE):
-        return f"RoPE type {rope_type} depends on the sequence length"
+    for _, rope_type in DecoderLayout(model, max_len).rotary.values():
+        if any(kind in rope_type for kind in LENGTH_DEPENDENT_ROPE):
+            return f"RoPE type {rope_type} depends on the sequence length"
     return None
 
 
@@ -91,7 +92,7 @@ def _aligned(width: int) -> int:
 
 
 class StaticDecoder:
-    """The fixed-shape decode step of one Llama-family model (see the module docstring).
+    """The fixed-shape decode step of one model architecture.py describes (see the module docstring).
 
     The three small fused forms (``rms_norm``, ``rotate``, ``linear_add``) are static methods so that
     ``bench/fusions.py`` can put each one's unfused form back alone and time what it saves on a GPU.
@@ -118,28 +119,31 @@ class StaticDecoder:
             return torch.addmm(x, h, weight.t())
         return x + F.linear(h, weight, bias)
 
+    def norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
+        """``norm`` on ``x``: ``rms_norm`` for Llama's, Gemma's ``(1 + w)`` form in float32 for an offset one."""
+        return offset_norm(x, norm.weight, norm.eps) if norm.offset else self.rms_norm(x, norm.weight, norm.eps)
+
     def __init__(self, model: torch.nn.Module, vocab_size: int, max_positions: int, fuse: bool = True) -> None:
-        config = model.config
         inner = model.model
+        self.layout = layout = DecoderLayout(model, max_positions)
         self.embed = inner.embed_tokens.weight
         self.layers = list(inner.layers)
-        self.final_norm = inner.norm
         self.head_weight = model.lm_head.weight[:vocab_size]
         self.head_bias = None if model.lm_head.bias is None else model.lm_head.bias[:vocab_size]
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = layout.heads, layout.kv_heads, layout.head_dim
         self.group = self.heads // self.kv_heads
-        self.act = F.silu if getattr(config, "hidden_act", "silu") == "silu" else None
-        self.head_norms = [head_norm_weight(lay.self_attn, self.heads, self.kv_heads) for lay in self.layers]
+        self.acts = [F.silu if isinstance(lay.mlp.act_fn, torch.nn.SiLU) else lay.mlp.act_fn for lay in self.layers]
         self.device = self.embed.device
         self.dtype = self.embed.dtype
         self.fused = False
         with torch.no_grad():
-            self.cos, self.sin = self._rotary_table(inner.rotary_emb, max_positions)
-            half = self.head_dim // 2
+            # Per attention kind (Gemma-3's local layers have their own RoPE base): cos and signed_sin tables.
             # rotate_half(x) * sin == swap_halves(x) * signed_sin: the negation moves into the table.
-            self.signed_sin = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
+            self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            half = self.head_dim // 2
+            for kind, (rotary, _) in layout.rotary.items():
+                cos, sin = self._rotary_table(rotary, max_positions)
+                self.tables[kind] = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
             if fuse:
                 try:
                     self.qkv = [_fused([lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj],
@@ -154,7 +158,7 @@ class StaticDecoder:
         self.hidden_value = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         self.seen_value = torch.zeros((), dtype=self.dtype, device=self.device)
 
-    def _rotary_table(self, rotary: torch.nn.Module, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary_table(self, rotary, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin [positions, head_dim]`` in the model's dtype, from the model's own rotary module."""
         probe = torch.zeros((1, 1, self.head_dim), dtype=self.dtype, device=self.device)
         cos, sin = rotary(probe, torch.arange(positions, device=self.device)[None, :])
@@ -184,36 +188,54 @@ class StaticDecoder:
         """Logits ``[n, V]`` (float32) for ``ids [n]`` at ``positions [n]``, written into slots ``rows [n]`` of
         ``cache`` (a slot cache whose buffers hold at least ``span`` columns), attending over ``[0, span)``."""
         n = ids.shape[0]
+        layout = self.layout
         heads, kv_heads, head_dim, group = self.heads, self.kv_heads, self.head_dim, self.group
         x = F.embedding(ids, self.embed)  # [n, hidden]
-        cos = self.cos.index_select(0, positions)[:, None, :]  # [n, 1, D] against [n, heads + kv_heads, D]
-        sin = self.signed_sin.index_select(0, positions)[:, None, :]
+        if layout.embed_scale is not None:
+            x = x * layout.embed_scale
+        # [n, 1, D] against [n, heads + kv_heads, D], per attention kind
+        tables = {kind: (cos.index_select(0, positions)[:, None, :], sin.index_select(0, positions)[:, None, :])
+                  for kind, (cos, sin) in self.tables.items()}
         # [n, span]: the row's tokens and the new one; built _aligned(span) wide and sliced, so the mask's strides
         # are what the memory-efficient kernel takes as is (else it pads a copy in every layer: a bucket as long
         # as an unaligned max_model_len).
-        seen = self.columns[:_aligned(span)][None, :] <= positions[:, None]
-        bias = torch.where(seen, self.seen_value, self.hidden_value)[:, None, None, :span]  # [n, 1, 1, span]
-        for index, layer in enumerate(self.layers):
+        columns = self.columns[:_aligned(span)][None, :]
+        seen = columns <= positions[:, None]
+        masks = {FULL: torch.where(seen, self.seen_value, self.hidden_value)[:, None, None, :span]}  # [n, 1, 1, span]
+        if layout.windowed:
+            local = seen & (columns > positions[:, None] - layout.window)
+            masks[SLIDING] = torch.where(local, self.seen_value, self.hidden_value)[:, None, None, :span]
+        for index, (layer, lay, act) in enumerate(zip(self.layers, layout.layers, self.acts)):
             attn, mlp = layer.self_attn, layer.mlp
-            norm = layer.input_layernorm
-            h = self.rms_norm(x, norm.weight, norm.variance_epsilon)
+            h = self.norm(x, lay.attn_norm)
             qk, v = self._qk_v(index, h)
             qk = qk.reshape(n, heads + kv_heads, head_dim)
-            if self.head_norms[index] is not None:  # Qwen3: RMSNorm over each q and k head, before the rotary
-                qk = head_norm(qk, *self.head_norms[index])
-            q, k = self.rotate(qk, cos, sin, heads)  # [n, heads | kv_heads, D]
+            if lay.head_norm is not None:  # Qwen3 / Gemma-3: RMSNorm over each q and k head, before the rotary
+                qk = head_norm(qk, lay.head_norm)
+            q, k = self.rotate(qk, *tables[lay.kind], heads)  # [n, heads | kv_heads, D]
             kv = cache.layers[index]
             kv.k_buf[rows, :, positions] = k
             kv.v_buf[rows, :, positions] = v.reshape(n, kv_heads, head_dim)
             keys, values = kv.k_buf[:n, :, :span], kv.v_buf[:n, :, :span]  # [n, kv_heads, span, D]
             # Query heads h = g * group + j share K/V head g (transformers' repeat_kv): fold j into the query axis.
-            out = F.scaled_dot_product_attention(q.reshape(n, kv_heads, group, head_dim), keys, values,
-                                                 attn_mask=bias, scale=attn.scaling)  # [n, kv_heads, group, D]
-            x = self.linear_add(x, out.reshape(n, heads * head_dim), attn.o_proj.weight, attn.o_proj.bias)
-            norm = layer.post_attention_layernorm
-            h = self.rms_norm(x, norm.weight, norm.variance_epsilon)
+            q = q.reshape(n, kv_heads, group, head_dim)
+            if lay.softcap is None:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[lay.kind], scale=lay.scaling)
+            else:
+                out = softcapped_attention(q, keys, values, masks[lay.kind], lay.scaling, lay.softcap)
+            out = out.reshape(n, heads * head_dim)  # [n, kv_heads, group, D] -> [n, heads * D]
+            if lay.attn_out_norm is None:
+                x = self.linear_add(x, out, attn.o_proj.weight, attn.o_proj.bias)
+            else:  # Gemma-2/3: the output is normed before the residual add
+                x = x + self.norm(F.linear(out, attn.o_proj.weight, attn.o_proj.bias), lay.attn_out_norm)
+            h = self.norm(x, lay.mlp_norm)
             gate, up = self._gate_up(index, h)
-            gate = self.act(gate) if self.act is not None else mlp.act_fn(gate)
-            x = self.linear_add(x, gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        x = self.rms_norm(x, self.final_norm.weight, self.final_norm.variance_epsilon)
-        return F.linear(x, self.head_weight, self.head_bias).float()
+            if lay.mlp_out_norm is None:
+                x = self.linear_add(x, act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+            else:
+                x = x + self.norm(F.linear(act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias), lay.mlp_out_norm)
+        x = self.norm(x, layout.final_norm)
+        logits = F.linear(x, self.head_weight, self.head_bias)
+        if layout.final_softcap is not None:
+            logits = torch.tanh(logits / layout.final_softcap) * layout.final_softcap
+        return logits.float()

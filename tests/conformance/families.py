@@ -264,11 +264,11 @@ SPECS: dict[str, Spec] = {
              qwen_tokenizer, qwen2_config, CHATML_TEMPLATE, base_extra_rows=64, expert_extra_rows=24,
              end_tokens=["<|endoftext|>", "<|im_end|>"]),
         Spec("mistral", "MistralForCausalLM (sliding window)", "SentencePiece BPE like Llama-2; ChatML expert with "
-             "<|im_end|> past the shared vocabulary", "sdpa, window 8", "transformers", llama2_tokenizer,
+             "<|im_end|> past the shared vocabulary", "sdpa, window 8", "fast", llama2_tokenizer,
              mistral_config, CHATML_TEMPLATE, expert_added_tokens=["<|im_end|>", "<|im_start|>"],
              expert_eos="<|im_end|>"),
         Spec("gemma2", "Gemma2ForCausalLM", "SentencePiece BPE, no dummy prefix, <start_of_turn>",
-             "eager, soft-capping, local + global layers", "transformers", gemma_tokenizer, gemma2_config,
+             "eager, soft-capping, local + global layers", "fast", gemma_tokenizer, gemma2_config,
              GEMMA_TEMPLATE, end_tokens=["<eos>", "<end_of_turn>"]),
         Spec("pythia", "GPTNeoXForCausalLM", "byte-level BPE (GPT-NeoX)", "sdpa, partial rotary, parallel residual",
              "transformers", neox_tokenizer, neox_config, None),
@@ -278,7 +278,7 @@ SPECS: dict[str, Spec] = {
         Spec("qwen3", "Qwen3ForCausalLM (query / key norms)", "byte-level BPE, ChatML, no BOS", "sdpa",
              "fast", qwen_tokenizer, qwen3_config, CHATML_TEMPLATE, end_tokens=["<|endoftext|>", "<|im_end|>"]),
         Spec("gemma3", "Gemma3ForCausalLM (query / key norms)", "SentencePiece BPE, no dummy prefix, <start_of_turn>",
-             "sdpa, local + global layers with their own RoPE bases", "transformers", gemma_tokenizer, gemma3_config,
+             "sdpa, local + global layers with their own RoPE bases", "fast", gemma_tokenizer, gemma3_config,
              GEMMA_TEMPLATE, end_tokens=["<eos>", "<end_of_turn>"]),
     ]
 }

@@ -83,15 +83,46 @@ def _random_model(kind: str):
         for layer in model.model.layers:
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                 torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    elif kind.startswith("gemma"):
+        model = _random_gemma(kind, common)
     else:  # rope scaling, padded head (logits past the 80-token shared vocabulary are cut)
         model = LlamaForCausalLM(LlamaConfig(
             **common, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
     return model.eval()
 
 
+def _random_gemma(kind: str, common: dict):
+    """Gemma: (1 + w) norms, a scaled embedding, GELU; Gemma-2 adds output norms, soft-caps (eager attention) and
+    windowed layers; Gemma-3 per-head q / k norms and a RoPE base of its own for the windowed layers. Every norm
+    weight is drawn (Gemma initialises them to zero, where ``1 + w`` and ``w`` would be told apart by nothing
+    but the offset), and the window (6) is shorter than the tests' sequences."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GemmaConfig,
+        GemmaForCausalLM,
+    )
+
+    common = dict(common, head_dim=16)
+    local = dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    if kind == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**common))
+    elif kind == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**common, **local, attn_logit_softcapping=2.0,
+                                               final_logit_softcapping=3.0, attn_implementation="eager"))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, **local, rope_local_base_freq=100.0))
+    for name, parameter in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.uniform_(parameter, -0.5, 0.5)
+    return model
+
+
 def test_fast_decode_matches_transformers(monkeypatch):
     """The decode step without transformers' module stack gives transformers' logits (and is used)."""
-    for kind in ("qwen2", "qwen3", "llama"):
+    for kind in ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3"):
         model = _random_model(kind)
         fast = ModelRunner(model, 80, 0, kind)
         monkeypatch.setenv("PROXY_SERVE_FAST_DECODE", "0")
@@ -112,51 +143,51 @@ def test_fast_decode_matches_transformers(monkeypatch):
 
 
 def test_unsupported_models_fall_back_to_transformers():
-    from proxy_engine.fast_decode import unsupported_reason
+    from proxy_engine.architecture import unsupported_reason
 
     model = _random_model("llama")
     assert unsupported_reason(model) is None
-    model.config.sliding_window = 16
-    assert unsupported_reason(model) == "sliding-window attention"
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    assert unsupported_reason(model) == "layers other than full or sliding-window attention"
     qwen3 = _random_model("qwen3")
     assert unsupported_reason(qwen3) is None
     qwen3.model.layers[1].self_attn.k_norm.variance_epsilon = 1e-3  # not one norm for q and k: not the step's math
     assert unsupported_reason(qwen3) == "query / key norms other than an RMSNorm over each head"
 
 
-def test_a_sliding_window_the_sequences_never_outgrow_decodes_on_the_fast_paths(monkeypatch):
-    """Mistral v0.1 (a 4,096-token window) served at max_model_len 4,096 attends like full attention: the fast
-    and static steps take it, with transformers' logits; past the window it stays on transformers' path."""
+def test_sliding_windows_decode_on_the_fast_paths_with_transformers_logits():
+    """Mistral v0.1's window (every layer) and Qwen2's ``use_sliding_window`` (the layers past
+    ``max_window_layers``) decode on the fast and static steps with a windowed mask, past the window as well,
+    with transformers' logits; a window the sequences never outgrow builds no mask at all."""
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    from proxy_engine.architecture import DecoderLayout, unsupported_reason
     from proxy_engine.config import RuntimeConfig
     from proxy_engine.executor.static_cache import SlotPlan
-    from proxy_engine.fast_decode import unsupported_reason
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(**common, sliding_window=32)).eval()
-    assert unsupported_reason(model) == "sliding-window attention"  # no limit known: the window may bind
-    assert unsupported_reason(model, 33) == "sliding-window attention"
-    assert unsupported_reason(model, 32) is None
-    qwen = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=32, max_window_layers=1))
+    mistral = MistralForCausalLM(MistralConfig(**common, sliding_window=8)).eval()
+    qwen_config = Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    qwen = Qwen2ForCausalLM(qwen_config).eval()
     assert qwen.config.layer_types == ["full_attention", "sliding_attention"]
-    assert unsupported_reason(qwen, 32) is None and unsupported_reason(qwen, 64) == "sliding-window attention"
-
-    fast = ModelRunner(model, 80, 0, "mistral", max_len=32)
-    static = ModelRunner(model, 80, 0, "mistral", max_len=32, runtime=RuntimeConfig(decode_executor="static"),
-                         slot_plan=SlotPlan(3, 32, 0))
-    slow = ModelRunner(model, 80, 0, "mistral", max_len=33)
-    assert (fast.executor, static.executor, slow.executor) == ("fast", "static", "transformers")
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
-    for runner in (fast, static, slow):
-        _join(runner, [0, 1, 2], prompts)
-    for step in range(20):  # up to 25 tokens: inside the window, as max_len promises
-        tokens = torch.tensor([20 + step] * 3)
-        expected = slow.decode(tokens)
-        torch.testing.assert_close(fast.decode(tokens), expected, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(static.decode(tokens), expected, atol=1e-5, rtol=1e-5)
+    assert DecoderLayout(mistral, 8).windowed is False and DecoderLayout(mistral, 9).windowed is True
+    for name, model in (("mistral", mistral), ("qwen2", qwen)):
+        assert unsupported_reason(model) is None
+        fast = ModelRunner(model, 80, 0, name, max_len=64)
+        static = ModelRunner(model, 80, 0, name, max_len=64, runtime=RuntimeConfig(decode_executor="static"),
+                             slot_plan=SlotPlan(3, 64, 0))
+        slow = ModelRunner(model, 80, 0, name, max_len=64, runtime=RuntimeConfig(decode_executor="transformers"))
+        assert (fast.executor, static.executor, slow.executor) == ("fast", "static", "transformers")
+        prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+        for runner in (fast, static, slow):
+            _join(runner, [0, 1, 2], prompts)
+        for step in range(14):  # up to 19 tokens: well past the window of 8
+            tokens = torch.tensor([20 + step] * 3)
+            expected = slow.decode(tokens)
+            torch.testing.assert_close(fast.decode(tokens), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(static.decode(tokens), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_weights_give_the_plain_gemm_logits(monkeypatch):
@@ -248,8 +279,8 @@ def test_one_row_steps_use_the_bags_and_give_transformers_logits():
             torch.testing.assert_close(runner.decode(torch.tensor([token])), expected, atol=1e-5, rtol=1e-5)
         assert decoder.linears_for(1) is decoder.bag_linears and decoder.linears_for(2) is decoder.plain_linears
     x = torch.randn(2, 6, decoder.head_dim)
-    cos, sin = decoder.rotary(torch.tensor([3, 9]), 9)
-    _, signed = decoder.rotary.signed_sin(torch.tensor([3, 9]), 9)
+    cos, sin = decoder.rotary["full_attention"](torch.tensor([3, 9]), 9)
+    _, signed = decoder.rotary["full_attention"].signed_sin(torch.tensor([3, 9]), 9)
     torch.testing.assert_close(rotate_signed(x, cos, signed), rotate(x, cos, sin))  # addcmul may fuse (FMA)
 
 

@@ -64,5 +64,5 @@ def test_executor_selection_follows_device_and_knobs():
     assert choose_executor(model, cpu, RuntimeConfig(decode_executor="static"), plan) == "static"
     assert choose_executor(model, cuda, RuntimeConfig(fast_decode=False), plan) == "transformers"
     assert choose_executor(model, cuda, RuntimeConfig(decode_executor="transformers"), plan) == "transformers"
-    model.config.sliding_window = 16  # an architecture neither decoder knows: the transformers fallback
+    model.config.layer_types = ["full_attention", "chunked_attention"]  # neither decoder knows it: the fallback
     assert choose_executor(model, cuda, RuntimeConfig(), plan) == "transformers"

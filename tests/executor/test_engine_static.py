@@ -43,7 +43,7 @@ def _run(engine: ProxyEngine) -> dict[str, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["llama2", "qwen2.5", "qwen3"])
+@pytest.mark.parametrize("name", ["llama2", "qwen2.5", "qwen3", "gemma2", "gemma3"])
 def test_static_executor_gives_todays_tokens(name, tmp_path, monkeypatch):
     monkeypatch.setattr(buckets, "MIN_SPAN", 16)  # prompts and outputs cross span buckets
     family = build(name, tmp_path / name)
@@ -102,19 +102,19 @@ def test_static_buffers_for_fewer_rows_than_max_num_seqs_cap_the_running_batch(t
         assert "static" not in [r.executor for r in other.runners] and other.limits.max_num_seqs == 6
 
 
-def test_a_sliding_window_longer_than_max_model_len_decodes_on_the_fast_paths(tmp_path):
-    """The engine hands each model its length limit: a Mistral whose window (here 200 tokens) no sequence under
-    max_model_len (160) can outgrow decodes on the fast and static paths, with transformers' tokens."""
+@pytest.mark.parametrize("window", [200, 8])
+def test_sliding_windows_decode_on_the_fast_paths_with_transformers_tokens(tmp_path, window):
+    """A Mistral window of 200 tokens that no sequence under max_model_len (160) can outgrow, and one of 8 that
+    every request outgrows, decode on the fast and static paths with transformers' tokens, under continuous
+    batching (rows of different lengths see their own windows)."""
     family = build("mistral", tmp_path / "mistral")
     config = engine_config(family, max_num_seqs=6, max_model_len=160)
     models = load_models(config)
     for m in models:
-        m.model.config.sliding_window = 200
+        m.model.config.sliding_window = window
     engines = {executor: ProxyEngine(models, config.model_copy(update={"runtime": RuntimeConfig(
         decode_executor=executor)})) for executor in ("transformers", "fast", "static")}
     assert {name: [r.executor for r in e.runners] for name, e in engines.items()} == {
         name: [name] * 3 for name in engines}
     expected = _run(engines["transformers"])
     assert _run(engines["fast"]) == expected and _run(engines["static"]) == expected
-    wide = ProxyEngine(models, engine_config(family, max_num_seqs=6, max_model_len=None))  # the models' 256
-    assert min(wide.max_lens) > 200 and [r.executor for r in wide.runners] == ["transformers"] * 3

@@ -55,7 +55,7 @@ def _step(executor: StaticExecutor, rows: int, span: int, seed: int) -> torch.Te
     return executor.decoder.step(ids, positions, torch.arange(rows), span, executor.cache)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_the_step_reads_nothing_back_to_the_host(kind):
     executor = _executor(kind)
     with torch.inference_mode(), _NoHostReads():

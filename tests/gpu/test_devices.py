@@ -54,6 +54,13 @@ def qwen3(tmp_path_factory):
     return build("qwen3", tmp_path_factory.mktemp("gpu") / "qwen3")
 
 
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    # Gemma-3: offset norms, sandwich norms, local + global layers with their own RoPE and a binding window in the
+    # static step. Its SentencePiece tokenizer needs ``sentencepiece`` on the GPU image (docs/gpu.md: EXTRA_WHEELS).
+    return build("gemma3", tmp_path_factory.mktemp("gpu") / "gemma3")
+
+
 def _matches_the_reference(family, devices: list[str]) -> None:
     """Greedy proxy-tuned tokens at two alphas equal the naive reference's, each model fed its own rendering
     of the prompt (the family's expert sees its chat template)."""
@@ -68,7 +75,7 @@ def _matches_the_reference(family, devices: list[str]) -> None:
         assert got[request_id] == expected, (request_id, devices)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_models_on_the_cpu_match_the_reference(name, request):
     _matches_the_reference(request.getfixturevalue(name), ["cpu", "cpu", "cpu"])
 
@@ -94,12 +101,13 @@ def test_seeded_sampling_on_cuda_is_reproducible_and_batch_invariant(llama):
 
 
 @gpu
-def test_qwen3_on_cuda_matches_the_reference(qwen3):
-    _matches_the_reference(qwen3, ["cuda:0"] * 3)
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_other_families_on_cuda_match_the_reference(name, request):
+    _matches_the_reference(request.getfixturevalue(name), ["cuda:0"] * 3)
 
 
 @gpu
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_cuda_graphs_decode_as_eager_does(name, request):
     """The CUDA executor captures graphs at start-up; greedy and seeded requests give the same tokens with and
     without them (--enforce-eager), at batch sizes that fall in different buckets (rows padded)."""

@@ -1,0 +1,220 @@
+"""What a decode step needs to know about a model's architecture, read once from its modules.
+
+fast_decode.py (the CPU step) and executor/static_decode.py (the fixed-shape step CUDA graphs capture) compute
+a decoder layer's math without transformers' module stack. What varies between the families they take is read
+here, so both steps follow one description (``DecoderLayout``):
+
+- the RMSNorm: Llama's (float32 statistics, the result cast to the input dtype, then ``weight *``) or Gemma's
+  (``(1 + weight) *`` in float32, then the cast);
+- the norms around a layer: two (before attention, before the MLP: Llama, Mistral, Qwen, Gemma) or four
+  (Gemma-2 / Gemma-3 also norm each sub-block's output before its residual add);
+- per-head query / key norms (Qwen3, Gemma-3), applied to q and k side by side before the rotary;
+- the embedding's scale (Gemma: ``sqrt(hidden)`` in the model's dtype);
+- each layer's attention: full, or a sliding window (Mistral v0.1, Qwen2 with ``use_sliding_window``, Gemma-2 /
+  Gemma-3's local layers), its rotary embedding (Gemma-3's local layers have their own RoPE base), its
+  scaling, and Gemma-2's attention-logit soft-cap (``cap * tanh(scores / cap)``, eager attention only);
+- Gemma-2's final-logit soft-cap.
+
+Anything else (other layer types, quantized linears, offloaded weights) decodes through transformers' forward;
+``unsupported_reason`` says why.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+import torch
+
+from proxy_engine.attention_masks import FULL, SLIDING, sliding_window
+
+# Architectures whose decoder layer is: [norm] -> q/k/v (bias allowed) -> [norm of each q and k head] -> RoPE ->
+# attention -> o -> [norm] -> residual -> [norm] -> down(act(gate) * up) -> [norm] -> residual.
+SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+             "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
+# RMSNorm classes that are LlamaRMSNorm under another name, and those that are GemmaRMSNorm.
+LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+GEMMA_RMS_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
+# Gemma and Gemma-2 scale the embedding by sqrt(hidden) in the model's forward in transformers versions whose
+# embedding module does not (later ones carry an ``embed_scale``).
+_SQRT_HIDDEN_EMBEDDING = {"GemmaForCausalLM", "Gemma2ForCausalLM"}
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # frequencies that depend on the sequence seen so far
+
+
+class Norm(NamedTuple):
+    """One RMSNorm: Llama's ``weight * cast(rms(x))``, or with ``offset`` Gemma's ``cast(rms(x) * weight)`` where
+    ``weight`` already holds ``1 + w`` in float32."""
+
+    weight: torch.Tensor
+    eps: float
+    offset: bool
+
+
+class LayerLayout(NamedTuple):
+    """One decoder layer's parts, in the order the step applies them."""
+
+    attn_norm: Norm
+    attn_out_norm: Norm | None  # Gemma-2/3: the attention output's norm, before the residual add
+    mlp_norm: Norm
+    mlp_out_norm: Norm | None  # Gemma-2/3: the MLP output's norm, before the residual add
+    head_norm: Norm | None  # Qwen3 / Gemma-3: weight [heads + kv_heads, D], q's norm then k's on each head
+    kind: str  # FULL or SLIDING (attention_masks.py)
+    scaling: float
+    softcap: float | None  # Gemma-2's attention-logit soft-cap (eager attention), else None
+
+
+def _norm_kind(module: torch.nn.Module) -> bool | None:
+    """False for a Llama RMSNorm, True for a Gemma one, None for anything else."""
+    name = type(module).__name__
+    return False if name in LLAMA_RMS_NORMS else True if name in GEMMA_RMS_NORMS else None
+
+
+def _eps(module: torch.nn.Module) -> float:
+    return module.variance_epsilon if hasattr(module, "variance_epsilon") else module.eps
+
+
+def read_norm(module: torch.nn.Module, heads: int | None = None) -> Norm:
+    """``module``'s ``Norm``; ``heads`` repeats its weight over that many heads (a per-head norm)."""
+    offset = bool(_norm_kind(module))
+    weight = module.weight.detach()
+    if offset:
+        weight = 1.0 + weight.float()  # the same float32 values GemmaRMSNorm computes on every call
+    if heads is not None:
+        weight = weight.expand(heads, -1)
+    return Norm(weight, _eps(module), offset)
+
+
+def head_norm_of(attention: torch.nn.Module, heads: int, kv_heads: int) -> Norm | None:
+    """The query and key norms side by side (``weight [heads + kv_heads, D]``), or None without them."""
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    if q_norm is None:
+        return None
+    q, k = read_norm(q_norm, heads), read_norm(k_norm, kv_heads)
+    return Norm(torch.cat((q.weight, k.weight)), q.eps, q.offset)
+
+
+def _head_norms_reason(attention: torch.nn.Module, head_dim: int) -> str | None:
+    """Why ``attention``'s query / key norms are not one RMSNorm over each head (one kind, one eps)."""
+    norms = [getattr(attention, name, None) for name in ("q_norm", "k_norm")]
+    if all(norm is None for norm in norms):
+        return None
+    if (any(norm is None or _norm_kind(norm) is None or tuple(norm.weight.shape) != (head_dim,) for norm in norms)
+            or _norm_kind(norms[0]) != _norm_kind(norms[1]) or _eps(norms[0]) != _eps(norms[1])):
+        return "query / key norms other than an RMSNorm over each head"
+    return None
+
+
+def layer_kinds_of(config, max_len: int | None = None) -> list[str]:
+    """Each layer's attention kind; a window no sequence of ``max_len`` tokens outgrows counts as full attention
+    (Mistral v0.1's 4,096 under a 4,096-token limit): no mask to build for it."""
+    window = sliding_window(config)
+    types = list(getattr(config, "layer_types", None) or [])
+    if not types:
+        types = [SLIDING if window is not None else FULL] * config.num_hidden_layers
+    if window is None or (max_len is not None and max_len <= window):
+        types = [FULL if kind == SLIDING else kind for kind in types]
+    return types
+
+
+def rotary_for(inner: torch.nn.Module, kind: str) -> tuple[Callable, str]:
+    """``(rotary(x, position_ids) -> (cos, sin), rope type)`` of layers of ``kind``: Gemma-3's rotary module takes
+    the layer type (its local layers have their own base); older transformers kept a second module for them."""
+    rotary = inner.rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(kind, "default")
+        return partial(rotary, layer_type=kind), str(rope_type)
+    if kind == SLIDING and hasattr(inner, "rotary_emb_local"):
+        rotary = inner.rotary_emb_local
+        return rotary, str(getattr(rotary, "rope_type", "default"))
+    return rotary, str(rope_type)
+
+
+def embedding_scale(model: torch.nn.Module) -> torch.Tensor | None:
+    """The factor the model multiplies its input embeddings by (in their dtype), or None."""
+    embed = model.model.embed_tokens
+    scale = getattr(embed, "embed_scale", None)
+    if scale is None and type(model).__name__ in _SQRT_HIDDEN_EMBEDDING:
+        scale = torch.tensor(model.config.hidden_size**0.5)
+    if scale is None:
+        return None
+    return scale.to(dtype=embed.weight.dtype, device=embed.weight.device)
+
+
+class DecoderLayout:
+    """The family-specific parts of ``model``'s decode math (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int | None = None) -> None:
+        config = model.config
+        inner = model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.window = sliding_window(config)
+        kinds = layer_kinds_of(config, max_len)
+        self.kinds = sorted(set(kinds))
+        self.rotary = {kind: rotary_for(inner, kind) for kind in self.kinds}
+        self.embed_scale = embedding_scale(model)
+        self.final_norm = read_norm(inner.norm)
+        self.final_softcap: float | None = getattr(config, "final_logit_softcapping", None) or None
+        self.layers: list[LayerLayout] = []
+        for layer, kind in zip(inner.layers, kinds):
+            attn = layer.self_attn
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")
+            softcap = getattr(attn, "attn_logit_softcapping", None) or None
+            self.layers.append(LayerLayout(
+                attn_norm=read_norm(layer.input_layernorm),
+                attn_out_norm=read_norm(layer.post_attention_layernorm) if sandwich else None,
+                mlp_norm=read_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
+                mlp_out_norm=read_norm(layer.post_feedforward_layernorm) if sandwich else None,
+                head_norm=head_norm_of(attn, self.heads, self.kv_heads),
+                kind=kind, scaling=attn.scaling, softcap=softcap,
+            ))
+
+    @property
+    def windowed(self) -> bool:
+        """Whether some layer's window can bind (its decode step needs a windowed mask)."""
+        return SLIDING in self.kinds
+
+
+def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> str | None:
+    """Why ``model``'s decode step cannot be computed from a ``DecoderLayout`` (None when it can)."""
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        return f"{name} is not a recognised Llama- or Gemma-family architecture"
+    config = model.config
+    if any(t not in (FULL, SLIDING) for t in (getattr(config, "layer_types", None) or [])):
+        return "layers other than full or sliding-window attention"
+    if SLIDING in (getattr(config, "layer_types", None) or []) and sliding_window(config) is None:
+        return "sliding-window layers without a window"
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return f"attention implementation {config._attn_implementation}"
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return "accelerate hooks (offloaded or dispatched weights)"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        return f"weights on {len(devices)} devices"
+    inner = model.model
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(lin) is not torch.nn.Linear for lin in linears):
+            return "quantized or replaced linear layers"
+        reason = _head_norms_reason(attn, head_dim)
+        if reason is not None:
+            return reason
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        sandwich = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        norms += [getattr(layer, n) for n in sandwich if hasattr(layer, n)]
+        for norm in norms:
+            if _norm_kind(norm) is None:
+                return f"{type(norm).__name__}"
+    if _norm_kind(inner.norm) is None:
+        return f"{type(inner.norm).__name__}"
+    if type(model.lm_head) is not torch.nn.Linear:
+        return "a non-linear output head"
+    return None
