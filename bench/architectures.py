@@ -2,7 +2,8 @@
 
 Each architecture the fast path takes gets a random-weight model of the bench base's shape (12 layers, hidden 768,
 a 4,096-token vocabulary; grouped-query heads, and each family's own extras: Qwen2's q/k/v biases, Qwen3's
-per-head query / key norms). For each row count, the two executors decode the same rows over the same prompts,
+per-head query / key norms, Gemma-2's soft-caps and sandwich norms, Gemma-3's local + global layers with their own
+RoPE). For each row count, the two executors decode the same rows over the same prompts,
 interleaved round by round so that the machine's drift hits both alike; the report is the median ms per step
 and the ratio fast / transformers (below 1: the fast path is faster).
 
@@ -40,10 +41,17 @@ def _config(architecture: str, layers: int, hidden: int):
         return transformers.Qwen2Config(**common, use_sliding_window=False)
     if architecture == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=64)
+    # Gemma-2 / -3: local layers with an 80-token window, which the rows (64-token prompts) outgrow as they decode.
+    local = dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=80,
+                 layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+    if architecture == "gemma2":
+        return transformers.Gemma2Config(**common, **local, attn_implementation="eager")
+    if architecture == "gemma3":
+        return transformers.Gemma3TextConfig(**common, **local)
     raise ValueError(f"unknown architecture {architecture!r}")
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 
 def build(architecture: str, layers: int = 12, hidden: int = 768) -> torch.nn.Module:

@@ -20,7 +20,7 @@ def test_every_architecture_takes_the_fast_path_and_is_timed_against_transformer
             assert abs(row["fast / transformers"] - row["fast_ms"] / row["transformers_ms"]) < 0.01
     report = (tmp_path / "architectures.md").read_text()
     assert "python -m bench.architectures --levels 1 3" in report
-    assert "| qwen3 | 3 |" in report and report.count("| fast |") == 6
+    assert "| qwen3 | 3 |" in report and report.count("| fast |") == 2 * len(architectures.ARCHITECTURES)
 
 
 def test_built_models_have_each_familys_extras():
@@ -29,6 +29,10 @@ def test_built_models_have_each_familys_extras():
     assert norm.shape == (64,) and not bool((norm == 1).all())
     qwen2 = architectures.build("qwen2", layers=1, hidden=128)
     assert qwen2.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    gemma3 = architectures.build("gemma3", layers=2, hidden=128)
+    # Local and global layers, with a window the bench's rows outgrow (64-token prompts, then decode steps).
+    assert gemma3.config.layer_types == ["sliding_attention", "full_attention"]
+    assert architectures.PROMPT_TOKENS < gemma3.config.sliding_window < architectures.PROMPT_TOKENS + 32
 
 
 def _small(compare):
