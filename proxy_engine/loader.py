@@ -25,6 +25,7 @@ from proxy_engine.memory import config_dtype, parse_size, resolve_dtype
 from proxy_engine.model_files import locate, read_config
 from proxy_engine.placement import accelerate_key, gpu_free_bytes, normalise_device
 from proxy_engine.prompts import PromptRenderer
+from proxy_engine.text_model import text_model
 
 log = logging.getLogger("proxy_engine.loader")
 
@@ -261,6 +262,7 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
                               tools_preamble=config.tools_preamble)
     warn_if_tools_unseen(role, renderer)
     model = AutoModelForCausalLM.from_pretrained(model_source(config)[0], **from_pretrained_kwargs(config)).eval()
+    model = text_model(model, role)  # Gemma-3 4B+ and the like: the text decoder of an image-text-to-text model
     loaded = LoadedModel(role=role, config=config, model=model, tokenizer=tokenizer, renderer=renderer,
                          max_len=max_positions(model, tokenizer), logits_width=logits_width(model))
     parameters = sum(p.numel() for p in model.parameters())

@@ -226,6 +226,19 @@ def gemma3_config(vocab, layers, hidden, **ids):
     )
 
 
+def gemma3_vision_config(vocab, layers, hidden, **ids):
+    """Gemma-3 as 4B-27B ship: ``Gemma3ForConditionalGeneration``, a (tiny) SigLIP vision tower and projector
+    around the text decoder; the image token is an ordinary id to a text-only forward."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    text = gemma3_config(vocab, layers, hidden, **ids)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                        image_token_index=vocab - 1, boi_token_index=vocab - 1, eoi_token_index=vocab - 1,
+                        attn_implementation="sdpa", **ids)
+
+
 def neox_config(vocab, layers, hidden, **ids):
     from transformers import GPTNeoXConfig
 
@@ -279,6 +292,10 @@ SPECS: dict[str, Spec] = {
              "fast", qwen_tokenizer, qwen3_config, CHATML_TEMPLATE, end_tokens=["<|endoftext|>", "<|im_end|>"]),
         Spec("gemma3", "Gemma3ForCausalLM (query / key norms)", "SentencePiece BPE, no dummy prefix, <start_of_turn>",
              "sdpa, local + global layers with their own RoPE bases", "fast", gemma_tokenizer, gemma3_config,
+             GEMMA_TEMPLATE, end_tokens=["<eos>", "<end_of_turn>"]),
+        Spec("gemma3-vision", "Gemma3ForConditionalGeneration (Gemma-3 4B-27B: vision tower dropped, text decoder "
+             "served)", "SentencePiece BPE, no dummy prefix, <start_of_turn>",
+             "sdpa, local + global layers with their own RoPE bases", "fast", gemma_tokenizer, gemma3_vision_config,
              GEMMA_TEMPLATE, end_tokens=["<eos>", "<end_of_turn>"]),
     ]
 }
