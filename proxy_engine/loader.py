@@ -6,7 +6,8 @@ toward the wrong token. Logit rows wider than the shared vocabulary (padded embe
 families) are cut to it; narrower rows are an error.
 
 ``from_pretrained_kwargs(model_config)`` turns one ``ModelConfig`` into the keyword arguments of
-``AutoModelForCausalLM.from_pretrained`` (device map, memory caps, dtype, quantization), as the placement plan
+``AutoModelForCausalLM.from_pretrained`` (device map, memory caps, dtype, quantization; ``text_model.auto_class``
+picks ``AutoModelForImageTextToText`` for a type only it loads), as the placement plan
 (placement.py) foresaw; ``input_device(model)`` says where a loaded (possibly sharded) model wants its input ids.
 """
 
@@ -25,7 +26,7 @@ from proxy_engine.memory import config_dtype, parse_size, resolve_dtype
 from proxy_engine.model_files import locate, read_config
 from proxy_engine.placement import accelerate_key, gpu_free_bytes, normalise_device
 from proxy_engine.prompts import PromptRenderer
-from proxy_engine.text_model import text_model
+from proxy_engine.text_model import auto_class, text_model
 
 log = logging.getLogger("proxy_engine.loader")
 
@@ -254,14 +255,14 @@ def warn_if_tools_unseen(role: str, renderer: PromptRenderer) -> None:
 
 
 def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
-
     started = time.perf_counter()
     log.info("loading %s from %s (device %s, dtype %s)", role, config.path, config.device, config.dtype)
     renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template,
                               tools_preamble=config.tools_preamble)
     warn_if_tools_unseen(role, renderer)
-    model = AutoModelForCausalLM.from_pretrained(model_source(config)[0], **from_pretrained_kwargs(config)).eval()
+    _, directory, _ = locate(config)
+    model_type = (read_config(directory) or {}).get("model_type") if directory is not None else None
+    model = auto_class(model_type).from_pretrained(model_source(config)[0], **from_pretrained_kwargs(config)).eval()
     model = text_model(model, role)  # Gemma-3 4B+ and the like: the text decoder of an image-text-to-text model
     loaded = LoadedModel(role=role, config=config, model=model, tokenizer=tokenizer, renderer=renderer,
                          max_len=max_positions(model, tokenizer), logits_width=logits_width(model))

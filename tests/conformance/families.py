@@ -239,6 +239,18 @@ def gemma3_vision_config(vocab, layers, hidden, **ids):
                         attn_implementation="sdpa", **ids)
 
 
+def mistral3_vision_config(vocab, layers, hidden, **ids):
+    """Mistral-Small-3.1 as it ships: ``Mistral3ForConditionalGeneration`` (a tiny Pixtral vision tower) around a
+    Mistral decoder with a window of 8, which only ``AutoModelForImageTextToText`` loads."""
+    from transformers import Mistral3Config, PixtralVisionConfig
+
+    text = mistral_config(vocab, layers, hidden, **ids)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=8, image_size=28, patch_size=14)
+    return Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=vocab - 1,
+                          attn_implementation="sdpa", **ids)
+
+
 def neox_config(vocab, layers, hidden, **ids):
     from transformers import GPTNeoXConfig
 
@@ -297,6 +309,9 @@ SPECS: dict[str, Spec] = {
              "served)", "SentencePiece BPE, no dummy prefix, <start_of_turn>",
              "sdpa, local + global layers with their own RoPE bases", "fast", gemma_tokenizer, gemma3_vision_config,
              GEMMA_TEMPLATE, end_tokens=["<eos>", "<end_of_turn>"]),
+        Spec("mistral3-vision", "Mistral3ForConditionalGeneration (Mistral-Small-3.1: vision tower dropped, text "
+             "decoder served)", "SentencePiece BPE like Llama-2; `[INST]` chat expert", "sdpa, window 8", "fast",
+             llama2_tokenizer, mistral3_vision_config, LLAMA2_TEMPLATE),
     ]
 }
 
@@ -318,13 +333,15 @@ class BuiltFamily:
 
 def _save_model(directory: Path, spec: Spec, tokenizer, *, layers: int, hidden: int, seed: int, extra_rows: int,
                 template: str | None, eos: list[int]) -> None:
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
+
+    from proxy_engine.text_model import auto_class
 
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
            "pad_token_id": tokenizer.pad_token_id}
     config = spec.config(len(tokenizer) + extra_rows, layers, hidden, **ids)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).float().eval()
+    model = auto_class(config.model_type).from_config(config).float().eval()
     with torch.no_grad():
         # Larger-than-default weights so that random models have peaked, seed-distinct distributions (no near
         # ties for greedy decoding to break differently in batched and unbatched arithmetic).

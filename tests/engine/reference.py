@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig
+
+from proxy_engine.text_model import auto_class
+
+
+def load_whole(path: str) -> torch.nn.Module:
+    """The checkpoint at ``path`` as transformers loads it, a vision wrapper whole (the reference runs its forward)."""
+    model_type = AutoConfig.from_pretrained(path).model_type
+    return auto_class(model_type).from_pretrained(path, dtype=torch.float32).eval()
 
 
 class NaiveProxy:
     def __init__(self, paths: list[str], vocab_size: int, models: list | None = None) -> None:
         """The models at ``paths``, or ``models`` already loaded (GGUF files, say)."""
-        self.models = models or [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in paths]
+        self.models = models or [load_whole(p) for p in paths]
         self.vocab_size = vocab_size
 
     @torch.no_grad()

@@ -62,3 +62,29 @@ def test_other_models_are_left_as_loaded(caplog):
     with caplog.at_level(logging.WARNING, logger="proxy_engine.text_model"):
         assert text_model(wrapper, "expert") is wrapper
     assert "serving the whole model" in caplog.text
+
+
+def test_the_auto_class_follows_what_transformers_loads_each_type_with():
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from proxy_engine.text_model import auto_class
+
+    assert auto_class("llama") is AutoModelForCausalLM and auto_class(None) is AutoModelForCausalLM
+    assert auto_class("gemma3") is AutoModelForCausalLM  # it maps gemma3 to the vision wrapper itself
+    assert auto_class("mistral3") is AutoModelForImageTextToText and auto_class("llava") is AutoModelForImageTextToText
+
+
+def test_a_wrapper_without_a_text_only_class_is_refused_by_name():
+    """Qwen2.5-VL's decoder (3-D rotary positions) has no causal-LM class: a clear error at load, not a crash in
+    the engine."""
+    import pytest
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, rope_scaling={"type": "mrope",
+                                                                                   "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32))
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="base: Qwen2_5_VLForConditionalGeneration wraps a text decoder"):
+        text_model(model, "base")
