@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from proxy_engine.attention_masks import sliding_window
+from proxy_engine.attention_masks import FULL, SLIDING
 from proxy_engine.config import PrefixCacheConfig
 
 log = logging.getLogger("proxy_engine.engine")  # the engine's logger, as before the move
@@ -55,19 +55,18 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why reusing cached prompt K/V could be wrong for ``model`` (None when it is safe).
 
     Reuse is exact when every layer's state is one K/V pair per token that depends only on the tokens up to it:
-    full causal attention. Recurrent / state-space / linear-attention layers carry a state that is not per
-    token; sliding-window layers may be given caches that drop old columns (vLLM needs a separate allocator
-    for them), so they are left out rather than trusted.
+    full causal attention, and sliding-window attention too, because this engine's caches (``PaddedKVCache``,
+    the slot caches) keep every column and the window lives in the masks (transformers' in prefill, ours in
+    decode), so a cached column is the one a cold prefill would compute. Recurrent / state-space / linear-attention
+    layers carry a state that is not per token, and are refused.
     """
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
     if config is None:
         return "the model has no config to check its attention against"
-    if sliding_window(config) is not None:  # the decode steps' own reading of the config (None: not "off")
-        return "sliding-window attention"
-    kinds = set(getattr(config, "layer_types", None) or [])
-    if kinds - {"full_attention"}:
-        return f"layers other than full attention ({', '.join(sorted(kinds - {'full_attention'}))})"
+    kinds = set(getattr(config, "layer_types", None) or []) - {FULL, SLIDING}
+    if kinds:
+        return f"layers other than full or sliding-window attention ({', '.join(sorted(kinds))})"
     if not getattr(config, "is_decoder", True) or getattr(config, "is_encoder_decoder", False):
         return "not a decoder-only model"
     return None

@@ -165,13 +165,13 @@ def test_models_whose_state_is_not_per_token_kv_are_refused():
     def model(**config):
         return types.SimpleNamespace(config=types.SimpleNamespace(**config))
 
-    assert unsupported_reason(model(sliding_window=4096)) == "sliding-window attention"
-    assert unsupported_reason(model(sliding_window=4096, use_sliding_window=False)) is None
-    # The masks read use_sliding_window None as "not off" (a window applies): the cache agrees, as before it did not.
-    assert unsupported_reason(model(sliding_window=4096, use_sliding_window=None)) == "sliding-window attention"
-    assert unsupported_reason(model(sliding_window=None)) is None
+    # Windows are masks over caches that keep every column: reuse is exact (the test below).
+    assert unsupported_reason(model(sliding_window=4096)) is None
+    assert unsupported_reason(model(layer_types=["full_attention", "sliding_attention"], sliding_window=6)) is None
     assert "mamba" in unsupported_reason(model(layer_types=["full_attention", "mamba"]))
+    assert "linear_attention" in unsupported_reason(model(layer_types=["linear_attention", "full_attention"]))
     assert unsupported_reason(model(layer_types=["full_attention"])) is None
+    assert unsupported_reason(model(is_encoder_decoder=True)) == "not a decoder-only model"
 
 
 # --- in the engine --------------------------------------------------------------------------------------------
@@ -397,3 +397,36 @@ def test_a_cached_prefix_that_cannot_be_copied_in_is_computed_instead(chat_famil
         submit(engine, "r", chat("What is the capital of Spain?"), **GREEDY)
     assert_same(collect(cached), collect(plain))
     assert hits(cached) == before  # nothing was reused, and nothing is counted as a hit
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3"])
+def test_sliding_window_models_reuse_a_prefix_longer_than_their_window(name, tmp_path):
+    """Windowed layers (Mistral's window of 8, Gemma-2 / -3's local layers of 6 next to global ones): the caches
+    keep every column and the masks carry the window, so a 40-token cached prefix gives the tokens and logprobs
+    of an engine without the cache, on the fast decode path and through transformers' forward alike."""
+    from proxy_engine.config import RuntimeConfig
+    from proxy_engine.loader import load_models
+    from tests.conformance.conftest import engine_config as family_config
+    from tests.conformance.families import build as build_family
+
+    family = build_family(name, tmp_path / name)
+    shared = "Numbers 0 1 2 3 4 5 6 7 8 9 10 and the capital of France is Paris, of Italy Rome, of Spain"
+    models = None
+    for executor in ("fast", "transformers"):
+        outputs = []
+        for enabled in (True, False):
+            config = family_config(family, max_num_seqs=4)
+            config.prefix_cache = PrefixCacheConfig(enabled=enabled, block_size=8)
+            config.runtime = RuntimeConfig(decode_executor=executor)
+            models = models or load_models(config)
+            engine = ProxyEngine(models, config)
+            assert unsupported_reason(models[0].model) is None
+            assert {r.executor for r in engine.runners} == {executor}
+            results = {}
+            for request_id, tail in (("first", " Madrid."), ("second", " and of Portugal")):
+                engine.add(engine.make_sequences(request_id, PromptInput(text=shared + tail), SamplingParams(**GREEDY)))
+                results.update(collect(engine))
+            outputs.append(results)
+            if enabled:
+                assert all(h >= 32 for h in hits(engine)), hits(engine)  # past the window, in every model
+        assert_same(*outputs)
