@@ -191,6 +191,17 @@ def mistral_config(vocab, layers, hidden, **ids):
     return _llama_config("MistralConfig", vocab, layers, hidden, sliding_window=8, **ids)
 
 
+def gemma_config(vocab, layers, hidden, **ids):
+    # The first Gemma: (1 + w) norms, sqrt(hidden) embedding scale, tanh-GELU MLP, one K/V head (as Gemma-2B).
+    from transformers import GemmaConfig
+
+    return GemmaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=hidden // 4, max_position_embeddings=256,
+        hidden_activation="gelu_pytorch_tanh", attn_implementation="sdpa", **ids,
+    )
+
+
 def gemma2_config(vocab, layers, hidden, **ids):
     from transformers import Gemma2Config
 
@@ -292,6 +303,9 @@ SPECS: dict[str, Spec] = {
              "<|im_end|> past the shared vocabulary", "sdpa, window 8", "fast", llama2_tokenizer,
              mistral_config, CHATML_TEMPLATE, expert_added_tokens=["<|im_end|>", "<|im_start|>"],
              expert_eos="<|im_end|>"),
+        Spec("gemma", "GemmaForCausalLM (one K/V head, tanh-GELU)", "SentencePiece BPE, no dummy prefix, "
+             "<start_of_turn>", "sdpa", "fast", gemma_tokenizer, gemma_config, GEMMA_TEMPLATE,
+             end_tokens=["<eos>", "<end_of_turn>"]),
         Spec("gemma2", "Gemma2ForCausalLM", "SentencePiece BPE, no dummy prefix, <start_of_turn>",
              "eager, soft-capping, local + global layers", "fast", gemma_tokenizer, gemma2_config,
              GEMMA_TEMPLATE, end_tokens=["<eos>", "<end_of_turn>"]),

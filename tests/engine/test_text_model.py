@@ -88,3 +88,20 @@ def test_a_wrapper_without_a_text_only_class_is_refused_by_name():
     model = Qwen2_5_VLForConditionalGeneration(config)
     with pytest.raises(ValueError, match="base: Qwen2_5_VLForConditionalGeneration wraps a text decoder"):
         text_model(model, "base")
+
+
+def test_a_llava_wrapper_serves_its_llama_decoder():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=16)
+    wrapper = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision.to_dict(),
+                                                        text_config=llama_config(96, 2, 32).to_dict(),
+                                                        image_token_index=95)).eval()
+    ids = torch.tensor([[1, 7, 30, 12, 64, 5, 9]])
+    with torch.no_grad():
+        expected = wrapper(input_ids=ids).logits
+        served = text_model(wrapper)
+        assert type(served).__name__ == "LlamaForCausalLM" and served.model is wrapper.model.language_model
+        torch.testing.assert_close(served(input_ids=ids).logits, expected)
