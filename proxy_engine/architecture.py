@@ -13,6 +13,7 @@ here, so both steps follow one description (``DecoderLayout``):
 - each layer's attention: full, or a sliding window (Mistral v0.1, Qwen2 with ``use_sliding_window``, Gemma-2 /
   Gemma-3's local layers), its rotary embedding (Gemma-3's local layers have their own RoPE base), its
   scaling, and Gemma-2's attention-logit soft-cap (``cap * tanh(scores / cap)``, eager attention only);
+- the MLP's gate activation (SiLU; Gemma's tanh-GELU);
 - Gemma-2's final-logit soft-cap.
 
 Anything else (other layer types, quantized linears, offloaded weights) decodes through transformers' forward;
@@ -27,6 +28,7 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from proxy_engine.attention_masks import FULL, SLIDING, sliding_window
 
@@ -63,6 +65,7 @@ class LayerLayout(NamedTuple):
     kind: str  # FULL or SLIDING (attention_masks.py)
     scaling: float
     softcap: float | None  # Gemma-2's attention-logit soft-cap (eager attention), else None
+    act: Callable[[torch.Tensor], torch.Tensor]  # the MLP's gate activation (SiLU called directly: the common case)
 
 
 def _norm_kind(module: torch.nn.Module) -> bool | None:
@@ -172,6 +175,7 @@ class DecoderLayout:
                 mlp_out_norm=read_norm(layer.post_feedforward_layernorm) if sandwich else None,
                 head_norm=head_norm_of(attn, self.heads, self.kv_heads),
                 kind=kind, scaling=attn.scaling, softcap=softcap,
+                act=F.silu if isinstance(layer.mlp.act_fn, torch.nn.SiLU) else layer.mlp.act_fn,
             ))
 
     @property

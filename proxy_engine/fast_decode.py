@@ -64,13 +64,18 @@ def head_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
     return norm.weight * normed.to(x.dtype)
 
 
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma-2's soft-cap: ``cap * tanh(x / cap)``, in ``x``'s dtype (attention scores, final logits)."""
+    return torch.tanh(x / cap) * cap
+
+
 def softcapped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                          scale: float, cap: float) -> torch.Tensor:
     """Eager attention with Gemma-2's logit soft-cap (``cap * tanh(scores / cap)`` before the mask; SDPA has no
     such step): ``q [n, kv_heads, group, D]`` against ``keys, values [n, kv_heads, span, D]``; ``mask``
     ``[n, 1, 1, span]`` boolean (True: seen) or additive. The softmax in float32, as transformers'."""
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / cap) * cap
+    scores = softcap(scores, cap)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -312,8 +317,6 @@ class FastDecoder:
             (p["qkv"], p["o"], p["gate_up"], p["down"]) for p in self.packed]
         layout = self.layout
         self.heads, self.kv_heads, self.head_dim = layout.heads, layout.kv_heads, layout.head_dim
-        # The activation per layer: SiLU called directly (the common case), else the module's own.
-        self.acts = [F.silu if isinstance(lay.mlp.act_fn, torch.nn.SiLU) else lay.mlp.act_fn for lay in self.layers]
 
     @classmethod
     def for_model(
@@ -372,8 +375,7 @@ class FastDecoder:
         linears = self.linears_for(n)
         packed = linears is self.packed_linears  # the head follows the layers' choice
         qk_size = q_size + kv_size
-        for (qkv_proj, o_proj, gate_up_proj, down_proj), lay, act, kv in zip(linears, layout.layers, self.acts,
-                                                                            cache.layers):
+        for (qkv_proj, o_proj, gate_up_proj, down_proj), lay, kv in zip(linears, layout.layers, cache.layers):
             qkv = qkv_proj(apply_norm(x, lay.attn_norm))
             qk = qkv[:, :qk_size].view(n, heads + kv_heads, head_dim)
             if lay.head_norm is not None:
@@ -391,10 +393,10 @@ class FastDecoder:
             h = o_proj(out.reshape(n, q_size))
             x = x + (h if lay.attn_out_norm is None else apply_norm(h, lay.attn_out_norm))
             gate, up = gate_up_proj(apply_norm(x, lay.mlp_norm)).chunk(2, dim=-1)
-            h = down_proj(act(gate) * up)
+            h = down_proj(lay.act(gate) * up)
             x = x + (h if lay.mlp_out_norm is None else apply_norm(h, lay.mlp_out_norm))
         x = apply_norm(x, layout.final_norm)
         logits = self.packed_head(x) if packed else F.linear(x, self.head_weight, self.head_bias)
         if layout.final_softcap is not None:
-            logits = torch.tanh(logits / layout.final_softcap) * layout.final_softcap
+            logits = softcap(logits, layout.final_softcap)
         return logits.float()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from proxy_engine.architecture import LENGTH_DEPENDENT_ROPE, DecoderLayout, Norm, unsupported_reason
 from proxy_engine.attention_masks import FULL, SLIDING
-from proxy_engine.fast_decode import fuse_linears, head_norm, offset_norm, softcapped_attention
+from proxy_engine.fast_decode import fuse_linears, head_norm, offset_norm, softcap, softcapped_attention
 
 log = logging.getLogger("proxy_engine.executor.static_decode")
 
@@ -132,7 +132,6 @@ class StaticDecoder:
         self.head_bias = None if model.lm_head.bias is None else model.lm_head.bias[:vocab_size]
         self.heads, self.kv_heads, self.head_dim = layout.heads, layout.kv_heads, layout.head_dim
         self.group = self.heads // self.kv_heads
-        self.acts = [F.silu if isinstance(lay.mlp.act_fn, torch.nn.SiLU) else lay.mlp.act_fn for lay in self.layers]
         self.device = self.embed.device
         self.dtype = self.embed.dtype
         self.fused = False
@@ -205,7 +204,7 @@ class StaticDecoder:
         if layout.windowed:
             local = seen & (columns > positions[:, None] - layout.window)
             masks[SLIDING] = torch.where(local, self.seen_value, self.hidden_value)[:, None, None, :span]
-        for index, (layer, lay, act) in enumerate(zip(self.layers, layout.layers, self.acts)):
+        for index, (layer, lay) in enumerate(zip(self.layers, layout.layers)):
             attn, mlp = layer.self_attn, layer.mlp
             h = self.norm(x, lay.attn_norm)
             qk, v = self._qk_v(index, h)
@@ -231,11 +230,12 @@ class StaticDecoder:
             h = self.norm(x, lay.mlp_norm)
             gate, up = self._gate_up(index, h)
             if lay.mlp_out_norm is None:
-                x = self.linear_add(x, act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+                x = self.linear_add(x, lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
             else:
-                x = x + self.norm(F.linear(act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias), lay.mlp_out_norm)
+                h = F.linear(lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+                x = x + self.norm(h, lay.mlp_out_norm)
         x = self.norm(x, layout.final_norm)
         logits = F.linear(x, self.head_weight, self.head_bias)
         if layout.final_softcap is not None:
-            logits = torch.tanh(logits / layout.final_softcap) * layout.final_softcap
+            logits = softcap(logits, layout.final_softcap)
         return logits.float()
