@@ -60,14 +60,17 @@ class RequestStream:
     """Async iterator over one request's ``RequestOutput`` deltas (all choices interleaved, by ``index``).
 
     Iteration ends after every choice has finished. ``prompt_tokens`` is known as soon as the request is
-    accepted. Leaving the iteration early does not abort: call ``AsyncEngine.abort`` (the server does so
+    accepted, and so are ``prompt_ids`` (each prompt's ids, the base model's) when ``return_prompt_ids`` asked
+    for them. Leaving the iteration early does not abort: call ``AsyncEngine.abort`` (the server does so
     when the client disconnects).
     """
 
-    def __init__(self, request_id: str, n: int, prompt_tokens: int) -> None:
+    def __init__(self, request_id: str, n: int, prompt_tokens: int,
+                 prompt_ids: list[list[int]] | None = None) -> None:
         self.request_id = request_id
         self.n = n
         self.prompt_tokens = prompt_tokens
+        self.prompt_ids = prompt_ids
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.open_choices = set(range(n))  # kept by the engine's dispatcher
         self._unfinished = n
@@ -88,6 +91,27 @@ def constrained_render_pool() -> concurrent.futures.ThreadPoolExecutor:
     own thread, ``GrammarCompiler``), so grammar bombs never hold the threads that admit plain requests."""
     return concurrent.futures.ThreadPoolExecutor(CONSTRAINED_RENDER_THREADS,
                                                  thread_name_prefix="proxy-engine-constrained")
+
+
+def make_request_sequences(engine, request_id: str, prompts: list[PromptInput], params: SamplingParams,
+                           target: Target) -> list:
+    """Every choice of every prompt as the engine's sequences: prompt ``i``'s ``n`` choices numbered from ``i * n``."""
+    sequences = []
+    for i, one in enumerate(prompts):
+        sequences += engine.make_sequences(request_id, one, params, target, first_index=i * params.n)
+    return sequences
+
+
+# What the caller learns when a request is admitted: its prompt tokens (usage), and each prompt's ids when asked.
+Admitted = tuple[int, list[list[int]] | None]
+
+
+def admitted(sequences: list, params: SamplingParams) -> Admitted:
+    """``(prompt tokens, prompt ids)`` of a request's sequences: the first choice of each prompt counts, in the
+    model that reports usage (the base); the ids only under ``return_prompt_ids``."""
+    firsts = [s for s in sequences if s.index % params.n == 0]
+    ids = [list(s.prompts[s.runners[0]]) for s in firsts] if params.return_prompt_ids else None
+    return sum(s.primary_prompt_len for s in firsts), ids
 
 
 def check_logprob_entries(sequences: list, params: SamplingParams, limit: int | None) -> None:
@@ -257,22 +281,19 @@ class AsyncEngine:
         engine = self._require_engine()
         prompts = self._admissible(request_id, prompt)
 
-        def render() -> tuple[list, int]:
-            sequences, prompt_tokens = [], 0
-            for i, one in enumerate(prompts):
-                mine = engine.make_sequences(request_id, one, params, target, first_index=i * params.n)
-                sequences += mine
-                prompt_tokens += mine[0].primary_prompt_len
+        def render() -> tuple[list, Admitted]:
+            sequences = make_request_sequences(engine, request_id, prompts, params, target)
             check_logprob_entries(sequences, params, max_logprob_entries)
-            return sequences, prompt_tokens
+            return sequences, admitted(sequences, params)
 
         # Rendering and tokenizing a long prompt takes a while: keep it off the event loop. A constrained request
         # waits there for its grammar to compile: in a pool of its own, so that plain requests never queue behind.
         if params.structured is None:
-            sequences, prompt_tokens = await asyncio.to_thread(render)
+            sequences, (prompt_tokens, prompt_ids) = await asyncio.to_thread(render)
         else:
-            sequences, prompt_tokens = await asyncio.get_running_loop().run_in_executor(self._constrained, render)
-        stream = RequestStream(request_id, len(sequences), prompt_tokens)
+            sequences, (prompt_tokens, prompt_ids) = await asyncio.get_running_loop().run_in_executor(
+                self._constrained, render)
+        stream = RequestStream(request_id, len(sequences), prompt_tokens, prompt_ids)
         self._streams[request_id] = stream
         try:
             engine.add(sequences)

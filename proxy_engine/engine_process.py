@@ -32,9 +32,11 @@ from proxy_engine.async_engine import (
     ModelInfo,
     RequestStream,
     _in_daemon_thread,
+    admitted,
     check_logprob_entries,
     constrained_render_pool,
     engine_stats,
+    make_request_sequences,
 )
 from proxy_engine.config import EngineConfig
 from proxy_engine.request import EngineOverloadedError, PromptInput, SamplingParams, Target
@@ -137,7 +139,7 @@ class EngineProcess(AsyncEngine):
         stream = RequestStream(request_id, len(prompts) * params.n, 0)
         self._streams[request_id] = stream
         try:
-            stream.prompt_tokens = await asyncio.wrap_future(
+            stream.prompt_tokens, stream.prompt_ids = await asyncio.wrap_future(
                 self._call("add", request_id, prompts, params, target, max_logprob_entries)
             )
         except BaseException:
@@ -285,15 +287,11 @@ class _Child:
             target: Target, max_logprob_entries: int | None) -> None:
         engine = self.engine
         try:
-            sequences, prompt_tokens = [], 0
-            for i, one in enumerate(prompts):
-                mine = engine.make_sequences(request_id, one, params, target, first_index=i * params.n)
-                sequences += mine
-                prompt_tokens += mine[0].primary_prompt_len
+            sequences = make_request_sequences(engine, request_id, prompts, params, target)
             check_logprob_entries(sequences, params, max_logprob_entries)
             with self.send_lock:  # the reply goes out before any of the request's outputs can
                 engine.add(sequences)
-                self.conn.send(("reply", call_id, True, prompt_tokens))
+                self.conn.send(("reply", call_id, True, admitted(sequences, params)))
         except Exception as error:  # noqa: BLE001 - handed to the caller
             self.send(("reply", call_id, False, _error_payload(error)))
             return

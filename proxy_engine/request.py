@@ -204,6 +204,9 @@ class SamplingParams:
     # one: the chosen token's logprob and the top k of each (analysis.py). Every model then runs for the
     # sequence, even one whose weight is 0 (alpha 0), so that its distribution can be shown.
     model_logprobs: int | None = None
+    # vLLM's return_token_ids: the request's stream carries each prompt's token ids (the base model's rendering,
+    # what usage counts) as soon as it is admitted.
+    return_prompt_ids: bool = False
     skip_special_tokens: bool = True
     # None: the configured default of every pair; a number: that alpha for every pair; a list: one per pair.
     alpha: float | list[float] | None = None

@@ -98,7 +98,6 @@ _UNHONOURED_SAMPLING = {
     "logits_processors": Unhonoured("logits processors cannot be loaded from a request"),
     # 0 asks for something here: each prompt token's own logprob.
     "prompt_logprobs": Unhonoured("prompt logprobs come from /v1/completions with echo: true and logprobs", _null),
-    "return_tokens_as_token_ids": Unhonoured("logprobs name tokens by their text and bytes"),
     "truncate_prompt_tokens": Unhonoured("prompts are never truncated: one past the context is a 400 saying so",
                                          _null),
 }
@@ -132,6 +131,10 @@ class _SamplingFields(_Lenient):
     alpha: float | list[float] | None = None
     # Proxy-tuning analysis: per generated token, every model's top-k logprobs and the proxy's (docs/playground.md).
     model_logprobs: int | None = None
+    # vLLM's: each choice's generated ids (``token_ids``) and its prompt's (``prompt_token_ids``: the base model's
+    # rendering), and logprob tokens named ``token_id:<id>`` instead of by their text.
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
     # Common extensions (vLLM's names).
     top_k: Int64 | None = None
     min_p: float | None = None
@@ -154,7 +157,6 @@ class _SamplingFields(_Lenient):
     use_beam_search: Any = None
     logits_processors: Any = None
     prompt_logprobs: Any = None
-    return_tokens_as_token_ids: Any = None
     truncate_prompt_tokens: Any = None
 
     UNHONOURED: ClassVar[dict[str, Unhonoured]] = _UNHONOURED_SAMPLING
@@ -215,6 +217,7 @@ class _SamplingFields(_Lenient):
             "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,
             "model_logprobs": self.model_logprobs,
+            "return_prompt_ids": True if self.return_token_ids else None,
             "logit_bias": _logit_bias(self.logit_bias),
             "structured": structured if structured is not None else self.structured(),
             "default_max_tokens": default_max_tokens if max_tokens is None else None,
@@ -531,10 +534,17 @@ def _lp(value: float) -> float:
     return value if math.isfinite(value) else MIN_LOGPROB
 
 
+def token_name(token: TokenLogprob | TopLogprob, as_ids: bool = False) -> str:
+    """A logprob entry's token: its text, or ``token_id:<id>`` (vLLM's ``return_tokens_as_token_ids``, for
+    clients that need the exact token where texts collide or are not whole characters)."""
+    return f"token_id:{token.token_id}" if as_ids else token.token
+
+
 def completion_logprobs(
-    tokens: list[TokenLogprob], start_offset: int, prompt: list[TokenLogprob] | None = None
+    tokens: list[TokenLogprob], start_offset: int, prompt: list[TokenLogprob] | None = None, as_ids: bool = False
 ) -> dict[str, list]:
-    """Legacy completions format; ``text_offset`` counts characters from the start of the returned text.
+    """Legacy completions format; ``text_offset`` counts characters from the start of the returned text (of the
+    tokens' texts, also when ``as_ids`` names them ``token_id:<id>``).
 
     ``prompt`` (echo with logprobs) comes first, from offset 0; its first token has null logprobs, as in
     OpenAI's and vLLM's answers.
@@ -549,10 +559,11 @@ def completion_logprobs(
         offset += len(token.token)
     every = [*(prompt or []), *tokens]
     return {
-        "tokens": [t.token for t in every],
+        "tokens": [token_name(t, as_ids) for t in every],
         "token_logprobs": [None if t.logprob is None else _lp(t.logprob) for t in every],
         "top_logprobs": [
-            None if t.logprob is None else {top.token: _lp(top.logprob) for top in t.top} for t in every
+            None if t.logprob is None else {token_name(top, as_ids): _lp(top.logprob) for top in t.top}
+            for t in every
         ],
         "text_offset": offsets,
     }
@@ -563,15 +574,17 @@ def _token_bytes(token: TokenLogprob | TopLogprob) -> list[int]:
     return list(token.bytes) if token.bytes else list(token.token.encode("utf-8"))
 
 
-def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, list]:
+def chat_logprobs(tokens: list[TokenLogprob], as_ids: bool = False) -> dict[str, list]:
+    """Chat's format; ``bytes`` are the token's own bytes also when ``as_ids`` names it ``token_id:<id>``."""
     return {
         "content": [
             {
-                "token": t.token,
+                "token": token_name(t, as_ids),
                 "logprob": _lp(t.logprob),
                 "bytes": _token_bytes(t),
                 "top_logprobs": [
-                    {"token": top.token, "logprob": _lp(top.logprob), "bytes": _token_bytes(top)} for top in t.top
+                    {"token": token_name(top, as_ids), "logprob": _lp(top.logprob), "bytes": _token_bytes(top)}
+                    for top in t.top
                 ],
             }
             for t in tokens

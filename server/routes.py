@@ -33,7 +33,7 @@ from server.reasoning import Reasoning
 from server.refusal_log import mark_logged
 from server.responses import add_responses_routes
 from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger, request_shape
-from server.streaming import EventStreamResponse, chat_events, completion_events
+from server.streaming import EventStreamResponse, chat_events, completion_events, token_ids_view
 
 logger = logging.getLogger("proxy_serve")
 T = TypeVar("T")
@@ -152,7 +152,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if body.stream:
             events = completion_events(generation, created=created, echo=echo, include_usage=body.include_usage,
                                        prompt_logprobs=body.wants_prompt_logprobs,
-                                       continuous_usage=body.continuous_usage)
+                                       continuous_usage=body.continuous_usage, ids=token_ids_view(body))
             return EventStreamResponse(events, generation.close, headers)
         if not await collect(generation, request):
             return Response(status_code=499)
@@ -163,9 +163,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 prefix = echo[choice.index] if echo else ""
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = completion_logprobs(choice.logprobs, len(prefix), choice.prompt_logprobs)
+                    logprobs = completion_logprobs(choice.logprobs, len(prefix), choice.prompt_logprobs,
+                                                   bool(body.return_tokens_as_token_ids))
                 entry = {"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
                          "finish_reason": choice.finish_reason}
+                if body.return_token_ids:
+                    entry |= {"prompt_token_ids": generation.prompt_ids(choice.index), "token_ids": choice.token_ids}
                 if body.model_logprobs is not None:
                     entry["model_logprobs"] = model_logprobs(choice.model_logprobs)
                 choices.append(entry)
@@ -190,7 +193,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         headers = {"x-request-id": request_id}
         if body.stream:
             events = chat_events(generation, created=created, include_usage=body.include_usage, plan=plan,
-                                 continuous_usage=body.continuous_usage, reasoning=reasoning)
+                                 continuous_usage=body.continuous_usage, reasoning=reasoning, ids=token_ids_view(body))
             return EventStreamResponse(events, generation.close, headers)
         if not await collect(generation, request):
             return Response(status_code=499)
@@ -199,13 +202,17 @@ def build_router(ctx: ServerContext) -> APIRouter:
             choices = []
             for c in generation.choices:
                 message, reason = reasoning.message(plan, c.text, c.finish_reason)
-                entry = {"index": c.index, "message": message,
-                         "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None, "finish_reason": reason}
+                logprobs = chat_logprobs(c.logprobs, bool(body.return_tokens_as_token_ids)) if body.logprobs else None
+                entry = {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
                 if body.model_logprobs is not None:
                     entry["model_logprobs"] = model_logprobs(c.model_logprobs)
+                if body.return_token_ids:
+                    entry["token_ids"] = c.token_ids
                 choices.append(entry)
+            extra = {"prompt_token_ids": generation.prompt_ids(0)} if body.return_token_ids else {}
             return {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
-                    "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)}
+                    "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens),
+                    **extra}
 
         if body.model_logprobs is None:
             return JSONResponse(answer(), headers=headers)

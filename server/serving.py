@@ -337,6 +337,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs
     model_logprobs: list[TokenAnalysis] = field(default_factory=list)  # every model's view of each token
+    token_ids: list[int] = field(default_factory=list)  # what it generated (vLLM's return_token_ids)
     finish_reason: str | None = None
     completion_tokens: int = 0
 
@@ -378,6 +379,13 @@ class Generation:
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
 
+    def prompt_ids(self, index: int) -> list[int] | None:
+        """Choice ``index``'s prompt ids (the base model's), when the request asked for them."""
+        ids = self.stream.prompt_ids
+        if ids is None:
+            return None
+        return ids[index // (len(self.choices) // len(ids))]  # choice k answers prompt k // n
+
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """The engine's outputs after bookkeeping; raises ``GenerationError`` on an engine error."""
         async for output in self._engine_outputs():
@@ -385,6 +393,7 @@ class Generation:
             counted = len(output.new_token_ids)
             self.timer.tokens(output.index, counted)
             choice.text += output.text_delta
+            choice.token_ids.extend(output.new_token_ids)
             choice.completion_tokens = output.completion_tokens or choice.completion_tokens + counted
             if output.logprobs:
                 choice.logprobs.extend(output.logprobs)

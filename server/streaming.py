@@ -4,6 +4,10 @@ Per choice the order is fixed: (chat) a role-first chunk, content chunks with ``
 final chunk with an empty delta and the finish reason; then a usage chunk with ``choices: []`` when asked
 for, then ``data: [DONE]``. An engine error after the 200 went out becomes ``data: {"error": ...}`` and
 ``[DONE]``.
+
+With vLLM's ``return_token_ids`` every choice chunk carries ``token_ids`` (the ids it adds; ``[]`` when none),
+and the prompt's ids come once: on each choice's first chunk (completions) or at the top of the stream's first
+chunk (chat). ``return_tokens_as_token_ids`` names logprob tokens ``token_id:<id>``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -49,6 +54,25 @@ def _analysis(output: RequestOutput) -> dict[str, Any]:
 Chunk = Callable[..., str]  # (choices, **extra fields) -> one SSE event
 
 
+@dataclass(frozen=True)
+class TokenIds:
+    """vLLM's token-id extensions, as a stream renders them: ``each`` (``return_token_ids``) and ``names``
+    (``return_tokens_as_token_ids``)."""
+
+    each: bool = False
+    names: bool = False
+
+
+def token_ids_view(body: Any) -> TokenIds:
+    return TokenIds(bool(body.return_token_ids), bool(body.return_tokens_as_token_ids))
+
+
+def _with_ids(entry: dict[str, Any], ids: TokenIds, new_ids: list[int] | None = None) -> dict[str, Any]:
+    if ids.each:
+        entry["token_ids"] = list(new_ids or [])
+    return entry
+
+
 def _chunker(generation: Generation, kind: str, created: int, include_usage: bool, continuous: bool) -> Chunk:
     """Builds the endpoint's chunks: ``kind`` is the object name; ``usage`` is null until the usage chunk, or,
     ``continuous`` (vLLM's ``continuous_usage_stats``), the counts so far in every chunk."""
@@ -83,10 +107,20 @@ async def _ended(
 
 def completion_events(
     generation: Generation, *, created: int, echo: list[str] | None, include_usage: bool,
-    prompt_logprobs: bool = False, continuous_usage: bool = False,
+    prompt_logprobs: bool = False, continuous_usage: bool = False, ids: TokenIds = TokenIds(),
 ) -> AsyncIterator[str]:
     """``echo``: each choice's prompt text, sent before its first token."""
     chunk = _chunker(generation, "text_completion", created, include_usage, continuous_usage)
+    unsent_prompt = set(range(len(generation.choices))) if ids.each else set()
+
+    def entry(index: int, text: str, logprobs: Any, reason: str | None, new_ids: list[int] | None = None,
+              **extra: Any) -> dict[str, Any]:
+        out = _with_ids({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, **extra}, ids,
+                        new_ids)
+        if index in unsent_prompt:  # a choice's first chunk
+            unsent_prompt.discard(index)
+            out["prompt_token_ids"] = generation.prompt_ids(index)
+        return out
 
     async def events() -> AsyncIterator[str]:
         # Character offset of the next token in each choice's returned text (for logprobs' text_offset).
@@ -97,33 +131,33 @@ def completion_events(
                 offsets[choice.index] = len(text)
                 # With prompt logprobs the echo waits for them: they come with each choice's first output.
                 if text and not prompt_logprobs:
-                    yield chunk([{"index": choice.index, "text": text, "logprobs": None, "finish_reason": None}])
+                    yield chunk([entry(choice.index, text, None, None)])
         async for output in generation.outputs():
             if output.prompt_logprobs is not None:
                 text = echo[output.index] if echo else ""
 
                 def first(output=output, text=text) -> str:
-                    logprobs = completion_logprobs([], 0, output.prompt_logprobs)
-                    return chunk([{"index": output.index, "text": text, "logprobs": logprobs, "finish_reason": None}])
+                    logprobs = completion_logprobs([], 0, output.prompt_logprobs, ids.names)
+                    return chunk([entry(output.index, text, logprobs, None)])
 
                 yield await asyncio.to_thread(first)  # one entry per prompt token: built off the event loop
-            if output.text_delta or output.logprobs or output.model_logprobs:
+            if output.text_delta or output.logprobs or output.model_logprobs or (ids.each and output.new_token_ids):
                 logprobs = None
                 if output.logprobs is not None:
-                    logprobs = completion_logprobs(output.logprobs, offsets[output.index])
+                    logprobs = completion_logprobs(output.logprobs, offsets[output.index], as_ids=ids.names)
                 offsets[output.index] += len(output.text_delta)
-                yield chunk([{"index": output.index, "text": output.text_delta, "logprobs": logprobs,
-                              "finish_reason": None, **_analysis(output)}])
+                yield chunk([entry(output.index, output.text_delta, logprobs, None, output.new_token_ids,
+                                   **_analysis(output))])
             if output.finished:
                 reason = generation.choices[output.index].finish_reason
-                yield chunk([{"index": output.index, "text": "", "logprobs": None, "finish_reason": reason}])
+                yield chunk([entry(output.index, "", None, reason)])
 
     return _ended(generation, events(), chunk, include_usage)
 
 
 def chat_events(
     generation: Generation, *, created: int, include_usage: bool, plan: ToolPlan | None = None,
-    continuous_usage: bool = False, reasoning: Reasoning | None = None,
+    continuous_usage: bool = False, reasoning: Reasoning | None = None, ids: TokenIds = TokenIds(),
 ) -> AsyncIterator[str]:
     """``plan``: the request's tools; each choice's text goes out as content or tool-call deltas (server/tools.py),
     its thinking as ``reasoning_content`` deltas when ``reasoning`` has a parser (server/reasoning.py)."""
@@ -135,21 +169,24 @@ def chat_events(
 
     async def events() -> AsyncIterator[str]:
         for choice in generation.choices:
-            yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+            top = {"prompt_token_ids": generation.prompt_ids(0)} if ids.each and choice.index == 0 else {}
+            yield chunk([_with_ids({"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}, ids)], **top)
         async for output in generation.outputs():
             stream = streams[output.index]
             deltas = reasoning.deltas(splitters[output.index], stream, output.text_delta, output.finished)
-            logprobs = chat_logprobs(output.logprobs) if output.logprobs else None
-            if (logprobs is not None or output.model_logprobs) and not deltas:
-                deltas = [{"content": ""}]  # logprobs of held-back text still go out with their token
+            logprobs = chat_logprobs(output.logprobs, ids.names) if output.logprobs else None
+            if (logprobs is not None or output.model_logprobs or (ids.each and output.new_token_ids)) and not deltas:
+                deltas = [{"content": ""}]  # logprobs (and ids) of held-back text still go out with their token
             for k, delta in enumerate(deltas):
-                yield chunk([{"index": output.index, "delta": delta, "logprobs": logprobs if k == 0 else None,
-                              "finish_reason": None, **(_analysis(output) if k == 0 else {})}])
+                yield chunk([_with_ids({"index": output.index, "delta": delta, "logprobs": logprobs if k == 0 else None,
+                                        "finish_reason": None, **(_analysis(output) if k == 0 else {})}, ids,
+                                       output.new_token_ids if k == 0 else None)])
             if output.finished:
                 reason = finish_reason(stream.made_calls and bool(plan.calls(stream.text)[1]),
                                        generation.choices[output.index].finish_reason)
-                yield chunk([{"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+                yield chunk([_with_ids({"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason},
+                                       ids)])
 
     return _ended(generation, events(), chunk, include_usage)
 

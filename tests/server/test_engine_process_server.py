@@ -28,6 +28,10 @@ def test_the_server_over_an_engine_process(tiny_family):
 
             tokens = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello"}).json()["tokens"]
             assert http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json()["prompt"].strip()
+            # The prompt's ids come back from the child with the admission (vLLM's return_token_ids).
+            ids = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3,
+                                                     "ignore_eos": True, "return_token_ids": True}).json()
+            assert ids["choices"][0]["prompt_token_ids"] == tokens and len(ids["choices"][0]["token_ids"]) == 3
             too_long = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 10**9})
             assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
 
