@@ -376,9 +376,10 @@ def _save_model(directory: Path, spec: Spec, tokenizer, *, layers: int, hidden: 
             (directory / name).unlink(missing_ok=True)
 
 
-def build(name: str, root: Path) -> BuiltFamily:
-    """Build family ``name`` under ``root`` (reused when the stamp matches)."""
-    spec = SPECS[name]
+def build(name: str | Spec, root: Path) -> BuiltFamily:
+    """Build family ``name`` (or a ``Spec`` of one's own) under ``root`` (reused when the stamp matches)."""
+    spec = name if isinstance(name, Spec) else SPECS[name]
+    name = spec.name
     root = Path(root)
     family = BuiltFamily(spec, root / "base", root / "expert", root / "anti_expert")
     stamp = root / "family.json"

@@ -5,6 +5,8 @@ model on the CPU, so the reference arithmetic is checked in every ``make test``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
 from proxy_engine.request import PromptInput, SamplingParams
 from tests.conformance.conftest import engine_config
-from tests.conformance.families import build
+from tests.conformance.families import LLAMA3_TEMPLATE, SPECS, build, llama3_tokenizer
 from tests.conformance.reference import NaiveProxy, per_model_prompts
 
 gpu = pytest.mark.gpu
@@ -56,9 +58,11 @@ def qwen3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
-    # Gemma-3: offset norms, sandwich norms, local + global layers with their own RoPE and a binding window in the
-    # static step. Its SentencePiece tokenizer needs ``sentencepiece`` on the GPU image (docs/gpu.md: EXTRA_WHEELS).
-    return build("gemma3", tmp_path_factory.mktemp("gpu") / "gemma3")
+    # Gemma-3's decoder (offset and sandwich norms, local + global layers with their own RoPE, a binding window)
+    # in the static step; with Llama-3's byte-level tokenizer, which the GPU image can build (no sentencepiece).
+    spec = replace(SPECS["gemma3"], name="gemma3-bpe", tokenizer=llama3_tokenizer, expert_template=LLAMA3_TEMPLATE,
+                   end_tokens=["<|end_of_text|>", "<|eot_id|>"])
+    return build(spec, tmp_path_factory.mktemp("gpu") / "gemma3")
 
 
 def _matches_the_reference(family, devices: list[str]) -> None:
