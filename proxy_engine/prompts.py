@@ -130,13 +130,22 @@ class PromptRenderer:
                              "cannot be continued")
         return rendered[: rendered.rindex(_CONTINUE_MARKER)]
 
+    def adds_special_tokens(self, prompt: PromptInput) -> bool:
+        """Whether the tokenizer's special tokens (BOS) go on this model's rendering of ``prompt``: a chat template
+        writes its own, plain text gets them. The request's ``add_special_tokens`` decides for the text it wrote
+        as this model reads it (a chat on a chat template; completion text on a plain model), not for the prompts
+        built here (the transcript of a chat, which needs its BOS; a completion wrapped in a chat template)."""
+        chat_template = self.prompt_format == "chat"
+        written_as_sent = chat_template == (prompt.messages is not None)
+        if written_as_sent and prompt.add_special_tokens is not None:
+            return prompt.add_special_tokens
+        return not chat_template
+
     def render(self, prompt: PromptInput) -> list[int]:
         if self.prompt_format == "plain" and prompt.token_ids is not None:
             return list(prompt.token_ids)
         text = self.render_text(prompt)
-        # A chat template writes its own special tokens (BOS included); plain text gets the tokenizer's usual ones.
-        add_special = self.prompt_format == "plain"
-        ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=self.adds_special_tokens(prompt))["input_ids"]
         if not ids:
             raise ValueError("the prompt is empty")
         return ids

@@ -133,6 +133,11 @@ class PromptInput:
     generation_prompt: bool = True
     # Extra variables for the chat templates (``enable_thinking``, say); the plain transcript does not read them.
     template_kwargs: dict[str, Any] | None = None
+    # vLLM's add_special_tokens: the tokenizer's special tokens (BOS) on what the client wrote, as each model
+    # tokenizes it: completion text on a plain-format model (None: yes), a chat on a chat template (None: no, the
+    # template writes its own). What the server builds itself (the transcript, a completion wrapped in a chat
+    # template) keeps its default (PromptRenderer.render).
+    add_special_tokens: bool | None = None
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.text, self.messages, self.token_ids)]

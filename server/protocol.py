@@ -263,12 +263,15 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
     best_of: Int64 | None = None
+    # vLLM's: the tokenizer's special tokens (BOS) on the prompt text as plain models tokenize it (default yes;
+    # false for a text that already starts with them).
+    add_special_tokens: bool | None = None
 
     def prompt_input(self) -> PromptInput | list[PromptInput]:
         """One prompt, or several: prompt ``i``'s choices are then numbered from ``i * n``, as OpenAI does."""
         prompt = self.prompt
         if isinstance(prompt, str):
-            return PromptInput(text=check_text(prompt, "prompt"))
+            return PromptInput(text=check_text(prompt, "prompt"), add_special_tokens=self.add_special_tokens)
         if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
             return PromptInput(token_ids=list(prompt))
         if isinstance(prompt, list) and not prompt:
@@ -283,7 +286,8 @@ class CompletionRequest(_SamplingFields):
         prompts = []
         for i, one in enumerate(prompt):
             if isinstance(one, str):
-                prompts.append(PromptInput(text=check_text(one, f"prompt[{i}]")))
+                prompts.append(PromptInput(text=check_text(one, f"prompt[{i}]"),
+                                           add_special_tokens=self.add_special_tokens))
             elif one and all(_is_token_id(t) for t in one):
                 prompts.append(PromptInput(token_ids=list(one)))
             else:
@@ -328,14 +332,18 @@ class ChatPromptControls(_Lenient):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # The tokenizer's special tokens on top of a chat template's rendering (vLLM's; default no). On a completion
+    # (and /tokenize with a prompt), on the text as plain models tokenize it (default yes).
+    add_special_tokens: bool | None = None
 
     def template_controls(self) -> dict[str, Any]:
-        """``PromptInput``'s continue_final / generation_prompt / template_kwargs: a continued final message
-        opens no new assistant turn unless add_generation_prompt says otherwise (which the engine refuses)."""
+        """``PromptInput``'s continue_final / generation_prompt / template_kwargs / add_special_tokens: a
+        continued final message opens no new assistant turn unless add_generation_prompt says otherwise (which
+        the engine refuses)."""
         continue_final = bool(self.continue_final_message)
         generation_prompt = not continue_final if self.add_generation_prompt is None else self.add_generation_prompt
         return {"continue_final": continue_final, "generation_prompt": generation_prompt,
-                "template_kwargs": self.chat_template_kwargs or None}
+                "template_kwargs": self.chat_template_kwargs or None, "add_special_tokens": self.add_special_tokens}
 
 
 class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
@@ -501,7 +509,7 @@ class TokenizeRequest(ChatPromptControls):
             controls = {name: getattr(self, name) for name in ChatPromptControls.model_fields}
             return ChatCompletionRequest(messages=self.messages, **controls).prompt_input()
         if isinstance(self.prompt, str):
-            return PromptInput(text=check_text(self.prompt, "prompt"))
+            return PromptInput(text=check_text(self.prompt, "prompt"), add_special_tokens=self.add_special_tokens)
         return PromptInput(token_ids=list(self.prompt or []))
 
 

@@ -158,3 +158,22 @@ def test_the_issue_case_forced_tokens_keep_their_space(served):
     assert echoed["text"] == "The capital of France is P P P"
     streamed = _stream(server.url, "/v1/completions", body)
     assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == " P P P"
+
+
+def test_a_prompt_written_with_its_bos_is_not_given_a_second(served):
+    """add_special_tokens false (vLLM's): a completion whose text the client wrote with its special tokens is
+    tokenized as sent by every plain model (the chat expert still wraps it in its template), and the answer is
+    the reference's on those prompts; prompt_token_ids and /tokenize show the ids."""
+    family, server, tokenizers, naive, _ = served
+    base_tok = tokenizers[0]
+    prompt = (base_tok.bos_token or "") + "The capital of France is"
+    body = {**COMMON, "prompt": prompt, "add_special_tokens": False, "return_token_ids": True, "echo": False}
+    choice = _post(server.url, "/v1/completions", body)["choices"][0]
+    as_sent = base_tok(prompt, add_special_tokens=False)["input_ids"]
+    assert choice["prompt_token_ids"] == as_sent, family.spec.name
+    tokenized = _post(server.url, "/tokenize", {"model": COMMON["model"], "prompt": prompt,
+                                                "add_special_tokens": False})
+    assert tokenized["tokens"] == as_sent
+    expert = per_model_prompts(family, tokenizers, prompt, None)[1] if family.chat_expert else as_sent
+    tokens, _ = naive.greedy([as_sent, expert, as_sent], [1.0, 1.0, -1.0], TOKENS)
+    assert choice["text"] == completion_text(base_tok, as_sent, tokens), family.spec.name

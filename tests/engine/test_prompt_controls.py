@@ -95,3 +95,25 @@ def test_the_controls_need_messages():
                    {"template_kwargs": {"enable_thinking": False}}):
         with pytest.raises(ValueError, match="need messages"):
             PromptInput(text="hi", **kwargs)
+
+
+def test_add_special_tokens_decides_for_what_the_client_wrote_only():
+    """vLLM's add_special_tokens: on completion text as a plain model tokenizes it (default yes), on a chat as a
+    chat template renders it (default no: the template writes its own); the transcript built for a plain model
+    keeps its BOS, and a completion wrapped in a chat template keeps the template's. (Llama-2's tokenizer: a BOS.)"""
+    from tests.conformance.families import llama2_tokenizer
+
+    tokenizer = llama2_tokenizer()
+    bos = tokenizer.bos_token_id
+    plain, chat = _plain(tokenizer), _chat(tokenizer)
+    text = PromptInput(text="Hello there")
+    assert plain.render(text)[0] == bos
+    assert plain.render(PromptInput(text="Hello there", add_special_tokens=False)) == plain.render(text)[1:]
+    messages = PARTIAL[:1]
+    for value in (None, True, False):
+        assert plain.render(PromptInput(messages=messages, add_special_tokens=value))[0] == bos  # the transcript
+        wrapped = PromptInput(text="Hello there", add_special_tokens=value)
+        assert chat.render(wrapped) == chat.render(text)
+    assert chat.render(PromptInput(messages=messages))[0] != bos
+    assert chat.render(PromptInput(messages=messages, add_special_tokens=True)) == [
+        bos, *chat.render(PromptInput(messages=messages))]
