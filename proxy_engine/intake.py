@@ -42,6 +42,16 @@ def resolve_tool_call_format(config: EngineConfig, models: list[LoadedModel]) ->
     return detect_format(template) if template is not None else None
 
 
+def truncated(ids: list[int], keep: int | None, limit: int, max_tokens: int | None) -> list[int]:
+    """``ids`` cut to their last ``keep`` tokens (vLLM's ``truncate_prompt_tokens``); ``keep`` -1: to what fits
+    a context of ``limit`` tokens beside ``max_tokens`` (beside one token when it is None)."""
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = max(1, limit - (1 if max_tokens is None else max_tokens))
+    return ids[-keep:]
+
+
 def context_left(prompts: dict[int, list[int]], max_tokens: int | None, limits: list[int], roles: list[str]) -> int:
     """The completion tokens allowed: ``max_tokens``, or (when it is None) the context every model has left.
 
@@ -158,7 +168,8 @@ class Intake:
             raise FieldError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         weights = self.weights_for(params, target)
         prompts = {
-            index: self.models[index].renderer.render(prompt)
+            index: truncated(self.models[index].renderer.render(prompt), prompt.truncate, self.max_lens[index],
+                             params.max_tokens)
             for index, weight in enumerate(weights) if weight != 0.0 or params.model_logprobs is not None
         }
         left = context_left(prompts, params.max_tokens, self.max_lens, [m.role for m in self.models])

@@ -138,6 +138,9 @@ class PromptInput:
     # template writes its own). What the server builds itself (the transcript, a completion wrapped in a chat
     # template) keeps its default (PromptRenderer.render).
     add_special_tokens: bool | None = None
+    # vLLM's truncate_prompt_tokens: each model's rendering cut to its last ``k`` tokens; -1 to what fits its
+    # context with the room max_tokens needs (one token when max_tokens is unset). None: never truncated.
+    truncate: int | None = None
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.text, self.messages, self.token_ids)]

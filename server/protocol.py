@@ -98,8 +98,6 @@ _UNHONOURED_SAMPLING = {
     "logits_processors": Unhonoured("logits processors cannot be loaded from a request"),
     # 0 asks for something here: each prompt token's own logprob.
     "prompt_logprobs": Unhonoured("prompt logprobs come from /v1/completions with echo: true and logprobs", _null),
-    "truncate_prompt_tokens": Unhonoured("prompts are never truncated: one past the context is a 400 saying so",
-                                         _null),
 }
 
 
@@ -135,6 +133,8 @@ class _SamplingFields(_Lenient):
     # rendering), and logprob tokens named ``token_id:<id>`` instead of by their text.
     return_token_ids: bool | None = None
     return_tokens_as_token_ids: bool | None = None
+    # vLLM's: each model's prompt cut to its last k tokens (-1: to what fits beside max_tokens).
+    truncate_prompt_tokens: Int64 | None = None
     # Common extensions (vLLM's names).
     top_k: Int64 | None = None
     min_p: float | None = None
@@ -157,7 +157,6 @@ class _SamplingFields(_Lenient):
     use_beam_search: Any = None
     logits_processors: Any = None
     prompt_logprobs: Any = None
-    truncate_prompt_tokens: Any = None
 
     UNHONOURED: ClassVar[dict[str, Unhonoured]] = _UNHONOURED_SAMPLING
 
@@ -168,6 +167,14 @@ class _SamplingFields(_Lenient):
     @property
     def continuous_usage(self) -> bool:
         return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
+    def _truncate(self) -> int | None:
+        """``truncate_prompt_tokens`` checked: -1 (to what fits) or a count of at least 1."""
+        keep = self.truncate_prompt_tokens
+        if keep is not None and keep < 1 and keep != -1:
+            raise bad_request(f"truncate_prompt_tokens must be -1 (to what fits) or at least 1, got {keep}",
+                              "truncate_prompt_tokens")
+        return keep
 
     def _max_tokens(self, *, zero_ok: bool, note: str = "") -> int | None:
         """``max_completion_tokens`` (it wins) or ``max_tokens``; below 1 is a 400, except 0 when ``zero_ok``."""
@@ -270,10 +277,15 @@ class CompletionRequest(_SamplingFields):
     def prompt_input(self) -> PromptInput | list[PromptInput]:
         """One prompt, or several: prompt ``i``'s choices are then numbered from ``i * n``, as OpenAI does."""
         prompt = self.prompt
+        truncate = self._truncate()
+        if truncate is not None and self.echo:
+            raise bad_request("truncate_prompt_tokens cannot be combined with echo: the echoed prompt would not be "
+                              "the one the models read", "truncate_prompt_tokens")
         if isinstance(prompt, str):
-            return PromptInput(text=check_text(prompt, "prompt"), add_special_tokens=self.add_special_tokens)
+            return PromptInput(text=check_text(prompt, "prompt"), add_special_tokens=self.add_special_tokens,
+                               truncate=truncate)
         if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
-            return PromptInput(token_ids=list(prompt))
+            return PromptInput(token_ids=list(prompt), truncate=truncate)
         if isinstance(prompt, list) and not prompt:
             raise bad_request("prompt must not be empty", "prompt")
         if not isinstance(prompt, list) or not all(isinstance(p, (str, list)) for p in prompt):
@@ -287,9 +299,9 @@ class CompletionRequest(_SamplingFields):
         for i, one in enumerate(prompt):
             if isinstance(one, str):
                 prompts.append(PromptInput(text=check_text(one, f"prompt[{i}]"),
-                                           add_special_tokens=self.add_special_tokens))
+                                           add_special_tokens=self.add_special_tokens, truncate=truncate))
             elif one and all(_is_token_id(t) for t in one):
-                prompts.append(PromptInput(token_ids=list(one)))
+                prompts.append(PromptInput(token_ids=list(one), truncate=truncate))
             else:
                 raise bad_request(f"prompt[{i}] must be a string or a non-empty list of token ids", "prompt")
         return prompts[0] if len(prompts) == 1 else prompts
@@ -422,7 +434,8 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
             messages.append(_chat_message(role, message, i))
         check_tool_results(messages)
         plan = self.tool_plan(fmt)
-        return PromptInput(messages=messages, tools=plan.tools or None, **self.template_controls())
+        return PromptInput(messages=messages, tools=plan.tools or None, truncate=self._truncate(),
+                           **self.template_controls())
 
     def sampling_params(self, fmt: str | None = "hermes", defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

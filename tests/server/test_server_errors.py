@@ -85,7 +85,6 @@ _UNHONOURED_VALUES = {
     "use_beam_search": True,
     "logits_processors": ["my_module.MyProcessor"],
     "prompt_logprobs": 0,  # 0 asks for each prompt token's own logprob
-    "truncate_prompt_tokens": 100,
     "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"},
     "web_search_options": {},

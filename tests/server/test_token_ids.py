@@ -1,6 +1,7 @@
 """vLLM's token-id extensions over HTTP: ``return_token_ids`` (each choice's generated ids, and its prompt's ids:
 the base model's rendering, what usage counts) and ``return_tokens_as_token_ids`` (logprob tokens named
-``token_id:<id>``), whole and streamed, on both endpoints, as vLLM's own tests read them."""
+``token_id:<id>``), whole and streamed, on both endpoints, as vLLM's own tests read them; and
+``truncate_prompt_tokens``, which those ids show."""
 
 from __future__ import annotations
 
@@ -122,3 +123,27 @@ def test_the_id_that_ended_a_choice_is_its_last_token_id(http):
     stop = free[2]
     ended = _ok(http.post("/v1/completions", json={**body, "stop_token_ids": [stop]}))["choices"][0]
     assert ended["finish_reason"] == "stop" and ended["token_ids"] == free[: free.index(stop) + 1]
+
+
+def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(http):
+    """vLLM's truncate_prompt_tokens: the models read the prompt's last k tokens (the answer is that of a request
+    sending those ids), usage counts them; -1 cuts a prompt past the context to what fits beside max_tokens."""
+    prompt = "Numbers 0 1 2 3 4 5 6 7 8 9 and the capital of France is"
+    ids = _tokens(http, prompt=prompt)
+    body = {"return_token_ids": True, **GREEDY}
+    cut = _ok(http.post("/v1/completions", json={"prompt": prompt, "truncate_prompt_tokens": 5, **body}))
+    assert cut["choices"][0]["prompt_token_ids"] == ids[-5:] and cut["usage"]["prompt_tokens"] == 5
+    sent = _ok(http.post("/v1/completions", json={"prompt": ids[-5:], **body}))
+    assert cut["choices"][0]["token_ids"] == sent["choices"][0]["token_ids"]
+    chat = _ok(http.post("/v1/chat/completions", json={"messages": MESSAGES, "truncate_prompt_tokens": 4, **body}))
+    assert chat["prompt_token_ids"] == _tokens(http, messages=MESSAGES)[-4:]
+    context = _ok(http.get("/v1/models"))["data"][0]["max_model_len"]
+    long = " ".join(["word"] * context)
+    refused = http.post("/v1/completions", json={"prompt": long, **body})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    fitted = _ok(http.post("/v1/completions", json={"prompt": long, "truncate_prompt_tokens": -1, **body}))
+    assert fitted["usage"]["prompt_tokens"] == context - GREEDY["max_tokens"]
+    for bad in ({"truncate_prompt_tokens": 0}, {"truncate_prompt_tokens": -2},
+                {"truncate_prompt_tokens": 3, "echo": True}):
+        response = http.post("/v1/completions", json={"prompt": prompt, **GREEDY, **bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "truncate_prompt_tokens", bad
