@@ -67,16 +67,16 @@ def build(architecture: str, layers: int = 12, hidden: int = 768) -> torch.nn.Mo
     return model
 
 
-def _join(runner: ModelRunner, rows: int) -> None:
+def _join(runner: ModelRunner, rows: int, prompt_tokens: int = PROMPT_TOKENS) -> None:
     runner.keep_rows([])
-    job = runner.start_prefill(list(range(rows)), [[5 + i] * PROMPT_TOKENS for i in range(rows)])
+    job = runner.start_prefill(list(range(rows)), [[5 + i] * prompt_tokens for i in range(rows)])
     while not job.complete:
         runner.prefill_step(job, 512)
     runner.add_rows(job)
 
 
-def _ms_per_step(runner: ModelRunner, rows: int, steps: int) -> float:
-    _join(runner, rows)
+def _ms_per_step(runner: ModelRunner, rows: int, steps: int, prompt_tokens: int = PROMPT_TOKENS) -> float:
+    _join(runner, rows, prompt_tokens)
     tokens = torch.full((rows,), 7)
     for _ in range(2):  # warm
         runner.decode(tokens)
@@ -88,7 +88,7 @@ def _ms_per_step(runner: ModelRunner, rows: int, steps: int) -> float:
 
 @torch.inference_mode()
 def compare(architecture: str, levels: list[int], steps: int = 32, rounds: int = 3, layers: int = 12,
-            hidden: int = 768) -> dict[str, dict[str, float | str]]:
+            hidden: int = 768, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, dict[str, float | str]]:
     """``{rows: {"fast_ms", "transformers_ms", "fast / transformers", "executor"}}`` for ``architecture``."""
     model = build(architecture, layers, hidden)
     runners = {name: ModelRunner(model, VOCAB, 0, f"{architecture}-{name}",
@@ -98,7 +98,7 @@ def compare(architecture: str, levels: list[int], steps: int = 32, rounds: int =
         samples: dict[str, list[float]] = {name: [] for name in runners}
         for _ in range(rounds):
             for name, runner in runners.items():
-                samples[name].append(_ms_per_step(runner, rows, steps))
+                samples[name].append(_ms_per_step(runner, rows, steps, prompt_tokens))
         fast, slow = statistics.median(samples["fast"]), statistics.median(samples["transformers"])
         results[str(rows)] = {"fast_ms": round(fast, 3), "transformers_ms": round(slow, 3),
                               "fast / transformers": round(fast / slow, 3), "executor": runners["fast"].executor}
@@ -123,11 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                        help="each row's prompt length (a long one: attention's share of the step grows)")
     parser.add_argument("--out", type=Path, default=None, help="write architectures.json and .md here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {a: compare(a, args.levels, args.steps, args.rounds) for a in args.architectures}
+    results = {a: compare(a, args.levels, args.steps, args.rounds, prompt_tokens=args.prompt_tokens)
+               for a in args.architectures}
     command = "python -m bench.architectures " + " ".join(sys.argv[1:] if argv is None else argv)
     report = markdown(results, command.strip())
     print(report)

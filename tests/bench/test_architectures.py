@@ -10,7 +10,8 @@ from bench import architectures
 
 def test_every_architecture_takes_the_fast_path_and_is_timed_against_transformers(tmp_path, monkeypatch):
     monkeypatch.setattr(architectures, "compare", _small(architectures.compare))
-    architectures.main(["--levels", "1", "3", "--steps", "2", "--rounds", "1", "--out", str(tmp_path)])
+    architectures.main(["--levels", "1", "3", "--steps", "2", "--rounds", "1", "--prompt-tokens", "100",
+                        "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "architectures.json").read_text())
     assert set(saved["results"]) == set(architectures.ARCHITECTURES)
     for by_rows in saved["results"].values():
@@ -19,7 +20,7 @@ def test_every_architecture_takes_the_fast_path_and_is_timed_against_transformer
             assert row["executor"] == "fast" and row["fast_ms"] > 0 and row["transformers_ms"] > 0
             assert abs(row["fast / transformers"] - row["fast_ms"] / row["transformers_ms"]) < 0.01
     report = (tmp_path / "architectures.md").read_text()
-    assert "python -m bench.architectures --levels 1 3" in report
+    assert "python -m bench.architectures --levels 1 3" in report and "--prompt-tokens 100" in report
     assert "| qwen3 | 3 |" in report and report.count("| fast |") == 2 * len(architectures.ARCHITECTURES)
 
 
@@ -36,7 +37,7 @@ def test_built_models_have_each_familys_extras():
 
 
 def _small(compare):
-    def small(architecture, levels, steps=32, rounds=3, layers=12, hidden=768):
-        return compare(architecture, levels, steps, rounds, layers=1, hidden=128)
+    def small(architecture, levels, steps=32, rounds=3, layers=12, hidden=768, prompt_tokens=64):
+        return compare(architecture, levels, steps, rounds, layers=1, hidden=128, prompt_tokens=prompt_tokens)
 
     return small
