@@ -358,7 +358,9 @@ class FastDecoder:
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
         """``ids [n]``, ``positions [n]``, ``mask [n, 1, 1, span]`` (bool) or None, ``cache`` a ``SlotKVCache``;
-        layers with a sliding window build their own mask from the positions."""
+        layers with a sliding window build their own mask from the positions, and read only the columns some
+        row's window reaches (from the shortest row's first one): for Gemma-3's local layers, a window of
+        hundreds of tokens instead of the whole context."""
         n = ids.shape[0]
         layout = self.layout
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
@@ -368,8 +370,12 @@ class FastDecoder:
         span = cache.state.span
         tables = {kind: table.signed_sin(positions, span - 1) for kind, table in self.rotary.items()}  # [n, 1, D]
         masks = {FULL: mask}
+        first = {FULL: 0}  # per attention kind, the first column its layers read
         if layout.windowed:
-            masks[SLIDING] = visible(positions, span, layout.window)[:, None, None, :]
+            # From the host's lengths (positions = lengths): no device read.
+            first[SLIDING] = start = max(0, min(cache.state.lengths) - layout.window + 1)
+            # Rows of one length see exactly [start, span) in a windowed layer: no mask then.
+            masks[SLIDING] = None if mask is None else visible(positions, span, layout.window)[:, None, None, start:]
         group = heads // kv_heads
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         linears = self.linears_for(n)
@@ -386,6 +392,8 @@ class FastDecoder:
             # ([n, kv_heads, group, D] against [n, kv_heads, span, D]), K/V are read once, where enable_gqa
             # repeated them (1.15-1.7x slower attention on the CPU, more the longer the span: bench/NOTES.md).
             q = qk[:, :heads].view(n, kv_heads, group, head_dim)
+            if first[lay.kind]:
+                keys, values = keys[:, :, first[lay.kind]:], values[:, :, first[lay.kind]:]
             if lay.softcap is None:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[lay.kind], scale=lay.scaling)
             else:
