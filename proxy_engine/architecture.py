@@ -45,6 +45,12 @@ _SQRT_HIDDEN_EMBEDDING = {"GemmaForCausalLM", "Gemma2ForCausalLM"}
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # frequencies that depend on the sequence seen so far
 
 
+def length_dependent_rope(rope_type: str) -> bool:
+    """Whether a RoPE type's frequencies change with the sequence seen so far (transformers' dynamic_rope_update):
+    no table of every position can stand for them."""
+    return any(kind in rope_type for kind in LENGTH_DEPENDENT_ROPE)
+
+
 class Norm(NamedTuple):
     """One RMSNorm: Llama's ``weight * cast(rms(x))``, or with ``offset`` Gemma's ``cast(rms(x) * weight)`` where
     ``weight`` already holds ``1 + w`` in float32."""
@@ -134,6 +140,11 @@ def rotary_for(inner: torch.nn.Module, kind: str) -> tuple[Callable, str]:
         rotary = inner.rotary_emb_local
         return rotary, str(getattr(rotary, "rope_type", "default"))
     return rotary, str(rope_type)
+
+
+def rope_types(model: torch.nn.Module, max_len: int | None = None) -> list[str]:
+    """The RoPE type of each attention kind ``model``'s layers use (without reading the rest of its layout)."""
+    return [rotary_for(model.model, kind)[1] for kind in sorted(set(layer_kinds_of(model.config, max_len)))]
 
 
 def embedding_scale(model: torch.nn.Module) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.architecture import LENGTH_DEPENDENT_ROPE, DecoderLayout, Norm, unsupported_reason
+from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, unsupported_reason
 from proxy_engine.attention_masks import FULL, SLIDING, visible
 from proxy_engine.config import PACKED_WEIGHTS_ENV
 
@@ -226,7 +226,7 @@ class RotaryTable:
         self.rotary = rotary
         self.like = like[:1]  # dtype and device
         rope_type = rope_type if rope_type is not None else getattr(rotary, "rope_type", "default")
-        self.static = rope_type not in LENGTH_DEPENDENT_ROPE
+        self.static = not length_dependent_rope(str(rope_type))
         self.cos = self.sin = self.signed = like.new_empty(0)
 
     def __call__(self, positions: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +280,6 @@ class FastDecoder:
         inner = model.model
         self.layout = DecoderLayout(model, max_len)
         self.embed = inner.embed_tokens.weight
-        self.embed_scale = self.layout.embed_scale
         self.layers = list(inner.layers)
         if column_major:
             column_major_head(model)
@@ -365,8 +364,8 @@ class FastDecoder:
         layout = self.layout
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)  # [n, hidden]
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
+        if layout.embed_scale is not None:
+            x = x * layout.embed_scale
         span = cache.state.span
         tables = {kind: table.signed_sin(positions, span - 1) for kind, table in self.rotary.items()}  # [n, 1, D]
         masks = {FULL: mask}

@@ -35,7 +35,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.architecture import LENGTH_DEPENDENT_ROPE, DecoderLayout, Norm, unsupported_reason
+from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, rope_types, unsupported_reason
 from proxy_engine.attention_masks import FULL, SLIDING
 from proxy_engine.fast_decode import fuse_linears, head_norm, offset_norm, softcap, softcapped_attention
 
@@ -52,8 +52,8 @@ def static_unsupported_reason(model: torch.nn.Module, max_len: int | None = None
     reason = unsupported_reason(model, max_len)
     if reason is not None:
         return reason
-    for _, rope_type in DecoderLayout(model, max_len).rotary.values():
-        if any(kind in rope_type for kind in LENGTH_DEPENDENT_ROPE):
+    for rope_type in rope_types(model, max_len):
+        if length_dependent_rope(rope_type):
             return f"RoPE type {rope_type} depends on the sequence length"
     return None
 
