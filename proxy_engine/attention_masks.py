@@ -10,6 +10,10 @@ the step passes a prepared mask and transformers uses it as is, for every layer.
   layers): transformers only builds windowed masks itself. Models whose layers mix full and sliding attention
   get one mask per layer type, the ``{layer_type: mask}`` mapping their forward accepts.
 
+ALiBi models (BLOOM, MPT, Falcon-RW) are the exception: their forward derives the ALiBi bias from a 2-D padding
+mask (which columns hold a token), so they get that, ``[n, span]`` of ones and zeros; transformers builds the
+causal part from it, and a decode step's single query never sees past its own column either way.
+
 Absolute positions equal slot columns, so "row r sees column c" is ``c <= pos_r`` and, within a window ``w``,
 ``c > pos_r - w`` (transformers' ``sliding_window_overlay``).
 """
@@ -34,15 +38,44 @@ def sliding_window(config) -> int | None:
     return window
 
 
+# Families with layers that keep a recurrent state instead of keys and values (state-space, linear attention,
+# convolution), for checkpoints whose config.json lists no layer types (transformers' config class derives them).
+RECURRENT_MODEL_TYPES = frozenset({
+    "mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma", "falcon_h1", "bamba", "nemotron_h",
+    "zamba", "zamba2", "jamba", "plamo2", "lfm2", "lfm2_moe", "qwen3_next", "kimi_linear", "minimax",
+    "granitemoehybrid",
+})
+
+
+def unsupported_layers(model_type: str | None, layer_types: list[str] | None) -> str | None:
+    """Why the engine cannot batch a model with these layers (None when every layer is full or sliding-window
+    attention): its caches hold each layer's keys and values by column, which a recurrent state (Mamba, linear
+    attention, convolution) is not, and Llama-4's chunked attention restarts at absolute positions that left-padded
+    prefill shifts."""
+    other = sorted(set(layer_types or []) - {FULL, SLIDING})
+    if not other and model_type not in RECURRENT_MODEL_TYPES:
+        return None
+    what = ", ".join(other) if other else "recurrent-state"
+    return (f"{model_type or 'the model'} has {what} layers; the engine serves decoders whose every layer is full or "
+            f"sliding-window attention (it caches their keys and values by position)")
+
+
 def layer_kinds(config) -> set[str]:
     """The attention kinds of the model's layers (``full_attention`` / ``sliding_attention``)."""
     kinds = set(getattr(config, "layer_types", None) or [])
+    reason = unsupported_layers(getattr(config, "model_type", None), list(kinds))
+    if reason is not None:
+        raise ValueError(reason)
     if not kinds:
         return {SLIDING if sliding_window(config) else FULL}
-    unknown = kinds - {FULL, SLIDING}
-    if unknown:
-        raise ValueError(f"layer types {sorted(unknown)} are not supported by the decode step's masks")
     return kinds
+
+
+def uses_alibi(config) -> bool:
+    """Whether the model biases attention with ALiBi, computed in its forward from a 2-D padding mask."""
+    attn_config = getattr(config, "attn_config", None)  # MPT keeps it there
+    return (getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True
+            or getattr(attn_config, "alibi", False) is True)
 
 
 def visible(positions: torch.Tensor, span: int, window: int | None) -> torch.Tensor:
@@ -69,6 +102,7 @@ class DecodeMasks:
         if SLIDING in self.kinds and self.window is None:
             raise ValueError("the model has sliding-attention layers but no sliding_window")
         self.dtype = dtype if dtype.is_floating_point else torch.float32
+        self.padding = uses_alibi(config)
 
     @property
     def windowed(self) -> bool:
@@ -76,9 +110,11 @@ class DecodeMasks:
 
     def build(self, positions: torch.Tensor, span: int, uniform: bool):
         """None when every row has one length and no layer has a window (transformers' own causal mask is then
-        exact and the cheapest); otherwise additive masks."""
+        exact and the cheapest); otherwise additive masks, or an ALiBi model's 2-D padding mask."""
         if uniform and not self.windowed:
             return None
+        if self.padding:
+            return visible(positions, span, None).long()
         masks = {}
         for kind in self.kinds:
             masks[kind] = additive(visible(positions, span, self.window if kind == SLIDING else None), self.dtype)

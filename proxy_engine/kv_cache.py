@@ -120,7 +120,7 @@ class PaddedKVCache(Cache):
 
     def nbytes(self) -> int:
         return sum(
-            layer.k_buf.numel() * layer.k_buf.element_size() * 2 for layer in self.layers if layer.k_buf is not None
+            layer.k_buf.nbytes + layer.v_buf.nbytes for layer in self.layers if layer.k_buf is not None
         )
 
 
@@ -191,17 +191,20 @@ class SlotLayer(DynamicLayer):
         return self.state.longest
 
     # --- storage -----------------------------------------------------------------------------------------
-    def allocate(self, like: torch.Tensor, slots: int, capacity: int) -> None:
-        """(Re)allocate ``[slots, H, capacity, D]`` buffers shaped like ``like [*, H, *, D]``, keeping live data."""
-        shape = (slots, like.shape[1], capacity, like.shape[-1])
-        # Zeros, not garbage: masked columns still meet a zero attention weight, and 0 * NaN would be NaN.
-        k, v = like.new_zeros(shape), like.new_zeros(shape)
+    def allocate(self, k_like: torch.Tensor, v_like: torch.Tensor, slots: int, capacity: int) -> None:
+        """(Re)allocate ``[slots, H, capacity, D]`` buffers, K shaped like ``k_like [*, H, *, D]`` and V like
+        ``v_like`` (their head sizes differ under multi-head latent attention), keeping live data."""
+        def shaped(like: torch.Tensor) -> torch.Tensor:
+            # Zeros, not garbage: masked columns still meet a zero attention weight, and 0 * NaN would be NaN.
+            return like.new_zeros((slots, like.shape[1], capacity, like.shape[-1]))
+
+        k, v = shaped(k_like), shaped(v_like)
         if self.k_buf is not None:
             rows, width = min(self.state.num_rows, slots), min(self.state.longest, capacity)
             k[:rows, :, :width] = self.k_buf[:rows, :, :width]
             v[:rows, :, :width] = self.v_buf[:rows, :, :width]
         self.k_buf, self.v_buf = k, v
-        self.is_initialized, self.device = True, like.device
+        self.is_initialized, self.device = True, k_like.device
 
 
 class SlotKVCache(Cache):
@@ -236,7 +239,7 @@ class SlotKVCache(Cache):
     def capacity(self) -> int:
         return min((0 if layer.k_buf is None else layer.k_buf.shape[2] for layer in self.layers), default=0)
 
-    def _reserve(self, like: torch.Tensor, rows: int, width: int) -> None:
+    def _reserve(self, k_like: torch.Tensor, v_like: torch.Tensor, rows: int, width: int) -> None:
         slots, capacity = self.slots, self.capacity
         if rows <= slots and width <= capacity:
             return
@@ -250,7 +253,10 @@ class SlotKVCache(Cache):
             # smallest layer, so the cache stays consistent whichever layer an allocation fails in.
             if layer.k_buf is not None and layer.k_buf.shape[0] >= new_slots and layer.k_buf.shape[2] >= new_capacity:
                 continue
-            layer.allocate(like if layer.k_buf is None else layer.k_buf, new_slots, new_capacity)
+            if layer.k_buf is None:
+                layer.allocate(k_like, v_like, new_slots, new_capacity)
+            else:
+                layer.allocate(layer.k_buf, layer.v_buf, new_slots, new_capacity)
 
     # --- decode --------------------------------------------------------------------------------------------
     def begin_decode(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -258,7 +264,7 @@ class SlotKVCache(Cache):
         n = self.num_rows
         longest = self.longest
         if self.layers and self.layers[0].k_buf is not None:
-            self._reserve(self.layers[0].k_buf, n, longest + 1)
+            self._reserve(self.layers[0].k_buf, self.layers[0].v_buf, n, longest + 1)
         state = self.state
         positions = torch.tensor(state.lengths, dtype=torch.long)
         state.write_pos = positions.to(device, non_blocking=True)
@@ -286,7 +292,7 @@ class SlotKVCache(Cache):
         width = first.length
         start = self.num_rows
         lengths = [width - pad for pad in pads]
-        self._reserve(first.k_buf, start + len(rows), max(self.longest, max(lengths)) + 1)
+        self._reserve(first.k_buf, first.v_buf, start + len(rows), max(self.longest, max(lengths)) + 1)
         same = all(pad == pads[0] for pad in pads) and rows == list(range(rows[0], rows[0] + len(rows)))
         for mine, theirs in zip(self.layers, job.layers):
             k, v = theirs.k_buf.to(mine.k_buf.device), theirs.v_buf.to(mine.v_buf.device)
@@ -317,5 +323,5 @@ class SlotKVCache(Cache):
 
     def nbytes(self) -> int:
         return sum(
-            layer.k_buf.numel() * layer.k_buf.element_size() * 2 for layer in self.layers if layer.k_buf is not None
+            layer.k_buf.nbytes + layer.v_buf.nbytes for layer in self.layers if layer.k_buf is not None
         )

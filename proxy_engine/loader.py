@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.gguf_files import find_gguf, require_gguf
 from proxy_engine.memory import config_dtype, parse_size, resolve_dtype
-from proxy_engine.model_files import locate, read_config
+from proxy_engine.model_files import context_length, locate, read_config, text_config
 from proxy_engine.placement import accelerate_key, gpu_free_bytes, normalise_device
 from proxy_engine.prompts import PromptRenderer
 from proxy_engine.text_model import auto_class, text_model
@@ -86,11 +87,10 @@ def check_vocabularies(tokenizers: dict[str, object], shown: int = 5) -> int:
 
 
 def max_positions(model: torch.nn.Module, tokenizer) -> int:
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    """The model's context: its config's (``model_files.context_length``), else its tokenizer's limit."""
+    stated = context_length(model.config.to_dict())
+    if stated is not None:
+        return stated
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < 10**7 else _FALLBACK_MAX_LEN
 
@@ -254,6 +254,13 @@ def warn_if_tools_unseen(role: str, renderer: PromptRenderer) -> None:
         )
 
 
+def _refuse_unsupported_layers(role: str, config: ModelConfig, model_type: str | None,
+                               layer_types: list[str] | None) -> None:
+    reason = unsupported_layers(model_type, layer_types)
+    if reason is not None:
+        raise ValueError(f"{role} ({config.path}): {reason}")
+
+
 def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str) -> LoadedModel:
     started = time.perf_counter()
     log.info("loading %s from %s (device %s, dtype %s)", role, config.path, config.device, config.dtype)
@@ -261,9 +268,15 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
                               tools_preamble=config.tools_preamble)
     warn_if_tools_unseen(role, renderer)
     _, directory, _ = locate(config)
-    model_type = (read_config(directory) or {}).get("model_type") if directory is not None else None
+    checkpoint_config = (read_config(directory) or {}) if directory is not None else {}
+    model_type = checkpoint_config.get("model_type")  # the wrapper's, for a vision wrapper: auto_class needs it
+    decoder_config = text_config(checkpoint_config)
+    # Before the weights load: a 70B checkpoint is refused in a second, not minutes.
+    _refuse_unsupported_layers(role, config, decoder_config.get("model_type"), decoder_config.get("layer_types"))
     model = auto_class(model_type).from_pretrained(model_source(config)[0], **from_pretrained_kwargs(config)).eval()
     model = text_model(model, role)  # Gemma-3 4B+ and the like: the text decoder of an image-text-to-text model
+    # Layer types transformers' config class derives where config.json lists none (a family not named above).
+    _refuse_unsupported_layers(role, config, model.config.model_type, getattr(model.config, "layer_types", None))
     loaded = LoadedModel(role=role, config=config, model=model, tokenizer=tokenizer, renderer=renderer,
                          max_len=max_positions(model, tokenizer), logits_width=logits_width(model))
     parameters = sum(p.numel() for p in model.parameters())

@@ -167,19 +167,29 @@ def count_parameters(cfg: dict[str, Any]) -> tuple[int, int] | None:
     total = layers * (per_layer_linear + per_layer_other) + embeddings + lm_head + norm
     return total, layers * per_layer_linear
 
-def kv_bytes_per_token(cfg: dict[str, Any], dtype: str) -> int:
-    """Bytes of K and V per token over all layers (0 when the config lacks the shapes)."""
+def kv_elements_per_token(cfg: dict[str, Any]) -> int:
+    """Elements of K and V cached per token over all layers (0 when the config lacks the shapes)."""
     cfg = text_config(cfg)
     hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
     layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
     heads = _first(cfg, "num_attention_heads", "n_head")
     if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, heads)):
         return 0
+    if cfg.get("kv_lora_rank") and cfg.get("qk_rope_head_dim") is not None:
+        # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): transformers caches the compressed latents, one
+        # "head" each, in the K and V places: the kv_lora_rank-wide latent and the RoPE key part.
+        return layers * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
     kv_heads = _first(cfg, "num_key_value_heads", "n_head_kv", "num_kv_heads")
     if kv_heads is None:
         kv_heads = 1 if cfg.get("multi_query") else heads
     head_dim = cfg.get("head_dim") or hidden // heads
-    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    return 2 * layers * kv_heads * head_dim
+
+
+def kv_bytes_per_token(cfg: dict[str, Any], dtype: str) -> int:
+    """Bytes of K and V per token over all layers (0 when the config lacks the shapes)."""
+    return kv_elements_per_token(cfg) * DTYPE_BYTES[dtype]
+
 
 def count_safetensors_parameters(directory: Path) -> int | None:
     """Exact parameter count from the safetensors headers (a few KB read per file; no tensor is loaded)."""

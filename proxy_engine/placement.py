@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.gguf_files import GGUFHeader, find_gguf, read_header
 from proxy_engine.memory import MemoryEstimate, counted_memory, estimate_memory, gib, parse_size, resolve_dtype
-from proxy_engine.model_files import has_chat_template, locate, read_config, text_config
+from proxy_engine.model_files import context_length, has_chat_template, locate, read_config, text_config
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -40,7 +41,7 @@ class ModelPlan:
     devices: list[str]  # concrete devices: ["cpu"], ["cuda:0"], ["cuda:0", "cuda:1"], ...
     architecture: str | None = None
     vocab_size: int | None = None
-    max_position_embeddings: int | None = None
+    context_length: int | None = None  # tokens (model_files.context_length)
     memory: MemoryEstimate | None = None
 
     @property
@@ -177,6 +178,11 @@ def plan_placement(
             cfg = gguf.config
         else:
             cfg = read_config(directory) if directory is not None and location not in ("missing", "gguf") else None
+        if cfg:
+            decoder = text_config(cfg)
+            layers_reason = unsupported_layers(decoder.get("model_type"), decoder.get("layer_types"))
+            if layers_reason is not None:
+                plan.errors.append(f"{name}: {layers_reason}")
         dtype = resolve_dtype(model, cfg)
         devices = resolve_devices(model, count)
         plan.errors.extend(_device_errors(name, model, devices, count))
@@ -215,7 +221,7 @@ def plan_placement(
                 architecture=((cfg or {}).get("architectures") or [None])[0]
                 or (f"{cfg['model_type']} (GGUF)" if gguf is not None else None),
                 vocab_size=text_config(cfg).get("vocab_size") if cfg else None,
-                max_position_embeddings=text_config(cfg).get("max_position_embeddings") if cfg else None,
+                context_length=context_length(cfg) if cfg else None,
                 memory=memory,
             )
         )
@@ -250,7 +256,7 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
     only with a full KV cache (every sequence at ``max_model_len``) is a warning, since caches grow with use.
     """
     limits = config.limits
-    known_lens = [m.max_position_embeddings for m in plan.models if m.max_position_embeddings]
+    known_lens = [m.context_length for m in plan.models if m.context_length]
     plan.max_model_len = limits.max_model_len or (min(known_lens) if known_lens else None)
     model_configs = {name: model for name, _, _, model in _model_names(config)}
     for mp in plan.models:

@@ -34,6 +34,7 @@ import torch
 
 from proxy_engine.attention_masks import FULL, SLIDING
 from proxy_engine.config import PrefixCacheConfig
+from proxy_engine.memory import kv_elements_per_token
 
 log = logging.getLogger("proxy_engine.engine")  # the engine's logger, as before the move
 _ROOT = -1  # the parent id of an unsalted prompt's first block (a salted one's parent is its salt string)
@@ -207,17 +208,8 @@ class PrefixCache:
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
     """K and V bytes per token over all layers, at the model's compute dtype (0 when the config lacks shapes)."""
-    config = model.config
-    config = getattr(config, "get_text_config", lambda: config)()
-    layers = getattr(config, "num_hidden_layers", 0) or 0
-    heads = getattr(config, "num_attention_heads", 0) or 0
-    hidden = getattr(config, "hidden_size", 0) or 0
-    if not (layers and heads and hidden):
-        return 0
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
     element = torch.empty(0, dtype=getattr(model, "dtype", torch.float32)).element_size()
-    return 2 * layers * kv_heads * head_dim * element
+    return kv_elements_per_token(model.config.to_dict()) * element
 
 
 FREE_MEMORY_SHARE = 0.2  # of the memory free on the model's device when the engine starts

@@ -54,15 +54,15 @@ class StaticSlotKVCache(SlotKVCache):
         like = torch.empty((1, kv_heads, 1, head_dim), dtype=dtype, device=device)
         with torch.no_grad():  # plain tensors, not inference tensors: rows are copied in outside inference mode
             for layer in self.layers:
-                layer.allocate(like, plan.slots, plan.capacity)
+                layer.allocate(like, like, plan.slots, plan.capacity)
 
-    def _reserve(self, like: torch.Tensor, rows: int, width: int) -> None:
+    def _reserve(self, k_like: torch.Tensor, v_like: torch.Tensor, rows: int, width: int) -> None:
         if rows <= self.slots and width <= self.capacity:
             return
         log.warning("static KV buffers (%d slots x %d tokens) too small for %d rows of %d tokens: regrowing them; "
                     "this model decodes without CUDA graphs from now on", self.slots, self.capacity, rows, width)
         self.generation += 1
-        super()._reserve(like, rows, width)
+        super()._reserve(k_like, v_like, rows, width)
 
     def clear(self) -> None:
         """No rows (the buffers stay)."""

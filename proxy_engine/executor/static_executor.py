@@ -78,7 +78,7 @@ class StaticExecutor:
         On the graph path the logits are a view of the graph's output, valid until the next ``decode``."""
         cache = self.cache
         n, width = cache.num_rows, cache.longest + 1
-        cache._reserve(cache.layers[0].k_buf, n, width)
+        cache._reserve(cache.layers[0].k_buf, cache.layers[0].v_buf, n, width)
         if cache.generation != self._generation and self.graphs is not None:
             self.graphs.clear()  # captured over buffers that moved
             self._generation = cache.generation

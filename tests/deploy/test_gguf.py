@@ -76,7 +76,7 @@ def test_placement_counts_the_dequantized_size(family, dtype, width):
     head_dim = config.hidden_size // config.num_attention_heads
     kv_width = config.num_key_value_heads * head_dim
     assert base.memory.kv_bytes_per_token == 2 * config.num_hidden_layers * kv_width * width
-    assert base.vocab_size == config.vocab_size and base.max_position_embeddings == 256
+    assert base.vocab_size == config.vocab_size and base.context_length == 256
     assert base.architecture == "llama (GGUF)"
 
 

@@ -12,7 +12,8 @@ import torch
 from proxy_engine import loader, placement
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.loader import from_pretrained_kwargs, input_device
-from proxy_engine.memory import GiB, count_parameters, estimate_memory, parse_size
+from proxy_engine.memory import GiB, count_parameters, estimate_memory, kv_elements_per_token, parse_size
+from proxy_engine.model_files import context_length
 from proxy_engine.placement import plan_placement
 from server.check import check, format_plan
 from server.settings import ServerSettings
@@ -132,6 +133,43 @@ def test_llama2_70b_numbers_used_in_the_configs():
     assert memory.kv_bytes_per_token == 327_680  # 2 x 80 layers x 8 kv heads x 128 x 2 bytes
     four = estimate_memory(cfg, "float16", "4bit")
     assert 34 * GiB < four.weight_bytes < 40 * GiB
+
+
+_YARN_QWEN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize(("cfg", "expected"), [
+    ({"max_position_embeddings": 4096}, 4096),  # Llama-2
+    ({"n_positions": 1024}, 1024),  # GPT-2
+    ({"max_position_embeddings": 32768, "rope_scaling": _YARN_QWEN}, 131072),  # Qwen2.5's documented 128K
+    ({"max_position_embeddings": 40960, "rope_scaling": _YARN_QWEN}, 131072),  # Qwen3
+    ({"max_position_embeddings": 163840,  # DeepSeek-V3: the stated context already is 4K x 40
+      "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096}}, 163840),
+    ({"max_position_embeddings": 131072, "rope_scaling": _LLAMA31_ROPE}, 131072),  # Llama-3.1: already scaled
+    ({"max_position_embeddings": 131072, "rope_scaling": {"type": "longrope", "factor": 32.0}}, 131072),  # Phi-3
+    ({"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 2.0}}, 8192),
+    # Dynamic NTK: not stretched (past the stated context a row's frequencies would follow its batch's longest).
+    ({"max_position_embeddings": 4096, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, 4096),
+    ({"max_position_embeddings": 131072, "rope_parameters": {  # Gemma-3: per layer type, context as stated
+        "full_attention": {"rope_type": "linear", "factor": 8.0}, "sliding_attention": {"rope_type": "default"}}},
+     131072),
+    ({"text_config": {"hidden_size": 8, "max_position_embeddings": 2048}}, 2048),  # a vision wrapper's decoder
+    ({"hidden_size": 8}, None),
+])
+def test_context_length_counts_rope_scaling_that_extends_it(cfg, expected):
+    assert context_length(cfg) == expected
+
+
+def test_latent_attention_kv_is_the_compressed_latent_per_layer():
+    """DeepSeek-V3's published shapes: transformers caches the 512-wide latent and the 64-wide RoPE key."""
+    cfg = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+           "num_key_value_heads": 128, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+           "v_head_dim": 128}
+    assert kv_elements_per_token(cfg) == 61 * (512 + 64)
+    assert estimate_memory({**cfg, "vocab_size": 129280, "intermediate_size": 18432},
+                           "bfloat16").kv_bytes_per_token == 61 * 576 * 2
 
 
 def test_gpt2_style_estimate_is_close():

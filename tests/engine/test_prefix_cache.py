@@ -405,28 +405,38 @@ def test_sliding_window_models_reuse_a_prefix_longer_than_their_window(name, tmp
     keep every column and the masks carry the window, so a 40-token cached prefix gives the tokens and logprobs
     of an engine without the cache, on the fast decode path and through transformers' forward alike."""
     from proxy_engine.config import RuntimeConfig
-    from proxy_engine.loader import load_models
-    from tests.conformance.conftest import engine_config as family_config
     from tests.conformance.families import build as build_family
 
     family = build_family(name, tmp_path / name)
-    shared = "Numbers 0 1 2 3 4 5 6 7 8 9 10 and the capital of France is Paris, of Italy Rome, of Spain"
     models = None
     for executor in ("fast", "transformers"):
-        outputs = []
-        for enabled in (True, False):
-            config = family_config(family, max_num_seqs=4)
-            config.prefix_cache = PrefixCacheConfig(enabled=enabled, block_size=8)
-            config.runtime = RuntimeConfig(decode_executor=executor)
-            models = models or load_models(config)
-            engine = ProxyEngine(models, config)
-            assert unsupported_reason(models[0].model) is None
-            assert {r.executor for r in engine.runners} == {executor}
-            results = {}
-            for request_id, tail in (("first", " Madrid."), ("second", " and of Portugal")):
-                engine.add(engine.make_sequences(request_id, PromptInput(text=shared + tail), SamplingParams(**GREEDY)))
-                results.update(collect(engine))
-            outputs.append(results)
-            if enabled:
-                assert all(h >= 32 for h in hits(engine)), hits(engine)  # past the window, in every model
+        models, outputs = with_and_without_prefix_cache(family, models, RuntimeConfig(decode_executor=executor))
+        assert unsupported_reason(models[0].model) is None
         assert_same(*outputs)
+
+
+def with_and_without_prefix_cache(family, models=None, runtime=None):
+    """``(models, [cached, uncached])``: two requests sharing a 40-token prefix, on an engine with the prefix cache
+    (asserted to reuse at least 32 tokens in every model) and on one without; ``models`` are loaded when None."""
+    from proxy_engine.loader import load_models
+    from tests.conformance.conftest import engine_config as family_config
+
+    shared = "Numbers 0 1 2 3 4 5 6 7 8 9 10 and the capital of France is Paris, of Italy Rome, of Spain"
+    outputs = []
+    for enabled in (True, False):
+        config = family_config(family, max_num_seqs=4)
+        config.prefix_cache = PrefixCacheConfig(enabled=enabled, block_size=8)
+        if runtime is not None:
+            config.runtime = runtime
+        models = models or load_models(config)
+        engine = ProxyEngine(models, config)
+        if runtime is not None:
+            assert {r.executor for r in engine.runners} == {runtime.decode_executor}
+        results = {}
+        for request_id, tail in (("first", " Madrid."), ("second", " and of Portugal")):
+            engine.add(engine.make_sequences(request_id, PromptInput(text=shared + tail), SamplingParams(**GREEDY)))
+            results.update(collect(engine))
+        outputs.append(results)
+        if enabled:
+            assert all(h >= 32 for h in hits(engine)), hits(engine)  # past any window, in every model
+    return models, outputs

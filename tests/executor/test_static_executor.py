@@ -34,11 +34,11 @@ def test_static_buffers_are_allocated_once_and_kept():
     cache = StaticSlotKVCache(2, SlotPlan(4, 32, 0), 2, 8, torch.float32, torch.device("cpu"))
     buffers = [layer.k_buf for layer in cache.layers]
     assert cache.slots == 4 and cache.capacity == 32 and buffers[0].shape == (4, 2, 32, 8)
-    cache._reserve(buffers[0], 4, 32)  # within the plan: nothing moves
+    cache._reserve(buffers[0], buffers[0], 4, 32)  # within the plan: nothing moves
     cache.state.lengths = [3, 5]
     cache.clear()
     assert cache.num_rows == 0 and [layer.k_buf for layer in cache.layers] == buffers and cache.generation == 0
-    cache._reserve(buffers[0], 6, 10)  # past the plan: regrown (and graphs over the old buffers are stale)
+    cache._reserve(buffers[0], buffers[0], 6, 10)  # past the plan: regrown (and graphs over the old buffers are stale)
     assert cache.slots >= 6 and cache.generation == 1
 
 
