@@ -89,7 +89,8 @@ def check_scorable(prompts: dict[int, list[int]], models: list[LoadedModel]) -> 
         model = models[index]
         if model.renderer.prompt_format != "plain":
             raise ValueError(
-                f"prompt logprobs (echo with logprobs) need every model to see the prompt as plain text; the "
+                f"prompt logprobs (prompt_logprobs, or echo with logprobs) need every model to see the prompt as "
+                f"plain text; the "
                 f"{model.role} model uses its chat format (its positions are not the base's). Score with the "
                 f"base alone, or serve the pair with prompt_format: plain"
             )

@@ -147,11 +147,12 @@ class OutputBuilder:
         detokenizer = IncrementalDetokenizer(self.tokenizer, [])
         first = scores.prompt[0]
         entries = [TokenLogprob(first, detokenizer.add(first).token_text, None, [], self.token_bytes(first))]
-        for token, logprob, values, ids in zip(scores.targets, scores.chosen, scores.top_values, scores.top_ids):
+        for token, logprob, values, ids, rank in zip(scores.targets, scores.chosen, scores.top_values, scores.top_ids,
+                                                     scores.ranks):
             keys = detokenizer.render(ids)
             top = [TopLogprob(i, key, v, self.token_bytes(i)) for i, key, v in zip(ids, keys, values)]
             entries.append(TokenLogprob(token, detokenizer.add(token).token_text, logprob, top,
-                                        self.token_bytes(token)))
+                                        self.token_bytes(token), rank))
         detokenizer.finish()
         entries[-1].token += detokenizer.flushed
         return entries

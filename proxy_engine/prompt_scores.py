@@ -27,6 +27,7 @@ class PromptScores:
         self.chosen: list[float] = []
         self.top_values: list[list[float]] = []
         self.top_ids: list[list[int]] = []
+        self.ranks: list[int] = []  # of each target (vLLM's prompt_logprobs report it)
 
     @property
     def complete(self) -> bool:
@@ -51,7 +52,10 @@ class PromptScores:
             return
         count = ready - self.start
         targets = torch.tensor(self.targets[self.start : ready], dtype=torch.long, device=self.window.device)
-        chosen, values, ids = top_logprobs(self.window[:count], targets, self.k)
+        window = self.window[:count]
+        chosen, values, ids = top_logprobs(window, targets, self.k)
+        # log-softmax keeps the order: the rank is read from the combined logits themselves
+        self.ranks += ((window > window.gather(1, targets[:, None])).sum(dim=1) + 1).tolist()
         self.chosen += chosen.tolist()
         self.top_values += values.tolist()
         self.top_ids += ids.tolist()

@@ -343,6 +343,7 @@ class TokenLogprob:
     logprob: float | None  # None only for a prompt's first token: nothing predicts it
     top: list[TopLogprob] = field(default_factory=list)
     bytes: list[int] = field(default_factory=list)  # the token's raw UTF-8 bytes (may be part of a character)
+    rank: int | None = None  # prompt tokens: 1 + how many tokens the distribution rates strictly higher
 
 
 @dataclass

@@ -96,8 +96,6 @@ def _text_only(value: Any) -> bool:
 _UNHONOURED_SAMPLING = {
     "use_beam_search": Unhonoured("beam search is not implemented (sampling and greedy decoding only)"),
     "logits_processors": Unhonoured("logits processors cannot be loaded from a request"),
-    # 0 asks for something here: each prompt token's own logprob.
-    "prompt_logprobs": Unhonoured("prompt logprobs come from /v1/completions with echo: true and logprobs", _null),
 }
 
 
@@ -156,7 +154,8 @@ class _SamplingFields(_Lenient):
     # Refused when set (UNHONOURED); declared so that they are read, not dropped with the unknown fields.
     use_beam_search: Any = None
     logits_processors: Any = None
-    prompt_logprobs: Any = None
+    # vLLM's: every prompt token's logprob, its rank and the top k, in the answer (not in a stream).
+    prompt_logprobs: int | None = None
 
     UNHONOURED: ClassVar[dict[str, Unhonoured]] = _UNHONOURED_SAMPLING
 
@@ -175,6 +174,18 @@ class _SamplingFields(_Lenient):
             raise bad_request(f"truncate_prompt_tokens must be -1 (to what fits) or at least 1, got {keep}",
                               "truncate_prompt_tokens")
         return keep
+
+    def _prompt_logprobs(self) -> int | None:
+        """``prompt_logprobs`` checked: 0 (each prompt token's own logprob) to MAX_LOGPROBS, and, as in vLLM, not
+        with ``stream`` (the answer carries them whole)."""
+        k = self.prompt_logprobs
+        if k is None:
+            return None
+        if self.stream:
+            raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
+        if not 0 <= k <= MAX_LOGPROBS:
+            raise bad_request(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}", "prompt_logprobs")
+        return k
 
     def _max_tokens(self, *, zero_ok: bool, note: str = "") -> int | None:
         """``max_completion_tokens`` (it wins) or ``max_tokens``; below 1 is a 400, except 0 when ``zero_ok``."""
@@ -321,7 +332,10 @@ class CompletionRequest(_SamplingFields):
             raise bad_request(f"best_of > n is not supported (best_of {self.best_of}, n {self.n or 1}): send n "
                               "alone", "best_of")
         max_tokens = self._max_tokens(zero_ok=bool(self.echo), note=" (0 only with echo: the prompt alone)")
-        prompt_logprobs = self.logprobs if self.wants_prompt_logprobs else None
+        # echo's and vLLM's prompt logprobs come from one scoring pass, with the larger top k
+        wanted = [k for k in (self.logprobs if self.wants_prompt_logprobs else None, self._prompt_logprobs())
+                  if k is not None]
+        prompt_logprobs = max(wanted) if wanted else None
         structured = self.structured()
         if structured is not None and max_tokens == 0:
             raise bad_request("an output constraint needs max_tokens of at least 1", "max_tokens")
@@ -451,7 +465,8 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
             raise bad_request("response_format (or another output constraint) cannot be combined with tools unless "
                               "tool_choice is 'none'", "response_format")
         structured = plan.constraint or structured
-        return self._sampling(self._max_tokens(zero_ok=False), logprobs, structured=structured, defaults=defaults)
+        return self._sampling(self._max_tokens(zero_ok=False), logprobs, self._prompt_logprobs(), structured,
+                              defaults)
 
 
 def _chat_message(role: str, message: ChatMessage, i: int) -> dict[str, Any]:
@@ -562,13 +577,15 @@ def token_name(token: TokenLogprob | TopLogprob, as_ids: bool = False) -> str:
 
 
 def completion_logprobs(
-    tokens: list[TokenLogprob], start_offset: int, prompt: list[TokenLogprob] | None = None, as_ids: bool = False
+    tokens: list[TokenLogprob], start_offset: int, prompt: list[TokenLogprob] | None = None, as_ids: bool = False,
+    top_k: int | None = None,
 ) -> dict[str, list]:
     """Legacy completions format; ``text_offset`` counts characters from the start of the returned text (of the
     tokens' texts, also when ``as_ids`` names them ``token_id:<id>``).
 
     ``prompt`` (echo with logprobs) comes first, from offset 0; its first token has null logprobs, as in
-    OpenAI's and vLLM's answers.
+    OpenAI's and vLLM's answers. ``top_k`` cuts each top list (the prompt's are scored with the larger of
+    ``logprobs`` and ``prompt_logprobs``).
     """
     offsets, offset = [], 0
     for token in prompt or []:
@@ -583,11 +600,26 @@ def completion_logprobs(
         "tokens": [token_name(t, as_ids) for t in every],
         "token_logprobs": [None if t.logprob is None else _lp(t.logprob) for t in every],
         "top_logprobs": [
-            None if t.logprob is None else {token_name(top, as_ids): _lp(top.logprob) for top in t.top}
+            None if t.logprob is None else {token_name(top, as_ids): _lp(top.logprob) for top in t.top[:top_k]}
             for t in every
         ],
         "text_offset": offsets,
     }
+
+
+def prompt_logprobs(prompt: list[TokenLogprob], k: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token, None for the first (nothing predicts it), else the token
+    itself and the ``k`` likeliest, keyed by token id: ``{"logprob", "rank", "decoded_token"}``."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for token in prompt:
+        if token.logprob is None:
+            out.append(None)
+            continue
+        entry = {str(token.token_id): {"logprob": _lp(token.logprob), "rank": token.rank, "decoded_token": token.token}}
+        for rank, top in enumerate(token.top[:k], start=1):
+            entry.setdefault(str(top.token_id), {"logprob": _lp(top.logprob), "rank": rank, "decoded_token": top.token})
+        out.append(entry)
+    return out
 
 
 def _token_bytes(token: TokenLogprob | TopLogprob) -> list[int]:

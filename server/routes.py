@@ -27,6 +27,7 @@ from server.protocol import (
     model_card,
     model_logprobs,
     now,
+    prompt_logprobs,
     usage,
 )
 from server.reasoning import Reasoning
@@ -163,10 +164,13 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 prefix = echo[choice.index] if echo else ""
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = completion_logprobs(choice.logprobs, len(prefix), choice.prompt_logprobs,
-                                                   bool(body.return_tokens_as_token_ids))
+                    echoed = choice.prompt_logprobs if body.wants_prompt_logprobs else None
+                    logprobs = completion_logprobs(choice.logprobs, len(prefix), echoed,
+                                                   bool(body.return_tokens_as_token_ids), body.logprobs)
                 entry = {"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
                          "finish_reason": choice.finish_reason}
+                if body.prompt_logprobs is not None:
+                    entry["prompt_logprobs"] = prompt_logprobs(choice.prompt_logprobs or [], body.prompt_logprobs)
                 if body.return_token_ids:
                     entry |= {"prompt_token_ids": generation.prompt_ids(choice.index), "token_ids": choice.token_ids}
                 if body.model_logprobs is not None:
@@ -175,7 +179,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             return {"id": request_id, "object": "text_completion", "created": created, "model": generation.model,
                     "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)}
 
-        if body.logprobs is None and body.model_logprobs is None:
+        if body.logprobs is None and body.model_logprobs is None and body.prompt_logprobs is None:
             return JSONResponse(answer(), headers=headers)
         return await off_the_loop(answer, headers)
 
@@ -210,11 +214,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
                     entry["token_ids"] = c.token_ids
                 choices.append(entry)
             extra = {"prompt_token_ids": generation.prompt_ids(0)} if body.return_token_ids else {}
+            if body.prompt_logprobs is not None:  # vLLM's place for them in chat: the response, not a choice
+                extra["prompt_logprobs"] = prompt_logprobs(generation.choices[0].prompt_logprobs or [],
+                                                           body.prompt_logprobs)
             return {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
                     "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens),
                     **extra}
 
-        if body.model_logprobs is None:
+        if body.model_logprobs is None and body.prompt_logprobs is None:
             return JSONResponse(answer(), headers=headers)
         return await off_the_loop(answer, headers)
 

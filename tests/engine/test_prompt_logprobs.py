@@ -1,5 +1,6 @@
-"""Prompt logprobs (``echo`` with ``logprobs``): the combined distribution's log-probability of every prompt
-token, equal to a naive full forward of each model, whatever the chunking, padding and batch."""
+"""Prompt logprobs (``echo`` with ``logprobs``, vLLM's ``prompt_logprobs``): the combined distribution's
+log-probability and rank of every prompt token, equal to a naive full forward of each model, whatever the chunking,
+padding and batch."""
 
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ def plain_models(tiny_family):
 
 
 @torch.no_grad()
-def naive_prompt_logprobs(models, prompt: list[int], weights: list[float], vocab: int) -> torch.Tensor:
-    """``[len(prompt) - 1]``: log p(prompt[p + 1] | prompt[: p + 1]) under the combined logits, no cache."""
+def naive_prompt_logprobs(models, prompt: list[int], weights: list[float], vocab: int
+                          ) -> tuple[torch.Tensor, list[int]]:
+    """``[len(prompt) - 1]``: log p(prompt[p + 1] | prompt[: p + 1]) under the combined logits, no cache, and
+    each token's rank (1 + how many tokens score strictly higher)."""
     combined = torch.zeros(len(prompt), vocab, dtype=torch.float64)
     for model, weight in zip(models, weights):
         if weight:
             combined += weight * model.model(torch.tensor([prompt])).logits[0, :, :vocab].double()
     logprobs = torch.log_softmax(combined, -1)[:-1]
-    return logprobs.gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1).float()
+    chosen = logprobs.gather(-1, torch.tensor(prompt[1:])[:, None])
+    return chosen.squeeze(-1).float(), ((logprobs > chosen).sum(-1) + 1).tolist()
 
 
 def test_prompt_logprobs_match_a_naive_forward(tiny_family, plain_models, monkeypatch):
@@ -62,9 +66,11 @@ def test_prompt_logprobs_match_a_naive_forward(tiny_family, plain_models, monkey
         entries = firsts[request_id].prompt_logprobs
         assert [e.token_id for e in entries] == prompt
         assert entries[0].logprob is None and entries[0].top == []
-        want = naive_prompt_logprobs(plain_models, prompt, sequence.weights, vocab)
+        want, ranks = naive_prompt_logprobs(plain_models, prompt, sequence.weights, vocab)
         got = torch.tensor([e.logprob for e in entries[1:]])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert [e.rank for e in entries[1:]] == ranks and entries[0].rank is None
+        assert max(ranks) > 3  # some prompt token lies outside the top 3: its rank is not read off the top list
         for entry in entries[1:]:
             assert len(entry.top) == 3 and entry.top[0].logprob >= entry.top[-1].logprob
             assert entry.logprob <= entry.top[0].logprob + 1e-6

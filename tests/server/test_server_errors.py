@@ -84,7 +84,6 @@ def test_bad_chat_messages_are_400(http, messages):
 _UNHONOURED_VALUES = {
     "use_beam_search": True,
     "logits_processors": ["my_module.MyProcessor"],
-    "prompt_logprobs": 0,  # 0 asks for each prompt token's own logprob
     "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"},
     "web_search_options": {},
