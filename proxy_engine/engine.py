@@ -273,6 +273,8 @@ class ProxyEngine:
         for sequence in alive:
             if sequence.max_tokens == 0:
                 emitted[sequence] = self.outputs.finish(sequence, FinishReason.LENGTH)
+            if sequence.index % sequence.params.n == 0:  # a prompt's first choice reports its usage
+                emitted[sequence].cached_tokens = group.cached_tokens(sequence)
             scores = group.scores.get(sequence.seq_id)
             if scores is not None:
                 if id(scores) not in scored:

@@ -94,6 +94,11 @@ class PrefillGroup:
             scores.add(index, first_column - pad, logits, weights[job.seq_ids[i]])
         job.chunk_logits = None
 
+    def cached_tokens(self, sequence: Sequence) -> int:
+        """The sequence's prompt tokens read from the prefix cache, in the model that reports its usage."""
+        job = self.jobs.get(sequence.runners[0])
+        return 0 if job is None else job.cached_tokens(sequence.seq_id)
+
     def first_contributions(self, sequences: list[Sequence]) -> dict[int, Contribution]:
         """Each model's logits after the last prompt token of each sequence (by runner index; ``Contribution``
         rows index ``sequences``): ``combine`` them for the first token."""

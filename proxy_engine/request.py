@@ -384,6 +384,9 @@ class RequestOutput:
     # with logprob None).
     prompt_logprobs: list[TokenLogprob] | None = None
     model_logprobs: list[TokenAnalysis] | None = None  # one per new token, when asked for
+    # On a prompt's first choice's first output: how many of its prompt tokens (in the model that reports usage)
+    # were read from the prefix cache instead of computed (OpenAI's usage.prompt_tokens_details.cached_tokens).
+    cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:

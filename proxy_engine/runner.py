@@ -69,11 +69,16 @@ class PrefillJob:
     prompts: list[tuple[int, ...]] = field(default_factory=list)  # row r's prompt (distinct, in row order)
     salts: list[str | None] = field(default_factory=list)  # row r's prefix-cache salt (rows differ by salt too)
     reused: int = 0  # prompt tokens taken from the prefix cache, over the rows
+    reused_rows: dict[int, int] = field(default_factory=dict)  # row -> its prompt tokens from the prefix cache
     padded: bool = True  # some row has pad columns (else prefill passes no mask: the flash path, no mask built)
 
     @property
     def complete(self) -> bool:
         return self.done >= self.ids.shape[1]
+
+    def cached_tokens(self, seq_id: int) -> int:
+        """Sequence ``seq_id``'s prompt tokens that came from the prefix cache."""
+        return self.reused_rows.get(self.row_of[self.seq_ids.index(seq_id)], 0)
 
     def pad(self, row: int) -> int:
         """Leading pad columns of row ``row``."""
@@ -230,16 +235,17 @@ class ModelRunner:
             if not row_reuse[row]:
                 continue
             used = max(0, start - job.pad(row))
-            queries.append((len(job.prompts[row]), used))
+            queries.append((row, len(job.prompts[row]), used))
             if used:
                 cache.touch(chain[: -(-used // cache.block_size)])
                 pieces.append((row, job.pad(row), [cache.read(chain, layer, used) for layer in range(self.num_layers)]))
         if start > 0:
             job.cache.preload(job.ids.shape[0], job.ids.shape[1], start, pieces)
             job.done = start
-        for queried, used in queries:  # counted once the columns are in (a failed copy reuses nothing)
+        for row, queried, used in queries:  # counted once the columns are in (a failed copy reuses nothing)
             cache.record_query(queried, used)
             job.reused += used
+            job.reused_rows[row] = used
 
     def cache_prompts(self, job: PrefillJob) -> int:
         """Add a complete job's prompts' full blocks to the prefix cache; returns the blocks added."""

@@ -47,8 +47,6 @@ _UNHONOURED = {
     "background": Unhonoured("responses run while the request is open (stream one to follow it)"),
     "conversation": Unhonoured("no conversation objects: chain responses with previous_response_id"),
     "prompt": Unhonoured("no stored prompt templates"),
-    "reasoning": Unhonoured("reasoning effort and summaries are not configurable (with --reasoning-parser the "
-                            "models' thinking comes back as reasoning items)"),
     "max_tool_calls": Unhonoured("the number of tool calls is not capped"),
     "top_logprobs": Unhonoured("responses carry no logprobs here; /v1/chat/completions returns them"),
     "context_management": Unhonoured("no context compaction"),
@@ -102,6 +100,10 @@ class ResponsesRequest(_Lenient):
 
     def check_supported(self) -> None:
         refuse_unhonoured(self, _UNHONOURED)
+        # reasoning {effort, summary} are hints, as chat's reasoning_effort: a model thinks as its template and
+        # sampling make it (with --reasoning-parser its thinking comes back as reasoning items, summary empty).
+        if self.reasoning is not None and not isinstance(self.reasoning, dict):
+            raise bad_request("reasoning must be an object ({\"effort\": ..., \"summary\": ...})", "reasoning")
         if self.truncation not in (None, "disabled"):
             raise bad_request("truncation 'auto' is not supported: a prompt past the context is a 400", "truncation")
         if self.include:
@@ -236,6 +238,7 @@ class ResponseBuilder:
         if body.text and body.text.get("format"):
             text_format = {"format": body.text["format"]}
         tool_choice = body.tool_choice if body.tool_choice is not None else ("auto" if self.tools else "none")
+        reasoning = body.reasoning or {}
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "completed_at": time.time() if status in ("completed", "incomplete") else None,
@@ -246,13 +249,17 @@ class ResponseBuilder:
             "top_p": body.top_p, "tool_choice": tool_choice, "tools": self.tools, "text": text_format,
             "truncation": "disabled", "store": bool(body.store), "metadata": body.metadata or {},
             "user": body.user, "usage": usage,
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
         }
 
 
-def response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt_tokens + completion_tokens}
+def response_usage(counts: dict[str, Any]) -> dict[str, Any]:
+    """Chat's usage object (``Generation.usage``) in the Responses API's names."""
+    return {"input_tokens": counts["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": counts["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens": counts["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": counts["completion_tokens_details"]["reasoning_tokens"]},
+            "total_tokens": counts["total_tokens"]}
 
 
 def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -429,8 +436,8 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
             incomplete = "max_output_tokens" if choice.finish_reason == "length" else None
             status = "incomplete" if incomplete else "completed"
             tail = items.close(status)
-            snapshot = builder.snapshot(status, response_usage(generation.prompt_tokens, generation.completion_tokens),
-                                        incomplete)
+            counts = generation.usage(reasoning.parser, reasoning=True)
+            snapshot = builder.snapshot(status, response_usage(counts), incomplete)
             if body.store:
                 store.put(response_id, owner, snapshot, conversation + output_messages(builder.output))
             return snapshot, "".join(tail)

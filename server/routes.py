@@ -28,7 +28,6 @@ from server.protocol import (
     model_logprobs,
     now,
     prompt_logprobs,
-    usage,
 )
 from server.reasoning import Reasoning
 from server.refusal_log import mark_logged
@@ -177,7 +176,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
                     entry["model_logprobs"] = model_logprobs(choice.model_logprobs)
                 choices.append(entry)
             return {"id": request_id, "object": "text_completion", "created": created, "model": generation.model,
-                    "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens)}
+                    "choices": choices, "usage": generation.usage()}
 
         if body.logprobs is None and body.model_logprobs is None and body.prompt_logprobs is None:
             return JSONResponse(answer(), headers=headers)
@@ -218,7 +217,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 extra["prompt_logprobs"] = prompt_logprobs(generation.choices[0].prompt_logprobs or [],
                                                            body.prompt_logprobs)
             return {"id": request_id, "object": "chat.completion", "created": created, "model": generation.model,
-                    "choices": choices, "usage": usage(generation.prompt_tokens, generation.completion_tokens),
+                    "choices": choices, "usage": generation.usage(reasoning.parser, reasoning=True),
                     **extra}
 
         if body.model_logprobs is None and body.prompt_logprobs is None:

@@ -37,6 +37,8 @@ from proxy_engine.scheduler import has_room, with_running_cap
 from server.errors import APIError, error_body, internal_error
 from server.guards import clip
 from server.metrics import RequestTimer, ServerMetrics
+from server.protocol import usage
+from server.reasoning import ReasoningParser, reasoning_end
 from server.settings import ServerSettings
 
 logger = logging.getLogger("proxy_serve")
@@ -340,6 +342,14 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)  # what it generated (vLLM's return_token_ids)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # its prompt's tokens read from the prefix cache (on a prompt's first choice)
+    # (text offset where an output's text began, its tokens), per output that brought tokens: how the tokens of
+    # a reasoning model's thinking are told from its answer's
+    marks: list[tuple[int, int]] = field(default_factory=list)
+
+    def tokens_before(self, offset: int) -> int:
+        """Tokens whose text began before ``offset`` (the token that closes a span counts in it)."""
+        return sum(count for start, count in self.marks if start < offset)
 
 
 class Generation:
@@ -379,6 +389,17 @@ class Generation:
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
 
+    @property
+    def cached_tokens(self) -> int:
+        return sum(c.cached_tokens for c in self.choices)
+
+    def usage(self, parser: ReasoningParser | None = None, reasoning: bool = False) -> dict[str, Any]:
+        """The usage object so far; ``reasoning`` (chat) adds the tokens ``parser`` reads as thinking."""
+        thinking = None
+        if reasoning:
+            thinking = sum(c.tokens_before(reasoning_end(parser, c.text)) for c in self.choices)
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens, thinking)
+
     def prompt_ids(self, index: int) -> list[int] | None:
         """Choice ``index``'s prompt ids (the base model's), when the request asked for them."""
         ids = self.stream.prompt_ids
@@ -392,7 +413,11 @@ class Generation:
             choice = self.choices[output.index]
             counted = len(output.new_token_ids)
             self.timer.tokens(output.index, counted)
+            if counted:
+                choice.marks.append((len(choice.text), counted))
             choice.text += output.text_delta
+            if output.cached_tokens is not None:
+                choice.cached_tokens = output.cached_tokens
             choice.token_ids.extend(output.new_token_ids)
             choice.completion_tokens = output.completion_tokens or choice.completion_tokens + counted
             if output.logprobs:

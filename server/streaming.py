@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from proxy_engine.request import ErrorCode, RequestOutput
-from server.protocol import chat_logprobs, completion_logprobs, model_logprobs, usage
+from server.protocol import chat_logprobs, completion_logprobs, model_logprobs
 from server.reasoning import Reasoning, ReasoningSplitter
 from server.serving import Generation, GenerationError
 from server.tools import ChoiceStream, ToolPlan, finish_reason
@@ -73,14 +73,20 @@ def _with_ids(entry: dict[str, Any], ids: TokenIds, new_ids: list[int] | None = 
     return entry
 
 
-def _chunker(generation: Generation, kind: str, created: int, include_usage: bool, continuous: bool) -> Chunk:
+def _usage(generation: Generation, reasoning: Reasoning | None) -> dict[str, Any]:
+    """The usage so far; a chat's (``reasoning`` given) with its reasoning tokens."""
+    return generation.usage() if reasoning is None else generation.usage(reasoning.parser, reasoning=True)
+
+
+def _chunker(generation: Generation, kind: str, created: int, include_usage: bool, continuous: bool,
+             reasoning: Reasoning | None = None) -> Chunk:
     """Builds the endpoint's chunks: ``kind`` is the object name; ``usage`` is null until the usage chunk, or,
     ``continuous`` (vLLM's ``continuous_usage_stats``), the counts so far in every chunk."""
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {"id": generation.request_id, "object": kind, "created": created, "model": generation.model,
                 "choices": choices}
         if include_usage:
-            body["usage"] = usage(generation.prompt_tokens, generation.completion_tokens) if continuous else None
+            body["usage"] = _usage(generation, reasoning) if continuous else None
         body.update(extra)
         return sse(body)
 
@@ -88,7 +94,8 @@ def _chunker(generation: Generation, kind: str, created: int, include_usage: boo
 
 
 async def _ended(
-    generation: Generation, events: AsyncIterator[str], chunk: Chunk, include_usage: bool
+    generation: Generation, events: AsyncIterator[str], chunk: Chunk, include_usage: bool,
+    reasoning: Reasoning | None = None,
 ) -> AsyncIterator[str]:
     """``events``, then the usage chunk when asked for and ``[DONE]``; a failure after the 200 went out becomes
     an error event and ``[DONE]`` (no usage)."""
@@ -101,7 +108,7 @@ async def _ended(
             yield DONE
             return
     if include_usage:
-        yield chunk([], usage=usage(generation.prompt_tokens, generation.completion_tokens))
+        yield chunk([], usage=_usage(generation, reasoning))
     yield DONE
 
 
@@ -165,7 +172,7 @@ def chat_events(
     reasoning = reasoning or Reasoning()
     streams = {choice.index: ChoiceStream(plan) for choice in generation.choices}
     splitters = {choice.index: ReasoningSplitter(reasoning.parser) for choice in generation.choices}
-    chunk = _chunker(generation, "chat.completion.chunk", created, include_usage, continuous_usage)
+    chunk = _chunker(generation, "chat.completion.chunk", created, include_usage, continuous_usage, reasoning)
 
     async def events() -> AsyncIterator[str]:
         for choice in generation.choices:
@@ -188,7 +195,7 @@ def chat_events(
                 yield chunk([_with_ids({"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason},
                                        ids)])
 
-    return _ended(generation, events(), chunk, include_usage)
+    return _ended(generation, events(), chunk, include_usage, reasoning)
 
 
 class EventStreamResponse(Response):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from proxy_engine.engine_process import async_engine_for
 from server.app import create_app
 from server.cli import resolve_settings
-from server.reasoning import ReasoningSplitter, split_reasoning
+from server.reasoning import ReasoningSplitter, reasoning_end, split_reasoning
 from server.settings import ConfigError, load_settings
 from tests.server.live import LiveServer, make_settings
 from tests.server.test_tool_call_parsing import TOOLS, ScriptedEngine
@@ -187,3 +187,39 @@ def test_responses_api_returns_the_thinking_as_a_reasoning_item():
             {"role": "user", "content": "Hi"}, *[item.model_dump(exclude_none=True) for item in response.output],
             {"role": "user", "content": "And?"}])
         assert again.status == "completed"
+
+
+@pytest.mark.parametrize(("parser", "text", "end"), [
+    ("deepseek_r1", "<think>\nhm\n</think>\n\nHi", 19),
+    ("deepseek_r1", "hm</think>Hi", 10),
+    ("deepseek_r1", "still thinking", 14),  # never closed: all of it
+    ("qwen3", "  <think>hm</think>Hi", 19),
+    ("qwen3", "hm</think>Hi", 0),  # qwen3 reasons only where the model opened the block
+    (None, "<think>hm</think>Hi", 0),
+])
+def test_reasoning_ends_past_the_closing_tag(parser, text, end):
+    assert reasoning_end(parser, text) == end
+    reasoning, _ = split_reasoning(parser, text)
+    assert (reasoning or "") in text[:end]
+
+
+def test_usage_counts_the_tokens_of_the_thinking():
+    """The token that closes the block counts in it (" me.\\n</th" + "ink>\\n\\nHello": 4 of the 5 tokens), whole,
+    streamed and in the Responses API; none where the parser is off, the request ruled thinking out, or there is
+    no parser; all of them when the thinking was cut short."""
+    chat = "/v1/chat/completions"
+    with _served(THINKING) as http:
+        counts = http.post(chat, json=ASK).json()["usage"]
+        assert counts["completion_tokens"] == 5 and counts["completion_tokens_details"] == {"reasoning_tokens": 4}
+        streamed = [json.loads(line[6:]) for line in http.post(chat, json={
+            **ASK, "stream": True, "stream_options": {"include_usage": True}}).text.splitlines()
+            if line.startswith("data: {")]
+        assert streamed[-1]["usage"] == counts
+        response = _sdk(http).responses.create(model="proxy-tuned", input="Hi", max_output_tokens=10)
+        assert response.usage.output_tokens_details.reasoning_tokens == 4 and response.usage.output_tokens == 5
+        off = {**ASK, "chat_template_kwargs": {"enable_thinking": False}}
+        assert http.post(chat, json=off).json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+    with _served(CUT, parser="deepseek_r1") as http:
+        assert http.post(chat, json=ASK).json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": 2}
+    with _served(THINKING, parser=None) as http:
+        assert http.post(chat, json=ASK).json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}

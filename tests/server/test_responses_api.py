@@ -112,11 +112,19 @@ def test_stored_responses_can_be_read_and_deleted(client, agent_http):
     assert agent_http.get(f"/v1/responses/{unstored.id}").status_code == 404
 
 
+def test_reasoning_effort_and_summary_are_hints_echoed_in_the_response(client):
+    """As chat's reasoning_effort: the OpenAI Agents SDK and Codex send them to reasoning models."""
+    response = client.responses.create(model=MODEL, input="Hi", reasoning={"effort": "high", "summary": "auto"},
+                                       **GREEDY)
+    assert response.status in ("completed", "incomplete") and response.reasoning.effort == "high"
+    assert response.reasoning.summary == "auto"
+
+
 @pytest.mark.parametrize(
     "body, status, param",
     [
         ({"previous_response_id": "resp_unknown"}, 404, "previous_response_id"),
-        ({"reasoning": {"effort": "high"}}, 400, "reasoning"),
+        ({"reasoning": "high"}, 400, "reasoning"),
         ({"background": True}, 400, "background"),
         ({"truncation": "auto"}, 400, "truncation"),
         ({"input": [{"type": "image_generation_call"}]}, 400, "input[0].type"),

@@ -35,7 +35,7 @@ def test_lm_eval_0_4_13_loglikelihood_request(http):
     assert len(logprobs["tokens"]) == len(prompt) + 1  # the prompt, then the one generated token
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
     assert answer.json()["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 1,
-                                      "total_tokens": len(prompt) + 1}
+                                      "total_tokens": len(prompt) + 1, "prompt_tokens_details": {"cached_tokens": 0}}
 
     scored = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, **LM_EVAL_0_4_13,
                                                 "max_tokens": 0}).json()["choices"][0]["logprobs"]

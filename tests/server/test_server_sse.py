@@ -62,7 +62,8 @@ def _check_order(chunks: list[dict], n: int, *, chat: bool, usage: bool) -> dict
     if usage:
         last = chunks[-1]
         assert last["choices"] == []
-        assert set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+        details = {"prompt_tokens_details", "completion_tokens_details"} if chat else {"prompt_tokens_details"}
+        assert set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"} | details
     else:
         assert all("usage" not in chunk or chunk["usage"] is None for chunk in chunks)
     return text
