@@ -4,11 +4,13 @@ fast_decode.py (the CPU step) and executor/static_decode.py (the fixed-shape ste
 a decoder layer's math without transformers' module stack. What varies between the families they take is read
 here, so both steps follow one description (``DecoderLayout``):
 
-- the RMSNorm: Llama's (float32 statistics, the result cast to the input dtype, then ``weight *``) or Gemma's
-  (``(1 + weight) *`` in float32, then the cast);
-- the norms around a layer: two (before attention, before the MLP: Llama, Mistral, Qwen, Gemma) or four
-  (Gemma-2 / Gemma-3 also norm each sub-block's output before its residual add);
-- per-head query / key norms (Qwen3, Gemma-3), applied to q and k side by side before the rotary;
+- the RMSNorm: Llama's (float32 statistics, the result cast to the input dtype, then ``weight *``), Gemma's
+  (``(1 + weight) *`` in float32, then the cast) or OLMo's (``weight *`` in float32, then the cast);
+- the norms around a layer: two before its sub-blocks (before attention, before the MLP: Llama, Mistral, Qwen,
+  Gemma), four (Gemma-2 / Gemma-3 also norm each sub-block's output before its residual add), or two after them
+  (OLMo-2 / OLMo-3: only each sub-block's output is normed);
+- query / key norms: per head (Qwen3, Gemma-3), applied to q and k side by side before the rotary, or over each
+  whole projection (OLMo-2 / OLMo-3: one RMSNorm over all of q's heads, one over k's);
 - the embedding's scale (Gemma: ``sqrt(hidden)`` in the model's dtype);
 - each layer's attention: full, or a sliding window (Mistral v0.1, Qwen2 with ``use_sliding_window``, Gemma-2 /
   Gemma-3's local layers), its rotary embedding (Gemma-3's local layers have their own RoPE base), its
@@ -32,13 +34,15 @@ import torch.nn.functional as F
 
 from proxy_engine.attention_masks import FULL, SLIDING, sliding_window
 
-# Architectures whose decoder layer is: [norm] -> q/k/v (bias allowed) -> [norm of each q and k head] -> RoPE ->
-# attention -> o -> [norm] -> residual -> [norm] -> down(act(gate) * up) -> [norm] -> residual.
+# Architectures whose decoder layer is: [norm] -> q/k/v (bias allowed) -> [q / k norms] -> RoPE -> attention ->
+# o -> [norm] -> residual -> [norm] -> down(act(gate) * up) -> [norm] -> residual.
 SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-             "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
-# RMSNorm classes that are LlamaRMSNorm under another name, and those that are GemmaRMSNorm.
+             "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"}
+# RMSNorm classes that are LlamaRMSNorm under another name, those that are GemmaRMSNorm, and OLMo's (Llama's
+# weight, applied in float32 before the cast, as T5's).
 LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 GEMMA_RMS_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
+OLMO_RMS_NORMS = {"Olmo2RMSNorm", "Olmo3RMSNorm"}
 # Gemma and Gemma-2 scale the embedding by sqrt(hidden) in the model's forward in transformers versions whose
 # embedding module does not (later ones carry an ``embed_scale``).
 _SQRT_HIDDEN_EMBEDDING = {"GemmaForCausalLM", "Gemma2ForCausalLM"}
@@ -52,32 +56,36 @@ def length_dependent_rope(rope_type: str) -> bool:
 
 
 class Norm(NamedTuple):
-    """One RMSNorm: Llama's ``weight * cast(rms(x))``, or with ``offset`` Gemma's ``cast(rms(x) * weight)`` where
-    ``weight`` already holds ``1 + w`` in float32."""
+    """One RMSNorm: Llama's ``weight * cast(rms(x))``, or with ``upcast`` ``cast(rms(x) * weight)``, ``weight``
+    in float32: Gemma's ``1 + w``, OLMo's ``w``."""
 
     weight: torch.Tensor
     eps: float
-    offset: bool
+    upcast: bool
 
 
 class LayerLayout(NamedTuple):
     """One decoder layer's parts, in the order the step applies them."""
 
-    attn_norm: Norm
-    attn_out_norm: Norm | None  # Gemma-2/3: the attention output's norm, before the residual add
-    mlp_norm: Norm
-    mlp_out_norm: Norm | None  # Gemma-2/3: the MLP output's norm, before the residual add
+    attn_norm: Norm | None  # before attention (None: OLMo-2/3)
+    attn_out_norm: Norm | None  # Gemma-2/3, OLMo-2/3: the attention output's norm, before the residual add
+    mlp_norm: Norm | None  # before the MLP (None: OLMo-2/3)
+    mlp_out_norm: Norm | None  # Gemma-2/3, OLMo-2/3: the MLP output's norm, before the residual add
     head_norm: Norm | None  # Qwen3 / Gemma-3: weight [heads + kv_heads, D], q's norm then k's on each head
+    proj_norm: tuple[Norm, Norm] | None  # OLMo-2/3: q's norm over its whole projection, then k's
     kind: str  # FULL or SLIDING (attention_masks.py)
     scaling: float
     softcap: float | None  # Gemma-2's attention-logit soft-cap (eager attention), else None
     act: Callable[[torch.Tensor], torch.Tensor]  # the MLP's gate activation (SiLU called directly: the common case)
 
 
-def _norm_kind(module: torch.nn.Module) -> bool | None:
-    """False for a Llama RMSNorm, True for a Gemma one, None for anything else."""
+def _norm_kind(module: torch.nn.Module) -> str | None:
+    """``llama``, ``gemma`` or ``olmo`` for the RMSNorms the steps know, None for anything else."""
     name = type(module).__name__
-    return False if name in LLAMA_RMS_NORMS else True if name in GEMMA_RMS_NORMS else None
+    for kind, names in (("llama", LLAMA_RMS_NORMS), ("gemma", GEMMA_RMS_NORMS), ("olmo", OLMO_RMS_NORMS)):
+        if name in names:
+            return kind
+    return None
 
 
 def _eps(module: torch.nn.Module) -> float:
@@ -86,32 +94,49 @@ def _eps(module: torch.nn.Module) -> float:
 
 def read_norm(module: torch.nn.Module, heads: int | None = None) -> Norm:
     """``module``'s ``Norm``; ``heads`` repeats its weight over that many heads (a per-head norm)."""
-    offset = bool(_norm_kind(module))
+    kind = _norm_kind(module)
     weight = module.weight.detach()
-    if offset:
+    if kind == "gemma":
         weight = 1.0 + weight.float()  # the same float32 values GemmaRMSNorm computes on every call
+    elif kind == "olmo":
+        weight = weight.float()
     if heads is not None:
         weight = weight.expand(heads, -1)
-    return Norm(weight, _eps(module), offset)
+    return Norm(weight, _eps(module), kind != "llama")
+
+
+def _per_head(attention: torch.nn.Module) -> bool:
+    """Whether the query norm is over each head (Qwen3, Gemma-3) rather than over the whole projection (OLMo)."""
+    return attention.q_norm.weight.dim() == 1 and attention.q_norm.weight.shape[0] == attention.head_dim
 
 
 def head_norm_of(attention: torch.nn.Module, heads: int, kv_heads: int) -> Norm | None:
-    """The query and key norms side by side (``weight [heads + kv_heads, D]``), or None without them."""
-    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
-    if q_norm is None:
+    """The per-head query and key norms side by side (``weight [heads + kv_heads, D]``), or None."""
+    if getattr(attention, "q_norm", None) is None or not _per_head(attention):
         return None
-    q, k = read_norm(q_norm, heads), read_norm(k_norm, kv_heads)
-    return Norm(torch.cat((q.weight, k.weight)), q.eps, q.offset)
+    q, k = read_norm(attention.q_norm, heads), read_norm(attention.k_norm, kv_heads)
+    return Norm(torch.cat((q.weight, k.weight)), q.eps, q.upcast)
 
 
-def _head_norms_reason(attention: torch.nn.Module, head_dim: int) -> str | None:
-    """Why ``attention``'s query / key norms are not one RMSNorm over each head (one kind, one eps)."""
+def proj_norm_of(attention: torch.nn.Module) -> tuple[Norm, Norm] | None:
+    """The query and key norms over their whole projections (OLMo-2 / OLMo-3), or None."""
+    if getattr(attention, "q_norm", None) is None or _per_head(attention):
+        return None
+    return read_norm(attention.q_norm), read_norm(attention.k_norm)
+
+
+def _head_norms_reason(attention: torch.nn.Module, head_dim: int, heads: int, kv_heads: int) -> str | None:
+    """Why ``attention``'s query / key norms are not one RMSNorm kind and eps over each head, or over each whole
+    projection."""
     norms = [getattr(attention, name, None) for name in ("q_norm", "k_norm")]
     if all(norm is None for norm in norms):
         return None
-    if (any(norm is None or _norm_kind(norm) is None or tuple(norm.weight.shape) != (head_dim,) for norm in norms)
-            or _norm_kind(norms[0]) != _norm_kind(norms[1]) or _eps(norms[0]) != _eps(norms[1])):
-        return "query / key norms other than an RMSNorm over each head"
+    shapes = tuple(None if norm is None else tuple(norm.weight.shape) for norm in norms)
+    if (any(norm is None or _norm_kind(norm) is None for norm in norms)
+            or shapes not in (((head_dim,), (head_dim,)), ((heads * head_dim,), (kv_heads * head_dim,)))
+            or _norm_kind(norms[0]) != _norm_kind(norms[1]) or _eps(norms[0]) != _eps(norms[1])
+            or getattr(attention, "head_dim", head_dim) != head_dim):
+        return "query / key norms other than an RMSNorm over each head or over each whole projection"
     return None
 
 
@@ -177,14 +202,17 @@ class DecoderLayout:
         self.layers: list[LayerLayout] = []
         for layer, kind in zip(inner.layers, kinds):
             attn = layer.self_attn
-            sandwich = hasattr(layer, "pre_feedforward_layernorm")
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma-2/3: four norms
+            post_only = not hasattr(layer, "input_layernorm")  # OLMo-2/3: the sub-blocks' outputs alone
             softcap = getattr(attn, "attn_logit_softcapping", None) or None
+            pre_mlp = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
             self.layers.append(LayerLayout(
-                attn_norm=read_norm(layer.input_layernorm),
-                attn_out_norm=read_norm(layer.post_attention_layernorm) if sandwich else None,
-                mlp_norm=read_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
-                mlp_out_norm=read_norm(layer.post_feedforward_layernorm) if sandwich else None,
+                attn_norm=None if post_only else read_norm(layer.input_layernorm),
+                attn_out_norm=read_norm(layer.post_attention_layernorm) if sandwich or post_only else None,
+                mlp_norm=None if post_only else read_norm(pre_mlp),
+                mlp_out_norm=read_norm(layer.post_feedforward_layernorm) if sandwich or post_only else None,
                 head_norm=head_norm_of(attn, self.heads, self.kv_heads),
+                proj_norm=proj_norm_of(attn),
                 kind=kind, scaling=attn.scaling, softcap=softcap,
                 act=F.silu if isinstance(layer.mlp.act_fn, torch.nn.SiLU) else layer.mlp.act_fn,
             ))
@@ -219,12 +247,16 @@ def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> st
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         if any(type(lin) is not torch.nn.Linear for lin in linears):
             return "quantized or replaced linear layers"
-        reason = _head_norms_reason(attn, head_dim)
+        reason = _head_norms_reason(attn, head_dim, config.num_attention_heads,
+                                    getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         if reason is not None:
             return reason
-        norms = [layer.input_layernorm, layer.post_attention_layernorm]
-        sandwich = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-        norms += [getattr(layer, n) for n in sandwich if hasattr(layer, n)]
+        names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm")
+        norms = [getattr(layer, n) for n in names if hasattr(layer, n)]
+        if not hasattr(layer, "post_attention_layernorm") or (
+                not hasattr(layer, "input_layernorm") and not hasattr(layer, "post_feedforward_layernorm")):
+            return "a decoder layer without the norms of a known layout"
         for norm in norms:
             if _norm_kind(norm) is None:
                 return f"{type(norm).__name__}"

@@ -45,21 +45,32 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-def offset_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """GemmaRMSNorm: float32 statistics times ``weight`` (``1 + w`` in float32), then the input dtype."""
+def upcast_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's and OLMo's RMSNorm: float32 statistics times ``weight`` (float32: Gemma's ``1 + w``, OLMo's
+    ``w``), then the input dtype."""
     return F.rms_norm(x.to(torch.float32), (x.shape[-1],), weight, eps).to(x.dtype)
 
 
 def apply_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
     """``norm`` (architecture.py) on ``x [..., hidden]``."""
-    return offset_norm(x, norm.weight, norm.eps) if norm.offset else _norm(x, norm.weight, norm.eps)
+    return upcast_norm(x, norm.weight, norm.eps) if norm.upcast else _norm(x, norm.weight, norm.eps)
+
+
+def maybe_norm(x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+    """``apply_norm`` where the layout has the norm; ``x`` as is where it has none (OLMo's missing pre-norms)."""
+    return x if norm is None else apply_norm(x, norm)
+
+
+def proj_norms(qk: torch.Tensor, norms: tuple[Norm, Norm], q_size: int) -> torch.Tensor:
+    """OLMo's query and key norms, each over its whole projection, on ``qk [n, q_size + kv_size]``."""
+    return torch.cat((apply_norm(qk[:, :q_size], norms[0]), apply_norm(qk[:, q_size:], norms[1])), dim=-1)
 
 
 def head_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
     """The query / key RMSNorm of ``x [n, heads, D]``, every head at once: ``norm.weight [heads, D]`` holds each
     head's weight (``architecture.head_norm_of``); float32 statistics, then Llama's or Gemma's weighting."""
     normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=norm.eps)
-    if norm.offset:
+    if norm.upcast:
         return (normed * norm.weight).to(x.dtype)
     return norm.weight * normed.to(x.dtype)
 
@@ -381,8 +392,11 @@ class FastDecoder:
         packed = linears is self.packed_linears  # the head follows the layers' choice
         qk_size = q_size + kv_size
         for (qkv_proj, o_proj, gate_up_proj, down_proj), lay, kv in zip(linears, layout.layers, cache.layers):
-            qkv = qkv_proj(apply_norm(x, lay.attn_norm))
-            qk = qkv[:, :qk_size].view(n, heads + kv_heads, head_dim)
+            qkv = qkv_proj(maybe_norm(x, lay.attn_norm))
+            qk = qkv[:, :qk_size]
+            if lay.proj_norm is not None:
+                qk = proj_norms(qk, lay.proj_norm, q_size)
+            qk = qk.reshape(n, heads + kv_heads, head_dim)
             if lay.head_norm is not None:
                 qk = head_norm(qk, lay.head_norm)
             qk = rotate_signed(qk, *tables[lay.kind])
@@ -399,7 +413,7 @@ class FastDecoder:
                 out = softcapped_attention(q, keys, values, masks[lay.kind], lay.scaling, lay.softcap)
             h = o_proj(out.reshape(n, q_size))
             x = x + (h if lay.attn_out_norm is None else apply_norm(h, lay.attn_out_norm))
-            gate, up = gate_up_proj(apply_norm(x, lay.mlp_norm)).chunk(2, dim=-1)
+            gate, up = gate_up_proj(maybe_norm(x, lay.mlp_norm)).chunk(2, dim=-1)
             h = down_proj(lay.act(gate) * up)
             x = x + (h if lay.mlp_out_norm is None else apply_norm(h, lay.mlp_out_norm))
         x = apply_norm(x, layout.final_norm)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, rope_types, unsupported_reason
 from proxy_engine.attention_masks import FULL, SLIDING
-from proxy_engine.fast_decode import fuse_linears, head_norm, offset_norm, softcap, softcapped_attention
+from proxy_engine.fast_decode import fuse_linears, head_norm, proj_norms, softcap, softcapped_attention, upcast_norm
 
 log = logging.getLogger("proxy_engine.executor.static_decode")
 
@@ -121,7 +121,7 @@ class StaticDecoder:
 
     def norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
         """``norm`` on ``x``: ``rms_norm`` for Llama's, Gemma's ``(1 + w)`` form in float32 for an offset one."""
-        return offset_norm(x, norm.weight, norm.eps) if norm.offset else self.rms_norm(x, norm.weight, norm.eps)
+        return upcast_norm(x, norm.weight, norm.eps) if norm.upcast else self.rms_norm(x, norm.weight, norm.eps)
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, max_positions: int, fuse: bool = True) -> None:
         inner = model.model
@@ -206,8 +206,10 @@ class StaticDecoder:
             masks[SLIDING] = torch.where(local, self.seen_value, self.hidden_value)[:, None, None, :span]
         for index, (layer, lay) in enumerate(zip(self.layers, layout.layers)):
             attn, mlp = layer.self_attn, layer.mlp
-            h = self.norm(x, lay.attn_norm)
+            h = x if lay.attn_norm is None else self.norm(x, lay.attn_norm)
             qk, v = self._qk_v(index, h)
+            if lay.proj_norm is not None:  # OLMo-2/3: one RMSNorm over all of q's heads, one over k's
+                qk = proj_norms(qk, lay.proj_norm, heads * head_dim)
             qk = qk.reshape(n, heads + kv_heads, head_dim)
             if lay.head_norm is not None:  # Qwen3 / Gemma-3: RMSNorm over each q and k head, before the rotary
                 qk = head_norm(qk, lay.head_norm)
@@ -227,7 +229,7 @@ class StaticDecoder:
                 x = self.linear_add(x, out, attn.o_proj.weight, attn.o_proj.bias)
             else:  # Gemma-2/3: the output is normed before the residual add
                 x = x + self.norm(F.linear(out, attn.o_proj.weight, attn.o_proj.bias), lay.attn_out_norm)
-            h = self.norm(x, lay.mlp_norm)
+            h = x if lay.mlp_norm is None else self.norm(x, lay.mlp_norm)
             gate, up = self._gate_up(index, h)
             if lay.mlp_out_norm is None:
                 x = self.linear_add(x, lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)

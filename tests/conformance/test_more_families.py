@@ -1,8 +1,10 @@
-"""Families beyond the matrix's, each with the quirk that used to break a server: they decode through transformers'
-forward (``architecture.py`` knows all but one of them), so what is checked is that the engine's caches, masks and
-batching fit their attention, token for token and character for character against the naive reference.
+"""Families beyond the matrix's, each with the quirk that used to break a server, token for token and character for
+character against the naive reference. Most decode through transformers' forward, so what is checked is that the
+engine's caches, masks and batching fit their attention; OLMo-2 / OLMo-3 and Qwen2 with YaRN decode on the fast
+step (``architecture.py``), so it is checked that the step follows their math.
 
-- phi3: fused ``qkv_proj`` / ``gate_up_proj``; olmo2: norms after each sub-block, query / key norms over all heads;
+- phi3: fused ``qkv_proj`` / ``gate_up_proj``; olmo2: a norm after each sub-block and none before, query / key
+  norms each over its whole projection (fast step); olmo3: the same with windowed layers (fast step);
 - granite: embedding, residual, attention and logit multipliers; cohere: LayerNorm, parallel block, logit scale;
 - starcoder2: sliding window, biases, LayerNorm; mixtral / qwen2_moe: routed experts (and Qwen's shared one);
 - gpt2: learned positions, Conv1D projections; falcon: multi-query attention, parallel block;
@@ -42,6 +44,7 @@ MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim
 MORE = {
     "phi3": {},
     "olmo2": {},
+    "olmo3": dict(sliding_window=6),  # its default pattern: windowed layers (a full one every fourth)
     "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0),
     "cohere": {},
     "starcoder2": dict(sliding_window=6),
@@ -63,6 +66,9 @@ MORE = {
 }
 
 
+FAST = {"olmo2", "olmo3"}  # architecture.py knows them: they decode on the fast step (static on CUDA)
+
+
 def _config_maker(model_type: str, extra: dict):
     def make(vocab, layers, hidden, **ids):
         fields = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
@@ -79,7 +85,8 @@ def _spec(name: str) -> Spec:
     if model_type == "qwen2":  # transformers loads a qwen2 checkpoint's tokenizer as Qwen2's, with its specials
         return Spec(name, model_type, "byte-level BPE, ChatML", "sdpa", "fast", qwen_tokenizer,
                     _config_maker(model_type, MORE[name]), CHATML_TEMPLATE, end_tokens=["<|endoftext|>", "<|im_end|>"])
-    return Spec(name, model_type, "byte-level BPE as Llama-3", "as transformers builds it", "transformers",
+    path = "fast" if model_type in FAST else "transformers"
+    return Spec(name, model_type, "byte-level BPE as Llama-3", "as transformers builds it", path,
                 llama3_tokenizer, _config_maker(model_type, MORE[name]), LLAMA3_TEMPLATE,
                 end_tokens=["<|end_of_text|>", "<|eot_id|>"])
 
@@ -87,6 +94,14 @@ def _spec(name: str) -> Spec:
 @pytest.fixture(scope="module", params=list(MORE))
 def family(request, tmp_path_factory):
     return build(_spec(request.param), tmp_path_factory.mktemp(request.param))
+
+
+def test_each_decodes_on_the_path_listed(loaded):  # noqa: F811  (the matrix's fixture)
+    from proxy_engine.engine import ProxyEngine
+    from tests.conformance.conftest import engine_config
+
+    family, models, _ = loaded
+    assert {r.executor for r in ProxyEngine(models, engine_config(family)).runners} == {family.spec.decode_path}
 
 
 def test_the_quirk_is_in_the_checkpoint(family):

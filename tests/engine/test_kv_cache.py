@@ -85,6 +85,8 @@ def _random_model(kind: str):
                 torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     elif kind.startswith("gemma"):
         model = _random_gemma(kind, common)
+    elif kind.startswith("olmo"):
+        model = _random_olmo(kind, common)
     else:  # rope scaling, padded head (logits past the 80-token shared vocabulary are cut)
         model = LlamaForCausalLM(LlamaConfig(
             **common, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
@@ -120,9 +122,29 @@ def _random_gemma(kind: str, common: dict):
     return model
 
 
+def _random_olmo(kind: str, common: dict):
+    """OLMo-2: no norm before a sub-block, one after each (Llama's weight applied in float32 before the cast), and
+    the query / key norms each over its whole projection; OLMo-3 adds windowed layers (6) with their own RoPE.
+    Every norm weight is drawn, so that a per-head reading of the projection norms or a missed output norm shows."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM
+
+    if kind == "olmo2":
+        model = Olmo2ForCausalLM(Olmo2Config(**common))
+    else:
+        model = Olmo3ForCausalLM(Olmo3Config(**common, sliding_window=6,
+                                             layer_types=["sliding_attention", "full_attention"]))
+    for name, parameter in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.uniform_(parameter, 0.5, 1.5)
+    return model
+
+
+FAST_KINDS = ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3", "olmo2", "olmo3")
+
+
 def test_fast_decode_matches_transformers(monkeypatch):
     """The decode step without transformers' module stack gives transformers' logits (and is used)."""
-    for kind in ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3"):
+    for kind in FAST_KINDS:
         model = _random_model(kind)
         fast = ModelRunner(model, 80, 0, kind)
         monkeypatch.setenv("PROXY_SERVE_FAST_DECODE", "0")
@@ -152,7 +174,12 @@ def test_unsupported_models_fall_back_to_transformers():
     qwen3 = _random_model("qwen3")
     assert unsupported_reason(qwen3) is None
     qwen3.model.layers[1].self_attn.k_norm.variance_epsilon = 1e-3  # not one norm for q and k: not the step's math
-    assert unsupported_reason(qwen3) == "query / key norms other than an RMSNorm over each head"
+    reason = "query / key norms other than an RMSNorm over each head or over each whole projection"
+    assert unsupported_reason(qwen3) == reason
+    olmo2 = _random_model("olmo2")
+    assert unsupported_reason(olmo2) is None
+    olmo2.model.layers[0].self_attn.k_norm = torch.nn.LayerNorm(32)  # not an RMSNorm the step knows
+    assert unsupported_reason(olmo2) == reason
 
 
 def test_sliding_windows_decode_on_the_fast_paths_with_transformers_logits():
