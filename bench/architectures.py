@@ -3,9 +3,10 @@
 Each architecture the fast path takes gets a random-weight model of the bench base's shape (12 layers, hidden 768,
 a 4,096-token vocabulary; grouped-query heads, and each family's own extras: Qwen2's q/k/v biases, Qwen3's
 per-head query / key norms, Gemma-2's soft-caps and sandwich norms, Gemma-3's local + global layers with their own
-RoPE, OLMo-2's output norms and whole-projection query / key norms). For each row count, the two executors
-decode the same rows over the same prompts, interleaved round by round so that the machine's drift hits both
-alike; the report is the median ms per step and the ratio fast / transformers (below 1: the fast path is faster).
+RoPE, OLMo-2's output norms and whole-projection query / key norms, Granite's multipliers). For each row count,
+the two executors decode the same rows over the same prompts, interleaved round by round so that the machine's
+drift hits both alike; the report is the median ms per step and the ratio fast / transformers (below 1: the fast
+path is faster).
 
     python -m bench.architectures --levels 1 16 --rounds 3 --out bench/results/architectures
 """
@@ -50,10 +51,13 @@ def _config(architecture: str, layers: int, hidden: int):
         return transformers.Gemma3TextConfig(**common, **local)
     if architecture == "olmo2":
         return transformers.Olmo2Config(**common)
+    if architecture == "granite":  # Granite 3's multipliers
+        return transformers.GraniteConfig(**common, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                          attention_multiplier=0.015625, logits_scaling=8.0)
     raise ValueError(f"unknown architecture {architecture!r}")
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "granite")
 
 
 def build(architecture: str, layers: int = 12, hidden: int = 768) -> torch.nn.Module:

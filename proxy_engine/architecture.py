@@ -11,7 +11,8 @@ here, so both steps follow one description (``DecoderLayout``):
   (OLMo-2 / OLMo-3: only each sub-block's output is normed);
 - query / key norms: per head (Qwen3, Gemma-3), applied to q and k side by side before the rotary, or over each
   whole projection (OLMo-2 / OLMo-3: one RMSNorm over all of q's heads, one over k's);
-- the embedding's scale (Gemma: ``sqrt(hidden)`` in the model's dtype);
+- the embedding's scale (Gemma: ``sqrt(hidden)`` in the model's dtype; Granite: its ``embedding_multiplier``),
+  Granite's residual multiplier on each sub-block's output and its logits divided by ``logits_scaling``;
 - each layer's attention: full, or a sliding window (Mistral v0.1, Qwen2 with ``use_sliding_window``, Gemma-2 /
   Gemma-3's local layers), its rotary embedding (Gemma-3's local layers have their own RoPE base), its
   scaling, and Gemma-2's attention-logit soft-cap (``cap * tanh(scores / cap)``, eager attention only);
@@ -37,10 +38,11 @@ from proxy_engine.attention_masks import FULL, SLIDING, sliding_window
 # Architectures whose decoder layer is: [norm] -> q/k/v (bias allowed) -> [q / k norms] -> RoPE -> attention ->
 # o -> [norm] -> residual -> [norm] -> down(act(gate) * up) -> [norm] -> residual.
 SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-             "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"}
+             "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
+             "GraniteForCausalLM"}
 # RMSNorm classes that are LlamaRMSNorm under another name, those that are GemmaRMSNorm, and OLMo's (Llama's
 # weight, applied in float32 before the cast, as T5's).
-LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "GraniteRMSNorm"}
 GEMMA_RMS_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
 OLMO_RMS_NORMS = {"Olmo2RMSNorm", "Olmo3RMSNorm"}
 # Gemma and Gemma-2 scale the embedding by sqrt(hidden) in the model's forward in transformers versions whose
@@ -73,6 +75,7 @@ class LayerLayout(NamedTuple):
     mlp_out_norm: Norm | None  # Gemma-2/3, OLMo-2/3: the MLP output's norm, before the residual add
     head_norm: Norm | None  # Qwen3 / Gemma-3: weight [heads + kv_heads, D], q's norm then k's on each head
     proj_norm: tuple[Norm, Norm] | None  # OLMo-2/3: q's norm over its whole projection, then k's
+    residual_scale: float | None  # Granite: each sub-block's output times this before the residual add
     kind: str  # FULL or SLIDING (attention_masks.py)
     scaling: float
     softcap: float | None  # Gemma-2's attention-logit soft-cap (eager attention), else None
@@ -172,8 +175,12 @@ def rope_types(model: torch.nn.Module, max_len: int | None = None) -> list[str]:
     return [rotary_for(model.model, kind)[1] for kind in sorted(set(layer_kinds_of(model.config, max_len)))]
 
 
-def embedding_scale(model: torch.nn.Module) -> torch.Tensor | None:
-    """The factor the model multiplies its input embeddings by (in their dtype), or None."""
+def embedding_scale(model: torch.nn.Module) -> torch.Tensor | float | None:
+    """The factor the model multiplies its input embeddings by (a tensor in their dtype, or Granite's Python float,
+    as each model's forward multiplies), or None."""
+    multiplier = getattr(model.model, "embedding_multiplier", None)  # Granite
+    if multiplier is not None:
+        return None if multiplier == 1 else float(multiplier)
     embed = model.model.embed_tokens
     scale = getattr(embed, "embed_scale", None)
     if scale is None and type(model).__name__ in _SQRT_HIDDEN_EMBEDDING:
@@ -199,6 +206,8 @@ class DecoderLayout:
         self.embed_scale = embedding_scale(model)
         self.final_norm = read_norm(inner.norm)
         self.final_softcap: float | None = getattr(config, "final_logit_softcapping", None) or None
+        scaling = getattr(config, "logits_scaling", None) if "Granite" in type(model).__name__ else None
+        self.logits_divisor: float | None = None if scaling in (None, 1) else float(scaling)  # Granite
         self.layers: list[LayerLayout] = []
         for layer, kind in zip(inner.layers, kinds):
             attn = layer.self_attn
@@ -213,6 +222,8 @@ class DecoderLayout:
                 mlp_out_norm=read_norm(layer.post_feedforward_layernorm) if sandwich or post_only else None,
                 head_norm=head_norm_of(attn, self.heads, self.kv_heads),
                 proj_norm=proj_norm_of(attn),
+                residual_scale=None if getattr(layer, "residual_multiplier", 1) == 1 else float(
+                    layer.residual_multiplier),
                 kind=kind, scaling=attn.scaling, softcap=softcap,
                 act=F.silu if isinstance(layer.mlp.act_fn, torch.nn.SiLU) else layer.mlp.act_fn,
             ))

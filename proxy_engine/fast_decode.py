@@ -61,6 +61,13 @@ def maybe_norm(x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
     return x if norm is None else apply_norm(x, norm)
 
 
+def branch_output(h: torch.Tensor, out_norm: Norm | None, scale: float | None) -> torch.Tensor:
+    """A sub-block's output as the residual stream takes it: normed (Gemma-2/3, OLMo), scaled (Granite)."""
+    if out_norm is not None:
+        h = apply_norm(h, out_norm)
+    return h if scale is None else h * scale
+
+
 def proj_norms(qk: torch.Tensor, norms: tuple[Norm, Norm], q_size: int) -> torch.Tensor:
     """OLMo's query and key norms, each over its whole projection, on ``qk [n, q_size + kv_size]``."""
     return torch.cat((apply_norm(qk[:, :q_size], norms[0]), apply_norm(qk[:, q_size:], norms[1])), dim=-1)
@@ -411,13 +418,13 @@ class FastDecoder:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[lay.kind], scale=lay.scaling)
             else:
                 out = softcapped_attention(q, keys, values, masks[lay.kind], lay.scaling, lay.softcap)
-            h = o_proj(out.reshape(n, q_size))
-            x = x + (h if lay.attn_out_norm is None else apply_norm(h, lay.attn_out_norm))
+            x = x + branch_output(o_proj(out.reshape(n, q_size)), lay.attn_out_norm, lay.residual_scale)
             gate, up = gate_up_proj(maybe_norm(x, lay.mlp_norm)).chunk(2, dim=-1)
-            h = down_proj(lay.act(gate) * up)
-            x = x + (h if lay.mlp_out_norm is None else apply_norm(h, lay.mlp_out_norm))
+            x = x + branch_output(down_proj(lay.act(gate) * up), lay.mlp_out_norm, lay.residual_scale)
         x = apply_norm(x, layout.final_norm)
         logits = self.packed_head(x) if packed else F.linear(x, self.head_weight, self.head_bias)
+        if layout.logits_divisor is not None:
+            logits = logits / layout.logits_divisor
         if layout.final_softcap is not None:
             logits = softcap(logits, layout.final_softcap)
         return logits.float()

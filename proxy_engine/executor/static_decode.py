@@ -35,7 +35,14 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, rope_types, unsupported_reason
+from proxy_engine.architecture import (
+    DecoderLayout,
+    LayerLayout,
+    Norm,
+    length_dependent_rope,
+    rope_types,
+    unsupported_reason,
+)
 from proxy_engine.attention_masks import FULL, SLIDING
 from proxy_engine.fast_decode import fuse_linears, head_norm, proj_norms, softcap, softcapped_attention, upcast_norm
 
@@ -118,6 +125,12 @@ class StaticDecoder:
         if bias is None:
             return torch.addmm(x, h, weight.t())
         return x + F.linear(h, weight, bias)
+
+    def branch(self, h: torch.Tensor, out_norm: Norm | None, lay: LayerLayout) -> torch.Tensor:
+        """A sub-block's output as the residual stream takes it: normed (Gemma-2/3, OLMo), scaled (Granite)."""
+        if out_norm is not None:
+            h = self.norm(h, out_norm)
+        return h if lay.residual_scale is None else h * lay.residual_scale
 
     def norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
         """``norm`` on ``x``: ``rms_norm`` for Llama's, Gemma's ``(1 + w)`` form in float32 for an offset one."""
@@ -225,19 +238,21 @@ class StaticDecoder:
             else:
                 out = softcapped_attention(q, keys, values, masks[lay.kind], lay.scaling, lay.softcap)
             out = out.reshape(n, heads * head_dim)  # [n, kv_heads, group, D] -> [n, heads * D]
-            if lay.attn_out_norm is None:
+            if lay.attn_out_norm is None and lay.residual_scale is None:
                 x = self.linear_add(x, out, attn.o_proj.weight, attn.o_proj.bias)
-            else:  # Gemma-2/3: the output is normed before the residual add
-                x = x + self.norm(F.linear(out, attn.o_proj.weight, attn.o_proj.bias), lay.attn_out_norm)
+            else:  # Gemma-2/3, OLMo: the output is normed before the residual add; Granite: scaled
+                x = x + self.branch(F.linear(out, attn.o_proj.weight, attn.o_proj.bias), lay.attn_out_norm, lay)
             h = x if lay.mlp_norm is None else self.norm(x, lay.mlp_norm)
             gate, up = self._gate_up(index, h)
-            if lay.mlp_out_norm is None:
+            if lay.mlp_out_norm is None and lay.residual_scale is None:
                 x = self.linear_add(x, lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
             else:
                 h = F.linear(lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-                x = x + self.norm(h, lay.mlp_out_norm)
+                x = x + self.branch(h, lay.mlp_out_norm, lay)
         x = self.norm(x, layout.final_norm)
         logits = F.linear(x, self.head_weight, self.head_bias)
+        if layout.logits_divisor is not None:
+            logits = logits / layout.logits_divisor
         if layout.final_softcap is not None:
             logits = softcap(logits, layout.final_softcap)
         return logits.float()

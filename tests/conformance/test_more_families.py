@@ -1,11 +1,12 @@
 """Families beyond the matrix's, each with the quirk that used to break a server, token for token and character for
 character against the naive reference. Most decode through transformers' forward, so what is checked is that the
-engine's caches, masks and batching fit their attention; OLMo-2 / OLMo-3 and Qwen2 with YaRN decode on the fast
-step (``architecture.py``), so it is checked that the step follows their math.
+engine's caches, masks and batching fit their attention; OLMo-2 / OLMo-3, Granite and Qwen2 with YaRN decode on the
+fast step (``architecture.py``), so it is checked that the step follows their math.
 
 - phi3: fused ``qkv_proj`` / ``gate_up_proj``; olmo2: a norm after each sub-block and none before, query / key
   norms each over its whole projection (fast step); olmo3: the same with windowed layers (fast step);
-- granite: embedding, residual, attention and logit multipliers; cohere: LayerNorm, parallel block, logit scale;
+- granite: embedding, residual, attention and logit multipliers (fast step);
+- cohere: LayerNorm, parallel block, logit scale;
 - starcoder2: sliding window, biases, LayerNorm; mixtral / qwen2_moe: routed experts (and Qwen's shared one);
 - gpt2: learned positions, Conv1D projections; falcon: multi-query attention, parallel block;
 - bloom, mpt, falcon with ``alibi``: ALiBi, which their forward computes from a 2-D padding mask;
@@ -66,7 +67,7 @@ MORE = {
 }
 
 
-FAST = {"olmo2", "olmo3"}  # architecture.py knows them: they decode on the fast step (static on CUDA)
+FAST = {"olmo2", "olmo3", "granite"}  # architecture.py knows them: they decode on the fast step (static on CUDA)
 
 
 def _config_maker(model_type: str, extra: dict):

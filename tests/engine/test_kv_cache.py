@@ -87,6 +87,11 @@ def _random_model(kind: str):
         model = _random_gemma(kind, common)
     elif kind.startswith("olmo"):
         model = _random_olmo(kind, common)
+    elif kind == "granite":  # embedding, residual, attention and logit multipliers (none of them 1)
+        from transformers import GraniteConfig, GraniteForCausalLM
+
+        model = GraniteForCausalLM(GraniteConfig(**common, embedding_multiplier=3.0, residual_multiplier=0.37,
+                                                 attention_multiplier=0.3, logits_scaling=2.5))
     else:  # rope scaling, padded head (logits past the 80-token shared vocabulary are cut)
         model = LlamaForCausalLM(LlamaConfig(
             **common, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
@@ -139,7 +144,7 @@ def _random_olmo(kind: str, common: dict):
     return model
 
 
-FAST_KINDS = ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3", "olmo2", "olmo3")
+FAST_KINDS = ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "granite")
 
 
 def test_fast_decode_matches_transformers(monkeypatch):

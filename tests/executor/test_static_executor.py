@@ -42,7 +42,8 @@ def test_static_buffers_are_allocated_once_and_kept():
     assert cache.slots >= 6 and cache.generation == 1
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "olmo3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
+                                  "granite"])
 def test_static_step_gives_the_fast_paths_logits_as_rows_join_and_leave(kind, monkeypatch):
     monkeypatch.setattr(buckets, "MIN_SPAN", 8)  # several span buckets within a few steps
     fast, static = _pair(kind, SlotPlan(8, 64, 0))
