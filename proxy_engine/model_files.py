@@ -98,30 +98,24 @@ def read_config(directory: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
 
-# RoPE types that stretch the context they were trained on by their factor (vLLM counts "dynamic" too). The
-# others' max_position_embeddings already is the extended context (Llama-3.1's llama3, Phi-3's longrope).
-# Dynamic NTK is left at max_position_embeddings on purpose: past it transformers re-derives the frequencies
-# from the longest row of the batch, so a row's tokens would depend on the rows beside it.
-_CONTEXT_STRETCHING = {"linear", "yarn"}
-
-
 def context_length(cfg: dict[str, Any]) -> int | None:
     """The model's context in tokens from its config (None when it states none): max_position_embeddings (or
-    an older name), stretched by a RoPE scaling that extends it (``linear``, YaRN's
-    ``original_max_position_embeddings x factor``), as vLLM derives max_model_len. Qwen2.5's documented way to
-    serve 128K tokens is to add YaRN with factor 4 to a 32K config.json."""
+    an older name), or YaRN's ``original_max_position_embeddings x factor`` when that is longer, as vLLM derives
+    max_model_len: Qwen2.5's documented way to serve 128K tokens is to add YaRN with factor 4 to its 32K
+    config.json. Other scalings are left at the stated context: with ``linear`` the stated one is sometimes
+    already the stretched one (Gemma-3 states 128K beside a factor of 8), and past it dynamic NTK re-derives the
+    frequencies from the batch's longest row, so a row's tokens would depend on the rows beside it."""
     cfg = text_config(cfg)
     positions = next((v for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
                       if isinstance(v := cfg.get(key), int) and v > 0), None)
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    if positions is None or not isinstance(rope, dict) or "factor" not in rope:
-        return positions  # no scaling, or one per layer type (Gemma-3's config already states its 128K)
-    kind = rope.get("rope_type") or rope.get("type") or "default"
-    factor = rope["factor"]
-    if kind not in _CONTEXT_STRETCHING or not isinstance(factor, (int, float)) or factor <= 1:
+    if positions is None or not isinstance(rope, dict):
         return positions
-    trained = rope.get("original_max_position_embeddings") if kind == "yarn" else None
-    return max(positions, int((trained or positions) * factor))
+    trained, factor = rope.get("original_max_position_embeddings"), rope.get("factor")
+    if (rope.get("rope_type") or rope.get("type")) != "yarn" or not isinstance(trained, int) \
+            or not isinstance(factor, (int, float)):
+        return positions
+    return max(positions, int(trained * factor))
 
 
 def text_config(cfg: dict[str, Any]) -> dict[str, Any]:

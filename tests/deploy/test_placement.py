@@ -149,16 +149,18 @@ _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "
       "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096}}, 163840),
     ({"max_position_embeddings": 131072, "rope_scaling": _LLAMA31_ROPE}, 131072),  # Llama-3.1: already scaled
     ({"max_position_embeddings": 131072, "rope_scaling": {"type": "longrope", "factor": 32.0}}, 131072),  # Phi-3
-    ({"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 2.0}}, 8192),
+    # Linear: the stated context (Gemma-3 4B+ states its 128K beside a factor of 8, vLLM special-cases it).
+    ({"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}, 131072),
     # Dynamic NTK: not stretched (past the stated context a row's frequencies would follow its batch's longest).
     ({"max_position_embeddings": 4096, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, 4096),
+    ({"max_position_embeddings": 4096, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 4096),  # no original
     ({"max_position_embeddings": 131072, "rope_parameters": {  # Gemma-3: per layer type, context as stated
         "full_attention": {"rope_type": "linear", "factor": 8.0}, "sliding_attention": {"rope_type": "default"}}},
      131072),
     ({"text_config": {"hidden_size": 8, "max_position_embeddings": 2048}}, 2048),  # a vision wrapper's decoder
     ({"hidden_size": 8}, None),
 ])
-def test_context_length_counts_rope_scaling_that_extends_it(cfg, expected):
+def test_context_length_counts_yarn_as_vllm_does(cfg, expected):
     assert context_length(cfg) == expected
 
 
