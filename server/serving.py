@@ -9,6 +9,7 @@ engine request if it did not finish (client gone, error) and writes the request'
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import logging
 import re
@@ -343,13 +344,21 @@ class Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     cached_tokens: int = 0  # its prompt's tokens read from the prefix cache (on a prompt's first choice)
-    # (text offset where an output's text began, its tokens), per output that brought tokens: how the tokens of
-    # a reasoning model's thinking are told from its answer's
-    marks: list[tuple[int, int]] = field(default_factory=list)
+    # Per output that brought tokens: the text offset where its text began, and the tokens up to and including
+    # it: how the tokens of a reasoning model's thinking are told from its answer's.
+    starts: list[int] = field(default_factory=list)
+    tokens_through: list[int] = field(default_factory=list)
+
+    def mark(self, tokens: int) -> None:
+        """An output of ``tokens`` tokens whose text is about to be appended."""
+        self.starts.append(len(self.text))
+        self.tokens_through.append((self.tokens_through[-1] if self.tokens_through else 0) + tokens)
 
     def tokens_before(self, offset: int) -> int:
-        """Tokens whose text began before ``offset`` (the token that closes a span counts in it)."""
-        return sum(count for start, count in self.marks if start < offset)
+        """Tokens whose text began before ``offset`` (the token that closes a span counts in it); a bisection,
+        since a stream's usage chunks may ask at every token."""
+        outputs = bisect.bisect_left(self.starts, offset)
+        return self.tokens_through[outputs - 1] if outputs else 0
 
 
 class Generation:
@@ -414,7 +423,7 @@ class Generation:
             counted = len(output.new_token_ids)
             self.timer.tokens(output.index, counted)
             if counted:
-                choice.marks.append((len(choice.text), counted))
+                choice.mark(counted)
             choice.text += output.text_delta
             if output.cached_tokens is not None:
                 choice.cached_tokens = output.cached_tokens
