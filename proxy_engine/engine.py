@@ -27,6 +27,7 @@ from proxy_engine.config import EngineConfig
 from proxy_engine.executor import KV_MEMORY_FRACTION, running_cap, static_kv_plans, wants_static
 from proxy_engine.intake import Intake
 from proxy_engine.loader import LoadedModel, eos_token_ids, input_device
+from proxy_engine.model_files import max_model_len_error
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
 from proxy_engine.prefix_cache import FREE_MEMORY_SHARE, kv_bytes_per_token
@@ -65,6 +66,9 @@ class ProxyEngine:
         self.roles = [m.role for m in models]
         self.vocab_size = models[0].vocab_size or len(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        too_long = max_model_len_error(config.limits.max_model_len, {m.role: m.max_len for m in models})
+        if too_long is not None:
+            raise ValueError(too_long)
         cap = config.limits.max_model_len or 10**9
         self.max_lens = [min(m.max_len, cap) for m in models]
         self.kv_bytes_per_token = [kv_bytes_per_token(m.model) for m in models]

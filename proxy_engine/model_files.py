@@ -118,6 +118,18 @@ def context_length(cfg: dict[str, Any]) -> int | None:
     return max(positions, int(trained * factor))
 
 
+def max_model_len_error(requested: int | None, contexts: dict[str, int]) -> str | None:
+    """Why ``limits.max_model_len`` cannot be served (None when it can): it is more than the context of some model
+    (``contexts``: name -> tokens). vLLM refuses the same at start-up, rather than serve less than was set."""
+    if requested is None or not contexts:
+        return None
+    name, shortest = min(contexts.items(), key=lambda item: item[1])
+    if requested <= shortest:
+        return None
+    return (f"limits.max_model_len ({requested}) is more than the context of {name} ({shortest} tokens: its "
+            f"max_position_embeddings, or YaRN's original context x factor); set at most {shortest} or leave it unset")
+
+
 def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Multimodal configs nest the language model under text_config; the LM is what we size."""
     text = cfg.get("text_config")

@@ -22,7 +22,14 @@ from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.gguf_files import GGUFHeader, find_gguf, read_header
 from proxy_engine.memory import MemoryEstimate, counted_memory, estimate_memory, gib, parse_size, resolve_dtype
-from proxy_engine.model_files import context_length, has_chat_template, locate, read_config, text_config
+from proxy_engine.model_files import (
+    context_length,
+    has_chat_template,
+    locate,
+    max_model_len_error,
+    read_config,
+    text_config,
+)
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -258,6 +265,10 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
     limits = config.limits
     known_lens = [m.context_length for m in plan.models if m.context_length]
     plan.max_model_len = limits.max_model_len or (min(known_lens) if known_lens else None)
+    too_long = max_model_len_error(limits.max_model_len, {m.name: m.context_length for m in plan.models
+                                                          if m.context_length})
+    if too_long is not None:
+        plan.errors.append(too_long)
     model_configs = {name: model for name, _, _, model in _model_names(config)}
     for mp in plan.models:
         if mp.memory is None:

@@ -237,6 +237,28 @@ def test_missing_path_is_one_clear_line(tiny_family, tmp_path):
     assert "\n" not in plan.first_error
 
 
+def test_a_max_model_len_past_a_models_context_is_refused_not_lowered(tiny_family):
+    """As vLLM: a limit the models cannot hold is an error at start-up naming the model and its context, where it
+    used to be lowered in silence; at or under the context it is taken as is."""
+    from proxy_engine.engine import ProxyEngine
+    from proxy_engine.loader import load_models
+
+    pair = ({"path": str(tiny_family.expert)}, {"path": str(tiny_family.anti_expert)})
+    context = json.loads((tiny_family.anti_expert / "config.json").read_text())["max_position_embeddings"]
+    too_long = engine({"path": str(tiny_family.base)}, pair, limits={"max_model_len": context + 1})
+    plan = plan_placement(too_long, device_count=0)
+    assert plan.errors == [f"limits.max_model_len ({context + 1}) is more than the context of "
+                           f"{plan.models[0].name} ({context} tokens: its max_position_embeddings, or YaRN's original "
+                           f"context x factor); set at most {context} or leave it unset"]
+    assert plan_placement(engine({"path": str(tiny_family.base)}, pair, limits={"max_model_len": context}),
+                          device_count=0).ok
+    models = load_models(engine({"path": str(tiny_family.base)}, pair))
+    with pytest.raises(ValueError, match=rf"limits.max_model_len \({context + 1}\) is more than the context of base"):
+        ProxyEngine(models, too_long)
+    assert ProxyEngine(models, engine({"path": str(tiny_family.base)}, pair,
+                                      limits={"max_model_len": context - 8})).max_model_len == context - 8
+
+
 def test_cuda_index_past_the_visible_gpus(tiny_family):
     config = engine({"path": str(tiny_family.base), "device": "cuda:3"})
     plan = plan_placement(config, device_count=0)
