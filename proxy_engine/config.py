@@ -95,6 +95,9 @@ class ExpertPairConfig(_Strict):
     alpha: float = Field(default=1.0, description="Default strength of this pair; a request may override it.")
 
 
+ALLOW_LONG_MAX_MODEL_LEN_ENV = "PROXY_SERVE_ALLOW_LONG_MAX_MODEL_LEN"
+
+
 class LimitsConfig(_Strict):
     """Continuous-batching limits."""
 
@@ -109,6 +112,11 @@ class LimitsConfig(_Strict):
     max_model_len: int | None = Field(
         default=None, ge=16, description="Cap on prompt + completion tokens (default: the smallest model's limit)."
     )
+    allow_long_max_model_len: bool = Field(
+        default=False, description=f"Serve a max_model_len past a model's context with a warning instead of refusing "
+        f"to start ({ALLOW_LONG_MAX_MODEL_LEN_ENV}; vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN): for RoPE models whose "
+        "config states less than they were stretched to; positions past a learned table fail.",
+    )
     request_timeout_s: float | None = Field(default=None, gt=0, description="End a request after this long.")
     grammar_compile_timeout_s: float = Field(
         default=5.0, gt=0, description="Longest a request waits for its output constraint (JSON schema, regex, "
@@ -118,6 +126,13 @@ class LimitsConfig(_Strict):
         default=256, ge=0, description="Memory for compiled output constraints (estimated from their size), "
         "least recently used dropped first.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _environment_wins(cls, data: Any) -> Any:
+        if isinstance(data, dict) and os.environ.get(ALLOW_LONG_MAX_MODEL_LEN_ENV):
+            return {**data, "allow_long_max_model_len": os.environ[ALLOW_LONG_MAX_MODEL_LEN_ENV]}
+        return data
 
 
 CPU_THREADS_ENV = "PROXY_SERVE_CPU_THREADS"

@@ -67,10 +67,15 @@ class ProxyEngine:
         self.vocab_size = models[0].vocab_size or len(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         too_long = max_model_len_error(config.limits.max_model_len, {m.role: m.max_len for m in models})
-        if too_long is not None:
+        if too_long is not None and not config.limits.allow_long_max_model_len:
             raise ValueError(too_long)
         cap = config.limits.max_model_len or 10**9
-        self.max_lens = [min(m.max_len, cap) for m in models]
+        if too_long is not None:  # allowed: every model takes the limit as set
+            log.warning("%s: served anyway (allow_long_max_model_len); outputs past a model's context may be wrong",
+                        too_long.split(";")[0])
+            self.max_lens = [cap for _ in models]
+        else:
+            self.max_lens = [min(m.max_len, cap) for m in models]
         self.kv_bytes_per_token = [kv_bytes_per_token(m.model) for m in models]
         # Static K/V buffers (the CUDA executor's) for the limits within the GPUs' free memory, leaving the
         # prefix caches their share of it (prefix_cache.FREE_MEMORY_SHARE) when they are on.

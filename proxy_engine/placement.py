@@ -268,7 +268,7 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
     too_long = max_model_len_error(limits.max_model_len, {m.name: m.context_length for m in plan.models
                                                           if m.context_length})
     if too_long is not None:
-        plan.errors.append(too_long)
+        (plan.warnings if limits.allow_long_max_model_len else plan.errors).append(too_long)
     model_configs = {name: model for name, _, _, model in _model_names(config)}
     for mp in plan.models:
         if mp.memory is None:

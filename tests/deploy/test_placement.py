@@ -259,6 +259,31 @@ def test_a_max_model_len_past_a_models_context_is_refused_not_lowered(tiny_famil
                                       limits={"max_model_len": context - 8})).max_model_len == context - 8
 
 
+def test_allow_long_max_model_len_serves_past_the_stated_context(tiny_family, monkeypatch):
+    """vLLM's escape hatch (VLLM_ALLOW_LONG_MAX_MODEL_LEN), for RoPE models that state less than they were
+    stretched to: a warning, and a request past the stated context runs to its end."""
+    from proxy_engine.engine import ProxyEngine
+    from proxy_engine.loader import load_models
+    from proxy_engine.request import FinishReason, PromptInput, SamplingParams
+
+    pair = ({"path": str(tiny_family.expert)}, {"path": str(tiny_family.anti_expert)})
+    context = json.loads((tiny_family.base / "config.json").read_text())["max_position_embeddings"]
+    monkeypatch.setenv("PROXY_SERVE_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    config = engine({"path": str(tiny_family.base)}, pair, limits={"max_model_len": context + 32})
+    assert config.limits.allow_long_max_model_len
+    plan = plan_placement(config, device_count=0)
+    assert plan.ok and any("is more than the context of" in w for w in plan.warnings)
+    proxy = ProxyEngine(load_models(config), config)
+    assert proxy.max_model_len == context + 32
+    prompt = [5 + i % 400 for i in range(context - 4)]
+    (sequence,) = proxy.make_sequences("long", PromptInput(token_ids=prompt),
+                                       SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    proxy.add([sequence])
+    while proxy.has_work():
+        proxy.step()
+    assert sequence.finish_reason is FinishReason.LENGTH and len(sequence.output_ids) == 24  # past the context
+
+
 def test_cuda_index_past_the_visible_gpus(tiny_family):
     config = engine({"path": str(tiny_family.base), "device": "cuda:3"})
     plan = plan_placement(config, device_count=0)
