@@ -212,11 +212,15 @@ class SlotKVCache(Cache):
 
     The runner calls ``begin_decode`` before a decode forward (it returns the rows' positions and the key mask)
     and ``end_decode`` after it; ``add`` copies prefilled rows into free slots, ``remove`` frees slots.
+
+    Only the layers that write K/V hold buffers (``live``, learnt from the first prefill handed over): Gemma-3n's
+    last layers reuse an earlier layer's keys and values and never write their own.
     """
 
     def __init__(self, num_layers: int) -> None:
         self.state = SlotState()
         super().__init__(layers=[SlotLayer(self.state) for _ in range(num_layers)])
+        self.live: list[SlotLayer] = list(self.layers)
 
     @property
     def lengths(self) -> list[int]:
@@ -233,11 +237,11 @@ class SlotKVCache(Cache):
     @property
     def slots(self) -> int:
         """Slots every layer has (layers may differ after an allocation failed part-way)."""
-        return min((0 if layer.k_buf is None else layer.k_buf.shape[0] for layer in self.layers), default=0)
+        return min((0 if layer.k_buf is None else layer.k_buf.shape[0] for layer in self.live), default=0)
 
     @property
     def capacity(self) -> int:
-        return min((0 if layer.k_buf is None else layer.k_buf.shape[2] for layer in self.layers), default=0)
+        return min((0 if layer.k_buf is None else layer.k_buf.shape[2] for layer in self.live), default=0)
 
     def _reserve(self, k_like: torch.Tensor, v_like: torch.Tensor, rows: int, width: int) -> None:
         slots, capacity = self.slots, self.capacity
@@ -247,7 +251,7 @@ class SlotKVCache(Cache):
         # doubling would leave up to half of the buffers unused for as long as the batch runs.
         new_slots = slots if rows <= slots else _rounded(rows * 5 // 4, 4)
         new_capacity = capacity if width <= capacity else _rounded(width * 5 // 4, _MIN_CAPACITY)
-        for layer in self.layers:
+        for layer in self.live:
             # A layer grown by an earlier attempt that failed part-way (out of memory in a later layer) keeps
             # its buffers: every layer holds the live rows either way, and ``slots`` / ``capacity`` read the
             # smallest layer, so the cache stays consistent whichever layer an allocation fails in.
@@ -289,12 +293,16 @@ class SlotKVCache(Cache):
         first = job.layers[0] if job.layers else None
         if first is None or first.k_buf is None or not rows:
             return
+        if all(layer.k_buf is None for layer in self.layers):  # the first rows: the layers that write K/V
+            self.live = [mine for mine, theirs in zip(self.layers, job.layers) if theirs.k_buf is not None]
         width = first.length
         start = self.num_rows
         lengths = [width - pad for pad in pads]
         self._reserve(first.k_buf, first.v_buf, start + len(rows), max(self.longest, max(lengths)) + 1)
         same = all(pad == pads[0] for pad in pads) and rows == list(range(rows[0], rows[0] + len(rows)))
         for mine, theirs in zip(self.layers, job.layers):
+            if theirs.k_buf is None:  # a layer that reuses another's K/V
+                continue
             k, v = theirs.k_buf.to(mine.k_buf.device), theirs.v_buf.to(mine.v_buf.device)
             if same:  # one block copy (prompts of one length)
                 pad, end = pads[0], start + len(rows)
@@ -313,7 +321,7 @@ class SlotKVCache(Cache):
             last = self.num_rows - 1
             if slot != last:
                 length = self.lengths[last]
-                for layer in self.layers:
+                for layer in self.live:
                     layer.k_buf[slot, :, :length] = layer.k_buf[last, :, :length]
                     layer.v_buf[slot, :, :length] = layer.v_buf[last, :, :length]
                 self.lengths[slot] = length

@@ -179,6 +179,7 @@ def kv_elements_per_token(cfg: dict[str, Any]) -> int:
         # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): transformers caches the compressed latents, one
         # "head" each, in the K and V places: the kv_lora_rank-wide latent and the RoPE key part.
         return layers * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
+    layers -= cfg.get("num_kv_shared_layers") or 0  # Gemma-3n's last layers reuse an earlier layer's K/V
     kv_heads = _first(cfg, "num_key_value_heads", "n_head_kv", "num_kv_heads")
     if kv_heads is None:
         kv_heads = 1 if cfg.get("multi_query") else heads

@@ -70,6 +70,8 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
         return f"layers other than full or sliding-window attention ({', '.join(sorted(kinds))})"
     if not getattr(config, "is_decoder", True) or getattr(config, "is_encoder_decoder", False):
         return "not a decoder-only model"
+    if getattr(config, "num_kv_shared_layers", 0):  # their blocks would have no K/V of their own to keep
+        return "layers that reuse an earlier layer's keys and values (Gemma-3n)"
     return None
 
 

@@ -12,6 +12,7 @@ fast step (``architecture.py``), so it is checked that the step follows their ma
 - bloom, mpt, falcon with ``alibi``: ALiBi, which their forward computes from a 2-D padding mask;
 - deepseek_v3: multi-head latent attention, whose cached latent and RoPE key (K's and V's places) differ in width;
 - gpt_oss: attention sinks, alternating sliding / full layers, eager attention; smollm3: layers without RoPE;
+- gemma3n_text: Gemma-3n's text decoder, whose later layers reuse an earlier layer's K/V and write none;
 - qwen2-yarn: YaRN stretching a 16-position config to 128 (on the fast step: Qwen2 is a family it knows);
 - eighteen that were served right before (OLMo, StableLM, Qwen3-MoE, Phi, OPT, GPT-J, CodeGen, GPT-BigCode,
   Persimmon, Nemotron, JetMoE, GLM, EXAONE-4, ERNIE-4.5, Seed-OSS, Apertus, Arcee, Cohere2), and DeepSeek-V2 and
@@ -69,6 +70,9 @@ MORE = {
     "persimmon": {}, "nemotron": {}, "jetmoe": {}, "glm": {}, "exaone4": {}, "ernie4_5": {}, "seed_oss": {},
     "apertus": {}, "arcee": {}, "cohere2": {}, "deepseek_v2": dict(MLA, v_head_dim=8), "minicpm3": dict(
         kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
+    # Gemma-3n (its text decoder): the later half of the layers reuse an earlier layer's keys and values.
+    "gemma3n_text": dict(head_dim=16, altup_num_inputs=2, laurel_rank=8, hidden_size_per_layer_input=8,
+                         activation_sparsity_pattern=None),
     # Qwen2.5's documented 128K set-up: YaRN over the 32K it was trained on (here 16 positions x 8); the prompts
     # run past 16, so the context must come from the scaling, and the fast step must rotate as transformers does.
     "qwen2-yarn": dict(max_position_embeddings=16, use_sliding_window=False,
@@ -86,6 +90,8 @@ def _config_maker(model_type: str, extra: dict):
                       tie_word_embeddings=False, **ids)
         if fields.get("pad_token_id") is None:  # some configs default to an id past a small vocabulary
             fields["pad_token_id"] = 0
+        if model_type == "gemma3n_text":  # sharing needs an earlier layer of the same type: all full attention
+            fields |= {"num_kv_shared_layers": layers // 2, "layer_types": ["full_attention"] * layers}
         return AutoConfig.for_model(model_type, **{**fields, **extra})
     return make
 
@@ -181,6 +187,30 @@ def test_a_cached_prefix_gives_the_uncached_output(name, tmp_path):
 
     _, outputs = with_and_without_prefix_cache(build(_spec(name), tmp_path / name))
     assert_same(*outputs)
+
+
+def test_layers_that_reuse_another_layers_kv_hold_no_buffers(tmp_path):
+    """Gemma-3n's shared layers write no K/V: the slot cache keeps buffers for the layers that do, KV bytes per token
+    count those alone, and the prefix cache stands aside (its blocks would have nothing of their own to keep)."""
+    from proxy_engine.engine import ProxyEngine
+    from proxy_engine.prefix_cache import kv_bytes_per_token
+    from proxy_engine.request import PromptInput, SamplingParams
+    from tests.conformance.conftest import engine_config
+
+    family = build(_spec("gemma3n_text"), tmp_path / "gemma3n")
+    config = engine_config(family)
+    models = load_models(config)
+    engine = ProxyEngine(models, config)
+    base = engine.runners[0]
+    assert base.prefix_cache is None and models[0].model.config.num_kv_shared_layers == 1
+    engine.add(engine.make_sequences("r", PromptInput(text="The capital of France is"),
+                                     SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)))
+    engine.step()
+    layers = base.cache.layers
+    assert layers[0].k_buf is not None and layers[1].k_buf is None and base.cache.live == [layers[0]]
+    assert base.cache.nbytes() == kv_bytes_per_token(models[0].model) * base.cache.slots * base.cache.capacity
+    while engine.has_work():
+        engine.step()
 
 
 def test_layer_types_only_the_config_class_derives_are_refused_after_load(tmp_path, monkeypatch):
