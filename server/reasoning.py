@@ -110,18 +110,10 @@ def split_reasoning(parser: ReasoningParser | None, text: str) -> tuple[str | No
 
 def reasoning_end(parser: ReasoningParser | None, text: str) -> int:
     """Where an answer's reasoning ends: the offset just past ``</think>`` (the whole text when the thinking was
-    cut short), 0 when the answer did not reason; the splitter's rule, read on the whole text."""
-    if parser is None:
-        return 0
-    head = text.lstrip()
-    if head.startswith(START):
-        body = len(text) - len(head) + len(START)
-    elif parser == "deepseek_r1":
-        body = 0
-    else:
-        return 0
-    end = text.find(END, body)
-    return len(text) if end < 0 else end + len(END)
+    cut short), 0 when the answer did not reason. Read off ``split_reasoning``: the content is the text after
+    the block, kept as written."""
+    _, content = split_reasoning(parser, text)
+    return len(text) if content is None else len(text) - len(content)
 
 
 @dataclass(frozen=True)

@@ -35,14 +35,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.architecture import (
-    DecoderLayout,
-    LayerLayout,
-    Norm,
-    length_dependent_rope,
-    rope_types,
-    unsupported_reason,
-)
+from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, rope_types, unsupported_reason
 from proxy_engine.attention_masks import FULL, SLIDING
 from proxy_engine.fast_decode import fuse_linears, head_norm, proj_norms, softcap, softcapped_attention, upcast_norm
 
@@ -126,11 +119,12 @@ class StaticDecoder:
             return torch.addmm(x, h, weight.t())
         return x + F.linear(h, weight, bias)
 
-    def branch(self, h: torch.Tensor, out_norm: Norm | None, lay: LayerLayout) -> torch.Tensor:
-        """A sub-block's output as the residual stream takes it: normed (Gemma-2/3, OLMo), scaled (Granite)."""
+    def branch(self, h: torch.Tensor, out_norm: Norm | None, scale: float | None) -> torch.Tensor:
+        """``fast_decode.branch_output`` through this step's ``norm``: a sub-block's output as the residual
+        stream takes it, normed (Gemma-2/3, OLMo), scaled (Granite)."""
         if out_norm is not None:
             h = self.norm(h, out_norm)
-        return h if lay.residual_scale is None else h * lay.residual_scale
+        return h if scale is None else h * scale
 
     def norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
         """``norm`` on ``x``: ``rms_norm`` for Llama's, Gemma's ``(1 + w)`` form in float32 for an offset one."""
@@ -241,14 +235,15 @@ class StaticDecoder:
             if lay.attn_out_norm is None and lay.residual_scale is None:
                 x = self.linear_add(x, out, attn.o_proj.weight, attn.o_proj.bias)
             else:  # Gemma-2/3, OLMo: the output is normed before the residual add; Granite: scaled
-                x = x + self.branch(F.linear(out, attn.o_proj.weight, attn.o_proj.bias), lay.attn_out_norm, lay)
+                h = F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+                x = x + self.branch(h, lay.attn_out_norm, lay.residual_scale)
             h = x if lay.mlp_norm is None else self.norm(x, lay.mlp_norm)
             gate, up = self._gate_up(index, h)
             if lay.mlp_out_norm is None and lay.residual_scale is None:
                 x = self.linear_add(x, lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
             else:
                 h = F.linear(lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-                x = x + self.branch(h, lay.mlp_out_norm, lay)
+                x = x + self.branch(h, lay.mlp_out_norm, lay.residual_scale)
         x = self.norm(x, layout.final_norm)
         logits = F.linear(x, self.head_weight, self.head_bias)
         if layout.logits_divisor is not None:
