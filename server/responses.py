@@ -15,6 +15,7 @@ Fields this server cannot honour are a 400 naming the field, never dropped.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -33,12 +34,13 @@ from server.protocol import (
     ChatCompletionRequest,
     Unhonoured,
     _Lenient,
+    chat_logprobs,
     check_text,
     refuse_unhonoured,
 )
-from server.reasoning import Reasoning, ReasoningSplitter
+from server.reasoning import Reasoning, ReasoningParser, ReasoningSplitter, reasoning_end
 from server.response_store import ResponseStore
-from server.serving import Generation, GenerationError, ServerContext
+from server.serving import Choice, Generation, GenerationError, ServerContext
 from server.streaming import EventStreamResponse, sse
 from server.tools import ChoiceStream, ToolPlan, check_tools
 
@@ -48,11 +50,21 @@ _UNHONOURED = {
     "conversation": Unhonoured("no conversation objects: chain responses with previous_response_id"),
     "prompt": Unhonoured("no stored prompt templates"),
     "max_tool_calls": Unhonoured("the number of tool calls is not capped"),
-    "top_logprobs": Unhonoured("responses carry no logprobs here; /v1/chat/completions returns them"),
     "context_management": Unhonoured("no context compaction"),
     "moderation": Unhonoured("no moderation model runs on this server"),
 }
 _INPUT_TEXT = {"input_text", "output_text", "text"}
+# What ``include`` may name. Two change the answer and are honoured: the message's logprobs, and reasoning items'
+# ``encrypted_content`` (Codex and the Agents SDK ask for it with ``store: false``, to send the thinking back
+# statelessly). The rest name results of tools and image inputs this server refuses, so there is never anything
+# for them to add.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+ENCRYPTED_REASONING_INCLUDE = "reasoning.encrypted_content"
+INCLUDABLE = frozenset({
+    LOGPROBS_INCLUDE, ENCRYPTED_REASONING_INCLUDE, "web_search_call.results", "web_search_call.action.sources",
+    "code_interpreter_call.outputs", "computer_call_output.output.image_url", "file_search_call.results",
+    "message.input_image.image_url",
+})
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 # OpenAI's limits on metadata: 16 pairs, keys up to 64 characters, string values up to 512. It is stored with
 # every response, so unbounded it was the way to fill the store's memory.
@@ -83,6 +95,7 @@ class ResponsesRequest(_Lenient):
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     truncation: str | None = None
     include: list[Any] | None = None
+    top_logprobs: int | None = None
     # The server's sampling extensions, as on the other endpoints.
     seed: int | None = None
     top_k: int | None = None
@@ -94,7 +107,6 @@ class ResponsesRequest(_Lenient):
     prompt: Any = None
     reasoning: Any = None
     max_tool_calls: Any = None
-    top_logprobs: Any = None
     context_management: Any = None
     moderation: Any = None
 
@@ -106,11 +118,22 @@ class ResponsesRequest(_Lenient):
             raise bad_request("reasoning must be an object ({\"effort\": ..., \"summary\": ...})", "reasoning")
         if self.truncation not in (None, "disabled"):
             raise bad_request("truncation 'auto' is not supported: a prompt past the context is a 400", "truncation")
-        if self.include:
-            raise bad_request("include is not supported (no reasoning, search or logprob items)", "include")
+        for k, name in enumerate(self.include or []):
+            if not isinstance(name, str) or name not in INCLUDABLE:
+                raise bad_request(f"include[{k}] {name!r} is not supported (one of: {', '.join(sorted(INCLUDABLE))})",
+                                  f"include[{k}]")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise bad_request(f"max_output_tokens must be at least 1, got {self.max_output_tokens}",
                               "max_output_tokens")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """The message's logprobs: asked for by ``include``, or implied by a ``top_logprobs`` count."""
+        return LOGPROBS_INCLUDE in (self.include or []) or self.top_logprobs is not None
+
+    @property
+    def wants_encrypted_reasoning(self) -> bool:
+        return ENCRYPTED_REASONING_INCLUDE in (self.include or [])
 
     def response_format(self) -> dict[str, Any] | None:
         """``text.format`` as chat's ``response_format``."""
@@ -197,6 +220,8 @@ class ResponsesRequest(_Lenient):
             "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty, "alpha": self.alpha, "user": self.user,
         }
+        if self.wants_logprobs:  # chat checks top_logprobs' range and names the field
+            fields.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
 
 
@@ -248,7 +273,7 @@ class ResponseBuilder:
             "previous_response_id": body.previous_response_id, "temperature": body.temperature,
             "top_p": body.top_p, "tool_choice": tool_choice, "tools": self.tools, "text": text_format,
             "truncation": "disabled", "store": bool(body.store), "metadata": body.metadata or {},
-            "user": body.user, "usage": usage,
+            "user": body.user, "usage": usage, "top_logprobs": body.top_logprobs,
             "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
         }
 
@@ -274,12 +299,44 @@ def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [message]
 
 
+class MessageLogprobs:
+    """The logprobs of a response's message, in the Responses shape (chat's entries): the choice's tokens after its
+    reasoning. The tokens of thinking belong to the reasoning item, which carries none, as in OpenAI's API."""
+
+    def __init__(self, choice: Choice, parser: ReasoningParser | None) -> None:
+        self.choice, self.parser = choice, parser
+        self.sent = 0  # tokens already handed to a text delta
+
+    def _first(self) -> int:
+        return self.choice.tokens_before(reasoning_end(self.parser, self.choice.text))
+
+    def fresh(self) -> list[dict[str, Any]]:
+        """The message tokens no delta has carried yet (a delta's text may be held back past its token's)."""
+        start = max(self.sent, self._first())
+        tokens = self.choice.logprobs[start:]
+        self.sent = start + len(tokens)
+        return chat_logprobs(tokens)["content"]
+
+    def all(self) -> list[dict[str, Any]]:
+        return chat_logprobs(self.choice.logprobs[self._first():])["content"]
+
+
+def encrypted_reasoning(text: str) -> str:
+    """A reasoning item's ``encrypted_content``: opaque to the client, which sends it back to continue statelessly.
+    Nothing is secret here (the thinking is in the item's ``content`` too) and chat templates drop past thinking,
+    so it is the text, base64-encoded."""
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
 class ItemStream:
     """Turns one choice's chat deltas (``ChoiceStream``'s, and ``reasoning_content`` ones with a reasoning parser)
     into output items (``reasoning``, ``message``, ``function_call``) and the Responses stream events."""
 
-    def __init__(self, builder: ResponseBuilder) -> None:
+    def __init__(self, builder: ResponseBuilder, logprobs: MessageLogprobs | None = None,
+                 encrypt_reasoning: bool = False) -> None:
         self.builder = builder
+        self.logprobs = logprobs  # the message's, when the request included them
+        self.encrypt_reasoning = encrypt_reasoning
         self.sequence = 0
         self.reasoning: dict[str, Any] | None = None  # the open reasoning item
         self.message: dict[str, Any] | None = None  # the open message item
@@ -319,10 +376,13 @@ class ItemStream:
                 events.append(self.event("response.content_part.added", item_id=self.message["id"],
                                          output_index=index, content_index=0,
                                          part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
-            self.message["content"][0]["text"] += delta["content"]
+            part = self.message["content"][0]
+            part["text"] += delta["content"]
+            logprobs = self.logprobs.fresh() if self.logprobs else []
+            part["logprobs"] += logprobs
             events.append(self.event("response.output_text.delta", item_id=self.message["id"],
                                      output_index=self._index(self.message), content_index=0, delta=delta["content"],
-                                     logprobs=[]))
+                                     logprobs=logprobs))
         for call in delta.get("tool_calls") or []:
             item = self.calls.get(call["index"])
             function = call.get("function") or {}
@@ -346,6 +406,8 @@ class ItemStream:
             return []
         index = self._index(reasoning)
         reasoning["status"] = status
+        if self.encrypt_reasoning:
+            reasoning["encrypted_content"] = encrypted_reasoning(reasoning["content"][0]["text"])
         return [
             self.event("response.reasoning_text.done", item_id=reasoning["id"], output_index=index, content_index=0,
                        text=reasoning["content"][0]["text"]),
@@ -358,9 +420,11 @@ class ItemStream:
             return []
         index, part = self._index(message), message["content"][0]
         message["status"] = status
+        if self.logprobs:  # every token of the message, also those whose text no delta carried
+            part["logprobs"] = self.logprobs.all()
         return [
             self.event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0,
-                       text=part["text"], logprobs=[]),
+                       text=part["text"], logprobs=part["logprobs"]),
             self.event("response.content_part.done", item_id=message["id"], output_index=index, content_index=0,
                        part=_copy(part)),
             self.event("response.output_item.done", output_index=index, item=_copy(message)),
@@ -431,6 +495,10 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         conversation = past + body.input_messages()
         headers = {"x-request-id": response_id}
 
+        def item_stream() -> ItemStream:
+            logprobs = MessageLogprobs(generation.choices[0], reasoning.parser) if body.wants_logprobs else None
+            return ItemStream(builder, logprobs, body.wants_encrypted_reasoning)
+
         def finished(items: ItemStream) -> tuple[dict[str, Any], str]:
             choice = generation.choices[0]
             incomplete = "max_output_tokens" if choice.finish_reason == "length" else None
@@ -444,7 +512,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
 
         if body.stream:
             async def events() -> AsyncIterator[str]:
-                items = ItemStream(builder)
+                items = item_stream()
                 choice_stream, splitter = ChoiceStream(plan), ReasoningSplitter(reasoning.parser)
                 yield items.event("response.created", response=builder.snapshot("in_progress"))
                 yield items.event("response.in_progress", response=builder.snapshot("in_progress"))
@@ -469,7 +537,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
 
         if not await collect(generation, request):  # raises the request's HTTP error if it failed
             return Response(status_code=499)
-        items = ItemStream(builder)
+        items = item_stream()
         splitter = ReasoningSplitter(reasoning.parser)
         for delta in reasoning.deltas(splitter, ChoiceStream(plan), generation.choices[0].text, True):
             items.feed(delta)

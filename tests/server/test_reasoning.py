@@ -4,6 +4,7 @@ constrained its output; a real engine's stream through it; the flag and its bad 
 
 from __future__ import annotations
 
+import base64
 import json
 
 import openai
@@ -187,6 +188,36 @@ def test_responses_api_returns_the_thinking_as_a_reasoning_item():
             {"role": "user", "content": "Hi"}, *[item.model_dump(exclude_none=True) for item in response.output],
             {"role": "user", "content": "And?"}])
         assert again.status == "completed"
+
+
+def test_responses_api_includes_the_thinking_encrypted_and_logprobs_of_the_message_alone():
+    """``include``: the reasoning item's ``encrypted_content`` (Codex sends it back with ``store: false``) and the
+    message's logprobs, which leave out the tokens of the thinking (the token that closes it counts in it)."""
+    include = ["reasoning.encrypted_content", "message.output_text.logprobs"]
+    with _served(THINKING) as http:
+        client = _sdk(http)
+        response = client.responses.create(model="proxy-tuned", input="Hi", max_output_tokens=10, include=include,
+                                           store=False)
+        thinking, message = response.output
+        assert base64.b64decode(thinking.encrypted_content).decode() == thinking.content[0].text
+        assert [(e.token, e.logprob) for e in message.content[0].logprobs] == [(" there!", -0.4)]
+        events = list(client.responses.create(model="proxy-tuned", input="Hi", max_output_tokens=10,
+                                              include=include, stream=True))
+        done = [e.item for e in events if e.type == "response.output_item.done"]
+        assert done[0].type == "reasoning" and done[0].encrypted_content == thinking.encrypted_content
+        deltas = [e.logprobs for e in events if e.type == "response.output_text.delta"]
+        assert [[e.token for e in entries] for entries in deltas] == [[], [" there!"]]  # "\n\nHello" is the
+        # closing token's text
+        final = events[-1].response.output[1].content[0].logprobs
+        assert [e.token for e in final] == [" there!"]
+        # sent back as input, as Codex does, it is taken
+        again = client.responses.create(model="proxy-tuned", max_output_tokens=10, store=False, include=include,
+                                        input=[{"role": "user", "content": "Hi"},
+                                               *[item.model_dump(exclude_none=True) for item in response.output],
+                                               {"role": "user", "content": "And?"}])
+        assert again.status == "completed"
+        plain = client.responses.create(model="proxy-tuned", input="Hi", max_output_tokens=10)
+        assert plain.output[0].encrypted_content is None and plain.output[1].content[0].logprobs == []
 
 
 @pytest.mark.parametrize(("parser", "text", "end"), [

@@ -120,6 +120,43 @@ def test_reasoning_effort_and_summary_are_hints_echoed_in_the_response(client):
     assert response.reasoning.summary == "auto"
 
 
+def test_included_logprobs_are_the_chat_answers_whole_and_streamed(client):
+    """``include: ["message.output_text.logprobs"]`` with ``top_logprobs``: each token of the message with its top k,
+    the very entries chat returns for the same greedy answer; streamed, the deltas' entries join to the done
+    event's, and their bytes to the text."""
+    ask = dict(model=MODEL, input="Count: 1 2 3", include=["message.output_text.logprobs"], top_logprobs=2, **GREEDY)
+    response = client.responses.create(**ask)
+    [part] = response.output[0].content
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count: 1 2 3"}],
+                                          max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    expected = [entry.model_dump() for entry in chat.choices[0].logprobs.content]
+    assert [entry.model_dump() for entry in part.logprobs] == expected
+    assert len(expected) == response.usage.output_tokens and all(len(e["top_logprobs"]) == 2 for e in expected)
+    assert bytes(b for entry in expected for b in entry["bytes"]).decode() == response.output_text
+    assert response.top_logprobs == 2
+
+    streamed, done = [], None
+    for event in client.responses.create(stream=True, **ask):
+        if event.type == "response.output_text.delta":
+            streamed += [entry.model_dump() for entry in event.logprobs]
+        if event.type == "response.output_text.done":
+            done = [entry.model_dump() for entry in event.logprobs]
+        if event.type in ("response.completed", "response.incomplete"):
+            final = [entry.model_dump() for entry in event.response.output[0].content[0].logprobs]
+    assert streamed == done == final == expected
+    plain = client.responses.create(model=MODEL, input="Count: 1 2 3", **GREEDY)
+    assert plain.output[0].content[0].logprobs == [] and plain.output_text == response.output_text
+
+
+def test_includes_of_tools_and_inputs_this_server_refuses_add_nothing(client):
+    """Results of web or file search, code interpreter outputs, image URLs: there are never such items here (their
+    tools and image inputs are a 400), so naming them changes nothing, as on OpenAI's API without those tools."""
+    response = client.responses.create(model=MODEL, input="Hi", include=["file_search_call.results",
+                                       "web_search_call.action.sources", "message.input_image.image_url"], **GREEDY)
+    plain = client.responses.create(model=MODEL, input="Hi", **GREEDY)
+    assert [item.type for item in response.output] == ["message"] and response.output_text == plain.output_text
+
+
 @pytest.mark.parametrize(
     "body, status, param",
     [
@@ -133,6 +170,10 @@ def test_reasoning_effort_and_summary_are_hints_echoed_in_the_response(client):
         ({"tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice"),
         ({"text": {"format": {"type": "grammar"}}}, 400, "text.format.type"),
+        ({"include": ["message.output_text.logprobs", "reasoning.thoughts"]}, 400, "include[1]"),
+        ({"include": [{"type": "logprobs"}]}, 400, "include[0]"),
+        ({"top_logprobs": 21}, 400, "top_logprobs"),
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": -1}, 400, "top_logprobs"),
     ],
 )
 def test_what_is_not_implemented_is_refused_naming_the_field(agent_http, body, status, param):

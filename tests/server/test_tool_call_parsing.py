@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from proxy_engine import FinishReason, RequestOutput
+from proxy_engine.request import TokenLogprob
 from server.app import create_app
 from server.settings import load_settings
 from tests.server.fake_engine import FakeEngine
@@ -41,9 +42,11 @@ class ScriptedEngine(FakeEngine):
         for k, piece in enumerate(self.pieces):
             await asyncio.sleep(self.step_s)
             finish = FinishReason.STOP if k == len(self.pieces) - 1 else None
+            # With logprobs asked for, each piece is a token whose logprob names its place: -k / 10.
+            logprobs = None if params.logprobs is None else [TokenLogprob(k, piece, -k / 10)]
             stream.queue.put_nowait(RequestOutput(
                 request_id=stream.request_id, index=0, new_token_ids=[k], text_delta=piece, finish_reason=finish,
-                prompt_tokens=stream.prompt_tokens, completion_tokens=k + 1))
+                prompt_tokens=stream.prompt_tokens, completion_tokens=k + 1, logprobs=logprobs))
 
 
 def _client(fmt: str, pieces: list[str]):
