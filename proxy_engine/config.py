@@ -117,6 +117,10 @@ class LimitsConfig(_Strict):
         f"to start ({ALLOW_LONG_MAX_MODEL_LEN_ENV}; vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN): for RoPE models whose "
         "config states less than they were stretched to; positions past a learned table fail.",
     )
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        default="fcfs", description="Order of the waiting queue: fcfs (arrival) or priority (a request's priority, "
+        "lower first, then arrival; vLLM's). Under fcfs a request with a priority other than 0 is a 400.",
+    )
     request_timeout_s: float | None = Field(default=None, gt=0, description="End a request after this long.")
     grammar_compile_timeout_s: float = Field(
         default=5.0, gt=0, description="Longest a request waits for its output constraint (JSON schema, regex, "

@@ -160,6 +160,9 @@ class Intake:
         choices from ``i * n``, as OpenAI does).
         """
         params.validate(self.vocab_size, self.num_pairs)
+        if params.priority and self.config.limits.scheduling_policy != "priority":
+            raise FieldError("priority needs the priority scheduling policy (--scheduling-policy priority); this "
+                             "server admits requests in arrival order", "priority")
         if params.model_logprobs is not None and target is not Target.PROXY:
             raise FieldError(
                 "model_logprobs explains the proxy-tuned combination: ask it of the proxy-tuned model, not of one "

@@ -216,6 +216,9 @@ class SamplingParams:
     # what usage counts) as soon as it is admitted.
     return_prompt_ids: bool = False
     skip_special_tokens: bool = True
+    # vLLM's: under the priority scheduling policy, waiting requests are admitted lowest priority first (then by
+    # arrival). Not a sampling knob, but carried with the request's other parameters to the scheduler.
+    priority: int = 0
     # None: the configured default of every pair; a number: that alpha for every pair; a list: one per pair.
     alpha: float | list[float] | None = None
     # A constraint on the output (JSON schema, regex, choice, grammar), applied to the combined logits.

@@ -10,6 +10,7 @@ before it renders a prompt.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -42,8 +43,16 @@ def _prompt_key(sequence: Sequence) -> tuple:
     return tuple((index, tuple(ids)) for index, ids in sorted(sequence.prompts.items()))
 
 
+def _priority(sequence: Sequence) -> int:
+    return sequence.params.priority
+
+
 class Scheduler:
-    """A FIFO waiting queue, the group being prefilled, the running batch."""
+    """The waiting queue (in arrival order, or by priority then arrival under ``scheduling_policy: priority``), the
+    group being prefilled, the running batch.
+
+    A priority orders admission only: decoding sequences keep their K/V slots (there is no preemption), so a
+    high-priority request waits for the next free slot, never for the whole queue ahead of it."""
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
@@ -68,10 +77,14 @@ class Scheduler:
 
     # --- moves -----------------------------------------------------------------------------------------------
     def add(self, sequences: list[Sequence]) -> None:
-        self.waiting.extend(sequences)
+        if self.limits.scheduling_policy == "fcfs":
+            self.waiting.extend(sequences)
+            return
+        for sequence in sequences:  # after every waiting sequence of the same or a lower priority value
+            bisect.insort_right(self.waiting, sequence, key=_priority)
 
     def admit(self) -> list[Sequence]:
-        """Move the next group from waiting to prefilling: FIFO, up to the free batch slots and about one
+        """Move the next group from waiting to prefilling: in queue order, up to the free batch slots and about one
         step's token budget (``max_num_batched_tokens`` of left-padded prompt).
 
         The first waiting sequence is always admitted when a slot is free, however long its prompt: its

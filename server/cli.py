@@ -69,6 +69,9 @@ FLAGS = [
     Flag("--max-waiting", ("engine", "limits", "max_waiting"),
          "Sequences (prompts x n) that may wait beyond the free batch slots; past it new requests get 429 "
          "(a request needing more than max-num-seqs + max-waiting at once is a 400).", "N"),
+    Flag("--scheduling-policy", ("engine", "limits", "scheduling_policy"),
+         "fcfs (default: arrival order) or priority (requests' priority field, lower first; vLLM's).",
+         "fcfs|priority"),
     Flag("--max-model-len", ("engine", "limits", "max_model_len"), "Cap on prompt + completion tokens.", "N"),
     Flag("--no-prefix-caching", ("engine", "prefix_cache", "enabled"),
          "Compute every prompt in full (by default, prompt prefixes seen before are reused).", action="store_false"),

@@ -156,6 +156,8 @@ class _SamplingFields(_Lenient):
     logits_processors: Any = None
     # vLLM's: every prompt token's logprob, its rank and the top k, in the answer (not in a stream).
     prompt_logprobs: int | None = None
+    # vLLM's: admission order under --scheduling-policy priority (lower first); otherwise only 0 is accepted.
+    priority: Int64 | None = None
 
     UNHONOURED: ClassVar[dict[str, Unhonoured]] = _UNHONOURED_SAMPLING
 
@@ -231,6 +233,7 @@ class _SamplingFields(_Lenient):
             "bad_words": self.bad_words,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
+            "priority": self.priority,
             "alpha": self.alpha,
             "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,

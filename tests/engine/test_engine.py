@@ -7,7 +7,7 @@ import torch
 
 from proxy_engine.families import TINY_SMALL, build_model, build_tokenizer
 from proxy_engine.loader import load_models
-from proxy_engine.request import FinishReason, Target
+from proxy_engine.request import FieldError, FinishReason, Target
 from tests.engine.conftest import engine_config, make_engine, run_to_end, submit
 
 
@@ -72,6 +72,29 @@ def test_abort_of_a_waiting_request(chat_family, chat_models):
     results = run_to_end(engine)
     assert results[("second", 0)]["finish"] is FinishReason.ABORT and results[("second", 0)]["tokens"] == []
     assert results[("first", 0)]["finish"] is FinishReason.LENGTH
+
+
+def test_priority_policy_serves_the_waiting_in_priority_order(chat_family, chat_models):
+    """One slot: the first request runs; of those that wait, the lowest priority value goes next, then arrival."""
+    engine = make_engine(chat_models, chat_family, max_num_seqs=1, scheduling_policy="priority")
+    greedy = dict(temperature=0, max_tokens=3, ignore_eos=True)
+    submit(engine, "first", "Hello", priority=9, **greedy)
+    finished = [o.request_id for o in engine.step() if o.finished]  # "first" takes the slot
+    for request_id, priority in [("late", 2), ("urgent", -1), ("soon", 2)]:
+        submit(engine, request_id, "Hello", priority=priority, **greedy)
+    for _ in range(100):
+        if not engine.has_work():
+            break
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["first", "urgent", "late", "soon"]
+
+
+def test_a_priority_needs_the_priority_policy(chat_family, chat_models):
+    engine = make_engine(chat_models, chat_family)
+    with pytest.raises(FieldError, match="--scheduling-policy priority") as refused:
+        submit(engine, "r", "Hello", priority=1)
+    assert refused.value.param == "priority"
+    submit(engine, "r", "Hello", priority=0, max_tokens=1)  # the default is accepted under fcfs
 
 
 def test_vocabulary_mismatch_refuses_to_start(tmp_path, tiny_family):

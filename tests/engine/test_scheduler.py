@@ -8,11 +8,12 @@ from proxy_engine.scheduler import Scheduler, has_room, with_running_cap
 from proxy_engine.sequence import Sequence, Status
 
 
-def _sequence(seq_id: int, prompt_len: int, *, prompt_token: int | None = None, request_id: str = "r") -> Sequence:
+def _sequence(seq_id: int, prompt_len: int, *, prompt_token: int | None = None, request_id: str = "r",
+              priority: int = 0) -> Sequence:
     """A sequence whose base prompt is ``prompt_len`` tokens (distinct per seq_id unless ``prompt_token``)."""
     token = seq_id if prompt_token is None else prompt_token
     return Sequence(
-        seq_id=seq_id, request_id=request_id, index=0, params=SamplingParams(), weights=[1.0],
+        seq_id=seq_id, request_id=request_id, index=0, params=SamplingParams(priority=priority), weights=[1.0],
         prompts={0: [token] * prompt_len}, max_tokens=8, detokenizer=None, generator=None, eos_ids=frozenset(),
     )
 
@@ -56,6 +57,23 @@ def test_admission_stops_at_the_free_batch_slots():
     assert scheduler.admit() == []  # three in the batch already
     first[0].finish(FinishReason.ABORT)
     assert [s.seq_id for s in scheduler.admit()] == [3]  # a finished one no longer holds its slot
+
+
+def test_the_priority_policy_admits_lower_priority_values_first_then_by_arrival():
+    scheduler = _scheduler(max_num_seqs=2, scheduling_policy="priority")
+    scheduler.add([_sequence(0, 2, priority=5), _sequence(1, 2, priority=0)])
+    scheduler.add([_sequence(2, 2, priority=-1), _sequence(3, 2, priority=0), _sequence(4, 2, priority=5)])
+    assert [s.seq_id for s in scheduler.waiting] == [2, 1, 3, 0, 4]
+    assert [s.seq_id for s in scheduler.admit()] == [2, 1]
+    scheduler.add([_sequence(5, 2, priority=-3)])  # a late urgent request goes ahead of all that wait...
+    assert [s.seq_id for s in scheduler.waiting] == [5, 3, 0, 4]
+    assert scheduler.admit() == []  # ...but takes no slot from a sequence already in the batch (no preemption)
+
+
+def test_first_come_first_served_ignores_the_order_of_priorities():
+    scheduler = _scheduler()  # fcfs, the default (the engine refuses a priority other than 0 under it)
+    scheduler.add([_sequence(0, 2, priority=5), _sequence(1, 2, priority=0)])
+    assert [s.seq_id for s in scheduler.waiting] == [0, 1]
 
 
 def test_promote_runs_the_survivors_and_retire_drops_the_finished():

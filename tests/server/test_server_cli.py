@@ -28,8 +28,8 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for flag in ("--config", "--base", "--expert", "--anti-expert", "--alpha", "--served-model-name", "--host",
                  "--port", "--base-device", "--base-dtype", "--expert-device", "--anti-expert-dtype", "--api-key",
-                 "--allowed-origins", "--max-num-seqs", "--max-waiting", "--request-timeout", "--log-prompts",
-                 "--max-body-bytes", ":base", ":expert", "PROXY_SERVE_"):
+                 "--allowed-origins", "--max-num-seqs", "--max-waiting", "--scheduling-policy", "--request-timeout",
+                 "--log-prompts", "--max-body-bytes", ":base", ":expert", "PROXY_SERVE_"):
         assert flag in result.stdout, flag
 
 
@@ -49,6 +49,7 @@ def test_unknown_config_key_exits_with_one_line(tmp_path):
         (["--base", "/m", "--base-dtype", "float8"], "engine.base.dtype"),
         (["--base", "/m", "--expert", "/e"], "engine.experts.0.anti_expert"),
         (["--base", "/m", "--base-device", "tpu"], "engine.base.device"),
+        (["--base", "/m", "--scheduling-policy", "lifo"], "engine.limits.scheduling_policy"),
     ],
 )
 def test_bad_flag_values_name_the_key(args, named):

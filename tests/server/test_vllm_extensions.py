@@ -76,3 +76,13 @@ def test_allowed_token_ids_and_bad_words_are_honoured(http):
     for bad in ({"allowed_token_ids": []}, {"bad_words": [""]}, {"bad_words": "x"}):
         response = http.post("/v1/completions", json={**body, **bad})
         assert response.status_code == 400 and response.json()["error"]["param"] == next(iter(bad))
+
+
+def test_priority_is_a_400_naming_it_unless_the_server_schedules_by_priority(http):
+    """vLLM's rule: a priority other than 0 needs --scheduling-policy priority (tests/engine: the order it gives)."""
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    refused = http.post("/v1/chat/completions", json={**ask, "priority": 3})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
+    assert "--scheduling-policy priority" in refused.json()["error"]["message"]
+    assert http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2,
+                                              "priority": 0}).status_code == 200
