@@ -44,6 +44,11 @@ class ModelConfig(_Strict):
         description="Local directory, a hub id already in the local cache (never downloaded), or a GGUF file (or a "
         "directory holding one): see docs/gguf.md.",
     )
+    adapter: str | None = Field(
+        default=None, description="A PEFT adapter (LoRA and its kin: a directory holding adapter_config.json, or a "
+        "cached hub id) merged into this model's weights at load. An expert whose path is an adapter gets the "
+        "anti-expert's checkpoint as its path and the adapter here (proxy_engine/adapter.py).",
+    )
     gguf_file: str | None = Field(
         default=None, description="The GGUF file to load from the directory ``path`` (when it holds several)."
     )
@@ -224,6 +229,15 @@ class EngineConfig(_Strict):
         "uses none, or a folder holding a generation_config.json (proxy_engine/sampling_defaults.py).",
     )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _resolve_adapters(self) -> EngineConfig:
+        """Experts given as adapters over their anti-expert, and every adapter found (proxy_engine/adapter.py)."""
+        from proxy_engine.adapter import resolve_model, resolve_pair
+
+        self.base = resolve_model(self.base, "base")
+        self.experts = [resolve_pair(pair, i) for i, pair in enumerate(self.experts)]
+        return self
 
     @field_validator("generation_config")
     @classmethod

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from proxy_engine.adapter import merge_adapter
 from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.gguf_files import find_gguf, require_gguf
@@ -263,7 +264,8 @@ def _refuse_unsupported_layers(role: str, config: ModelConfig, model_type: str |
 
 def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str) -> LoadedModel:
     started = time.perf_counter()
-    log.info("loading %s from %s (device %s, dtype %s)", role, config.path, config.device, config.dtype)
+    log.info("loading %s from %s%s (device %s, dtype %s)", role, config.path,
+             f" with the adapter {config.adapter}" if config.adapter else "", config.device, config.dtype)
     renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template,
                               tools_preamble=config.tools_preamble)
     warn_if_tools_unseen(role, renderer)
@@ -274,6 +276,8 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
     # Before the weights load: a 70B checkpoint is refused in a second, not minutes.
     _refuse_unsupported_layers(role, config, decoder_config.get("model_type"), decoder_config.get("layer_types"))
     model = auto_class(model_type).from_pretrained(model_source(config)[0], **from_pretrained_kwargs(config)).eval()
+    if config.adapter is not None:  # before text_model: the adapter names the checkpoint's own modules
+        model = merge_adapter(model, config.adapter, role).eval()
     model = text_model(model, role)  # Gemma-3 4B+ and the like: the text decoder of an image-text-to-text model
     # Layer types transformers' config class derives where config.json lists none (a family not named above).
     _refuse_unsupported_layers(role, config, model.config.model_type, getattr(model.config, "layer_types", None))

@@ -18,7 +18,7 @@ from proxy_engine.gguf_files import find_gguf
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _looks_like_hub_id(path: str) -> bool:
+def looks_like_hub_id(path: str) -> bool:
     return bool(_HUB_ID_RE.match(path)) and not path.startswith((".", "/", "~"))
 
 def locate(model: ModelConfig, *, cache_dir: str | Path | None = None) -> tuple[str, Path | None, str | None]:
@@ -44,7 +44,7 @@ def locate(model: ModelConfig, *, cache_dir: str | Path | None = None) -> tuple[
         return "local", local, None
     if local.exists():
         return "missing", None, f"{model.path}: not a directory nor a .gguf file"
-    if not _looks_like_hub_id(model.path):
+    if not looks_like_hub_id(model.path):
         return "missing", None, f"{model.path}: path not found (resolved to {local.resolve()})"
     try:
         from huggingface_hub import try_to_load_from_cache

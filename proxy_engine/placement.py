@@ -46,6 +46,7 @@ class ModelPlan:
     dtype: str  # resolved: float32 | bfloat16 | float16
     quantization: str  # none | 8bit | 4bit
     devices: list[str]  # concrete devices: ["cpu"], ["cuda:0"], ["cuda:0", "cuda:1"], ...
+    adapter: str | None = None  # a PEFT adapter merged into it at load (proxy_engine/adapter.py)
     architecture: str | None = None
     vocab_size: int | None = None
     context_length: int | None = None  # tokens (model_files.context_length)
@@ -222,7 +223,7 @@ def plan_placement(
             memory = estimate_memory(cfg, dtype, model.quantization, directory) if location != "missing" else None
         plan.models.append(
             ModelPlan(
-                name=name, role=role, pair=pair, path=model.path,
+                name=name, role=role, pair=pair, path=model.path, adapter=model.adapter,
                 resolved_path=_resolved_path(location, directory, gguf_path),
                 location=location, dtype=dtype, quantization=model.quantization, devices=devices,
                 architecture=((cfg or {}).get("architectures") or [None])[0]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy_engine.adapter import find_adapter
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.model_files import locate, read_generation_config
 from proxy_engine.request import Target
@@ -59,12 +60,14 @@ def from_generation_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read(model: ModelConfig) -> SamplingDefaults:
-    """The defaults in ``model``'s own folder (or its snapshot in the hub cache); none if it has no file."""
-    _, directory, _ = locate(model)
-    config = read_generation_config(directory) if directory is not None else None
-    if not config:
-        return SamplingDefaults()
-    return SamplingDefaults(from_generation_config(config), str(directory / "generation_config.json"))
+    """The defaults in ``model``'s own folder (or its snapshot in the hub cache), its adapter's first (a fine-tune's
+    recommended sampling, over the untuned checkpoint's); none if neither has the file."""
+    adapter = find_adapter(model.adapter) if model.adapter is not None else None
+    for directory in (adapter, locate(model)[1]):
+        config = read_generation_config(directory) if directory is not None else None
+        if config:
+            return SamplingDefaults(from_generation_config(config), str(directory / "generation_config.json"))
+    return SamplingDefaults()
 
 
 def sampling_defaults(config: EngineConfig) -> dict[Target, SamplingDefaults]:

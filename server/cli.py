@@ -46,6 +46,8 @@ FLAGS = [
     Flag("--base-prompt-format", ("engine", "base", "prompt_format"), "plain or chat.", "FORMAT"),
     Flag("--expert-device", (*_PAIR, "expert", "device"), "Device of the expert.", "DEVICE", split_commas=True),
     Flag("--expert-dtype", (*_PAIR, "expert", "dtype"), "dtype of the expert.", "DTYPE"),
+    Flag("--expert-adapter", (*_PAIR, "expert", "adapter"), "A PEFT adapter (LoRA...) merged into the expert's "
+         "weights at load; --expert may also name the adapter itself, over the anti-expert.", "ADAPTER"),
     Flag("--expert-prompt-format", (*_PAIR, "expert", "prompt_format"),
          "plain or chat (a chat expert sees chat requests in its own chat template).", "FORMAT"),
     Flag("--anti-expert-device", (*_PAIR, "anti_expert", "device"), "Device of the anti-expert.", "DEVICE",
