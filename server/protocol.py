@@ -388,13 +388,14 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
     parallel_tool_calls: bool | None = None
     functions: Any = None  # the deprecated spelling: refused with a pointer to tools
     function_call: Any = None
-    # Refused when set (UNHONOURED): OpenAI's output kinds and services this server does not have, vLLM's chat echo.
+    # vLLM's: the last message, when it is the assistant's (continue_final_message), goes before the answer.
+    echo: bool | None = False
+    # Refused when set (UNHONOURED): OpenAI's output kinds and services this server does not have.
     modalities: Any = None
     audio: Any = None
     web_search_options: Any = None
     moderation: Any = None
     documents: Any = None
-    echo: Any = None
     # vLLM's: false leaves reasoning_content out of the answer (with a reasoning parser; server/reasoning.py).
     include_reasoning: bool = True
 
@@ -405,7 +406,6 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
         "web_search_options": Unhonoured("no web search: the models answer from the prompt alone", _null),
         "moderation": Unhonoured("no moderation model runs on this server"),
         "documents": Unhonoured("documents are not rendered into the prompt; put them in a message"),
-        "echo": Unhonoured("echo is a /v1/completions field"),
     }
 
     def tool_plan(self, fmt: str | None = "hermes") -> tool_fields.ToolPlan:
@@ -419,6 +419,14 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
                                       fmt)
             self.__dict__["_plan"] = cached
         return cached
+
+    def echoed(self) -> str:
+        """vLLM's chat ``echo``: the text each choice's content starts with, the last message's when it is the
+        assistant's (a continued answer comes back whole); empty otherwise, as vLLM echoes only the answer's role."""
+        last = self.messages[-1]
+        if not self.echo or CHAT_ROLES.get(last.role) != "assistant":
+            return ""
+        return _content_text(last.content, len(self.messages) - 1) or ""
 
     def reasoning_parser(self, configured: ReasoningParser | None, fmt: str | None = "hermes"
                          ) -> ReasoningParser | None:

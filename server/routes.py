@@ -194,9 +194,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
         reasoning = Reasoning(body.reasoning_parser(configured, fmt), configured is not None, body.include_reasoning)
         created = now()
         headers = {"x-request-id": request_id}
+        echo = body.echoed()
         if body.stream:
             events = chat_events(generation, created=created, include_usage=body.include_usage, plan=plan,
-                                 continuous_usage=body.continuous_usage, reasoning=reasoning, ids=token_ids_view(body))
+                                 continuous_usage=body.continuous_usage, reasoning=reasoning, ids=token_ids_view(body),
+                                 echo=echo)
             return EventStreamResponse(events, generation.close, headers)
         if not await collect(generation, request):
             return Response(status_code=499)
@@ -205,6 +207,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             choices = []
             for c in generation.choices:
                 message, reason = reasoning.message(plan, c.text, c.finish_reason)
+                if echo:
+                    message["content"] = echo + (message["content"] or "")
                 logprobs = chat_logprobs(c.logprobs, bool(body.return_tokens_as_token_ids)) if body.logprobs else None
                 entry = {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
                 if body.model_logprobs is not None:

@@ -164,10 +164,11 @@ def completion_events(
 
 def chat_events(
     generation: Generation, *, created: int, include_usage: bool, plan: ToolPlan | None = None,
-    continuous_usage: bool = False, reasoning: Reasoning | None = None, ids: TokenIds = TokenIds(),
+    continuous_usage: bool = False, reasoning: Reasoning | None = None, ids: TokenIds = TokenIds(), echo: str = "",
 ) -> AsyncIterator[str]:
     """``plan``: the request's tools; each choice's text goes out as content or tool-call deltas (server/tools.py),
-    its thinking as ``reasoning_content`` deltas when ``reasoning`` has a parser (server/reasoning.py)."""
+    its thinking as ``reasoning_content`` deltas when ``reasoning`` has a parser (server/reasoning.py). ``echo``
+    (vLLM's chat echo: the continued assistant message) is the content of each choice's first chunk."""
     plan = plan or ToolPlan("text")
     reasoning = reasoning or Reasoning()
     streams = {choice.index: ChoiceStream(plan) for choice in generation.choices}
@@ -177,7 +178,7 @@ def chat_events(
     async def events() -> AsyncIterator[str]:
         for choice in generation.choices:
             top = {"prompt_token_ids": generation.prompt_ids(0)} if ids.each and choice.index == 0 else {}
-            yield chunk([_with_ids({"index": choice.index, "delta": {"role": "assistant", "content": ""},
+            yield chunk([_with_ids({"index": choice.index, "delta": {"role": "assistant", "content": echo},
                                     "logprobs": None, "finish_reason": None}, ids)], **top)
         async for output in generation.outputs():
             stream = streams[output.index]

@@ -89,7 +89,6 @@ _UNHONOURED_VALUES = {
     "web_search_options": {},
     "moderation": {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}},
     "documents": [{"title": "a", "text": "b"}],
-    "echo": True,
 }
 
 

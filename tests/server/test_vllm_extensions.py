@@ -78,6 +78,27 @@ def test_allowed_token_ids_and_bad_words_are_honoured(http):
         assert response.status_code == 400 and response.json()["error"]["param"] == next(iter(bad))
 
 
+def test_chat_echo_puts_the_continued_message_before_the_answer(http):
+    """vLLM's chat ``echo``: the last message, when it is the assistant's, starts each choice's content (whole and
+    in the first streamed chunk); after a user's message there is nothing to echo."""
+    greedy = {"model": MODEL, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "continue_final_message": True}
+    plain = http.post("/v1/chat/completions", json={"messages": PARTIAL, **greedy}).json()
+    echoed = http.post("/v1/chat/completions", json={"messages": PARTIAL, "echo": True, **greedy}).json()
+    continuation = plain["choices"][0]["message"]["content"]
+    assert echoed["choices"][0]["message"]["content"] == "The city of" + continuation
+    assert echoed["usage"] == plain["usage"]
+    streamed = http.post("/v1/chat/completions", json={"messages": PARTIAL, "echo": True, "stream": True, "n": 2,
+                                                       **greedy})
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    firsts = [c["choices"][0]["delta"] for c in chunks[:2]]
+    assert firsts == [{"role": "assistant", "content": "The city of"}] * 2
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"][0]["index"] == 0)
+    assert text == "The city of" + continuation
+    ask = {"model": MODEL, "messages": PARTIAL[:1], "max_tokens": 4, "temperature": 0}
+    assert http.post("/v1/chat/completions", json={**ask, "echo": True}).json()["choices"][0]["message"] == (
+        http.post("/v1/chat/completions", json=ask).json()["choices"][0]["message"])
+
+
 def test_priority_is_a_400_naming_it_unless_the_server_schedules_by_priority(http):
     """vLLM's rule: a priority other than 0 needs --scheduling-policy priority (tests/engine: the order it gives)."""
     ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
