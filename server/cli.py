@@ -11,9 +11,12 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from server.settings import ENV_PREFIX, ConfigError, ServerSettings, deep_merge, load_settings
+from pydantic import ValidationError
+
+from server.settings import ENV_PREFIX, ConfigError, ServerSettings, deep_merge, describe_error, load_settings
 
 logger = logging.getLogger("proxy_serve")
 
@@ -61,6 +64,10 @@ FLAGS = [
          "'<name>:base' and '<name>:expert' serve the parts alone.", "NAME"),
     Flag("--host", ("host",), "Address to listen on (default 127.0.0.1; 0.0.0.0 for every interface).", "HOST"),
     Flag("--port", ("port",), "Port to listen on (default 8000).", "PORT"),
+    Flag("--ssl-keyfile", ("ssl_keyfile",), "Serve HTTPS with this PEM private key (with --ssl-certfile).", "FILE"),
+    Flag("--ssl-certfile", ("ssl_certfile",), "The PEM certificate for --ssl-keyfile.", "FILE"),
+    Flag("--root-path", ("root_path",), "Path prefix a reverse proxy serves the app under (ASGI root_path).",
+         "PATH"),
     Flag("--api-key", ("api_keys",), "Accept this Bearer key (repeatable); without any, no key is needed.", "KEY",
          action="append"),
     Flag("--api-keys-file", ("api_keys_file",), "Accept the Bearer keys in this file, one per line (a mounted "
@@ -74,6 +81,8 @@ FLAGS = [
     Flag("--scheduling-policy", ("engine", "limits", "scheduling_policy"),
          "fcfs (default: arrival order) or priority (requests' priority field, lower first; vLLM's).",
          "fcfs|priority"),
+    Flag("--max-num-batched-tokens", ("engine", "limits", "max_num_batched_tokens"),
+         "Prompt tokens prefilled per step per model (default 512), so running streams never stall.", "N"),
     Flag("--max-model-len", ("engine", "limits", "max_model_len"), "Cap on prompt + completion tokens.", "N"),
     Flag("--no-prefix-caching", ("engine", "prefix_cache", "enabled"),
          "Compute every prompt in full (by default, prompt prefixes seen before are reused).", action="store_false"),
@@ -95,6 +104,10 @@ FLAGS = [
          "Default sampling parameters for requests that omit them: auto (each model's generation_config.json; "
          "the expert's for the proxy-tuned model), vllm or none (no defaults), or a folder holding one.",
          "auto|vllm|none|FOLDER"),
+    Flag("--tool-call-parser", ("engine", "tool_call_format"), "How the family writes tool calls, parsed from "
+         "answers to tool_choice auto: auto (from the chat template), hermes, llama3_json or mistral (vLLM's names).",
+         "auto|hermes|llama3_json|mistral"),
+    Flag("--seed", ("engine", "seed"), "Seeds the requests that bring no seed (reproducible runs; default 0).", "N"),
     Flag("--reasoning-parser", ("reasoning_parser",), "Move <think> ... </think> out of chat answers into "
          "reasoning_content: deepseek_r1 (the template opens the block: R1 and its distills) or qwen3 (the model "
          "opens it). vLLM's names.", "deepseek_r1|qwen3"),
@@ -128,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", metavar="DEVICE",
                         help="Put every model on this device (cpu, cuda, cuda:N; vLLM's name), whatever the config "
                              "file says; a per-model device flag given with it still wins for that model.")
+    parser.add_argument("--dtype", metavar="DTYPE",
+                        help="dtype of every model (auto, float32, bfloat16, float16; vLLM's name); a per-model dtype "
+                             "flag given with it still wins for that model.")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="Let every model run the code its repository ships (transformers' trust_remote_code).")
+    parser.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
+                        help="The chat template of every model that reads chat (prompt_format: chat; the expert's): "
+                             "a Jinja file, or the template itself (vLLM's flag).")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="Accepted for vLLM command lines: tool_choice auto is always on here (see "
+                             "--tool-call-parser).")
     for flag in FLAGS:
         dest = flag.option[2:].replace("-", "_")
         if flag.action in ("store_true", "store_false"):
@@ -163,28 +187,46 @@ def resolve_settings(argv: list[str] | None = None) -> tuple[ServerSettings, arg
     from server.demo import default_engine_config
 
     settings = load_settings(args.config, overrides_from_args(args), default_engine=default_engine_config)
-    if args.device:
-        settings = with_one_device(settings, args)
-    return settings, args
+    return with_every_model(settings, args), args
 
 
-def with_one_device(settings: ServerSettings, args: argparse.Namespace) -> ServerSettings:
-    """``--device``: every model on that device, but for the models whose own device flag was given too."""
+# vLLM's flags for the one model it serves, which here set every model; a model's own flag still wins for it.
+EVERY_MODEL_FLAGS = ("device", "dtype", "trust_remote_code", "chat_template")
+
+
+def with_every_model(settings: ServerSettings, args: argparse.Namespace) -> ServerSettings:
+    """``--device`` / ``--dtype`` / ``--trust-remote-code`` on every model, but for the models whose own flag was
+    given too; ``--chat-template`` (a file, or the template) on every model that reads chat."""
+    given = {name: getattr(args, name) for name in EVERY_MODEL_FLAGS if getattr(args, name, None) is not None}
+    if not given:
+        return settings
+    if "chat_template" in given:
+        path = Path(given["chat_template"]).expanduser()
+        given["chat_template"] = path.read_text() if path.is_file() else given["chat_template"]
     engine = settings.engine.model_dump()
-    own = {("base",): args.base_device, ("experts", 0, "expert"): args.expert_device,
-           ("experts", 0, "anti_expert"): args.anti_expert_device}
+    own = {("base",): "base", ("experts", 0, "expert"): "expert", ("experts", 0, "anti_expert"): "anti_expert"}
     places = [("base",)] + [("experts", i, role) for i in range(len(engine["experts"]))
                             for role in ("expert", "anti_expert")]
+    chat_models = 0
     for place in places:
-        if own.get(place) is None:
-            target = engine
-            for part in place:
-                target = target[part]
-            target["device"] = args.device
+        model = engine
+        for part in place:
+            model = model[part]
+        for name, value in given.items():
+            if name == "chat_template":
+                if model["prompt_format"] == "chat":
+                    model[name], chat_models = value, chat_models + 1
+            elif getattr(args, f"{own.get(place)}_{name}", None) is None:
+                model[name] = value
+    if "chat_template" in given and not chat_models:
+        raise ConfigError("--chat-template: no model reads chat (set prompt_format: chat on the expert, "
+                          "--expert-prompt-format chat)")
     try:
         return settings.model_copy(update={"engine": type(settings.engine).model_validate(engine)})
-    except ValueError as error:
-        raise ConfigError(f"--device {args.device}: {error}") from error
+    except ValidationError as error:
+        flags = " ".join(f"--{name.replace('_', '-')}" + (f" {given[name]}" if name in ("device", "dtype") else "")
+                         for name in given)
+        raise ConfigError(f"{flags}: {describe_error(error, prefix='engine.')}") from error
 
 
 def configure_logging(level: str) -> None:

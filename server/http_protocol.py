@@ -86,6 +86,9 @@ def uvicorn_config(app: Any, settings: Any, **overrides: Any) -> uvicorn.Config:
         "log_level": settings.log_level,
         "log_config": None,
         "access_log": False,  # one line per request comes from the server itself
+        "root_path": settings.root_path,
+        "ssl_keyfile": settings.ssl_keyfile,
+        "ssl_certfile": settings.ssl_certfile,
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy_engine.config import EngineConfig
@@ -38,6 +38,11 @@ class ServerSettings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    ssl_keyfile: str | None = Field(default=None, description="Serve HTTPS with this PEM private key (with "
+                                    "ssl_certfile; vLLM's --ssl-keyfile).")
+    ssl_certfile: str | None = Field(default=None, description="The PEM certificate (chain) for ssl_keyfile.")
+    root_path: str = Field(default="", description="The path prefix a reverse proxy serves this app under (ASGI "
+                           "root_path, vLLM's --root-path): the docs page then finds its schema behind the proxy.")
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="Accepted Bearer keys; empty: no key needed. Never logged."
     )
@@ -114,6 +119,19 @@ class ServerSettings(BaseSettings):
         if any(not key.get_secret_value() for key in keys):
             raise ValueError("an API key must not be empty")
         return keys
+
+    @field_validator("ssl_keyfile", "ssl_certfile")
+    @classmethod
+    def _readable_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"{path} is not a file")
+        return path
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("ssl_keyfile and ssl_certfile go together (HTTPS needs the key and its certificate)")
+        return self
 
     @field_validator("served_model_name")
     @classmethod
@@ -212,12 +230,13 @@ def read_environment() -> dict[str, Any]:
     return EnvSettingsSource(ServerSettings)()
 
 
-def describe_error(error: ValidationError) -> str:
-    """One line naming every offending key, e.g. ``engine.limits.max_num_seq: unknown key``."""
+def describe_error(error: ValidationError, prefix: str = "") -> str:
+    """One line naming every offending key, e.g. ``engine.limits.max_num_seq: unknown key`` (``prefix``: where the
+    validated model sits in the settings, for a part validated alone)."""
     messages = []
     for item in error.errors():
         loc = [str(p) for p in item["loc"]]
-        where = ".".join(loc) or "(top level)"
+        where = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "(top level)"
         if item["type"] == "extra_forbidden":
             messages.append(f"{where}: unknown key")
         elif item["type"] == "missing":

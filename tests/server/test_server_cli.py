@@ -11,9 +11,10 @@ import textwrap
 import httpx
 import pytest
 
-from server.cli import build_parser, overrides_from_args
+from server.cli import build_parser, overrides_from_args, resolve_settings
 from server.settings import ConfigError, load_settings
-from tests.server.live import cli_server
+from tests.server.fake_engine import FakeEngine
+from tests.server.live import LiveServer, cli_server, wait_until
 
 SECRET = "sk-never-logged-4242"
 
@@ -109,3 +110,68 @@ def test_serves_a_triple_from_flags_until_sigterm(tiny_family, tmp_path):
     assert "model=tiny status=200" in text  # the request's line
     assert "private prompt text" not in text and SECRET not in text
     assert "draining" in text
+
+
+TRIPLE = ["--base", "/m/base", "--expert", "/m/expert", "--anti-expert", "/m/anti", "--expert-prompt-format", "chat"]
+
+
+def test_vllms_model_flags_set_every_model_but_where_a_models_own_flag_is_given(tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    settings, _ = resolve_settings([*TRIPLE, "--dtype", "bfloat16", "--expert-dtype", "float32", "--trust-remote-code",
+                                    "--chat-template", str(template), "--device", "cuda:1", "--base-device", "cuda:0",
+                                    "--enable-auto-tool-choice", "--tool-call-parser", "mistral", "--seed", "7",
+                                    "--max-num-batched-tokens", "64"])
+    engine = settings.engine
+    base, expert, anti = engine.base, engine.experts[0].expert, engine.experts[0].anti_expert
+    assert (base.dtype, expert.dtype, anti.dtype) == ("bfloat16", "float32", "bfloat16")
+    assert (base.device, expert.device, anti.device) == ("cuda:0", "cuda:1", "cuda:1")
+    assert base.trust_remote_code and expert.trust_remote_code and anti.trust_remote_code
+    # the chat template goes to the model that reads chat (the expert), from a file or given inline
+    assert (base.chat_template, expert.chat_template, anti.chat_template) == (None, template.read_text(), None)
+    inline, _ = resolve_settings([*TRIPLE, "--chat-template", "{{ messages[0]['content'] }}"])
+    assert inline.engine.experts[0].expert.chat_template == "{{ messages[0]['content'] }}"
+    assert (engine.tool_call_format, engine.seed, engine.limits.max_num_batched_tokens) == ("mistral", 7, 64)
+    with pytest.raises(ConfigError, match="--chat-template: no model reads chat"):
+        resolve_settings([*TRIPLE[:6], "--chat-template", str(template)])
+    with pytest.raises(ConfigError, match=r"--dtype float8: invalid configuration: engine\.base\.dtype: Input"):
+        resolve_settings([*TRIPLE, "--dtype", "float8"])
+    with pytest.raises(ConfigError, match="tool_call_format"):
+        resolve_settings([*TRIPLE, "--tool-call-parser", "pythonic"])
+
+
+def _self_signed(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return key, cert
+
+
+def test_https_with_the_ssl_flags_and_a_root_path_behind_a_proxy(tmp_path):
+    key, cert = _self_signed(tmp_path)
+    settings, _ = resolve_settings([*TRIPLE, "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
+                                    "--root-path", "/proxy"])
+    server = LiveServer(FakeEngine(), settings)
+    server.thread.start()
+    url = server.url.replace("http://", "https://")
+    try:
+        with httpx.Client(base_url=url, verify=str(cert), timeout=10) as client:
+            assert wait_until(lambda: _ok(client, "/health"), timeout=30)
+            assert client.get("/v1/models").json()["data"][0]["id"] == "proxy-tuned"
+            assert "/proxy/openapi.json" in client.get("/docs").text  # the docs page finds its schema behind it
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{server.url}/health", timeout=5)  # plain HTTP is not served
+    finally:
+        server.stop()
+    with pytest.raises(ConfigError, match="ssl_keyfile and ssl_certfile go together"):
+        resolve_settings([*TRIPLE, "--ssl-keyfile", str(key)])
+    with pytest.raises(ConfigError, match="ssl_certfile"):
+        resolve_settings([*TRIPLE, "--ssl-keyfile", str(key), "--ssl-certfile", str(tmp_path / "missing.pem")])
+
+
+def _ok(client: httpx.Client, path: str) -> bool:
+    try:
+        return client.get(path).status_code == 200
+    except httpx.HTTPError:
+        return False
