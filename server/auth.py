@@ -23,7 +23,7 @@ from server.errors import APIError
 from server.playground import is_playground
 
 # Paths any client may read: probes and scrapers carry no key.
-PUBLIC_PATHS = frozenset({"/health", "/metrics", "/version"})
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
 TENANT = "proxy_serve_tenant"  # the key of the request's tenant id in the ASGI scope's state
 
 

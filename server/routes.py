@@ -276,6 +276,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         body.check(ctx.info)
         return {"prompt": await asyncio.to_thread(_convert, lambda: ctx.engine.detokenize(body.tokens))}
 
+    # /ping: vLLM's alias (SageMaker's and some load balancers' probe path), GET or POST.
+    @router.api_route("/ping", methods=["GET", "POST"])
     @router.get("/health")
     async def health() -> JSONResponse:
         if ctx.engine_failed:

@@ -172,8 +172,9 @@ def test_missing_or_bad_key_is_401(guarded):
     ok = httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"})
     assert ok.status_code == 200
     assert ok.headers.get("access-control-allow-origin") is None  # no Origin sent
-    for path in ("/health", "/metrics", "/version"):
+    for path in ("/health", "/ping", "/metrics", "/version"):
         assert httpx.get(f"{guarded.url}{path}").status_code == 200
+    assert httpx.post(f"{guarded.url}/ping").status_code == 200  # vLLM's probe, GET or POST
 
 
 def test_preflight_needs_no_key_and_allows_authorization(guarded):

@@ -106,6 +106,7 @@ def test_health_and_requests_while_loading_then_ready():
     engine = SlowEngine()
     with TestClient(create_app(engine, _settings()), base_url="http://localhost") as client:
         assert client.get("/health").status_code == 503 and client.get("/health").json()["status"] == "loading"
+        assert client.get("/ping").status_code == 503  # vLLM's alias answers as /health does
         response = client.post("/v1/completions", json={"prompt": "x"})
         assert response.status_code == 503 and response.json()["error"]["code"] == "loading"
         assert "retry-after" in response.headers
