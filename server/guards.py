@@ -77,6 +77,10 @@ def is_json(content_type: str) -> bool:
     return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
+# POSTs that read no body and change nothing (vLLM's probe): nothing for a web page to smuggle in.
+BODYLESS_POSTS = frozenset({"/ping"})
+
+
 class StrictJSON:
     """415 for a POST without a JSON content type (before its body is read)."""
 
@@ -84,7 +88,7 @@ class StrictJSON:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] not in BODYLESS_POSTS:
             content_type = Headers(scope=scope).get("content-type", "")
             if not is_json(content_type):
                 given = f"'{clip(content_type, 60)}'" if content_type else "none"
