@@ -1,26 +1,31 @@
 """How a model family writes tool calls: render them into a plain transcript, and parse them out of generated text.
 
-Three formats cover the common open families (``EngineConfig.tool_call_format``, detected from the chat
-template when left at ``auto``):
+Four formats cover the common open families (``EngineConfig.tool_call_format``, detected from the chat
+template when left at ``auto``; vLLM's tool-call parser names):
 
 - ``hermes`` (Hermes, Qwen 2/2.5/3): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, one block per call.
 - ``llama3_json`` (Llama 3.1+): the whole answer is ``{"name": ..., "parameters": {...}}`` (after an optional
   ``<|python_tag|>``; several calls separated by ``;``).
 - ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``, or the newer
   ``[TOOL_CALLS]name[ARGS]{...}`` per call.
+- ``pythonic`` (Llama 3.2 / 3.3 / 4 with their pythonic templates, Gemma 3's tool templates): the whole answer is a
+  Python list of calls with keyword arguments, ``[get_weather(city="Paris"), get_time(zone="CET")]`` (Llama 4 may
+  wrap it in ``<|python_start|>`` ... ``<|python_end|>``). It is read with ``ast``, never evaluated: arguments
+  must be literals.
 
 Pure functions, no tensors: the engine renders transcripts with them, the server parses answers with them.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-ToolCallFormat = Literal["hermes", "llama3_json", "mistral"]
-FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral")
+ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic"]
+FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic")
 DEFAULT_FORMAT: ToolCallFormat = "hermes"
 
 # What starts a call in each format: text from here on is held back from a stream until it parses (or not).
@@ -28,7 +33,10 @@ CALL_MARKERS: dict[str, tuple[str, ...]] = {
     "hermes": ("<tool_call>",),
     "llama3_json": ("<|python_tag|>",),
     "mistral": ("[TOOL_CALLS]",),
+    "pythonic": ("<|python_start|>",),
 }
+# What pythonic templates write to show the format (Llama 3.2 / 4's, vLLM's Gemma 3 example).
+_PYTHONIC_EXAMPLE = re.compile(r"func_name1\(|params_name1=")
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _MISTRAL_ARGS = re.compile(r"([A-Za-z0-9_.\-]+)\[ARGS\]")
 
@@ -53,6 +61,8 @@ def detect_format(chat_template: str | None) -> ToolCallFormat:
     template = chat_template or ""
     if "[TOOL_CALLS]" in template:
         return "mistral"
+    if _PYTHONIC_EXAMPLE.search(template):
+        return "pythonic"
     if "<|python_tag|>" in template or "ipython" in template:
         return "llama3_json"
     return DEFAULT_FORMAT
@@ -77,8 +87,22 @@ def render_calls(fmt: str, calls: list[dict[str, Any]]) -> str:
                                           for n, a in pairs)
     if fmt == "mistral":
         return "[TOOL_CALLS]" + json.dumps([{"name": n, "arguments": a} for n, a in pairs], ensure_ascii=False)
+    if fmt == "pythonic":
+        return "[" + ", ".join(f"{n}(" + ", ".join(f"{k}={_python_literal(v)}" for k, v in a.items()) + ")"
+                               for n, a in pairs) + "]"
     return "".join(f"<tool_call>{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}</tool_call>"
                    for n, a in pairs)
+
+
+def _python_literal(value: Any) -> str:
+    """A JSON value as the Python literal a pythonic call writes (``True``, ``None``, ``"text"``)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_python_literal(k)}: {_python_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_python_literal(v) for v in value) + "]"
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)  # a JSON string or number is a Python literal too
 
 
 def tools_preamble(fmt: str, tools: list[dict[str, Any]]) -> str:
@@ -162,6 +186,9 @@ def parse_calls(fmt: str, text: str) -> tuple[str | None, list[ParsedCall]]:
                 return text, []
             calls.append(call)
         return (text[:start] or None), calls
+    if fmt == "pythonic":
+        calls = _pythonic_calls(text)
+        return (None, calls) if calls else (text, [])
     if fmt == "mistral":
         start = text.find("[TOOL_CALLS]")
         if start < 0:
@@ -207,9 +234,40 @@ def _mistral_calls(body: str) -> list[ParsedCall]:
     return [] if any(c is None for c in calls) or not calls else [c for c in calls if c is not None]
 
 
+def _pythonic_calls(text: str) -> list[ParsedCall]:
+    """The calls of an answer that is wholly a Python list of calls with literal keyword arguments (none else)."""
+    body = text.strip()
+    if body.startswith("<|python_start|>"):
+        body = body[len("<|python_start|>"):].removesuffix("<|python_end|>").strip()
+    if not body.startswith("["):
+        return []
+    try:
+        tree = ast.parse(body, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError):
+        return []
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return []
+    calls = []
+    for node in tree.elts:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            return []
+        try:  # literal_eval: values only, nothing runs
+            arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
+        except (ValueError, TypeError, SyntaxError, RecursionError):
+            return []
+        if len(arguments) != len(node.keywords):  # a **mapping: not a literal call
+            return []
+        try:
+            calls.append(ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False)))
+        except (TypeError, ValueError):  # a set, bytes or a complex number: no JSON for it
+            return []
+    return calls
+
+
 def looks_like_call_start(fmt: str, text: str) -> bool:
     """Whether a stream must hold ``text`` back: a call may be starting (llama3_json: the answer opens an object)."""
-    if fmt == "llama3_json" and text.lstrip().startswith("{"):
+    if (fmt == "llama3_json" and text.lstrip().startswith("{")) or (
+            fmt == "pythonic" and text.lstrip().startswith("[")):
         return True
     return any(marker in text for marker in CALL_MARKERS[fmt])
 

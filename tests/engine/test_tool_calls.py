@@ -10,8 +10,10 @@ from proxy_engine.config import DEFAULT_TRANSCRIPT_TEMPLATE
 from proxy_engine.prompts import PromptRenderer
 from proxy_engine.request import PromptInput
 from proxy_engine.tool_calls import (
+    FORMATS,
     ParsedCall,
     detect_format,
+    looks_like_call_start,
     marker_prefix_len,
     parse_calls,
     render_calls,
@@ -43,16 +45,34 @@ ASKED = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content
         ("mistral", 'Ok [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', "Ok ", [CALL]),
         ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', None, [CALL]),
         ("mistral", "[TOOL_CALLS]oops", "[TOOL_CALLS]oops", []),
+        ("pythonic", '[get_weather(city="Paris")]', None, [CALL]),
+        ("pythonic", "<|python_start|>[get_weather(city='Paris'), get_weather(city=\"Paris\")]<|python_end|>", None,
+         [CALL, CALL]),
+        ("pythonic", '[f(a=[1, 2.5, "x, y)]"], b={"k": None, "t": True}, c=-3)]', None,
+         [ParsedCall("f", json.dumps({"a": [1, 2.5, "x, y)]"], "b": {"k": None, "t": True}, "c": -3}))]),
+        ("pythonic", "[now()]", None, [ParsedCall("now", "{}")]),
+        ("pythonic", "[1, 2, 3]", "[1, 2, 3]", []),  # a list, not calls: content
+        ("pythonic", "[f(x=open('/etc/passwd'))]", "[f(x=open('/etc/passwd'))]", []),  # never evaluated
+        ("pythonic", "[f('positional')]", "[f('positional')]", []),
+        ("pythonic", "[os.system(cmd='ls')]", "[os.system(cmd='ls')]", []),
+        ("pythonic", "[f(**{'a': 1})]", "[f(**{'a': 1})]", []),
+        ("pythonic", "[f(a={1, 2})]", "[f(a={1, 2})]", []),  # a set has no JSON
+        ("pythonic", "Sure: [get_weather(city='Paris')]", "Sure: [get_weather(city='Paris')]", []),
+        ("pythonic", "[get_weather(city='Par", "[get_weather(city='Par", []),  # cut by max_tokens
     ],
 )
 def test_parse_calls(fmt, text, content, calls):
     assert parse_calls(fmt, text) == (content, calls)
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_rendered_calls_parse_back(fmt):
     text = render_calls(fmt, [OPENAI_CALL])
     assert parse_calls(fmt, text)[1] == [CALL]
+    nested = {"id": "c", "type": "function", "function": {"name": "f", "arguments": json.dumps(
+        {"a": [1, None, True, "q\"uote\n"], "b": {"x": 0.5}})}}
+    assert parse_calls(fmt, render_calls(fmt, [nested, OPENAI_CALL]))[1] == [
+        ParsedCall("f", nested["function"]["arguments"]), CALL]
 
 
 def test_detect_format_from_the_chat_template():
@@ -60,6 +80,16 @@ def test_detect_format_from_the_chat_template():
     assert detect_format("{% if m.role == 'ipython' %}<|python_tag|>{% endif %}") == "llama3_json"
     assert detect_format("<tool_call>") == "hermes"
     assert detect_format(None) == "hermes"
+    # Llama 3.2's pythonic template (vLLM's example) still names the ipython role for tool results
+    pythonic = ("you MUST put it in the format of [func_name1(params_name1=params_value1, params_name2=params_value2"
+                "...), func_name2(params)]{% if message.role == 'ipython' %}")
+    assert detect_format(pythonic) == "pythonic"
+
+
+def test_a_pythonic_answer_is_held_back_while_it_may_be_a_call():
+    assert looks_like_call_start("pythonic", " [get_weather(")
+    assert looks_like_call_start("pythonic", "<|python_start|>[")
+    assert not looks_like_call_start("pythonic", "The answer [1] is")
 
 
 def test_marker_prefix_len():

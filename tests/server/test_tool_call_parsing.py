@@ -23,8 +23,9 @@ ANSWERS = {
     "hermes": ["Let me check. <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>'],
     "llama3_json": ['{"name": "get_weather", ', '"parameters": {"city": "Paris"}}'],
     "mistral": ["Let me check. [TOOL_", 'CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'],
+    "pythonic": [" [get_", 'weather(city="Paris"', ")]"],
 }
-CONTENT = {"hermes": "Let me check. ", "llama3_json": None, "mistral": "Let me check. "}
+CONTENT = {"hermes": "Let me check. ", "llama3_json": None, "mistral": "Let me check. ", "pythonic": None}
 
 
 class ScriptedEngine(FakeEngine):
