@@ -320,6 +320,10 @@ class AsyncEngine:
             raise ValueError(f"token ids must be in [0, {engine.vocab_size})")
         return engine.tokenizer.decode(token_ids)
 
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each id's piece of the vocabulary as the tokenizer stores it (``▁Hello``, ``ĠHello``)."""
+        return self._require_engine().tokenizer.convert_ids_to_tokens(token_ids)
+
     def _require_engine(self):
         if self.engine is None:
             raise EngineOverloadedError("the models are still loading", retry_after_s=5)

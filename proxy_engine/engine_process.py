@@ -166,6 +166,13 @@ class EngineProcess(AsyncEngine):
             return self.tokenizer.decode(token_ids)
         return self._call("detokenize", token_ids).result(_CALL_TIMEOUT_S)
 
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each id's piece of the vocabulary as the tokenizer stores it (``▁Hello``, ``ĠHello``)."""
+        self._require_engine()
+        if self.tokenizer is not None:
+            return self.tokenizer.convert_ids_to_tokens(token_ids)
+        return self._call("token_strings", token_ids).result(_CALL_TIMEOUT_S)
+
     # --- the pipe --------------------------------------------------------------------------------------------
     def _send(self, message: tuple) -> bool:
         if self._conn is None:
@@ -331,6 +338,8 @@ class _Child:
                 self.workers.submit(self.answer, message[1], self.engine.render, *message[2:])
             elif kind == "detokenize":
                 self.workers.submit(self.answer, message[1], self.engine.tokenizer.decode, message[2])
+            elif kind == "token_strings":
+                self.workers.submit(self.answer, message[1], self.engine.tokenizer.convert_ids_to_tokens, message[2])
             elif kind == "stop":
                 return
 

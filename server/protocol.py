@@ -538,6 +538,7 @@ class TokenizeRequest(ChatPromptControls):
     model: str | None = None
     prompt: str | list[int] | None = None
     messages: list[ChatMessage] | None = None
+    return_token_strs: bool | None = False  # vLLM's: each token's vocabulary piece too (``token_strs``)
 
     def prompt_input(self) -> PromptInput:
         if (self.prompt is None) == (self.messages is None):

@@ -264,7 +264,10 @@ def build_router(ctx: ServerContext) -> APIRouter:
             raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
         # A long prompt takes seconds to tokenize: off the event loop, or every stream and /health would wait.
         tokens = await asyncio.to_thread(_convert, lambda: ctx.engine.tokenize(prompt, target))
-        return {"count": len(tokens), "max_model_len": ctx.info.max_model_len, "tokens": tokens}
+        answer = {"count": len(tokens), "max_model_len": ctx.info.max_model_len, "tokens": tokens}
+        if body.return_token_strs:
+            answer["token_strs"] = await asyncio.to_thread(ctx.engine.token_strings, tokens)
+        return answer
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:

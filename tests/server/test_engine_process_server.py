@@ -28,6 +28,8 @@ def test_the_server_over_an_engine_process(tiny_family):
 
             tokens = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello"}).json()["tokens"]
             assert http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json()["prompt"].strip()
+            strs = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello", "return_token_strs": True}).json()
+            assert strs["tokens"] == tokens and len(strs["token_strs"]) == len(tokens)  # pieces from the child's
             # The prompt's ids come back from the child with the admission (vLLM's return_token_ids).
             ids = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3,
                                                      "ignore_eos": True, "return_token_ids": True}).json()

@@ -31,6 +31,17 @@ def test_a_continued_message_is_the_prompt_a_completion_of_its_text_would_be(htt
         http, messages=PARTIAL)
 
 
+def test_tokenize_returns_each_tokens_vocabulary_piece_when_asked(http, tiny_family):
+    """vLLM's ``return_token_strs``: the pieces as the tokenizer stores them (a byte-level BPE's ``Ġ`` kept)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family.base)
+    answer = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello there, world",
+                                          "return_token_strs": True}).json()
+    assert answer["token_strs"] == tokenizer.convert_ids_to_tokens(answer["tokens"])
+    assert "token_strs" not in http.post("/tokenize", json={"model": MODEL, "prompt": "Hello"}).json()
+
+
 def test_a_continued_chat_answers_with_the_continuation_only(http):
     greedy = {"model": MODEL, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     chat = http.post("/v1/chat/completions", json={"messages": PARTIAL, "continue_final_message": True, **greedy})
