@@ -33,6 +33,9 @@ DEFAULT_TRANSCRIPT_TEMPLATE = (
 )
 
 
+DEFAULT_MAX_LOGPROBS = 20  # OpenAI's and vLLM's
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -121,6 +124,11 @@ class LimitsConfig(_Strict):
         default=False, description=f"Serve a max_model_len past a model's context with a warning instead of refusing "
         f"to start ({ALLOW_LONG_MAX_MODEL_LEN_ENV}; vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN): for RoPE models whose "
         "config states less than they were stretched to; positions past a learned table fail.",
+    )
+    max_logprobs: int = Field(
+        default=DEFAULT_MAX_LOGPROBS, ge=-1, description="The most alternatives a request may ask for per token "
+        "(logprobs, top_logprobs, prompt_logprobs, model_logprobs; vLLM's --max-logprobs); -1: the whole vocabulary, "
+        "which a request then asks for with -1. max_logprob_entries still bounds each answer.",
     )
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         default="fcfs", description="Order of the waiting queue: fcfs (arrival) or priority (a request's priority, "

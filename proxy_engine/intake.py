@@ -159,7 +159,7 @@ class Intake:
         Their choice indices start at ``first_index`` (a request with several prompts numbers prompt ``i``'s
         choices from ``i * n``, as OpenAI does).
         """
-        params.validate(self.vocab_size, self.num_pairs)
+        params.validate(self.vocab_size, self.num_pairs, self.config.limits.max_logprobs)
         if params.priority and self.config.limits.scheduling_policy != "priority":
             raise FieldError("priority needs the priority scheduling policy (--scheduling-policy priority); this "
                              "server admits requests in arrival order", "priority")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from proxy_engine.config import DEFAULT_MAX_LOGPROBS
 from proxy_engine.grammar import StructuredOutput
 
 # Template variables a request may not set through template_kwargs: the renderer's own (and transformers'
@@ -19,7 +20,7 @@ RESERVED_TEMPLATE_VARIABLES = frozenset({
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_N = 16
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = DEFAULT_MAX_LOGPROBS  # the default cap (LimitsConfig.max_logprobs sets the engine's)
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
 MAX_BAD_WORDS = 64
@@ -178,6 +179,21 @@ def _finite(name: str, value: float) -> None:
         raise FieldError(f"{name} must be a finite number, got {value}", name.split()[0])
 
 
+def checked_logprobs(value: int, max_logprobs: int, vocab_size: int, name: str) -> int:
+    """A request's count of alternatives per token (``name``), checked against the server's ``max_logprobs``; -1,
+    the whole vocabulary, where that is -1 too (vLLM's rule), becomes ``vocab_size``."""
+    if max_logprobs == -1:
+        if value == -1:
+            return vocab_size
+        if 0 <= value <= vocab_size:
+            return value
+        raise FieldError(f"{name} must be -1 (the whole vocabulary) or between 0 and {vocab_size}, got {value}", name)
+    if not 0 <= value <= max_logprobs:
+        whole = " (-1, the whole vocabulary, needs the server's --max-logprobs -1)" if value == -1 else ""
+        raise FieldError(f"{name} must be between 0 and {max_logprobs}, got {value}{whole}", name)
+    return value
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (OpenAI's plus the common vLLM extensions, plus ``alpha``)."""
@@ -233,7 +249,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, vocab_size: int, num_pairs: int) -> None:
+    def validate(self, vocab_size: int, num_pairs: int, max_logprobs: int = MAX_LOGPROBS) -> None:
         """Raise ``ValueError`` with a message fit for a 400 if any value is out of range."""
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             _finite(name, float(getattr(self, name)))
@@ -267,8 +283,8 @@ class SamplingParams:
             raise FieldError(f"n must be between 1 and {MAX_N}, got {self.n}", "n")
         for name in ("logprobs", "prompt_logprobs", "model_logprobs"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise FieldError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}", name)
+            if value is not None:
+                setattr(self, name, checked_logprobs(value, max_logprobs, vocab_size, name))
         if len(self.stop) > MAX_STOP_STRINGS:
             raise FieldError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
         for stop in self.stop:

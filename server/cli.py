@@ -83,6 +83,8 @@ FLAGS = [
          "fcfs|priority"),
     Flag("--max-num-batched-tokens", ("engine", "limits", "max_num_batched_tokens"),
          "Prompt tokens prefilled per step per model (default 512), so running streams never stall.", "N"),
+    Flag("--max-logprobs", ("engine", "limits", "max_logprobs"), "The most alternatives per token a request may "
+         "ask for (default 20; -1: the whole vocabulary, asked for with -1; vLLM's).", "N"),
     Flag("--max-model-len", ("engine", "limits", "max_model_len"), "Cap on prompt + completion tokens.", "N"),
     Flag("--no-prefix-caching", ("engine", "prefix_cache", "enabled"),
          "Compute every prompt in full (by default, prompt prefixes seen before are reused).", action="store_false"),

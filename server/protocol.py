@@ -178,15 +178,11 @@ class _SamplingFields(_Lenient):
         return keep
 
     def _prompt_logprobs(self) -> int | None:
-        """``prompt_logprobs`` checked: 0 (each prompt token's own logprob) to MAX_LOGPROBS, and, as in vLLM, not
-        with ``stream`` (the answer carries them whole)."""
+        """``prompt_logprobs``, as in vLLM not with ``stream`` (the answer carries them whole); its range is the
+        engine's to check (``request.checked_logprobs``: 0 to the server's max_logprobs)."""
         k = self.prompt_logprobs
-        if k is None:
-            return None
-        if self.stream:
+        if k is not None and self.stream:
             raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
-        if not 0 <= k <= MAX_LOGPROBS:
-            raise bad_request(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}", "prompt_logprobs")
         return k
 
     def _max_tokens(self, *, zero_ok: bool, note: str = "") -> int | None:
@@ -462,13 +458,18 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
         return PromptInput(messages=messages, tools=plan.tools or None, truncate=self._truncate(),
                            **self.template_controls())
 
-    def sampling_params(self, fmt: str | None = "hermes", defaults: dict[str, Any] | None = None) -> SamplingParams:
+    def sampling_params(self, fmt: str | None = "hermes", defaults: dict[str, Any] | None = None,
+                        max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
+        """``max_logprobs``: the server's cap (-1: the whole vocabulary), checked here for ``top_logprobs`` so that
+        the 400 names chat's field (the engine's check would say "logprobs")."""
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:  # the engine's bound,
-            # named as chat names it (the engine's check would say "logprobs")
-            raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}",
-                              "top_logprobs")
+        if self.top_logprobs is not None:
+            whole = max_logprobs == -1 and self.top_logprobs == -1
+            if not whole and not (0 <= self.top_logprobs and (max_logprobs == -1 or self.top_logprobs <= max_logprobs)):
+                bound = "-1 (the whole vocabulary) or at least 0" if max_logprobs == -1 else \
+                    f"between 0 and {max_logprobs}"
+                raise bad_request(f"top_logprobs must be {bound}, got {self.top_logprobs}", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         structured = self.structured()
         plan = self.tool_plan(fmt)
@@ -619,11 +620,17 @@ def completion_logprobs(
         "tokens": [token_name(t, as_ids) for t in every],
         "token_logprobs": [None if t.logprob is None else _lp(t.logprob) for t in every],
         "top_logprobs": [
-            None if t.logprob is None else {token_name(top, as_ids): _lp(top.logprob) for top in t.top[:top_k]}
+            None if t.logprob is None else {token_name(top, as_ids): _lp(top.logprob)
+                                            for top in _first(t.top, top_k)}
             for t in every
         ],
         "text_offset": offsets,
     }
+
+
+def _first(tops: list[TopLogprob], k: int | None) -> list[TopLogprob]:
+    """The ``k`` likeliest of a token's alternatives: all of them for None, or for -1 (the whole vocabulary)."""
+    return tops if k is None or k < 0 else tops[:k]
 
 
 def prompt_logprobs(prompt: list[TokenLogprob], k: int) -> list[dict[str, dict[str, Any]] | None]:
@@ -635,7 +642,7 @@ def prompt_logprobs(prompt: list[TokenLogprob], k: int) -> list[dict[str, dict[s
             out.append(None)
             continue
         entry = {str(token.token_id): {"logprob": _lp(token.logprob), "rank": token.rank, "decoded_token": token.token}}
-        for rank, top in enumerate(token.top[:k], start=1):
+        for rank, top in enumerate(_first(token.top, k), start=1):
             entry.setdefault(str(top.token_id), {"logprob": _lp(top.logprob), "rank": rank, "decoded_token": top.token})
         out.append(entry)
     return out

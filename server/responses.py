@@ -486,7 +486,8 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
             return chat.prompt_input(fmt)
 
         generation, _ = await start(response_id, "responses", body.model, prompt,
-                                    lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model)), request,
+                                    lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model),
+                                                                 ctx.max_logprobs), request,
                                     salt=ctx.cache_salt(owner, body.cache_salt))
         assert chat is not None
         plan = chat.tool_plan(fmt)

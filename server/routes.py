@@ -187,7 +187,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         request_id = new_request_id("chatcmpl", request.headers.get("x-request-id"))
         fmt = tool_call_format(ctx)
         generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
-                                    lambda: body.sampling_params(fmt, ctx.defaults_for(body.model)), request,
+                                    lambda: body.sampling_params(fmt, ctx.defaults_for(body.model),
+                                                                 ctx.max_logprobs), request,
                                     ctx.cache_salt(tenant(request), body.cache_salt))
         plan = body.tool_plan(fmt)
         configured = ctx.settings.reasoning_parser

@@ -98,6 +98,11 @@ class ServerContext:
         for line in describe(self.defaults, names):
             logger.info("sampling defaults for requests that omit them: %s", line)
 
+    @property
+    def max_logprobs(self) -> int:
+        """The most alternatives per token a request may ask for (-1: the whole vocabulary)."""
+        return self.settings.engine.limits.max_logprobs
+
     def defaults_for(self, model: str | None) -> dict[str, Any]:
         """The sampling fields ``model``'s requests get when they omit them (``engine.generation_config``)."""
         return self.defaults[self.resolve_model(model)[1]].values

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 
+import httpx
 import pytest
 
-from tests.server.live import MODEL
+from tests.server.live import MODEL, LiveServer, make_settings
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
@@ -80,7 +81,8 @@ def test_the_openai_sdk_sends_and_reads_them_through_extra_body(client):
 @pytest.mark.parametrize(("extra", "message"), [
     ({"stream": True}, "prompt_logprobs are not available when stream is true"),
     ({"prompt_logprobs": 21}, "prompt_logprobs must be between 0 and 20, got 21"),
-    ({"prompt_logprobs": -1}, "prompt_logprobs must be between 0 and 20, got -1"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs must be between 0 and 20, got -1 (-1, the whole vocabulary, needs "
+                              "the server's --max-logprobs -1)"),
 ])
 def test_a_stream_or_a_k_out_of_range_is_a_400_naming_the_field(http, extra, message):
     for path, body in (("/v1/completions", {"prompt": PROMPT}),
@@ -98,3 +100,38 @@ def test_a_chat_format_expert_cannot_score_the_prompt_and_says_so(agent_http):
     assert answer.status_code == 400
     message = answer.json()["error"]["message"]
     assert "prompt logprobs (prompt_logprobs, or echo with logprobs) need every model" in message
+
+
+def test_the_whole_vocabulary_under_max_logprobs_minus_one(tiny_family):
+    """vLLM's ``--max-logprobs -1``: a request asks for every token's logprob with -1 (chat's top_logprobs,
+    prompt_logprobs); a cap of 5 is a 400 past it, naming chat's field."""
+    from proxy_engine.engine_process import async_engine_for
+
+    for limit in (-1, 5):
+        settings = make_settings(tiny_family, limits={"max_logprobs": limit})
+        server = LiveServer(async_engine_for(settings.engine), settings).start()
+        try:
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                        "logprobs": True, "top_logprobs": -1, "prompt_logprobs": -1}
+                answer = http.post("/v1/chat/completions", json=chat)
+                if limit == 5:
+                    assert answer.status_code == 400 and answer.json()["error"]["param"] == "top_logprobs"
+                    too_many = http.post("/v1/chat/completions", json={**chat, "top_logprobs": 6})
+                    assert too_many.json()["error"]["param"] == "top_logprobs"
+                    assert http.post("/v1/chat/completions", json={**chat, "top_logprobs": 5,
+                                                                   "prompt_logprobs": 5}).status_code == 200
+                    continue
+                assert answer.status_code == 200, answer.text
+                body = answer.json()
+                tokens = body["choices"][0]["logprobs"]["content"]
+                assert all(len(t["top_logprobs"]) == 512 for t in tokens)  # the tiny family's vocabulary
+                probabilities = sum(math.exp(top["logprob"]) for top in tokens[0]["top_logprobs"])
+                assert abs(probabilities - 1) < 1e-3
+                prompt = body["prompt_logprobs"]
+                assert prompt[0] is None and all(len(entry) >= 512 for entry in prompt[1:])
+                completion = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1,
+                                                                "logprobs": -1}).json()
+                assert len(completion["choices"][0]["logprobs"]["top_logprobs"][0]) >= 511  # texts may collide
+        finally:
+            server.stop()
