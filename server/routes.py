@@ -232,7 +232,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
     def cards() -> list[dict[str, Any]]:
         settings = ctx.settings
         max_len = ctx.info.max_model_len if ctx.engine.ready else None
-        roots = [settings.engine.base.path] * 2 + [pair.expert.path for pair in settings.engine.experts[:1]]
+        # An expert given as an adapter is named by it (vLLM's cards name a LoRA module by its path too).
+        roots = [settings.engine.base.path] * 2 + [pair.expert.adapter or pair.expert.path
+                                                   for pair in settings.engine.experts[:1]]
         ids = settings.model_ids
         listed = [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
         # The proxy-tuned model's default strength per expert pair: what a request's ``alpha`` overrides (the
