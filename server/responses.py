@@ -306,9 +306,17 @@ class MessageLogprobs:
     def __init__(self, choice: Choice, parser: ReasoningParser | None) -> None:
         self.choice, self.parser = choice, parser
         self.sent = 0  # tokens already handed to a text delta
+        self.first: int | None = None  # the message's first token, once the thinking has ended
 
     def _first(self) -> int:
-        return self.choice.tokens_before(reasoning_end(self.parser, self.choice.text))
+        if self.first is not None:
+            return self.first
+        text = self.choice.text
+        end = reasoning_end(self.parser, text)
+        first = self.choice.tokens_before(end)
+        if 0 < end < len(text):  # the thinking has closed and the answer begun: it stays where it is
+            self.first = first
+        return first
 
     def fresh(self) -> list[dict[str, Any]]:
         """The message tokens no delta has carried yet (a delta's text may be held back past its token's)."""
