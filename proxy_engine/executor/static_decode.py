@@ -15,6 +15,9 @@ graph-safe and cheaper:
 - grouped-query attention folds the query heads of a K/V head into the query-length axis
   (``[rows, kv_heads, group, head_dim]`` against ``[rows, kv_heads, span, head_dim]``): no K/V is repeated and
   any SDPA backend takes it (the mask is the same for the whole group: they share the position);
+- routed experts (Mixtral, Qwen2/3-MoE, OLMoE) without reading the router's choice back: a few rows gather
+  their own experts' weights, more rows run every expert and weigh the unchosen by 0
+  (``fast_decode.routed_experts_static``);
 - q/k/v and gate/up run as one GEMM each on fused weights; the model's own Linear weights become views of the
   fused tensors, so transformers' forward (prefill) reads the same memory and nothing is held twice;
 - fewer, larger kernels (each costs a few microseconds even inside a graph, and a step has thousands): RMSNorm
@@ -37,7 +40,15 @@ import torch.nn.functional as F
 
 from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, rope_types, unsupported_reason
 from proxy_engine.attention_masks import FULL, SLIDING
-from proxy_engine.fast_decode import fuse_linears, head_norm, proj_norms, softcap, softcapped_attention, upcast_norm
+from proxy_engine.fast_decode import (
+    fuse_linears,
+    head_norm,
+    proj_norms,
+    routed_experts_static,
+    softcap,
+    softcapped_attention,
+    upcast_norm,
+)
 
 log = logging.getLogger("proxy_engine.executor.static_decode")
 
@@ -154,8 +165,9 @@ class StaticDecoder:
                 try:
                     self.qkv = [_fused([lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj],
                                        "_proxy_fused_qkv", lay.self_attn) for lay in self.layers]
-                    self.gate_up = [_fused([lay.mlp.gate_proj, lay.mlp.up_proj], "_proxy_fused_gate_up", lay.mlp)
-                                    for lay in self.layers]
+                    self.gate_up = [None if shape.experts is not None else  # routed: its 3-D expert weights
+                                    _fused([lay.mlp.gate_proj, lay.mlp.up_proj], "_proxy_fused_gate_up", lay.mlp)
+                                    for lay, shape in zip(self.layers, layout.layers)]
                     self.fused = True
                 except RuntimeError as error:  # out of memory for the transient copy: separate GEMMs
                     log.warning("q/k/v and gate/up not fused (%s: %s)", type(error).__name__, error)
@@ -238,6 +250,10 @@ class StaticDecoder:
                 h = F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
                 x = x + self.branch(h, lay.attn_out_norm, lay.residual_scale)
             h = x if lay.mlp_norm is None else self.norm(x, lay.mlp_norm)
+            if lay.experts is not None:  # routed experts, with shapes fixed by the rows' (graph-safe)
+                x = x + self.branch(routed_experts_static(h, lay.experts, lay.act), lay.mlp_out_norm,
+                                    lay.residual_scale)
+                continue
             gate, up = self._gate_up(index, h)
             if lay.mlp_out_norm is None and lay.residual_scale is None:
                 x = self.linear_add(x, lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)

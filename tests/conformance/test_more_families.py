@@ -67,6 +67,7 @@ MORE = {
     # Served right before this module existed (the last two not: latent attention), kept here so that they stay so.
     "olmo": {}, "stablelm": {}, "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
     "phi": {}, "opt": {}, "gptj": dict(rotary_dim=8), "codegen": dict(rotary_dim=8), "gpt_bigcode": {},
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
     "persimmon": {}, "nemotron": {}, "jetmoe": {}, "glm": {}, "exaone4": {}, "ernie4_5": {}, "seed_oss": {},
     "apertus": {}, "arcee": {}, "cohere2": {}, "deepseek_v2": dict(MLA, v_head_dim=8), "minicpm3": dict(
         kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
@@ -80,7 +81,8 @@ MORE = {
 }
 
 
-FAST = {"olmo2", "olmo3", "granite"}  # architecture.py knows them: they decode on the fast step (static on CUDA)
+# architecture.py knows them: they decode on the fast step (static on CUDA)
+FAST = {"olmo2", "olmo3", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
 
 
 def _config_maker(model_type: str, extra: dict):

@@ -83,6 +83,8 @@ def _random_model(kind: str):
         for layer in model.model.layers:
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                 torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    elif kind in MIXTURE_KINDS:
+        model = _random_mixture(kind, common)
     elif kind.startswith("gemma"):
         model = _random_gemma(kind, common)
     elif kind.startswith("olmo"):
@@ -127,6 +129,30 @@ def _random_gemma(kind: str, common: dict):
     return model
 
 
+MIXTURE_KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def _random_mixture(kind: str, common: dict):
+    """Routed experts: Mixtral (top 2 of 4, renormalised, float32 scores), Qwen2-MoE (not renormalised, a gated
+    shared expert, its second layer dense: ``mlp_only_layers``), Qwen3-MoE (renormalised, per-head q / k norms),
+    OLMoE (whole-projection q / k norms). The router weights are drawn wide, so that rows pick different experts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    experts = dict(num_experts_per_tok=2, moe_intermediate_size=48)
+    extra = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+             "qwen2_moe": dict(experts, num_experts=4, shared_expert_intermediate_size=40, mlp_only_layers=[1],
+                               norm_topk_prob=False),
+             "qwen3_moe": dict(experts, num_experts=4, head_dim=16, norm_topk_prob=True),
+             "olmoe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)}[kind]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **common, **extra))
+    for name, parameter in model.named_parameters():
+        if name.endswith("gate.weight"):
+            torch.nn.init.normal_(parameter, std=1.0)
+        elif "experts" in name or "norm.weight" in name:
+            torch.nn.init.normal_(parameter, mean=1.0 if "norm" in name else 0.0, std=0.3 if "norm" in name else 0.1)
+    return model
+
+
 def _random_olmo(kind: str, common: dict):
     """OLMo-2: no norm before a sub-block, one after each (Llama's weight applied in float32 before the cast), and
     the query / key norms each over its whole projection; OLMo-3 adds windowed layers (6) with their own RoPE.
@@ -144,7 +170,7 @@ def _random_olmo(kind: str, common: dict):
     return model
 
 
-FAST_KINDS = ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "granite")
+FAST_KINDS = ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "granite", *MIXTURE_KINDS)
 
 
 def test_fast_decode_matches_transformers(monkeypatch):

@@ -14,7 +14,7 @@ from proxy_engine.executor.cuda_graphs import CapturedStep, DecodeGraphs
 from proxy_engine.executor.static_cache import SlotPlan, StaticSlotKVCache, plan_slots
 from proxy_engine.executor.static_decode import static_unsupported_reason
 from proxy_engine.runner import ModelRunner
-from tests.engine.test_kv_cache import _join, _random_model
+from tests.engine.test_kv_cache import MIXTURE_KINDS, _join, _random_model
 
 STATIC = RuntimeConfig(decode_executor="static")
 
@@ -43,7 +43,7 @@ def test_static_buffers_are_allocated_once_and_kept():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
-                                  "granite"])
+                                  "granite", *MIXTURE_KINDS])
 def test_static_step_gives_the_fast_paths_logits_as_rows_join_and_leave(kind, monkeypatch):
     monkeypatch.setattr(buckets, "MIN_SPAN", 8)  # several span buckets within a few steps
     fast, static = _pair(kind, SlotPlan(8, 64, 0))
