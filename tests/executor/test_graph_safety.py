@@ -55,19 +55,21 @@ def _step(executor: StaticExecutor, rows: int, span: int, seed: int) -> torch.Te
     return executor.decoder.step(ids, positions, torch.arange(rows), span, executor.cache)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe"])
 def test_the_step_reads_nothing_back_to_the_host(kind):
     executor = _executor(kind)
     with torch.inference_mode(), _NoHostReads():
         assert _step(executor, 4, 32, 0).shape == (4, 80)
+        assert _step(executor, 1, 32, 0).shape == (1, 80)  # routed: one row gathers its experts, four run all
 
 
-def test_the_steps_ops_and_shapes_depend_only_on_rows_and_span():
-    executor = _executor()
+@pytest.mark.parametrize(("kind", "rows"), [("qwen2", 4), ("mixtral", 1), ("mixtral", 4)])
+def test_the_steps_ops_and_shapes_depend_only_on_rows_and_span(kind, rows):
+    executor = _executor(kind)
     traces = []
-    for seed in (0, 1):  # other tokens, other positions: the same ops on the same shapes
+    for seed in (0, 1):  # other tokens, other positions (and experts chosen): the same ops on the same shapes
         with torch.inference_mode(), _Shapes() as shapes:
-            _step(executor, 4, 32, seed)
+            _step(executor, rows, 32, seed)
         traces.append(shapes.trace)
     assert traces[0] == traces[1] and len(traces[0]) > 20
 
