@@ -17,9 +17,10 @@ here, so both steps follow one description (``DecoderLayout``):
   Gemma-3's local layers), its rotary embedding (Gemma-3's local layers have their own RoPE base), its
   scaling, and Gemma-2's attention-logit soft-cap (``cap * tanh(scores / cap)``, eager attention only);
 - the MLP's gate activation (SiLU; Gemma's tanh-GELU);
-- a routed MLP in place of the dense one (``Experts``: Mixtral, Qwen2-MoE with its gated shared expert, Qwen3-MoE,
-  OLMoE; transformers' 3-D expert weights): a softmax router's top k, renormalised or not, the scores cast back to
-  the model's dtype or kept in float32, as each family's router does;
+- a mixture of experts in place of a dense MLP (Mixtral, Qwen2-MoE with its gated shared expert, Qwen3-MoE,
+  OLMoE): the steps call the model's own block, router and experts, so its numerics are transformers' and its
+  experts run as transformers' configured implementation runs them (``grouped_mm`` by default: each chosen
+  expert's weights read in place, nothing read back to the host, shapes fixed by the rows');
 - Gemma-2's final-logit soft-cap.
 
 Anything else (other layer types, quantized linears, offloaded weights) decodes through transformers' forward;
@@ -40,12 +41,8 @@ from proxy_engine.attention_masks import FULL, SLIDING, sliding_window
 
 # Architectures whose decoder layer is: [norm] -> q/k/v (bias allowed) -> [q / k norms] -> RoPE -> attention ->
 # o -> [norm] -> residual -> [norm] -> down(act(gate) * up) -> [norm] -> residual.
-# With routed experts in place of the dense MLP (``Experts``):
+# With routed experts in place of the dense MLP, run through transformers' own block (``routed_block``):
 MIXTURES = {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"}
-# Their routers: whether the top-k probabilities are renormalised (None: as ``norm_topk_prob`` says), and whether
-# they are cast back to the model's dtype before they weight the experts (Mixtral keeps them in float32).
-ROUTERS = {"MixtralTopKRouter": (True, False), "Qwen2MoeTopKRouter": (None, True),
-           "Qwen3MoeTopKRouter": (None, True), "OlmoeTopKRouter": (None, True)}
 SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
              "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
              "GraniteForCausalLM", *MIXTURES}
@@ -76,56 +73,23 @@ class Norm(NamedTuple):
     upcast: bool
 
 
-class Experts(NamedTuple):
-    """A routed MLP: ``router [E, H]`` scores each token and its ``top_k`` experts run (``gate_up [E, 2I, H]``,
-    ``down [E, H, I]``, gated as the dense MLP, with the experts' activation), weighted by their softmax
-    probabilities: renormalised to sum to one where the family does (Mixtral; ``norm_topk_prob``), cast back to
-    the model's dtype where its router does (Qwen2/3-MoE, OLMoE) or kept in float32 (Mixtral). ``shared``:
-    Qwen2-MoE's shared expert, always run, its output gated by ``sigmoid(h @ gate^T)``: the ``(gate_proj, up_proj,
-    down_proj, gate)`` weights."""
-
-    router: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    top_k: int
-    renormalize: bool
-    cast_scores: bool
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+def routed_block(mlp: torch.nn.Module) -> torch.nn.Module | None:
+    """``mlp`` when it is a mixture of experts (a router ``gate`` and ``experts``), else None (a dense MLP)."""
+    return mlp if getattr(mlp, "gate", None) is not None and getattr(mlp, "experts", None) is not None else None
 
 
-def experts_of(mlp: torch.nn.Module) -> Experts | None:
-    """``mlp``'s ``Experts``, or None for a dense MLP."""
-    router, experts = getattr(mlp, "gate", None), getattr(mlp, "experts", None)
-    if router is None or experts is None:
-        return None
-    shared = None
-    if getattr(mlp, "shared_expert", None) is not None:
-        s = mlp.shared_expert
-        shared = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight, mlp.shared_expert_gate.weight)
-    renormalize, cast_scores = ROUTERS[type(router).__name__]
-    return Experts(router.weight.detach(), experts.gate_up_proj.detach(), experts.down_proj.detach(), router.top_k,
-                   renormalize=bool(router.norm_topk_prob) if renormalize is None else renormalize,
-                   cast_scores=cast_scores, shared=shared)
-
-
-def _experts_reason(mlp: torch.nn.Module) -> str | None:
-    """Why a routed ``mlp`` is not one ``Experts`` describes (None when it is)."""
-    router, experts = mlp.gate, mlp.experts
-    weights = [getattr(experts, name, None) for name in ("gate_up_proj", "down_proj")]
-    if type(router).__name__ not in ROUTERS:
-        return f"router {type(router).__name__}"
-    if (not isinstance(getattr(router, "weight", None), torch.Tensor) or not isinstance(getattr(router, "top_k", None),
-                                                                                          int)
-            or any(not isinstance(w, torch.Tensor) or w.dim() != 3 for w in weights)
-            or getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False)
-            or not callable(getattr(experts, "act_fn", None))):
-        return "routed experts other than a softmax router over gated 3-D expert weights"
-    shared = getattr(mlp, "shared_expert", None)
-    if shared is not None and (type(getattr(mlp, "shared_expert_gate", None)) is not torch.nn.Linear or any(
-            type(getattr(shared, name, None)) is not torch.nn.Linear for name in ("gate_proj", "up_proj", "down_proj"))
-            or type(shared.act_fn) is not type(experts.act_fn)):
-        return "a shared expert other than a gated MLP with the experts' activation"
+def _routed_reason(mlp: torch.nn.Module) -> str | None:
+    """Why a routed ``mlp`` cannot run as the steps run it (transformers' own block), None when it can."""
+    weights = [getattr(mlp.experts, name, None) for name in ("gate_up_proj", "down_proj")]
+    if any(type(w) is not torch.nn.Parameter or w.dim() != 3 for w in weights):
+        return "routed experts other than 3-D expert weights (quantized or replaced)"
     return None
+
+
+def graph_safe_experts(config) -> bool:
+    """Whether transformers runs a model's experts without reading the router's choice back to the host (its
+    ``grouped_mm`` and ``batched_mm`` implementations, made for CUDA graphs; ``eager`` loops over the experts hit)."""
+    return getattr(config, "_experts_implementation", None) in ("grouped_mm", "batched_mm")
 
 
 class LayerLayout(NamedTuple):
@@ -142,7 +106,7 @@ class LayerLayout(NamedTuple):
     scaling: float
     softcap: float | None  # Gemma-2's attention-logit soft-cap (eager attention), else None
     act: Callable[[torch.Tensor], torch.Tensor]  # the MLP's gate activation (SiLU called directly: the common case)
-    experts: Experts | None = None  # a routed MLP in place of the dense one
+    routed: torch.nn.Module | None = None  # a mixture-of-experts block in place of the dense MLP (called as is)
 
 
 def _norm_kind(module: torch.nn.Module) -> str | None:
@@ -289,7 +253,7 @@ class DecoderLayout:
                     layer.residual_multiplier),
                 kind=kind, scaling=attn.scaling, softcap=softcap,
                 act=F.silu if isinstance(_activation(layer.mlp), torch.nn.SiLU) else _activation(layer.mlp),
-                experts=experts_of(layer.mlp),
+                routed=routed_block(layer.mlp),
             ))
 
     @property
@@ -300,7 +264,7 @@ class DecoderLayout:
 
 def _activation(mlp: torch.nn.Module) -> torch.nn.Module:
     """The MLP's gate activation: its own, or (routed) its experts'."""
-    return mlp.experts.act_fn if experts_of(mlp) is not None else mlp.act_fn
+    return mlp.experts.act_fn if routed_block(mlp) is not None else mlp.act_fn
 
 
 def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> str | None:
@@ -324,8 +288,8 @@ def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> st
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        routed = getattr(mlp, "experts", None) is not None and getattr(mlp, "gate", None) is not None
-        if routed and (reason := _experts_reason(mlp)) is not None:
+        routed = routed_block(mlp) is not None
+        if routed and (reason := _routed_reason(mlp)) is not None:
             return reason
         dense = [] if routed else [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *dense]

@@ -10,9 +10,9 @@ The math is the model's, op for op, as architecture.py reads it (Llama, Mistral,
 Gemma-3): its RMSNorms (Llama's or Gemma's, two or four per layer, per-head query / key norms), rotary embeddings
 from the model's own rotary module (every RoPE scaling type; Gemma-3's local base), SDPA with the module's
 scaling (grouped-query heads included) or, under Gemma-2's soft-cap, the eager attention it implies, a sliding
-window where a layer has one, the gated MLP with the model's activation or routed experts in its place (Mixtral,
-Qwen2/3-MoE, OLMoE), the final norm (and soft-cap) and the head cut to the shared vocabulary. The weights are not
-copied.
+window where a layer has one, the gated MLP with the model's activation or the model's own mixture-of-experts
+block in its place (Mixtral, Qwen2/3-MoE, OLMoE), the final norm (and soft-cap) and the head cut to the shared
+vocabulary. The weights are not copied.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.architecture import DecoderLayout, Experts, Norm, length_dependent_rope, unsupported_reason
+from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, unsupported_reason
 from proxy_engine.attention_masks import FULL, SLIDING, visible
 from proxy_engine.config import PACKED_WEIGHTS_ENV
 
@@ -69,55 +69,10 @@ def branch_output(h: torch.Tensor, out_norm: Norm | None, scale: float | None) -
     return h if scale is None else h * scale
 
 
-def route(h: torch.Tensor, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's ``top_k`` experts ``[n, k]`` and their weights ``[n, k]``, as the family's router computes them:
-    softmax in float32, top k, renormalised or not, cast back to ``h``'s dtype or kept in float32."""
-    logits = F.linear(h, experts.router)
-    top, chosen = torch.topk(torch.softmax(logits.float(), dim=-1), experts.top_k, dim=-1)
-    if experts.renormalize:
-        top = top / top.sum(dim=-1, keepdim=True)
-    return (top.to(logits.dtype) if experts.cast_scores else top), chosen
-
-
-def shared_expert(h: torch.Tensor, experts: Experts, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Qwen2-MoE's shared expert, gated: ``sigmoid(h g^T) * down(act(gate(h)) * up(h))``."""
-    gate_w, up_w, down_w, score_w = experts.shared
-    out = F.linear(act(F.linear(h, gate_w)) * F.linear(h, up_w), down_w)
-    return torch.sigmoid(F.linear(h, score_w)) * out
-
-
-def routed_experts(h: torch.Tensor, experts: Experts, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The routed MLP on ``h [n, H]``, each chosen expert once over its rows, in expert order (transformers'
-    order of additions, so float32 results are its own); reads the chosen experts back to the host."""
-    scores, chosen = route(h, experts)
-    out = torch.zeros_like(h)
-    for expert in chosen.unique().tolist():
-        rows, slot = torch.where(chosen == expert)
-        gate, up = F.linear(h[rows], experts.gate_up[expert]).chunk(2, dim=-1)
-        y = F.linear(act(gate) * up, experts.down[expert]) * scores[rows, slot, None]
-        out.index_add_(0, rows, y.to(out.dtype))
-    return out if experts.shared is None else out + shared_expert(h, experts, act)
-
-
-def routed_experts_static(h: torch.Tensor, experts: Experts,
-                          act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The routed MLP with shapes fixed by ``h``'s and nothing read back (a CUDA graph captures it). With fewer
-    chosen (row, expert) pairs than experts, each row gathers its own experts' weights (a one-row step reads
-    ``top_k`` experts, not all); with more, every expert runs on every row and the unchosen weigh 0 (each expert's
-    weights read once)."""
-    scores, chosen = route(h, experts)
-    n, count = h.shape[0], experts.gate_up.shape[0]
-    if n * experts.top_k < count:
-        gate, up = (experts.gate_up[chosen] @ h[:, None, :, None]).squeeze(-1).chunk(2, dim=-1)  # [n, k, I] each
-        y = (experts.down[chosen] @ (act(gate) * up)[..., None]).squeeze(-1)  # [n, k, H]
-        out = (y * scores[..., None]).sum(dim=1)
-    else:
-        weights = torch.zeros((n, count), dtype=scores.dtype, device=h.device).scatter(1, chosen, scores)
-        gate, up = torch.einsum("nh,eoh->neo", h, experts.gate_up).chunk(2, dim=-1)  # [n, E, I] each
-        y = torch.einsum("nei,ehi->neh", act(gate) * up, experts.down)  # [n, E, H]
-        out = (y * weights[..., None]).sum(dim=1)
-    out = out.to(h.dtype)
-    return out if experts.shared is None else out + shared_expert(h, experts, act)
+def routed_mlp(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A mixture-of-experts block (transformers' own: router, experts, a shared expert) on ``h [n, H]``."""
+    out = block(h[:, None, :])
+    return (out[0] if isinstance(out, tuple) else out).squeeze(1)
 
 
 def proj_norms(qk: torch.Tensor, norms: tuple[Norm, Norm], q_size: int) -> torch.Tensor:
@@ -360,7 +315,7 @@ class FastDecoder:
                 "qkv": fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj], column_major),
                 "o": fuse_linears([attn.o_proj], column_major),
             }
-            if lay.experts is None:  # a routed layer's experts are 3-D weights, read as they are (routed_experts)
+            if lay.routed is None:  # a routed layer's block runs as transformers runs it (routed_mlp)
                 fused["gate_up"] = fuse_linears([mlp.gate_proj, mlp.up_proj], column_major)
                 fused["down"] = fuse_linears([mlp.down_proj], column_major)
             self.fused.append(fused)
@@ -474,11 +429,11 @@ class FastDecoder:
                 out = softcapped_attention(q, keys, values, masks[lay.kind], lay.scaling, lay.softcap)
             x = x + branch_output(o_proj(out.reshape(n, q_size)), lay.attn_out_norm, lay.residual_scale)
             h = maybe_norm(x, lay.mlp_norm)
-            if lay.experts is None:
+            if lay.routed is None:
                 gate, up = gate_up_proj(h).chunk(2, dim=-1)
                 h = down_proj(lay.act(gate) * up)
             else:
-                h = routed_experts(h, lay.experts, lay.act)
+                h = routed_mlp(lay.routed, h)
             x = x + branch_output(h, lay.mlp_out_norm, lay.residual_scale)
         x = apply_norm(x, layout.final_norm)
         logits = self.packed_head(x) if packed else F.linear(x, self.head_weight, self.head_bias)

@@ -15,9 +15,9 @@ graph-safe and cheaper:
 - grouped-query attention folds the query heads of a K/V head into the query-length axis
   (``[rows, kv_heads, group, head_dim]`` against ``[rows, kv_heads, span, head_dim]``): no K/V is repeated and
   any SDPA backend takes it (the mask is the same for the whole group: they share the position);
-- routed experts (Mixtral, Qwen2/3-MoE, OLMoE) without reading the router's choice back: a few rows gather
-  their own experts' weights, more rows run every expert and weigh the unchosen by 0
-  (``fast_decode.routed_experts_static``);
+- a mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE) runs as the model's own block under transformers'
+  ``grouped_mm`` (or ``batched_mm``) experts implementation, which reads nothing back and keeps shapes fixed by
+  the rows' (transformers made it for CUDA graphs); under ``eager`` a routed model takes the other paths;
 - q/k/v and gate/up run as one GEMM each on fused weights; the model's own Linear weights become views of the
   fused tensors, so transformers' forward (prefill) reads the same memory and nothing is held twice;
 - fewer, larger kernels (each costs a few microseconds even inside a graph, and a step has thousands): RMSNorm
@@ -38,13 +38,21 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, rope_types, unsupported_reason
+from proxy_engine.architecture import (
+    DecoderLayout,
+    Norm,
+    graph_safe_experts,
+    length_dependent_rope,
+    rope_types,
+    routed_block,
+    unsupported_reason,
+)
 from proxy_engine.attention_masks import FULL, SLIDING
 from proxy_engine.fast_decode import (
     fuse_linears,
     head_norm,
     proj_norms,
-    routed_experts_static,
+    routed_mlp,
     softcap,
     softcapped_attention,
     upcast_norm,
@@ -63,6 +71,10 @@ def static_unsupported_reason(model: torch.nn.Module, max_len: int | None = None
     reason = unsupported_reason(model, max_len)
     if reason is not None:
         return reason
+    if any(routed_block(layer.mlp) is not None for layer in model.model.layers) and not graph_safe_experts(
+            model.config):
+        return (f"experts implementation {getattr(model.config, '_experts_implementation', None)} reads the "
+                "router's choice back to the host")
     for rope_type in rope_types(model, max_len):
         if length_dependent_rope(rope_type):
             return f"RoPE type {rope_type} depends on the sequence length"
@@ -165,7 +177,7 @@ class StaticDecoder:
                 try:
                     self.qkv = [_fused([lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj],
                                        "_proxy_fused_qkv", lay.self_attn) for lay in self.layers]
-                    self.gate_up = [None if shape.experts is not None else  # routed: its 3-D expert weights
+                    self.gate_up = [None if shape.routed is not None else  # routed: transformers' own block
                                     _fused([lay.mlp.gate_proj, lay.mlp.up_proj], "_proxy_fused_gate_up", lay.mlp)
                                     for lay, shape in zip(self.layers, layout.layers)]
                     self.fused = True
@@ -250,9 +262,8 @@ class StaticDecoder:
                 h = F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
                 x = x + self.branch(h, lay.attn_out_norm, lay.residual_scale)
             h = x if lay.mlp_norm is None else self.norm(x, lay.mlp_norm)
-            if lay.experts is not None:  # routed experts, with shapes fixed by the rows' (graph-safe)
-                x = x + self.branch(routed_experts_static(h, lay.experts, lay.act), lay.mlp_out_norm,
-                                    lay.residual_scale)
+            if lay.routed is not None:  # transformers' own block: graph-safe under grouped_mm / batched_mm
+                x = x + self.branch(routed_mlp(lay.routed, h), lay.mlp_out_norm, lay.residual_scale)
                 continue
             gate, up = self._gate_up(index, h)
             if lay.mlp_out_norm is None and lay.residual_scale is None:

@@ -136,6 +136,16 @@ def test_length_dependent_rope_is_not_static():
     assert runner.executor == "fast"  # falls back along static -> fast -> transformers
 
 
+def test_experts_that_read_the_routing_back_are_not_static():
+    """transformers' eager experts loop over the experts hit (a host read each step): the fast step then."""
+    model = _random_model("mixtral")
+    assert model.config._experts_implementation == "grouped_mm" and static_unsupported_reason(model) is None
+    model.config._experts_implementation = "eager"
+    assert "experts implementation eager" in static_unsupported_reason(model)
+    runner = ModelRunner(model, 80, 0, "mixtral", runtime=STATIC, slot_plan=SlotPlan(2, 64, 0))
+    assert runner.executor == "fast"
+
+
 def test_fused_weights_are_views_and_prefill_still_reads_them():
     model = _random_model("qwen2")
     with torch.no_grad():
