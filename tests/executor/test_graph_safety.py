@@ -60,7 +60,7 @@ def test_the_step_reads_nothing_back_to_the_host(kind):
     executor = _executor(kind)
     with torch.inference_mode(), _NoHostReads():
         assert _step(executor, 4, 32, 0).shape == (4, 80)
-        assert _step(executor, 1, 32, 0).shape == (1, 80)  # routed: one row gathers its experts, four run all
+        assert _step(executor, 1, 32, 0).shape == (1, 80)  # routed: grouped_mm over one row and over four
 
 
 @pytest.mark.parametrize(("kind", "rows"), [("qwen2", 4), ("mixtral", 1), ("mixtral", 4)])
