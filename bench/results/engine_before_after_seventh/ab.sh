@@ -9,3 +9,4 @@ for round in 1 2 3 4; do
       --out bench/results/engine_before_after_seventh/$side-$round)
   done
 done
+# Rounds 5-6 (before first) after the mixtures of experts joined the fast step (HEAD at c4c850b), same command.
