@@ -54,13 +54,13 @@ def _config(architecture: str, layers: int, hidden: int):
     if architecture == "granite":  # Granite 3's multipliers
         return transformers.GraniteConfig(**common, embedding_multiplier=12.0, residual_multiplier=0.22,
                                           attention_multiplier=0.015625, logits_scaling=8.0)
-    if architecture == "mixtral":  # 8 experts, top 2 (Mixtral-8x7B's routing), each a quarter of the dense MLP
-        return transformers.MixtralConfig(**{**common, "intermediate_size": common["intermediate_size"] // 4},
-                                          num_local_experts=8, num_experts_per_tok=2)
+    expert_size = common["intermediate_size"] // 64 * 16  # a quarter of the dense MLP, in whole 16s as released
+    if architecture == "mixtral":  # 8 experts, top 2 (Mixtral-8x7B's routing)
+        return transformers.MixtralConfig(**{**common, "intermediate_size": expert_size}, num_local_experts=8,
+                                          num_experts_per_tok=2)
     if architecture == "qwen3_moe":  # 16 experts, top 4, renormalised (Qwen3-30B-A3B's shape of routing)
         return transformers.Qwen3MoeConfig(**common, head_dim=64, num_experts=16, num_experts_per_tok=4,
-                                           moe_intermediate_size=common["intermediate_size"] // 4,
-                                           norm_topk_prob=True)
+                                           moe_intermediate_size=expert_size, norm_topk_prob=True)
     raise ValueError(f"unknown architecture {architecture!r}")
 
 

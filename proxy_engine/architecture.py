@@ -86,6 +86,22 @@ def _routed_reason(mlp: torch.nn.Module) -> str | None:
     return None
 
 
+def fit_experts_implementation(model: torch.nn.Module) -> str | None:
+    """Switch ``model`` from transformers' default ``grouped_mm`` experts to ``batched_mm`` when its expert weights
+    have rows ``torch._grouped_mm`` refuses ("strides should be multiple of 16 bytes": a hidden or intermediate size
+    that is not a multiple of 16 bytes, as in tiny test models); transformers' own forward would fail on them too.
+    ``batched_mm`` takes any shape and is graph-safe as well. Returns the implementation set, or None."""
+    if getattr(model.config, "_experts_implementation", None) != "grouped_mm":
+        return None
+    blocks = [block for m in model.modules() if (block := routed_block(m)) is not None]
+    weights = [getattr(b.experts, name, None) for b in blocks for name in ("gate_up_proj", "down_proj")]
+    if all(not isinstance(w, torch.Tensor) or all(size * w.element_size() % 16 == 0 for size in w.shape[1:])
+           for w in weights):
+        return None
+    model.set_experts_implementation("batched_mm")
+    return "batched_mm"
+
+
 def graph_safe_experts(config) -> bool:
     """Whether transformers runs a model's experts without reading the router's choice back to the host (its
     ``grouped_mm`` and ``batched_mm`` implementations, made for CUDA graphs; ``eager`` loops over the experts hit)."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from proxy_engine.adapter import merge_adapter
+from proxy_engine.architecture import fit_experts_implementation
 from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.gguf_files import find_gguf, require_gguf
@@ -279,6 +280,9 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
     if config.adapter is not None:  # before text_model: the adapter names the checkpoint's own modules
         model = merge_adapter(model, config.adapter, role).eval()
     model = text_model(model, role)  # Gemma-3 4B+ and the like: the text decoder of an image-text-to-text model
+    if (experts := fit_experts_implementation(model)) is not None:
+        log.info("%s: expert sizes grouped_mm cannot take (rows not a multiple of 16 bytes): experts run as %s",
+                 role, experts)
     # Layer types transformers' config class derives where config.json lists none (a family not named above).
     _refuse_unsupported_layers(role, config, model.config.model_type, getattr(model.config, "layer_types", None))
     loaded = LoadedModel(role=role, config=config, model=model, tokenizer=tokenizer, renderer=renderer,

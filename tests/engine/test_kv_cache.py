@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -193,6 +194,27 @@ def test_fast_decode_matches_transformers(monkeypatch):
             assert fast.seq_ids == slow.seq_ids
             torch.testing.assert_close(fast.decode(tokens), slow.decode(tokens), atol=1e-5, rtol=1e-5)
         assert fast.decode(torch.tensor([1, 2])).shape == (2, 80)
+
+
+def test_expert_sizes_grouped_mm_refuses_run_as_batched_mm():
+    """transformers' default grouped_mm fails on expert rows that are not a multiple of 16 bytes (its own forward
+    too); the loader switches such a model to batched_mm, and both paths then decode it alike."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from proxy_engine.architecture import fit_experts_implementation
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=90, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2)).eval()
+    with pytest.raises(RuntimeError, match="multiple of 16 bytes"):
+        model(torch.tensor([[5, 6, 7]]))
+    assert fit_experts_implementation(model) == "batched_mm" and model.config._experts_implementation == "batched_mm"
+    assert fit_experts_implementation(_random_model("mixtral")) is None  # aligned sizes keep grouped_mm
+    fast = ModelRunner(model, 80, 0, "mixtral")
+    reference = model(torch.tensor([[5, 6, 7, 20]])).logits[0, -1, :80]
+    _join(fast, [0], [[5, 6, 7]])
+    torch.testing.assert_close(fast.decode(torch.tensor([20]))[0], reference, atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_models_fall_back_to_transformers():
