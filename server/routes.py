@@ -282,8 +282,6 @@ def build_router(ctx: ServerContext) -> APIRouter:
         body.check(ctx.info)
         return {"prompt": await asyncio.to_thread(_convert, lambda: ctx.engine.detokenize(body.tokens))}
 
-    # /ping: vLLM's alias (SageMaker's and some load balancers' probe path), GET or POST.
-    @router.api_route("/ping", methods=["GET", "POST"])
     @router.get("/health")
     async def health() -> JSONResponse:
         if ctx.engine_failed:
@@ -297,6 +295,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
         else:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
+
+    # vLLM's alias (SageMaker's and some load balancers' probe path), GET or POST: its own operation in the schema.
+    @router.get("/ping")
+    @router.post("/ping")
+    async def ping() -> JSONResponse:
+        return await health()
 
     @router.get("/version")
     async def get_version() -> dict[str, str]:

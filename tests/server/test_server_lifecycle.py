@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import warnings
 
 import pytest
 from fastapi.testclient import TestClient
@@ -156,6 +157,14 @@ def test_metrics_after_requests(app_client):
                  "proxy_serve_e2e_request_latency_seconds_count 2.0",
                  'proxy_serve_requests_total{endpoint="completions",model="proxy-tuned",status="200"} 2.0'):
         assert name in text, name
+
+
+def test_the_openapi_schema_builds_without_warnings(app_client):
+    """What /docs reads: every route its own operation (a route under two methods once gave duplicate ids)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = app_client.get("/openapi.json").json()
+    assert set(schema["paths"]["/ping"]) == {"get", "post"} and "/v1/chat/completions" in schema["paths"]
 
 
 def test_tokenize_detokenize_and_version(app_client):
