@@ -155,7 +155,8 @@ def log_loaded(ctx: ServerContext) -> None:
     info = ctx.info
 
     def where(model: ModelConfig) -> str:
-        return f"{model.path} on {model.device} ({model.dtype}, {model.prompt_format} prompts)"
+        adapter = f" + adapter {model.adapter}" if model.adapter else ""
+        return f"{model.path}{adapter} on {model.device} ({model.dtype}, {model.prompt_format} prompts)"
 
     logger.info("base: %s", where(config.base))
     for i, pair in enumerate(config.experts):

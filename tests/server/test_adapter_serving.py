@@ -1,5 +1,5 @@
-"""An expert given as a LoRA adapter, served over HTTP (the merge itself: tests/engine/test_adapter.py): its model
-card names the adapter, and the proxy-tuned and expert-alone models answer."""
+"""An expert given as a LoRA adapter, served over HTTP (the merge itself: tests/engine/test_adapter.py): the
+start-up line and its model card name the adapter, and the proxy-tuned and expert-alone models answer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.server.live import MODEL, LiveServer
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
-def test_an_adapter_expert_over_http(tiny_family, tmp_path):
+def test_an_adapter_expert_over_http(tiny_family, tmp_path, caplog):
     torch.manual_seed(0)
     wrapped = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_family.anti_expert),
                                   peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -27,7 +27,9 @@ def test_an_adapter_expert_over_http(tiny_family, tmp_path):
     wrapped.save_pretrained(tmp_path / "lora")
     settings, _ = resolve_settings(["--base", str(tiny_family.base), "--expert", str(tmp_path / "lora"),
                                     "--anti-expert", str(tiny_family.anti_expert)])
-    server = LiveServer(async_engine_for(settings.engine), settings).start()
+    with caplog.at_level("INFO", logger="proxy_serve"):
+        server = LiveServer(async_engine_for(settings.engine), settings).start()
+    assert f"expert {tiny_family.anti_expert} + adapter {tmp_path / 'lora'} on cpu" in caplog.text  # start-up line
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
