@@ -38,7 +38,7 @@ from server.protocol import (
     check_text,
     refuse_unhonoured,
 )
-from server.reasoning import Reasoning, ReasoningParser, ReasoningSplitter, reasoning_end
+from server.reasoning import Reasoning, ReasoningParser, ReasoningSplitter
 from server.response_store import ResponseStore
 from server.serving import Choice, Generation, GenerationError, ServerContext
 from server.streaming import EventStreamResponse, sse
@@ -306,17 +306,10 @@ class MessageLogprobs:
     def __init__(self, choice: Choice, parser: ReasoningParser | None) -> None:
         self.choice, self.parser = choice, parser
         self.sent = 0  # tokens already handed to a text delta
-        self.first: int | None = None  # the message's first token, once the thinking has ended
 
     def _first(self) -> int:
-        if self.first is not None:
-            return self.first
-        text = self.choice.text
-        end = reasoning_end(self.parser, text)
-        first = self.choice.tokens_before(end)
-        if 0 < end < len(text):  # the thinking has closed and the answer begun: it stays where it is
-            self.first = first
-        return first
+        """The message's first token: the one after the thinking's."""
+        return self.choice.reasoning_tokens(self.parser)
 
     def fresh(self) -> list[dict[str, Any]]:
         """The message tokens no delta has carried yet (a delta's text may be held back past its token's)."""

@@ -353,6 +353,7 @@ class Choice:
     # it: how the tokens of a reasoning model's thinking are told from its answer's.
     starts: list[int] = field(default_factory=list)
     tokens_through: list[int] = field(default_factory=list)
+    thinking_tokens: int | None = None  # set once the thinking has closed and the answer begun: it stays so
 
     def mark(self, tokens: int) -> None:
         """An output of ``tokens`` tokens whose text is about to be appended."""
@@ -364,6 +365,17 @@ class Choice:
         since a stream's usage chunks may ask at every token."""
         outputs = bisect.bisect_left(self.starts, offset)
         return self.tokens_through[outputs - 1] if outputs else 0
+
+    def reasoning_tokens(self, parser: ReasoningParser | None) -> int:
+        """The tokens ``parser`` reads as this choice's thinking (the token that closes it counts in it); kept
+        once the thinking has closed, so that a stream asking at every token does not split the text each time."""
+        if self.thinking_tokens is not None:
+            return self.thinking_tokens
+        end = reasoning_end(parser, self.text)
+        tokens = self.tokens_before(end)
+        if 0 < end < len(self.text):
+            self.thinking_tokens = tokens
+        return tokens
 
 
 class Generation:
@@ -411,7 +423,7 @@ class Generation:
         """The usage object so far; ``reasoning`` (chat) adds the tokens ``parser`` reads as thinking."""
         thinking = None
         if reasoning:
-            thinking = sum(c.tokens_before(reasoning_end(parser, c.text)) for c in self.choices)
+            thinking = sum(c.reasoning_tokens(parser) for c in self.choices)
         return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens, thinking)
 
     def prompt_ids(self, index: int) -> list[int] | None:
