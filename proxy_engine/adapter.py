@@ -18,11 +18,10 @@ validates configs through it).
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from proxy_engine.model_files import looks_like_hub_id
 
@@ -55,13 +54,6 @@ def find_adapter(path: str, revision: str | None = None) -> Path | None:
     except HFValidationError:
         return None
     return Path(cached).parent if isinstance(cached, str) and not isinstance(model, str) else None
-
-
-def read_adapter_config(directory: Path) -> dict[str, Any]:
-    try:
-        return json.loads((directory / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{directory}: unreadable {ADAPTER_CONFIG} ({error})") from error
 
 
 def has_tokenizer(directory: Path) -> bool:
@@ -109,14 +101,15 @@ def merge_adapter(model: torch.nn.Module, adapter: str, role: str) -> torch.nn.M
         from peft import PeftConfig, PeftModel
     except ImportError as error:  # pragma: no cover - a core dependency
         raise ImportError("merging an adapter needs peft (pip install peft)") from error
-    settings = read_adapter_config(directory)
-    kind = settings.get("peft_type", "?")
-    if PeftConfig.from_pretrained(str(directory)).is_prompt_learning:
+    settings = PeftConfig.from_pretrained(str(directory))  # adapter_config.json, read once
+    kind = str(getattr(settings.peft_type, "value", settings.peft_type))
+    trained_over = settings.base_model_name_or_path
+    if settings.is_prompt_learning:
         raise ValueError(f"{role}: the adapter {adapter} is {kind}, which adds virtual prompt tokens instead of "
                          "changing weights, so it cannot be merged; LoRA-family adapters (LORA, LOHA, LOKR, IA3, "
                          "...) can")
     log.info("merging the %s adapter %s (r=%s, trained over %s) into the %s model", kind, adapter,
-             settings.get("r", "?"), settings.get("base_model_name_or_path") or "?", role)
+             getattr(settings, "r", "?"), trained_over or "?", role)
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x: not the deployer's concern
             warnings.simplefilter("ignore", FutureWarning)
@@ -125,4 +118,4 @@ def merge_adapter(model: torch.nn.Module, adapter: str, role: str) -> torch.nn.M
     except (RuntimeError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{role}: the adapter {adapter} does not fit this model (trained over "
-                         f"{settings.get('base_model_name_or_path') or 'another model'}?): {first}") from error
+                         f"{trained_over or 'another model'}?): {first}") from error
