@@ -258,9 +258,12 @@ def _pythonic_calls(text: str) -> list[ParsedCall]:
         if len(arguments) != len(node.keywords):  # a **mapping: not a literal call
             return []
         try:
-            calls.append(ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False)))
+            call = _call(node.func.id, arguments)  # the formats' one way to a ParsedCall
         except (TypeError, ValueError):  # a set, bytes or a complex number: no JSON for it
             return []
+        if call is None:
+            return []
+        calls.append(call)
     return calls
 
 
