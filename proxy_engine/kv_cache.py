@@ -35,6 +35,11 @@ def _rounded(value: int, step: int) -> int:
     return max(step, -(-value // step) * step)
 
 
+def buffer_bytes(layers) -> int:
+    """Bytes of the K and V buffers the layers hold (K and V may differ in width: latent attention)."""
+    return sum(layer.k_buf.nbytes + layer.v_buf.nbytes for layer in layers if layer.k_buf is not None)
+
+
 class PaddedLayer(DynamicLayer):
     """One layer's K/V: ``buffers [B, H, capacity, D]`` of which columns ``[:length]`` are live."""
 
@@ -119,9 +124,7 @@ class PaddedKVCache(Cache):
             layer.is_initialized, layer.device = True, k0.device
 
     def nbytes(self) -> int:
-        return sum(
-            layer.k_buf.nbytes + layer.v_buf.nbytes for layer in self.layers if layer.k_buf is not None
-        )
+        return buffer_bytes(self.layers)
 
 
 class SlotState:
@@ -330,6 +333,4 @@ class SlotKVCache(Cache):
         return moves
 
     def nbytes(self) -> int:
-        return sum(
-            layer.k_buf.nbytes + layer.v_buf.nbytes for layer in self.layers if layer.k_buf is not None
-        )
+        return buffer_bytes(self.layers)
