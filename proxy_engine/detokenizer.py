@@ -156,6 +156,7 @@ class StepText:
     delta: str
     stopped: bool  # a stop string matched: the sequence is finished
     token_text: str = ""  # the text this token added (logprobs' ``token``; the tokens' texts join to the text)
+    stop: str | None = None  # the stop string that matched, when ``stopped``
 
 
 class IncrementalDetokenizer:
@@ -260,7 +261,7 @@ class IncrementalDetokenizer:
                 self.stopped = True
                 delta = self.text[self.sent :]
                 self.sent = len(self.text)
-                return StepText(delta, True)
+                return StepText(delta, True, stop=stop)
         end = len(self.text) if final else len(self.text) - held_back(self.text[self.sent :], self.stops)
         delta = self.text[self.sent : end]
         self.sent = end

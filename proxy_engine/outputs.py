@@ -54,7 +54,10 @@ class OutputBuilder:
             # A stop id adds nothing to the text; its entry shows the token decoded alone (``<|eot_id|>``), as
             # vLLM's does, so clients can tell which token ended the sequence.
             entries.name(self.tokenizer.decode([token]))
-            return self.finish(sequence, FinishReason.STOP, new_token=token, entries=entries)
+            # vLLM's stop_reason: the id when one of the request's stop_token_ids ended it, None for EOS.
+            by_eos = token in sequence.eos_ids and not sequence.params.ignore_eos
+            return self.finish(sequence, FinishReason.STOP, new_token=token, entries=entries,
+                               stop_reason=None if by_eos else token)
         complete = False
         if sequence.grammar is not None:
             if not sequence.grammar.accept(token):
@@ -67,7 +70,8 @@ class OutputBuilder:
         step = sequence.detokenizer.add(token, check_stops=len(sequence.output_ids) >= sequence.params.min_tokens)
         entries.name(step.token_text)
         if step.stopped or complete:
-            return self.finish(sequence, FinishReason.STOP, new_token=token, entries=entries, text=step.delta)
+            return self.finish(sequence, FinishReason.STOP, new_token=token, entries=entries, text=step.delta,
+                               stop_reason=step.stop)
         if len(sequence.output_ids) >= sequence.max_tokens:
             return self.finish(sequence, FinishReason.LENGTH, new_token=token, entries=entries, text=step.delta)
         return self._output(sequence, [token], step.delta, entries=entries)
@@ -82,8 +86,10 @@ class OutputBuilder:
         text: str = "",
         error: str | None = None,
         error_code: ErrorCode | None = None,
+        stop_reason: int | str | None = None,
     ) -> RequestOutput:
-        """End ``sequence`` (the held-back text is released unless it failed) and build its last output."""
+        """End ``sequence`` (the held-back text is released unless it failed) and build its last output;
+        ``stop_reason``: the stop string or stop token id that ended it (vLLM's)."""
         sequence.finish(reason, error)
         entries = entries or Entries()
         if reason is not FinishReason.ERROR:
@@ -91,7 +97,9 @@ class OutputBuilder:
             if new_token is not None:
                 entries.extend_last(sequence.detokenizer.flushed)
         new_tokens = [new_token] if new_token is not None else []
-        return self._output(sequence, new_tokens, text, reason, entries, error, error_code)
+        output = self._output(sequence, new_tokens, text, reason, entries, error, error_code)
+        output.stop_reason = stop_reason
+        return output
 
     def fail(self, sequence: Sequence, phase: str, error: BaseException) -> RequestOutput:
         message = f"internal error during {phase}: {type(error).__name__}"

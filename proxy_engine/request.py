@@ -394,6 +394,9 @@ class RequestOutput:
     new_token_ids: list[int]
     text_delta: str
     finish_reason: FinishReason | None = None
+    # vLLM's ``stop_reason``, with finish_reason STOP: the stop string or the ``stop_token_ids`` id that ended the
+    # sequence; None when an end-of-sequence token did (or it did not stop).
+    stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_tokens: int = 0  # the base model's prompt length
     completion_tokens: int = 0  # cumulative for this sequence

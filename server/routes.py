@@ -167,7 +167,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
                     logprobs = completion_logprobs(choice.logprobs, len(prefix), echoed,
                                                    bool(body.return_tokens_as_token_ids), body.logprobs)
                 entry = {"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
-                         "finish_reason": choice.finish_reason}
+                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
                 if body.prompt_logprobs is not None:
                     entry["prompt_logprobs"] = prompt_logprobs(choice.prompt_logprobs or [], body.prompt_logprobs)
                 if body.return_token_ids:
@@ -211,7 +211,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 if echo:
                     message["content"] = echo + (message["content"] or "")
                 logprobs = chat_logprobs(c.logprobs, bool(body.return_tokens_as_token_ids)) if body.logprobs else None
-                entry = {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+                entry = {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason,
+                         "stop_reason": c.stop_reason}
                 if body.model_logprobs is not None:
                     entry["model_logprobs"] = model_logprobs(c.model_logprobs)
                 if body.return_token_ids:

@@ -347,6 +347,7 @@ class Choice:
     model_logprobs: list[TokenAnalysis] = field(default_factory=list)  # every model's view of each token
     token_ids: list[int] = field(default_factory=list)  # what it generated (vLLM's return_token_ids)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS)
     completion_tokens: int = 0
     cached_tokens: int = 0  # its prompt's tokens read from the prefix cache (on a prompt's first choice)
     # Per output that brought tokens: the text offset where its text began, and the tokens up to and including
@@ -460,6 +461,7 @@ class Generation:
                 self._fail(output.error or "unknown engine error", code)
             if output.finish_reason is not None:
                 choice.finish_reason = openai_finish_reason(output.finish_reason)
+                choice.stop_reason = output.stop_reason
             yield output
         self.finished = True
 

@@ -156,8 +156,8 @@ def completion_events(
                 yield chunk([entry(output.index, output.text_delta, logprobs, None, output.new_token_ids,
                                    **_analysis(output))])
             if output.finished:
-                reason = generation.choices[output.index].finish_reason
-                yield chunk([entry(output.index, "", None, reason)])
+                choice = generation.choices[output.index]
+                yield chunk([entry(output.index, "", None, choice.finish_reason, stop_reason=choice.stop_reason)])
 
     return _ended(generation, events(), chunk, include_usage)
 
@@ -193,8 +193,8 @@ def chat_events(
             if output.finished:
                 reason = finish_reason(stream.made_calls and bool(plan.calls(stream.text)[1]),
                                        generation.choices[output.index].finish_reason)
-                yield chunk([_with_ids({"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason},
-                                       ids)])
+                yield chunk([_with_ids({"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason,
+                                        "stop_reason": generation.choices[output.index].stop_reason}, ids)])
 
     return _ended(generation, events(), chunk, include_usage, reasoning)
 

@@ -55,6 +55,7 @@ def run_to_end(engine: ProxyEngine, max_steps: int = 500) -> dict[tuple[str, int
             entry["text"] += output.text_delta
             if output.finished:
                 entry["finish"] = output.finish_reason
+                entry["stop_reason"] = output.stop_reason
                 entry["error"] = output.error
                 entry["completion_tokens"] = output.completion_tokens
     return results

@@ -166,11 +166,19 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(chat_family, chat_models):
     submit(engine, "stop", "Hello", temperature=0, max_tokens=6, ignore_eos=True, stop_token_ids=[stop_id])
     result = run_to_end(engine)[("stop", 0)]
     assert result["finish"] is FinishReason.STOP and result["tokens"][-1] == stop_id
+    assert result["stop_reason"] == stop_id  # vLLM's: which stop id ended it
     assert len(result["tokens"]) == probe.index(stop_id) + 1
     engine = make_engine(chat_models, chat_family)
     submit(engine, "min", "Hello", temperature=0, max_tokens=6, ignore_eos=True, stop_token_ids=[stop_id], min_tokens=6)
     result = run_to_end(engine)[("min", 0)]
     assert result["finish"] is FinishReason.LENGTH and stop_id not in result["tokens"]
+    assert result["stop_reason"] is None
+    engine = make_engine(chat_models, chat_family)
+    eos = sorted(engine.eos_ids)[0]
+    submit(engine, "eos", "Hello", temperature=0, max_tokens=6, allowed_token_ids=[eos])
+    result = run_to_end(engine)[("eos", 0)]
+    assert result["finish"] is FinishReason.STOP and result["tokens"] == [eos]
+    assert result["stop_reason"] is None  # an end-of-sequence token is no stop *reason* (vLLM's)
 
 
 def test_final_text_is_the_decoding_of_the_tokens(chat_family, chat_models):
@@ -193,7 +201,7 @@ def test_stop_string_ends_and_is_cut(chat_family, chat_models):
     engine = make_engine(chat_models, chat_family)
     submit(engine, "r", "Hello", temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
     result = run_to_end(engine)[("r", 0)]
-    assert result["finish"] is FinishReason.STOP
+    assert result["finish"] is FinishReason.STOP and result["stop_reason"] == stop
     assert result["text"] == text[: text.index(stop)]
 
 

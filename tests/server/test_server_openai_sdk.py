@@ -102,11 +102,14 @@ def test_stop_string_cuts_the_text(client, stream):
     expected = full[: full.find(stop)]
     kwargs = {"model": MODEL, "prompt": "Paris is the", "max_tokens": 24, "stop": [stop, "\u2603never"], **GREEDY}
     if stream:
-        texts, reasons, _ = _stream_text(client.completions.create(stream=True, **kwargs))
+        chunks = list(client.completions.create(stream=True, **kwargs))
+        texts, reasons, _ = _stream_text(iter(chunks))
         assert texts[0] == expected and reasons[0] == "stop"
+        assert [c.choices[0].stop_reason for c in chunks if c.choices[0].finish_reason] == [stop]
     else:
         response = client.completions.create(**kwargs)
         assert response.choices[0].text == expected and response.choices[0].finish_reason == "stop"
+        assert response.choices[0].stop_reason == stop  # vLLM's: the stop string that ended it
 
 
 def test_completion_logprobs(client):

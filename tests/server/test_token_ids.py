@@ -123,6 +123,10 @@ def test_the_id_that_ended_a_choice_is_its_last_token_id(http):
     stop = free[2]
     ended = _ok(http.post("/v1/completions", json={**body, "stop_token_ids": [stop]}))["choices"][0]
     assert ended["finish_reason"] == "stop" and ended["token_ids"] == free[: free.index(stop) + 1]
+    assert ended["stop_reason"] == stop  # vLLM's: which of the stop_token_ids ended it
+    chat = _ok(http.post("/v1/chat/completions", json={"messages": MESSAGES, **GREEDY, "stop_token_ids": [stop]}))
+    if chat["choices"][0]["finish_reason"] == "stop":
+        assert chat["choices"][0]["stop_reason"] == stop
 
 
 def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(http):
