@@ -206,6 +206,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
+    typical_p: float = 1.0  # locally typical sampling's mass (TGI's); 1: off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -251,7 +252,8 @@ class SamplingParams:
 
     def validate(self, vocab_size: int, num_pairs: int, max_logprobs: int = MAX_LOGPROBS) -> None:
         """Raise ``ValueError`` with a message fit for a 400 if any value is out of range."""
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
             _finite(name, float(getattr(self, name)))
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
             raise FieldError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}", "temperature")
@@ -265,6 +267,8 @@ class SamplingParams:
             raise FieldError(f"seed must fit in 64 bits, got {self.seed}", "seed")
         if not 0.0 <= self.min_p <= 1.0:
             raise FieldError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if not 0.0 < self.typical_p <= 1.0:
+            raise FieldError(f"typical_p must be in (0, 1], got {self.typical_p}", "typical_p")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise FieldError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)

@@ -97,6 +97,29 @@ def filter_top_k_top_p_min_p(
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def filter_typical(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (Meister et al. 2022; transformers' ``TypicalLogitsWarper``, TGI's
+    ``typical_p``): keep each row's tokens whose surprisal is closest to the distribution's entropy, in that
+    order, until they hold ``typical_p [B]`` of the mass (1 = off). The most typical token always stays.
+
+    Applied after the other filters, to their output (masked tokens have no mass and are never kept).
+    """
+    log_probs = torch.log_softmax(logits, dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).nan_to_num().sum(dim=-1, keepdim=True)  # 0 * -inf is 0, not nan
+    distance, order = torch.sort((-log_probs - entropy).abs(), dim=-1)  # most typical first; masked last (inf)
+    mass = probs.gather(-1, order).cumsum(dim=-1)
+    # The last kept rank: the first whose running mass reaches typical_p (as transformers: ties by distance kept).
+    last = (mass < typical_p[:, None]).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    remove_sorted = distance > distance.gather(-1, last)
+    remove_sorted[:, 0] = False
+    remove = torch.empty_like(remove_sorted).scatter_(-1, order, remove_sorted)
+    off = typical_p >= 1.0
+    if bool(off.any()):
+        remove[off] = False
+    return logits.masked_fill(remove, float("-inf"))
+
+
 def draw(logits: torch.Tensor, greedy: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """``[B]`` token ids: argmax for greedy rows, else a draw from ``softmax(logits)`` (already scaled and
     filtered) with the row's own generator, on the generator's device."""

@@ -116,12 +116,21 @@ def top_k_top_p_min_p(sequences: list[Sequence], device: torch.device) -> Logits
     return lambda logits: sampler.filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)
 
 
+def typical(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
+    """TGI's ``typical_p`` (locally typical sampling), for sampled rows that set it."""
+    params = [s.params for s in sequences]
+    if not any(p.typical_p < 1.0 for p in params if not p.greedy):
+        return None
+    mass = _float_column([p.typical_p for p in params], device)
+    return lambda logits: sampler.filter_typical(logits, mass.to(logits.device))
+
+
 # The one place that orders the processors (docs/sampling.md): the grammar mask first (as vLLM applies its
 # bitmask: what the grammar forbids is out before the others), bias, the allowed set and bans, penalties, then
-# transformers' warpers in their order: temperature, top-k, top-p over what top-k kept, min-p.
+# transformers' warpers in their order: temperature, top-k, top-p over what top-k kept, min-p, typical.
 PROCESSORS: tuple[ProcessorFactory, ...] = (
     grammar_mask, logit_bias, allowed_tokens, bad_words_ban, min_tokens_ban, penalties, temperature_scaling,
-    top_k_top_p_min_p,
+    top_k_top_p_min_p, typical,
 )
 
 

@@ -136,6 +136,7 @@ class _SamplingFields(_Lenient):
     # Common extensions (vLLM's names).
     top_k: Int64 | None = None
     min_p: float | None = None
+    typical_p: float | None = None  # TGI's and llama.cpp's: locally typical sampling
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None
@@ -216,6 +217,7 @@ class _SamplingFields(_Lenient):
             "top_p": TOP_P_ZERO if self.top_p == 0 else self.top_p,
             "top_k": self.top_k,
             "min_p": self.min_p,
+            "typical_p": self.typical_p,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,

@@ -68,3 +68,32 @@ def test_a_generator_on_another_device_than_the_logits_is_used_there():
     token = draw(logits, torch.tensor([False]), [generator])
     assert int(token[0]) in (0, 1)
 
+
+
+def test_typical_p_equals_transformers_warper():
+    """Locally typical sampling keeps the same tokens as transformers' TypicalLogitsWarper, row by row, each row
+    with its own mass (1: off), also after another filter has masked tokens."""
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    from proxy_engine.sampler import filter_typical
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=generator) * 3
+    logits[5, 10:] = float("-inf")  # a row another filter already cut
+    masses = [0.2, 0.5, 0.9, 0.95, 1.0, 0.7]
+    ours = filter_typical(logits.clone(), torch.tensor(masses))
+    for row, mass in enumerate(masses):
+        expected = logits[row : row + 1] if mass >= 1.0 else TypicalLogitsWarper(mass)(None, logits[row : row + 1].clone())
+        assert torch.equal(torch.isinf(ours[row]), torch.isinf(expected[0])), row
+        kept = ~torch.isinf(ours[row])
+        assert torch.equal(ours[row][kept], logits[row][kept])
+
+
+def test_typical_p_prefers_the_typical_over_the_likely():
+    """p = [.4, .2, .2, .2]: entropy 1.33 nats; the three 0.2 tokens (surprisal 1.61) are more typical than the
+    0.4 one (0.92), so a mass of 0.5 keeps those three and never the likeliest token."""
+    from proxy_engine.sampler import filter_typical
+
+    logits = torch.tensor([[math.log(p) for p in (0.4, 0.2, 0.2, 0.2)]])
+    kept = ~torch.isinf(filter_typical(logits, torch.tensor([0.5])))
+    assert kept.tolist() == [[False, True, True, True]]

@@ -47,3 +47,10 @@ def test_engine_scales_by_temperature_before_top_p(chat_models, chat_family):
 def test_engine_measures_top_p_on_what_top_k_kept(chat_models, chat_family):
     counts = _shaped_draws(_engine(chat_models, chat_family), [0.5, 0.2, 0.1, 0.1, 0.1], top_k=3, top_p=0.8)
     assert set(counts) == {0, 1}
+
+
+def test_engine_applies_typical_p(chat_models, chat_family):
+    """p = [.4, .2, .2, .2] with typical_p 0.5: the likeliest token is the least typical, and never drawn."""
+    counts = _shaped_draws(_engine(chat_models, chat_family), [0.4, 0.2, 0.2, 0.2], requests=10, temperature=1.0,
+                           typical_p=0.5)
+    assert set(counts) == {1, 2, 3}
