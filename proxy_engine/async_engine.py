@@ -11,7 +11,7 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy_engine.config import EngineConfig
 from proxy_engine.grammar import CONSTRAINED_RENDER_THREADS
@@ -32,6 +32,22 @@ class ModelInfo:
     eos_token_ids: list[int]
     # How this family writes tool calls (proxy_engine/tool_calls.py); None: it does not (no template renders tools).
     tool_call_format: str | None = "hermes"
+    # The primary tokenizer's special tokens (TGI's ``special`` flag on each generated token).
+    special_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, engine, config: EngineConfig) -> ModelInfo:
+        """What the server is told about a built ``ProxyEngine``."""
+        return cls(
+            base_path=config.base.path,
+            expert_paths=[pair.expert.path for pair in config.experts],
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+            default_alphas=config.default_alphas,
+            eos_token_ids=sorted(engine.eos_ids),
+            tool_call_format=engine.tool_call_format,
+            special_token_ids=frozenset(engine.tokenizer.all_special_ids) | engine.eos_ids,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,15 +237,7 @@ class AsyncEngine:
         # daemon thread of its own. (In the default executor, asyncio.run would wait for it at exit: a server
         # told to stop while loading would stop only once loaded.)
         engine = await _in_daemon_thread(self._build, "proxy-engine-load")
-        self.info = ModelInfo(
-            base_path=self.config.base.path,
-            expert_paths=[pair.expert.path for pair in self.config.experts],
-            max_model_len=engine.max_model_len,
-            vocab_size=engine.vocab_size,
-            default_alphas=self.config.default_alphas,
-            eos_token_ids=sorted(engine.eos_ids),
-            tool_call_format=engine.tool_call_format,
-        )
+        self.info = ModelInfo.of(engine, self.config)
         self.engine = engine
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="proxy-engine-step", daemon=True)

@@ -369,15 +369,7 @@ def child_main(conn, config: EngineConfig, idle_wait_s: float) -> None:
 
         config = _child_config(config)
         engine = ProxyEngine(load_models(config), config)
-        info = ModelInfo(
-            base_path=config.base.path,
-            expert_paths=[pair.expert.path for pair in config.experts],
-            max_model_len=engine.max_model_len,
-            vocab_size=engine.vocab_size,
-            default_alphas=config.default_alphas,
-            eos_token_ids=sorted(engine.eos_ids),
-            tool_call_format=engine.tool_call_format,
-        )
+        info = ModelInfo.of(engine, config)
         try:
             tokenizer_bytes = pickle.dumps(engine.tokenizer)
         except Exception:  # noqa: BLE001 - not picklable: the parent asks for each detokenize instead

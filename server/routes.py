@@ -34,6 +34,7 @@ from server.refusal_log import mark_logged
 from server.responses import add_responses_routes
 from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger, request_shape
 from server.streaming import EventStreamResponse, chat_events, completion_events, token_ids_view
+from server.tgi import add_tgi_routes
 
 logger = logging.getLogger("proxy_serve")
 T = TypeVar("T")
@@ -244,6 +245,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         return listed
 
     add_responses_routes(router, ctx, start, collect, tool_call_format)
+    add_tgi_routes(router, ctx, start, collect, package_version())
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -83,7 +83,8 @@ def test_typical_p_equals_transformers_warper():
     masses = [0.2, 0.5, 0.9, 0.95, 1.0, 0.7]
     ours = filter_typical(logits.clone(), torch.tensor(masses))
     for row, mass in enumerate(masses):
-        expected = logits[row : row + 1] if mass >= 1.0 else TypicalLogitsWarper(mass)(None, logits[row : row + 1].clone())
+        one = logits[row : row + 1].clone()
+        expected = one if mass >= 1.0 else TypicalLogitsWarper(mass)(None, one)
         assert torch.equal(torch.isinf(ours[row]), torch.isinf(expected[0])), row
         kept = ~torch.isinf(ours[row])
         assert torch.equal(ours[row][kept], logits[row][kept])

@@ -7,6 +7,7 @@ in-process server, keyed on a request's ``seed`` so that only the poisoned reque
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -129,3 +130,23 @@ def test_every_sequence_of_a_failed_request_is_released(server, http):
     assert wait_until(server.idle)
     metrics = http.get("/metrics").text
     assert 'status="error"' in metrics
+
+
+def test_tgi_routes_fail_in_tgis_shape(server, http, caplog):
+    """TGI's API (server/tgi.py): a fault before anything was sent is a 424 ``generation`` error naming the
+    request id; after the 200 went out, the stream's last event is ``{"error", "error_type": "generation"}``."""
+    parameters = {"seed": POISON, "do_sample": True, "max_new_tokens": 30}
+    with server.hooks.on(raise_for_seed(POISON, "prefill", lambda: RuntimeError("boom"))), \
+            caplog.at_level(logging.INFO):
+        response = http.post("/generate", json={"inputs": "x", "parameters": parameters})
+    assert response.status_code == 424
+    body = response.json()
+    assert body["error_type"] == "generation" and response.headers["x-request-id"] in body["error"]
+    rule = raise_for_seed(POISON, "sample", lambda: MemoryError("simulated out of memory"), after=3)
+    with server.hooks.on(rule), http.stream("POST", "/generate_stream",
+                                            json={"inputs": "x", "parameters": parameters}) as streamed:
+        assert streamed.status_code == 200
+        events = [json.loads(line[len("data:"):]) for line in streamed.iter_lines() if line]
+    assert 0 < len(events) - 1 < 30 and all("token" in e for e in events[:-1])
+    assert events[-1]["error_type"] == "generation" and "MemoryError" in events[-1]["error"]
+    assert wait_until(server.idle)
