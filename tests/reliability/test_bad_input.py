@@ -36,6 +36,9 @@ MAX_MODEL_LEN = 32
 BODY_LIMIT = 1024 * 1024
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 ALLOWED = {200, 400, 404, 413}  # what bad (or good) input may get from an idle server; never 5xx
+# TGI's API (server/tgi.py) refuses with 422 {"error", "error_type"}; the body limit's 413 is the middleware's.
+TGI_PATHS = ("/generate", "/generate_stream", "/")
+TGI_ALLOWED = {200, 413, 422}
 SENT: Counter = Counter()  # (endpoint, status) for the summary
 
 
@@ -80,15 +83,32 @@ def send(http: httpx.Client, path: str, body=None, *, raw: bytes | None = None, 
     finally:
         response.close()
     SENT[(path.split("?")[0] if not path.startswith("/v1/models/") else "/v1/models/{id}", response.status_code)] += 1
-    assert response.status_code in ALLOWED, (path, body if raw is None else raw[:200], response.status_code)
-    if response.status_code >= 400:
+    tgi = path in TGI_PATHS
+    allowed = TGI_ALLOWED if tgi else ALLOWED
+    assert response.status_code in allowed, (path, body if raw is None else raw[:200], response.status_code)
+    if tgi and response.status_code == 422:
+        tgi_error_of(response)
+    elif response.status_code >= 400:
         error_of(response)
     elif not wants_stream and path in (COMPLETIONS, CHAT):
         check_answer(response.json())
     return response
 
 
+def tgi_error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error", "error_type"}, body
+    assert isinstance(body["error"], str) and body["error"] and body["error_type"] == "validation", body
+    assert "Traceback" not in response.text
+    return body
+
+
 def check_stream(events: list) -> None:
+    if events and isinstance(events[-1], dict) and "index" in events[-1]:  # TGI's: no [DONE], text at the end
+        assert not any("error" in e for e in events), events[-3:]
+        assert isinstance(events[-1]["generated_text"], str) and [e["index"] for e in events] == list(
+            range(1, len(events) + 1))
+        return
     assert events and events[-1] == "[DONE]", events[-3:]
     assert not any(isinstance(e, dict) and "error" in e for e in events), events[-3:]
     finals = [c for e in events[:-1] if e.get("choices") for c in e["choices"] if c.get("finish_reason")]
@@ -458,6 +478,52 @@ def test_fuzz_valid_chat_is_served(http, body):
 ), path=st.sampled_from([COMPLETIONS, CHAT, "/tokenize", "/detokenize"]))
 def test_fuzz_raw_bytes(http, raw, path):
     send(http, path, raw=raw)
+
+
+TGI_PARAMETERS = {
+    "max_new_tokens": field("tgi_max_new_tokens", st.integers(min_value=1, max_value=6), *SMALL_INT_EDGES),
+    "do_sample": field("do_sample", st.booleans(), None, "yes"),
+    "temperature": field("tgi_temperature", st.floats(min_value=0.05, max_value=2), *FLOAT_EDGES),
+    "top_p": field("tgi_top_p", st.floats(min_value=0.05, max_value=1), *FLOAT_EDGES),
+    "top_k": field("tgi_top_k", st.integers(min_value=1, max_value=600), *SMALL_INT_EDGES),
+    "typical_p": field("typical_p", st.floats(min_value=0.05, max_value=1), *FLOAT_EDGES),
+    "repetition_penalty": field("tgi_repetition_penalty", st.floats(min_value=0.5, max_value=2), *FLOAT_EDGES),
+    "frequency_penalty": field("tgi_frequency_penalty", st.floats(min_value=-2, max_value=2), *FLOAT_EDGES),
+    "seed": field("tgi_seed", st.integers(min_value=0, max_value=2**64 - 1), *SMALL_INT_EDGES),
+    "stop": field("tgi_stop", st.lists(PLAIN_TEXT, max_size=4), "x", ["s"] * 17, None, ["\ud800"]),
+    "truncate": field("truncate", st.integers(min_value=1, max_value=20), *SMALL_INT_EDGES),
+    "return_full_text": field("return_full_text", st.booleans(), None),
+    "details": field("details", st.booleans(), None),
+    "top_n_tokens": field("top_n_tokens", st.integers(min_value=0, max_value=3), *SMALL_INT_EDGES),
+    "alpha": SAMPLING["alpha"],
+    "adapter_id": field("adapter_id", st.sampled_from([MODEL, f"{MODEL}:base", f"{MODEL}:expert"]), "", "lora"),
+    "decoder_input_details": st.one_of(st.booleans(), JUNK),
+    "best_of": st.one_of(st.sampled_from([None, 0, 1, 2]), JUNK),
+    "watermark": st.one_of(st.booleans(), JUNK),
+    "grammar": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["json", "regex", "json_schema", "x"]),
+                                                "value": st.one_of(SCHEMA, st.sampled_from(["[a-z]+", "("]))}),
+                         JUNK),
+}
+TGI_BODY = st.fixed_dictionaries({}, optional={
+    "inputs": st.one_of(PLAIN_TEXT, TEXT, JUNK), "parameters": st.one_of(
+        st.fixed_dictionaries({}, optional=TGI_PARAMETERS), JUNK), "stream": st.one_of(st.booleans(), JUNK)})
+VALID_TGI = st.fixed_dictionaries({"inputs": PLAIN_TEXT, "parameters": st.fixed_dictionaries({}, optional={
+    name: VALID[f"tgi_{name}" if f"tgi_{name}" in VALID else name] for name in TGI_PARAMETERS
+    if (f"tgi_{name}" in VALID or name in VALID)})}, optional={"stream": st.booleans()})
+
+
+@FUZZ
+@given(body=st.one_of(TGI_BODY, JUNK), path=st.sampled_from(TGI_PATHS))
+def test_fuzz_tgi(http, body, path):
+    send(http, path, body)
+
+
+@FUZZ
+@given(body=VALID_TGI, path=st.sampled_from(TGI_PATHS))
+def test_fuzz_valid_tgi_is_served(http, body, path):
+    """Any combination of TGI's valid values is served (or meets this small context)."""
+    response = send(http, path, body)
+    assert response.status_code == 200 or "maximum context length" in response.json()["error"], response.text
 
 
 def _operations(app) -> list[tuple[str, str]]:
