@@ -115,7 +115,8 @@ def build(shape: Shape, device: str, dtype: torch.dtype, seed: int, role: str, t
             if not bool(torch.isfinite(parameter).all()):
                 parameter.normal_(0.0, 0.02)
     renderer = PromptRenderer(tok, "plain", "{{ messages }}", None)
-    model_config = ModelConfig(path=f"random-{shape.name}", device=device if device != "cpu" else "cpu")
+    # Named per role: two random models of one shape are two models (equal configs would share one: layout.py).
+    model_config = ModelConfig(path=f"random-{shape.name}-{role}", device=device if device != "cpu" else "cpu")
     return LoadedModel(role=role, config=model_config, model=model, tokenizer=tok, renderer=renderer, max_len=4096,
                        logits_width=VOCAB, vocab_size=VOCAB)
 

@@ -4,7 +4,8 @@ combination thought of the token the proxy chose, as the research code's analysi
     rows = model_logprobs(parts, combined, tokens, wanted, roles)   # after sampling, from the step's logits
 
 For each row that asked (``wanted[row]`` is its k), one ``(role, chosen logprob, top ids, top logprobs)`` per
-model that computed the row (each model's own ``log_softmax``, not weighted), then the combined distribution's
+role of each model that computed the row (each model's own ``log_softmax``, not weighted; a model playing two
+roles, an anti-expert two pairs share, is one distribution named by both), then the combined distribution's
 as ``proxy``. Pure tensor work on the logits the step already holds: nothing runs again, and a step where no
 row asked never calls it.
 """
@@ -27,7 +28,7 @@ def model_logprobs(
     combined: torch.Tensor,
     tokens: list[int],
     wanted: list[int | None],
-    roles: list[str],
+    roles: list[tuple[str, ...]],
 ) -> list[list[Distribution] | None]:
     """Per batch row: its distributions (models in runner order, then the proxy), or None where not asked.
 
@@ -48,13 +49,13 @@ def model_logprobs(
         if local:
             picked = torch.tensor([i for i, _ in local], dtype=torch.long, device=part.logits.device)
             _append(out, roles[index], part.logits[picked].float(), [row for _, row in local], tokens, wanted, k)
-    _append(out, PROXY_ROLE, combined[asked].float(), asked, tokens, wanted, k)
+    _append(out, (PROXY_ROLE,), combined[asked].float(), asked, tokens, wanted, k)
     return out
 
 
 def _append(
     out: list[list[Distribution] | None],
-    role: str,
+    names: tuple[str, ...],
     logits: torch.Tensor,
     rows: list[int],
     tokens: list[int],
@@ -67,4 +68,4 @@ def _append(
         mine = wanted[row] or 0
         entries = out[row]
         assert entries is not None
-        entries.append((role, chosen_lp[i], top_ids[i][:mine], top_values[i][:mine]))
+        entries.extend((role, chosen_lp[i], top_ids[i][:mine], top_values[i][:mine]) for role in names)

@@ -63,7 +63,7 @@ class ProxyEngine:
         self.config = config
         self.models = models
         self.tokenizer = models[0].tokenizer
-        self.roles = [m.role for m in models]
+        self.roles = [m.roles for m in models]  # per model, every role it plays (layout.py)
         self.vocab_size = models[0].vocab_size or len(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         too_long = max_model_len_error(config.limits.max_model_len, {m.role: m.max_len for m in models})

@@ -22,6 +22,7 @@ import torch
 from proxy_engine.bad_words import bad_word_token_ids
 from proxy_engine.config import EngineConfig
 from proxy_engine.grammar import GrammarCompiler
+from proxy_engine.layout import ModelLayout
 from proxy_engine.loader import LoadedModel
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.request import ContextLengthError, FieldError, PromptInput, SamplingParams, Target
@@ -111,6 +112,10 @@ class Intake:
     device: torch.device  # where the sequences' sampling generators live
 
     def __post_init__(self) -> None:
+        self.layout = ModelLayout.of(self.config)
+        if len(self.layout.slots) != len(self.models):
+            raise ValueError(f"{len(self.models)} models loaded for a deployment of {len(self.layout.slots)} "
+                             "distinct models (load them with load_models)")
         # Structured outputs: compiled where prompts render (off the step thread), cached by constraint.
         limits = self.config.limits
         self.grammars = GrammarCompiler(self.models[0].tokenizer, self.vocab_size, self.eos_ids,
@@ -128,22 +133,19 @@ class Intake:
         return len(self.config.experts)
 
     def weights_for(self, params: SamplingParams, target: Target) -> list[float]:
-        """Each model's weight: base 1, expert_i +alpha_i, anti_i -alpha_i (or one model alone)."""
-        weights = [0.0] * len(self.models)
+        """Each model's weight: base 1, expert_i +alpha_i, anti_i -alpha_i (or one model alone); a model that
+        plays several roles sums theirs (layout.py)."""
         if target is Target.EXPERT:
             if not self.num_pairs:
                 raise ValueError("this deployment has no expert to serve alone")
-            weights[1] = 1.0
-            return weights
-        weights[0] = 1.0
+            return self.layout.expert_weights()
         if target is Target.PROXY:
-            for i, alpha in enumerate(params.resolve_alphas(self.config.default_alphas)):
-                weights[1 + 2 * i], weights[2 + 2 * i] = alpha, -alpha
-        return weights
+            return self.layout.proxy_weights(params.resolve_alphas(self.config.default_alphas))
+        return self.layout.base_weights()
 
     def render(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         """The primary model's prompt ids (the base, or the expert when it is served alone)."""
-        index = 1 if target is Target.EXPERT else 0
+        index = self.layout.expert_slot if target is Target.EXPERT else 0
         return self.models[index].renderer.render(prompt)
 
     def make_sequences(

@@ -25,6 +25,7 @@ from proxy_engine.architecture import fit_experts_implementation
 from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.gguf_files import find_gguf, require_gguf
+from proxy_engine.layout import ModelLayout
 from proxy_engine.memory import config_dtype, parse_size, resolve_dtype
 from proxy_engine.model_files import context_length, locate, read_config, text_config
 from proxy_engine.placement import accelerate_key, gpu_free_bytes, normalise_device
@@ -40,6 +41,8 @@ _FALLBACK_MAX_LEN = 2048
 @dataclass(eq=False, kw_only=True)
 class LoadedModel:
     role: str  # "base", "expert", "anti_expert" (with a pair index past the first: "expert_1")
+    # Every role this one model plays (layout.py: roles naming the same model share it); () means (role,).
+    roles: tuple[str, ...] = ()
     config: ModelConfig
     model: torch.nn.Module
     tokenizer: object
@@ -47,6 +50,9 @@ class LoadedModel:
     max_len: int  # positions the model supports
     logits_width: int  # rows of its output layer (may exceed the vocabulary)
     vocab_size: int = 0  # the shared vocabulary, set once every model is loaded
+
+    def __post_init__(self) -> None:
+        self.roles = self.roles or (self.role,)
 
 
 def check_vocabularies(tokenizers: dict[str, object], shown: int = 5) -> int:
@@ -296,27 +302,23 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
     return loaded
 
 
-def model_roles(config: EngineConfig) -> list[tuple[str, ModelConfig]]:
-    """``[("base", ...), ("expert", ...), ("anti_expert", ...), ("expert_1", ...), ...]``."""
-    roles: list[tuple[str, ModelConfig]] = [("base", config.base)]
-    for index, pair in enumerate(config.experts):
-        suffix = "" if index == 0 else f"_{index}"
-        roles += [(f"expert{suffix}", pair.expert), (f"anti_expert{suffix}", pair.anti_expert)]
-    return roles
-
-
 def load_models(config: EngineConfig) -> list[LoadedModel]:
-    """Base first, then expert / anti-expert of each pair; vocabularies checked, widths validated.
+    """Base first, then expert / anti-expert of each pair, each distinct model once (``ModelLayout``: a model
+    several roles name is loaded once); vocabularies checked, widths validated.
 
     The tokenizers are loaded and compared before any weights, so a mismatched deployment fails in seconds
     rather than after loading a 70B model.
     """
-    roles = model_roles(config)
-    tokenizers = {role: load_tokenizer(model_config) for role, model_config in roles}
+    slots = ModelLayout.of(config).slots
+    tokenizers = {slot.name: load_tokenizer(slot.config) for slot in slots}
     vocab_size = check_vocabularies(tokenizers)
-    models = [
-        load_one(role, model_config, tokenizers[role], config.transcript_template) for role, model_config in roles
-    ]
+    for slot in slots:
+        if len(slot.roles) > 1:
+            log.info("%s: one model for the roles %s (loaded once, run once per step)", slot.config.path,
+                     ", ".join(slot.roles))
+    models = [load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template) for slot in slots]
+    for slot, loaded in zip(slots, models, strict=True):
+        loaded.roles = slot.roles
     for loaded in models:
         loaded.vocab_size = vocab_size
         if loaded.logits_width < vocab_size:

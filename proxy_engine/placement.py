@@ -47,6 +47,7 @@ class ModelPlan:
     quantization: str  # none | 8bit | 4bit
     devices: list[str]  # concrete devices: ["cpu"], ["cuda:0"], ["cuda:0", "cuda:1"], ...
     adapter: str | None = None  # a PEFT adapter merged into it at load (proxy_engine/adapter.py)
+    also: list[str] = field(default_factory=list)  # the other roles this one model plays (layout.py): loaded once
     architecture: str | None = None
     vocab_size: int | None = None
     context_length: int | None = None  # tokens (model_files.context_length)
@@ -152,11 +153,18 @@ def _device_errors(name: str, model: ModelConfig, devices: list[str], device_cou
 
 
 # ------------------------------------------------------------------------------------------------------ plan
-def _model_names(config: EngineConfig) -> list[tuple[str, str, int | None, ModelConfig]]:
-    names: list[tuple[str, str, int | None, ModelConfig]] = [("base", "base", None, config.base)]
+def _model_names(config: EngineConfig) -> list[tuple[str, str, int | None, ModelConfig, list[str]]]:
+    """Each distinct model (as the loader loads it: layout.py), named by its first role, with its other roles'
+    names: a model several roles name is planned, and counted in memory, once."""
+    names: list[tuple[str, str, int | None, ModelConfig, list[str]]] = [("base", "base", None, config.base, [])]
     for i, pair in enumerate(config.experts):
-        names.append((f"expert_{i}", "expert", i, pair.expert))
-        names.append((f"anti_expert_{i}", "anti_expert", i, pair.anti_expert))
+        for name, role, model in ((f"expert_{i}", "expert", pair.expert),
+                                  (f"anti_expert_{i}", "anti_expert", pair.anti_expert)):
+            same = next((entry for entry in names if entry[3] == model), None)
+            if same is not None:
+                same[4].append(name)
+            else:
+                names.append((name, role, i, model, []))
     return names
 
 def plan_placement(
@@ -176,7 +184,7 @@ def plan_placement(
         gpu_memory = {i: total for i in range(count) if (total := _gpu_total_bytes(i)) is not None}
     plan = PlacementPlan(models=[], max_num_seqs=config.limits.max_num_seqs)
 
-    for name, role, pair, model in _model_names(config):
+    for name, role, pair, model, also in _model_names(config):
         location, directory, error = locate(model, cache_dir=cache_dir)
         if error:
             plan.errors.append(f"{name}: {error}")
@@ -223,7 +231,7 @@ def plan_placement(
             memory = estimate_memory(cfg, dtype, model.quantization, directory) if location != "missing" else None
         plan.models.append(
             ModelPlan(
-                name=name, role=role, pair=pair, path=model.path, adapter=model.adapter,
+                name=name, role=role, pair=pair, path=model.path, adapter=model.adapter, also=also,
                 resolved_path=_resolved_path(location, directory, gguf_path),
                 location=location, dtype=dtype, quantization=model.quantization, devices=devices,
                 architecture=((cfg or {}).get("architectures") or [None])[0]
@@ -270,7 +278,7 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
                                                           if m.context_length})
     if too_long is not None:
         (plan.warnings if limits.allow_long_max_model_len else plan.errors).append(too_long)
-    model_configs = {name: model for name, _, _, model in _model_names(config)}
+    model_configs = {name: model for name, _, _, model, _ in _model_names(config)}
     for mp in plan.models:
         if mp.memory is None:
             continue

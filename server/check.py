@@ -29,7 +29,7 @@ def format_plan(plan: PlacementPlan) -> str:
         dtype = m.dtype if m.quantization == "none" else f"{m.dtype}+{m.quantization}"
         path = f"{m.path} + adapter {m.adapter}" if m.adapter else m.path
         rows.append((
-            m.name, m.role, path, m.location, ",".join(m.devices), dtype,
+            " = ".join([m.name, *m.also]), m.role, path, m.location, ",".join(m.devices), dtype,
             _human_count(m.memory.parameters if m.memory else None),
             gib(m.memory.weight_bytes if m.memory else None),
             f"{m.memory.kv_bytes_per_token:,}" if m.memory and m.memory.kv_bytes_per_token else "?",

@@ -395,11 +395,15 @@ def test_format_plan_table(tiny_family, tmp_path):
     small = _fake_model(tmp_path / "qwen05", KNOWN_MODELS["Qwen/Qwen2.5-0.5B"][0])
     config = engine({"path": str(qwen), "device": ["cuda:0", "cuda:1"]}, ({"path": str(small), "device": "cuda:2"},
                                                                             {"path": str(small), "device": "cuda:2"}))
-    text = format_plan(plan_placement(config, device_count=3, gpu_memory={i: 80 * GiB for i in range(3)}))
+    plan = plan_placement(config, device_count=3, gpu_memory={i: 80 * GiB for i in range(3)})
+    text = format_plan(plan)
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["model", "role", "path", "found"]
     assert "72.71B" in text and "135.43" in text and "327,680" in text and "cuda:0,cuda:1" in text
     assert "combined over the shared 151936 ids" in text
+    # one model named by both of the pair's roles: one row, its weights counted once on cuda:2
+    assert [line.split()[:3] for line in lines if "anti_expert" in line] == [["expert_0", "=", "anti_expert_0"]]
+    assert plan.device_weight_bytes["cuda:2"] == plan.models[1].memory.weight_bytes
     assert lines[-1] == "placement OK"
 
 

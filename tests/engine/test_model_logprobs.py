@@ -3,6 +3,7 @@ token, against a naive reference that recomputes every model over its full seque
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -156,8 +157,12 @@ def test_two_expert_pairs_name_each_model(tiny_family):
     engine = ProxyEngine(load_models(config), config)
     submit(engine, "r", "Hello", temperature=0, max_tokens=2, ignore_eos=True, alpha=[1.0, 0.5], model_logprobs=1)
     entries = analyses(engine)
-    assert [m.role for m in entries[0].models] == ["base", "expert", "anti_expert", "expert_1", "anti_expert_1",
+    # The second pair names the first pair's models: one model per role pair, run once, named by both roles.
+    assert len(engine.runners) == 3
+    models = {m.role: m for m in entries[0].models}
+    assert [m.role for m in entries[0].models] == ["base", "expert", "expert_1", "anti_expert", "anti_expert_1",
                                                    "proxy"]
+    assert models["expert"] == dataclasses.replace(models["expert_1"], role="expert")
 
 
 def test_row_by_row_retry_keeps_each_rows_analysis(chat_family, chat_models):

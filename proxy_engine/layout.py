@@ -1,0 +1,92 @@
+"""Which loaded model plays each role of the combination, and each model's weight in a row.
+
+A deployment names one model per role: the base, then an expert and an anti-expert per pair. Roles that name
+the same model (equal ``ModelConfig``: path, adapter, dtype, device, prompt format, ...) share one loaded
+model, which runs once per step. Two experts tuned from one small model (the paper's chat and code experts
+over Llama-2, two LoRA adapters of one model) share their anti-expert: it is loaded once, holds one KV cache,
+and its weight in a row is the sum of its roles' (``-alpha_1 - alpha_2``), which is the formula
+
+    s = s_base + sum_i alpha_i * (s_expert_i - s_anti_i)
+
+with the shared term gathered. A role's model is a slot index: 0 is the base's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy_engine.config import EngineConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One loaded model and the roles it plays (``base``, ``expert``, ``anti_expert``, ``expert_1``, ...)."""
+
+    roles: tuple[str, ...]
+    config: ModelConfig
+
+    @property
+    def name(self) -> str:
+        """Its first role: how logs, metrics and errors name it."""
+        return self.roles[0]
+
+
+def role_names(index: int) -> tuple[str, str]:
+    """Pair ``index``'s expert and anti-expert role names: ``expert`` / ``anti_expert``, then ``expert_1``, ..."""
+    suffix = "" if index == 0 else f"_{index}"
+    return f"expert{suffix}", f"anti_expert{suffix}"
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    slots: tuple[Slot, ...]  # distinct models in role order: the base's first
+    pairs: tuple[tuple[int, int], ...]  # per expert pair: (its expert's slot, its anti-expert's slot)
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> ModelLayout:
+        slots: list[Slot] = []
+
+        def place(role: str, model: ModelConfig) -> int:
+            for index, slot in enumerate(slots):
+                if slot.config == model:
+                    slots[index] = Slot((*slot.roles, role), model)
+                    return index
+            slots.append(Slot((role,), model))
+            return len(slots) - 1
+
+        place("base", config.base)
+        pairs = []
+        for index, pair in enumerate(config.experts):
+            expert, anti = role_names(index)
+            pairs.append((place(expert, pair.expert), place(anti, pair.anti_expert)))
+        return cls(tuple(slots), tuple(pairs))
+
+    @property
+    def shared(self) -> list[Slot]:
+        """The models that play several roles."""
+        return [slot for slot in self.slots if len(slot.roles) > 1]
+
+    def proxy_weights(self, alphas: list[float]) -> list[float]:
+        """Each model's weight in a proxy-tuned row: the base 1, expert i +alpha_i, anti-expert i -alpha_i,
+        summed over the roles a model plays (0: the model does not run for the row)."""
+        weights = [0.0] * len(self.slots)
+        weights[0] += 1.0
+        for (expert, anti), alpha in zip(self.pairs, alphas, strict=True):
+            weights[expert] += alpha
+            weights[anti] -= alpha
+        return weights
+
+    def base_weights(self) -> list[float]:
+        weights = [0.0] * len(self.slots)
+        weights[0] = 1.0
+        return weights
+
+    def expert_weights(self) -> list[float]:
+        """The first pair's expert alone."""
+        weights = [0.0] * len(self.slots)
+        weights[self.expert_slot] = 1.0
+        return weights
+
+    @property
+    def expert_slot(self) -> int:
+        return self.pairs[0][0]
