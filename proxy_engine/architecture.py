@@ -86,17 +86,28 @@ def _routed_reason(mlp: torch.nn.Module) -> str | None:
     return None
 
 
+def grouped_mm_runs_on(device: torch.device) -> bool:
+    """Whether torch's grouped GEMM has a kernel on ``device``: on CUDA from SM80 (Ampere) on. On older GPUs (V100,
+    T4) transformers falls back to a loop over the experts that reads their offsets back to the host, which no
+    CUDA graph can hold."""
+    if device.type != "cuda":
+        return True
+    return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
+
+
 def fit_experts_implementation(model: torch.nn.Module) -> str | None:
-    """Switch ``model`` from transformers' default ``grouped_mm`` experts to ``batched_mm`` when its expert weights
-    have rows ``torch._grouped_mm`` refuses ("strides should be multiple of 16 bytes": a hidden or intermediate size
-    that is not a multiple of 16 bytes, as in tiny test models); transformers' own forward would fail on them too.
-    ``batched_mm`` takes any shape and is graph-safe as well. Returns the implementation set, or None."""
+    """Switch ``model`` from transformers' default ``grouped_mm`` experts to ``batched_mm`` where ``grouped_mm``
+    would not run as made: expert rows ``torch._grouped_mm`` refuses ("strides should be multiple of 16 bytes": a
+    hidden or intermediate size that is not a multiple of 16 bytes, as in tiny test models; transformers' own
+    forward fails on them too), or a GPU older than SM80 (``grouped_mm_runs_on``). ``batched_mm`` takes any shape
+    on any device and is graph-safe as well. Returns the implementation set, or None."""
     if getattr(model.config, "_experts_implementation", None) != "grouped_mm":
         return None
     blocks = [block for m in model.modules() if (block := routed_block(m)) is not None]
-    weights = [getattr(b.experts, name, None) for b in blocks for name in ("gate_up_proj", "down_proj")]
-    if all(not isinstance(w, torch.Tensor) or all(size * w.element_size() % 16 == 0 for size in w.shape[1:])
-           for w in weights):
+    weights = [w for b in blocks for name in ("gate_up_proj", "down_proj")
+               if isinstance(w := getattr(b.experts, name, None), torch.Tensor)]
+    aligned = all(all(size * w.element_size() % 16 == 0 for size in w.shape[1:]) for w in weights)
+    if aligned and all(grouped_mm_runs_on(device) for device in {w.device for w in weights}):
         return None
     model.set_experts_implementation("batched_mm")
     return "batched_mm"

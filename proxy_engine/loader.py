@@ -287,8 +287,8 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
         model = merge_adapter(model, config.adapter, role).eval()
     model = text_model(model, role)  # Gemma-3 4B+ and the like: the text decoder of an image-text-to-text model
     if (experts := fit_experts_implementation(model)) is not None:
-        log.info("%s: expert sizes grouped_mm cannot take (rows not a multiple of 16 bytes): experts run as %s",
-                 role, experts)
+        log.info("%s: grouped_mm cannot run these experts here (rows not a multiple of 16 bytes, or a GPU before "
+                 "SM80): they run as %s", role, experts)
     # Layer types transformers' config class derives where config.json lists none (a family not named above).
     _refuse_unsupported_layers(role, config, model.config.model_type, getattr(model.config, "layer_types", None))
     loaded = LoadedModel(role=role, config=config, model=model, tokenizer=tokenizer, renderer=renderer,

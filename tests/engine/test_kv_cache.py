@@ -196,6 +196,22 @@ def test_fast_decode_matches_transformers(monkeypatch):
         assert fast.decode(torch.tensor([1, 2])).shape == (2, 80)
 
 
+def test_experts_on_a_gpu_before_sm80_run_as_batched_mm(monkeypatch):
+    """On a V100 or T4 transformers' grouped_mm loops over the experts reading their offsets to the host (no CUDA
+    graph holds that): the loader switches such a model to batched_mm. The capability is played here."""
+    from proxy_engine import architecture
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not architecture.grouped_mm_runs_on(torch.device("cuda:0"))
+    assert architecture.grouped_mm_runs_on(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert architecture.grouped_mm_runs_on(torch.device("cuda:0"))
+    model = _random_model("mixtral")
+    monkeypatch.setattr(architecture, "grouped_mm_runs_on", lambda device: False)  # its weights "on a T4"
+    assert architecture.fit_experts_implementation(model) == "batched_mm"
+    assert model.config._experts_implementation == "batched_mm"
+
+
 def test_expert_sizes_grouped_mm_refuses_run_as_batched_mm():
     """transformers' default grouped_mm fails on expert rows that are not a multiple of 16 bytes (its own forward
     too); the loader switches such a model to batched_mm, and both paths then decode it alike."""
