@@ -240,3 +240,18 @@ def test_huggingface_hub_inference_client(live, monkeypatch):
         client.text_generation(PROMPT, temperature=-1.0)
     with pytest.raises(ValidationError, match="context length"):
         list(client.text_generation(PROMPT, max_new_tokens=10**6, stream=True))
+
+
+def test_the_text_generation_packages_body_with_every_field_spelled_out(http):
+    """The ``text-generation`` package (LangChain's older TGI client) and LiteLLM send every parameter, nulls
+    included; that is a greedy request asking for details."""
+    parameters = {"best_of": None, "details": True, "decoder_input_details": False, "do_sample": False,
+                  "frequency_penalty": None, "max_new_tokens": 6, "repetition_penalty": None,
+                  "return_full_text": False, "seed": None, "stop": [], "temperature": None, "top_k": None,
+                  "top_n_tokens": None, "top_p": None, "truncate": None, "typical_p": None, "watermark": False,
+                  "grammar": None, "adapter_id": None}
+    body = _generate(http, **parameters)
+    assert body["generated_text"] == _completion(http, max_tokens=6, temperature=0)["text"]
+    assert body["details"]["generated_tokens"] == len(body["details"]["tokens"])
+    events = _events(http, {"inputs": PROMPT, "parameters": parameters, "stream": True})
+    assert events[-1]["generated_text"] == body["generated_text"]
