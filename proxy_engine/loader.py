@@ -309,13 +309,13 @@ def load_models(config: EngineConfig) -> list[LoadedModel]:
     The tokenizers are loaded and compared before any weights, so a mismatched deployment fails in seconds
     rather than after loading a 70B model.
     """
-    slots = ModelLayout.of(config).slots
+    layout = ModelLayout.of(config)
+    slots = layout.slots
     tokenizers = {slot.name: load_tokenizer(slot.config) for slot in slots}
     vocab_size = check_vocabularies(tokenizers)
-    for slot in slots:
-        if len(slot.roles) > 1:
-            log.info("%s: one model for the roles %s (loaded once, run once per step)", slot.config.path,
-                     ", ".join(slot.roles))
+    for slot in layout.shared:
+        log.info("%s: one model for the roles %s (loaded once, run once per step)", slot.config.path,
+                 ", ".join(slot.roles))
     models = [load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template) for slot in slots]
     for slot, loaded in zip(slots, models, strict=True):
         loaded.roles = slot.roles

@@ -227,6 +227,10 @@ class GenerateRequest(BaseModel):
     parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters(do_sample=True))
     stream: bool | None = False
 
+    def prompt_input(self) -> PromptInput:
+        """``truncate``: the models read the prompt's last tokens (as TGI's router cuts it)."""
+        return PromptInput(text=check_text(self.inputs, "inputs"), truncate=self.parameters.truncate)
+
 
 # --- the answer --------------------------------------------------------------------------------------------------
 def finish_reason(choice: Choice) -> str:
@@ -354,8 +358,7 @@ def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect:
         model = served(params.adapter_id)
         request_id = new_request_id("tgi", request.headers.get("x-request-id"))
         started = time.perf_counter()
-        prompt = PromptInput(text=check_text(body.inputs, "inputs"), truncate=params.truncate)
-        generation, _ = await start(request_id, "generate", model, lambda: prompt,
+        generation, _ = await start(request_id, "generate", model, body.prompt_input,
                                     lambda: params.sampling_params(stream, ctx.defaults_for(model)), request)
         answer = Answer(generation, body.inputs, params, full_text, ctx.info.special_token_ids)
         if stream:
