@@ -77,8 +77,13 @@ def is_json(content_type: str) -> bool:
     return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-# POSTs that read no body and change nothing (vLLM's probe): nothing for a web page to smuggle in.
+# POSTs that read no body (vLLM's probe; cancelling a background response, which names an unguessable id its
+# owner holds): nothing for a web page to smuggle in.
 BODYLESS_POSTS = frozenset({"/ping"})
+
+
+def bodyless(path: str) -> bool:
+    return path in BODYLESS_POSTS or (path.startswith("/v1/responses/") and path.endswith("/cancel"))
 
 
 class StrictJSON:
@@ -88,7 +93,7 @@ class StrictJSON:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] not in BODYLESS_POSTS:
+        if scope["type"] == "http" and scope["method"] == "POST" and not bodyless(scope["path"]):
             content_type = Headers(scope=scope).get("content-type", "")
             if not is_json(content_type):
                 given = f"'{clip(content_type, 60)}'" if content_type else "none"

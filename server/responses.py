@@ -15,6 +15,7 @@ Fields this server cannot honour are a 400 naming the field, never dropped.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -46,7 +47,6 @@ from server.tools import ChoiceStream, ToolPlan, check_tools
 
 # OpenAI fields with no implementation here: refused when given a value that would change the answer.
 _UNHONOURED = {
-    "background": Unhonoured("responses run while the request is open (stream one to follow it)"),
     "conversation": Unhonoured("no conversation objects: chain responses with previous_response_id"),
     "prompt": Unhonoured("no stored prompt templates"),
     "max_tool_calls": Unhonoured("the number of tool calls is not capped"),
@@ -102,7 +102,8 @@ class ResponsesRequest(_Lenient):
     min_p: float | None = None
     repetition_penalty: float | None = None
     alpha: float | list[float] | None = None
-    background: Any = None
+    # Run after the answer: the response comes back "queued", is read with GET and may be cancelled.
+    background: bool | None = None
     conversation: Any = None
     prompt: Any = None
     reasoning: Any = None
@@ -125,6 +126,12 @@ class ResponsesRequest(_Lenient):
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise bad_request(f"max_output_tokens must be at least 1, got {self.max_output_tokens}",
                               "max_output_tokens")
+        if self.background and self.stream:
+            raise bad_request("background with stream is not supported: stream the response, or run it in the "
+                              "background and read it with GET /v1/responses/{id}", "background")
+        if self.background and self.store is False:
+            raise bad_request("background needs store: true (the response is read back with GET "
+                              "/v1/responses/{id})", "background")
 
     @property
     def wants_logprobs(self) -> bool:
@@ -272,7 +279,8 @@ class ResponseBuilder:
             "output": [dict(item) for item in self.output], "parallel_tool_calls": self.plan.parallel,
             "previous_response_id": body.previous_response_id, "temperature": body.temperature,
             "top_p": body.top_p, "tool_choice": tool_choice, "tools": self.tools, "text": text_format,
-            "truncation": "disabled", "store": bool(body.store), "metadata": body.metadata or {},
+            "truncation": "disabled", "store": bool(body.store), "background": bool(body.background),
+            "metadata": body.metadata or {},
             "user": body.user, "usage": usage, "top_logprobs": body.top_logprobs,
             "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
         }
@@ -458,6 +466,8 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
     store = ResponseStore(settings.responses_store_max, settings.responses_store_ttl_s,
                           settings.responses_store_max_mb * 2**20)
     ctx.responses_store = store  # type: ignore[attr-defined] - for tests and metrics
+    # Background responses still running: id -> (owner, their generation, the task that runs it).
+    running: dict[str, tuple[str | None, Generation, asyncio.Task]] = {}
 
     def history(previous: str | None, owner: str | None) -> list[dict[str, Any]]:
         if previous is None:
@@ -482,6 +492,9 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
 
         def prompt():
             nonlocal chat, past
+            if body.background and not store.enabled:
+                raise bad_request("background needs the response store, which is off on this server "
+                                  "(responses_store_max: 0)", "background")
             past = history(body.previous_response_id, owner)
             chat = body.to_chat(past)
             return chat.prompt_input(fmt)
@@ -537,14 +550,64 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
 
             return EventStreamResponse(events(), generation.close, headers)
 
+        def whole() -> dict[str, Any]:
+            """The finished response (stored when asked), from the generation's whole text."""
+            items = item_stream()
+            splitter = ReasoningSplitter(reasoning.parser)
+            for delta in reasoning.deltas(splitter, ChoiceStream(plan), generation.choices[0].text, True):
+                items.feed(delta)
+            return finished(items)[0]
+
+        if body.background:
+            queued = builder.snapshot("queued")
+            store.put(response_id, owner, queued, conversation)
+
+            async def run() -> None:
+                """The generation to its end with no client waiting; each state stored for GET to read."""
+                try:
+                    started = False
+                    async for _ in generation.outputs():
+                        if not started:  # the engine has begun it
+                            started = True
+                            store.put(response_id, owner, builder.snapshot("in_progress"), conversation)
+                    whole()
+                except GenerationError:
+                    failure = generation.error_body()["error"]
+                    failed = builder.snapshot("failed")
+                    failed["error"] = {"code": failure.get("code") or "server_error", "message": failure["message"]}
+                    store.put(response_id, owner, failed, conversation)
+                finally:
+                    generation.close()
+                    running.pop(response_id, None)
+
+            running[response_id] = (owner, generation, asyncio.ensure_future(run()))
+            return JSONResponse(queued, headers=headers)
+
         if not await collect(generation, request):  # raises the request's HTTP error if it failed
             return Response(status_code=499)
-        items = item_stream()
-        splitter = ReasoningSplitter(reasoning.parser)
-        for delta in reasoning.deltas(splitter, ChoiceStream(plan), generation.choices[0].text, True):
-            items.feed(delta)
-        snapshot, _ = finished(items)
-        return JSONResponse(snapshot, headers=headers)
+        return JSONResponse(whole(), headers=headers)
+
+    @router.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str, request: Request) -> JSONResponse:
+        """A running background response stops (status ``cancelled``); one already finished is returned as it
+        is, as OpenAI does."""
+        owner = tenant(request)
+        live = running.get(response_id)
+        if live is not None and live[0] == owner:
+            _, generation, task = running.pop(response_id)
+            task.cancel()
+            generation.close("cancelled")
+            entry = store.get(response_id, owner)
+            if entry is not None:
+                cancelled = dict(entry.response, status="cancelled")
+                store.put(response_id, owner, cancelled, entry.messages)
+                return JSONResponse(cancelled)
+        entry = store.get(response_id, owner)
+        if entry is None:
+            raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
+        if not entry.response.get("background"):
+            raise bad_request("only a response created with background: true can be cancelled", "response_id")
+        return JSONResponse(entry.response)
 
     @router.get("/v1/responses/{response_id:path}")
     async def get_response(response_id: str, request: Request) -> JSONResponse:

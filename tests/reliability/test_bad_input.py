@@ -544,7 +544,8 @@ def test_fuzz_every_schema_operation(server, http, data):
     method, path = data.draw(st.sampled_from(_operations(server.app)))
     if "{" in path:
         value = data.draw(TEXT)
-        path = path.split("{")[0] + quote(value.encode("utf-8", "surrogatepass"), safe="")
+        head, _, tail = path.partition("{")
+        path = head + quote(value.encode("utf-8", "surrogatepass"), safe="") + tail.partition("}")[2]
     if method == "GET":
         response = http.get(path)
         SENT[(path if "/v1/models/" not in path else "/v1/models/{id}", response.status_code)] += 1
