@@ -36,11 +36,13 @@ class Flag:
 FLAGS = [
     Flag("--base", ("engine", "base", "path"), "Base model: a local directory, a hub id already cached, or a GGUF "
          "file (or a directory holding one; the gguf extra).", "PATH_OR_ID"),
-    Flag("--expert", (*_PAIR, "expert", "path"), "Expert (the small fine-tuned model) of the first pair.",
-         "PATH_OR_ID"),
-    Flag("--anti-expert", (*_PAIR, "anti_expert", "path"), "Anti-expert (the expert before tuning).", "PATH_OR_ID"),
-    Flag("--alpha", (*_PAIR, "alpha"), "Default alpha of the first pair (requests may override; 0 = base alone).",
-         "FLOAT"),
+    Flag("--expert", (*_PAIR, "expert", "path"), "Expert (the small fine-tuned model, or its LoRA adapter); "
+         "repeated, one expert pair each (a single --anti-expert then serves them all, loaded once).", "PATH_OR_ID",
+         action="append"),
+    Flag("--anti-expert", (*_PAIR, "anti_expert", "path"), "Anti-expert (the expert before tuning); once for every "
+         "pair, or once per --expert.", "PATH_OR_ID", action="append"),
+    Flag("--alpha", (*_PAIR, "alpha"), "Default alpha of the pairs (requests may override; 0 = base alone); once "
+         "for every pair, or once per --expert.", "FLOAT", action="append"),
     Flag("--enforce-eager", ("engine", "runtime", "enforce_eager"),
          "Decode without CUDA graphs (the same static-buffer step, run eagerly; vLLM's name).", action="store_true"),
     Flag("--base-device", ("engine", "base", "device"), "Device of the base: cpu, cuda:N, auto, or cuda:0,cuda:1.",
@@ -164,23 +166,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _nest(key: tuple[str | int, ...], value: Any) -> Any:
-    """``(engine, experts, 0, alpha), 2`` -> ``{"engine": {"experts": [{"alpha": 2}]}}``."""
+    """``(engine, experts, 0, alpha), 2`` -> ``{"engine": {"experts": [{"alpha": 2}]}}``; at index 1,
+    ``[{}, {"alpha": 2}]`` (merged index by index: the first pair untouched)."""
     for part in reversed(key):
-        value = [value] if isinstance(part, int) else {part: value}
+        value = [*([{}] * part), value] if isinstance(part, int) else {part: value}
     return value
+
+
+# The flags that repeat per expert pair: given once, a value is every pair's.
+PAIR_FLAGS = ("expert", "anti_expert", "alpha")
+
+
+def pair_count(args: argparse.Namespace) -> int:
+    """How many expert pairs the command line names: each of ``PAIR_FLAGS`` given once, or as often as the
+    others (``--expert A --expert B --anti-expert C``: two pairs over one anti-expert)."""
+    counts = {name: len(getattr(args, name) or []) for name in PAIR_FLAGS}
+    pairs = max(counts.values())
+    wrong = [f"--{name.replace('_', '-')} {n} times" for name, n in counts.items() if n not in (0, 1, pairs)]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} for {pairs} expert pairs: give each of --expert, --anti-expert and "
+                          "--alpha once (for every pair) or once per pair")
+    return pairs
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
+    pairs = pair_count(args)
     for flag in FLAGS:
-        value = getattr(args, flag.option[2:].replace("-", "_"))
+        name = flag.option[2:].replace("-", "_")
+        value = getattr(args, name)
         if value is None:
             continue
         if flag.split_commas:
             items = value if isinstance(value, list) else [value]
             parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
             value = parts if (isinstance(value, list) or len(parts) > 1) else parts[0] if parts else value
-        overrides = deep_merge(overrides, _nest(flag.key, value))
+        if flag.key[: len(_PAIR)] != _PAIR:
+            overrides = deep_merge(overrides, _nest(flag.key, value))
+            continue
+        # A pair's flag: the n-th value for pair n (PAIR_FLAGS), or one value for every pair the line names.
+        for index in range(max(pairs, 1)):
+            one = value[index if len(value) > 1 else 0] if name in PAIR_FLAGS else value
+            overrides = deep_merge(overrides, _nest(("engine", "experts", index, *flag.key[len(_PAIR):]), one))
     return overrides
 
 
@@ -206,7 +233,6 @@ def with_every_model(settings: ServerSettings, args: argparse.Namespace) -> Serv
         path = Path(given["chat_template"]).expanduser()
         given["chat_template"] = path.read_text() if path.is_file() else given["chat_template"]
     engine = settings.engine.model_dump()
-    own = {("base",): "base", ("experts", 0, "expert"): "expert", ("experts", 0, "anti_expert"): "anti_expert"}
     places = [("base",)] + [("experts", i, role) for i in range(len(engine["experts"]))
                             for role in ("expert", "anti_expert")]
     chat_models = 0
@@ -218,7 +244,7 @@ def with_every_model(settings: ServerSettings, args: argparse.Namespace) -> Serv
             if name == "chat_template":
                 if model["prompt_format"] == "chat":
                     model[name], chat_models = value, chat_models + 1
-            elif getattr(args, f"{own.get(place)}_{name}", None) is None:
+            elif getattr(args, f"{place[-1]}_{name}", None) is None:  # the model's own flag wins
                 model[name] = value
     if "chat_template" in given and not chat_models:
         raise ConfigError("--chat-template: no model reads chat (set prompt_format: chat on the expert, "

@@ -140,6 +140,24 @@ def test_vllms_model_flags_set_every_model_but_where_a_models_own_flag_is_given(
         resolve_settings([*TRIPLE, "--tool-call-parser", "qwen3_coder"])
 
 
+def test_repeated_expert_flags_name_several_pairs_over_one_anti_expert():
+    """``--expert A --expert B --anti-expert C``: two pairs over one anti-expert (loaded once: layout.py); a pair
+    flag given once is every pair's, as are the per-model flags; counts that do not line up are refused."""
+    settings, _ = resolve_settings(["--base", "/b", "--expert", "/chat", "--expert", "/code", "--anti-expert", "/small",
+                                    "--alpha", "1.0", "--alpha", "0.5", "--anti-expert-dtype", "bfloat16",
+                                    "--expert-prompt-format", "chat"])
+    pairs = settings.engine.experts
+    assert [(p.expert.path, p.anti_expert.path, p.alpha) for p in pairs] == [("/chat", "/small", 1.0),
+                                                                           ("/code", "/small", 0.5)]
+    assert {p.anti_expert.dtype for p in pairs} == {"bfloat16"} and {p.expert.prompt_format for p in pairs} == {"chat"}
+    assert pairs[0].anti_expert == pairs[1].anti_expert  # one model for both roles
+    one, _ = resolve_settings(["--base", "/b", "--expert", "/e", "--anti-expert", "/a", "--alpha", "2"])
+    assert [(p.expert.path, p.alpha) for p in one.engine.experts] == [("/e", 2.0)]
+    with pytest.raises(ConfigError, match="--anti-expert 2 times for 3 expert pairs"):
+        resolve_settings(["--base", "/b", "--expert", "/1", "--expert", "/2", "--expert", "/3", "--anti-expert", "/a",
+                          "--anti-expert", "/a2"])
+
+
 def _self_signed(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
