@@ -28,6 +28,7 @@ Refused, since they would change the answer and are not done here: ``best_of`` a
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,6 +51,7 @@ Start = Callable[..., Awaitable[tuple[Generation, list]]]
 Collect = Callable[[Generation, Request], Awaitable[bool]]
 
 PREFIX = "Input validation error: "  # TGI's, before every validation message
+logger = logging.getLogger("proxy_serve")
 
 
 # --- errors, in TGI's shape --------------------------------------------------------------------------------------
@@ -309,11 +311,13 @@ class Answer:
                     pending = ""
                     last = output.finished and k == len(output.new_token_ids) - 1
                     yield sse({"index": index, **event, **self._end(last)})
-        except GenerationError:
+        except Exception as error:  # noqa: BLE001 - headers are out: the failure is the stream's last event
+            if not isinstance(error, GenerationError):
+                logger.error("request %s failed while streaming", self.generation.request_id, exc_info=error)
+                self.generation.error, self.generation.error_code = "internal error", ErrorCode.INTERNAL_ERROR
             kind = "overloaded" if self.generation.error_code == ErrorCode.SHUTDOWN else "generation"
-            yield sse({"error": f"Request failed during generation: {self.generation.error}", "error_type": kind})
-        except Exception:  # noqa: BLE001 - the stream's last word; the log has the traceback (Generation.close)
-            yield sse({"error": "Request failed during generation: internal error", "error_type": "generation"})
+            message = self.generation.error_body()["error"]["message"]  # names the request id
+            yield sse({"error": f"Request failed during generation: {message}", "error_type": kind})
 
     def _token_events(self, output: RequestOutput, text: str) -> list[dict[str, Any]]:
         """One event body per new token; the step's text goes with its last token."""

@@ -149,4 +149,5 @@ def test_tgi_routes_fail_in_tgis_shape(server, http, caplog):
         events = [json.loads(line[len("data:"):]) for line in streamed.iter_lines() if line]
     assert 0 < len(events) - 1 < 30 and all("token" in e for e in events[:-1])
     assert events[-1]["error_type"] == "generation" and "MemoryError" in events[-1]["error"]
+    assert streamed.headers["x-request-id"] in events[-1]["error"]
     assert wait_until(server.idle)
