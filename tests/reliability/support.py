@@ -91,6 +91,25 @@ def serve(family, *, limits: dict | None = None, **server: Any) -> tuple[LiveSer
     return live, hooks
 
 
+@contextlib.contextmanager
+def served(family, **kwargs: Any) -> Iterator[LiveServer]:
+    """``serve`` for a fixture: the server, its ``FaultHooks`` as ``hooks``, stopped at the end."""
+    live, hooks = serve(family, **kwargs)
+    live.hooks = hooks
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+@contextlib.contextmanager
+def idle_client(live: LiveServer, *, timeout: float = 60, **kwargs: Any) -> Iterator[httpx.Client]:
+    """An httpx client on ``live``; when the test is done, the server must have nothing running or waiting."""
+    with httpx.Client(base_url=live.url, timeout=timeout, **kwargs) as client:
+        yield client
+    assert idle(live), live.engine.stats()
+
+
 def idle(live: LiveServer) -> bool:
     return wait_until(live.idle, timeout=60)
 

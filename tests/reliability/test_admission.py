@@ -22,7 +22,7 @@ from tests.reliability.support import (
     error_of,
     finish_reasons,
     idle,
-    serve,
+    served,
     stream,
     stream_error,
 )
@@ -35,10 +35,8 @@ TOKENS = 20
 @pytest.fixture(scope="module")
 def small(tiny_family):
     """Room for two running sequences and two waiting ones."""
-    live, hooks = serve(tiny_family, limits={"max_num_seqs": SLOTS, "max_waiting": QUEUE})
-    live.hooks = hooks
-    yield live
-    live.stop()
+    with served(tiny_family, limits={"max_num_seqs": SLOTS, "max_waiting": QUEUE}) as live:
+        yield live
 
 
 def test_burst_past_the_queue_is_refused_at_once_and_admitted_streams_complete(small):
@@ -108,10 +106,8 @@ def hold_until_deadline(phase: str, sequences: list) -> None:
 @pytest.fixture(scope="module")
 def timed(tiny_family):
     """``request_timeout_s`` set; one running sequence at a time, so a second request waits."""
-    live, hooks = serve(tiny_family, limits={"request_timeout_s": TIMEOUT_S, "max_num_seqs": 1})
-    live.hooks = hooks
-    yield live
-    live.stop()
+    with served(tiny_family, limits={"request_timeout_s": TIMEOUT_S, "max_num_seqs": 1}) as live:
+        yield live
 
 
 def test_timeout_while_streaming_is_an_error_event_with_code_timeout(timed):

@@ -19,9 +19,9 @@ from tests.reliability.support import (
     choice_tokens,
     error_of,
     finish_reasons,
-    idle,
+    idle_client,
     raise_for_seed,
-    serve,
+    served,
     stream,
     stream_error,
 )
@@ -38,17 +38,14 @@ class BadLogitBias(IndexError):
 
 @pytest.fixture(scope="module")
 def server(tiny_family):
-    live, hooks = serve(tiny_family, limits={"max_num_seqs": 8})
-    live.hooks = hooks
-    yield live
-    live.stop()
+    with served(tiny_family, limits={"max_num_seqs": 8}) as live:
+        yield live
 
 
 @pytest.fixture()
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with idle_client(server) as client:
         yield client
-    assert idle(server), server.engine.stats()
 
 
 def tracebacks(caplog) -> list[logging.LogRecord]:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.reliability.support import error_of, idle, serve
+from tests.reliability.support import error_of, idle_client, serve
 from tests.server.live import MODEL, wait_until
 
 SLOTS, QUEUE = 2, 2
@@ -34,9 +34,8 @@ def small(tiny_family):
 
 @pytest.fixture()
 def http(small):
-    with httpx.Client(base_url=small.url, timeout=120) as client:
+    with idle_client(small, timeout=120) as client:
         yield client
-    assert idle(small)
 
 
 class HeldCalls:

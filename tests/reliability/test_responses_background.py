@@ -4,11 +4,10 @@ response is caught while it runs, whatever the machine's speed."""
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 
-from tests.reliability.support import Gate, idle, raise_for_seed, serve
+from tests.reliability.support import Gate, idle_client, raise_for_seed, served
 from tests.server.live import MODEL, wait_until
 
 BODY = {"model": MODEL, "input": "Hello there", "temperature": 0, "max_output_tokens": 8}
@@ -16,17 +15,14 @@ BODY = {"model": MODEL, "input": "Hello there", "temperature": 0, "max_output_to
 
 @pytest.fixture(scope="module")
 def server(tiny_family):
-    live, hooks = serve(tiny_family)
-    live.hooks = hooks
-    yield live
-    live.stop()
+    with served(tiny_family) as live:
+        yield live
 
 
 @pytest.fixture()
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with idle_client(server) as client:
         yield client
-    assert idle(server), server.engine.stats()
 
 
 def _status(http, response_id: str) -> str:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from tests.reliability.support import error_of, idle, raise_for_seed, serve, stream
+from tests.reliability.support import error_of, idle, idle_client, raise_for_seed, served, stream
 from tests.server.live import MODEL
 
 KEY, OTHER_KEY, NEAR_MISS = "sk-live-0123456789abcdef", "sk-second-key-42", "sk-live-0123456789abcdeX"
@@ -23,17 +23,14 @@ SECRET_PROMPT = "my-private-diary-entry-7f3a"
 
 @pytest.fixture(scope="module")
 def server(tiny_family):
-    live, hooks = serve(tiny_family, api_keys=[KEY, OTHER_KEY], log_level="debug")
-    live.hooks = hooks
-    yield live
-    live.stop()
+    with served(tiny_family, api_keys=[KEY, OTHER_KEY], log_level="debug") as live:
+        yield live
 
 
 @pytest.fixture()
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
+    with idle_client(server, headers={"Authorization": f"Bearer {KEY}"}) as client:
         yield client
-    assert idle(server)
 
 
 def test_every_key_is_compared_as_a_fixed_size_digest(monkeypatch):
