@@ -346,24 +346,21 @@ class Answer:
 def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect: Collect, version: str) -> None:
     tgi = APIRouter(route_class=TGIRoute)
 
-    def served(adapter_id: str | None) -> str | None:
-        """TGI's ``adapter_id`` picks one of its LoRA adapters; here it may name one of the served model ids."""
-        if adapter_id is not None:
-            try:
-                ctx.resolve_model(adapter_id)
-            except APIError:
-                raise _invalid(f"`adapter_id` {adapter_id[:100]!r} is not served here; use one of "
-                               f"{', '.join(ctx.settings.model_ids)}, or none for the proxy-tuned model") from None
-        return adapter_id
 
     async def generate(body: GenerateRequest, request: Request, stream: bool, full_text: bool, listed: bool
                        ) -> Response:
         params = body.parameters
-        model = served(params.adapter_id)
+        model = params.adapter_id  # TGI's picks one of its LoRA adapters; here it may name a served model id
         request_id = new_request_id("tgi", request.headers.get("x-request-id"))
         started = time.perf_counter()
-        generation, _ = await start(request_id, "generate", model, body.prompt_input,
-                                    lambda: params.sampling_params(stream, ctx.defaults_for(model)), request)
+        try:
+            generation, _ = await start(request_id, "generate", model, body.prompt_input,
+                                        lambda: params.sampling_params(stream, ctx.defaults_for(model)), request)
+        except APIError as error:  # refused, and counted as such, by start
+            if error.param == "model":
+                raise _invalid(f"`adapter_id` {model[:100]!r} is not served here; use one of "
+                               f"{', '.join(ctx.settings.model_ids)}, or none for the proxy-tuned model") from None
+            raise
         answer = Answer(generation, body.inputs, params, full_text, ctx.info.special_token_ids)
         if stream:
             headers = {"x-request-id": request_id, "x-compute-type": "proxy-tuned", "X-Accel-Buffering": "no"}

@@ -171,6 +171,12 @@ def test_alpha_and_adapter_id_pick_the_model(http):
     base = _generate(http, max_new_tokens=8, adapter_id=f"{MODEL}:base")["generated_text"]
     assert _generate(http, max_new_tokens=8, alpha=0.0)["generated_text"] == base
     assert base == _completion(http, model=f"{MODEL}:base", max_tokens=8, temperature=0)["text"]
+    counted = 'proxy_serve_requests_total{endpoint="generate",model="unknown",status="404"}'
+    before = next((line for line in http.get("/metrics").text.splitlines() if line.startswith(counted)), None)
+    refused = http.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "my-lora"}})
+    assert refused.status_code == 422 and "`adapter_id` 'my-lora' is not served" in refused.json()["error"]
+    after = next(line for line in http.get("/metrics").text.splitlines() if line.startswith(counted))
+    assert float(after.split()[-1]) == (float(before.split()[-1]) if before else 0.0) + 1  # counted as refused
 
 
 @pytest.mark.parametrize(("parameters", "named"), [
