@@ -207,8 +207,6 @@ class _SamplingFields(_Lenient):
         """The engine's parameters: the request's fields, then ``defaults`` (the model's generation_config) for
         the sampler fields it left out; its ``max_tokens`` there is a cap for a request that sent none."""
         refuse_unhonoured(self, self.UNHONOURED)
-        defaults = dict(defaults or {})
-        default_max_tokens = defaults.pop("max_tokens", None)
         values: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
@@ -239,15 +237,25 @@ class _SamplingFields(_Lenient):
             "return_prompt_ids": True if self.return_token_ids else None,
             "logit_bias": _logit_bias(self.logit_bias),
             "structured": structured if structured is not None else self.structured(),
-            "default_max_tokens": default_max_tokens if max_tokens is None else None,
         }
-        for name, value in defaults.items():
-            if values.get(name) is None:
-                values[name] = value
-        params = SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
+        params = with_defaults(values, defaults)
         if params.top_k == -1:
             params.top_k = 0
         return params
+
+
+def with_defaults(values: dict[str, Any], defaults: dict[str, Any] | None) -> SamplingParams:
+    """The engine's parameters from a request's ``values`` (None: left out), every endpoint's way: ``defaults``
+    (the model's generation_config) fill the fields it left out, and their ``max_tokens`` caps a request that
+    sent none (never a refusal: the client did not ask for it)."""
+    defaults = dict(defaults or {})
+    default_max_tokens = defaults.pop("max_tokens", None)
+    if values.get("max_tokens") is None:
+        values["default_max_tokens"] = default_max_tokens
+    for name, value in defaults.items():
+        if values.get(name) is None:
+            values[name] = value
+    return SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
 
 
 def _stops(stop: str | list[str] | None) -> list[str] | None:

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.request import MAX_STOP_STRINGS, ErrorCode, PromptInput, RequestOutput, SamplingParams
 from server.errors import APIError, ErrorResponse, describe_validation_errors
-from server.protocol import check_text
+from server.protocol import check_text, with_defaults
 from server.serving import Choice, Generation, GenerationError, ServerContext, new_request_id
 from server.streaming import EventStreamResponse, sse
 from server.structured import from_vllm
@@ -210,15 +210,8 @@ class GenerateParameters(BaseModel):
             "structured": self.structured(),
         }
         # The model's generation_config fills the fields the request left out, as on the OpenAI endpoints (a
-        # greedy request's temperature is set: it stays greedy); its max_new_tokens caps a request that sent none.
-        defaults = dict(defaults)
-        default_max = defaults.pop("max_tokens", None)
-        for name, value in defaults.items():
-            if values.get(name) is None:
-                values[name] = value
-        if self.max_new_tokens is None:
-            values["default_max_tokens"] = default_max
-        return SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
+        # greedy request's temperature is set: it stays greedy).
+        return with_defaults(values, defaults)
 
 
 class GenerateRequest(BaseModel):
