@@ -21,6 +21,7 @@ import torch
 from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.gguf_files import GGUFHeader, find_gguf, read_header
+from proxy_engine.layout import ModelLayout
 from proxy_engine.memory import MemoryEstimate, counted_memory, estimate_memory, gib, parse_size, resolve_dtype
 from proxy_engine.model_files import (
     context_length,
@@ -154,18 +155,15 @@ def _device_errors(name: str, model: ModelConfig, devices: list[str], device_cou
 
 # ------------------------------------------------------------------------------------------------------ plan
 def _model_names(config: EngineConfig) -> list[tuple[str, str, int | None, ModelConfig, list[str]]]:
-    """Each distinct model (as the loader loads it: layout.py), named by its first role, with its other roles'
-    names: a model several roles name is planned, and counted in memory, once."""
-    names: list[tuple[str, str, int | None, ModelConfig, list[str]]] = [("base", "base", None, config.base, [])]
-    for i, pair in enumerate(config.experts):
-        for name, role, model in ((f"expert_{i}", "expert", pair.expert),
-                                  (f"anti_expert_{i}", "anti_expert", pair.anti_expert)):
-            same = next((entry for entry in names if entry[3] == model), None)
-            if same is not None:
-                same[4].append(name)
-            else:
-                names.append((name, role, i, model, []))
-    return names
+    """Each distinct model as the loader loads it (``ModelLayout``: a model several roles name is planned, and
+    counted in memory, once): its first role's name, role and pair, its config, and its other roles' names."""
+    layout = ModelLayout.of(config)
+    roles: list[list[tuple[str, str, int | None]]] = [[("base", "base", None)]] + [[] for _ in layout.slots[1:]]
+    for i, (expert, anti) in enumerate(layout.pairs):
+        roles[expert].append((f"expert_{i}", "expert", i))
+        roles[anti].append((f"anti_expert_{i}", "anti_expert", i))
+    return [(*played[0], slot.config, [name for name, _, _ in played[1:]])
+            for slot, played in zip(layout.slots, roles, strict=True)]
 
 def plan_placement(
     config: EngineConfig,
