@@ -40,7 +40,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy_engine.request import MAX_STOP_STRINGS, ErrorCode, PromptInput, RequestOutput, SamplingParams
+from proxy_engine.request import (
+    MAX_STOP_STRINGS,
+    ErrorCode,
+    PromptInput,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from server.errors import APIError, ErrorResponse, describe_validation_errors
 from server.protocol import check_text, with_defaults
 from server.serving import Choice, Generation, GenerationError, ServerContext, new_request_id
@@ -262,8 +269,11 @@ class Answer:
         return [_token(t.token_id, t.token, t.logprob, self.special) for t in self.choice.logprobs]
 
     def top_tokens(self) -> list[list[dict[str, Any]]]:
-        return [[_token(top.token_id, top.token, top.logprob, self.special) for top in t.top]
-                for t in self.choice.logprobs]
+        return [self._tops(t) for t in self.choice.logprobs]
+
+    def _tops(self, entry: TokenLogprob) -> list[dict[str, Any]]:
+        """A token's alternatives (``top_n_tokens``), as TGI's tokens."""
+        return [_token(top.token_id, top.token, top.logprob, self.special) for top in entry.top]
 
     def whole(self) -> dict[str, Any]:
         """``/generate``'s body."""
@@ -321,7 +331,7 @@ class Answer:
             piece = text if k == len(output.new_token_ids) - 1 else ""
             event: dict[str, Any] = {"token": _token(token_id, piece, entry.logprob if entry else None, self.special)}
             if self.params.top_n_tokens and entry is not None:
-                event["top_tokens"] = [_token(t.token_id, t.token, t.logprob, self.special) for t in entry.top]
+                event["top_tokens"] = self._tops(entry)
             events.append(event)
         return events
 
