@@ -286,6 +286,13 @@ class ResponseBuilder:
         }
 
 
+def failed_snapshot(builder: ResponseBuilder, failure: dict[str, Any]) -> dict[str, Any]:
+    """The response as it failed: status ``failed`` with the OpenAI ``failure``'s code and message."""
+    failed = builder.snapshot("failed")
+    failed["error"] = {"code": failure.get("code") or "server_error", "message": failure["message"]}
+    return failed
+
+
 def response_usage(counts: dict[str, Any]) -> dict[str, Any]:
     """Chat's usage object (``Generation.usage``) in the Responses API's names."""
     return {"input_tokens": counts["prompt_tokens"],
@@ -539,9 +546,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
                 except Exception as error:  # headers are out: the failure goes in the stream
                     failure = generation.error_body()["error"] if isinstance(error, GenerationError) else {
                         "message": "internal error", "type": "server_error", "code": "internal_error"}
-                    failed = builder.snapshot("failed")
-                    failed["error"] = {"code": failure.get("code") or "server_error", "message": failure["message"]}
-                    yield items.event("response.failed", response=failed)
+                    yield items.event("response.failed", response=failed_snapshot(builder, failure))
                     return
                 snapshot, tail = finished(items)
                 yield tail
@@ -572,10 +577,8 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
                             store.put(response_id, owner, builder.snapshot("in_progress"), conversation)
                     whole()
                 except GenerationError:
-                    failure = generation.error_body()["error"]
-                    failed = builder.snapshot("failed")
-                    failed["error"] = {"code": failure.get("code") or "server_error", "message": failure["message"]}
-                    store.put(response_id, owner, failed, conversation)
+                    store.put(response_id, owner, failed_snapshot(builder, generation.error_body()["error"]),
+                              conversation)
                 finally:
                     generation.close()
                     running.pop(response_id, None)
