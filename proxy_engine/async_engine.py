@@ -67,6 +67,7 @@ class EngineStats:
     prefilling: int = 0  # sequences whose prompts are being prefilled
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    preemptions_total: int = 0  # running sequences sent back to the queue for more urgent ones
     kv_cache_usage: float = 0.0  # KV memory of the running and prefilling rows over the budget at the limits, 0-1
     prefix_caches: tuple[PrefixCacheStats, ...] = ()  # the models with a prefix cache
     max_num_seqs: int = 0  # the running batch's cap: the config's, or fewer where static K/V holds fewer; 0 unknown
@@ -187,6 +188,7 @@ def engine_stats(engine) -> EngineStats:
         prefilling=engine.num_prefilling,
         prompt_tokens_total=engine.prompt_tokens_total,
         generation_tokens_total=engine.generation_tokens_total,
+        preemptions_total=engine.preemptions_total,
         kv_cache_usage=engine.kv_cache_usage(),
         prefix_caches=tuple(
             PrefixCacheStats(model=runner.name, queries_total=cache.queries_total, hits_total=cache.hits_total,

@@ -132,7 +132,8 @@ class LimitsConfig(_Strict):
     )
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         default="fcfs", description="Order of the waiting queue: fcfs (arrival) or priority (a request's priority, "
-        "lower first, then arrival; vLLM's). Under fcfs a request with a priority other than 0 is a 400.",
+        "lower first, then arrival; vLLM's: a more urgent request preempts the least urgent running one, which "
+        "resumes by recomputation). Under fcfs a request with a priority other than 0 is a 400.",
     )
     request_timeout_s: float | None = Field(default=None, gt=0, description="End a request after this long.")
     grammar_compile_timeout_s: float = Field(

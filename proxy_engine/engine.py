@@ -176,6 +176,10 @@ class ProxyEngine:
     def generation_tokens_total(self) -> int:
         return self.outputs.generation_tokens_total
 
+    @property
+    def preemptions_total(self) -> int:
+        return self.scheduler.preemptions_total
+
     def has_work(self) -> bool:
         # A runner still holding rows has finished sequences' rows to free (at the next step's sync).
         return bool(
@@ -195,6 +199,11 @@ class ProxyEngine:
             self._sync_rows()
         if not self.scheduler.prefilling:  # done, failed or aborted: the next group may start
             self.prefill = None
+            preempted = self.scheduler.preempt()
+            if preempted:  # their slots go to more urgent sequences: free the rows before the prefill starts
+                log.info("preempted %d sequence(s) for more urgent ones (%s); they resume by recomputation",
+                         len(preempted), ", ".join(sorted({s.request_id for s in preempted})))
+                self._sync_rows()
             admitted = self.scheduler.admit()
             if admitted:
                 self.prefill = PrefillGroup(admitted, self.runners, self.vocab_size, self.device)
@@ -272,7 +281,7 @@ class ProxyEngine:
             return []
         group.cache_prompts()  # complete: its prompts' full blocks go to each model's prefix cache
         alive = [s for s in group.sequences if not s.finished]
-        self.prompt_tokens_total += sum(s.primary_prompt_len for s in alive)
+        self.prompt_tokens_total += sum(s.primary_prompt_len for s in alive if not s.resumed)
         # max_tokens 0 (echo, scoring a prompt): the prompt is all there is.
         sampled = [s for s in alive if s.max_tokens > 0]
         emitted: dict[Sequence, RequestOutput] = {}
@@ -282,7 +291,7 @@ class ProxyEngine:
         for sequence in alive:
             if sequence.max_tokens == 0:
                 emitted[sequence] = self.outputs.finish(sequence, FinishReason.LENGTH)
-            if sequence.index % sequence.params.n == 0:  # a prompt's first choice reports its usage
+            if sequence.index % sequence.params.n == 0 and not sequence.resumed:  # a prompt's first choice's usage
                 emitted[sequence].cached_tokens = group.cached_tokens(sequence)
             scores = group.scores.get(sequence.seq_id)
             if scores is not None:

@@ -34,16 +34,16 @@ class PrefillGroup:
         for index, runner in enumerate(runners):
             members = [s for s in sequences if index in s.prompts]
             if members:
-                prompts = [s.prompts[index] for s in members]
+                prompts = [s.context_ids(index) for s in members]  # a resumed sequence's output too
                 # Prompt logprobs need every position's logits: a scored prompt starts on no cached columns.
-                reuse = [s.params.prompt_logprobs is None for s in members]
+                reuse = [s.params.prompt_logprobs is None or s.resumed for s in members]
                 salts = [s.cache_salt for s in members]
                 self.jobs[index] = runner.start_prefill([s.seq_id for s in members], prompts, reuse, salts)
         self.scores: dict[int, PromptScores] = {}  # seq_id -> its prompt logprobs, for the sequences that asked
         shared: dict[tuple, PromptScores] = {}  # a request's n choices score their one prompt once
         for sequence in sequences:
             k = sequence.params.prompt_logprobs
-            if k is None:
+            if k is None or sequence.resumed:  # scored at its first prefill
                 continue
             prompt = sequence.prompts[sequence.runners[0]]
             key = (tuple(prompt), tuple(sequence.weights), k)

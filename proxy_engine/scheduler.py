@@ -1,6 +1,7 @@
 """Who is where: every sequence is waiting, prefilling or running, and the scheduler is the one that moves it.
 
     add -> waiting --admit--> prefilling --promote--> running --retire--> (gone)
+                 ^------------------preempt-----------------'
     remove: out of any of the three (abort, timeout)
 
 The engine asks the scheduler, never its own lists; the runners' rows follow ``running`` (the engine syncs
@@ -40,19 +41,26 @@ def with_running_cap(limits: LimitsConfig, cap: int) -> LimitsConfig:
 
 
 def _prompt_key(sequence: Sequence) -> tuple:
-    return tuple((index, tuple(ids)) for index, ids in sorted(sequence.prompts.items()))
+    return tuple((index, tuple(sequence.context_ids(index))) for index in sequence.runners)
 
 
 def _priority(sequence: Sequence) -> int:
     return sequence.params.priority
 
 
+def _urgency(sequence: Sequence) -> tuple[int, float]:
+    """The priority order: lower priority values first, then earlier arrivals."""
+    return sequence.params.priority, sequence.arrival
+
+
 class Scheduler:
     """The waiting queue (in arrival order, or by priority then arrival under ``scheduling_policy: priority``), the
     group being prefilled, the running batch.
 
-    A priority orders admission only: decoding sequences keep their K/V slots (there is no preemption), so a
-    high-priority request waits for the next free slot, never for the whole queue ahead of it."""
+    Under ``priority`` a waiting sequence more urgent than a running one takes its slot (``preempt``: vLLM's
+    priority preemption, by recomputation). The running one goes back to the queue without its K/V and, once
+    admitted again, prefills its prompt and the tokens it had generated, then goes on: its client sees a pause,
+    never a repeated or lost token."""
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
@@ -60,6 +68,7 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
         self.running_version = 0  # changes whenever a sequence joins or leaves ``running``
+        self.preemptions_total = 0
 
     # --- counts ----------------------------------------------------------------------------------------------
     @property
@@ -100,7 +109,7 @@ class Scheduler:
         prompts: set[tuple] = set()
         while self.waiting and in_batch + len(admitted) < self.limits.max_num_seqs:
             candidate = self.waiting[0]
-            longest = max(len(p) for p in candidate.prompts.values())
+            longest = max(len(candidate.context_ids(index)) for index in candidate.runners)
             key = _prompt_key(candidate)
             padded = max(width, longest) * (len(prompts) + (key not in prompts))
             if admitted and key not in prompts and padded > budget:
@@ -112,6 +121,34 @@ class Scheduler:
             sequence.start_prefill()
         self.prefilling += admitted
         return admitted
+
+    def preempt(self) -> list[Sequence]:
+        """Under ``priority``, with the batch full: take from ``running`` the least urgent sequences (highest
+        priority value, then latest arrival) that are less urgent than a waiting one the free slots cannot take,
+        one per such waiting sequence, and queue them again in priority order. Their runners' rows go at the
+        engine's next sync. Call it only between prefill groups (a victim's slot is for the next ``admit``)."""
+        if self.limits.scheduling_policy != "priority" or not self.waiting:
+            return []
+        free = self.limits.max_num_seqs - self.in_batch
+        candidates = sorted((s for s in self.running if not s.finished), key=_urgency, reverse=True)
+        victims: list[Sequence] = []
+        for waiting in self.waiting:  # most urgent first
+            if free > 0:
+                free -= 1
+                continue
+            if not candidates or _priority(candidates[0]) <= _priority(waiting):
+                break  # nothing running is less urgent than this one, nor than any after it
+            victims.append(candidates.pop(0))
+        if not victims:
+            return []
+        leaving = set(map(id, victims))
+        self.running = [s for s in self.running if id(s) not in leaving]
+        self.running_version += 1
+        self.preemptions_total += len(victims)
+        for sequence in victims:
+            sequence.preempt()
+            bisect.insort_right(self.waiting, sequence, key=_urgency)
+        return victims
 
     def promote(self, sequences: list[Sequence]) -> None:
         """Prefilled: these leave ``prefilling``; those not finished by their first token join ``running``."""

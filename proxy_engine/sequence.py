@@ -47,6 +47,7 @@ class Sequence:
     grammar: GrammarMatcher | None = None  # the output's constraint, advanced with every accepted token
     cache_salt: str | None = None  # its prompt's prefix-cache salt (PromptInput.cache_salt)
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences (bad_words.py)
+    preemptions: int = 0  # times its K/V was dropped for a more urgent sequence (it resumes by recomputing it)
 
     @property
     def finished(self) -> bool:
@@ -58,6 +59,16 @@ class Sequence:
     def start_running(self) -> None:
         self.status = Status.RUNNING
 
+    def preempt(self) -> None:
+        """Back to waiting, its K/V given up: it resumes by prefilling its prompt and its output so far."""
+        self.status = Status.WAITING
+        self.preemptions += 1
+
+    @property
+    def resumed(self) -> bool:
+        """Preempted before: its next prefill recomputes K/V (its prompt was scored and counted already)."""
+        return self.preemptions > 0
+
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
@@ -66,6 +77,11 @@ class Sequence:
     @property
     def runners(self) -> list[int]:
         return sorted(self.prompts)
+
+    def context_ids(self, runner: int) -> list[int]:
+        """What runner ``runner``'s K/V must hold before the next token: its prompt, then the tokens generated so
+        far (none, unless the sequence was preempted)."""
+        return self.prompts[runner] + self.output_ids
 
     @property
     def primary_prompt_len(self) -> int:

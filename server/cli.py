@@ -81,7 +81,8 @@ FLAGS = [
          "Sequences (prompts x n) that may wait beyond the free batch slots; past it new requests get 429 "
          "(a request needing more than max-num-seqs + max-waiting at once is a 400).", "N"),
     Flag("--scheduling-policy", ("engine", "limits", "scheduling_policy"),
-         "fcfs (default: arrival order) or priority (requests' priority field, lower first; vLLM's).",
+         "fcfs (default: arrival order) or priority (requests' priority field, lower first, preempting less "
+         "urgent running requests; vLLM's).",
          "fcfs|priority"),
     Flag("--max-num-batched-tokens", ("engine", "limits", "max_num_batched_tokens"),
          "Prompt tokens prefilled per step per model (default 512), so running streams never stall.", "N"),

@@ -40,6 +40,10 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_generation_tokens", "Tokens generated.", value=stats.generation_tokens_total
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}_num_preemptions", "Running sequences preempted for more urgent ones (recomputed later).",
+            value=stats.preemptions_total,
+        )
         yield from _cache_metrics(stats)
 
 

@@ -27,6 +27,12 @@ def chat_models(chat_family):
     return load_models(engine_config(chat_family, chat_expert=True))
 
 
+@pytest.fixture(scope="module")
+def plain_models(tiny_family):
+    """Every model on plain prompts (what prompt logprobs need)."""
+    return load_models(engine_config(tiny_family))
+
+
 def make_engine(models, family, *, chat_expert: bool = True, **limits) -> ProxyEngine:
     return ProxyEngine(models, engine_config(family, chat_expert=chat_expert, **limits))
 

@@ -7,7 +7,7 @@ import torch
 
 from proxy_engine.families import TINY_SMALL, build_model, build_tokenizer
 from proxy_engine.loader import load_models
-from proxy_engine.request import FieldError, FinishReason, Target
+from proxy_engine.request import FieldError, FinishReason, PromptInput, Target
 from tests.engine.conftest import engine_config, make_engine, run_to_end, submit
 
 
@@ -78,8 +78,8 @@ def test_priority_policy_serves_the_waiting_in_priority_order(chat_family, chat_
     """One slot: the first request runs; of those that wait, the lowest priority value goes next, then arrival."""
     engine = make_engine(chat_models, chat_family, max_num_seqs=1, scheduling_policy="priority")
     greedy = dict(temperature=0, max_tokens=3, ignore_eos=True)
-    submit(engine, "first", "Hello", priority=9, **greedy)
-    finished = [o.request_id for o in engine.step() if o.finished]  # "first" takes the slot
+    submit(engine, "first", "Hello", priority=-5, **greedy)
+    finished = [o.request_id for o in engine.step() if o.finished]  # "first" takes the slot (none preempts it)
     for request_id, priority in [("late", 2), ("urgent", -1), ("soon", 2)]:
         submit(engine, request_id, "Hello", priority=priority, **greedy)
     for _ in range(100):
@@ -87,6 +87,43 @@ def test_priority_policy_serves_the_waiting_in_priority_order(chat_family, chat_
             break
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == ["first", "urgent", "late", "soon"]
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=77)],
+                         ids=["greedy", "seeded"])
+def test_a_preempted_sequence_resumes_with_the_tokens_it_would_have_had(tiny_family, plain_models, sampling):
+    """One slot, priority policy: an urgent request takes the slot of a running one, which goes back to the queue
+    and, once readmitted, recomputes its K/V (prompt + output so far) and goes on as if never interrupted."""
+    params = dict(max_tokens=12, ignore_eos=True, prompt_logprobs=1, **sampling)
+    alone = make_engine(plain_models, tiny_family, chat_expert=False, max_num_seqs=1, scheduling_policy="priority")
+    submit(alone, "slow", "The quick brown fox", priority=5, **params)
+    expected = run_to_end(alone)[("slow", 0)]
+
+    engine = make_engine(plain_models, tiny_family, chat_expert=False, max_num_seqs=1, scheduling_policy="priority")
+    submit(engine, "slow", "The quick brown fox", priority=5, **params)
+    before: list = []
+    for _ in range(4):  # its prefill, then three decode steps
+        before += [o for o in engine.step() if o.request_id == "slow"]
+    assert len([t for o in before for t in o.new_token_ids]) == 4
+    submit(engine, "urgent", "Hello", priority=-1, temperature=0, max_tokens=3, ignore_eos=True)
+    finished: list[str] = []
+    after: list = []
+    for _ in range(100):
+        if not engine.has_work():
+            break
+        for output in engine.step():
+            if output.request_id == "slow":
+                after.append(output)
+            if output.finished:
+                finished.append(output.request_id)
+    assert finished == ["urgent", "slow"] and engine.preemptions_total == 1
+    outputs = before + after
+    assert [t for o in outputs for t in o.new_token_ids] == expected["tokens"]
+    assert "".join(o.text_delta for o in outputs) == expected["text"]
+    assert outputs[-1].completion_tokens == 12 and outputs[-1].finish_reason is FinishReason.LENGTH
+    assert sum(o.prompt_logprobs is not None for o in outputs) == 1  # scored at its first prefill only
+    assert engine.prompt_tokens_total == alone.prompt_tokens_total + len(engine.render(PromptInput(text="Hello")))
+    assert [r.num_rows for r in engine.runners] == [0, 0, 0]
 
 
 def test_a_priority_needs_the_priority_policy(chat_family, chat_models):

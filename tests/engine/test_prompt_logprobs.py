@@ -7,15 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proxy_engine.loader import load_models
 from proxy_engine.prompt_scores import PromptScores
 from proxy_engine.request import FinishReason, PromptInput, SamplingParams, Target
-from tests.engine.conftest import engine_config, make_engine, submit
-
-
-@pytest.fixture(scope="module")
-def plain_models(tiny_family):
-    return load_models(engine_config(tiny_family))
+from tests.engine.conftest import make_engine, submit
 
 
 @torch.no_grad()

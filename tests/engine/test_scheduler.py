@@ -65,9 +65,50 @@ def test_the_priority_policy_admits_lower_priority_values_first_then_by_arrival(
     scheduler.add([_sequence(2, 2, priority=-1), _sequence(3, 2, priority=0), _sequence(4, 2, priority=5)])
     assert [s.seq_id for s in scheduler.waiting] == [2, 1, 3, 0, 4]
     assert [s.seq_id for s in scheduler.admit()] == [2, 1]
-    scheduler.add([_sequence(5, 2, priority=-3)])  # a late urgent request goes ahead of all that wait...
+    scheduler.add([_sequence(5, 2, priority=-3)])  # a late urgent request goes ahead of all that wait
     assert [s.seq_id for s in scheduler.waiting] == [5, 3, 0, 4]
-    assert scheduler.admit() == []  # ...but takes no slot from a sequence already in the batch (no preemption)
+    assert scheduler.admit() == []  # the batch is full: admission alone takes no slot (preempt does)
+
+
+def _running(scheduler: Scheduler, sequences: list[Sequence]) -> None:
+    scheduler.add(sequences)
+    scheduler.promote(scheduler.admit())
+    assert scheduler.running == sequences
+
+
+def test_a_more_urgent_waiting_sequence_preempts_the_least_urgent_running_one():
+    scheduler = _scheduler(max_num_seqs=3, scheduling_policy="priority")
+    calm, idle, later_idle = _sequence(0, 2, priority=1), _sequence(1, 2, priority=7), _sequence(2, 2, priority=7)
+    _running(scheduler, [calm, idle, later_idle])
+    later_idle.output_ids = [11, 12]  # it has generated two tokens
+    version = scheduler.running_version
+    scheduler.add([_sequence(3, 2, priority=7), _sequence(4, 2, priority=0)])
+    victims = scheduler.preempt()
+    # Only the urgent one (priority 0) preempts; of the two at 7 the later arrival goes; nothing waits at 7 < 7.
+    assert victims == [later_idle] and later_idle.status is Status.WAITING and later_idle.preemptions == 1
+    assert scheduler.running == [calm, idle] and scheduler.running_version != version
+    assert [s.seq_id for s in scheduler.waiting] == [4, 2, 3]  # back in priority order, by its first arrival
+    assert scheduler.preemptions_total == 1
+    readmitted = scheduler.admit()
+    assert [s.seq_id for s in readmitted] == [4]
+    assert later_idle.context_ids(0) == [2, 2, 11, 12]  # it resumes on its prompt and what it had generated
+
+
+def test_preemption_uses_free_slots_first_and_never_takes_an_equally_urgent_slot():
+    scheduler = _scheduler(max_num_seqs=3, scheduling_policy="priority")
+    running = [_sequence(0, 2, priority=2), _sequence(1, 2, priority=2)]
+    _running(scheduler, running)
+    scheduler.add([_sequence(2, 2, priority=0), _sequence(3, 2, priority=1), _sequence(4, 2, priority=2)])
+    victims = scheduler.preempt()  # seq 2 takes the free slot, seq 3 one victim's, seq 4 none (2 is not < 2)
+    assert [s.seq_id for s in victims] == [1]
+    assert scheduler.preempt() == []  # nothing more is owed until the next admission
+
+
+def test_first_come_first_served_never_preempts():
+    scheduler = _scheduler(max_num_seqs=1)
+    _running(scheduler, [_sequence(0, 2)])
+    scheduler.add([_sequence(1, 2)])
+    assert scheduler.preempt() == [] and scheduler.preemptions_total == 0
 
 
 def test_first_come_first_served_ignores_the_order_of_priorities():

@@ -3,6 +3,8 @@
 - Past ``limits.max_waiting`` a request is refused at once with 429 and ``Retry-After``, and the requests
   already admitted are not disturbed: they complete with all their tokens. The engine is held still (a gate
   in its decode phase) while the burst arrives, so the refusals are shown to need no engine step at all.
+- Under ``scheduling_policy: priority`` an urgent request preempts a running stream, which resumes losing
+  nothing.
 - ``limits.request_timeout_s`` ends a request cleanly: an error event with code ``timeout`` when streaming,
   a 504 with type ``timeout`` otherwise, whether the request was running or still waiting.
 """
@@ -153,3 +155,43 @@ def test_a_request_that_times_out_while_waiting(timed):
     assert idle(timed)
     metrics = httpx.get(f"{timed.url}/metrics").text
     assert 'status="timeout"' in metrics
+
+
+# ------------------------------------------------------------------------------------------------ preemption
+@pytest.fixture(scope="module")
+def by_priority(tiny_family):
+    """One running sequence at a time, the waiting queue in priority order (a more urgent request preempts)."""
+    with served(tiny_family, limits={"max_num_seqs": 1, "scheduling_policy": "priority"}) as live:
+        yield live
+
+
+def test_an_urgent_request_preempts_a_stream_which_then_ends_as_if_never_interrupted(by_priority):
+    slow = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+            "priority": 5, "logprobs": 0, "stream_options": {"include_usage": True}}
+    with httpx.Client(base_url=by_priority.url, timeout=120) as client:
+        alone = client.post("/v1/completions", json=slow).json()
+    result: list = []
+
+    def stream_slow() -> None:
+        with httpx.Client(base_url=by_priority.url, timeout=120) as client:
+            result.append(stream(client, "/v1/completions", slow))
+
+    gate = Gate("decode")
+    with by_priority.hooks.on(gate):
+        thread = threading.Thread(target=stream_slow)
+        thread.start()
+        assert gate.holding.wait(30)  # "slow" holds the one slot, its first token out
+        urgent = ThreadPoolExecutor(1).submit(lambda: httpx.post(
+            f"{by_priority.url}/v1/chat/completions", timeout=120, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "priority": -1}))
+        assert wait_until(lambda: by_priority.engine.stats().waiting == 1, timeout=30)
+        gate.open()
+        assert urgent.result(120).status_code == 200
+        thread.join(120)
+    status, events = result[0]
+    assert status == 200 and stream_error(events) is None and events[-1] == "[DONE]"
+    text = "".join(c["text"] for e in events if isinstance(e, dict) for c in e.get("choices", []))
+    assert text == alone["choices"][0]["text"] and choice_tokens(events) == {0: 16}
+    assert events[-2]["usage"] == alone["usage"]  # the prompt counted once, though it was prefilled twice
+    assert idle(by_priority)  # the urgent request had the slot while "slow" waited (it was preempted once):
+    assert "proxy_serve_num_preemptions_total 1.0" in httpx.get(f"{by_priority.url}/metrics").text

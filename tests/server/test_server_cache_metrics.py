@@ -20,7 +20,7 @@ def samples(stats: EngineStats) -> dict[tuple[str, tuple], float]:
 def test_queue_kv_usage_and_prefix_cache_counters_per_model():
     stats = EngineStats(
         running=3, waiting=2, prefilling=1, prompt_tokens_total=900, generation_tokens_total=40,
-        kv_cache_usage=0.25,
+        preemptions_total=7, kv_cache_usage=0.25,
         prefix_caches=(
             PrefixCacheStats(model="base", queries_total=900, hits_total=600, usage=0.5),
             PrefixCacheStats(model="expert", queries_total=950, hits_total=608, usage=0.125),
@@ -30,6 +30,7 @@ def test_queue_kv_usage_and_prefix_cache_counters_per_model():
     assert got[("proxy_serve_num_requests_running", ())] == 3
     assert got[("proxy_serve_num_requests_waiting", ())] == 2
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.25
+    assert got[("proxy_serve_num_preemptions_total", ())] == 7
     assert got[("proxy_serve_prefix_cache_queries_total", (("model", "base"),))] == 900
     assert got[("proxy_serve_prefix_cache_hits_total", (("model", "base"),))] == 600
     assert got[("proxy_serve_prefix_cache_hits_total", (("model", "expert"),))] == 608
