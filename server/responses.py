@@ -23,11 +23,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, StringConstraints
 
 from server.auth import tenant
+from server.background import BackgroundRun, BackgroundRuns
 from server.errors import APIError, bad_request
 from server.protocol import (
     MAX_CACHE_SALT_CHARS,
@@ -126,9 +127,6 @@ class ResponsesRequest(_Lenient):
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise bad_request(f"max_output_tokens must be at least 1, got {self.max_output_tokens}",
                               "max_output_tokens")
-        if self.background and self.stream:
-            raise bad_request("background with stream is not supported: stream the response, or run it in the "
-                              "background and read it with GET /v1/responses/{id}", "background")
         if self.background and self.store is False:
             raise bad_request("background needs store: true (the response is read back with GET "
                               "/v1/responses/{id})", "background")
@@ -473,8 +471,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
     store = ResponseStore(settings.responses_store_max, settings.responses_store_ttl_s,
                           settings.responses_store_max_mb * 2**20)
     ctx.responses_store = store  # type: ignore[attr-defined] - for tests and metrics
-    # Background responses still running: id -> (owner, their generation, the task that runs it).
-    running: dict[str, tuple[str | None, Generation, asyncio.Task]] = {}
+    runs = BackgroundRuns()  # background responses: the running ones, and the last ones' events
 
     def history(previous: str | None, owner: str | None) -> list[dict[str, Any]]:
         if previous is None:
@@ -521,39 +518,53 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
             logprobs = MessageLogprobs(generation.choices[0], reasoning.parser) if body.wants_logprobs else None
             return ItemStream(builder, logprobs, body.wants_encrypted_reasoning)
 
-        def finished(items: ItemStream) -> tuple[dict[str, Any], str]:
+        def usage() -> dict[str, Any]:
+            return response_usage(generation.usage(reasoning.parser, reasoning=True))
+
+        def finished(items: ItemStream) -> tuple[dict[str, Any], list[str]]:
             choice = generation.choices[0]
             incomplete = "max_output_tokens" if choice.finish_reason == "length" else None
             status = "incomplete" if incomplete else "completed"
             tail = items.close(status)
-            counts = generation.usage(reasoning.parser, reasoning=True)
-            snapshot = builder.snapshot(status, response_usage(counts), incomplete)
+            snapshot = builder.snapshot(status, usage(), incomplete)
             if body.store:
                 store.put(response_id, owner, snapshot, conversation + output_messages(builder.output))
-            return snapshot, "".join(tail)
+            return snapshot, tail
 
-        if body.stream:
-            async def events() -> AsyncIterator[str]:
-                items = item_stream()
-                choice_stream, splitter = ChoiceStream(plan), ReasoningSplitter(reasoning.parser)
-                yield items.event("response.created", response=builder.snapshot("in_progress"))
-                yield items.event("response.in_progress", response=builder.snapshot("in_progress"))
-                try:
-                    async for output in generation.outputs():
-                        for delta in reasoning.deltas(splitter, choice_stream, output.text_delta, output.finished):
-                            for event in items.feed(delta):
-                                yield event
-                except Exception as error:  # headers are out: the failure goes in the stream
-                    failure = generation.error_body()["error"] if isinstance(error, GenerationError) else {
-                        "message": "internal error", "type": "server_error", "code": "internal_error"}
-                    yield items.event("response.failed", response=failed_snapshot(builder, failure))
-                    return
-                snapshot, tail = finished(items)
-                yield tail
-                kind = "response.completed" if snapshot["status"] == "completed" else "response.incomplete"
-                yield items.event(kind, response=snapshot)
+        async def events(items: ItemStream) -> AsyncIterator[str]:
+            """The response's stream events, from ``response.created`` to its end (stored as it ends when asked).
+            A background response is ``queued`` until the engine begins it, and stored at each change of state."""
+            choice_stream, splitter = ChoiceStream(plan), ReasoningSplitter(reasoning.parser)
+            first = "queued" if body.background else "in_progress"
+            yield items.event("response.created", response=builder.snapshot(first))
+            yield items.event(f"response.{first}", response=builder.snapshot(first))
+            begun = not body.background
+            try:
+                async for output in generation.outputs():
+                    if not begun:
+                        begun = True
+                        snapshot = builder.snapshot("in_progress")
+                        store.put(response_id, owner, snapshot, conversation)
+                        yield items.event("response.in_progress", response=snapshot)
+                    for delta in reasoning.deltas(splitter, choice_stream, output.text_delta, output.finished):
+                        for event in items.feed(delta):
+                            yield event
+            except Exception as error:  # headers are out: the failure goes in the stream
+                failure = generation.error_body()["error"] if isinstance(error, GenerationError) else {
+                    "message": "internal error", "type": "server_error", "code": "internal_error"}
+                snapshot = failed_snapshot(builder, failure)
+                if body.background:
+                    store.put(response_id, owner, snapshot, conversation)
+                yield items.event("response.failed", response=snapshot)
+                return
+            snapshot, tail = finished(items)
+            for event in tail:
+                yield event
+            kind = "response.completed" if snapshot["status"] == "completed" else "response.incomplete"
+            yield items.event(kind, response=snapshot)
 
-            return EventStreamResponse(events(), generation.close, headers)
+        if body.stream and not body.background:
+            return EventStreamResponse(events(item_stream()), generation.close, headers)
 
         def whole() -> dict[str, Any]:
             """The finished response (stored when asked), from the generation's whole text."""
@@ -566,24 +577,37 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         if body.background:
             queued = builder.snapshot("queued")
             store.put(response_id, owner, queued, conversation)
+            items = item_stream()
+            run = runs.start(response_id, BackgroundRun(owner, generation))
 
-            async def run() -> None:
-                """The generation to its end with no client waiting; each state stored for GET to read."""
+            def cancelled() -> None:
+                """Stopped by a cancel: the engine request aborted, the answer so far stored as ``cancelled``."""
+                generation.close("cancelled")
+                if run.settled:
+                    return
+                run.settled = True
+                for event in items.close("incomplete"):
+                    run.log.append(event)
+                snapshot = builder.snapshot("cancelled", usage())
+                store.put(response_id, owner, snapshot, conversation + output_messages(builder.output))
+
+            async def drive() -> None:
+                """The generation to its end with no client needed: every event into the run's log, for any
+                client to follow (the one that created it, when it asked for a stream, or any later GET)."""
                 try:
-                    started = False
-                    async for _ in generation.outputs():
-                        if not started:  # the engine has begun it
-                            started = True
-                            store.put(response_id, owner, builder.snapshot("in_progress"), conversation)
-                    whole()
-                except GenerationError:
-                    store.put(response_id, owner, failed_snapshot(builder, generation.error_body()["error"]),
-                              conversation)
+                    async for event in events(items):
+                        run.log.append(event)
+                    run.settled = True
+                except asyncio.CancelledError:
+                    cancelled()
                 finally:
                     generation.close()
-                    running.pop(response_id, None)
+                    runs.end(response_id)
 
-            running[response_id] = (owner, generation, asyncio.ensure_future(run()))
+            run.on_cancel = cancelled
+            run.task = asyncio.ensure_future(drive())
+            if body.stream:  # the client follows it; leaving does not stop it
+                return EventStreamResponse(run.log.follow(), lambda: None, headers)
             return JSONResponse(queued, headers=headers)
 
         if not await collect(generation, request):  # raises the request's HTTP error if it failed
@@ -595,16 +619,9 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         """A running background response stops (status ``cancelled``); one already finished is returned as it
         is, as OpenAI does."""
         owner = tenant(request)
-        live = running.get(response_id)
-        if live is not None and live[0] == owner:
-            _, generation, task = running.pop(response_id)
-            task.cancel()
-            generation.close("cancelled")
-            entry = store.get(response_id, owner)
-            if entry is not None:
-                cancelled = dict(entry.response, status="cancelled")
-                store.put(response_id, owner, cancelled, entry.messages)
-                return JSONResponse(cancelled)
+        run = runs.get(response_id, owner, running_only=True)
+        if run is not None:
+            await run.cancel()
         entry = store.get(response_id, owner)
         if entry is None:
             raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
@@ -613,11 +630,22 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         return JSONResponse(entry.response)
 
     @router.get("/v1/responses/{response_id:path}")
-    async def get_response(response_id: str, request: Request) -> JSONResponse:
-        entry = store.get(response_id, tenant(request))
+    async def get_response(response_id: str, request: Request, stream: bool = False,
+                           starting_after: Annotated[int, Query(ge=-1)] = -1) -> Response:
+        """The stored response; with ``stream``, a background response's events after ``starting_after`` (all of
+        them by default), then the rest as they come."""
+        owner = tenant(request)
+        entry = store.get(response_id, owner)
         if entry is None:
             raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
-        return JSONResponse(entry.response)
+        if not stream:
+            return JSONResponse(entry.response)
+        run = runs.get(response_id, owner)
+        if run is None:
+            raise bad_request(f"response {response_id!r} has no events to stream: only a background response's "
+                              f"are kept (while it runs, then for the last {runs.keep} that finished); GET it "
+                              "without stream", "stream")
+        return EventStreamResponse(run.log.follow(starting_after), lambda: None, {"x-request-id": response_id})
 
     @router.delete("/v1/responses/{response_id:path}")
     async def delete_response(response_id: str, request: Request) -> JSONResponse:

@@ -162,7 +162,6 @@ def test_includes_of_tools_and_inputs_this_server_refuses_add_nothing(client):
     [
         ({"previous_response_id": "resp_unknown"}, 404, "previous_response_id"),
         ({"reasoning": "high"}, 400, "reasoning"),
-        ({"background": True, "stream": True}, 400, "background"),
         ({"background": True, "store": False}, 400, "background"),
         ({"truncation": "auto"}, 400, "truncation"),
         ({"input": [{"type": "image_generation_call"}]}, 400, "input[0].type"),
