@@ -67,7 +67,7 @@ class EngineStats:
     prefilling: int = 0  # sequences whose prompts are being prefilled
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
-    preemptions_total: int = 0  # running sequences sent back to the queue for more urgent ones
+    preemptions_total: int = 0  # running sequences sent back to the queue (more urgent ones, out of memory)
     kv_cache_usage: float = 0.0  # KV memory of the running and prefilling rows over the budget at the limits, 0-1
     prefix_caches: tuple[PrefixCacheStats, ...] = ()  # the models with a prefix cache
     max_num_seqs: int = 0  # the running batch's cap: the config's, or fewer where static K/V holds fewer; 0 unknown

@@ -45,7 +45,7 @@ from proxy_engine.request import (
 )
 from proxy_engine.runner import ModelRunner
 from proxy_engine.sampling import SamplingBatch
-from proxy_engine.scheduler import Scheduler, has_room, with_running_cap
+from proxy_engine.scheduler import MEMORY_GROW_STEPS, Scheduler, has_room, with_running_cap
 from proxy_engine.sequence import Sequence
 
 log = logging.getLogger("proxy_engine.engine")
@@ -221,12 +221,29 @@ class ProxyEngine:
                 self.fault_hook(phase, sequences)
             return run()
         except Exception as error:  # noqa: BLE001 - one bad batch must not stop the engine
+            if phase == "decode" and out_of_memory(error) and self._preempt_for_memory():
+                return []
             log.exception("engine %s step failed for %d sequences", phase, len(sequences))
             failed = [self.outputs.fail(s, phase, error) for s in sequences if not s.finished]
             # The batch may have failed for lack of memory: give its rows back now, not at the next step.
             self.scheduler.retire()
             self._sync_rows(force=True)  # a prefill may have failed half-way through handing its rows over
             return failed
+
+    def _preempt_for_memory(self) -> bool:
+        """A decode step ran out of memory: preempt the whole batch (the step may have grown some models' K/V
+        and not others', so every row goes) and cap it at half; False, to fail it as any error, when a single
+        sequence was running (nothing smaller would fit)."""
+        if sum(not s.finished for s in self.scheduler.running) < 2:
+            return False
+        victims = self.scheduler.preempt_all()
+        self._sync_rows(force=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the freed K/V back to the driver's pool before the smaller batch regrows
+        log.warning("out of memory in a decode step of %d sequences: all preempted (they resume by recomputation), "
+                    "the batch capped at %d and growing back by one every %d steps; lower max_num_seqs or "
+                    "max_model_len to avoid it", len(victims), self.scheduler.memory_cap, MEMORY_GROW_STEPS)
+        return True
 
     def _drain_inbox(self) -> list[RequestOutput]:
         """New sequences join the waiting queue; aborted and timed-out ones leave, wherever they are."""
@@ -269,7 +286,9 @@ class ProxyEngine:
             tokens = torch.tensor([s.last_token for s in members], dtype=torch.long)
             rows, weights = [position[s.seq_id] for s in members], [s.weights[index] for s in members]
             parts[index] = Contribution.of(runner.decode(tokens), rows, weights)
-        return self._sample_and_emit(sequences, parts)
+        outputs = self._sample_and_emit(sequences, parts)
+        self.scheduler.decoded()
+        return outputs
 
     def _prefill(self) -> list[RequestOutput]:
         group = self.prefill
@@ -352,6 +371,15 @@ class ProxyEngine:
                 sequences, tokens, batch.top_logprobs(combined, tokens), analyses
             )
         ]
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """An allocation failure: CUDA's ``OutOfMemoryError``, Python's ``MemoryError``, the CPU allocator's or another
+    backend's message."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
 
 
 def _only_row(parts: dict[int, Contribution], row: int) -> dict[int, Contribution]:

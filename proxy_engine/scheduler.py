@@ -1,7 +1,7 @@
 """Who is where: every sequence is waiting, prefilling or running, and the scheduler is the one that moves it.
 
     add -> waiting --admit--> prefilling --promote--> running --retire--> (gone)
-                 ^------------------preempt-----------------'
+                 ^---------preempt, preempt_all--------------'
     remove: out of any of the three (abort, timeout)
 
 The engine asks the scheduler, never its own lists; the runners' rows follow ``running`` (the engine syncs
@@ -48,6 +48,9 @@ def _priority(sequence: Sequence) -> int:
     return sequence.params.priority
 
 
+MEMORY_GROW_STEPS = 64  # decode steps without running out of memory before the memory cap takes one more sequence
+
+
 def _urgency(sequence: Sequence) -> tuple[int, float]:
     """The priority order: lower priority values first, then earlier arrivals."""
     return sequence.params.priority, sequence.arrival
@@ -60,7 +63,12 @@ class Scheduler:
     Under ``priority`` a waiting sequence more urgent than a running one takes its slot (``preempt``: vLLM's
     priority preemption, by recomputation). The running one goes back to the queue without its K/V and, once
     admitted again, prefills its prompt and the tokens it had generated, then goes on: its client sees a pause,
-    never a repeated or lost token."""
+    never a repeated or lost token.
+
+    A decode step that runs out of memory preempts the whole batch (``preempt_all``) and halves the running
+    batch's cap (``memory_cap``), which then grows back by one sequence every ``MEMORY_GROW_STEPS`` good steps
+    (additive increase, multiplicative decrease): the batch settles at what the memory holds, where the step
+    would otherwise fail every running request."""
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
@@ -69,8 +77,17 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.running_version = 0  # changes whenever a sequence joins or leaves ``running``
         self.preemptions_total = 0
+        self.memory_cap: int | None = None  # running sequences the memory held, after running out of it
+        self._good_steps = 0
 
     # --- counts ----------------------------------------------------------------------------------------------
+    @property
+    def batch_limit(self) -> int:
+        """Sequences the batch may hold now: ``max_num_seqs``, or fewer after running out of memory."""
+        if self.memory_cap is None:
+            return self.limits.max_num_seqs
+        return min(self.limits.max_num_seqs, self.memory_cap)
+
     @property
     def in_batch(self) -> int:
         """Sequences holding (or about to hold) a batch slot: running or prefilling, and not finished."""
@@ -107,7 +124,7 @@ class Scheduler:
         in_batch = self.in_batch
         width = 0
         prompts: set[tuple] = set()
-        while self.waiting and in_batch + len(admitted) < self.limits.max_num_seqs:
+        while self.waiting and in_batch + len(admitted) < self.batch_limit:
             candidate = self.waiting[0]
             longest = max(len(candidate.context_ids(index)) for index in candidate.runners)
             key = _prompt_key(candidate)
@@ -129,7 +146,7 @@ class Scheduler:
         engine's next sync. Call it only between prefill groups (a victim's slot is for the next ``admit``)."""
         if self.limits.scheduling_policy != "priority" or not self.waiting:
             return []
-        free = self.limits.max_num_seqs - self.in_batch
+        free = self.batch_limit - self.in_batch
         candidates = sorted((s for s in self.running if not s.finished), key=_urgency, reverse=True)
         victims: list[Sequence] = []
         for waiting in self.waiting:  # most urgent first
@@ -143,12 +160,42 @@ class Scheduler:
             return []
         leaving = set(map(id, victims))
         self.running = [s for s in self.running if id(s) not in leaving]
+        self._requeue(victims)
+        return victims
+
+    def preempt_all(self) -> list[Sequence]:
+        """Out of memory in a decode step: every running sequence back to the queue, ahead of the sequences that
+        came after it, and the batch capped at half of them (``memory_cap``)."""
+        victims = [s for s in self.running if not s.finished]
+        self.running = [s for s in self.running if s.finished]  # retired at the next retire(), as ever
+        self.memory_cap = max(1, len(victims) // 2)
+        self._good_steps = 0
+        self._requeue(victims)
+        return victims
+
+    def decoded(self) -> None:
+        """A decode step went through: under a memory cap, count towards taking one more sequence."""
+        if self.memory_cap is None:
+            return
+        self._good_steps += 1
+        if self._good_steps >= MEMORY_GROW_STEPS:
+            self._good_steps = 0
+            self.memory_cap += 1
+            if self.memory_cap >= self.limits.max_num_seqs:
+                self.memory_cap = None
+
+    def _requeue(self, victims: list[Sequence]) -> None:
+        """Preempted sequences back to waiting: by priority then arrival under ``priority``, else ahead of every
+        sequence that waits (they were admitted before any of them), in arrival order."""
         self.running_version += 1
         self.preemptions_total += len(victims)
         for sequence in victims:
             sequence.preempt()
-            bisect.insort_right(self.waiting, sequence, key=_urgency)
-        return victims
+        if self.limits.scheduling_policy == "priority":
+            for sequence in victims:
+                bisect.insort_right(self.waiting, sequence, key=_urgency)
+        else:
+            self.waiting.extendleft(sorted(victims, key=lambda s: s.arrival, reverse=True))
 
     def promote(self, sequences: list[Sequence]) -> None:
         """Prefilled: these leave ``prefilling``; those not finished by their first token join ``running``."""

@@ -41,7 +41,8 @@ class _EngineCollector(Collector):
             f"{PREFIX}_generation_tokens", "Tokens generated.", value=stats.generation_tokens_total
         )
         yield CounterMetricFamily(
-            f"{PREFIX}_num_preemptions", "Running sequences preempted for more urgent ones (recomputed later).",
+            f"{PREFIX}_num_preemptions",
+            "Running sequences preempted (for more urgent ones, or out of memory); they resume by recomputation.",
             value=stats.preemptions_total,
         )
         yield from _cache_metrics(stats)

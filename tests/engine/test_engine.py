@@ -286,6 +286,52 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(chat_fam
     assert run_to_end(engine)[("after", 0)]["finish"] is FinishReason.LENGTH
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "1073741824 bytes")], ids=["cuda", "cpu"])
+def test_out_of_memory_in_a_decode_step_preempts_the_batch_which_resumes_losing_nothing(
+        chat_family, chat_models, monkeypatch, error):
+    """The third model runs out of memory after the first two have grown their K/V for the step: every row goes,
+    the four sequences resume (by recomputation) two at a time, and each ends with the tokens of a run that never
+    failed."""
+    requests = {"a": dict(temperature=0), "b": dict(temperature=1.0, seed=3), "c": dict(temperature=0),
+                "d": dict(temperature=0.8, top_k=20, seed=9)}
+    prompts = {"a": "Hello", "b": "The quick brown fox", "c": "Paris is", "d": "def add(a, b):"}
+
+    def run(engine, fail_at: int | None) -> dict:
+        for request_id, sampling in requests.items():
+            submit(engine, request_id, prompts[request_id], max_tokens=10, ignore_eos=True, **sampling)
+        results: dict = {}
+        widest_after = 0
+        for step in range(200):
+            if not engine.has_work():
+                break
+            if step == fail_at:
+                runner = engine.runners[2]
+                decode = runner.decode
+
+                def fail_once(tokens, runner=runner, decode=decode):
+                    monkeypatch.setattr(runner, "decode", decode)
+                    raise error
+
+                monkeypatch.setattr(runner, "decode", fail_once)
+            outputs = engine.step()
+            if step == fail_at:  # the first two are readmitted in the same step
+                assert engine.preemptions_total == 4 and engine.scheduler.memory_cap == 2
+                assert [r.num_rows for r in engine.runners] == [2, 2, 2]
+            if fail_at is not None and step >= fail_at:
+                widest_after = max(widest_after, len(engine.running) + engine.num_prefilling)
+            for output in outputs:
+                results[output.request_id] = results.get(output.request_id, []) + output.new_token_ids
+                assert output.error is None
+        return results, widest_after
+
+    expected, _ = run(make_engine(chat_models, chat_family), None)
+    got, widest = run(make_engine(chat_models, chat_family), 3)
+    assert got == expected and all(len(tokens) == 10 for tokens in got.values())
+    assert widest == 2  # the cap held (it grows back by one every MEMORY_GROW_STEPS good steps)
+
+
 def test_waiting_queue_bound(chat_family, chat_models):
     from proxy_engine.request import EngineOverloadedError
 

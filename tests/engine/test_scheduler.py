@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from proxy_engine.config import LimitsConfig
 from proxy_engine.request import FinishReason, SamplingParams
-from proxy_engine.scheduler import Scheduler, has_room, with_running_cap
+from proxy_engine.scheduler import MEMORY_GROW_STEPS, Scheduler, has_room, with_running_cap
 from proxy_engine.sequence import Sequence, Status
 
 
@@ -161,3 +161,21 @@ def test_a_running_cap_lowers_max_num_seqs_and_nothing_else():
     assert capped.max_num_seqs == 5 and capped.max_waiting == 3 and limits.max_num_seqs == 8
     assert with_running_cap(limits, 0) is limits and with_running_cap(limits, 8) is limits  # unknown, or no cap
     assert with_running_cap(limits, 12) is limits  # never raised past the config
+
+
+def test_out_of_memory_preempts_everything_then_the_cap_halves_and_grows_back():
+    scheduler = _scheduler(max_num_seqs=5)
+    running = [_sequence(i, 2) for i in range(5)]
+    _running(scheduler, running)
+    scheduler.add([_sequence(9, 2)])  # came after all of them
+    assert scheduler.preempt_all() == running and scheduler.running == []
+    assert [s.seq_id for s in scheduler.waiting] == [0, 1, 2, 3, 4, 9]  # back ahead of it, in arrival order
+    assert scheduler.memory_cap == 2 and scheduler.batch_limit == 2 and scheduler.preemptions_total == 5
+    assert [s.seq_id for s in scheduler.admit()] == [0, 1]
+    for cap in (3, 4):
+        for _ in range(MEMORY_GROW_STEPS):
+            scheduler.decoded()
+        assert scheduler.memory_cap == cap
+    for _ in range(MEMORY_GROW_STEPS):
+        scheduler.decoded()
+    assert scheduler.memory_cap is None and scheduler.batch_limit == 5  # back to max_num_seqs: no cap
