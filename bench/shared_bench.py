@@ -40,7 +40,11 @@ def config(family, *, shared: bool) -> EngineConfig:
 
 
 def held_bytes(loaded) -> int:
-    return sum(p.numel() * p.element_size() for m in loaded for p in m.model.parameters())
+    """Bytes of parameters the engine holds: a model several roles share counted once, an unmerged LoRA's terms
+    added."""
+    models = {id(m.model): m.model for m in loaded}.values()
+    weights = sum(p.numel() * p.element_size() for model in models for p in model.parameters())
+    return weights + sum(m.adapter.nbytes for m in loaded if m.adapter is not None)
 
 
 def greedy_tokens(engine: ProxyEngine, batch: list[list[int]], tokens: int) -> list[list[int]]:
@@ -54,52 +58,67 @@ def greedy_tokens(engine: ProxyEngine, batch: list[list[int]], tokens: int) -> l
     return [out[f"t{i}"] for i in range(len(batch))]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["bench", "real", "tiny"], default="bench")
-    parser.add_argument("--family-dir", type=Path, default=None)
-    parser.add_argument("--tokens", type=int, default=64, help="decode steps per measurement")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/shared_anti_expert"))
-    args = parser.parse_args(argv)
-    threads = pin_threads(args.threads)
-    family = family_paths(args.family, args.family_dir)
-    configs = {name: config(family, shared=name == "shared") for name in ("shared", "copies")}
+def side_by_side(configs: dict[str, EngineConfig], args: argparse.Namespace, threads: int, stem: str) -> None:
+    """Decode tokens/s of two engines (``configs``' two entries, the first the candidate) at 1 and 16 sequences,
+    interleaved ``args.repeats`` times; their parameter bytes; whether they answer the same greedy tokens. Written
+    to ``args.out / stem`` (.json, .md) and printed."""
+    first, second = configs
     loaded = {name: load_models(c) for name, c in configs.items()}
-    tokenizer = loaded["shared"][0].tokenizer
+    tokenizer = loaded[first][0].tokenizer
     batches = {size: prompts(tokenizer, size) for size in (1, 16)}
-    same = (greedy_tokens(ProxyEngine(loaded["shared"], configs["shared"]), batches[16], 16)
-            == greedy_tokens(ProxyEngine(loaded["copies"], configs["copies"]), batches[16], 16))
+    same = (greedy_tokens(ProxyEngine(loaded[first], configs[first]), batches[16], 16)
+            == greedy_tokens(ProxyEngine(loaded[second], configs[second]), batches[16], 16))
     samples: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for size in (1, 16):
-            for name in ("shared", "copies"):  # side by side in time
+            for name in configs:  # side by side in time
                 rate = engine_decode(ProxyEngine(loaded[name], configs[name]), batches[size], args.tokens)
                 samples.setdefault(f"{name}_b{size}", []).append(float(rate))
     rates = {key: statistics.median(values) for key, values in samples.items()}
-    ratios = {f"shared / copies, {size} sequence{'s' if size > 1 else ''}": statistics.median(
-        a / b for a, b in zip(samples[f"shared_b{size}"], samples[f"copies_b{size}"])) for size in (1, 16)}
+    ratios = {f"{first} / {second}, {size} sequence{'s' if size > 1 else ''}": statistics.median(
+        a / b for a, b in zip(samples[f"{first}_b{size}"], samples[f"{second}_b{size}"])) for size in (1, 16)}
     memory = {name: held_bytes(models) for name, models in loaded.items()}
     meta = {"family": args.family, "threads": threads, "tokens": args.tokens, "repeats": args.repeats,
             "load": os.getloadavg()[0], "models": {name: len(models) for name, models in loaded.items()},
             "same_tokens": same}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shared.json").write_text(json.dumps(
+    (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "tokens_per_s": rates, "ratios": ratios, "parameter_bytes": memory, "samples": samples},
         indent=2))
     lines = [
         f"family {args.family}; threads {threads}; {args.tokens} decode steps; median of {args.repeats} interleaved "
         f"repeats; load average {meta['load']:.2f}; same greedy tokens: {same}",
-        "", "| engine | models loaded | parameter MB | tokens/s, 1 seq | tokens/s, 16 seqs |",
+        "", "| engine | roles | parameter MB | tokens/s, 1 seq | tokens/s, 16 seqs |",
         "|---|---:|---:|---:|---:|",
         *[f"| {name} | {len(loaded[name])} | {memory[name] / 1e6:.1f} | {rates[f'{name}_b1']:.1f} | "
-          f"{rates[f'{name}_b16']:.1f} |" for name in ("shared", "copies")],
+          f"{rates[f'{name}_b16']:.1f} |" for name in configs],
         "", "| ratio (median of paired repeats) | value |", "|---|---:|",
         *[f"| {name} | {value:.2f}x |" for name, value in ratios.items()],
     ]
-    (args.out / "shared.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def arguments(description: str, out: str, argv: list[str] | None, **extra: dict) -> argparse.Namespace:
+    """The side-by-side benches' options, and ``extra`` ones (``--name``: ``add_argument``'s keywords)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, options in extra.items():
+        parser.add_argument(f"--{name}", **options)
+    parser.add_argument("--family", choices=["bench", "real", "tiny"], default="bench")
+    parser.add_argument("--family-dir", type=Path, default=None)
+    parser.add_argument("--tokens", type=int, default=64, help="decode steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(__doc__, "bench/results/shared_anti_expert", argv)
+    threads = pin_threads(args.threads)
+    family = family_paths(args.family, args.family_dir)
+    side_by_side({name: config(family, shared=name == "shared") for name in ("shared", "copies")}, args, threads,
+                 "shared")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from proxy_engine.analysis import Distribution, model_logprobs
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
 from proxy_engine.executor import KV_MEMORY_FRACTION, running_cap, static_kv_plans, wants_static
+from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.intake import Intake
 from proxy_engine.loader import LoadedModel, eos_token_ids, input_device
 from proxy_engine.model_files import max_model_len_error
@@ -91,14 +92,17 @@ class ProxyEngine:
             per_token * self.limits.max_num_seqs * max_len
             for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
         ]
-        self.runners = [
-            ModelRunner(
+        self.runners: list[ModelRunner] = []
+        decoders: dict[int, FastDecoder] = {}  # id(model) -> its fast step: runners over one model share it
+        for m, budget, plan, max_len in zip(models, self.kv_budgets, slot_plans, self.max_lens):
+            runner = ModelRunner(
                 m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
                 prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, budget), slot_plan=plan,
-                max_len=max_len,
+                max_len=max_len, adapter=m.adapter, fast=decoders.get(id(m.model)),
             )
-            for m, budget, plan, max_len in zip(models, self.kv_budgets, slot_plans, self.max_lens)
-        ]
+            if runner.fast is not None:
+                decoders.setdefault(id(m.model), runner.fast)
+            self.runners.append(runner)
         self.eos_ids = frozenset(eos_token_ids(models))
         self.device = self.runners[0].device
         self.scheduler = Scheduler(self.limits)
@@ -279,13 +283,16 @@ class ProxyEngine:
         by_id = {s.seq_id: s for s in sequences}
         parts: dict[int, Contribution] = {}
         # Launch every model before reading any result: on GPUs the forwards overlap.
-        for index, runner in enumerate(self.runners):
-            if runner.num_rows == 0:
-                continue
-            members = [by_id[seq_id] for seq_id in runner.seq_ids]
-            tokens = torch.tensor([s.last_token for s in members], dtype=torch.long)
-            rows, weights = [position[s.seq_id] for s in members], [s.weights[index] for s in members]
-            parts[index] = Contribution.of(runner.decode(tokens), rows, weights)
+        for batch in _decode_batches(self.runners):
+            members = [[by_id[seq_id] for seq_id in self.runners[index].seq_ids] for index in batch]
+            tokens = [torch.tensor([s.last_token for s in rows], dtype=torch.long) for rows in members]
+            if len(batch) == 1:
+                logits = [self.runners[batch[0]].decode(tokens[0])]
+            else:  # runners over one model (an anti-expert and its unmerged LoRA experts): one pass
+                logits = ModelRunner.decode_together([self.runners[index] for index in batch], tokens)
+            for index, rows, model_logits in zip(batch, members, logits):
+                parts[index] = Contribution.of(model_logits, [position[s.seq_id] for s in rows],
+                                               [s.weights[index] for s in rows])
         outputs = self._sample_and_emit(sequences, parts)
         self.scheduler.decoded()
         return outputs
@@ -371,6 +378,17 @@ class ProxyEngine:
                 sequences, tokens, batch.top_logprobs(combined, tokens), analyses
             )
         ]
+
+
+def _decode_batches(runners: list[ModelRunner]) -> list[list[int]]:
+    """The runners with rows, by index, in groups that decode together: those sharing one fast step (one model,
+    lora.py) in one group, every other runner alone."""
+    batches: dict[int, list[int]] = {}
+    for index, runner in enumerate(runners):
+        if runner.num_rows:
+            key = id(runner.fast) if runner.fast is not None else -1 - index
+            batches.setdefault(key, []).append(index)
+    return list(batches.values())
 
 
 def out_of_memory(error: BaseException) -> bool:

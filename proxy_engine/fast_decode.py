@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,10 @@ import torch.nn.functional as F
 from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, unsupported_reason
 from proxy_engine.attention_masks import FULL, SLIDING, visible
 from proxy_engine.config import PACKED_WEIGHTS_ENV
+from proxy_engine.lora import LoraTerm, fused_term
+
+if TYPE_CHECKING:
+    from proxy_engine.lora import LoraAdapter
 
 log = logging.getLogger("proxy_engine.fast_decode")
 
@@ -290,8 +296,25 @@ def rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) 
     return torch.addcmul(x * cos, _swap_halves(x), signed_sin)
 
 
+@dataclass(frozen=True)
+class DecodeRows:
+    """One runner's rows in a step: their last tokens, positions, key mask (or None) and cache, and the LoRA its
+    rows add (an expert served unmerged over this model: lora.py), if any."""
+
+    ids: torch.Tensor  # [n]
+    positions: torch.Tensor  # [n]
+    mask: torch.Tensor | None  # [n, 1, 1, span] bool
+    cache: object  # SlotKVCache
+    adapter: LoraAdapter | None = None
+
+
+_FUSED = ("qkv", "o", "gate_up", "down")
+
+
 class FastDecoder:
-    """``decode(ids, positions, mask, cache)`` for one model: next-token logits ``[n, V]`` in float32.
+    """``decode(ids, positions, mask, cache)`` for one model: next-token logits ``[n, V]`` in float32;
+    ``decode_rows`` for the rows of several runners over this one model (an anti-expert's and its LoRA experts'),
+    each with its own cache, in one pass over the weights.
 
     q/k/v and gate/up are fused (one GEMM each: their weights are moved into one storage per layer, see
     ``fuse_linears``), rotary cos / sin come from a table, q and k are rotated together. ``column_major``
@@ -343,6 +366,7 @@ class FastDecoder:
             tuple(p.get(name) for name in ("qkv", "o", "gate_up", "down")) for p in self.packed]
         layout = self.layout
         self.heads, self.kv_heads, self.head_dim = layout.heads, layout.kv_heads, layout.head_dim
+        self._lora: dict[int, list[dict[str, LoraTerm | None]]] = {}  # id(adapter) -> per layer, per fused name
 
     @classmethod
     def for_model(
@@ -381,57 +405,65 @@ class FastDecoder:
             return self.bag_linears
         return self.plain_linears
 
-    @torch.inference_mode()
-    def decode(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+    def lora_terms(self, adapter: LoraAdapter) -> list[dict[str, LoraTerm | None]]:
+        """``adapter``'s terms on this decoder's fused projections, per layer (built once per adapter)."""
+        terms = self._lora.get(id(adapter))
+        if terms is None:
+            terms = []
+            for layer, fused in zip(self.layers, self.fused):
+                attn, mlp = layer.self_attn, layer.mlp
+                modules = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj]}
+                if "gate_up" in fused:
+                    modules.update(gate_up=[mlp.gate_proj, mlp.up_proj], down=[mlp.down_proj])
+                terms.append({name: fused_term(adapter.terms, group) for name, group in modules.items()})
+            self._lora[id(adapter)] = terms
+        return terms
+
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache,
+               adapter: LoraAdapter | None = None) -> torch.Tensor:
         """``ids [n]``, ``positions [n]``, ``mask [n, 1, 1, span]`` (bool) or None, ``cache`` a ``SlotKVCache``;
-        layers with a sliding window build their own mask from the positions, and read only the columns some
-        row's window reaches (from the shortest row's first one): for Gemma-3's local layers, a window of
-        hundreds of tokens instead of the whole context."""
-        n = ids.shape[0]
+        ``adapter`` a LoRA the rows add. Layers with a sliding window build their own mask from the positions, and
+        read only the columns some row's window reaches (from the shortest row's first one): for Gemma-3's local
+        layers, a window of hundreds of tokens instead of the whole context."""
+        return self.decode_rows([DecodeRows(ids, positions, mask, cache, adapter)])[0]
+
+    @torch.inference_mode()
+    def decode_rows(self, groups: list[DecodeRows]) -> list[torch.Tensor]:
+        """Next-token logits for each group's rows. The groups' rows go through each projection together (the
+        weights are read once for all of them), each group adding its LoRA's terms to its own rows; attention
+        reads each group's own cache."""
         layout = self.layout
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        ids = groups[0].ids if len(groups) == 1 else torch.cat([g.ids for g in groups])
+        n = ids.shape[0]
+        bounds, start = [], 0
+        for group in groups:
+            bounds.append(slice(start, start + group.ids.shape[0]))
+            start += group.ids.shape[0]
+        if len(groups) == 1:
+            bounds = [slice(None)]
         x = F.embedding(ids, self.embed)  # [n, hidden]
         if layout.embed_scale is not None:
             x = x * layout.embed_scale
-        span = cache.state.span
-        tables = {kind: table.signed_sin(positions, span - 1) for kind, table in self.rotary.items()}  # [n, 1, D]
-        masks = {FULL: mask}
-        first = {FULL: 0}  # per attention kind, the first column its layers read
-        if layout.windowed:
-            # From the host's lengths (positions = lengths): no device read.
-            first[SLIDING] = start = max(0, min(cache.state.lengths) - layout.window + 1)
-            # Rows of one length see exactly [start, span) in a windowed layer: no mask then.
-            masks[SLIDING] = None if mask is None else visible(positions, span, layout.window)[:, None, None, start:]
-        group = heads // kv_heads
-        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        attention = [self._attention_inputs(g) for g in groups]
+        lora = [None if g.adapter is None else self.lora_terms(g.adapter) for g in groups]
+        adapted = [(rows, terms) for rows, terms in zip(bounds, lora) if terms is not None]
         linears = self.linears_for(n)
         packed = linears is self.packed_linears  # the head follows the layers' choice
-        qk_size = q_size + kv_size
-        for (qkv_proj, o_proj, gate_up_proj, down_proj), lay, kv in zip(linears, layout.layers, cache.layers):
-            qkv = qkv_proj(maybe_norm(x, lay.attn_norm))
-            qk = qkv[:, :qk_size]
-            if lay.proj_norm is not None:
-                qk = proj_norms(qk, lay.proj_norm, q_size)
-            qk = qk.reshape(n, heads + kv_heads, head_dim)
-            if lay.head_norm is not None:
-                qk = head_norm(qk, lay.head_norm)
-            qk = rotate_signed(qk, *tables[lay.kind])
-            keys, values = kv.update(qk[:, heads:, None], qkv[:, qk_size:].view(n, kv_heads, 1, head_dim))
-            # The query heads of one K/V head share its keys and the row's mask: folded into the query axis
-            # ([n, kv_heads, group, D] against [n, kv_heads, span, D]), K/V are read once, where enable_gqa
-            # repeated them (1.15-1.7x slower attention on the CPU, more the longer the span: bench/NOTES.md).
-            q = qk[:, :heads].view(n, kv_heads, group, head_dim)
-            if first[lay.kind]:
-                keys, values = keys[:, :, first[lay.kind]:], values[:, :, first[lay.kind]:]
-            if lay.softcap is None:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[lay.kind], scale=lay.scaling)
+        for index, ((qkv_proj, o_proj, gate_up_proj, down_proj), lay) in enumerate(zip(linears, layout.layers)):
+            h = maybe_norm(x, lay.attn_norm)
+            qkv = _with_terms(qkv_proj(h), h, adapted, index, "qkv")
+            if len(groups) == 1:
+                out = self._attend(lay, qkv, attention[0], groups[0].cache.layers[index])
             else:
-                out = softcapped_attention(q, keys, values, masks[lay.kind], lay.scaling, lay.softcap)
-            x = x + branch_output(o_proj(out.reshape(n, q_size)), lay.attn_out_norm, lay.residual_scale)
+                out = torch.cat([self._attend(lay, qkv[rows], inputs, group.cache.layers[index])
+                                 for rows, inputs, group in zip(bounds, attention, groups)])
+            x = x + branch_output(_with_terms(o_proj(out), out, adapted, index, "o"), lay.attn_out_norm,
+                                  lay.residual_scale)
             h = maybe_norm(x, lay.mlp_norm)
             if lay.routed is None:
-                gate, up = gate_up_proj(h).chunk(2, dim=-1)
-                h = down_proj(lay.act(gate) * up)
+                gate, up = _with_terms(gate_up_proj(h), h, adapted, index, "gate_up").chunk(2, dim=-1)
+                h = lay.act(gate) * up
+                h = _with_terms(down_proj(h), h, adapted, index, "down")
             else:
                 h = routed_mlp(lay.routed, h)
             x = x + branch_output(h, lay.mlp_out_norm, lay.residual_scale)
@@ -441,4 +473,57 @@ class FastDecoder:
             logits = logits / layout.logits_divisor
         if layout.final_softcap is not None:
             logits = softcap(logits, layout.final_softcap)
-        return logits.float()
+        logits = logits.float()
+        return [logits[rows] for rows in bounds]
+
+    def _attention_inputs(self, group: DecodeRows) -> tuple[dict, dict, dict]:
+        """A group's rotary tables, masks and first columns, per attention kind."""
+        layout, positions, mask, cache = self.layout, group.positions, group.mask, group.cache
+        span = cache.state.span
+        tables = {kind: table.signed_sin(positions, span - 1) for kind, table in self.rotary.items()}  # [n, 1, D]
+        masks = {FULL: mask}
+        first = {FULL: 0}  # per attention kind, the first column its layers read
+        if layout.windowed:
+            # From the host's lengths (positions = lengths): no device read.
+            first[SLIDING] = start = max(0, min(cache.state.lengths) - layout.window + 1)
+            # Rows of one length see exactly [start, span) in a windowed layer: no mask then.
+            masks[SLIDING] = None if mask is None else visible(positions, span, layout.window)[:, None, None, start:]
+        return tables, masks, first
+
+    def _attend(self, lay, qkv: torch.Tensor, inputs: tuple[dict, dict, dict], kv) -> torch.Tensor:
+        """One group's attention in one layer: its q/k/v rows ``[n, q + 2 kv]`` normed and rotated, K/V appended
+        to its cache layer ``kv``, the attention output ``[n, q_size]``."""
+        tables, masks, first = inputs
+        n = qkv.shape[0]
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        qk_size = q_size + kv_size
+        qk = qkv[:, :qk_size]
+        if lay.proj_norm is not None:
+            qk = proj_norms(qk, lay.proj_norm, q_size)
+        qk = qk.reshape(n, heads + kv_heads, head_dim)
+        if lay.head_norm is not None:
+            qk = head_norm(qk, lay.head_norm)
+        qk = rotate_signed(qk, *tables[lay.kind])
+        keys, values = kv.update(qk[:, heads:, None], qkv[:, qk_size:].view(n, kv_heads, 1, head_dim))
+        # The query heads of one K/V head share its keys and the row's mask: folded into the query axis
+        # ([n, kv_heads, group, D] against [n, kv_heads, span, D]), K/V are read once, where enable_gqa
+        # repeated them (1.15-1.7x slower attention on the CPU, more the longer the span: bench/NOTES.md).
+        q = qk[:, :heads].view(n, kv_heads, heads // kv_heads, head_dim)
+        if first[lay.kind]:
+            keys, values = keys[:, :, first[lay.kind]:], values[:, :, first[lay.kind]:]
+        if lay.softcap is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[lay.kind], scale=lay.scaling)
+        else:
+            out = softcapped_attention(q, keys, values, masks[lay.kind], lay.scaling, lay.softcap)
+        return out.reshape(n, q_size)
+
+
+def _with_terms(out: torch.Tensor, x: torch.Tensor, adapted: list[tuple[slice, list]], layer: int,
+                name: str) -> torch.Tensor:
+    """``out`` (a fused projection of ``x``) with each adapted group's LoRA term added to that group's rows."""
+    for rows, terms in adapted:
+        term = terms[layer][name]
+        if term is not None:
+            out[rows] += term(x[rows])
+    return out

@@ -17,6 +17,14 @@ from dataclasses import dataclass
 
 from proxy_engine.config import EngineConfig, ModelConfig
 
+# ModelConfig fields that do not change a model's weights (how it is prompted, which tokenizer, its adapter).
+_NOT_WEIGHTS = {"adapter", "tokenizer", "prompt_format", "chat_template", "tools_preamble"}
+
+
+def same_weights(a: ModelConfig, b: ModelConfig) -> bool:
+    """Whether ``a`` and ``b`` load the same weights, adapters aside (same checkpoint, dtype, placement, ...)."""
+    return a.model_dump(exclude=_NOT_WEIGHTS) == b.model_dump(exclude=_NOT_WEIGHTS)
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -60,6 +68,17 @@ class ModelLayout:
             expert, anti = role_names(index)
             pairs.append((place(expert, pair.expert), place(anti, pair.anti_expert)))
         return cls(tuple(slots), tuple(pairs))
+
+    def adapter_host(self, index: int) -> int | None:
+        """The slot whose model slot ``index`` is but for its adapter (an expert's LoRA over its anti-expert's
+        checkpoint: lora.py can serve it over that slot's weights), or None."""
+        config = self.slots[index].config
+        if config.adapter is None:
+            return None
+        for other, slot in enumerate(self.slots):
+            if other != index and slot.config.adapter is None and same_weights(slot.config, config):
+                return other
+        return None
 
     @property
     def shared(self) -> list[Slot]:

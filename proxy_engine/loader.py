@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 
-from proxy_engine.adapter import merge_adapter
+from proxy_engine.adapter import find_adapter, merge_adapter
 from proxy_engine.architecture import fit_experts_implementation
 from proxy_engine.attention_masks import unsupported_layers
-from proxy_engine.config import EngineConfig, ModelConfig
+from proxy_engine.config import EngineConfig, ModelConfig, RuntimeConfig
+from proxy_engine.executor.selection import wants_static
 from proxy_engine.gguf_files import find_gguf, require_gguf
 from proxy_engine.layout import ModelLayout
+from proxy_engine.lora import LoraAdapter, unmerged_reason
 from proxy_engine.memory import config_dtype, parse_size, resolve_dtype
 from proxy_engine.model_files import context_length, locate, read_config, text_config
 from proxy_engine.placement import accelerate_key, gpu_free_bytes, normalise_device
@@ -50,6 +52,8 @@ class LoadedModel:
     max_len: int  # positions the model supports
     logits_width: int  # rows of its output layer (may exceed the vocabulary)
     vocab_size: int = 0  # the shared vocabulary, set once every model is loaded
+    # A LoRA served unmerged: ``model`` is then another role's (its anti-expert's) module, shared (lora.py).
+    adapter: LoraAdapter | None = None
 
     def __post_init__(self) -> None:
         self.roles = self.roles or (self.role,)
@@ -269,13 +273,18 @@ def _refuse_unsupported_layers(role: str, config: ModelConfig, model_type: str |
         raise ValueError(f"{role} ({config.path}): {reason}")
 
 
+def _renderer(role: str, config: ModelConfig, tokenizer, transcript_template: str) -> PromptRenderer:
+    renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template,
+                              tools_preamble=config.tools_preamble)
+    warn_if_tools_unseen(role, renderer)
+    return renderer
+
+
 def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str) -> LoadedModel:
     started = time.perf_counter()
     log.info("loading %s from %s%s (device %s, dtype %s)", role, config.path,
              f" with the adapter {config.adapter}" if config.adapter else "", config.device, config.dtype)
-    renderer = PromptRenderer(tokenizer, config.prompt_format, transcript_template, config.chat_template,
-                              tools_preamble=config.tools_preamble)
-    warn_if_tools_unseen(role, renderer)
+    renderer = _renderer(role, config, tokenizer, transcript_template)
     _, directory, _ = locate(config)
     checkpoint_config = (read_config(directory) or {}) if directory is not None else {}
     model_type = checkpoint_config.get("model_type")  # the wrapper's, for a vision wrapper: auto_class needs it
@@ -302,9 +311,41 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
     return loaded
 
 
+def load_unmerged(role: str, config: ModelConfig, host: LoadedModel, tokenizer, transcript_template: str,
+                  runtime: RuntimeConfig) -> LoadedModel | None:
+    """``config`` (``host``'s checkpoint plus a LoRA) served unmerged over ``host``'s module, or None (logged
+    with the reason) when it is to be merged into a copy instead."""
+    assert config.adapter is not None
+    directory = find_adapter(config.adapter)
+    reason = "merge_lora is set" if runtime.merge_lora else None
+    if reason is None and directory is None:
+        reason = "the adapter is gone"
+    if reason is None:
+        reason = unmerged_reason(directory)
+    if reason is None and wants_static(host.model, input_device(host.model), runtime, host.max_len):
+        reason = "the static decode step (CUDA graphs) adds no LoRA terms"
+    adapter = None
+    if reason is None:
+        try:
+            adapter = LoraAdapter.load(directory, host.model, config.adapter)
+        except ValueError as error:
+            reason = str(error)
+    if adapter is None:
+        log.info("%s: the adapter %s is merged into a copy of the %s model (%s)", role, config.adapter, host.role,
+                 reason)
+        return None
+    adapter.install()
+    log.info("%s: the LoRA adapter %s runs unmerged over the %s model's weights (%d projections, %.1f MB of terms)",
+             role, config.adapter, host.role, len(adapter.terms), adapter.nbytes / 1e6)
+    return LoadedModel(role=role, config=config, model=host.model, tokenizer=tokenizer, adapter=adapter,
+                       renderer=_renderer(role, config, tokenizer, transcript_template), max_len=host.max_len,
+                       logits_width=host.logits_width)
+
+
 def load_models(config: EngineConfig) -> list[LoadedModel]:
     """Base first, then expert / anti-expert of each pair, each distinct model once (``ModelLayout``: a model
-    several roles name is loaded once); vocabularies checked, widths validated.
+    several roles name is loaded once; an expert given as a LoRA over its anti-expert's checkpoint runs over that
+    model, unmerged, where ``load_unmerged`` can); vocabularies checked, widths validated.
 
     The tokenizers are loaded and compared before any weights, so a mismatched deployment fails in seconds
     rather than after loading a 70B model.
@@ -316,7 +357,18 @@ def load_models(config: EngineConfig) -> list[LoadedModel]:
     for slot in layout.shared:
         log.info("%s: one model for the roles %s (loaded once, run once per step)", slot.config.path,
                  ", ".join(slot.roles))
-    models = [load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template) for slot in slots]
+    hosts = {index: host for index in range(len(slots)) if (host := layout.adapter_host(index)) is not None}
+    loaded_slots: dict[int, LoadedModel] = {}
+    for index, slot in enumerate(slots):  # the hosts first: an adapter's slot may come before its host's
+        if index not in hosts:
+            loaded_slots[index] = load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template)
+    for index, host in hosts.items():
+        slot = slots[index]
+        loaded_slots[index] = (
+            load_unmerged(slot.name, slot.config, loaded_slots[host], tokenizers[slot.name],
+                          config.transcript_template, config.runtime)
+            or load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template))
+    models = [loaded_slots[index] for index in range(len(slots))]
     for slot, loaded in zip(slots, models, strict=True):
         loaded.roles = slot.roles
     for loaded in models:

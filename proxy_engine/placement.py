@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from proxy_engine.adapter import find_adapter
 from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.gguf_files import GGUFHeader, find_gguf, read_header
 from proxy_engine.layout import ModelLayout
+from proxy_engine.lora import unmerged_reason
 from proxy_engine.memory import MemoryEstimate, counted_memory, estimate_memory, gib, parse_size, resolve_dtype
 from proxy_engine.model_files import (
     context_length,
@@ -47,7 +49,8 @@ class ModelPlan:
     dtype: str  # resolved: float32 | bfloat16 | float16
     quantization: str  # none | 8bit | 4bit
     devices: list[str]  # concrete devices: ["cpu"], ["cuda:0"], ["cuda:0", "cuda:1"], ...
-    adapter: str | None = None  # a PEFT adapter merged into it at load (proxy_engine/adapter.py)
+    adapter: str | None = None  # a PEFT adapter over it (proxy_engine/adapter.py)
+    unmerged_over: str | None = None  # the model whose weights its LoRA runs over, unmerged (lora.py)
     also: list[str] = field(default_factory=list)  # the other roles this one model plays (layout.py): loaded once
     architecture: str | None = None
     vocab_size: int | None = None
@@ -182,7 +185,9 @@ def plan_placement(
         gpu_memory = {i: total for i in range(count) if (total := _gpu_total_bytes(i)) is not None}
     plan = PlacementPlan(models=[], max_num_seqs=config.limits.max_num_seqs)
 
-    for name, role, pair, model, also in _model_names(config):
+    layout = ModelLayout.of(config)
+    names = _model_names(config)
+    for index, (name, role, pair, model, also) in enumerate(names):
         location, directory, error = locate(model, cache_dir=cache_dir)
         if error:
             plan.errors.append(f"{name}: {error}")
@@ -227,9 +232,14 @@ def plan_placement(
             memory = None  # the header could not be read (the error says why)
         else:
             memory = estimate_memory(cfg, dtype, model.quantization, directory) if location != "missing" else None
+        host = layout.adapter_host(index)
+        unmerged_over = names[host][0] if host is not None and _expect_unmerged(model, devices, config) else None
+        if unmerged_over is not None and memory is not None:  # no copy of the weights: the adapter's terms
+            memory = replace(memory, weight_bytes=_adapter_bytes(model.adapter))
         plan.models.append(
             ModelPlan(
                 name=name, role=role, pair=pair, path=model.path, adapter=model.adapter, also=also,
+                unmerged_over=unmerged_over,
                 resolved_path=_resolved_path(location, directory, gguf_path),
                 location=location, dtype=dtype, quantization=model.quantization, devices=devices,
                 architecture=((cfg or {}).get("architectures") or [None])[0]
@@ -242,6 +252,27 @@ def plan_placement(
 
     _account_memory(plan, config, gpu_memory)
     return plan
+
+def _expect_unmerged(model: ModelConfig, devices: list[str], config: EngineConfig) -> bool:
+    """Whether the loader will run this adapter unmerged over its host (loader.load_unmerged, foreseen from the
+    files: a plain LoRA, not merged by request, and no static CUDA-graph step, which adds no LoRA terms)."""
+    directory = find_adapter(model.adapter) if model.adapter else None
+    runtime = config.runtime
+    if directory is None or runtime.merge_lora or unmerged_reason(directory) is not None:
+        return False
+    if not runtime.fast_decode or runtime.decode_executor == "transformers":
+        return True
+    if runtime.decode_executor == "auto":
+        return devices == ["cpu"]
+    return runtime.decode_executor != "static"
+
+
+def _adapter_bytes(adapter: str | None) -> int:
+    directory = find_adapter(adapter) if adapter else None
+    if directory is None:
+        return 0
+    return sum(f.stat().st_size for f in directory.glob("adapter_model.*"))
+
 
 def _gguf_header(name: str, path: str, file: Path, plan: PlacementPlan) -> GGUFHeader | None:
     """The GGUF file's header, or None with the reason in ``plan.errors`` (the gguf extra missing, a bad file)."""

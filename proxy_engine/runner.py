@@ -19,9 +19,11 @@ logits). When a job completes, ``cache_prompts`` adds its prompts' full blocks t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,9 +33,12 @@ from proxy_engine.cpu_tuning import tame_malloc, use_cpu_threads
 from proxy_engine.executor import FAST, STATIC, choose_executor
 from proxy_engine.executor.static_cache import SlotPlan
 from proxy_engine.executor.static_decode import disable_cudnn_attention
-from proxy_engine.fast_decode import FastDecoder
+from proxy_engine.fast_decode import DecodeRows, FastDecoder
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
 from proxy_engine.prefix_cache import PrefixCache
+
+if TYPE_CHECKING:
+    from proxy_engine.lora import LoraAdapter
 
 log = logging.getLogger("proxy_engine.runner")
 
@@ -94,7 +99,11 @@ class ModelRunner:
     """A causal LM with its batch of rows. ``vocab_size`` cuts padded logit rows to the shared vocabulary;
     ``runtime`` (default: from the environment) holds the CPU and decode-path knobs; ``slot_plan`` sizes the
     static K/V buffers of the static executor (executor/: chosen per model and device); ``max_len``, the longest
-    sequence it will hold, lets a sliding-window model whose window it never outgrows decode on the fast paths."""
+    sequence it will hold, lets a sliding-window model whose window it never outgrows decode on the fast paths.
+
+    ``adapter``: a LoRA this runner's rows add (an expert served unmerged over ``model``, which its anti-expert's
+    runner runs too: lora.py); ``fast``: that other runner's ``FastDecoder``, shared (one set of fused weights,
+    and ``decode_together`` runs both runners' rows in one pass over them)."""
 
     def __init__(
         self,
@@ -107,8 +116,11 @@ class ModelRunner:
         prefix_cache: PrefixCache | None = None,
         slot_plan: SlotPlan | None = None,
         max_len: int | None = None,
+        adapter: LoraAdapter | None = None,
+        fast: FastDecoder | None = None,
     ) -> None:
         self.model = model
+        self.adapter = adapter
         self.runtime = runtime or RuntimeConfig()
         self.prefix_cache = prefix_cache
         self.name = name
@@ -133,8 +145,8 @@ class ModelRunner:
             assert slot_plan is not None
             self._static = StaticExecutor(model, vocab_size, name, slot_plan, eager=self.runtime.enforce_eager)
         elif self.executor == FAST:
-            self._fast = FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights,
-                                               max_len=max_len)
+            self._fast = fast or FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights,
+                                                       max_len=max_len)
         # Decode through transformers: additive masks with the model's sliding window (see attention_masks.py).
         self._masks = DecodeMasks(model.config, model.get_input_embeddings().weight.dtype)
         self._reset()
@@ -151,6 +163,11 @@ class ModelRunner:
     def num_rows(self) -> int:
         return len(self.seq_ids)
 
+    @property
+    def fast(self) -> FastDecoder | None:
+        """Its fast decode step, when it decodes on the fast path (what a runner over the same model shares)."""
+        return self._fast
+
     # --- the forward pass --------------------------------------------------------------------------------
     @torch.inference_mode()
     def _forward(
@@ -163,7 +180,8 @@ class ModelRunner:
         kwargs = {self._cache_kwarg: cache, "use_cache": True}
         if self._keep_kwarg:
             kwargs[self._keep_kwarg] = 0 if every_position else 1  # 0: every position
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        with self.adapter.applied() if self.adapter is not None else contextlib.nullcontext():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         if every_position:
             return out.logits[:, :, : self.vocab_size].float()
         return out.logits[:, -1, : self.vocab_size].float()
@@ -183,11 +201,29 @@ class ModelRunner:
         if self._fast is not None:
             if self.device.type == "cpu":
                 use_cpu_threads(self.runtime)
-            logits = self._fast.decode(ids.view(-1), positions, mask, self.cache)
+            logits = self._fast.decode(ids.view(-1), positions, mask, self.cache, self.adapter)
         else:
             mask = self._masks.build(positions, self.cache.state.span, uniform=mask is None)
             logits = self._forward(ids, mask, positions.view(-1, 1), self.cache)
         self.cache.end_decode()
+        return logits
+
+    @staticmethod
+    def decode_together(runners: list[ModelRunner], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``decode`` for runners that share one ``FastDecoder`` (an anti-expert's and its unmerged LoRA experts'):
+        every runner's rows in one pass over the model's weights, each with its own cache and LoRA."""
+        fast = runners[0].fast
+        assert fast is not None and all(r.fast is fast for r in runners)
+        groups = []
+        for runner, token_ids in zip(runners, tokens):
+            positions, mask = runner.cache.begin_decode(runner.device)
+            groups.append(DecodeRows(token_ids.to(runner.device, non_blocking=True).view(-1), positions, mask,
+                                     runner.cache, runner.adapter))
+        if runners[0].device.type == "cpu":
+            use_cpu_threads(runners[0].runtime)
+        logits = fast.decode_rows(groups)
+        for runner in runners:
+            runner.cache.end_decode()
         return logits
 
     # --- rows in and out ---------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ def format_plan(plan: PlacementPlan) -> str:
     for m in plan.models:
         dtype = m.dtype if m.quantization == "none" else f"{m.dtype}+{m.quantization}"
         path = f"{m.path} + adapter {m.adapter}" if m.adapter else m.path
+        if m.unmerged_over:
+            path += f" (unmerged over {m.unmerged_over})"
         rows.append((
             " = ".join([m.name, *m.also]), m.role, path, m.location, ",".join(m.devices), dtype,
             _human_count(m.memory.parameters if m.memory else None),

@@ -45,14 +45,17 @@ FLAGS = [
          "for every pair, or once per --expert.", "FLOAT", action="append"),
     Flag("--enforce-eager", ("engine", "runtime", "enforce_eager"),
          "Decode without CUDA graphs (the same static-buffer step, run eagerly; vLLM's name).", action="store_true"),
+    Flag("--merge-lora", ("engine", "runtime", "merge_lora"),
+         "Merge LoRA experts into a copy of their anti-expert at load, instead of running them unmerged over its "
+         "weights.", action="store_true"),
     Flag("--base-device", ("engine", "base", "device"), "Device of the base: cpu, cuda:N, auto, or cuda:0,cuda:1.",
          "DEVICE", split_commas=True),
     Flag("--base-dtype", ("engine", "base", "dtype"), "dtype of the base: auto, float32, bfloat16, float16.", "DTYPE"),
     Flag("--base-prompt-format", ("engine", "base", "prompt_format"), "plain or chat.", "FORMAT"),
     Flag("--expert-device", (*_PAIR, "expert", "device"), "Device of the expert.", "DEVICE", split_commas=True),
     Flag("--expert-dtype", (*_PAIR, "expert", "dtype"), "dtype of the expert.", "DTYPE"),
-    Flag("--expert-adapter", (*_PAIR, "expert", "adapter"), "A PEFT adapter (LoRA...) merged into the expert's "
-         "weights at load; --expert may also name the adapter itself, over the anti-expert.", "ADAPTER"),
+    Flag("--expert-adapter", (*_PAIR, "expert", "adapter"), "A PEFT adapter (LoRA...) over the expert's "
+         "weights; --expert may also name the adapter itself, over the anti-expert.", "ADAPTER"),
     Flag("--expert-prompt-format", (*_PAIR, "expert", "prompt_format"),
          "plain or chat (a chat expert sees chat requests in its own chat template).", "FORMAT"),
     Flag("--anti-expert-device", (*_PAIR, "anti_expert", "device"), "Device of the anti-expert.", "DEVICE",

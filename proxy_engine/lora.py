@@ -1,0 +1,168 @@
+"""A LoRA expert served unmerged, over the very module its anti-expert loads.
+
+An expert given as a LoRA adapter over its anti-expert's checkpoint (adapter.py) is the anti-expert plus, in each
+adapted projection, ``y += scale * B (A x)``. Merged, it costs a second copy of the small model and a second read
+of its weights every step. Unmerged, the expert's rows run through the anti-expert's own weights and add their
+low-rank terms: one copy in memory, and (fast_decode.py) one read of the weights per step for both models' rows.
+
+``LoraAdapter.load`` reads plain LoRA only (peft's ``LORA`` with none of the options that change its inference
+math: DoRA, per-module rank or alpha patterns, biases, modules saved whole, ...), adapting the projections the
+fast decode step fuses (q, k, v, o, gate, up, down). ``unmerged_reason`` says why another adapter is merged.
+Prefill runs through transformers' forward with forward hooks that add the terms while the adapter is
+``applied``; the fast decode step adds them to its fused projections (``FusedLora``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ADAPTER_CONFIG = "adapter_config.json"
+# adapter_config.json settings that change LoRA's inference math (or add weights besides A and B).
+_MATH_CHANGING = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "fan_in_fan_out",
+                  "trainable_token_indices", "layer_replication", "alora_invocation_tokens", "use_qalora",
+                  "target_parameters", "use_bdlora", "arrow_config", "velora_config", "monteclora_config",
+                  "kasa_config", "megatron_config")
+_PEFT_PREFIX = "base_model.model."
+
+
+def _projection(module_name: str) -> str | None:
+    """The projection a decoder layer's module is (``self_attn.q_proj``, ``mlp.down_proj``, ...), or None (an
+    embedding, the head, a routed expert's projection)."""
+    parts = module_name.split(".")
+    if len(parts) < 4 or parts[-4] != "layers" or not parts[-3].isdigit():
+        return None
+    block, name = parts[-2], parts[-1]
+    if (block, name) in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+                         ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
+        return f"{block}.{name}"
+    return None
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """One adapted projection: ``y += up(down(x))``, ``down`` = A ``[r, in]``, ``up`` = scale * B ``[out, r]``."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up)
+
+
+def unmerged_reason(directory: Path) -> str | None:
+    """Why the adapter at ``directory`` cannot be served unmerged (then it is merged), or None."""
+    try:
+        settings = json.loads((directory / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        return f"its {ADAPTER_CONFIG} cannot be read ({error})"
+    kind = str(settings.get("peft_type", "")).upper()
+    if kind != "LORA":
+        return f"it is {kind or 'not LoRA'}, not plain LoRA"
+    changed = [key for key in _MATH_CHANGING if settings.get(key) not in (None, False, {}, [], "none")]
+    if settings.get("bias", "none") != "none":
+        changed.append("bias")
+    if changed:
+        return f"it sets {', '.join(changed)}"
+    return None
+
+
+class LoraAdapter:
+    """An adapter's terms, keyed by the module they adapt; ``applied()`` turns on the forward hooks (prefill
+    through transformers), ``fast_decode`` reads ``terms`` directly."""
+
+    def __init__(self, name: str, terms: dict[torch.nn.Module, LoraTerm]) -> None:
+        self.name = name
+        self.terms = terms
+        self.active = False
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.down.numel() * t.down.element_size() + t.up.numel() * t.up.element_size()
+                   for t in self.terms.values())
+
+    @classmethod
+    def load(cls, directory: Path, model: torch.nn.Module, name: str) -> LoraAdapter:
+        """The adapter at ``directory`` over ``model`` (the checkpoint's own module tree, as peft names it): each
+        ``lora_A`` / ``lora_B`` pair on the module it names, in that module's dtype and device, scaled.
+        ``ValueError`` naming what does not fit: a module the model lacks, one fast_decode.py does not fuse, a
+        shape that differs, a weight that is neither A nor B."""
+        from peft.utils import load_peft_weights
+
+        settings = json.loads((directory / ADAPTER_CONFIG).read_text())
+        weights = load_peft_weights(str(directory), device="cpu")
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in weights.items():
+            stem, _, kind = key.removesuffix(".weight").rpartition(".")
+            if kind not in ("lora_A", "lora_B"):
+                raise ValueError(f"{key} is not a LoRA A or B weight")
+            pairs.setdefault(stem.removeprefix(_PEFT_PREFIX), {})[kind] = tensor
+        alpha = float(settings.get("lora_alpha", 8))
+        terms: dict[torch.nn.Module, LoraTerm] = {}
+        for module_name, pair in pairs.items():
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{module_name} has {', '.join(sorted(pair))} only")
+            if _projection(module_name) is None:
+                raise ValueError(f"it adapts {module_name}, which the fast decode step does not fuse")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise ValueError(f"the model has no module {module_name}") from None
+            a, b = pair["lora_A"], pair["lora_B"]
+            weight = module.weight
+            if a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0] or a.shape[0] != b.shape[1]:
+                raise ValueError(f"{module_name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit its weight "
+                                 f"{tuple(weight.shape)}")
+            rank = a.shape[0]
+            scale = alpha / (rank**0.5 if settings.get("use_rslora") else rank)
+            # The scale folded into B in float32, then both in the module's dtype: one op less per term.
+            up = (b.float() * scale).to(weight.dtype)
+            terms[module] = LoraTerm(a.to(weight.dtype).to(weight.device).contiguous(), up.to(weight.device))
+        if not terms:
+            raise ValueError("it holds no LoRA weights")
+        return cls(name, terms)
+
+    def install(self) -> None:
+        """Forward hooks on the adapted modules: while ``applied``, each adds its term to the module's output."""
+        for module, term in self.terms.items():
+            self._hooks.append(module.register_forward_hook(self._hook(term)))
+
+    def _hook(self, term: LoraTerm):
+        def add_term(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            return output + term(args[0]) if self.active else None
+
+        return add_term
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+
+def fused_term(terms: dict[torch.nn.Module, LoraTerm], modules: list[torch.nn.Module]) -> LoraTerm | None:
+    """The terms of ``modules`` (q, k, v, say) as one term of their fused projection: A stacked ``[sum r, in]``,
+    B block-diagonal ``[sum out, sum r]`` (a module without a term adds zero rows); None when none has one."""
+    present = [terms.get(module) for module in modules]
+    if all(term is None for term in present):
+        return None
+    downs = [term.down for term in present if term is not None]
+    down = torch.cat(downs) if len(downs) > 1 else downs[0]
+    up = down.new_zeros(sum(m.weight.shape[0] for m in modules), down.shape[0])
+    row = column = 0
+    for module, term in zip(modules, present):
+        if term is not None:
+            rank = term.down.shape[0]
+            up[row : row + module.weight.shape[0], column : column + rank] = term.up
+            column += rank
+        row += module.weight.shape[0]
+    return LoraTerm(down, up)
