@@ -1,5 +1,5 @@
 """A LoRA expert over its anti-expert, served unmerged (proxy_engine/lora.py: one copy of the small model, both
-models' rows through each projection in one pass) against merged into a copy (``merge_lora``), side by side.
+models' rows through each projection in one pass) against merged into a copy (``lora_mode: merged``), side by side.
 
     python -m bench.lora_bench [--family bench|real|tiny] [--rank 16] [--tokens 64] [--repeats 3] [--threads N]
 
@@ -51,7 +51,7 @@ def config(family, adapter: Path, *, merge: bool) -> EngineConfig:
         experts=[ExpertPairConfig(expert=ModelConfig(path=str(adapter)),
                                   anti_expert=ModelConfig(path=str(family.anti_expert)))],
         limits=LimitsConfig(max_num_seqs=16, max_num_batched_tokens=1024),
-        runtime=RuntimeConfig(merge_lora=merge),
+        runtime=RuntimeConfig(lora_mode="merged" if merge else "unmerged"),
     )
 
 

@@ -158,7 +158,7 @@ FAST_DECODE_ENV = "PROXY_SERVE_FAST_DECODE"
 PACKED_WEIGHTS_ENV = "PROXY_SERVE_PACKED_WEIGHTS"
 ENGINE_PROCESS_ENV = "PROXY_SERVE_ENGINE_PROCESS"
 ENFORCE_EAGER_ENV = "PROXY_SERVE_ENFORCE_EAGER"
-MERGE_LORA_ENV = "PROXY_SERVE_MERGE_LORA"
+LORA_MODE_ENV = "PROXY_SERVE_LORA_MODE"
 DECODE_EXECUTOR_ENV = "PROXY_SERVE_DECODE_EXECUTOR"
 
 
@@ -190,11 +190,12 @@ class RuntimeConfig(_Strict):
         default="auto", description=f"How models decode ({DECODE_EXECUTOR_ENV}): auto (static buffers and CUDA "
         "graphs on CUDA, the fast path on the CPU), or one of static / fast / transformers for every model.",
     )
-    merge_lora: bool = Field(
-        default=False, description=f"Merge a LoRA expert into a copy of its anti-expert at load ({MERGE_LORA_ENV}), "
-        "where by default a plain LoRA over its anti-expert's checkpoint runs unmerged over that model's weights "
-        "(one copy, read once per step for both; proxy_engine/lora.py). Decoding with the static executor (CUDA) "
-        "always merges.",
+    lora_mode: Literal["auto", "unmerged", "merged"] = Field(
+        default="auto", description=f"How a LoRA expert over its anti-expert's checkpoint is served ({LORA_MODE_ENV}; "
+        "proxy_engine/lora.py): unmerged runs it over the anti-expert's weights (one copy of the small model); "
+        "merged merges it into a copy at load; auto is unmerged where the fast step decodes (both models' rows "
+        "then read the weights once per step) and merged where the static CUDA-graph step does (each model in "
+        "its own graph: unmerged saves the copy's memory, not a read).",
     )
 
     @model_validator(mode="before")
@@ -204,7 +205,7 @@ class RuntimeConfig(_Strict):
             return data
         names = {"cpu_threads": CPU_THREADS_ENV, "fast_decode": FAST_DECODE_ENV, "packed_weights": PACKED_WEIGHTS_ENV,
                  "engine_process": ENGINE_PROCESS_ENV, "enforce_eager": ENFORCE_EAGER_ENV,
-                 "decode_executor": DECODE_EXECUTOR_ENV, "merge_lora": MERGE_LORA_ENV}
+                 "decode_executor": DECODE_EXECUTOR_ENV, "lora_mode": LORA_MODE_ENV}
         return {**data, **{key: os.environ[var] for key, var in names.items() if os.environ.get(var)}}
 
 

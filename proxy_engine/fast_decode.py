@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from proxy_engine.architecture import DecoderLayout, Norm, length_dependent_rope, unsupported_reason
 from proxy_engine.attention_masks import FULL, SLIDING, visible
 from proxy_engine.config import PACKED_WEIGHTS_ENV
-from proxy_engine.lora import LoraTerm, fused_term
+from proxy_engine.lora import LoraTerm, layer_terms
 
 if TYPE_CHECKING:
     from proxy_engine.lora import LoraAdapter
@@ -409,14 +409,7 @@ class FastDecoder:
         """``adapter``'s terms on this decoder's fused projections, per layer (built once per adapter)."""
         terms = self._lora.get(id(adapter))
         if terms is None:
-            terms = []
-            for layer, fused in zip(self.layers, self.fused):
-                attn, mlp = layer.self_attn, layer.mlp
-                modules = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj]}
-                if "gate_up" in fused:
-                    modules.update(gate_up=[mlp.gate_proj, mlp.up_proj], down=[mlp.down_proj])
-                terms.append({name: fused_term(adapter.terms, group) for name, group in modules.items()})
-            self._lora[id(adapter)] = terms
+            terms = self._lora[id(adapter)] = layer_terms(adapter, self.layers)
         return terms
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache,
@@ -451,19 +444,19 @@ class FastDecoder:
         packed = linears is self.packed_linears  # the head follows the layers' choice
         for index, ((qkv_proj, o_proj, gate_up_proj, down_proj), lay) in enumerate(zip(linears, layout.layers)):
             h = maybe_norm(x, lay.attn_norm)
-            qkv = _with_terms(qkv_proj(h), h, adapted, index, "qkv")
+            qkv = with_terms(qkv_proj(h), h, adapted, index, "qkv")
             if len(groups) == 1:
                 out = self._attend(lay, qkv, attention[0], groups[0].cache.layers[index])
             else:
                 out = torch.cat([self._attend(lay, qkv[rows], inputs, group.cache.layers[index])
                                  for rows, inputs, group in zip(bounds, attention, groups)])
-            x = x + branch_output(_with_terms(o_proj(out), out, adapted, index, "o"), lay.attn_out_norm,
+            x = x + branch_output(with_terms(o_proj(out), out, adapted, index, "o"), lay.attn_out_norm,
                                   lay.residual_scale)
             h = maybe_norm(x, lay.mlp_norm)
             if lay.routed is None:
-                gate, up = _with_terms(gate_up_proj(h), h, adapted, index, "gate_up").chunk(2, dim=-1)
+                gate, up = with_terms(gate_up_proj(h), h, adapted, index, "gate_up").chunk(2, dim=-1)
                 h = lay.act(gate) * up
-                h = _with_terms(down_proj(h), h, adapted, index, "down")
+                h = with_terms(down_proj(h), h, adapted, index, "down")
             else:
                 h = routed_mlp(lay.routed, h)
             x = x + branch_output(h, lay.mlp_out_norm, lay.residual_scale)
@@ -519,11 +512,11 @@ class FastDecoder:
         return out.reshape(n, q_size)
 
 
-def _with_terms(out: torch.Tensor, x: torch.Tensor, adapted: list[tuple[slice, list]], layer: int,
+def with_terms(out: torch.Tensor, x: torch.Tensor, adapted: list[tuple[slice, list]], layer: int,
                 name: str) -> torch.Tensor:
     """``out`` (a fused projection of ``x``) with each adapted group's LoRA term added to that group's rows."""
     for rows, terms in adapted:
         term = terms[layer][name]
         if term is not None:
-            out[rows] += term(x[rows])
+            out[rows].add_(term(x[rows]))  # in place on the view (``+=`` would also copy it back onto itself)
     return out

@@ -317,13 +317,15 @@ def load_unmerged(role: str, config: ModelConfig, host: LoadedModel, tokenizer, 
     with the reason) when it is to be merged into a copy instead."""
     assert config.adapter is not None
     directory = find_adapter(config.adapter)
-    reason = "merge_lora is set" if runtime.merge_lora else None
+    reason = "lora_mode is merged" if runtime.lora_mode == "merged" else None
     if reason is None and directory is None:
         reason = "the adapter is gone"
     if reason is None:
         reason = unmerged_reason(directory)
-    if reason is None and wants_static(host.model, input_device(host.model), runtime, host.max_len):
-        reason = "the static decode step (CUDA graphs) adds no LoRA terms"
+    if (reason is None and runtime.lora_mode == "auto"
+            and wants_static(host.model, input_device(host.model), runtime, host.max_len)):
+        reason = ("the static CUDA-graph step runs each model in its own graph, so unmerged would save the copy's "
+                  "memory but not a read; lora_mode unmerged trades that")
     adapter = None
     if reason is None:
         try:

@@ -9,7 +9,9 @@ low-rank terms: one copy in memory, and (fast_decode.py) one read of the weights
 math: DoRA, per-module rank or alpha patterns, biases, modules saved whole, ...), adapting the projections the
 fast decode step fuses (q, k, v, o, gate, up, down). ``unmerged_reason`` says why another adapter is merged.
 Prefill runs through transformers' forward with forward hooks that add the terms while the adapter is
-``applied``; the fast decode step adds them to its fused projections (``FusedLora``).
+``applied``; both decode steps add them to their fused projections (``layer_terms``). The static CUDA-graph step
+(executor/) runs each model in its own graph, so there the weights are shared in memory but read once per model:
+``RuntimeConfig.lora_mode`` ``auto`` merges where that step decodes.
 """
 
 from __future__ import annotations
@@ -147,6 +149,19 @@ class LoraAdapter:
             yield
         finally:
             self.active = False
+
+
+def layer_terms(adapter: LoraAdapter, layers: list[torch.nn.Module]) -> list[dict[str, LoraTerm | None]]:
+    """``adapter``'s terms per decoder layer, on the fused projections both decode steps run: ``qkv``, ``o``, and
+    for a dense MLP ``gate_up`` and ``down`` (None where the adapter leaves one alone)."""
+    terms = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj]}
+        if hasattr(mlp, "gate_proj"):  # a routed block has none (its experts are not adapted: load refuses them)
+            groups.update(gate_up=[mlp.gate_proj, mlp.up_proj], down=[mlp.down_proj])
+        terms.append({name: fused_term(adapter.terms, modules) for name, modules in groups.items()})
+    return terms
 
 
 def fused_term(terms: dict[torch.nn.Module, LoraTerm], modules: list[torch.nn.Module]) -> LoraTerm | None:

@@ -255,12 +255,12 @@ def plan_placement(
 
 def _expect_unmerged(model: ModelConfig, devices: list[str], config: EngineConfig) -> bool:
     """Whether the loader will run this adapter unmerged over its host (loader.load_unmerged, foreseen from the
-    files: a plain LoRA, not merged by request, and no static CUDA-graph step, which adds no LoRA terms)."""
+    files: a plain LoRA, not merged by request, and under lora_mode auto no static CUDA-graph step)."""
     directory = find_adapter(model.adapter) if model.adapter else None
     runtime = config.runtime
-    if directory is None or runtime.merge_lora or unmerged_reason(directory) is not None:
+    if directory is None or runtime.lora_mode == "merged" or unmerged_reason(directory) is not None:
         return False
-    if not runtime.fast_decode or runtime.decode_executor == "transformers":
+    if runtime.lora_mode == "unmerged" or not runtime.fast_decode or runtime.decode_executor == "transformers":
         return True
     if runtime.decode_executor == "auto":
         return devices == ["cpu"]

@@ -143,7 +143,8 @@ class ModelRunner:
             from proxy_engine.executor.static_executor import StaticExecutor
 
             assert slot_plan is not None
-            self._static = StaticExecutor(model, vocab_size, name, slot_plan, eager=self.runtime.enforce_eager)
+            self._static = StaticExecutor(model, vocab_size, name, slot_plan, eager=self.runtime.enforce_eager,
+                                          adapter=adapter)
         elif self.executor == FAST:
             self._fast = fast or FastDecoder.for_model(model, vocab_size, name, self.runtime.packed_weights,
                                                        max_len=max_len)

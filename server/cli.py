@@ -45,9 +45,9 @@ FLAGS = [
          "for every pair, or once per --expert.", "FLOAT", action="append"),
     Flag("--enforce-eager", ("engine", "runtime", "enforce_eager"),
          "Decode without CUDA graphs (the same static-buffer step, run eagerly; vLLM's name).", action="store_true"),
-    Flag("--merge-lora", ("engine", "runtime", "merge_lora"),
-         "Merge LoRA experts into a copy of their anti-expert at load, instead of running them unmerged over its "
-         "weights.", action="store_true"),
+    Flag("--lora-mode", ("engine", "runtime", "lora_mode"),
+         "auto (default), unmerged or merged: a LoRA expert run over its anti-expert's weights, or merged into a "
+         "copy of them (auto: unmerged except under the static CUDA-graph step).", "MODE"),
     Flag("--base-device", ("engine", "base", "device"), "Device of the base: cpu, cuda:N, auto, or cuda:0,cuda:1.",
          "DEVICE", split_commas=True),
     Flag("--base-dtype", ("engine", "base", "dtype"), "dtype of the base: auto, float32, bfloat16, float16.", "DTYPE"),

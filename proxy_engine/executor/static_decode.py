@@ -56,7 +56,9 @@ from proxy_engine.fast_decode import (
     softcap,
     softcapped_attention,
     upcast_norm,
+    with_terms,
 )
+from proxy_engine.lora import LoraAdapter, layer_terms
 
 log = logging.getLogger("proxy_engine.executor.static_decode")
 
@@ -153,7 +155,10 @@ class StaticDecoder:
         """``norm`` on ``x``: ``rms_norm`` for Llama's, Gemma's ``(1 + w)`` form in float32 for an offset one."""
         return upcast_norm(x, norm.weight, norm.eps) if norm.upcast else self.rms_norm(x, norm.weight, norm.eps)
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, max_positions: int, fuse: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, vocab_size: int, max_positions: int, fuse: bool = True,
+                 adapter: LoraAdapter | None = None) -> None:
+        """``adapter``: a LoRA whose terms every step adds (an expert served unmerged over ``model``: lora.py);
+        its small GEMMs are captured with the rest."""
         inner = model.model
         self.layout = layout = DecoderLayout(model, max_positions)
         self.embed = inner.embed_tokens.weight
@@ -183,6 +188,11 @@ class StaticDecoder:
                     self.fused = True
                 except RuntimeError as error:  # out of memory for the transient copy: separate GEMMs
                     log.warning("q/k/v and gate/up not fused (%s: %s)", type(error).__name__, error)
+        self.adapter = adapter
+        self.lora: list[tuple[slice, list]] = [] if adapter is None else [(slice(None), layer_terms(adapter,
+                                                                                                    self.layers))]
+        if adapter is not None and not self.fused:  # the terms are on the fused projections
+            raise ValueError("a LoRA served unmerged needs q/k/v and gate/up fused")
         # Static index tensors: slices of them are views, so a captured graph reads fixed addresses.
         self.columns = torch.arange(_aligned(max_positions), device=self.device)
         self.hidden_value = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
@@ -200,7 +210,7 @@ class StaticDecoder:
         qk_size = (self.heads + self.kv_heads) * self.head_dim
         if self.fused:
             weight, bias = self.qkv[index]
-            out = F.linear(h, weight, bias)
+            out = with_terms(F.linear(h, weight, bias), h, self.lora, index, "qkv")
             return out[:, :qk_size], out[:, qk_size:]
         attn = self.layers[index].self_attn
         q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias)
@@ -210,7 +220,7 @@ class StaticDecoder:
     def _gate_up(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
             weight, bias = self.gate_up[index]
-            return F.linear(h, weight, bias).chunk(2, dim=-1)
+            return with_terms(F.linear(h, weight, bias), h, self.lora, index, "gate_up").chunk(2, dim=-1)
         mlp = self.layers[index].mlp
         return F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias), F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
 
@@ -257,19 +267,22 @@ class StaticDecoder:
                 out = softcapped_attention(q, keys, values, masks[lay.kind], lay.scaling, lay.softcap)
             out = out.reshape(n, heads * head_dim)  # [n, kv_heads, group, D] -> [n, heads * D]
             if lay.attn_out_norm is None and lay.residual_scale is None:
-                x = self.linear_add(x, out, attn.o_proj.weight, attn.o_proj.bias)
+                x = with_terms(self.linear_add(x, out, attn.o_proj.weight, attn.o_proj.bias), out, self.lora, index,
+                                "o")  # x + W out + B A out
             else:  # Gemma-2/3, OLMo: the output is normed before the residual add; Granite: scaled
-                h = F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+                h = with_terms(F.linear(out, attn.o_proj.weight, attn.o_proj.bias), out, self.lora, index, "o")
                 x = x + self.branch(h, lay.attn_out_norm, lay.residual_scale)
             h = x if lay.mlp_norm is None else self.norm(x, lay.mlp_norm)
             if lay.routed is not None:  # transformers' own block: graph-safe under grouped_mm / batched_mm
                 x = x + self.branch(routed_mlp(lay.routed, h), lay.mlp_out_norm, lay.residual_scale)
                 continue
             gate, up = self._gate_up(index, h)
+            h = lay.act(gate) * up
             if lay.mlp_out_norm is None and lay.residual_scale is None:
-                x = self.linear_add(x, lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+                x = with_terms(self.linear_add(x, h, mlp.down_proj.weight, mlp.down_proj.bias), h, self.lora, index,
+                                "down")
             else:
-                h = F.linear(lay.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+                h = with_terms(F.linear(h, mlp.down_proj.weight, mlp.down_proj.bias), h, self.lora, index, "down")
                 x = x + self.branch(h, lay.mlp_out_norm, lay.residual_scale)
         x = self.norm(x, layout.final_norm)
         logits = F.linear(x, self.head_weight, self.head_bias)

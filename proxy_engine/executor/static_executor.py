@@ -17,6 +17,7 @@ from proxy_engine.executor.buckets import batch_buckets, bucket_for, span_bucket
 from proxy_engine.executor.cuda_graphs import CaptureReport, DecodeGraphs
 from proxy_engine.executor.static_cache import SlotPlan, StaticSlotKVCache
 from proxy_engine.executor.static_decode import StaticDecoder, decode_backends
+from proxy_engine.lora import LoraAdapter
 
 log = logging.getLogger("proxy_engine.executor.static_executor")
 
@@ -25,9 +26,9 @@ class StaticExecutor:
     """Static buffers sized by ``plan`` for ``model``; graphs captured at construction unless ``eager``."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, name: str, plan: SlotPlan, *, eager: bool,
-                 min_span: int | None = None) -> None:
+                 min_span: int | None = None, adapter: LoraAdapter | None = None) -> None:
         self.name = name
-        self.decoder = StaticDecoder(model, vocab_size, plan.capacity)
+        self.decoder = StaticDecoder(model, vocab_size, plan.capacity, adapter=adapter)
         self.device = self.decoder.device
         self.cache = StaticSlotKVCache(model.config.num_hidden_layers, plan, self.decoder.kv_heads,
                                        self.decoder.head_dim, self.decoder.dtype, self.device)

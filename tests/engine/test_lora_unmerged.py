@@ -1,6 +1,7 @@
 """A LoRA expert served unmerged over its anti-expert's module (proxy_engine/lora.py): one copy of the small model,
-and the expert's and anti-expert's rows through each projection together. It must serve what the merged copy
-(``merge_lora``, adapter.py) serves: the same tokens and text, greedy and seeded, on the fast step and on
+and the expert's and anti-expert's rows through each projection together (or, under the static step, the terms
+inside that step). It must serve what the merged copy
+(``lora_mode: merged``, adapter.py) serves: the same tokens and text, greedy and seeded, on the fast step and on
 transformers' forward, for the expert alone, a chat-format expert (its rows at other positions than the
 anti-expert's), two LoRA experts over one anti-expert, and with the prefix cache. Adapters whose math it does not
 implement are merged instead, naming why."""
@@ -37,7 +38,7 @@ def _config(family, adapters: list, *, merge: bool = False, fast: bool = True, *
         base={"path": str(family.base)},
         experts=[{"expert": {"path": str(adapter), **expert_fields}, "anti_expert": anti, "alpha": 1.0 + k / 2}
                  for k, adapter in enumerate(adapters)],
-        runtime={"merge_lora": merge, "fast_decode": fast})
+        runtime={"lora_mode": "merged" if merge else "auto", "fast_decode": fast})
 
 
 def _serve(config: EngineConfig, target=Target.PROXY, **params) -> tuple[dict, list[torch.Tensor]]:
@@ -143,17 +144,28 @@ def test_adapters_it_cannot_serve_unmerged_are_merged_naming_why(tiny_family, tm
             assert any("is merged into a copy" in r.getMessage() and why in r.getMessage() for r in caplog.records)
         models = load_models(_config(tiny_family, [tmp_path / "dora"], merge=True))
         assert models[1].adapter is None
-        assert any("merge_lora is set" in r.getMessage() for r in caplog.records)
+        assert any("lora_mode is merged" in r.getMessage() for r in caplog.records)
 
 
-def test_the_static_step_merges(tiny_family, lora, caplog):
-    """The static (CUDA-graph) decode step adds no LoRA terms: an adapter over a model it decodes is merged."""
-    config = _config(tiny_family, [lora])
-    config.runtime.decode_executor = "static"
+def test_under_the_static_step_auto_merges_and_unmerged_adds_the_terms_in_the_step(tiny_family, lora, caplog):
+    """The static (CUDA-graph) step runs each model in its own graph: ``auto`` merges there (unmerged would save
+    memory, not a read); ``unmerged`` adds the terms inside the step (run eagerly here, as on the CPU it is) and
+    serves the merged copy's tokens."""
+    def static(mode: str) -> EngineConfig:
+        config = _config(tiny_family, [lora])
+        config.runtime.decode_executor = "static"
+        config.runtime.lora_mode = mode
+        return config
+
     with caplog.at_level(logging.INFO, logger="proxy_engine.loader"):
-        models = load_models(config)
-    assert models[1].adapter is None
-    assert any("static decode step" in r.getMessage() for r in caplog.records)
+        assert load_models(static("auto"))[1].adapter is None
+    assert any("static CUDA-graph step" in r.getMessage() for r in caplog.records)
+    models = load_models(static("unmerged"))
+    assert models[1].adapter is not None and models[1].model is models[2].model
+    engine = ProxyEngine(models, static("unmerged"))
+    assert engine.runners[1].executor == engine.runners[2].executor == "static"
+    assert engine.runners[1]._static.decoder.qkv[0][0] is engine.runners[2]._static.decoder.qkv[0][0]  # one copy
+    _same(static("unmerged"), static("merged"), temperature=0)
 
 
 def test_the_plan_counts_the_adapter_not_a_copy(tiny_family, lora):

@@ -229,3 +229,30 @@ def test_the_attention_mask_has_strides_the_memory_efficient_kernel_reads_in_pla
     assert seen and all(shape == (3, 1, 1, 20) for shape, _ in seen)
     assert all(stride[-1] == 1 and all(s % static_decode.MASK_ALIGNMENT == 0 for s in stride[:-1])
                for _, stride in seen)
+
+
+def test_a_lora_adds_only_fixed_shape_ops_that_read_nothing_back():
+    """The terms of a LoRA served unmerged (lora.py) are captured with the step: the same two checks."""
+    from proxy_engine.lora import LoraAdapter, LoraTerm
+
+    model = _random_model("llama")
+    generator = torch.Generator().manual_seed(0)
+    terms = {}
+    for layer in model.model.layers:
+        for module in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.up_proj,
+                       layer.mlp.down_proj):
+            out_features, in_features = module.weight.shape
+            terms[module] = LoraTerm(torch.randn(2, in_features, generator=generator),
+                                     torch.randn(out_features, 2, generator=generator))
+    executor = StaticExecutor(model, 80, "llama", SlotPlan(4, 64, 0), eager=True, min_span=16,
+                              adapter=LoraAdapter("random", terms))
+    plain = StaticExecutor(_random_model("llama"), 80, "llama", SlotPlan(4, 64, 0), eager=True, min_span=16)
+    traces = []
+    for seed in (0, 1):
+        with torch.inference_mode(), _NoHostReads(), _Shapes() as shapes:
+            _step(executor, 4, 32, seed)
+        traces.append(shapes.trace)
+    assert traces[0] == traces[1]
+    with torch.inference_mode(), _Shapes() as shapes:
+        _step(plain, 4, 32, 0)
+    assert len(traces[0]) > len(shapes.trace)  # the terms' GEMMs and adds are in it
