@@ -21,7 +21,10 @@ that fails is reported (with its traceback) and the next one runs. The report is
    combined logits where they part), and on a float32 family (exact); seeded sampling with vs without graphs.
 6. ``attention``: the decode attention of the pair's shape per SDPA backend (host + device time per call, the
    span growing by one each call as in decoding, or fixed as in a bucket).
-7. ``fusions`` (last: the longest, and the least needed should gpu.sh's time box cut it): each fusion of the
+7. ``lora``: the expert as a rank-16 LoRA over the anti-expert, unmerged under the static step (lora.py: one
+   copy of the pair's weights, the terms captured in the expert's graphs) against merged into a copy: proxy ms
+   per step and weight bytes (what ``lora_mode: auto`` trades on a GPU).
+8. ``fusions`` (last: the longest, and the least needed should gpu.sh's time box cut it): each fusion of the
    static step undone on its own, timed with a graph and eagerly at 1 and 16 rows, on the base and the pair's
    shapes, and the kernels of one eager step by device time (``bench/fusions.py``).
 """
@@ -239,6 +242,65 @@ def engine_rates(engine: ProxyEngine, prompts: list[list[int]], levels: list[int
               f"{ms['expert']:.2f} ms per step; proxy {rate['proxy']:.0f} tok/s, base {rate['base']:.0f} tok/s",
               flush=True)
     return rows
+
+
+def random_lora(model: torch.nn.Module, rank: int = 16, seed: int = 7):
+    """A ``LoraAdapter`` with drawn terms on every projection of ``model`` (what an adapter file would load)."""
+    from proxy_engine.lora import LoraAdapter, LoraTerm
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    terms = {}
+    for layer in model.model.layers:
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                       layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            out_features, in_features = module.weight.shape
+            down = torch.randn(rank, in_features, generator=generator) * 0.02
+            up = torch.randn(out_features, rank, generator=generator) * 0.02
+            terms[module] = LoraTerm(down.to(module.weight), up.to(module.weight))
+    return LoraAdapter("random", terms)
+
+
+def merged_copy(loaded: LoadedModel, adapter, role: str) -> LoadedModel:
+    """``loaded`` with ``adapter`` merged into a copy of its weights (W + B A), as ``lora_mode: merged`` serves."""
+    import copy
+    import dataclasses
+
+    model = copy.deepcopy(loaded.model)
+    modules = dict(loaded.model.named_modules())
+    copies = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in modules.items():
+            term = adapter.terms.get(module)
+            if term is not None:
+                copies[name].weight += (term.up.float() @ term.down.float()).to(module.weight.dtype)
+    return dataclasses.replace(loaded, role=role, model=model,
+                               config=loaded.config.model_copy(update={"path": f"{loaded.config.path}-merged"}))
+
+
+def lora_rates(models: list[LoadedModel], prompts: list[list[int]], levels: list[int], steps: int, max_len: int,
+               executor: str) -> dict:
+    """Proxy ms per step with the expert a LoRA over the anti-expert: unmerged (the terms in the static step)
+    against merged into a copy, engines started one after the other, levels interleaved."""
+    import dataclasses
+
+    base, _, anti = models
+    adapter = random_lora(anti.model)
+    unmerged = dataclasses.replace(anti, role="expert", adapter=adapter,
+                                   config=anti.config.model_copy(update={"path": f"{anti.config.path}-lora"}))
+    variants = {"unmerged": [base, unmerged, anti], "merged": [base, merged_copy(anti, adapter, "expert"), anti]}
+    out: dict = {"weights_gb": {}, "rates": {}}
+    engines = {}
+    for name, loaded in variants.items():
+        models_held = {id(m.model): m.model for m in loaded}.values()
+        held = sum(p.numel() * p.element_size() for m in models_held for p in m.parameters())
+        out["weights_gb"][name] = (held + sum(m.adapter.nbytes for m in loaded if m.adapter)) / 1e9
+        engines[name] = make_engine(loaded, levels[-1], max_len, False, executor)
+    for level in levels:
+        ms = {name: decode_rate(engine, prompts[:level], steps, Target.PROXY)[0] for name, engine in engines.items()}
+        out["rates"][str(level)] = {"ms_per_step": ms, "unmerged / merged": ms["unmerged"] / ms["merged"]}
+        print(f"  {level:3d} streams: unmerged {ms['unmerged']:.2f} ms, merged {ms['merged']:.2f} ms per step",
+              flush=True)
+    return out
 
 
 def capture_info(engine: ProxyEngine) -> dict:
@@ -463,6 +525,13 @@ def markdown(data: dict) -> str:
                   "|---|---:|---:|---:|"]
         lines += [f"| {f['function']} | {f['calls_per_step']} | {f['own_ms_per_step']} | {f['cum_ms_per_step']} |"
                   for f in host["top"]]
+    if s.get("lora"):
+        lora = s["lora"]
+        lines += ["", f"LoRA expert, unmerged (weights {lora['weights_gb']['unmerged']:.2f} GB) against merged "
+                  f"({lora['weights_gb']['merged']:.2f} GB): " + "; ".join(
+                      f"{level} streams {row['ms_per_step']['unmerged']:.2f} against "
+                      f"{row['ms_per_step']['merged']:.2f} ms per proxy step ({row['unmerged / merged']:.2f}x)"
+                      for level, row in lora["rates"].items())]
     if s.get("fusions"):
         lines += fusions.markdown(s["fusions"])
     if s.get("attention"):
@@ -592,6 +661,11 @@ def main(argv: list[str] | None = None) -> int:
     if device != "cpu":
         report.section("attention", lambda: attention_backends(device, dtype, pair_shape, levels[-1],
                                                                [256, 1024, 4096]))
+
+    report.section("lora", lambda: lora_rates(models, prompts, levels, steps, max_len, executor))
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     def fusion_section() -> dict:
         named = {f"base {base_shape.name}": models[0].model, f"pair {pair_shape.name}": models[1].model}

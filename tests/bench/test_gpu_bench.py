@@ -35,11 +35,15 @@ def test_cpu_quick_path(tmp_path):
     # On the CPU both engines run the same step eagerly: identical tokens, greedy and seeded.
     for name in ("identity, real shapes", "identity fp32", "seeded sampling fp32"):
         assert sections[name]["identical"] == sections[name]["sequences"] > 0, name
+    lora = sections["lora"]
+    assert set(lora["rates"]) == {"1", "16"} and lora["weights_gb"]["unmerged"] < lora["weights_gb"]["merged"]
+    assert all(row["ms_per_step"]["unmerged"] > 0 for row in lora["rates"].values())
     for by_rows in sections["fusions"]["timings"].values():
         assert set(by_rows) == {"1", "16"} and all(set(table) == set(fusions.VARIANTS) for table in by_rows.values())
     assert {profile["clock"] for profile in sections["fusions"]["profiles"].values()} == {"host"}
     table = (tmp_path / "gpu_cpu_path.md").read_text()
     assert "| engine, graphs | 16 |" in table and "| paper loop | 1 |" in table
+    assert "LoRA expert, unmerged (weights" in table
     assert "| rotary on q, k apart | 16 |" in table and "host profile, graphs engine, 16 rows" in table
 
 
