@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared script (6 minutes at most): the gpu tests, then bench/gpu_bench.py (the engine with
 # CUDA graphs and with --enforce-eager against the paper's loop and the bandwidth floor, TTFT, graph/eager token
-# identity, fusions one at a time, attention backends) on random 7B / 1.1B-shaped models (bf16, 32k vocabulary,
-# nothing on disk).
+# identity, LoRA unmerged vs merged, fusions one at a time, attention backends) on random 7B / 1.1B-shaped models
+# (bf16, 32k vocabulary, nothing on disk).
 #   bash bench/gpu.sh            # writes gpu.json, gpu.md, gpu.log, gpu-tests.xml to $OUT (when set) or bench/results
 # Each part is time-boxed (SIGINT first, so Python prints where it was); a part that fails or times out does not
 # stop the next; the report is rewritten after each bench section, and a summary table closes the log.
