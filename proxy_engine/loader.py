@@ -337,7 +337,7 @@ def load_unmerged(role: str, config: ModelConfig, host: LoadedModel, tokenizer, 
                  reason)
         return None
     adapter.install()
-    log.info("%s: the LoRA adapter %s runs unmerged over the %s model's weights (%d projections, %.1f MB of terms)",
+    log.info("%s: the LoRA adapter %s runs unmerged over the %s model's weights (%d projections, %.3g MB of terms)",
              role, config.adapter, host.role, len(adapter.terms), adapter.nbytes / 1e6)
     return LoadedModel(role=role, config=config, model=host.model, tokenizer=tokenizer, adapter=adapter,
                        renderer=_renderer(role, config, tokenizer, transcript_template), max_len=host.max_len,
