@@ -16,7 +16,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -24,6 +24,7 @@ from typing import Any
 class StoredResponse:
     response: dict[str, Any]  # the Response object as it was returned
     messages: list[dict[str, Any]]  # the conversation it continues, then its own output, as chat messages
+    input_items: list[dict[str, Any]] = field(default_factory=list)  # its own input, as items with ids
 
 
 @dataclass(eq=False)
@@ -53,11 +54,12 @@ class ResponseStore:
             return len(self._entries)
 
     def put(self, response_id: str, owner: str | None, response: dict[str, Any],
-            messages: list[dict[str, Any]]) -> bool:
-        """Keep a response for its owner; False when it is larger than the whole store (it is not kept)."""
+            messages: list[dict[str, Any]], input_items: list[dict[str, Any]] | None = None) -> bool:
+        """Keep a response for its owner, with its own input as items (``GET .../input_items``); False when it is
+        larger than the whole store (it is not kept)."""
         if not self.enabled:
             return False
-        blob = json.dumps([response, messages], ensure_ascii=False, separators=(",", ":")).encode()
+        blob = json.dumps([response, messages, input_items or []], ensure_ascii=False, separators=(",", ":")).encode()
         if len(blob) > self.max_bytes:
             return False
         with self._lock:
@@ -75,8 +77,8 @@ class ResponseStore:
             entry = self._entries.get(response_id)
             if entry is None or entry.owner != owner:
                 return None
-        response, messages = json.loads(entry.blob)
-        return StoredResponse(response, messages)
+        response, messages, input_items = json.loads(entry.blob)
+        return StoredResponse(response, messages, input_items)
 
     def delete(self, response_id: str, owner: str | None) -> bool:
         with self._lock:

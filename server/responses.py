@@ -205,6 +205,27 @@ class ResponsesRequest(_Lenient):
                                   "function_call_output, reasoning)", f"{where}.type")
         return messages
 
+    def input_items(self) -> list[dict[str, Any]]:
+        """``input`` as the Responses API lists it back (``GET /v1/responses/{id}/input_items``): items with ids,
+        a message's text as content parts. Call after ``input_messages`` validated it."""
+        if isinstance(self.input, str):
+            return [{"id": _id("msg"), "type": "message", "role": "user", "status": "completed",
+                     "content": [{"type": "input_text", "text": self.input}]}]
+        items = []
+        for item in self.input:
+            item = dict(item)
+            kind = item.setdefault("type", "message")
+            if kind == "message":
+                content = item.get("content")
+                part = "output_text" if item.get("role") == "assistant" else "input_text"
+                if isinstance(content, str):
+                    item["content"] = [{"type": part, "text": content}]
+                item.setdefault("status", "completed")
+            prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}.get(kind, "rs")
+            item.setdefault("id", _id(prefix))
+            items.append(item)
+        return items
+
     def to_chat(self, history: list[dict[str, Any]]) -> ChatCompletionRequest:
         self.check_supported()
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
@@ -512,6 +533,12 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         reasoning = Reasoning(chat.reasoning_parser(settings.reasoning_parser, fmt))
         builder = ResponseBuilder(body, chat, response_id, generation.model, plan)
         conversation = past + body.input_messages()
+        input_items = body.input_items()
+
+        def keep(snapshot: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+            """Store the response in this state (with its conversation, and its input for ``input_items``)."""
+            store.put(response_id, owner, snapshot, messages, input_items)
+
         headers = {"x-request-id": response_id}
 
         def item_stream() -> ItemStream:
@@ -528,7 +555,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
             tail = items.close(status)
             snapshot = builder.snapshot(status, usage(), incomplete)
             if body.store:
-                store.put(response_id, owner, snapshot, conversation + output_messages(builder.output))
+                keep(snapshot, conversation + output_messages(builder.output))
             return snapshot, tail
 
         async def events(items: ItemStream) -> AsyncIterator[str]:
@@ -544,7 +571,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
                     if not begun:
                         begun = True
                         snapshot = builder.snapshot("in_progress")
-                        store.put(response_id, owner, snapshot, conversation)
+                        keep(snapshot, conversation)
                         yield items.event("response.in_progress", response=snapshot)
                     for delta in reasoning.deltas(splitter, choice_stream, output.text_delta, output.finished):
                         for event in items.feed(delta):
@@ -554,7 +581,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
                     "message": "internal error", "type": "server_error", "code": "internal_error"}
                 snapshot = failed_snapshot(builder, failure)
                 if body.background:
-                    store.put(response_id, owner, snapshot, conversation)
+                    keep(snapshot, conversation)
                 yield items.event("response.failed", response=snapshot)
                 return
             snapshot, tail = finished(items)
@@ -576,7 +603,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
 
         if body.background:
             queued = builder.snapshot("queued")
-            store.put(response_id, owner, queued, conversation)
+            keep(queued, conversation)
             items = item_stream()
             run = runs.start(response_id, BackgroundRun(owner, generation))
 
@@ -589,7 +616,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
                 for event in items.close("incomplete"):
                     run.log.append(event)
                 snapshot = builder.snapshot("cancelled", usage())
-                store.put(response_id, owner, snapshot, conversation + output_messages(builder.output))
+                keep(snapshot, conversation + output_messages(builder.output))
 
             async def drive() -> None:
                 """The generation to its end with no client needed: every event into the run's log, for any
@@ -628,6 +655,26 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         if not entry.response.get("background"):
             raise bad_request("only a response created with background: true can be cancelled", "response_id")
         return JSONResponse(entry.response)
+
+    @router.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(response_id: str, request: Request,
+                               limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                               order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
+                               after: str | None = None) -> JSONResponse:
+        """A stored response's own input, as items (OpenAI's list: newest first by default, ``after`` an item id,
+        at most ``limit``)."""
+        entry = store.get(response_id, tenant(request))
+        if entry is None:
+            raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
+        items = entry.input_items if order == "asc" else entry.input_items[::-1]
+        if after is not None:
+            ids = [item.get("id") for item in items]
+            if after not in ids:
+                raise bad_request(f"after: no input item {after!r} in response {response_id!r}", "after")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
     @router.get("/v1/responses/{response_id:path}")
     async def get_response(response_id: str, request: Request, stream: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 
 from tests.server.live import MODEL
@@ -219,3 +220,27 @@ def test_a_stored_response_belongs_to_its_key(tiny_family):
     assert store.get("r", "k2") is None and store.get("r", None) is None
     assert not store.delete("r", "k2") and store.get("r", "k1") is not None
     assert store.delete("r", "k1") and store.get("r", "k1") is None
+
+
+def test_input_items_list_a_responses_own_input_as_the_sdk_reads_it(client):
+    """``GET /v1/responses/{id}/input_items`` (the SDK's ``responses.input_items.list``): the response's own input
+    as items with ids, newest first by default, paged with ``after`` and ``limit``."""
+    first = client.responses.create(model=MODEL, input="Hello there", **GREEDY)
+    listed = client.responses.input_items.list(first.id)
+    assert [(i.type, i.role, i.content[0].text) for i in listed.data] == [("message", "user", "Hello there")]
+    conversation = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": [{"type": "input_text", "text": "Name a city"}]},
+                    {"type": "message", "role": "assistant", "content": "Paris"},
+                    {"role": "user", "content": "Another?"}]
+    second = client.responses.create(model=MODEL, input=conversation, previous_response_id=first.id, **GREEDY)
+    newest_first = client.responses.input_items.list(second.id).data
+    assert [i.content[0].text for i in newest_first] == ["Another?", "Paris", "Name a city", "Be brief."]
+    assert len({i.id for i in newest_first}) == 4 and newest_first[1].content[0].type == "output_text"
+    page = client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [i.content[0].text for i in page.data] == ["Be brief.", "Name a city"] and page.has_more
+    rest = client.responses.input_items.list(second.id, order="asc", after=page.last_id)
+    assert [i.content[0].text for i in rest.data] == ["Paris", "Another?"] and not rest.has_more
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_items.list(second.id, limit=500)
