@@ -641,7 +641,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
             return Response(status_code=499)
         return JSONResponse(whole(), headers=headers)
 
-    @router.post("/v1/responses/{response_id}/cancel")
+    @router.post("/v1/responses/{response_id:path}/cancel")
     async def cancel_response(response_id: str, request: Request) -> JSONResponse:
         """A running background response stops (status ``cancelled``); one already finished is returned as it
         is, as OpenAI does."""
