@@ -27,7 +27,7 @@ from proxy_engine.config import EngineConfig, ModelConfig, RuntimeConfig
 from proxy_engine.executor.selection import wants_static
 from proxy_engine.gguf_files import find_gguf, require_gguf
 from proxy_engine.layout import ModelLayout
-from proxy_engine.lora import LoraAdapter, unmerged_reason
+from proxy_engine.lora import LoraAdapter, merge_reason
 from proxy_engine.memory import config_dtype, parse_size, resolve_dtype
 from proxy_engine.model_files import context_length, locate, read_config, text_config
 from proxy_engine.placement import accelerate_key, gpu_free_bytes, normalise_device
@@ -317,15 +317,8 @@ def load_unmerged(role: str, config: ModelConfig, host: LoadedModel, tokenizer, 
     with the reason) when it is to be merged into a copy instead."""
     assert config.adapter is not None
     directory = find_adapter(config.adapter)
-    reason = "lora_mode is merged" if runtime.lora_mode == "merged" else None
-    if reason is None and directory is None:
-        reason = "the adapter is gone"
-    if reason is None:
-        reason = unmerged_reason(directory)
-    if (reason is None and runtime.lora_mode == "auto"
-            and wants_static(host.model, input_device(host.model), runtime, host.max_len)):
-        reason = ("the static CUDA-graph step runs each model in its own graph, so unmerged would save the copy's "
-                  "memory but not a read; lora_mode unmerged trades that")
+    reason = merge_reason(directory, runtime.lora_mode,
+                          wants_static(host.model, input_device(host.model), runtime, host.max_len))
     adapter = None
     if reason is None:
         try:

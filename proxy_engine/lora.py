@@ -34,17 +34,15 @@ _MATH_CHANGING = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"
 _PEFT_PREFIX = "base_model.model."
 
 
-def _projection(module_name: str) -> str | None:
-    """The projection a decoder layer's module is (``self_attn.q_proj``, ``mlp.down_proj``, ...), or None (an
-    embedding, the head, a routed expert's projection)."""
+def _fused_projection(module_name: str) -> bool:
+    """Whether a module is a decoder layer's projection the decode steps fuse (``layers.N.self_attn.q_proj``, ...,
+    ``layers.N.mlp.down_proj``): not an embedding, the head or a routed expert's projection."""
     parts = module_name.split(".")
     if len(parts) < 4 or parts[-4] != "layers" or not parts[-3].isdigit():
-        return None
-    block, name = parts[-2], parts[-1]
-    if (block, name) in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-                         ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
-        return f"{block}.{name}"
-    return None
+        return False
+    return (parts[-2], parts[-1]) in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+                                      ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
+                                      ("mlp", "down_proj"))
 
 
 @dataclass(frozen=True)
@@ -73,6 +71,21 @@ def unmerged_reason(directory: Path) -> str | None:
     if changed:
         return f"it sets {', '.join(changed)}"
     return None
+
+
+def merge_reason(directory: Path | None, lora_mode: str, static: bool) -> str | None:
+    """Why an adapter over another role's checkpoint is merged into a copy instead of served unmerged, or None:
+    ``lora_mode`` (RuntimeConfig's), the adapter (``directory``, None when it cannot be found), and whether the
+    static CUDA-graph step decodes the model (``auto`` merges there)."""
+    if lora_mode == "merged":
+        return "lora_mode is merged"
+    if directory is None:
+        return "the adapter is gone"
+    reason = unmerged_reason(directory)
+    if reason is None and lora_mode == "auto" and static:
+        reason = ("the static CUDA-graph step runs each model in its own graph, so unmerged would save the copy's "
+                  "memory but not a read; lora_mode unmerged trades that")
+    return reason
 
 
 class LoraAdapter:
@@ -111,7 +124,7 @@ class LoraAdapter:
         for module_name, pair in pairs.items():
             if set(pair) != {"lora_A", "lora_B"}:
                 raise ValueError(f"{module_name} has {', '.join(sorted(pair))} only")
-            if _projection(module_name) is None:
+            if not _fused_projection(module_name):
                 raise ValueError(f"it adapts {module_name}, which the fast decode step does not fuse")
             try:
                 module = model.get_submodule(module_name)

@@ -21,9 +21,10 @@ import torch
 from proxy_engine.adapter import find_adapter
 from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
+from proxy_engine.executor.selection import STATIC, wanted_executor
 from proxy_engine.gguf_files import GGUFHeader, find_gguf, read_header
 from proxy_engine.layout import ModelLayout
-from proxy_engine.lora import unmerged_reason
+from proxy_engine.lora import merge_reason
 from proxy_engine.memory import MemoryEstimate, counted_memory, estimate_memory, gib, parse_size, resolve_dtype
 from proxy_engine.model_files import (
     context_length,
@@ -157,10 +158,9 @@ def _device_errors(name: str, model: ModelConfig, devices: list[str], device_cou
 
 
 # ------------------------------------------------------------------------------------------------------ plan
-def _model_names(config: EngineConfig) -> list[tuple[str, str, int | None, ModelConfig, list[str]]]:
+def _model_names(layout: ModelLayout) -> list[tuple[str, str, int | None, ModelConfig, list[str]]]:
     """Each distinct model as the loader loads it (``ModelLayout``: a model several roles name is planned, and
     counted in memory, once): its first role's name, role and pair, its config, and its other roles' names."""
-    layout = ModelLayout.of(config)
     roles: list[list[tuple[str, str, int | None]]] = [[("base", "base", None)]] + [[] for _ in layout.slots[1:]]
     for i, (expert, anti) in enumerate(layout.pairs):
         roles[expert].append((f"expert_{i}", "expert", i))
@@ -186,7 +186,7 @@ def plan_placement(
     plan = PlacementPlan(models=[], max_num_seqs=config.limits.max_num_seqs)
 
     layout = ModelLayout.of(config)
-    names = _model_names(config)
+    names = _model_names(layout)
     for index, (name, role, pair, model, also) in enumerate(names):
         location, directory, error = locate(model, cache_dir=cache_dir)
         if error:
@@ -254,17 +254,11 @@ def plan_placement(
     return plan
 
 def _expect_unmerged(model: ModelConfig, devices: list[str], config: EngineConfig) -> bool:
-    """Whether the loader will run this adapter unmerged over its host (loader.load_unmerged, foreseen from the
-    files: a plain LoRA, not merged by request, and under lora_mode auto no static CUDA-graph step)."""
+    """Whether the loader will run this adapter unmerged over its host (``loader.load_unmerged``'s rule, foreseen
+    from the files and the device: the static step is taken as supported, so ``auto`` on a GPU plans a copy)."""
+    static = wanted_executor(torch.device(devices[0]), config.runtime) == STATIC
     directory = find_adapter(model.adapter) if model.adapter else None
-    runtime = config.runtime
-    if directory is None or runtime.lora_mode == "merged" or unmerged_reason(directory) is not None:
-        return False
-    if runtime.lora_mode == "unmerged" or not runtime.fast_decode or runtime.decode_executor == "transformers":
-        return True
-    if runtime.decode_executor == "auto":
-        return devices == ["cpu"]
-    return runtime.decode_executor != "static"
+    return merge_reason(directory, config.runtime.lora_mode, static) is None
 
 
 def _adapter_bytes(adapter: str | None) -> int:
@@ -307,7 +301,7 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
                                                           if m.context_length})
     if too_long is not None:
         (plan.warnings if limits.allow_long_max_model_len else plan.errors).append(too_long)
-    model_configs = {name: model for name, _, _, model, _ in _model_names(config)}
+    model_configs = {name: model for name, _, _, model, _ in _model_names(ModelLayout.of(config))}
     for mp in plan.models:
         if mp.memory is None:
             continue

@@ -126,8 +126,8 @@ class Scheduler:
         prompts: set[tuple] = set()
         while self.waiting and in_batch + len(admitted) < self.batch_limit:
             candidate = self.waiting[0]
-            longest = max(len(candidate.context_ids(index)) for index in candidate.runners)
             key = _prompt_key(candidate)
+            longest = max(len(ids) for _, ids in key)
             padded = max(width, longest) * (len(prompts) + (key not in prompts))
             if admitted and key not in prompts and padded > budget:
                 break

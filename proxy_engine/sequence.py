@@ -47,7 +47,7 @@ class Sequence:
     grammar: GrammarMatcher | None = None  # the output's constraint, advanced with every accepted token
     cache_salt: str | None = None  # its prompt's prefix-cache salt (PromptInput.cache_salt)
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences (bad_words.py)
-    preemptions: int = 0  # times its K/V was dropped for a more urgent sequence (it resumes by recomputing it)
+    preemptions: int = 0  # times its K/V was dropped (a more urgent sequence, out of memory): it resumes by recomputing
 
     @property
     def finished(self) -> bool:

@@ -41,7 +41,7 @@ from server.protocol import (
     refuse_unhonoured,
 )
 from server.reasoning import Reasoning, ReasoningParser, ReasoningSplitter
-from server.response_store import ResponseStore
+from server.response_store import ResponseStore, StoredResponse
 from server.serving import Choice, Generation, GenerationError, ServerContext
 from server.streaming import EventStreamResponse, sse
 from server.tools import ChoiceStream, ToolPlan, check_tools
@@ -507,6 +507,16 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
                            param="previous_response_id", code="not_found")
         return [dict(m) for m in entry.messages]
 
+    def not_found(response_id: str) -> APIError:
+        return APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
+
+    def stored(response_id: str, owner: str | None) -> StoredResponse:
+        """The stored response ``owner`` may read (another tenant's is a 404, as an unknown id)."""
+        entry = store.get(response_id, owner)
+        if entry is None:
+            raise not_found(response_id)
+        return entry
+
     @router.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         response_id = _id("resp")
@@ -649,9 +659,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         run = runs.get(response_id, owner, running_only=True)
         if run is not None:
             await run.cancel()
-        entry = store.get(response_id, owner)
-        if entry is None:
-            raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
+        entry = stored(response_id, owner)
         if not entry.response.get("background"):
             raise bad_request("only a response created with background: true can be cancelled", "response_id")
         return JSONResponse(entry.response)
@@ -663,9 +671,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
                                after: str | None = None) -> JSONResponse:
         """A stored response's own input, as items (OpenAI's list: newest first by default, ``after`` an item id,
         at most ``limit``)."""
-        entry = store.get(response_id, tenant(request))
-        if entry is None:
-            raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
+        entry = stored(response_id, tenant(request))
         items = entry.input_items if order == "asc" else entry.input_items[::-1]
         if after is not None:
             ids = [item.get("id") for item in items]
@@ -682,9 +688,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         """The stored response; with ``stream``, a background response's events after ``starting_after`` (all of
         them by default), then the rest as they come."""
         owner = tenant(request)
-        entry = store.get(response_id, owner)
-        if entry is None:
-            raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
+        entry = stored(response_id, owner)
         if not stream:
             return JSONResponse(entry.response)
         run = runs.get(response_id, owner)
@@ -697,5 +701,5 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
     @router.delete("/v1/responses/{response_id:path}")
     async def delete_response(response_id: str, request: Request) -> JSONResponse:
         if not store.delete(response_id, tenant(request)):
-            raise APIError(404, f"response {response_id!r} was not found", param="response_id", code="not_found")
+            raise not_found(response_id)
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})

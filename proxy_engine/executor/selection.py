@@ -29,7 +29,8 @@ STATIC, FAST, TRANSFORMERS = "static", "fast", "transformers"
 KV_MEMORY_FRACTION = 0.8  # of a GPU's free memory once the weights are in, for the static K/V of its models
 
 
-def _wanted(device: torch.device, runtime: RuntimeConfig) -> str:
+def wanted_executor(device: torch.device, runtime: RuntimeConfig) -> str:
+    """The executor ``runtime`` asks for on ``device``, before what a model supports narrows it."""
     if not runtime.fast_decode or runtime.decode_executor == TRANSFORMERS:
         return TRANSFORMERS
     if runtime.decode_executor == "auto":
@@ -41,14 +42,14 @@ def wants_static(model: torch.nn.Module, device: torch.device, runtime: RuntimeC
                  max_len: int | None = None) -> bool:
     """Whether ``model`` decodes through the static executor given memory for its buffers (what they are
     planned for: a model that never uses them takes no share of the GPU and caps no batch)."""
-    return _wanted(device, runtime) == STATIC and static_unsupported_reason(model, max_len) is None
+    return wanted_executor(device, runtime) == STATIC and static_unsupported_reason(model, max_len) is None
 
 
 def choose_executor(model: torch.nn.Module, device: torch.device, runtime: RuntimeConfig,
                     plan: SlotPlan | None, name: str = "model", max_len: int | None = None) -> str:
     """``static``, ``fast`` or ``transformers`` for ``model`` on ``device`` (see the module docstring);
     ``max_len``, the longest sequence, lets a sliding window that never binds decode like full attention."""
-    wanted = _wanted(device, runtime)
+    wanted = wanted_executor(device, runtime)
     if wanted == TRANSFORMERS:
         return TRANSFORMERS
     if wanted == STATIC:

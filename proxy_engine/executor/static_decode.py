@@ -188,7 +188,6 @@ class StaticDecoder:
                     self.fused = True
                 except RuntimeError as error:  # out of memory for the transient copy: separate GEMMs
                     log.warning("q/k/v and gate/up not fused (%s: %s)", type(error).__name__, error)
-        self.adapter = adapter
         self.lora: list[tuple[slice, list]] = [] if adapter is None else [(slice(None), layer_terms(adapter,
                                                                                                     self.layers))]
         if adapter is not None and not self.fused:  # the terms are on the fused projections
