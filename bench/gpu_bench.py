@@ -200,7 +200,7 @@ def decoding(engine: ProxyEngine, prompts: list[list[int]], steps: int, target: 
     more tokens each; the engine drained on exit."""
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
     for i, prompt in enumerate(prompts):
-        engine.add(engine.make_sequences(f"{tag}-{target.value}-{i}-{time.monotonic_ns()}",
+        engine.add(engine.make_sequences(f"{tag}-{target.serves.value}-{i}-{time.monotonic_ns()}",
                                          PromptInput(token_ids=prompt), params, target))
     try:
         while len(engine.running) < len(prompts):

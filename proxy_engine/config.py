@@ -17,6 +17,8 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 PromptFormat = Literal["plain", "chat"]
 
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?|mps)$")
+_PAIR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RESERVED_PAIR_NAMES = frozenset({"base", "expert"})  # the model ids of the parts alone
 
 # A plain transcript for models that see chat requests as text (the base and anti-expert in the paper).
 # ``tools_text`` (set when a request brings tools) lists them and shows the family's call format; an assistant's
@@ -101,6 +103,19 @@ class ExpertPairConfig(_Strict):
     expert: ModelConfig
     anti_expert: ModelConfig
     alpha: float = Field(default=1.0, description="Default strength of this pair; a request may override it.")
+    name: str | None = Field(
+        default=None, description="Serve this pair alone too, under the model ids '<served name>:<name>' (the base "
+        "steered by this pair only, the other pairs' alpha 0) and '<served name>:<name>:expert' (its expert "
+        "alone): what a chat frontend's model picker can choose, as vLLM's LoRA module names.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        if name is not None and (not _PAIR_NAME_RE.match(name) or name in RESERVED_PAIR_NAMES):
+            raise ValueError(f"{name!r}: a pair's name is letters, digits, '.', '_' and '-' (starting with a letter "
+                             f"or digit), and not {' or '.join(sorted(RESERVED_PAIR_NAMES))}")
+        return name
 
 
 ALLOW_LONG_MAX_MODEL_LEN_ENV = "PROXY_SERVE_ALLOW_LONG_MAX_MODEL_LEN"
@@ -254,6 +269,14 @@ class EngineConfig(_Strict):
 
         self.base = resolve_model(self.base, "base")
         self.experts = [resolve_pair(pair, i) for i, pair in enumerate(self.experts)]
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_pair_names(self) -> EngineConfig:
+        names = [pair.name for pair in self.experts if pair.name is not None]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"expert pair name {repeated[0]!r} is given to several pairs: each names one model id")
         return self
 
     @field_validator("generation_config")

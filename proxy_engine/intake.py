@@ -25,7 +25,7 @@ from proxy_engine.grammar import GrammarCompiler
 from proxy_engine.layout import ModelLayout
 from proxy_engine.loader import LoadedModel
 from proxy_engine.outputs import OutputBuilder
-from proxy_engine.request import ContextLengthError, FieldError, PromptInput, SamplingParams, Target
+from proxy_engine.request import ContextLengthError, FieldError, PromptInput, SamplingParams, Serves, Target
 from proxy_engine.sequence import Sequence
 from proxy_engine.tool_calls import DEFAULT_FORMAT, detect_format, renders_tools
 
@@ -135,17 +135,19 @@ class Intake:
     def weights_for(self, params: SamplingParams, target: Target) -> list[float]:
         """Each model's weight: base 1, expert_i +alpha_i, anti_i -alpha_i (or one model alone); a model that
         plays several roles sums theirs (layout.py)."""
-        if target is Target.EXPERT:
+        if target.pair is not None and not 0 <= target.pair < self.num_pairs:
+            raise ValueError(f"this deployment has no expert pair {target.pair}")
+        if target.serves is Serves.EXPERT:
             if not self.num_pairs:
                 raise ValueError("this deployment has no expert to serve alone")
-            return self.layout.expert_weights()
-        if target is Target.PROXY:
-            return self.layout.proxy_weights(params.resolve_alphas(self.config.default_alphas))
+            return self.layout.expert_weights(target.expert_pair)
+        if target.serves is Serves.PROXY:
+            return self.layout.proxy_weights(params.resolve_alphas(self.config.default_alphas, target.pair))
         return self.layout.base_weights()
 
     def render(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         """The primary model's prompt ids (the base, or the expert when it is served alone)."""
-        index = self.layout.expert_slot if target is Target.EXPERT else 0
+        index = self.layout.expert_slot(target.expert_pair) if target.serves is Serves.EXPERT else 0
         return self.models[index].renderer.render(prompt)
 
     def make_sequences(
@@ -161,11 +163,11 @@ class Intake:
         Their choice indices start at ``first_index`` (a request with several prompts numbers prompt ``i``'s
         choices from ``i * n``, as OpenAI does).
         """
-        params.validate(self.vocab_size, self.num_pairs, self.config.limits.max_logprobs)
+        params.validate(self.vocab_size, self.num_pairs, self.config.limits.max_logprobs, target.pair)
         if params.priority and self.config.limits.scheduling_policy != "priority":
             raise FieldError("priority needs the priority scheduling policy (--scheduling-policy priority); this "
                              "server admits requests in arrival order", "priority")
-        if params.model_logprobs is not None and target is not Target.PROXY:
+        if params.model_logprobs is not None and target.serves is not Serves.PROXY:
             raise FieldError(
                 "model_logprobs explains the proxy-tuned combination: ask it of the proxy-tuned model, not of one "
                 "model alone (every model's distribution is in its answer)", "model_logprobs"

@@ -100,12 +100,11 @@ class ModelLayout:
         weights[0] = 1.0
         return weights
 
-    def expert_weights(self) -> list[float]:
-        """The first pair's expert alone."""
+    def expert_weights(self, pair: int = 0) -> list[float]:
+        """One pair's expert alone (the first pair's by default)."""
         weights = [0.0] * len(self.slots)
-        weights[self.expert_slot] = 1.0
+        weights[self.expert_slot(pair)] = 1.0
         return weights
 
-    @property
-    def expert_slot(self) -> int:
-        return self.pairs[0][0]
+    def expert_slot(self, pair: int = 0) -> int:
+        return self.pairs[pair][0]

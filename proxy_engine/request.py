@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
-from proxy_engine.config import DEFAULT_MAX_LOGPROBS
+from proxy_engine.config import DEFAULT_MAX_LOGPROBS, EngineConfig
 from proxy_engine.grammar import StructuredOutput
 
 # Template variables a request may not set through template_kwargs: the renderer's own (and transformers'
@@ -74,12 +74,48 @@ class ErrorCode(_Wire):
     INVALID_HTTP_REQUEST = "invalid_http_request"  # uvicorn could not parse the request
 
 
-class Target(str, Enum):
-    """Which model a request is served by: the proxy-tuned combination, or one of its parts alone."""
+class Serves(str, Enum):
+    """What a request's model runs: the proxy-tuned combination, or one of its parts alone."""
 
     PROXY = "proxy"  # s_base + sum_i alpha_i (s_expert_i - s_anti_i)
     BASE = "base"  # s_base alone (the same as alpha 0)
-    EXPERT = "expert"  # the first pair's expert alone
+    EXPERT = "expert"  # an expert alone
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which model a request is served by: what it runs (``serves``), over every expert pair, or over the one pair
+    a named pair's model id selects (``pair``, its index): that pair's expert alone, or the base steered by that
+    pair alone (every other pair's alpha 0)."""
+
+    serves: Serves
+    pair: int | None = None
+
+    PROXY: ClassVar[Target]  # every pair at its alpha
+    BASE: ClassVar[Target]
+    EXPERT: ClassVar[Target]  # the first pair's expert alone
+
+    @property
+    def expert_pair(self) -> int:
+        """The pair whose expert an ``EXPERT`` target serves."""
+        return self.pair or 0
+
+
+Target.PROXY = Target(Serves.PROXY)
+Target.BASE = Target(Serves.BASE)
+Target.EXPERT = Target(Serves.EXPERT)
+
+
+def served_targets(config: EngineConfig) -> list[Target]:
+    """Every target the configuration serves: the proxy-tuned model and the base, the first pair's expert, and
+    each named pair alone and its expert alone."""
+    targets = [Target.PROXY, Target.BASE]
+    if config.experts:
+        targets.append(Target.EXPERT)
+    for index, pair in enumerate(config.experts):
+        if pair.name is not None:
+            targets += [Target(Serves.PROXY, index), Target(Serves.EXPERT, index)]
+    return targets
 
 
 class ContextLengthError(ValueError):
@@ -250,8 +286,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, vocab_size: int, num_pairs: int, max_logprobs: int = MAX_LOGPROBS) -> None:
-        """Raise ``ValueError`` with a message fit for a 400 if any value is out of range."""
+    def validate(self, vocab_size: int, num_pairs: int, max_logprobs: int = MAX_LOGPROBS,
+                 pair: int | None = None) -> None:
+        """Raise ``ValueError`` with a message fit for a 400 if any value is out of range (``pair``: the one expert
+        pair the request's model serves, if a named pair's)."""
         for name in ("temperature", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             _finite(name, float(getattr(self, name)))
@@ -329,23 +367,38 @@ class SamplingParams:
                 if not isinstance(word, str) or not word.strip() or len(word) > MAX_STOP_STRING_CHARS:
                     raise FieldError(f"each of bad_words must be a word of 1 to {MAX_STOP_STRING_CHARS} characters",
                                      "bad_words")
-        self.resolve_alphas([0.0] * num_pairs)
+        self.resolve_alphas([0.0] * num_pairs, pair)
         if self.structured is not None:
             self.structured.validate()
 
-    def resolve_alphas(self, defaults: list[float]) -> list[float]:
-        """The alpha of every expert pair for this request."""
+    def resolve_alphas(self, defaults: list[float], pair: int | None = None) -> list[float]:
+        """The alpha of every expert pair for this request; with ``pair`` (a named pair's model id), that pair's
+        alone and 0 for every other. There ``alpha`` may be one number, a list of one, or a list of one per pair
+        (its ``pair``-th value counts)."""
+        if pair is not None:
+            given = self.alpha if isinstance(self.alpha, list) else [self.alpha]
+            if len(given) not in (1, len(defaults)):
+                raise FieldError(f"alpha has {len(given)} values, but this model serves one expert pair: give one "
+                                 "number", "alpha")
+            value = given[pair] if len(given) > 1 else given[0]
+            chosen = [0.0] * len(defaults)
+            chosen[pair] = defaults[pair] if value is None else value
+            return _checked_alphas(chosen)
         if self.alpha is None:
             return list(defaults)
         alphas = [float(self.alpha)] * len(defaults) if not isinstance(self.alpha, list) else self.alpha
         if len(alphas) != len(defaults):
             raise FieldError(f"alpha has {len(alphas)} values but the engine serves {len(defaults)} expert pairs",
                              "alpha")
-        for value in alphas:
-            _finite("alpha", float(value))
-            if abs(float(value)) > 100:
-                raise FieldError(f"alpha must be in [-100, 100], got {value}", "alpha")
-        return [float(a) for a in alphas]
+        return _checked_alphas(alphas)
+
+
+def _checked_alphas(alphas: list[float]) -> list[float]:
+    for value in alphas:
+        _finite("alpha", float(value))
+        if abs(float(value)) > 100:
+            raise FieldError(f"alpha must be in [-100, 100], got {value}", "alpha")
+    return [float(a) for a in alphas]
 
 
 @dataclass

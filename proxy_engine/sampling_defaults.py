@@ -4,7 +4,8 @@ A request that omits a field gets the model's recommended value; a field the req
 ``engine.generation_config`` (``--generation-config``) says where the values come from:
 
 - ``auto`` (the default): each model id from its own model's file: ``NAME`` (proxy-tuned) and ``NAME:expert``
-  from the (first) expert's, ``NAME:base`` from the base's. The proxy-tuned model answers as the tuned model
+  from the (first) expert's, ``NAME:base`` from the base's, a named pair's ``NAME:PAIR`` and ``NAME:PAIR:expert``
+  from that pair's expert's. The proxy-tuned model answers as the tuned model
   does, and the expert is where that tuning lives: a chat expert's file holds its authors' chat settings
   (Llama-2-chat: temperature 0.6, top_p 0.9), while a pretrained base's is about plain continuation (Qwen2.5's
   base says greedy). With no expert pair, every id takes the base's.
@@ -28,7 +29,7 @@ from typing import Any
 from proxy_engine.adapter import find_adapter
 from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.model_files import locate, read_generation_config
-from proxy_engine.request import Target
+from proxy_engine.request import Serves, Target, served_targets
 
 log = logging.getLogger("proxy_engine")
 
@@ -71,18 +72,22 @@ def _read(model: ModelConfig) -> SamplingDefaults:
 
 
 def sampling_defaults(config: EngineConfig) -> dict[Target, SamplingDefaults]:
-    """Each target's defaults under ``config.generation_config`` (empty ones when it is ``vllm`` / ``none``)."""
+    """Each served target's defaults under ``config.generation_config`` (empty ones when it is ``vllm`` /
+    ``none``): under ``auto``, a target that involves an expert pair takes the expert's (the first pair's when it
+    involves them all), the base alone the base's."""
+    targets = served_targets(config)
     setting = config.generation_config
     if setting in OFF:
-        return {target: SamplingDefaults() for target in Target}
+        return {target: SamplingDefaults() for target in targets}
     if setting != "auto":
         folder = Path(setting).expanduser()
         shared = SamplingDefaults(from_generation_config(read_generation_config(folder) or {}),
                                   str(folder / "generation_config.json"))
-        return {target: shared for target in Target}
+        return {target: shared for target in targets}
     base = _read(config.base)
-    tuned = _read(config.experts[0].expert) if config.experts else base
-    return {Target.PROXY: tuned, Target.EXPERT: tuned, Target.BASE: base}
+    experts = [_read(pair.expert) for pair in config.experts]
+    return {target: base if target.serves is Serves.BASE or not experts else experts[target.expert_pair]
+            for target in targets}
 
 
 def describe(defaults: dict[Target, SamplingDefaults], names: dict[Target, str]) -> list[str]:

@@ -43,6 +43,9 @@ FLAGS = [
          "pair, or once per --expert.", "PATH_OR_ID", action="append"),
     Flag("--alpha", (*_PAIR, "alpha"), "Default alpha of the pairs (requests may override; 0 = base alone); once "
          "for every pair, or once per --expert.", "FLOAT", action="append"),
+    Flag("--expert-name", (*_PAIR, "name"), "Also serve this pair alone, as model ids NAME:PAIR_NAME (the base "
+         "steered by this pair only) and NAME:PAIR_NAME:expert (its expert alone), which a chat frontend's model "
+         "picker can choose; once per --expert.", "PAIR_NAME", action="append"),
     Flag("--enforce-eager", ("engine", "runtime", "enforce_eager"),
          "Decode without CUDA graphs (the same static-buffer step, run eagerly; vLLM's name).", action="store_true"),
     Flag("--lora-mode", ("engine", "runtime", "lora_mode"),
@@ -129,8 +132,9 @@ With no arguments at all, serves a built-in demo family. With --base/--expert/--
 triple on the CPU without a config file. Precedence: flags > environment ({ENV_PREFIX}*, nested keys joined
 by '__', e.g. {ENV_PREFIX}ENGINE__LIMITS__MAX_NUM_SEQS=8) > --config file > defaults.
 
-Model ids: NAME (proxy-tuned), NAME:base (the base alone), NAME:expert (the expert alone). A request may send
-"alpha" (a number, or a list with one value per expert pair) to set the strength; 0 is the base alone.
+Model ids: NAME (proxy-tuned), NAME:base (the base alone), NAME:expert (the expert alone), and for each pair
+named with --expert-name, NAME:PAIR_NAME (that pair alone) and NAME:PAIR_NAME:expert. A request may send "alpha"
+(a number, or a list with one value per expert pair) to set the strength; 0 is the base alone.
 See docs/server.md for the full configuration reference."""
 
 
@@ -178,7 +182,7 @@ def _nest(key: tuple[str | int, ...], value: Any) -> Any:
 
 
 # The flags that repeat per expert pair: given once, a value is every pair's.
-PAIR_FLAGS = ("expert", "anti_expert", "alpha")
+PAIR_FLAGS = ("expert", "anti_expert", "alpha", "expert_name")
 
 
 def pair_count(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from proxy_engine.request import ErrorCode, PromptInput, SamplingParams
+from proxy_engine.request import ErrorCode, PromptInput, SamplingParams, Serves
 from server.auth import tenant
 from server.errors import APIError, bad_request
 from server.guards import clip
@@ -234,14 +234,19 @@ def build_router(ctx: ServerContext) -> APIRouter:
     def cards() -> list[dict[str, Any]]:
         settings = ctx.settings
         max_len = ctx.info.max_model_len if ctx.engine.ready else None
-        # An expert given as an adapter is named by it (vLLM's cards name a LoRA module by its path too).
-        roots = [settings.engine.base.path] * 2 + [pair.expert.adapter or pair.expert.path
-                                                   for pair in settings.engine.experts[:1]]
-        ids = settings.model_ids
-        listed = [model_card(mid, ctx.created, root, max_len) for mid, root in zip(ids, roots, strict=True)]
-        # The proxy-tuned model's default strength per expert pair: what a request's ``alpha`` overrides (the
-        # playground builds one slider per pair from it).
-        listed[0]["alpha"] = [pair.alpha for pair in settings.engine.experts]
+        pairs = settings.engine.experts
+        listed = []
+        for model_id, target in settings.model_routes.items():
+            if target.serves is Serves.EXPERT:  # named by its adapter if it is one (vLLM names a LoRA module so)
+                expert = pairs[target.expert_pair].expert
+                listed.append(model_card(model_id, ctx.created, expert.adapter or expert.path, max_len))
+                continue
+            card = model_card(model_id, ctx.created, settings.engine.base.path, max_len)
+            if target.serves is Serves.PROXY:
+                # The default strength per expert pair it runs: what a request's ``alpha`` overrides (the
+                # playground builds one slider per pair from it).
+                card["alpha"] = [pair.alpha for i, pair in enumerate(pairs) if target.pair in (None, i)]
+            listed.append(card)
         return listed
 
     add_responses_routes(router, ctx, start, collect, tool_call_format)

@@ -92,9 +92,7 @@ class ServerContext:
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.stats)
         self.defaults = sampling_defaults(self.settings.engine)
-        names = {Target.PROXY: self.settings.served_model_name, Target.BASE: f"{self.settings.served_model_name}:base"}
-        if self.settings.engine.experts:
-            names[Target.EXPERT] = f"{self.settings.served_model_name}:expert"
+        names = {target: model_id for model_id, target in self.settings.model_routes.items()}
         for line in describe(self.defaults, names):
             logger.info("sampling defaults for requests that omit them: %s", line)
 
@@ -141,14 +139,12 @@ class ServerContext:
 
     def resolve_model(self, model: str | None) -> tuple[str, Target]:
         """The request's ``model`` to (served id, engine target); a missing model means the proxy-tuned one."""
-        name = self.settings.served_model_name
-        if model is None or model == "" or model == name:
-            return name, Target.PROXY
-        if model == f"{name}:base":
-            return model, Target.BASE
-        if model == f"{name}:expert" and self.settings.engine.experts:
-            return model, Target.EXPERT
-        known = ", ".join(self.settings.model_ids)
+        routes = self.settings.model_routes
+        if model is None or model == "":
+            return self.settings.served_model_name, Target.PROXY
+        if model in routes:
+            return model, routes[model]
+        known = ", ".join(routes)
         raise APIError(404, f"model {clip(model, 100)!r} does not exist; this server serves: {known}", param="model",
                        code=ErrorCode.MODEL_NOT_FOUND)
 

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy_engine.config import EngineConfig
+from proxy_engine.request import Serves, Target, served_targets
 from server.reasoning import ReasoningParser
 
 ENV_PREFIX = "PROXY_SERVE_"
@@ -166,12 +167,21 @@ class ServerSettings(BaseSettings):
         return bool(self.api_keys or self.api_keys_file)
 
     @property
+    def model_routes(self) -> dict[str, Target]:
+        """Each model id this server answers to, and what it serves, in the order ``/v1/models`` lists them: NAME
+        (proxy-tuned), NAME:base, NAME:expert (the first pair's expert), then for each named expert pair NAME:PAIR
+        (the base steered by that pair alone) and NAME:PAIR:expert (its expert alone)."""
+        return {self.model_id(target): target for target in served_targets(self.engine)}
+
+    def model_id(self, target: Target) -> str:
+        suffix = "" if target.serves is Serves.PROXY else f":{target.serves.value}"
+        if target.pair is None:
+            return f"{self.served_model_name}{suffix}"
+        return f"{self.served_model_name}:{self.engine.experts[target.pair].name}{suffix}"
+
+    @property
     def model_ids(self) -> list[str]:
-        """The ids ``/v1/models`` lists: the proxy-tuned model, then its base, then its expert (if any)."""
-        ids = [self.served_model_name, f"{self.served_model_name}:base"]
-        if self.engine.experts:
-            ids.append(f"{self.served_model_name}:expert")
-        return ids
+        return list(self.model_routes)
 
 
 def read_key_file(path: str | Path) -> list[str]:

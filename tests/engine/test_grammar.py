@@ -51,8 +51,9 @@ def engine(chat_family, chat_models):
 @pytest.mark.parametrize("target", [Target.PROXY, Target.BASE, Target.EXPERT])
 def test_json_schema_output_is_valid_for_every_target(engine, target):
     spec = StructuredOutput("json_schema", SCHEMA)
-    submit(engine, f"s-{target.value}", "Give me JSON", target, max_tokens=60, temperature=1.0, seed=3, structured=spec)
-    result = run_to_end(engine)[(f"s-{target.value}", 0)]
+    name = f"s-{target.serves.value}"
+    submit(engine, name, "Give me JSON", target, max_tokens=60, temperature=1.0, seed=3, structured=spec)
+    result = run_to_end(engine)[(name, 0)]
     assert result["finish"] is FinishReason.STOP, result
     value = _json(result["text"])
     assert set(value) == {"colour", "count", "ok"} and value["colour"] in {"red", "green", "blue"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from proxy_engine.request import Target
+from proxy_engine.request import Serves, Target
 from tests.engine.conftest import make_engine, submit
 from tests.engine.reference import NaiveProxy
 
@@ -82,10 +82,17 @@ def test_two_expert_pairs_match_the_formula(tiny_family, chat_family):
     ]
     sequences = submit(engine, "default", "The quick brown", temperature=0, max_tokens=5, ignore_eos=True)
     sequences += submit(engine, "custom", "Paris is", temperature=0, max_tokens=5, ignore_eos=True, alpha=[0.0, 2.0])
+    # A named pair's model ids (Target.pair): the second pair alone at its default, and its expert alone.
+    sequences += submit(engine, "pair", "One two", Target(Serves.PROXY, 1), temperature=0, max_tokens=5,
+                        ignore_eos=True)
+    sequences += submit(engine, "pair-expert", "One two", Target(Serves.EXPERT, 1), temperature=0, max_tokens=5,
+                        ignore_eos=True)
     while engine.has_work():
         engine.step()
     assert sequences[0].weights == [1.0, 1.0, -1.0, 0.5, -0.5]
     assert sorted(sequences[1].prompts) == [0, 3, 4]
+    assert sequences[2].weights == [1.0, 0.0, 0.0, 0.5, -0.5] and sorted(sequences[2].prompts) == [0, 3, 4]
+    assert sequences[3].weights == [0.0, 0.0, 0.0, 1.0, 0.0] and sorted(sequences[3].prompts) == [3]
     paths = [tiny_family.base, tiny_family.expert, tiny_family.anti_expert, chat_family.expert, chat_family.anti_expert]
     reference = NaiveProxy([str(p) for p in paths], 512)
     for sequence in sequences:

@@ -46,3 +46,25 @@ def test_wire_enums_read_as_their_values():
     code = ErrorCode.INTERNAL_ERROR
     assert f"{code}" == format(code) == str(code) == "internal_error"
     assert ErrorCode("shutdown") is ErrorCode.SHUTDOWN and FinishReason.LENGTH == "length"
+
+
+@pytest.mark.parametrize(
+    "alpha, expected",
+    [
+        (None, [0.0, 0.5, 0.0]),  # the pair's own default
+        (2.0, [0.0, 2.0, 0.0]),
+        ([2.0], [0.0, 2.0, 0.0]),
+        ([9.0, 3.0, 9.0], [0.0, 3.0, 0.0]),  # one per pair (the playground's sliders): the selected one counts
+        (0, [0.0, 0.0, 0.0]),
+    ],
+)
+def test_a_named_pairs_model_runs_that_pair_alone(alpha, expected):
+    """A named pair's model id (Target.pair): its alpha, the other pairs' 0, whatever the request sends for them."""
+    assert SamplingParams(alpha=alpha).resolve_alphas([1.0, 0.5, 1.5], pair=1) == expected
+
+
+@pytest.mark.parametrize(("alpha", "message"), [([1.0, 2.0], "alpha has 2 values, but this model serves one"),
+                                                 (float("nan"), "alpha"), ([1.0, 200.0, 1.0], r"\[-100, 100\]")])
+def test_a_named_pairs_alpha_is_checked_as_any(alpha, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(alpha=alpha).validate(vocab_size=100, num_pairs=3, pair=1)

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from proxy_engine.config import EngineConfig
-from proxy_engine.request import Target
+from proxy_engine.request import Serves, Target, served_targets
 from proxy_engine.sampling_defaults import describe, from_generation_config, sampling_defaults
 from server.demo import default_engine_config
 
@@ -68,7 +68,8 @@ def test_auto_reads_the_experts_file_for_the_proxy_tuned_model_and_the_bases_for
 
 def test_auto_without_an_expert_pair_reads_the_base_for_every_id(tmp_path):
     defaults = sampling_defaults(_engine(tmp_path, experts=False))
-    assert {t: d.values for t, d in defaults.items()} == {t: {"temperature": 0.0, "max_tokens": 2048} for t in Target}
+    assert {t: d.values for t, d in defaults.items()} == {t: {"temperature": 0.0, "max_tokens": 2048}
+                                                          for t in (Target.PROXY, Target.BASE)}
 
 
 def test_a_model_without_the_file_or_not_on_disk_has_no_defaults(tmp_path):
@@ -86,8 +87,9 @@ def test_a_folder_gives_every_id_its_file(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "generation_config.json").write_text(json.dumps({"top_k": 5, "min_p": 0.1}))
-    defaults = sampling_defaults(_engine(tmp_path, str(folder)))
-    assert {t: d.values for t, d in defaults.items()} == {t: {"top_k": 5, "min_p": 0.1} for t in Target}
+    config = _engine(tmp_path, str(folder))
+    defaults = sampling_defaults(config)
+    assert {t: d.values for t, d in defaults.items()} == {t: {"top_k": 5, "min_p": 0.1} for t in served_targets(config)}
 
 
 def test_a_folder_without_the_file_is_a_configuration_error(tmp_path):
@@ -98,4 +100,18 @@ def test_a_folder_without_the_file_is_a_configuration_error(tmp_path):
 def test_the_demo_family_decodes_greedily_by_default():
     """The demo ships its own files: a frontend that sends no temperature gets the answers `make eval` scored."""
     config = EngineConfig(**default_engine_config())  # what `make serve` serves
-    assert {t: d.values for t, d in sampling_defaults(config).items()} == {t: {"temperature": 0.0} for t in Target}
+    defaults = sampling_defaults(config)
+    assert {t: d.values for t, d in defaults.items()} == {t: {"temperature": 0.0} for t in served_targets(config)}
+
+
+def test_a_named_pairs_ids_read_that_pairs_expert(tmp_path):
+    """NAME:PAIR and NAME:PAIR:expert answer as that pair's expert recommends; NAME keeps the first pair's."""
+    base = _model(tmp_path, "base", {"do_sample": False})
+    pairs = [{"expert": {"path": _model(tmp_path, f"expert{i}", {"temperature": t})},
+              "anti_expert": {"path": _model(tmp_path, f"anti{i}", None)}, "name": name}
+             for i, (name, t) in enumerate([("chat", 0.6), ("code", 0.2)])]
+    config = EngineConfig(base={"path": base}, experts=pairs)
+    defaults = {target: d.values.get("temperature") for target, d in sampling_defaults(config).items()}
+    assert defaults == {Target.PROXY: 0.6, Target.BASE: 0.0, Target.EXPERT: 0.6,
+                        Target(Serves.PROXY, 0): 0.6, Target(Serves.EXPERT, 0): 0.6,
+                        Target(Serves.PROXY, 1): 0.2, Target(Serves.EXPERT, 1): 0.2}
