@@ -212,6 +212,12 @@ class RuntimeConfig(_Strict):
         "then read the weights once per step) and merged where the static CUDA-graph step does (each model in "
         "its own graph: unmerged saves the copy's memory, not a read).",
     )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="The share of each GPU's total memory the server may fill (vLLM's "
+        "--gpu-memory-utilization), counting what is in use at start-up (weights, other processes): the static K/V "
+        "buffers, the prefix caches and the weights spread over a device list are sized within it. Default: all "
+        "the free memory (the K/V within KV_MEMORY_FRACTION of it). See docs/gpu.md.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -82,9 +82,11 @@ class ProxyEngine:
         # prefix caches their share of it (prefix_cache.FREE_MEMORY_SHARE) when they are on.
         kv_fraction = KV_MEMORY_FRACTION - (FREE_MEMORY_SHARE if config.prefix_cache.enabled else 0.0)
         devices = [input_device(m.model) for m in models]
+        utilization = config.runtime.gpu_memory_utilization
         slot_plans = static_kv_plans(self.kv_bytes_per_token, devices, config.limits.max_num_seqs, self.max_lens,
                                      kv_fraction, [wants_static(m.model, d, config.runtime, max_len)
-                                                   for m, d, max_len in zip(models, devices, self.max_lens)])
+                                                   for m, d, max_len in zip(models, devices, self.max_lens)],
+                                     utilization)
         # The running batch never outgrows the static buffers: fewer slots than max_num_seqs cap it.
         self.limits = with_running_cap(config.limits, running_cap(slot_plans, config.limits.max_num_seqs))
         # Each model's KV bytes when every sequence the batch holds is at the length cap: the budget at the limits.
@@ -97,7 +99,8 @@ class ProxyEngine:
         for m, budget, plan, max_len in zip(models, self.kv_budgets, slot_plans, self.max_lens):
             runner = ModelRunner(
                 m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
-                prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, budget), slot_plan=plan,
+                prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, budget, utilization),
+                slot_plan=plan,
                 max_len=max_len, adapter=m.adapter, fast=decoders.get(id(m.model)),
             )
             if runner.fast is not None:

@@ -24,13 +24,14 @@ from proxy_engine.adapter import find_adapter, merge_adapter
 from proxy_engine.architecture import fit_experts_implementation
 from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig, RuntimeConfig
+from proxy_engine.device_memory import usable_bytes
 from proxy_engine.executor.selection import wants_static
 from proxy_engine.gguf_files import find_gguf, require_gguf
 from proxy_engine.layout import ModelLayout
 from proxy_engine.lora import LoraAdapter, merge_reason
 from proxy_engine.memory import config_dtype, parse_size, resolve_dtype
 from proxy_engine.model_files import context_length, locate, read_config, text_config
-from proxy_engine.placement import accelerate_key, gpu_free_bytes, normalise_device
+from proxy_engine.placement import accelerate_key, normalise_device
 from proxy_engine.prompts import PromptRenderer
 from proxy_engine.text_model import auto_class, text_model
 
@@ -142,13 +143,14 @@ def eos_token_ids(models: list[LoadedModel]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ from_pretrained
-def from_pretrained_kwargs(model_config: ModelConfig) -> dict[str, Any]:
+def from_pretrained_kwargs(model_config: ModelConfig, utilization: float | None = None) -> dict[str, Any]:
     """Keyword arguments for ``AutoModelForCausalLM.from_pretrained(model_config.path, **kwargs)``.
 
     - ``dtype``: a ``torch.dtype``, or "auto" (the checkpoint's dtype; float32 when it names none).
     - ``device_map``: None for the CPU (a plain load), ``{"": device}`` for one device, "auto" for "auto" and
       for a list of GPUs; a list also gets ``max_memory`` holding exactly those GPUs (the others absent, so
-      accelerate puts nothing on them), each capped by ``max_memory`` or else by its free memory now.
+      accelerate puts nothing on them), each capped by ``max_memory`` or else by its free memory now (within
+      ``utilization`` of its total: ``gpu_memory_utilization``).
     - ``quantization_config``: a ``BitsAndBytesConfig`` for 8bit / 4bit.
     - ``local_files_only=True`` always (never download); ``revision`` and ``trust_remote_code`` as configured.
     - ``gguf_file`` for a GGUF source (see ``model_source``), whose ``auto`` dtype is float32.
@@ -174,7 +176,7 @@ def from_pretrained_kwargs(model_config: ModelConfig) -> dict[str, Any]:
         for gpu in gpus:
             cap = caps.get(gpu)
             if cap is None:
-                cap = gpu_free_bytes(gpu) if isinstance(gpu, int) else None
+                cap = usable_bytes(torch.device("cuda", gpu), utilization) if isinstance(gpu, int) else None
             if cap is None:
                 raise ValueError(
                     f"{model_config.path}: cannot size cuda:{gpu} (no such GPU visible); give max_memory for it"
@@ -280,7 +282,8 @@ def _renderer(role: str, config: ModelConfig, tokenizer, transcript_template: st
     return renderer
 
 
-def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str) -> LoadedModel:
+def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str,
+             utilization: float | None = None) -> LoadedModel:
     started = time.perf_counter()
     log.info("loading %s from %s%s (device %s, dtype %s)", role, config.path,
              f" with the adapter {config.adapter}" if config.adapter else "", config.device, config.dtype)
@@ -291,7 +294,8 @@ def load_one(role: str, config: ModelConfig, tokenizer, transcript_template: str
     decoder_config = text_config(checkpoint_config)
     # Before the weights load: a 70B checkpoint is refused in a second, not minutes.
     _refuse_unsupported_layers(role, config, decoder_config.get("model_type"), decoder_config.get("layer_types"))
-    model = auto_class(model_type).from_pretrained(model_source(config)[0], **from_pretrained_kwargs(config)).eval()
+    kwargs = from_pretrained_kwargs(config, utilization)
+    model = auto_class(model_type).from_pretrained(model_source(config)[0], **kwargs).eval()
     if config.adapter is not None:  # before text_model: the adapter names the checkpoint's own modules
         model = merge_adapter(model, config.adapter, role).eval()
     model = text_model(model, role)  # Gemma-3 4B+ and the like: the text decoder of an image-text-to-text model
@@ -352,17 +356,19 @@ def load_models(config: EngineConfig) -> list[LoadedModel]:
     for slot in layout.shared:
         log.info("%s: one model for the roles %s (loaded once, run once per step)", slot.config.path,
                  ", ".join(slot.roles))
+    utilization = config.runtime.gpu_memory_utilization
     hosts = {index: host for index in range(len(slots)) if (host := layout.adapter_host(index)) is not None}
     loaded_slots: dict[int, LoadedModel] = {}
     for index, slot in enumerate(slots):  # the hosts first: an adapter's slot may come before its host's
         if index not in hosts:
-            loaded_slots[index] = load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template)
+            loaded_slots[index] = load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template,
+                                           utilization)
     for index, host in hosts.items():
         slot = slots[index]
         loaded_slots[index] = (
             load_unmerged(slot.name, slot.config, loaded_slots[host], tokenizers[slot.name],
                           config.transcript_template, config.runtime)
-            or load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template))
+            or load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template, utilization))
     models = [loaded_slots[index] for index in range(len(slots))]
     for slot, loaded in zip(slots, models, strict=True):
         loaded.roles = slot.roles

@@ -12,7 +12,6 @@ Nothing here loads weights, downloads, prints, or imports a web framework.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from proxy_engine.adapter import find_adapter
 from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
+from proxy_engine.device_memory import total_bytes
 from proxy_engine.executor.selection import STATIC, wanted_executor
 from proxy_engine.gguf_files import GGUFHeader, find_gguf, read_header
 from proxy_engine.layout import ModelLayout
@@ -95,24 +95,6 @@ def _cuda_device_count() -> int:
     except Exception:  # a broken driver reads as no GPU
         return 0
 
-def _gpu_total_bytes(index: int) -> int | None:
-    try:
-        return int(torch.cuda.get_device_properties(index).total_memory)
-    except Exception:
-        return None
-
-def gpu_free_bytes(index: int) -> int | None:
-    try:
-        return int(torch.cuda.mem_get_info(index)[0])
-    except Exception:
-        return None
-
-def _host_ram_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
 def normalise_device(device: str) -> str:
     return "cuda:0" if device == "cuda" else device
 
@@ -182,7 +164,7 @@ def plan_placement(
     """
     count = _cuda_device_count() if device_count is None else device_count
     if gpu_memory is None:
-        gpu_memory = {i: total for i in range(count) if (total := _gpu_total_bytes(i)) is not None}
+        gpu_memory = {i: total for i in range(count) if (total := total_bytes(torch.device("cuda", i))) is not None}
     plan = PlacementPlan(models=[], max_num_seqs=config.limits.max_num_seqs)
 
     layout = ModelLayout.of(config)
@@ -334,8 +316,10 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
     for device in plan.device_weight_bytes:
         if device.startswith("cuda:"):
             capacity = gpu_memory.get(int(device.split(":", 1)[1]))
+            if capacity is not None and config.runtime.gpu_memory_utilization is not None:
+                capacity = int(capacity * config.runtime.gpu_memory_utilization)
         elif device == "cpu":
-            capacity = _host_ram_bytes()
+            capacity = total_bytes(torch.device("cpu"))
         else:
             capacity = None
         if capacity is None:

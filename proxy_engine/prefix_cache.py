@@ -25,7 +25,6 @@ The cache is owned by one ``ModelRunner`` and used only from the engine's step t
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 
 from proxy_engine.attention_masks import FULL, SLIDING
 from proxy_engine.config import PrefixCacheConfig
+from proxy_engine.device_memory import usable_bytes
 from proxy_engine.memory import kv_elements_per_token
 
 log = logging.getLogger("proxy_engine.engine")  # the engine's logger, as before the move
@@ -217,29 +217,19 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
 FREE_MEMORY_SHARE = 0.2  # of the memory free on the model's device when the engine starts
 
 
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory free now on ``device`` (host RAM available for the CPU), or None when unknown."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
-        if device.type == "cpu":
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        pass
-    return None
-
-
-def budget_bytes(kv_at_limits: int, fraction: float, device: torch.device) -> int:
+def budget_bytes(kv_at_limits: int, fraction: float, device: torch.device, utilization: float | None = None) -> int:
     """The cache's budget: ``fraction`` of the model's KV cache at the limits, and never more than
-    ``FREE_MEMORY_SHARE`` of what its device has free at start (the running batch's KV and activations need
-    the rest; the limits' KV is a worst case that the deployer may have sized past the memory)."""
+    ``FREE_MEMORY_SHARE`` of what its device has free at start, within ``gpu_memory_utilization`` (the running
+    batch's KV and activations need the rest; the limits' KV is a worst case that the deployer may have sized past
+    the memory)."""
     budget = int(kv_at_limits * fraction)
-    free = free_memory_bytes(device)
+    free = usable_bytes(device, utilization)
     return budget if free is None else min(budget, int(free * FREE_MEMORY_SHARE))
 
 
 def for_model(
-    settings: PrefixCacheConfig, model: torch.nn.Module, role: str, kv_at_limits: int
+    settings: PrefixCacheConfig, model: torch.nn.Module, role: str, kv_at_limits: int,
+    utilization: float | None = None,
 ) -> PrefixCache | None:
     """The model's prefix cache, or None when caching is off or the model cannot use it (the log says why)."""
     if not settings.enabled:
@@ -249,6 +239,6 @@ def for_model(
         log.info("%s: prefix caching off (%s)", role, reason)
         return None
     device = model.get_input_embeddings().weight.device
-    budget = budget_bytes(kv_at_limits, settings.memory_fraction, device)
+    budget = budget_bytes(kv_at_limits, settings.memory_fraction, device, utilization)
     log.info("%s: prefix cache of up to %.0f MB", role, budget / 2**20)
     return PrefixCache(settings.block_size, budget, role)

@@ -48,6 +48,10 @@ FLAGS = [
          "picker can choose; once per --expert.", "PAIR_NAME", action="append"),
     Flag("--enforce-eager", ("engine", "runtime", "enforce_eager"),
          "Decode without CUDA graphs (the same static-buffer step, run eagerly; vLLM's name).", action="store_true"),
+    Flag("--gpu-memory-utilization", ("engine", "runtime", "gpu_memory_utilization"),
+         "Share of each GPU's total memory this server may fill, counting what is in use at start (vLLM's; default: "
+         "all the free memory). The static K/V buffers, prefix caches and weights over a device list fit in it.",
+         "FRACTION"),
     Flag("--lora-mode", ("engine", "runtime", "lora_mode"),
          "auto (default), unmerged or merged: a LoRA expert run over its anti-expert's weights, or merged into a "
          "copy of them (auto: unmerged except under the static CUDA-graph step).", "MODE"),

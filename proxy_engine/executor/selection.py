@@ -20,6 +20,7 @@ import torch
 
 from proxy_engine.architecture import unsupported_reason
 from proxy_engine.config import RuntimeConfig
+from proxy_engine.device_memory import usable_bytes
 from proxy_engine.executor.static_cache import SlotPlan, plan_slots
 from proxy_engine.executor.static_decode import static_unsupported_reason
 
@@ -65,18 +66,18 @@ def choose_executor(model: torch.nn.Module, device: torch.device, runtime: Runti
     return TRANSFORMERS
 
 
-def free_bytes(device: torch.device) -> int | None:
-    """Free memory on a GPU; None (no limit) elsewhere."""
-    if device.type != "cuda":
-        return None
-    return int(torch.cuda.mem_get_info(device)[0])
+def free_bytes(device: torch.device, utilization: float | None = None) -> int | None:
+    """Memory the server may fill on a GPU (``device_memory.usable_bytes``); None (no limit) elsewhere."""
+    return usable_bytes(device, utilization) if device.type == "cuda" else None
 
 
 def static_kv_plans(bytes_per_token: list[int], devices: list[torch.device], max_rows: int, max_lens: list[int],
-                    fraction: float = KV_MEMORY_FRACTION, static: list[bool] | None = None) -> list[SlotPlan | None]:
+                    fraction: float = KV_MEMORY_FRACTION, static: list[bool] | None = None,
+                    utilization: float | None = None) -> list[SlotPlan | None]:
     """Each model's static buffers: ``max_rows`` slots of its ``max_len`` tokens (the engine's KV budget at its
-    limits), or as many slots as ``fraction`` of its GPU's free memory holds (the models sharing a GPU share it
-    in proportion to their budgets); None where not even one full-length row fits (that model keeps the
+    limits), or as many slots as ``fraction`` of its GPU's free memory holds (within ``utilization`` of the GPU's
+    total, when given: ``gpu_memory_utilization``; the models sharing a GPU share it in proportion to their
+    budgets); None where not even one full-length row fits (that model keeps the
     growable cache and the ``fast`` executor, no graphs), and for the models ``static`` says decode otherwise.
 
     Fewer slots than ``max_rows`` cap the running batch (``running_cap``), as vLLM's KV pool caps its
@@ -92,7 +93,7 @@ def static_kv_plans(bytes_per_token: list[int], devices: list[torch.device], max
         if not static[index]:  # decodes on another executor: no buffers, no share of the GPU
             plans.append(None)
             continue
-        free = free_bytes(device)
+        free = free_bytes(device, utilization)
         available = None
         if free is not None:
             together = sum(w for w, d in zip(wanted, devices) if d == device)
@@ -100,8 +101,8 @@ def static_kv_plans(bytes_per_token: list[int], devices: list[torch.device], max
         plan = plan_slots(bytes_per_token[index], max_rows, max_lens[index], available)
         if plan is None:
             log.warning("static K/V for one sequence of %d tokens does not fit in the %.1f GiB available on %s: that "
-                        "model decodes without CUDA graphs (lower --max-model-len to use them)", max_lens[index],
-                        (available or 0) / 2**30, device)
+                        "model decodes without CUDA graphs (lower --max-model-len, or raise --gpu-memory-utilization, "
+                        "to use them)", max_lens[index], (available or 0) / 2**30, device)
         elif plan.slots < max_rows:
             log.warning("static K/V for %d sequences of %d tokens needs %.1f GiB on %s, %.1f GiB available: %d "
                         "sequences run at once (lower --max-model-len for more)", max_rows, max_lens[index],

@@ -57,13 +57,20 @@ def test_kwargs_gpu_list_restricts_max_memory_to_those_gpus():
 
 
 def test_kwargs_gpu_list_uncapped_uses_free_memory(monkeypatch):
-    monkeypatch.setattr(loader, "gpu_free_bytes", lambda index: (10 + index) * GiB)
+    monkeypatch.setattr(loader, "usable_bytes", lambda device, utilization: (10 + device.index) * GiB)
     kwargs = from_pretrained_kwargs(ModelConfig(path="m", device=["cuda:0", "cuda:3"], max_memory={"cuda:3": "5GiB"}))
     assert kwargs["max_memory"] == {0: 10 * GiB, 3: 5 * GiB}
 
 
+def test_kwargs_gpu_list_is_sized_within_gpu_memory_utilization(monkeypatch):
+    asked = []
+    monkeypatch.setattr(loader, "usable_bytes", lambda device, utilization: asked.append(utilization) or 6 * GiB)
+    kwargs = from_pretrained_kwargs(ModelConfig(path="m", device=["cuda:0", "cuda:1"]), utilization=0.5)
+    assert kwargs["max_memory"] == {0: 6 * GiB, 1: 6 * GiB} and asked == [0.5, 0.5]
+
+
 def test_kwargs_gpu_list_without_gpus_says_so(monkeypatch):
-    monkeypatch.setattr(loader, "gpu_free_bytes", lambda index: None)
+    monkeypatch.setattr(loader, "usable_bytes", lambda device, utilization: None)
     with pytest.raises(ValueError, match="cuda:1"):
         from_pretrained_kwargs(ModelConfig(path="m", device=["cuda:0", "cuda:1"], max_memory={"cuda:0": "1GiB"}))
 
@@ -423,3 +430,15 @@ def test_parse_size():
     assert parse_size(1024) == 1024
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_gpu_memory_utilization_is_each_gpus_capacity_in_the_plan(tmp_path):
+    """--check counts a GPU's capacity as its total memory times --gpu-memory-utilization."""
+    big = _fake_model(tmp_path / "big", KNOWN_MODELS["meta-llama/Llama-2-70b-hf"][0])
+    spread = {"path": str(big), "device": ["cuda:0", "cuda:1"]}
+    gpus = {0: 80 * GiB, 1: 80 * GiB}
+    assert plan_placement(engine(spread), device_count=2, gpu_memory=gpus).ok  # 64.24 GiB of weights on each
+    capped = engine(spread, runtime={"gpu_memory_utilization": 0.7})
+    plan = plan_placement(capped, device_count=2, gpu_memory=gpus)
+    assert plan.device_capacity_bytes["cuda:0"] == int(56 * GiB)
+    assert plan.errors[0].startswith("cuda:0: the weights placed on it need ~64.24 GiB but it has 56.00 GiB")

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from proxy_engine.config import PrefixCacheConfig
+from proxy_engine.device_memory import free_bytes
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.prefix_cache import (
     FREE_MEMORY_SHARE,
     PrefixCache,
     budget_bytes,
-    free_memory_bytes,
     unsupported_reason,
 )
 from proxy_engine.request import FinishReason, PromptInput, SamplingParams
@@ -155,10 +155,20 @@ def test_a_prompt_longer_than_the_budget_keeps_its_head():
 
 def test_the_budget_is_a_share_of_the_kv_at_the_limits_capped_by_free_memory():
     assert budget_bytes(1000, 0.25, torch.device("meta")) == 250  # free memory unknown: the share alone
-    free = free_memory_bytes(torch.device("cpu"))
+    free = free_bytes(torch.device("cpu"))
     assert free is not None and free > 0
     assert budget_bytes(1000, 0.25, torch.device("cpu")) == 250
     assert budget_bytes(10 * free, 1.0, torch.device("cpu")) <= free * FREE_MEMORY_SHARE
+
+
+def test_the_budget_on_a_gpu_stays_within_gpu_memory_utilization(monkeypatch):
+    from proxy_engine import device_memory
+
+    monkeypatch.setattr(device_memory, "free_bytes", lambda device: 10_000)
+    monkeypatch.setattr(device_memory, "total_bytes", lambda device: 40_000)
+    gpu = torch.device("cuda", 0)
+    assert budget_bytes(10**9, 1.0, gpu) == int(10_000 * FREE_MEMORY_SHARE)
+    assert budget_bytes(10**9, 1.0, gpu, utilization=0.9) == int(6_000 * FREE_MEMORY_SHARE)  # 36,000 - 30,000
 
 
 def test_models_whose_state_is_not_per_token_kv_are_refused():

@@ -76,7 +76,7 @@ def test_static_buffers_for_fewer_rows_than_max_num_seqs_cap_the_running_batch(t
     fraction = selection.KV_MEMORY_FRACTION - (FREE_MEMORY_SHARE if config.prefix_cache.enabled else 0.0)
     # Free memory for 2.5 full-length rows of every model (each model's share in proportion to its budget).
     free = int(2.5 * sum(per_token) * 160 / fraction)
-    monkeypatch.setattr(selection, "free_bytes", lambda device: free)
+    monkeypatch.setattr(selection, "free_bytes", lambda device, utilization=None: free)
     static = ProxyEngine(models, config.model_copy(update={"runtime": RuntimeConfig(decode_executor="static")}))
     assert [r.executor for r in static.runners] == ["static"] * 3
     assert [r.cache.slots for r in static.runners] == [2, 2, 2]

@@ -163,7 +163,8 @@ def test_fused_weights_are_views_and_prefill_still_reads_them():
 def test_models_sharing_a_gpu_split_its_free_memory(monkeypatch):
     from proxy_engine.executor import selection
 
-    monkeypatch.setattr(selection, "free_bytes", lambda device: None if device.type == "cpu" else 10_000)
+    monkeypatch.setattr(selection, "free_bytes",
+                        lambda device, utilization=None: None if device.type == "cpu" else 10_000)
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     # The engine's budget at its limits: 4 rows x 100 tokens; 8000 of the 10000 free bytes may hold static K/V.
     plans = selection.static_kv_plans([10, 5, 5], [gpu, gpu, gpu], 4, [100, 100, 100], fraction=0.8)
@@ -184,3 +185,21 @@ def test_models_sharing_a_gpu_split_its_free_memory(monkeypatch):
     plans = selection.static_kv_plans([100, 10, 10], [gpu, cpu, cpu], 4, [100, 100, 100], fraction=0.8)
     # Not one full-length row of the base fits: it keeps the growable cache (the fast path), and caps nothing.
     assert plans[0] is None and [p.slots for p in plans[1:]] == [4, 4] and selection.running_cap(plans, 4) == 4
+
+
+def test_gpu_memory_utilization_counts_what_is_in_use_against_its_share(monkeypatch):
+    """vLLM's --gpu-memory-utilization: of a 40,000-byte GPU with 10,000 free (30,000 in use: weights, other
+    processes), 0.9 leaves 6,000 bytes to fill and 0.5 none; unset, all 10,000 free bytes count."""
+    from proxy_engine import device_memory
+    from proxy_engine.executor import selection
+
+    monkeypatch.setattr(device_memory, "free_bytes", lambda device: 10_000)
+    monkeypatch.setattr(device_memory, "total_bytes", lambda device: 40_000)
+    gpu = torch.device("cuda", 0)
+    assert [device_memory.usable_bytes(gpu, u) for u in (None, 1.0, 0.9, 0.5)] == [10_000, 10_000, 6_000, 0]
+    assert device_memory.usable_bytes(torch.device("cpu"), 0.5) == 10_000  # a GPU's share: the CPU is unbounded
+    want = dict(bytes_per_token=[10, 0, 0], devices=[gpu, gpu, gpu], max_rows=8, max_lens=[100, 100, 100],
+                fraction=0.8, static=[True, False, False])
+    assert selection.static_kv_plans(**want)[0].slots == 8  # 8,000 of 10,000 free: eight rows of 1,000
+    assert selection.static_kv_plans(**want, utilization=0.9)[0].slots == 4  # 0.8 x 6,000 holds four
+    assert selection.static_kv_plans(**want, utilization=0.5)[0] is None  # nothing left: no static buffers

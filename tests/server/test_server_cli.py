@@ -193,3 +193,12 @@ def _ok(client: httpx.Client, path: str) -> bool:
         return client.get(path).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_gpu_memory_utilization_flag_is_vllms():
+    settings, _ = resolve_settings(["--gpu-memory-utilization", "0.85"])
+    assert settings.engine.runtime.gpu_memory_utilization == 0.85
+    assert resolve_settings([])[0].engine.runtime.gpu_memory_utilization is None
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+            resolve_settings(["--gpu-memory-utilization", bad])
