@@ -31,11 +31,13 @@ class Flag:
     metavar: str = "VALUE"
     action: str = "store"  # "store", "append" (repeatable), "store_true" or "store_false"
     split_commas: bool = False
+    aliases: tuple[str, ...] = ()  # vLLM's spellings of the same flag
 
 
 FLAGS = [
     Flag("--base", ("engine", "base", "path"), "Base model: a local directory, a hub id already cached, or a GGUF "
-         "file (or a directory holding one; the gguf extra).", "PATH_OR_ID"),
+         "file (or a directory holding one; the gguf extra). --model is vLLM's name for it.", "PATH_OR_ID",
+         aliases=("--model",)),
     Flag("--expert", (*_PAIR, "expert", "path"), "Expert (the small fine-tuned model, or its LoRA adapter); "
          "repeated, one expert pair each (a single --anti-expert then serves them all, loaded once).", "PATH_OR_ID",
          action="append"),
@@ -100,7 +102,12 @@ FLAGS = [
          "ask for (default 20; -1: the whole vocabulary, asked for with -1; vLLM's).", "N"),
     Flag("--max-model-len", ("engine", "limits", "max_model_len"), "Cap on prompt + completion tokens.", "N"),
     Flag("--no-prefix-caching", ("engine", "prefix_cache", "enabled"),
-         "Compute every prompt in full (by default, prompt prefixes seen before are reused).", action="store_false"),
+         "Compute every prompt in full (by default, prompt prefixes seen before are reused).", action="store_false",
+         aliases=("--no-enable-prefix-caching",)),
+    Flag("--enable-prefix-caching", ("engine", "prefix_cache", "enabled"), "Reuse prompt prefixes seen before (the "
+         "default; vLLM's flag).", action="store_true"),
+    Flag("--block-size", ("engine", "prefix_cache", "block_size"), "Tokens per prefix-cache block (default 16; "
+         "vLLM's name).", "N"),
     Flag("--prefix-cache-fraction", ("engine", "prefix_cache", "memory_fraction"),
          "Each model's prefix-cache budget, as a share of its KV cache at the limits (default 0.25).", "FRACTION"),
     Flag("--request-timeout", ("engine", "limits", "request_timeout_s"),
@@ -126,6 +133,8 @@ FLAGS = [
     Flag("--reasoning-parser", ("reasoning_parser",), "Move <think> ... </think> out of chat answers into "
          "reasoning_content: deepseek_r1 (the template opens the block: R1 and its distills) or qwen3 (the model "
          "opens it). vLLM's names.", "deepseek_r1|qwen3"),
+    Flag("--disable-log-requests", ("log_requests",), "Log lines only for the requests refused, failed or cut off, "
+         "not for every one served (vLLM's flag).", action="store_false"),
     Flag("--log-prompts", ("log_prompts",), "Write prompt text in the per-request log lines (off by default).",
          action="store_true"),
     Flag("--log-level", ("log_level",), "debug, info, warning or error (default info).", "LEVEL"),
@@ -165,16 +174,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
                         help="The chat template of every model that reads chat (prompt_format: chat; the expert's): "
                              "a Jinja file, or the template itself (vLLM's flag).")
-    parser.add_argument("--enable-auto-tool-choice", action="store_true",
-                        help="Accepted for vLLM command lines: tool_choice auto is always on here (see "
-                             "--tool-call-parser).")
+    vllm = parser.add_argument_group("vLLM command lines", "Accepted so that a vLLM command line runs as it is.")
+    vllm.add_argument("--enable-auto-tool-choice", action="store_true",
+                      help="tool_choice auto is always on here (see --tool-call-parser).")
+    vllm.add_argument("--enable-chunked-prefill", action="store_true",
+                      help="Long prompts are always prefilled in chunks (--max-num-batched-tokens per step).")
+    vllm.add_argument("--disable-log-stats", action="store_true", help="No periodic stats are logged here.")
+    for name, short in PARALLEL_FLAGS.items():
+        vllm.add_argument(name, short, type=int, metavar="1",
+                          help="1 only: a model too large for one GPU spreads its layers over several with "
+                               "--base-device cuda:0,cuda:1 (accelerate's device map).")
     for flag in FLAGS:
         dest = flag.option[2:].replace("-", "_")
+        names = (flag.option, *flag.aliases)
         if flag.action in ("store_true", "store_false"):
-            parser.add_argument(flag.option, dest=dest, action=flag.action, default=None, help=flag.help)
+            parser.add_argument(*names, dest=dest, action=flag.action, default=None, help=flag.help)
         else:
-            parser.add_argument(flag.option, dest=dest, action=flag.action, metavar=flag.metavar, help=flag.help)
+            parser.add_argument(*names, dest=dest, action=flag.action, metavar=flag.metavar, help=flag.help)
     return parser
+
+
+# vLLM's model parallelism, which is not done here: refused above 1 with what to do instead.
+PARALLEL_FLAGS = {"--tensor-parallel-size": "-tp", "--pipeline-parallel-size": "-pp"}
+
+
+def refuse_parallelism(args: argparse.Namespace) -> None:
+    for name in PARALLEL_FLAGS:
+        size = getattr(args, name[2:].replace("-", "_"))
+        if size is not None and size != 1:
+            raise ConfigError(f"{name} {size}: tensor and pipeline parallelism are not done here; a model too large "
+                              "for one GPU spreads its layers over several with --base-device cuda:0,cuda:1 "
+                              "(accelerate's device map), and the expert pair may sit on another GPU "
+                              "(docs/deployment.md)")
 
 
 def _nest(key: tuple[str | int, ...], value: Any) -> Any:
@@ -225,6 +256,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_settings(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.Namespace]:
     args = build_parser().parse_args(argv)
+    refuse_parallelism(args)
     from server.demo import default_engine_config
 
     settings = load_settings(args.config, overrides_from_args(args), default_engine=default_engine_config)

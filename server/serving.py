@@ -530,6 +530,8 @@ class Generation:
             status = 200 if self.finished else (failed if self.error else "disconnected")
         elapsed = self.timer.finish(observe=self.finished)
         self.ctx.metrics.requests.labels(self.endpoint, self.model, str(status)).inc()
+        if status == 200 and not self.ctx.settings.log_requests:
+            return  # --disable-log-requests: a request that failed or was cut off is still written
         reasons = ",".join(c.finish_reason or "-" for c in self.choices)
         prompt = f" prompt={self.prompt_log!r}" if self.ctx.settings.log_prompts else ""
         request_logger.info(

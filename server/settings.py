@@ -89,6 +89,8 @@ class ServerSettings(BaseSettings):
         default=30.0, ge=0, description="On SIGTERM: how long running requests may take to finish before they are "
         "ended with a 'shutdown' error (new requests get 503 meanwhile)."
     )
+    log_requests: bool = Field(default=True, description="Write a log line per request (--disable-log-requests: "
+                               "only for the requests refused, failed or cut off).")
     log_prompts: bool = Field(default=False, description="Include prompt text in the per-request log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log verbosity.")
     responses_store_max: int = Field(

@@ -88,3 +88,17 @@ def test_health_while_loading_is_a_state_not_a_refusal(caplog):
         client.portal.call(gate.set)
     lines = request_lines(caplog)
     assert len(lines) == 1 and "status=503" in lines[0] and not lines[0].startswith("refused"), lines
+
+
+def test_disable_log_requests_keeps_only_the_lines_of_requests_that_went_wrong(caplog):
+    """vLLM's --disable-log-requests: no line for a request served, still one for a refusal."""
+    engine = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
+    settings = load_settings(overrides={"engine": engine, "log_requests": False}, environ=False)
+    with TestClient(create_app(FakeEngine(), settings), base_url="http://localhost") as client:
+        client.portal.call(asyncio.sleep, 0.05)
+        with caplog.at_level("INFO", logger="proxy_serve"):
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+            assert client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}).status_code == 404
+            assert client.post("/v1/chat/completions", json={**CHAT, "temperature": "hot"}).status_code == 400
+    lines = request_lines(caplog)
+    assert len(lines) == 2 and "status=404" in lines[0] and "status=400" in lines[1], lines

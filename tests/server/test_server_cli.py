@@ -202,3 +202,21 @@ def test_gpu_memory_utilization_flag_is_vllms():
     for bad in ("0", "1.5"):
         with pytest.raises(ConfigError, match="gpu_memory_utilization"):
             resolve_settings(["--gpu-memory-utilization", bad])
+
+
+def test_a_vllm_command_line_runs_as_it_is():
+    settings, _ = resolve_settings(["--model", "/m/base", "--tensor-parallel-size", "1", "-pp", "1",
+                                    "--enable-chunked-prefill", "--disable-log-stats", "--enable-prefix-caching",
+                                    "--block-size", "32", "--disable-log-requests", "--gpu-memory-utilization", "0.9"])
+    assert settings.engine.base.path == "/m/base" and not settings.engine.experts
+    assert settings.engine.prefix_cache.enabled and settings.engine.prefix_cache.block_size == 32
+    assert not settings.log_requests and settings.engine.runtime.gpu_memory_utilization == 0.9
+    off, _ = resolve_settings(["--no-enable-prefix-caching"])
+    assert not off.engine.prefix_cache.enabled
+
+
+@pytest.mark.parametrize("argv", [["-tp", "2"], ["--pipeline-parallel-size", "4"]])
+def test_model_parallelism_is_refused_with_what_to_do_instead(argv):
+    with pytest.raises(ConfigError, match=r"parallel-size \d: tensor and pipeline parallelism are not done here.*"
+                                          r"--base-device cuda:0,cuda:1"):
+        resolve_settings(argv)
