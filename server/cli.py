@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("model", nargs="?", metavar="BASE",
+                        help="The base model, as `vllm serve MODEL` takes it (the same as --base).")
     parser.add_argument("--config", metavar="FILE", help="YAML settings file (see docs/server.md).")
     parser.add_argument("--check", action="store_true",
                         help="Validate the configuration and the models' placement without loading weights: print "
@@ -257,6 +259,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_settings(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     refuse_parallelism(args)
+    if args.model is not None:
+        if args.base not in (None, args.model):
+            raise ConfigError(f"the base is given twice: {args.model} (the first argument) and --base {args.base}")
+        args.base = args.model
     from server.demo import default_engine_config
 
     settings = load_settings(args.config, overrides_from_args(args), default_engine=default_engine_config)

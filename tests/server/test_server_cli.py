@@ -220,3 +220,10 @@ def test_model_parallelism_is_refused_with_what_to_do_instead(argv):
     with pytest.raises(ConfigError, match=r"parallel-size \d: tensor and pipeline parallelism are not done here.*"
                                           r"--base-device cuda:0,cuda:1"):
         resolve_settings(argv)
+
+
+def test_the_base_may_come_first_as_vllm_serve_takes_it():
+    settings, _ = resolve_settings(["/m/base", "--expert", "/m/e", "--anti-expert", "/m/a"])
+    assert settings.engine.base.path == "/m/base" and settings.engine.experts[0].expert.path == "/m/e"
+    with pytest.raises(ConfigError, match="the base is given twice"):
+        resolve_settings(["/m/base", "--base", "/m/other"])
