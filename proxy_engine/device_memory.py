@@ -49,3 +49,12 @@ def usable_bytes(device: torch.device, utilization: float | None = None) -> int 
         return free
     total = total_bytes(device)
     return free if total is None else within_utilization(free, total, utilization)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """An allocation failure: CUDA's ``OutOfMemoryError``, Python's ``MemoryError``, the CPU allocator's or another
+    backend's message."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)

@@ -24,6 +24,7 @@ import torch
 from proxy_engine.analysis import Distribution, model_logprobs
 from proxy_engine.combine import Contribution, combine
 from proxy_engine.config import EngineConfig
+from proxy_engine.device_memory import out_of_memory
 from proxy_engine.executor import KV_MEMORY_FRACTION, running_cap, static_kv_plans, wants_static
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.intake import Intake
@@ -230,6 +231,8 @@ class ProxyEngine:
         except Exception as error:  # noqa: BLE001 - one bad batch must not stop the engine
             if phase == "decode" and out_of_memory(error) and self._preempt_for_memory():
                 return []
+            if phase == "prefill" and out_of_memory(error) and self._defer_prefill_for_memory():
+                return []
             log.exception("engine %s step failed for %d sequences", phase, len(sequences))
             failed = [self.outputs.fail(s, phase, error) for s in sequences if not s.finished]
             # The batch may have failed for lack of memory: give its rows back now, not at the next step.
@@ -250,6 +253,29 @@ class ProxyEngine:
         log.warning("out of memory in a decode step of %d sequences: all preempted (they resume by recomputation), "
                     "the batch capped at %d and growing back by one every %d steps; lower max_num_seqs or "
                     "max_model_len to avoid it", len(victims), self.scheduler.memory_cap, MEMORY_GROW_STEPS)
+        return True
+
+    def _defer_prefill_for_memory(self) -> bool:
+        """A prefill ran out of memory before any of its sequences took a token: drop the group's partial K/V and
+        queue its sequences again, at the front, to be prefilled in smaller groups. The batch is capped at the
+        sequences running (new ones join as running ones finish), or at half the group when none runs. False, to
+        fail it as any error, for a lone prompt with nothing running (nothing smaller would fit)."""
+        group = self.prefill
+        if group is None or group.took_tokens():
+            return False
+        running = sum(not s.finished for s in self.scheduler.running)
+        deferred = [s for s in group.sequences if not s.finished]
+        if running + len(deferred) < 2:
+            return False
+        self.scheduler.defer_prefilling(running or len(deferred) // 2)
+        self.prefill = None
+        self._sync_rows(force=True)  # hand_over is all or nothing: this only checks the runners hold no row of it
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory prefilling %d sequence(s) beside %d running: queued again, the batch capped at "
+                    "%d and growing back by one every %d steps; lower max_num_seqs, max_num_batched_tokens or "
+                    "max_model_len to avoid it", len(deferred), running, self.scheduler.memory_cap,
+                    MEMORY_GROW_STEPS)
         return True
 
     def _drain_inbox(self) -> list[RequestOutput]:
@@ -310,9 +336,14 @@ class ProxyEngine:
             return []
         group.cache_prompts()  # complete: its prompts' full blocks go to each model's prefix cache
         alive = [s for s in group.sequences if not s.finished]
-        self.prompt_tokens_total += sum(s.primary_prompt_len for s in alive if not s.resumed)
         # max_tokens 0 (echo, scoring a prompt): the prompt is all there is.
         sampled = [s for s in alive if s.max_tokens > 0]
+        # Rows for those that may outlive their first token, before any token is taken or counted: a failure to
+        # hand over (out of memory) leaves every sequence as it was, to be prefilled again
+        # (_defer_prefill_for_memory).
+        handed = [s for s in sampled if s.max_tokens > 1]
+        group.hand_over(handed)
+        self.prompt_tokens_total += sum(s.primary_prompt_len for s in alive if not s.resumed)
         emitted: dict[Sequence, RequestOutput] = {}
         if sampled:
             emitted.update(zip(sampled, self._sample_and_emit(sampled, group.first_contributions(sampled))))
@@ -327,8 +358,9 @@ class ProxyEngine:
                 if id(scores) not in scored:
                     scored[id(scores)] = self.outputs.prompt_logprobs(scores)
                 emitted[sequence].prompt_logprobs = scored[id(scores)]
-        group.hand_over([s for s in alive if not s.finished])
         self.scheduler.promote(group.sequences)
+        if any(s.finished for s in handed):  # stopped at their first token: their rows go now
+            self._sync_rows(force=True)
         return [emitted[s] for s in alive]
 
     # --- sampling --------------------------------------------------------------------------------------------
@@ -392,15 +424,6 @@ def _decode_batches(runners: list[ModelRunner]) -> list[list[int]]:
             key = id(runner.fast) if runner.fast is not None else -1 - index
             batches.setdefault(key, []).append(index)
     return list(batches.values())
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """An allocation failure: CUDA's ``OutOfMemoryError``, Python's ``MemoryError``, the CPU allocator's or another
-    backend's message."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    message = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
 
 
 def _only_row(parts: dict[int, Contribution], row: int) -> dict[int, Contribution]:

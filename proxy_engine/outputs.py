@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from proxy_engine.analysis import PROXY_ROLE, Distribution
 from proxy_engine.detokenizer import IncrementalDetokenizer, token_bytes
+from proxy_engine.device_memory import out_of_memory
 from proxy_engine.prompt_scores import PromptScores
 from proxy_engine.request import (
     ErrorCode,
@@ -102,7 +103,11 @@ class OutputBuilder:
         return output
 
     def fail(self, sequence: Sequence, phase: str, error: BaseException) -> RequestOutput:
+        # The error's own text stays in the server's log: it may name paths, shapes or another request's data.
         message = f"internal error during {phase}: {type(error).__name__}"
+        if out_of_memory(error):
+            message = (f"out of memory during {phase} ({type(error).__name__}): the request does not fit in the "
+                       "memory the server has left (a shorter prompt or fewer choices may)")
         return self.finish(sequence, FinishReason.ERROR, error=message, error_code=ErrorCode.INTERNAL_ERROR)
 
     @staticmethod

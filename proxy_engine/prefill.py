@@ -27,6 +27,7 @@ class PrefillGroup:
         self, sequences: list[Sequence], runners: list[ModelRunner], vocab_size: int, device: torch.device
     ) -> None:
         self.sequences = sequences
+        self._generated = [len(s.output_ids) for s in sequences]  # before this prefill (a resumed one's output)
         self.runners = runners
         self.vocab_size = vocab_size
         self.device = device
@@ -50,6 +51,10 @@ class PrefillGroup:
             if key not in shared:
                 shared[key] = PromptScores(prompt, sequence.runners, k, vocab_size, device)
             self.scores[sequence.seq_id] = shared[key]
+
+    def took_tokens(self) -> bool:
+        """Whether a sequence of the group has taken a token since the group began (or finished)."""
+        return any(s.finished or len(s.output_ids) != n for s, n in zip(self.sequences, self._generated))
 
     @property
     def complete(self) -> bool:

@@ -68,7 +68,9 @@ class Scheduler:
     A decode step that runs out of memory preempts the whole batch (``preempt_all``) and halves the running
     batch's cap (``memory_cap``), which then grows back by one sequence every ``MEMORY_GROW_STEPS`` good steps
     (additive increase, multiplicative decrease): the batch settles at what the memory holds, where the step
-    would otherwise fail every running request."""
+    would otherwise fail every running request. A prefill that runs out of memory goes back to the queue whole
+    (``defer_prefilling``) with the batch capped at the sequences running, so that it is tried again, in smaller
+    groups, as they finish."""
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
@@ -173,6 +175,19 @@ class Scheduler:
         self._requeue(victims)
         return victims
 
+    def defer_prefilling(self, cap: int) -> list[Sequence]:
+        """Out of memory in a prefill: the group's sequences back to the queue, ahead of the sequences that came
+        after them, unpreempted (they held no K/V in the batch: they will be counted and scored when their prefill
+        completes), and the batch capped at ``cap`` (at least one)."""
+        deferred = [s for s in self.prefilling if not s.finished]
+        self.prefilling = [s for s in self.prefilling if s.finished]
+        self.memory_cap = max(1, cap)
+        self._good_steps = 0
+        for sequence in deferred:
+            sequence.defer()
+        self._queue_again(deferred)
+        return deferred
+
     def decoded(self) -> None:
         """A decode step went through: under a memory cap, count towards taking one more sequence."""
         if self.memory_cap is None:
@@ -185,17 +200,21 @@ class Scheduler:
                 self.memory_cap = None
 
     def _requeue(self, victims: list[Sequence]) -> None:
-        """Preempted sequences back to waiting: by priority then arrival under ``priority``, else ahead of every
-        sequence that waits (they were admitted before any of them), in arrival order."""
+        """Preempted sequences back to waiting (``_queue_again``), counted as preemptions."""
         self.running_version += 1
         self.preemptions_total += len(victims)
         for sequence in victims:
             sequence.preempt()
+        self._queue_again(victims)
+
+    def _queue_again(self, sequences: list[Sequence]) -> None:
+        """Sequences admitted before back to waiting: by priority then arrival under ``priority``, else ahead of
+        every sequence that waits (they were admitted before any of them), in arrival order."""
         if self.limits.scheduling_policy == "priority":
-            for sequence in victims:
+            for sequence in sequences:
                 bisect.insort_right(self.waiting, sequence, key=_urgency)
         else:
-            self.waiting.extendleft(sorted(victims, key=lambda s: s.arrival, reverse=True))
+            self.waiting.extendleft(sorted(sequences, key=lambda s: s.arrival, reverse=True))
 
     def promote(self, sequences: list[Sequence]) -> None:
         """Prefilled: these leave ``prefilling``; those not finished by their first token join ``running``."""

@@ -64,6 +64,10 @@ class Sequence:
         self.status = Status.WAITING
         self.preemptions += 1
 
+    def defer(self) -> None:
+        """Back to waiting from a prefill that could not complete (out of memory): prefilled again as if new."""
+        self.status = Status.WAITING
+
     @property
     def resumed(self) -> bool:
         """Preempted before: its next prefill recomputes K/V (its prompt was scored and counted already)."""

@@ -279,7 +279,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(chat_fam
     engine.fault_hook = explode
     outputs = engine.step()
     assert [(o.request_id, o.finish_reason) for o in outputs] == [("victim", FinishReason.ERROR)]
-    assert "RuntimeError" in outputs[0].error
+    assert outputs[0].error.startswith("out of memory during decode (RuntimeError): the request does not fit")
     assert [r.num_rows for r in engine.runners] == [0, 0, 0]
     engine.fault_hook = None
     submit(engine, "after", "Hello", temperature=0, max_tokens=4, ignore_eos=True)
@@ -330,6 +330,98 @@ def test_out_of_memory_in_a_decode_step_preempts_the_batch_which_resumes_losing_
     got, widest = run(make_engine(chat_models, chat_family), 3)
     assert got == expected and all(len(tokens) == 10 for tokens in got.values())
     assert widest == 2  # the cap held (it grows back by one every MEMORY_GROW_STEPS good steps)
+
+
+OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _serve(engine, requests: dict[str, tuple[str, dict]], fault=None) -> tuple[dict, list[str]]:
+    """Each choice's tokens, finish reason and prompt tokens; ``fault(engine, step)`` may break something (or
+    submit more) before a step."""
+    for request_id, (prompt, sampling) in requests.items():
+        submit(engine, request_id, prompt, **sampling)
+    results: dict = {}
+    for step in range(300):
+        if not engine.has_work():
+            break
+        if fault is not None:
+            fault(engine, step)
+        for output in engine.step():
+            entry = results.setdefault((output.request_id, output.index), {"tokens": [], "finish": None,
+                                                                            "usage": None})
+            entry["tokens"] += output.new_token_ids
+            if output.finished:
+                entry["finish"], entry["usage"] = output.finish_reason, output.prompt_tokens
+                assert output.error is None, output.error
+        assert all(sorted(r.seq_ids) == sorted(s.seq_id for s in engine.running if i in s.prompts)
+                   for i, r in enumerate(engine.runners))
+    return results
+
+
+def test_out_of_memory_handing_a_prefill_over_defers_it_until_the_running_batch_makes_room(
+        chat_family, chat_models, monkeypatch):
+    """The third model cannot take a newcomer's rows beside a running stream: the newcomer (n=2, sampled with a
+    seed) goes back to the queue and, once the stream has finished, is prefilled again and ends with the tokens
+    and usage of a run that never failed; the stream never notices."""
+    late = dict(max_tokens=6, temperature=1.0, seed=5, n=2, ignore_eos=True)
+
+    def run(fail: bool):
+        engine = make_engine(chat_models, chat_family)
+        third = engine.runners[2]
+
+        def arrive(engine, step):
+            if step != 2:
+                return
+            submit(engine, "late", "A newcomer arrives", **late)  # its prefill completes in this step
+            if fail:
+                add_rows = third.add_rows
+
+                def fail_once(job, keep=None):
+                    monkeypatch.setattr(third, "add_rows", add_rows)
+                    raise OOM
+
+                monkeypatch.setattr(third, "add_rows", fail_once)
+
+        steady = {"steady": ("The steady stream", dict(max_tokens=12, temperature=0, ignore_eos=True))}
+        return _serve(engine, steady, arrive), engine
+
+    expected, clean = run(fail=False)
+    got, engine = run(fail=True)
+    assert got == expected and [len(got[("late", i)]["tokens"]) for i in (0, 1)] == [6, 6]
+    assert clean.scheduler.memory_cap is None and engine.scheduler.memory_cap == 1
+    assert engine.preemptions_total == 0 and engine.prompt_tokens_total == clean.prompt_tokens_total
+
+
+def test_out_of_memory_in_a_prefill_with_nothing_running_splits_the_group(chat_family, chat_models, monkeypatch):
+    """Two prompts admitted together run out of memory in a prefill chunk: they are prefilled one at a time and
+    end as they would have; one prompt alone that runs out of memory fails, as nothing smaller would fit."""
+    requests = {name: (prompt, dict(max_tokens=5, temperature=0, ignore_eos=True))
+                for name, prompt in (("a", "Hello there"), ("b", "Paris is"))}
+    expected = _serve(make_engine(chat_models, chat_family), requests)
+    engine = make_engine(chat_models, chat_family)
+    base = engine.runners[0]
+    widest = []
+
+    def fault(engine, step):
+        widest.append(engine.scheduler.in_batch)
+        if step == 0:
+            prefill_step = base.prefill_step
+
+            def fail_once(*args, **kwargs):
+                monkeypatch.setattr(base, "prefill_step", prefill_step)
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 "
+                                   "bytes")
+
+            monkeypatch.setattr(base, "prefill_step", fail_once)
+
+    assert _serve(engine, requests, fault) == expected
+    assert engine.scheduler.memory_cap == 1 and max(widest[2:]) == 1
+    lone = make_engine(chat_models, chat_family)
+    monkeypatch.setattr(lone.runners[0], "prefill_step", lambda *args, **kwargs: (_ for _ in ()).throw(OOM))
+    submit(lone, "alone", "Hello", max_tokens=3)
+    outputs = lone.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("alone", FinishReason.ERROR)]
+    assert outputs[0].error.startswith("out of memory during prefill (OutOfMemoryError): the request does not fit")
 
 
 def test_waiting_queue_bound(chat_family, chat_models):
