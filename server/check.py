@@ -72,4 +72,5 @@ def check(settings: ServerSettings, *, out: TextIO | None = None, err: TextIO | 
         return 1
     print(settings.model_dump_json(indent=2), file=out)
     print(format_plan(plan), file=out)
+    print(f"model ids: {', '.join(settings.model_ids)}", file=out)
     return 0

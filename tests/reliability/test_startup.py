@@ -76,6 +76,7 @@ def test_check_prints_the_placement_plan(tiny_family):
     assert result.returncode == 0, result.stderr
     assert '"served_model_name": "proxy-tuned"' in result.stdout and "sk-hidden-123" not in result.stdout
     assert "placement OK" in result.stdout and str(tiny_family.base) in result.stdout
+    assert "model ids: proxy-tuned, proxy-tuned:base, proxy-tuned:expert\n" in result.stdout
 
 
 def test_check_with_a_missing_path_is_one_line(tmp_path):
