@@ -417,7 +417,8 @@ def test_format_plan_table(tiny_family, tmp_path):
 def test_check_exit_codes(tiny_family, tmp_path):
     out, err = io.StringIO(), io.StringIO()
     assert check(ServerSettings(engine=engine({"path": str(tiny_family.base)})), out=out, err=err) == 0
-    assert out.getvalue().rstrip().endswith("placement OK") and not err.getvalue()
+    assert out.getvalue().rstrip().splitlines()[-2:] == ["placement OK", "model ids: proxy-tuned, proxy-tuned:base"]
+    assert not err.getvalue()
     out, err = io.StringIO(), io.StringIO()
     assert check(ServerSettings(engine=engine({"path": str(tmp_path / "missing")})), out=out, err=err) == 1
     assert not out.getvalue()
