@@ -703,9 +703,12 @@ def model_logprobs(entries: list[TokenAnalysis]) -> list[dict[str, Any]]:
     ]
 
 
-def model_card(model_id: str, created: int, root: str, max_model_len: int | None) -> dict[str, Any]:
+def model_card(model_id: str, created: int, root: str, max_model_len: int | None,
+               parent: str | None = None) -> dict[str, Any]:
+    """vLLM's card: ``root`` the weights' path, ``parent`` the model id this one is a part or variant of."""
     card: dict[str, Any] = {
-        "id": model_id, "object": "model", "created": created, "owned_by": "proxy-serve", "root": root
+        "id": model_id, "object": "model", "created": created, "owned_by": "proxy-serve", "root": root,
+        "parent": parent,
     }
     if max_model_len is not None:
         card["max_model_len"] = max_model_len

@@ -237,11 +237,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
         pairs = settings.engine.experts
         listed = []
         for model_id, target in settings.model_routes.items():
+            parent = None if model_id == settings.served_model_name else settings.served_model_name
             if target.serves is Serves.EXPERT:  # named by its adapter if it is one (vLLM names a LoRA module so)
                 expert = pairs[target.expert_pair].expert
-                listed.append(model_card(model_id, ctx.created, expert.adapter or expert.path, max_len))
+                listed.append(model_card(model_id, ctx.created, expert.adapter or expert.path, max_len, parent))
                 continue
-            card = model_card(model_id, ctx.created, settings.engine.base.path, max_len)
+            card = model_card(model_id, ctx.created, settings.engine.base.path, max_len, parent)
             if target.serves is Serves.PROXY:
                 # The default strength per expert pair it runs: what a request's ``alpha`` overrides (the
                 # playground builds one slider per pair from it).

@@ -185,6 +185,16 @@ class ServerSettings(BaseSettings):
     def model_ids(self) -> list[str]:
         return list(self.model_routes)
 
+    def model_for_adapter(self, adapter_id: str) -> str | None:
+        """The model id a TGI ``adapter_id`` names: a served id, or a named pair by its name or by its expert's path
+        or adapter (what TGI's clients send for a LoRA adapter it serves); None when it names nothing served."""
+        if adapter_id in self.model_routes:
+            return adapter_id
+        for index, pair in enumerate(self.engine.experts):
+            if pair.name is not None and adapter_id in (pair.name, pair.expert.path, pair.expert.adapter):
+                return self.model_id(Target(Serves.PROXY, index))
+        return None
+
 
 def read_key_file(path: str | Path) -> list[str]:
     """The keys of a key file: one per line, blank lines and ``#`` comments skipped."""

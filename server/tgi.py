@@ -3,7 +3,8 @@
 ``POST /generate``, ``POST /generate_stream``, ``POST /`` (TGI's compat route: either, by ``stream``; what
 ``huggingface_hub``'s ``InferenceClient(url).text_generation`` posts to) and ``GET /info``. Each request is the
 proxy-tuned model's (``parameters.alpha`` sets the strength, as ``alpha`` does on the OpenAI endpoints;
-``parameters.adapter_id`` may name another served model id, ``<name>:base`` or ``<name>:expert``).
+``parameters.adapter_id`` may name another served model id, ``<name>:base`` or ``<name>:expert``, or a named
+expert pair by its name or its expert's path or adapter, as TGI's LoRA adapters are named: that pair alone).
 
 TGI's wire format (router/src/lib.rs, server.rs, validation.rs of TGI 3.x), what its clients parse:
 
@@ -353,7 +354,9 @@ def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect:
     async def generate(body: GenerateRequest, request: Request, stream: bool, full_text: bool, listed: bool
                        ) -> Response:
         params = body.parameters
-        model = params.adapter_id  # TGI's picks one of its LoRA adapters; here it may name a served model id
+        # TGI's picks one of its LoRA adapters; here a served model id, or a named pair (by name, or its expert's
+        # path or adapter): that pair alone.
+        model = params.adapter_id and (ctx.settings.model_for_adapter(params.adapter_id) or params.adapter_id)
         request_id = new_request_id("tgi", request.headers.get("x-request-id"))
         started = time.perf_counter()
         try:
@@ -361,8 +364,10 @@ def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect:
                                         lambda: params.sampling_params(stream, ctx.defaults_for(model)), request)
         except APIError as error:  # refused, and counted as such, by start
             if error.param == "model":
+                pairs = [pair.name for pair in ctx.settings.engine.experts if pair.name is not None]
                 raise _invalid(f"`adapter_id` {model[:100]!r} is not served here; use one of "
-                               f"{', '.join(ctx.settings.model_ids)}, or none for the proxy-tuned model") from None
+                               f"{', '.join(ctx.settings.model_ids + pairs)}, or none for the proxy-tuned model") \
+                    from None
             raise
         answer = Answer(generation, body.inputs, params, full_text, ctx.info.special_token_ids)
         if stream:

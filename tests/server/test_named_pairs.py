@@ -55,6 +55,7 @@ def test_models_lists_each_named_pair_and_its_expert(http, chat_family):
     assert list(cards) == IDS
     assert cards[MODEL]["alpha"] == [1.0, 0.5] and cards[f"{MODEL}:chat"]["alpha"] == [0.5]
     assert cards[f"{MODEL}:chat:expert"]["root"] == str(chat_family.expert)
+    assert cards[MODEL]["parent"] is None and {cards[i]["parent"] for i in IDS[1:]} == {MODEL}  # vLLM's field
     assert http.get(f"/v1/models/{MODEL}:chat:expert").json()["id"] == f"{MODEL}:chat:expert"
 
 
@@ -121,3 +122,18 @@ def test_bad_pair_names_are_configuration_errors(names, message):
         argv += ["--expert-name", name]
     with pytest.raises(ConfigError, match=message):
         resolve_settings(argv)
+
+
+def test_tgis_adapter_id_names_a_pair_as_tgi_names_a_lora_adapter(http, chat_family):
+    """TGI's clients pick a LoRA adapter by ``adapter_id``: here a named pair, by its name or its expert's path."""
+    def tgi(adapter_id: str) -> str:
+        response = http.post("/generate", json={"inputs": "The capital of France is",
+                                                "parameters": {"max_new_tokens": 8, "adapter_id": adapter_id}})
+        assert response.status_code == 200, response.text
+        return response.json()["generated_text"]
+
+    body = {"model": f"{MODEL}:chat", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    expected = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert tgi("chat") == tgi(str(chat_family.expert)) == tgi(f"{MODEL}:chat") == expected
+    refused = http.post("/generate", json={"inputs": "x", "parameters": {"adapter_id": "nope"}})
+    assert refused.status_code == 422 and "chat" in refused.json()["error"]
