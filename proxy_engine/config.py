@@ -175,6 +175,7 @@ ENGINE_PROCESS_ENV = "PROXY_SERVE_ENGINE_PROCESS"
 ENFORCE_EAGER_ENV = "PROXY_SERVE_ENFORCE_EAGER"
 LORA_MODE_ENV = "PROXY_SERVE_LORA_MODE"
 DECODE_EXECUTOR_ENV = "PROXY_SERVE_DECODE_EXECUTOR"
+KV_CACHE_MEMORY_ENV = "PROXY_SERVE_KV_CACHE_MEMORY"
 
 
 class RuntimeConfig(_Strict):
@@ -218,6 +219,13 @@ class RuntimeConfig(_Strict):
         "buffers, the prefix caches and the weights spread over a device list are sized within it. Default: all "
         "the free memory (the K/V within KV_MEMORY_FRACTION of it). See docs/gpu.md.",
     )
+    kv_cache_memory: int | None = Field(
+        default=None, ge=1, description=f"The most K/V memory the growable caches of each device hold together "
+        f"({KV_CACHE_MEMORY_ENV}; vLLM's --kv-cache-memory-bytes), in bytes or a size such as '4GiB': past it the "
+        "batch is preempted or a prefill waits, as on running out of memory. Default: on the CPU, "
+        "VLLM_CPU_KVCACHE_SPACE GiB when set, else 40% of the RAM available once the weights are in (the OS's OOM "
+        "killer would end the process, not an exception); none on a GPU. See docs/reliability.md.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -226,8 +234,16 @@ class RuntimeConfig(_Strict):
             return data
         names = {"cpu_threads": CPU_THREADS_ENV, "fast_decode": FAST_DECODE_ENV, "packed_weights": PACKED_WEIGHTS_ENV,
                  "engine_process": ENGINE_PROCESS_ENV, "enforce_eager": ENFORCE_EAGER_ENV,
-                 "decode_executor": DECODE_EXECUTOR_ENV, "lora_mode": LORA_MODE_ENV}
+                 "decode_executor": DECODE_EXECUTOR_ENV, "lora_mode": LORA_MODE_ENV,
+                 "kv_cache_memory": KV_CACHE_MEMORY_ENV}
         return {**data, **{key: os.environ[var] for key, var in names.items() if os.environ.get(var)}}
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        from proxy_engine.memory import parse_size  # memory.py reads the model configs defined here
+
+        return value if value is None or isinstance(value, int) else parse_size(value)
 
 
 class PrefixCacheConfig(_Strict):

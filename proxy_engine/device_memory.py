@@ -5,20 +5,49 @@ other processes). The one place that asks torch or the OS how much memory there 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
+MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: a container's memory.max and memory.current
+
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory free now on ``device`` (host RAM available, for the CPU); None when unknown."""
+    """Memory free now on ``device`` (for the CPU: host RAM the kernel can hand out, within a container's memory
+    limit); None when unknown."""
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
         if device.type == "cpu":
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            return host_available_bytes(MEMINFO, CGROUP)
     except Exception:  # noqa: BLE001 - no such GPU, no CUDA build, a broken driver, no sysconf
         pass
     return None
+
+
+def host_available_bytes(meminfo: Path, cgroup: Path) -> int:
+    """Host RAM a new allocation can take: ``MemAvailable`` (free pages plus the page cache the kernel reclaims;
+    ``MemFree`` alone would call a machine with a warm file cache full), and no more than a cgroup v2 memory limit
+    leaves (``memory.max - memory.current``: Docker's ``--memory``, which /proc/meminfo does not show and whose
+    OOM killer acts first). ``sysconf``'s free pages where /proc/meminfo is missing."""
+    available = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, max(0, int(limit) - int((cgroup / "memory.current").read_text())))
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def total_bytes(device: torch.device) -> int | None:

@@ -28,6 +28,7 @@ from proxy_engine.device_memory import out_of_memory
 from proxy_engine.executor import KV_MEMORY_FRACTION, running_cap, static_kv_plans, wants_static
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.intake import Intake
+from proxy_engine.kv_budget import KVBudgetExceeded, budget_for, fitted_max_lens
 from proxy_engine.loader import LoadedModel, eos_token_ids, input_device
 from proxy_engine.model_files import max_model_len_error
 from proxy_engine.outputs import OutputBuilder
@@ -79,10 +80,17 @@ class ProxyEngine:
         else:
             self.max_lens = [min(m.max_len, cap) for m in models]
         self.kv_bytes_per_token = [kv_bytes_per_token(m.model) for m in models]
+        devices = [input_device(m.model) for m in models]
+        # The growable caches' K/V budget per device (on the CPU by default: the OS's OOM killer is no exception to
+        # recover from), and a context short enough for one sequence to fit it.
+        names = self._device_names = [str(d) for d in devices]
+        self.kv_memory = {name: budget_for(device, config.runtime.kv_cache_memory)
+                          for name, device in dict(zip(names, devices)).items()}
+        self.max_lens = fitted_max_lens(self.kv_memory, names, self.kv_bytes_per_token, self.max_lens,
+                                        config.limits.max_model_len is not None)
         # Static K/V buffers (the CUDA executor's) for the limits within the GPUs' free memory, leaving the
         # prefix caches their share of it (prefix_cache.FREE_MEMORY_SHARE) when they are on.
         kv_fraction = KV_MEMORY_FRACTION - (FREE_MEMORY_SHARE if config.prefix_cache.enabled else 0.0)
-        devices = [input_device(m.model) for m in models]
         utilization = config.runtime.gpu_memory_utilization
         slot_plans = static_kv_plans(self.kv_bytes_per_token, devices, config.limits.max_num_seqs, self.max_lens,
                                      kv_fraction, [wants_static(m.model, d, config.runtime, max_len)
@@ -97,12 +105,12 @@ class ProxyEngine:
         ]
         self.runners: list[ModelRunner] = []
         decoders: dict[int, FastDecoder] = {}  # id(model) -> its fast step: runners over one model share it
-        for m, budget, plan, max_len in zip(models, self.kv_budgets, slot_plans, self.max_lens):
+        for m, budget, plan, max_len, device in zip(models, self.kv_budgets, slot_plans, self.max_lens, names):
             runner = ModelRunner(
                 m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
                 prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, budget, utilization),
                 slot_plan=plan,
-                max_len=max_len, adapter=m.adapter, fast=decoders.get(id(m.model)),
+                max_len=max_len, adapter=m.adapter, fast=decoders.get(id(m.model)), kv_budget=self.kv_memory[device],
             )
             if runner.fast is not None:
                 decoders.setdefault(id(m.model), runner.fast)
@@ -199,6 +207,7 @@ class ProxyEngine:
         outputs = self._drain_inbox()
         self._sync_rows()
         if self.scheduler.running:
+            self._fit_decode_in_kv_budgets()
             outputs += self._guarded("decode", self.scheduler.running, self._decode)
             # Free the rows of the sequences that just finished before admitting: a prefill completing in this
             # step hands its rows over at once, and the runners must never hold more than the batch's slots
@@ -229,9 +238,9 @@ class ProxyEngine:
                 self.fault_hook(phase, sequences)
             return run()
         except Exception as error:  # noqa: BLE001 - one bad batch must not stop the engine
-            if phase == "decode" and out_of_memory(error) and self._preempt_for_memory():
+            if phase == "decode" and out_of_memory(error) and self._preempt_for_memory(error):
                 return []
-            if phase == "prefill" and out_of_memory(error) and self._defer_prefill_for_memory():
+            if phase == "prefill" and out_of_memory(error) and self._defer_prefill_for_memory(error):
                 return []
             log.exception("engine %s step failed for %d sequences", phase, len(sequences))
             failed = [self.outputs.fail(s, phase, error) for s in sequences if not s.finished]
@@ -240,7 +249,7 @@ class ProxyEngine:
             self._sync_rows(force=True)  # a prefill may have failed half-way through handing its rows over
             return failed
 
-    def _preempt_for_memory(self) -> bool:
+    def _preempt_for_memory(self, error: BaseException) -> bool:
         """A decode step ran out of memory: preempt the whole batch (the step may have grown some models' K/V
         and not others', so every row goes) and cap it at half; False, to fail it as any error, when a single
         sequence was running (nothing smaller would fit)."""
@@ -250,12 +259,43 @@ class ProxyEngine:
         self._sync_rows(force=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the freed K/V back to the driver's pool before the smaller batch regrows
-        log.warning("out of memory in a decode step of %d sequences: all preempted (they resume by recomputation), "
-                    "the batch capped at %d and growing back by one every %d steps; lower max_num_seqs or "
-                    "max_model_len to avoid it", len(victims), self.scheduler.memory_cap, MEMORY_GROW_STEPS)
+        log.warning("%s in a decode step of %d sequences: all preempted (they resume by recomputation), the batch "
+                    "capped at %d and growing back by one every %d steps; lower max_num_seqs or max_model_len to "
+                    "avoid it", _shortage(error), len(victims), self.scheduler.memory_cap, MEMORY_GROW_STEPS)
         return True
 
-    def _defer_prefill_for_memory(self) -> bool:
+    def _fit_decode_in_kv_budgets(self) -> None:
+        """Preempt the least urgent running sequences until the next decode step's regrowth fits each device's K/V
+        budget, as vLLM preempts when its free blocks run out (each resumes by recomputation; the batch is capped at
+        those left, growing back as memory_cap does). The last one is left to the step: its regrowth without
+        headroom, or its failure."""
+        victims = []
+        while sum(not s.finished for s in self.scheduler.running) > 1 and not self._decode_fits():
+            victims.append(self.scheduler.preempt_least_urgent())
+            self._sync_rows()
+        if victims:
+            log.warning("the K/V budget cannot hold the next decode step: preempted %d sequence(s) (%s), which "
+                        "resume by recomputation; the batch capped at %d (--kv-cache-memory sets the budget)",
+                        len(victims), ", ".join(sorted({s.request_id for s in victims})), self.scheduler.memory_cap)
+
+    def _decode_fits(self) -> bool:
+        """Whether every runner's regrowth for the next decode step fits its device's K/V budget (runner by
+        runner, as the step grows them)."""
+        for name, budget in self.kv_memory.items():
+            if budget is None:
+                continue
+            room: int | None = None  # the budget is only walked when a cache would grow
+            for runner, device in zip(self.runners, self._device_names):
+                if device != name or runner.decode_growth(0) == 0:
+                    continue
+                room = budget.limit - budget.in_use() if room is None else room
+                need = runner.decode_growth(room)
+                if need is None:
+                    return False
+                room -= need
+        return True
+
+    def _defer_prefill_for_memory(self, error: BaseException) -> bool:
         """A prefill ran out of memory before any of its sequences took a token: drop the group's partial K/V and
         queue its sequences again, at the front, to be prefilled in smaller groups. The batch is capped at the
         sequences running (new ones join as running ones finish), or at half the group when none runs. False, to
@@ -272,9 +312,9 @@ class ProxyEngine:
         self._sync_rows(force=True)  # hand_over is all or nothing: this only checks the runners hold no row of it
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        log.warning("out of memory prefilling %d sequence(s) beside %d running: queued again, the batch capped at "
-                    "%d and growing back by one every %d steps; lower max_num_seqs, max_num_batched_tokens or "
-                    "max_model_len to avoid it", len(deferred), running, self.scheduler.memory_cap,
+        log.warning("%s prefilling %d sequence(s) beside %d running: queued again, the batch capped at %d and "
+                    "growing back by one every %d steps; lower max_num_seqs, max_num_batched_tokens or max_model_len "
+                    "to avoid it", _shortage(error), len(deferred), running, self.scheduler.memory_cap,
                     MEMORY_GROW_STEPS)
         return True
 
@@ -435,3 +475,8 @@ def _only_row(parts: dict[int, Contribution], row: int) -> dict[int, Contributio
             alone[index] = Contribution(torch.zeros(1, dtype=torch.long), part.weights[hits],
                                         part.logits[hits.to(part.logits.device)])
     return alone
+
+
+def _shortage(error: BaseException) -> str:
+    """What ran out, for the log: the device's memory, or the K/V budget (kv_budget.py)."""
+    return "the K/V budget (--kv-cache-memory) ran out" if isinstance(error, KVBudgetExceeded) else "out of memory"

@@ -18,8 +18,13 @@ full-attention causal LM works unchanged.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+if TYPE_CHECKING:
+    from proxy_engine.kv_budget import KVMemoryBudget
 
 _MIN_CAPACITY = 64
 
@@ -40,14 +45,49 @@ def buffer_bytes(layers) -> int:
     return sum(layer.k_buf.nbytes + layer.v_buf.nbytes for layer in layers if layer.k_buf is not None)
 
 
+def slot_shape(rows: int, width: int) -> tuple[int, int]:
+    """``(slots, capacity)`` a slot cache grows to for ``rows`` rows of ``width`` columns: a quarter of headroom,
+    rounded up (4 slots, 64 columns). A regrowth copies the live rows once, and doubling would leave up to half of
+    the buffers unused for as long as the batch runs."""
+    return _rounded(rows * 5 // 4, 4), _rounded(width * 5 // 4, _MIN_CAPACITY)
+
+
+def lone_sequence_bytes(tokens: int, bytes_per_token: int) -> int:
+    """The least K/V one model must hold for a lone sequence of ``tokens`` tokens under a budget (which takes
+    the growth rules' headroom only where it fits): at the hand-over of its prompt, the prefill job's columns
+    beside the slot they are copied into."""
+    return bytes_per_token * (_rounded(tokens, _MIN_CAPACITY) + _rounded(tokens + 1, _MIN_CAPACITY))
+
+
+def _growth_bytes(k_like: torch.Tensor, v_like: torch.Tensor, rows: int, capacity: int, old: torch.Tensor | None,
+                  old_v: torch.Tensor | None) -> int:
+    """Bytes a layer's K and V buffers of ``[rows, H, capacity, D]`` (heads and widths of ``k_like`` / ``v_like``)
+    hold beyond the ``old`` ones they replace."""
+    new = rows * capacity * (k_like.shape[1] * k_like.shape[-1] * k_like.element_size()
+                             + v_like.shape[1] * v_like.shape[-1] * v_like.element_size())
+    return new - (0 if old is None else old.nbytes + old_v.nbytes)
+
+
+class PaddedGrowth:
+    """What a prefill job's layers share under a K/V budget: the capacity the first layer to grow chose for
+    every layer (each layer grows in turn, inside the forward: a choice per layer would let the first take headroom
+    that the last then lacks). Not the layers themselves: no layer -> cache -> layer cycle (see SlotState)."""
+
+    def __init__(self, budget: KVMemoryBudget, num_layers: int) -> None:
+        self.budget = budget
+        self.num_layers = num_layers
+        self.capacity = 0
+
+
 class PaddedLayer(DynamicLayer):
     """One layer's K/V: ``buffers [B, H, capacity, D]`` of which columns ``[:length]`` are live."""
 
-    def __init__(self) -> None:
+    def __init__(self, growth: PaddedGrowth | None = None) -> None:
         super().__init__()
         self.length = 0
         self.k_buf: torch.Tensor | None = None
         self.v_buf: torch.Tensor | None = None
+        self.growth = growth
 
     # --- transformers' interface -------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -55,12 +95,13 @@ class PaddedLayer(DynamicLayer):
         if self.k_buf is None:
             self.is_initialized = True
             self.device = key_states.device
-            capacity = _grown(0, new)
+            capacity = self._affordable(_grown(0, new), new, key_states, value_states)
             shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
             self.k_buf = key_states.new_empty(shape)
             self.v_buf = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
         elif self.length + new > self.k_buf.shape[-2]:
-            self._resize(_grown(self.k_buf.shape[-2], self.length + new))
+            needed = self.length + new
+            self._resize(self._affordable(_grown(self.k_buf.shape[-2], needed), needed, self.k_buf, self.v_buf))
         self.k_buf[:, :, self.length : self.length + new] = key_states
         self.v_buf[:, :, self.length : self.length + new] = value_states
         self.length += new
@@ -85,6 +126,28 @@ class PaddedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def _affordable(self, capacity: int, needed: int, k_like: torch.Tensor, v_like: torch.Tensor) -> int:
+        """``capacity`` columns, or where the budget cannot hold them in every layer the fewest that hold
+        ``needed`` (the doubling is headroom, not need); raises ``KVBudgetExceeded`` when not even those fit. The
+        first layer to grow chooses; the others follow it."""
+        growth = self.growth
+        if growth is None:
+            return capacity
+
+        def extra(columns: int) -> int:
+            return _growth_bytes(k_like, v_like, k_like.shape[0], columns, self.k_buf, self.v_buf)
+
+        if growth.capacity >= needed:  # an earlier layer chose this round's capacity, and checked it for every layer
+            return growth.capacity
+        tight = _rounded(needed, _MIN_CAPACITY)
+        for choice in (capacity, tight):
+            if growth.budget.fits(extra(choice) * growth.num_layers):
+                growth.capacity = choice
+                return choice
+        growth.budget.reserve(extra(tight) * growth.num_layers)  # KVBudgetExceeded, with the sizes
+        growth.capacity = tight
+        return tight
+
     def _resize(self, capacity: int) -> None:
         assert self.k_buf is not None and self.v_buf is not None
         k = self.k_buf.new_empty((*self.k_buf.shape[:2], capacity, self.k_buf.shape[-1]))
@@ -95,10 +158,13 @@ class PaddedLayer(DynamicLayer):
 
 
 class PaddedKVCache(Cache):
-    """A transformers ``Cache`` made of ``PaddedLayer``s, one per decoder layer."""
+    """A transformers ``Cache`` made of ``PaddedLayer``s, one per decoder layer; growth within ``budget``."""
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[PaddedLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, budget: KVMemoryBudget | None = None) -> None:
+        self.growth = None if budget is None else PaddedGrowth(budget, num_layers)
+        super().__init__(layers=[PaddedLayer(self.growth) for _ in range(num_layers)])
+        if budget is not None:
+            budget.track(self)
 
     @property
     def length(self) -> int:
@@ -114,6 +180,9 @@ class PaddedKVCache(Cache):
         assert pieces and all(layer.k_buf is None for layer in self.layers)
         for index, layer in enumerate(self.layers):
             k0, v0 = pieces[0][2][index]
+            if self.growth is not None:
+                self.growth.budget.reserve(_growth_bytes(k0[None], v0[None], rows, capacity, None, None))
+                self.growth.capacity = capacity
             layer.k_buf = k0.new_zeros((rows, k0.shape[0], capacity, k0.shape[-1]))
             layer.v_buf = v0.new_zeros((rows, v0.shape[0], capacity, v0.shape[-1]))
             for row, column, kv in pieces:
@@ -220,10 +289,13 @@ class SlotKVCache(Cache):
     last layers reuse an earlier layer's keys and values and never write their own.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, budget: KVMemoryBudget | None = None) -> None:
         self.state = SlotState()
         super().__init__(layers=[SlotLayer(self.state) for _ in range(num_layers)])
         self.live: list[SlotLayer] = list(self.layers)
+        self.budget = budget  # the device's K/V budget, shared with its other caches (kv_budget.py)
+        if budget is not None:
+            budget.track(self)
 
     @property
     def lengths(self) -> list[int]:
@@ -250,10 +322,12 @@ class SlotKVCache(Cache):
         slots, capacity = self.slots, self.capacity
         if rows <= slots and width <= capacity:
             return
-        # A quarter of headroom, rounded up (4 slots, 64 columns): a regrowth copies the live rows once, and
-        # doubling would leave up to half of the buffers unused for as long as the batch runs.
-        new_slots = slots if rows <= slots else _rounded(rows * 5 // 4, 4)
-        new_capacity = capacity if width <= capacity else _rounded(width * 5 // 4, _MIN_CAPACITY)
+        room = None if self.budget is None else self.budget.limit - self.budget.in_use()
+        shape = self._grown_shape(k_like, v_like, rows, width, room)
+        tight = (rows, _rounded(width, _MIN_CAPACITY))
+        if shape is None and self.budget is not None:
+            self.budget.reserve(self._growth(k_like, v_like, *tight))  # KVBudgetExceeded, with the sizes
+        new_slots, new_capacity = shape or tight
         for layer in self.live:
             # A layer grown by an earlier attempt that failed part-way (out of memory in a later layer) keeps
             # its buffers: every layer holds the live rows either way, and ``slots`` / ``capacity`` read the
@@ -264,6 +338,39 @@ class SlotKVCache(Cache):
                 layer.allocate(k_like, v_like, new_slots, new_capacity)
             else:
                 layer.allocate(layer.k_buf, layer.v_buf, new_slots, new_capacity)
+
+    def _grown_shape(self, k_like: torch.Tensor, v_like: torch.Tensor, rows: int, width: int,
+                     room: int | None) -> tuple[int, int] | None:
+        """``(slots, capacity)`` to regrow to for ``rows`` rows of ``width`` columns with ``room`` bytes of budget
+        left (None: no budget): the growth rule's headroom where it fits, else the fewest slots and columns that
+        hold the rows (a regrowth drops the slots of rows that left); None when not even those fit."""
+        slots, capacity = self.slots, self.capacity
+        grown_slots, grown_capacity = slot_shape(rows, width)
+        shape = (slots if rows <= slots else grown_slots, capacity if width <= capacity else grown_capacity)
+        if room is None or self._growth(k_like, v_like, *shape) <= room:
+            return shape
+        tight = (rows, _rounded(width, _MIN_CAPACITY))  # what _reserve falls back to
+        return tight if self._growth(k_like, v_like, *tight) <= room else None
+
+    def next_step_bytes(self, room: int) -> int | None:
+        """Bytes the next decode step's regrowth takes with ``room`` bytes of budget left (0: none), as
+        ``begin_decode`` will choose; None when it cannot fit."""
+        first = self.live[0] if self.live else None
+        rows, width = self.num_rows, self.longest + 1
+        if first is None or first.k_buf is None or (rows <= self.slots and width <= self.capacity):
+            return 0
+        shape = self._grown_shape(first.k_buf, first.v_buf, rows, width, room)
+        return None if shape is None else self._growth(first.k_buf, first.v_buf, *shape)
+
+    def _growth(self, k_like: torch.Tensor, v_like: torch.Tensor, slots: int, capacity: int) -> int:
+        """Bytes the live layers would hold beyond what they do with buffers of ``slots`` x ``capacity``."""
+        total = 0
+        for layer in self.live:
+            if layer.k_buf is None:
+                total += _growth_bytes(k_like, v_like, slots, capacity, None, None)
+            elif layer.k_buf.shape[0] < slots or layer.k_buf.shape[2] < capacity:  # as _reserve skips
+                total += _growth_bytes(layer.k_buf, layer.v_buf, slots, capacity, layer.k_buf, layer.v_buf)
+        return total
 
     # --- decode --------------------------------------------------------------------------------------------
     def begin_decode(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

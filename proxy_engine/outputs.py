@@ -14,6 +14,7 @@ from __future__ import annotations
 from proxy_engine.analysis import PROXY_ROLE, Distribution
 from proxy_engine.detokenizer import IncrementalDetokenizer, token_bytes
 from proxy_engine.device_memory import out_of_memory
+from proxy_engine.kv_budget import KVBudgetExceeded
 from proxy_engine.prompt_scores import PromptScores
 from proxy_engine.request import (
     ErrorCode,
@@ -105,7 +106,9 @@ class OutputBuilder:
     def fail(self, sequence: Sequence, phase: str, error: BaseException) -> RequestOutput:
         # The error's own text stays in the server's log: it may name paths, shapes or another request's data.
         message = f"internal error during {phase}: {type(error).__name__}"
-        if out_of_memory(error):
+        if isinstance(error, KVBudgetExceeded):  # our own text: sizes and the flag, nothing of another request
+            message = f"out of K/V memory during {phase}: {error} (a shorter prompt or fewer choices may fit)"
+        elif out_of_memory(error):
             message = (f"out of memory during {phase} ({type(error).__name__}): the request does not fit in the "
                        "memory the server has left (a shorter prompt or fewer choices may)")
         return self.finish(sequence, FinishReason.ERROR, error=message, error_code=ErrorCode.INTERNAL_ERROR)

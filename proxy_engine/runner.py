@@ -34,6 +34,7 @@ from proxy_engine.executor import FAST, STATIC, choose_executor
 from proxy_engine.executor.static_cache import SlotPlan
 from proxy_engine.executor.static_decode import disable_cudnn_attention
 from proxy_engine.fast_decode import DecodeRows, FastDecoder
+from proxy_engine.kv_budget import KVMemoryBudget
 from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache
 from proxy_engine.prefix_cache import PrefixCache
 
@@ -118,8 +119,10 @@ class ModelRunner:
         max_len: int | None = None,
         adapter: LoraAdapter | None = None,
         fast: FastDecoder | None = None,
+        kv_budget: KVMemoryBudget | None = None,
     ) -> None:
         self.model = model
+        self.kv_budget = kv_budget  # its device's, shared with the other runners there (kv_budget.py)
         self.adapter = adapter
         self.runtime = runtime or RuntimeConfig()
         self.prefix_cache = prefix_cache
@@ -157,7 +160,7 @@ class ModelRunner:
             self._static.cache.clear()  # the static buffers stay (graphs were captured over them)
             self.cache: SlotKVCache = self._static.cache
         else:
-            self.cache = SlotKVCache(self.num_layers)
+            self.cache = SlotKVCache(self.num_layers, self.kv_budget)
         self.seq_ids: list[int] = []  # in slot order
 
     @property
@@ -238,7 +241,8 @@ class ModelRunner:
         distinct: dict[tuple[str | None, tuple[int, ...]], int] = {}
         row_of = [distinct.setdefault((salt, tuple(prompt)), len(distinct)) for salt, prompt in zip(salts, prompts)]
         ids, mask = _left_pad([list(prompt) for _, prompt in distinct], self.pad_id)
-        job = PrefillJob(seq_ids, row_of, ids.to(self.device), mask.to(self.device), PaddedKVCache(self.num_layers))
+        job = PrefillJob(seq_ids, row_of, ids.to(self.device), mask.to(self.device),
+                         PaddedKVCache(self.num_layers, self.kv_budget))
         job.positions = (job.mask.cumsum(dim=1) - 1).clamp(min=0)
         job.padded = bool((mask == 0).any())
         job.prompts = [prompt for _, prompt in distinct]
@@ -249,9 +253,9 @@ class ModelRunner:
                 row_reuse[row] = row_reuse[row] and (reuse is None or reuse[i])
             try:
                 self._start_from_cache(job, row_reuse)
-            except RuntimeError as error:  # out of memory for the copied columns: prefill it all instead
+            except (RuntimeError, MemoryError) as error:  # no memory (or budget) for the copied columns: prefill it all
                 log.warning("%s: cached prefix not used (%s: %s)", self.name, type(error).__name__, error)
-                job.cache, job.done = PaddedKVCache(self.num_layers), 0
+                job.cache, job.done = PaddedKVCache(self.num_layers, self.kv_budget), 0
         return job
 
     def _start_from_cache(self, job: PrefillJob, row_reuse: list[bool]) -> None:
@@ -359,6 +363,13 @@ class ModelRunner:
         for source, target in self.cache.remove(leaving):
             self.seq_ids[target] = self.seq_ids[source]
         del self.seq_ids[len(self.seq_ids) - len(leaving) :]
+
+    def decode_growth(self, room: int) -> int | None:
+        """Bytes of K/V budget the next decode step's regrowth takes with ``room`` left (0: none), None when it
+        cannot fit. Static buffers never grow within a budget (they are sized at start)."""
+        if self._static is not None:
+            return 0
+        return self.cache.next_step_bytes(room)
 
     def kv_bytes(self) -> int:
         return self.cache.nbytes()

@@ -175,6 +175,16 @@ class Scheduler:
         self._requeue(victims)
         return victims
 
+    def preempt_least_urgent(self) -> Sequence:
+        """The K/V budget cannot hold the next decode step: the least urgent running sequence (the latest to
+        arrive, under ``fcfs``) back to the queue, and the batch capped at the sequences left (``memory_cap``)."""
+        victim = max((s for s in self.running if not s.finished), key=_urgency)
+        self.running = [s for s in self.running if s is not victim]
+        self.memory_cap = max(1, sum(not s.finished for s in self.running))
+        self._good_steps = 0
+        self._requeue([victim])
+        return victim
+
     def defer_prefilling(self, cap: int) -> list[Sequence]:
         """Out of memory in a prefill: the group's sequences back to the queue, ahead of the sequences that came
         after them, unpreempted (they held no K/V in the batch: they will be counted and scored when their prefill

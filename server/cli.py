@@ -54,6 +54,11 @@ FLAGS = [
          "Share of each GPU's total memory this server may fill, counting what is in use at start (vLLM's; default: "
          "all the free memory). The static K/V buffers, prefix caches and weights over a device list fit in it.",
          "FRACTION"),
+    Flag("--kv-cache-memory", ("engine", "runtime", "kv_cache_memory"),
+         "Most K/V memory the growable caches of each device hold together, in bytes or a size such as 4GiB "
+         "(vLLM's --kv-cache-memory-bytes): past it the batch is preempted or prefills wait. Default: on the CPU, "
+         "VLLM_CPU_KVCACHE_SPACE GiB when set, else 40%% of the RAM available once the weights are in.", "SIZE",
+         aliases=("--kv-cache-memory-bytes",)),
     Flag("--lora-mode", ("engine", "runtime", "lora_mode"),
          "auto (default), unmerged or merged: a LoRA expert run over its anti-expert's weights, or merged into a "
          "copy of them (auto: unmerged except under the static CUDA-graph step).", "MODE"),

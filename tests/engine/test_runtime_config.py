@@ -66,4 +66,4 @@ def test_check_shows_the_knobs(tiny_family):
     shown = json.loads(out.getvalue()[: out.getvalue().index("\n}\n") + 2])  # the settings, then the plan
     assert shown["engine"]["runtime"] == {"cpu_threads": 1, "fast_decode": True, "packed_weights": None,
                                          "engine_process": True, "enforce_eager": False, "decode_executor": "auto",
-                                         "lora_mode": "auto", "gpu_memory_utilization": None}
+                                         "lora_mode": "auto", "gpu_memory_utilization": None, "kv_cache_memory": None}

@@ -99,3 +99,10 @@ def test_check_demo_cpu_config():
     result = proxy_serve("--config", "configs/demo-cpu.yaml", "--check")
     assert result.returncode == 0, result.stderr
     assert "placement OK" in result.stdout
+
+
+def test_a_kv_budget_that_cannot_hold_the_context_asked_for_is_one_line(tiny_family):
+    result = proxy_serve(*triple(tiny_family), "--port", "0", "--max-model-len", "256", "--kv-cache-memory", "20KB")
+    line = one_error_line(result)
+    assert result.returncode == 1 and "raise --kv-cache-memory or lower --max-model-len" in line
+    assert "tokens fit" in line and "one sequence of 256 tokens" in line

@@ -204,6 +204,16 @@ def test_gpu_memory_utilization_flag_is_vllms():
             resolve_settings(["--gpu-memory-utilization", bad])
 
 
+def test_kv_cache_memory_flag_takes_a_size_or_vllms_bytes(monkeypatch):
+    assert resolve_settings(["--kv-cache-memory", "4GiB"])[0].engine.runtime.kv_cache_memory == 4 * 1024**3
+    assert resolve_settings(["--kv-cache-memory-bytes", "1000000"])[0].engine.runtime.kv_cache_memory == 1_000_000
+    assert resolve_settings([])[0].engine.runtime.kv_cache_memory is None
+    with pytest.raises(ConfigError, match="kv_cache_memory"):
+        resolve_settings(["--kv-cache-memory", "plenty"])
+    monkeypatch.setenv("PROXY_SERVE_KV_CACHE_MEMORY", "512MiB")
+    assert resolve_settings([])[0].engine.runtime.kv_cache_memory == 512 * 1024**2
+
+
 def test_a_vllm_command_line_runs_as_it_is():
     settings, _ = resolve_settings(["--model", "/m/base", "--tensor-parallel-size", "1", "-pp", "1",
                                     "--enable-chunked-prefill", "--disable-log-stats", "--enable-prefix-caching",
