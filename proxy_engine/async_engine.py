@@ -60,6 +60,15 @@ class PrefixCacheStats:
     usage: float = 0.0  # bytes held over the cache's budget, 0-1
 
 
+@dataclass(frozen=True)
+class KVBudgetStats:
+    """One device's K/V budget (kv_budget.py): what its growable caches hold, and the most they may."""
+
+    device: str
+    used_bytes: int
+    limit_bytes: int
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngineStats:
     running: int = 0  # sequences in the decode batch
@@ -70,6 +79,7 @@ class EngineStats:
     preemptions_total: int = 0  # running sequences sent back to the queue (more urgent ones, out of memory)
     kv_cache_usage: float = 0.0  # KV memory of the running and prefilling rows over the budget at the limits, 0-1
     prefix_caches: tuple[PrefixCacheStats, ...] = ()  # the models with a prefix cache
+    kv_budgets: tuple[KVBudgetStats, ...] = ()  # the devices with a K/V budget
     max_num_seqs: int = 0  # the running batch's cap: the config's, or fewer where static K/V holds fewer; 0 unknown
 
 
@@ -196,6 +206,8 @@ def engine_stats(engine) -> EngineStats:
             for runner in engine.runners
             if (cache := runner.prefix_cache) is not None
         ),
+        kv_budgets=tuple(KVBudgetStats(device, budget.in_use(), budget.limit)
+                         for device, budget in engine.kv_memory.items() if budget is not None),
         max_num_seqs=engine.limits.max_num_seqs,
     )
 

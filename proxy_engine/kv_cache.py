@@ -210,6 +210,7 @@ class SlotState:
         self.write_pos = torch.empty(0, dtype=torch.long)
         self.span = 0  # columns attended in the current decode: longest + 1
         self.write_column: int | None = None  # every row's write position when they are all the same
+        self.allocations = 0  # bumped whenever a layer's buffers are replaced (what nbytes() is memoised on)
 
     @property
     def num_rows(self) -> int:
@@ -271,6 +272,7 @@ class SlotLayer(DynamicLayer):
             return like.new_zeros((slots, like.shape[1], capacity, like.shape[-1]))
 
         k, v = shaped(k_like), shaped(v_like)
+        self.state.allocations += 1
         if self.k_buf is not None:
             rows, width = min(self.state.num_rows, slots), min(self.state.longest, capacity)
             k[:rows, :, :width] = self.k_buf[:rows, :, :width]
@@ -293,6 +295,7 @@ class SlotKVCache(Cache):
         self.state = SlotState()
         super().__init__(layers=[SlotLayer(self.state) for _ in range(num_layers)])
         self.live: list[SlotLayer] = list(self.layers)
+        self._nbytes = (0, 0)  # (state.allocations, bytes) when last counted
         self.budget = budget  # the device's K/V budget, shared with its other caches (kv_budget.py)
         if budget is not None:
             budget.track(self)
@@ -440,4 +443,7 @@ class SlotKVCache(Cache):
         return moves
 
     def nbytes(self) -> int:
-        return buffer_bytes(self.layers)
+        # Asked every step (the K/V budget, the engine's stats): walked only after the buffers changed.
+        if self._nbytes[0] != self.state.allocations:
+            self._nbytes = (self.state.allocations, buffer_bytes(self.layers))
+        return self._nbytes[1]

@@ -70,6 +70,15 @@ def _cache_metrics(stats: EngineStats) -> Iterable[Metric]:
         hits.add_metric([cache.model], cache.hits_total)
         usage.add_metric([cache.model], cache.usage)
     yield from (queries, hits, usage)
+    held = GaugeMetricFamily(f"{PREFIX}_kv_budget_used_bytes", "K/V bytes the device's growable caches hold "
+                             "(buffers, headroom included).", labels=["device"])
+    limit = GaugeMetricFamily(f"{PREFIX}_kv_budget_bytes", "The device's K/V budget (--kv-cache-memory): past it "
+                              "streams are preempted and prefills wait.", labels=["device"])
+    for budget in stats.kv_budgets:
+        held.add_metric([budget.device], budget.used_bytes)
+        limit.add_metric([budget.device], budget.limit_bytes)
+    if stats.kv_budgets:
+        yield from (held, limit)
 
 
 class ServerMetrics:

@@ -21,7 +21,7 @@ from proxy_engine.kv_budget import (
     fitted_max_lens,
     longest_sequence,
 )
-from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache, lone_sequence_bytes
+from proxy_engine.kv_cache import PaddedKVCache, SlotKVCache, buffer_bytes, lone_sequence_bytes
 from proxy_engine.memory import GiB
 from tests.engine.conftest import engine_config, run_to_end, submit
 
@@ -105,8 +105,10 @@ def test_a_regrowth_under_the_budget_drops_the_slots_of_rows_that_left():
     assert (cache.slots, cache.capacity) == (8, 64)
     cache.remove([4, 5])
     cache.state.lengths = [64] * 4
+    before = cache.nbytes()
     cache.begin_decode(CPU)  # 8 x 128 would not fit; 4 x 128 does
     assert (cache.slots, cache.capacity) == (4, 128) and budget.in_use() <= budget.limit
+    assert cache.nbytes() == buffer_bytes(cache.layers) == before  # memoised, and counted again after a regrowth
 
 
 def test_longest_sequence_and_fitted_context():
@@ -238,3 +240,13 @@ def test_decode_steps_preempt_the_latest_streams_to_stay_within_the_budget(chat_
     assert preempted and all("preempted 1 sequence(s)" in line for line in preempted)
     assert "(s3)" in preempted[0]  # the latest to arrive goes first
     assert engine.scheduler.preemptions_total == len(preempted)
+
+
+def test_the_engine_reports_each_budget_and_its_use(chat_family, chat_models):
+    from proxy_engine.async_engine import engine_stats
+
+    engine = _budgeted(chat_models, chat_family, 10**9)
+    submit(engine, "r", "Hello", max_tokens=3, temperature=0)
+    engine.step()
+    (cpu,) = engine_stats(engine).kv_budgets
+    assert cpu.device == "cpu" and cpu.limit_bytes == 10**9 and 0 < cpu.used_bytes == engine.kv_memory["cpu"].in_use()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy_engine.async_engine import EngineStats, PrefixCacheStats
+from proxy_engine.async_engine import EngineStats, KVBudgetStats, PrefixCacheStats
 from server.metrics import ServerMetrics
 
 
@@ -40,7 +40,13 @@ def test_queue_kv_usage_and_prefix_cache_counters_per_model():
 def test_without_a_prefix_cache_the_counters_are_absent_and_usage_is_zero():
     got = samples(EngineStats())
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.0
-    assert not any(name.startswith("proxy_serve_prefix_cache") for name, _ in got)
+    assert not any(name.startswith(("proxy_serve_prefix_cache", "proxy_serve_kv_budget")) for name, _ in got)
+
+
+def test_each_devices_kv_budget_and_what_its_caches_hold():
+    got = samples(EngineStats(kv_budgets=(KVBudgetStats("cpu", 3 * 2**20, 8 * 2**30),)))
+    assert got[("proxy_serve_kv_budget_used_bytes", (("device", "cpu"),))] == 3 * 2**20
+    assert got[("proxy_serve_kv_budget_bytes", (("device", "cpu"),))] == 8 * 2**30
 
 
 def _value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
