@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -48,7 +49,7 @@ class KVMemoryBudget:
     def __init__(self, limit_bytes: int, device: torch.device, source: str) -> None:
         self.limit = limit_bytes
         self.device = device
-        self.source = source  # where the limit came from, for the error's text
+        self.source = source  # where the limit comes from, for messages: "--kv-cache-memory", ...
         # Weak: a prefill job's cache leaves the budget when the job is dropped, with nothing to call.
         self._caches: weakref.WeakSet[SizedCache] = weakref.WeakSet()
 
@@ -68,27 +69,35 @@ class KVMemoryBudget:
         used = self.in_use()
         if used + extra > self.limit:
             raise KVBudgetExceeded(
-                f"the K/V caches on {self.device} would hold {gib(used + extra)} GiB, over the {gib(self.limit)} GiB "
-                f"{self.source}"
+                f"the K/V caches on {self.device} would hold {gib(used + extra)} GiB, over its {gib(self.limit)} GiB "
+                f"K/V budget ({self.source})"
             )
 
 
-def budget_for(device: torch.device, configured: int | None) -> KVMemoryBudget | None:
-    """The budget of ``device``'s growable caches: ``configured`` bytes when set (on every device); else, on the
-    CPU, ``VLLM_CPU_KVCACHE_SPACE`` GiB when set, or ``AUTO_CPU_SHARE`` of the RAM available now (call it once the
-    weights are loaded); else None (a GPU's allocator raises a recoverable error of its own)."""
+def budget_limit(device: torch.device, configured: int | None,
+                 available: Callable[[], int | None]) -> tuple[int, str] | None:
+    """``(bytes, where they come from)`` of ``device``'s budget: ``configured`` when set (on every device); else, on
+    the CPU, ``VLLM_CPU_KVCACHE_SPACE`` GiB when set, or ``AUTO_CPU_SHARE`` of ``available()`` (the RAM available
+    once the weights are in); else None (a GPU's allocator raises a recoverable error of its own)."""
     if configured is not None:
-        return KVMemoryBudget(configured, device, "of --kv-cache-memory")
+        return configured, "--kv-cache-memory"
     if device.type != "cpu":
         return None
     space = os.environ.get(CPU_SPACE_ENV, "").strip()
     if space and float(space) > 0:  # vLLM reads 0 as "choose for me"
-        return KVMemoryBudget(int(float(space) * GiB), device, f"of {CPU_SPACE_ENV}")
-    available = free_bytes(device)
-    if available is None:
+        return int(float(space) * GiB), CPU_SPACE_ENV
+    free = available()
+    if free is None:
         return None
-    return KVMemoryBudget(int(available * AUTO_CPU_SHARE), device,
-                          f"K/V budget ({AUTO_CPU_SHARE:.0%} of the RAM available at start; --kv-cache-memory sets it)")
+    return int(free * AUTO_CPU_SHARE), (f"{AUTO_CPU_SHARE:.0%} of the RAM available after the weights; "
+                                        "--kv-cache-memory sets it")
+
+
+def budget_for(device: torch.device, configured: int | None) -> KVMemoryBudget | None:
+    """The budget of ``device``'s growable caches (``budget_limit``), the RAM available read now: call it once the
+    weights are loaded."""
+    limit = budget_limit(device, configured, lambda: free_bytes(device))
+    return None if limit is None else KVMemoryBudget(limit[0], device, limit[1])
 
 
 def longest_sequence(limit: int, bytes_per_token: list[int], max_lens: list[int]) -> int:
@@ -124,8 +133,8 @@ def fitted_max_lens(budgets: dict[str, KVMemoryBudget | None], devices: list[str
         longest = longest_sequence(budget.limit, [bytes_per_token[i] for i in on], [fitted[i] for i in on])
         if longest >= wanted:
             continue
-        problem = (f"one sequence of {wanted} tokens needs more K/V on {device} than the {gib(budget.limit)} GiB "
-                   f"{budget.source} holds ({longest} tokens fit)")
+        problem = (f"one sequence of {wanted} tokens needs more K/V on {device} than its {gib(budget.limit)} GiB K/V "
+                   f"budget ({budget.source}) holds ({longest} tokens fit)")
         if max_model_len_set or longest < MIN_SEQUENCE_TOKENS:
             raise ValueError(f"{problem}: raise --kv-cache-memory or lower --max-model-len")
         log.warning("%s: a sequence may reach %d tokens (--max-model-len sets it, --kv-cache-memory the budget)",

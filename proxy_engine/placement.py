@@ -20,9 +20,10 @@ import torch
 from proxy_engine.adapter import find_adapter
 from proxy_engine.attention_masks import unsupported_layers
 from proxy_engine.config import EngineConfig, ModelConfig
-from proxy_engine.device_memory import total_bytes
+from proxy_engine.device_memory import free_bytes, total_bytes
 from proxy_engine.executor.selection import STATIC, wanted_executor
 from proxy_engine.gguf_files import GGUFHeader, find_gguf, read_header
+from proxy_engine.kv_budget import MIN_SEQUENCE_TOKENS, budget_limit, longest_sequence
 from proxy_engine.layout import ModelLayout
 from proxy_engine.lora import merge_reason
 from proxy_engine.memory import MemoryEstimate, counted_memory, estimate_memory, gib, parse_size, resolve_dtype
@@ -71,6 +72,8 @@ class PlacementPlan:
     device_weight_bytes: dict[str, int] = field(default_factory=dict)
     device_kv_bytes: dict[str, int] = field(default_factory=dict)
     device_capacity_bytes: dict[str, int] = field(default_factory=dict)
+    # The K/V budget of each device that has one (kv_budget.py): bytes, and where the figure comes from.
+    device_kv_budget: dict[str, tuple[int, str]] = field(default_factory=dict)
     max_num_seqs: int = 0
     max_model_len: int | None = None
 
@@ -326,15 +329,41 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
             continue
         plan.device_capacity_bytes[device] = capacity
         weights, kv = plan.device_weight_bytes[device], plan.device_kv_bytes.get(device, 0)
+        budget = _kv_budget(plan, config, device, weights)
         if weights > capacity:
             plan.errors.append(
                 f"{device}: the weights placed on it need ~{gib(weights)} GiB but it has {gib(capacity)} GiB"
             )
-        elif weights + kv > capacity:
+        elif weights + min(kv, budget if budget is not None else kv) > capacity:
+            held = "KV cache at the limits" if budget is None or kv <= budget else "the K/V budget"
             plan.warnings.append(
-                f"{device}: weights ~{gib(weights)} GiB + KV cache at the limits ~{gib(kv)} GiB exceed its "
+                f"{device}: weights ~{gib(weights)} GiB + {held} ~{gib(min(kv, budget or kv))} GiB exceed its "
                 f"{gib(capacity)} GiB; lower limits.max_num_seqs or limits.max_model_len"
+                + ("" if budget is None else ", or --kv-cache-memory")
             )
+
+
+def _kv_budget(plan: PlacementPlan, config: EngineConfig, device: str, weights: int) -> int | None:
+    """The device's K/V budget as the engine will set it (the RAM available now, less the weights still to load,
+    for the CPU's default), recorded in the plan; a context one sequence cannot fill within it is a warning (the
+    engine shortens it) or, when limits.max_model_len asked for it, an error (the engine refuses it)."""
+    limit = budget_limit(torch.device(device), config.runtime.kv_cache_memory,
+                         lambda: None if (free := free_bytes(torch.device(device))) is None else max(0, free - weights))
+    if limit is None:
+        return None
+    plan.device_kv_budget[device] = limit
+    on = [m for m in plan.models if device in m.devices and m.memory and m.memory.kv_bytes_per_token]
+    wanted = plan.max_model_len or max((m.context_length or 0 for m in on), default=0)
+    if on and wanted:
+        longest = longest_sequence(limit[0], [m.memory.kv_bytes_per_token for m in on], [wanted] * len(on))
+        if longest < wanted:
+            problem = (f"{device}: one sequence of {wanted} tokens needs more K/V than its ~{gib(limit[0])} GiB K/V "
+                       f"budget ({limit[1]}) holds ({longest} tokens fit)")
+            if config.limits.max_model_len is not None or longest < MIN_SEQUENCE_TOKENS:
+                plan.errors.append(f"{problem}: raise --kv-cache-memory or lower --max-model-len")
+            else:
+                plan.warnings.append(f"{problem}: the server will serve sequences up to {longest} tokens")
+    return limit[0]
 
 def _safe_size(value: str) -> int | None:
     try:

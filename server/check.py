@@ -46,10 +46,12 @@ def format_plan(plan: PlacementPlan) -> str:
         lines += ["", f"per device (KV cache at the limits: {len_note}):"]
         for device in sorted(plan.device_weight_bytes):
             capacity = plan.device_capacity_bytes.get(device)
+            budget = plan.device_kv_budget.get(device)
             lines.append(
                 f"  {device:<8} weights {gib(plan.device_weight_bytes[device]):>8} GiB   "
                 f"KV {gib(plan.device_kv_bytes.get(device, 0)):>8} GiB   "
                 f"capacity {gib(capacity) if capacity else '?':>8} GiB"
+                + ("" if budget is None else f"   K/V budget {gib(budget[0]):>8} GiB ({budget[1]})")
             )
     shared = plan.shared_vocab_size
     widths_seen = {m.vocab_size for m in plan.models if m.vocab_size}

@@ -443,3 +443,25 @@ def test_gpu_memory_utilization_is_each_gpus_capacity_in_the_plan(tmp_path):
     plan = plan_placement(capped, device_count=2, gpu_memory=gpus)
     assert plan.device_capacity_bytes["cuda:0"] == int(56 * GiB)
     assert plan.errors[0].startswith("cuda:0: the weights placed on it need ~64.24 GiB but it has 56.00 GiB")
+
+
+def test_the_plan_shows_each_devices_kv_budget_as_the_engine_will_set_it(tmp_path, monkeypatch):
+    """On the CPU a default K/V budget (a share of the RAM available less the weights); on a GPU one only when
+    --kv-cache-memory sets it; a context one sequence cannot fill is a warning, or an error where it was asked for."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    small = _fake_model(tmp_path / "llama7", KNOWN_MODELS["meta-llama/Llama-2-7b-hf"][0])  # 512 KiB of K/V a token
+    monkeypatch.setattr(placement, "free_bytes", lambda device: 20 * GiB)
+    cpu = plan_placement(engine({"path": str(small), "dtype": "float16"}))
+    limit, source = cpu.device_kv_budget["cpu"]
+    assert limit == int((20 * GiB - cpu.device_weight_bytes["cpu"]) * 0.4) and "RAM available" in source
+    assert "K/V budget" in format_plan(cpu).splitlines()[-2]
+    gpu = {"path": str(small), "device": "cuda:0", "dtype": "float16"}
+    assert "cuda:0" not in plan_placement(engine(gpu), device_count=1, gpu_memory={0: 80 * GiB}).device_kv_budget
+    # 1 GiB holds one sequence of about 1,000 tokens of this model, not its 4,096
+    short = plan_placement(engine(gpu, runtime={"kv_cache_memory": GiB}), device_count=1,
+                           gpu_memory={0: 80 * GiB})
+    assert short.ok and short.device_kv_budget["cuda:0"] == (GiB, "--kv-cache-memory")
+    assert any("one sequence of 4096 tokens needs more K/V" in w and "up to 102" in w for w in short.warnings)
+    asked = plan_placement(engine(gpu, runtime={"kv_cache_memory": GiB}, limits={"max_model_len": 4096}),
+                           device_count=1, gpu_memory={0: 80 * GiB})
+    assert any("raise --kv-cache-memory or lower --max-model-len" in e for e in asked.errors)

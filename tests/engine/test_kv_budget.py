@@ -53,7 +53,7 @@ def test_budget_counts_the_caches_it_tracks_until_they_are_dropped():
 def test_growth_past_the_budget_is_an_out_of_memory_error_raised_before_allocating():
     budget = KVMemoryBudget(3 * 64 * COLUMN - 1, CPU, "test budget")  # not even one layer
     job = PaddedKVCache(2, budget)
-    with pytest.raises(KVBudgetExceeded, match="over the .* test budget") as raised:
+    with pytest.raises(KVBudgetExceeded, match=r"over its .* GiB K/V budget \(test budget\)") as raised:
         job.layers[0].update(*_kv(3, 64))
     assert out_of_memory(raised.value)  # the engine recovers from it as from any out-of-memory error
     assert job.layers[0].k_buf is None and budget.in_use() == 0
