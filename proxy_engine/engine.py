@@ -269,8 +269,15 @@ class ProxyEngine:
         budget, as vLLM preempts when its free blocks run out (each resumes by recomputation; the batch is capped at
         those left, growing back as memory_cap does). The last one is left to the step: its regrowth without
         headroom, or its failure."""
-        victims = []
+        victims: list[Sequence] = []
+        trimmed = False
         while sum(not s.finished for s in self.scheduler.running) > 1 and not self._decode_fits():
+            if not trimmed:  # first the caches' headroom (buffers the rows do not need), then streams
+                for budget in self.kv_memory.values():
+                    if budget is not None:
+                        budget.trim()
+                trimmed = True
+                continue
             victims.append(self.scheduler.preempt_least_urgent())
             self._sync_rows()
         if victims:

@@ -7,6 +7,10 @@ and resumes smaller, a prefill group goes back to the queue). On the CPU it is n
 pages fill, and the kernel's OOM killer ends the process and every request in it. The budget turns growth past
 the ceiling into the same recoverable error, raised before anything is allocated.
 
+Within it, a cache takes its growth rule's headroom (a quarter more slots and columns; a prefill's doubling) only
+where that fits, and gives it back (``make_room``) when another cache's bare need would not fit otherwise, so a
+sequence as long as ``longest_sequence`` allows always fits on its own.
+
 What counts is what the caches hold once a buffer is regrown (the old one is freed as the new one replaces it:
 for that moment both are held, which ``AUTO_CPU_SHARE`` leaves room for). The prefix cache has its own budget
 (prefix_cache.py); the static K/V buffers of the CUDA executor are sized at start-up within the GPU's memory.
@@ -42,6 +46,8 @@ class KVBudgetExceeded(MemoryError):
 class SizedCache(Protocol):
     def nbytes(self) -> int: ...
 
+    def trim(self) -> None: ...
+
 
 class KVMemoryBudget:
     """The K/V bytes the growable caches on ``device`` may hold together."""
@@ -61,6 +67,21 @@ class KVMemoryBudget:
 
     def fits(self, extra: int) -> bool:
         return extra <= 0 or self.in_use() + extra <= self.limit
+
+    def trim(self, keep: SizedCache | None = None) -> None:
+        """Every cache but ``keep`` gives back its headroom (the slots and columns its rows do not need)."""
+        for cache in list(self._caches):
+            if cache is not keep:
+                cache.trim()
+
+    def make_room(self, extra: int, asking: SizedCache | None = None) -> bool:
+        """Whether ``extra`` more bytes fit, once the other caches have given back their headroom if they must: the
+        first cache to grow may have taken headroom that a later one's bare need then lacks (the base's slots
+        before the pair's, at a hand-over)."""
+        if self.fits(extra):
+            return True
+        self.trim(keep=asking)
+        return self.fits(extra)
 
     def reserve(self, extra: int) -> None:
         """Raise ``KVBudgetExceeded`` unless the caches may hold ``extra`` more bytes than they do."""

@@ -144,6 +144,9 @@ class PaddedLayer(DynamicLayer):
             if growth.budget.fits(extra(choice) * growth.num_layers):
                 growth.capacity = choice
                 return choice
+        if growth.budget.make_room(extra(tight) * growth.num_layers):
+            growth.capacity = tight
+            return tight
         growth.budget.reserve(extra(tight) * growth.num_layers)  # KVBudgetExceeded, with the sizes
         growth.capacity = tight
         return tight
@@ -194,6 +197,9 @@ class PaddedKVCache(Cache):
 
     def nbytes(self) -> int:
         return buffer_bytes(self.layers)
+
+    def trim(self) -> None:
+        """A prefill job's buffers are its prompt's (their doubling is dropped under a budget as they grow)."""
 
 
 class SlotState:
@@ -328,7 +334,8 @@ class SlotKVCache(Cache):
         room = None if self.budget is None else self.budget.limit - self.budget.in_use()
         shape = self._grown_shape(k_like, v_like, rows, width, room)
         tight = (rows, _rounded(width, _MIN_CAPACITY))
-        if shape is None and self.budget is not None:
+        if shape is None and self.budget is not None and not self.budget.make_room(self._growth(k_like, v_like, *tight),
+                                                                                   asking=self):
             self.budget.reserve(self._growth(k_like, v_like, *tight))  # KVBudgetExceeded, with the sizes
         new_slots, new_capacity = shape or tight
         for layer in self.live:
@@ -354,6 +361,23 @@ class SlotKVCache(Cache):
             return shape
         tight = (rows, _rounded(width, _MIN_CAPACITY))  # what _reserve falls back to
         return tight if self._growth(k_like, v_like, *tight) <= room else None
+
+    def trim(self) -> None:
+        """Give back the headroom: buffers of exactly the rows and the columns their next step needs (a K/V budget
+        asks it of the other caches before failing a growth: kv_budget.make_room)."""
+        rows, width = self.num_rows, self.longest + 1
+        first = self.live[0] if self.live else None
+        if rows == 0 or first is None or first.k_buf is None:
+            return
+        slots, capacity = rows, _rounded(width, _MIN_CAPACITY)
+        if slots >= self.slots and capacity >= self.capacity:
+            return
+        # Asked from inside a prefill's forward too (inference mode): the buffers stay plain tensors, which rows
+        # are copied into and out of outside it.
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in self.live:
+                if layer.k_buf is not None:
+                    layer.allocate(layer.k_buf, layer.v_buf, slots, capacity)
 
     def next_step_bytes(self, room: int) -> int | None:
         """Bytes the next decode step's regrowth takes with ``room`` bytes of budget left (0: none), as

@@ -250,3 +250,16 @@ def test_the_engine_reports_each_budget_and_its_use(chat_family, chat_models):
     engine.step()
     (cpu,) = engine_stats(engine).kv_budgets
     assert cpu.device == "cpu" and cpu.limit_bytes == 10**9 and 0 < cpu.used_bytes == engine.kv_memory["cpu"].in_use()
+
+
+def test_a_cache_that_took_headroom_gives_it_back_to_anothers_bare_need():
+    """At a hand-over the base's slot cache may take its headroom first; the pair's caches then need only their
+    rows, and the budget has the base give back what its rows do not use rather than fail the request."""
+    budget = KVMemoryBudget(2 * (4 * 64 + 32) * COLUMN, CPU, "test")
+    base = _slot_cache(budget, 1, 40)
+    assert (base.slots, base.capacity) == (4, 64)  # headroom: it fitted when the base grew
+    row = base.layers[1].k_buf[0, :, :40].clone()
+    pair = _slot_cache(budget, 1, 40)  # its bare need (1 x 64) does not fit beside the base's headroom
+    assert (base.slots, base.capacity) == (1, 64) and (pair.slots, pair.capacity) == (1, 64)
+    assert budget.in_use() <= budget.limit
+    assert torch.equal(base.layers[1].k_buf[0, :, :40], row)  # the base's row moved with its buffers

@@ -81,10 +81,11 @@ SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLIN
                   "TOKENIZERS_PARALLELISM": "false"}
 
 
-def serve(family, *, limits: dict | None = None, **server: Any) -> tuple[LiveServer, FaultHooks]:
+def serve(family, *, limits: dict | None = None, runtime: dict | None = None,
+          **server: Any) -> tuple[LiveServer, FaultHooks]:
     """A live server on a free loopback port, with ``FaultHooks`` installed in its engine."""
     one_thread()
-    settings = make_settings(family, limits=limits, **server)
+    settings = make_settings(family, limits=limits, runtime=runtime, **server)
     live = LiveServer(AsyncEngine(settings.engine), settings).start()
     hooks = FaultHooks()
     live.engine.engine.fault_hook = hooks

@@ -26,11 +26,13 @@ API_KEY = "sk-test-key-123"
 ORIGIN = "http://frontend.example"
 
 
-def make_settings(family, *, limits: dict | None = None, **server: object) -> ServerSettings:
+def make_settings(family, *, limits: dict | None = None, runtime: dict | None = None,
+                  **server: object) -> ServerSettings:
     engine = {
         "base": {"path": str(family.base)},
         "experts": [{"expert": {"path": str(family.expert)}, "anti_expert": {"path": str(family.anti_expert)}}],
         "limits": limits or {},
+        "runtime": runtime or {},
     }
     return load_settings(overrides={"engine": engine, **server}, environ=False)
 
