@@ -363,13 +363,14 @@ class SlotKVCache(Cache):
         return tight if self._growth(k_like, v_like, *tight) <= room else None
 
     def trim(self) -> None:
-        """Give back the headroom: buffers of exactly the rows and the columns their next step needs (a K/V budget
-        asks it of the other caches before failing a growth: kv_budget.make_room)."""
+        """Give back the headroom: buffers of exactly the rows and the columns their next step needs, never more
+        than they hold now (a K/V budget asks it of the other caches before failing a growth: make_room)."""
         rows, width = self.num_rows, self.longest + 1
         first = self.live[0] if self.live else None
         if rows == 0 or first is None or first.k_buf is None:
             return
-        slots, capacity = rows, _rounded(width, _MIN_CAPACITY)
+        # Only ever smaller: a row at the capacity's edge keeps it (its next step's growth asks the budget).
+        slots, capacity = rows, min(self.capacity, _rounded(width, _MIN_CAPACITY))
         if slots >= self.slots and capacity >= self.capacity:
             return
         # Asked from inside a prefill's forward too (inference mode): the buffers stay plain tensors, which rows

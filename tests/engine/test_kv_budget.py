@@ -263,3 +263,15 @@ def test_a_cache_that_took_headroom_gives_it_back_to_anothers_bare_need():
     assert (base.slots, base.capacity) == (1, 64) and (pair.slots, pair.capacity) == (1, 64)
     assert budget.in_use() <= budget.limit
     assert torch.equal(base.layers[1].k_buf[0, :, :40], row)  # the base's row moved with its buffers
+
+
+def test_trimming_never_grows_a_cache():
+    budget = KVMemoryBudget(10**9, CPU, "test")
+    cache = _slot_cache(budget, 6, 40)  # 8 slots x 64 columns
+    cache.remove([4, 5])
+    cache.state.lengths = [64] * 4  # the next step needs a 65th column: trimming must not allocate it
+    before = cache.nbytes()
+    budget.trim()
+    assert (cache.slots, cache.capacity) == (4, 64) and cache.nbytes() == before // 2
+    budget.trim()  # nothing more to give back
+    assert (cache.slots, cache.capacity) == (4, 64)
