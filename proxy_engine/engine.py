@@ -260,8 +260,8 @@ class ProxyEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the freed K/V back to the driver's pool before the smaller batch regrows
         log.warning("%s in a decode step of %d sequences: all preempted (they resume by recomputation), the batch "
-                    "capped at %d and growing back by one every %d steps; lower max_num_seqs or max_model_len to "
-                    "avoid it", _shortage(error), len(victims), self.scheduler.memory_cap, MEMORY_GROW_STEPS)
+                    "capped at %d and growing back by one every %d steps; %s", _shortage(error), len(victims),
+                    self.scheduler.memory_cap, MEMORY_GROW_STEPS, _remedy(error, "max_num_seqs or max_model_len"))
         return True
 
     def _fit_decode_in_kv_budgets(self) -> None:
@@ -320,9 +320,9 @@ class ProxyEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         log.warning("%s prefilling %d sequence(s) beside %d running: queued again, the batch capped at %d and "
-                    "growing back by one every %d steps; lower max_num_seqs, max_num_batched_tokens or max_model_len "
-                    "to avoid it", _shortage(error), len(deferred), running, self.scheduler.memory_cap,
-                    MEMORY_GROW_STEPS)
+                    "growing back by one every %d steps; %s", _shortage(error), len(deferred), running,
+                    self.scheduler.memory_cap, MEMORY_GROW_STEPS,
+                    _remedy(error, "max_num_seqs, max_num_batched_tokens or max_model_len"))
         return True
 
     def _drain_inbox(self) -> list[RequestOutput]:
@@ -487,3 +487,10 @@ def _only_row(parts: dict[int, Contribution], row: int) -> dict[int, Contributio
 def _shortage(error: BaseException) -> str:
     """What ran out, for the log: the device's memory, or the K/V budget (kv_budget.py)."""
     return "the K/V budget (--kv-cache-memory) ran out" if isinstance(error, KVBudgetExceeded) else "out of memory"
+
+
+def _remedy(error: BaseException, limits: str) -> str:
+    """What the deployer can change, for the log: the budget where it is what ran out, else the limits."""
+    if isinstance(error, KVBudgetExceeded):
+        return f"raise --kv-cache-memory (where the machine has the memory) or lower {limits} to avoid it"
+    return f"lower {limits} to avoid it"
