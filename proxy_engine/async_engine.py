@@ -77,7 +77,7 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     preemptions_total: int = 0  # running sequences sent back to the queue (more urgent ones, out of memory)
-    kv_cache_usage: float = 0.0  # KV memory of the running and prefilling rows over the budget at the limits, 0-1
+    kv_cache_usage: float = 0.0  # how full the K/V is, 0-1 (ProxyEngine.kv_cache_usage)
     prefix_caches: tuple[PrefixCacheStats, ...] = ()  # the models with a prefix cache
     kv_budgets: tuple[KVBudgetStats, ...] = ()  # the devices with a K/V budget
     max_num_seqs: int = 0  # the running batch's cap: the config's, or fewer where static K/V holds fewer; 0 unknown

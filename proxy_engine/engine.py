@@ -131,7 +131,13 @@ class ProxyEngine:
         self.logits_hook: LogitsHook | None = None
 
     def kv_cache_usage(self) -> float:
-        """KV memory in use (running rows and the prompts being prefilled) over the budget at the limits, 0-1."""
+        """How full the K/V is, 0-1 (vLLM's kv_cache_usage_perc, what autoscalers read): the live tokens of the
+        running rows and the prompts being prefilled over the cache at the limits, or, where a device has a K/V
+        budget that binds first, what its caches hold over it, whichever is fuller."""
+        held = [budget.in_use() / budget.limit for budget in self.kv_memory.values() if budget is not None]
+        return max([self._live_kv_share(), *held]) if held else self._live_kv_share()
+
+    def _live_kv_share(self) -> float:
         used = 0
         jobs = self.prefill.jobs if self.prefill is not None else {}
         for index, runner in enumerate(self.runners):

@@ -53,7 +53,7 @@ def _cache_metrics(stats: EngineStats) -> Iterable[Metric]:
     yield GaugeMetricFamily(
         f"{PREFIX}_kv_cache_usage_perc",
         "KV cache of the running and prefilling sequences over its size at the limits (max_num_seqs x "
-        "max_model_len), all models, 0-1.",
+        "max_model_len), all models, or a device's caches over its K/V budget where that is fuller, 0-1.",
         value=stats.kv_cache_usage,
     )
     queries = CounterMetricFamily(

@@ -275,3 +275,19 @@ def test_trimming_never_grows_a_cache():
     assert (cache.slots, cache.capacity) == (4, 64) and cache.nbytes() == before // 2
     budget.trim()  # nothing more to give back
     assert (cache.slots, cache.capacity) == (4, 64)
+
+
+def test_kv_cache_usage_reads_the_budget_where_it_binds_first(chat_family, chat_models):
+    """Autoscalers read vLLM's kv_cache_usage_perc: under a budget far below the limits' worst case it must say
+    the cache is full when the budget is, not what share of max_num_seqs x max_model_len is live."""
+    probe = _budgeted(chat_models, chat_family, 10**12)
+    engine = _budgeted(chat_models, chat_family, _lone_need(probe, 300))
+    assert engine.kv_cache_usage() == 0.0
+    submit(engine, "r", "Once upon a time", max_tokens=100, temperature=0, ignore_eos=True)
+    for _ in range(3):
+        engine.step()
+    budget = engine.kv_memory["cpu"]
+    assert engine.kv_cache_usage() == pytest.approx(budget.in_use() / budget.limit)
+    assert engine.kv_cache_usage() > 10 * engine._live_kv_share()
+    run_to_end(engine)
+    assert engine.kv_cache_usage() == 0.0
