@@ -22,6 +22,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -140,6 +141,33 @@ def longest_sequence(limit: int, bytes_per_token: list[int], max_lens: list[int]
 MIN_SEQUENCE_TOKENS = 64  # a budget that holds less than this for one sequence is a mistake, not a limit
 
 
+@dataclass(frozen=True)
+class ShortContext:
+    """One sequence of the context wanted does not fit a device's budget: ``longest`` tokens do."""
+
+    longest: int
+    problem: str  # what does not fit, for a log line or --check
+    refused: bool  # the deployer set max_model_len, or under MIN_SEQUENCE_TOKENS fit: a start-up error, not a warning
+
+    @property
+    def error(self) -> str:
+        return f"{self.problem}: raise --kv-cache-memory or lower --max-model-len"
+
+
+def short_context(device: str, limit: int, source: str, bytes_per_token: list[int], max_lens: list[int],
+                  max_model_len_set: bool) -> ShortContext | None:
+    """None when one sequence as long as the longest of ``max_lens`` fits ``limit`` bytes of K/V with the models on
+    ``device`` (``bytes_per_token`` each, up to their ``max_lens``); else what does. The engine (``fitted_max_lens``)
+    and ``--check`` (placement.py) judge a context by this one rule."""
+    wanted = max(max_lens, default=0)
+    longest = longest_sequence(limit, bytes_per_token, max_lens)
+    if longest >= wanted:
+        return None
+    problem = (f"one sequence of {wanted} tokens needs more K/V on {device} than its {gib(limit)} GiB K/V budget "
+               f"({source}) holds ({longest} tokens fit)")
+    return ShortContext(longest, problem, max_model_len_set or longest < MIN_SEQUENCE_TOKENS)
+
+
 def fitted_max_lens(budgets: dict[str, KVMemoryBudget | None], devices: list[str], bytes_per_token: list[int],
                     max_lens: list[int], max_model_len_set: bool) -> list[int]:
     """Each model's ``max_lens`` entry, lowered where one sequence that long would not fit its device's budget
@@ -150,15 +178,13 @@ def fitted_max_lens(budgets: dict[str, KVMemoryBudget | None], devices: list[str
         on = [i for i, d in enumerate(devices) if d == device]
         if budget is None or not on:
             continue
-        wanted = max(fitted[i] for i in on)
-        longest = longest_sequence(budget.limit, [bytes_per_token[i] for i in on], [fitted[i] for i in on])
-        if longest >= wanted:
+        short = short_context(device, budget.limit, budget.source, [bytes_per_token[i] for i in on],
+                              [fitted[i] for i in on], max_model_len_set)
+        if short is None:
             continue
-        problem = (f"one sequence of {wanted} tokens needs more K/V on {device} than its {gib(budget.limit)} GiB K/V "
-                   f"budget ({budget.source}) holds ({longest} tokens fit)")
-        if max_model_len_set or longest < MIN_SEQUENCE_TOKENS:
-            raise ValueError(f"{problem}: raise --kv-cache-memory or lower --max-model-len")
+        if short.refused:
+            raise ValueError(short.error)
         log.warning("%s: a sequence may reach %d tokens (--max-model-len sets it, --kv-cache-memory the budget)",
-                    problem, longest)
-        fitted = [min(length, longest) for length in fitted]
+                    short.problem, short.longest)
+        fitted = [min(length, short.longest) for length in fitted]
     return fitted

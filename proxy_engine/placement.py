@@ -23,7 +23,7 @@ from proxy_engine.config import EngineConfig, ModelConfig
 from proxy_engine.device_memory import free_bytes, total_bytes
 from proxy_engine.executor.selection import STATIC, wanted_executor
 from proxy_engine.gguf_files import GGUFHeader, find_gguf, read_header
-from proxy_engine.kv_budget import MIN_SEQUENCE_TOKENS, budget_limit, longest_sequence
+from proxy_engine.kv_budget import budget_limit, short_context
 from proxy_engine.layout import ModelLayout
 from proxy_engine.lora import merge_reason
 from proxy_engine.memory import MemoryEstimate, counted_memory, estimate_memory, gib, parse_size, resolve_dtype
@@ -330,14 +330,15 @@ def _account_memory(plan: PlacementPlan, config: EngineConfig, gpu_memory: dict[
         plan.device_capacity_bytes[device] = capacity
         weights, kv = plan.device_weight_bytes[device], plan.device_kv_bytes.get(device, 0)
         budget = _kv_budget(plan, config, device, weights)
+        held = kv if budget is None else min(kv, budget)  # the caches grow no further than the budget
         if weights > capacity:
             plan.errors.append(
                 f"{device}: the weights placed on it need ~{gib(weights)} GiB but it has {gib(capacity)} GiB"
             )
-        elif weights + min(kv, budget if budget is not None else kv) > capacity:
-            held = "KV cache at the limits" if budget is None or kv <= budget else "the K/V budget"
+        elif weights + held > capacity:
+            what = "KV cache at the limits" if held == kv else "the K/V budget"
             plan.warnings.append(
-                f"{device}: weights ~{gib(weights)} GiB + {held} ~{gib(min(kv, budget or kv))} GiB exceed its "
+                f"{device}: weights ~{gib(weights)} GiB + {what} ~{gib(held)} GiB exceed its "
                 f"{gib(capacity)} GiB; lower limits.max_num_seqs or limits.max_model_len"
                 + ("" if budget is None else ", or --kv-cache-memory")
             )
@@ -354,15 +355,12 @@ def _kv_budget(plan: PlacementPlan, config: EngineConfig, device: str, weights: 
     plan.device_kv_budget[device] = limit
     on = [m for m in plan.models if device in m.devices and m.memory and m.memory.kv_bytes_per_token]
     wanted = plan.max_model_len or max((m.context_length or 0 for m in on), default=0)
-    if on and wanted:
-        longest = longest_sequence(limit[0], [m.memory.kv_bytes_per_token for m in on], [wanted] * len(on))
-        if longest < wanted:
-            problem = (f"{device}: one sequence of {wanted} tokens needs more K/V than its ~{gib(limit[0])} GiB K/V "
-                       f"budget ({limit[1]}) holds ({longest} tokens fit)")
-            if config.limits.max_model_len is not None or longest < MIN_SEQUENCE_TOKENS:
-                plan.errors.append(f"{problem}: raise --kv-cache-memory or lower --max-model-len")
-            else:
-                plan.warnings.append(f"{problem}: the server will serve sequences up to {longest} tokens")
+    short = short_context(device, *limit, [m.memory.kv_bytes_per_token for m in on], [wanted] * len(on),
+                          config.limits.max_model_len is not None) if on and wanted else None
+    if short is not None and short.refused:
+        plan.errors.append(short.error)
+    elif short is not None:
+        plan.warnings.append(f"{short.problem}: the server will serve sequences up to {short.longest} tokens")
     return limit[0]
 
 def _safe_size(value: str) -> int | None:
