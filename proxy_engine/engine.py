@@ -275,15 +275,16 @@ class ProxyEngine:
         budget, as vLLM preempts when its free blocks run out (each resumes by recomputation; the batch is capped at
         those left, growing back as memory_cap does). The last one is left to the step: its regrowth without
         headroom, or its failure."""
+        def several_running() -> bool:
+            return sum(not s.finished for s in self.scheduler.running) > 1
+
+        if not several_running() or self._decode_fits():
+            return
+        for budget in self.kv_memory.values():  # first the caches' headroom (what their rows do not need)
+            if budget is not None:
+                budget.trim()
         victims: list[Sequence] = []
-        trimmed = False
-        while sum(not s.finished for s in self.scheduler.running) > 1 and not self._decode_fits():
-            if not trimmed:  # first the caches' headroom (buffers the rows do not need), then streams
-                for budget in self.kv_memory.values():
-                    if budget is not None:
-                        budget.trim()
-                trimmed = True
-                continue
+        while several_running() and not self._decode_fits():  # then streams
             victims.append(self.scheduler.preempt_least_urgent())
             self._sync_rows()
         if victims:
@@ -299,7 +300,7 @@ class ProxyEngine:
                 continue
             room: int | None = None  # the budget is only walked when a cache would grow
             for runner, device in zip(self.runners, self._device_names):
-                if device != name or runner.decode_growth(0) == 0:
+                if device != name or not runner.grows_next_step():
                     continue
                 room = budget.limit - budget.in_use() if room is None else room
                 need = runner.decode_growth(room)

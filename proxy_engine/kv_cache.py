@@ -52,6 +52,11 @@ def slot_shape(rows: int, width: int) -> tuple[int, int]:
     return _rounded(rows * 5 // 4, 4), _rounded(width * 5 // 4, _MIN_CAPACITY)
 
 
+def bare_shape(rows: int, width: int) -> tuple[int, int]:
+    """``(slots, capacity)`` with no headroom: what a slot cache falls back to under a K/V budget."""
+    return rows, _rounded(width, _MIN_CAPACITY)
+
+
 def lone_sequence_bytes(tokens: int, bytes_per_token: int) -> int:
     """The least K/V one model must hold for a lone sequence of ``tokens`` tokens under a budget (which takes
     the growth rules' headroom only where it fits): at the hand-over of its prompt, the prefill job's columns
@@ -333,11 +338,11 @@ class SlotKVCache(Cache):
             return
         room = None if self.budget is None else self.budget.limit - self.budget.in_use()
         shape = self._grown_shape(k_like, v_like, rows, width, room)
-        tight = (rows, _rounded(width, _MIN_CAPACITY))
-        if shape is None and self.budget is not None and not self.budget.make_room(self._growth(k_like, v_like, *tight),
+        bare = bare_shape(rows, width)
+        if shape is None and self.budget is not None and not self.budget.make_room(self._growth(k_like, v_like, *bare),
                                                                                    asking=self):
-            self.budget.reserve(self._growth(k_like, v_like, *tight))  # KVBudgetExceeded, with the sizes
-        new_slots, new_capacity = shape or tight
+            self.budget.reserve(self._growth(k_like, v_like, *bare))  # KVBudgetExceeded, with the sizes
+        new_slots, new_capacity = shape or bare
         for layer in self.live:
             # A layer grown by an earlier attempt that failed part-way (out of memory in a later layer) keeps
             # its buffers: every layer holds the live rows either way, and ``slots`` / ``capacity`` read the
@@ -359,8 +364,8 @@ class SlotKVCache(Cache):
         shape = (slots if rows <= slots else grown_slots, capacity if width <= capacity else grown_capacity)
         if room is None or self._growth(k_like, v_like, *shape) <= room:
             return shape
-        tight = (rows, _rounded(width, _MIN_CAPACITY))  # what _reserve falls back to
-        return tight if self._growth(k_like, v_like, *tight) <= room else None
+        bare = bare_shape(rows, width)
+        return bare if self._growth(k_like, v_like, *bare) <= room else None
 
     def trim(self) -> None:
         """Give back the headroom: buffers of exactly the rows and the columns their next step needs, never more
@@ -370,7 +375,8 @@ class SlotKVCache(Cache):
         if rows == 0 or first is None or first.k_buf is None:
             return
         # Only ever smaller: a row at the capacity's edge keeps it (its next step's growth asks the budget).
-        slots, capacity = rows, min(self.capacity, _rounded(width, _MIN_CAPACITY))
+        slots, capacity = bare_shape(rows, width)
+        capacity = min(self.capacity, capacity)
         if slots >= self.slots and capacity >= self.capacity:
             return
         # Asked from inside a prefill's forward too (inference mode): the buffers stay plain tensors, which rows
@@ -380,14 +386,21 @@ class SlotKVCache(Cache):
                 if layer.k_buf is not None:
                     layer.allocate(layer.k_buf, layer.v_buf, slots, capacity)
 
+    @property
+    def grows_next_step(self) -> bool:
+        """Whether the next decode step regrows the buffers (its rows or their next column do not fit them)."""
+        first = self.live[0] if self.live else None
+        if first is None or first.k_buf is None:
+            return False
+        return self.num_rows > self.slots or self.longest + 1 > self.capacity
+
     def next_step_bytes(self, room: int) -> int | None:
         """Bytes the next decode step's regrowth takes with ``room`` bytes of budget left (0: none), as
         ``begin_decode`` will choose; None when it cannot fit."""
-        first = self.live[0] if self.live else None
-        rows, width = self.num_rows, self.longest + 1
-        if first is None or first.k_buf is None or (rows <= self.slots and width <= self.capacity):
+        if not self.grows_next_step:
             return 0
-        shape = self._grown_shape(first.k_buf, first.v_buf, rows, width, room)
+        first = self.live[0]
+        shape = self._grown_shape(first.k_buf, first.v_buf, self.num_rows, self.longest + 1, room)
         return None if shape is None else self._growth(first.k_buf, first.v_buf, *shape)
 
     def _growth(self, k_like: torch.Tensor, v_like: torch.Tensor, slots: int, capacity: int) -> int:

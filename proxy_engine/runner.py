@@ -364,12 +364,15 @@ class ModelRunner:
             self.seq_ids[target] = self.seq_ids[source]
         del self.seq_ids[len(self.seq_ids) - len(leaving) :]
 
+    def grows_next_step(self) -> bool:
+        """Whether its next decode step regrows its K/V buffers; static buffers never do within a budget (they are
+        sized at start)."""
+        return self._static is None and self.cache.grows_next_step
+
     def decode_growth(self, room: int) -> int | None:
         """Bytes of K/V budget the next decode step's regrowth takes with ``room`` left (0: none), None when it
-        cannot fit. Static buffers never grow within a budget (they are sized at start)."""
-        if self._static is not None:
-            return 0
-        return self.cache.next_step_bytes(room)
+        cannot fit."""
+        return self.cache.next_step_bytes(room) if self.grows_next_step() else 0
 
     def kv_bytes(self) -> int:
         return self.cache.nbytes()
