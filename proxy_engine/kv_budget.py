@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,19 +60,27 @@ class KVMemoryBudget:
         self.source = source  # where the limit comes from, for messages: "--kv-cache-memory", ...
         # Weak: a prefill job's cache leaves the budget when the job is dropped, with nothing to call.
         self._caches: weakref.WeakSet[SizedCache] = weakref.WeakSet()
+        # The step thread adds caches while the server's thread may read the total (engine_stats): a set must not
+        # change size while it is copied.
+        self._lock = threading.Lock()
 
     def track(self, cache: SizedCache) -> None:
-        self._caches.add(cache)
+        with self._lock:
+            self._caches.add(cache)
+
+    def _tracked(self) -> list[SizedCache]:
+        with self._lock:
+            return list(self._caches)
 
     def in_use(self) -> int:
-        return sum(cache.nbytes() for cache in list(self._caches))
+        return sum(cache.nbytes() for cache in self._tracked())
 
     def fits(self, extra: int) -> bool:
         return extra <= 0 or self.in_use() + extra <= self.limit
 
     def trim(self, keep: SizedCache | None = None) -> None:
         """Every cache but ``keep`` gives back its headroom (the slots and columns its rows do not need)."""
-        for cache in list(self._caches):
+        for cache in self._tracked():
             if cache is not keep:
                 cache.trim()
 

@@ -41,8 +41,16 @@ def _rounded(value: int, step: int) -> int:
 
 
 def buffer_bytes(layers) -> int:
-    """Bytes of the K and V buffers the layers hold (K and V may differ in width: latent attention)."""
-    return sum(layer.k_buf.nbytes + layer.v_buf.nbytes for layer in layers if layer.k_buf is not None)
+    """Bytes of the K and V buffers the layers hold (K and V may differ in width: latent attention).
+
+    Read from other threads too (the stats of an engine run in the server's process), while the step sets a
+    layer's K buffer and then its V: each buffer is read once, and a layer half-way through is not counted yet."""
+    total = 0
+    for layer in layers:
+        k, v = layer.k_buf, layer.v_buf
+        if k is not None and v is not None:
+            total += k.nbytes + v.nbytes
+    return total
 
 
 def slot_shape(rows: int, width: int) -> tuple[int, int]:
@@ -283,12 +291,13 @@ class SlotLayer(DynamicLayer):
             return like.new_zeros((slots, like.shape[1], capacity, like.shape[-1]))
 
         k, v = shaped(k_like), shaped(v_like)
-        self.state.allocations += 1
         if self.k_buf is not None:
             rows, width = min(self.state.num_rows, slots), min(self.state.longest, capacity)
             k[:rows, :, :width] = self.k_buf[:rows, :, :width]
             v[:rows, :, :width] = self.v_buf[:rows, :, :width]
         self.k_buf, self.v_buf = k, v
+        # After the buffers are in place: a count another thread memoised half-way is then never taken as current.
+        self.state.allocations += 1
         self.is_initialized, self.device = True, k_like.device
 
 

@@ -291,3 +291,39 @@ def test_kv_cache_usage_reads_the_budget_where_it_binds_first(chat_family, chat_
     assert engine.kv_cache_usage() > 10 * engine._live_kv_share()
     run_to_end(engine)
     assert engine.kv_cache_usage() == 0.0
+
+
+def test_the_budget_is_read_safely_from_another_thread_while_the_engine_steps(chat_family, chat_models):
+    """With the engine in the server's process, /metrics and admission read engine_stats (the budget's bytes in
+    use) on the server's thread while the step thread adds caches and replaces their buffers: never an error."""
+    import sys
+    import threading
+
+    from proxy_engine.async_engine import engine_stats
+
+    engine = _budgeted(chat_models, chat_family, 10**9)
+    for i in range(6):
+        submit(engine, f"r{i}", "Once upon a time " * (1 + i), max_tokens=40, temperature=0, ignore_eos=True)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                engine_stats(engine)
+            except BaseException as error:  # noqa: BLE001 - the test reports it
+                errors.append(error)
+                return
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        run_to_end(engine)
+    finally:
+        done.set()
+        reader.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    assert engine.kv_memory["cpu"].in_use() == 0
