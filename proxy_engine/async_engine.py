@@ -11,7 +11,7 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from proxy_engine.config import EngineConfig
 from proxy_engine.grammar import CONSTRAINED_RENDER_THREADS
@@ -190,15 +190,26 @@ async def _in_daemon_thread(function, name: str):
     return await future
 
 
+def engine_counts(engine) -> dict[str, int]:
+    """The ``EngineStats`` fields that are plain counts: each a single read, safe from any thread."""
+    return {
+        "running": len(engine.running),
+        "waiting": engine.num_waiting,
+        "prefilling": engine.num_prefilling,
+        "prompt_tokens_total": engine.prompt_tokens_total,
+        "generation_tokens_total": engine.generation_tokens_total,
+        "preemptions_total": engine.preemptions_total,
+        "max_num_seqs": engine.limits.max_num_seqs,
+    }
+
+
 def engine_stats(engine) -> EngineStats:
-    """A ``ProxyEngine``'s counts as the server reads them (in this process, or sent from an engine process)."""
+    """A ``ProxyEngine``'s counts as the server reads them (in this process, or sent from an engine process).
+
+    Call it on the thread that steps the engine: the K/V fields walk the caches that a step grows and replaces.
+    """
     return EngineStats(
-        running=len(engine.running),
-        waiting=engine.num_waiting,
-        prefilling=engine.num_prefilling,
-        prompt_tokens_total=engine.prompt_tokens_total,
-        generation_tokens_total=engine.generation_tokens_total,
-        preemptions_total=engine.preemptions_total,
+        **engine_counts(engine),
         kv_cache_usage=engine.kv_cache_usage(),
         prefix_caches=tuple(
             PrefixCacheStats(model=runner.name, queries_total=cache.queries_total, hits_total=cache.hits_total,
@@ -208,7 +219,6 @@ def engine_stats(engine) -> EngineStats:
         ),
         kv_budgets=tuple(KVBudgetStats(device, budget.in_use(), budget.limit)
                          for device, budget in engine.kv_memory.items() if budget is not None),
-        max_num_seqs=engine.limits.max_num_seqs,
     )
 
 
@@ -225,6 +235,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, *, idle_wait_s: float = 0.5) -> None:
         self.config = config
         self.engine = None  # ProxyEngine, once loaded
+        self._step_stats = EngineStats()  # engine_stats as the step thread last read them
         self.info: ModelInfo | None = None
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -252,6 +263,7 @@ class AsyncEngine:
         # told to stop while loading would stop only once loaded.)
         engine = await _in_daemon_thread(self._build, "proxy-engine-load")
         self.info = ModelInfo.of(engine, self.config)
+        self._step_stats = engine_stats(engine)  # before the step thread: it then publishes them after each step
         self.engine = engine
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="proxy-engine-step", daemon=True)
@@ -331,7 +343,11 @@ class AsyncEngine:
             self._wake.set()
 
     def stats(self) -> EngineStats:
-        return EngineStats() if self.engine is None else engine_stats(self.engine)
+        """The counts as they are now; the K/V fields as the step thread read them after its latest step (the
+        server's thread must not walk caches that a step is growing, as the engine process's stats do not)."""
+        if self.engine is None:
+            return EngineStats()
+        return replace(self._step_stats, **engine_counts(self.engine))
 
     def tokenize(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         return self._require_engine().render(prompt, target)
@@ -374,6 +390,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             outputs = engine.step()
+            self._step_stats = engine_stats(engine)
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
 

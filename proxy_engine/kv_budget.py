@@ -60,8 +60,8 @@ class KVMemoryBudget:
         self.source = source  # where the limit comes from, for messages: "--kv-cache-memory", ...
         # Weak: a prefill job's cache leaves the budget when the job is dropped, with nothing to call.
         self._caches: weakref.WeakSet[SizedCache] = weakref.WeakSet()
-        # The step thread adds caches while the server's thread may read the total (engine_stats): a set must not
-        # change size while it is copied.
+        # The step thread adds caches and reads the total (engine_stats is read there too); the lock keeps a copy
+        # whole should any other thread read it (a set must not change size while it is copied).
         self._lock = threading.Lock()
 
     def track(self, cache: SizedCache) -> None:

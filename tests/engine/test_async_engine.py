@@ -54,3 +54,39 @@ async def test_streams_abort_and_crash(chat_family):
             await engine.add_request("later", PromptInput(text="Hi"), SamplingParams(max_tokens=5))
     finally:
         await engine.shutdown()
+
+
+async def test_stats_walk_the_caches_only_on_the_step_thread(chat_family):
+    """The server reads ``stats()`` on its own thread (/metrics, admission): the counts are read there, live, but
+    the K/V fields (which walk caches a step grows and replaces) come from the step thread, after each step."""
+    import threading
+
+    engine = AsyncEngine(engine_config(chat_family, chat_expert=True, max_num_seqs=4))
+    await engine.start()
+    try:
+        walked_on: set[str] = set()
+        usage = engine.engine.kv_cache_usage
+
+        def kv_cache_usage() -> float:
+            walked_on.add(threading.current_thread().name)
+            return usage()
+
+        engine.engine.kv_cache_usage = kv_cache_usage
+        stream = await engine.add_request("a", PromptInput(text="Once upon a time"),
+                                          SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        seen = []
+        async for output in stream:
+            stats = engine.stats()
+            seen.append((stats.running, stats.kv_cache_usage))
+            if output.finished:
+                break
+        assert walked_on == {"proxy-engine-step"}
+        assert any(running == 1 and usage > 0 for running, usage in seen)  # mid-request: live rows, K/V in use
+        for _ in range(50):  # the counts are live; the K/V share is the step thread's after the last step
+            if engine.stats().running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().running == 0 and engine.stats().kv_cache_usage == 0.0
+        assert engine.stats().generation_tokens_total == 30
+    finally:
+        await engine.shutdown()
