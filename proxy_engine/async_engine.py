@@ -15,7 +15,15 @@ from dataclasses import dataclass, field, replace
 
 from proxy_engine.config import EngineConfig
 from proxy_engine.grammar import CONSTRAINED_RENDER_THREADS
-from proxy_engine.request import EngineOverloadedError, FieldError, PromptInput, RequestOutput, SamplingParams, Target
+from proxy_engine.request import (
+    EngineOverloadedError,
+    FieldError,
+    PromptInput,
+    PromptTokens,
+    RequestOutput,
+    SamplingParams,
+    Target,
+)
 
 log = logging.getLogger("proxy_engine")
 
@@ -351,6 +359,10 @@ class AsyncEngine:
 
     def tokenize(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         return self._require_engine().render(prompt, target)
+
+    def prompt_tokens(self, prompt: PromptInput, target: Target = Target.PROXY) -> PromptTokens:
+        """The prompt's rendered text, ids and each id's character offsets in it (TGI's /tokenize)."""
+        return self._require_engine().tokens(prompt, target)
 
     def detokenize(self, token_ids: list[int]) -> str:
         engine = self._require_engine()

@@ -40,6 +40,7 @@ from proxy_engine.request import (
     ErrorCode,
     FinishReason,
     PromptInput,
+    PromptTokens,
     RequestOutput,
     SamplingParams,
     Target,
@@ -160,6 +161,9 @@ class ProxyEngine:
 
     def render(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         return self.intake.render(prompt, target)
+
+    def tokens(self, prompt: PromptInput, target: Target = Target.PROXY) -> PromptTokens:
+        return self.intake.tokens(prompt, target)
 
     def make_sequences(
         self, request_id: str, prompt: PromptInput, params: SamplingParams, target: Target = Target.PROXY,

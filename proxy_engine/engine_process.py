@@ -39,7 +39,7 @@ from proxy_engine.async_engine import (
     make_request_sequences,
 )
 from proxy_engine.config import EngineConfig
-from proxy_engine.request import EngineOverloadedError, PromptInput, SamplingParams, Target
+from proxy_engine.request import EngineOverloadedError, PromptInput, PromptTokens, SamplingParams, Target
 
 log = logging.getLogger("proxy_engine")
 
@@ -157,6 +157,10 @@ class EngineProcess(AsyncEngine):
     def tokenize(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         self._require_engine()
         return self._call("tokenize", prompt, target).result(_CALL_TIMEOUT_S)
+
+    def prompt_tokens(self, prompt: PromptInput, target: Target = Target.PROXY) -> PromptTokens:
+        self._require_engine()
+        return self._call("prompt_tokens", prompt, target).result(_CALL_TIMEOUT_S)
 
     def detokenize(self, token_ids: list[int]) -> str:
         self._require_engine()
@@ -336,6 +340,8 @@ class _Child:
                 self.wake.set()
             elif kind == "tokenize":
                 self.workers.submit(self.answer, message[1], self.engine.render, *message[2:])
+            elif kind == "prompt_tokens":
+                self.workers.submit(self.answer, message[1], self.engine.tokens, *message[2:])
             elif kind == "detokenize":
                 self.workers.submit(self.answer, message[1], self.engine.tokenizer.decode, message[2])
             elif kind == "token_strings":

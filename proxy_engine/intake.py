@@ -25,7 +25,15 @@ from proxy_engine.grammar import GrammarCompiler
 from proxy_engine.layout import ModelLayout
 from proxy_engine.loader import LoadedModel
 from proxy_engine.outputs import OutputBuilder
-from proxy_engine.request import ContextLengthError, FieldError, PromptInput, SamplingParams, Serves, Target
+from proxy_engine.request import (
+    ContextLengthError,
+    FieldError,
+    PromptInput,
+    PromptTokens,
+    SamplingParams,
+    Serves,
+    Target,
+)
 from proxy_engine.sequence import Sequence
 from proxy_engine.tool_calls import DEFAULT_FORMAT, detect_format, renders_tools
 
@@ -147,8 +155,15 @@ class Intake:
 
     def render(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         """The primary model's prompt ids (the base, or the expert when it is served alone)."""
-        index = self.layout.expert_slot(target.expert_pair) if target.serves is Serves.EXPERT else 0
-        return self.models[index].renderer.render(prompt)
+        return self._primary(target).renderer.render(prompt)
+
+    def tokens(self, prompt: PromptInput, target: Target = Target.PROXY) -> PromptTokens:
+        """``render``'s ids with the text they came from and where each lies in it."""
+        return self._primary(target).renderer.tokens(prompt)
+
+    def _primary(self, target: Target):
+        """The model whose tokens the request's text is counted in: the base, or the expert served alone."""
+        return self.models[self.layout.expert_slot(target.expert_pair) if target.serves is Serves.EXPERT else 0]
 
     def make_sequences(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from proxy_engine.request import PromptInput
+from proxy_engine.request import PromptInput, PromptTokens
 from proxy_engine.tool_calls import (
     DEFAULT_FORMAT,
     messages_with_tools_preamble,
@@ -144,8 +144,22 @@ class PromptRenderer:
     def render(self, prompt: PromptInput) -> list[int]:
         if self.prompt_format == "plain" and prompt.token_ids is not None:
             return list(prompt.token_ids)
+        return self._encode(self.render_text(prompt), prompt)["input_ids"]
+
+    def tokens(self, prompt: PromptInput) -> PromptTokens:
+        """``render``'s ids with the text they came from and each one's place in it (TGI's /tokenize)."""
         text = self.render_text(prompt)
-        ids = self.tokenizer(text, add_special_tokens=self.adds_special_tokens(prompt))["input_ids"]
-        if not ids:
+        if text is None:
+            raise ValueError("a prompt of token ids has no text to place its tokens in")
+        fast = getattr(self.tokenizer, "is_fast", False)  # a slow (Python) tokenizer gives no offsets
+        encoded = self._encode(text, prompt, offsets=fast)
+        ids = encoded["input_ids"]
+        offsets = [(start, stop) for start, stop in encoded["offset_mapping"]] if fast else [(0, 0)] * len(ids)
+        return PromptTokens(text, ids, offsets)
+
+    def _encode(self, text: str, prompt: PromptInput, offsets: bool = False):
+        extra = {"return_offsets_mapping": True} if offsets else {}  # only asked of a tokenizer that gives them
+        encoded = self.tokenizer(text, add_special_tokens=self.adds_special_tokens(prompt), **extra)
+        if not encoded["input_ids"]:
             raise ValueError("the prompt is empty")
-        return ids
+        return encoded

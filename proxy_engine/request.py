@@ -210,6 +210,17 @@ class PromptInput:
                                  "tool_calls", "continue_final_message")
 
 
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt as one model reads it: the text it renders to (a chat template's output, say), that text's token
+    ids, and where each id's text lies in it, as character offsets ``[start, stop)``. A token the tokenizer added
+    (BOS) covers ``(0, 0)``, as does every token of a tokenizer that cannot say (a slow one)."""
+
+    text: str
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
 def _finite(name: str, value: float) -> None:
     if not math.isfinite(value):
         raise FieldError(f"{name} must be a finite number, got {value}", name.split()[0])

@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy_engine.request import ErrorCode
 
 logger = logging.getLogger("proxy_serve")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _DEFAULT_TYPES = {
     400: "invalid_request_error",
@@ -132,6 +134,15 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
     lines = list(messages.values())
     more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
     return "; ".join(lines[:5]) + more, next(iter(messages)) or None
+
+
+def validated(model: type[ModelT], body: Any) -> ModelT:
+    """``body`` as ``model``, for a route that reads its JSON before it knows the model (/tokenize serves vLLM's
+    and TGI's); a mismatch raises FastAPI's own error, which the app's handler answers as any other body's."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
 
 
 class UnexpectedErrors:

@@ -486,8 +486,7 @@ Start = Callable[..., Awaitable[tuple[Generation, list]]]
 Collect = Callable[[Generation, Request], Awaitable[bool]]
 
 
-def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, collect: Collect,
-                         tool_call_format: Callable[[ServerContext], str | None]) -> None:
+def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, collect: Collect) -> None:
     settings = ctx.settings
     store = ResponseStore(settings.responses_store_max, settings.responses_store_ttl_s,
                           settings.responses_store_max_mb * 2**20)
@@ -521,7 +520,7 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         response_id = _id("resp")
         owner = tenant(request)
-        fmt = tool_call_format(ctx)
+        fmt = ctx.tool_call_format
         past: list[dict[str, Any]] = []
         chat: ChatCompletionRequest | None = None
 

@@ -7,14 +7,15 @@ import asyncio
 import logging
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
 from proxy_engine.request import ErrorCode, PromptInput, SamplingParams, Serves
+from server import tgi
 from server.auth import tenant
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, validated
 from server.guards import clip
 from server.metrics import RequestTimer
 from server.protocol import (
@@ -34,7 +35,6 @@ from server.refusal_log import mark_logged
 from server.responses import add_responses_routes
 from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger, request_shape
 from server.streaming import EventStreamResponse, chat_events, completion_events, token_ids_view
-from server.tgi import add_tgi_routes
 
 logger = logging.getLogger("proxy_serve")
 T = TypeVar("T")
@@ -65,13 +65,6 @@ async def off_the_loop(answer: Callable[[], dict[str, Any]], headers: dict[str, 
     one per model per token), built and encoded in a worker thread so that other streams and /health go on."""
     content = await asyncio.to_thread(lambda: JSONResponse(answer()).body)
     return Response(content, media_type="application/json", headers=headers)
-
-
-def tool_call_format(ctx: ServerContext) -> str | None:
-    """The family's tool-call format, None if it has none (known once the models are loaded; until then requests
-    are refused anyway)."""
-    info = ctx.engine.info
-    return info.tool_call_format if info is not None else "hermes"
 
 
 def build_router(ctx: ServerContext) -> APIRouter:
@@ -186,7 +179,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         request_id = new_request_id("chatcmpl", request.headers.get("x-request-id"))
-        fmt = tool_call_format(ctx)
+        fmt = ctx.tool_call_format
         generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
                                     lambda: body.sampling_params(fmt, ctx.defaults_for(body.model),
                                                                  ctx.max_logprobs), request,
@@ -250,8 +243,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             listed.append(card)
         return listed
 
-    add_responses_routes(router, ctx, start, collect, tool_call_format)
-    add_tgi_routes(router, ctx, start, collect, package_version())
+    add_responses_routes(router, ctx, start, collect)
+    tgi.add_tgi_routes(router, ctx, start, collect, package_version())
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -266,7 +259,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
         raise APIError(404, f"model {clip(model_id, 100)!r} does not exist", code=ErrorCode.MODEL_NOT_FOUND)
 
     @router.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(raw: Annotated[dict[str, Any], Body()]) -> Any:
+        # One path, two APIs: TGI's body is its GenerateRequest (``inputs``), answered and refused as TGI does;
+        # vLLM's names ``prompt`` or ``messages``.
+        if "inputs" in raw:
+            return await tgi.tokenize(ctx, raw)
+        body = validated(TokenizeRequest, raw)
         _, target = ctx.resolve_model(body.model)
         ctx.check_available()
         prompt = _convert(body.prompt_input)

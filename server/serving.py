@@ -118,6 +118,13 @@ class ServerContext:
     def info(self) -> ModelInfo:
         return self.engine.info
 
+    @property
+    def tool_call_format(self) -> str | None:
+        """The family's tool-call format, None if it has none (known once the models are loaded; until then
+        requests are refused anyway)."""
+        info = self.engine.info
+        return info.tool_call_format if info is not None else "hermes"
+
     def stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine.ready else None
 

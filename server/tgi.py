@@ -1,7 +1,8 @@
 """Text Generation Inference's own API, for the clients written for TGI rather than for OpenAI.
 
 ``POST /generate``, ``POST /generate_stream``, ``POST /`` (TGI's compat route: either, by ``stream``; what
-``huggingface_hub``'s ``InferenceClient(url).text_generation`` posts to) and ``GET /info``. Each request is the
+``huggingface_hub``'s ``InferenceClient(url).text_generation`` posts to), ``GET /info``, ``POST /tokenize`` with
+TGI's body (routes.py tells it from vLLM's by ``inputs``) and ``POST /chat_tokenize``. Each request is the
 proxy-tuned model's (``parameters.alpha`` sets the strength, as ``alpha`` does on the OpenAI endpoints;
 ``parameters.adapter_id`` may name another served model id, ``<name>:base`` or ``<name>:expert``, or a named
 expert pair by its name or its expert's path or adapter, as TGI's LoRA adapters are named: that pair alone).
@@ -29,10 +30,12 @@ Refused, since they would change the answer and are not done here: ``best_of`` a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from itertools import accumulate
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -45,12 +48,14 @@ from proxy_engine.request import (
     MAX_STOP_STRINGS,
     ErrorCode,
     PromptInput,
+    PromptTokens,
     RequestOutput,
     SamplingParams,
+    Target,
     TokenLogprob,
 )
-from server.errors import APIError, ErrorResponse, describe_validation_errors
-from server.protocol import check_text, with_defaults
+from server.errors import APIError, ErrorResponse, describe_validation_errors, validated
+from server.protocol import ChatCompletionRequest, check_text, with_defaults
 from server.serving import Choice, Generation, GenerationError, ServerContext, new_request_id
 from server.streaming import EventStreamResponse, sse
 from server.structured import from_vllm
@@ -80,6 +85,14 @@ def from_api_error(error: APIError) -> ErrorResponse:
                      error.headers)
 
 
+def refusal(error: RequestValidationError | APIError) -> ErrorResponse:
+    """A body that does not parse, or a refused request, in TGI's shape."""
+    if isinstance(error, RequestValidationError):
+        message, _ = describe_validation_errors(list(error.errors()))
+        return tgi_error(422, PREFIX + message, "validation")
+    return from_api_error(error)
+
+
 class TGIRoute(APIRoute):
     """A route whose refusals (a body that does not parse, an ``APIError``) are TGI-shaped."""
 
@@ -89,11 +102,8 @@ class TGIRoute(APIRoute):
         async def tgi_handler(request: Request) -> Response:
             try:
                 return await handler(request)
-            except RequestValidationError as error:
-                message, _ = describe_validation_errors(list(error.errors()))
-                return tgi_error(422, PREFIX + message, "validation")
-            except APIError as error:
-                return from_api_error(error)
+            except (RequestValidationError, APIError) as error:
+                return refusal(error)
 
         return tgi_handler
 
@@ -229,10 +239,13 @@ class GenerateRequest(BaseModel):
     # TGI: a request without ``parameters`` samples (its defaults), one with them is greedy unless they say so.
     parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters(do_sample=True))
     stream: bool | None = False
+    # TGI's: the tokenizer's special tokens (BOS) on the inputs, as a plain-format model reads them.
+    add_special_tokens: bool = True
 
     def prompt_input(self) -> PromptInput:
         """``truncate``: the models read the prompt's last tokens (as TGI's router cuts it)."""
-        return PromptInput(text=check_text(self.inputs, "inputs"), truncate=self.parameters.truncate)
+        return PromptInput(text=check_text(self.inputs, "inputs"), truncate=self.parameters.truncate,
+                           add_special_tokens=self.add_special_tokens)
 
 
 # --- the answer --------------------------------------------------------------------------------------------------
@@ -346,7 +359,61 @@ class Answer:
         return {"generated_text": self.prefix + self.choice.text, "details": details}
 
 
+def simple_tokens(tokens: PromptTokens, truncate: int | None = None) -> list[dict[str, Any]]:
+    """TGI's ``/tokenize`` answer: each token's ``id``, its ``text`` and where that lies in the UTF-8 input, as TGI
+    counts it: byte offsets ``start``/``stop``; a token the tokenizer added (BOS) has ``""`` at 0-0. ``truncate``
+    keeps the last tokens, as the prompt is cut for generation."""
+    byte_at = list(accumulate((len(char.encode("utf-8", "surrogatepass")) for char in tokens.text), initial=0))
+    listed = [{"id": token_id, "text": tokens.text[start:stop], "start": byte_at[start], "stop": byte_at[stop]}
+              for token_id, (start, stop) in zip(tokens.ids, tokens.offsets, strict=True)]
+    return listed[-truncate:] if truncate else listed
+
+
 # --- the routes --------------------------------------------------------------------------------------------------
+async def prompt_tokens(ctx: ServerContext, prompt: Callable[[], PromptInput], target: Target) -> PromptTokens:
+    """A TGI request's prompt as the model it names reads it (``/tokenize``, ``/chat_tokenize``)."""
+    ctx.check_available()
+    try:
+        prompt_input = prompt()
+        ctx.check_size([prompt_input], SamplingParams())
+        # A long prompt takes a while to tokenize: off the event loop, or every stream and /health would wait.
+        return await asyncio.to_thread(ctx.engine.prompt_tokens, prompt_input, target)
+    except ValueError as error:  # the engine's, for a prompt it cannot render
+        raise _invalid(str(error)) from None
+
+
+async def tokenize(ctx: ServerContext, raw: dict[str, Any]) -> Response:
+    """TGI's ``POST /tokenize``: its body is a ``GenerateRequest`` (``inputs`` tells it from vLLM's, on the same
+    path); the tokens of the prompt that ``/generate`` would read (``add_special_tokens``, ``truncate``,
+    ``adapter_id``)."""
+    try:
+        body = validated(GenerateRequest, raw)
+        target = _target(ctx, _adapter_model(ctx, body.parameters.adapter_id))
+        tokens = await prompt_tokens(ctx, body.prompt_input, target)
+    except (RequestValidationError, APIError) as error:
+        return refusal(error)
+    return JSONResponse(simple_tokens(tokens, body.parameters.truncate))
+
+
+def _adapter_model(ctx: ServerContext, adapter_id: str | None) -> str | None:
+    """TGI's picks one of its LoRA adapters; here a served model id, or a named pair (by name, or its expert's
+    path or adapter): that pair alone."""
+    return adapter_id and (ctx.settings.model_for_adapter(adapter_id) or adapter_id)
+
+
+def _target(ctx: ServerContext, model: str | None) -> Target:
+    try:
+        return ctx.resolve_model(model)[1]
+    except APIError as error:
+        raise _not_served(ctx, model) if error.param == "model" else error from None
+
+
+def _not_served(ctx: ServerContext, model: str) -> APIError:
+    pairs = [pair.name for pair in ctx.settings.engine.experts if pair.name is not None]
+    return _invalid(f"`adapter_id` {model[:100]!r} is not served here; use one of "
+                    f"{', '.join(ctx.settings.model_ids + pairs)}, or none for the proxy-tuned model")
+
+
 def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect: Collect, version: str) -> None:
     tgi = APIRouter(route_class=TGIRoute)
 
@@ -354,21 +421,14 @@ def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect:
     async def generate(body: GenerateRequest, request: Request, stream: bool, full_text: bool, listed: bool
                        ) -> Response:
         params = body.parameters
-        # TGI's picks one of its LoRA adapters; here a served model id, or a named pair (by name, or its expert's
-        # path or adapter): that pair alone.
-        model = params.adapter_id and (ctx.settings.model_for_adapter(params.adapter_id) or params.adapter_id)
+        model = _adapter_model(ctx, params.adapter_id)
         request_id = new_request_id("tgi", request.headers.get("x-request-id"))
         started = time.perf_counter()
         try:
             generation, _ = await start(request_id, "generate", model, body.prompt_input,
                                         lambda: params.sampling_params(stream, ctx.defaults_for(model)), request)
         except APIError as error:  # refused, and counted as such, by start
-            if error.param == "model":
-                pairs = [pair.name for pair in ctx.settings.engine.experts if pair.name is not None]
-                raise _invalid(f"`adapter_id` {model[:100]!r} is not served here; use one of "
-                               f"{', '.join(ctx.settings.model_ids + pairs)}, or none for the proxy-tuned model") \
-                    from None
-            raise
+            raise _not_served(ctx, model) if error.param == "model" else error from None
         answer = Answer(generation, body.inputs, params, full_text, ctx.info.special_token_ids)
         if stream:
             headers = {"x-request-id": request_id, "x-compute-type": "proxy-tuned", "X-Accel-Buffering": "no"}
@@ -392,6 +452,13 @@ def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect:
     async def compat_generate(body: GenerateRequest, request: Request) -> Response:
         full = body.parameters.return_full_text
         return await generate(body, request, bool(body.stream), True if full is None else full, listed=True)
+
+    @tgi.post("/chat_tokenize")
+    async def chat_tokenize(body: ChatCompletionRequest) -> dict[str, Any]:
+        """The chat as the model reads it: the chat template's text (``templated_text``) and its tokens."""
+        tokens = await prompt_tokens(ctx, lambda: body.prompt_input(ctx.tool_call_format),
+                                     ctx.resolve_model(body.model)[1])
+        return {"tokenize_response": simple_tokens(tokens), "templated_text": tokens.text}
 
     @tgi.get("/info")
     async def info() -> dict[str, Any]:

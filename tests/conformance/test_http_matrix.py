@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from transformers import AutoTokenizer
 
@@ -177,3 +178,46 @@ def test_a_prompt_written_with_its_bos_is_not_given_a_second(served):
     expert = per_model_prompts(family, tokenizers, prompt, None)[1] if family.chat_expert else as_sent
     tokens, _ = naive.greedy([as_sent, expert, as_sent], [1.0, 1.0, -1.0], TOKENS)
     assert choice["text"] == completion_text(base_tok, as_sent, tokens), family.spec.name
+
+
+def _placed(tokens: list[dict], text: str, ids: list[int], tokenizer) -> None:
+    """TGI's /tokenize entries: the ids, each token's text the input's bytes at its UTF-8 offsets, and a BOS the
+    tokenizer added (not one a chat template wrote) empty at 0-0."""
+    assert [t["id"] for t in tokens] == ids
+    data = text.encode()
+    for token in tokens:
+        assert data[token["start"]:token["stop"]].decode() == token["text"], token
+    added = [t for t in tokens if t["id"] == tokenizer.bos_token_id and not text.startswith(tokenizer.bos_token)]
+    assert all((t["text"], t["start"], t["stop"]) == ("", 0, 0) for t in added)
+
+
+def test_tgi_tokenize_places_every_token_for_every_tokenizer(served):
+    """SentencePiece (Llama-2, Gemma: the first word's space marker) and byte-level BPE (Llama-3, Qwen): TGI's
+    /tokenize gives the ids the model reads, each at its place in the input by UTF-8 bytes, the BOS at 0-0;
+    /chat_tokenize gives the chat as each model reads it (the base's transcript, the expert's own template)."""
+    family, server, tokenizers, _, transcript = served
+    base = tokenizers[0]
+    for text in ("The capital of France is", "Grüße aus Zürich, 東京!"):
+        tokens = _post(server.url, "/tokenize", {"inputs": text})
+        _placed(tokens, text, base(text)["input_ids"], base)
+        if base.bos_token_id is not None and base(text)["input_ids"][0] == base.bos_token_id:  # Llama, Gemma
+            assert tokens[0] == {"id": base.bos_token_id, "text": "", "start": 0, "stop": 0}
+        if text.isascii():  # every character lies in exactly one token
+            assert "".join(t["text"] for t in tokens) == text, family.spec.name
+        bare = _post(server.url, "/tokenize", {"inputs": text, "add_special_tokens": False})
+        _placed(bare, text, base(text, add_special_tokens=False)["input_ids"], base)
+        for add, read in ((True, tokens), (False, bare)):  # /generate reads what /tokenize shows
+            answer = httpx.post(f"{server.url}/generate", json={"inputs": text, "add_special_tokens": add,
+                                                                 "parameters": {"max_new_tokens": 1}}, timeout=60)
+            assert answer.headers["x-prompt-tokens"] == str(len(read)), (family.spec.name, add)
+
+    chat = _post(server.url, "/chat_tokenize", {"model": "proxy-tuned", "messages": CHAT})
+    text = transcript.render(messages=CHAT, add_generation_prompt=True, tools_text="")
+    assert chat["templated_text"] == text
+    _placed(chat["tokenize_response"], text, base(text)["input_ids"], base)
+    if family.chat_expert:
+        expert = tokenizers[1]
+        chat = _post(server.url, "/chat_tokenize", {"model": "proxy-tuned:expert", "messages": CHAT})
+        text = expert.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+        assert chat["templated_text"] == text, family.spec.name
+        _placed(chat["tokenize_response"], text, expert(text, add_special_tokens=False)["input_ids"], expert)

@@ -1,5 +1,5 @@
-"""The server over the engine core in its own process: a streamed completion, /tokenize, /metrics, a 400, and
-a killed engine process failing /health."""
+"""The server over the engine core in its own process: a streamed completion, /tokenize (vLLM's and TGI's),
+/metrics, a 400, and a killed engine process failing /health."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def test_the_server_over_an_engine_process(tiny_family):
             assert http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json()["prompt"].strip()
             strs = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello", "return_token_strs": True}).json()
             assert strs["tokens"] == tokens and len(strs["token_strs"]) == len(tokens)  # pieces from the child's
+            tgi = http.post("/tokenize", json={"inputs": "Hello"}).json()  # TGI's: ids and offsets from the child
+            assert [t["id"] for t in tgi] == tokens and "".join(t["text"] for t in tgi) == "Hello"
             # The prompt's ids come back from the child with the admission (vLLM's return_token_ids).
             ids = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3,
                                                      "ignore_eos": True, "return_token_ids": True}).json()

@@ -261,3 +261,74 @@ def test_the_text_generation_packages_body_with_every_field_spelled_out(http):
     assert body["details"]["generated_tokens"] == len(body["details"]["tokens"])
     events = _events(http, {"inputs": PROMPT, "parameters": parameters, "stream": True})
     assert events[-1]["generated_text"] == body["generated_text"]
+
+
+def _tgi_tokens(http, path: str = "/tokenize", **body):
+    response = http.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _placed(tokens: list[dict], text: str) -> None:
+    """Each token's text is the input's bytes between its UTF-8 byte offsets (TGI's), in order."""
+    data = text.encode()
+    for token in tokens:
+        assert set(token) == {"id", "text", "start", "stop"}
+        assert 0 <= token["start"] <= token["stop"] <= len(data)
+        assert data[token["start"]:token["stop"]].decode() == token["text"], token
+    assert [t["start"] for t in tokens] == sorted(t["start"] for t in tokens)
+
+
+def test_tgi_tokenize_places_each_token_of_the_prompt_in_the_input(http):
+    """TGI's POST /tokenize (its GenerateRequest body, told from vLLM's by ``inputs``): the ids /generate reads,
+    each with its text and byte offsets; ``truncate`` keeps the last ones, as the prompt is cut to generate."""
+    tokens = _tgi_tokens(http, inputs=PROMPT)
+    assert [t["id"] for t in tokens] == http.post("/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"]
+    _placed(tokens, PROMPT)
+    assert "".join(t["text"] for t in tokens) == PROMPT
+    assert tokens[0]["start"] == 0 and tokens[-1]["stop"] == len(PROMPT)
+
+    wide = "Grüße aus Zürich, 東京!"  # offsets count UTF-8 bytes, as TGI's do: past the first "ü" they differ
+    placed = _tgi_tokens(http, inputs=wide)
+    _placed(placed, wide)
+    assert placed[-1]["stop"] == len(wide.encode()) > len(wide)
+    assert [t["id"] for t in placed] == http.post("/tokenize", json={"model": MODEL, "prompt": wide}).json()["tokens"]
+
+    assert _tgi_tokens(http, inputs=PROMPT, parameters={"truncate": 2}) == tokens[-2:]
+    assert _tgi_tokens(http, inputs=PROMPT, parameters={"adapter_id": f"{MODEL}:expert"}) == tokens  # one tokenizer
+
+
+def test_tgi_chat_tokenize_is_the_templated_chat_and_its_tokens(http):
+    """TGI's POST /chat_tokenize: the chat as the model reads it (the plain base: the transcript) and its tokens,
+    the ids vLLM's /tokenize gives for the same messages."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Grüße! Hi there"}]
+    body = _tgi_tokens(http, "/chat_tokenize", model=MODEL, messages=messages)
+    assert set(body) == {"tokenize_response", "templated_text"}
+    text = body["templated_text"]
+    assert "Be brief." in text and "Grüße! Hi there" in text and text.rstrip().endswith("Assistant:")
+    _placed(body["tokenize_response"], text)
+    vllm = http.post("/tokenize", json={"model": MODEL, "messages": messages}).json()["tokens"]
+    assert [t["id"] for t in body["tokenize_response"]] == vllm
+    no_model = _tgi_tokens(http, "/chat_tokenize", messages=messages)  # TGI's clients may leave it out
+    assert no_model == body
+
+
+def test_tgi_tokenize_refusals_are_tgi_validation_errors(http, live):
+    too_long = "x" * (live.ctx.settings.max_prompt_chars + 1)
+    for path, body, named in [
+        ("/tokenize", {"inputs": ""}, "inputs"),
+        ("/tokenize", {"inputs": 3}, "inputs"),
+        ("/tokenize", {"inputs": "x", "parameters": {"adapter_id": "nope"}}, "adapter_id"),
+        ("/tokenize", {"inputs": too_long}, "max_prompt_chars"),
+        ("/chat_tokenize", {"messages": []}, "messages"),
+        ("/chat_tokenize", {"model": "nope", "messages": [{"role": "user", "content": "Hi"}]}, "nope"),
+    ]:
+        response = http.post(path, json=body)
+        assert response.status_code == 422, (body, response.text)
+        answer = response.json()
+        assert answer["error_type"] == "validation" and named in answer["error"], answer
+    # vLLM's /tokenize on the same path still answers (and refuses) in its own shape.
+    refused = http.post("/tokenize", json={"model": MODEL, "prompt": 5})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+    listed = http.post("/tokenize", json=[PROMPT])
+    assert listed.status_code == 400 and "object" in listed.json()["error"]["message"]
