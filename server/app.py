@@ -142,6 +142,7 @@ def create_app(
         lifespan=lifespan,
         middleware=middleware,
         strict_content_type=True,  # StrictJSON answers first, with a 415
+        **({} if settings.fastapi_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}),
     )
     app.state.ctx = ctx
     install_error_handlers(app)

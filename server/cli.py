@@ -143,7 +143,56 @@ FLAGS = [
     Flag("--log-prompts", ("log_prompts",), "Write prompt text in the per-request log lines (off by default).",
          action="store_true"),
     Flag("--log-level", ("log_level",), "debug, info, warning or error (default info).", "LEVEL"),
+    Flag("--revision", ("engine", "base", "revision"), "The base's revision: a branch, tag or commit of its hub id, "
+         "already in the hub cache (vLLM's).", "REVISION"),
+    Flag("--tokenizer", ("engine", "base", "tokenizer"), "A tokenizer directory or cached hub id for the base "
+         "instead of its own (vLLM's); the pair's tokenizers must agree with it.", "PATH_OR_ID"),
+    Flag("--uvicorn-log-level", ("uvicorn_log_level",), "Uvicorn's own log level: critical, error, warning, info, "
+         "debug or trace (default: --log-level; vLLM's).", "LEVEL"),
+    Flag("--max-log-len", ("max_log_len",), "With --log-prompts, the most characters of each prompt text (or ids of "
+         "a token-id prompt) a log line holds (vLLM's; default all).", "N"),
+    Flag("--disable-fastapi-docs", ("fastapi_docs",), "Serve no /docs, /redoc or /openapi.json (vLLM's).",
+         action="store_false"),
+    Flag("--return-tokens-as-token-ids", ("return_tokens_as_token_ids",), "Name logprob tokens token_id:<id> "
+         "unless a request says otherwise (vLLM's).", action="store_true"),
+    Flag("--disable-frontend-multiprocessing", ("engine", "runtime", "engine_process"), "Run the engine core in the "
+         "HTTP server's process rather than its own (vLLM's).", action="store_false"),
 ]
+
+# vLLM's flags that ask for nothing this server does not do anyway: accepted, so that a vLLM command line runs.
+# The number is how many values the flag takes (0: a switch).
+VLLM_NO_OPS = {
+    "--enable-request-id-headers": (0, "Every answer carries x-request-id."),
+    "--disable-uvicorn-access-log": (0, "Uvicorn writes no access log; the server writes one line per request "
+                                        "(--disable-log-requests)."),
+    "--swap-space": (1, "Preempted sequences are recomputed, never swapped to the CPU."),
+    "--enable-lora": (0, "An expert may be a LoRA adapter without a switch (--expert ADAPTER)."),
+    "--max-lora-rank": (1, "Any rank is served."),
+    "--max-loras": (1, "Every expert pair is served at once."),
+    "--max-cpu-loras": (1, "Every expert pair is served at once."),
+    "--disable-custom-all-reduce": (0, "No tensor parallelism is done here."),
+    "--distributed-executor-backend": (1, "One process per server (--disable-frontend-multiprocessing)."),
+    "--hf-token": (1, "Nothing is downloaded: models come from disk or the hub cache."),
+}
+
+# vLLM's flags that would change what is served: accepted with these values (vLLM's defaults, or what is done
+# here anyway), refused otherwise with what to do instead.
+VLLM_REFUSED = {
+    "--quantization": ((), "quantized checkpoints are not loaded here: serve an unquantized one, a GGUF file "
+                           "(dequantized once at load; docs/gguf.md), or quantize at load with bitsandbytes "
+                           "(quantization: 8bit or 4bit on a model in the config file)"),
+    "--kv-cache-dtype": (("auto",), "the K/V cache is kept in each model's dtype (--dtype)"),
+    "--load-format": (("auto", "safetensors", "pt"), "models load through transformers (safetensors or .bin), or "
+                                                     "from a GGUF file named as the model"),
+    "--download-dir": ((), "nothing is downloaded; to read hub ids from another cache, set HF_HUB_CACHE"),
+    "--lora-modules": ((), "a LoRA is served here as an expert over its base model, the anti-expert: --expert "
+                           "ADAPTER --anti-expert ITS_BASE --expert-name NAME serves it as model NAME"),
+    "--speculative-config": ((), "speculative decoding is not done here"),
+    "--middleware": ((), "no ASGI middleware is loaded from the command line"),
+    "--response-role": (("assistant",), "chat answers come from the assistant role"),
+    "--chat-template-content-format": (("auto", "string"), "message content parts are joined into one string for "
+                                                          "the template"),
+}
 
 EPILOG = f"""\
 With no arguments at all, serves a built-in demo family. With --base/--expert/--anti-expert alone, serves that
@@ -191,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         vllm.add_argument(name, short, type=int, metavar="1",
                           help="1 only: a model too large for one GPU spreads its layers over several with "
                                "--base-device cuda:0,cuda:1 (accelerate's device map).")
+    for name, (nargs, why) in VLLM_NO_OPS.items():
+        if nargs:
+            vllm.add_argument(name, metavar="VALUE", help=f"Accepted: {why}")
+        else:
+            vllm.add_argument(name, action="store_true", help=f"Accepted: {why}")
+    for name, (accepted, why) in VLLM_REFUSED.items():
+        vllm.add_argument(name, metavar="VALUE", help=f"{', '.join(accepted) or 'Not'} only: {why}.")
     for flag in FLAGS:
         dest = flag.option[2:].replace("-", "_")
         names = (flag.option, *flag.aliases)
@@ -203,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # vLLM's model parallelism, which is not done here: refused above 1 with what to do instead.
 PARALLEL_FLAGS = {"--tensor-parallel-size": "-tp", "--pipeline-parallel-size": "-pp"}
+
+
+def refuse_vllm_flags(args: argparse.Namespace) -> None:
+    """A vLLM flag that would change what is served, with a value that is not done here: one line saying why and
+    what to do instead (rather than argparse's "unrecognized arguments")."""
+    for name, (accepted, why) in VLLM_REFUSED.items():
+        value = getattr(args, name[2:].replace("-", "_"))
+        if value is not None and value not in accepted:
+            raise ConfigError(f"{name} {value}: {why}")
 
 
 def refuse_parallelism(args: argparse.Namespace) -> None:
@@ -264,6 +329,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_settings(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     refuse_parallelism(args)
+    refuse_vllm_flags(args)
     if args.model is not None:
         if args.base not in (None, args.model):
             raise ConfigError(f"the base is given twice: {args.model} (the first argument) and --base {args.base}")

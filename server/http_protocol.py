@@ -83,7 +83,7 @@ def uvicorn_config(app: Any, settings: Any, **overrides: Any) -> uvicorn.Config:
         "limit_concurrency": settings.limit_concurrency,
         "timeout_keep_alive": settings.timeout_keep_alive_s,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
-        "log_level": settings.log_level,
+        "log_level": settings.uvicorn_log_level or settings.log_level,
         "log_config": None,
         "access_log": False,  # one line per request comes from the server itself
         "root_path": settings.root_path,

@@ -126,8 +126,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 task.cancel()
             generation.close()
 
+    def server_defaults(body: CompletionRequest | ChatCompletionRequest) -> None:
+        """The fields a request leaves out that the command line sets for every request (vLLM's flags)."""
+        if body.return_tokens_as_token_ids is None:
+            body.return_tokens_as_token_ids = ctx.settings.return_tokens_as_token_ids
+
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        server_defaults(body)
         request_id = new_request_id("cmpl", request.headers.get("x-request-id"))
         generation, prompts = await start(request_id, "completions", body.model, body.prompt_input,
                                           lambda: body.sampling_params(ctx.defaults_for(body.model)), request,
@@ -178,6 +184,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        server_defaults(body)
         request_id = new_request_id("chatcmpl", request.headers.get("x-request-id"))
         fmt = ctx.tool_call_format
         generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),

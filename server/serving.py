@@ -271,6 +271,22 @@ def _retrieve(task: asyncio.Future) -> None:
         task.exception()
 
 
+def log_clip(prompt: Any, limit: int | None) -> Any:
+    """A prompt as a log line shows it under ``--max-log-len`` (vLLM's): each text cut to ``limit`` characters and
+    each list of token ids to ``limit`` ids (a chat's messages, several prompts: each one's); None: all of it."""
+    if limit is None:
+        return prompt
+    if isinstance(prompt, str):
+        return clip(prompt, limit) if len(prompt) > limit else prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return prompt if len(prompt) <= limit else [*prompt[:limit], f"... ({len(prompt)} ids)"]
+    if isinstance(prompt, list):
+        return [log_clip(item, limit) for item in prompt]
+    if isinstance(prompt, dict):
+        return {key: log_clip(value, limit) for key, value in prompt.items()}
+    return prompt
+
+
 def prompt_chars(prompt: PromptInput) -> int:
     """Characters a prompt gives the tokenizer (token ids count one each): every message's text, name and
     earlier tool calls, and the tools' definitions, which are rendered into the prompt too (a 3.8 MB tool
@@ -540,7 +556,8 @@ class Generation:
         if status == 200 and not self.ctx.settings.log_requests:
             return  # --disable-log-requests: a request that failed or was cut off is still written
         reasons = ",".join(c.finish_reason or "-" for c in self.choices)
-        prompt = f" prompt={self.prompt_log!r}" if self.ctx.settings.log_prompts else ""
+        prompt = f" prompt={log_clip(self.prompt_log, self.ctx.settings.max_log_len)!r}" \
+            if self.ctx.settings.log_prompts else ""
         request_logger.info(
             "%s model=%s status=%s prompt_tokens=%d completion_tokens=%d finish=%s time=%.3fs%s",
             self.request_id, self.model, status, self.prompt_tokens, self.completion_tokens, reasons, elapsed, prompt,

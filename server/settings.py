@@ -93,6 +93,15 @@ class ServerSettings(BaseSettings):
                                "only for the requests refused, failed or cut off).")
     log_prompts: bool = Field(default=False, description="Include prompt text in the per-request log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log verbosity.")
+    uvicorn_log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] | None = Field(
+        default=None, description="Uvicorn's own log level (vLLM's --uvicorn-log-level); default: log_level.")
+    max_log_len: int | None = Field(default=None, ge=0, description="With log_prompts: the most prompt characters "
+                                    "a log line holds (vLLM's --max-log-len); default: all of them.")
+    fastapi_docs: bool = Field(default=True, description="Serve /docs, /redoc and /openapi.json (vLLM's "
+                               "--disable-fastapi-docs turns them off).")
+    return_tokens_as_token_ids: bool = Field(
+        default=False, description="Name logprob tokens token_id:<id> in the requests that do not say "
+        "(vLLM's --return-tokens-as-token-ids; a request's return_tokens_as_token_ids wins).")
     responses_store_max: int = Field(
         default=1000, ge=0, description="Responses API: stored responses kept in memory for previous_response_id "
         "(the oldest leave first); 0 turns the store off (previous_response_id is then a 400)."

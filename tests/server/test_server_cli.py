@@ -237,3 +237,50 @@ def test_the_base_may_come_first_as_vllm_serve_takes_it():
     assert settings.engine.base.path == "/m/base" and settings.engine.experts[0].expert.path == "/m/e"
     with pytest.raises(ConfigError, match="the base is given twice"):
         resolve_settings(["/m/base", "--base", "/m/other"])
+
+
+def test_the_rest_of_a_vllm_serve_command_line_is_honoured_accepted_or_refused_with_a_reason():
+    """vLLM's serving flags: the ones done here set their settings; the ones that ask for nothing this server does
+    not do anyway are accepted; the ones that would change what is served are refused in one line saying why."""
+    settings, _ = resolve_settings([
+        "--model", "/m/base", "--uvicorn-log-level", "warning", "--max-log-len", "100", "--disable-fastapi-docs",
+        "--return-tokens-as-token-ids", "--disable-frontend-multiprocessing", "--enable-request-id-headers",
+        "--disable-uvicorn-access-log", "--swap-space", "4", "--enable-lora", "--max-lora-rank", "64",
+        "--max-loras", "2", "--disable-custom-all-reduce", "--distributed-executor-backend", "mp",
+        "--hf-token", "hf_x", "--kv-cache-dtype", "auto", "--load-format", "safetensors", "--tokenizer", "/m/tok",
+        "--revision", "v1.0",
+        "--response-role", "assistant", "--chat-template-content-format", "string",
+    ])
+    assert settings.uvicorn_log_level == "warning" and settings.max_log_len == 100
+    assert not settings.fastapi_docs and settings.return_tokens_as_token_ids
+    assert not settings.engine.runtime.engine_process
+    assert settings.engine.base.tokenizer == "/m/tok" and settings.engine.base.revision == "v1.0"
+    defaults, _ = resolve_settings(["--model", "/m/base"])
+    assert defaults.uvicorn_log_level is None and defaults.max_log_len is None and defaults.fastapi_docs
+    assert not defaults.return_tokens_as_token_ids and defaults.engine.runtime.engine_process
+    for argv, reason in [
+        (["--quantization", "awq"], "GGUF.*quantization: 8bit or 4bit"),
+        (["--kv-cache-dtype", "fp8"], "each model's dtype"),
+        (["--load-format", "bitsandbytes"], "transformers"),
+        (["--download-dir", "/models"], "HF_HUB_CACHE"),
+        (["--lora-modules", "sql=/adapters/sql"], "--expert-name"),
+        (["--speculative-config", "{}"], "speculative"),
+        (["--response-role", "bot"], "assistant"),
+        (["--chat-template-content-format", "openai"], "one string"),
+    ]:
+        with pytest.raises(ConfigError, match=reason) as refused:
+            resolve_settings(["--model", "/m/base", *argv])
+        assert str(refused.value).startswith(f"{argv[0]} {argv[1]}: ")
+    result = _run("--model", "/m/base", "--quantization", "gptq")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--quantization gptq" in result.stderr
+
+
+def test_uvicorn_log_level_follows_log_level_unless_set():
+    from server.http_protocol import uvicorn_config
+
+    engine = {"base": {"path": "/m/base"}}
+    quiet = load_settings(overrides={"engine": engine, "log_level": "error"}, environ=False)
+    assert uvicorn_config(None, quiet).log_level == "error"
+    own = load_settings(overrides={"engine": engine, "log_level": "error", "uvicorn_log_level": "debug"},
+                        environ=False)
+    assert uvicorn_config(None, own).log_level == "debug"

@@ -237,3 +237,39 @@ def test_each_requests_shape_is_logged_at_debug_level(fake, caplog):
     assert shapes[2].endswith("keys=max_tokens,messages,model,tool_choice,tools,x_frontend_field messages=2 tools=3 "
                               "tool_choice=none prompt_tokens=? (refused)")
     assert "hi" not in " ".join(shapes) and "be brief" not in " ".join(shapes)
+
+
+def test_max_log_len_clips_the_logged_prompt(caplog):
+    """vLLM's --max-log-len: with --log-prompts, each text (or token-id list) in the line holds at most N."""
+    app = create_app(FakeEngine(), _settings(log_prompts=True, max_log_len=6))
+    with TestClient(app, base_url="http://localhost") as client:
+        client.portal.call(asyncio.sleep, 0.05)
+        with caplog.at_level("INFO", logger="proxy_serve"):
+            for body in ({"prompt": "secret words"}, {"prompt": list(range(40))},
+                         {"messages": [{"role": "user", "content": "secret words"}]}):
+                path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+                assert client.post(path, json={**body, "max_tokens": 2}).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy_serve.requests"]
+    assert len(lines) == 3
+    assert "secret... (12 characters)" in lines[0] and "words" not in lines[0]
+    assert lines[1].endswith("prompt=[0, 1, 2, 3, 4, 5, '... (40 ids)']")
+    assert "'content': 'secret... (12 characters)'" in lines[2] and "words" not in lines[2]
+
+
+def test_server_wide_vllm_switches(fake):
+    """--disable-fastapi-docs: no /docs, /redoc or /openapi.json; --return-tokens-as-token-ids: logprob tokens
+    named token_id:<id> unless the request says otherwise."""
+    with TestClient(create_app(fake, _settings(fastapi_docs=False, return_tokens_as_token_ids=True)),
+                    base_url="http://localhost") as client:
+        client.portal.call(asyncio.sleep, 0.05)
+        assert [client.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [404, 404, 404]
+        body = {"prompt": "abc", "max_tokens": 2, "logprobs": 1}
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"] == \
+            ["token_id:0", "token_id:1"]
+        named = client.post("/v1/completions", json={**body, "return_tokens_as_token_ids": False}).json()
+        assert named["choices"][0]["logprobs"]["tokens"] == ["w0 ", "w1 "]
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 1, "logprobs": True}).json()
+        assert chat["choices"][0]["logprobs"]["content"][0]["token"] == "token_id:0"
+    with TestClient(create_app(FakeEngine(), _settings()), base_url="http://localhost") as client:
+        assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200
