@@ -1,4 +1,5 @@
-"""Optional Bearer API keys, checked by ``ApiKeyGate`` (an ASGI middleware) before anything reads the body, so
+"""Optional API keys (``Authorization: Bearer``, or ``x-api-key`` as Anthropic's clients send them), checked by
+``ApiKeyGate`` (an ASGI middleware) before anything reads the body, so
 that a client without the key gets 401 whatever it sent (never a 400 about a body it may not send). CORS
 preflight (OPTIONS), ``/health``, ``/metrics``, ``/version`` and the playground's static files (server/playground.py:
 its API calls carry the key) never ask for one; ``/docs`` and
@@ -43,7 +44,7 @@ class KeyChecker:
             return None
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
         given = _digest(token.strip().encode())
         matched = False
         for digest in self.digests:  # no early exit: the time taken does not tell which key came close
@@ -63,7 +64,10 @@ class ApiKeyGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and self.checker.enabled and scope["method"] != "OPTIONS"
                 and scope["path"] not in PUBLIC_PATHS and not is_playground(scope["path"])):
-            header = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
+            headers = dict(scope.get("headers") or [])
+            header = headers.get(b"authorization", b"")
+            if not header and headers.get(b"x-api-key"):  # Anthropic's clients send the key so
+                header = b"Bearer " + headers[b"x-api-key"]
             try:
                 tenant = self.checker.check(header.decode("latin-1"))
             except APIError as error:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from proxy_engine.request import ErrorCode, PromptInput, SamplingParams, Serves
 from server import tgi
+from server.anthropic import add_anthropic_routes
 from server.auth import tenant
 from server.errors import APIError, bad_request, validated
 from server.guards import clip
@@ -34,7 +35,7 @@ from server.reasoning import Reasoning
 from server.refusal_log import mark_logged
 from server.responses import add_responses_routes
 from server.serving import Generation, GenerationError, ServerContext, new_request_id, request_logger, request_shape
-from server.streaming import EventStreamResponse, chat_events, completion_events, token_ids_view
+from server.streaming import EventStreamResponse, chat_events, completion_events, off_the_loop, token_ids_view
 
 logger = logging.getLogger("proxy_serve")
 T = TypeVar("T")
@@ -58,13 +59,6 @@ def _convert(build: Callable[[], T]) -> T:
         return build()
     except ValueError as error:  # a FieldError names its field
         raise bad_request(str(error), getattr(error, "param", None)) from None
-
-
-async def off_the_loop(answer: Callable[[], dict[str, Any]], headers: dict[str, str]) -> Response:
-    """An answer that can be megabytes (logprobs: with echo one entry per prompt token per choice; per-model logprobs
-    one per model per token), built and encoded in a worker thread so that other streams and /health go on."""
-    content = await asyncio.to_thread(lambda: JSONResponse(answer()).body)
-    return Response(content, media_type="application/json", headers=headers)
 
 
 def build_router(ctx: ServerContext) -> APIRouter:
@@ -251,6 +245,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         return listed
 
     add_responses_routes(router, ctx, start, collect)
+    add_anthropic_routes(router, ctx, start, collect)
     tgi.add_tgi_routes(router, ctx, start, collect, package_version())
 
     @router.get("/v1/models")

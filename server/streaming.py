@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from proxy_engine.request import ErrorCode, RequestOutput
@@ -197,6 +197,14 @@ def chat_events(
                                         "stop_reason": generation.choices[output.index].stop_reason}, ids)])
 
     return _ended(generation, events(), chunk, include_usage, reasoning)
+
+
+async def off_the_loop(answer: Callable[[], Any], headers: dict[str, str] | None = None) -> Response:
+    """An answer that can be megabytes (logprobs: with echo one entry per prompt token per choice; per-model logprobs
+    one per model per token; TGI's /tokenize, an entry per prompt token), built and encoded in a worker thread so
+    that other streams and /health go on."""
+    content = await asyncio.to_thread(lambda: JSONResponse(answer()).body)
+    return Response(content, media_type="application/json", headers=headers)
 
 
 class EventStreamResponse(Response):

@@ -57,7 +57,7 @@ from proxy_engine.request import (
 from server.errors import APIError, ErrorResponse, describe_validation_errors, validated
 from server.protocol import ChatCompletionRequest, check_text, with_defaults
 from server.serving import Choice, Generation, GenerationError, ServerContext, new_request_id
-from server.streaming import EventStreamResponse, sse
+from server.streaming import EventStreamResponse, off_the_loop, sse
 from server.structured import from_vllm
 
 Start = Callable[..., Awaitable[tuple[Generation, list]]]
@@ -392,7 +392,7 @@ async def tokenize(ctx: ServerContext, raw: dict[str, Any]) -> Response:
         tokens = await prompt_tokens(ctx, body.prompt_input, target)
     except (RequestValidationError, APIError) as error:
         return refusal(error)
-    return JSONResponse(simple_tokens(tokens, body.parameters.truncate))
+    return await off_the_loop(lambda: simple_tokens(tokens, body.parameters.truncate))
 
 
 def _adapter_model(ctx: ServerContext, adapter_id: str | None) -> str | None:
@@ -454,11 +454,11 @@ def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect:
         return await generate(body, request, bool(body.stream), True if full is None else full, listed=True)
 
     @tgi.post("/chat_tokenize")
-    async def chat_tokenize(body: ChatCompletionRequest) -> dict[str, Any]:
+    async def chat_tokenize(body: ChatCompletionRequest) -> Response:
         """The chat as the model reads it: the chat template's text (``templated_text``) and its tokens."""
         tokens = await prompt_tokens(ctx, lambda: body.prompt_input(ctx.tool_call_format),
                                      ctx.resolve_model(body.model)[1])
-        return {"tokenize_response": simple_tokens(tokens), "templated_text": tokens.text}
+        return await off_the_loop(lambda: {"tokenize_response": simple_tokens(tokens), "templated_text": tokens.text})
 
     @tgi.get("/info")
     async def info() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Bad input never gets a 500 and every refusal is OpenAI-shaped.
+"""Bad input never gets a 500 and every refusal is OpenAI-shaped (TGI's and Anthropic's routes: in theirs).
 
 Two parts: a catalogue of the inputs the issue names (wrong types, huge ``n`` and ``max_tokens``, negative and
 NaN numbers, empty prompts and messages, lists of prompts, token-id prompts, invalid UTF-8, lone surrogates, a
@@ -38,6 +38,7 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 ALLOWED = {200, 400, 404, 413}  # what bad (or good) input may get from an idle server; never 5xx
 # TGI's API (server/tgi.py) refuses with 422 {"error", "error_type"}; the body limit's 413 is the middleware's.
 TGI_PATHS = ("/generate", "/generate_stream", "/")
+TGI_SHAPED = (*TGI_PATHS, "/chat_tokenize")  # the paths that refuse in TGI's shape
 TGI_ALLOWED = {200, 413, 422}
 SENT: Counter = Counter()  # (endpoint, status) for the summary
 
@@ -83,16 +84,31 @@ def send(http: httpx.Client, path: str, body=None, *, raw: bytes | None = None, 
     finally:
         response.close()
     SENT[(path.split("?")[0] if not path.startswith("/v1/models/") else "/v1/models/{id}", response.status_code)] += 1
-    tgi = path in TGI_PATHS
+    # /tokenize is TGI's when the body holds "inputs"; Anthropic's routes refuse in Anthropic's shape.
+    tgi = path in TGI_SHAPED or (path == "/tokenize" and isinstance(body, dict) and "inputs" in body)
     allowed = TGI_ALLOWED if tgi else ALLOWED
     assert response.status_code in allowed, (path, body if raw is None else raw[:200], response.status_code)
     if tgi and response.status_code == 422:
         tgi_error_of(response)
+    elif path.split("?")[0] in ANTHROPIC_PATHS and response.status_code >= 400:
+        anthropic_error_of(response)
     elif response.status_code >= 400:
         error_of(response)
     elif not wants_stream and path in (COMPLETIONS, CHAT):
         check_answer(response.json())
     return response
+
+
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+
+
+def anthropic_error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"type", "error"} and body["type"] == "error", body
+    assert set(body["error"]) == {"type", "message"} and body["error"]["message"], body
+    assert body["error"]["type"].endswith("_error") or body["error"]["type"] == "request_too_large", body
+    assert "Traceback" not in response.text
+    return body["error"]
 
 
 def tgi_error_of(response: httpx.Response) -> dict:
