@@ -7,8 +7,8 @@ The request (anthropic-sdk-python's ``MessageCreateParams``):
 
 - ``system`` (a string or text blocks) is the system message. A user turn's ``tool_result`` blocks become
   ``tool`` messages (before the turn's text), an assistant turn's ``tool_use`` blocks its ``tool_calls``; the
-  ``thinking`` blocks of earlier turns are left out, as chat templates leave earlier reasoning out. Images and
-  documents are refused (the models read text).
+  ``thinking`` blocks of earlier turns are left out, as chat templates leave earlier reasoning out. A final
+  assistant turn is a prefill that the models continue. Images and documents are refused (the models read text).
 - ``tools`` (``name``, ``description``, ``input_schema``; Anthropic's server tools are refused),
   ``tool_choice`` (``auto``; ``any``: a call is required; ``tool``: that one; ``none``;
   ``disable_parallel_tool_use``), ``stop_sequences``, ``temperature``, ``top_p``, ``top_k``,
@@ -219,9 +219,13 @@ class Conversation(_Lenient):
 
     def chat_fields(self) -> dict[str, Any]:
         tool_choice, parallel = _tool_choice(self.tool_choice)
+        # A final assistant turn is a prefill of the answer, which the models continue (vLLM's
+        # continue_final_message); the answer holds the continuation only, as Anthropic's does.
+        prefill = self.messages[-1].get("role") == "assistant"
         return {"model": self.model, "messages": self.chat_messages(),
                 "tools": _tools(self.tools) if self.tools else None, "tool_choice": tool_choice,
-                "parallel_tool_calls": parallel, "chat_template_kwargs": self.template_kwargs()}
+                "parallel_tool_calls": parallel, "chat_template_kwargs": self.template_kwargs(),
+                "continue_final_message": prefill or None, "add_generation_prompt": False if prefill else None}
 
 
 class MessagesRequest(Conversation):

@@ -183,6 +183,17 @@ def test_a_greedy_message_is_the_greedy_chat_answer(live, http):
     assert counted.input_tokens == usage["prompt_tokens"]
 
 
+def test_a_final_assistant_turn_is_a_prefill_the_models_continue(http):
+    """Anthropic's prefill: the answer continues the final assistant turn (chat's continue_final_message)."""
+    turns = [{"role": "user", "content": "Tell me about the village."},
+             {"role": "assistant", "content": "The village"}]
+    message = http.post("/v1/messages", json={**ASK, "messages": turns, "max_tokens": 8, "temperature": 0}).json()
+    reference = _chat(http, messages=turns, max_tokens=8, continue_final_message=True, add_generation_prompt=False)
+    assert message["content"][0]["text"] == reference["choices"][0]["message"]["content"]
+    counted = http.post("/v1/messages/count_tokens", json={"model": MODEL, "messages": turns}).json()
+    assert counted["input_tokens"] == reference["usage"]["prompt_tokens"]
+
+
 def test_a_stop_sequence_ends_the_message_and_is_named(http):
     free = http.post("/v1/messages", json={**ASK, "max_tokens": 16, "temperature": 0}).json()["content"][0]["text"]
     visible = free.strip()
