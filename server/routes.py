@@ -246,7 +246,20 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     add_responses_routes(router, ctx, start, collect)
     add_anthropic_routes(router, ctx, start, collect)
-    tgi.add_tgi_routes(router, ctx, start, collect, package_version())
+    tgi_generate = tgi.add_tgi_routes(router, ctx, start, collect, package_version())
+
+    # SageMaker's inference path (with GET /ping), as vLLM's and TGI's containers serve it: the body says which API
+    # it speaks. SageMaker sends the container's requests to port 8080 (--port 8080).
+    @router.post("/invocations")
+    async def invocations(raw: Annotated[dict[str, Any], Body()], request: Request) -> Response:
+        if "messages" in raw:
+            return await chat_completions(validated(ChatCompletionRequest, raw), request)
+        if "prompt" in raw:
+            return await completions(validated(CompletionRequest, raw), request)
+        if "inputs" in raw:
+            return await tgi_generate(raw, request)
+        raise bad_request("an /invocations body holds messages (a chat completion), prompt (a completion) or "
+                          "inputs (TGI's generate)", "messages")
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:

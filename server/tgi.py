@@ -414,9 +414,10 @@ def _not_served(ctx: ServerContext, model: str) -> APIError:
                     f"{', '.join(ctx.settings.model_ids + pairs)}, or none for the proxy-tuned model")
 
 
-def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect: Collect, version: str) -> None:
+def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect: Collect, version: str
+                   ) -> Callable[[dict[str, Any], Request], Awaitable[Response]]:
+    """TGI's routes on ``router``; returns TGI's answer to a ``POST /`` body (SageMaker's /invocations sends it)."""
     tgi = APIRouter(route_class=TGIRoute)
-
 
     async def generate(body: GenerateRequest, request: Request, stream: bool, full_text: bool, listed: bool
                        ) -> Response:
@@ -479,3 +480,12 @@ def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect:
         }
 
     router.include_router(tgi)
+
+    async def invoke(raw: dict[str, Any], request: Request) -> Response:
+        """``POST /``'s answer to a body read elsewhere, refused in TGI's shape."""
+        try:
+            return await compat_generate(validated(GenerateRequest, raw), request)
+        except (RequestValidationError, APIError) as error:
+            return refusal(error)
+
+    return invoke

@@ -84,8 +84,10 @@ def send(http: httpx.Client, path: str, body=None, *, raw: bytes | None = None, 
     finally:
         response.close()
     SENT[(path.split("?")[0] if not path.startswith("/v1/models/") else "/v1/models/{id}", response.status_code)] += 1
-    # /tokenize is TGI's when the body holds "inputs"; Anthropic's routes refuse in Anthropic's shape.
-    tgi = path in TGI_SHAPED or (path == "/tokenize" and isinstance(body, dict) and "inputs" in body)
+    # /tokenize is TGI's when the body holds "inputs", /invocations when it holds neither messages nor prompt;
+    # Anthropic's routes refuse in Anthropic's shape.
+    tgi = path in TGI_SHAPED or (isinstance(body, dict) and "inputs" in body and (
+        path == "/tokenize" or (path == "/invocations" and "messages" not in body and "prompt" not in body)))
     allowed = TGI_ALLOWED if tgi else ALLOWED
     assert response.status_code in allowed, (path, body if raw is None else raw[:200], response.status_code)
     if tgi and response.status_code == 422:
