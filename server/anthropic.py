@@ -183,6 +183,11 @@ def _tool_choice(choice: dict[str, Any] | None) -> tuple[Any, bool | None]:
                       "tool_choice")
 
 
+# Roles some clients send that Anthropic's spec does not name: Claude Code's newer versions write context and
+# messages as "ctx" and "msg" user turns (vLLM maps them so too).
+CLIENT_ROLES = {"ctx": "user", "msg": "user"}
+
+
 class Conversation(_Lenient):
     """What a Messages request and a token count share: the model, the turns, the system prompt and the tools."""
 
@@ -201,11 +206,14 @@ class Conversation(_Lenient):
             messages.append({"role": "system", "content": check_text(system, "system")})
         for i, message in enumerate(self.messages):
             role, param = message.get("role"), f"messages[{i}].content"
+            role = CLIENT_ROLES.get(role, role)
             blocks = _blocks(message.get("content"), param)
             if role == "user":
                 messages += _user_turn(blocks, param)
             elif role == "assistant":
                 messages.append(_assistant_turn(blocks, param))
+            elif role == "system":  # not Anthropic's, but clients translating from OpenAI's messages send it
+                messages.append({"role": "system", "content": check_text(_text_of(blocks, param), param)})
             else:
                 raise bad_request(f"messages[{i}].role {role!r} is not user or assistant", f"messages[{i}].role")
         return messages

@@ -108,6 +108,10 @@ def test_the_conversation_reaches_the_chat_path_as_chat_messages():
             {"role": "user", "content": "And so?"},
         ]
         assert prompt.template_kwargs == {"enable_thinking": False}
+        http.post("/v1/messages", json={**ASK, "messages": [{"role": "system", "content": "Be brief."},
+                                                            {"role": "ctx", "content": "Hi"}]})
+        assert engine.requests[1][1].messages == [{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": "Hi"}]
         assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (7, 0.5, 0.9, 20)
         assert params.stop == ["\n\n"] and params.structured is not None  # "any": a call is required, by grammar
 
@@ -130,7 +134,7 @@ def test_count_tokens_is_the_rendered_prompts_length():
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "invalid_request_error",
          "server tools"),
         ({"tool_choice": {"type": "sometimes"}}, 400, "invalid_request_error", "tool_choice"),
-        ({"messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request_error", "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_request_error", "messages[0].role"),
         ({"model": "claude-sonnet-4-5"}, 404, "not_found_error", "claude-sonnet-4-5"),
         ({"output_config": {"format": {"type": "xml"}}}, 400, "invalid_request_error", "output_config.format"),
     ],
