@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -705,10 +706,12 @@ def model_logprobs(entries: list[TokenAnalysis]) -> list[dict[str, Any]]:
 
 def model_card(model_id: str, created: int, root: str, max_model_len: int | None,
                parent: str | None = None) -> dict[str, Any]:
-    """vLLM's card: ``root`` the weights' path, ``parent`` the model id this one is a part or variant of."""
+    """vLLM's card: ``root`` the weights' path, ``parent`` the model id this one is a part or variant of; with
+    the fields Anthropic's clients read on the same path (``type``, ``display_name``, ``created_at``)."""
     card: dict[str, Any] = {
         "id": model_id, "object": "model", "created": created, "owned_by": "proxy-serve", "root": root,
-        "parent": parent,
+        "parent": parent, "type": "model", "display_name": model_id,
+        "created_at": datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z"),
     }
     if max_model_len is not None:
         card["max_model_len"] = max_model_len

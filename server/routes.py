@@ -263,7 +263,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": cards()}
+        listed = cards()  # OpenAI's list, with the paging fields Anthropic's clients read (one page: all of them)
+        return {"object": "list", "data": listed, "has_more": False, "first_id": listed[0]["id"] if listed else None,
+                "last_id": listed[-1]["id"] if listed else None}
 
     @router.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:

@@ -262,3 +262,16 @@ def test_a_failure_after_the_stream_began_is_an_error_event():
         with pytest.raises(anthropic.APIStatusError):
             with _sdk(http).messages.stream(**ASK) as stream:
                 list(stream)
+
+
+def test_the_model_list_reads_in_both_sdks(live):
+    """GET /v1/models: OpenAI's list and cards, with the fields Anthropic's client reads on the same path."""
+    import openai
+
+    models = anthropic.Anthropic(base_url=live.url, api_key="x", max_retries=0).models.list()
+    ids = [model.id for model in models.data]
+    assert ids[0] == MODEL and f"{MODEL}:base" in ids and not models.has_more
+    assert models.data[0].type == "model" and models.data[0].display_name == MODEL
+    assert models.data[0].created_at.year >= 2026
+    assert anthropic.Anthropic(base_url=live.url, api_key="x").models.retrieve(MODEL).id == MODEL
+    assert [m.id for m in openai.OpenAI(base_url=f"{live.url}/v1", api_key="x").models.list().data] == ids
