@@ -35,12 +35,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import Field
 
 from proxy_engine.request import SamplingParams
 from server.auth import tenant
-from server.errors import APIError, ErrorResponse, bad_request, describe_validation_errors
+from server.errors import APIError, ErrorResponse, bad_request, describe_validation_errors, shaped_route
 from server.protocol import ChatCompletionRequest, _Lenient, check_text
 from server.reasoning import Reasoning, ReasoningSplitter
 from server.serving import Choice, Generation, GenerationError, ServerContext
@@ -70,19 +69,7 @@ def refusal(error: RequestValidationError | APIError) -> ErrorResponse:
     return anthropic_error(error.status, error.message, error.headers)
 
 
-class AnthropicRoute(APIRoute):
-    """A route whose refusals (a body that does not parse, an ``APIError``) are Anthropic-shaped."""
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        handler = super().get_route_handler()
-
-        async def anthropic_handler(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (RequestValidationError, APIError) as error:
-                return refusal(error)
-
-        return anthropic_handler
+AnthropicRoute = shaped_route(refusal)  # Anthropic's routes: their refusals in Anthropic's shape
 
 
 # --- the request -------------------------------------------------------------------------------------------------
@@ -132,7 +119,7 @@ def _assistant_turn(blocks: list[dict[str, Any]], param: str) -> dict[str, Any]:
     texts, calls = [], []
     for j, block in enumerate(blocks):
         kind, where = block.get("type"), f"{param}[{j}]"
-        if kind == "text" and isinstance(block.get("text"), str):
+        if kind == "text" and isinstance(block.get("text"), str):  # joined as written: one prefill over blocks
             texts.append(check_text(block["text"], f"{where}.text"))
         elif kind == "tool_use":
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str) \

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -134,6 +136,25 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
     lines = list(messages.values())
     more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
     return "; ".join(lines[:5]) + more, next(iter(messages)) or None
+
+
+def shaped_route(refusal: Callable[[RequestValidationError | APIError], Response]) -> type[APIRoute]:
+    """A route class whose refusals (a body that does not parse, an ``APIError``) ``refusal`` answers: another
+    API's error shape (TGI's, Anthropic's) on that API's routes."""
+
+    class ShapedRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            handler = super().get_route_handler()
+
+            async def shaped(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except (RequestValidationError, APIError) as error:
+                    return refusal(error)
+
+            return shaped
+
+    return ShapedRoute
 
 
 def validated(model: type[ModelT], body: Any) -> ModelT:

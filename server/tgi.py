@@ -41,7 +41,6 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.request import (
@@ -54,7 +53,7 @@ from proxy_engine.request import (
     Target,
     TokenLogprob,
 )
-from server.errors import APIError, ErrorResponse, describe_validation_errors, validated
+from server.errors import APIError, ErrorResponse, describe_validation_errors, shaped_route, validated
 from server.protocol import ChatCompletionRequest, check_text, with_defaults
 from server.serving import Choice, Generation, GenerationError, ServerContext, new_request_id
 from server.streaming import EventStreamResponse, off_the_loop, sse
@@ -93,19 +92,7 @@ def refusal(error: RequestValidationError | APIError) -> ErrorResponse:
     return from_api_error(error)
 
 
-class TGIRoute(APIRoute):
-    """A route whose refusals (a body that does not parse, an ``APIError``) are TGI-shaped."""
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        handler = super().get_route_handler()
-
-        async def tgi_handler(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (RequestValidationError, APIError) as error:
-                return refusal(error)
-
-        return tgi_handler
+TGIRoute = shaped_route(refusal)  # TGI's routes: their refusals in TGI's shape
 
 
 def _invalid(message: str) -> APIError:
