@@ -6,9 +6,10 @@ the chat path (the same ``start`` / ``collect``, tools, reasoning parser and out
 The request (anthropic-sdk-python's ``MessageCreateParams``):
 
 - ``system`` (a string or text blocks) is the system message. A user turn's ``tool_result`` blocks become
-  ``tool`` messages (before the turn's text), an assistant turn's ``tool_use`` blocks its ``tool_calls``; the
-  ``thinking`` blocks of earlier turns are left out, as chat templates leave earlier reasoning out. A final
-  assistant turn is a prefill that the models continue. Images and documents are refused (the models read text).
+  ``tool`` messages (before the turn's text; one with ``is_error`` reads ``Error: ...``), an assistant turn's
+  ``tool_use`` blocks its ``tool_calls``; the ``thinking`` blocks of earlier turns are left out, as chat templates
+  leave earlier reasoning out. A final assistant turn is a prefill that the models continue. Images and documents
+  are refused (the models read text).
 - ``tools`` (``name``, ``description``, ``input_schema``; Anthropic's server tools are refused),
   ``tool_choice`` (``auto``; ``any``: a call is required; ``tool``: that one; ``none``;
   ``disable_parallel_tool_use``), ``stop_sequences``, ``temperature``, ``top_p``, ``top_k``,
@@ -105,6 +106,8 @@ def _user_turn(blocks: list[dict[str, Any]], param: str) -> list[dict[str, Any]]
                 raise bad_request(f"{where}.tool_use_id is required", f"{where}.tool_use_id")
             result = block.get("content", "")
             text = _text_of(_blocks(result, f"{where}.content"), f"{where}.content") if result != "" else ""
+            if block.get("is_error"):  # a chat tool message has no such flag: the models read it in the text
+                text = f"Error: {text}"
             messages.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
         else:
             raise bad_request(f"{where} has type {kind!r}: a user turn may hold text and tool_result blocks here "

@@ -92,9 +92,11 @@ def test_the_conversation_reaches_the_chat_path_as_chat_messages():
                 {"role": "assistant", "content": [
                     {"type": "thinking", "thinking": "Use the tool.", "signature": "s"},
                     {"type": "text", "text": "Checking."},
-                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                    {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Rome"}}]},
                 {"role": "user", "content": [
                     {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "Sun"}]},
+                    {"type": "tool_result", "tool_use_id": "toolu_2", "content": "late", "is_error": True},
                     {"type": "text", "text": "And so?"}]},
             ])
         _, prompt, params, _ = engine.requests[0]
@@ -103,8 +105,11 @@ def test_the_conversation_reaches_the_chat_path_as_chat_messages():
             {"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant", "content": "Checking.", "tool_calls": [
                 {"id": "toolu_1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "toolu_2", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
             {"role": "tool", "content": "Sun", "tool_call_id": "toolu_1"},
+            {"role": "tool", "content": "Error: late", "tool_call_id": "toolu_2"},
             {"role": "user", "content": "And so?"},
         ]
         assert prompt.template_kwargs == {"enable_thinking": False}
