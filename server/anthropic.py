@@ -50,6 +50,8 @@ from server.tools import ChoiceStream
 Start = Callable[..., Awaitable[tuple[Generation, list]]]
 Collect = Callable[[Generation, Request], Awaitable[bool]]
 
+PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+
 # Anthropic's error types by HTTP status (what its SDK's exception classes mirror).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",

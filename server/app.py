@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxy_engine.async_engine import AsyncEngine
 from proxy_engine.config import ModelConfig
 from proxy_engine.request import ErrorCode
+from server import anthropic, tgi
 from server.auth import ApiKeyGate
 from server.errors import APIError, UnexpectedErrors, install_error_handlers
 from server.guards import HostAllowList, ShapedCORS, StrictJSON, default_allowed_hosts
@@ -130,7 +131,9 @@ def create_app(
             allow_headers=["*"],  # preflight echoes what the browser asks for, Authorization included
             expose_headers=["x-request-id", "retry-after"],
         ))
-    middleware.append(Middleware(ApiKeyGate, keys=keys))  # inside CORS: a 401 keeps its CORS headers
+    # Inside CORS: a 401 keeps its CORS headers. TGI's and Anthropic's paths refuse in their API's shape.
+    refusals = {**dict.fromkeys(tgi.PATHS, tgi.refusal), **dict.fromkeys(anthropic.PATHS, anthropic.refusal)}
+    middleware.append(Middleware(ApiKeyGate, keys=keys, refusals=refusals))
     middleware.append(Middleware(UnexpectedErrors))  # inside CORS: a 500 keeps its CORS headers
     middleware.append(Middleware(StrictJSON))
     middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s))

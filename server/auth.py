@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable, Mapping
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy_engine.request import ErrorCode
@@ -55,11 +57,14 @@ class KeyChecker:
 
 
 class ApiKeyGate:
-    """Refuses a request without an accepted key (401) before the app, and so before its body is read."""
+    """Refuses a request without an accepted key (401) before the app, and so before its body is read.
+    ``refusals``: the paths of another API (TGI's, Anthropic's) and how it shapes the refusal; OpenAI's elsewhere."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[str],
+                 refusals: Mapping[str, Callable[[APIError], Response]] | None = None) -> None:
         self.app = app
         self.checker = KeyChecker(keys)
+        self.refusals = refusals or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and self.checker.enabled and scope["method"] != "OPTIONS"
@@ -71,7 +76,8 @@ class ApiKeyGate:
             try:
                 tenant = self.checker.check(header.decode("latin-1"))
             except APIError as error:
-                await error.response()(scope, receive, send)
+                refusal = self.refusals.get(scope["path"])
+                await (refusal(error) if refusal is not None else error.response())(scope, receive, send)
                 return
             scope.setdefault("state", {})[TENANT] = tenant
         await self.app(scope, receive, send)

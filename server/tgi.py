@@ -63,6 +63,7 @@ Start = Callable[..., Awaitable[tuple[Generation, list]]]
 Collect = Callable[[Generation, Request], Awaitable[bool]]
 
 PREFIX = "Input validation error: "  # TGI's, before every validation message
+PATHS = ("/generate", "/generate_stream", "/", "/info", "/chat_tokenize")  # TGI's alone (/tokenize: by its body)
 logger = logging.getLogger("proxy_serve")
 
 

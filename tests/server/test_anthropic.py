@@ -280,3 +280,16 @@ def test_the_model_list_reads_in_both_sdks(live):
     assert models.data[0].created_at.year >= 2026
     assert anthropic.Anthropic(base_url=live.url, api_key="x").models.retrieve(MODEL).id == MODEL
     assert [m.id for m in openai.OpenAI(base_url=f"{live.url}/v1", api_key="x").models.list().data] == ids
+
+
+def test_a_missing_key_is_refused_in_the_shape_of_the_api_called():
+    """The key gate answers before any route: on Anthropic's and TGI's paths in their shapes, OpenAI's elsewhere."""
+    http, _ = _served(["Hi"], api_keys=["sk-anthropic"])
+    with http:
+        messages = http.post("/v1/messages", json=ASK)
+        assert messages.status_code == 401 and messages.json()["error"]["type"] == "authentication_error"
+        assert messages.json()["type"] == "error" and messages.headers["www-authenticate"] == "Bearer"
+        generate = http.post("/generate", json={"inputs": "Hi"})
+        assert generate.status_code == 401 and set(generate.json()) == {"error", "error_type"}
+        chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK["messages"]})
+        assert chat.status_code == 401 and chat.json()["error"]["code"] == "invalid_api_key"
