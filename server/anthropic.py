@@ -27,7 +27,6 @@ Refusals are ``{"type": "error", "error": {"type", "message"}}`` with Anthropic'
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,7 +37,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from proxy_engine.request import SamplingParams
 from server.auth import tenant
 from server.errors import APIError, ErrorResponse, bad_request, describe_validation_errors, shaped_route
 from server.protocol import ChatCompletionRequest, _Lenient, check_text
@@ -227,6 +225,11 @@ class Conversation(_Lenient):
                 "parallel_tool_calls": parallel, "chat_template_kwargs": self.template_kwargs(),
                 "continue_final_message": prefill or None, "add_generation_prompt": False if prefill else None}
 
+    def to_chat(self, **fields: Any) -> ChatCompletionRequest:
+        """The chat request this conversation is, with ``fields`` (the sampling ones) beside it; None: left out."""
+        fields = {**self.chat_fields(), **fields}
+        return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
+
 
 class MessagesRequest(Conversation):
     max_tokens: int = Field(ge=1)
@@ -251,11 +254,9 @@ class MessagesRequest(Conversation):
 
     def to_chat(self) -> ChatCompletionRequest:
         user = (self.metadata or {}).get("user_id")
-        fields = {**self.chat_fields(), "max_tokens": self.max_tokens, "stop": self.stop_sequences,
-                  "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                  "user": user if isinstance(user, str) else None, "alpha": self.alpha,
-                  "response_format": self.response_format()}
-        return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
+        return super().to_chat(max_tokens=self.max_tokens, stop=self.stop_sequences, temperature=self.temperature,
+                               top_p=self.top_p, top_k=self.top_k, user=user if isinstance(user, str) else None,
+                               alpha=self.alpha, response_format=self.response_format())
 
 
 # --- the answer --------------------------------------------------------------------------------------------------
@@ -417,14 +418,9 @@ def add_anthropic_routes(router: APIRouter, ctx: ServerContext, start: Start, co
         _, target = ctx.resolve_model(body.model)
         ctx.check_available()
         fmt = ctx.tool_call_format
-        chat = ChatCompletionRequest(**{k: v for k, v in body.chat_fields().items() if v is not None})
+        chat = body.to_chat()
         chat.tool_plan(fmt)  # a bad tool or tool_choice is refused as on /v1/messages
-        prompt = chat.prompt_input(fmt)
-        ctx.check_size([prompt], SamplingParams())
-        try:  # a long prompt takes a while to tokenize: off the event loop, or every stream and /health would wait
-            tokens = await asyncio.to_thread(ctx.engine.tokenize, prompt, target)
-        except ValueError as error:  # the engine's, for a prompt it cannot render
-            raise bad_request(str(error), getattr(error, "param", None)) from None
+        tokens = await ctx.rendered(chat.prompt_input(fmt), lambda prompt: ctx.engine.tokenize(prompt, target))
         return {"input_tokens": len(tokens)}
 
     router.include_router(anthropic)

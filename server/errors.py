@@ -138,19 +138,27 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
     return "; ".join(lines[:5]) + more, next(iter(messages)) or None
 
 
-def shaped_route(refusal: Callable[[RequestValidationError | APIError], Response]) -> type[APIRoute]:
-    """A route class whose refusals (a body that does not parse, an ``APIError``) ``refusal`` answers: another
-    API's error shape (TGI's, Anthropic's) on that API's routes."""
+Refusal = Callable[[RequestValidationError | APIError], Response]
+
+
+async def refused_as(refusal: Refusal, answer: Callable[[], Awaitable[Response]]) -> Response:
+    """``answer()``, or its refusal (a body that does not parse, an ``APIError``) as ``refusal`` shapes it: another
+    API's error shape (TGI's, Anthropic's)."""
+    try:
+        return await answer()
+    except (RequestValidationError, APIError) as error:
+        return refusal(error)
+
+
+def shaped_route(refusal: Refusal) -> type[APIRoute]:
+    """A route class whose refusals ``refusal`` answers (``refused_as``), on another API's routes."""
 
     class ShapedRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
             handler = super().get_route_handler()
 
             async def shaped(request: Request) -> Response:
-                try:
-                    return await handler(request)
-                except (RequestValidationError, APIError) as error:
-                    return refusal(error)
+                return await refused_as(refusal, lambda: handler(request))
 
             return shaped
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
-from proxy_engine.request import ErrorCode, PromptInput, SamplingParams, Serves
+from proxy_engine.request import ErrorCode, FieldError, PromptInput, SamplingParams, Serves
 from server import tgi
 from server.anthropic import add_anthropic_routes
 from server.auth import tenant
@@ -285,12 +285,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
         _, target = ctx.resolve_model(body.model)
         ctx.check_available()
         prompt = _convert(body.prompt_input)
-        ctx.check_size([prompt], SamplingParams())
-        vocab = ctx.info.vocab_size
-        if prompt.token_ids is not None and any(not 0 <= t < vocab for t in prompt.token_ids):
-            raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
-        # A long prompt takes seconds to tokenize: off the event loop, or every stream and /health would wait.
-        tokens = await asyncio.to_thread(_convert, lambda: ctx.engine.tokenize(prompt, target))
+
+        def render(prompt: PromptInput) -> list[int]:
+            vocab = ctx.info.vocab_size
+            if prompt.token_ids is not None and any(not 0 <= t < vocab for t in prompt.token_ids):
+                raise FieldError(f"prompt token ids must be in [0, {vocab})", "prompt")
+            return ctx.engine.tokenize(prompt, target)
+
+        tokens = await ctx.rendered(prompt, render)
         answer = {"count": len(tokens), "max_model_len": ctx.info.max_model_len, "tokens": tokens}
         if body.return_token_strs:
             answer["token_strs"] = await asyncio.to_thread(ctx.engine.token_strings, tokens)

@@ -15,9 +15,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy_engine import PromptInput, SamplingParams  # the package's public request types
 from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, RequestStream
@@ -35,7 +35,7 @@ from proxy_engine.request import (
 )
 from proxy_engine.sampling_defaults import SamplingDefaults, describe, sampling_defaults
 from proxy_engine.scheduler import has_room, with_running_cap
-from server.errors import APIError, error_body, internal_error
+from server.errors import APIError, bad_request, error_body, internal_error
 from server.guards import clip
 from server.metrics import RequestTimer, ServerMetrics
 from server.protocol import usage
@@ -47,6 +47,8 @@ request_logger = logging.getLogger("proxy_serve.requests")
 
 # How often a request waiting for its next output checks that the engine is still alive.
 ENGINE_CHECK_S = 1.0
+
+T = TypeVar("T")
 
 
 class GenerationError(Exception):
@@ -207,6 +209,16 @@ class ServerContext:
             raise APIError(400, f"the request's prompts hold {total} characters, more than the limit of "
                            f"{self.settings.max_request_chars} (max_request_chars)", param="prompt",
                            code=ErrorCode.PROMPT_TOO_LONG)
+
+    async def rendered(self, prompt: PromptInput, render: Callable[[PromptInput], T]) -> T:
+        """``render(prompt)`` (the engine's ids, or its tokens with their offsets) for a route that only tokenizes:
+        the prompt within the size limits, the work off the event loop (a long prompt takes seconds, and every
+        stream and /health would wait), a ValueError from it a 400."""
+        self.check_size([prompt], SamplingParams())
+        try:
+            return await asyncio.to_thread(render, prompt)
+        except ValueError as error:  # a prompt the engine cannot render (a FieldError names its field)
+            raise bad_request(str(error), getattr(error, "param", None)) from None
 
     def overloaded(self, message: str, retry_after_s: int | None) -> APIError:
         retry = str(max(1, int(retry_after_s or 1)))

@@ -30,7 +30,6 @@ Refused, since they would change the answer and are not done here: ``best_of`` a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -53,7 +52,7 @@ from proxy_engine.request import (
     Target,
     TokenLogprob,
 )
-from server.errors import APIError, ErrorResponse, describe_validation_errors, shaped_route, validated
+from server.errors import APIError, ErrorResponse, describe_validation_errors, refused_as, shaped_route, validated
 from server.protocol import ChatCompletionRequest, check_text, with_defaults
 from server.serving import Choice, Generation, GenerationError, ServerContext, new_request_id
 from server.streaming import EventStreamResponse, off_the_loop, sse
@@ -363,24 +362,22 @@ async def prompt_tokens(ctx: ServerContext, prompt: Callable[[], PromptInput], t
     ctx.check_available()
     try:
         prompt_input = prompt()
-        ctx.check_size([prompt_input], SamplingParams())
-        # A long prompt takes a while to tokenize: off the event loop, or every stream and /health would wait.
-        return await asyncio.to_thread(ctx.engine.prompt_tokens, prompt_input, target)
-    except ValueError as error:  # the engine's, for a prompt it cannot render
+    except ValueError as error:  # PromptInput's own checks
         raise _invalid(str(error)) from None
+    return await ctx.rendered(prompt_input, lambda rendered: ctx.engine.prompt_tokens(rendered, target))
 
 
 async def tokenize(ctx: ServerContext, raw: dict[str, Any]) -> Response:
     """TGI's ``POST /tokenize``: its body is a ``GenerateRequest`` (``inputs`` tells it from vLLM's, on the same
     path); the tokens of the prompt that ``/generate`` would read (``add_special_tokens``, ``truncate``,
     ``adapter_id``)."""
-    try:
+    async def answer() -> Response:
         body = validated(GenerateRequest, raw)
         target = _target(ctx, _adapter_model(ctx, body.parameters.adapter_id))
         tokens = await prompt_tokens(ctx, body.prompt_input, target)
-    except (RequestValidationError, APIError) as error:
-        return refusal(error)
-    return await off_the_loop(lambda: simple_tokens(tokens, body.parameters.truncate))
+        return await off_the_loop(lambda: simple_tokens(tokens, body.parameters.truncate))
+
+    return await refused_as(refusal, answer)
 
 
 def _adapter_model(ctx: ServerContext, adapter_id: str | None) -> str | None:
@@ -471,9 +468,6 @@ def add_tgi_routes(router: APIRouter, ctx: ServerContext, start: Start, collect:
 
     async def invoke(raw: dict[str, Any], request: Request) -> Response:
         """``POST /``'s answer to a body read elsewhere, refused in TGI's shape."""
-        try:
-            return await compat_generate(validated(GenerateRequest, raw), request)
-        except (RequestValidationError, APIError) as error:
-            return refusal(error)
+        return await refused_as(refusal, lambda: compat_generate(validated(GenerateRequest, raw), request))
 
     return invoke
