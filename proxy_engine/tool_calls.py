@@ -267,6 +267,101 @@ def _pythonic_calls(text: str) -> list[ParsedCall]:
     return calls
 
 
+@dataclass(frozen=True)
+class CallHead:
+    """A call whose name is written: its arguments begin at ``start`` in the answer (and may not be complete)."""
+
+    name: str
+    start: int
+
+
+# A call object as the JSON formats write it, up to its arguments: the name must come first to be streamed.
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"([A-Za-z0-9_.\-]{1,64})"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+_SPACE = re.compile(r"\s*")
+
+
+def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
+    """The calls begun so far in an answer still being written: where the content before them ends, and each call
+    whose name is known. None for ``pythonic``, whose arguments are Python, not JSON, and are read whole.
+
+    A call written in another order (its arguments before its name) is not listed, nor any after it: those are
+    read from the whole answer (``parse_calls``).
+    """
+    heads: list[CallHead] = []
+    if fmt == "pythonic":
+        return None
+    if fmt == "llama3_json":
+        body = _SPACE.match(text).end()
+        if text.startswith("<|python_tag|>", body):
+            body += len("<|python_tag|>")
+        object_calls(text, body, ";", heads)
+        return 0, heads
+    marker = CALL_MARKERS[fmt][0]
+    start = text.find(marker)
+    if start < 0:
+        return len(text), heads
+    position: int | None = start
+    while position is not None and position >= 0:
+        after = _SPACE.match(text, position + len(marker)).end()
+        if fmt == "hermes":
+            position = object_calls(text, after, "", heads, limit=1)
+        elif text.startswith("[", after):  # mistral: [TOOL_CALLS][{...}, {...}]
+            object_calls(text, after + 1, ",", heads)
+            break
+        else:  # mistral: [TOOL_CALLS]name[ARGS]{...}
+            named = _MISTRAL_ARGS.match(text, after)
+            if named is None:
+                break
+            heads.append(CallHead(named.group(1), named.end()))
+            position = value_end(text, named.end())
+        if position is not None:
+            position = text.find(marker, position)
+    return start, heads
+
+
+def object_calls(text: str, position: int, separators: str, heads: list[CallHead], limit: int | None = None
+                 ) -> int | None:
+    """Read call objects (``{"name": ..., "arguments": ...}``) from ``position``, separated by whitespace and
+    ``separators``, appending their heads: at most ``limit`` of them. Returns where the last one ended, or None
+    when the text ran out (or stopped being calls) first."""
+    read = 0
+    while limit is None or read < limit:
+        while position < len(text) and (text[position].isspace() or text[position] in separators):
+            position += 1
+        head = _CALL_HEAD.match(text, position)
+        if head is None:
+            return None
+        heads.append(CallHead(head.group(1), head.end()))
+        end = value_end(text, head.end())
+        if end is None:
+            return None
+        position = _SPACE.match(text, end).end()
+        if not text.startswith("}", position):
+            return None
+        position += 1
+        read += 1
+    return position
+
+
+def value_end(text: str, position: int) -> int | None:
+    """Where the JSON value at ``position`` ends, or None while it is incomplete (or not JSON)."""
+    try:
+        return json.JSONDecoder().raw_decode(text, position)[1]
+    except json.JSONDecodeError:
+        return None
+
+
+def call_arguments(name: str, raw: str) -> str | None:
+    """A call's arguments given as a complete JSON value other than an object (a JSON-encoded string, ``null``),
+    as ``ParsedCall.arguments`` holds them; None when they are not (yet) such a value."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    call = _call(name, value)
+    return None if call is None else call.arguments
+
+
 def looks_like_call_start(fmt: str, text: str) -> bool:
     """Whether a stream must hold ``text`` back: a call may be starting (llama3_json: the answer opens an object)."""
     if (fmt == "llama3_json" and text.lstrip().startswith("{")) or (

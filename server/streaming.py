@@ -191,8 +191,7 @@ def chat_events(
                                         "finish_reason": None, **(_analysis(output) if k == 0 else {})}, ids,
                                        output.new_token_ids if k == 0 else None)])
             if output.finished:
-                reason = finish_reason(stream.made_calls and bool(plan.calls(stream.text)[1]),
-                                       generation.choices[output.index].finish_reason)
+                reason = finish_reason(stream.made_calls, generation.choices[output.index].finish_reason)
                 yield chunk([_with_ids({"index": output.index, "delta": {}, "logprobs": None, "finish_reason": reason,
                                         "stop_reason": generation.choices[output.index].stop_reason}, ids)])
 

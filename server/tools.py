@@ -23,11 +23,17 @@ from typing import Any
 from proxy_engine.grammar import StructuredOutput, json_depth
 from proxy_engine.tool_calls import (
     DEFAULT_FORMAT,
+    CallHead,
     ParsedCall,
+    call_arguments,
+    call_heads,
     looks_like_call_start,
     marker_prefix_len,
+    object_calls,
     parse_calls,
+    value_end,
 )
+from server.canonical_json import CanonicalJson
 from server.errors import bad_request
 from server.guards import clip
 
@@ -213,68 +219,129 @@ def message_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
             for c in calls]
 
 
+@dataclass
+class _StreamedCall:
+    """A call being streamed: its id (sent with its name) and how its arguments are being sent."""
+
+    index: int
+    id: str = field(default_factory=new_call_id)
+    canonical: CanonicalJson | None = None  # arguments given as an object: sent canonically as they are written
+    sent_whole: bool = False  # arguments given otherwise (a JSON-encoded string, null): sent once complete
+
+
 class ChoiceStream:
     """One streamed choice's text turned into chat deltas: content, or tool calls in OpenAI's delta shape
     (per call: ``index``, ``id``, ``type`` and ``name`` once, then ``arguments`` fragments that join to the JSON).
 
-    A named call streams its arguments as they are generated. ``auto`` streams content until a call may be
-    starting (its marker, or a tail that could begin one, is held back), then buffers; ``required`` buffers.
+    Calls are streamed as they are written, as vLLM's parsers stream them: a call's name once it is complete, then
+    its arguments as ``json.dumps`` writes them (``CanonicalJson``), so that the fragments join to the very string
+    of the whole answer's ``tool_calls``. Under ``auto``, content streams until a call may be starting (its
+    marker, or a tail that could begin one, is held back); a call is streamed once its name is one of the tools.
+    What cannot be streamed (``pythonic`` calls, arguments written before the name, an unknown name) is read from
+    the whole answer at the end, as before: an answer that turns out not to be calls is then sent as content.
+    A call already streamed stays sent: one cut by ``max_tokens`` ends with ``finish_reason`` ``length``.
     """
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
         self.text = ""
-        self.sent = 0  # characters of text already sent as content (or, named, as arguments)
-        self.holding = False  # auto: a call may have started; nothing more is sent until the end
-        self.made_calls = False
-        self.call_id = new_call_id()
+        self.sent = 0  # characters of text already sent as content
+        self.holding = False  # auto: a call may have started; content is no longer sent as it comes
+        self.calls: list[_StreamedCall] = []
+        self.known = {t["function"]["name"] for t in plan.tools}
+
+    @property
+    def made_calls(self) -> bool:
+        return bool(self.calls)
 
     def feed(self, delta: str) -> list[dict[str, Any]]:
         self.text += delta
         mode = self.plan.mode
-        if mode == "named":
-            out = []
-            if not self.made_calls:
-                self.made_calls = True
-                out.append({"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
-                                            "function": {"name": self.plan.name, "arguments": ""}}]})
-            if delta:
-                out.append({"tool_calls": [{"index": 0, "function": {"arguments": delta}}]})
-            return out
-        if mode == "required" or self.holding:
-            return []
-        if mode == "auto":
-            if looks_like_call_start(self.plan.fmt, self.text):
-                self.holding = True
-                return []
-            safe = len(self.text) - marker_prefix_len(self.plan.fmt, self.text)
-        else:
-            safe = len(self.text)
-        piece, self.sent = self.text[self.sent:safe], max(self.sent, safe)
-        return [{"content": piece}] if piece else []
+        if mode == "auto" and not self.holding and looks_like_call_start(self.plan.fmt, self.text):
+            self.holding = True
+        if mode in ("named", "required") or self.holding:
+            return self._call_deltas()
+        held = marker_prefix_len(self.plan.fmt, self.text) if mode == "auto" else 0
+        return self._content_to(len(self.text) - held)
 
     def finish(self) -> list[dict[str, Any]]:
-        """Whatever is left once the choice ended: the buffered calls, or held-back text as content."""
+        """Whatever is left once the choice ended: the rest of the calls, or held-back text as content."""
         mode = self.plan.mode
-        if mode == "named":
-            return [] if self.made_calls else self.feed("")
-        if mode == "text":
-            rest = self.text[self.sent:]
-            return [{"content": rest}] if rest else []
-        content, calls = self.plan.calls(self.text)
+        if mode == "text" or (mode == "auto" and not self.holding):
+            return self._content_to(len(self.text))
+        out = self._call_deltas()
+        if self.calls:
+            return out
+        content, calls = self.plan.calls(self.text)  # nothing streamed: the whole answer's calls, if any
         if not calls:
-            rest = self.text[self.sent:]
-            return [{"content": rest}] if rest else []
-        self.made_calls = True
-        out = []
-        unsent = (content or "")[self.sent:]
-        if unsent:
-            out.append({"content": unsent})
-        for index, call in enumerate(calls):
-            out.append({"tool_calls": [{"index": index, "id": new_call_id(), "type": "function",
-                                        "function": {"name": call.name, "arguments": ""}}]})
-            out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+            return out + self._content_to(len(self.text))
+        out += self._content_to(len(content or ""))  # content is the text before the calls
+        for call in calls:
+            state = self._start_call(call.name, out)
+            out.append({"tool_calls": [{"index": state.index, "function": {"arguments": call.arguments}}]})
         return out
+
+    def _content_to(self, end: int) -> list[dict[str, Any]]:
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return [{"content": piece}] if piece else []
+
+    def _heads(self) -> tuple[int, list[CallHead]] | None:
+        """The calls begun so far (and where the content before them ends), or None if they are read whole."""
+        if self.plan.mode == "named":
+            return 0, [CallHead(self.plan.name or "", 0)]
+        if self.plan.mode == "required":  # the constraint's array: [{"name": ..., "parameters": {...}}, ...]
+            heads: list[CallHead] = []
+            opening = re.match(r"\s*\[", self.text)
+            if opening:
+                object_calls(self.text, opening.end(), ",", heads)
+            return 0, heads
+        return call_heads(self.plan.fmt, self.text)
+
+    def _call_deltas(self) -> list[dict[str, Any]]:
+        found = self._heads()
+        if found is None:
+            return []
+        content_end, heads = found
+        if not self.plan.parallel:
+            heads = heads[:1]
+        out: list[dict[str, Any]] = []
+        for position, head in enumerate(heads):
+            if position == len(self.calls):
+                if head.name not in self.known:  # not a call of these tools: stream no more
+                    break
+                if not self.calls:
+                    out += self._content_to(content_end)
+                self._start_call(head.name, out)
+            out += self._arguments(self.calls[position], head)
+        return out
+
+    def _start_call(self, name: str, out: list[dict[str, Any]]) -> _StreamedCall:
+        """A new call, its header (index, id, type, name) appended to ``out``."""
+        state = _StreamedCall(len(self.calls))
+        self.calls.append(state)
+        out.append({"tool_calls": [{"index": state.index, "id": state.id, "type": "function",
+                                    "function": {"name": name, "arguments": ""}}]})
+        return state
+
+    def _arguments(self, state: _StreamedCall, head: CallHead) -> list[dict[str, Any]]:
+        raw = self.text[head.start:]
+        if state.canonical is None and not state.sent_whole:
+            begun = raw.lstrip()
+            if not begun:
+                return []
+            if begun[0] == "{":
+                state.canonical = CanonicalJson()
+            else:  # not an object: sent once whole, as the whole answer's parse writes it
+                end = value_end(self.text, head.start)
+                arguments = None if end is None else call_arguments(head.name, self.text[head.start:end])
+                if arguments is None:
+                    return []
+                state.sent_whole = True
+                return [{"tool_calls": [{"index": state.index, "function": {"arguments": arguments}}]}]
+        if state.canonical is None:
+            return []
+        piece = state.canonical.feed(raw)
+        return [{"tool_calls": [{"index": state.index, "function": {"arguments": piece}}]}] if piece else []
 
 
 def finish_reason(made_calls: bool, reason: str | None) -> str | None:

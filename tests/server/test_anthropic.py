@@ -15,7 +15,7 @@ from server.app import create_app
 from server.settings import load_settings
 from tests.server.live import MODEL
 from tests.server.test_reasoning import THINKING
-from tests.server.test_tool_call_parsing import ANSWERS, ScriptedEngine
+from tests.server.test_tool_call_parsing import ANSWERS, SLOW_CALL, ScriptedEngine
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -75,6 +75,16 @@ def test_a_tool_call_is_a_tool_use_block_whole_and_streamed():
         _, prompt, params, _ = engine.requests[0]
         assert prompt.tools == [{"type": "function", "function": {
             "name": "get_weather", "parameters": WEATHER["input_schema"], "description": "The weather in a city."}}]
+
+
+def test_a_tool_use_input_streams_as_it_is_written():
+    http, _ = _served(SLOW_CALL)
+    with http, _sdk(http).messages.stream(**ASK, tools=[WEATHER]) as stream:
+        partial = [event.delta.partial_json for event in stream
+                   if event.type == "content_block_delta" and event.delta.type == "input_json_delta"]
+        message = stream.get_final_message()
+    assert partial == ['{"city": "', "Par", "is", ", the", ' capital"', "}"]
+    assert message.content[1].input == {"city": "Paris, the capital"} and message.stop_reason == "tool_use"
 
 
 def test_the_conversation_reaches_the_chat_path_as_chat_messages():

@@ -78,7 +78,41 @@ def test_auto_parses_the_family_format(fmt):
                     entry["name"] += (delta.function.name or "") if delta.function else ""
                     entry["arguments"] += (delta.function.arguments or "") if delta.function else ""
         assert content == (CONTENT[fmt] or "") and reasons == ["tool_calls"]
-        assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("get_weather", {"city": "Paris"})]
+        # string for string: the streamed arguments are the whole answer's
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_weather", call.function.arguments)]
+
+
+# A call whose arguments take several steps to write (a long argument: code, a document).
+SLOW_CALL = ["Sure. ", '<tool_call>{"name": "get_weather", "arguments": {"city": "', "Par", "is", ', the',
+             ' capital"', "}}", "</tool_call>"]
+
+
+def test_a_call_streams_its_arguments_as_they_are_written():
+    """Each step's new arguments go out in that step's chunk (vLLM's streaming parsers), not at the end: a client
+    sees a long argument grow. The name comes first, once complete; the pieces join to the whole answer's."""
+    with _client("hermes", SLOW_CALL) as http:
+        body = {"model": "proxy-tuned", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                "stream": True}
+        chunks = [json.loads(line[len("data: "):]) for line in
+                  http.post("/v1/chat/completions", json=body).text.splitlines()
+                  if line.startswith("data: {")]
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        pieces = [d["tool_calls"][0]["function"]["arguments"] for d in deltas if d.get("tool_calls")]
+        assert pieces == ["", '{"city": "', "Par", "is", ", the", ' capital"', "}"]
+        assert "".join(d.get("content") or "" for d in deltas) == "Sure. "
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        whole = http.post("/v1/chat/completions", json={**body, "stream": False}).json()["choices"][0]["message"]
+        assert whole["tool_calls"][0]["function"]["arguments"] == "".join(pieces) == '{"city": "Paris, the capital"}'
+        assert whole["content"] == "Sure. "
+
+        flat = [{"type": "function", **TOOLS[0]["function"]}]
+        events = [json.loads(line[len("data: "):]) for line in http.post("/v1/responses", json={
+            "model": "proxy-tuned", "input": "x", "tools": flat, "stream": True}).text.splitlines()
+            if line.startswith("data: {")]
+        argument_events = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+        assert argument_events == pieces[1:]
+        done = next(e for e in events if e["type"] == "response.completed")["response"]
+        assert done["output"][-1]["arguments"] == "".join(pieces)
 
 
 def test_a_call_to_an_unknown_function_is_text():

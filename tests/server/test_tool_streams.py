@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from server.tools import ChoiceStream, ToolPlan, assistant_message
+import pytest
+
+from server.tools import ChoiceStream, ToolPlan, assistant_message, finish_reason
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
@@ -52,7 +54,9 @@ def test_named_streams_arguments_as_they_come():
     plan = ToolPlan("named", TOOLS, name="f")
     deltas = _run(plan, ['{"x"', ":1}"])
     assert deltas[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
-    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == '{"x":1}'
+    # as json.dumps writes them: the string the whole answer's arguments hold
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == '{"x": 1}'
+    assert assistant_message(plan, '{"x":1}', "stop")[0]["tool_calls"][0]["function"]["arguments"] == '{"x": 1}'
     assert sum("id" in d["tool_calls"][0] for d in deltas) == 1
 
 
@@ -62,12 +66,111 @@ def test_named_cut_by_length_keeps_length():
     assert reason == "length" and "tool_calls" not in message
 
 
-def test_required_emits_each_call_whole_at_the_end():
+def test_required_streams_each_call_as_it_is_written():
     plan = ToolPlan("required", TOOLS)
     text = '[{"name":"f","parameters":{"a":1}},{"name":"f","parameters":{}}]'
-    deltas = _run(plan, [text[:10], text[10:]])
+    deltas = _run(plan, [text[:28], text[28:]])
     indices = [d["tool_calls"][0]["index"] for d in deltas]
-    assert indices == [0, 0, 1, 1]
+    assert indices == [0, 0, 0, 1, 1]  # the first call's arguments begin before the rest is written
+    assert _joined(deltas) == _whole(plan, text)
     schema = plan.constraint.value
     assert schema["minItems"] == 1 and "maxItems" not in schema
     assert ToolPlan("required", TOOLS, parallel=False).constraint.value["maxItems"] == 1
+
+
+def _joined(deltas: list[dict]) -> list[tuple[str, str]]:
+    """The calls the deltas stream, as ``(name, arguments)``; each call's id and name come once, in its first."""
+    calls: dict[int, list] = {}
+    for delta in deltas:
+        for call in delta.get("tool_calls", []):
+            if call["index"] not in calls:
+                assert call["id"].startswith("call_") and call["type"] == "function"
+                calls[call["index"]] = [call["function"]["name"], ""]
+            else:
+                assert "id" not in call and "name" not in call["function"]
+            calls[call["index"]][1] += call["function"]["arguments"]
+    assert sorted(calls) == list(range(len(calls)))
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def _whole(plan: ToolPlan, text: str) -> list[tuple[str, str]]:
+    message, _ = assistant_message(plan, text, "stop")
+    return [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])]
+
+
+TWO = TOOLS + [{"type": "function", "function": {"name": "g.v2", "parameters": {"type": "object"}}}]
+ARGS = '{"city":"Paris", "days": [1,2], "note": "caf\\u00e9 \\"ok\\"", "deep": {"x": null}}'
+WRITTEN = {  # each format as its models write two calls, with the content some of them allow before
+    "hermes": f'Checking.\n<tool_call>\n{{"name": "f", "arguments": {ARGS}}}\n</tool_call>\n'
+              f'<tool_call>\n{{"name": "g.v2", "arguments": {{}}}}\n</tool_call>',
+    "llama3_json": f'<|python_tag|>{{"name": "f", "parameters": {ARGS}}}; {{"name": "g.v2", "parameters": {{}}}}',
+    "mistral": f'[TOOL_CALLS][{{"name": "f", "arguments": {ARGS}}}, {{"name": "g.v2", "arguments": {{}}}}]',
+    "mistral_args": f'[TOOL_CALLS]f[ARGS]{ARGS}[TOOL_CALLS]g.v2[ARGS]{{}}',
+}
+
+
+@pytest.mark.parametrize("written", sorted(WRITTEN))
+def test_auto_streams_each_format_as_it_is_written(written):
+    """Fed a character at a time, the deltas join to the whole answer's content and calls, string for string,
+    and a call's arguments start streaming long before the answer ends."""
+    plan = ToolPlan("auto", TWO, fmt=written.split("_args")[0])
+    text = WRITTEN[written]
+    stream = ChoiceStream(plan)
+    deltas, first_arguments_at = [], None
+    for position, char in enumerate(text):
+        for delta in stream.feed(char):
+            deltas.append(delta)
+            if first_arguments_at is None and any(c["function"]["arguments"] for c in delta.get("tool_calls", [])):
+                first_arguments_at = position
+    deltas += stream.finish()
+    message, reason = assistant_message(plan, text, "stop")
+    assert reason == "tool_calls" and len(message["tool_calls"]) == 2
+    assert _joined(deltas) == _whole(plan, text)
+    assert message["tool_calls"][0]["function"]["arguments"] == json.dumps(json.loads(ARGS), ensure_ascii=False)
+    assert _content(deltas) == (message["content"] or "")
+    assert first_arguments_at is not None and first_arguments_at < text.index(ARGS) + len(ARGS) // 2
+
+
+def test_pythonic_calls_are_sent_whole_at_the_end():
+    plan = ToolPlan("auto", TWO, fmt="pythonic")
+    text = '[f(city="Paris", days=[1, 2]), f()]'
+    stream = ChoiceStream(plan)
+    assert [stream.feed(c) for c in text] == [[]] * len(text)
+    deltas = stream.finish()
+    assert _joined(deltas) == _whole(plan, text) == [("f", '{"city": "Paris", "days": [1, 2]}'), ("f", "{}")]
+
+
+@pytest.mark.parametrize("text, arguments", [
+    ('<tool_call>{"arguments": {"x": 1}, "name": "f"}</tool_call>', '{"x": 1}'),  # the name after: read whole
+    ('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', '{"x": 1}'),  # JSON in a string
+    ('<tool_call>{"name": "f", "arguments": null}</tool_call>', "{}"),
+])
+def test_calls_written_otherwise_still_join_to_the_whole_answer(text, arguments):
+    plan = ToolPlan("auto", TWO, fmt="hermes")
+    assert _joined(_run(plan, list(text))) == _whole(plan, text) == [("f", arguments)]
+
+
+def test_a_call_of_no_given_tool_stops_the_calls_streamed():
+    plan = ToolPlan("auto", TWO, fmt="hermes")
+    text = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "h", "arguments": {}}</tool_call>'
+    deltas = _run(plan, list(text))
+    assert _joined(deltas) == [("f", "{}")] and _content(deltas) == ""
+    # the whole answer cannot take some calls and not others: it is text, as when the first call is unknown
+    assert assistant_message(plan, text, "stop") == ({"role": "assistant", "content": text}, "stop")
+
+
+def test_one_call_only_when_parallel_calls_are_off():
+    plan = ToolPlan("auto", TWO, parallel=False, fmt="hermes")
+    text = WRITTEN["hermes"]
+    assert _joined(_run(plan, list(text))) == _whole(plan, text)[:1] == [("f", _whole(plan, text)[0][1])]
+
+
+def test_a_call_cut_short_keeps_what_was_written_and_length():
+    plan = ToolPlan("auto", TWO, fmt="hermes")
+    text = '<tool_call>{"name": "f", "arguments": {"city": "Par'
+    stream = ChoiceStream(plan)
+    deltas = _run(plan, list(text))
+    assert _joined(deltas) == [("f", '{"city": "Par')]
+    stream.feed(text)
+    stream.finish()
+    assert stream.made_calls and finish_reason(stream.made_calls, "length") == "length"
