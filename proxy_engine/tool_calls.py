@@ -12,6 +12,8 @@ template when left at ``auto``; vLLM's tool-call parser names):
   Python list of calls with keyword arguments, ``[get_weather(city="Paris"), get_time(zone="CET")]`` (Llama 4 may
   wrap it in ``<|python_start|>`` ... ``<|python_end|>``). It is read with ``ast``, never evaluated: arguments
   must be literals.
+- ``qwen3_coder`` (Qwen3-Coder, Qwen 3.5): ``<tool_call><function=name><parameter=key>value</parameter>...``,
+  values read by the function's parameter schema (``xml_calls.py``).
 
 Pure functions, no tensors: the engine renders transcripts with them, the server parses answers with them.
 """
@@ -24,8 +26,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic"]
-FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic")
+from proxy_engine import xml_calls
+
+ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"]
+FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
 DEFAULT_FORMAT: ToolCallFormat = "hermes"
 
 # What starts a call in each format: text from here on is held back from a stream until it parses (or not).
@@ -34,6 +38,7 @@ CALL_MARKERS: dict[str, tuple[str, ...]] = {
     "llama3_json": ("<|python_tag|>",),
     "mistral": ("[TOOL_CALLS]",),
     "pythonic": ("<|python_start|>",),
+    "qwen3_coder": ("<tool_call>", "<function="),
 }
 # What pythonic templates write to show the format (Llama 3.2 / 4's, vLLM's Gemma 3 example).
 _PYTHONIC_EXAMPLE = re.compile(r"func_name1\(|params_name1=")
@@ -59,6 +64,8 @@ def renders_tools(chat_template: str | None) -> bool:
 def detect_format(chat_template: str | None) -> ToolCallFormat:
     """The family's format, from what its chat template writes (Hermes / Qwen when nothing tells)."""
     template = chat_template or ""
+    if "<function=" in template and "<parameter=" in template:
+        return "qwen3_coder"
     if "[TOOL_CALLS]" in template:
         return "mistral"
     if _PYTHONIC_EXAMPLE.search(template):
@@ -90,6 +97,8 @@ def render_calls(fmt: str, calls: list[dict[str, Any]]) -> str:
     if fmt == "pythonic":
         return "[" + ", ".join(f"{n}(" + ", ".join(f"{k}={_python_literal(v)}" for k, v in a.items()) + ")"
                                for n, a in pairs) + "]"
+    if fmt == "qwen3_coder":
+        return "\n".join(xml_calls.render(n, a) for n, a in pairs)
     return "".join(f"<tool_call>{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}</tool_call>"
                    for n, a in pairs)
 
@@ -170,8 +179,12 @@ def _objects(text: str) -> list[Any] | None:
         values.append(value)
 
 
-def parse_calls(fmt: str, text: str) -> tuple[str | None, list[ParsedCall]]:
-    """``(content, calls)`` from a generated answer. Without a well-formed call, the whole text is content."""
+def parse_calls(fmt: str, text: str, tools: list[dict[str, Any]] | None = None) -> tuple[str | None, list[ParsedCall]]:
+    """``(content, calls)`` from a generated answer. Without a well-formed call, the whole text is content.
+    ``tools`` (OpenAI's) type the values of ``qwen3_coder`` calls, which are written bare."""
+    if fmt == "qwen3_coder":
+        content, pairs = xml_calls.parse(text, tools)
+        return content, [ParsedCall(name, arguments) for name, arguments in pairs]
     if fmt == "hermes":
         start = text.find("<tool_call>")
         if start < 0:
@@ -290,6 +303,12 @@ def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
     heads: list[CallHead] = []
     if fmt == "pythonic":
         return None
+    if fmt == "qwen3_coder":  # tags, not JSON: a call's arguments begin after its <function=name>
+        start = xml_calls.start(text)
+        if start < 0:
+            return len(text), heads
+        heads += [CallHead(f.group(1).strip(), f.end()) for f in xml_calls.FUNCTION.finditer(text, start)]
+        return start, heads
     if fmt == "llama3_json":
         body = _SPACE.match(text).end()
         if text.startswith("<|python_tag|>", body):
@@ -317,6 +336,13 @@ def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
         if position is not None:
             position = text.find(marker, position)
     return start, heads
+
+
+def arguments_so_far(fmt: str, text: str, head: CallHead, tools: list[dict[str, Any]] | None = None) -> str:
+    """The call's arguments as written so far, as JSON text that only grows (to feed ``CanonicalJson``)."""
+    if fmt == "qwen3_coder":
+        return xml_calls.arguments_so_far(text[head.start:], xml_calls.properties(tools, head.name))
+    return text[head.start:]
 
 
 def object_calls(text: str, position: int, separators: str, heads: list[CallHead], limit: int | None = None

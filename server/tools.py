@@ -25,6 +25,7 @@ from proxy_engine.tool_calls import (
     DEFAULT_FORMAT,
     CallHead,
     ParsedCall,
+    arguments_so_far,
     call_arguments,
     call_heads,
     looks_like_call_start,
@@ -97,7 +98,7 @@ class ToolPlan:
                 return text, []
             return None, [ParsedCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
         if self.mode == "auto":
-            content, calls = parse_calls(self.fmt, text)
+            content, calls = parse_calls(self.fmt, text, self.tools)
             known = {t["function"]["name"] for t in self.tools}
             if not calls or any(c.name not in known for c in calls):
                 return text, []
@@ -324,7 +325,8 @@ class ChoiceStream:
         return state
 
     def _arguments(self, state: _StreamedCall, head: CallHead) -> list[dict[str, Any]]:
-        raw = self.text[head.start:]
+        named = self.plan.mode != "auto"  # named and required calls are the constraint's JSON, whatever the family
+        raw = self.text[head.start:] if named else arguments_so_far(self.plan.fmt, self.text, head, self.plan.tools)
         if state.canonical is None and not state.sent_whole:
             begun = raw.lstrip()
             if not begun:

@@ -71,7 +71,10 @@ def test_rendered_calls_parse_back(fmt):
     assert parse_calls(fmt, text)[1] == [CALL]
     nested = {"id": "c", "type": "function", "function": {"name": "f", "arguments": json.dumps(
         {"a": [1, None, True, "q\"uote\n"], "b": {"x": 0.5}})}}
-    assert parse_calls(fmt, render_calls(fmt, [nested, OPENAI_CALL]))[1] == [
+    # qwen3_coder writes values bare: reading them back needs their types
+    typed = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "array"}, "b": {"type": "object"}}}}}]
+    assert parse_calls(fmt, render_calls(fmt, [nested, OPENAI_CALL]), typed)[1] == [
         ParsedCall("f", nested["function"]["arguments"]), CALL]
 
 

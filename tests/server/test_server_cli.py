@@ -137,7 +137,7 @@ def test_vllms_model_flags_set_every_model_but_where_a_models_own_flag_is_given(
     with pytest.raises(ConfigError, match=r"--dtype float8: invalid configuration: engine\.base\.dtype: Input"):
         resolve_settings([*TRIPLE, "--dtype", "float8"])
     with pytest.raises(ConfigError, match="tool_call_format"):
-        resolve_settings([*TRIPLE, "--tool-call-parser", "qwen3_coder"])
+        resolve_settings([*TRIPLE, "--tool-call-parser", "kimi_k2"])
 
 
 def test_repeated_expert_flags_name_several_pairs_over_one_anti_expert():

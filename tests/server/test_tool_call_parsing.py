@@ -24,8 +24,11 @@ ANSWERS = {
     "llama3_json": ['{"name": "get_weather", ', '"parameters": {"city": "Paris"}}'],
     "mistral": ["Let me check. [TOOL_", 'CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'],
     "pythonic": [" [get_", 'weather(city="Paris"', ")]"],
+    "qwen3_coder": ["Let me check.\n<tool_", "call>\n<function=get_weather>\n<parameter=city>\nPar",
+                    "is\n</parameter>\n</function>\n</tool_call>"],
 }
-CONTENT = {"hermes": "Let me check. ", "llama3_json": None, "mistral": "Let me check. ", "pythonic": None}
+CONTENT = {"hermes": "Let me check. ", "llama3_json": None, "mistral": "Let me check. ", "pythonic": None,
+           "qwen3_coder": "Let me check.\n"}
 
 
 class ScriptedEngine(FakeEngine):
