@@ -41,6 +41,10 @@ CALL_MARKERS: dict[str, tuple[str, ...]] = {
     "qwen3_coder": ("<tool_call>", "<function="),
 }
 # What pythonic templates write to show the format (Llama 3.2 / 4's, vLLM's Gemma 3 example).
+# Formats whose calls cannot be read without their marker. Some tokenizers mark it a special token (Mistral's
+# [TOOL_CALLS], <tool_call> in some Hermes fine-tunes), which decoding skips by default: an answer that may hold
+# calls is decoded with special tokens kept, as vLLM's hermes and mistral parsers ask. The others parse without.
+MARKED_FORMATS: tuple[str, ...] = ("hermes", "mistral", "qwen3_coder")
 _PYTHONIC_EXAMPLE = re.compile(r"func_name1\(|params_name1=")
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _MISTRAL_ARGS = re.compile(r"([A-Za-z0-9_.\-]+)\[ARGS\]")

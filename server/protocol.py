@@ -488,8 +488,11 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
             raise bad_request("response_format (or another output constraint) cannot be combined with tools unless "
                               "tool_choice is 'none'", "response_format")
         structured = plan.constraint or structured
-        return self._sampling(self._max_tokens(zero_ok=False), logprobs, self._prompt_logprobs(), structured,
-                              defaults)
+        params = self._sampling(self._max_tokens(zero_ok=False), logprobs, self._prompt_logprobs(), structured,
+                                defaults)
+        if plan.keeps_special_tokens and self.skip_special_tokens is None:
+            params.skip_special_tokens = False  # a call's marker may be a special token (Mistral's [TOOL_CALLS])
+        return params
 
 
 def _chat_message(role: str, message: ChatMessage, i: int) -> dict[str, Any]:

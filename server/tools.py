@@ -23,6 +23,7 @@ from typing import Any
 from proxy_engine.grammar import StructuredOutput, json_depth
 from proxy_engine.tool_calls import (
     DEFAULT_FORMAT,
+    MARKED_FORMATS,
     CallHead,
     ParsedCall,
     arguments_so_far,
@@ -62,6 +63,12 @@ class ToolPlan:
     parallel: bool = True
     fmt: str = "hermes"
     dropped: int = 0  # tools left out under auto: the family has no tool-call format
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether the answer must be decoded with special tokens kept: it may hold calls whose marker some
+        tokenizers make a special token (``MARKED_FORMATS``)."""
+        return self.mode == "auto" and self.fmt in MARKED_FORMATS
 
     @property
     def constraint(self) -> StructuredOutput | None:
