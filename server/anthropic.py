@@ -366,7 +366,8 @@ def add_anthropic_routes(router: APIRouter, ctx: ServerContext, start: Start, co
             return chat.prompt_input(fmt)
 
         generation, _ = await start(message_id, "messages", body.model, prompt,
-                                    lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model), ctx.max_logprobs),
+                                    lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model), ctx.max_logprobs,
+                                                                 ctx.settings.reasoning_parser),
                                     request, ctx.cache_salt(tenant(request), None))
         assert chat is not None
         plan = chat.tool_plan(fmt)

@@ -23,7 +23,7 @@ from server import structured as structured_fields
 from server import tools as tool_fields
 from server.errors import bad_request
 from server.guards import clip
-from server.reasoning import ReasoningParser, thinking_disabled
+from server.reasoning import SPECIAL_TAG_PARSERS, ReasoningParser, thinking_disabled
 
 # The logprob sent in place of -inf (JSON has no infinities).
 MIN_LOGPROB = -9999.0
@@ -470,9 +470,9 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
                            **self.template_controls())
 
     def sampling_params(self, fmt: str | None = "hermes", defaults: dict[str, Any] | None = None,
-                        max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
+                        max_logprobs: int = MAX_LOGPROBS, reasoning: ReasoningParser | None = None) -> SamplingParams:
         """``max_logprobs``: the server's cap (-1: the whole vocabulary), checked here for ``top_logprobs`` so that
-        the 400 names chat's field (the engine's check would say "logprobs")."""
+        the 400 names chat's field (the engine's check would say "logprobs"). ``reasoning``: the server's parser."""
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         if self.top_logprobs is not None:
@@ -490,8 +490,11 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
         structured = plan.constraint or structured
         params = self._sampling(self._max_tokens(zero_ok=False), logprobs, self._prompt_logprobs(), structured,
                                 defaults)
-        if plan.keeps_special_tokens and self.skip_special_tokens is None:
-            params.skip_special_tokens = False  # a call's marker may be a special token (Mistral's [TOOL_CALLS])
+        # A call's marker or a thinking tag may be a special token (Mistral's [TOOL_CALLS], [THINK]): kept for the
+        # parsers, unless the client said otherwise.
+        tags_special = self.reasoning_parser(reasoning, fmt) in SPECIAL_TAG_PARSERS
+        if (plan.keeps_special_tokens or tags_special) and self.skip_special_tokens is None:
+            params.skip_special_tokens = False
         return params
 
 

@@ -10,6 +10,8 @@ read. ``--reasoning-parser`` here takes vLLM's two names for the two ways such a
   ``<think>`` the model writes anyway is dropped), and an answer cut before ``</think>`` is all reasoning;
 - ``qwen3``: the model opens the block itself when it thinks (Qwen3's hybrid models): an answer that starts with
   ``<think>`` (after white space) reasons up to ``</think>`` or its end; any other answer is all content.
+- ``mistral``: as ``qwen3``, with Mistral's ``[THINK]`` ... ``[/THINK]`` (Magistral, Ministral 3 Reasoning). Those
+  are special tokens, which decoding skips by default: with this parser answers keep special tokens.
 
 Text is kept as written (the newlines around the tags included), so the streamed pieces join to the whole
 answer's two fields. A request with ``chat_template_kwargs: {"enable_thinking": false}`` (or ``thinking:
@@ -24,8 +26,12 @@ from typing import Any, Literal
 
 from server.tools import ChoiceStream, ToolPlan, assistant_message
 
-START, END = "<think>", "</think>"
-ReasoningParser = Literal["deepseek_r1", "qwen3"]
+ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral"]
+# Each parser's tags around the thinking.
+TAGS: dict[str, tuple[str, str]] = {
+    "deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>"), "mistral": ("[THINK]", "[/THINK]")}
+# Parsers whose tags are special tokens, which decoding skips by default: their answers keep special tokens.
+SPECIAL_TAG_PARSERS: frozenset[str] = frozenset({"mistral"})
 
 
 def _prefix_tail(text: str, tag: str) -> int:
@@ -54,28 +60,29 @@ class ReasoningSplitter:
     def __post_init__(self) -> None:
         self.state = "content" if self.parser is None else "start"
         self.pending = ""  # text not yet given out
+        self.start, self.end = TAGS[self.parser or "qwen3"]
 
     def feed(self, delta: str) -> list[tuple[str, str]]:
         self.pending += delta
         out: list[tuple[str, str]] = []
         if self.state == "start":
             head = self.pending.lstrip()
-            if START.startswith(head):  # nothing yet, or a "<think>" on its way: wait
+            if len(head) < len(self.start) and self.start.startswith(head):  # nothing yet, or a tag on its way
                 return out
-            if head.startswith(START):
-                self.pending = head[len(START):]
+            if head.startswith(self.start):
+                self.pending = head[len(self.start):]
                 self.state = "reasoning"
             else:
                 self.state = "reasoning" if self.parser == "deepseek_r1" else "content"
         if self.state == "reasoning":
-            end = self.pending.find(END)
+            end = self.pending.find(self.end)
             if end < 0:
-                keep = _prefix_tail(self.pending, END)
+                keep = _prefix_tail(self.pending, self.end)
                 piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
                 return [("reasoning_content", piece)] if piece else out
             if end:
                 out.append(("reasoning_content", self.pending[:end]))
-            self.pending = self.pending[end + len(END):]
+            self.pending = self.pending[end + len(self.end):]
             self.state = "content"
         if self.pending:
             out.append(("content", self.pending))
@@ -90,7 +97,7 @@ class ReasoningSplitter:
             return []
         if self.state == "start":
             field = "reasoning_content" if self.parser == "deepseek_r1" else "content"
-            if field == "reasoning_content" and rest.lstrip() and START.startswith(rest.lstrip()):
+            if field == "reasoning_content" and rest.lstrip() and self.start.startswith(rest.lstrip()):
                 return []  # a lone, cut "<think" opening tag: nothing said
             return [(field, rest)]
         return [("reasoning_content" if self.state == "reasoning" else "content", rest)]

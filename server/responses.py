@@ -535,7 +535,8 @@ def add_responses_routes(router: APIRouter, ctx: ServerContext, start: Start, co
 
         generation, _ = await start(response_id, "responses", body.model, prompt,
                                     lambda: chat.sampling_params(fmt, ctx.defaults_for(body.model),
-                                                                 ctx.max_logprobs), request,
+                                                                 ctx.max_logprobs, settings.reasoning_parser),
+                                    request,
                                     salt=ctx.cache_salt(owner, body.cache_salt))
         assert chat is not None
         plan = chat.tool_plan(fmt)

@@ -183,7 +183,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         fmt = ctx.tool_call_format
         generation, _ = await start(request_id, "chat", body.model, lambda: body.prompt_input(fmt),
                                     lambda: body.sampling_params(fmt, ctx.defaults_for(body.model),
-                                                                 ctx.max_logprobs), request,
+                                                                 ctx.max_logprobs, ctx.settings.reasoning_parser),
+                                    request,
                                     ctx.cache_salt(tenant(request), body.cache_salt))
         plan = body.tool_plan(fmt)
         configured = ctx.settings.reasoning_parser

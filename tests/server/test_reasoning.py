@@ -35,10 +35,15 @@ CUT = ["<think>\nStill", " thinking"]  # max_tokens ran out inside the block
         ("qwen3", "<think>\nhm\n</think>\n\nHi", ("\nhm\n", "\n\nHi")),
         ("qwen3", "  <think>hm</think>Hi", ("hm", "Hi")),
         ("qwen3", "<think>cut", ("cut", None)),
+        ("qwen3", "<think>", (None, None)),  # cut right after the tag: thinking, nothing said yet
         ("qwen3", "hm</think>Hi", (None, "hm</think>Hi")),  # the model opens the block itself, or there is none
         ("qwen3", "Plain answer", (None, "Plain answer")),
         ("qwen3", "<thinking> is a tag", (None, "<thinking> is a tag")),
         (None, "<think>hm</think>Hi", (None, "<think>hm</think>Hi")),
+        ("mistral", "[THINK]hm[/THINK]Hi", ("hm", "Hi")),  # Magistral, Ministral 3 Reasoning
+        ("mistral", "[THINK]cut", ("cut", None)),
+        ("mistral", "Plain answer", (None, "Plain answer")),
+        ("mistral", "<think>hm</think>Hi", (None, "<think>hm</think>Hi")),  # not its tags
     ],
 )
 def test_split_reasoning(parser, text, expected):
@@ -47,9 +52,10 @@ def test_split_reasoning(parser, text, expected):
 
 @settings(max_examples=150, deadline=None)
 @given(text=st.sampled_from(["<think>\nab</think>\n\ncd", "ab</think>cd", "plain </think", "  <think>x</th",
-                             "<thi", "a<think>b</think>c", "<think></think>", ""]),
+                             "<thi", "a<think>b</think>c", "<think></think>", "", "[THINK]ab[/THINK]cd", "[THI",
+                             " [THINK]x[/TH"]),
        cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=6),
-       parser=st.sampled_from(["deepseek_r1", "qwen3"]))
+       parser=st.sampled_from(["deepseek_r1", "qwen3", "mistral"]))
 def test_streamed_pieces_join_to_the_whole_answers_fields(text, cuts, parser):
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     splitter = ReasoningSplitter(parser)
@@ -164,6 +170,7 @@ def test_a_real_engines_stream_goes_through_the_parser(tiny_family):
 def test_the_flag_sets_the_parser_and_a_bad_name_is_named():
     settings_, _ = resolve_settings(["--base", "/m", "--reasoning-parser", "qwen3"])
     assert settings_.reasoning_parser == "qwen3"
+    assert resolve_settings(["--base", "/m", "--reasoning-parser", "mistral"])[0].reasoning_parser == "mistral"
     with pytest.raises(ConfigError, match="reasoning_parser"):
         resolve_settings(["--base", "/m", "--reasoning-parser", "r1"])
 
