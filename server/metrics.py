@@ -2,6 +2,10 @@
 
 Queue sizes and token totals are read from ``engine.stats()`` when scraped, so they are never out of step
 with the engine; latencies are observed by the server as outputs reach it.
+
+Each series is exported twice: under ``proxy_serve_`` with this server's labels, and under vLLM's name
+(``vllm:...{model_name}``), so that what reads a vLLM server (its Grafana dashboard, the Gateway API Inference
+Extension's endpoint picker, KServe's and the production stack's autoscalers) reads this one unchanged.
 """
 
 from __future__ import annotations
@@ -16,36 +20,73 @@ from prometheus_client.registry import Collector
 from proxy_engine.async_engine import EngineStats
 
 PREFIX = "proxy_serve"
+VLLM = "vllm:"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str) -> None:
         self._stats = stats
+        self._model_name = model_name
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats()
         if stats is None:  # still loading
             return
-        for name, value, doc in (
-            ("num_requests_running", stats.running, "Sequences in the decode batch."),
-            ("num_requests_prefilling", stats.prefilling, "Sequences whose prompts are being prefilled."),
-            ("num_requests_waiting", stats.waiting, "Sequences queued, not yet prefilling."),
-        ):
-            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
-        yield CounterMetricFamily(
-            f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", value=stats.prompt_tokens_total
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_generation_tokens", "Tokens generated.", value=stats.generation_tokens_total
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_num_preemptions",
-            "Running sequences preempted (for more urgent ones, or out of memory); they resume by recomputation.",
-            value=stats.preemptions_total,
-        )
-        yield from _cache_metrics(stats)
+        yield from _ours(stats)
+        yield from _vllms(stats, self._model_name)
+
+
+def _vllms(stats: EngineStats, model_name: str) -> Iterable[Metric]:
+    """The engine's series under vLLM's names. Prefix-cache counters are the primary model's (the base's): its
+    prompt is the one usage reports, and summing the models would count each prompt token up to three times."""
+    labels, value = ["model_name"], [model_name]
+    for name, count, doc in (
+        # vLLM schedules a chunked prefill as a running request
+        ("num_requests_running", stats.running + stats.prefilling, "Sequences decoding or being prefilled."),
+        ("num_requests_waiting", stats.waiting, "Sequences queued, not yet prefilling."),
+        ("kv_cache_usage_perc", stats.kv_cache_usage, "KV-cache usage, 0-1."),
+    ):
+        gauge = GaugeMetricFamily(f"{VLLM}{name}", doc, labels=labels)
+        gauge.add_metric(value, count)
+        yield gauge
+    primary = next((c for c in stats.prefix_caches if c.model == "base"), None)
+    for name, count, doc in (
+        ("prompt_tokens", stats.prompt_tokens_total, "Prompt tokens processed."),
+        ("generation_tokens", stats.generation_tokens_total, "Tokens generated."),
+        ("num_preemptions", stats.preemptions_total, "Running sequences preempted."),
+        ("prefix_cache_queries", primary.queries_total if primary else 0, "Prompt tokens looked up in the prefix "
+         "cache (the primary model's)."),
+        ("prefix_cache_hits", primary.hits_total if primary else 0, "Prompt tokens taken from the prefix cache "
+         "(the primary model's)."),
+    ):
+        counter = CounterMetricFamily(f"{VLLM}{name}", doc, labels=labels)
+        counter.add_metric(value, count)
+        yield counter
+
+
+def _ours(stats: EngineStats) -> Iterable[Metric]:
+    """The engine's series under this server's names."""
+    for name, value, doc in (
+        ("num_requests_running", stats.running, "Sequences in the decode batch."),
+        ("num_requests_prefilling", stats.prefilling, "Sequences whose prompts are being prefilled."),
+        ("num_requests_waiting", stats.waiting, "Sequences queued, not yet prefilling."),
+    ):
+        yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+    yield CounterMetricFamily(
+        f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", value=stats.prompt_tokens_total
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_generation_tokens", "Tokens generated.", value=stats.generation_tokens_total
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_num_preemptions",
+        "Running sequences preempted (for more urgent ones, or out of memory); they resume by recomputation.",
+        value=stats.preemptions_total,
+    )
+    yield from _cache_metrics(stats)
 
 
 def _cache_metrics(stats: EngineStats) -> Iterable[Metric]:
@@ -82,9 +123,10 @@ def _cache_metrics(stats: EngineStats) -> Iterable[Metric]:
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str = "proxy-tuned") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_EngineCollector(stats))
+        self.registry.register(_EngineCollector(stats, model_name))
+        self.model_name = model_name
         self.requests = Counter(
             f"{PREFIX}_requests", "Finished HTTP generation requests.", ["endpoint", "model", "status"],
             registry=self.registry,
@@ -101,6 +143,32 @@ class ServerMetrics:
             f"{PREFIX}_e2e_request_latency_seconds", "From arrival to the last token.",
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        # vLLM's names for the same observations (and its per-request counts), labelled with the served name.
+        vllm = ["model_name"]
+        self.vllm_time_to_first_token = Histogram(
+            f"{VLLM}time_to_first_token_seconds", "From arrival to the first generated token.", vllm,
+            buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model_name)
+        self.vllm_inter_token_latency = Histogram(
+            f"{VLLM}inter_token_latency_seconds", "Between successive tokens of one sequence.", vllm,
+            buckets=_TOKEN_BUCKETS, registry=self.registry).labels(model_name)
+        self.vllm_e2e_latency = Histogram(
+            f"{VLLM}e2e_request_latency_seconds", "From arrival to the last token.", vllm,
+            buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model_name)
+        self.vllm_request_success = Counter(
+            f"{VLLM}request_success", "Requests finished, by the finish reason of their first choice.",
+            ["model_name", "finished_reason"], registry=self.registry)
+        self.vllm_request_prompt_tokens = Histogram(
+            f"{VLLM}request_prompt_tokens", "Prompt tokens of each finished request.", vllm,
+            buckets=_TOKEN_COUNT_BUCKETS, registry=self.registry).labels(model_name)
+        self.vllm_request_generation_tokens = Histogram(
+            f"{VLLM}request_generation_tokens", "Generated tokens of each finished request (all choices).", vllm,
+            buckets=_TOKEN_COUNT_BUCKETS, registry=self.registry).labels(model_name)
+
+    def request_finished(self, finish_reason: str, prompt_tokens: int, generation_tokens: int) -> None:
+        """A request that ran to its end (vLLM counts only those): its finish reason and token counts."""
+        self.vllm_request_success.labels(self.model_name, finish_reason).inc()
+        self.vllm_request_prompt_tokens.observe(prompt_tokens)
+        self.vllm_request_generation_tokens.observe(generation_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -122,15 +190,18 @@ class RequestTimer:
         if self.first_token_at is None:
             self.first_token_at = now
             self.metrics.time_to_first_token.observe(now - self.arrival)
+            self.metrics.vllm_time_to_first_token.observe(now - self.arrival)
         last = self._last_token_at.get(index)
         if last is not None:
             per_token = (now - last) / count
             for _ in range(count):
                 self.metrics.inter_token_latency.observe(per_token)
+                self.metrics.vllm_inter_token_latency.observe(per_token)
         self._last_token_at[index] = now
 
     def finish(self, observe: bool = True) -> float:
         elapsed = time.perf_counter() - self.arrival
         if observe:
             self.metrics.e2e_latency.observe(elapsed)
+            self.metrics.vllm_e2e_latency.observe(elapsed)
         return elapsed

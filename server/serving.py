@@ -92,7 +92,7 @@ class ServerContext:
     reserved: int = 0
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self.stats)
+        self.metrics = ServerMetrics(self.stats, self.settings.served_model_name)
         self.defaults = sampling_defaults(self.settings.engine)
         names = {target: model_id for model_id, target in self.settings.model_routes.items()}
         for line in describe(self.defaults, names):
@@ -565,6 +565,9 @@ class Generation:
             status = 200 if self.finished else (failed if self.error else "disconnected")
         elapsed = self.timer.finish(observe=self.finished)
         self.ctx.metrics.requests.labels(self.endpoint, self.model, str(status)).inc()
+        if self.finished and self.choices:
+            self.ctx.metrics.request_finished(self.choices[0].finish_reason or "stop", self.prompt_tokens,
+                                              self.completion_tokens)
         if status == 200 and not self.ctx.settings.log_requests:
             return  # --disable-log-requests: a request that failed or was cut off is still written
         reasons = ",".join(c.finish_reason or "-" for c in self.choices)

@@ -37,6 +37,32 @@ def test_queue_kv_usage_and_prefix_cache_counters_per_model():
     assert got[("proxy_serve_prefix_cache_usage_perc", (("model", "expert"),))] == 0.125
 
 
+def test_the_same_series_under_vllms_names():
+    """What reads a vLLM server (its dashboard, the inference gateway's endpoint picker, autoscalers) finds its
+    series: vLLM counts a prefilling request as running, and its prefix-cache counters are the primary model's."""
+    stats = EngineStats(
+        running=3, waiting=2, prefilling=1, prompt_tokens_total=900, generation_tokens_total=40,
+        preemptions_total=7, kv_cache_usage=0.25,
+        prefix_caches=(
+            PrefixCacheStats(model="expert", queries_total=950, hits_total=608, usage=0.125),
+            PrefixCacheStats(model="base", queries_total=900, hits_total=600, usage=0.5),
+        ),
+    )
+    text = ServerMetrics(lambda: stats, "my-model").render().decode()
+    got = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+           for family in text_string_to_metric_families(text) for sample in family.samples}
+    named = (("model_name", "my-model"),)
+    assert got[("vllm:num_requests_running", named)] == 4
+    assert got[("vllm:num_requests_waiting", named)] == 2
+    assert got[("vllm:kv_cache_usage_perc", named)] == 0.25
+    assert got[("vllm:prompt_tokens_total", named)] == 900
+    assert got[("vllm:generation_tokens_total", named)] == 40
+    assert got[("vllm:num_preemptions_total", named)] == 7
+    assert got[("vllm:prefix_cache_queries_total", named)] == 900
+    assert got[("vllm:prefix_cache_hits_total", named)] == 600
+    assert "# TYPE vllm:num_requests_waiting gauge" in text  # the exposition a Prometheus scrape reads
+
+
 def test_without_a_prefix_cache_the_counters_are_absent_and_usage_is_zero():
     got = samples(EngineStats())
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.0

@@ -155,7 +155,15 @@ def test_metrics_after_requests(app_client):
                  "proxy_serve_prompt_tokens_total", "proxy_serve_generation_tokens_total",
                  "proxy_serve_time_to_first_token_seconds_count 2.0", "proxy_serve_inter_token_latency_seconds_count",
                  "proxy_serve_e2e_request_latency_seconds_count 2.0",
-                 'proxy_serve_requests_total{endpoint="completions",model="proxy-tuned",status="200"} 2.0'):
+                 'proxy_serve_requests_total{endpoint="completions",model="proxy-tuned",status="200"} 2.0',
+                 # vLLM's names, labelled with the served model name
+                 'vllm:time_to_first_token_seconds_count{model_name="proxy-tuned"} 2.0',
+                 'vllm:e2e_request_latency_seconds_count{model_name="proxy-tuned"} 2.0',
+                 'vllm:inter_token_latency_seconds_count{model_name="proxy-tuned"}',
+                 'vllm:request_success_total{finished_reason="length",model_name="proxy-tuned"} 2.0',
+                 'vllm:request_prompt_tokens_count{model_name="proxy-tuned"} 2.0',
+                 'vllm:request_generation_tokens_sum{model_name="proxy-tuned"} 7.0',
+                 'vllm:num_requests_running{model_name="proxy-tuned"}'):
         assert name in text, name
 
 
