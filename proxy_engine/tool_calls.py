@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -342,11 +343,14 @@ def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
     return start, heads
 
 
-def arguments_so_far(fmt: str, text: str, head: CallHead, tools: list[dict[str, Any]] | None = None) -> str:
-    """The call's arguments as written so far, as JSON text that only grows (to feed ``CanonicalJson``)."""
+def arguments_reader(fmt: str, head: CallHead, tools: list[dict[str, Any]] | None = None) -> Callable[[str], str]:
+    """A reader of the call's arguments as written so far, given the answer so far: JSON text that only grows (to
+    feed ``CanonicalJson``). The JSON formats' is the answer's own text; ``qwen3_coder``'s is built from the tags,
+    reading only what is new each time."""
     if fmt == "qwen3_coder":
-        return xml_calls.arguments_so_far(text[head.start:], xml_calls.properties(tools, head.name))
-    return text[head.start:]
+        reader = xml_calls.XmlArguments(xml_calls.properties(tools, head.name))
+        return lambda text: reader.feed(text[head.start:])
+    return lambda text: text[head.start:]
 
 
 def object_calls(text: str, position: int, separators: str, heads: list[CallHead], limit: int | None = None

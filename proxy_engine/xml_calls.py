@@ -105,7 +105,7 @@ def _kind(schema: Any) -> str:
 
 def value(raw: str, schema: Any) -> Any:
     """A parameter's value read by its schema's type; one that does not read as that type stays a string."""
-    if raw.lower() == "null":
+    if len(raw) == 4 and raw.lower() == "null":
         return None
     kind = _kind(schema)
     if kind == "string":
@@ -136,39 +136,81 @@ def value(raw: str, schema: Any) -> Any:
 
 def arguments_so_far(body: str, schemas: dict[str, Any]) -> str:
     """The arguments of a call still being written (``body``: the text after its ``<function=name>``), as JSON text
-    that only ever grows as the body does, and ends in ``}`` once the function is closed.
+    that only ever grows as the body does, and ends in ``}`` once the function is closed (``XmlArguments``, read
+    once)."""
+    return XmlArguments(schemas).feed(body)
+
+
+class XmlArguments:
+    """``arguments_so_far`` of a body that grows, each call reading only what is new.
 
     A finished parameter is written as ``json.dumps`` writes its value. The parameter being written is shown only
     if it is a string, opened and as far as it is settled: a tail that may begin a closing tag, and a newline that
     may be the format's own, are held back, and so is a value that may still turn out to be ``null``. Any other
     type waits until it is whole.
     """
-    closed = body.find(_FUNCTION_END)
-    if closed >= 0:
-        body = body[:closed]
-    parts = []
-    for parameter in _PARAMETER.finditer(body):
-        name = parameter.group(1).strip()
-        key = json.dumps(name, ensure_ascii=False)
-        end = _value_end(body, parameter.end())
-        if end >= 0 or closed >= 0:
-            written = _trimmed(body[parameter.end():len(body) if end < 0 else end])
-            parts.append(f"{key}: {json.dumps(value(written, schemas.get(name)), ensure_ascii=False)}")
-            continue
-        if _kind(schemas.get(name)) == "string":
-            written = _settled(body[parameter.end():])
-            if not "null".startswith(written.lower()):
-                parts.append(f"{key}: {json.dumps(written, ensure_ascii=False)[:-1]}")  # the string left open
-        break
-    return "{" + ", ".join(parts) + ("}" if closed >= 0 else "")
 
+    def __init__(self, schemas: dict[str, Any]) -> None:
+        self.schemas = schemas
+        self.finished: list[str] = []  # '"key": value' of each finished parameter
+        self.scanned = 0  # where the next parameter is looked for
+        self.current: tuple[str, int] | None = None  # the parameter being written: its name, where its value starts
+        self.searched = 0  # up to here, the current value has no end
+        self.escaped = ""  # the current (string) value's settled text, escaped as json.dumps escapes it
+        self.escaped_to = -1  # where in the body that text ends (-1: nothing escaped yet)
+        self.closed = False
 
-def _settled(raw: str) -> str:
-    """The part of a value being written that will stay in it: without a tail that could begin a closing tag,
-    the format's leading newline, or a last newline that may be the format's trailing one."""
-    for length in range(min(len(raw), max(len(m) for m in _VALUE_ENDS)), 0, -1):
-        if any(marker.startswith(raw[-length:]) for marker in _VALUE_ENDS):
-            raw = raw[:-length]
-            break
-    raw = raw[1:] if raw.startswith("\n") else raw
-    return raw[:-1] if raw.endswith("\n") else raw
+    def feed(self, body: str) -> str:
+        self._read(body)
+        parts = ", ".join(self.finished)
+        current = None if self.closed else self._current(body)
+        if current is not None:
+            parts = f"{parts}, {current}" if parts else current
+        return "{" + parts + ("}" if self.closed else "")
+
+    def _read(self, body: str) -> None:
+        """Finish every parameter whose value has ended; notice the function's end."""
+        while not self.closed:
+            if self.current is None:
+                found = _PARAMETER.search(body, self.scanned)
+                closed = body.find(_FUNCTION_END, self.scanned)
+                if closed >= 0 and (found is None or found.start() > closed):
+                    self.closed = True
+                if found is None or self.closed:
+                    return
+                self.current, self.searched = (found.group(1).strip(), found.end()), found.end()
+                self.escaped, self.escaped_to = "", -1
+            name, start = self.current
+            longest = max(len(marker) for marker in _VALUE_ENDS)
+            end = _value_end(body, max(start, self.searched - longest + 1))  # a marker may straddle two reads
+            if end < 0:
+                self.searched = len(body)
+                return
+            written = _trimmed(body[start:end])
+            key = json.dumps(name, ensure_ascii=False)
+            self.finished.append(f"{key}: {json.dumps(value(written, self.schemas.get(name)), ensure_ascii=False)}")
+            self.current, self.scanned = None, end
+
+    def _current(self, body: str) -> str | None:
+        """The open string parameter as JSON so far (``"key": "settled``), or None while nothing of it is shown."""
+        if self.current is None:
+            return None
+        name, start = self.current
+        if _kind(self.schemas.get(name)) != "string":
+            return None
+        end = len(body)
+        for length in range(min(end - start, max(len(m) for m in _VALUE_ENDS)), 0, -1):
+            if any(marker.startswith(body[end - length:end]) for marker in _VALUE_ENDS):
+                end -= length  # it may begin a closing tag
+                break
+        lead = start + 1 if end > start and body[start] == "\n" else start  # the format's newline
+        if end > lead and body[end - 1] == "\n":
+            end -= 1  # it may be the format's trailing newline
+        if end - lead <= 4 and "null".startswith(body[lead:end].lower()):
+            return None  # it may be null
+        if self.escaped_to < 0:
+            self.escaped_to = lead
+        if end > self.escaped_to:  # json escapes character by character: the pieces join to the whole's escape
+            self.escaped += json.dumps(body[self.escaped_to:end], ensure_ascii=False)[1:-1]
+            self.escaped_to = end
+        return f'{json.dumps(name, ensure_ascii=False)}: "{self.escaped}'

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from proxy_engine.tool_calls import (
     MARKED_FORMATS,
     CallHead,
     ParsedCall,
-    arguments_so_far,
+    arguments_reader,
     call_arguments,
     call_heads,
     looks_like_call_start,
@@ -232,9 +233,16 @@ class _StreamedCall:
     """A call being streamed: its id (sent with its name) and how its arguments are being sent."""
 
     index: int
+    head: CallHead  # its name, and where its arguments begin
+    read: Callable[[str], str]  # the answer so far -> its arguments as JSON text so far
     id: str = field(default_factory=new_call_id)
     canonical: CanonicalJson | None = None  # arguments given as an object: sent canonically as they are written
     sent_whole: bool = False  # arguments given otherwise (a JSON-encoded string, null): sent once complete
+
+    @property
+    def writing(self) -> bool:
+        """Its object of arguments is being written (neither complete nor broken)."""
+        return self.canonical is not None and not (self.canonical.done or self.canonical.broken)
 
 
 class ChoiceStream:
@@ -285,7 +293,7 @@ class ChoiceStream:
             return out + self._content_to(len(self.text))
         out += self._content_to(len(content or ""))  # content is the text before the calls
         for call in calls:
-            state = self._start_call(call.name, out)
+            state = self._start_call(CallHead(call.name, len(self.text)), out)
             out.append({"tool_calls": [{"index": state.index, "function": {"arguments": call.arguments}}]})
         return out
 
@@ -306,6 +314,9 @@ class ChoiceStream:
         return call_heads(self.plan.fmt, self.text)
 
     def _call_deltas(self) -> list[dict[str, Any]]:
+        last = self.calls[-1] if self.calls else None
+        if last is not None and last.writing:  # no call can begin before its arguments end: only they move
+            return self._arguments(last)
         found = self._heads()
         if found is None:
             return []
@@ -319,21 +330,23 @@ class ChoiceStream:
                     break
                 if not self.calls:
                     out += self._content_to(content_end)
-                self._start_call(head.name, out)
-            out += self._arguments(self.calls[position], head)
+                self._start_call(head, out)
+            out += self._arguments(self.calls[position])
         return out
 
-    def _start_call(self, name: str, out: list[dict[str, Any]]) -> _StreamedCall:
+    def _start_call(self, head: CallHead, out: list[dict[str, Any]]) -> _StreamedCall:
         """A new call, its header (index, id, type, name) appended to ``out``."""
-        state = _StreamedCall(len(self.calls))
+        # named and required calls are the constraint's JSON, whatever the family's format
+        fmt = self.plan.fmt if self.plan.mode == "auto" else DEFAULT_FORMAT
+        state = _StreamedCall(len(self.calls), head, arguments_reader(fmt, head, self.plan.tools))
         self.calls.append(state)
         out.append({"tool_calls": [{"index": state.index, "id": state.id, "type": "function",
-                                    "function": {"name": name, "arguments": ""}}]})
+                                    "function": {"name": head.name, "arguments": ""}}]})
         return state
 
-    def _arguments(self, state: _StreamedCall, head: CallHead) -> list[dict[str, Any]]:
-        named = self.plan.mode != "auto"  # named and required calls are the constraint's JSON, whatever the family
-        raw = self.text[head.start:] if named else arguments_so_far(self.plan.fmt, self.text, head, self.plan.tools)
+    def _arguments(self, state: _StreamedCall) -> list[dict[str, Any]]:
+        head = state.head
+        raw = state.read(self.text)
         if state.canonical is None and not state.sent_whole:
             begun = raw.lstrip()
             if not begun:
@@ -341,8 +354,9 @@ class ChoiceStream:
             if begun[0] == "{":
                 state.canonical = CanonicalJson()
             else:  # not an object: sent once whole, as the whole answer's parse writes it
-                end = value_end(self.text, head.start)
-                arguments = None if end is None else call_arguments(head.name, self.text[head.start:end])
+                start = head.start + len(raw) - len(begun)  # (a JSON format's raw text: the answer's own)
+                end = value_end(self.text, start)
+                arguments = None if end is None else call_arguments(head.name, self.text[start:end])
                 if arguments is None:
                     return []
                 state.sent_whole = True

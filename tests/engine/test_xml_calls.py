@@ -70,6 +70,10 @@ def test_arguments_so_far_only_grow():
     seen = [xml_calls.arguments_so_far(body[:cut], schemas) for cut in range(len(body) + 1)]
     assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:]))
     assert seen[-1] == json.dumps(READ)
+    reader = xml_calls.XmlArguments(schemas)  # read as it grows, only what is new each time: the same text
+    for step in (1, 3, 7):
+        reader = xml_calls.XmlArguments(schemas)
+        assert [reader.feed(body[:cut]) for cut in range(0, len(body) + 1, step)] == seen[::step]
     # a string value shows as it is written; other types, null and a possible closing tag wait
     assert xml_calls.arguments_so_far("\n<parameter=code>\nif a <", schemas) == '{"code": "if a '
     assert xml_calls.arguments_so_far("\n<parameter=opt>\nnul", schemas) == "{"
