@@ -96,7 +96,7 @@ class PromptRenderer:
                 messages, extra = messages_with_tools_preamble(self.tool_format, messages, prompt.tools), {}
             try:
                 return self.tokenizer.apply_chat_template(
-                    template_messages(messages), chat_template=self.chat_template,
+                    template_messages(messages, self.tool_format), chat_template=self.chat_template,
                     add_generation_prompt=prompt.generation_prompt, continue_final_message=prompt.continue_final,
                     tokenize=False, **(prompt.template_kwargs or {}), **extra,
                 )

@@ -21,6 +21,7 @@ Pure functions, no tensors: the engine renders transcripts with them, the server
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -127,19 +128,38 @@ def tools_preamble(fmt: str, tools: list[dict[str, Any]]) -> str:
     return f"You may call these tools:\n{listed}\nTo call a tool, answer with: {example}"
 
 
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as Hugging Face chat templates expect them: tool call arguments as objects, not strings."""
+def template_messages(messages: list[dict[str, Any]], fmt: str = DEFAULT_FORMAT) -> list[dict[str, Any]]:
+    """Messages as Hugging Face chat templates expect them: tool call arguments as objects, not strings; for the
+    ``mistral`` format, call ids as Mistral's templates require them (``mistral_call_id``)."""
+    ids = mistral_call_id if fmt == "mistral" else (lambda call_id: call_id)
     out = []
     for message in messages:
         if message.get("tool_calls"):
             message = dict(message)
             message["tool_calls"] = [
                 {**call, "function": {**call.get("function", {}),
-                                      "arguments": _arguments_object(call.get("function", {}).get("arguments"))}}
+                                      "arguments": _arguments_object(call.get("function", {}).get("arguments"))},
+                 **({"id": ids(call["id"])} if isinstance(call.get("id"), str) else {})}
                 for call in message["tool_calls"]
             ]
+        if isinstance(message.get("tool_call_id"), str):
+            message = {**message, "tool_call_id": ids(message["tool_call_id"])}
         out.append(message)
     return out
+
+
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def mistral_call_id(call_id: str) -> str:
+    """A call id as Mistral's chat templates require it, 9 letters and digits (they raise on any other): the id's
+    last 9 alphanumerics (vLLM keeps the last 9 characters), or, for an id with fewer, 9 derived from all of it.
+    The same for the assistant's call and the tool result that answers it, which is what pairs them."""
+    alphanumeric = re.sub(r"[^A-Za-z0-9]", "", call_id)
+    if len(alphanumeric) >= 9:
+        return alphanumeric[-9:]
+    number = int.from_bytes(hashlib.sha256(call_id.encode("utf-8")).digest()[:8], "big")
+    return "".join(_BASE62[(number // 62**k) % 62] for k in range(9))
 
 
 def transcript_messages(fmt: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

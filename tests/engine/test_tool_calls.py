@@ -15,6 +15,7 @@ from proxy_engine.tool_calls import (
     detect_format,
     looks_like_call_start,
     marker_prefix_len,
+    mistral_call_id,
     parse_calls,
     render_calls,
     tools_preamble,
@@ -155,3 +156,45 @@ def test_a_family_whose_templates_render_no_tools_has_no_tool_call_format():
     assert resolve_tool_call_format(config, [model(mistral, "plain"), model(plain)]) == "mistral"
     forced = EngineConfig(base={"path": "b"}, tool_call_format="llama3_json")
     assert resolve_tool_call_format(forced, [model(plain)]) == "llama3_json"  # the operator's word wins
+
+
+# Mistral v0.3's chat template, cut to its tool-call id checks: it raises on an id that is not 9 characters.
+MISTRAL_LIKE = (
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+    "{%- elif m.tool_calls %}[TOOL_CALLS][{%- for c in m.tool_calls %}"
+    "{%- if c.id is not defined or c.id | length != 9 %}"
+    "{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif %}"
+    "{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}, \"id\": \"{{ c.id }}\"}"
+    "{%- endfor %}]</s>"
+    "{%- elif m.role == 'tool' %}"
+    "{%- if m.tool_call_id is not defined or m.tool_call_id | length != 9 %}"
+    "{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif %}"
+    "[TOOL_RESULTS]{\"content\": {{ m.content | tojson }}, \"call_id\": \"{{ m.tool_call_id }}\"}[/TOOL_RESULTS]"
+    "{%- endif %}{%- endfor %}"
+)
+
+
+@pytest.mark.parametrize("call_id", ["call_8f14e45fceea167a5a36dedd", "toolu_01A09q90qw90lq917835lq9",
+                                     "abc123XYZ", "c1", "chatcmpl-tool-1"])
+def test_mistral_templates_get_the_nine_character_ids_they_require(tiny_family, call_id):
+    """An OpenAI-style id (ours, or another server's) sent back in the next turn is what Mistral's templates
+    refuse: for the mistral format the call and its result both carry the same 9-letter-and-digit id."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_family.base))
+    call = {**OPENAI_CALL, "id": call_id}
+    messages = [ASKED[0], {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "21C", "tool_call_id": call_id}]
+    renderer = PromptRenderer(tokenizer, "chat", DEFAULT_TRANSCRIPT_TEMPLATE, MISTRAL_LIKE)
+    renderer.tool_format = "mistral"
+    text = renderer.render_text(PromptInput(messages=messages))
+    short = mistral_call_id(call_id)
+    assert len(short) == 9 and short.isalnum()
+    assert f'"id": "{short}"' in text and f'"call_id": "{short}"' in text
+    if call_id == "abc123XYZ":
+        assert short == call_id  # an id Mistral's templates accept is kept
+    renderer.tool_format = "hermes"  # other families' templates get the ids as sent
+    if len(call_id) != 9:
+        with pytest.raises(ValueError, match="chat template refused"):
+            renderer.render_text(PromptInput(messages=messages))
