@@ -12,6 +12,8 @@ template when left at ``auto``; vLLM's tool-call parser names):
   Python list of calls with keyword arguments, ``[get_weather(city="Paris"), get_time(zone="CET")]`` (Llama 4 may
   wrap it in ``<|python_start|>`` ... ``<|python_end|>``). It is read with ``ast``, never evaluated: arguments
   must be literals.
+- ``granite`` (Granite 3.x): the whole answer is a JSON list of calls, ``[{"name": ..., "arguments": {...}}]``,
+  after an optional ``<|tool_call|>`` (3.0) or ``<tool_call>`` (3.1).
 - ``qwen3_coder`` (Qwen3-Coder, Qwen 3.5): ``<tool_call><function=name><parameter=key>value</parameter>...``,
   values read by the function's parameter schema (``xml_calls.py``).
 
@@ -30,8 +32,8 @@ from typing import Any, Literal
 
 from proxy_engine import xml_calls
 
-ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"]
-FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
+ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite"]
+FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite")
 DEFAULT_FORMAT: ToolCallFormat = "hermes"
 
 # What starts a call in each format: text from here on is held back from a stream until it parses (or not).
@@ -41,7 +43,9 @@ CALL_MARKERS: dict[str, tuple[str, ...]] = {
     "mistral": ("[TOOL_CALLS]",),
     "pythonic": ("<|python_start|>",),
     "qwen3_coder": ("<tool_call>", "<function="),
+    "granite": ("<|tool_call|>",),
 }
+_GRANITE_PREFIXES = ("<|tool_call|>", "<tool_call>")  # 3.0's token, then 3.1's string
 # What pythonic templates write to show the format (Llama 3.2 / 4's, vLLM's Gemma 3 example).
 # Formats whose calls cannot be read without their marker. Some tokenizers mark it a special token (Mistral's
 # [TOOL_CALLS], <tool_call> in some Hermes fine-tunes), which decoding skips by default: an answer that may hold
@@ -72,6 +76,8 @@ def detect_format(chat_template: str | None) -> ToolCallFormat:
     template = chat_template or ""
     if "<function=" in template and "<parameter=" in template:
         return "qwen3_coder"
+    if "<|tool_call|>" in template:
+        return "granite"
     if "[TOOL_CALLS]" in template:
         return "mistral"
     if _PYTHONIC_EXAMPLE.search(template):
@@ -105,6 +111,8 @@ def render_calls(fmt: str, calls: list[dict[str, Any]]) -> str:
                                for n, a in pairs) + "]"
     if fmt == "qwen3_coder":
         return "\n".join(xml_calls.render(n, a) for n, a in pairs)
+    if fmt == "granite":
+        return "<|tool_call|>" + json.dumps([{"name": n, "arguments": a} for n, a in pairs], ensure_ascii=False)
     return "".join(f"<tool_call>{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}</tool_call>"
                    for n, a in pairs)
 
@@ -227,6 +235,14 @@ def parse_calls(fmt: str, text: str, tools: list[dict[str, Any]] | None = None) 
     if fmt == "pythonic":
         calls = _pythonic_calls(text)
         return (None, calls) if calls else (text, [])
+    if fmt == "granite":
+        values = _objects(text[_granite_body(text):])
+        items = values[0] if values and len(values) == 1 and isinstance(values[0], list) else None
+        calls = [_call(v.get("name"), v.get("arguments", v.get("parameters"))) if isinstance(v, dict) else None
+                 for v in items or []]
+        if not calls or any(c is None for c in calls):
+            return text, []
+        return None, [c for c in calls if c is not None]
     if fmt == "mistral":
         start = text.find("[TOOL_CALLS]")
         if start < 0:
@@ -334,6 +350,11 @@ def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
             return len(text), heads
         heads += [CallHead(f.group(1).strip(), f.end()) for f in xml_calls.FUNCTION.finditer(text, start)]
         return start, heads
+    if fmt == "granite":
+        body = _granite_body(text)
+        if text.startswith("[", body):
+            object_calls(text, body + 1, ",", heads)
+        return 0, heads
     if fmt == "llama3_json":
         body = _SPACE.match(text).end()
         if text.startswith("<|python_tag|>", body):
@@ -416,10 +437,21 @@ def call_arguments(name: str, raw: str) -> str | None:
     return None if call is None else call.arguments
 
 
+def _granite_body(text: str) -> int:
+    """Where a Granite answer's list of calls would begin: past white space and its optional prefixes."""
+    position = _SPACE.match(text).end()
+    for prefix in _GRANITE_PREFIXES:
+        if text.startswith(prefix, position):
+            position = _SPACE.match(text, position + len(prefix)).end()
+    return position
+
+
 def looks_like_call_start(fmt: str, text: str) -> bool:
     """Whether a stream must hold ``text`` back: a call may be starting (llama3_json: the answer opens an object)."""
     if (fmt == "llama3_json" and text.lstrip().startswith("{")) or (
-            fmt == "pythonic" and text.lstrip().startswith("[")):
+            fmt in ("pythonic", "granite") and text.lstrip().startswith("[")):
+        return True
+    if fmt == "granite" and text.lstrip().startswith("<tool_call>"):
         return True
     return any(marker in text for marker in CALL_MARKERS[fmt])
 

@@ -132,8 +132,8 @@ FLAGS = [
          "the expert's for the proxy-tuned model), vllm or none (no defaults), or a folder holding one.",
          "auto|vllm|none|FOLDER"),
     Flag("--tool-call-parser", ("engine", "tool_call_format"), "How the family writes tool calls, parsed from "
-         "answers to tool_choice auto: auto (from the chat template), hermes, llama3_json, mistral, pythonic or "
-         "qwen3_coder (vLLM's names).", "auto|hermes|llama3_json|mistral|pythonic|qwen3_coder"),
+         "answers to tool_choice auto: auto (from the chat template), hermes, llama3_json, mistral, pythonic, "
+         "qwen3_coder or granite (vLLM's names).", "auto|hermes|llama3_json|mistral|pythonic|qwen3_coder|granite"),
     Flag("--seed", ("engine", "seed"), "Seeds the requests that bring no seed (reproducible runs; default 0).", "N"),
     Flag("--reasoning-parser", ("reasoning_parser",), "Move <think> ... </think> out of chat answers into "
          "reasoning_content: deepseek_r1 (the template opens the block: R1 and its distills), qwen3 (the model "

@@ -60,6 +60,15 @@ ASKED = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content
         ("pythonic", "[f(a={1, 2})]", "[f(a={1, 2})]", []),  # a set has no JSON
         ("pythonic", "Sure: [get_weather(city='Paris')]", "Sure: [get_weather(city='Paris')]", []),
         ("pythonic", "[get_weather(city='Par", "[get_weather(city='Par", []),  # cut by max_tokens
+        ("granite", '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]', None, [CALL]),
+        ("granite", ' <tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                    '{"arguments": {"city": "Paris"}, "name": "get_weather"}]', None, [CALL, CALL]),  # 3.1's tag
+        ("granite", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]', None, [CALL]),  # the token skipped
+        ("granite", "[1, 2]", "[1, 2]", []),
+        ("granite", 'Sure: [{"name": "f", "arguments": {}}]', 'Sure: [{"name": "f", "arguments": {}}]',
+         []),  # the calls are the whole answer
+        ("granite", '<|tool_call|>[{"name": "get_weather", "arguments": {"ci', '<|tool_call|>[{"name": "get_weather", '
+                    '"arguments": {"ci', []),
     ],
 )
 def test_parse_calls(fmt, text, content, calls):
@@ -83,6 +92,7 @@ def test_detect_format_from_the_chat_template():
     assert detect_format("{{ '[TOOL_CALLS]' }}") == "mistral"
     assert detect_format("{% if m.role == 'ipython' %}<|python_tag|>{% endif %}") == "llama3_json"
     assert detect_format("<tool_call>") == "hermes"
+    assert detect_format("{{ '<|tool_call|>' }}[{\"name\": ...}]") == "granite"  # Granite 3.x
     assert detect_format(None) == "hermes"
     # Llama 3.2's pythonic template (vLLM's example) still names the ipython role for tool results
     pythonic = ("you MUST put it in the format of [func_name1(params_name1=params_value1, params_name2=params_value2"

@@ -26,9 +26,10 @@ ANSWERS = {
     "pythonic": [" [get_", 'weather(city="Paris"', ")]"],
     "qwen3_coder": ["Let me check.\n<tool_", "call>\n<function=get_weather>\n<parameter=city>\nPar",
                     "is\n</parameter>\n</function>\n</tool_call>"],
+    "granite": ["<|tool_call|>[{", '"name": "get_weather", "arguments": {"ci', 'ty": "Paris"}}]'],
 }
 CONTENT = {"hermes": "Let me check. ", "llama3_json": None, "mistral": "Let me check. ", "pythonic": None,
-           "qwen3_coder": "Let me check.\n"}
+           "qwen3_coder": "Let me check.\n", "granite": None}
 
 
 class ScriptedEngine(FakeEngine):

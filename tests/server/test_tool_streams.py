@@ -106,6 +106,7 @@ WRITTEN = {  # each format as its models write two calls, with the content some 
     "llama3_json": f'<|python_tag|>{{"name": "f", "parameters": {ARGS}}}; {{"name": "g.v2", "parameters": {{}}}}',
     "mistral": f'[TOOL_CALLS][{{"name": "f", "arguments": {ARGS}}}, {{"name": "g.v2", "arguments": {{}}}}]',
     "mistral_args": f'[TOOL_CALLS]f[ARGS]{ARGS}[TOOL_CALLS]g.v2[ARGS]{{}}',
+    "granite": f'<|tool_call|>[{{"name": "f", "arguments": {ARGS}}}, {{"name": "g.v2", "arguments": {{}}}}]',
 }
 
 
