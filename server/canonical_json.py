@@ -25,7 +25,9 @@ import re
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_SO_FAR = re.compile(r"-?[0-9]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?")  # a number more text may complete
-_LITERALS = ("true", "false", "null")
+# json.loads also reads NaN and the infinities (and json.dumps writes them back): the whole answer keeps them.
+_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+_LONGEST_LITERAL = max(map(len, _LITERALS))
 # A string's settled content: plain characters and whole escapes (a \u escape is whole at four hex digits).
 _STRING_RUN = re.compile(r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
 _HIGH_SURROGATE_TAIL = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$")
@@ -113,7 +115,7 @@ class CanonicalJson:
             token = number.group()
             out.append(json.dumps(json.loads(token)))
         else:
-            tail = raw[self.end:self.end + 5]
+            tail = raw[self.end:self.end + _LONGEST_LITERAL]
             token = next((word for word in _LITERALS if tail.startswith(word)), "")
             if not token:
                 if not any(word.startswith(tail) for word in _LITERALS):

@@ -29,6 +29,7 @@ MODEL_WRITTEN = [
     '{"nested": [[], {}, [{"x": []}]]}',
     '{"text": "café ☃ 日本"}',
     '{\n  "indented": {\n    "k": "v"\n  }\n}',
+    '{"odd": [NaN, Infinity, -Infinity]}',  # not JSON, but json.loads reads them and the whole answer keeps them
 ]
 
 
