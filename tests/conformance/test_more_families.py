@@ -13,6 +13,8 @@ fast step (``architecture.py``), so it is checked that the step follows their ma
 - deepseek_v3: multi-head latent attention, whose cached latent and RoPE key (K's and V's places) differ in width;
 - gpt_oss: attention sinks, alternating sliding / full layers, eager attention; smollm3: layers without RoPE;
 - gemma3n_text: Gemma-3n's text decoder, whose later layers reuse an earlier layer's K/V and write none;
+- gemma4_text: Gemma 4's text decoder (per-layer inputs, windowed and full layers with their own head size and
+  partial RoPE), and as its small models are built, the later half reusing an earlier layer's K/V;
 - qwen2-yarn: YaRN stretching a 16-position config to 128 (on the fast step: Qwen2 is a family it knows);
 - eighteen that were served right before (OLMo, StableLM, Qwen3-MoE, Phi, OPT, GPT-J, CodeGen, GPT-BigCode,
   Persimmon, Nemotron, JetMoE, GLM, EXAONE-4, ERNIE-4.5, Seed-OSS, Apertus, Arcee, Cohere2), and DeepSeek-V2 and
@@ -74,6 +76,11 @@ MORE = {
     # Gemma-3n (its text decoder): the later half of the layers reuse an earlier layer's keys and values.
     "gemma3n_text": dict(head_dim=16, altup_num_inputs=2, laurel_rank=8, hidden_size_per_layer_input=8,
                          activation_sparsity_pattern=None),
+    # Gemma 4's text decoder: per-layer inputs, windowed layers and full ones with their own head size and a partial
+    # ("proportional") RoPE; then as its small models have it (E2B, E4B), the later half reusing an earlier K/V.
+    "gemma4_text": dict(head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8, sliding_window=6),
+    "gemma4_text-shared": dict(head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8, sliding_window=6,
+                               kv_shared_half=True),
     # Qwen2.5's documented 128K set-up: YaRN over the 32K it was trained on (here 16 positions x 8); the prompts
     # run past 16, so the context must come from the scaling, and the fast step must rotate as transformers does.
     "qwen2-yarn": dict(max_position_embeddings=16, use_sliding_window=False,
@@ -92,9 +99,13 @@ def _config_maker(model_type: str, extra: dict):
                       tie_word_embeddings=False, **ids)
         if fields.get("pad_token_id") is None:  # some configs default to an id past a small vocabulary
             fields["pad_token_id"] = 0
-        if model_type == "gemma3n_text":  # sharing needs an earlier layer of the same type: all full attention
+        quirks = dict(extra)
+        # sharing needs an earlier layer of the same type: all full attention
+        if model_type == "gemma3n_text" or quirks.pop("kv_shared_half", False):
             fields |= {"num_kv_shared_layers": layers // 2, "layer_types": ["full_attention"] * layers}
-        return AutoConfig.for_model(model_type, **{**fields, **extra})
+        if model_type == "gemma4_text":
+            fields |= {"vocab_size_per_layer_input": vocab}
+        return AutoConfig.for_model(model_type, **{**fields, **quirks})
     return make
 
 
@@ -134,6 +145,11 @@ def test_the_quirk_is_in_the_checkpoint(family):
         assert uses_alibi(config)
     if name == "starcoder2":
         assert config.sliding_window == 6
+    if name == "gemma4_text":
+        assert config.hidden_size_per_layer_input == 8
+        assert set(config.layer_types) == {"sliding_attention", "full_attention"}
+    if name == "gemma4_text-shared":
+        assert config.num_kv_shared_layers == 1
     if name == "qwen2-yarn":
         from proxy_engine.loader import max_positions
 
