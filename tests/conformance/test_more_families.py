@@ -14,7 +14,8 @@ fast step (``architecture.py``), so it is checked that the step follows their ma
 - gpt_oss: attention sinks, alternating sliding / full layers, eager attention; smollm3: layers without RoPE;
 - gemma3n_text: Gemma-3n's text decoder, whose later layers reuse an earlier layer's K/V and write none;
 - gemma4_text: Gemma 4's text decoder (per-layer inputs, windowed and full layers with their own head size and
-  partial RoPE), and as its small models are built, the later half reusing an earlier layer's K/V;
+  partial RoPE), as its small models are built (the later half reusing an earlier layer's K/V), and as the
+  checkpoints ship (``Gemma4ForConditionalGeneration``: the vision tower dropped, the text decoder served);
 - qwen2-yarn: YaRN stretching a 16-position config to 128 (on the fast step: Qwen2 is a family it knows);
 - eighteen that were served right before (OLMo, StableLM, Qwen3-MoE, Phi, OPT, GPT-J, CodeGen, GPT-BigCode,
   Persimmon, Nemotron, JetMoE, GLM, EXAONE-4, ERNIE-4.5, Seed-OSS, Apertus, Arcee, Cohere2), and DeepSeek-V2 and
@@ -79,6 +80,7 @@ MORE = {
     # Gemma 4's text decoder: per-layer inputs, windowed layers and full ones with their own head size and a partial
     # ("proportional") RoPE; then as its small models have it (E2B, E4B), the later half reusing an earlier K/V.
     "gemma4_text": dict(head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8, sliding_window=6),
+    "gemma4-vision": {},  # as the checkpoints ship: Gemma4ForConditionalGeneration (_gemma4_vision_config)
     "gemma4_text-shared": dict(head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8, sliding_window=6,
                                kv_shared_half=True),
     # Qwen2.5's documented 128K set-up: YaRN over the 32K it was trained on (here 16 positions x 8); the prompts
@@ -109,7 +111,24 @@ def _config_maker(model_type: str, extra: dict):
     return make
 
 
+def _gemma4_vision_config(vocab, layers, hidden, **ids):
+    """Gemma 4 as it ships: ``Gemma4ForConditionalGeneration``, a (tiny) vision tower around the text decoder."""
+    from transformers import Gemma4Config, Gemma4VisionConfig
+
+    text = _config_maker("gemma4_text", MORE["gemma4_text"])(vocab, layers, hidden, **ids)
+    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=8, patch_size=14, position_embedding_size=64)
+    last = vocab - 1  # its image, audio and boundary tokens: ordinary ids to a text-only forward
+    return Gemma4Config(text_config=text.to_dict(), vision_config=vision.to_dict(), boi_token_id=last,
+                        eoi_token_id=last, image_token_id=last, video_token_id=last, boa_token_id=last,
+                        eoa_token_index=last, audio_token_id=last, tie_word_embeddings=False, **ids)
+
+
 def _spec(name: str) -> Spec:
+    if name == "gemma4-vision":
+        return Spec(name, "gemma4", "byte-level BPE as Llama-3", "as transformers builds it", "transformers",
+                    llama3_tokenizer, _gemma4_vision_config, LLAMA3_TEMPLATE,
+                    end_tokens=["<|end_of_text|>", "<|eot_id|>"])
     model_type = name.partition("-")[0]
     if model_type == "qwen2":  # transformers loads a qwen2 checkpoint's tokenizer as Qwen2's, with its specials
         return Spec(name, model_type, "byte-level BPE, ChatML", "sdpa", "fast", qwen_tokenizer,
@@ -150,6 +169,8 @@ def test_the_quirk_is_in_the_checkpoint(family):
         assert set(config.layer_types) == {"sliding_attention", "full_attention"}
     if name == "gemma4_text-shared":
         assert config.num_kv_shared_layers == 1
+    if name == "gemma4-vision":
+        assert config.architectures == ["Gemma4ForConditionalGeneration"] and config.vision_config is not None
     if name == "qwen2-yarn":
         from proxy_engine.loader import max_positions
 
