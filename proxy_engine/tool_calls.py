@@ -14,6 +14,8 @@ template when left at ``auto``; vLLM's tool-call parser names):
   must be literals.
 - ``granite`` (Granite 3.x): the whole answer is a JSON list of calls, ``[{"name": ..., "arguments": {...}}]``,
   after an optional ``<|tool_call|>`` (3.0) or ``<tool_call>`` (3.1).
+- ``gemma4`` (Gemma 4): ``<|tool_call>call:name{key:<|"|>text<|"|>,n:3}<tool_call|>``, bare keys and values
+  (``gemma4_calls.py``).
 - ``qwen3_coder`` (Qwen3-Coder, Qwen 3.5): ``<tool_call><function=name><parameter=key>value</parameter>...``,
   values read by the function's parameter schema (``xml_calls.py``).
 
@@ -30,10 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy_engine import xml_calls
+from proxy_engine import gemma4_calls, xml_calls
 
-ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite"]
-FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite")
+ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4"]
+FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4")
 DEFAULT_FORMAT: ToolCallFormat = "hermes"
 
 # What starts a call in each format: text from here on is held back from a stream until it parses (or not).
@@ -44,13 +46,14 @@ CALL_MARKERS: dict[str, tuple[str, ...]] = {
     "pythonic": ("<|python_start|>",),
     "qwen3_coder": ("<tool_call>", "<function="),
     "granite": ("<|tool_call|>",),
+    "gemma4": ("<|tool_call>",),
 }
 _GRANITE_PREFIXES = ("<|tool_call|>", "<tool_call>")  # 3.0's token, then 3.1's string
 # What pythonic templates write to show the format (Llama 3.2 / 4's, vLLM's Gemma 3 example).
 # Formats whose calls cannot be read without their marker. Some tokenizers mark it a special token (Mistral's
 # [TOOL_CALLS], <tool_call> in some Hermes fine-tunes), which decoding skips by default: an answer that may hold
 # calls is decoded with special tokens kept, as vLLM's hermes and mistral parsers ask. The others parse without.
-MARKED_FORMATS: tuple[str, ...] = ("hermes", "mistral", "qwen3_coder")
+MARKED_FORMATS: tuple[str, ...] = ("hermes", "mistral", "qwen3_coder", "gemma4")
 _PYTHONIC_EXAMPLE = re.compile(r"func_name1\(|params_name1=")
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _MISTRAL_ARGS = re.compile(r"([A-Za-z0-9_.\-]+)\[ARGS\]")
@@ -76,6 +79,8 @@ def detect_format(chat_template: str | None) -> ToolCallFormat:
     template = chat_template or ""
     if "<function=" in template and "<parameter=" in template:
         return "qwen3_coder"
+    if "<|tool_call>" in template:
+        return "gemma4"
     if "<|tool_call|>" in template:
         return "granite"
     if "[TOOL_CALLS]" in template:
@@ -111,6 +116,8 @@ def render_calls(fmt: str, calls: list[dict[str, Any]]) -> str:
                                for n, a in pairs) + "]"
     if fmt == "qwen3_coder":
         return "\n".join(xml_calls.render(n, a) for n, a in pairs)
+    if fmt == "gemma4":
+        return "".join(gemma4_calls.render(n, a) for n, a in pairs)
     if fmt == "granite":
         return "<|tool_call|>" + json.dumps([{"name": n, "arguments": a} for n, a in pairs], ensure_ascii=False)
     return "".join(f"<tool_call>{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}</tool_call>"
@@ -215,8 +222,8 @@ def _objects(text: str) -> list[Any] | None:
 def parse_calls(fmt: str, text: str, tools: list[dict[str, Any]] | None = None) -> tuple[str | None, list[ParsedCall]]:
     """``(content, calls)`` from a generated answer. Without a well-formed call, the whole text is content.
     ``tools`` (OpenAI's) type the values of ``qwen3_coder`` calls, which are written bare."""
-    if fmt == "qwen3_coder":
-        content, pairs = xml_calls.parse(text, tools)
+    if fmt in ("qwen3_coder", "gemma4"):
+        content, pairs = xml_calls.parse(text, tools) if fmt == "qwen3_coder" else gemma4_calls.parse(text)
         return content, [ParsedCall(name, arguments) for name, arguments in pairs]
     if fmt == "hermes":
         start = text.find("<tool_call>")
@@ -350,6 +357,12 @@ def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
             return len(text), heads
         heads += [CallHead(f.group(1).strip(), f.end()) for f in xml_calls.FUNCTION.finditer(text, start)]
         return start, heads
+    if fmt == "gemma4":  # a call's arguments begin at the { after its call:name
+        start = text.find(gemma4_calls.START)
+        if start < 0:
+            return len(text), heads
+        heads += [CallHead(c.group(1), c.end()) for c in gemma4_calls.CALL.finditer(text, start)]
+        return start, heads
     if fmt == "granite":
         body = _granite_body(text)
         if text.startswith("[", body):
@@ -391,6 +404,9 @@ def arguments_reader(fmt: str, head: CallHead, tools: list[dict[str, Any]] | Non
     if fmt == "qwen3_coder":
         reader = xml_calls.XmlArguments(xml_calls.properties(tools, head.name))
         return lambda text: reader.feed(text[head.start:])
+    if fmt == "gemma4":
+        translator = gemma4_calls.Gemma4Arguments()
+        return lambda text: translator.feed(text[head.start:])
     return lambda text: text[head.start:]
 
 

@@ -133,12 +133,13 @@ FLAGS = [
          "auto|vllm|none|FOLDER"),
     Flag("--tool-call-parser", ("engine", "tool_call_format"), "How the family writes tool calls, parsed from "
          "answers to tool_choice auto: auto (from the chat template), hermes, llama3_json, mistral, pythonic, "
-         "qwen3_coder or granite (vLLM's names).", "auto|hermes|llama3_json|mistral|pythonic|qwen3_coder|granite"),
+         "qwen3_coder, granite or gemma4 (vLLM's names).",
+         "auto|hermes|llama3_json|mistral|pythonic|qwen3_coder|granite|gemma4"),
     Flag("--seed", ("engine", "seed"), "Seeds the requests that bring no seed (reproducible runs; default 0).", "N"),
     Flag("--reasoning-parser", ("reasoning_parser",), "Move <think> ... </think> out of chat answers into "
          "reasoning_content: deepseek_r1 (the template opens the block: R1 and its distills), qwen3 (the model "
-         "opens it) or mistral ([THINK] ... [/THINK], opened by the model). vLLM's names.",
-         "deepseek_r1|qwen3|mistral"),
+         "opens it), mistral ([THINK] ... [/THINK]) or gemma4 (<|channel>thought ... <channel|>), both opened by the "
+         "model. vLLM's names.", "deepseek_r1|qwen3|mistral|gemma4"),
     Flag("--disable-log-requests", ("log_requests",), "Log lines only for the requests refused, failed or cut off, "
          "not for every one served (vLLM's flag).", action="store_false"),
     Flag("--log-prompts", ("log_prompts",), "Write prompt text in the per-request log lines (off by default).",

@@ -26,12 +26,15 @@ from typing import Any, Literal
 
 from server.tools import ChoiceStream, ToolPlan, assistant_message
 
-ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral"]
+ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral", "gemma4"]
 # Each parser's tags around the thinking.
 TAGS: dict[str, tuple[str, str]] = {
-    "deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>"), "mistral": ("[THINK]", "[/THINK]")}
+    "deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>"), "mistral": ("[THINK]", "[/THINK]"),
+    "gemma4": ("<|channel>", "<channel|>")}
+# A channel name the model writes first inside the tags, which is not thinking (Gemma 4's <|channel>thought\n).
+LABELS: dict[str, str] = {"gemma4": "thought\n"}
 # Parsers whose tags are special tokens, which decoding skips by default: their answers keep special tokens.
-SPECIAL_TAG_PARSERS: frozenset[str] = frozenset({"mistral"})
+SPECIAL_TAG_PARSERS: frozenset[str] = frozenset({"mistral", "gemma4"})
 
 
 def _prefix_tail(text: str, tag: str) -> int:
@@ -61,6 +64,7 @@ class ReasoningSplitter:
         self.state = "content" if self.parser is None else "start"
         self.pending = ""  # text not yet given out
         self.start, self.end = TAGS[self.parser or "qwen3"]
+        self.label = LABELS.get(self.parser or "", "")  # dropped from the thinking's start, once read whole
 
     def feed(self, delta: str) -> list[tuple[str, str]]:
         self.pending += delta
@@ -74,6 +78,13 @@ class ReasoningSplitter:
                 self.state = "reasoning"
             else:
                 self.state = "reasoning" if self.parser == "deepseek_r1" else "content"
+                self.label = ""  # no tag written: no channel name either
+        if self.state == "reasoning" and self.label:
+            if len(self.pending) < len(self.label) and self.label.startswith(self.pending):  # it may be arriving
+                return out
+            if self.pending.startswith(self.label):
+                self.pending = self.pending[len(self.label):]
+            self.label = ""
         if self.state == "reasoning":
             end = self.pending.find(self.end)
             if end < 0:

@@ -121,7 +121,8 @@ class ServerSettings(BaseSettings):
         default=None, description="Move the thinking of reasoning models (<think> ... </think>) out of chat answers "
         "into reasoning_content, as vLLM's --reasoning-parser: 'deepseek_r1' (the template opens the block in the "
         "prompt: DeepSeek-R1 and its distills, Qwen3 Thinking-2507), 'qwen3' (the model opens it: Qwen3's hybrid "
-        "models) or 'mistral' ([THINK] ... [/THINK], opened by the model: Magistral, Ministral 3 Reasoning). "
+        "models), 'mistral' ([THINK] ... [/THINK], opened by the model: Magistral, Ministral 3 Reasoning) or "
+        "'gemma4' (<|channel>thought ... <channel|>). "
         "Unset: the thinking stays in content (server/reasoning.py).",
     )
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")

@@ -44,6 +44,10 @@ CUT = ["<think>\nStill", " thinking"]  # max_tokens ran out inside the block
         ("mistral", "[THINK]cut", ("cut", None)),
         ("mistral", "Plain answer", (None, "Plain answer")),
         ("mistral", "<think>hm</think>Hi", (None, "<think>hm</think>Hi")),  # not its tags
+        ("gemma4", "<|channel>thought\nhm<channel|>Hi", ("hm", "Hi")),  # the channel's name is not thinking
+        ("gemma4", "<|channel>hm<channel|>Hi", ("hm", "Hi")),
+        ("gemma4", "<|channel>thought\n", (None, None)),
+        ("gemma4", "thought\nPlain", (None, "thought\nPlain")),  # no tag: no channel
     ],
 )
 def test_split_reasoning(parser, text, expected):
@@ -53,9 +57,10 @@ def test_split_reasoning(parser, text, expected):
 @settings(max_examples=150, deadline=None)
 @given(text=st.sampled_from(["<think>\nab</think>\n\ncd", "ab</think>cd", "plain </think", "  <think>x</th",
                              "<thi", "a<think>b</think>c", "<think></think>", "", "[THINK]ab[/THINK]cd", "[THI",
-                             " [THINK]x[/TH"]),
+                             " [THINK]x[/TH", "<|channel>thought\nab<channel|>cd", "<|channel>thou",
+                             "<|channel>though<channel|>x"]),
        cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=6),
-       parser=st.sampled_from(["deepseek_r1", "qwen3", "mistral"]))
+       parser=st.sampled_from(["deepseek_r1", "qwen3", "mistral", "gemma4"]))
 def test_streamed_pieces_join_to_the_whole_answers_fields(text, cuts, parser):
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     splitter = ReasoningSplitter(parser)

@@ -27,9 +27,11 @@ ANSWERS = {
     "qwen3_coder": ["Let me check.\n<tool_", "call>\n<function=get_weather>\n<parameter=city>\nPar",
                     "is\n</parameter>\n</function>\n</tool_call>"],
     "granite": ["<|tool_call|>[{", '"name": "get_weather", "arguments": {"ci', 'ty": "Paris"}}]'],
+    "gemma4": ["Let me check.<|tool_call>call:get_", 'weather{city:<|"|>Par', 'is<|"|>}<tool_call|>'],
 }
 CONTENT = {"hermes": "Let me check. ", "llama3_json": None, "mistral": "Let me check. ", "pythonic": None,
-           "qwen3_coder": "Let me check.\n", "granite": None}
+           "qwen3_coder": "Let me check.\n", "granite": None,
+           "gemma4": "Let me check."}
 
 
 class ScriptedEngine(FakeEngine):

@@ -73,7 +73,8 @@ def test_the_thinking_tag_is_kept_for_the_mistral_parser(mistral_like):
 
 
 @pytest.mark.parametrize("fmt, choice, kept", [
-    ("mistral", None, True), ("hermes", "auto", True), ("qwen3_coder", None, True),
+    ("mistral", None, True), ("hermes", "auto", True), ("qwen3_coder", None, True), ("gemma4", None, True),
+    ("granite", None, False),  # parsed without its <|tool_call|>
     ("llama3_json", None, False),  # parsed without its <|python_tag|>
     ("pythonic", None, False),
     ("hermes", "required", False),  # the constraint writes the calls: no marker
@@ -85,7 +86,8 @@ def test_which_answers_keep_special_tokens(fmt, choice, kept):
     assert request.sampling_params(fmt).skip_special_tokens is (not kept)
 
 
-@pytest.mark.parametrize("parser, kept", [("mistral", True), ("qwen3", False), ("deepseek_r1", False), (None, False)])
+@pytest.mark.parametrize("parser, kept", [("mistral", True), ("gemma4", True), ("qwen3", False), ("deepseek_r1", False),
+                                          (None, False)])
 def test_which_reasoning_parsers_keep_special_tokens(parser, kept):
     request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
     assert request.sampling_params("hermes", reasoning=parser).skip_special_tokens is (not kept)
