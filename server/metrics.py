@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -122,6 +123,17 @@ def _cache_metrics(stats: EngineStats) -> Iterable[Metric]:
         yield from (held, limit)
 
 
+class _Both:
+    """One observation made under this server's name and under vLLM's."""
+
+    def __init__(self, *histograms: Any) -> None:
+        self.histograms = histograms
+
+    def observe(self, value: float) -> None:
+        for histogram in self.histograms:
+            histogram.observe(value)
+
+
 class ServerMetrics:
     def __init__(self, stats: Callable[[], EngineStats | None], model_name: str = "proxy-tuned") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -131,29 +143,14 @@ class ServerMetrics:
             f"{PREFIX}_requests", "Finished HTTP generation requests.", ["endpoint", "model", "status"],
             registry=self.registry,
         )
-        self.time_to_first_token = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds", "From arrival to the first generated token.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.inter_token_latency = Histogram(
-            f"{PREFIX}_inter_token_latency_seconds", "Between successive tokens of one sequence.",
-            buckets=_TOKEN_BUCKETS, registry=self.registry,
-        )
-        self.e2e_latency = Histogram(
-            f"{PREFIX}_e2e_request_latency_seconds", "From arrival to the last token.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )
-        # vLLM's names for the same observations (and its per-request counts), labelled with the served name.
+        self.time_to_first_token = self._latency(
+            "time_to_first_token_seconds", "From arrival to the first generated token.", _LATENCY_BUCKETS)
+        self.inter_token_latency = self._latency(
+            "inter_token_latency_seconds", "Between successive tokens of one sequence.", _TOKEN_BUCKETS)
+        self.e2e_latency = self._latency(
+            "e2e_request_latency_seconds", "From arrival to the last token.", _LATENCY_BUCKETS)
+        # vLLM's per-request counts, labelled with the served name.
         vllm = ["model_name"]
-        self.vllm_time_to_first_token = Histogram(
-            f"{VLLM}time_to_first_token_seconds", "From arrival to the first generated token.", vllm,
-            buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model_name)
-        self.vllm_inter_token_latency = Histogram(
-            f"{VLLM}inter_token_latency_seconds", "Between successive tokens of one sequence.", vllm,
-            buckets=_TOKEN_BUCKETS, registry=self.registry).labels(model_name)
-        self.vllm_e2e_latency = Histogram(
-            f"{VLLM}e2e_request_latency_seconds", "From arrival to the last token.", vllm,
-            buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model_name)
         self.vllm_request_success = Counter(
             f"{VLLM}request_success", "Requests finished, by the finish reason of their first choice.",
             ["model_name", "finished_reason"], registry=self.registry)
@@ -163,6 +160,12 @@ class ServerMetrics:
         self.vllm_request_generation_tokens = Histogram(
             f"{VLLM}request_generation_tokens", "Generated tokens of each finished request (all choices).", vllm,
             buckets=_TOKEN_COUNT_BUCKETS, registry=self.registry).labels(model_name)
+
+    def _latency(self, name: str, doc: str, buckets: tuple[float, ...]) -> _Both:
+        """A histogram under this server's name and under vLLM's (labelled with the served name)."""
+        ours = Histogram(f"{PREFIX}_{name}", doc, buckets=buckets, registry=self.registry)
+        theirs = Histogram(f"{VLLM}{name}", doc, ["model_name"], buckets=buckets, registry=self.registry)
+        return _Both(ours, theirs.labels(self.model_name))
 
     def request_finished(self, finish_reason: str, prompt_tokens: int, generation_tokens: int) -> None:
         """A request that ran to its end (vLLM counts only those): its finish reason and token counts."""
@@ -190,18 +193,15 @@ class RequestTimer:
         if self.first_token_at is None:
             self.first_token_at = now
             self.metrics.time_to_first_token.observe(now - self.arrival)
-            self.metrics.vllm_time_to_first_token.observe(now - self.arrival)
         last = self._last_token_at.get(index)
         if last is not None:
             per_token = (now - last) / count
             for _ in range(count):
                 self.metrics.inter_token_latency.observe(per_token)
-                self.metrics.vllm_inter_token_latency.observe(per_token)
         self._last_token_at[index] = now
 
     def finish(self, observe: bool = True) -> float:
         elapsed = time.perf_counter() - self.arrival
         if observe:
             self.metrics.e2e_latency.observe(elapsed)
-            self.metrics.vllm_e2e_latency.observe(elapsed)
         return elapsed

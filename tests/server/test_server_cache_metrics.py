@@ -17,16 +17,17 @@ def samples(stats: EngineStats) -> dict[tuple[str, tuple], float]:
     }
 
 
+BASE = PrefixCacheStats(model="base", queries_total=900, hits_total=600, usage=0.5)
+EXPERT = PrefixCacheStats(model="expert", queries_total=950, hits_total=608, usage=0.125)
+
+
+def _busy(*caches: PrefixCacheStats) -> EngineStats:
+    return EngineStats(running=3, waiting=2, prefilling=1, prompt_tokens_total=900, generation_tokens_total=40,
+                       preemptions_total=7, kv_cache_usage=0.25, prefix_caches=caches)
+
+
 def test_queue_kv_usage_and_prefix_cache_counters_per_model():
-    stats = EngineStats(
-        running=3, waiting=2, prefilling=1, prompt_tokens_total=900, generation_tokens_total=40,
-        preemptions_total=7, kv_cache_usage=0.25,
-        prefix_caches=(
-            PrefixCacheStats(model="base", queries_total=900, hits_total=600, usage=0.5),
-            PrefixCacheStats(model="expert", queries_total=950, hits_total=608, usage=0.125),
-        ),
-    )
-    got = samples(stats)
+    got = samples(_busy(BASE, EXPERT))
     assert got[("proxy_serve_num_requests_running", ())] == 3
     assert got[("proxy_serve_num_requests_waiting", ())] == 2
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.25
@@ -40,14 +41,7 @@ def test_queue_kv_usage_and_prefix_cache_counters_per_model():
 def test_the_same_series_under_vllms_names():
     """What reads a vLLM server (its dashboard, the inference gateway's endpoint picker, autoscalers) finds its
     series: vLLM counts a prefilling request as running, and its prefix-cache counters are the primary model's."""
-    stats = EngineStats(
-        running=3, waiting=2, prefilling=1, prompt_tokens_total=900, generation_tokens_total=40,
-        preemptions_total=7, kv_cache_usage=0.25,
-        prefix_caches=(
-            PrefixCacheStats(model="expert", queries_total=950, hits_total=608, usage=0.125),
-            PrefixCacheStats(model="base", queries_total=900, hits_total=600, usage=0.5),
-        ),
-    )
+    stats = _busy(EXPERT, BASE)  # the base's counters, wherever it is listed
     text = ServerMetrics(lambda: stats, "my-model").render().decode()
     got = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
            for family in text_string_to_metric_families(text) for sample in family.samples}
