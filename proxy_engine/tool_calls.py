@@ -49,11 +49,11 @@ CALL_MARKERS: dict[str, tuple[str, ...]] = {
     "gemma4": ("<|tool_call>",),
 }
 _GRANITE_PREFIXES = ("<|tool_call|>", "<tool_call>")  # 3.0's token, then 3.1's string
-# What pythonic templates write to show the format (Llama 3.2 / 4's, vLLM's Gemma 3 example).
 # Formats whose calls cannot be read without their marker. Some tokenizers mark it a special token (Mistral's
-# [TOOL_CALLS], <tool_call> in some Hermes fine-tunes), which decoding skips by default: an answer that may hold
-# calls is decoded with special tokens kept, as vLLM's hermes and mistral parsers ask. The others parse without.
+# [TOOL_CALLS], Gemma 4's tags, <tool_call> in some Hermes fine-tunes), which decoding skips by default: an answer
+# that may hold calls is decoded with special tokens kept, as vLLM's parsers ask. The others parse without.
 MARKED_FORMATS: tuple[str, ...] = ("hermes", "mistral", "qwen3_coder", "gemma4")
+# What pythonic templates write to show the format (Llama 3.2 / 4's, vLLM's Gemma 3 example).
 _PYTHONIC_EXAMPLE = re.compile(r"func_name1\(|params_name1=")
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _MISTRAL_ARGS = re.compile(r"([A-Za-z0-9_.\-]+)\[ARGS\]")
