@@ -10,6 +10,8 @@ read. ``--reasoning-parser`` here takes vLLM's two names for the two ways such a
   ``<think>`` the model writes anyway is dropped), and an answer cut before ``</think>`` is all reasoning;
 - ``qwen3``: the model opens the block itself when it thinks (Qwen3's hybrid models): an answer that starts with
   ``<think>`` (after white space) reasons up to ``</think>`` or its end; any other answer is all content.
+- ``olmo3`` (OLMo 3 Think): read as ``deepseek_r1``, since its template may open the block (vLLM's parser reads a
+  never-closed answer as content when whole, as thinking when streamed; here it is thinking both ways).
 - ``mistral``: as ``qwen3``, with Mistral's ``[THINK]`` ... ``[/THINK]`` (Magistral, Ministral 3 Reasoning). Those
   are special tokens, which decoding skips by default: with this parser answers keep special tokens.
 
@@ -26,11 +28,13 @@ from typing import Any, Literal
 
 from server.tools import ChoiceStream, ToolPlan, assistant_message
 
-ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral", "gemma4"]
+ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral", "gemma4", "olmo3"]
 # Each parser's tags around the thinking.
 TAGS: dict[str, tuple[str, str]] = {
     "deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>"), "mistral": ("[THINK]", "[/THINK]"),
-    "gemma4": ("<|channel>", "<channel|>")}
+    "gemma4": ("<|channel>", "<channel|>"), "olmo3": ("<think>", "</think>")}
+# Parsers for templates that open the block in the prompt: the answer starts inside it.
+OPENED_IN_PROMPT: frozenset[str] = frozenset({"deepseek_r1", "olmo3"})
 # A channel name the model writes first inside the tags, which is not thinking (Gemma 4's <|channel>thought\n).
 LABELS: dict[str, str] = {"gemma4": "thought\n"}
 # Parsers whose tags are special tokens, which decoding skips by default: their answers keep special tokens.
@@ -77,7 +81,7 @@ class ReasoningSplitter:
                 self.pending = head[len(self.start):]
                 self.state = "reasoning"
             else:
-                self.state = "reasoning" if self.parser == "deepseek_r1" else "content"
+                self.state = "reasoning" if self.parser in OPENED_IN_PROMPT else "content"
                 self.label = ""  # no tag written: no channel name either
         if self.state == "reasoning" and self.label:
             if len(self.pending) < len(self.label) and self.label.startswith(self.pending):  # it may be arriving
@@ -107,7 +111,7 @@ class ReasoningSplitter:
         if not rest:
             return []
         if self.state == "start":
-            field = "reasoning_content" if self.parser == "deepseek_r1" else "content"
+            field = "reasoning_content" if self.parser in OPENED_IN_PROMPT else "content"
             if field == "reasoning_content" and rest.lstrip() and self.start.startswith(rest.lstrip()):
                 return []  # a lone, cut "<think" opening tag: nothing said
             return [(field, rest)]

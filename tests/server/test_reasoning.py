@@ -48,6 +48,8 @@ CUT = ["<think>\nStill", " thinking"]  # max_tokens ran out inside the block
         ("gemma4", "<|channel>hm<channel|>Hi", ("hm", "Hi")),
         ("gemma4", "<|channel>thought\n", (None, None)),
         ("gemma4", "thought\nPlain", (None, "thought\nPlain")),  # no tag: no channel
+        ("olmo3", "hm</think>Hi", ("hm", "Hi")),  # OLMo 3 Think's template may open the block
+        ("olmo3", "<think>hm</think>Hi", ("hm", "Hi")),
     ],
 )
 def test_split_reasoning(parser, text, expected):
@@ -60,7 +62,7 @@ def test_split_reasoning(parser, text, expected):
                              " [THINK]x[/TH", "<|channel>thought\nab<channel|>cd", "<|channel>thou",
                              "<|channel>though<channel|>x"]),
        cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=6),
-       parser=st.sampled_from(["deepseek_r1", "qwen3", "mistral", "gemma4"]))
+       parser=st.sampled_from(["deepseek_r1", "qwen3", "mistral", "gemma4", "olmo3"]))
 def test_streamed_pieces_join_to_the_whole_answers_fields(text, cuts, parser):
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     splitter = ReasoningSplitter(parser)
