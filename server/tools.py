@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
+import string
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,7 +52,14 @@ MAX_TOOLS = 128  # OpenAI's limit on tools in one request
 MAX_PARAMETERS_DEPTH = 48
 
 
-def new_call_id() -> str:
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+def new_call_id(fmt: str | None = None) -> str:
+    """A call's id: OpenAI's shape, or for the mistral format the 9 letters and digits that Mistral's chat templates
+    require of the ids sent back to them (as vLLM's mistral parser makes them)."""
+    if fmt == "mistral":
+        return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
@@ -223,8 +232,8 @@ def _plan(tools: list[dict[str, Any]], choice: Any, parallel: bool, fmt: str, fl
     raise bad_request("tool_choice must be 'none', 'auto', 'required' or a function", "tool_choice")
 
 
-def message_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
-    return [{"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+def message_calls(calls: list[ParsedCall], fmt: str | None = None) -> list[dict[str, Any]]:
+    return [{"id": new_call_id(fmt), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in calls]
 
 
@@ -235,7 +244,7 @@ class _StreamedCall:
     index: int
     head: CallHead  # its name, and where its arguments begin
     read: Callable[[str], str]  # the answer so far -> its arguments as JSON text so far
-    id: str = field(default_factory=new_call_id)
+    id: str = field(default_factory=new_call_id)  # (the stream gives its format's)
     canonical: CanonicalJson | None = None  # arguments given as an object: sent canonically as they are written
     sent_whole: bool = False  # arguments given otherwise (a JSON-encoded string, null): sent once complete
 
@@ -338,7 +347,8 @@ class ChoiceStream:
         """A new call, its header (index, id, type, name) appended to ``out``."""
         # named and required calls are the constraint's JSON, whatever the family's format
         fmt = self.plan.fmt if self.plan.mode == "auto" else DEFAULT_FORMAT
-        state = _StreamedCall(len(self.calls), head, arguments_reader(fmt, head, self.plan.tools))
+        state = _StreamedCall(len(self.calls), head, arguments_reader(fmt, head, self.plan.tools),
+                              new_call_id(self.plan.fmt))
         self.calls.append(state)
         out.append({"tool_calls": [{"index": state.index, "id": state.id, "type": "function",
                                     "function": {"name": head.name, "arguments": ""}}]})
@@ -377,5 +387,5 @@ def assistant_message(plan: ToolPlan, text: str, reason: str | None) -> tuple[di
     content, calls = plan.calls(text)
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
-        message["tool_calls"] = message_calls(calls)
+        message["tool_calls"] = message_calls(calls, plan.fmt)
     return message, finish_reason(bool(calls), reason)
