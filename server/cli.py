@@ -139,7 +139,8 @@ FLAGS = [
     Flag("--reasoning-parser", ("reasoning_parser",), "Move <think> ... </think> out of chat answers into "
          "reasoning_content: deepseek_r1 (the template opens the block: R1 and its distills), qwen3 (the model "
          "opens it), mistral ([THINK] ... [/THINK]) or gemma4 (<|channel>thought ... <channel|>), both opened by the "
-         "model, or olmo3 (read as deepseek_r1). vLLM's names.", "deepseek_r1|qwen3|mistral|gemma4|olmo3"),
+         "model, olmo3 (read as deepseek_r1) or granite (Granite 3.2's \"Here is my thought process:\" headings). "
+         "vLLM's names.", "deepseek_r1|qwen3|mistral|gemma4|olmo3|granite"),
     Flag("--disable-log-requests", ("log_requests",), "Log lines only for the requests refused, failed or cut off, "
          "not for every one served (vLLM's flag).", action="store_false"),
     Flag("--log-prompts", ("log_prompts",), "Write prompt text in the per-request log lines (off by default).",

@@ -10,6 +10,8 @@ read. ``--reasoning-parser`` here takes vLLM's two names for the two ways such a
   ``<think>`` the model writes anyway is dropped), and an answer cut before ``</think>`` is all reasoning;
 - ``qwen3``: the model opens the block itself when it thinks (Qwen3's hybrid models): an answer that starts with
   ``<think>`` (after white space) reasons up to ``</think>`` or its end; any other answer is all content.
+- ``granite`` (Granite 3.2 with ``thinking``): plain-text headings, "Here is my thought process:" ... "Here is my
+  response:" (or "Here's"), read as ``qwen3`` reads its tags.
 - ``olmo3`` (OLMo 3 Think): read as ``deepseek_r1``, since its template may open the block (vLLM's parser reads a
   never-closed answer as content when whole, as thinking when streamed; here it is thinking both ways).
 - ``mistral``: as ``qwen3``, with Mistral's ``[THINK]`` ... ``[/THINK]`` (Magistral, Ministral 3 Reasoning). Those
@@ -28,11 +30,16 @@ from typing import Any, Literal
 
 from server.tools import ChoiceStream, ToolPlan, assistant_message
 
-ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral", "gemma4", "olmo3"]
-# Each parser's tags around the thinking.
-TAGS: dict[str, tuple[str, str]] = {
-    "deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>"), "mistral": ("[THINK]", "[/THINK]"),
-    "gemma4": ("<|channel>", "<channel|>"), "olmo3": ("<think>", "</think>")}
+ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral", "gemma4", "olmo3", "granite"]
+# Each parser's tags around the thinking: (the ways it may open, the ways it may close).
+_THINK = (("<think>",), ("</think>",))
+TAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "deepseek_r1": _THINK, "qwen3": _THINK, "olmo3": _THINK, "mistral": (("[THINK]",), ("[/THINK]",)),
+    "gemma4": (("<|channel>",), ("<channel|>",)),
+    # Granite 3.2's plain-text headings (some quantized copies write "Here's")
+    "granite": (("Here is my thought process:", "Here's my thought process:"),
+                ("Here is my response:", "Here's my response:")),
+}
 # Parsers for templates that open the block in the prompt: the answer starts inside it.
 OPENED_IN_PROMPT: frozenset[str] = frozenset({"deepseek_r1", "olmo3"})
 # A channel name the model writes first inside the tags, which is not thinking (Gemma 4's <|channel>thought\n).
@@ -41,12 +48,17 @@ LABELS: dict[str, str] = {"gemma4": "thought\n"}
 SPECIAL_TAG_PARSERS: frozenset[str] = frozenset({"mistral", "gemma4"})
 
 
-def _prefix_tail(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper prefix of ``tag`` (it may be a tag arriving)."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
+def _prefix_tail(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of one of ``tags`` (a tag may be arriving)."""
+    for size in range(min(max(map(len, tags)) - 1, len(text)), 0, -1):
+        if any(tag.startswith(text[-size:]) for tag in tags if size < len(tag)):
             return size
     return 0
+
+
+def _opening(head: str, tags: tuple[str, ...]) -> bool:
+    """Whether ``head`` (not empty) may still become one of ``tags``."""
+    return any(len(head) < len(tag) and tag.startswith(head) for tag in tags)
 
 
 def thinking_disabled(template_kwargs: dict[str, Any] | None) -> bool:
@@ -67,7 +79,7 @@ class ReasoningSplitter:
     def __post_init__(self) -> None:
         self.state = "content" if self.parser is None else "start"
         self.pending = ""  # text not yet given out
-        self.start, self.end = TAGS[self.parser or "qwen3"]
+        self.starts, self.ends = TAGS[self.parser or "qwen3"]
         self.label = LABELS.get(self.parser or "", "")  # dropped from the thinking's start, once read whole
 
     def feed(self, delta: str) -> list[tuple[str, str]]:
@@ -75,10 +87,11 @@ class ReasoningSplitter:
         out: list[tuple[str, str]] = []
         if self.state == "start":
             head = self.pending.lstrip()
-            if len(head) < len(self.start) and self.start.startswith(head):  # nothing yet, or a tag on its way
+            if not head or _opening(head, self.starts):  # nothing yet, or a tag on its way
                 return out
-            if head.startswith(self.start):
-                self.pending = head[len(self.start):]
+            opened = next((tag for tag in self.starts if head.startswith(tag)), None)
+            if opened is not None:
+                self.pending = head[len(opened):]
                 self.state = "reasoning"
             else:
                 self.state = "reasoning" if self.parser in OPENED_IN_PROMPT else "content"
@@ -90,14 +103,15 @@ class ReasoningSplitter:
                 self.pending = self.pending[len(self.label):]
             self.label = ""
         if self.state == "reasoning":
-            end = self.pending.find(self.end)
-            if end < 0:
-                keep = _prefix_tail(self.pending, self.end)
+            found = [(self.pending.find(tag), tag) for tag in self.ends if tag in self.pending]
+            if not found:
+                keep = _prefix_tail(self.pending, self.ends)
                 piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
                 return [("reasoning_content", piece)] if piece else out
+            end, tag = min(found)
             if end:
                 out.append(("reasoning_content", self.pending[:end]))
-            self.pending = self.pending[end + len(self.end):]
+            self.pending = self.pending[end + len(tag):]
             self.state = "content"
         if self.pending:
             out.append(("content", self.pending))
@@ -112,7 +126,7 @@ class ReasoningSplitter:
             return []
         if self.state == "start":
             field = "reasoning_content" if self.parser in OPENED_IN_PROMPT else "content"
-            if field == "reasoning_content" and rest.lstrip() and self.start.startswith(rest.lstrip()):
+            if field == "reasoning_content" and rest.lstrip() and _opening(rest.lstrip(), self.starts):
                 return []  # a lone, cut "<think" opening tag: nothing said
             return [(field, rest)]
         return [("reasoning_content" if self.state == "reasoning" else "content", rest)]

@@ -122,7 +122,8 @@ class ServerSettings(BaseSettings):
         "into reasoning_content, as vLLM's --reasoning-parser: 'deepseek_r1' (the template opens the block in the "
         "prompt: DeepSeek-R1 and its distills, Qwen3 Thinking-2507), 'qwen3' (the model opens it: Qwen3's hybrid "
         "models), 'mistral' ([THINK] ... [/THINK], opened by the model: Magistral, Ministral 3 Reasoning) or "
-        "'gemma4' (<|channel>thought ... <channel|>), or 'olmo3' (read as 'deepseek_r1'). "
+        "'gemma4' (<|channel>thought ... <channel|>), 'olmo3' (read as 'deepseek_r1') or 'granite' (Granite 3.2's "
+        "plain-text headings). "
         "Unset: the thinking stays in content (server/reasoning.py).",
     )
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")

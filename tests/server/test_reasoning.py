@@ -50,6 +50,9 @@ CUT = ["<think>\nStill", " thinking"]  # max_tokens ran out inside the block
         ("gemma4", "thought\nPlain", (None, "thought\nPlain")),  # no tag: no channel
         ("olmo3", "hm</think>Hi", ("hm", "Hi")),  # OLMo 3 Think's template may open the block
         ("olmo3", "<think>hm</think>Hi", ("hm", "Hi")),
+        ("granite", "Here is my thought process:\nhm\nHere is my response:\nHi", ("\nhm\n", "\nHi")),  # Granite 3.2
+        ("granite", "Here's my thought process: hm Here's my response: Hi", (" hm ", " Hi")),
+        ("granite", "Here is a plain answer.", (None, "Here is a plain answer.")),
     ],
 )
 def test_split_reasoning(parser, text, expected):
@@ -60,9 +63,10 @@ def test_split_reasoning(parser, text, expected):
 @given(text=st.sampled_from(["<think>\nab</think>\n\ncd", "ab</think>cd", "plain </think", "  <think>x</th",
                              "<thi", "a<think>b</think>c", "<think></think>", "", "[THINK]ab[/THINK]cd", "[THI",
                              " [THINK]x[/TH", "<|channel>thought\nab<channel|>cd", "<|channel>thou",
-                             "<|channel>though<channel|>x"]),
+                             "<|channel>though<channel|>x", "Here is my thought process: a Here's my response: b",
+                             "Here's my thought", "Here is my thought process: a Here is my"]),
        cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=6),
-       parser=st.sampled_from(["deepseek_r1", "qwen3", "mistral", "gemma4", "olmo3"]))
+       parser=st.sampled_from(["deepseek_r1", "qwen3", "mistral", "gemma4", "olmo3", "granite"]))
 def test_streamed_pieces_join_to_the_whole_answers_fields(text, cuts, parser):
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     splitter = ReasoningSplitter(parser)
