@@ -18,7 +18,8 @@ PromptFormat = Literal["plain", "chat"]
 
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?|mps)$")
 _PAIR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-RESERVED_PAIR_NAMES = frozenset({"base", "expert"})  # the model ids of the parts alone
+RESERVED_PAIR_NAMES = frozenset({"base", "expert"})
+TOOL_PARSER_ALIASES = {"llama4_json": "llama3_json", "llama4_pythonic": "pythonic"}  # the model ids of the parts alone
 
 # A plain transcript for models that see chat requests as text (the base and anti-expert in the paper).
 # ``tools_text`` (set when a request brings tools) lists them and shows the family's call format; an assistant's
@@ -302,6 +303,13 @@ class EngineConfig(_Strict):
         if repeated:
             raise ValueError(f"expert pair name {repeated[0]!r} is given to several pairs: each names one model id")
         return self
+
+    @field_validator("tool_call_format", mode="before")
+    @classmethod
+    def _tool_parser_alias(cls, value: Any) -> Any:
+        """vLLM's other names for the same formats: Llama 4's JSON and pythonic parsers read what Llama 3's and the
+        pythonic one read (an optional <|python_start|> is part of the pythonic format)."""
+        return TOOL_PARSER_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("generation_config")
     @classmethod

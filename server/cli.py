@@ -133,7 +133,8 @@ FLAGS = [
          "auto|vllm|none|FOLDER"),
     Flag("--tool-call-parser", ("engine", "tool_call_format"), "How the family writes tool calls, parsed from "
          "answers to tool_choice auto: auto (from the chat template), hermes, llama3_json, mistral, pythonic, "
-         "qwen3_coder, granite or gemma4 (vLLM's names).",
+         "qwen3_coder, granite or gemma4 (vLLM's names; its llama4_json and llama4_pythonic are read as "
+         "llama3_json and pythonic).",
          "auto|hermes|llama3_json|mistral|pythonic|qwen3_coder|granite|gemma4"),
     Flag("--seed", ("engine", "seed"), "Seeds the requests that bring no seed (reproducible runs; default 0).", "N"),
     Flag("--reasoning-parser", ("reasoning_parser",), "Move <think> ... </think> out of chat answers into "

@@ -138,6 +138,9 @@ def test_vllms_model_flags_set_every_model_but_where_a_models_own_flag_is_given(
         resolve_settings([*TRIPLE, "--dtype", "float8"])
     with pytest.raises(ConfigError, match="tool_call_format"):
         resolve_settings([*TRIPLE, "--tool-call-parser", "kimi_k2"])
+    # vLLM's Llama 4 names for formats read here under other names
+    assert resolve_settings([*TRIPLE, "--tool-call-parser", "llama4_pythonic"])[0].engine.tool_call_format == "pythonic"
+    assert resolve_settings([*TRIPLE, "--tool-call-parser", "llama4_json"])[0].engine.tool_call_format == "llama3_json"
 
 
 def test_repeated_expert_flags_name_several_pairs_over_one_anti_expert():
