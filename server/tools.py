@@ -111,8 +111,9 @@ class ToolPlan:
         if self.mode == "required":
             try:
                 items = json.loads(text)
-            except json.JSONDecodeError:
-                return text, []
+            except json.JSONDecodeError:  # cut by max_tokens: the calls written whole, as the stream sent them
+                calls = _complete_calls(text)
+                return (None, calls) if calls else (text, [])
             return None, [ParsedCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
         if self.mode == "auto":
             content, calls = parse_calls(self.fmt, text, self.tools)
@@ -121,6 +122,21 @@ class ToolPlan:
                 return text, []
             return content, calls if self.parallel else calls[:1]
         return text, []
+
+
+def _complete_calls(text: str) -> list[ParsedCall]:
+    """The whole calls at the start of a ``required`` answer cut short (``[{"name": ..., "parameters": ...}, ...``)."""
+    heads: list[CallHead] = []
+    opening = re.match(r"\s*\[", text)
+    if opening:
+        object_calls(text, opening.end(), ",", heads)
+    calls = []
+    for head in heads:
+        end = value_end(text, head.start)
+        if end is None:
+            break
+        calls.append(ParsedCall(head.name, json.dumps(json.loads(text[head.start:end]), ensure_ascii=False)))
+    return calls
 
 
 def _parameters(function: dict[str, Any]) -> Any:

@@ -66,6 +66,18 @@ def test_named_cut_by_length_keeps_length():
     assert reason == "length" and "tool_calls" not in message
 
 
+def test_a_required_answer_cut_short_keeps_its_whole_calls():
+    """The whole answer has the calls the stream sent whole; the cut one is dropped, and the reason stays length."""
+    plan = ToolPlan("required", TOOLS)
+    text = '[{"name":"f","parameters":{"a":1}},{"name":"f","parameters":{"a'
+    message, reason = assistant_message(plan, text, "length")
+    assert reason == "length" and message["content"] is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [("f", '{"a": 1}')]
+    assert _joined(_run(plan, [text]))[0] == ("f", '{"a": 1}')
+    assert assistant_message(plan, '[{"name":"f","param', "length") == (
+        {"role": "assistant", "content": '[{"name":"f","param'}, "length")  # nothing whole: text, as before
+
+
 def test_required_streams_each_call_as_it_is_written():
     plan = ToolPlan("required", TOOLS)
     text = '[{"name":"f","parameters":{"a":1}},{"name":"f","parameters":{}}]'
