@@ -18,6 +18,8 @@ import json
 import re
 from typing import Any
 
+from proxy_engine.marks import held_tail
+
 START, END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 CALL = re.compile(r"<\|tool_call>\s*call:([\w\-.]+)\s*(?=\{)")
 _BARE_END = re.compile(r"[,}\]]")
@@ -67,14 +69,6 @@ def parse(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     if len(calls) != text.count(START, begin):  # a call not written as call:name{...}
         return text, []
     return text[:begin] or None, calls
-
-
-def _held(text: str, mark: str) -> int:
-    """How long a tail of ``text`` could be the start of ``mark`` (held back until it is decided)."""
-    for size in range(min(len(mark) - 1, len(text)), 0, -1):
-        if mark.startswith(text[-size:]):
-            return size
-    return 0
 
 
 class Gemma4Arguments:
@@ -156,7 +150,7 @@ class Gemma4Arguments:
         i = self.position
         end = text.find(QUOTE, i)
         if end < 0:
-            settled = len(text) - _held(text[i:], QUOTE)
+            settled = len(text) - held_tail(text, (QUOTE,), i)
             if settled > i:
                 self._emit(json.dumps(text[i:settled], ensure_ascii=False)[1:-1], settled, "string")
             return False

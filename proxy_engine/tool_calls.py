@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from proxy_engine import gemma4_calls, xml_calls
+from proxy_engine.marks import held_tail
 
 ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4"]
 FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4")
@@ -474,13 +475,7 @@ def looks_like_call_start(fmt: str, text: str) -> bool:
 
 def marker_prefix_len(fmt: str, text: str) -> int:
     """Length of the longest tail of ``text`` that could be the start of a call marker (held back while streaming)."""
-    best = 0
-    for marker in CALL_MARKERS[fmt]:
-        for length in range(min(len(marker) - 1, len(text)), 0, -1):
-            if text.endswith(marker[:length]):
-                best = max(best, length)
-                break
-    return best
+    return held_tail(text, CALL_MARKERS[fmt])
 
 
 def system_tools_preamble(fmt: str, tools: list[dict[str, Any]]) -> str:

@@ -27,6 +27,8 @@ import math
 import re
 from typing import Any
 
+from proxy_engine.marks import held_tail
+
 FUNCTION = re.compile(r"<function=([^>\n]*)>")
 _PARAMETER = re.compile(r"<parameter=([^>\n]*)>")
 _FUNCTION_END = "</function>"
@@ -198,11 +200,7 @@ class XmlArguments:
         name, start = self.current
         if _kind(self.schemas.get(name)) != "string":
             return None
-        end = len(body)
-        for length in range(min(end - start, max(len(m) for m in _VALUE_ENDS)), 0, -1):
-            if any(marker.startswith(body[end - length:end]) for marker in _VALUE_ENDS):
-                end -= length  # it may begin a closing tag
-                break
+        end = len(body) - held_tail(body, _VALUE_ENDS, start)  # a tail that may begin a closing tag
         lead = start + 1 if end > start and body[start] == "\n" else start  # the format's newline
         if end > lead and body[end - 1] == "\n":
             end -= 1  # it may be the format's trailing newline

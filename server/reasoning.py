@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from proxy_engine.marks import held_tail
 from server.tools import ChoiceStream, ToolPlan, assistant_message
 
 ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral", "gemma4", "olmo3", "granite"]
@@ -46,14 +47,6 @@ OPENED_IN_PROMPT: frozenset[str] = frozenset({"deepseek_r1", "olmo3"})
 LABELS: dict[str, str] = {"gemma4": "thought\n"}
 # Parsers whose tags are special tokens, which decoding skips by default: their answers keep special tokens.
 SPECIAL_TAG_PARSERS: frozenset[str] = frozenset({"mistral", "gemma4"})
-
-
-def _prefix_tail(text: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that is a proper prefix of one of ``tags`` (a tag may be arriving)."""
-    for size in range(min(max(map(len, tags)) - 1, len(text)), 0, -1):
-        if any(tag.startswith(text[-size:]) for tag in tags if size < len(tag)):
-            return size
-    return 0
 
 
 def _opening(head: str, tags: tuple[str, ...]) -> bool:
@@ -105,7 +98,7 @@ class ReasoningSplitter:
         if self.state == "reasoning":
             found = [(self.pending.find(tag), tag) for tag in self.ends if tag in self.pending]
             if not found:
-                keep = _prefix_tail(self.pending, self.ends)
+                keep = held_tail(self.pending, self.ends)  # a closing tag may be arriving
                 piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
                 return [("reasoning_content", piece)] if piece else out
             end, tag = min(found)
