@@ -340,6 +340,7 @@ class CallHead:
 # A call object as the JSON formats write it, up to its arguments: the name must come first to be streamed.
 _CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"([A-Za-z0-9_.\-]{1,64})"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _SPACE = re.compile(r"\s*")
+_LIST_OPEN = re.compile(r"\s*\[")
 
 
 def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
@@ -365,10 +366,7 @@ def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
         heads += [CallHead(c.group(1), c.end()) for c in gemma4_calls.CALL.finditer(text, start)]
         return start, heads
     if fmt == "granite":
-        body = _granite_body(text)
-        if text.startswith("[", body):
-            object_calls(text, body + 1, ",", heads)
-        return 0, heads
+        return 0, listed_calls(text, _granite_body(text))
     if fmt == "llama3_json":
         body = _SPACE.match(text).end()
         if text.startswith("<|python_tag|>", body):
@@ -385,7 +383,7 @@ def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
         if fmt == "hermes":
             position = object_calls(text, after, "", heads, limit=1)
         elif text.startswith("[", after):  # mistral: [TOOL_CALLS][{...}, {...}]
-            object_calls(text, after + 1, ",", heads)
+            heads += listed_calls(text, after)
             break
         else:  # mistral: [TOOL_CALLS]name[ARGS]{...}
             named = _MISTRAL_ARGS.match(text, after)
@@ -409,6 +407,16 @@ def arguments_reader(fmt: str, head: CallHead, tools: list[dict[str, Any]] | Non
         translator = gemma4_calls.Gemma4Arguments()
         return lambda text: translator.feed(text[head.start:])
     return lambda text: text[head.start:]
+
+
+def listed_calls(text: str, position: int = 0) -> list[CallHead]:
+    """The heads of a JSON list of call objects opening at ``position`` (after white space): Granite's answer,
+    Mistral's ``[TOOL_CALLS][...]``, the ``required`` constraint's array."""
+    heads: list[CallHead] = []
+    opening = _LIST_OPEN.match(text, position)
+    if opening:
+        object_calls(text, opening.end(), ",", heads)
+    return heads
 
 
 def object_calls(text: str, position: int, separators: str, heads: list[CallHead], limit: int | None = None
@@ -444,8 +452,8 @@ def value_end(text: str, position: int) -> int | None:
 
 
 def call_arguments(name: str, raw: str) -> str | None:
-    """A call's arguments given as a complete JSON value other than an object (a JSON-encoded string, ``null``),
-    as ``ParsedCall.arguments`` holds them; None when they are not (yet) such a value."""
+    """A call's arguments given as a complete JSON value (an object, a JSON-encoded string, ``null``), as
+    ``ParsedCall.arguments`` holds them; None when they are not (yet) such a value."""
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:

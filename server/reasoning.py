@@ -96,7 +96,7 @@ class ReasoningSplitter:
                 self.pending = self.pending[len(self.label):]
             self.label = ""
         if self.state == "reasoning":
-            found = [(self.pending.find(tag), tag) for tag in self.ends if tag in self.pending]
+            found = [(at, tag) for tag in self.ends if (at := self.pending.find(tag)) >= 0]
             if not found:
                 keep = held_tail(self.pending, self.ends)  # a closing tag may be arriving
                 piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]

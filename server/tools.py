@@ -32,9 +32,9 @@ from proxy_engine.tool_calls import (
     arguments_reader,
     call_arguments,
     call_heads,
+    listed_calls,
     looks_like_call_start,
     marker_prefix_len,
-    object_calls,
     parse_calls,
     value_end,
 )
@@ -126,16 +126,13 @@ class ToolPlan:
 
 def _complete_calls(text: str) -> list[ParsedCall]:
     """The whole calls at the start of a ``required`` answer cut short (``[{"name": ..., "parameters": ...}, ...``)."""
-    heads: list[CallHead] = []
-    opening = re.match(r"\s*\[", text)
-    if opening:
-        object_calls(text, opening.end(), ",", heads)
     calls = []
-    for head in heads:
+    for head in listed_calls(text):
         end = value_end(text, head.start)
-        if end is None:
+        arguments = None if end is None else call_arguments(head.name, text[head.start:end])
+        if arguments is None:
             break
-        calls.append(ParsedCall(head.name, json.dumps(json.loads(text[head.start:end]), ensure_ascii=False)))
+        calls.append(ParsedCall(head.name, arguments))
     return calls
 
 
@@ -260,7 +257,7 @@ class _StreamedCall:
     index: int
     head: CallHead  # its name, and where its arguments begin
     read: Callable[[str], str]  # the answer so far -> its arguments as JSON text so far
-    id: str = field(default_factory=new_call_id)  # (the stream gives its format's)
+    id: str  # in the family's shape (new_call_id)
     canonical: CanonicalJson | None = None  # arguments given as an object: sent canonically as they are written
     sent_whole: bool = False  # arguments given otherwise (a JSON-encoded string, null): sent once complete
 
@@ -331,11 +328,7 @@ class ChoiceStream:
         if self.plan.mode == "named":
             return 0, [CallHead(self.plan.name or "", 0)]
         if self.plan.mode == "required":  # the constraint's array: [{"name": ..., "parameters": {...}}, ...]
-            heads: list[CallHead] = []
-            opening = re.match(r"\s*\[", self.text)
-            if opening:
-                object_calls(self.text, opening.end(), ",", heads)
-            return 0, heads
+            return 0, listed_calls(self.text)
         return call_heads(self.plan.fmt, self.text)
 
     def _call_deltas(self) -> list[dict[str, Any]]:
