@@ -100,8 +100,9 @@ class ToolPlan:
     def _function(self, name: str | None) -> dict[str, Any]:
         return next(t["function"] for t in self.tools if t["function"]["name"] == name)
 
-    def calls(self, text: str) -> tuple[str | None, list[ParsedCall]]:
-        """``(content, calls)`` of a finished answer."""
+    def calls(self, text: str, cut: bool = False) -> tuple[str | None, list[ParsedCall]]:
+        """``(content, calls)`` of a finished answer. ``cut``: ``max_tokens`` ended it, so a call may be unfinished;
+        the calls written whole before it are kept, as the answer's stream sent them (``calls_before_cut``)."""
         if self.mode == "named":
             try:
                 arguments = json.loads(text)
@@ -111,29 +112,35 @@ class ToolPlan:
         if self.mode == "required":
             try:
                 items = json.loads(text)
-            except json.JSONDecodeError:  # cut by max_tokens: the calls written whole, as the stream sent them
-                calls = _complete_calls(text)
-                return (None, calls) if calls else (text, [])
+            except json.JSONDecodeError:  # the constraint's array is always whole unless max_tokens cut it
+                return calls_before_cut(self, text)
             return None, [ParsedCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
         if self.mode == "auto":
             content, calls = parse_calls(self.fmt, text, self.tools)
             known = {t["function"]["name"] for t in self.tools}
             if not calls or any(c.name not in known for c in calls):
-                return text, []
+                return calls_before_cut(self, text) if cut else (text, [])
             return content, calls if self.parallel else calls[:1]
         return text, []
 
 
-def _complete_calls(text: str) -> list[ParsedCall]:
-    """The whole calls at the start of a ``required`` answer cut short (``[{"name": ..., "parameters": ...}, ...``)."""
+def calls_before_cut(plan: ToolPlan, text: str) -> tuple[str | None, list[ParsedCall]]:
+    """A cut answer read as its stream read it: the content before the first call and the calls whose arguments were
+    written whole, in the very strings the stream sent; the text itself when no call was whole. So a client sees the
+    same calls whether it streamed or not (the stream has already sent the whole ones, and the cut one's start)."""
+    stream = ChoiceStream(plan)
+    arguments: dict[int, str] = {}
+    for delta in stream.feed(text):
+        for call in delta.get("tool_calls", []):
+            arguments[call["index"]] = arguments.get(call["index"], "") + call["function"]["arguments"]
     calls = []
-    for head in listed_calls(text):
-        end = value_end(text, head.start)
-        arguments = None if end is None else call_arguments(head.name, text[head.start:end])
-        if arguments is None:
+    for call in stream.calls:
+        if not call.whole:
             break
-        calls.append(ParsedCall(head.name, arguments))
-    return calls
+        calls.append(ParsedCall(call.head.name, arguments[call.index]))
+    if not calls:
+        return text, []
+    return text[:stream.sent] or None, calls
 
 
 def _parameters(function: dict[str, Any]) -> Any:
@@ -260,6 +267,11 @@ class _StreamedCall:
     id: str  # in the family's shape (new_call_id)
     canonical: CanonicalJson | None = None  # arguments given as an object: sent canonically as they are written
     sent_whole: bool = False  # arguments given otherwise (a JSON-encoded string, null): sent once complete
+
+    @property
+    def whole(self) -> bool:
+        """All of its arguments were sent."""
+        return self.sent_whole or (self.canonical is not None and self.canonical.done)
 
     @property
     def writing(self) -> bool:
@@ -393,7 +405,7 @@ def finish_reason(made_calls: bool, reason: str | None) -> str | None:
 
 def assistant_message(plan: ToolPlan, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
     """A finished choice's ``message`` (content and/or ``tool_calls``) and its ``finish_reason``."""
-    content, calls = plan.calls(text)
+    content, calls = plan.calls(text, cut=reason == "length")
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = message_calls(calls, plan.fmt)

@@ -189,6 +189,38 @@ def test_a_call_cut_short_keeps_what_was_written_and_length():
     assert stream.made_calls and finish_reason(stream.made_calls, "length") == "length"
 
 
+CUT_IN_SECOND_CALL = dict(WRITTEN,
+                          qwen3_coder='<tool_call>\n<function=f>\n<parameter=city>\nParis\n</parameter>\n</function>\n'
+                                      '</tool_call>\n<tool_call>\n<function=g.v2>\n<parameter=x>\n2',
+                          gemma4='<|tool_call>call:f{city:<|"|>Paris<|"|>}<tool_call|><|tool_call>call:g.v2{x:')
+
+
+@pytest.mark.parametrize("written", sorted(CUT_IN_SECOND_CALL))
+def test_an_auto_answer_cut_in_a_later_call_keeps_the_calls_written_whole(written):
+    """max_tokens cut the second call: the stream has sent the first whole (and the second's start); the whole answer
+    keeps the first, in the same string, with the same content before it and ``length``."""
+    plan = ToolPlan("auto", TWO, fmt=written.split("_args")[0])
+    text = CUT_IN_SECOND_CALL[written]
+    text = text if written in ("qwen3_coder", "gemma4") else text[:text.rindex("{}") + 1]
+    deltas = _run(plan, list(text))
+    message, reason = assistant_message(plan, text, "length")
+    assert reason == "length" and len(message["tool_calls"]) == 1
+    assert _whole_calls(message) == _joined(deltas)[:1]
+    assert (message["content"] or "") == _content(deltas)
+    # ended by the model (not cut), a broken answer is still text: it was not the calls it began to be
+    assert assistant_message(plan, text, "stop") == ({"role": "assistant", "content": text}, "stop")
+
+
+def test_an_auto_answer_cut_in_its_first_call_is_text():
+    plan = ToolPlan("auto", TWO, fmt="hermes")
+    text = 'Sure. <tool_call>{"name": "f", "arguments": {"city": "Par'
+    assert assistant_message(plan, text, "length") == ({"role": "assistant", "content": text}, "length")
+
+
+def _whole_calls(message: dict) -> list[tuple[str, str]]:
+    return [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])]
+
+
 @pytest.mark.parametrize("fmt, shaped", [("mistral", r"[A-Za-z0-9]{9}"), ("hermes", r"call_[0-9a-f]{24}")])
 def test_call_ids_have_the_shape_the_family_takes_back(fmt, shaped):
     """Mistral's templates refuse a call id that is not 9 letters and digits: its calls get such ids (as vLLM's
