@@ -375,7 +375,7 @@ class ItemStream:
         self.sequence = 0
         self.reasoning: dict[str, Any] | None = None  # the open reasoning item
         self.message: dict[str, Any] | None = None  # the open message item
-        self.calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its open function_call item
+        self.calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its function_call item
 
     def event(self, kind: str, **fields: Any) -> str:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -421,8 +421,8 @@ class ItemStream:
         for call in delta.get("tool_calls") or []:
             item = self.calls.get(call["index"])
             function = call.get("function") or {}
-            if item is None:
-                events += self._close_message()
+            if item is None:  # a call begins: what came before it is whole, a call before it too
+                events += self._close_message() + self._close_calls("completed")
                 item = {"id": _id("fc"), "type": "function_call", "call_id": call.get("id") or _id("call"),
                         "name": function.get("name", ""), "arguments": "", "status": "in_progress"}
                 self.calls[call["index"]] = item
@@ -467,14 +467,19 @@ class ItemStream:
 
     def close(self, status: str) -> list[str]:
         """End every open item (``incomplete`` when the answer was cut)."""
-        events = self._close_reasoning(status) + self._close_message(status)
+        return self._close_reasoning(status) + self._close_message(status) + self._close_calls(status)
+
+    def _close_calls(self, status: str) -> list[str]:
+        """End the open call (calls are written one after another: at most the last is open)."""
+        events = []
         for item in self.calls.values():
+            if item["status"] != "in_progress":
+                continue
             item["status"] = status
             index = self._index(item)
             events.append(self.event("response.function_call_arguments.done", item_id=item["id"],
                                      output_index=index, arguments=item["arguments"]))
             events.append(self.event("response.output_item.done", output_index=index, item=_copy(item)))
-        self.calls = {}
         return events
 
 

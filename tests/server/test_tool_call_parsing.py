@@ -37,9 +37,9 @@ CONTENT = {"hermes": "Let me check. ", "llama3_json": None, "mistral": "Let me c
 class ScriptedEngine(FakeEngine):
     """Answers every request with ``pieces``, one per step, then stops."""
 
-    def __init__(self, fmt: str, pieces: list[str]) -> None:
+    def __init__(self, fmt: str, pieces: list[str], last: FinishReason = FinishReason.STOP) -> None:
         super().__init__()
-        self.fmt, self.pieces = fmt, pieces
+        self.fmt, self.pieces, self.last = fmt, pieces, last
 
     async def start(self) -> None:
         await super().start()
@@ -48,7 +48,7 @@ class ScriptedEngine(FakeEngine):
     async def _run(self, stream, params) -> None:
         for k, piece in enumerate(self.pieces):
             await asyncio.sleep(self.step_s)
-            finish = FinishReason.STOP if k == len(self.pieces) - 1 else None
+            finish = self.last if k == len(self.pieces) - 1 else None
             # With logprobs asked for, each piece is a token whose logprob names its place: -k / 10.
             logprobs = None if params.logprobs is None else [TokenLogprob(k, piece, -k / 10)]
             stream.queue.put_nowait(RequestOutput(
@@ -56,9 +56,9 @@ class ScriptedEngine(FakeEngine):
                 prompt_tokens=stream.prompt_tokens, completion_tokens=k + 1, logprobs=logprobs))
 
 
-def _client(fmt: str, pieces: list[str]):
+def _client(fmt: str, pieces: list[str], last: FinishReason = FinishReason.STOP):
     engine = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
-    app = create_app(ScriptedEngine(fmt, pieces), load_settings(overrides={"engine": engine}, environ=False))
+    app = create_app(ScriptedEngine(fmt, pieces, last), load_settings(overrides={"engine": engine}, environ=False))
     return TestClient(app, base_url="http://localhost")  # a localhost name: the default Host allow-list
 
 
@@ -119,6 +119,43 @@ def test_a_call_streams_its_arguments_as_they_are_written():
         assert argument_events == pieces[1:]
         done = next(e for e in events if e["type"] == "response.completed")["response"]
         assert done["output"][-1]["arguments"] == "".join(pieces)
+
+
+TWO_CALLS = ['Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+             '<tool_call>{"name": "get_weather", "argu', 'ments": {"city": "Ro']
+
+
+def _events(http: TestClient, body: dict) -> list[dict]:
+    return [json.loads(line[len("data: "):]) for line in http.post("/v1/responses", json=body).text.splitlines()
+            if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("last", [FinishReason.STOP, FinishReason.LENGTH])
+def test_each_call_ends_before_the_next_begins_and_a_cut_one_is_incomplete(last):
+    """Calls are written one after another: the Responses API closes each function_call item (its arguments' done
+    event, then the item's) when the next begins, as OpenAI streams them, not all at the end. Cut by max_tokens,
+    only the call being written is incomplete; the whole chat answer keeps the whole call, the stream sent both."""
+    pieces = TWO_CALLS if last == FinishReason.LENGTH else TWO_CALLS[:-1] + ['ments": {"city": "Rome"}}</tool_call>']
+    with _client("hermes", pieces, last) as http:
+        flat = [{"type": "function", **TOOLS[0]["function"]}]
+        events = _events(http, {"model": "proxy-tuned", "input": "x", "tools": flat, "stream": True})
+        order = [(e["type"], e.get("output_index")) for e in events if e["type"].startswith("response.output_item")]
+        assert order == [("response.output_item.added", 0), ("response.output_item.done", 0),
+                         ("response.output_item.added", 1), ("response.output_item.done", 1),
+                         ("response.output_item.added", 2), ("response.output_item.done", 2)]
+        final = events[-1]["response"]
+        cut = last == FinishReason.LENGTH
+        assert events[-1]["type"] == ("response.incomplete" if cut else "response.completed")
+        assert [item["status"] for item in final["output"]] == ["completed", "completed",
+                                                                "incomplete" if cut else "completed"]
+        assert final["output"][1]["arguments"] == '{"city": "Paris"}'
+
+        body = {"model": "proxy-tuned", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS}
+        choice = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert choice["finish_reason"] == ("length" if cut else "tool_calls")
+        assert choice["message"]["content"] == "Sure. "
+        assert [c["function"]["arguments"] for c in choice["message"]["tool_calls"]] == (
+            ['{"city": "Paris"}'] if cut else ['{"city": "Paris"}', '{"city": "Rome"}'])
 
 
 def test_a_call_to_an_unknown_function_is_text():
