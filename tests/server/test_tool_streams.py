@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.tools import ChoiceStream, ToolPlan, assistant_message, finish_reason
 
@@ -209,6 +211,25 @@ def test_an_auto_answer_cut_in_a_later_call_keeps_the_calls_written_whole(writte
     assert (message["content"] or "") == _content(deltas)
     # ended by the model (not cut), a broken answer is still text: it was not the calls it began to be
     assert assistant_message(plan, text, "stop") == ({"role": "assistant", "content": text}, "stop")
+
+
+@settings(max_examples=300, deadline=None)
+@given(written=st.sampled_from(sorted(WRITTEN)), cut=st.floats(min_value=0, max_value=1))
+def test_wherever_max_tokens_cuts_the_whole_answer_keeps_what_the_stream_sent_whole(written, cut):
+    """Cut anywhere: the whole answer's calls are the calls the stream sent whole, in the same strings, and its content
+    what the stream sent before them; with no whole call it is the text as written."""
+    plan = ToolPlan("auto", TWO, fmt=written.split("_args")[0])
+    text = WRITTEN[written][:round(cut * len(WRITTEN[written]))]
+    stream = ChoiceStream(plan)
+    deltas = stream.feed(text)
+    whole = [call.index for call in stream.calls if call.whole]
+    message, reason = assistant_message(plan, text, "length")
+    assert reason == "length"
+    if whole:
+        assert _whole_calls(message) == _joined(deltas)[:len(whole)] and len(whole) in (1, 2)
+        assert (message["content"] or "") == _content(deltas)
+    else:
+        assert message == {"role": "assistant", "content": text}
 
 
 def test_an_auto_answer_cut_in_its_first_call_is_text():
