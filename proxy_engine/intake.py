@@ -97,11 +97,13 @@ def check_scorable(prompts: dict[int, list[int]], models: list[LoadedModel]) -> 
     for index in prompts:
         model = models[index]
         if model.renderer.prompt_format != "plain":
+            remedy = ("serve the base with prompt_format: plain to score prompts" if model.role == "base" else
+                      "score with the base alone, or serve the pair with prompt_format: plain")
             raise ValueError(
-                f"prompt logprobs (prompt_logprobs, or echo with logprobs) need every model to see the prompt as "
-                f"plain text; the "
-                f"{model.role} model uses its chat format (its positions are not the base's). Score with the "
-                f"base alone, or serve the pair with prompt_format: plain"
+                f"prompt logprobs (prompt_logprobs, or echo with logprobs) score the prompt's own tokens, which "
+                f"every model must read as plain text; the {model.role} model uses its chat format "
+                f"(prompt_format: chat), which wraps a prompt in its template, so its tokens are not the prompt's: "
+                f"{remedy}"
             )
     if len({tuple(ids) for ids in prompts.values()}) > 1:
         raise ValueError("prompt logprobs need the models to tokenize the prompt alike, and they do not")

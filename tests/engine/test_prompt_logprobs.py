@@ -4,9 +4,12 @@ padding and batch."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from proxy_engine.intake import check_scorable
 from proxy_engine.prompt_scores import PromptScores
 from proxy_engine.request import FinishReason, PromptInput, SamplingParams, Target
 from tests.engine.conftest import make_engine, submit
@@ -119,6 +122,10 @@ def test_prompt_logprobs_need_every_model_on_plain_text(chat_family, chat_models
         engine.make_sequences("r", PromptInput(text="Hi"), SamplingParams(max_tokens=1, prompt_logprobs=1))
     # The base alone reads plain text: fine.
     engine.make_sequences("r", PromptInput(text="Hi"), SamplingParams(max_tokens=1, prompt_logprobs=1), Target.BASE)
+    # A chat-format base cannot score, and the remedy is its own prompt_format
+    chat_base = dataclasses.replace(chat_models[0], renderer=chat_models[1].renderer)
+    with pytest.raises(ValueError, match="the base model uses its chat format .* serve the base with prompt_format"):
+        check_scorable({0: [1, 2]}, [chat_base])
     with pytest.raises(ValueError, match="prompt_logprobs must be between 0 and 20"):
         SamplingParams(prompt_logprobs=21).validate(100, 1)
     with pytest.raises(ValueError, match="max_tokens must be at least 0"):
