@@ -99,7 +99,8 @@ def test_a_chat_format_expert_cannot_score_the_prompt_and_says_so(agent_http):
     answer = agent_http.post("/v1/chat/completions", json=body)
     assert answer.status_code == 400
     message = answer.json()["error"]["message"]
-    assert "prompt logprobs (prompt_logprobs, or echo with logprobs) need every model" in message
+    assert "prompt logprobs (prompt_logprobs, or echo with logprobs) score the prompt's own tokens" in message
+    assert "the expert model uses its chat format" in message and "score with the base alone" in message
 
 
 def test_the_whole_vocabulary_under_max_logprobs_minus_one(tiny_family):
