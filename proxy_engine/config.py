@@ -272,12 +272,13 @@ class EngineConfig(_Strict):
     )
     seed: int = Field(default=0, description="Seeds requests that bring no seed of their own (reproducible runs).")
     tool_call_format: Literal[
-        "auto", "hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4"] = Field(
+        "auto", "hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4", "olmo3"] = Field(
         default="auto",
         description="How this family writes tool calls (parsed from answers to tool_choice 'auto', written into "
         "plain transcripts): 'auto' detects it from the chat template ([TOOL_CALLS]: mistral, a pythonic example "
         "call [func_name1(params_name1=...)]: pythonic, <function=...><parameter=...>: qwen3_coder, <|tool_call|>: "
-        "granite, <|tool_call>: gemma4, <|python_tag|>: llama3_json, else hermes <tool_call>).",
+        "granite, <|tool_call>: gemma4, <function_calls>: olmo3, <|python_tag|>: llama3_json, else hermes "
+        "<tool_call>).",
     )
     generation_config: str = Field(
         default="auto",

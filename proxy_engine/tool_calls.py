@@ -1,6 +1,6 @@
 """How a model family writes tool calls: render them into a plain transcript, and parse them out of generated text.
 
-Four formats cover the common open families (``EngineConfig.tool_call_format``, detected from the chat
+The formats of the common open families (``EngineConfig.tool_call_format``, detected from the chat
 template when left at ``auto``; vLLM's tool-call parser names):
 
 - ``hermes`` (Hermes, Qwen 2/2.5/3): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, one block per call.
@@ -18,6 +18,9 @@ template when left at ``auto``; vLLM's tool-call parser names):
   (``gemma4_calls.py``).
 - ``qwen3_coder`` (Qwen3-Coder, Qwen 3.5): ``<tool_call><function=name><parameter=key>value</parameter>...``,
   values read by the function's parameter schema (``xml_calls.py``).
+- ``olmo3`` (OLMo 3 Instruct / Think): ``<function_calls>f(city="Paris")\ng(zone="CET")</function_calls>``,
+  one Python-style call a line, each value written as JSON (``true``, ``null``) as its template writes them. Read
+  with ``ast`` like ``pythonic``, never evaluated.
 
 Pure functions, no tensors: the engine renders transcripts with them, the server parses answers with them.
 """
@@ -35,10 +38,12 @@ from typing import Any, Literal
 from proxy_engine import gemma4_calls, xml_calls
 from proxy_engine.marks import held_tail
 
-ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4"]
-FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4")
+ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4", "olmo3"]
+FORMATS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4",
+                            "olmo3")
 DEFAULT_FORMAT: ToolCallFormat = "hermes"
 
+_OLMO3_OPEN, _OLMO3_CLOSE = "<function_calls>", "</function_calls>"
 # What starts a call in each format: text from here on is held back from a stream until it parses (or not).
 CALL_MARKERS: dict[str, tuple[str, ...]] = {
     "hermes": ("<tool_call>",),
@@ -48,12 +53,13 @@ CALL_MARKERS: dict[str, tuple[str, ...]] = {
     "qwen3_coder": ("<tool_call>", "<function="),
     "granite": ("<|tool_call|>",),
     "gemma4": ("<|tool_call>",),
+    "olmo3": (_OLMO3_OPEN,),
 }
 _GRANITE_PREFIXES = ("<|tool_call|>", "<tool_call>")  # 3.0's token, then 3.1's string
 # Formats whose calls cannot be read without their marker. Some tokenizers mark it a special token (Mistral's
 # [TOOL_CALLS], Gemma 4's tags, <tool_call> in some Hermes fine-tunes), which decoding skips by default: an answer
 # that may hold calls is decoded with special tokens kept, as vLLM's parsers ask. The others parse without.
-MARKED_FORMATS: tuple[str, ...] = ("hermes", "mistral", "qwen3_coder", "gemma4")
+MARKED_FORMATS: tuple[str, ...] = ("hermes", "mistral", "qwen3_coder", "gemma4", "olmo3")
 # What pythonic templates write to show the format (Llama 3.2 / 4's, vLLM's Gemma 3 example).
 _PYTHONIC_EXAMPLE = re.compile(r"func_name1\(|params_name1=")
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -82,6 +88,8 @@ def detect_format(chat_template: str | None) -> ToolCallFormat:
         return "qwen3_coder"
     if "<|tool_call>" in template:
         return "gemma4"
+    if _OLMO3_OPEN in template:
+        return "olmo3"
     if "<|tool_call|>" in template:
         return "granite"
     if "[TOOL_CALLS]" in template:
@@ -121,6 +129,10 @@ def render_calls(fmt: str, calls: list[dict[str, Any]]) -> str:
         return "".join(gemma4_calls.render(n, a) for n, a in pairs)
     if fmt == "granite":
         return "<|tool_call|>" + json.dumps([{"name": n, "arguments": a} for n, a in pairs], ensure_ascii=False)
+    if fmt == "olmo3":  # as OLMo 3's template writes earlier calls: each value as JSON
+        lines = (f"{n}(" + ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in a.items()) + ")"
+                 for n, a in pairs)
+        return _OLMO3_OPEN + "\n".join(lines) + _OLMO3_CLOSE
     return "".join(f"<tool_call>{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}</tool_call>"
                    for n, a in pairs)
 
@@ -243,6 +255,12 @@ def parse_calls(fmt: str, text: str, tools: list[dict[str, Any]] | None = None) 
     if fmt == "pythonic":
         calls = _pythonic_calls(text)
         return (None, calls) if calls else (text, [])
+    if fmt == "olmo3":
+        start = text.find(_OLMO3_OPEN)
+        end = text.find(_OLMO3_CLOSE, start)
+        body = text[start + len(_OLMO3_OPEN):end if end >= 0 else len(text)] if start >= 0 else ""
+        calls = _python_calls(body, json_literals=True)
+        return ((text[:start] or None), calls) if calls else (text, [])
     if fmt == "granite":
         values = _objects(text[_granite_body(text):])
         items = values[0] if values and len(values) == 1 and isinstance(values[0], list) else None
@@ -303,18 +321,41 @@ def _pythonic_calls(text: str) -> list[ParsedCall]:
         body = body[len("<|python_start|>"):].removesuffix("<|python_end|>").strip()
     if not body.startswith("["):
         return []
+    return _python_calls(body)
+
+
+_JSON_LITERALS = {"true": True, "false": False, "null": None}
+
+
+class _JsonLiterals(ast.NodeTransformer):
+    """``true``, ``false`` and ``null`` written as values (OLMo 3 writes each value as JSON) read as literals."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(_JSON_LITERALS[node.id]) if node.id in _JSON_LITERALS else node
+
+
+def _python_calls(body: str, json_literals: bool = False) -> list[ParsedCall]:
+    """Calls with literal keyword arguments: a Python list of them, or (``json_literals``: OLMo 3's) one statement
+    each, a line apiece, whose values may also be JSON's ``true`` / ``false`` / ``null``. None else."""
     try:
-        tree = ast.parse(body, mode="eval").body
+        tree = ast.parse(body.strip(), mode="exec")
     except (SyntaxError, ValueError, RecursionError):
         return []
-    if not isinstance(tree, ast.List) or not tree.elts:
+    statements = [node.value for node in tree.body if isinstance(node, ast.Expr)]
+    if len(statements) != len(tree.body) or not statements:
+        return []
+    if len(statements) == 1 and isinstance(statements[0], ast.List):
+        statements = statements[0].elts
+    elif not json_literals:  # the pythonic format is one list
         return []
     calls = []
-    for node in tree.elts:
+    for node in statements:
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
             return []
         try:  # literal_eval: values only, nothing runs
-            arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
+            values = [_JsonLiterals().visit(kw.value) if json_literals else kw.value for kw in node.keywords]
+            arguments = {kw.arg: ast.literal_eval(value) for kw, value in zip(node.keywords, values)
+                         if kw.arg is not None}
         except (ValueError, TypeError, SyntaxError, RecursionError):
             return []
         if len(arguments) != len(node.keywords):  # a **mapping: not a literal call
@@ -345,13 +386,14 @@ _LIST_OPEN = re.compile(r"\s*\[")
 
 def call_heads(fmt: str, text: str) -> tuple[int, list[CallHead]] | None:
     """The calls begun so far in an answer still being written: where the content before them ends, and each call
-    whose name is known. None for ``pythonic``, whose arguments are Python, not JSON, and are read whole.
+    whose name is known. None for ``pythonic`` and ``olmo3``, whose arguments are Python, not JSON, and are read
+    whole.
 
     A call written in another order (its arguments before its name) is not listed, nor any after it: those are
     read from the whole answer (``parse_calls``).
     """
     heads: list[CallHead] = []
-    if fmt == "pythonic":
+    if fmt in ("pythonic", "olmo3"):
         return None
     if fmt == "qwen3_coder":  # tags, not JSON: a call's arguments begin after its <function=name>
         start = xml_calls.start(text)

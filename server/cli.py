@@ -133,9 +133,9 @@ FLAGS = [
          "auto|vllm|none|FOLDER"),
     Flag("--tool-call-parser", ("engine", "tool_call_format"), "How the family writes tool calls, parsed from "
          "answers to tool_choice auto: auto (from the chat template), hermes, llama3_json, mistral, pythonic, "
-         "qwen3_coder, granite or gemma4 (vLLM's names; its llama4_json and llama4_pythonic are read as "
+         "qwen3_coder, granite, gemma4 or olmo3 (vLLM's names; its llama4_json and llama4_pythonic are read as "
          "llama3_json and pythonic).",
-         "auto|hermes|llama3_json|mistral|pythonic|qwen3_coder|granite|gemma4"),
+         "auto|hermes|llama3_json|mistral|pythonic|qwen3_coder|granite|gemma4|olmo3"),
     Flag("--seed", ("engine", "seed"), "Seeds the requests that bring no seed (reproducible runs; default 0).", "N"),
     Flag("--reasoning-parser", ("reasoning_parser",), "Move <think> ... </think> out of chat answers into "
          "reasoning_content: deepseek_r1 (the template opens the block: R1 and its distills), qwen3 (the model "

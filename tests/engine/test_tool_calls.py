@@ -69,6 +69,20 @@ ASKED = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content
          []),  # the calls are the whole answer
         ("granite", '<|tool_call|>[{"name": "get_weather", "arguments": {"ci', '<|tool_call|>[{"name": "get_weather", '
                     '"arguments": {"ci', []),
+        # OLMo 3: one call a line inside <function_calls>, each value written as JSON (its template's tojson)
+        ("olmo3", 'Sure.<function_calls>get_weather(city="Paris")</function_calls>', "Sure.", [CALL]),
+        ("olmo3", '<function_calls>\nf(a=true, b=null, c={"k": false, "n": [1, 2.5]}, d="x\\ny")\n'
+                  'get_weather(city="Paris")\n</function_calls>', None,
+         [ParsedCall("f", json.dumps({"a": True, "b": None, "c": {"k": False, "n": [1, 2.5]}, "d": "x\ny"})), CALL]),
+        ("olmo3", '<function_calls>get_weather(city="Paris")', None, [CALL]),  # ended at its end token
+        ("olmo3", '<function_calls>[get_weather(city="Paris")]</function_calls>', None, [CALL]),  # a list too
+        ("olmo3", "<function_calls>import os</function_calls>", "<function_calls>import os</function_calls>", []),
+        ("olmo3", "<function_calls>f(x=open('/etc/passwd'))</function_calls>",
+         "<function_calls>f(x=open('/etc/passwd'))</function_calls>", []),  # never evaluated
+        ("olmo3", "<function_calls>f(true)</function_calls>", "<function_calls>f(true)</function_calls>", []),
+        ("olmo3", 'get_weather(city="Paris")', 'get_weather(city="Paris")', []),  # no tags: text
+        ("olmo3", '<function_calls>get_weather(city="Par', '<function_calls>get_weather(city="Par', []),  # cut
+        ("pythonic", "[f(a=true)]", "[f(a=true)]", []),  # JSON's literals are OLMo's, not Python's
     ],
 )
 def test_parse_calls(fmt, text, content, calls):
@@ -98,6 +112,40 @@ def test_detect_format_from_the_chat_template():
     pythonic = ("you MUST put it in the format of [func_name1(params_name1=params_value1, params_name2=params_value2"
                 "...), func_name2(params)]{% if message.role == 'ipython' %}")
     assert detect_format(pythonic) == "pythonic"
+    # OLMo 3 Instruct's template: the tools in <functions>, the calls in <function_calls>, results as "environment"
+    olmo = ("{% if tools %}<functions>{{ tools | tojson }}</functions>{% endif %}{% for m in messages %}"
+            "{% if m.tool_calls %}<function_calls>...</function_calls>{% endif %}{% endfor %}")
+    assert detect_format(olmo) == "olmo3"
+
+
+# An OLMo-3-like chat template: the tools as JSON in the system turn, an assistant's calls one a line as
+# name(key=value as JSON), a tool result in an "environment" turn.
+OLMO_LIKE = (
+    "{%- for m in messages %}<|im_start|>{{ 'environment' if m.role == 'tool' else m.role }}\n"
+    "{% if m.content %}{{ m.content }}{% endif %}"
+    "{%- if m.tool_calls %}<function_calls>{% for c in m.tool_calls %}{% set parts = namespace(items=[]) %}"
+    "{%- for k, v in c.function.arguments.items() %}{% set parts.items = parts.items + [k ~ '=' ~ (v | tojson)] %}"
+    "{%- endfor %}{{ c.function.name }}({{ parts.items | join(', ') }}){% if not loop.last %}\n{% endif %}"
+    "{%- endfor %}</function_calls>{% endif %}<|im_end|>\n{% endfor %}"
+    "{%- if tools %}<functions>{{ tools | tojson }}</functions>{% endif %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_olmo3_earlier_calls_reach_the_template_as_it_writes_them(tiny_family):
+    """The template is given the arguments as an object (it iterates their items) and writes the call the way the
+    model answers, so parsing the rendered turn gives the call back; a tool result follows as its own turn."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_family.base))
+    renderer = PromptRenderer(tokenizer, "chat", DEFAULT_TRANSCRIPT_TEMPLATE, OLMO_LIKE)
+    assert detect_format(OLMO_LIKE) == "olmo3"
+    messages = [*ASKED, {"role": "tool", "content": "21C", "tool_call_id": "call_1"}]
+    text = renderer.render_text(PromptInput(messages=messages, tools=TOOLS))
+    turn = '<function_calls>get_weather(city="Paris")</function_calls>'
+    assert turn in text and render_calls("olmo3", [OPENAI_CALL]) == turn
+    assert parse_calls("olmo3", turn)[1] == [CALL]
+    assert "<|im_start|>environment\n21C" in text and '"get_weather"' in text
 
 
 def test_a_pythonic_answer_is_held_back_while_it_may_be_a_call():

@@ -28,10 +28,11 @@ ANSWERS = {
                     "is\n</parameter>\n</function>\n</tool_call>"],
     "granite": ["<|tool_call|>[{", '"name": "get_weather", "arguments": {"ci', 'ty": "Paris"}}]'],
     "gemma4": ["Let me check.<|tool_call>call:get_", 'weather{city:<|"|>Par', 'is<|"|>}<tool_call|>'],
+    "olmo3": ["Let me check.<function_", 'calls>get_weather(city="Par', 'is")</function_calls>'],
 }
 CONTENT = {"hermes": "Let me check. ", "llama3_json": None, "mistral": "Let me check. ", "pythonic": None,
            "qwen3_coder": "Let me check.\n", "granite": None,
-           "gemma4": "Let me check."}
+           "gemma4": "Let me check.", "olmo3": "Let me check."}
 
 
 class ScriptedEngine(FakeEngine):
