@@ -185,6 +185,11 @@ class IncrementalDetokenizer:
         self.flushed = ""  # text that only ``finish`` committed
         self.stopped = False
 
+    @property
+    def settled(self) -> bool:
+        """Whether every token added is in ``text``: none waits to complete a character (or decoded to nothing)."""
+        return self._read == len(self.ids)
+
     def _context(self) -> str:
         """The decoded window before the pending tokens, widened while it decodes to nothing (only special
         tokens, say) so that a SentencePiece decoder does not take the next token's space for a leading one."""

@@ -35,6 +35,7 @@ from proxy_engine.request import (
     Target,
 )
 from proxy_engine.sequence import Sequence
+from proxy_engine.thinking_budget import ThinkingBudget
 from proxy_engine.tool_calls import DEFAULT_FORMAT, detect_format, renders_tools
 
 
@@ -142,6 +143,15 @@ class Intake:
     def num_pairs(self) -> int:
         return len(self.config.experts)
 
+    def _thinking_budget(self, params: SamplingParams) -> ThinkingBudget | None:
+        """A sequence's count of thinking tokens, if the request set a budget; it forces the closing tag as the
+        shared tokenizer writes it alone."""
+        tags = params.thinking_tags
+        if params.thinking_token_budget is None or tags is None:
+            return None
+        close_ids = self.models[0].tokenizer.encode(tags.closes[0], add_special_tokens=False)
+        return ThinkingBudget(params.thinking_token_budget, tags, tuple(close_ids))
+
     def weights_for(self, params: SamplingParams, target: Target) -> list[float]:
         """Each model's weight: base 1, expert_i +alpha_i, anti_i -alpha_i (or one model alone); a model that
         plays several roles sums theirs (layout.py)."""
@@ -225,5 +235,6 @@ class Intake:
                 generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
                 deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
                 cache_salt=prompt.cache_salt, bad_word_ids=bad_word_ids,
+                thinking=self._thinking_budget(params),
             ))
         return sequences

@@ -76,6 +76,9 @@ class OutputBuilder:
                                stop_reason=step.stop)
         if len(sequence.output_ids) >= sequence.max_tokens:
             return self.finish(sequence, FinishReason.LENGTH, new_token=token, entries=entries, text=step.delta)
+        if sequence.thinking is not None:
+            sequence.thinking.observe(sequence.detokenizer.text, len(sequence.output_ids),
+                                      sequence.detokenizer.settled)
         return self._output(sequence, [token], step.delta, entries=entries)
 
     def finish(

@@ -241,6 +241,17 @@ def checked_logprobs(value: int, max_logprobs: int, vocab_size: int, name: str) 
     return value
 
 
+@dataclass(frozen=True)
+class ThinkingTags:
+    """Where a reasoning model's thinking block opens and closes, as its reasoning parser reads it (the server fills
+    it in): the spellings of the opening and closing tags, and whether the template opens the block in the prompt.
+    The first closing spelling is the one a thinking budget forces."""
+
+    opens: tuple[str, ...]
+    closes: tuple[str, ...]
+    opened: bool = False
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (OpenAI's plus the common vLLM extensions, plus ``alpha``)."""
@@ -287,6 +298,10 @@ class SamplingParams:
     alpha: float | list[float] | None = None
     # A constraint on the output (JSON schema, regex, choice, grammar), applied to the combined logits.
     structured: StructuredOutput | None = None
+    # vLLM's: at most this many tokens inside the thinking block, then its closing tag is forced
+    # (thinking_budget.py); the tags say where the block is.
+    thinking_token_budget: int | None = None
+    thinking_tags: ThinkingTags | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -327,6 +342,13 @@ class SamplingParams:
                              "repetition_penalty")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise FieldError(f"max_tokens must be at least 0, got {self.max_tokens}", "max_tokens")
+        if self.thinking_token_budget is not None:
+            if isinstance(self.thinking_token_budget, bool) or not 0 <= self.thinking_token_budget < 2**31:
+                raise FieldError(f"thinking_token_budget must be a count of tokens, 0 or more, got "
+                                 f"{self.thinking_token_budget}", "thinking_token_budget")
+            if self.thinking_tags is None or not self.thinking_tags.closes:
+                raise FieldError("thinking_token_budget needs to know where thinking ends: serve the model with a "
+                                 "reasoning parser (--reasoning-parser)", "thinking_token_budget")
         if self.min_tokens < 0:
             raise FieldError(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

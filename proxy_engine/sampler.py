@@ -42,6 +42,15 @@ def keep_only(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> 
     return logits
 
 
+def force_tokens(logits: torch.Tensor, forced: Sequence[int | None]) -> torch.Tensor:
+    """Each row with a forced id can draw only that id (its logit 0, every other ``-inf``); None rows are untouched."""
+    for row, token in enumerate(forced):
+        if token is not None:
+            logits[row].fill_(float("-inf"))
+            logits[row, token] = 0.0
+    return logits
+
+
 def apply_penalties(
     logits: torch.Tensor,
     output_counts: torch.Tensor,

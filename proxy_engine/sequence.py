@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # annotations only
 
     from proxy_engine.detokenizer import IncrementalDetokenizer
     from proxy_engine.grammar import GrammarMatcher
+    from proxy_engine.thinking_budget import ThinkingBudget
 
 
 class Status(Enum):
@@ -48,6 +49,7 @@ class Sequence:
     cache_salt: str | None = None  # its prompt's prefix-cache salt (PromptInput.cache_salt)
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences (bad_words.py)
     preemptions: int = 0  # times its K/V was dropped (a more urgent sequence, out of memory): it resumes by recomputing
+    thinking: ThinkingBudget | None = None  # params.thinking_token_budget's count, and the closing tag it forces
 
     @property
     def finished(self) -> bool:

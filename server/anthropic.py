@@ -14,7 +14,8 @@ The request (anthropic-sdk-python's ``MessageCreateParams``):
   ``tool_choice`` (``auto``; ``any``: a call is required; ``tool``: that one; ``none``;
   ``disable_parallel_tool_use``), ``stop_sequences``, ``temperature``, ``top_p``, ``top_k``,
   ``metadata.user_id``, ``output_config.format`` (a JSON schema the answer follows), ``thinking`` (the chat
-  templates' ``enable_thinking``), and ours: ``alpha``, ``chat_template_kwargs``. Other keys are ignored.
+  templates' ``enable_thinking``; with a reasoning parser, ``budget_tokens`` caps the thinking), and ours:
+  ``alpha``, ``chat_template_kwargs``. Other keys are ignored.
 
 The answer: content blocks ``thinking`` (what a reasoning parser reads as thinking; ``signature`` empty),
 ``text`` and ``tool_use``; ``stop_reason`` ``end_turn`` | ``max_tokens`` | ``stop_sequence`` (with
@@ -252,11 +253,25 @@ class MessagesRequest(Conversation):
                               "output_config.format")
         return {"type": "json_schema", "json_schema": {"name": "output", "schema": form["schema"]}}
 
-    def to_chat(self) -> ChatCompletionRequest:
+    def thinking_budget(self) -> int | None:
+        """``thinking.budget_tokens`` (with ``type: enabled``): the cap on the thinking's tokens."""
+        thinking = self.thinking or {}
+        budget = thinking.get("budget_tokens")
+        if thinking.get("type") != "enabled" or budget is None:
+            return None
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise bad_request(f"thinking.budget_tokens must be a count of tokens, got {budget!r}",
+                              "thinking.budget_tokens")
+        return budget
+
+    def to_chat(self, reads_thinking: bool = False) -> ChatCompletionRequest:
+        """``reads_thinking``: the server has a reasoning parser, so ``budget_tokens`` caps the thinking (without
+        one, no thinking is read, and the budget asks for nothing)."""
         user = (self.metadata or {}).get("user_id")
         return super().to_chat(max_tokens=self.max_tokens, stop=self.stop_sequences, temperature=self.temperature,
                                top_p=self.top_p, top_k=self.top_k, user=user if isinstance(user, str) else None,
-                               alpha=self.alpha, response_format=self.response_format())
+                               alpha=self.alpha, response_format=self.response_format(),
+                               thinking_token_budget=self.thinking_budget() if reads_thinking else None)
 
 
 # --- the answer --------------------------------------------------------------------------------------------------
@@ -362,7 +377,7 @@ def add_anthropic_routes(router: APIRouter, ctx: ServerContext, start: Start, co
 
         def prompt():
             nonlocal chat
-            chat = body.to_chat()
+            chat = body.to_chat(reads_thinking=ctx.settings.reasoning_parser is not None)
             return chat.prompt_input(fmt)
 
         generation, _ = await start(message_id, "messages", body.model, prompt,

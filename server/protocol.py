@@ -18,12 +18,20 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.async_engine import ModelInfo
-from proxy_engine.request import MAX_LOGPROBS, PromptInput, SamplingParams, TokenAnalysis, TokenLogprob, TopLogprob
+from proxy_engine.request import (
+    MAX_LOGPROBS,
+    PromptInput,
+    SamplingParams,
+    ThinkingTags,
+    TokenAnalysis,
+    TokenLogprob,
+    TopLogprob,
+)
 from server import structured as structured_fields
 from server import tools as tool_fields
 from server.errors import bad_request
 from server.guards import clip
-from server.reasoning import SPECIAL_TAG_PARSERS, ReasoningParser, thinking_disabled
+from server.reasoning import OPENED_IN_PROMPT, SPECIAL_TAG_PARSERS, TAGS, ReasoningParser, thinking_disabled
 
 # The logprob sent in place of -inf (JSON has no infinities).
 MIN_LOGPROB = -9999.0
@@ -294,6 +302,13 @@ class CompletionRequest(_SamplingFields):
     # vLLM's: the tokenizer's special tokens (BOS) on the prompt text as plain models tokenize it (default yes;
     # false for a text that already starts with them).
     add_special_tokens: bool | None = None
+    thinking_token_budget: Any = None  # refused (UNHONOURED): a completion's thinking is not read
+
+    UNHONOURED: ClassVar[dict[str, Unhonoured]] = {
+        **_UNHONOURED_SAMPLING,
+        "thinking_token_budget": Unhonoured("a thinking budget applies to chat requests, whose thinking the "
+                                            "reasoning parser reads (--reasoning-parser)", _null),
+    }
 
     def prompt_input(self) -> PromptInput | list[PromptInput]:
         """One prompt, or several: prompt ``i``'s choices are then numbered from ``i * n``, as OpenAI does."""
@@ -405,6 +420,8 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
     documents: Any = None
     # vLLM's: false leaves reasoning_content out of the answer (with a reasoning parser; server/reasoning.py).
     include_reasoning: bool = True
+    # vLLM's: at most this many tokens of thinking, then the parser's closing tag is forced and the model answers.
+    thinking_token_budget: int | None = None
 
     UNHONOURED: ClassVar[dict[str, Unhonoured]] = {
         **_UNHONOURED_SAMPLING,
@@ -492,9 +509,17 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
                                 defaults)
         # A call's marker or a thinking tag may be a special token (Mistral's [TOOL_CALLS], [THINK]): kept for the
         # parsers, unless the client said otherwise.
-        tags_special = self.reasoning_parser(reasoning, fmt) in SPECIAL_TAG_PARSERS
-        if (plan.keeps_special_tokens or tags_special) and self.skip_special_tokens is None:
+        parser = self.reasoning_parser(reasoning, fmt)
+        if (plan.keeps_special_tokens or parser in SPECIAL_TAG_PARSERS) and self.skip_special_tokens is None:
             params.skip_special_tokens = False
+        if self.thinking_token_budget is not None:
+            if reasoning is None:
+                raise bad_request("thinking_token_budget needs the server's reasoning parser (--reasoning-parser), "
+                                  "which says where thinking starts and ends", "thinking_token_budget")
+            if parser is not None:  # else this answer has no thinking (turned off, or constrained): nothing to cap
+                opens, closes = TAGS[parser]
+                params.thinking_token_budget = self.thinking_token_budget
+                params.thinking_tags = ThinkingTags(opens, closes, opened=parser in OPENED_IN_PROMPT)
         return params
 
 

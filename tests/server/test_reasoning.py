@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 
+import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -176,6 +177,50 @@ def test_a_real_engines_stream_goes_through_the_parser(tiny_family):
         assert (reasoning, content, reasons) == (message.reasoning_content, "", ["length"])
     finally:
         server.stop()
+
+
+def test_a_thinking_budget_closes_the_block_and_the_model_answers(tiny_family):
+    """deepseek_r1 (the block opened by the template), greedy: with ``thinking_token_budget`` 3 the thinking is the
+    first 3 tokens of the uncapped answer's, the closing tag is forced, and what follows is content; whole, streamed
+    and through Anthropic's ``budget_tokens`` alike. Without a parser the field is a 400; ``budget_tokens`` is not."""
+    from transformers import AutoTokenizer
+
+    from proxy_engine.thinking_budget import SETTLE_TOKENS
+
+    close = AutoTokenizer.from_pretrained(str(tiny_family.base)).encode("</think>", add_special_tokens=False)
+    served = make_settings(tiny_family, reasoning_parser="deepseek_r1")
+    server = LiveServer(async_engine_for(served.engine), served).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+        ask = dict(model="proxy-tuned", messages=[{"role": "user", "content": "Hi"}], max_tokens=20, temperature=0,
+                   logprobs=True)
+        budget = {"thinking_token_budget": 3, "return_token_ids": True}
+        uncapped = client.chat.completions.create(**ask, extra_body={"return_token_ids": True}).choices[0]
+        choice = client.chat.completions.create(**ask, extra_body=budget).choices[0]
+        own, ids = uncapped.model_extra["token_ids"], choice.model_extra["token_ids"]
+        # the model's own tokens up to the budget (or a few more, to end a character written in byte tokens)
+        forced_at = next(k for k in range(len(ids)) if ids[k:k + len(close)] == close)
+        assert 3 <= forced_at <= 3 + SETTLE_TOKENS and ids[:forced_at] == own[:forced_at]
+        first = "".join(t.token for t in uncapped.logprobs.content[:forced_at])
+        assert choice.message.reasoning_content == first and uncapped.message.content is None
+        assert choice.message.content  # then the model answers
+        assert _streamed(client, **ask, extra_body=budget)[:2] == (choice.message.reasoning_content,
+                                                                   choice.message.content)
+
+        anthropic = {"model": "proxy-tuned", "max_tokens": 20, "temperature": 0,
+                     "messages": [{"role": "user", "content": "Hi"}],
+                     "thinking": {"type": "enabled", "budget_tokens": 3}}
+        blocks = httpx.post(f"{server.url}/v1/messages", json=anthropic, timeout=60).json()["content"]
+        assert blocks[0] == {"type": "thinking", "thinking": first, "signature": ""}
+        assert blocks[1] == {"type": "text", "text": choice.message.content}
+    finally:
+        server.stop()
+    with _served(["Hi"], parser=None) as http:
+        error = http.post("/v1/chat/completions", json={**ASK, "thinking_token_budget": 3}).json()["error"]
+        assert error["param"] == "thinking_token_budget" and "--reasoning-parser" in error["message"]
+        body = {"model": "proxy-tuned", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}],
+                "thinking": {"type": "enabled", "budget_tokens": 1024}}
+        assert http.post("/v1/messages", json=body).status_code == 200
 
 
 def test_the_flag_sets_the_parser_and_a_bad_name_is_named():

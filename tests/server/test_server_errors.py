@@ -89,6 +89,7 @@ _UNHONOURED_VALUES = {
     "web_search_options": {},
     "moderation": {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}},
     "documents": [{"title": "a", "text": "b"}],
+    "thinking_token_budget": 512,
 }
 
 
