@@ -295,8 +295,10 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 10)
 
     # --- requests --------------------------------------------------------------------------------------------
-    def _admissible(self, request_id: str, prompt: PromptInput | list[PromptInput]) -> list[PromptInput]:
-        """The request's prompts, once it may be admitted at all (a 503 or 400 otherwise)."""
+    def _admissible(self, request_id: str, prompt: PromptInput | list[PromptInput], params: SamplingParams
+                    ) -> list[PromptInput]:
+        """The request's prompts, once it may be admitted at all (a 503 or 400 otherwise). ``n`` is checked here,
+        before a stream is sized by it: the engine process registers its stream before the child validates."""
         if self.fatal_error is not None:
             raise EngineOverloadedError("the engine has stopped", retry_after_s=5)
         if not self._admitting:
@@ -306,6 +308,7 @@ class AsyncEngine:
         prompts = prompt if isinstance(prompt, list) else [prompt]
         if not prompts:
             raise ValueError("the request has no prompt")
+        params.check_n()
         return prompts
 
     async def add_request(
@@ -321,7 +324,7 @@ class AsyncEngine:
         request is admitted or refused as a whole). ``max_logprob_entries`` bounds the logprobs (prompt or per-model)
         the request may return (``ValueError`` past it), so that no answer holds gigabytes of them."""
         engine = self._require_engine()
-        prompts = self._admissible(request_id, prompt)
+        prompts = self._admissible(request_id, prompt, params)
 
         def render() -> tuple[list, Admitted]:
             sequences = make_request_sequences(engine, request_id, prompts, params, target)

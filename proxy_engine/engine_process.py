@@ -134,7 +134,7 @@ class EngineProcess(AsyncEngine):
         max_logprob_entries: int | None = None,
     ) -> RequestStream:
         self._require_engine()
-        prompts = self._admissible(request_id, prompt)
+        prompts = self._admissible(request_id, prompt, params)
         # Registered before the child sees the request: its outputs may be dispatched before this task resumes.
         stream = RequestStream(request_id, len(prompts) * params.n, 0)
         self._streams[request_id] = stream

@@ -312,6 +312,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def check_n(self) -> None:
+        """``n`` in range: checked before anything is sized by it (a request's stream holds a set of its choices)."""
+        if isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise FieldError(f"n must be between 1 and {MAX_N}, got {self.n}", "n")
+
     def validate(self, vocab_size: int, num_pairs: int, max_logprobs: int = MAX_LOGPROBS,
                  pair: int | None = None) -> None:
         """Raise ``ValueError`` with a message fit for a 400 if any value is out of range (``pair``: the one expert
@@ -354,8 +359,7 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise FieldError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
                              "min_tokens")
-        if not 1 <= self.n <= MAX_N:
-            raise FieldError(f"n must be between 1 and {MAX_N}, got {self.n}", "n")
+        self.check_n()
         for name in ("logprobs", "prompt_logprobs", "model_logprobs"):
             value = getattr(self, name)
             if value is not None:

@@ -38,6 +38,13 @@ def test_the_server_over_an_engine_process(tiny_family):
             assert ids["choices"][0]["prompt_token_ids"] == tokens and len(ids["choices"][0]["token_ids"]) == 3
             too_long = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 10**9})
             assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+            # n is checked before the request's stream is sized by it: a huge n once held the event loop, building
+            # a set of 2**70 choices until the kernel killed the server
+            for n in (2**70, 17, 0):
+                for path, prompt in (("/v1/completions", {"prompt": "x"}),
+                                     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+                    huge = http.post(path, json={"model": MODEL, **prompt, "n": n, "max_tokens": 2}, timeout=10)
+                    assert huge.status_code == 400 and huge.json()["error"]["param"] == "n"
 
             def generated() -> float:  # the stats come back from the child with each step
                 lines = http.get("/metrics").text.splitlines()
