@@ -141,7 +141,11 @@ def grammar_source(spec: StructuredOutput) -> str:
     from llguidance.gbnf_to_lark import any_to_lark
 
     # Lark as it is; GBNF (llama.cpp's format, which vLLM also accepts) translated to Lark.
-    return llguidance.LLMatcher.grammar_from_lark(any_to_lark(spec.value))
+    try:
+        lark = any_to_lark(spec.value)
+    except Exception as error:  # noqa: BLE001 - its GbnfToLarkError, or a bare Exception ("No 'root' rule found"):
+        raise ValueError(str(error)) from None  # either way the grammar as written, a 400
+    return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
 class GrammarMatcher:

@@ -156,6 +156,16 @@ def test_a_grammar_that_cannot_run_is_refused_at_compile_time(chat_models):
     assert compiler.matcher(StructuredOutput("json_schema", small)) is not None
 
 
+@pytest.mark.parametrize("grammar", ["required", "x", "", "root ::= [", "%%%"])
+def test_a_malformed_grammar_is_a_value_error_not_a_crash(chat_models, grammar):
+    """llguidance's GBNF translation raises its own GbnfToLarkError (or a bare Exception for a grammar with no root
+    rule), neither a ValueError: found by fuzzing, each was a 500."""
+    tokenizer = chat_models[0].tokenizer
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [0])
+    with pytest.raises(ValueError, match="grammar"):
+        compiler.matcher(StructuredOutput("grammar", grammar))
+
+
 def test_a_schema_nested_too_deep_is_refused_before_compiling(chat_models):
     tokenizer = chat_models[0].tokenizer
     compiler = GrammarCompiler(tokenizer, len(tokenizer), [0])
