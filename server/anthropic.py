@@ -36,7 +36,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from server.auth import tenant
 from server.errors import APIError, ErrorResponse, bad_request, describe_validation_errors, shaped_route
@@ -197,6 +197,8 @@ class Conversation(_Lenient):
             messages.append({"role": "system", "content": check_text(system, "system")})
         for i, message in enumerate(self.messages):
             role, param = message.get("role"), f"messages[{i}].content"
+            if not isinstance(role, str):
+                raise bad_request(f"messages[{i}].role must be 'user' or 'assistant'", f"messages[{i}].role")
             role = CLIENT_ROLES.get(role, role)
             blocks = _blocks(message.get("content"), param)
             if role == "user":
@@ -229,7 +231,11 @@ class Conversation(_Lenient):
     def to_chat(self, **fields: Any) -> ChatCompletionRequest:
         """The chat request this conversation is, with ``fields`` (the sampling ones) beside it; None: left out."""
         fields = {**self.chat_fields(), **fields}
-        return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
+        try:
+            return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
+        except ValidationError as error:  # what the turns became is no chat (every one empty, say): the client's
+            message, param = describe_validation_errors(error.errors())
+            raise bad_request(message, param) from None
 
 
 class MessagesRequest(Conversation):

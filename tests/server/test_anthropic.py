@@ -152,17 +152,26 @@ def test_count_tokens_is_the_rendered_prompts_length():
         ({"messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_request_error", "messages[0].role"),
         ({"model": "claude-sonnet-4-5"}, 404, "not_found_error", "claude-sonnet-4-5"),
         ({"output_config": {"format": {"type": "xml"}}}, 400, "invalid_request_error", "output_config.format"),
+        # found by fuzzing, each a 500: a role that is no string, a conversation with nothing in it
+        ({"messages": [{"role": ["user"], "content": "x"}]}, 400, "invalid_request_error", "messages[0].role"),
+        ({"messages": [{"role": {}, "content": "x"}]}, 400, "invalid_request_error", "messages[0].role"),
+        ({"messages": [{"role": "user", "content": []}]}, 400, "invalid_request_error", "messages"),
     ],
 )
 def test_refusals_are_anthropic_errors(change, status, error_type, named):
     http, _ = _served(["x"])
     with http:
         body = {k: v for k, v in {**ASK, **change}.items() if v is not None}
-        response = http.post("/v1/messages", json=body)
-        assert response.status_code == status, response.text
-        answer = response.json()
-        assert answer["type"] == "error" and answer["error"]["type"] == error_type
-        assert named in answer["error"]["message"], answer
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            if path.endswith("count_tokens"):
+                if "messages" not in change:
+                    continue
+                body = {"model": MODEL, "messages": change["messages"]}
+            response = http.post(path, json=body)
+            assert response.status_code == status, response.text
+            answer = response.json()
+            assert answer["type"] == "error" and answer["error"]["type"] == error_type
+            assert named in answer["error"]["message"], answer
         assert http.post("/v1/messages", json=ASK).status_code == 200  # and it keeps serving
 
 
