@@ -114,6 +114,9 @@ class ToolPlan:
                 items = json.loads(text)
             except json.JSONDecodeError:  # the constraint's array is always whole unless max_tokens cut it
                 return calls_before_cut(self, text)
+            if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                                      and isinstance(i.get("parameters"), dict) for i in items):
+                return text, []  # not the constraint's shape (it guarantees it): text rather than a crash
             return None, [ParsedCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
         if self.mode == "auto":
             content, calls = parse_calls(self.fmt, text, self.tools)

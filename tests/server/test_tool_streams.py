@@ -232,6 +232,34 @@ def test_wherever_max_tokens_cuts_the_whole_answer_keeps_what_the_stream_sent_wh
         assert message == {"role": "assistant", "content": text}
 
 
+# What models write around calls, in every format: random answers built from these never break a parser.
+PIECES = ['<tool_call>', '</tool_call>', '{', '}', '[', ']', '"', ':', ',', '"name"', '"arguments"', '"parameters"',
+          '"f"', 'f', '(', ')', '=', 'true', 'null', '1e5', '-', '\\', '\\u00', 'x', ' ', '\n', '[TOOL_CALLS]',
+          '[ARGS]', '<|python_tag|>', ';', '<function=f>', '<parameter=a>', '</parameter>', '</function>',
+          '<|tool_call>', '<tool_call|>', 'call:f', '<|"|>', '<|tool_call|>', '<function_calls>', '</function_calls>',
+          '<|python_start|>', '{"name": "f", "arguments": ', '{"a": 1}', 'é']
+FORMATS = ["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "gemma4", "olmo3"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=25), cuts=st.lists(st.integers(1, 6), max_size=30),
+       fmt=st.sampled_from(FORMATS), mode=st.sampled_from(["auto", "required", "named"]),
+       reason=st.sampled_from(["stop", "length"]))
+def test_any_answer_is_read_without_an_error(pieces, cuts, fmt, mode, reason):
+    """A model may write anything: streamed in any pieces or read whole, an answer is content or calls, never an
+    exception (which would end a stream with an error)."""
+    plan = ToolPlan(mode, TWO, name="f" if mode == "named" else None, fmt=fmt)
+    text, stream, position = "".join(pieces), ChoiceStream(plan), 0
+    for size in cuts or [len(text) or 1]:
+        stream.feed(text[position:position + size])
+        position += size
+    stream.feed(text[position:])
+    stream.finish()
+    message, finished = assistant_message(plan, text, reason)
+    assert finished in ("stop", "length", "tool_calls")
+    assert message.get("tool_calls") or message["content"] == text
+
+
 def test_an_auto_answer_cut_in_its_first_call_is_text():
     plan = ToolPlan("auto", TWO, fmt="hermes")
     text = 'Sure. <tool_call>{"name": "f", "arguments": {"city": "Par'
