@@ -1,6 +1,7 @@
-"""Random request bodies against a real server: every answer is a 2xx or a shaped 4xx, never a 500, and the server
-keeps serving. Fuzzing like this found a huge ``n`` that killed the server (its stream sized by n before the engine
-process validated it), malformed GBNF grammars answered 500, and Anthropic roles that were not strings."""
+"""Random request bodies against a real server (OpenAI's, Anthropic's and TGI's APIs, tokenizing): every answer
+is a 2xx or a shaped 4xx, never a 500, and the server keeps serving. Fuzzing like this found a huge ``n`` that killed
+the server (its stream sized by n before the engine process validated it), malformed GBNF grammars answered 500,
+and Anthropic roles that were not strings."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ SHAPED = {
     "guided_grammar": st.from_regex(r'[a-z :=|"\[\]()]{0,16}', fullmatch=True) | VALUES,  # GBNF-like junk
     "guided_regex": st.text(max_size=12) | VALUES,
     "n": st.integers(min_value=-(2**80), max_value=2**80) | VALUES,
+    "parameters": st.dictionaries(st.sampled_from(["max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed",
+                                                   "do_sample", "details", "best_of", "grammar", "adapter_id",
+                                                   "top_n_tokens", "truncate", "return_full_text"]), VALUES,
+                                  max_size=4) | VALUES,
     "tools": st.lists(st.fixed_dictionaries({"type": st.just("function") | VALUES,
                                              "function": st.fixed_dictionaries({"name": VALUES | st.just("f")},
                                                                                optional={"parameters": VALUES})}),
@@ -56,6 +61,10 @@ ENDPOINTS = {
     "/v1/messages": ({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}, MESSAGES),
     "/v1/messages/count_tokens": ({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}, MESSAGES),
     "/v1/responses": ({"model": MODEL, "input": "Hi", "max_output_tokens": 2, "store": False}, RESPONSES),
+    "/generate": ({"inputs": "Hello", "parameters": {"max_new_tokens": 2}}, ["inputs", "parameters", "stream"]),
+    "/tokenize": ({"model": MODEL, "prompt": "Hello"}, ["prompt", "messages", "inputs", "add_special_tokens",
+                                                        "return_token_strs", "tools", "add_generation_prompt"]),
+    "/detokenize": ({"model": MODEL, "tokens": [1, 2]}, ["tokens", "model"]),
 }
 
 
@@ -64,6 +73,8 @@ def _shaped(path: str, response: httpx.Response) -> bool:
     body = response.json()
     if path.startswith("/v1/messages"):
         return body.get("type") == "error" and isinstance(body["error"].get("message"), str)
+    if isinstance(body.get("error"), str):  # TGI's shape, from /generate (and /tokenize with TGI's body)
+        return isinstance(body.get("error_type"), str)
     return isinstance(body.get("error", {}).get("message"), str)
 
 
