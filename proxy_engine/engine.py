@@ -39,6 +39,7 @@ from proxy_engine.request import (
     EngineOverloadedError,
     ErrorCode,
     FinishReason,
+    NoTokenAllowedError,
     PromptInput,
     PromptTokens,
     RequestOutput,
@@ -433,13 +434,17 @@ class ProxyEngine:
         try:
             chosen = self._choose(sequences, combined, parts)
         except Exception as error:  # noqa: BLE001
-            if len(sequences) == 1:
+            if len(sequences) == 1 and not isinstance(error, NoTokenAllowedError):
                 raise
-            log.warning("sampling a batch of %d failed (%s); retrying row by row", len(sequences), error)
+            if not isinstance(error, NoTokenAllowedError):  # that one is a request's own doing: no alarm
+                log.warning("sampling a batch of %d failed (%s); retrying row by row", len(sequences), error)
             chosen = []
             for row, sequence in enumerate(sequences):
                 try:
                     chosen += self._choose([sequence], combined[row : row + 1], _only_row(parts, row))
+                except NoTokenAllowedError as row_error:
+                    log.info("request %s: %s", sequence.request_id, row_error)
+                    chosen.append(row_error)
                 except Exception as row_error:  # noqa: BLE001
                     log.exception("sampling failed for request %s", sequence.request_id)
                     chosen.append(row_error)

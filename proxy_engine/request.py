@@ -53,6 +53,7 @@ class ErrorCode(_Wire):
 
     # A request failed after it was accepted (RequestOutput.error_code, the stream's error event).
     INTERNAL_ERROR = "internal_error"  # a fault in the engine step (or a bug): the other requests keep going
+    NO_TOKEN_ALLOWED = "no_token_allowed"  # the request's own constraints left no token to write (a 400)
     TIMEOUT = "timeout"  # limits.request_timeout_s ran out
     SHUTDOWN = "shutdown"  # SIGTERM's grace period ran out first
     # Refused before it started (HTTP status only).
@@ -137,6 +138,15 @@ class FieldError(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class NoTokenAllowedError(ValueError):
+    """A row's constraints together exclude every token at this step (``allowed_token_ids`` none of which the output
+    grammar allows, bad words or ``min_tokens`` banning every allowed id): the request, not the engine, is at fault."""
+
+    def __init__(self) -> None:
+        super().__init__("no token may be written next: the request's constraints together exclude every token "
+                         "(allowed_token_ids, bad_words, min_tokens, logit_bias, the output grammar); loosen one")
 
 
 class EngineOverloadedError(RuntimeError):
@@ -351,6 +361,9 @@ class SamplingParams:
             if isinstance(self.thinking_token_budget, bool) or not 0 <= self.thinking_token_budget < 2**31:
                 raise FieldError(f"thinking_token_budget must be a count of tokens, 0 or more, got "
                                  f"{self.thinking_token_budget}", "thinking_token_budget")
+            if self.structured is not None:
+                raise FieldError("thinking_token_budget cannot be combined with an output constraint: the grammar "
+                                 "leaves no room to think", "thinking_token_budget")
             if self.thinking_tags is None or not self.thinking_tags.closes:
                 raise FieldError("thinking_token_budget needs to know where thinking ends: serve the model with a "
                                  "reasoning parser (--reasoning-parser)", "thinking_token_budget")

@@ -19,6 +19,7 @@ import torch
 from proxy_engine import sampler
 from proxy_engine.bad_words import banned_next
 from proxy_engine.grammar import apply_grammar_masks
+from proxy_engine.request import NoTokenAllowedError
 from proxy_engine.sequence import Sequence
 
 # ``[B, V] -> [B, V]`` for the batch's rows; it may change its argument in place (``process`` hands it a copy).
@@ -175,7 +176,12 @@ class SamplingBatch:
         return logits
 
     def sample(self, logits: torch.Tensor) -> list[int]:
-        """Draw from the processed logits (temperature already applied); greedy rows take the argmax."""
+        """Draw from the processed logits (temperature already applied); greedy rows take the argmax.
+
+        ``NoTokenAllowedError`` when a row's processors left every logit ``-inf``: its argmax would be token 0, and
+        its draw a NaN distribution. Only processed logits can be so (raw ones are finite)."""
+        if self.processors and bool((logits.amax(dim=-1) == float("-inf")).any()):
+            raise NoTokenAllowedError()
         return sampler.draw(logits, self.temperature.to(logits.device) == 0, self.generators).tolist()
 
     def top_logprobs(

@@ -66,6 +66,7 @@ ERRORS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.INTERNAL_ERROR: (500, "server_error"),  # a fault in the engine step (or a bug): the others keep going
     ErrorCode.TIMEOUT: (504, "timeout"),  # limits.request_timeout_s ran out
     ErrorCode.SHUTDOWN: (503, "service_unavailable"),  # SIGTERM's grace period ran out first: retry elsewhere
+    ErrorCode.NO_TOKEN_ALLOWED: (400, "invalid_request_error"),  # the request's constraints exclude every token
 }
 
 

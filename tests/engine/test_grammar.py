@@ -91,6 +91,23 @@ def test_regex_choice_and_grammar(engine):
     assert all(r["finish"] is FinishReason.STOP for r in results.values())
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_constraints_that_exclude_every_token_end_the_request_with_a_400_error(engine, temperature):
+    """A grammar and allowed_token_ids that share no token: greedy once wrote token 0 (the argmax of all -inf) and
+    sampling failed as an internal error (a NaN distribution). Now the request ends with an error that blames its
+    constraints (a 400 over HTTP), and a request beside it in the batch is untouched. Found by fuzzing the engine."""
+    tokenizer = engine.models[0].tokenizer
+    allowed = [t for t in range(10, 30) if not tokenizer.decode([t]).strip().startswith(("y", "n"))][:5]
+    submit(engine, "stuck", "Pick:", max_tokens=5, temperature=temperature, seed=1, allowed_token_ids=allowed,
+           structured=StructuredOutput("choice", ["yes", "no"]))
+    submit(engine, "free", "Pick:", max_tokens=5, temperature=temperature, seed=1, ignore_eos=True)
+    results = run_to_end(engine)
+    stuck = results[("stuck", 0)]
+    assert stuck["finish"] is FinishReason.ERROR and stuck["tokens"] == []
+    assert "constraints together exclude every token" in stuck["error"]
+    assert results[("free", 0)]["finish"] is FinishReason.LENGTH and len(results[("free", 0)]["tokens"]) == 5
+
+
 def test_json_object_and_ignore_eos_still_end_when_the_grammar_is_complete(engine):
     submit(engine, "done", "JSON:", max_tokens=30, temperature=0, ignore_eos=True,
            structured=StructuredOutput("choice", ["{}"]))

@@ -107,3 +107,11 @@ def test_a_budget_needs_tags():
         SamplingParams(thinking_token_budget=5).validate(100, 1)
     with pytest.raises(ValueError, match="thinking_token_budget must be a count of tokens"):
         SamplingParams(thinking_token_budget=-1, thinking_tags=THINK).validate(100, 1)
+
+
+def test_a_budget_and_an_output_constraint_do_not_mix():
+    from proxy_engine.request import StructuredOutput
+
+    params = SamplingParams(thinking_token_budget=5, thinking_tags=THINK, structured=StructuredOutput("choice", ["a"]))
+    with pytest.raises(ValueError, match="cannot be combined with an output constraint"):
+        params.validate(100, 1)

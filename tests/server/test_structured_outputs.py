@@ -107,6 +107,9 @@ def test_vllm_fields(client, extra, check):
         ({"guided_regex": "(unclosed"}, None, "unclosed group"),
         ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "one output constraint"),
         ({"structured_outputs": {"yaml": "x"}}, "structured_outputs.yaml", "not supported"),
+        ({"guided_grammar": "required"}, None, "invalid grammar: Expected ::="),  # was a 500 (found by fuzzing)
+        # constraints that together exclude every token: a 400 once the first step finds it (was a 500)
+        ({"guided_choice": ["x"], "allowed_token_ids": [0]}, None, "constraints together exclude every token"),
     ],
 )
 def test_bad_constraints_are_400s(http, body, param, needle):
