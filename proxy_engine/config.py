@@ -18,8 +18,9 @@ PromptFormat = Literal["plain", "chat"]
 
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?|mps)$")
 _PAIR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-RESERVED_PAIR_NAMES = frozenset({"base", "expert"})
-TOOL_PARSER_ALIASES = {"llama4_json": "llama3_json", "llama4_pythonic": "pythonic"}  # the model ids of the parts alone
+RESERVED_PAIR_NAMES = frozenset({"base", "expert"})  # the model ids of the parts alone
+# vLLM's other names for formats read here (EngineConfig._tool_parser_alias)
+TOOL_PARSER_ALIASES = {"llama4_json": "llama3_json", "llama4_pythonic": "pythonic"}
 
 # A plain transcript for models that see chat requests as text (the base and anti-expert in the paper).
 # ``tools_text`` (set when a request brings tools) lists them and shows the family's call format; an assistant's
