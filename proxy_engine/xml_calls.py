@@ -136,15 +136,10 @@ def value(raw: str, schema: Any) -> Any:
         return raw
 
 
-def arguments_so_far(body: str, schemas: dict[str, Any]) -> str:
-    """The arguments of a call still being written (``body``: the text after its ``<function=name>``), as JSON text
-    that only ever grows as the body does, and ends in ``}`` once the function is closed (``XmlArguments``, read
-    once)."""
-    return XmlArguments(schemas).feed(body)
-
-
 class XmlArguments:
-    """``arguments_so_far`` of a body that grows, each call reading only what is new.
+    """The arguments of a call still being written, fed its body as it grows (the text after its
+    ``<function=name>``), as JSON text that only ever grows as the body does and ends in ``}`` once the function is
+    closed; each feed reads only what is new.
 
     A finished parameter is written as ``json.dumps`` writes its value. The parameter being written is shown only
     if it is a string, opened and as far as it is settled: a tail that may begin a closing tag, and a newline that

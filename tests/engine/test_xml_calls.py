@@ -67,7 +67,11 @@ def test_detected_from_a_qwen3_coder_template():
 def test_arguments_so_far_only_grow():
     body = WRITTEN[WRITTEN.index("<function=f>") + len("<function=f>"):]
     schemas = xml_calls.properties(TOOLS, "f")
-    seen = [xml_calls.arguments_so_far(body[:cut], schemas) for cut in range(len(body) + 1)]
+
+    def read_once(text: str) -> str:  # a fresh reader given the whole body so far
+        return xml_calls.XmlArguments(schemas).feed(text)
+
+    seen = [read_once(body[:cut]) for cut in range(len(body) + 1)]
     assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:]))
     assert seen[-1] == json.dumps(READ)
     reader = xml_calls.XmlArguments(schemas)  # read as it grows, only what is new each time: the same text
@@ -75,9 +79,9 @@ def test_arguments_so_far_only_grow():
         reader = xml_calls.XmlArguments(schemas)
         assert [reader.feed(body[:cut]) for cut in range(0, len(body) + 1, step)] == seen[::step]
     # a string value shows as it is written; other types, null and a possible closing tag wait
-    assert xml_calls.arguments_so_far("\n<parameter=code>\nif a <", schemas) == '{"code": "if a '
-    assert xml_calls.arguments_so_far("\n<parameter=opt>\nnul", schemas) == "{"
-    assert xml_calls.arguments_so_far("\n<parameter=n>\n12", schemas) == "{"
+    assert read_once("\n<parameter=code>\nif a <") == '{"code": "if a '
+    assert read_once("\n<parameter=opt>\nnul") == "{"
+    assert read_once("\n<parameter=n>\n12") == "{"
 
 
 _VALUES = st.one_of(
