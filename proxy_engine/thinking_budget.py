@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from proxy_engine.marks import first_mark
 from proxy_engine.request import ThinkingTags
 
 # The most tokens a spent budget waits for the text to reach a character's end (UTF-8's 4 bytes, byte tokens).
@@ -78,10 +79,10 @@ class ThinkingBudget:
         """Where the first of ``tags`` found past ``text_from`` ends, looking only at what is new (a tag may
         straddle the last look)."""
         longest = max(len(tag) for tag in tags)
-        start = max(self.text_from, self._searched - longest + 1)
-        ends = [found + len(tag) for tag in tags if (found := text.find(tag, start)) >= 0]
-        if ends:
-            self._searched = self.text_from = min(ends)
-            return min(ends)
-        self._searched = len(text)
-        return None
+        found = first_mark(text, tags, max(self.text_from, self._searched - longest + 1))
+        if found is None:
+            self._searched = len(text)
+            return None
+        at, tag = found
+        self._searched = self.text_from = at + len(tag)
+        return self.text_from

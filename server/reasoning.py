@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy_engine.marks import held_tail
+from proxy_engine.marks import first_mark, held_tail
 from server.tools import ChoiceStream, ToolPlan, assistant_message
 
 ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral", "gemma4", "olmo3", "granite"]
@@ -90,18 +90,18 @@ class ReasoningSplitter:
                 self.state = "reasoning" if self.parser in OPENED_IN_PROMPT else "content"
                 self.label = ""  # no tag written: no channel name either
         if self.state == "reasoning" and self.label:
-            if len(self.pending) < len(self.label) and self.label.startswith(self.pending):  # it may be arriving
+            if _opening(self.pending, (self.label,)):  # it may be arriving
                 return out
             if self.pending.startswith(self.label):
                 self.pending = self.pending[len(self.label):]
             self.label = ""
         if self.state == "reasoning":
-            found = [(at, tag) for tag in self.ends if (at := self.pending.find(tag)) >= 0]
-            if not found:
+            found = first_mark(self.pending, self.ends)
+            if found is None:
                 keep = held_tail(self.pending, self.ends)  # a closing tag may be arriving
                 piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
                 return [("reasoning_content", piece)] if piece else out
-            end, tag = min(found)
+            end, tag = found
             if end:
                 out.append(("reasoning_content", self.pending[:end]))
             self.pending = self.pending[end + len(tag):]
