@@ -434,9 +434,9 @@ class ProxyEngine:
         try:
             chosen = self._choose(sequences, combined, parts)
         except Exception as error:  # noqa: BLE001
-            if len(sequences) == 1 and not isinstance(error, NoTokenAllowedError):
-                raise
             if not isinstance(error, NoTokenAllowedError):  # that one is a request's own doing: no alarm
+                if len(sequences) == 1:
+                    raise
                 log.warning("sampling a batch of %d failed (%s); retrying row by row", len(sequences), error)
             chosen = []
             for row, sequence in enumerate(sequences):

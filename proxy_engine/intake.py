@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,14 +144,14 @@ class Intake:
     def num_pairs(self) -> int:
         return len(self.config.experts)
 
-    def _thinking_budget(self, params: SamplingParams) -> ThinkingBudget | None:
-        """A sequence's count of thinking tokens, if the request set a budget; it forces the closing tag as the
-        shared tokenizer writes it alone."""
-        tags = params.thinking_tags
-        if params.thinking_token_budget is None or tags is None:
-            return None
-        close_ids = self.models[0].tokenizer.encode(tags.closes[0], add_special_tokens=False)
-        return ThinkingBudget(params.thinking_token_budget, tags, tuple(close_ids))
+    def _thinking_budgets(self, params: SamplingParams) -> Callable[[], ThinkingBudget | None]:
+        """Each sequence's count of thinking tokens, if the request set a budget (one per choice, the closing tag
+        it forces tokenized once, as the shared tokenizer writes it alone)."""
+        budget, tags = params.thinking_token_budget, params.thinking_tags
+        if budget is None or tags is None:
+            return lambda: None
+        close_ids = tuple(self.models[0].tokenizer.encode(tags.closes[0], add_special_tokens=False))
+        return lambda: ThinkingBudget(budget, tags, close_ids)
 
     def weights_for(self, params: SamplingParams, target: Target) -> list[float]:
         """Each model's weight: base 1, expert_i +alpha_i, anti_i -alpha_i (or one model alone); a model that
@@ -221,6 +222,7 @@ class Intake:
         # A spelling with a token past the shared vocabulary can never be generated: nothing to ban.
         bad_word_ids = tuple(ids for ids in bad_word_token_ids(self.models[0].tokenizer, params.bad_words or [])
                              if max(ids) < self.vocab_size)
+        thinking = self._thinking_budgets(params)
         sequences = []
         for choice in range(first_index, first_index + params.n):
             seed = params.seed + choice if params.seed is not None else self._seed_rng.getrandbits(63)
@@ -235,6 +237,6 @@ class Intake:
                 generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
                 deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
                 cache_salt=prompt.cache_salt, bad_word_ids=bad_word_ids,
-                thinking=self._thinking_budget(params),
+                thinking=thinking(),
             ))
         return sequences

@@ -108,10 +108,10 @@ class OutputBuilder:
         return output
 
     def fail(self, sequence: Sequence, phase: str, error: BaseException) -> RequestOutput:
-        # The error's own text stays in the server's log: it may name paths, shapes or another request's data.
-        message = f"internal error during {phase}: {type(error).__name__}"
         if isinstance(error, NoTokenAllowedError):  # the request's fault, in our own words
             return self.finish(sequence, FinishReason.ERROR, error=str(error), error_code=ErrorCode.NO_TOKEN_ALLOWED)
+        # The error's own text stays in the server's log: it may name paths, shapes or another request's data.
+        message = f"internal error during {phase}: {type(error).__name__}"
         if isinstance(error, KVBudgetExceeded):  # our own text: sizes and the flag, nothing of another request
             message = f"out of K/V memory during {phase}: {error} (a shorter prompt or fewer choices may fit)"
         elif out_of_memory(error):
