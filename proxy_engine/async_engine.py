@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from proxy_engine.config import EngineConfig
+from proxy_engine.config import EngineConfig, ExpertPairConfig
 from proxy_engine.grammar import CONSTRAINED_RENDER_THREADS
 from proxy_engine.request import (
     EngineOverloadedError,
@@ -342,7 +342,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         try:
             engine.add(sequences)
-        except EngineOverloadedError:
+        except (EngineOverloadedError, LookupError):  # full, or its expert pair was removed meanwhile
             del self._streams[request_id]
             raise
         self._wake.set()
@@ -352,6 +352,20 @@ class AsyncEngine:
         if self.engine is not None and request_id in self._streams:
             self.engine.abort(request_id)
             self._wake.set()
+
+    async def add_pair(self, pair: ExpertPairConfig) -> list[ExpertPairConfig]:
+        """Load an expert pair while serving (``ProxyEngine.add_pair``, off the event loop); the engine's pairs once
+        it serves the new one."""
+        engine = self._require_engine()
+        future = await asyncio.to_thread(engine.add_pair, pair)
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    async def remove_pair(self, name: str) -> list[ExpertPairConfig]:
+        """Stop serving an expert pair added while serving (``ProxyEngine.remove_pair``); the engine's pairs."""
+        future = self._require_engine().remove_pair(name)
+        self._wake.set()
+        return await asyncio.wrap_future(future)
 
     def stats(self) -> EngineStats:
         """The counts as they are now; the K/V fields as the step thread read them after its latest step (the

@@ -110,6 +110,11 @@ class ExpertPairConfig(_Strict):
         "steered by this pair only, the other pairs' alpha 0) and '<served name>:<name>:expert' (its expert "
         "alone): what a chat frontend's model picker can choose, as vLLM's LoRA module names.",
     )
+    in_default: bool = Field(
+        default=True, description="Whether this pair steers the default proxy-tuned model ('<served name>'). A pair "
+        "left out (false) is served only under its own name, as vLLM serves a LoRA module beside the base model: "
+        "it needs a name.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -304,6 +309,10 @@ class EngineConfig(_Strict):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"expert pair name {repeated[0]!r} is given to several pairs: each names one model id")
+        unnamed = [str(i) for i, pair in enumerate(self.experts) if not pair.in_default and pair.name is None]
+        if unnamed:
+            raise ValueError(f"experts.{unnamed[0]}: a pair left out of the default combination (in_default: false) "
+                             "is served only under its own name: give it a name")
         return self
 
     @field_validator("tool_call_format", mode="before")
@@ -325,3 +334,8 @@ class EngineConfig(_Strict):
     @property
     def default_alphas(self) -> list[float]:
         return [pair.alpha for pair in self.experts]
+
+    @property
+    def default_pairs(self) -> list[int]:
+        """The pairs that steer the default proxy-tuned model (``in_default``), by index."""
+        return [index for index, pair in enumerate(self.experts) if pair.in_default]

@@ -14,6 +14,7 @@ the sampling batch (sampling.py) and the output builder (outputs.py) do the work
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -23,13 +24,14 @@ import torch
 
 from proxy_engine.analysis import Distribution, model_logprobs
 from proxy_engine.combine import Contribution, combine
-from proxy_engine.config import EngineConfig
+from proxy_engine.config import EngineConfig, ExpertPairConfig
 from proxy_engine.device_memory import out_of_memory
 from proxy_engine.executor import KV_MEMORY_FRACTION, running_cap, static_kv_plans, wants_static
 from proxy_engine.fast_decode import FastDecoder
 from proxy_engine.intake import Intake
 from proxy_engine.kv_budget import KVBudgetExceeded, budget_for, fitted_max_lens
-from proxy_engine.loader import LoadedModel, eos_token_ids, input_device
+from proxy_engine.layout import ModelLayout
+from proxy_engine.loader import LoadedModel, eos_token_ids, input_device, load_models
 from proxy_engine.model_files import max_model_len_error
 from proxy_engine.outputs import OutputBuilder
 from proxy_engine.prefill import PrefillGroup
@@ -40,6 +42,7 @@ from proxy_engine.request import (
     ErrorCode,
     FinishReason,
     NoTokenAllowedError,
+    PairNotFoundError,
     PromptInput,
     PromptTokens,
     RequestOutput,
@@ -105,18 +108,9 @@ class ProxyEngine:
             per_token * self.limits.max_num_seqs * max_len
             for per_token, max_len in zip(self.kv_bytes_per_token, self.max_lens)
         ]
-        self.runners: list[ModelRunner] = []
-        decoders: dict[int, FastDecoder] = {}  # id(model) -> its fast step: runners over one model share it
-        for m, budget, plan, max_len, device in zip(models, self.kv_budgets, slot_plans, self.max_lens, names):
-            runner = ModelRunner(
-                m.model, self.vocab_size, pad_id, m.role, runtime=config.runtime,
-                prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, budget, utilization),
-                slot_plan=plan,
-                max_len=max_len, adapter=m.adapter, fast=decoders.get(id(m.model)), kv_budget=self.kv_memory[device],
-            )
-            if runner.fast is not None:
-                decoders.setdefault(id(m.model), runner.fast)
-            self.runners.append(runner)
+        self._pad_id, self._slot_plans = pad_id, slot_plans
+        self._decoders: dict[int, FastDecoder] = {}  # id(model) -> its fast step: runners over one model share it
+        self.runners: list[ModelRunner] = [self._runner(index) for index in range(len(models))]
         self.eos_ids = frozenset(eos_token_ids(models))
         self.device = self.runners[0].device
         self.scheduler = Scheduler(self.limits)
@@ -131,6 +125,32 @@ class ProxyEngine:
         self._aborts: set[str] = set()
         self.fault_hook: FaultHook | None = None
         self.logits_hook: LogitsHook | None = None
+        # Pairs added and removed while serving (add_pair, remove_pair): the plan as the callers see it, under
+        # _pairs_lock, which the step thread takes up at its next step (_changes).
+        self._pairs_lock = threading.Lock()
+        self._configured_pairs = len(config.experts)
+        self._pairs = list(config.experts)
+        self._loaded = list(models)
+        self._retired: frozenset[int] = frozenset()  # removed pairs (they keep their index)
+        self._unshared: frozenset[int] = frozenset()  # slots no live pair uses: never shared by a later pair
+        self._retiring: set[int] = set()  # of those, the slots whose memory is not freed yet (step thread)
+        self._released: set[int] = set()  # and those freed: no sequence may use them (under _lock)
+        self._changes: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
+
+    def _runner(self, index: int) -> ModelRunner:
+        """The runner of model ``index``, over the fast step another runner of the same module already built."""
+        m, config = self.models[index], self.config
+        device = self._device_names[index]
+        runner = ModelRunner(
+            m.model, self.vocab_size, self._pad_id, m.role, runtime=config.runtime,
+            prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, self.kv_budgets[index],
+                                          config.runtime.gpu_memory_utilization),
+            slot_plan=self._slot_plans[index], max_len=self.max_lens[index], adapter=m.adapter,
+            fast=self._decoders.get(id(m.model)), kv_budget=self.kv_memory[device],
+        )
+        if runner.fast is not None:
+            self._decoders.setdefault(id(m.model), runner.fast)
+        return runner
 
     def kv_cache_usage(self) -> float:
         """How full the K/V is, 0-1 (vLLM's kv_cache_usage_perc, what autoscalers read): the live tokens of the
@@ -176,6 +196,8 @@ class ProxyEngine:
     def add(self, sequences: list[Sequence]) -> None:
         """Queue sequences (any thread); ``EngineOverloadedError`` when the waiting queue is full."""
         with self._lock:
+            if self._released and any(index in self._released for s in sequences for index in s.prompts):
+                raise PairNotFoundError("the expert pair this request was rendered for has been removed")
             if not has_room(self.limits, len(sequences), self.num_waiting, self.scheduler.in_batch):
                 raise EngineOverloadedError(
                     f"the server is at capacity ({self.config.limits.max_waiting} sequences may wait); retry shortly"
@@ -186,6 +208,123 @@ class ProxyEngine:
         """Abort every sequence of a request (any thread); takes effect at the next step."""
         with self._lock:
             self._aborts.add(request_id)
+
+    # --- expert pairs added and removed while serving -------------------------------------------------------------
+    def add_pair(self, pair: ExpertPairConfig, replace: bool = False) -> concurrent.futures.Future:
+        """Load an expert pair into the running engine (vLLM's runtime LoRA loading), served under its name alone:
+        it never joins the default combination (``in_default`` false), so the model ids configured at start-up
+        answer as before. Its expert is a PEFT adapter over a model the engine runs, its anti-expert that model
+        (a LoRA runs unmerged over it where lora.py can, else merged into a copy). ``replace``: a pair of that name
+        added earlier is removed in the same step (vLLM's ``load_inplace``: the adapter's files changed).
+
+        The loading runs on the calling thread while the engine serves; the step thread takes the pair up at its
+        next step, and the returned future then holds the engine's pairs. ``ValueError`` saying why a pair cannot be
+        added: no name or a name in use, an expert that is no adapter, an anti-expert the engine does not run, an
+        adapter that does not fit."""
+        from proxy_engine.adapter import resolve_pair
+
+        with self._pairs_lock:
+            if pair.name is None:
+                raise ValueError("a pair added while serving needs a name: it is served under that name alone")
+            pairs, retired, unshared, unused = list(self._pairs), self._retired, self._unshared, frozenset()
+            existing = self._pair_index(pair.name)
+            if existing is not None:
+                if not replace:
+                    raise ValueError(f"an expert pair named {pair.name!r} is already served")
+                pairs, retired, unused = self._without(pairs, existing)
+                unshared = unshared | unused  # the replaced adapter's model is never shared by the new one
+            pair = resolve_pair(pair.model_copy(update={"in_default": False}), len(pairs))
+            if pair.expert.adapter is None:
+                raise ValueError(f"{pair.expert.path} is not a PEFT adapter (a directory holding "
+                                 "adapter_config.json): a pair added while serving is an adapter over a model the "
+                                 "server runs")
+            config = self.config.model_copy(update={"experts": [*pairs, pair]})
+            layout = ModelLayout.of(config, retired, unshared)
+            live = ModelLayout.of(self.config.model_copy(update={"experts": pairs}), retired, unshared).live_slots()
+            expert, anti = layout.pairs[-1]
+            if anti not in live or pair.anti_expert.adapter is not None:
+                raise ValueError(f"the anti-expert {pair.anti_expert.path} is not a checkpoint this server runs: an "
+                                 "adapter is added over one of them (the base's or an anti-expert's)")
+            if expert >= len(self._loaded) and layout.adapter_host(expert) != anti:
+                raise ValueError(f"the adapter {pair.expert.adapter} does not run over the anti-expert's model")
+            models = load_models(config, self._loaded, layout)
+            pairs.append(pair)
+            self._pairs, self._loaded, self._retired, self._unshared = pairs, models, retired, unshared
+            log.info("expert pair %r %s: %s over %s (served under its name alone)", pair.name,
+                     "replaced" if existing is not None else "added", pair.expert.adapter, pair.anti_expert.path)
+            return self._change(lambda: self._take_pairs(pairs, models, layout, unused))
+
+    def remove_pair(self, name: str) -> concurrent.futures.Future:
+        """Stop serving the pair named ``name``, one added while serving: its model ids go at once (the future
+        holds the engine's pairs once the step thread has taken the change), its sequences already queued or
+        running finish, and then its adapter (or merged copy) is freed. ``PairNotFoundError`` when no such pair is
+        served; ``ValueError`` for a pair of the configuration."""
+        with self._pairs_lock:
+            index = self._pair_index(name)
+            if index is None:
+                raise PairNotFoundError(f"no expert pair named {name!r} is served")
+            pairs, self._retired, unused = self._without(self._pairs, index)
+            self._unshared = self._unshared | unused
+            self._pairs, loaded = pairs, self._loaded
+            layout = ModelLayout.of(self.config.model_copy(update={"experts": pairs}), self._retired, self._unshared)
+            log.info("expert pair %r removed: its running requests finish, then its memory is freed", name)
+            return self._change(lambda: self._take_pairs(pairs, loaded, layout, unused))
+
+    def _pair_index(self, name: str) -> int | None:
+        return next((i for i, pair in enumerate(self._pairs) if pair.name == name), None)
+
+    def _without(self, pairs: list[ExpertPairConfig], index: int
+                 ) -> tuple[list[ExpertPairConfig], frozenset[int], frozenset[int]]:
+        """``pairs`` with pair ``index`` retired (unnamed, out of the default: it keeps its index, so that every
+        later pair's stays put), the retired pairs, and the slots no live pair uses any more. ``ValueError`` for a
+        pair of the configuration."""
+        if index < self._configured_pairs:
+            raise ValueError(f"the expert pair {pairs[index].name!r} is part of the configuration: only pairs added "
+                             "while serving can be removed or replaced (restart without it)")
+        pairs = list(pairs)
+        pairs[index] = pairs[index].model_copy(update={"name": None, "in_default": False})
+        config = self.config.model_copy(update={"experts": pairs})
+        before = ModelLayout.of(config, self._retired, self._unshared).live_slots()
+        retired = self._retired | {index}
+        return pairs, retired, frozenset(before - ModelLayout.of(config, retired, self._unshared).live_slots())
+
+    def _change(self, change: Callable[[], object]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._changes.append((change, future))
+        return future
+
+    def _take_pairs(self, pairs: list[ExpertPairConfig], models: list[LoadedModel], layout: ModelLayout,
+                    unused: set[int] | frozenset[int] = frozenset()) -> list[ExpertPairConfig]:
+        """On the step thread: runners for the new models, then the layout requests render with, then the pairs
+        (in that order: a model id is routable only once everything it needs is in place)."""
+        for index in range(len(self.runners), len(models)):
+            # A new model is an adapter over a running one (its host): the same shapes, context and device.
+            host = layout.adapter_host(index)
+            assert host is not None
+            for per_model in (self.max_lens, self.kv_bytes_per_token, self.kv_budgets, self._device_names,
+                              self._slot_plans):
+                per_model.append(per_model[host])
+            self.models.append(models[index])
+            self.runners.append(self._runner(index))
+        self.roles = [m.roles for m in self.models]
+        self.intake.layout = layout
+        self.config.experts = list(pairs)
+        self._retiring |= set(unused)
+        return list(pairs)
+
+    def _release_unused(self) -> None:
+        """Free the models of removed pairs once no sequence uses them (its rows are gone at the last sync)."""
+        with self._lock:
+            used = {index for s in [*self.scheduler.active(), *self._inbox] for index in s.prompts}
+            for index in sorted(self._retiring - used):
+                if self.runners[index].num_rows:
+                    continue
+                self.runners[index].release()
+                self.models[index].model = None
+                self._retiring.discard(index)
+                self._released.add(index)
+                log.info("%s: freed (its expert pair was removed)", self.runners[index].name)
 
     @property
     def running(self) -> list[Sequence]:
@@ -210,13 +349,17 @@ class ProxyEngine:
     def has_work(self) -> bool:
         # A runner still holding rows has finished sequences' rows to free (at the next step's sync).
         return bool(
-            self.scheduler.has_work() or self._inbox or self._aborts or any(r.num_rows for r in self.runners)
+            self.scheduler.has_work() or self._inbox or self._aborts or self._changes or self._retiring
+            or any(r.num_rows for r in self.runners)
         )
 
     # --- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._apply_changes()
         outputs = self._drain_inbox()
         self._sync_rows()
+        if self._retiring:
+            self._release_unused()
         if self.scheduler.running:
             self._fit_decode_in_kv_budgets()
             outputs += self._guarded("decode", self.scheduler.running, self._decode)
@@ -336,6 +479,17 @@ class ProxyEngine:
                     self.scheduler.memory_cap, MEMORY_GROW_STEPS,
                     _remedy(error, "max_num_seqs, max_num_batched_tokens or max_model_len"))
         return True
+
+    def _apply_changes(self) -> None:
+        """Pairs added or removed since the last step (add_pair, remove_pair), in the order they were asked."""
+        with self._lock:
+            changes, self._changes = self._changes, []
+        for change, future in changes:
+            try:
+                future.set_result(change())
+            except Exception as error:  # noqa: BLE001 - handed to the caller
+                log.exception("changing the expert pairs failed")
+                future.set_exception(error)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         """New sequences join the waiting queue; aborted and timed-out ones leave, wherever they are."""

@@ -38,7 +38,7 @@ from proxy_engine.async_engine import (
     engine_stats,
     make_request_sequences,
 )
-from proxy_engine.config import EngineConfig
+from proxy_engine.config import EngineConfig, ExpertPairConfig
 from proxy_engine.request import EngineOverloadedError, PromptInput, PromptTokens, SamplingParams, Target
 
 log = logging.getLogger("proxy_engine")
@@ -150,6 +150,14 @@ class EngineProcess(AsyncEngine):
     def abort(self, request_id: str) -> None:
         if self.engine is not None and request_id in self._streams:
             self._send(("abort", request_id))
+
+    async def add_pair(self, pair: ExpertPairConfig) -> list[ExpertPairConfig]:
+        self._require_engine()
+        return await asyncio.wrap_future(self._call("add_pair", pair))
+
+    async def remove_pair(self, name: str) -> list[ExpertPairConfig]:
+        self._require_engine()
+        return await asyncio.wrap_future(self._call("remove_pair", name))
 
     def stats(self) -> EngineStats:
         return self._stats  # as of the child's last step (sent with its outputs)
@@ -308,6 +316,15 @@ class _Child:
             return
         self.wake.set()
 
+    def change(self, call_id: int, function, *args) -> None:
+        """Answer with the outcome of a change to the expert pairs, once the step thread has taken it up."""
+        def changed():
+            future = function(*args)  # loads on this thread
+            self.wake.set()
+            return future.result()
+
+        self.answer(call_id, changed)
+
     def answer(self, call_id: int, function, *args) -> None:
         try:
             value = function(*args)
@@ -346,6 +363,11 @@ class _Child:
                 self.workers.submit(self.answer, message[1], self.engine.tokenizer.decode, message[2])
             elif kind == "token_strings":
                 self.workers.submit(self.answer, message[1], self.engine.tokenizer.convert_ids_to_tokens, message[2])
+            elif kind == "add_pair":  # loading takes a while: on a thread of its own (the engine serialises them)
+                threading.Thread(target=self.change, args=(message[1], self.engine.add_pair, message[2]),
+                                 name="proxy-engine-add-pair", daemon=True).start()
+            elif kind == "remove_pair":
+                self.workers.submit(self.change, message[1], self.engine.remove_pair, message[2])
             elif kind == "stop":
                 return
 

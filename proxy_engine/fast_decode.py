@@ -405,6 +405,10 @@ class FastDecoder:
             return self.bag_linears
         return self.plain_linears
 
+    def forget(self, adapter: LoraAdapter) -> None:
+        """Drop ``adapter``'s fused terms (it was unloaded)."""
+        self._lora.pop(id(adapter), None)
+
     def lora_terms(self, adapter: LoraAdapter) -> list[dict[str, LoraTerm | None]]:
         """``adapter``'s terms on this decoder's fused projections, per layer (built once per adapter)."""
         terms = self._lora.get(id(adapter))

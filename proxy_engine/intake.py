@@ -142,7 +142,7 @@ class Intake:
 
     @property
     def num_pairs(self) -> int:
-        return len(self.config.experts)
+        return len(self.layout.pairs)
 
     def _thinking_budgets(self, params: SamplingParams) -> Callable[[], ThinkingBudget | None]:
         """Each sequence's count of thinking tokens, if the request set a budget (one per choice, the closing tag
@@ -153,18 +153,20 @@ class Intake:
         close_ids = tuple(self.models[0].tokenizer.encode(tags.closes[0], add_special_tokens=False))
         return lambda: ThinkingBudget(budget, tags, close_ids)
 
-    def weights_for(self, params: SamplingParams, target: Target) -> list[float]:
+    def weights_for(self, params: SamplingParams, target: Target, layout: ModelLayout | None = None) -> list[float]:
         """Each model's weight: base 1, expert_i +alpha_i, anti_i -alpha_i (or one model alone); a model that
-        plays several roles sums theirs (layout.py)."""
-        if target.pair is not None and not 0 <= target.pair < self.num_pairs:
+        plays several roles sums theirs (layout.py). ``layout``: the snapshot the request is rendered with."""
+        layout = layout or self.layout
+        pairs = len(layout.pairs)
+        if target.pair is not None and (not 0 <= target.pair < pairs or target.pair in layout.retired):
             raise ValueError(f"this deployment has no expert pair {target.pair}")
         if target.serves is Serves.EXPERT:
-            if not self.num_pairs:
+            if not pairs:
                 raise ValueError("this deployment has no expert to serve alone")
-            return self.layout.expert_weights(target.expert_pair)
+            return layout.expert_weights(target.expert_pair)
         if target.serves is Serves.PROXY:
-            return self.layout.proxy_weights(params.resolve_alphas(self.config.default_alphas, target.pair))
-        return self.layout.base_weights()
+            return layout.proxy_weights(params.resolve_alphas(list(layout.alphas), target.pair, list(layout.members)))
+        return layout.base_weights()
 
     def render(self, prompt: PromptInput, target: Target = Target.PROXY) -> list[int]:
         """The primary model's prompt ids (the base, or the expert when it is served alone)."""
@@ -191,7 +193,9 @@ class Intake:
         Their choice indices start at ``first_index`` (a request with several prompts numbers prompt ``i``'s
         choices from ``i * n``, as OpenAI does).
         """
-        params.validate(self.vocab_size, self.num_pairs, self.config.limits.max_logprobs, target.pair)
+        layout = self.layout  # one snapshot: a running engine may add or remove a pair meanwhile
+        params.validate(self.vocab_size, len(layout.pairs), self.config.limits.max_logprobs, target.pair,
+                        list(layout.members))
         if params.priority and self.config.limits.scheduling_policy != "priority":
             raise FieldError("priority needs the priority scheduling policy (--scheduling-policy priority); this "
                              "server admits requests in arrival order", "priority")
@@ -202,11 +206,14 @@ class Intake:
             )
         if prompt.token_ids is not None and any(not 0 <= t < self.vocab_size for t in prompt.token_ids):
             raise FieldError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        weights = self.weights_for(params, target)
+        weights = self.weights_for(params, target, layout)
+        # model_logprobs shows every model of the combination, even one whose weights cancel (alpha 0).
+        shown = layout.slots_of(layout.members if target.pair is None else [target.pair]) \
+            if params.model_logprobs is not None else set()
         prompts = {
             index: truncated(self.models[index].renderer.render(prompt), prompt.truncate, self.max_lens[index],
                              params.max_tokens)
-            for index, weight in enumerate(weights) if weight != 0.0 or params.model_logprobs is not None
+            for index, weight in enumerate(weights) if weight != 0.0 or index in shown
         }
         left = context_left(prompts, params.max_tokens, self.max_lens, [m.role for m in self.models])
         if params.max_tokens is None and params.default_max_tokens:

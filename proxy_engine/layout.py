@@ -47,27 +47,46 @@ def role_names(index: int) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ModelLayout:
+    """The slots and pairs of one deployment, and what a row of the default combination weighs: read as one
+    snapshot, since a running engine may add and remove pairs (engine.py) while requests are rendered."""
+
     slots: tuple[Slot, ...]  # distinct models in role order: the base's first
     pairs: tuple[tuple[int, int], ...]  # per expert pair: (its expert's slot, its anti-expert's slot)
+    alphas: tuple[float, ...] = ()  # per pair: its configured alpha
+    members: tuple[int, ...] = ()  # the pairs of the default combination (in_default), by index
+    retired: frozenset[int] = frozenset()  # pairs removed from a running engine: they serve nothing
 
     @classmethod
-    def of(cls, config: EngineConfig) -> ModelLayout:
+    def of(cls, config: EngineConfig, retired: frozenset[int] = frozenset(),
+           released: frozenset[int] = frozenset()) -> ModelLayout:
+        """``retired``: the pairs a running engine removed (they keep their index and slots, so that every later
+        index stays put); ``released``: the slots whose models it freed, which no live pair shares any more."""
         slots: list[Slot] = []
 
-        def place(role: str, model: ModelConfig) -> int:
+        def place(role: str, model: ModelConfig, live: bool) -> int:
             for index, slot in enumerate(slots):
-                if slot.config == model:
+                if slot.config == model and not (live and index in released):
                     slots[index] = Slot((*slot.roles, role), model)
                     return index
             slots.append(Slot((role,), model))
             return len(slots) - 1
 
-        place("base", config.base)
+        place("base", config.base, True)
         pairs = []
         for index, pair in enumerate(config.experts):
             expert, anti = role_names(index)
-            pairs.append((place(expert, pair.expert), place(anti, pair.anti_expert)))
-        return cls(tuple(slots), tuple(pairs))
+            live = index not in retired
+            pairs.append((place(expert, pair.expert, live), place(anti, pair.anti_expert, live)))
+        return cls(tuple(slots), tuple(pairs), tuple(config.default_alphas), tuple(config.default_pairs),
+                   frozenset(retired))
+
+    def live_slots(self) -> set[int]:
+        """The slots some live pair (or the base) uses."""
+        return {0} | {slot for index, pair in enumerate(self.pairs) if index not in self.retired for slot in pair}
+
+    def slots_of(self, pairs: list[int] | tuple[int, ...]) -> set[int]:
+        """The base's slot and those of ``pairs``: the models a row over those pairs runs."""
+        return {0} | {slot for index in pairs for slot in self.pairs[index]}
 
     def adapter_host(self, index: int) -> int | None:
         """The slot whose model slot ``index`` is but for its adapter (an expert's LoRA over its anti-expert's

@@ -333,7 +333,6 @@ def load_unmerged(role: str, config: ModelConfig, host: LoadedModel, tokenizer, 
         log.info("%s: the adapter %s is merged into a copy of the %s model (%s)", role, config.adapter, host.role,
                  reason)
         return None
-    adapter.install()
     log.info("%s: the LoRA adapter %s runs unmerged over the %s model's weights (%d projections, %.3g MB of terms)",
              role, config.adapter, host.role, len(adapter.terms), adapter.nbytes / 1e6)
     return LoadedModel(role=role, config=config, model=host.model, tokenizer=tokenizer, adapter=adapter,
@@ -341,26 +340,40 @@ def load_unmerged(role: str, config: ModelConfig, host: LoadedModel, tokenizer, 
                        logits_width=host.logits_width)
 
 
-def load_models(config: EngineConfig) -> list[LoadedModel]:
+def load_models(config: EngineConfig, loaded: list[LoadedModel] | None = None,
+                layout: ModelLayout | None = None) -> list[LoadedModel]:
     """Base first, then expert / anti-expert of each pair, each distinct model once (``ModelLayout``: a model
     several roles name is loaded once; an expert given as a LoRA over its anti-expert's checkpoint runs over that
     model, unmerged, where ``load_unmerged`` can); vocabularies checked, widths validated.
 
     The tokenizers are loaded and compared before any weights, so a mismatched deployment fails in seconds
     rather than after loading a 70B model.
+
+    ``loaded``: the models of the first slots, already loaded (a pair added to a running engine): only the slots
+    past them load, over them where an adapter's host is one of them, and they must keep the vocabulary those
+    models share; ``layout`` is then the running engine's (with its removed pairs). Returns every slot's model.
     """
-    layout = ModelLayout.of(config)
+    layout = layout or ModelLayout.of(config)
     slots = layout.slots
-    tokenizers = {slot.name: load_tokenizer(slot.config) for slot in slots}
-    vocab_size = check_vocabularies(tokenizers)
+    loaded = list(loaded or [])
+    new = range(len(loaded), len(slots))
+    tokenizers = {slot.name: load_tokenizer(slot.config) for slot in (slots[index] for index in new)}
+    if loaded:  # the running models' vocabulary stays: a tokenizer that would shrink it is refused
+        vocab_size = check_vocabularies({"base": loaded[0].tokenizer, **tokenizers})
+        if vocab_size != loaded[0].vocab_size:
+            raise ValueError(f"{', '.join(tokenizers)} has {vocab_size} tokens, fewer than the {loaded[0].vocab_size} "
+                             "the running models share")
+    else:
+        vocab_size = check_vocabularies(tokenizers)
     for slot in layout.shared:
         log.info("%s: one model for the roles %s (loaded once, run once per step)", slot.config.path,
                  ", ".join(slot.roles))
     utilization = config.runtime.gpu_memory_utilization
-    hosts = {index: host for index in range(len(slots)) if (host := layout.adapter_host(index)) is not None}
-    loaded_slots: dict[int, LoadedModel] = {}
-    for index, slot in enumerate(slots):  # the hosts first: an adapter's slot may come before its host's
+    hosts = {index: host for index in new if (host := layout.adapter_host(index)) is not None}
+    loaded_slots: dict[int, LoadedModel] = dict(enumerate(loaded))
+    for index in new:  # the hosts first: an adapter's slot may come before its host's
         if index not in hosts:
+            slot = slots[index]
             loaded_slots[index] = load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template,
                                            utilization)
     for index, host in hosts.items():
@@ -370,16 +383,16 @@ def load_models(config: EngineConfig) -> list[LoadedModel]:
                           config.transcript_template, config.runtime)
             or load_one(slot.name, slot.config, tokenizers[slot.name], config.transcript_template, utilization))
     models = [loaded_slots[index] for index in range(len(slots))]
-    for slot, loaded in zip(slots, models, strict=True):
-        loaded.roles = slot.roles
-    for loaded in models:
-        loaded.vocab_size = vocab_size
-        if loaded.logits_width < vocab_size:
+    for model in models[len(loaded):]:
+        model.vocab_size = vocab_size
+        if model.logits_width < vocab_size:
             raise ValueError(
-                f"{loaded.role} ({loaded.config.path}) has {loaded.logits_width} logit rows, fewer than the "
+                f"{model.role} ({model.config.path}) has {model.logits_width} logit rows, fewer than the "
                 f"{vocab_size} tokens of the shared vocabulary"
             )
-        if loaded.logits_width > vocab_size:
-            log.info("%s: cutting %d logit rows to the shared vocabulary of %d", loaded.role, loaded.logits_width,
+        if model.logits_width > vocab_size:
+            log.info("%s: cutting %d logit rows to the shared vocabulary of %d", model.role, model.logits_width,
                      vocab_size)
+    for slot, model in zip(slots, models, strict=True):
+        model.roles = slot.roles  # a running model may take a new pair's role too
     return models

@@ -145,9 +145,20 @@ class LoraAdapter:
         return cls(name, terms)
 
     def install(self) -> None:
-        """Forward hooks on the adapted modules: while ``applied``, each adds its term to the module's output."""
+        """Forward hooks on the adapted modules: while ``applied``, each adds its term to the module's output.
+        Installed once, by the runner that applies it (on the thread that runs the model: a hook registered while
+        another thread runs the module could change the hooks under its forward)."""
+        if self._hooks:
+            return
         for module, term in self.terms.items():
             self._hooks.append(module.register_forward_hook(self._hook(term)))
+
+    def release(self) -> None:
+        """Remove the hooks and drop the terms (the adapter was unloaded: nothing adds them any more)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.terms = {}
 
     def _hook(self, term: LoraTerm):
         def add_term(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:

@@ -111,12 +111,16 @@ def served_targets(config: EngineConfig) -> list[Target]:
     """Every target the configuration serves: the proxy-tuned model and the base, the first pair's expert, and
     each named pair alone and its expert alone."""
     targets = [Target.PROXY, Target.BASE]
-    if config.experts:
+    if config.experts and config.experts[0].in_default:  # NAME:expert is the first pair's, when NAME uses it
         targets.append(Target.EXPERT)
     for index, pair in enumerate(config.experts):
         if pair.name is not None:
             targets += [Target(Serves.PROXY, index), Target(Serves.EXPERT, index)]
     return targets
+
+
+class PairNotFoundError(LookupError):
+    """No expert pair of that name is served (a 404, as vLLM answers for a LoRA adapter it does not hold)."""
 
 
 class ContextLengthError(ValueError):
@@ -328,9 +332,10 @@ class SamplingParams:
             raise FieldError(f"n must be between 1 and {MAX_N}, got {self.n}", "n")
 
     def validate(self, vocab_size: int, num_pairs: int, max_logprobs: int = MAX_LOGPROBS,
-                 pair: int | None = None) -> None:
+                 pair: int | None = None, members: list[int] | None = None) -> None:
         """Raise ``ValueError`` with a message fit for a 400 if any value is out of range (``pair``: the one expert
-        pair the request's model serves, if a named pair's)."""
+        pair the request's model serves, if a named pair's; ``members``: the pairs of the default combination, by
+        default all)."""
         for name in ("temperature", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             _finite(name, float(getattr(self, name)))
@@ -417,30 +422,42 @@ class SamplingParams:
                 if not isinstance(word, str) or not word.strip() or len(word) > MAX_STOP_STRING_CHARS:
                     raise FieldError(f"each of bad_words must be a word of 1 to {MAX_STOP_STRING_CHARS} characters",
                                      "bad_words")
-        self.resolve_alphas([0.0] * num_pairs, pair)
+        self.resolve_alphas([0.0] * num_pairs, pair, members)
         if self.structured is not None:
             self.structured.validate()
 
-    def resolve_alphas(self, defaults: list[float], pair: int | None = None) -> list[float]:
-        """The alpha of every expert pair for this request; with ``pair`` (a named pair's model id), that pair's
-        alone and 0 for every other. There ``alpha`` may be one number, a list of one, or a list of one per pair
-        (its ``pair``-th value counts)."""
+    def resolve_alphas(self, defaults: list[float], pair: int | None = None,
+                       members: list[int] | None = None) -> list[float]:
+        """The alpha of every expert pair for this request (``defaults``: each pair's configured alpha).
+
+        Without ``pair`` the request is the default combination: the pairs in ``members`` (by default all; a pair
+        with ``in_default: false`` is not one) at their alphas, every other pair at 0. There ``alpha`` is one number
+        for every member, or a list of one per member. With ``pair`` (a named pair's model id), that pair's alpha
+        alone and 0 for every other: one number, a list of one, or a list of one per member (the pair's own
+        value counts)."""
+        members = list(range(len(defaults))) if members is None else members
+        given = self.alpha if isinstance(self.alpha, list) else [self.alpha]
+        chosen = [0.0] * len(defaults)
         if pair is not None:
-            given = self.alpha if isinstance(self.alpha, list) else [self.alpha]
-            if len(given) not in (1, len(defaults)):
+            if len(given) == 1:
+                value = given[0]
+            elif len(given) == len(members) and pair in members:
+                value = given[members.index(pair)]
+            else:
                 raise FieldError(f"alpha has {len(given)} values, but this model serves one expert pair: give one "
                                  "number", "alpha")
-            value = given[pair] if len(given) > 1 else given[0]
-            chosen = [0.0] * len(defaults)
             chosen[pair] = defaults[pair] if value is None else value
             return _checked_alphas(chosen)
         if self.alpha is None:
-            return list(defaults)
-        alphas = [float(self.alpha)] * len(defaults) if not isinstance(self.alpha, list) else self.alpha
-        if len(alphas) != len(defaults):
-            raise FieldError(f"alpha has {len(alphas)} values but the engine serves {len(defaults)} expert pairs",
+            given = [defaults[index] for index in members]
+        elif not isinstance(self.alpha, list):
+            given = [float(self.alpha)] * len(members)
+        if len(given) != len(members):
+            raise FieldError(f"alpha has {len(given)} values but the engine combines {len(members)} expert pairs",
                              "alpha")
-        return _checked_alphas(alphas)
+        for index, value in zip(members, given):
+            chosen[index] = value
+        return _checked_alphas(chosen)
 
 
 def _checked_alphas(alphas: list[float]) -> list[float]:

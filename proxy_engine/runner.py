@@ -124,6 +124,8 @@ class ModelRunner:
         self.model = model
         self.kv_budget = kv_budget  # its device's, shared with the other runners there (kv_budget.py)
         self.adapter = adapter
+        if adapter is not None:
+            adapter.install()
         self.runtime = runtime or RuntimeConfig()
         self.prefix_cache = prefix_cache
         self.name = name
@@ -363,6 +365,18 @@ class ModelRunner:
         for source, target in self.cache.remove(leaving):
             self.seq_ids[target] = self.seq_ids[source]
         del self.seq_ids[len(self.seq_ids) - len(leaving) :]
+
+    def release(self) -> None:
+        """Free what only this runner holds (its model's pair was removed and no row is left): its LoRA's hooks and
+        terms, its prefix cache, and its reference to the model (a merged copy is freed with the last one)."""
+        assert not self.num_rows
+        if self.adapter is not None:
+            if self._fast is not None:
+                self._fast.forget(self.adapter)
+            self.adapter.release()
+        self.adapter = self.prefix_cache = self._fast = self._static = None
+        self.model = None
+        self._reset()  # no static buffers left behind either
 
     def grows_next_step(self) -> bool:
         """Whether its next decode step regrows its K/V buffers; static buffers never do within a budget (they are

@@ -241,7 +241,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             if target.serves is Serves.PROXY:
                 # The default strength per expert pair it runs: what a request's ``alpha`` overrides (the
                 # playground builds one slider per pair from it).
-                card["alpha"] = [pair.alpha for i, pair in enumerate(pairs) if target.pair in (None, i)]
+                steering = settings.engine.default_pairs if target.pair is None else [target.pair]
+                card["alpha"] = [pairs[i].alpha for i in steering]
             listed.append(card)
         return listed
 

@@ -29,6 +29,7 @@ from proxy_engine.request import (
     ErrorCode,
     FinishReason,
     RequestOutput,
+    Serves,
     Target,
     TokenAnalysis,
     TokenLogprob,
@@ -154,6 +155,9 @@ class ServerContext:
             return self.settings.served_model_name, Target.PROXY
         if model in routes:
             return model, routes[model]
+        pair = self.settings.pair_named(model)
+        if pair is not None:  # a pair's bare name, as vLLM serves a LoRA module: the base steered by it
+            return model, Target(Serves.PROXY, pair)
         known = ", ".join(routes)
         raise APIError(404, f"model {clip(model, 100)!r} does not exist; this server serves: {known}", param="model",
                        code=ErrorCode.MODEL_NOT_FOUND)

@@ -197,6 +197,10 @@ class ServerSettings(BaseSettings):
     def model_ids(self) -> list[str]:
         return list(self.model_routes)
 
+    def pair_named(self, name: str) -> int | None:
+        """The index of the expert pair named ``name`` (``--expert-name``), or None."""
+        return next((index for index, pair in enumerate(self.engine.experts) if pair.name == name), None)
+
     def model_for_adapter(self, adapter_id: str) -> str | None:
         """The model id a TGI ``adapter_id`` names: a served id, or a named pair by its name or by its expert's path
         or adapter (what TGI's clients send for a LoRA adapter it serves); None when it names nothing served."""

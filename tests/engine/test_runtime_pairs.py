@@ -1,0 +1,225 @@
+"""Expert pairs added to and removed from a running engine (``ProxyEngine.add_pair`` / ``remove_pair``: vLLM's runtime
+LoRA loading). A pair added while serving must serve exactly what the same pair configured at start-up serves (it
+out of the default combination, under its name), leave every other model id as it was, and, once removed, let its
+running requests finish as they would have, refuse new ones, and free its adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from proxy_engine.config import EngineConfig, ExpertPairConfig, ModelConfig
+from proxy_engine.engine import ProxyEngine
+from proxy_engine.loader import load_models
+from proxy_engine.request import PairNotFoundError, PromptInput, SamplingParams, Serves, Target
+from tests.engine.conftest import run_to_end, submit
+from tests.engine.test_adapter import _save_lora
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+PROMPTS = ["Hello there", "Once upon a time, in a land far away"]
+LORA_PAIR = Target(Serves.PROXY, 1)
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_family, tmp_path_factory):
+    return _save_lora(tiny_family.anti_expert, tmp_path_factory.mktemp("runtime-lora"))
+
+
+def _configured(family, extra: list[dict] = (), **runtime) -> EngineConfig:
+    first = {"expert": {"path": str(family.expert)}, "anti_expert": {"path": str(family.anti_expert)}, "alpha": 1.5}
+    return EngineConfig(base={"path": str(family.base)}, experts=[first, *extra], runtime=runtime)
+
+
+def _lora_pair(family, lora, name: str = "lora", **fields) -> dict:
+    return {"expert": {"path": str(lora)}, "anti_expert": {"path": str(family.anti_expert)}, "name": name,
+            **fields}
+
+
+def _engine(config: EngineConfig) -> ProxyEngine:
+    return ProxyEngine(load_models(config), config)
+
+
+def _add(engine: ProxyEngine, pair: dict) -> list[ExpertPairConfig]:
+    future = engine.add_pair(ExpertPairConfig(**pair))
+    engine.step()  # the step thread takes it up
+    return future.result(timeout=0)
+
+
+def _serve(engine: ProxyEngine, target: Target, prefix: str = "r", **params) -> dict:
+    for k, prompt in enumerate(PROMPTS):
+        submit(engine, f"{prefix}{k}", prompt, target, max_tokens=8, ignore_eos=True, **params)
+    return {key: (entry["tokens"], entry["text"]) for key, entry in run_to_end(engine).items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_family, lora):
+    """The same pair configured at start-up, out of the default combination."""
+    return _engine(_configured(tiny_family, [_lora_pair(tiny_family, lora, in_default=False)]))
+
+
+@pytest.mark.parametrize("params", [{"temperature": 0}, {"temperature": 0.9, "seed": 11}])
+def test_an_added_pair_serves_what_the_configured_pair_serves(tiny_family, lora, reference, params):
+    engine = _engine(_configured(tiny_family))
+    default_before = _serve(engine, Target.PROXY, **params)
+    pairs = _add(engine, _lora_pair(tiny_family, lora))
+    assert [p.name for p in pairs] == [None, "lora"] and not pairs[1].in_default
+    assert engine.config.experts[1].expert.adapter == str(lora)
+    # One copy of the small model: the adapter runs over the anti-expert's module.
+    assert engine.models[-1].model is engine.models[2].model and engine.models[-1].adapter is not None
+    for target in (LORA_PAIR, Target(Serves.EXPERT, 1)):
+        assert _serve(engine, target, **params) == _serve(reference, target, **params)
+    assert _serve(engine, Target.PROXY, **params) == default_before  # the default combination is untouched
+    assert _serve(engine, Target.PROXY, **params) == _serve(reference, Target.PROXY, **params)
+
+
+def test_removing_a_pair_lets_its_requests_finish_then_frees_it(tiny_family, lora, reference):
+    engine = _engine(_configured(tiny_family))
+    anti_module = engine.models[2].model
+    hooks_before = sum(len(m._forward_hooks) for m in anti_module.modules())
+    _add(engine, _lora_pair(tiny_family, lora))
+    index = len(engine.runners) - 1
+    expected = _serve(reference, LORA_PAIR, temperature=0)
+    for k, prompt in enumerate(PROMPTS):
+        submit(engine, f"r{k}", prompt, LORA_PAIR, max_tokens=8, ignore_eos=True, temperature=0)
+    first = {(o.request_id, o.index): (o.new_token_ids, o.text_delta) for o in engine.step()}  # a token each
+    assert len(first) == len(PROMPTS)
+    future = engine.remove_pair("lora")
+    results = run_to_end(engine)
+    assert future.result(timeout=0)[1].name is None
+    for key, entry in results.items():  # both finished as the configured pair would have served them
+        assert (first[key][0] + entry["tokens"], first[key][1] + entry["text"]) == expected[key]
+    assert [p.name for p in engine.config.experts] == [None, None]
+    assert engine.runners[index].adapter is None and engine.models[index].model is None
+    assert sum(len(m._forward_hooks) for m in anti_module.modules()) == hooks_before
+    with pytest.raises(ValueError, match="no expert pair 1"):
+        submit(engine, "late", "Hello", LORA_PAIR, max_tokens=2)
+    # Loaded again under the same name: a new pair and a new model (the freed one is never shared again).
+    pairs = _add(engine, _lora_pair(tiny_family, lora))
+    assert [p.name for p in pairs] == [None, None, "lora"] and len(engine.runners) == index + 2
+    again = {key: value for key, value in _serve(engine, Target(Serves.PROXY, 2), temperature=0).items()}
+    assert again == expected
+
+
+def test_a_request_rendered_before_the_pair_was_freed_is_refused_not_run_without_it(tiny_family, lora):
+    engine = _engine(_configured(tiny_family))
+    _add(engine, _lora_pair(tiny_family, lora))
+    stale = engine.make_sequences("stale", PromptInput(text="Hello"), SamplingParams(max_tokens=2), LORA_PAIR)
+    engine.remove_pair("lora")
+    run_to_end(engine)
+    with pytest.raises(PairNotFoundError, match="removed"):
+        engine.add(stale)
+
+
+def test_pairs_that_cannot_be_added_or_removed_say_why(tiny_family, lora, tmp_path):
+    engine = _engine(_configured(tiny_family))
+    anti = {"path": str(tiny_family.anti_expert)}
+    cases = [
+        ({"expert": {"path": str(lora)}, "anti_expert": anti}, "needs a name"),
+        ({"expert": {"path": str(tiny_family.expert)}, "anti_expert": anti, "name": "full"}, "not a PEFT adapter"),
+        ({"expert": {"path": str(lora)}, "anti_expert": {**anti, "dtype": "bfloat16"}, "name": "x"},
+         "not a checkpoint this server runs"),
+        ({"expert": {"path": str(tmp_path / "missing")}, "anti_expert": anti, "name": "x"}, "not a PEFT adapter"),
+    ]
+    for pair, message in cases:
+        with pytest.raises(ValueError, match=message):
+            engine.add_pair(ExpertPairConfig(**pair))
+    _add(engine, _lora_pair(tiny_family, lora))
+    with pytest.raises(ValueError, match="already served"):
+        engine.add_pair(ExpertPairConfig(**_lora_pair(tiny_family, lora)))
+    with pytest.raises(PairNotFoundError):
+        engine.remove_pair("nope")
+    named = _engine(EngineConfig(base={"path": str(tiny_family.base)}, experts=[
+        {"expert": {"path": str(tiny_family.expert)}, "anti_expert": anti, "name": "fixed"}]))
+    with pytest.raises(ValueError, match="part of the configuration"):
+        named.remove_pair("fixed")
+    assert len(engine.runners) == 4  # nothing half-added by the refusals
+
+
+def test_a_pair_out_of_the_default_combination_needs_a_name_and_takes_no_alpha_there(tiny_family, lora):
+    with pytest.raises(ValueError, match="give it a name"):
+        _configured(tiny_family, [{**_lora_pair(tiny_family, lora), "name": None, "in_default": False}])
+    config = _configured(tiny_family, [_lora_pair(tiny_family, lora, in_default=False)])
+    assert config.default_pairs == [0]
+    # A list alpha has one value per pair of the default combination.
+    assert SamplingParams(alpha=[2.0]).resolve_alphas(config.default_alphas, None, config.default_pairs) == [2.0, 0.0]
+    assert SamplingParams(alpha=3.0).resolve_alphas(config.default_alphas, None, config.default_pairs) == [3.0, 0.0]
+    assert SamplingParams().resolve_alphas(config.default_alphas, 1, config.default_pairs) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="combines 1 expert pairs"):
+        SamplingParams(alpha=[1.0, 1.0]).resolve_alphas(config.default_alphas, None, config.default_pairs)
+
+
+def test_under_the_engine_process_too(tiny_family, lora, reference):
+    """The same calls through the engine in its own process (the server's default)."""
+    import asyncio
+
+    from proxy_engine.engine_process import EngineProcess
+
+    async def run() -> tuple[dict, list]:
+        engine = EngineProcess(_configured(tiny_family))
+        await engine.start()
+        try:
+            pairs = await engine.add_pair(ExpertPairConfig(**_lora_pair(tiny_family, lora)))
+            texts = {}
+            for k, prompt in enumerate(PROMPTS):
+                stream = await engine.add_request(f"p{k}", PromptInput(text=prompt),
+                                                  SamplingParams(max_tokens=8, ignore_eos=True, temperature=0),
+                                                  LORA_PAIR)
+                texts[(f"r{k}", 0)] = "".join([output.text_delta async for output in stream])
+            removed = await engine.remove_pair("lora")
+            with pytest.raises(PairNotFoundError):
+                await engine.remove_pair("lora")
+            return texts, [pairs, removed]
+        finally:
+            await engine.shutdown()
+
+    texts, (pairs, removed) = asyncio.run(run())
+    assert pairs[1].name == "lora" and removed[1].name is None
+    assert texts == {key: text for key, (_, text) in _serve(reference, LORA_PAIR, temperature=0).items()}
+
+
+def test_no_leftover_tensors_on_the_anti_expert(tiny_family, lora):
+    """The adapter's terms leave with it: the anti-expert's fast step forgets them."""
+    engine = _engine(_configured(tiny_family))
+    _add(engine, _lora_pair(tiny_family, lora))
+    index = len(engine.runners) - 1
+    fast = engine.runners[index].fast
+    assert fast is not None and fast is engine.runners[2].fast  # one fast step over the anti-expert's module
+    _serve(engine, LORA_PAIR, temperature=0)
+    assert fast._lora
+    engine.remove_pair("lora")
+    engine.step()
+    assert not fast._lora
+    assert torch.is_tensor(engine.runners[2].model.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("lora_mode", ["auto", "unmerged"])
+def test_under_the_static_step(tiny_family, lora, lora_mode):
+    """The static (CUDA-graph) step, run eagerly as on the CPU: ``auto`` merges the adapter into a copy there, which
+    the removal frees; ``unmerged`` adds its terms in a step of its own over the anti-expert's weights."""
+    runtime = {"decode_executor": "static", "lora_mode": lora_mode}
+    engine = _engine(_configured(tiny_family, **runtime))
+    reference = _engine(_configured(tiny_family, [_lora_pair(tiny_family, lora, in_default=False)], **runtime))
+    _add(engine, _lora_pair(tiny_family, lora))
+    added = engine.runners[-1]
+    assert added.executor == "static"
+    assert (engine.models[-1].model is engine.models[2].model) == (lora_mode == "unmerged")
+    assert _serve(engine, LORA_PAIR, temperature=0) == _serve(reference, LORA_PAIR, temperature=0)
+    engine.remove_pair("lora")
+    engine.step()
+    assert added.model is None and added._static is None
+
+
+def test_replacing_a_pair_serves_the_new_adapter_under_the_name(tiny_family, lora, tmp_path):
+    """vLLM's load_inplace: the adapter's files changed; the new one serves under the old name, in a model of its
+    own (never the old one's), and the old one is freed once its requests are done."""
+    engine = _engine(_configured(tiny_family))
+    _add(engine, _lora_pair(tiny_family, lora))
+    old = engine.runners[-1]
+    retrained = _save_lora(tiny_family.anti_expert, tmp_path / "retrained", seed=5)
+    future = engine.add_pair(ExpertPairConfig(**_lora_pair(tiny_family, retrained)), replace=True)
+    engine.step()
+    assert [p.name for p in future.result(timeout=0)] == [None, None, "lora"]
+    assert old.adapter is None  # freed: nothing ran on it
+    reference = _engine(_configured(tiny_family, [_lora_pair(tiny_family, retrained, in_default=False)]))
+    assert _serve(engine, Target(Serves.PROXY, 2), temperature=0) == _serve(reference, LORA_PAIR, temperature=0)
