@@ -18,6 +18,7 @@ validates configs through it).
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ from proxy_engine.model_files import looks_like_hub_id
 if TYPE_CHECKING:
     import torch
 
-    from proxy_engine.config import ExpertPairConfig, ModelConfig
+    from proxy_engine.config import EngineConfig, ExpertPairConfig, ModelConfig
 
 log = logging.getLogger("proxy_engine.adapter")
 
@@ -88,6 +89,76 @@ def resolve_pair(pair: ExpertPairConfig, index: int) -> ExpertPairConfig:
     where = f"experts.{index}"
     return pair.model_copy(update={"expert": resolve_model(expert, f"{where}.expert"),
                                    "anti_expert": resolve_model(pair.anti_expert, f"{where}.anti_expert")})
+
+
+def running_checkpoints(config: EngineConfig) -> list[ModelConfig]:
+    """The checkpoints an adapter added beside the configured pairs may run over: the base's and each
+    anti-expert's that has no adapter of its own, once each."""
+    found: list[ModelConfig] = []
+    for model in (config.base, *(pair.anti_expert for pair in config.experts)):
+        if model.adapter is None and model not in found:
+            found.append(model)
+    return found
+
+
+def trained_over(directory: Path) -> str | None:
+    """The checkpoint an adapter's config names as the one it was trained over, if it says."""
+    try:
+        return json.loads((directory / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _same_checkpoint(path: str, other: str | None) -> bool:
+    if not other:
+        return False
+    if path == other:
+        return True
+    a, b = Path(path).expanduser(), Path(other).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def adapter_pair(config: EngineConfig, name: str, directory: Path, *, anti_expert: str | None = None,
+                 alpha: float = 1.0, prompt_format: str | None = None) -> ExpertPairConfig:
+    """The expert pair that serves the adapter at ``directory`` under ``name`` alone (vLLM's ``--lora-modules`` and
+    runtime LoRA loading): out of the default combination, its expert the adapter over a running checkpoint.
+
+    That checkpoint (its anti-expert): the one ``anti_expert`` names, else the one the adapter says it was trained
+    over, else the configuration's only anti-expert, else (no pair configured) the base, whose own LoRA the pair then
+    is (at alpha 1 it answers as the base with the LoRA merged would, in logit space). Its prompt format: as
+    ``prompt_format`` says, else as the configured experts read (a chat-tuned expert reads its template), else as
+    the checkpoint does. ``FieldError`` naming ``anti_expert`` or ``lora_name`` for what does not fit."""
+    from proxy_engine.config import ExpertPairConfig
+    from proxy_engine.request import FieldError
+
+    checkpoints = running_checkpoints(config)
+    paths = ", ".join(model.path for model in checkpoints)
+    if anti_expert is not None:
+        chosen = [model for model in checkpoints if _same_checkpoint(model.path, anti_expert)]
+        if not chosen:
+            raise FieldError(f"anti_expert {anti_expert[:200]!r} is not a checkpoint this server runs: one of "
+                             f"{paths}", "anti_expert")
+    else:
+        over = trained_over(directory)
+        chosen = [model for model in checkpoints if _same_checkpoint(model.path, over)]
+        antis = [model for model in checkpoints if model != config.base]
+        chosen = chosen or (antis if len(antis) == 1 else [] if antis else [config.base])
+        if not chosen:
+            raise FieldError(f"the adapter {directory} says it was trained over {over or 'no checkpoint'}, which "
+                             f"this server does not run; name the checkpoint it runs over (anti_expert): one of "
+                             f"{paths}", "anti_expert")
+    anti = chosen[0]
+    if prompt_format is None:
+        formats = {pair.expert.prompt_format for pair in config.experts if pair.name is not None or pair.in_default}
+        prompt_format = formats.pop() if len(formats) == 1 else anti.prompt_format
+    from pydantic import ValidationError
+
+    try:
+        return ExpertPairConfig(expert=anti.model_copy(update={"adapter": str(directory),
+                                                              "prompt_format": prompt_format}),
+                                anti_expert=anti, alpha=alpha, name=name, in_default=False)
+    except ValidationError as error:
+        raise FieldError(f"{name[:64]!r}: {error.errors()[0]['msg']}", "lora_name") from None
 
 
 def merge_adapter(model: torch.nn.Module, adapter: str, role: str) -> torch.nn.Module:

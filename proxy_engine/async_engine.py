@@ -353,11 +353,11 @@ class AsyncEngine:
             self.engine.abort(request_id)
             self._wake.set()
 
-    async def add_pair(self, pair: ExpertPairConfig) -> list[ExpertPairConfig]:
+    async def add_pair(self, pair: ExpertPairConfig, replace: bool = False) -> list[ExpertPairConfig]:
         """Load an expert pair while serving (``ProxyEngine.add_pair``, off the event loop); the engine's pairs once
         it serves the new one."""
         engine = self._require_engine()
-        future = await asyncio.to_thread(engine.add_pair, pair)
+        future = await asyncio.to_thread(engine.add_pair, pair, replace)
         self._wake.set()
         return await asyncio.wrap_future(future)
 

@@ -128,7 +128,6 @@ class ProxyEngine:
         # Pairs added and removed while serving (add_pair, remove_pair): the plan as the callers see it, under
         # _pairs_lock, which the step thread takes up at its next step (_changes).
         self._pairs_lock = threading.Lock()
-        self._configured_pairs = len(config.experts)
         self._pairs = list(config.experts)
         self._loaded = list(models)
         self._retired: frozenset[int] = frozenset()  # removed pairs (they keep their index)
@@ -255,10 +254,10 @@ class ProxyEngine:
             return self._change(lambda: self._take_pairs(pairs, models, layout, unused))
 
     def remove_pair(self, name: str) -> concurrent.futures.Future:
-        """Stop serving the pair named ``name``, one added while serving: its model ids go at once (the future
+        """Stop serving the pair named ``name``, one served under its name alone: its model ids go at once (the future
         holds the engine's pairs once the step thread has taken the change), its sequences already queued or
         running finish, and then its adapter (or merged copy) is freed. ``PairNotFoundError`` when no such pair is
-        served; ``ValueError`` for a pair of the configuration."""
+        served; ``ValueError`` for a pair that steers the default model."""
         with self._pairs_lock:
             index = self._pair_index(name)
             if index is None:
@@ -277,10 +276,11 @@ class ProxyEngine:
                  ) -> tuple[list[ExpertPairConfig], frozenset[int], frozenset[int]]:
         """``pairs`` with pair ``index`` retired (unnamed, out of the default: it keeps its index, so that every
         later pair's stays put), the retired pairs, and the slots no live pair uses any more. ``ValueError`` for a
-        pair of the configuration."""
-        if index < self._configured_pairs:
-            raise ValueError(f"the expert pair {pairs[index].name!r} is part of the configuration: only pairs added "
-                             "while serving can be removed or replaced (restart without it)")
+        pair of the default combination (removing it would change what the default model id answers)."""
+        if pairs[index].in_default:
+            raise ValueError(f"the expert pair {pairs[index].name!r} steers the default model: only pairs served under "
+                             "their name alone (in_default: false, added while serving or --lora-modules) can be "
+                             "removed or replaced (restart without it)")
         pairs = list(pairs)
         pairs[index] = pairs[index].model_copy(update={"name": None, "in_default": False})
         config = self.config.model_copy(update={"experts": pairs})

@@ -151,9 +151,9 @@ class EngineProcess(AsyncEngine):
         if self.engine is not None and request_id in self._streams:
             self._send(("abort", request_id))
 
-    async def add_pair(self, pair: ExpertPairConfig) -> list[ExpertPairConfig]:
+    async def add_pair(self, pair: ExpertPairConfig, replace: bool = False) -> list[ExpertPairConfig]:
         self._require_engine()
-        return await asyncio.wrap_future(self._call("add_pair", pair))
+        return await asyncio.wrap_future(self._call("add_pair", pair, replace))
 
     async def remove_pair(self, name: str) -> list[ExpertPairConfig]:
         self._require_engine()
@@ -364,7 +364,7 @@ class _Child:
             elif kind == "token_strings":
                 self.workers.submit(self.answer, message[1], self.engine.tokenizer.convert_ids_to_tokens, message[2])
             elif kind == "add_pair":  # loading takes a while: on a thread of its own (the engine serialises them)
-                threading.Thread(target=self.change, args=(message[1], self.engine.add_pair, message[2]),
+                threading.Thread(target=self.change, args=(message[1], self.engine.add_pair, *message[2:]),
                                  name="proxy-engine-add-pair", daemon=True).start()
             elif kind == "remove_pair":
                 self.workers.submit(self.change, message[1], self.engine.remove_pair, message[2])

@@ -29,7 +29,7 @@ class Flag:
     key: tuple[str | int, ...]  # where the value goes in the settings
     help: str
     metavar: str = "VALUE"
-    action: str = "store"  # "store", "append" (repeatable), "store_true" or "store_false"
+    action: str = "store"  # "store", "append" (repeatable), "extend" (one or more values), "store_true", "store_false"
     split_commas: bool = False
     aliases: tuple[str, ...] = ()  # vLLM's spellings of the same flag
 
@@ -48,6 +48,13 @@ FLAGS = [
     Flag("--expert-name", (*_PAIR, "name"), "Also serve this pair alone, as model ids NAME:PAIR_NAME (the base "
          "steered by this pair only) and NAME:PAIR_NAME:expert (its expert alone), which a chat frontend's model "
          "picker can choose; once per --expert.", "PAIR_NAME", action="append"),
+    Flag("--allow-runtime-lora-updating", ("allow_runtime_lora_updating",),
+         "Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+         "does the same): each adapter an expert pair over a checkpoint the server runs, served under its name.",
+         action="store_true"),
+    Flag("--lora-modules", ("lora_modules",), "LoRA adapters served beside the expert pairs, each under its name "
+         "(vLLM's): NAME=PATH or JSON, one or more. Each is a pair over the running checkpoint it was trained over "
+         "(the anti-expert, else the base), out of the default combination.", "NAME=PATH", action="extend"),
     Flag("--enforce-eager", ("engine", "runtime", "enforce_eager"),
          "Decode without CUDA graphs (the same static-buffer step, run eagerly; vLLM's name).", action="store_true"),
     Flag("--gpu-memory-utilization", ("engine", "runtime", "gpu_memory_utilization"),
@@ -189,8 +196,6 @@ VLLM_REFUSED = {
     "--load-format": (("auto", "safetensors", "pt"), "models load through transformers (safetensors or .bin), or "
                                                      "from a GGUF file named as the model"),
     "--download-dir": ((), "nothing is downloaded; to read hub ids from another cache, set HF_HUB_CACHE"),
-    "--lora-modules": ((), "a LoRA is served here as an expert over its base model, the anti-expert: --expert "
-                           "ADAPTER --anti-expert ITS_BASE --expert-name NAME serves it as model NAME"),
     "--speculative-config": ((), "speculative decoding is not done here"),
     "--middleware": ((), "no ASGI middleware is loaded from the command line"),
     "--response-role": (("assistant",), "chat answers come from the assistant role"),
@@ -256,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         names = (flag.option, *flag.aliases)
         if flag.action in ("store_true", "store_false"):
             parser.add_argument(*names, dest=dest, action=flag.action, default=None, help=flag.help)
+        elif flag.action == "extend":  # vLLM's one-or-more values after the flag
+            parser.add_argument(*names, dest=dest, action="extend", nargs="+", metavar=flag.metavar, help=flag.help)
         else:
             parser.add_argument(*names, dest=dest, action=flag.action, metavar=flag.metavar, help=flag.help)
     return parser

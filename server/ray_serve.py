@@ -196,6 +196,10 @@ def deployment_warnings(settings: ServerSettings) -> list[str]:
                         "use api_keys_file (a mounted secret) instead")
     if not settings.has_keys:
         warnings.append("no API key is set: anyone who reaches Ray's HTTP proxy can use the models")
+    if settings.allow_runtime_lora_updating:
+        warnings.append("allow_runtime_lora_updating: a load or unload reaches the one replica Ray routes it to, "
+                        "and a replica started later has none of them; serve adapters on every replica with "
+                        "lora_modules instead")
     return warnings
 
 

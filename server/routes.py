@@ -18,6 +18,7 @@ from server.anthropic import add_anthropic_routes
 from server.auth import tenant
 from server.errors import APIError, bad_request, validated
 from server.guards import clip
+from server.lora_adapters import add_lora_adapter_routes
 from server.metrics import RequestTimer
 from server.protocol import (
     ChatCompletionRequest,
@@ -247,6 +248,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         return listed
 
     add_responses_routes(router, ctx, start, collect)
+    add_lora_adapter_routes(router, ctx)
     add_anthropic_routes(router, ctx, start, collect)
     tgi_generate = tgi.add_tgi_routes(router, ctx, start, collect, package_version())
 

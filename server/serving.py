@@ -107,7 +107,10 @@ class ServerContext:
 
     def defaults_for(self, model: str | None) -> dict[str, Any]:
         """The sampling fields ``model``'s requests get when they omit them (``engine.generation_config``)."""
-        return self.defaults[self.resolve_model(model)[1]].values
+        target = self.resolve_model(model)[1]
+        if target not in self.defaults:  # a pair added while serving (lora_adapters.py), routable before this saw it
+            self.defaults = sampling_defaults(self.settings.engine)
+        return self.defaults.get(target, SamplingDefaults()).values
 
     @property
     def ready(self) -> bool:

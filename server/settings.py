@@ -6,6 +6,8 @@ source is validated by the same model, and ``extra="forbid"`` makes a misspelt k
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +20,7 @@ from proxy_engine.request import Serves, Target, served_targets
 from server.reasoning import ReasoningParser
 
 ENV_PREFIX = "PROXY_SERVE_"
+VLLM_RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the same endpoints
 MIB = 1024 * 1024
 
 
@@ -126,6 +129,17 @@ class ServerSettings(BaseSettings):
         "plain-text headings). "
         "Unset: the thinking stays in content (server/reasoning.py).",
     )
+    allow_runtime_lora_updating: bool = Field(
+        default=False, description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime "
+        "LoRA updating, which vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=True turns on too): each adapter an expert pair "
+        "over a checkpoint the server runs, served under its name (server/lora_adapters.py). They read files from "
+        "this machine's disk: allow them only where the API's clients may.",
+    )
+    lora_modules: list[str] = Field(
+        default_factory=list, description="LoRA adapters served beside the configured pairs, each under its own name "
+        "(vLLM's --lora-modules): 'NAME=PATH', or JSON {\"name\": ..., \"path\": ...}. Each is an expert pair out of "
+        "the default combination, over the running checkpoint it was trained over (proxy_engine/adapter.py).",
+    )
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")
 
     @field_validator("api_keys")
@@ -146,6 +160,29 @@ class ServerSettings(BaseSettings):
     def _tls_pair(self) -> ServerSettings:
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("ssl_keyfile and ssl_certfile go together (HTTPS needs the key and its certificate)")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_modules_as_pairs(self) -> ServerSettings:
+        """Each of ``lora_modules`` as an expert pair over a running checkpoint (once: a settings object validated
+        again keeps the pairs it has)."""
+        from proxy_engine.adapter import adapter_pair, find_adapter
+
+        added = []
+        for module in self.lora_modules:
+            name, path = parse_lora_module(module)
+            directory = find_adapter(path)
+            if directory is None:
+                raise ValueError(f"lora_modules: {path} is not a PEFT adapter (a directory holding "
+                                 "adapter_config.json, or a hub id cached with one)")
+            if any(pair.name == name and pair.expert.adapter == str(directory) for pair in self.engine.experts):
+                continue
+            try:
+                added.append(adapter_pair(self.engine, name, directory))
+            except ValueError as error:
+                raise ValueError(f"lora_modules: {name}: {error}") from None
+        if added:
+            self.engine = EngineConfig.model_validate({**dict(self.engine), "experts": [*self.engine.experts, *added]})
         return self
 
     @field_validator("served_model_name")
@@ -210,6 +247,22 @@ class ServerSettings(BaseSettings):
             if pair.name is not None and adapter_id in (pair.name, pair.expert.path, pair.expert.adapter):
                 return self.model_id(Target(Serves.PROXY, index))
         return None
+
+
+def parse_lora_module(module: str) -> tuple[str, str]:
+    """vLLM's ``--lora-modules`` item: ``NAME=PATH``, or JSON with ``name`` and ``path`` (its ``base_model_name``
+    names vLLM's served model, of which there is one here)."""
+    text = module.strip()
+    if text.startswith("{"):
+        try:
+            fields = json.loads(text)
+            return str(fields["name"]), str(fields["path"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"lora_modules: {text[:200]!r} is not JSON with a name and a path") from None
+    name, equals, path = text.partition("=")
+    if not equals or not name or not path:
+        raise ValueError(f"lora_modules: {text[:200]!r} is not NAME=PATH")
+    return name, path
 
 
 def read_key_file(path: str | Path) -> list[str]:
@@ -301,6 +354,8 @@ def load_settings(
     """
     data: dict[str, Any] = read_config_file(config_file) if config_file else {}
     if environ:
+        if os.environ.get(VLLM_RUNTIME_LORA_ENV, "").strip().lower() in ("1", "true", "yes"):
+            data = deep_merge(data, {"allow_runtime_lora_updating": True})
         data = deep_merge(data, read_environment())
     data = deep_merge(data, overrides or {})
     engine = data.get("engine")

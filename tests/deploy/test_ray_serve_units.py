@@ -123,3 +123,11 @@ def test_keys_in_the_settings_or_none_at_all_are_warned_about(tmp_path):
     assert settings(api_keys_file=str(keys)).api_key_values() == ["sk-one", "sk-two"]
     assert "api_keys_file" in deployment_warnings(settings(api_keys=["sk-inline"]))[0]
     assert "no API key" in deployment_warnings(settings())[0]
+
+
+def test_runtime_lora_updating_is_warned_about_on_ray(tmp_path):
+    """A load reaches one replica: the deployer hears so, and where adapters belong instead."""
+    keys = tmp_path / "keys"
+    keys.write_text("sk-one\n")
+    warned = deployment_warnings(settings(api_keys_file=str(keys), allow_runtime_lora_updating=True))
+    assert len(warned) == 1 and "lora_modules" in warned[0]

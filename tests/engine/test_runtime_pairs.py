@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proxy_engine.config import EngineConfig, ExpertPairConfig, ModelConfig
+from proxy_engine.config import EngineConfig, ExpertPairConfig
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
 from proxy_engine.request import PairNotFoundError, PromptInput, SamplingParams, Serves, Target
@@ -130,9 +130,13 @@ def test_pairs_that_cannot_be_added_or_removed_say_why(tiny_family, lora, tmp_pa
     with pytest.raises(PairNotFoundError):
         engine.remove_pair("nope")
     named = _engine(EngineConfig(base={"path": str(tiny_family.base)}, experts=[
-        {"expert": {"path": str(tiny_family.expert)}, "anti_expert": anti, "name": "fixed"}]))
-    with pytest.raises(ValueError, match="part of the configuration"):
+        {"expert": {"path": str(tiny_family.expert)}, "anti_expert": anti, "name": "fixed"},
+        {"expert": {"path": str(lora)}, "anti_expert": anti, "name": "aside", "in_default": False}]))
+    with pytest.raises(ValueError, match="steers the default model"):
         named.remove_pair("fixed")
+    named.remove_pair("aside")  # configured, but served under its name alone (vLLM's --lora-modules)
+    named.step()
+    assert [p.name for p in named.config.experts] == ["fixed", None] and named.runners[-1].adapter is None
     assert len(engine.runners) == 4  # nothing half-added by the refusals
 
 
@@ -149,14 +153,16 @@ def test_a_pair_out_of_the_default_combination_needs_a_name_and_takes_no_alpha_t
         SamplingParams(alpha=[1.0, 1.0]).resolve_alphas(config.default_alphas, None, config.default_pairs)
 
 
-def test_under_the_engine_process_too(tiny_family, lora, reference):
-    """The same calls through the engine in its own process (the server's default)."""
+@pytest.mark.parametrize("in_process", [False, True])
+def test_through_the_async_engines(tiny_family, lora, reference, in_process):
+    """The same calls through the engine in its own process (the server's default) and in this one."""
     import asyncio
 
+    from proxy_engine.async_engine import AsyncEngine
     from proxy_engine.engine_process import EngineProcess
 
     async def run() -> tuple[dict, list]:
-        engine = EngineProcess(_configured(tiny_family))
+        engine = (AsyncEngine if in_process else EngineProcess)(_configured(tiny_family))
         await engine.start()
         try:
             pairs = await engine.add_pair(ExpertPairConfig(**_lora_pair(tiny_family, lora)))

@@ -266,7 +266,6 @@ def test_the_rest_of_a_vllm_serve_command_line_is_honoured_accepted_or_refused_w
         (["--kv-cache-dtype", "fp8"], "each model's dtype"),
         (["--load-format", "bitsandbytes"], "transformers"),
         (["--download-dir", "/models"], "HF_HUB_CACHE"),
-        (["--lora-modules", "sql=/adapters/sql"], "--expert-name"),
         (["--speculative-config", "{}"], "speculative"),
         (["--response-role", "bot"], "assistant"),
         (["--chat-template-content-format", "openai"], "one string"),

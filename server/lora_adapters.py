@@ -1,0 +1,117 @@
+"""vLLM's runtime LoRA endpoints, ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``, where an
+adapter is an expert over a checkpoint the server already runs, its anti-expert.
+
+A loaded adapter ``NAME`` is an expert pair served under its name alone (``proxy-engine``'s ``add_pair``): the model
+id ``<served name>:NAME`` (and its bare ``NAME``, as vLLM serves a LoRA) is the base steered by that pair, and
+``<served name>:NAME:expert`` the adapter's model alone. The model ids configured at start-up answer as before: a
+loaded pair never joins the default combination.
+
+Which checkpoint the adapter runs over (its anti-expert) and how it reads prompts: ``proxy_engine.adapter``'s
+``adapter_pair``, which ``--lora-modules`` uses too; the request may name the checkpoint (``anti_expert``), the
+``alpha`` and the ``prompt_format``.
+
+Off unless the deployer allows it (``allow_runtime_lora_updating``, or vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``):
+the endpoints read files from the server's disk. Off, they do not exist (404), as in vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from proxy_engine.adapter import ADAPTER_CONFIG, adapter_pair, find_adapter
+from proxy_engine.config import ExpertPairConfig, PromptFormat
+from proxy_engine.request import FieldError, PairNotFoundError
+from proxy_engine.sampling_defaults import sampling_defaults
+from server.errors import APIError, bad_request
+from server.guards import clip
+from server.serving import ServerContext
+
+logger = logging.getLogger("proxy_serve")
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's body, with this server's two choices of a pair: its ``alpha`` and its ``anti_expert``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    load_inplace: bool = False  # replace an adapter loaded earlier under this name (its files changed)
+    alpha: float = Field(default=1.0, ge=-100, le=100)
+    prompt_format: PromptFormat | None = Field(
+        default=None, description="how the adapter's model reads prompts; default: as the configured experts do")
+    anti_expert: str | None = Field(default=None, max_length=4096,
+                                    description="the path of the running checkpoint the adapter is over")
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str | None = Field(default=None, min_length=1, max_length=64)
+    lora_int_id: int | None = None  # vLLM's own number for an adapter: none is kept here
+
+
+def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
+    """The two endpoints, when the settings allow them."""
+    if not ctx.settings.allow_runtime_lora_updating:
+        return
+    changing = asyncio.Lock()  # one change at a time: each reads the pairs the previous one left
+
+    def taken_up(pairs: list[ExpertPairConfig]) -> None:
+        engine = ctx.settings.engine
+        engine.experts = list(pairs)  # the engine's pairs (in this process, the same list already)
+        ctx.defaults = sampling_defaults(engine)  # a new model id's own sampling defaults (generation_config)
+
+    @router.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        ctx.check_available()
+        name = body.lora_name
+        if name == ctx.settings.served_model_name:
+            raise bad_request(f"{name!r} is the served model's name: give the adapter another", "lora_name")
+        adapter = find_adapter(body.lora_path)
+        if adapter is None:
+            raise APIError(404, f"No adapter found at {clip(body.lora_path, 200)!r}: a directory holding "
+                           f"{ADAPTER_CONFIG} (or a hub id cached with one; this server never downloads)",
+                           param="lora_path", code="adapter_not_found")
+        async with changing:
+            index = ctx.settings.pair_named(name)
+            if index is not None and not body.load_inplace:
+                raise bad_request(f"The lora adapter '{name}' has already been loaded (load_inplace: true replaces "
+                                  "it)", "lora_name")
+            try:
+                pair = adapter_pair(ctx.settings.engine, name, adapter, anti_expert=body.anti_expert,
+                                    alpha=body.alpha, prompt_format=body.prompt_format)
+            except FieldError as error:
+                raise bad_request(str(error), error.param) from None
+            try:
+                pairs = await ctx.engine.add_pair(pair, replace=body.load_inplace)
+            except (ValueError, ImportError) as error:
+                raise bad_request(str(error), "lora_path") from None
+            taken_up(pairs)
+        logger.info("loaded LoRA adapter %r from %s over %s (alpha %g)", name, adapter, pair.anti_expert.path,
+                    body.alpha)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @router.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        ctx.check_available()
+        if body.lora_name is None:
+            raise bad_request("name the adapter with lora_name (lora_int_id is vLLM's internal number, which this "
+                              "server does not keep)", "lora_name")
+        name = body.lora_name
+        async with changing:
+            try:
+                pairs = await ctx.engine.remove_pair(name)
+            except PairNotFoundError:
+                raise APIError(404, f"The lora adapter '{clip(name, 64)}' cannot be found.", param="lora_name",
+                               code="adapter_not_found") from None
+            except ValueError as error:
+                raise bad_request(str(error), "lora_name") from None
+            taken_up(pairs)
+        logger.info("unloaded LoRA adapter %r: its running requests finish first", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -1,0 +1,189 @@
+"""vLLM's runtime LoRA endpoints (server/lora_adapters.py): an adapter loaded while serving is an expert pair over a
+running checkpoint, served under its name (bare, as vLLM serves it, and as ``NAME:LORA``), with the model ids
+configured at start-up unchanged; unloading it takes its ids away. Off by default, as in vLLM."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from proxy_engine.adapter import adapter_pair
+from proxy_engine.config import EngineConfig
+from proxy_engine.engine import ProxyEngine
+from proxy_engine.loader import load_models
+from proxy_engine.request import PromptInput, SamplingParams, Serves, Target
+from server.cli import resolve_settings
+from server.settings import ConfigError, load_settings
+from tests.engine.conftest import run_to_end
+from tests.engine.test_adapter import _save_lora
+from tests.server.live import MODEL, LiveServer, make_settings
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_family, tmp_path_factory):
+    return _save_lora(tiny_family.anti_expert, tmp_path_factory.mktemp("route-lora"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_family):
+    from proxy_engine.engine_process import async_engine_for
+
+    settings = make_settings(tiny_family, allow_runtime_lora_updating=True)  # the engine in its own process
+    live = LiveServer(async_engine_for(settings.engine), settings).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def _expected(family, lora, target: Target) -> str:
+    """What the same pair configured at start-up (out of the default combination) answers."""
+    pair = {"expert": {"path": str(lora)}, "anti_expert": {"path": str(family.anti_expert)}, "name": "sql",
+            "in_default": False}
+    config = EngineConfig(base={"path": str(family.base)}, experts=[
+        {"expert": {"path": str(family.expert)}, "anti_expert": {"path": str(family.anti_expert)}}, pair])
+    engine = ProxyEngine(load_models(config), config)
+    engine.add(engine.make_sequences("r", PromptInput(text=PROMPT),
+                                     SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), target))
+    return run_to_end(engine)[("r", 0)]["text"]
+
+
+def _text(http, model: str) -> str:
+    response = http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 8,
+                                                   "temperature": 0, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def test_a_loaded_adapter_serves_under_its_name_and_leaves_the_rest_as_it_was(server, http, tiny_family, lora):
+    before = _text(http, MODEL)
+    ids_before = [card["id"] for card in http.get("/v1/models").json()["data"]]
+    response = http.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(lora)})
+    assert response.status_code == 200, response.text
+    assert response.text == "Success: LoRA adapter 'sql' added successfully."
+    cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+    assert list(cards) == [*ids_before, f"{MODEL}:sql", f"{MODEL}:sql:expert"]
+    assert cards[f"{MODEL}:sql:expert"]["root"] == str(lora) and cards[f"{MODEL}:sql"]["parent"] == MODEL
+    assert cards[MODEL]["alpha"] == [1.0] and cards[f"{MODEL}:sql"]["alpha"] == [1.0]
+    assert _text(http, MODEL) == before  # the default combination is as configured
+    steered = _expected(tiny_family, lora, Target(Serves.PROXY, 1))
+    assert _text(http, "sql") == _text(http, f"{MODEL}:sql") == steered  # the bare name, as vLLM serves a LoRA
+    assert _text(http, f"{MODEL}:sql:expert") == _expected(tiny_family, lora, Target(Serves.EXPERT, 1))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    chat = client.chat.completions.create(model="sql", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert chat.model == "sql" and chat.choices[0].message.content is not None
+
+    again = http.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(lora)})
+    assert again.status_code == 400 and "has already been loaded" in again.json()["error"]["message"]
+    replaced = http.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(lora),
+                                                          "load_inplace": True})
+    assert replaced.status_code == 200, replaced.text
+    assert _text(http, "sql") == steered
+
+    gone = http.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
+    assert gone.status_code == 200 and gone.text == "Success: LoRA adapter 'sql' removed successfully."
+    assert [card["id"] for card in http.get("/v1/models").json()["data"]] == ids_before
+    missing = http.post("/v1/completions", json={"model": "sql", "prompt": PROMPT, "max_tokens": 2})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    twice = http.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
+    assert twice.status_code == 404 and twice.json()["error"]["message"] == "The lora adapter 'sql' cannot be found."
+    assert _text(http, MODEL) == before
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nowhere/adapter"}, 404, "lora_path"),
+    ("/v1/load_lora_adapter", {"lora_name": "a b", "lora_path": "LORA"}, 400, "lora_name"),
+    ("/v1/load_lora_adapter", {"lora_name": "base", "lora_path": "LORA"}, 400, "lora_name"),
+    ("/v1/load_lora_adapter", {"lora_name": MODEL, "lora_path": "LORA"}, 400, "lora_name"),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "LORA", "anti_expert": "/elsewhere"}, 400,
+     "anti_expert"),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "LORA", "rank": 8}, 400, "rank"),
+    ("/v1/load_lora_adapter", {"lora_name": "x"}, 400, "lora_path"),
+    ("/v1/unload_lora_adapter", {"lora_int_id": 3}, 400, "lora_name"),
+])
+def test_bad_requests_say_what_is_wrong(http, lora, path, body, status, param):
+    body = {key: str(lora) if value == "LORA" else value for key, value in body.items()}
+    response = http.post(path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"]
+    assert http.get("/health").status_code == 200
+
+
+def test_off_by_default_as_in_vllm(live):
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        response = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
+        assert response.status_code == 404
+
+
+def test_vllms_environment_variable_and_the_flag_turn_it_on(monkeypatch, tiny_family):
+    paths = ["--base", str(tiny_family.base), "--expert", str(tiny_family.expert), "--anti-expert",
+             str(tiny_family.anti_expert)]
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    assert not resolve_settings(paths)[0].allow_runtime_lora_updating
+    assert resolve_settings([*paths, "--allow-runtime-lora-updating"])[0].allow_runtime_lora_updating
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    assert resolve_settings(paths)[0].allow_runtime_lora_updating
+
+
+def test_which_checkpoint_an_adapter_runs_over(tiny_family, chat_family, lora, tmp_path):
+    """The request's anti_expert, else the running checkpoint the adapter names, else the configuration's only
+    anti-expert, else (no pair) the base; with several and no way to tell, a 400 asking."""
+    def engine(*antis) -> EngineConfig:
+        return load_settings(overrides={"engine": {"base": {"path": str(tiny_family.base)}, "experts": [
+            {"expert": {"path": str(tiny_family.expert)}, "anti_expert": {"path": str(anti)}} for anti in antis]}},
+            environ=False).engine
+
+    def anti(config: EngineConfig, adapter, named=None) -> str:
+        return adapter_pair(config, "x", adapter, anti_expert=named).anti_expert.path
+
+    one = engine(tiny_family.anti_expert)
+    assert anti(one, lora) == str(tiny_family.anti_expert)  # named in adapter_config.json
+    assert anti(one, lora, str(tiny_family.base)) == str(tiny_family.base)
+    base_lora = _save_lora(tiny_family.base, tmp_path / "base-lora")
+    assert anti(one, base_lora) == str(tiny_family.base)
+    bare = load_settings(overrides={"engine": {"base": {"path": str(tiny_family.base)}}}, environ=False).engine
+    foreign = _save_lora(chat_family.anti_expert, tmp_path / "foreign")  # says it was trained over another model
+    settings = json.loads((foreign / "adapter_config.json").read_text())
+    (foreign / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": "org/other"}))
+    assert anti(bare, foreign) == str(tiny_family.base)
+    assert anti(one, foreign) == str(tiny_family.anti_expert)
+    with pytest.raises(ValueError, match="name the checkpoint it runs over"):
+        anti(engine(tiny_family.anti_expert, chat_family.anti_expert), foreign)
+    with pytest.raises(ValueError, match="not a checkpoint this server runs"):
+        anti(one, lora, "/elsewhere")
+    pair = adapter_pair(one, "x", lora, alpha=0.5, prompt_format="chat")
+    assert (pair.alpha, pair.expert.prompt_format, pair.in_default, pair.expert.adapter) == (0.5, "chat", False,
+                                                                                             str(lora))
+
+
+def test_lora_modules_serve_adapters_from_the_start(tiny_family, lora, tmp_path):
+    """vLLM's --lora-modules: NAME=PATH or JSON, one or more after the flag; each a pair out of the default
+    combination, over the checkpoint the adapter was trained over."""
+    paths = ["--base", str(tiny_family.base), "--expert", str(tiny_family.expert), "--anti-expert",
+             str(tiny_family.anti_expert)]
+    settings, _ = resolve_settings([*paths, "--lora-modules", f"sql={lora}",
+                                    json.dumps({"name": "chat", "path": str(lora), "base_model_name": MODEL})])
+    pairs = settings.engine.experts
+    anti = str(tiny_family.anti_expert)
+    assert [(p.name, p.in_default, p.expert.adapter, p.anti_expert.path) for p in pairs[1:]] == [
+        ("sql", False, str(lora), anti), ("chat", False, str(lora), anti)]
+    assert settings.engine.default_pairs == [0]
+    assert f"{MODEL}:sql" in settings.model_ids and f"{MODEL}:chat:expert" in settings.model_ids
+    again = type(settings).model_validate(settings.model_dump())  # validated again: the pairs are not added twice
+    assert len(again.engine.experts) == 3
+    for bad, message in [("sql", "is not NAME=PATH"), (f"sql={tmp_path}", "is not a PEFT adapter"),
+                         ("{\"name\": 1}", "not JSON with a name and a path"), (f"a b={lora}", "lora_modules: a b")]:
+        with pytest.raises(ConfigError, match=message):
+            resolve_settings([*paths, "--lora-modules", bad])
