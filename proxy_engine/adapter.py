@@ -118,6 +118,18 @@ def _same_checkpoint(path: str, other: str | None) -> bool:
     return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
+def _has_template(directory: Path, anti: ModelConfig) -> bool:
+    """Whether the adapter's model has a chat template: its own tokenizer's, or else the checkpoint's."""
+    from proxy_engine.model_files import has_chat_template, locate
+
+    if has_tokenizer(directory):
+        return has_chat_template(directory)
+    if anti.chat_template:
+        return True
+    source = Path(anti.tokenizer).expanduser() if anti.tokenizer else locate(anti)[1]
+    return source is not None and source.is_dir() and has_chat_template(source)
+
+
 def adapter_pair(config: EngineConfig, name: str, directory: Path, *, anti_expert: str | None = None,
                  alpha: float = 1.0, prompt_format: str | None = None) -> ExpertPairConfig:
     """The expert pair that serves the adapter at ``directory`` under ``name`` alone (vLLM's ``--lora-modules`` and
@@ -126,8 +138,9 @@ def adapter_pair(config: EngineConfig, name: str, directory: Path, *, anti_exper
     That checkpoint (its anti-expert): the one ``anti_expert`` names, else the one the adapter says it was trained
     over, else the configuration's only anti-expert, else (no pair configured) the base, whose own LoRA the pair then
     is (at alpha 1 it answers as the base with the LoRA merged would, in logit space). Its prompt format: as
-    ``prompt_format`` says, else as the configured experts read (a chat-tuned expert reads its template), else as
-    the checkpoint does. ``FieldError`` naming ``anti_expert`` or ``lora_name`` for what does not fit."""
+    ``prompt_format`` says, else as the configured experts read (a chat-tuned expert reads its template) where the
+    adapter's model has a chat template (its own tokenizer's or the checkpoint's), else as the checkpoint does.
+    ``FieldError`` naming ``anti_expert`` or ``lora_name`` for what does not fit."""
     from proxy_engine.config import ExpertPairConfig
     from proxy_engine.request import FieldError
 
@@ -151,6 +164,8 @@ def adapter_pair(config: EngineConfig, name: str, directory: Path, *, anti_exper
     if prompt_format is None:
         formats = {pair.expert.prompt_format for pair in config.experts if pair.name is not None or pair.in_default}
         prompt_format = formats.pop() if len(formats) == 1 else anti.prompt_format
+        if prompt_format == "chat" and not _has_template(directory, anti):
+            prompt_format = "plain"  # a LoRA of a base model, beside chat experts: nothing to render chat with
     from pydantic import ValidationError
 
     try:

@@ -333,11 +333,11 @@ def load_unmerged(role: str, config: ModelConfig, host: LoadedModel, tokenizer, 
         log.info("%s: the adapter %s is merged into a copy of the %s model (%s)", role, config.adapter, host.role,
                  reason)
         return None
+    renderer = _renderer(role, config, tokenizer, transcript_template)
     log.info("%s: the LoRA adapter %s runs unmerged over the %s model's weights (%d projections, %.3g MB of terms)",
              role, config.adapter, host.role, len(adapter.terms), adapter.nbytes / 1e6)
     return LoadedModel(role=role, config=config, model=host.model, tokenizer=tokenizer, adapter=adapter,
-                       renderer=_renderer(role, config, tokenizer, transcript_template), max_len=host.max_len,
-                       logits_width=host.logits_width)
+                       renderer=renderer, max_len=host.max_len, logits_width=host.logits_width)
 
 
 def load_models(config: EngineConfig, loaded: list[LoadedModel] | None = None,

@@ -14,6 +14,7 @@ from proxy_engine.adapter import adapter_pair
 from proxy_engine.config import EngineConfig
 from proxy_engine.engine import ProxyEngine
 from proxy_engine.loader import load_models
+from proxy_engine.model_files import has_chat_template
 from proxy_engine.request import PromptInput, SamplingParams, Serves, Target
 from server.cli import resolve_settings
 from server.settings import ConfigError, load_settings
@@ -163,6 +164,15 @@ def test_which_checkpoint_an_adapter_runs_over(tiny_family, chat_family, lora, t
         anti(engine(tiny_family.anti_expert, chat_family.anti_expert), foreign)
     with pytest.raises(ValueError, match="not a checkpoint this server runs"):
         anti(one, lora, "/elsewhere")
+    # As the configured experts read (chat here), where the adapter's model has a chat template to read it with.
+    chatty = load_settings(overrides={"engine": {"base": {"path": str(tiny_family.base)}, "experts": [
+        {"expert": {"path": str(chat_family.expert), "prompt_format": "chat"},
+         "anti_expert": {"path": str(tiny_family.anti_expert)}}]}}, environ=False).engine
+    assert not has_chat_template(tiny_family.anti_expert)
+    assert adapter_pair(chatty, "x", lora).expert.prompt_format == "plain"
+    instruct = _save_lora(tiny_family.anti_expert, tmp_path / "instruct", with_tokenizer=True)
+    assert adapter_pair(chatty, "x", instruct).expert.prompt_format == "chat"
+    assert adapter_pair(one, "x", instruct).expert.prompt_format == "plain"
     pair = adapter_pair(one, "x", lora, alpha=0.5, prompt_format="chat")
     assert (pair.alpha, pair.expert.prompt_format, pair.in_default, pair.expert.adapter) == (0.5, "chat", False,
                                                                                              str(lora))
