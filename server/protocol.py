@@ -394,7 +394,27 @@ class ChatPromptControls(_Lenient):
         continue_final = bool(self.continue_final_message)
         generation_prompt = not continue_final if self.add_generation_prompt is None else self.add_generation_prompt
         return {"continue_final": continue_final, "generation_prompt": generation_prompt,
-                "template_kwargs": self.chat_template_kwargs or None, "add_special_tokens": self.add_special_tokens}
+                "template_kwargs": self.template_variables() or None, "add_special_tokens": self.add_special_tokens}
+
+    def template_variables(self) -> dict[str, Any]:
+        """The extra variables every chat template renders with: the request's ``chat_template_kwargs``."""
+        return dict(self.chat_template_kwargs or {})
+
+
+# OpenAI's reasoning_effort values, and vLLM's max.
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+def effort_variables(effort: Any, param: str = "reasoning_effort") -> dict[str, Any]:
+    """``reasoning_effort`` as chat-template variables, as vLLM passes it: the value itself (gpt-oss' and Qwen's
+    templates branch on it) and ``enable_thinking`` (off for ``none``: Qwen3's and Gemma's switch). A value outside
+    OpenAI's set is a 400 naming ``param``."""
+    if effort is None:
+        return {}
+    if effort not in REASONING_EFFORTS:
+        raise bad_request(f"{param} must be one of {', '.join(REASONING_EFFORTS)}, got {clip(str(effort), 40)!r}",
+                          param)
+    return {"reasoning_effort": effort, "enable_thinking": effort != "none"}
 
 
 class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
@@ -422,6 +442,8 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
     include_reasoning: bool = True
     # vLLM's: at most this many tokens of thinking, then the parser's closing tag is forced and the model answers.
     thinking_token_budget: int | None = None
+    # OpenAI's: passed to the chat templates (effort_variables); chat_template_kwargs given too win.
+    reasoning_effort: Any = None
 
     UNHONOURED: ClassVar[dict[str, Unhonoured]] = {
         **_UNHONOURED_SAMPLING,
@@ -444,6 +466,10 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
             self.__dict__["_plan"] = cached
         return cached
 
+    def template_variables(self) -> dict[str, Any]:
+        """The request's ``reasoning_effort`` as template variables, under its ``chat_template_kwargs``."""
+        return {**effort_variables(self.reasoning_effort), **(self.chat_template_kwargs or {})}
+
     def echoed(self) -> str:
         """vLLM's chat ``echo``: the text each choice's content starts with, the last message's when it is the
         assistant's (a continued answer comes back whole); empty otherwise, as vLLM echoes only the answer's role."""
@@ -456,7 +482,7 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
                          ) -> ReasoningParser | None:
         """The reasoning parser of this request's answer: the server's, unless the request turned thinking off
         through its template variables or constrains the output (a grammar leaves no room to think)."""
-        if configured is None or thinking_disabled(self.chat_template_kwargs):
+        if configured is None or thinking_disabled(self.template_variables()):
             return None
         if self.structured() is not None or self.tool_plan(fmt).mode in ("named", "required"):
             return None

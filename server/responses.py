@@ -38,6 +38,7 @@ from server.protocol import (
     _Lenient,
     chat_logprobs,
     check_text,
+    effort_variables,
     refuse_unhonoured,
 )
 from server.reasoning import Reasoning, ReasoningParser, ReasoningSplitter
@@ -114,10 +115,11 @@ class ResponsesRequest(_Lenient):
 
     def check_supported(self) -> None:
         refuse_unhonoured(self, _UNHONOURED)
-        # reasoning {effort, summary} are hints, as chat's reasoning_effort: a model thinks as its template and
-        # sampling make it (with --reasoning-parser its thinking comes back as reasoning items, summary empty).
+        # reasoning.effort goes to the chat templates, as chat's reasoning_effort; summary is a hint (with
+        # --reasoning-parser the thinking comes back as reasoning items, their summaries empty).
         if self.reasoning is not None and not isinstance(self.reasoning, dict):
             raise bad_request("reasoning must be an object ({\"effort\": ..., \"summary\": ...})", "reasoning")
+        effort_variables((self.reasoning or {}).get("effort"), "reasoning.effort")  # a bad value names its field
         if self.truncation not in (None, "disabled"):
             raise bad_request("truncation 'auto' is not supported: a prompt past the context is a 400", "truncation")
         for k, name in enumerate(self.include or []):
@@ -245,6 +247,7 @@ class ResponsesRequest(_Lenient):
             "temperature": self.temperature, "top_p": self.top_p, "response_format": self.response_format(),
             "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty, "alpha": self.alpha, "user": self.user,
+            "reasoning_effort": (self.reasoning or {}).get("effort"),
         }
         if self.wants_logprobs:  # chat checks top_logprobs' range and names the field
             fields.update(logprobs=True, top_logprobs=self.top_logprobs or 0)

@@ -141,6 +141,42 @@ def test_no_parsing_where_the_request_rules_thinking_out(extra):
         assert message["content"] == "Hm</think>Hi" and message["reasoning_content"] is None
 
 
+@pytest.mark.parametrize(("body", "variables"), [
+    ({"reasoning_effort": "low"}, {"reasoning_effort": "low", "enable_thinking": True}),
+    ({"reasoning_effort": "none"}, {"reasoning_effort": "none", "enable_thinking": False}),
+    ({"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False, "x": 1}},  # the kwargs win
+     {"reasoning_effort": "high", "enable_thinking": False, "x": 1}),
+    ({}, None),
+])
+def test_reasoning_effort_reaches_the_chat_templates_as_vllm_passes_it(body, variables):
+    """gpt-oss' and Qwen's templates branch on ``reasoning_effort``; Qwen3's and Gemma's turn thinking on and off
+    with ``enable_thinking``. On chat, and on the Responses API's ``reasoning.effort``."""
+    engine = ScriptedEngine("hermes", ["Hm</think>Hi"])
+    models = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
+    settings = load_settings(overrides={"engine": models, "reasoning_parser": "deepseek_r1"}, environ=False)
+    with TestClient(create_app(engine, settings), base_url="http://localhost") as http:
+        message = http.post("/v1/chat/completions", json={**ASK, **body}).json()["choices"][0]["message"]
+        assert engine.requests[-1][1].template_kwargs == variables
+        thinking_off = variables is not None and variables["enable_thinking"] is False
+        assert (message["content"], message["reasoning_content"]) == (
+            ("Hm</think>Hi", None) if thinking_off else ("Hi", "Hm"))
+        if "reasoning_effort" in body and "chat_template_kwargs" not in body:
+            response = http.post("/v1/responses", json={"model": "proxy-tuned", "input": "Hi",
+                                                        "reasoning": {"effort": body["reasoning_effort"]}})
+            assert response.status_code == 200, response.text
+            assert engine.requests[-1][1].template_kwargs == variables
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {**ASK, "reasoning_effort": "extreme"}, "reasoning_effort"),
+    ("/v1/responses", {"model": "proxy-tuned", "input": "Hi", "reasoning": {"effort": 3}}, "reasoning.effort"),
+])
+def test_an_unknown_reasoning_effort_is_a_400_naming_it(path, body, param):
+    with _served(THINKING) as http:
+        response = http.post(path, json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
 def test_tool_calls_are_read_from_the_content_after_the_thinking():
     pieces = ["<think>I need the weather.</think>", '<tool_call>{"name": "get_weather", ',
               '"arguments": {"city": "Paris"}}</tool_call>']
