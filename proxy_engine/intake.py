@@ -29,6 +29,7 @@ from proxy_engine.outputs import OutputBuilder
 from proxy_engine.request import (
     ContextLengthError,
     FieldError,
+    PairNotFoundError,
     PromptInput,
     PromptTokens,
     SamplingParams,
@@ -158,8 +159,10 @@ class Intake:
         plays several roles sums theirs (layout.py). ``layout``: the snapshot the request is rendered with."""
         layout = layout or self.layout
         pairs = len(layout.pairs)
-        if target.pair is not None and (not 0 <= target.pair < pairs or target.pair in layout.retired):
+        if target.pair is not None and not 0 <= target.pair < pairs:
             raise ValueError(f"this deployment has no expert pair {target.pair}")
+        if target.pair in layout.retired:  # unloaded since the server resolved the model id
+            raise PairNotFoundError(f"the expert pair this request names (pair {target.pair}) has been removed")
         if target.serves is Serves.EXPERT:
             if not pairs:
                 raise ValueError("this deployment has no expert to serve alone")

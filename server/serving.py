@@ -28,6 +28,7 @@ from proxy_engine.request import (
     EngineOverloadedError,
     ErrorCode,
     FinishReason,
+    PairNotFoundError,
     RequestOutput,
     Serves,
     Target,
@@ -279,6 +280,8 @@ class ServerContext:
                            code=getattr(error, "code", None)) from None
         except (EngineOverloadedError, GrammarBusyError) as error:
             raise self.overloaded(str(error), getattr(error, "retry_after_s", 1)) from None
+        except PairNotFoundError as error:  # the adapter was unloaded while the request was rendered
+            raise APIError(404, str(error), param="model", code=ErrorCode.MODEL_NOT_FOUND) from None
         except Exception:
             logger.exception("engine refused request %s with an internal error", request_id)
             raise internal_error(request_id) from None

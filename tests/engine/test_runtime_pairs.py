@@ -92,7 +92,7 @@ def test_removing_a_pair_lets_its_requests_finish_then_frees_it(tiny_family, lor
     assert [p.name for p in engine.config.experts] == [None, None]
     assert engine.runners[index].adapter is None and engine.models[index].model is None
     assert sum(len(m._forward_hooks) for m in anti_module.modules()) == hooks_before
-    with pytest.raises(ValueError, match="no expert pair 1"):
+    with pytest.raises(PairNotFoundError, match="has been removed"):  # the server's 404
         submit(engine, "late", "Hello", LORA_PAIR, max_tokens=2)
     # Loaded again under the same name: a new pair and a new model (the freed one is never shared again).
     pairs = _add(engine, _lora_pair(tiny_family, lora))

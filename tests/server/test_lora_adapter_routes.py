@@ -197,3 +197,22 @@ def test_lora_modules_serve_adapters_from_the_start(tiny_family, lora, tmp_path)
                          ("{\"name\": 1}", "not JSON with a name and a path"), (f"a b={lora}", "lora_modules: a b")]:
         with pytest.raises(ConfigError, match=message):
             resolve_settings([*paths, "--lora-modules", bad])
+
+
+def test_a_request_racing_an_unload_is_a_404_not_a_500():
+    """Resolved while the adapter was loaded, rendered after it went: the engine's PairNotFoundError."""
+    from fastapi.testclient import TestClient
+
+    from proxy_engine.request import PairNotFoundError
+    from server.app import create_app
+    from tests.server.fake_engine import FakeEngine
+
+    class Unloaded(FakeEngine):
+        async def add_request(self, *args, **kwargs):
+            raise PairNotFoundError("the expert pair this request names (pair 1) has been removed")
+
+    models = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
+    app = create_app(Unloaded(), load_settings(overrides={"engine": models}, environ=False))
+    with TestClient(app, base_url="http://localhost") as http:
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
