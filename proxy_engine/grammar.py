@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -55,6 +55,14 @@ MAX_ERROR_CHARS = 300
 CONSTRAINED_RENDER_THREADS = 16
 
 
+class ConstraintError(ValueError):
+    """A constraint that does not compile: a 400 naming the request field it came from (``param``), when known."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """One constraint on a request's output.
@@ -66,6 +74,9 @@ class StructuredOutput:
 
     kind: Kind
     value: Any = None
+    # The request field it came from (``response_format``, ``tools``, ...): what a constraint that does not compile
+    # names in its 400. Not part of the constraint.
+    param: str | None = field(default=None, compare=False)
 
     def key(self) -> str:
         """A canonical string for the cache: equal constraints compile once."""
@@ -249,9 +260,14 @@ class GrammarCompiler:
             return self._lltok
 
     def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
-        """A fresh matcher for one sequence; ``ValueError`` naming the problem if the constraint cannot compile
-        (or not within the budget), ``GrammarBusyError`` if the compiler had no time for it."""
-        return GrammarMatcher(self.compiled(spec).deep_copy(), self.vocab_size, self.mask_words)
+        """A fresh matcher for one sequence; ``ConstraintError`` naming the problem (and the request field the
+        constraint came from) if it cannot compile, or not within the budget; ``GrammarBusyError`` if the compiler
+        had no time for it."""
+        try:
+            compiled = self.compiled(spec)
+        except ValueError as error:
+            raise ConstraintError(str(error), spec.param) from None
+        return GrammarMatcher(compiled.deep_copy(), self.vocab_size, self.mask_words)
 
     def compiled(self, spec: StructuredOutput):
         """The constraint's template matcher: from the cache, or compiled in the compiler's thread (waited for)."""

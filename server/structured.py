@@ -8,6 +8,7 @@ are a 400, since the engine could honour only one of them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -100,4 +101,4 @@ def resolve(response_format: Any, structured_outputs: Any, guided: dict[str, Any
         spec.validate()
     except ValueError as error:
         raise bad_request(f"{param}: {error}", param) from None
-    return spec
+    return dataclasses.replace(spec, param=param)  # what a constraint that does not compile names

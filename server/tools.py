@@ -83,7 +83,7 @@ class ToolPlan:
     @property
     def constraint(self) -> StructuredOutput | None:
         if self.mode == "named":
-            return StructuredOutput("json_schema", _parameters(self._function(self.name)))
+            return StructuredOutput("json_schema", _parameters(self._function(self.name)), param="tools")
         if self.mode == "required":
             items = [
                 {"type": "object",
@@ -94,7 +94,7 @@ class ToolPlan:
             schema: dict[str, Any] = {"type": "array", "items": {"anyOf": items}, "minItems": 1}
             if not self.parallel:
                 schema["maxItems"] = 1
-            return StructuredOutput("json_schema", schema)
+            return StructuredOutput("json_schema", schema, param="tools")
         return None
 
     def _function(self, name: str | None) -> dict[str, Any]:
