@@ -375,7 +375,10 @@ class ProxyEngine:
                 log.info("preempted %d sequence(s) for more urgent ones (%s); they resume by recomputation",
                          len(preempted), ", ".join(sorted({s.request_id for s in preempted})))
                 self._sync_rows()
-            admitted = self.scheduler.admit()
+            if self.config.prefix_cache.enabled:
+                admitted = self.scheduler.admit(self._cached_prefix, self.config.prefix_cache.block_size)
+            else:
+                admitted = self.scheduler.admit()
             if admitted:
                 self.prefill = PrefillGroup(admitted, self.runners, self.vocab_size, self.device)
         if self.prefill is not None:
@@ -456,6 +459,16 @@ class ProxyEngine:
                     return False
                 room -= need
         return True
+
+    def _cached_prefix(self, sequence: Sequence) -> int:
+        """Tokens of the sequence's prompt that its primary model's prefix cache holds (what admission keeps
+        together: scheduler.admit); 0 for a prompt scored position by position, which computes every one."""
+        index = sequence.runners[0]
+        cache = self.runners[index].prefix_cache
+        if cache is None or (sequence.params.prompt_logprobs is not None and not sequence.resumed):
+            return 0
+        prompt = sequence.context_ids(index)
+        return len(cache.match(prompt, len(prompt) - 1, sequence.cache_salt)) * cache.block_size
 
     def _defer_prefill_for_memory(self, error: BaseException) -> bool:
         """A prefill ran out of memory before any of its sequences took a token: drop the group's partial K/V and

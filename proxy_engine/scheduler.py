@@ -40,6 +40,17 @@ def with_running_cap(limits: LimitsConfig, cap: int) -> LimitsConfig:
     return limits
 
 
+def cached_columns_lost(rows: list[tuple[int, int]]) -> int:
+    """Cached prompt tokens a group of prompts (each ``(length, cached tokens)``) would compute again, prefilled
+    together: left-padded to the longest, the group starts at its lowest uncached column, and each row's cached
+    columns before that are computed anyway."""
+    if not rows:
+        return 0
+    width = max(length for length, _ in rows)
+    start = min(width - length + hit for length, hit in rows)
+    return sum(hit - min(hit, max(0, start - (width - length))) for length, hit in rows)
+
+
 def _prompt_key(sequence: Sequence) -> tuple:
     return tuple((index, tuple(sequence.context_ids(index))) for index in sequence.runners)
 
@@ -111,13 +122,18 @@ class Scheduler:
         for sequence in sequences:  # after every waiting sequence of the same or a lower priority value
             bisect.insort_right(self.waiting, sequence, key=_priority)
 
-    def admit(self) -> list[Sequence]:
+    def admit(self, cached: Callable[[Sequence], int] | None = None, block: int = 1) -> list[Sequence]:
         """Move the next group from waiting to prefilling: in queue order, up to the free batch slots and about one
         step's token budget (``max_num_batched_tokens`` of left-padded prompt).
 
         The first waiting sequence is always admitted when a slot is free, however long its prompt: its
         prefill is chunked, so it cannot stall the running streams. A prompt already admitted costs nothing
         more: its prefill is shared.
+
+        ``cached``: how many of a sequence's prompt tokens its prefix cache holds. A group's prefill starts at its
+        lowest uncached column, so a warm prompt beside a cold one would compute its cached columns again: the
+        group ends where a newcomer would throw ``block`` tokens or more of cached prefixes away (its own or the
+        group's), and the newcomer heads the next group.
         """
         if not self.waiting:
             return []
@@ -126,6 +142,7 @@ class Scheduler:
         in_batch = self.in_batch
         width = 0
         prompts: set[tuple] = set()
+        rows: list[tuple[int, int]] = []  # each distinct prompt's (length, cached tokens)
         while self.waiting and in_batch + len(admitted) < self.batch_limit:
             candidate = self.waiting[0]
             key = _prompt_key(candidate)
@@ -133,7 +150,13 @@ class Scheduler:
             padded = max(width, longest) * (len(prompts) + (key not in prompts))
             if admitted and key not in prompts and padded > budget:
                 break
+            row = (len(key[0][1]), cached(candidate) if cached else 0)  # the primary model's context
+            if admitted and key not in prompts and cached is not None:
+                if cached_columns_lost([*rows, row]) - cached_columns_lost(rows) >= block:
+                    break
             admitted.append(self.waiting.popleft())
+            if key not in prompts:
+                rows.append(row)
             prompts.add(key)
             width = max(width, longest)
         for sequence in admitted:

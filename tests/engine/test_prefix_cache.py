@@ -258,6 +258,34 @@ def test_mixed_alphas_n_choices_and_a_cold_row_in_one_batch(chat_family, models)
     assert cached.runners[0].prefix_cache.hits_total > 0
 
 
+def test_a_warm_prompt_arriving_with_a_cold_one_still_reads_its_prefix(chat_family, models):
+    """Admitted together, the warm prompt would start where the cold one does and read nothing from the cache;
+    the warm one is prefilled in a group of its own, so its usage counts the cached tokens, and both answer as
+    with no cache at all."""
+    cached, plain = build(models, chat_family), build(models, chat_family, enabled=False)
+    submit(cached, "warm-up", chat("Tell me about Berlin."), **GREEDY)
+    collect(cached)
+    # Longer than the warm prompt: left-padded beside it, the cold row starts at column 0.
+    cold = "An unrelated plain prompt with no shared prefix at all, and longer than the other one. " * 4
+    usage: dict[str, int] = {}
+    for engine in (cached, plain):
+        submit(engine, "cold", cold, **GREEDY)
+        submit(engine, "warm", chat("Tell me about Berlin, please."), **GREEDY)
+    results: dict = {}
+    while cached.has_work():
+        for output in cached.step():
+            if output.cached_tokens is not None:
+                usage[output.request_id] = output.cached_tokens
+            entry = results.setdefault((output.request_id, output.index),
+                                       {"tokens": [], "logprobs": [], "prompt": None, "finish": None})
+            entry["tokens"] += output.new_token_ids
+            entry["logprobs"] += [lp.logprob for lp in output.logprobs or []]
+            if output.finished:
+                entry["finish"] = output.finish_reason
+    assert_same(results, collect(plain))
+    assert usage["cold"] == 0 and usage["warm"] >= 3 * 8  # the shared system prompt, from the cache
+
+
 def test_a_scoring_request_computes_every_position_and_still_fills_the_cache(tiny_family, plain_models):
     def engine(enabled: bool) -> ProxyEngine:
         config = engine_config(tiny_family)

@@ -49,6 +49,31 @@ def test_a_shared_prompt_costs_nothing_more():
     assert [s.seq_id for s in scheduler.admit()] == [0, 1, 2, 3]
 
 
+def test_a_prompt_with_a_cached_prefix_is_not_prefilled_beside_one_that_would_throw_its_hit_away():
+    """A group's prefill starts at its lowest uncached column: a warm prompt beside a cold one would recompute its
+    cached columns. So the group ends where a newcomer would throw a block or more of a cached prefix away (its own
+    or the group's); it heads the next group (first come, first served). Cold prompts batch as before."""
+    hits = {0: 64, 1: 0, 2: 0, 3: 64, 4: 60}  # tokens of each prompt found in the prefix cache
+
+    def admitted(order: list[int], lengths: dict[int, int] | None = None) -> list[list[int]]:
+        scheduler = _scheduler(max_num_batched_tokens=4096)
+        scheduler.add([_sequence(i, (lengths or {}).get(i, 80)) for i in order])
+        groups = []
+        while scheduler.waiting:
+            groups.append([s.seq_id for s in scheduler.admit(cached=lambda s: hits[s.seq_id], block=16)])
+            scheduler.promote(scheduler.prefilling)
+        return groups
+
+    assert admitted([0, 1, 2]) == [[0], [1, 2]]  # the warm one alone, then the cold ones together
+    assert admitted([1, 2, 0]) == [[1, 2], [0]]
+    assert admitted([0, 3]) == [[0, 3]]  # equal hits: nothing thrown away
+    assert admitted([0, 4]) == [[0, 4]]  # 4 fewer cached columns than 0's hit: less than a block
+    assert admitted([0, 3], {0: 80, 3: 200}) == [[0], [3]]  # left-padding moves 0's cached columns past 3's
+    scheduler = _scheduler(max_num_batched_tokens=4096)
+    scheduler.add([_sequence(i, 80) for i in (0, 1)])
+    assert [s.seq_id for s in scheduler.admit()] == [0, 1]  # no cache: as before
+
+
 def test_admission_stops_at_the_free_batch_slots():
     scheduler = _scheduler(max_num_seqs=3)
     scheduler.add([_sequence(i, 2) for i in range(5)])
