@@ -16,6 +16,11 @@ same loaded models: prefix caching on (the default) and off. Each repeat, in a r
   read against the one request with a shared prefix above (alone, it is the best a request of the burst can do).
   Admission counts whole prompts against ``max_num_batched_tokens``, so at the default limits each request of
   the burst prefills as its own group, one after another (bench/NOTES.md: grouping them was slower on the CPU).
+- **a warm prompt arriving with a cold one**: a request of ``--mixed-tokens`` tokens whose first
+  ``--mixed-tokens`` - ``--suffix-tokens`` an earlier request had, sent at the same time as an unshared one of the
+  same length (both fit one step's budget): their times to first token with the admission that keeps the warm one
+  out of the cold one's prefill (the default: ``scheduler.admit``'s cached columns) against the admission that
+  ignored hits (then both prefill together from the cold row's first column, the warm one's hit thrown away).
 - **unshared traffic**: ``--batch`` requests of random ``--traffic-prompt`` token prompts (nothing shared),
   ``--traffic-tokens`` tokens each, all at once: generated tokens/s (prefill included) with the cache on and
   off, in the order on, off, off, on (or the reverse); also per CPU-second of this process, which other
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suffix-tokens", type=int, default=32, help="tokens after the shared prefix")
     parser.add_argument("--batch", type=int, default=8, help="requests of the unshared traffic")
     parser.add_argument("--burst", type=int, default=8, help="requests of the burst sharing a cached prefix")
+    parser.add_argument("--mixed-tokens", type=int, default=256, help="prompt tokens of the warm and cold pair")
     parser.add_argument("--traffic-prompt", type=int, default=256, help="prompt tokens of each traffic request")
     parser.add_argument("--traffic-tokens", type=int, default=32, help="tokens generated per traffic request")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the engine's policy)")
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     samples: dict[str, list[float]] = {name: [] for name in (
         "ttft_shared_s", "ttft_unshared_s", "ttft_first_turn_s", "ttft_next_turn_s", "ttft_burst_mean_s",
         "traffic_on_tok_s", "traffic_off_tok_s", "traffic_on_tok_cpu_s", "traffic_off_tok_cpu_s",
-        "cache_cpu_share",
+        "cache_cpu_share", "ttft_mixed_warm_split_s", "ttft_mixed_cold_split_s", "ttft_mixed_warm_together_s",
+        "ttft_mixed_cold_together_s",
     )}
     prompt_lens: dict[str, int] = {}
 
@@ -185,6 +192,29 @@ def main(argv: list[str] | None = None) -> None:
                     firsts.setdefault(output.request_id, timer.elapsed()[0])
         samples["ttft_burst_mean_s"].append(statistics.fmean(firsts.values()))
 
+    def mixed_arrival(repeat: int) -> None:
+        """The warm and the cold prompt sent at once, under each admission (in a rotating order)."""
+        for split in (True, False)[:: 1 if repeat % 2 else -1]:
+            prefix = random_ids(rng, args.mixed_tokens - args.suffix_tokens, vocab)
+            run_request(cached, f"mixed-warm-up{repeat}{split}", PromptInput(token_ids=prefix + [11]), 1)
+            warm = prefix + random_ids(rng, args.suffix_tokens, vocab)
+            cold = random_ids(rng, args.mixed_tokens, vocab)
+            if not split:  # the admission before hits counted: every prompt as cold
+                cached._cached_prefix = lambda sequence: 0
+            params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+            timer, firsts = Timer(), {}
+            for name, prompt in (("cold", cold), ("warm", warm)):
+                cached.add(cached.make_sequences(f"mixed-{name}{repeat}{split}", PromptInput(token_ids=prompt), params))
+            while cached.has_work():
+                for output in cached.step():
+                    if output.new_token_ids:
+                        firsts.setdefault(output.request_id.split("-")[1][:4], timer.elapsed()[0])
+            vars(cached).pop("_cached_prefix", None)  # back to the engine's method
+            way = "split" if split else "together"
+            samples[f"ttft_mixed_warm_{way}_s"].append(firsts["warm"])
+            samples[f"ttft_mixed_cold_{way}_s"].append(firsts["cold"])
+        prompt_lens["mixed"] = args.mixed_tokens
+
     def unshared_traffic(repeat: int) -> None:
         # on, off, off, on (or the reverse): a drift in the machine's load over the four runs cancels out.
         pair = [(cached, "on"), (uncached, "off")][:: 1 if repeat % 2 else -1]
@@ -201,9 +231,9 @@ def main(argv: list[str] | None = None) -> None:
                 samples[f"traffic_{state}_tok_s"].append(rates[state][0])
                 samples[f"traffic_{state}_tok_cpu_s"].append(rates[state][1])
 
-    scenarios = [shared_prefix, chat_turns, shared_burst, unshared_traffic]
+    scenarios = [shared_prefix, chat_turns, shared_burst, mixed_arrival, unshared_traffic]
     for repeat in range(args.repeats):
-        for scenario in scenarios[repeat % 4 :] + scenarios[: repeat % 4]:
+        for scenario in scenarios[repeat % len(scenarios) :] + scenarios[: repeat % len(scenarios)]:
             scenario(repeat)
 
     def paired(a: str, b: str) -> float:
@@ -214,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         "TTFT chat next turn / first turn (target <= 0.3x)": paired("ttft_next_turn_s", "ttft_first_turn_s"),
         f"TTFT of a burst of {args.burst} sharing a cached prefix (mean) / one alone":
             paired("ttft_burst_mean_s", "ttft_shared_s"),
+        "TTFT of a warm prompt sent with a cold one, kept apart / prefilled together":
+            paired("ttft_mixed_warm_split_s", "ttft_mixed_warm_together_s"),
+        "TTFT of the cold one, kept apart / prefilled together":
+            paired("ttft_mixed_cold_split_s", "ttft_mixed_cold_together_s"),
         "unshared traffic tokens/s, cache on / off (target >= 0.97x)": paired("traffic_on_tok_s", "traffic_off_tok_s"),
         "unshared traffic per CPU-second, cache on / off": paired("traffic_on_tok_cpu_s", "traffic_off_tok_cpu_s"),
     }
