@@ -88,6 +88,19 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+@contextlib.contextmanager
+def serving(settings: ServerSettings) -> Iterator[tuple[LiveServer, httpx.Client]]:
+    """A live server around the engine ``settings`` ask for (in its own process by default), and a client of it."""
+    from proxy_engine.engine_process import async_engine_for
+
+    live = LiveServer(async_engine_for(settings.engine), settings).start()
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            yield live, client
+    finally:
+        live.stop()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

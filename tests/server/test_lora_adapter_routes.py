@@ -20,7 +20,7 @@ from server.cli import resolve_settings
 from server.settings import ConfigError, load_settings
 from tests.engine.conftest import run_to_end
 from tests.engine.test_adapter import _save_lora
-from tests.server.live import MODEL, LiveServer, make_settings
+from tests.server.live import MODEL, make_settings, serving
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -33,19 +33,19 @@ def lora(tiny_family, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_family):
-    from proxy_engine.engine_process import async_engine_for
-
-    settings = make_settings(tiny_family, allow_runtime_lora_updating=True)  # the engine in its own process
-    live = LiveServer(async_engine_for(settings.engine), settings).start()
-    yield live
-    live.stop()
+def served(tiny_family):
+    with serving(make_settings(tiny_family, allow_runtime_lora_updating=True)) as live:  # the engine process
+        yield live
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
+def server(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    return served[1]
 
 
 def _expected(family, lora, target: Target) -> str:

@@ -3,15 +3,13 @@ frontend's model picker chooses where an SDK would have to send ``alpha`` as a l
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 
-from proxy_engine.engine_process import async_engine_for
 from server.cli import resolve_settings
 from server.settings import ConfigError, load_settings
 from tests.engine.reference import NaiveProxy
-from tests.server.live import MODEL, LiveServer
+from tests.server.live import MODEL, serving
 
 IDS = [MODEL, f"{MODEL}:base", f"{MODEL}:expert", f"{MODEL}:plain", f"{MODEL}:plain:expert", f"{MODEL}:chat",
        f"{MODEL}:chat:expert"]
@@ -25,21 +23,18 @@ def server(tiny_family, chat_family):
 
     engine = {"base": {"path": str(tiny_family.base)},
               "experts": [pair(tiny_family, "plain", 1.0), pair(chat_family, "chat", 0.5)]}
-    settings = load_settings(overrides={"engine": engine}, environ=False)
-    live = LiveServer(async_engine_for(settings.engine), settings).start()
-    yield live
-    live.stop()
+    with serving(load_settings(overrides={"engine": engine}, environ=False)) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
+    return server[1]
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    return openai.OpenAI(base_url=f"{server[0].url}/v1", api_key="none", max_retries=0)
 
 
 def _text(http, model: str, **extra) -> str:
