@@ -48,7 +48,7 @@ SAMPLING = ["max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence
             "include_stop_str_in_output", "response_format"]
 CHAT = SAMPLING + ["max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
                    "continue_final_message", "add_generation_prompt", "chat_template_kwargs", "thinking_token_budget",
-                   "include_reasoning", "messages"]
+                   "include_reasoning", "reasoning_effort", "messages"]
 COMPLETIONS = SAMPLING + ["prompt", "suffix", "add_special_tokens"]
 MESSAGES = ["max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream", "tools", "tool_choice",
             "thinking", "system", "metadata", "output_config", "messages"]

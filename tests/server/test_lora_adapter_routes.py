@@ -9,6 +9,8 @@ import json
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy_engine.adapter import adapter_pair
 from proxy_engine.config import EngineConfig
@@ -21,6 +23,7 @@ from server.settings import ConfigError, load_settings
 from tests.engine.conftest import run_to_end
 from tests.engine.test_adapter import _save_lora
 from tests.server.live import MODEL, make_settings, serving
+from tests.server.test_fuzzed_requests import VALUES
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -216,3 +219,20 @@ def test_a_request_racing_an_unload_is_a_404_not_a_500():
     with TestClient(app, base_url="http://localhost") as http:
         response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
         assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/load_lora_adapter", "/v1/unload_lora_adapter"]),
+       body=st.dictionaries(st.sampled_from(["lora_name", "lora_path", "load_inplace", "alpha", "anti_expert",
+                                             "prompt_format", "lora_int_id"]),
+                            VALUES | st.sampled_from(["sql", "/tmp", ".", "LORA"]), max_size=5))
+def test_random_bodies_are_answered_or_refused_never_a_500(http, lora, path, body):
+    body = {key: str(lora) if value == "LORA" else value for key, value in body.items()}
+    # json.dumps escapes a lone surrogate: valid JSON text that no UTF-8 string can hold
+    response = http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert isinstance(response.json()["error"]["message"], str)
+    if response.status_code == 200 and path.endswith("load_lora_adapter"):  # a real adapter under a random name
+        http.post("/v1/unload_lora_adapter", json={"lora_name": body["lora_name"]})
+    assert http.get("/health").status_code == 200
