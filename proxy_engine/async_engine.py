@@ -400,7 +400,9 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self._steps()
+            self.engine.fail_changes(EngineOverloadedError("the engine has stopped", retry_after_s=5))
         except BaseException as error:  # noqa: BLE001 - the engine's own guards failed: stop loudly
+            self.engine.fail_changes(EngineOverloadedError("the engine has stopped", retry_after_s=5))
             # Outside the guarded phases (admission, the inbox, a bug in the loop itself): nothing can be
             # trusted any more. Every open request ends with an error; the server reports "failed" and exits.
             log.exception("the engine step loop crashed")

@@ -135,6 +135,7 @@ class ProxyEngine:
         self._retiring: set[int] = set()  # of those, the slots whose memory is not freed yet (step thread)
         self._released: set[int] = set()  # and those freed: no sequence may use them (under _lock)
         self._changes: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
+        self._no_more_changes: BaseException | None = None  # fail_changes: the step loop is gone
 
     def _runner(self, index: int) -> ModelRunner:
         """The runner of model ``index``, over the fast step another runner of the same module already built."""
@@ -223,6 +224,7 @@ class ProxyEngine:
         from proxy_engine.adapter import resolve_pair
 
         with self._pairs_lock:
+            self._check_changes_open()
             if pair.name is None:
                 raise ValueError("a pair added while serving needs a name: it is served under that name alone")
             pairs, retired, unshared, unused = list(self._pairs), self._retired, self._unshared, frozenset()
@@ -259,6 +261,7 @@ class ProxyEngine:
         running finish, and then its adapter (or merged copy) is freed. ``PairNotFoundError`` when no such pair is
         served; ``ValueError`` for a pair that steers the default model."""
         with self._pairs_lock:
+            self._check_changes_open()
             index = self._pair_index(name)
             if index is None:
                 raise PairNotFoundError(f"no expert pair named {name!r} is served")
@@ -268,6 +271,10 @@ class ProxyEngine:
             layout = ModelLayout.of(self.config.model_copy(update={"experts": pairs}), self._retired, self._unshared)
             log.info("expert pair %r removed: its running requests finish, then its memory is freed", name)
             return self._change(lambda: self._take_pairs(pairs, loaded, layout, unused))
+
+    def _check_changes_open(self) -> None:
+        if self._no_more_changes is not None:  # nothing would take the change up: say so before loading anything
+            raise self._no_more_changes
 
     def _pair_index(self, name: str) -> int | None:
         return next((i for i, pair in enumerate(self._pairs) if pair.name == name), None)
@@ -291,7 +298,10 @@ class ProxyEngine:
     def _change(self, change: Callable[[], object]) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            self._changes.append((change, future))
+            if self._no_more_changes is not None:  # no step loop will take it up
+                future.set_exception(self._no_more_changes)
+            else:
+                self._changes.append((change, future))
         return future
 
     def _take_pairs(self, pairs: list[ExpertPairConfig], models: list[LoadedModel], layout: ModelLayout,
@@ -492,6 +502,15 @@ class ProxyEngine:
                     self.scheduler.memory_cap, MEMORY_GROW_STEPS,
                     _remedy(error, "max_num_seqs, max_num_batched_tokens or max_model_len"))
         return True
+
+    def fail_changes(self, error: BaseException) -> None:
+        """The step loop is gone (stopped, or crashed): the callers waiting on pair changes hear so, and so will
+        those who ask for one from now on."""
+        with self._lock:
+            changes, self._changes = self._changes, []
+            self._no_more_changes = error
+        for _, future in changes:
+            future.set_exception(error)
 
     def _apply_changes(self) -> None:
         """Pairs added or removed since the last step (add_pair, remove_pair), in the order they were asked."""

@@ -62,6 +62,7 @@ class ErrorCode(_Wire):
     LOADING = "loading"
     LOAD_FAILED = "load_failed"
     MODEL_NOT_FOUND = "model_not_found"
+    ADAPTER_NOT_FOUND = "adapter_not_found"  # /v1/load_lora_adapter's path, /v1/unload_lora_adapter's name
     INVALID_API_KEY = "invalid_api_key"
     REQUEST_TOO_LARGE = "request_too_large"
     NOT_FOUND = "not_found"  # no such endpoint

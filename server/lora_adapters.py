@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.adapter import ADAPTER_CONFIG, adapter_pair, find_adapter
 from proxy_engine.config import ExpertPairConfig, PromptFormat
-from proxy_engine.request import FieldError, PairNotFoundError
+from proxy_engine.request import EngineOverloadedError, ErrorCode, FieldError, PairNotFoundError
 from proxy_engine.sampling_defaults import sampling_defaults
 from server.errors import APIError, bad_request
 from server.guards import clip
@@ -77,12 +77,15 @@ def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
         if adapter is None:
             raise APIError(404, f"No adapter found at {clip(body.lora_path, 200)!r}: a directory holding "
                            f"{ADAPTER_CONFIG} (or a hub id cached with one; this server never downloads)",
-                           param="lora_path", code="adapter_not_found")
+                           param="lora_path", code=ErrorCode.ADAPTER_NOT_FOUND)
         async with changing:
             index = ctx.settings.pair_named(name)
             if index is not None and not body.load_inplace:
                 raise bad_request(f"The lora adapter '{name}' has already been loaded (load_inplace: true replaces "
                                   "it)", "lora_name")
+            if index is not None and ctx.settings.engine.experts[index].in_default:
+                raise bad_request(f"{name!r} names an expert pair of the default model, which cannot be replaced "
+                                  "while serving", "lora_name")
             try:
                 pair = adapter_pair(ctx.settings.engine, name, adapter, anti_expert=body.anti_expert,
                                     alpha=body.alpha, prompt_format=body.prompt_format)
@@ -92,6 +95,8 @@ def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
                 pairs = await ctx.engine.add_pair(pair, replace=body.load_inplace)
             except (ValueError, ImportError) as error:
                 raise bad_request(str(error), "lora_path") from None
+            except EngineOverloadedError as error:  # the engine stopped meanwhile
+                raise APIError(503, str(error), code=ErrorCode.ENGINE_FAILED) from None
             taken_up(pairs)
         logger.info("loaded LoRA adapter %r from %s over %s (alpha %g)", name, adapter, pair.anti_expert.path,
                     body.alpha)
@@ -109,9 +114,11 @@ def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
                 pairs = await ctx.engine.remove_pair(name)
             except PairNotFoundError:
                 raise APIError(404, f"The lora adapter '{clip(name, 64)}' cannot be found.", param="lora_name",
-                               code="adapter_not_found") from None
+                               code=ErrorCode.ADAPTER_NOT_FOUND) from None
             except ValueError as error:
                 raise bad_request(str(error), "lora_name") from None
+            except EngineOverloadedError as error:
+                raise APIError(503, str(error), code=ErrorCode.ENGINE_FAILED) from None
             taken_up(pairs)
         logger.info("unloaded LoRA adapter %r: its running requests finish first", name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -229,3 +229,28 @@ def test_replacing_a_pair_serves_the_new_adapter_under_the_name(tiny_family, lor
     assert old.adapter is None  # freed: nothing ran on it
     reference = _engine(_configured(tiny_family, [_lora_pair(tiny_family, retrained, in_default=False)]))
     assert _serve(engine, Target(Serves.PROXY, 2), temperature=0) == _serve(reference, LORA_PAIR, temperature=0)
+
+
+def test_a_change_the_step_loop_never_takes_up_fails_its_caller(tiny_family, lora):
+    """The step loop stopped (or crashed) with a change pending: its caller hears so instead of waiting forever."""
+    import asyncio
+
+    from proxy_engine.async_engine import AsyncEngine
+    from proxy_engine.request import EngineOverloadedError
+
+    engine = _engine(_configured(tiny_family))
+    future = engine.add_pair(ExpertPairConfig(**_lora_pair(tiny_family, lora)))
+    engine.fail_changes(EngineOverloadedError("the engine has stopped", retry_after_s=5))
+    with pytest.raises(EngineOverloadedError):
+        future.result(timeout=0)
+    engine.step()  # nothing left to take up
+    assert [p.name for p in engine.config.experts] == [None]
+
+    async def stopped() -> None:
+        running = AsyncEngine(_configured(tiny_family))
+        await running.start()
+        await running.shutdown()
+        with pytest.raises(EngineOverloadedError):
+            await asyncio.wait_for(running.add_pair(ExpertPairConfig(**_lora_pair(tiny_family, lora))), 60)
+
+    asyncio.run(stopped())
