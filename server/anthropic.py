@@ -231,6 +231,9 @@ class Conversation(_Lenient):
     def to_chat(self, **fields: Any) -> ChatCompletionRequest:
         """The chat request this conversation is, with ``fields`` (the sampling ones) beside it; None: left out."""
         fields = {**self.chat_fields(), **fields}
+        if not fields["messages"]:
+            raise bad_request("messages holds no content: every turn is empty (a turn needs a text, image, "
+                              "tool_use or tool_result block)", "messages")
         try:
             return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
         except ValidationError as error:  # what the turns became is no chat (every one empty, say): the client's

@@ -155,7 +155,7 @@ def test_count_tokens_is_the_rendered_prompts_length():
         # found by fuzzing, each a 500: a role that is no string, a conversation with nothing in it
         ({"messages": [{"role": ["user"], "content": "x"}]}, 400, "invalid_request_error", "messages[0].role"),
         ({"messages": [{"role": {}, "content": "x"}]}, 400, "invalid_request_error", "messages[0].role"),
-        ({"messages": [{"role": "user", "content": []}]}, 400, "invalid_request_error", "messages"),
+        ({"messages": [{"role": "user", "content": []}]}, 400, "invalid_request_error", "every turn is empty"),
     ],
 )
 def test_refusals_are_anthropic_errors(change, status, error_type, named):
