@@ -1,7 +1,7 @@
 """vLLM's runtime LoRA endpoints, ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``, where an
 adapter is an expert over a checkpoint the server already runs, its anti-expert.
 
-A loaded adapter ``NAME`` is an expert pair served under its name alone (``proxy-engine``'s ``add_pair``): the model
+A loaded adapter ``NAME`` is an expert pair served under its name alone (``ProxyEngine.add_pair``): the model
 id ``<served name>:NAME`` (and its bare ``NAME``, as vLLM serves a LoRA) is the base steered by that pair, and
 ``<served name>:NAME:expert`` the adapter's model alone. The model ids configured at start-up answer as before: a
 loaded pair never joins the default combination.
@@ -35,7 +35,7 @@ logger = logging.getLogger("proxy_serve")
 
 
 class LoadLoRAAdapterRequest(BaseModel):
-    """vLLM's body, with this server's two choices of a pair: its ``alpha`` and its ``anti_expert``."""
+    """vLLM's body, with this server's choices of a pair: its ``alpha``, ``prompt_format`` and ``anti_expert``."""
 
     model_config = ConfigDict(extra="forbid")
 
