@@ -250,10 +250,26 @@ class ProxyEngine:
                 raise ValueError(f"the adapter {pair.expert.adapter} does not run over the anti-expert's model")
             models = load_models(config, self._loaded, layout)
             pairs.append(pair)
+            planned = (self._pairs, self._loaded, self._retired, self._unshared)
             self._pairs, self._loaded, self._retired, self._unshared = pairs, models, retired, unshared
             log.info("expert pair %r %s: %s over %s (served under its name alone)", pair.name,
                      "replaced" if existing is not None else "added", pair.expert.adapter, pair.anti_expert.path)
-            return self._change(lambda: self._take_pairs(pairs, models, layout, unused))
+
+            def take() -> list[ExpertPairConfig]:
+                try:
+                    return self._take_pairs(pairs, models, layout, unused)
+                except BaseException:
+                    # The engine serves what it did; so does the plan, unless a later change already built on it
+                    # (or is loading: the step thread never waits for a load).
+                    if self._pairs_lock.acquire(blocking=False):
+                        try:
+                            if self._pairs is pairs:
+                                self._pairs, self._loaded, self._retired, self._unshared = planned
+                        finally:
+                            self._pairs_lock.release()
+                    raise
+
+            return self._change(take)
 
     def remove_pair(self, name: str) -> concurrent.futures.Future:
         """Stop serving the pair named ``name``, one served under its name alone: its model ids go at once (the future
@@ -307,16 +323,24 @@ class ProxyEngine:
     def _take_pairs(self, pairs: list[ExpertPairConfig], models: list[LoadedModel], layout: ModelLayout,
                     unused: set[int] | frozenset[int] = frozenset()) -> list[ExpertPairConfig]:
         """On the step thread: runners for the new models, then the layout requests render with, then the pairs
-        (in that order: a model id is routable only once everything it needs is in place)."""
-        for index in range(len(self.runners), len(models)):
-            # A new model is an adapter over a running one (its host): the same shapes, context and device.
-            host = layout.adapter_host(index)
-            assert host is not None
-            for per_model in (self.max_lens, self.kv_bytes_per_token, self.kv_budgets, self._device_names,
-                              self._slot_plans):
-                per_model.append(per_model[host])
-            self.models.append(models[index])
-            self.runners.append(self._runner(index))
+        (in that order: a model id is routable only once everything it needs is in place). A runner that cannot be
+        built (no memory for its buffers) leaves the engine as it was."""
+        per_model = (self.max_lens, self.kv_bytes_per_token, self.kv_budgets, self._device_names, self._slot_plans,
+                     self.models, self.runners)
+        served = len(self.runners)
+        try:
+            for index in range(served, len(models)):
+                # A new model is an adapter over a running one (its host): the same shapes, context and device.
+                host = layout.adapter_host(index)
+                assert host is not None
+                for values in per_model[:5]:
+                    values.append(values[host])
+                self.models.append(models[index])
+                self.runners.append(self._runner(index))
+        except BaseException:
+            for values in per_model:
+                del values[served:]
+            raise
         self.roles = [m.roles for m in self.models]
         self.intake.layout = layout
         self.config.experts = list(pairs)

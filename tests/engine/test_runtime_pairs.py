@@ -254,3 +254,26 @@ def test_a_change_the_step_loop_never_takes_up_fails_its_caller(tiny_family, lor
             await asyncio.wait_for(running.add_pair(ExpertPairConfig(**_lora_pair(tiny_family, lora))), 60)
 
     asyncio.run(stopped())
+
+
+def test_a_pair_whose_runner_cannot_be_built_leaves_the_engine_as_it_was(tiny_family, lora, monkeypatch):
+    """No memory for the new model's buffers, say: the caller hears why, the engine serves on as before, and the
+    name can be loaded again."""
+    engine = _engine(_configured(tiny_family))
+    before = _serve(engine, Target.PROXY, temperature=0)
+    build = engine._runner
+
+    def out_of_memory(index: int):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine, "_runner", out_of_memory)
+    future = engine.add_pair(ExpertPairConfig(**_lora_pair(tiny_family, lora)))
+    engine.step()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        future.result(timeout=0)
+    assert len(engine.runners) == len(engine.models) == len(engine.max_lens) == 3
+    assert [p.name for p in engine.config.experts] == [None] and len(engine.intake.layout.pairs) == 1
+    again = _serve(engine, Target.PROXY, prefix="again", temperature=0)
+    assert [again[(f"again{k}", 0)] for k in range(len(PROMPTS))] == [before[(f"r{k}", 0)] for k in range(len(PROMPTS))]
+    monkeypatch.setattr(engine, "_runner", build)
+    assert [p.name for p in _add(engine, _lora_pair(tiny_family, lora))] == [None, "lora"]
