@@ -80,6 +80,7 @@ def test_a_loaded_adapter_serves_under_its_name_and_leaves_the_rest_as_it_was(se
     assert list(cards) == [*ids_before, f"{MODEL}:sql", f"{MODEL}:sql:expert"]
     assert cards[f"{MODEL}:sql:expert"]["root"] == str(lora) and cards[f"{MODEL}:sql"]["parent"] == MODEL
     assert cards[MODEL]["alpha"] == [1.0] and cards[f"{MODEL}:sql"]["alpha"] == [1.0]
+    assert http.get("/v1/models/sql").json() == {**cards[f"{MODEL}:sql"], "id": "sql"}  # the SDK's retrieve
     assert _text(http, MODEL) == before  # the default combination is as configured
     steered = _expected(tiny_family, lora, Target(Serves.PROXY, 1))
     assert _text(http, "sql") == _text(http, f"{MODEL}:sql") == steered  # the bare name, as vLLM serves a LoRA
