@@ -59,6 +59,13 @@ class UnloadLoRAAdapterRequest(BaseModel):
 def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
     """The two endpoints, when the settings allow them."""
     if not ctx.settings.allow_runtime_lora_updating:
+        @router.post("/v1/load_lora_adapter", include_in_schema=False)
+        @router.post("/v1/unload_lora_adapter", include_in_schema=False)
+        async def switched_off() -> None:  # a 404, as vLLM's, that says how to turn them on
+            raise APIError(404, "no such endpoint: runtime LoRA loading is off (serve with "
+                           "--allow-runtime-lora-updating, or VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+                           code=ErrorCode.NOT_FOUND)
+
         return
     changing = asyncio.Lock()  # one change at a time: each reads the pairs the previous one left
 

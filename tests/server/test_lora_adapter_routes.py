@@ -128,8 +128,11 @@ def test_bad_requests_say_what_is_wrong(http, lora, path, body, status, param):
 
 def test_off_by_default_as_in_vllm(live):
     with httpx.Client(base_url=live.url, timeout=30) as http:
-        response = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
-        assert response.status_code == 404
+        for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            response = http.post(path, json={"lora_name": "x", "lora_path": "/tmp"})
+            assert response.status_code == 404
+            assert "--allow-runtime-lora-updating" in response.json()["error"]["message"]
+        assert "/v1/load_lora_adapter" not in http.get("/openapi.json").json()["paths"]
 
 
 def test_vllms_environment_variable_and_the_flag_turn_it_on(monkeypatch, tiny_family):
