@@ -104,6 +104,10 @@ def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
                 raise bad_request(str(error), "lora_path") from None
             except EngineOverloadedError as error:  # the engine stopped meanwhile
                 raise APIError(503, str(error), code=ErrorCode.ENGINE_FAILED) from None
+            except Exception as error:  # noqa: BLE001 - no memory for its buffers, say: the engine serves on
+                logger.exception("loading the LoRA adapter %r failed", name)
+                raise APIError(500, f"loading the adapter failed ({type(error).__name__}: {error}); the server "
+                               "serves on as before", code=ErrorCode.INTERNAL_ERROR) from None
             taken_up(pairs)
         logger.info("loaded LoRA adapter %r from %s over %s (alpha %g)", name, adapter, pair.anti_expert.path,
                     body.alpha)

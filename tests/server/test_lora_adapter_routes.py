@@ -206,6 +206,25 @@ def test_lora_modules_serve_adapters_from_the_start(tiny_family, lora, tmp_path)
             resolve_settings([*paths, "--lora-modules", bad])
 
 
+def test_a_load_that_fails_in_the_engine_says_why(lora):
+    """Out of memory for the adapter's buffers, say (the engine leaves itself as it was: tests/engine)."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.server.fake_engine import FakeEngine
+
+    class NoMemory(FakeEngine):
+        async def add_pair(self, pair, replace=False):
+            raise RuntimeError("CUDA out of memory")
+
+    models = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
+    settings = load_settings(overrides={"engine": models, "allow_runtime_lora_updating": True}, environ=False)
+    with TestClient(create_app(NoMemory(), settings), base_url="http://localhost") as http:
+        response = http.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(lora),
+                                                            "anti_expert": "a"})
+        assert response.status_code == 500 and "CUDA out of memory" in response.json()["error"]["message"]
+
+
 def test_a_request_racing_an_unload_is_a_404_not_a_500():
     """Resolved while the adapter was loaded, rendered after it went: the engine's PairNotFoundError."""
     from fastapi.testclient import TestClient
