@@ -499,10 +499,9 @@ class ProxyEngine:
         together: scheduler.admit); 0 for a prompt scored position by position, which computes every one."""
         index = sequence.runners[0]
         cache = self.runners[index].prefix_cache
-        if cache is None or (sequence.params.prompt_logprobs is not None and not sequence.resumed):
+        if cache is None or not sequence.reuses_cache:
             return 0
-        prompt = sequence.context_ids(index)
-        return len(cache.match(prompt, len(prompt) - 1, sequence.cache_salt)) * cache.block_size
+        return len(cache.reusable(sequence.context_ids(index), sequence.cache_salt)) * cache.block_size
 
     def _defer_prefill_for_memory(self, error: BaseException) -> bool:
         """A prefill ran out of memory before any of its sequences took a token: drop the group's partial K/V and

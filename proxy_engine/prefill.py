@@ -36,8 +36,7 @@ class PrefillGroup:
             members = [s for s in sequences if index in s.prompts]
             if members:
                 prompts = [s.context_ids(index) for s in members]  # a resumed sequence's output too
-                # Prompt logprobs need every position's logits: a scored prompt starts on no cached columns.
-                reuse = [s.params.prompt_logprobs is None or s.resumed for s in members]
+                reuse = [s.reuses_cache for s in members]
                 salts = [s.cache_salt for s in members]
                 self.jobs[index] = runner.start_prefill([s.seq_id for s in members], prompts, reuse, salts)
         self.scores: dict[int, PromptScores] = {}  # seq_id -> its prompt logprobs, for the sequences that asked

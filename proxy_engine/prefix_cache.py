@@ -121,6 +121,11 @@ class PrefixCache:
             parent = block.id
         return chain
 
+    def reusable(self, prompt: Sequence[int], salt: str | None = None) -> list[Block]:
+        """The cached blocks a prefill of ``prompt`` may start on: never the whole prompt, since its last token
+        must run through the model for its logits."""
+        return self.match(prompt, len(prompt) - 1, salt)
+
     def touch(self, chain: list[Block]) -> None:
         """Mark a chain as just used: last block first, so each block stays more recent than its children."""
         for block in reversed(chain):

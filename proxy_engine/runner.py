@@ -270,8 +270,7 @@ class ModelRunner:
         assert cache is not None
         chains = []
         for row, prompt in enumerate(job.prompts):
-            # Never the whole prompt: the last token must run through the model for its logits.
-            chains.append(cache.match(prompt, len(prompt) - 1, job.salts[row]) if row_reuse[row] else [])
+            chains.append(cache.reusable(prompt, job.salts[row]) if row_reuse[row] else [])
         start = min(job.pad(row) + len(chain) * cache.block_size for row, chain in enumerate(chains))
         pieces, queries = [], []
         for row, chain in enumerate(chains):

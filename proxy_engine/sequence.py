@@ -75,6 +75,12 @@ class Sequence:
         """Preempted before: its next prefill recomputes K/V (its prompt was scored and counted already)."""
         return self.preemptions > 0
 
+    @property
+    def reuses_cache(self) -> bool:
+        """Whether its prefill may start on cached columns: not a prompt scored position by position (prompt
+        logprobs need every position's logits), unless it was scored already (resumed)."""
+        return self.params.prompt_logprobs is None or self.resumed
+
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
