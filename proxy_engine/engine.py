@@ -131,7 +131,8 @@ class ProxyEngine:
         self._pairs = list(config.experts)
         self._loaded = list(models)
         self._retired: frozenset[int] = frozenset()  # removed pairs (they keep their index)
-        self._unshared: frozenset[int] = frozenset()  # slots no live pair uses: never shared by a later pair
+        # Slots no live pair uses -> the pair count when that came about: never shared by a pair added since.
+        self._unshared: dict[int, int] = {}
         self._retiring: set[int] = set()  # of those, the slots whose memory is not freed yet (step thread)
         self._released: set[int] = set()  # and those freed: no sequence may use them (under _lock)
         self._changes: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
@@ -232,8 +233,8 @@ class ProxyEngine:
             if existing is not None:
                 if not replace:
                     raise ValueError(f"an expert pair named {pair.name!r} is already served")
-                pairs, retired, unused = self._without(pairs, existing)
-                unshared = unshared | unused  # the replaced adapter's model is never shared by the new one
+                pairs, retired, unused, _ = self._without(pairs, existing)
+                unshared = self._unshared_since(unused, len(pairs))  # never shared by the new adapter's model
             pair = resolve_pair(pair.model_copy(update={"in_default": False}), len(pairs))
             if pair.expert.adapter is None:
                 raise ValueError(f"{pair.expert.path} is not a PEFT adapter (a directory holding "
@@ -241,9 +242,9 @@ class ProxyEngine:
                                  "server runs")
             config = self.config.model_copy(update={"experts": [*pairs, pair]})
             layout = ModelLayout.of(config, retired, unshared)
-            live = ModelLayout.of(self.config.model_copy(update={"experts": pairs}), retired, unshared).live_slots()
             expert, anti = layout.pairs[-1]
-            if anti not in live or pair.anti_expert.adapter is not None:
+            # A new pair never shares an unshared slot, so an anti-expert among the loaded slots is a live one.
+            if anti >= len(self._loaded) or pair.anti_expert.adapter is not None:
                 raise ValueError(f"the anti-expert {pair.anti_expert.path} is not a checkpoint this server runs: an "
                                  "adapter is added over one of them (the base's or an anti-expert's)")
             if expert >= len(self._loaded) and layout.adapter_host(expert) != anti:
@@ -281,10 +282,9 @@ class ProxyEngine:
             index = self._pair_index(name)
             if index is None:
                 raise PairNotFoundError(f"no expert pair named {name!r} is served")
-            pairs, self._retired, unused = self._without(self._pairs, index)
-            self._unshared = self._unshared | unused
+            pairs, self._retired, unused, layout = self._without(self._pairs, index)
+            self._unshared = self._unshared_since(unused, len(pairs))
             self._pairs, loaded = pairs, self._loaded
-            layout = ModelLayout.of(self.config.model_copy(update={"experts": pairs}), self._retired, self._unshared)
             log.info("expert pair %r removed: its running requests finish, then its memory is freed", name)
             return self._change(lambda: self._take_pairs(pairs, loaded, layout, unused))
 
@@ -292,24 +292,29 @@ class ProxyEngine:
         if self._no_more_changes is not None:  # nothing would take the change up: say so before loading anything
             raise self._no_more_changes
 
+    def _unshared_since(self, slots: frozenset[int], pairs: int) -> dict[int, int]:
+        """The unshared slots with ``slots`` added, which no pair from index ``pairs`` on may share."""
+        return {**self._unshared, **dict.fromkeys(slots, pairs)}
+
     def _pair_index(self, name: str) -> int | None:
         return next((i for i, pair in enumerate(self._pairs) if pair.name == name), None)
 
     def _without(self, pairs: list[ExpertPairConfig], index: int
-                 ) -> tuple[list[ExpertPairConfig], frozenset[int], frozenset[int]]:
+                 ) -> tuple[list[ExpertPairConfig], frozenset[int], frozenset[int], ModelLayout]:
         """``pairs`` with pair ``index`` retired (unnamed, out of the default: it keeps its index, so that every
-        later pair's stays put), the retired pairs, and the slots no live pair uses any more. ``ValueError`` for a
-        pair of the default combination (removing it would change what the default model id answers)."""
+        later pair's stays put), the retired pairs, the slots no live pair uses any more, and the layout without it.
+        ``ValueError`` for a pair of the default combination (removing it would change what the default model id
+        answers)."""
         if pairs[index].in_default:
             raise ValueError(f"the expert pair {pairs[index].name!r} steers the default model: only pairs served under "
                              "their name alone (in_default: false, added while serving or --lora-modules) can be "
                              "removed or replaced (restart without it)")
         pairs = list(pairs)
         pairs[index] = pairs[index].model_copy(update={"name": None, "in_default": False})
-        config = self.config.model_copy(update={"experts": pairs})
-        before = ModelLayout.of(config, self._retired, self._unshared).live_slots()
         retired = self._retired | {index}
-        return pairs, retired, frozenset(before - ModelLayout.of(config, retired, self._unshared).live_slots())
+        # Every pair keeps its slots (ModelLayout.of): the pair's own that no live pair uses are the ones it frees.
+        layout = ModelLayout.of(self.config.model_copy(update={"experts": pairs}), retired, self._unshared)
+        return pairs, retired, frozenset(set(layout.pairs[index]) - layout.live_slots()), layout
 
     def _change(self, change: Callable[[], object]) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -325,20 +330,19 @@ class ProxyEngine:
         """On the step thread: runners for the new models, then the layout requests render with, then the pairs
         (in that order: a model id is routable only once everything it needs is in place). A runner that cannot be
         built (no memory for its buffers) leaves the engine as it was."""
-        per_model = (self.max_lens, self.kv_bytes_per_token, self.kv_budgets, self._device_names, self._slot_plans,
-                     self.models, self.runners)
+        # A new model is an adapter over a running one (its host): the same shapes, context and device.
+        as_its_host = (self.max_lens, self.kv_bytes_per_token, self.kv_budgets, self._device_names, self._slot_plans)
         served = len(self.runners)
         try:
             for index in range(served, len(models)):
-                # A new model is an adapter over a running one (its host): the same shapes, context and device.
                 host = layout.adapter_host(index)
                 assert host is not None
-                for values in per_model[:5]:
+                for values in as_its_host:
                     values.append(values[host])
                 self.models.append(models[index])
                 self.runners.append(self._runner(index))
         except BaseException:
-            for values in per_model:
+            for values in (*as_its_host, self.models, self.runners):
                 del values[served:]
             raise
         self.roles = [m.roles for m in self.models]

@@ -13,6 +13,7 @@ with the shared term gathered. A role's model is a slot index: 0 is the base's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from proxy_engine.config import EngineConfig, ModelConfig
@@ -58,25 +59,27 @@ class ModelLayout:
 
     @classmethod
     def of(cls, config: EngineConfig, retired: frozenset[int] = frozenset(),
-           released: frozenset[int] = frozenset()) -> ModelLayout:
+           unshared: Mapping[int, int] | None = None) -> ModelLayout:
         """``retired``: the pairs a running engine removed (they keep their index and slots, so that every later
-        index stays put); ``released``: the slots whose models it freed, which no live pair shares any more."""
+        index stays put); ``unshared``: slot -> the first pair index that may not share it (the slots a running
+        engine's removals left to no live pair, and the pair count then). Worked out again at any time, every pair
+        lands on the slots it was given when it was added."""
+        unshared = unshared or {}
         slots: list[Slot] = []
 
-        def place(role: str, model: ModelConfig, live: bool) -> int:
+        def place(role: str, model: ModelConfig, pair: int) -> int:
             for index, slot in enumerate(slots):
-                if slot.config == model and not (live and index in released):
+                if slot.config == model and pair < unshared.get(index, pair + 1):
                     slots[index] = Slot((*slot.roles, role), model)
                     return index
             slots.append(Slot((role,), model))
             return len(slots) - 1
 
-        place("base", config.base, True)
+        place("base", config.base, -1)
         pairs = []
         for index, pair in enumerate(config.experts):
             expert, anti = role_names(index)
-            live = index not in retired
-            pairs.append((place(expert, pair.expert, live), place(anti, pair.anti_expert, live)))
+            pairs.append((place(expert, pair.expert, index), place(anti, pair.anti_expert, index)))
         return cls(tuple(slots), tuple(pairs), tuple(config.default_alphas), tuple(config.default_pairs),
                    frozenset(retired))
 

@@ -277,3 +277,20 @@ def test_a_pair_whose_runner_cannot_be_built_leaves_the_engine_as_it_was(tiny_fa
     assert [again[(f"again{k}", 0)] for k in range(len(PROMPTS))] == [before[(f"r{k}", 0)] for k in range(len(PROMPTS))]
     monkeypatch.setattr(engine, "_runner", build)
     assert [p.name for p in _add(engine, _lora_pair(tiny_family, lora))] == [None, "lora"]
+
+
+def test_one_adapter_loaded_and_unloaded_again_and_again_keeps_every_index(tiny_family, lora):
+    """A freed model is never shared by a later pair; and a later pair's own model, once freed too, must stay where
+    it was when the layout is worked out again (not fold onto the first freed one), or every later index moves."""
+    engine = _engine(_configured(tiny_family))
+    reference = _engine(_configured(tiny_family, [_lora_pair(tiny_family, lora, in_default=False)]))
+    expected = _serve(reference, LORA_PAIR, temperature=0)
+    for name in ("a", "b"):
+        _add(engine, _lora_pair(tiny_family, lora, name))
+        engine.remove_pair(name)
+        engine.step()
+    _add(engine, _lora_pair(tiny_family, lora, "c"))
+    assert len(engine.intake.layout.slots) == len(engine.runners) == 6  # base, expert, anti, a's, b's, c's
+    assert engine.intake.layout.pairs[3] == (5, 2) and engine.runners[5].adapter is not None
+    got = _serve(engine, Target(Serves.PROXY, 3), temperature=0)
+    assert list(got.values()) == list(expected.values())
