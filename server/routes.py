@@ -274,11 +274,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @router.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         _, target = ctx.resolve_model(model_id)  # raises the 404
-        for card in cards():
-            if card["id"] == model_id:
-                return card
-        for card in cards():  # a pair's bare name (vLLM's LoRA id): its card, under the id asked for
-            if ctx.settings.model_routes.get(card["id"]) == target:
+        routes = ctx.settings.model_routes
+        for card in cards():  # a pair's bare name (vLLM's LoRA id) gets its card, under the id asked for
+            if routes[card["id"]] == target:
                 return {**card, "id": model_id}
         raise APIError(404, f"model {clip(model_id, 100)!r} does not exist", code=ErrorCode.MODEL_NOT_FOUND)
 
