@@ -143,22 +143,22 @@ class Scheduler:
         width = 0
         prompts: set[tuple] = set()
         rows: list[tuple[int, int]] = []  # each distinct prompt's (length, cached tokens)
+        lost = 0  # cached_columns_lost(rows)
         while self.waiting and in_batch + len(admitted) < self.batch_limit:
             candidate = self.waiting[0]
             key = _prompt_key(candidate)
-            longest = max(len(ids) for _, ids in key)
-            padded = max(width, longest) * (len(prompts) + (key not in prompts))
-            if admitted and key not in prompts and padded > budget:
-                break
-            row = (len(key[0][1]), cached(candidate) if cached else 0)  # the primary model's context
-            if admitted and key not in prompts and cached is not None:
-                if cached_columns_lost([*rows, row]) - cached_columns_lost(rows) >= block:
+            if key not in prompts:  # a prompt already admitted costs nothing more: its prefill is shared
+                longest = max(len(ids) for _, ids in key)
+                if admitted and max(width, longest) * (len(prompts) + 1) > budget:
                     break
+                if cached is not None:
+                    grown = [*rows, (len(key[0][1]), cached(candidate))]  # the primary model's context
+                    if admitted and cached_columns_lost(grown) - lost >= block:
+                        break
+                    rows, lost = grown, cached_columns_lost(grown)
+                prompts.add(key)
+                width = max(width, longest)
             admitted.append(self.waiting.popleft())
-            if key not in prompts:
-                rows.append(row)
-            prompts.add(key)
-            width = max(width, longest)
         for sequence in admitted:
             sequence.start_prefill()
         self.prefilling += admitted
