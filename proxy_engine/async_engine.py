@@ -400,9 +400,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self._steps()
-            self.engine.fail_changes(EngineOverloadedError("the engine has stopped", retry_after_s=5))
         except BaseException as error:  # noqa: BLE001 - the engine's own guards failed: stop loudly
-            self.engine.fail_changes(EngineOverloadedError("the engine has stopped", retry_after_s=5))
             # Outside the guarded phases (admission, the inbox, a bug in the loop itself): nothing can be
             # trusted any more. Every open request ends with an error; the server reports "failed" and exits.
             log.exception("the engine step loop crashed")
@@ -412,6 +410,8 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._fail_all, f"the engine stopped: {type(error).__name__}")
             except RuntimeError:  # the event loop is closed: nobody is waiting
                 pass
+        finally:  # stopped or crashed: no step will take up a pair change any more
+            self.engine.fail_changes(EngineOverloadedError("the engine has stopped", retry_after_s=5))
 
     def _steps(self) -> None:
         engine = self.engine

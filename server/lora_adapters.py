@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from proxy_engine.adapter import ADAPTER_CONFIG, adapter_pair, find_adapter
 from proxy_engine.config import ExpertPairConfig, PromptFormat
 from proxy_engine.request import EngineOverloadedError, ErrorCode, FieldError, PairNotFoundError
-from proxy_engine.sampling_defaults import sampling_defaults
 from server.errors import APIError, bad_request
 from server.guards import clip
 from server.serving import ServerContext
@@ -70,9 +69,9 @@ def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
     changing = asyncio.Lock()  # one change at a time: each reads the pairs the previous one left
 
     def taken_up(pairs: list[ExpertPairConfig]) -> None:
-        engine = ctx.settings.engine
-        engine.experts = list(pairs)  # the engine's pairs (in this process, the same list already)
-        ctx.defaults = sampling_defaults(engine)  # a new model id's own sampling defaults (generation_config)
+        # The engine's pairs (in this process, the same list already). A new model id's sampling defaults are read
+        # on its first request (ServerContext.defaults_for).
+        ctx.settings.engine.experts = list(pairs)
 
     @router.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
