@@ -11,6 +11,8 @@ once per step, as ``AsyncEngine._dispatch`` receives them); ``reply``; ``fatal``
 same lock as steps, after the request is queued, so it always precedes that request's first outputs; the
 stream is registered before the request is sent, so no output can miss it. If the child dies (a crash, a
 kill, the OOM killer) the pipe closes and every open stream ends with an error, as with a crashed step thread.
+A message this process cannot unpickle (the two run different code, as after files changed under a running
+server) is such an end too, and stops the child; an error reply of a class this process lacks keeps its text.
 """
 
 from __future__ import annotations
@@ -47,19 +49,23 @@ _STOP_WAIT_S = 10.0
 _CALL_TIMEOUT_S = 120.0
 
 
-def _error_payload(error: BaseException) -> tuple:
-    """An exception as (class, args, attributes): rebuilt without calling ``__init__``, since exceptions whose
-    ``__init__`` takes other arguments than ``args`` (``ContextLengthError``'s ``param``) do not unpickle."""
-    payload = (type(error), error.args, dict(vars(error)))
+def _error_payload(error: BaseException) -> tuple[bytes | None, str]:
+    """An exception as the pickled (class, args, attributes), rebuilt without calling ``__init__`` (exceptions
+    whose ``__init__`` takes other arguments than ``args``, ``ContextLengthError``'s ``param``, do not unpickle),
+    and its text: what the caller gets where the class cannot be pickled here or read there."""
+    text = f"{type(error).__name__}: {error}"
     try:
-        pickle.dumps(payload)
+        return pickle.dumps((type(error), error.args, dict(vars(error)))), text
     except Exception:  # noqa: BLE001 - an unpicklable class or attribute: its name and message still say it
-        return (RuntimeError, (f"{type(error).__name__}: {error}",), {})
-    return payload
+        return None, text
 
 
-def _rebuild_error(payload: tuple) -> BaseException:
-    cls, args, attributes = payload
+def _rebuild_error(payload: tuple[bytes | None, str]) -> BaseException:
+    pickled, text = payload
+    try:
+        cls, args, attributes = pickle.loads(pickled)
+    except Exception:  # noqa: BLE001 - None, or a class this process lacks (its code changed under the server)
+        return RuntimeError(text)
     error = cls.__new__(cls)
     error.args = args
     error.__dict__.update(attributes)
@@ -211,9 +217,14 @@ class EngineProcess(AsyncEngine):
         try:
             while True:
                 try:
-                    message = self._conn.recv()
+                    data = self._conn.recv_bytes()
                 except (EOFError, OSError):
                     message = ("eof",)
+                    break
+                try:
+                    message = pickle.loads(data)
+                except Exception as error:  # noqa: BLE001 - a class this process lacks: no stream can be trusted
+                    message = ("unreadable", f"{type(error).__name__}: {error}")
                     break
                 kind = message[0]
                 if kind == "step":
@@ -238,6 +249,10 @@ class EngineProcess(AsyncEngine):
     def _child_gone(self, message: tuple) -> None:
         if message[0] == "fatal":
             error: BaseException = RuntimeError(f"the engine process failed: {message[1]}")
+        elif message[0] == "unreadable":  # the child runs on: stop it, or it keeps the models' memory
+            error = RuntimeError(f"the engine process sent a message this process cannot read ({message[1]}): the "
+                                 "two run different code, as after files changed under a running server; restart it")
+            self.process.kill()
         elif self._stopping:
             return
         else:

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from proxy_engine.async_engine import RequestStream
 from proxy_engine.engine_process import EngineProcess, async_engine_for
 from proxy_engine.request import ContextLengthError, EngineOverloadedError, FinishReason, PromptInput, SamplingParams
 from tests.engine.conftest import engine_config
@@ -135,3 +136,68 @@ def test_the_child_steps_on_the_thread_that_loaded_the_models(chat_family):
         assert replies and replies[0] < steps_with_outputs[0]  # queued before any of its outputs
         assert sum(len(o.new_token_ids) for i in steps_with_outputs for o in received[i][1]) == 4
         assert step_threads == {threading.get_ident()}
+
+
+def _pickled_from_code_this_process_lacks(make) -> bytes:
+    """Bytes that ``pickle.loads`` cannot read here: they name a class of a module that is gone (as when the engine
+    process runs newer code than the API process)."""
+    import pickle
+    import sys
+    import types
+
+    module = types.ModuleType("proxy_engine_newer_code")
+    exec("class NewError(ValueError):\n    pass\n", module.__dict__)
+    module.NewError.__module__ = module.__name__
+    sys.modules[module.__name__] = module
+    try:
+        return pickle.dumps(make(module.NewError))
+    finally:
+        del sys.modules[module.__name__]
+
+
+async def test_a_message_from_other_code_fails_its_call_or_stops_the_engine_clearly(chat_family):
+    """An error reply whose class this process lacks reaches its caller with its text; any other message that
+    cannot be read ends every stream with a reason that says what happened, and stops the child."""
+    import multiprocessing
+    import threading
+    from types import SimpleNamespace
+
+    from proxy_engine.engine_process import _error_payload
+
+    engine = EngineProcess(engine_config(chat_family, chat_expert=True))
+    parent, child = multiprocessing.Pipe()
+    killed = threading.Event()
+    engine._conn, engine._loop = parent, asyncio.get_running_loop()
+    engine.process = SimpleNamespace(kill=killed.set, join=lambda timeout=None: None, exitcode=None,
+                                     is_alive=lambda: not killed.is_set())
+    receiver = threading.Thread(target=engine._receive, daemon=True)
+    receiver.start()
+    stream = engine._streams["open"] = RequestStream("open", 1, prompt_tokens=1)
+    call = engine._call("tokenize", PromptInput(text="x"))
+    _, call_id, *_ = child.recv()
+    payload = (_pickled_from_code_this_process_lacks(lambda cls: (cls, ("no such grammar",), {})),
+               "NewError: no such grammar")
+    child.send(("reply", call_id, False, payload))
+    with pytest.raises(RuntimeError, match="NewError: no such grammar"):
+        call.result(10)
+    assert receiver.is_alive() and engine.fatal_error is None
+    # The same error, readable, is rebuilt as its class with its fields.
+    readable = ContextLengthError("too long", param="max_tokens")
+    call = engine._call("tokenize", PromptInput(text="x"))
+    _, call_id, *_ = child.recv()
+    child.send(("reply", call_id, False, _error_payload(readable)))
+    with pytest.raises(ContextLengthError) as rebuilt:
+        call.result(10)
+    assert rebuilt.value.param == "max_tokens"
+
+    pending = engine._call("tokenize", PromptInput(text="x"))
+    child.recv()
+    child.send_bytes(_pickled_from_code_this_process_lacks(lambda cls: ("step", [cls("output")], None)))
+    receiver.join(10)
+    assert not receiver.is_alive() and killed.is_set()
+    assert "cannot read" in str(engine.fatal_error) and "restart" in str(engine.fatal_error)
+    with pytest.raises(EngineOverloadedError):
+        pending.result(10)
+    outputs = await asyncio.wait_for(_collect(stream), timeout=10)
+    assert outputs[-1].finish_reason is FinishReason.ERROR and "cannot read" in outputs[-1].error
+    assert not engine.ready
