@@ -110,7 +110,10 @@ class ProxyEngine:
         ]
         self._pad_id, self._slot_plans = pad_id, slot_plans
         self._decoders: dict[int, FastDecoder] = {}  # id(model) -> its fast step: runners over one model share it
-        self.runners: list[ModelRunner] = [self._runner(index) for index in range(len(models))]
+        self.runners: list[ModelRunner] = []
+        layout = ModelLayout.of(config)
+        for index in range(len(models)):
+            self.runners.append(self._runner(index, layout.budget_host(index)))
         self.eos_ids = frozenset(eos_token_ids(models))
         self.device = self.runners[0].device
         self.scheduler = Scheduler(self.limits)
@@ -138,14 +141,17 @@ class ProxyEngine:
         self._changes: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
         self._no_more_changes: BaseException | None = None  # fail_changes: the step loop is gone
 
-    def _runner(self, index: int) -> ModelRunner:
-        """The runner of model ``index``, over the fast step another runner of the same module already built."""
+    def _runner(self, index: int, host: int | None = None) -> ModelRunner:
+        """The runner of model ``index``, over the fast step another runner of the same module already built, its
+        prefix cache within runner ``host``'s budget when given (``ModelLayout.budget_host``)."""
         m, config = self.models[index], self.config
         device = self._device_names[index]
+        host_cache = self.runners[host].prefix_cache if host is not None and host < len(self.runners) else None
         runner = ModelRunner(
             m.model, self.vocab_size, self._pad_id, m.role, runtime=config.runtime,
             prefix_cache=prefix_cache_for(config.prefix_cache, m.model, m.role, self.kv_budgets[index],
-                                          config.runtime.gpu_memory_utilization),
+                                          config.runtime.gpu_memory_utilization,
+                                          None if host_cache is None else host_cache.pool),
             slot_plan=self._slot_plans[index], max_len=self.max_lens[index], adapter=m.adapter,
             fast=self._decoders.get(id(m.model)), kv_budget=self.kv_memory[device],
         )
@@ -340,7 +346,7 @@ class ProxyEngine:
                 for values in as_its_host:
                     values.append(values[host])
                 self.models.append(models[index])
-                self.runners.append(self._runner(index))
+                self.runners.append(self._runner(index, layout.budget_host(index)))
         except BaseException:
             for values in (*as_its_host, self.models, self.runners):
                 del values[served:]

@@ -102,6 +102,14 @@ class ModelLayout:
                 return other
         return None
 
+    def budget_host(self, index: int) -> int | None:
+        """The slot whose prefix-cache budget slot ``index`` draws on: its adapter's host when it serves no pair of
+        the default combination (an adapter served by name, as vLLM's LoRA adapters share one pool, so loading
+        many holds one budget), else None (a model of the default combination keeps the budget it was sized for)."""
+        if index in self.slots_of(self.members):
+            return None
+        return self.adapter_host(index)
+
     @property
     def shared(self) -> list[Slot]:
         """The models that play several roles."""

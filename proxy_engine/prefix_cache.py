@@ -19,11 +19,16 @@ Eviction is least-recently-used within a byte budget. Every use of a chain touch
 to the first, so a block is always more recent than its descendants and the LRU victim is a leaf: a chain is
 shortened from its end, never cut from its start (which would orphan the rest).
 
+A budget (``PrefixPool``) may be shared: the caches of LoRA adapters loaded over a model draw on that model's, as
+vLLM's adapters share one block pool, so loading ten adapters does not hold ten budgets. Each cache keeps its own
+blocks (an adapter's K/V is not its host's); eviction takes the least recently used block among them all.
+
 The cache is owned by one ``ModelRunner`` and used only from the engine's step thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -50,6 +55,7 @@ class Block:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V, [kv_heads, block_size, head_dim] each
     nbytes: int
     children: set[int] = field(default_factory=set)
+    used: int = 0  # its pool's clock at its last use: the LRU order across the caches sharing the pool
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -75,14 +81,40 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
-class PrefixCache:
-    """Blocks of prompt K/V of one model, LRU-evicted within ``budget_bytes``."""
+class PrefixPool:
+    """A byte budget that prefix caches share; the least recently used block among them is evicted first."""
 
-    def __init__(self, block_size: int, budget_bytes: int, name: str = "") -> None:
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = max(0, int(limit_bytes))
+        self.members: list[PrefixCache] = []
+        self._clock = itertools.count(1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(cache.nbytes for cache in self.members)
+
+    def tick(self) -> int:
+        return next(self._clock)
+
+    def evict(self, target_bytes: int, sparing: PrefixCache, keep: int) -> None:
+        """Evict least-recently-used blocks, from whichever member holds the oldest, until at most
+        ``target_bytes`` are held, sparing the ``keep`` most recent blocks of ``sparing`` (the chain it extends)."""
+        while self.nbytes > target_bytes:
+            candidates = [c for c in self.members if c.num_blocks > (keep if c is sparing else 0)]
+            if not candidates:
+                return
+            min(candidates, key=PrefixCache.oldest_use).evict_oldest()
+
+
+class PrefixCache:
+    """Blocks of prompt K/V of one model, LRU-evicted within ``budget_bytes`` (its pool's, maybe shared)."""
+
+    def __init__(self, block_size: int, budget_bytes: int, name: str = "", pool: PrefixPool | None = None) -> None:
         if block_size < 1:
             raise ValueError("block_size must be at least 1")
         self.block_size = block_size
-        self.budget_bytes = max(0, int(budget_bytes))
+        self.pool = PrefixPool(budget_bytes) if pool is None else pool
+        self.pool.members.append(self)
         self.name = name
         self._blocks: OrderedDict[tuple[int | str, tuple[int, ...]], Block] = OrderedDict()  # oldest use first
         self._by_id: dict[int, Block] = {}
@@ -95,13 +127,20 @@ class PrefixCache:
 
     # --- reading ---------------------------------------------------------------------------------------------
     @property
+    def budget_bytes(self) -> int:
+        return self.pool.limit_bytes
+
+    @property
     def num_blocks(self) -> int:
         return len(self._blocks)
 
     @property
     def usage(self) -> float:
-        """Bytes held over the budget, 0-1."""
+        """Bytes this cache holds over its budget, 0-1."""
         return min(1.0, self.nbytes / self.budget_bytes) if self.budget_bytes else 0.0
+
+    def oldest_use(self) -> int:
+        return next(iter(self._blocks.values())).used
 
     def match(self, tokens: Sequence[int], limit: int | None = None, salt: str | None = None) -> list[Block]:
         """The cached blocks of ``tokens``' longest cached full-block prefix, at most ``limit`` tokens long, among
@@ -130,6 +169,7 @@ class PrefixCache:
         """Mark a chain as just used: last block first, so each block stays more recent than its children."""
         for block in reversed(chain):
             self._blocks.move_to_end(block.key)
+            block.used = self.pool.tick()
 
     def record_query(self, queried: int, hit: int) -> None:
         self.queries_total += queried
@@ -168,7 +208,7 @@ class PrefixCache:
         new = min(new, room_blocks - len(chain))  # a prompt longer than the whole budget keeps its head
         if new <= 0:
             return 0
-        self._evict(self.budget_bytes - new * block_bytes, keep=len(chain))
+        self.pool.evict(self.budget_bytes - new * block_bytes, sparing=self, keep=len(chain))
         parent: int | str = chain[-1].id if chain else (_ROOT if salt is None else salt)
         size = self.block_size
         added: list[Block] = []
@@ -189,12 +229,14 @@ class PrefixCache:
         self.touch(chain + added)
         return new
 
-    def _evict(self, target_bytes: int, keep: int = 0) -> None:
-        """Evict least-recently-used blocks until at most ``target_bytes`` are held, sparing the ``keep`` most
-        recent (the chain being extended)."""
-        while self.nbytes > target_bytes and len(self._blocks) > keep:
-            _, oldest = next(iter(self._blocks.items()))
-            self._remove_subtree(oldest)
+    def evict_oldest(self) -> None:
+        self._remove_subtree(next(iter(self._blocks.values())))
+
+    def close(self) -> None:
+        """Free every block and leave the pool (the model's pair was removed)."""
+        while self._blocks:
+            self.evict_oldest()
+        self.pool.members.remove(self)
 
     def _remove_subtree(self, block: Block) -> None:
         # LRU order makes the victim a leaf; a subtree is removed whole all the same, so that no block is left
@@ -234,15 +276,19 @@ def budget_bytes(kv_at_limits: int, fraction: float, device: torch.device, utili
 
 def for_model(
     settings: PrefixCacheConfig, model: torch.nn.Module, role: str, kv_at_limits: int,
-    utilization: float | None = None,
+    utilization: float | None = None, pool: PrefixPool | None = None,
 ) -> PrefixCache | None:
-    """The model's prefix cache, or None when caching is off or the model cannot use it (the log says why)."""
+    """The model's prefix cache, or None when caching is off or the model cannot use it (the log says why); with
+    ``pool``, it draws on that budget (an adapter's, on its host's)."""
     if not settings.enabled:
         return None
     reason = unsupported_reason(model)
     if reason is not None:
         log.info("%s: prefix caching off (%s)", role, reason)
         return None
+    if pool is not None:
+        log.info("%s: prefix cache within the %.0f MB its host's draws on", role, pool.limit_bytes / 2**20)
+        return PrefixCache(settings.block_size, 0, role, pool)
     device = model.get_input_embeddings().weight.device
     budget = budget_bytes(kv_at_limits, settings.memory_fraction, device, utilization)
     log.info("%s: prefix cache of up to %.0f MB", role, budget / 2**20)

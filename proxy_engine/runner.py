@@ -373,6 +373,8 @@ class ModelRunner:
             if self._fast is not None:
                 self._fast.forget(self.adapter)
             self.adapter.release()
+        if self.prefix_cache is not None:  # its blocks leave a pool it may share with its host
+            self.prefix_cache.close()
         self.adapter = self.prefix_cache = self._fast = self._static = None
         self.model = None
         self._reset()  # no static buffers left behind either

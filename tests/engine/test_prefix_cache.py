@@ -116,7 +116,7 @@ def test_a_salted_prompt_shares_blocks_only_with_the_same_salt():
     assert cache.match(prompt) == [] and cache.match(prompt, salt="tenant-b") == []
     assert len(cache.match(prompt, salt="tenant-a")) == 3
     assert cache.insert(prompt, _span(_kv(12))) == 3 and cache.num_blocks == 6  # unsalted: its own chain
-    cache._evict(0)
+    cache.pool.evict(0, sparing=cache, keep=0)
     assert cache.num_blocks == 0 and cache.nbytes == 0
 
 
@@ -143,6 +143,30 @@ def test_least_recently_used_blocks_go_first_and_chains_shrink_from_their_end():
             k, v = cache.read(cache.match(prompt), layer, tokens)
             expected = _kv(8, value)[layer]
             assert torch.equal(k, expected[0][:, :tokens]) and torch.equal(v, expected[1][:, :tokens])
+
+
+def test_caches_sharing_a_pool_hold_one_budget_and_evict_the_least_recent_block_among_them():
+    """A LoRA adapter's cache draws on its host's budget: the oldest block goes, whichever cache holds it."""
+    host = PrefixCache(block_size=4, budget_bytes=4 * BLOCK_BYTES, name="anti_expert")
+    adapter = PrefixCache(block_size=4, budget_bytes=0, name="expert_1", pool=host.pool)
+    assert adapter.budget_bytes == host.budget_bytes == 4 * BLOCK_BYTES
+    a, b, c = [list(range(s, s + 8)) for s in (0, 100, 200)]
+    host.insert(a, _span(_kv(8, 1000)))
+    adapter.insert(b, _span(_kv(8, 2000)))  # the pool is full: 2 + 2 blocks
+    host.touch(host.match(a))  # the host's chain is used again: the adapter's is the least recent
+    host.insert(c, _span(_kv(8, 3000)))  # two blocks more: both of the adapter's go, last first
+    assert adapter.num_blocks == 0 and adapter.evictions_total == 2 and host.evictions_total == 0
+    assert host.pool.nbytes == host.nbytes == 4 * BLOCK_BYTES
+    assert adapter.insert(b, _span(_kv(8, 2000))) == 2  # and back: the host's least recent chain (a) gives way
+    assert len(host.match(a)) == 0 and len(host.match(c)) == 2 and len(adapter.match(b)) == 2
+    k, _ = adapter.read(adapter.match(b), layer=1, tokens=8)
+    assert torch.equal(k, _kv(8, 2000)[1][0])
+    # A prompt as long as the whole pool keeps the chain it extends and takes the rest from the others.
+    assert adapter.insert(b + [7] * 8, _span(_kv(16, 2000))) == 2
+    assert host.num_blocks == 0 and adapter.num_blocks == 4 and host.pool.nbytes <= host.budget_bytes
+    # An adapter unloaded: its blocks are freed and it leaves the pool.
+    adapter.close()
+    assert adapter.num_blocks == 0 and host.pool.members == [host] and host.pool.nbytes == 0
 
 
 def test_a_prompt_longer_than_the_budget_keeps_its_head():

@@ -263,7 +263,7 @@ def test_a_pair_whose_runner_cannot_be_built_leaves_the_engine_as_it_was(tiny_fa
     before = _serve(engine, Target.PROXY, temperature=0)
     build = engine._runner
 
-    def out_of_memory(index: int):
+    def out_of_memory(index: int, host: int | None = None):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(engine, "_runner", out_of_memory)
@@ -294,3 +294,20 @@ def test_one_adapter_loaded_and_unloaded_again_and_again_keeps_every_index(tiny_
     assert engine.intake.layout.pairs[3] == (5, 2) and engine.runners[5].adapter is not None
     got = _serve(engine, Target(Serves.PROXY, 3), temperature=0)
     assert list(got.values()) == list(expected.values())
+
+
+def test_an_adapter_served_by_name_caches_prompts_within_its_hosts_budget(tiny_family, lora, reference):
+    """Loading many adapters holds one prefix-cache budget, their host's (vLLM's adapters share one pool); the
+    default combination's models keep their own, and an unloaded adapter's blocks leave the pool."""
+    engine = _engine(_configured(tiny_family))
+    host = engine.runners[2].prefix_cache
+    assert host is not None and engine.runners[1].prefix_cache.pool is not host.pool
+    _add(engine, _lora_pair(tiny_family, lora))
+    adapter = engine.runners[-1].prefix_cache
+    assert adapter.pool is host.pool and adapter.budget_bytes == host.budget_bytes
+    assert reference.runners[-1].prefix_cache.pool is reference.runners[2].prefix_cache.pool  # --lora-modules too
+    _serve(engine, LORA_PAIR, temperature=0)
+    assert adapter.num_blocks > 0 and host.num_blocks > 0 and host.pool.nbytes <= host.budget_bytes
+    engine.remove_pair("lora")
+    run_to_end(engine)
+    assert adapter.num_blocks == 0 and host.pool.members == [host]
