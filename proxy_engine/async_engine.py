@@ -89,6 +89,9 @@ class EngineStats:
     prefix_caches: tuple[PrefixCacheStats, ...] = ()  # the models with a prefix cache
     kv_budgets: tuple[KVBudgetStats, ...] = ()  # the devices with a K/V budget
     max_num_seqs: int = 0  # the running batch's cap: the config's, or fewer where static K/V holds fewer; 0 unknown
+    # The named pairs (LoRA adapters served by name) that running / queued sequences were asked of, by name.
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
 
 
 class RequestStream:
@@ -216,8 +219,10 @@ def engine_stats(engine) -> EngineStats:
 
     Call it on the thread that steps the engine: the K/V fields walk the caches that a step grows and replaces.
     """
+    running_adapters, waiting_adapters = engine.named_pairs_in_use()
     return EngineStats(
         **engine_counts(engine),
+        running_adapters=running_adapters, waiting_adapters=waiting_adapters,
         kv_cache_usage=engine.kv_cache_usage(),
         prefix_caches=tuple(
             PrefixCacheStats(model=runner.name, queries_total=cache.queries_total, hits_total=cache.hits_total,

@@ -15,6 +15,7 @@ the sampling batch (sampling.py) and the output builder (outputs.py) do the work
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -381,6 +382,17 @@ class ProxyEngine:
     @property
     def num_prefilling(self) -> int:
         return len(self.scheduler.prefilling)
+
+    def named_pairs_in_use(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The names of the pairs whose model ids running (or prefilling) sequences were asked of, and those of
+        queued ones: vLLM's running and waiting LoRA adapters. On the step thread."""
+        names = [pair.name for pair in self.config.experts]
+
+        def named(sequences) -> tuple[str, ...]:
+            return tuple(sorted({name for s in sequences if s.pair is not None and (name := names[s.pair])}))
+
+        scheduler = self.scheduler
+        return named(itertools.chain(scheduler.running, scheduler.prefilling)), named(scheduler.waiting)
 
     @property
     def generation_tokens_total(self) -> int:

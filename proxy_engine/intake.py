@@ -247,6 +247,6 @@ class Intake:
                 generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,
                 deadline=deadline, grammar=self.grammars.matcher(structured) if structured is not None else None,
                 cache_salt=prompt.cache_salt, bad_word_ids=bad_word_ids,
-                thinking=thinking(),
+                thinking=thinking(), pair=target.pair,
             ))
         return sequences

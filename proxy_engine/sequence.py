@@ -50,6 +50,7 @@ class Sequence:
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences (bad_words.py)
     preemptions: int = 0  # times its K/V was dropped (a more urgent sequence, out of memory): it resumes by recomputing
     thinking: ThinkingBudget | None = None  # params.thinking_token_budget's count, and the closing tag it forces
+    pair: int | None = None  # the expert pair its model id names alone (Target.pair), None: the default combination
 
     @property
     def finished(self) -> bool:

@@ -28,9 +28,10 @@ _TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str, adapters: bool) -> None:
         self._stats = stats
         self._model_name = model_name
+        self._adapters = adapters
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats()
@@ -38,6 +39,20 @@ class _EngineCollector(Collector):
             return
         yield from _ours(stats)
         yield from _vllms(stats, self._model_name)
+        if self._adapters:
+            yield _lora_requests_info(stats)
+
+
+def _lora_requests_info(stats: EngineStats) -> Metric:
+    """vLLM's ``lora_requests_info`` (with LoRA serving on), which the Gateway API Inference Extension's endpoint
+    picker reads for adapter affinity: the adapters that running and queued requests name, comma-separated, and
+    ``max_lora``, how many distinct ones a batch may hold (here any row may name its own: the batch's cap). Its
+    value is the time of the reading, as vLLM's."""
+    gauge = GaugeMetricFamily(f"{VLLM}lora_requests_info", "Running stats on LoRA requests.",
+                              labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    gauge.add_metric([str(stats.max_num_seqs), ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)],
+                     time.time())
+    return gauge
 
 
 def _vllms(stats: EngineStats, model_name: str) -> Iterable[Metric]:
@@ -135,9 +150,12 @@ class _Both:
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str = "proxy-tuned") -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str = "proxy-tuned",
+                 adapters: bool = False) -> None:
+        """``adapters``: the server serves adapters by name (named pairs, ``--lora-modules``, runtime loading),
+        which vLLM's LoRA metric reports on."""
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_EngineCollector(stats, model_name))
+        self.registry.register(_EngineCollector(stats, model_name, adapters))
         self.model_name = model_name
         self.requests = Counter(
             f"{PREFIX}_requests", "Finished HTTP generation requests.", ["endpoint", "model", "status"],

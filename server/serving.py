@@ -95,7 +95,8 @@ class ServerContext:
     reserved: int = 0
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self.stats, self.settings.served_model_name)
+        adapters = self.settings.allow_runtime_lora_updating or any(p.name for p in self.settings.engine.experts)
+        self.metrics = ServerMetrics(self.stats, self.settings.served_model_name, adapters)
         self.defaults = sampling_defaults(self.settings.engine)
         names = {target: model_id for model_id, target in self.settings.model_routes.items()}
         for line in describe(self.defaults, names):

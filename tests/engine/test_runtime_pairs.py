@@ -311,3 +311,21 @@ def test_an_adapter_served_by_name_caches_prompts_within_its_hosts_budget(tiny_f
     engine.remove_pair("lora")
     run_to_end(engine)
     assert adapter.num_blocks == 0 and host.pool.members == [host]
+
+
+def test_the_named_pairs_that_running_and_queued_sequences_ask_for(tiny_family, lora):
+    """What vLLM reports as its running and waiting LoRA adapters: by name, the default combination not among them."""
+    config = _configured(tiny_family)
+    config.limits.max_num_seqs = 1
+    engine = _engine(config)
+    _add(engine, _lora_pair(tiny_family, lora, name="sql"))
+    assert engine.named_pairs_in_use() == ((), ())
+    submit(engine, "default", "Hello", Target.PROXY, max_tokens=4, ignore_eos=True)
+    submit(engine, "adapter", "Hello", LORA_PAIR, max_tokens=4, ignore_eos=True)
+    engine.step()  # one row fits: the default request runs, the adapter's waits
+    assert engine.named_pairs_in_use() == ((), ("sql",))
+    while engine.has_work() and engine.named_pairs_in_use()[0] != ("sql",):
+        engine.step()
+    assert engine.named_pairs_in_use() == (("sql",), ())
+    run_to_end(engine)
+    assert engine.named_pairs_in_use() == ((), ())

@@ -11,6 +11,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy_engine.adapter import adapter_pair
 from proxy_engine.config import EngineConfig
@@ -63,6 +64,13 @@ def _expected(family, lora, target: Target) -> str:
     return run_to_end(engine)[("r", 0)]["text"]
 
 
+def _lora_info(http) -> dict[str, str]:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    [sample] = next(family for family in families if family.name == "vllm:lora_requests_info").samples
+    assert int(sample.labels["max_lora"]) > 1 and sample.value > 1.7e9  # the batch's cap; the time it was read
+    return sample.labels
+
+
 def _text(http, model: str) -> str:
     response = http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 8,
                                                    "temperature": 0, "ignore_eos": True})
@@ -88,6 +96,12 @@ def test_a_loaded_adapter_serves_under_its_name_and_leaves_the_rest_as_it_was(se
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
     chat = client.chat.completions.create(model="sql", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert chat.model == "sql" and chat.choices[0].message.content is not None
+    # vLLM's LoRA gauge names the adapters of running requests (the inference gateway routes by it).
+    assert _lora_info(http)["running_lora_adapters"] == ""
+    with http.stream("POST", "/v1/completions", json={"model": "sql", "prompt": PROMPT, "max_tokens": 400,
+                                                      "ignore_eos": True, "stream": True}) as streamed:
+        next(streamed.iter_lines())
+        assert _lora_info(http)["running_lora_adapters"] == "sql"
 
     again = http.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(lora)})
     assert again.status_code == 400 and "has already been loaded" in again.json()["error"]["message"]

@@ -57,6 +57,19 @@ def test_the_same_series_under_vllms_names():
     assert "# TYPE vllm:num_requests_waiting gauge" in text  # the exposition a Prometheus scrape reads
 
 
+def test_vllms_lora_gauge_names_the_adapters_of_running_and_queued_requests():
+    """vLLM's lora_requests_info, which the inference gateway's endpoint picker reads for adapter affinity: only
+    where adapters are served by name, as vLLM shows it only with --enable-lora."""
+    stats = EngineStats(max_num_seqs=64, running_adapters=("sql", "support"), waiting_adapters=("legal",))
+    text = ServerMetrics(lambda: stats, adapters=True).render().decode()
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info"]
+    [sample] = family.samples
+    assert family.type == "gauge" and sample.labels == {
+        "max_lora": "64", "running_lora_adapters": "sql,support", "waiting_lora_adapters": "legal"}
+    assert sample.value > 1.7e9  # the time of the reading, as vLLM's
+    assert not any(name == "vllm:lora_requests_info" for name, _ in samples(stats))
+
+
 def test_without_a_prefix_cache_the_counters_are_absent_and_usage_is_zero():
     got = samples(EngineStats())
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.0
