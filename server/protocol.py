@@ -481,12 +481,15 @@ class ChatCompletionRequest(_SamplingFields, ChatPromptControls):
     def reasoning_parser(self, configured: ReasoningParser | None, fmt: str | None = "hermes"
                          ) -> ReasoningParser | None:
         """The reasoning parser of this request's answer: the server's, unless the request turned thinking off
-        through its template variables or constrains the output (a grammar leaves no room to think)."""
-        if configured is None or thinking_disabled(self.template_variables()):
-            return None
-        if self.structured() is not None or self.tool_plan(fmt).mode in ("named", "required"):
-            return None
-        return configured
+        through its template variables or constrains the output (a grammar leaves no room to think). Decided once
+        per request (its sampling parameters and its answer's parsing both ask)."""
+        asked, decided = self.__dict__.get("_reasoning", ((), None))
+        if asked != (configured, fmt):
+            off = configured is None or thinking_disabled(self.template_variables()) or self.structured() is not None \
+                or self.tool_plan(fmt).mode in ("named", "required")
+            decided = None if off else configured
+            self.__dict__["_reasoning"] = ((configured, fmt), decided)
+        return decided
 
     def prompt_input(self, fmt: str | None = "hermes") -> PromptInput:
         if self.chat_template is not None:
