@@ -27,11 +27,17 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 _TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
+# The cache settings vLLM's cache_config_info carries, as this server has them (its labels; num_gpu_blocks added).
+CacheConfig = Callable[[], dict[str, str]]
+
+
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str, adapters: bool) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str, adapters: bool,
+                 cache_config: CacheConfig | None) -> None:
         self._stats = stats
         self._model_name = model_name
         self._adapters = adapters
+        self._cache_config = cache_config
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats()
@@ -41,6 +47,21 @@ class _EngineCollector(Collector):
         yield from _vllms(stats, self._model_name)
         if self._adapters:
             yield _lora_requests_info(stats)
+        if self._cache_config is not None:
+            yield _cache_config_info(self._cache_config(), stats)
+
+
+def _cache_config_info(labels: dict[str, str], stats: EngineStats) -> Metric:
+    """vLLM's ``cache_config_info`` (value 1, the settings as labels), which the inference gateway's endpoint
+    picker reads for the block size its prefix scorer hashes by and the KV capacity: ``num_gpu_blocks`` is the
+    running batch's K/V at the limits (``max_num_seqs`` x ``max_model_len`` tokens, what ``kv_cache_usage_perc`` is a
+    share of) in blocks."""
+    tokens = stats.max_num_seqs * int(labels.pop("max_model_len"))
+    labels = {**labels, "num_gpu_blocks": str(tokens // int(labels["block_size"]))}
+    gauge = GaugeMetricFamily(f"{VLLM}cache_config_info", "Information of the engine's cache config.",
+                              labels=list(labels))
+    gauge.add_metric(list(labels.values()), 1.0)
+    return gauge
 
 
 def _lora_requests_info(stats: EngineStats) -> Metric:
@@ -151,11 +172,12 @@ class _Both:
 
 class ServerMetrics:
     def __init__(self, stats: Callable[[], EngineStats | None], model_name: str = "proxy-tuned",
-                 adapters: bool = False) -> None:
+                 adapters: bool = False, cache_config: CacheConfig | None = None) -> None:
         """``adapters``: the server serves adapters by name (named pairs, ``--lora-modules``, runtime loading),
-        which vLLM's LoRA metric reports on."""
+        which vLLM's LoRA metric reports on; ``cache_config``: the labels of vLLM's ``cache_config_info``, with the
+        loaded ``max_model_len`` (read once the engine is loaded)."""
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_EngineCollector(stats, model_name, adapters))
+        self.registry.register(_EngineCollector(stats, model_name, adapters, cache_config))
         self.model_name = model_name
         self.requests = Counter(
             f"{PREFIX}_requests", "Finished HTTP generation requests.", ["endpoint", "model", "status"],

@@ -96,7 +96,7 @@ class ServerContext:
 
     def __post_init__(self) -> None:
         adapters = self.settings.allow_runtime_lora_updating or any(p.name for p in self.settings.engine.experts)
-        self.metrics = ServerMetrics(self.stats, self.settings.served_model_name, adapters)
+        self.metrics = ServerMetrics(self.stats, self.settings.served_model_name, adapters, self._cache_config)
         self.defaults = sampling_defaults(self.settings.engine)
         names = {target: model_id for model_id, target in self.settings.model_routes.items()}
         for line in describe(self.defaults, names):
@@ -136,6 +136,15 @@ class ServerContext:
 
     def stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine.ready else None
+
+    def _cache_config(self) -> dict[str, str]:
+        """vLLM's cache_config_info labels as this server has them (ServerMetrics; once loaded)."""
+        engine = self.settings.engine
+        utilization = engine.runtime.gpu_memory_utilization
+        return {"block_size": str(engine.prefix_cache.block_size), "cache_dtype": "auto",
+                "enable_prefix_caching": str(engine.prefix_cache.enabled),
+                "gpu_memory_utilization": "" if utilization is None else str(utilization),
+                "max_model_len": str(self.info.max_model_len)}
 
     def drain(self) -> None:
         """Stop taking new requests (SIGTERM): ``/health`` says draining, new requests get 503."""

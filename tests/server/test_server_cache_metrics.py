@@ -70,6 +70,17 @@ def test_vllms_lora_gauge_names_the_adapters_of_running_and_queued_requests():
     assert not any(name == "vllm:lora_requests_info" for name, _ in samples(stats))
 
 
+def test_vllms_cache_config_info_carries_the_block_size_and_the_kv_capacity_in_blocks():
+    config = {"block_size": "16", "cache_dtype": "auto", "enable_prefix_caching": "True",
+              "gpu_memory_utilization": "0.9", "max_model_len": "4096"}
+    text = ServerMetrics(lambda: EngineStats(max_num_seqs=8), cache_config=lambda: dict(config)).render().decode()
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "vllm:cache_config_info"]
+    assert family.samples[0].value == 1.0 and family.samples[0].labels == {
+        "block_size": "16", "cache_dtype": "auto", "enable_prefix_caching": "True", "gpu_memory_utilization": "0.9",
+        "num_gpu_blocks": str(8 * 4096 // 16)}
+    assert "vllm:cache_config_info" not in ServerMetrics(lambda: EngineStats()).render().decode()
+
+
 def test_without_a_prefix_cache_the_counters_are_absent_and_usage_is_zero():
     got = samples(EngineStats())
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.0
@@ -106,3 +117,10 @@ def test_a_chats_next_turn_shows_as_prefix_cache_hits_on_metrics(http):
     for model, hits in hits_before.items():
         assert _value(after, "proxy_serve_prefix_cache_hits_total", {"model": model}) >= hits + 32, model
     assert 0.0 <= _value(after, "proxy_serve_kv_cache_usage_perc") <= 1.0
+    # vLLM's cache_config_info, as the inference gateway reads it: the block size and the KV capacity in blocks.
+    [config] = [f for f in text_string_to_metric_families(after) if f.name == "vllm:cache_config_info"]
+    labels = config.samples[0].labels
+    info = http.get("/v1/models").json()["data"][0]
+    assert labels["block_size"] == "16" and labels["enable_prefix_caching"] == "True"
+    assert int(labels["num_gpu_blocks"]) == 32 * info["max_model_len"] // 16  # the default max_num_seqs
+    assert config.samples[0].value == 1.0
