@@ -138,12 +138,13 @@ class ServerContext:
         return self.engine.stats() if self.engine.ready else None
 
     def _cache_config(self) -> dict[str, str]:
-        """vLLM's cache_config_info labels as this server has them (ServerMetrics; once loaded)."""
+        """vLLM's cache_config_info labels as this server has them (ServerMetrics; once loaded); no
+        gpu_memory_utilization where none is set (the CPU's default)."""
         engine = self.settings.engine
         utilization = engine.runtime.gpu_memory_utilization
         return {"block_size": str(engine.prefix_cache.block_size), "cache_dtype": "auto",
                 "enable_prefix_caching": str(engine.prefix_cache.enabled),
-                "gpu_memory_utilization": "" if utilization is None else str(utilization),
+                **({} if utilization is None else {"gpu_memory_utilization": str(utilization)}),
                 "max_model_len": str(self.info.max_model_len)}
 
     def drain(self) -> None:

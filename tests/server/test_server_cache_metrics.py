@@ -122,5 +122,6 @@ def test_a_chats_next_turn_shows_as_prefix_cache_hits_on_metrics(http):
     labels = config.samples[0].labels
     info = http.get("/v1/models").json()["data"][0]
     assert labels["block_size"] == "16" and labels["enable_prefix_caching"] == "True"
+    assert "gpu_memory_utilization" not in labels  # none set: the CPU's default
     assert int(labels["num_gpu_blocks"]) == 32 * info["max_model_len"] // 16  # the default max_num_seqs
     assert config.samples[0].value == 1.0
