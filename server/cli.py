@@ -87,7 +87,8 @@ FLAGS = [
     Flag("--expert-tools-preamble", (*_PAIR, "expert", "tools_preamble"), "The same for the expert.",
          action="store_true"),
     Flag("--served-model-name", ("served_model_name",), "Model id clients use (default proxy-tuned); "
-         "'<name>:base' and '<name>:expert' serve the parts alone.", "NAME"),
+         "'<name>:base' and '<name>:expert' serve the parts alone. More names (vLLM's) are aliases: answers and "
+         "metrics use the first.", "NAME", action="extend"),
     Flag("--host", ("host",), "Address to listen on (default 127.0.0.1; 0.0.0.0 for every interface).", "HOST"),
     Flag("--port", ("port",), "Port to listen on (default 8000).", "PORT"),
     Flag("--ssl-keyfile", ("ssl_keyfile",), "Serve HTTPS with this PEM private key (with --ssl-certfile).", "FILE"),

@@ -77,7 +77,7 @@ def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
         ctx.check_available()
         name = body.lora_name
-        if name == ctx.settings.served_model_name:
+        if ctx.settings.names_of_model(name):
             raise bad_request(f"{name!r} is the served model's name: give the adapter another", "lora_name")
         adapter = find_adapter(body.lora_path)
         if adapter is None:

@@ -245,6 +245,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 steering = settings.engine.default_pairs if target.pair is None else [target.pair]
                 card["alpha"] = [pairs[i].alpha for i in steering]
             listed.append(card)
+            if model_id == settings.served_model_name:  # vLLM lists every served name (its parts by the id only)
+                listed += [{**card, "id": alias, "display_name": alias} for alias in settings.served_model_aliases]
         return listed
 
     add_responses_routes(router, ctx, start, collect)
@@ -276,7 +278,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         _, target = ctx.resolve_model(model_id)  # raises the 404
         routes = ctx.settings.model_routes
         for card in cards():  # a pair's bare name (vLLM's LoRA id) gets its card, under the id asked for
-            if routes[card["id"]] == target:
+            if routes.get(card["id"]) == target:
                 return {**card, "id": model_id}
         raise APIError(404, f"model {clip(model_id, 100)!r} does not exist", code=ErrorCode.MODEL_NOT_FOUND)
 

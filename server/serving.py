@@ -168,6 +168,7 @@ class ServerContext:
         routes = self.settings.model_routes
         if model is None or model == "":
             return self.settings.served_model_name, Target.PROXY
+        model = self.settings.canonical_model(model)  # an alias is answered under the id, as vLLM's first name
         if model in routes:
             return model, routes[model]
         pair = self.settings.pair_named(model)

@@ -38,7 +38,13 @@ class ServerSettings(BaseSettings):
     served_model_name: str = Field(
         default="proxy-tuned",
         min_length=1,
-        description="Model id of the proxy-tuned model; '<name>:base' and '<name>:expert' name its parts.",
+        description="Model id of the proxy-tuned model; '<name>:base' and '<name>:expert' name its parts. A list "
+                    "(vLLM's --served-model-name with several names): the first is the id, the rest aliases.",
+    )
+    served_model_aliases: list[str] = Field(
+        default_factory=list,
+        description="Other names the served model answers to, each with the same parts ('<alias>:base', ...); "
+                    "answers name the model by its id, as vLLM's by its first name.",
     )
     host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
@@ -185,12 +191,38 @@ class ServerSettings(BaseSettings):
             self.engine = EngineConfig.model_validate({**dict(self.engine), "experts": [*self.engine.experts, *added]})
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _names_as_id_and_aliases(cls, values: Any) -> Any:
+        """vLLM's ``--served-model-name A B``: A is the model id, B an alias."""
+        if isinstance(values, dict) and isinstance(values.get("served_model_name"), list | tuple):
+            names = [str(name) for name in values["served_model_name"]]
+            if not names:
+                raise ValueError("served_model_name: give at least one name")
+            values = {**values, "served_model_name": names[0],
+                      "served_model_aliases": [*names[1:], *values.get("served_model_aliases", [])]}
+        return values
+
     @field_validator("served_model_name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
         if name.endswith((":base", ":expert")) or any(c.isspace() for c in name):
             raise ValueError("must not contain spaces or end in ':base' / ':expert'")
         return name
+
+    @field_validator("served_model_aliases")
+    @classmethod
+    def _plain_aliases(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name or name.endswith((":base", ":expert")) or any(c.isspace() for c in name):
+                raise ValueError(f"{name!r}: an alias must not be empty, contain spaces or end in ':base' / ':expert'")
+        return list(dict.fromkeys(names))
+
+    @model_validator(mode="after")
+    def _aliases_apart(self) -> ServerSettings:
+        if self.served_model_name in self.served_model_aliases:
+            raise ValueError(f"served_model_aliases: {self.served_model_name!r} is the model id itself")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -224,6 +256,18 @@ class ServerSettings(BaseSettings):
         (the base steered by that pair alone) and NAME:PAIR:expert (its expert alone)."""
         return {self.model_id(target): target for target in served_targets(self.engine)}
 
+    def canonical_model(self, model: str) -> str:
+        """``model`` with an alias of the served model (or of one of its parts: ``<alias>:base``) replaced by the
+        model id; any other name as it is."""
+        for alias in self.served_model_aliases:
+            if model == alias or model.startswith(f"{alias}:"):
+                return self.served_model_name + model[len(alias):]
+        return model
+
+    def names_of_model(self, name: str) -> bool:
+        """Whether ``name`` is the served model's id or one of its aliases (no adapter may take it)."""
+        return name == self.served_model_name or name in self.served_model_aliases
+
     def model_id(self, target: Target) -> str:
         suffix = "" if target.serves is Serves.PROXY else f":{target.serves.value}"
         if target.pair is None:
@@ -241,8 +285,8 @@ class ServerSettings(BaseSettings):
     def model_for_adapter(self, adapter_id: str) -> str | None:
         """The model id a TGI ``adapter_id`` names: a served id, or a named pair by its name or by its expert's path
         or adapter (what TGI's clients send for a LoRA adapter it serves); None when it names nothing served."""
-        if adapter_id in self.model_routes:
-            return adapter_id
+        if (served := self.canonical_model(adapter_id)) in self.model_routes:
+            return served
         for index, pair in enumerate(self.engine.experts):
             if pair.name is not None and adapter_id in (pair.name, pair.expert.path, pair.expert.adapter):
                 return self.model_id(Target(Serves.PROXY, index))
