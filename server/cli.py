@@ -212,6 +212,8 @@ by '__', e.g. {ENV_PREFIX}ENGINE__LIMITS__MAX_NUM_SEQS=8) > --config file > defa
 Model ids: NAME (proxy-tuned), NAME:base (the base alone), NAME:expert (the expert alone), and for each pair
 named with --expert-name, NAME:PAIR_NAME (that pair alone) and NAME:PAIR_NAME:expert. A request may send "alpha"
 (a number, or a list with one value per expert pair) to set the strength; 0 is the base alone.
+
+proxy-serve run-batch -i BATCH.jsonl -o OUT.jsonl [these flags]: run an OpenAI batch file offline (vLLM's run-batch).
 See docs/server.md for the full configuration reference."""
 
 
@@ -396,6 +398,12 @@ def configure_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging("info")
+    argv = sys.argv[1:] if argv is None else argv
+    batch = None
+    if argv[:1] == ["run-batch"]:  # vLLM's ``vllm run-batch``: a batch file, offline (server/batch.py)
+        from server.batch import batch_parser
+
+        batch, argv = batch_parser().parse_known_args(argv[1:])
     try:
         settings, args = resolve_settings(argv)
         settings.api_key_values()  # an unreadable or empty api_keys_file is a configuration error, said here
@@ -403,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"proxy-serve: {error}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
+    if batch is not None:
+        from server.batch import run_batch_command
+
+        return run_batch_command(settings, batch.input_file, batch.output_file)
     if args.check:
         from server.check import check
 
