@@ -47,7 +47,7 @@ class BatchSummary:
     requests: int = 0
     failed: int = 0  # lines whose response is not a 200, or that were not requests
     completion_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the models loaded to the last answer
 
 
 def _error_line(custom_id: str | None, message: str, code: str = "invalid_request") -> dict[str, Any]:
@@ -140,7 +140,6 @@ async def run_batch(app, lines: Iterator[str], sink: IO[str], *, concurrency: in
     into ``sink``, in input order."""
     ctx = app.state.ctx
     summary = BatchSummary()
-    started = time.monotonic()
     writer = OrderedWriter(sink)
     keys = ctx.settings.api_key_values()
     headers = {"Authorization": f"Bearer {next(iter(keys))}"} if keys else {}
@@ -149,6 +148,7 @@ async def run_batch(app, lines: Iterator[str], sink: IO[str], *, concurrency: in
             await asyncio.sleep(0.05)
         if ctx.load_error is not None:
             raise RuntimeError(f"failed to load the models: {ctx.load_error}")
+        started = time.monotonic()  # the batch's time, not the models' loading
         limit = asyncio.Semaphore(concurrency or 2 * ctx.settings.engine.limits.max_num_seqs)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost", headers=headers,
