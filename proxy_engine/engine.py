@@ -387,6 +387,8 @@ class ProxyEngine:
         """The names of the pairs whose model ids running (or prefilling) sequences were asked of, and those of
         queued ones: vLLM's running and waiting LoRA adapters. On the step thread."""
         names = [pair.name for pair in self.config.experts]
+        if not any(names):  # the common case: no walk over the queue at every step
+            return (), ()
 
         def named(sequences) -> tuple[str, ...]:
             return tuple(sorted({name for s in sequences if s.pair is not None and (name := names[s.pair])}))
