@@ -11,6 +11,8 @@ rendered in the same context, each key distinct (``IncrementalDetokenizer.render
 
 from __future__ import annotations
 
+import time
+
 from proxy_engine.analysis import PROXY_ROLE, Distribution
 from proxy_engine.detokenizer import IncrementalDetokenizer, token_bytes
 from proxy_engine.device_memory import out_of_memory
@@ -51,6 +53,8 @@ class OutputBuilder:
         """Append ``token`` and say what the client gets: a text delta, or the end (stop id or string, length).
         ``logprobs`` and ``analysis`` (per-model logprobs) are the token's entries, if asked for."""
         sequence.output_ids.append(token)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = time.monotonic()
         self.generation_tokens_total += 1
         entries = Entries(logprobs, analysis)
         if token in sequence.stop_ids():
@@ -105,6 +109,7 @@ class OutputBuilder:
         new_tokens = [new_token] if new_token is not None else []
         output = self._output(sequence, new_tokens, text, reason, entries, error, error_code)
         output.stop_reason = stop_reason
+        output.timings = sequence.timings(time.monotonic())
         return output
 
     def fail(self, sequence: Sequence, phase: str, error: BaseException) -> RequestOutput:

@@ -510,6 +510,22 @@ class TokenAnalysis:
     models: list[ModelLogprobs] = field(default_factory=list)  # the base, each expert and anti-expert, the proxy
 
 
+@dataclass(frozen=True)
+class RequestTimings:
+    """Where a finished sequence's time went, in seconds, as vLLM's per-request histograms split it: ``queued``
+    from its arrival at the engine to its first prefill, ``prefill`` from then to its first token, ``decode`` from
+    its first token to its last (0 without tokens)."""
+
+    queued_s: float
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def inference_s(self) -> float:
+        """From its first prefill to its end: prefill and decode (vLLM's inference time)."""
+        return self.prefill_s + self.decode_s
+
+
 @dataclass(kw_only=True)
 class RequestOutput:
     """One step's news for one sequence (choice ``index``) of a request."""
@@ -534,6 +550,7 @@ class RequestOutput:
     # On a prompt's first choice's first output: how many of its prompt tokens (in the model that reports usage)
     # were read from the prefix cache instead of computed (OpenAI's usage.prompt_tokens_details.cached_tokens).
     cached_tokens: int | None = None
+    timings: RequestTimings | None = None  # on a sequence's last output
 
     @property
     def finished(self) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from proxy_engine.request import FinishReason, SamplingParams
+from proxy_engine.request import FinishReason, RequestTimings, SamplingParams
 
 if TYPE_CHECKING:  # annotations only
     import torch
@@ -51,6 +51,8 @@ class Sequence:
     preemptions: int = 0  # times its K/V was dropped (a more urgent sequence, out of memory): it resumes by recomputing
     thinking: ThinkingBudget | None = None  # params.thinking_token_budget's count, and the closing tag it forces
     pair: int | None = None  # the expert pair its model id names alone (Target.pair), None: the default combination
+    scheduled_at: float | None = None  # time.monotonic() at its first prefill (a preempted one's resumption aside)
+    first_token_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -58,6 +60,8 @@ class Sequence:
 
     def start_prefill(self) -> None:
         self.status = Status.PREFILLING
+        if self.scheduled_at is None:
+            self.scheduled_at = time.monotonic()
 
     def start_running(self) -> None:
         self.status = Status.RUNNING
@@ -86,6 +90,13 @@ class Sequence:
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.error = error
+
+    def timings(self, now: float) -> RequestTimings:
+        """Its time in the queue, in prefill and in decode, as of ``now`` (its end)."""
+        scheduled = self.scheduled_at if self.scheduled_at is not None else now
+        first = self.first_token_at if self.first_token_at is not None else now
+        return RequestTimings(queued_s=scheduled - self.arrival, prefill_s=max(0.0, first - scheduled),
+                              decode_s=max(0.0, now - first))
 
     @property
     def runners(self) -> list[int]:

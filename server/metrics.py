@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from proxy_engine.async_engine import EngineStats
+from proxy_engine.request import RequestTimings
 
 PREFIX = "proxy_serve"
 VLLM = "vllm:"
@@ -189,6 +190,19 @@ class ServerMetrics:
             "inter_token_latency_seconds", "Between successive tokens of one sequence.", _TOKEN_BUCKETS)
         self.e2e_latency = self._latency(
             "e2e_request_latency_seconds", "From arrival to the last token.", _LATENCY_BUCKETS)
+        # Where each finished choice's time went, in the engine (vLLM's per-request histograms; a choice of n is a
+        # request of its own there).
+        self.queue_time = self._latency(
+            "request_queue_time_seconds", "From its arrival at the engine to its first prefill.", _LATENCY_BUCKETS)
+        self.prefill_time = self._latency(
+            "request_prefill_time_seconds", "From its first prefill to its first token.", _LATENCY_BUCKETS)
+        self.decode_time = self._latency(
+            "request_decode_time_seconds", "From its first token to its last.", _LATENCY_BUCKETS)
+        self.inference_time = self._latency(
+            "request_inference_time_seconds", "From its first prefill to its last token.", _LATENCY_BUCKETS)
+        self.time_per_output_token = self._latency(
+            "request_time_per_output_token_seconds", "Its decode time over its tokens after the first.",
+            _TOKEN_BUCKETS)
         # vLLM's per-request counts, labelled with the served name.
         vllm = ["model_name"]
         self.vllm_request_success = Counter(
@@ -212,6 +226,15 @@ class ServerMetrics:
         self.vllm_request_success.labels(self.model_name, finish_reason).inc()
         self.vllm_request_prompt_tokens.observe(prompt_tokens)
         self.vllm_request_generation_tokens.observe(generation_tokens)
+
+    def choice_timed(self, timings: RequestTimings, completion_tokens: int) -> None:
+        """A choice that ran to its end: where its time went in the engine."""
+        self.queue_time.observe(timings.queued_s)
+        self.prefill_time.observe(timings.prefill_s)
+        self.decode_time.observe(timings.decode_s)
+        self.inference_time.observe(timings.inference_s)
+        if completion_tokens > 1:
+            self.time_per_output_token.observe(timings.decode_s / (completion_tokens - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,6 +30,7 @@ from proxy_engine.request import (
     FinishReason,
     PairNotFoundError,
     RequestOutput,
+    RequestTimings,
     Serves,
     Target,
     TokenAnalysis,
@@ -409,6 +410,7 @@ class Choice:
     starts: list[int] = field(default_factory=list)
     tokens_through: list[int] = field(default_factory=list)
     thinking_tokens: int | None = None  # set once the thinking has closed and the answer begun: it stays so
+    timings: RequestTimings | None = None  # the engine's, once it finished: queue, prefill and decode time
 
     def mark(self, tokens: int) -> None:
         """An output of ``tokens`` tokens whose text is about to be appended."""
@@ -516,6 +518,7 @@ class Generation:
             if output.finish_reason is not None:
                 choice.finish_reason = openai_finish_reason(output.finish_reason)
                 choice.stop_reason = output.stop_reason
+                choice.timings = output.timings
             yield output
         self.finished = True
 
@@ -591,6 +594,9 @@ class Generation:
         if self.finished and self.choices:
             self.ctx.metrics.request_finished(self.choices[0].finish_reason or "stop", self.prompt_tokens,
                                               self.completion_tokens)
+            for choice in self.choices:
+                if choice.timings is not None:
+                    self.ctx.metrics.choice_timed(choice.timings, choice.completion_tokens)
         if status == 200 and not self.ctx.settings.log_requests:
             return  # --disable-log-requests: a request that failed or was cut off is still written
         reasons = ",".join(c.finish_reason or "-" for c in self.choices)

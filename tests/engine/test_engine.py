@@ -63,6 +63,29 @@ def test_abort_frees_rows_in_every_model_and_others_continue(chat_family, chat_m
     assert [r.num_rows for r in engine.runners] == [0, 0, 0]
 
 
+def test_a_finished_choice_says_where_its_time_went(chat_family, chat_models):
+    """Queue, prefill and decode time per choice (vLLM's per-request histograms): with one row, the second
+    request waits in the queue for the whole of the first."""
+    import time
+
+    engine = make_engine(chat_models, chat_family, max_num_seqs=1)
+    started = time.monotonic()
+    submit(engine, "first", "Hello", temperature=0, max_tokens=5, ignore_eos=True)
+    submit(engine, "second", "Hello", temperature=0, max_tokens=5, ignore_eos=True)
+    timings, finished_at = {}, {}
+    while engine.has_work():
+        for output in engine.step():
+            assert (output.timings is not None) == output.finished
+            if output.finished:
+                timings[output.request_id], finished_at[output.request_id] = output.timings, time.monotonic()
+    first, second = timings["first"], timings["second"]
+    for name, t in timings.items():
+        assert t.queued_s >= 0 and t.prefill_s > 0 and t.decode_s > 0, name
+        assert t.inference_s == t.prefill_s + t.decode_s
+        assert t.queued_s + t.inference_s <= finished_at[name] - started
+    assert second.queued_s >= first.prefill_s + first.decode_s > first.queued_s
+
+
 def test_abort_of_a_waiting_request(chat_family, chat_models):
     engine = make_engine(chat_models, chat_family, max_num_seqs=1)
     submit(engine, "first", "Hello", temperature=0, max_tokens=5, ignore_eos=True)

@@ -81,6 +81,24 @@ def test_vllms_cache_config_info_carries_the_block_size_and_the_kv_capacity_in_b
     assert "vllm:cache_config_info" not in ServerMetrics(lambda: EngineStats()).render().decode()
 
 
+def test_where_each_choices_time_went_under_vllms_names():
+    from proxy_engine.request import RequestTimings
+
+    metrics = ServerMetrics(lambda: EngineStats(), "my-model")
+    metrics.choice_timed(RequestTimings(queued_s=0.5, prefill_s=0.25, decode_s=2.0), completion_tokens=5)
+    metrics.choice_timed(RequestTimings(queued_s=0.0, prefill_s=0.25, decode_s=0.0), completion_tokens=1)
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    named = (("model_name", "my-model"),)
+    for name, total in (("request_queue_time_seconds", 0.5), ("request_prefill_time_seconds", 0.5),
+                        ("request_decode_time_seconds", 2.0), ("request_inference_time_seconds", 2.5)):
+        assert got[(f"vllm:{name}_count", named)] == 2 and got[(f"vllm:{name}_sum", named)] == total, name
+        assert got[(f"proxy_serve_{name}_sum", ())] == total
+    # Per output token after the first: a one-token choice has none.
+    assert got[("vllm:request_time_per_output_token_seconds_count", named)] == 1
+    assert got[("vllm:request_time_per_output_token_seconds_sum", named)] == 0.5
+
+
 def test_without_a_prefix_cache_the_counters_are_absent_and_usage_is_zero():
     got = samples(EngineStats())
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.0
@@ -124,4 +142,8 @@ def test_a_chats_next_turn_shows_as_prefix_cache_hits_on_metrics(http):
     assert labels["block_size"] == "16" and labels["enable_prefix_caching"] == "True"
     assert "gpu_memory_utilization" not in labels  # none set: the CPU's default
     assert int(labels["num_gpu_blocks"]) == 32 * info["max_model_len"] // 16  # the default max_num_seqs
+    # The two chats, each a choice timed in the engine.
+    timed = _value(after, "vllm:request_queue_time_seconds_count", {"model_name": "proxy-tuned"}) - \
+        _value(before, "vllm:request_queue_time_seconds_count", {"model_name": "proxy-tuned"})
+    assert timed == 2 and _value(after, "vllm:request_inference_time_seconds_sum", {"model_name": "proxy-tuned"}) > 0
     assert config.samples[0].value == 1.0
