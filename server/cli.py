@@ -52,6 +52,9 @@ FLAGS = [
          "Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
          "does the same): each adapter an expert pair over a checkpoint the server runs, served under its name.",
          action="store_true"),
+    Flag("--lora-resolver-dir", ("lora_resolver_dir",), "Load a LoRA adapter on first use: a request naming a model "
+         "not served, NAME, loads DIR/NAME as the adapter NAME (vLLM's filesystem resolver, "
+         "VLLM_LORA_RESOLVER_CACHE_DIR).", "DIR"),
     Flag("--lora-modules", ("lora_modules",), "LoRA adapters served beside the expert pairs, each under its name "
          "(vLLM's): NAME=PATH or JSON, one or more. Each is a pair over the running checkpoint it was trained over "
          "(the anti-expert, else the base), out of the default combination.", "NAME=PATH", action="extend"),

@@ -12,12 +12,18 @@ Which checkpoint the adapter runs over (its anti-expert) and how it reads prompt
 
 Off unless the deployer allows it (``allow_runtime_lora_updating``, or vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``):
 the endpoints read files from the server's disk. Off, they do not exist (404), as in vLLM.
+
+With ``lora_resolver_dir`` (vLLM's filesystem resolver, ``VLLM_LORA_RESOLVER_CACHE_DIR``), a request naming a model
+the server does not serve, ``NAME``, first loads ``DIR/NAME`` as the adapter ``NAME`` if it holds one (``resolve``),
+then is answered by it; each replica of a scaled-out deployment loads what its own requests name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
@@ -55,28 +61,24 @@ class UnloadLoRAAdapterRequest(BaseModel):
     lora_int_id: int | None = None  # vLLM's own number for an adapter: none is kept here
 
 
-def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
-    """The two endpoints, when the settings allow them."""
-    if not ctx.settings.allow_runtime_lora_updating:
-        @router.post("/v1/load_lora_adapter", include_in_schema=False)
-        @router.post("/v1/unload_lora_adapter", include_in_schema=False)
-        async def switched_off() -> None:  # a 404, as vLLM's, that says how to turn them on
-            raise APIError(404, "no such endpoint: runtime LoRA loading is off (serve with "
-                           "--allow-runtime-lora-updating, or VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
-                           code=ErrorCode.NOT_FOUND)
+_RESOLVABLE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # a directory name under the resolver's: no path
 
-        return
-    changing = asyncio.Lock()  # one change at a time: each reads the pairs the previous one left
 
-    def taken_up(pairs: list[ExpertPairConfig]) -> None:
+class AdapterLoader:
+    """Loads and unloads adapters, one change at a time (each reads the pairs the previous one left): the
+    endpoints' and the resolver's."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.changing = asyncio.Lock()
+
+    def _taken_up(self, pairs: list[ExpertPairConfig]) -> None:
         # The engine's pairs (in this process, the same list already). A new model id's sampling defaults are read
         # on its first request (ServerContext.defaults_for).
-        ctx.settings.engine.experts = list(pairs)
+        self.ctx.settings.engine.experts = list(pairs)
 
-    @router.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
-        ctx.check_available()
-        name = body.lora_name
+    async def load(self, body: LoadLoRAAdapterRequest) -> None:
+        ctx, name = self.ctx, body.lora_name
         if ctx.settings.names_of_model(name):
             raise bad_request(f"{name!r} is the served model's name: give the adapter another", "lora_name")
         adapter = find_adapter(body.lora_path)
@@ -84,7 +86,7 @@ def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
             raise APIError(404, f"No adapter found at {clip(body.lora_path, 200)!r}: a directory holding "
                            f"{ADAPTER_CONFIG} (or a hub id cached with one; this server never downloads)",
                            param="lora_path", code=ErrorCode.ADAPTER_NOT_FOUND)
-        async with changing:
+        async with self.changing:
             index = ctx.settings.pair_named(name)
             if index is not None and not body.load_inplace:
                 raise bad_request(f"The lora adapter '{name}' has already been loaded (load_inplace: true replaces "
@@ -107,21 +109,14 @@ def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
                 logger.exception("loading the LoRA adapter %r failed", name)
                 raise APIError(500, f"loading the adapter failed ({type(error).__name__}: {error}); the server "
                                "serves on as before", code=ErrorCode.INTERNAL_ERROR) from None
-            taken_up(pairs)
+            self._taken_up(pairs)
         logger.info("loaded LoRA adapter %r from %s over %s (alpha %g)", name, adapter, pair.anti_expert.path,
                     body.alpha)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
-    @router.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
-        ctx.check_available()
-        if body.lora_name is None:
-            raise bad_request("name the adapter with lora_name (lora_int_id is vLLM's internal number, which this "
-                              "server does not keep)", "lora_name")
-        name = body.lora_name
-        async with changing:
+    async def unload(self, name: str) -> None:
+        async with self.changing:
             try:
-                pairs = await ctx.engine.remove_pair(name)
+                pairs = await self.ctx.engine.remove_pair(name)
             except PairNotFoundError:
                 raise APIError(404, f"The lora adapter '{clip(name, 64)}' cannot be found.", param="lora_name",
                                code=ErrorCode.ADAPTER_NOT_FOUND) from None
@@ -129,6 +124,61 @@ def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> None:
                 raise bad_request(str(error), "lora_name") from None
             except EngineOverloadedError as error:
                 raise APIError(503, str(error), code=ErrorCode.ENGINE_FAILED) from None
-            taken_up(pairs)
+            self._taken_up(pairs)
         logger.info("unloaded LoRA adapter %r: its running requests finish first", name)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def resolve(self, model: str | None) -> None:
+        """Load ``DIR/model`` as the adapter ``model`` when the server does not serve that id and the resolver's
+        directory holds it (vLLM's filesystem resolver); otherwise nothing (an unknown id stays a 404)."""
+        directory = self.ctx.settings.lora_resolver_dir
+        if directory is None or not model or not _RESOLVABLE.fullmatch(model) or self._serves(model):
+            return
+        path = Path(directory).expanduser() / model
+        if not (path / ADAPTER_CONFIG).is_file():
+            return
+        logger.info("model %r is not served: loading it from the LoRA resolver's directory (%s)", model, path)
+        try:
+            await self.load(LoadLoRAAdapterRequest(lora_name=model, lora_path=str(path)))
+        except APIError as error:
+            if self._serves(model):  # loaded meanwhile by a request that raced this one ("already loaded")
+                return
+            raise APIError(error.status, f"model {model!r} is an adapter in the LoRA resolver's directory that did "
+                           f"not load: {error.message}", param="model", code=error.code) from None
+
+    def _serves(self, model: str) -> bool:
+        try:
+            self.ctx.resolve_model(model)
+        except APIError:
+            return False
+        return True
+
+
+def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> AdapterLoader:
+    """The two endpoints, when the settings allow them; the loader the resolver uses too."""
+    loader = AdapterLoader(ctx)
+    if not ctx.settings.allow_runtime_lora_updating:
+        @router.post("/v1/load_lora_adapter", include_in_schema=False)
+        @router.post("/v1/unload_lora_adapter", include_in_schema=False)
+        async def switched_off() -> None:  # a 404, as vLLM's, that says how to turn them on
+            raise APIError(404, "no such endpoint: runtime LoRA loading is off (serve with "
+                           "--allow-runtime-lora-updating, or VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+                           code=ErrorCode.NOT_FOUND)
+
+        return loader
+
+    @router.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        ctx.check_available()
+        await loader.load(body)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @router.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        ctx.check_available()
+        if body.lora_name is None:
+            raise bad_request("name the adapter with lora_name (lora_int_id is vLLM's internal number, which this "
+                              "server does not keep)", "lora_name")
+        await loader.unload(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    return loader

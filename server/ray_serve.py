@@ -199,7 +199,7 @@ def deployment_warnings(settings: ServerSettings) -> list[str]:
     if settings.allow_runtime_lora_updating:
         warnings.append("allow_runtime_lora_updating: a load or unload reaches the one replica Ray routes it to, "
                         "and a replica started later has none of them; serve adapters on every replica with "
-                        "lora_modules instead")
+                        "lora_modules, or let each replica load them on first use with lora_resolver_dir")
     return warnings
 
 

@@ -64,6 +64,7 @@ def _convert(build: Callable[[], T]) -> T:
 
 def build_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
+    adapters = add_lora_adapter_routes(router, ctx)  # and the resolver that loads one a request names
 
     async def start(
         request_id: str,
@@ -82,6 +83,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         served = "unknown"  # a label for refused requests that named no model we serve (bounded cardinality)
         shape = request_shape(await http.json()) if request_logger.isEnabledFor(logging.DEBUG) else None
         try:
+            await adapters.resolve(model)
             served, target = ctx.resolve_model(model)
             prompt_input = _convert(prompt)
             sampling = _convert(params)
@@ -250,7 +252,6 @@ def build_router(ctx: ServerContext) -> APIRouter:
         return listed
 
     add_responses_routes(router, ctx, start, collect)
-    add_lora_adapter_routes(router, ctx)
     add_anthropic_routes(router, ctx, start, collect)
     tgi_generate = tgi.add_tgi_routes(router, ctx, start, collect, package_version())
 

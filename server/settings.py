@@ -21,6 +21,7 @@ from server.reasoning import ReasoningParser
 
 ENV_PREFIX = "PROXY_SERVE_"
 VLLM_RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the same endpoints
+VLLM_LORA_RESOLVER_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"  # vLLM's filesystem resolver's directory
 MIB = 1024 * 1024
 
 
@@ -146,6 +147,12 @@ class ServerSettings(BaseSettings):
         "(vLLM's --lora-modules): 'NAME=PATH', or JSON {\"name\": ..., \"path\": ...}. Each is an expert pair out of "
         "the default combination, over the running checkpoint it was trained over (proxy_engine/adapter.py).",
     )
+    lora_resolver_dir: str | None = Field(
+        default=None, description="A directory of LoRA adapters loaded on first use: a request naming a model this "
+        "server does not serve, NAME, loads DIR/NAME as the adapter NAME (as /v1/load_lora_adapter would) and is "
+        "answered by it, as vLLM's filesystem resolver (VLLM_LORA_RESOLVER_CACHE_DIR) does. Each replica loads what "
+        "its own requests name.",
+    )
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")
 
     @field_validator("api_keys")
@@ -154,6 +161,13 @@ class ServerSettings(BaseSettings):
         if any(not key.get_secret_value() for key in keys):
             raise ValueError("an API key must not be empty")
         return keys
+
+    @field_validator("lora_resolver_dir")
+    @classmethod
+    def _a_directory(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_dir():
+            raise ValueError(f"{path} is not a directory")
+        return path
 
     @field_validator("ssl_keyfile", "ssl_certfile")
     @classmethod
@@ -400,6 +414,8 @@ def load_settings(
     if environ:
         if os.environ.get(VLLM_RUNTIME_LORA_ENV, "").strip().lower() in ("1", "true", "yes"):
             data = deep_merge(data, {"allow_runtime_lora_updating": True})
+        if os.environ.get(VLLM_LORA_RESOLVER_ENV, "").strip():
+            data = deep_merge(data, {"lora_resolver_dir": os.environ[VLLM_LORA_RESOLVER_ENV].strip()})
         data = deep_merge(data, read_environment())
     data = deep_merge(data, overrides or {})
     engine = data.get("engine")

@@ -273,3 +273,44 @@ def test_random_bodies_are_answered_or_refused_never_a_500(http, lora, path, bod
     if response.status_code == 200 and path.endswith("load_lora_adapter"):  # a real adapter under a random name
         http.post("/v1/unload_lora_adapter", json={"lora_name": body["lora_name"]})
     assert http.get("/health").status_code == 200
+
+
+def test_the_resolver_loads_an_adapter_a_request_names(tiny_family, lora, tmp_path, monkeypatch):
+    """vLLM's filesystem resolver: a request for a model the server does not serve loads DIR/NAME as the adapter
+    NAME and is answered by it, once, however many ask at the same time; what the directory lacks stays a 404."""
+    import shutil
+    import threading
+
+    resolver = tmp_path / "adapters"
+    for name in ("sql", "story"):
+        shutil.copytree(lora, resolver / name)
+    (resolver / "empty").mkdir()
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(resolver))
+    paths = ["--base", str(tiny_family.base), "--expert", str(tiny_family.expert), "--anti-expert",
+             str(tiny_family.anti_expert)]
+    assert resolve_settings(paths)[0].lora_resolver_dir == str(resolver)  # vLLM's variable, or --lora-resolver-dir
+    monkeypatch.delenv("VLLM_LORA_RESOLVER_CACHE_DIR")
+    with pytest.raises(ConfigError, match="not a directory"):
+        resolve_settings([*paths, "--lora-resolver-dir", str(tmp_path / "nowhere")])
+
+    with serving(make_settings(tiny_family, lora_resolver_dir=str(resolver))) as (_, http):
+        assert _text(http, "sql") == _expected(tiny_family, lora, Target(Serves.PROXY, 1))
+        ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
+        assert f"{MODEL}:sql" in ids and f"{MODEL}:story" not in ids
+        answers: list[int] = []
+
+        def ask() -> None:
+            answers.append(http.post("/v1/chat/completions", json={
+                "model": "story", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}).status_code)
+
+        racing = [threading.Thread(target=ask) for _ in range(3)]
+        for thread in racing:
+            thread.start()
+        for thread in racing:
+            thread.join(60)
+        assert answers == [200, 200, 200]
+        ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
+        assert ids.count(f"{MODEL}:story") == 1
+        for unknown in ("empty", "nope", "../adapters/sql", ".hidden"):
+            response = http.post("/v1/completions", json={"model": unknown, "prompt": PROMPT, "max_tokens": 2})
+            assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", unknown
