@@ -55,6 +55,8 @@ FLAGS = [
     Flag("--lora-resolver-dir", ("lora_resolver_dir",), "Load a LoRA adapter on first use: a request naming a model "
          "not served, NAME, loads DIR/NAME as the adapter NAME (vLLM's filesystem resolver, "
          "VLLM_LORA_RESOLVER_CACHE_DIR).", "DIR"),
+    Flag("--max-cpu-loras", ("max_cpu_loras",), "At most N adapters loaded while serving (/v1/load_lora_adapter, "
+         "--lora-resolver-dir): one more unloads the least recently used first (vLLM's LoRA cache size).", "N"),
     Flag("--lora-modules", ("lora_modules",), "LoRA adapters served beside the expert pairs, each under its name "
          "(vLLM's): NAME=PATH or JSON, one or more. Each is a pair over the running checkpoint it was trained over "
          "(the anti-expert, else the base), out of the default combination.", "NAME=PATH", action="extend"),
@@ -184,7 +186,6 @@ VLLM_NO_OPS = {
     "--enable-lora": (0, "An expert may be a LoRA adapter without a switch (--expert ADAPTER)."),
     "--max-lora-rank": (1, "Any rank is served."),
     "--max-loras": (1, "Every expert pair is served at once."),
-    "--max-cpu-loras": (1, "Every expert pair is served at once."),
     "--disable-custom-all-reduce": (0, "No tensor parallelism is done here."),
     "--distributed-executor-backend": (1, "One process per server (--disable-frontend-multiprocessing)."),
     "--hf-token": (1, "Nothing is downloaded: models come from disk or the hub cache."),

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.adapter import ADAPTER_CONFIG, adapter_pair, find_adapter
 from proxy_engine.config import ExpertPairConfig, PromptFormat
-from proxy_engine.request import EngineOverloadedError, ErrorCode, FieldError, PairNotFoundError
+from proxy_engine.request import EngineOverloadedError, ErrorCode, FieldError, PairNotFoundError, Target
 from server.errors import APIError, bad_request
 from server.guards import clip
 from server.serving import ServerContext
@@ -71,6 +71,8 @@ class AdapterLoader:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.changing = asyncio.Lock()
+        # The adapters loaded while serving, least recently used first (max_cpu_loras evicts from the front).
+        self.recency: dict[str, None] = {}
 
     def _taken_up(self, pairs: list[ExpertPairConfig]) -> None:
         # The engine's pairs (in this process, the same list already). A new model id's sampling defaults are read
@@ -99,6 +101,8 @@ class AdapterLoader:
                                     alpha=body.alpha, prompt_format=body.prompt_format)
             except FieldError as error:
                 raise bad_request(str(error), error.param) from None
+            if index is None:
+                await self._make_room()
             try:
                 pairs = await ctx.engine.add_pair(pair, replace=body.load_inplace)
             except (ValueError, ImportError) as error:
@@ -110,22 +114,46 @@ class AdapterLoader:
                 raise APIError(500, f"loading the adapter failed ({type(error).__name__}: {error}); the server "
                                "serves on as before", code=ErrorCode.INTERNAL_ERROR) from None
             self._taken_up(pairs)
+            self.recency.pop(name, None)
+            self.recency[name] = None
         logger.info("loaded LoRA adapter %r from %s over %s (alpha %g)", name, adapter, pair.anti_expert.path,
                     body.alpha)
 
     async def unload(self, name: str) -> None:
         async with self.changing:
-            try:
-                pairs = await self.ctx.engine.remove_pair(name)
-            except PairNotFoundError:
-                raise APIError(404, f"The lora adapter '{clip(name, 64)}' cannot be found.", param="lora_name",
-                               code=ErrorCode.ADAPTER_NOT_FOUND) from None
-            except ValueError as error:
-                raise bad_request(str(error), "lora_name") from None
-            except EngineOverloadedError as error:
-                raise APIError(503, str(error), code=ErrorCode.ENGINE_FAILED) from None
-            self._taken_up(pairs)
+            await self._remove(name)
         logger.info("unloaded LoRA adapter %r: its running requests finish first", name)
+
+    async def _remove(self, name: str) -> None:
+        try:
+            pairs = await self.ctx.engine.remove_pair(name)
+        except PairNotFoundError:
+            raise APIError(404, f"The lora adapter '{clip(name, 64)}' cannot be found.", param="lora_name",
+                           code=ErrorCode.ADAPTER_NOT_FOUND) from None
+        except ValueError as error:
+            raise bad_request(str(error), "lora_name") from None
+        except EngineOverloadedError as error:
+            raise APIError(503, str(error), code=ErrorCode.ENGINE_FAILED) from None
+        self._taken_up(pairs)
+        self.recency.pop(name, None)
+
+    async def _make_room(self) -> None:
+        """Under ``changing``: unload the least recently used adapters loaded while serving until one more fits
+        ``max_cpu_loras`` (their running requests finish first)."""
+        limit = self.ctx.settings.max_cpu_loras
+        while limit is not None and len(self.recency) >= limit:
+            oldest = next(iter(self.recency))
+            logger.info("unloading LoRA adapter %r, the least recently used, to keep %d loaded (max_cpu_loras)",
+                        oldest, limit)
+            await self._remove(oldest)
+
+    def used(self, target: Target) -> None:
+        """A request for ``target``: its adapter, if loaded while serving, becomes the most recently used."""
+        if target.pair is not None and self.recency:
+            name = self.ctx.settings.engine.experts[target.pair].name
+            if name in self.recency:
+                self.recency.pop(name)
+                self.recency[name] = None
 
     async def resolve(self, model: str | None) -> None:
         """Load ``DIR/model`` as the adapter ``model`` when the server does not serve that id and the resolver's

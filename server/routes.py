@@ -85,6 +85,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         try:
             await adapters.resolve(model)
             served, target = ctx.resolve_model(model)
+            adapters.used(target)
             prompt_input = _convert(prompt)
             sampling = _convert(params)
             stream = await ctx.submit(request_id, prompt_input, sampling, target, salt)

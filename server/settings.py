@@ -153,6 +153,11 @@ class ServerSettings(BaseSettings):
         "answered by it, as vLLM's filesystem resolver (VLLM_LORA_RESOLVER_CACHE_DIR) does. Each replica loads what "
         "its own requests name.",
     )
+    max_cpu_loras: int | None = Field(
+        default=None, ge=1, description="At most this many adapters loaded while serving (by /v1/load_lora_adapter "
+        "or the resolver): loading one more first unloads the least recently used (its running requests finish), "
+        "as vLLM's LoRA cache evicts. Unset: no bound. Adapters of lora_modules are not counted and stay.",
+    )
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")
 
     @field_validator("api_keys")

@@ -277,12 +277,13 @@ def test_random_bodies_are_answered_or_refused_never_a_500(http, lora, path, bod
 
 def test_the_resolver_loads_an_adapter_a_request_names(tiny_family, lora, tmp_path, monkeypatch):
     """vLLM's filesystem resolver: a request for a model the server does not serve loads DIR/NAME as the adapter
-    NAME and is answered by it, once, however many ask at the same time; what the directory lacks stays a 404."""
+    NAME and is answered by it, once, however many ask at the same time; what the directory lacks stays a 404. With
+    max_cpu_loras, one more adapter unloads the least recently used."""
     import shutil
     import threading
 
     resolver = tmp_path / "adapters"
-    for name in ("sql", "story"):
+    for name in ("sql", "story", "third"):
         shutil.copytree(lora, resolver / name)
     (resolver / "empty").mkdir()
     monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(resolver))
@@ -293,7 +294,9 @@ def test_the_resolver_loads_an_adapter_a_request_names(tiny_family, lora, tmp_pa
     with pytest.raises(ConfigError, match="not a directory"):
         resolve_settings([*paths, "--lora-resolver-dir", str(tmp_path / "nowhere")])
 
-    with serving(make_settings(tiny_family, lora_resolver_dir=str(resolver))) as (_, http):
+    assert resolve_settings([*paths, "--max-cpu-loras", "2"])[0].max_cpu_loras == 2
+
+    with serving(make_settings(tiny_family, lora_resolver_dir=str(resolver), max_cpu_loras=2)) as (_, http):
         assert _text(http, "sql") == _expected(tiny_family, lora, Target(Serves.PROXY, 1))
         ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
         assert f"{MODEL}:sql" in ids and f"{MODEL}:story" not in ids
@@ -311,6 +314,13 @@ def test_the_resolver_loads_an_adapter_a_request_names(tiny_family, lora, tmp_pa
         assert answers == [200, 200, 200]
         ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
         assert ids.count(f"{MODEL}:story") == 1
+        _text(http, f"{MODEL}:sql")  # used again: "story" is now the least recently used
+        assert _text(http, "third")
+        ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
+        assert f"{MODEL}:sql" in ids and f"{MODEL}:third" in ids and f"{MODEL}:story" not in ids
+        assert _text(http, "story")  # and back, in place of the least recently used again ("sql")
+        ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
+        assert f"{MODEL}:sql" not in ids and f"{MODEL}:third" in ids and f"{MODEL}:story" in ids
         for unknown in ("empty", "nope", "../adapters/sql", ".hidden"):
             response = http.post("/v1/completions", json={"model": unknown, "prompt": PROMPT, "max_tokens": 2})
             assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", unknown
