@@ -15,10 +15,11 @@ from typing import Any
 from proxy_engine.grammar import StructuredOutput
 from server.errors import bad_request
 
-# vLLM's structured_outputs keys -> our kinds. (Its backend hints are accepted and ignored: one engine here.)
+# vLLM's structured_outputs keys -> our kinds. Its backend and whitespace hints are accepted and ignored (one
+# engine here, and the output is valid either way); a structural_tag, a constraint of its own, is refused (400).
 _VLLM_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 _VLLM_HINTS = {"backend", "disable_fallback", "disable_any_whitespace", "disable_additional_properties",
-               "whitespace_pattern", "structural_tag"}
+               "whitespace_pattern"}
 _GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}
 

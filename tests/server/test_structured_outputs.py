@@ -107,6 +107,9 @@ def test_vllm_fields(client, extra, check):
         ({"guided_regex": "(unclosed"}, "guided_regex", "unclosed group"),
         ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "one output constraint"),
         ({"structured_outputs": {"yaml": "x"}}, "structured_outputs.yaml", "not supported"),
+        # vLLM's structural tag is a constraint of its own: refused, not dropped (it was accepted as a hint)
+        ({"structured_outputs": {"structural_tag": '{"structures": [], "triggers": ["<f="]}'}},
+         "structured_outputs.structural_tag", "not supported"),
         ({"guided_grammar": "required"}, "guided_grammar", "invalid grammar: Expected ::="),  # was a 500 (fuzzing)
         ({"structured_outputs": {"grammar": "required"}}, "structured_outputs.grammar", "invalid grammar"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
