@@ -19,12 +19,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from proxy_engine.async_engine import EngineStats
-from proxy_engine.request import RequestTimings
+from proxy_engine.request import RequestTimings, SamplingParams
 
 PREFIX = "proxy_serve"
 VLLM = "vllm:"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_N_BUCKETS = (1, 2, 5, 10, 20)
 _TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
@@ -214,6 +215,15 @@ class ServerMetrics:
         self.vllm_request_generation_tokens = Histogram(
             f"{VLLM}request_generation_tokens", "Generated tokens of each finished request (all choices).", vllm,
             buckets=_TOKEN_COUNT_BUCKETS, registry=self.registry).labels(model_name)
+        self.vllm_max_generation_tokens = Histogram(
+            f"{VLLM}request_max_num_generation_tokens", "The most tokens one choice of each finished request "
+            "generated.", vllm, buckets=_TOKEN_COUNT_BUCKETS, registry=self.registry).labels(model_name)
+        self.vllm_params_n = Histogram(
+            f"{VLLM}request_params_n", "The n of each finished request.", vllm, buckets=_N_BUCKETS,
+            registry=self.registry).labels(model_name)
+        self.vllm_params_max_tokens = Histogram(
+            f"{VLLM}request_params_max_tokens", "The max_tokens of each finished request that set one.", vllm,
+            buckets=_TOKEN_COUNT_BUCKETS, registry=self.registry).labels(model_name)
 
     def _latency(self, name: str, doc: str, buckets: tuple[float, ...]) -> _Both:
         """A histogram under this server's name and under vLLM's (labelled with the served name)."""
@@ -221,11 +231,18 @@ class ServerMetrics:
         theirs = Histogram(f"{VLLM}{name}", doc, ["model_name"], buckets=buckets, registry=self.registry)
         return _Both(ours, theirs.labels(self.model_name))
 
-    def request_finished(self, finish_reason: str, prompt_tokens: int, generation_tokens: int) -> None:
-        """A request that ran to its end (vLLM counts only those): its finish reason and token counts."""
+    def request_finished(self, finish_reason: str, prompt_tokens: int, generation_tokens: int,
+                         max_generation_tokens: int = 0, params: SamplingParams | None = None) -> None:
+        """A request that ran to its end (vLLM counts only those): its finish reason, token counts and what it asked
+        for."""
         self.vllm_request_success.labels(self.model_name, finish_reason).inc()
         self.vllm_request_prompt_tokens.observe(prompt_tokens)
         self.vllm_request_generation_tokens.observe(generation_tokens)
+        self.vllm_max_generation_tokens.observe(max_generation_tokens)
+        if params is not None:
+            self.vllm_params_n.observe(params.n)
+            if params.max_tokens is not None:
+                self.vllm_params_max_tokens.observe(params.max_tokens)
 
     def choice_timed(self, timings: RequestTimings, completion_tokens: int) -> None:
         """A choice that ran to its end: where its time went in the engine."""

@@ -102,6 +102,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         logged = [p.text if p.text is not None else (p.messages if p.messages is not None else p.token_ids)
                   for p in prompts]
         generation = Generation(ctx, stream, request_id=request_id, endpoint=endpoint, model=served, n=stream.n,
+                                params=sampling,
                                 timer=timer, prompt_log=logged[0] if len(logged) == 1 else logged)
         return generation, prompts
 

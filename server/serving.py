@@ -451,8 +451,10 @@ class Generation:
         n: int,
         timer: RequestTimer,
         prompt_log: Any = None,
+        params: SamplingParams | None = None,
     ) -> None:
         self.ctx = ctx
+        self.params = params  # what the request asked for (vLLM's request_params_* histograms)
         self.stream = stream
         self.request_id = request_id
         self.endpoint = endpoint
@@ -595,7 +597,8 @@ class Generation:
         self.ctx.metrics.requests.labels(self.endpoint, self.model, str(status)).inc()
         if self.finished and self.choices:
             self.ctx.metrics.request_finished(self.choices[0].finish_reason or "stop", self.prompt_tokens,
-                                              self.completion_tokens)
+                                              self.completion_tokens,
+                                              max(c.completion_tokens for c in self.choices), self.params)
             for choice in self.choices:
                 if choice.timings is not None:
                     self.ctx.metrics.choice_timed(choice.timings, choice.completion_tokens)

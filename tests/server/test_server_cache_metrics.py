@@ -99,6 +99,22 @@ def test_where_each_choices_time_went_under_vllms_names():
     assert got[("vllm:request_time_per_output_token_seconds_sum", named)] == 0.5
 
 
+def test_what_each_finished_request_asked_for_under_vllms_names():
+    from proxy_engine.request import SamplingParams
+
+    metrics = ServerMetrics(lambda: EngineStats(), "my-model")
+    metrics.request_finished("stop", 10, 12, 7, SamplingParams(n=2, max_tokens=64))
+    metrics.request_finished("length", 10, 3, 3, SamplingParams(n=1))  # no max_tokens: not observed
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    named = (("model_name", "my-model"),)
+    assert got[("vllm:request_params_n_sum", named)] == 3 and got[("vllm:request_params_n_count", named)] == 2
+    assert got[("vllm:request_params_max_tokens_sum", named)] == 64
+    assert got[("vllm:request_params_max_tokens_count", named)] == 1
+    assert got[("vllm:request_max_num_generation_tokens_sum", named)] == 10
+    assert got[("vllm:request_success_total", (("finished_reason", "length"), ("model_name", "my-model")))] == 1
+
+
 def test_without_a_prefix_cache_the_counters_are_absent_and_usage_is_zero():
     got = samples(EngineStats())
     assert got[("proxy_serve_kv_cache_usage_perc", ())] == 0.0
@@ -146,4 +162,7 @@ def test_a_chats_next_turn_shows_as_prefix_cache_hits_on_metrics(http):
     timed = _value(after, "vllm:request_queue_time_seconds_count", {"model_name": "proxy-tuned"}) - \
         _value(before, "vllm:request_queue_time_seconds_count", {"model_name": "proxy-tuned"})
     assert timed == 2 and _value(after, "vllm:request_inference_time_seconds_sum", {"model_name": "proxy-tuned"}) > 0
+    asked = _value(after, "vllm:request_params_max_tokens_sum", {"model_name": "proxy-tuned"}) - \
+        _value(before, "vllm:request_params_max_tokens_sum", {"model_name": "proxy-tuned"})
+    assert asked == 4 + 4  # both chats' max_tokens
     assert config.samples[0].value == 1.0
