@@ -164,6 +164,7 @@ class AdapterLoader:
         path = Path(directory).expanduser() / model
         if not (path / ADAPTER_CONFIG).is_file():
             return
+        self.ctx.check_available()  # still loading, draining, failed: the 503 the request would get anyway
         logger.info("model %r is not served: loading it from the LoRA resolver's directory (%s)", model, path)
         try:
             await self.load(LoadLoRAAdapterRequest(lora_name=model, lora_path=str(path)))
