@@ -166,5 +166,6 @@ def log_loaded(ctx: ServerContext) -> None:
     for i, pair in enumerate(config.experts):
         logger.info("pair %d: expert %s; anti-expert %s; alpha %g", i, where(pair.expert), where(pair.anti_expert),
                     pair.alpha)
-    logger.info("ready: serving %s (max_model_len %d, vocab %d)", ", ".join(ctx.settings.model_ids),
-                info.max_model_len, info.vocab_size)
+    aliases = ctx.settings.served_model_aliases
+    logger.info("ready: serving %s%s (max_model_len %d, vocab %d)", ", ".join(ctx.settings.model_ids),
+                f"; also as {', '.join(aliases)}" if aliases else "", info.max_model_len, info.vocab_size)

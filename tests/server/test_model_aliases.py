@@ -4,6 +4,7 @@ its parts), listed on /v1/models; answers and metrics name the model by its id, 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,7 +19,8 @@ ENGINE = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_exp
 
 
 @pytest.fixture()
-def served():
+def served(caplog):
+    caplog.set_level(logging.INFO, logger="proxy_serve")  # the start-up lines
     fake = FakeEngine()
     settings = load_settings(overrides={"engine": ENGINE, "served_model_name": ["llama", "meta-llama/Llama-3-8B"],
                                         "allow_runtime_lora_updating": True}, environ=False)
@@ -69,7 +71,8 @@ def test_models_lists_every_name_and_an_alias_serves_as_the_id(served):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
-def test_no_adapter_may_take_an_alias(served):
+def test_no_adapter_may_take_an_alias_and_the_log_names_them(served, caplog):
     _, client = served
+    assert any("also as meta-llama/Llama-3-8B" in record.getMessage() for record in caplog.get_records("setup"))
     refused = client.post("/v1/load_lora_adapter", json={"lora_name": "meta-llama/Llama-3-8B", "lora_path": "x"})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "lora_name"
