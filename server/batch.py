@@ -150,7 +150,7 @@ async def run_batch(app, lines: Iterator[str], sink: IO[str], *, concurrency: in
             raise RuntimeError(f"failed to load the models: {ctx.load_error}")
         started = time.monotonic()  # the batch's time, not the models' loading
         limit = asyncio.Semaphore(concurrency or 2 * ctx.settings.engine.limits.max_num_seqs)
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a 500 line, not a stopped batch
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost", headers=headers,
                                      timeout=None) as client:
             tasks: set[asyncio.Task] = set()
@@ -169,9 +169,13 @@ async def run_batch(app, lines: Iterator[str], sink: IO[str], *, concurrency: in
 
             async def answer(index: int, custom_id: str, request: dict[str, Any]) -> None:
                 try:
-                    done(index, _output(custom_id, await _send(client, ctx, request)))
+                    line = _output(custom_id, await _send(client, ctx, request))
+                except Exception as error:  # noqa: BLE001 - one line fails, the batch goes on
+                    logger.exception("batch line %d (%s) failed", index, custom_id)
+                    line = _error_line(custom_id, f"{type(error).__name__}: {error}", "internal_error")
                 finally:
                     limit.release()
+                done(index, line)
 
             for text in lines:
                 if not text.strip():

@@ -72,6 +72,34 @@ async def test_a_request_the_queue_turns_away_is_sent_again():
     assert response.status_code == 200 and sent == [{"prompt": "x"}] * 3
 
 
+def test_a_line_that_fails_in_the_runner_is_an_error_line_and_the_batch_goes_on(monkeypatch):
+    """Not the server's answer but the runner's own failure (a transport error, say): that line says so."""
+    import server.batch as batch
+    from server.app import create_app
+    from server.settings import load_settings
+    from tests.server.fake_engine import FakeEngine
+
+    real = batch._send
+
+    async def flaky(client, ctx, request):
+        if request["body"]["prompt"] == "boom":
+            raise httpx.ReadError("the connection broke")
+        return await real(client, ctx, request)
+
+    monkeypatch.setattr(batch, "_send", flaky)
+    engine = {"base": {"path": "b"}, "experts": [{"expert": {"path": "e"}, "anti_expert": {"path": "a"}}]}
+    app = create_app(FakeEngine(), load_settings(overrides={"engine": engine}, environ=False))
+    lines = [line(name, "/v1/completions", {"model": MODEL, "prompt": name, "max_tokens": 2})
+             for name in ("one", "boom", "two")]
+    sink = io.StringIO()
+    summary = asyncio.run(run_batch(app, iter(lines), sink))
+    out = [json.loads(x) for x in sink.getvalue().splitlines()]
+    assert [o["custom_id"] for o in out] == ["one", "boom", "two"] and summary.failed == 1
+    assert out[0]["response"]["status_code"] == 200 and out[2]["response"]["status_code"] == 200
+    assert out[1]["response"] is None and out[1]["error"] == {"code": "internal_error",
+                                                             "message": "ReadError: the connection broke"}
+
+
 def test_every_line_is_answered_in_order_as_over_http(tiny_family, http):
     """In process, through the same app as the live server: greedy answers are the HTTP ones, character for
     character; refusals keep their status and error body; lines that are not requests say why."""
