@@ -153,9 +153,10 @@ class Scheduler:
                     break
                 if cached is not None:
                     grown = [*rows, (len(key[0][1]), cached(candidate))]  # the primary model's context
-                    if admitted and cached_columns_lost(grown) - lost >= block:
+                    grown_lost = cached_columns_lost(grown)
+                    if admitted and grown_lost - lost >= block:
                         break
-                    rows, lost = grown, cached_columns_lost(grown)
+                    rows, lost = grown, grown_lost
                 prompts.add(key)
                 width = max(width, longest)
             admitted.append(self.waiting.popleft())

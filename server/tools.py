@@ -282,10 +282,6 @@ class _StreamedCall:
         return self.canonical is not None and not (self.canonical.done or self.canonical.broken)
 
 
-def _read_nothing(text: str) -> str:
-    return ""
-
-
 class ChoiceStream:
     """One streamed choice's text turned into chat deltas: content, or tool calls in OpenAI's delta shape
     (per call: ``index``, ``id``, ``type`` and ``name`` once, then ``arguments`` fragments that join to the JSON).
@@ -333,8 +329,8 @@ class ChoiceStream:
         if not calls:
             return out + self._content_to(len(self.text))
         out += self._content_to(len(content or ""))  # content is the text before the calls
-        for call in calls:  # read whole: each call's arguments go out in one piece, no reader needed
-            state = self._start_call(CallHead(call.name, len(self.text)), out, whole=True)
+        for call in calls:
+            state = self._start_call(CallHead(call.name, len(self.text)), out)
             out.append({"tool_calls": [{"index": state.index, "function": {"arguments": call.arguments}}]})
         return out
 
@@ -371,13 +367,12 @@ class ChoiceStream:
             out += self._arguments(self.calls[position])
         return out
 
-    def _start_call(self, head: CallHead, out: list[dict[str, Any]], whole: bool = False) -> _StreamedCall:
-        """A new call, its header (index, id, type, name) appended to ``out``; ``whole``: its arguments are sent
-        in one piece by the caller, not read as they are written."""
+    def _start_call(self, head: CallHead, out: list[dict[str, Any]]) -> _StreamedCall:
+        """A new call, its header (index, id, type, name) appended to ``out``."""
         # named and required calls are the constraint's JSON, whatever the family's format
         fmt = self.plan.fmt if self.plan.mode == "auto" else DEFAULT_FORMAT
-        read = _read_nothing if whole else arguments_reader(fmt, head, self.plan.tools)
-        state = _StreamedCall(len(self.calls), head, read, new_call_id(self.plan.fmt), sent_whole=whole)
+        state = _StreamedCall(len(self.calls), head, arguments_reader(fmt, head, self.plan.tools),
+                              new_call_id(self.plan.fmt))
         self.calls.append(state)
         out.append({"tool_calls": [{"index": state.index, "id": state.id, "type": "function",
                                     "function": {"name": head.name, "arguments": ""}}]})
