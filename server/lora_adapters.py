@@ -147,39 +147,47 @@ class AdapterLoader:
                         oldest, limit)
             await self._remove(oldest)
 
-    def used(self, target: Target) -> None:
-        """A request for ``target``: its adapter, if loaded while serving, becomes the most recently used."""
-        if target.pair is not None and self.recency:
-            name = self.ctx.settings.engine.experts[target.pair].name
-            if name in self.recency:
-                self.recency.pop(name)
-                self.recency[name] = None
+    async def resolve_model(self, model: str | None) -> tuple[str, Target]:
+        """``ServerContext.resolve_model``, after loading ``DIR/model`` as the adapter ``model`` when the server does
+        not serve that id and the resolver's directory holds it (vLLM's filesystem resolver); the adapter it names,
+        if loaded while serving, becomes the most recently used (max_cpu_loras)."""
+        try:
+            served = self.ctx.resolve_model(model)
+        except APIError:
+            path = self._resolvable(model)
+            if path is None:
+                raise  # an unknown id stays a 404
+            await self._load_resolved(model, path)
+            served = self.ctx.resolve_model(model)
+        self._used(served[1])
+        return served
 
-    async def resolve(self, model: str | None) -> None:
-        """Load ``DIR/model`` as the adapter ``model`` when the server does not serve that id and the resolver's
-        directory holds it (vLLM's filesystem resolver); otherwise nothing (an unknown id stays a 404)."""
+    def _resolvable(self, model: str | None) -> Path | None:
+        """The resolver's directory of adapter ``model``, when it has one."""
         directory = self.ctx.settings.lora_resolver_dir
-        if directory is None or not model or not _RESOLVABLE.fullmatch(model) or self._serves(model):
-            return
+        if directory is None or not model or not _RESOLVABLE.fullmatch(model):
+            return None
         path = Path(directory).expanduser() / model
-        if not (path / ADAPTER_CONFIG).is_file():
-            return
+        return path if (path / ADAPTER_CONFIG).is_file() else None
+
+    async def _load_resolved(self, model: str, path: Path) -> None:
         self.ctx.check_available()  # still loading, draining, failed: the 503 the request would get anyway
         logger.info("model %r is not served: loading it from the LoRA resolver's directory (%s)", model, path)
         try:
             await self.load(LoadLoRAAdapterRequest(lora_name=model, lora_path=str(path)))
         except APIError as error:
-            if self._serves(model):  # loaded meanwhile by a request that raced this one ("already loaded")
-                return
-            raise APIError(error.status, f"model {model!r} is an adapter in the LoRA resolver's directory that did "
-                           f"not load: {error.message}", param="model", code=error.code) from None
+            try:  # loaded meanwhile by a request that raced this one ("already loaded")
+                self.ctx.resolve_model(model)
+            except APIError:
+                raise APIError(error.status, f"model {model!r} is an adapter in the LoRA resolver's directory that "
+                               f"did not load: {error.message}", param="model", code=error.code) from None
 
-    def _serves(self, model: str) -> bool:
-        try:
-            self.ctx.resolve_model(model)
-        except APIError:
-            return False
-        return True
+    def _used(self, target: Target) -> None:
+        if target.pair is not None and self.recency:
+            name = self.ctx.settings.engine.experts[target.pair].name
+            if name in self.recency:
+                self.recency.pop(name)
+                self.recency[name] = None
 
 
 def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> AdapterLoader:

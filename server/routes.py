@@ -83,9 +83,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         served = "unknown"  # a label for refused requests that named no model we serve (bounded cardinality)
         shape = request_shape(await http.json()) if request_logger.isEnabledFor(logging.DEBUG) else None
         try:
-            await adapters.resolve(model)
-            served, target = ctx.resolve_model(model)
-            adapters.used(target)
+            served, target = await adapters.resolve_model(model)
             prompt_input = _convert(prompt)
             sampling = _convert(params)
             stream = await ctx.submit(request_id, prompt_input, sampling, target, salt)
