@@ -29,8 +29,9 @@ _N_BUCKETS = (1, 2, 5, 10, 20)
 _TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
-# The cache settings vLLM's cache_config_info carries, as this server has them (its labels; num_gpu_blocks added).
-CacheConfig = Callable[[], dict[str, str]]
+# The cache settings vLLM's cache_config_info carries, as this server has them (its labels), and the loaded
+# max_model_len, from which its num_gpu_blocks label is worked out.
+CacheConfig = Callable[[], tuple[dict[str, str], int]]
 
 
 class _EngineCollector(Collector):
@@ -50,16 +51,15 @@ class _EngineCollector(Collector):
         if self._adapters:
             yield _lora_requests_info(stats)
         if self._cache_config is not None:
-            yield _cache_config_info(self._cache_config(), stats)
+            yield _cache_config_info(*self._cache_config(), stats)
 
 
-def _cache_config_info(labels: dict[str, str], stats: EngineStats) -> Metric:
+def _cache_config_info(labels: dict[str, str], max_model_len: int, stats: EngineStats) -> Metric:
     """vLLM's ``cache_config_info`` (value 1, the settings as labels), which the inference gateway's endpoint
     picker reads for the block size its prefix scorer hashes by and the KV capacity: ``num_gpu_blocks`` is the
     running batch's K/V at the limits (``max_num_seqs`` x ``max_model_len`` tokens, what ``kv_cache_usage_perc`` is a
     share of) in blocks."""
-    tokens = stats.max_num_seqs * int(labels.pop("max_model_len"))
-    labels = {**labels, "num_gpu_blocks": str(tokens // int(labels["block_size"]))}
+    labels = {**labels, "num_gpu_blocks": str(stats.max_num_seqs * max_model_len // int(labels["block_size"]))}
     gauge = GaugeMetricFamily(f"{VLLM}cache_config_info", "Information of the engine's cache config.",
                               labels=list(labels))
     gauge.add_metric(list(labels.values()), 1.0)
@@ -176,7 +176,7 @@ class ServerMetrics:
     def __init__(self, stats: Callable[[], EngineStats | None], model_name: str = "proxy-tuned",
                  adapters: bool = False, cache_config: CacheConfig | None = None) -> None:
         """``adapters``: the server serves adapters by name (named pairs, ``--lora-modules``, runtime loading),
-        which vLLM's LoRA metric reports on; ``cache_config``: the labels of vLLM's ``cache_config_info``, with the
+        which vLLM's LoRA metric reports on; ``cache_config``: the labels of vLLM's ``cache_config_info`` and the
         loaded ``max_model_len`` (read once the engine is loaded)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineCollector(stats, model_name, adapters, cache_config))

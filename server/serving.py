@@ -140,15 +140,15 @@ class ServerContext:
     def stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine.ready else None
 
-    def _cache_config(self) -> dict[str, str]:
-        """vLLM's cache_config_info labels as this server has them (ServerMetrics; once loaded); no
-        gpu_memory_utilization where none is set (the CPU's default)."""
+    def _cache_config(self) -> tuple[dict[str, str], int]:
+        """vLLM's cache_config_info labels as this server has them, and the loaded max_model_len (ServerMetrics;
+        once loaded); no gpu_memory_utilization where none is set (the CPU's default)."""
         engine = self.settings.engine
         utilization = engine.runtime.gpu_memory_utilization
-        return {"block_size": str(engine.prefix_cache.block_size), "cache_dtype": "auto",
-                "enable_prefix_caching": str(engine.prefix_cache.enabled),
-                **({} if utilization is None else {"gpu_memory_utilization": str(utilization)}),
-                "max_model_len": str(self.info.max_model_len)}
+        labels = {"block_size": str(engine.prefix_cache.block_size), "cache_dtype": "auto",
+                  "enable_prefix_caching": str(engine.prefix_cache.enabled),
+                  **({} if utilization is None else {"gpu_memory_utilization": str(utilization)})}
+        return labels, self.info.max_model_len
 
     def drain(self) -> None:
         """Stop taking new requests (SIGTERM): ``/health`` says draining, new requests get 503."""

@@ -72,8 +72,8 @@ def test_vllms_lora_gauge_names_the_adapters_of_running_and_queued_requests():
 
 def test_vllms_cache_config_info_carries_the_block_size_and_the_kv_capacity_in_blocks():
     config = {"block_size": "16", "cache_dtype": "auto", "enable_prefix_caching": "True",
-              "gpu_memory_utilization": "0.9", "max_model_len": "4096"}
-    text = ServerMetrics(lambda: EngineStats(max_num_seqs=8), cache_config=lambda: dict(config)).render().decode()
+              "gpu_memory_utilization": "0.9"}
+    text = ServerMetrics(lambda: EngineStats(max_num_seqs=8), cache_config=lambda: (config, 4096)).render().decode()
     [family] = [f for f in text_string_to_metric_families(text) if f.name == "vllm:cache_config_info"]
     assert family.samples[0].value == 1.0 and family.samples[0].labels == {
         "block_size": "16", "cache_dtype": "auto", "enable_prefix_caching": "True", "gpu_memory_utilization": "0.9",
