@@ -99,7 +99,7 @@ class ServerContext:
         settings = self.settings
         adapters = settings.allow_runtime_lora_updating or settings.lora_resolver_dir is not None \
             or any(p.name for p in settings.engine.experts)
-        self.metrics = ServerMetrics(self.stats, self.settings.served_model_name, adapters, self._cache_config)
+        self.metrics = ServerMetrics(self.stats, settings.served_model_name, adapters, self._cache_config)
         self.defaults = sampling_defaults(self.settings.engine)
         names = {target: model_id for model_id, target in self.settings.model_routes.items()}
         for line in describe(self.defaults, names):

@@ -25,6 +25,11 @@ VLLM_LORA_RESOLVER_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"  # vLLM's filesystem res
 MIB = 1024 * 1024
 
 
+def _names_a_whole_model(name: str) -> bool:
+    """A served name (the model id, or an alias of it): non-empty, no spaces, not one of its parts' suffixes."""
+    return bool(name) and not name.endswith((":base", ":expert")) and not any(c.isspace() for c in name)
+
+
 class ConfigError(Exception):
     """A configuration problem, described in one line fit to print before exiting."""
 
@@ -225,7 +230,7 @@ class ServerSettings(BaseSettings):
     @field_validator("served_model_name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
-        if name.endswith((":base", ":expert")) or any(c.isspace() for c in name):
+        if not _names_a_whole_model(name):
             raise ValueError("must not contain spaces or end in ':base' / ':expert'")
         return name
 
@@ -233,7 +238,7 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _plain_aliases(cls, names: list[str]) -> list[str]:
         for name in names:
-            if not name or name.endswith((":base", ":expert")) or any(c.isspace() for c in name):
+            if not _names_a_whole_model(name):
                 raise ValueError(f"{name!r}: an alias must not be empty, contain spaces or end in ':base' / ':expert'")
         return list(dict.fromkeys(names))
 
