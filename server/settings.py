@@ -246,6 +246,12 @@ class ServerSettings(BaseSettings):
     def _aliases_apart(self) -> ServerSettings:
         if self.served_model_name in self.served_model_aliases:
             raise ValueError(f"served_model_aliases: {self.served_model_name!r} is the model id itself")
+        # A pair's bare name is a model id of its own (the base steered by that pair alone): a served name equal to
+        # it would answer for the whole model and hide the pair without a word.
+        for pair in self.engine.experts:
+            if pair.name is not None and self.names_of_model(pair.name):
+                raise ValueError(f"expert pair {pair.name!r} has the name the served model answers to: rename the "
+                                 "pair (expert name, or the NAME of NAME=PATH) or the model")
         return self
 
     @classmethod

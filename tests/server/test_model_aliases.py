@@ -43,6 +43,8 @@ def test_the_flag_takes_several_names_as_vllms_does():
     (["llama", "other:base"], "must not"),
     (["llama", "two words"], "must not"),
     ([], "at least one name"),
+    (["llama", "code"], "expert pair 'code' has the name"),  # the alias would hide the pair named code
+    (["code"], "expert pair 'code' has the name"),
 ])
 def test_bad_aliases_are_configuration_errors(names, message):
     with pytest.raises((ConfigError, ValueError), match=message):
