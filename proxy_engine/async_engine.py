@@ -24,6 +24,7 @@ from proxy_engine.request import (
     SamplingParams,
     Target,
 )
+from proxy_engine.step_tokens import StepTokenCounts
 
 log = logging.getLogger("proxy_engine")
 
@@ -92,6 +93,7 @@ class EngineStats:
     # The named pairs (LoRA adapters served by name) that running / queued sequences were asked of, by name.
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
+    step_tokens: StepTokenCounts = StepTokenCounts()  # tokens per engine step (vLLM's iteration_tokens_total)
 
 
 class RequestStream:
@@ -222,7 +224,7 @@ def engine_stats(engine) -> EngineStats:
     running_adapters, waiting_adapters = engine.named_pairs_in_use()
     return EngineStats(
         **engine_counts(engine),
-        running_adapters=running_adapters, waiting_adapters=waiting_adapters,
+        running_adapters=running_adapters, waiting_adapters=waiting_adapters, step_tokens=engine.step_tokens.reading(),
         kv_cache_usage=engine.kv_cache_usage(),
         prefix_caches=tuple(
             PrefixCacheStats(model=runner.name, queries_total=cache.queries_total, hits_total=cache.hits_total,

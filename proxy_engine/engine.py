@@ -56,6 +56,7 @@ from proxy_engine.runner import ModelRunner
 from proxy_engine.sampling import SamplingBatch
 from proxy_engine.scheduler import MEMORY_GROW_STEPS, Scheduler, has_room, with_running_cap
 from proxy_engine.sequence import Sequence
+from proxy_engine.step_tokens import StepTokens
 
 log = logging.getLogger("proxy_engine.engine")
 
@@ -124,6 +125,7 @@ class ProxyEngine:
         self.prefill: PrefillGroup | None = None
         self._synced_version = 0
         self.prompt_tokens_total = 0
+        self.step_tokens = StepTokens()
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
@@ -413,6 +415,12 @@ class ProxyEngine:
 
     # --- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        before = self.prompt_tokens_total + self.generation_tokens_total
+        outputs = self._step()
+        self.step_tokens.observe(self.prompt_tokens_total + self.generation_tokens_total - before)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         self._apply_changes()
         outputs = self._drain_inbox()
         self._sync_rows()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy_engine.async_engine import EngineStats
@@ -104,6 +104,16 @@ def _vllms(stats: EngineStats, model_name: str) -> Iterable[Metric]:
         counter = CounterMetricFamily(f"{VLLM}{name}", doc, labels=labels)
         counter.add_metric(value, count)
         yield counter
+    yield _step_tokens(f"{VLLM}iteration_tokens_total", stats, labels, value)
+
+
+def _step_tokens(name: str, stats: EngineStats, labels: list[str], values: list[str]) -> Metric:
+    """Tokens per engine step (prompts of the prefills it completed, plus the tokens it generated): how full the
+    steps run, and by its count whether the engine steps at all. A histogram despite vLLM's ``_total``."""
+    family = HistogramMetricFamily(name, "Tokens per engine step: prompt tokens of the prefills it completed "
+                                   "plus tokens generated.", labels=labels)
+    family.add_metric(values, stats.step_tokens.cumulative(), sum_value=stats.step_tokens.total)
+    return family
 
 
 def _ours(stats: EngineStats) -> Iterable[Metric]:
@@ -125,6 +135,7 @@ def _ours(stats: EngineStats) -> Iterable[Metric]:
         "Running sequences preempted (for more urgent ones, or out of memory); they resume by recomputation.",
         value=stats.preemptions_total,
     )
+    yield _step_tokens(f"{PREFIX}_iteration_tokens", stats, [], [])
     yield from _cache_metrics(stats)
 
 

@@ -52,6 +52,9 @@ def test_the_server_over_an_engine_process(tiny_family):
                            if line.startswith(f"{PREFIX}_generation_tokens") and not line.startswith("#"))
 
             assert wait_until(lambda: generated() >= 5)
+            steps = [line for line in http.get("/metrics").text.splitlines()
+                     if line.startswith("vllm:iteration_tokens_total_count")]  # the step histogram crosses the pipe
+            assert len(steps) == 1 and float(steps[0].split()[-1]) >= 5
 
             engine.process.kill()
             assert wait_until(lambda: http.get("/health").status_code == 503, timeout=30)

@@ -166,3 +166,23 @@ def test_a_chats_next_turn_shows_as_prefix_cache_hits_on_metrics(http):
         _value(before, "vllm:request_params_max_tokens_sum", {"model_name": "proxy-tuned"})
     assert asked == 4 + 4  # both chats' max_tokens
     assert config.samples[0].value == 1.0
+
+
+def test_vllms_tokens_per_step_histogram():
+    """vLLM's iteration_tokens_total is a histogram (despite its name) over vLLM's buckets; its count tells a
+    watchdog whether the engine steps at all."""
+    from proxy_engine.step_tokens import StepTokens
+
+    histogram = StepTokens()
+    for tokens in (3, 3, 40, 600):
+        histogram.observe(tokens)
+    text = ServerMetrics(lambda: EngineStats(step_tokens=histogram.reading()), "m").render().decode()
+    assert "# TYPE vllm:iteration_tokens_total histogram" in text
+    got = samples(EngineStats(step_tokens=histogram.reading()))
+    named = (("model_name", "proxy-tuned"),)
+    assert got[("vllm:iteration_tokens_total_count", named)] == 4
+    assert got[("vllm:iteration_tokens_total_sum", named)] == 646
+    assert got[("vllm:iteration_tokens_total_bucket", (("le", "8.0"), *named))] == 2
+    assert got[("vllm:iteration_tokens_total_bucket", (("le", "64.0"), *named))] == 3
+    assert got[("vllm:iteration_tokens_total_bucket", (("le", "+Inf"), *named))] == 4
+    assert got[("proxy_serve_iteration_tokens_count", ())] == 4
