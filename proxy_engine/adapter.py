@@ -201,7 +201,13 @@ def merge_adapter(model: torch.nn.Module, adapter: str, role: str) -> torch.nn.M
             warnings.simplefilter("ignore", FutureWarning)
             wrapped = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
             return wrapped.merge_and_unload(safe_merge=True)
-    except (RuntimeError, ValueError, KeyError) as error:
+    except Exception as error:
+        from proxy_engine.lora import read_weights_error
+
+        if (unreadable := read_weights_error(directory, error)) is not None:
+            raise unreadable from error
+        if not isinstance(error, RuntimeError | ValueError | KeyError):
+            raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{role}: the adapter {adapter} does not fit this model (trained over "
                          f"{trained_over or 'another model'}?): {first}") from error

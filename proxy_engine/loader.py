@@ -28,7 +28,7 @@ from proxy_engine.device_memory import usable_bytes
 from proxy_engine.executor.selection import wants_static
 from proxy_engine.gguf_files import find_gguf, require_gguf
 from proxy_engine.layout import ModelLayout
-from proxy_engine.lora import LoraAdapter, merge_reason
+from proxy_engine.lora import LoraAdapter, UnreadableAdapterError, merge_reason
 from proxy_engine.memory import config_dtype, parse_size, resolve_dtype
 from proxy_engine.model_files import context_length, locate, read_config, text_config
 from proxy_engine.placement import accelerate_key, normalise_device
@@ -327,6 +327,8 @@ def load_unmerged(role: str, config: ModelConfig, host: LoadedModel, tokenizer, 
     if reason is None:
         try:
             adapter = LoraAdapter.load(directory, host.model, config.adapter)
+        except UnreadableAdapterError:
+            raise  # merging would read the same files
         except ValueError as error:
             reason = str(error)
     if adapter is None:

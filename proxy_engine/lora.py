@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,26 @@ _MATH_CHANGING = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"
                   "target_parameters", "use_bdlora", "arrow_config", "velora_config", "monteclora_config",
                   "kasa_config", "megatron_config")
 _PEFT_PREFIX = "base_model.model."
+
+
+class UnreadableAdapterError(ValueError):
+    """An adapter whose weight files cannot be read (truncated, not the format their name says): merging it into a
+    copy instead would fail the same way, so it is refused as it is."""
+
+
+def _unreadable_weights() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, SafetensorError, pickle.UnpicklingError, EOFError)
+
+
+def read_weights_error(directory: Path, error: BaseException) -> UnreadableAdapterError | None:
+    """``error`` (raised reading the adapter at ``directory``) as an ``UnreadableAdapterError`` when it says the
+    files cannot be read, else None (the adapter was read, and does not fit)."""
+    if not isinstance(error, _unreadable_weights()):
+        return None
+    return UnreadableAdapterError(f"the adapter's weights in {directory} cannot be read ({type(error).__name__}: "
+                                  f"{str(error)[:300]})")
 
 
 def _fused_projection(module_name: str) -> bool:
@@ -112,7 +133,13 @@ class LoraAdapter:
         from peft.utils import load_peft_weights
 
         settings = json.loads((directory / ADAPTER_CONFIG).read_text())
-        weights = load_peft_weights(str(directory), device="cpu")
+        try:
+            weights = load_peft_weights(str(directory), device="cpu")
+        except Exception as error:
+            unreadable = read_weights_error(directory, error)
+            if unreadable is None:
+                raise
+            raise unreadable from None
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in weights.items():
             stem, _, kind = key.removesuffix(".weight").rpartition(".")

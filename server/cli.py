@@ -56,7 +56,8 @@ FLAGS = [
          "not served, NAME, loads DIR/NAME as the adapter NAME (vLLM's filesystem resolver, "
          "VLLM_LORA_RESOLVER_CACHE_DIR).", "DIR"),
     Flag("--max-cpu-loras", ("max_cpu_loras",), "At most N adapters loaded while serving (/v1/load_lora_adapter, "
-         "--lora-resolver-dir): one more unloads the least recently used first (vLLM's LoRA cache size).", "N"),
+         "--lora-resolver-dir) in memory: one more evicts the least recently used, which loads again on its next "
+         "request (vLLM's LoRA cache size).", "N"),
     Flag("--lora-modules", ("lora_modules",), "LoRA adapters served beside the expert pairs, each under its name "
          "(vLLM's): NAME=PATH or JSON, one or more. Each is a pair over the running checkpoint it was trained over "
          "(the anti-expert, else the base), out of the default combination.", "NAME=PATH", action="extend"),

@@ -16,6 +16,11 @@ the endpoints read files from the server's disk. Off, they do not exist (404), a
 With ``lora_resolver_dir`` (vLLM's filesystem resolver, ``VLLM_LORA_RESOLVER_CACHE_DIR``), a request naming a model
 the server does not serve, ``NAME``, first loads ``DIR/NAME`` as the adapter ``NAME`` if it holds one (``resolve``),
 then is answered by it; each replica of a scaled-out deployment loads what its own requests name.
+
+``max_cpu_loras`` bounds the adapters held in memory, as vLLM's LoRA cache does, not the adapters served: one
+evicted (the least recently used, once a load takes the count over the bound) stays registered, listed and
+servable, and a request naming it loads it again. A request whose adapter is evicted between being resolved and
+reaching the engine is sent again once the adapter is back (vLLM queues it), never answered 404.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -30,6 +36,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_engine.adapter import ADAPTER_CONFIG, adapter_pair, find_adapter
+from proxy_engine.async_engine import RequestStream
 from proxy_engine.config import ExpertPairConfig, PromptFormat
 from proxy_engine.request import EngineOverloadedError, ErrorCode, FieldError, PairNotFoundError, Target
 from server.errors import APIError, bad_request
@@ -62,6 +69,7 @@ class UnloadLoRAAdapterRequest(BaseModel):
 
 
 _RESOLVABLE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # a directory name under the resolver's: no path
+_RESUBMITS = 3  # times a request is sent again after its adapter was evicted between resolving and submitting
 
 
 class AdapterLoader:
@@ -73,13 +81,18 @@ class AdapterLoader:
         self.changing = asyncio.Lock()
         # The adapters loaded while serving, least recently used first (max_cpu_loras evicts from the front).
         self.recency: dict[str, None] = {}
+        # Those evicted to keep within max_cpu_loras: still served, loaded again (as they were) on their next request.
+        self.dormant: dict[str, LoadLoRAAdapterRequest] = {}
+        self._bodies: dict[str, LoadLoRAAdapterRequest] = {}  # how each adapter in ``recency`` was loaded
 
     def _taken_up(self, pairs: list[ExpertPairConfig]) -> None:
         # The engine's pairs (in this process, the same list already). A new model id's sampling defaults are read
         # on its first request (ServerContext.defaults_for).
         self.ctx.settings.engine.experts = list(pairs)
 
-    async def load(self, body: LoadLoRAAdapterRequest) -> None:
+    async def load(self, body: LoadLoRAAdapterRequest, on_demand: bool = False) -> None:
+        """Load an adapter (the endpoint's), or, ``on_demand``, one a request names (the resolver's, or a dormant
+        one): a request that raced this one may have loaded it meanwhile, and then there is nothing to do."""
         ctx, name = self.ctx, body.lora_name
         if ctx.settings.names_of_model(name):
             raise bad_request(f"{name!r} is the served model's name: give the adapter another", "lora_name")
@@ -90,6 +103,11 @@ class AdapterLoader:
                            param="lora_path", code=ErrorCode.ADAPTER_NOT_FOUND)
         async with self.changing:
             index = ctx.settings.pair_named(name)
+            if on_demand and index is not None:
+                return
+            if name in self.dormant and not body.load_inplace and not on_demand:
+                raise bad_request(f"The lora adapter '{name}' has already been loaded (load_inplace: true replaces "
+                                  "it)", "lora_name")
             if index is not None and not body.load_inplace:
                 raise bad_request(f"The lora adapter '{name}' has already been loaded (load_inplace: true replaces "
                                   "it)", "lora_name")
@@ -101,8 +119,6 @@ class AdapterLoader:
                                     alpha=body.alpha, prompt_format=body.prompt_format)
             except FieldError as error:
                 raise bad_request(str(error), error.param) from None
-            if index is None:
-                await self._make_room()
             try:
                 pairs = await ctx.engine.add_pair(pair, replace=body.load_inplace)
             except (ValueError, ImportError) as error:
@@ -114,14 +130,20 @@ class AdapterLoader:
                 raise APIError(500, f"loading the adapter failed ({type(error).__name__}: {error}); the server "
                                "serves on as before", code=ErrorCode.INTERNAL_ERROR) from None
             self._taken_up(pairs)
+            self.dormant.pop(name, None)
+            self._bodies[name] = body
             self.recency.pop(name, None)
             self.recency[name] = None
-        logger.info("loaded LoRA adapter %r from %s over %s (alpha %g)", name, adapter, pair.anti_expert.path,
-                    body.alpha)
+            logger.info("loaded LoRA adapter %r from %s over %s (alpha %g)", name, adapter, pair.anti_expert.path,
+                        body.alpha)
+            # Only now that it is in: a load that fails evicts nothing (vLLM's LoRA cache reads the adapter first
+            # too). The evicted adapter's running requests finish before its memory goes.
+            await self._make_room()
 
     async def unload(self, name: str) -> None:
         async with self.changing:
-            await self._remove(name)
+            if self.dormant.pop(name, None) is None:  # a dormant one is in no engine: it is forgotten, no more
+                await self._remove(name)
         logger.info("unloaded LoRA adapter %r: its running requests finish first", name)
 
     async def _remove(self, name: str) -> None:
@@ -136,31 +158,67 @@ class AdapterLoader:
             raise APIError(503, str(error), code=ErrorCode.ENGINE_FAILED) from None
         self._taken_up(pairs)
         self.recency.pop(name, None)
+        self._bodies.pop(name, None)
 
     async def _make_room(self) -> None:
-        """Under ``changing``: unload the least recently used adapters loaded while serving until one more fits
-        ``max_cpu_loras`` (their running requests finish first)."""
+        """Under ``changing``: evict the least recently used adapters loaded while serving until they are within
+        ``max_cpu_loras`` (their running requests finish first); each stays registered, dormant."""
         limit = self.ctx.settings.max_cpu_loras
-        while limit is not None and len(self.recency) >= limit:
+        while limit is not None and len(self.recency) > limit:
             oldest = next(iter(self.recency))
-            logger.info("unloading LoRA adapter %r, the least recently used, to keep %d loaded (max_cpu_loras)",
-                        oldest, limit)
+            body = self._bodies[oldest]
+            logger.info("evicting LoRA adapter %r, the least recently used, to keep %d loaded (max_cpu_loras); its "
+                        "next request loads it again", oldest, limit)
             await self._remove(oldest)
+            self.dormant[oldest] = body
 
     async def resolve_model(self, model: str | None) -> tuple[str, Target]:
-        """``ServerContext.resolve_model``, after loading ``DIR/model`` as the adapter ``model`` when the server does
-        not serve that id and the resolver's directory holds it (vLLM's filesystem resolver); the adapter it names,
-        if loaded while serving, becomes the most recently used (max_cpu_loras)."""
+        """``ServerContext.resolve_model``, after loading the adapter ``model`` names when the server does not serve
+        that id: a dormant adapter (evicted under max_cpu_loras) or ``DIR/model`` of the resolver's directory (vLLM's
+        filesystem resolver). The adapter it names, if loaded while serving, becomes the most recently used."""
         try:
             served = self.ctx.resolve_model(model)
         except APIError:
-            path = self._resolvable(model)
-            if path is None:
+            body = self._loadable(model)
+            if body is None:
                 raise  # an unknown id stays a 404
-            await self._load_resolved(model, path)
+            await self._load_on_demand(model, body)
             served = self.ctx.resolve_model(model)
         self._used(served[1])
         return served
+
+    async def submit(self, model: str | None, target: Target,
+                     submit: Callable[[Target], Awaitable[RequestStream]]) -> RequestStream:
+        """``submit(target)``; where the adapter it names was evicted meanwhile (a 404 from the engine), loaded
+        again and sent again, as vLLM queues a request whose adapter left its cache. Bounded: adapters evicted
+        as fast as they load (more in use than max_cpu_loras holds) end in the 404."""
+        for _ in range(_RESUBMITS):
+            try:
+                return await submit(target)
+            except APIError as error:
+                if error.code != ErrorCode.MODEL_NOT_FOUND or target.pair is None:
+                    raise
+                _, target = await self.resolve_model(model)
+        return await submit(target)
+
+    def dormant_name(self, model: str) -> str | None:
+        """The dormant adapter a model id names (``NAME``, ``<served>:NAME``, ``<served>:NAME:expert``), if any."""
+        model = self.ctx.settings.canonical_model(model)
+        prefix = f"{self.ctx.settings.served_model_name}:"
+        for name in (model, model.removeprefix(prefix), model.removeprefix(prefix).removesuffix(":expert")):
+            if name in self.dormant:
+                return name
+        return None
+
+    def _loadable(self, model: str | None) -> LoadLoRAAdapterRequest | None:
+        """How to load the adapter an unserved ``model`` names: a dormant one as it was, or the resolver's."""
+        if not model:
+            return None
+        name = self.dormant_name(model)
+        if name is not None:
+            return self.dormant[name]
+        path = self._resolvable(model)
+        return None if path is None else LoadLoRAAdapterRequest(lora_name=model, lora_path=str(path))
 
     def _resolvable(self, model: str | None) -> Path | None:
         """The resolver's directory of adapter ``model``, when it has one."""
@@ -170,17 +228,16 @@ class AdapterLoader:
         path = Path(directory).expanduser() / model
         return path if (path / ADAPTER_CONFIG).is_file() else None
 
-    async def _load_resolved(self, model: str, path: Path) -> None:
+    async def _load_on_demand(self, model: str, body: LoadLoRAAdapterRequest) -> None:
         self.ctx.check_available()  # still loading, draining, failed: the 503 the request would get anyway
-        logger.info("model %r is not served: loading it from the LoRA resolver's directory (%s)", model, path)
+        how = ("evicted earlier (max_cpu_loras)" if body.lora_name in self.dormant
+               else "in the LoRA resolver's directory")
+        logger.info("model %r names adapter %r, %s: loading it from %s", model, body.lora_name, how, body.lora_path)
         try:
-            await self.load(LoadLoRAAdapterRequest(lora_name=model, lora_path=str(path)))
+            await self.load(body, on_demand=True)
         except APIError as error:
-            try:  # loaded meanwhile by a request that raced this one ("already loaded")
-                self.ctx.resolve_model(model)
-            except APIError:
-                raise APIError(error.status, f"model {model!r} is an adapter in the LoRA resolver's directory that "
-                               f"did not load: {error.message}", param="model", code=error.code) from None
+            raise APIError(error.status, f"model {clip(model, 100)!r} names an adapter {how} that did not load: "
+                           f"{error.message}", param="model", code=error.code) from None
 
     def _used(self, target: Target) -> None:
         if target.pair is not None and self.recency:

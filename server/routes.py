@@ -86,7 +86,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             served, target = await adapters.resolve_model(model)
             prompt_input = _convert(prompt)
             sampling = _convert(params)
-            stream = await ctx.submit(request_id, prompt_input, sampling, target, salt)
+            stream = await adapters.submit(
+                model, target, lambda target: ctx.submit(request_id, prompt_input, sampling, target, salt))
         except APIError as error:
             if shape is not None:
                 request_logger.debug("%s %s %s prompt_tokens=? (refused)", request_id, endpoint, shape)
@@ -249,6 +250,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
             listed.append(card)
             if model_id == settings.served_model_name:  # vLLM lists every served name (its parts by the id only)
                 listed += [{**card, "id": alias, "display_name": alias} for alias in settings.served_model_aliases]
+        for name, body in adapters.dormant.items():  # evicted under max_cpu_loras: served still, as vLLM lists them
+            model_id = f"{settings.served_model_name}:{name}"
+            card = model_card(model_id, ctx.created, settings.engine.base.path, max_len, settings.served_model_name)
+            listed += [{**card, "alpha": [body.alpha]},
+                       model_card(f"{model_id}:expert", ctx.created, body.lora_path, max_len,
+                                  settings.served_model_name)]
         return listed
 
     add_responses_routes(router, ctx, start, collect)
@@ -276,6 +283,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
+        if (dormant := adapters.dormant_name(model_id)) is not None:  # evicted: its card, without loading it
+            listed = f"{ctx.settings.served_model_name}:{dormant}" + (":expert" if model_id.endswith(":expert") else "")
+            return {**next(card for card in cards() if card["id"] == listed), "id": model_id}
         _, target = ctx.resolve_model(model_id)  # raises the 404
         routes = ctx.settings.model_routes
         for card in cards():  # a pair's bare name (vLLM's LoRA id) gets its card, under the id asked for

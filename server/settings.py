@@ -160,8 +160,9 @@ class ServerSettings(BaseSettings):
     )
     max_cpu_loras: int | None = Field(
         default=None, ge=1, description="At most this many adapters loaded while serving (by /v1/load_lora_adapter "
-        "or the resolver): loading one more first unloads the least recently used (its running requests finish), "
-        "as vLLM's LoRA cache evicts. Unset: no bound. Adapters of lora_modules are not counted and stay.",
+        "or the resolver) held in memory, as vLLM's LoRA cache: one more evicts the least recently used (its running "
+        "requests finish), which stays served and loads again on its next request. Unset: no bound. Adapters of "
+        "lora_modules are not counted and stay.",
     )
     engine: EngineConfig = Field(description="Models, expert pairs, default alphas and batching limits.")
 

@@ -159,6 +159,20 @@ def test_adapters_that_cannot_be_merged_are_refused_naming_them(tiny_family, lor
         load_models(_config(tiny_family, str(tmp_path / "prompt-tuning")))
 
 
+@pytest.mark.parametrize("lora_mode", ["auto", "merged"])
+def test_an_adapter_whose_weights_cannot_be_read_says_so(tiny_family, lora, tmp_path, lora_mode):
+    """Truncated or mislabelled weight files: refused as unreadable, not merged instead (which would read them
+    again) nor called a misfit."""
+    import shutil
+
+    shutil.copytree(lora, tmp_path / "broken")
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"\x00" * 7)
+    config = _config(tiny_family, str(tmp_path / "broken"))
+    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"lora_mode": lora_mode})})
+    with pytest.raises(ValueError, match=r"the adapter's weights in .*broken cannot be read \(SafetensorError"):
+        load_models(config)
+
+
 def test_a_model_directory_is_never_read_as_an_adapter(tiny_family, lora, tmp_path):
     """A fine-tune saved whole beside its adapter_config.json (``merge_and_unload`` then ``save_pretrained`` into
     the same folder) is the model it holds."""

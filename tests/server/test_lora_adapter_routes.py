@@ -296,6 +296,11 @@ def test_random_bodies_are_answered_or_refused_never_a_500(http, lora, path, bod
     assert http.get("/health").status_code == 200
 
 
+def _loaded(server) -> set[str]:
+    """The adapters the engine holds now (an evicted one is listed on /v1/models all the same)."""
+    return {pair.name for pair in server.ctx.settings.engine.experts if pair.name is not None and not pair.in_default}
+
+
 def test_the_resolver_loads_an_adapter_a_request_names(tiny_family, lora, tmp_path, monkeypatch):
     """vLLM's filesystem resolver: a request for a model the server does not serve loads DIR/NAME as the adapter
     NAME and is answered by it, once, however many ask at the same time; what the directory lacks stays a 404. With
@@ -317,7 +322,7 @@ def test_the_resolver_loads_an_adapter_a_request_names(tiny_family, lora, tmp_pa
 
     assert resolve_settings([*paths, "--max-cpu-loras", "2"])[0].max_cpu_loras == 2
 
-    with serving(make_settings(tiny_family, lora_resolver_dir=str(resolver), max_cpu_loras=2)) as (_, http):
+    with serving(make_settings(tiny_family, lora_resolver_dir=str(resolver), max_cpu_loras=2)) as (server, http):
         assert _lora_info(http)["running_lora_adapters"] == ""  # adapters may come: vLLM's LoRA gauge is there
         assert _text(http, "sql") == _expected(tiny_family, lora, Target(Serves.PROXY, 1))
         ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
@@ -338,11 +343,75 @@ def test_the_resolver_loads_an_adapter_a_request_names(tiny_family, lora, tmp_pa
         assert ids.count(f"{MODEL}:story") == 1
         _text(http, f"{MODEL}:sql")  # used again: "story" is now the least recently used
         assert _text(http, "third")
+        assert _loaded(server) == {"sql", "third"}
         ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
-        assert f"{MODEL}:sql" in ids and f"{MODEL}:third" in ids and f"{MODEL}:story" not in ids
+        assert f"{MODEL}:story" in ids and f"{MODEL}:story:expert" in ids  # evicted, listed still (as vLLM lists it)
         assert _text(http, "story")  # and back, in place of the least recently used again ("sql")
-        ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
-        assert f"{MODEL}:sql" not in ids and f"{MODEL}:third" in ids and f"{MODEL}:story" in ids
+        assert _loaded(server) == {"third", "story"}
         for unknown in ("empty", "nope", "../adapters/sql", ".hidden"):
             response = http.post("/v1/completions", json={"model": unknown, "prompt": PROMPT, "max_tokens": 2})
             assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", unknown
+
+
+def test_max_cpu_loras_bounds_the_adapters_held_not_those_served(tiny_family, lora, tmp_path, monkeypatch):
+    """vLLM's --max-cpu-loras is a cache: an adapter evicted from it stays registered and listed, and its next request
+    loads it again (also one evicted between being resolved and reaching the engine: sent again, not a 404). A load
+    that fails evicts nothing; unloading an evicted adapter forgets it."""
+    import asyncio
+    import shutil
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    other = _save_lora(tiny_family.anti_expert, tmp_path / "other", seed=1)
+    broken = tmp_path / "broken"
+    shutil.copytree(lora, broken)
+    for weights in broken.glob("adapter_model.*"):
+        weights.write_bytes(b"not a tensor file")
+    settings = make_settings(tiny_family, allow_runtime_lora_updating=True, max_cpu_loras=1)
+    with serving(settings) as (server, http):
+        for name, path in (("a", lora), ("b", other)):
+            loaded = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+            assert loaded.status_code == 200
+        assert _loaded(server) == {"b"}
+        ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
+        assert {f"{MODEL}:a", f"{MODEL}:a:expert", f"{MODEL}:b", f"{MODEL}:b:expert"} <= set(ids)
+        card = http.get("/v1/models/a").json()
+        assert card["id"] == "a" and card["parent"] == MODEL and card["alpha"] == [1.0]
+        assert http.get(f"/v1/models/{MODEL}:a:expert").json()["root"] == str(lora)
+        assert _loaded(server) == {"b"}  # a card is read without loading the adapter
+
+        assert _text(http, "a") == _expected(tiny_family, lora, Target(Serves.PROXY, 1))  # loaded again, as it was
+        assert _loaded(server) == {"a"}
+        for name, path in (("a", lora), ("b", other)):  # registered, loaded or not: load_inplace replaces
+            again = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+            assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+
+        failed = http.post("/v1/load_lora_adapter", json={"lora_name": "broken", "lora_path": str(broken)})
+        assert failed.status_code == 400 and failed.json()["error"]["param"] == "lora_path"
+        assert "cannot be read" in failed.json()["error"]["message"] and _loaded(server) == {"a"}  # nothing evicted
+
+        def ask(model: str) -> int:
+            return http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 3}).status_code
+
+        # "a" is resolved, then held back before the engine while "b" loads and evicts it: sent again, not a 404
+        submit, held = server.ctx.submit, threading.Event()
+
+        async def held_back(request_id, prompt, params, target, salt=None):
+            if not held.is_set() and server.ctx.settings.engine.experts[target.pair].name == "a":
+                held.set()
+                await asyncio.sleep(1.0)
+            return await submit(request_id, prompt, params, target, salt)
+
+        monkeypatch.setattr(server.ctx, "submit", held_back)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ask, "a")
+            assert held.wait(30)
+            assert ask("b") == 200 and _loaded(server) == {"b"}
+            assert first.result() == 200 and _loaded(server) == {"a"}
+        monkeypatch.undo()
+
+        dormant = ({"a", "b"} - _loaded(server)).pop()
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": dormant}).status_code == 200
+        assert ask(dormant) == 404 and http.get(f"/v1/models/{dormant}").status_code == 404
+        assert f"{MODEL}:{dormant}" not in [card["id"] for card in http.get("/v1/models").json()["data"]]
+        assert http.get("/health").status_code == 200
