@@ -209,13 +209,15 @@ class Intake:
             )
         if prompt.token_ids is not None and any(not 0 <= t < self.vocab_size for t in prompt.token_ids):
             raise FieldError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        if any(not 0 <= t < self.vocab_size for t in prompt.continuation):
+            raise FieldError(f"continuation token ids must be in [0, {self.vocab_size})", "prompt")
         weights = self.weights_for(params, target, layout)
         # model_logprobs shows every model of the combination, even one whose weights cancel (alpha 0).
         shown = layout.slots_of(layout.members if target.pair is None else [target.pair]) \
             if params.model_logprobs is not None else set()
         prompts = {
             index: truncated(self.models[index].renderer.render(prompt), prompt.truncate, self.max_lens[index],
-                             params.max_tokens)
+                             params.max_tokens) + list(prompt.continuation)
             for index, weight in enumerate(weights) if weight != 0.0 or index in shown
         }
         left = context_left(prompts, params.max_tokens, self.max_lens, [m.role for m in self.models])
@@ -239,9 +241,10 @@ class Intake:
             with self._lock:
                 seq_id = self._next_seq_id
                 self._next_seq_id += 1
+            replay = params.replay[choice] if params.replay is not None else None
             sequences.append(Sequence(
                 seq_id=seq_id, request_id=request_id, index=choice, params=params, weights=weights,
-                prompts=prompts, max_tokens=left,
+                prompts=prompts, max_tokens=left if replay is None else min(left, len(replay)), replay=replay,
                 detokenizer=self.outputs.detokenizer(params, prompts[min(prompts)]),
                 # On the logits' device: torch.multinomial draws with a generator of the probabilities' device.
                 generator=torch.Generator(device=self.device).manual_seed(seed), eos_ids=self.eos_ids,

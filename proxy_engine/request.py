@@ -193,6 +193,9 @@ class PromptInput:
     # vLLM's truncate_prompt_tokens: each model's rendering cut to its last ``k`` tokens; -1 to what fits its
     # context with the room max_tokens needs (one token when max_tokens is unset). None: never truncated.
     truncate: int | None = None
+    # Ids of the shared vocabulary after each model's rendering (truncated or not), as if the models had already
+    # written them: how beam search (beam_search.py) asks for the next token of a beam.
+    continuation: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.text, self.messages, self.token_ids)]
@@ -317,6 +320,13 @@ class SamplingParams:
     # (thinking_budget.py); the tags say where the block is.
     thinking_token_budget: int | None = None
     thinking_tags: ThinkingTags | None = None
+    # vLLM's use_beam_search: the n likeliest continuations under the combined distribution, found n beams wide
+    # (beam_search.py), ranked by their logprob over their length ** length_penalty.
+    beam_search: bool = False
+    length_penalty: float = 1.0
+    # Per choice index, the tokens that choice writes, whatever the sampler would draw (its logprobs are still the
+    # combined distribution's): beam search's answers, read out as any generation is (text, stops, logprobs).
+    replay: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -426,6 +436,31 @@ class SamplingParams:
         self.resolve_alphas([0.0] * num_pairs, pair, members)
         if self.structured is not None:
             self.structured.validate()
+        if self.beam_search:
+            self.check_beam_search()
+        if self.replay is not None and any(not 0 <= t < vocab_size for tokens in self.replay for t in tokens):
+            raise FieldError(f"replayed token ids must be in [0, {vocab_size})", "replay")
+
+    def check_beam_search(self) -> None:
+        """Beam search ranks continuations by the combined distribution itself: what reshapes the distribution
+        before a draw (biases, bans, penalties, a constraint, a forced thinking end) has no place in it, and is a
+        400 naming it rather than an answer that ignores it."""
+        self.check_n()  # the beam's width: checked before a search is sized by it
+        _finite("length_penalty", float(self.length_penalty))
+        if not -10.0 <= self.length_penalty <= 10.0:
+            raise FieldError(f"length_penalty must be in [-10, 10], got {self.length_penalty}", "length_penalty")
+        reshaping = {
+            "logit_bias": bool(self.logit_bias), "allowed_token_ids": self.allowed_token_ids is not None,
+            "bad_words": bool(self.bad_words), "min_tokens": self.min_tokens > 0,
+            "presence_penalty": self.presence_penalty != 0.0, "frequency_penalty": self.frequency_penalty != 0.0,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "response_format": self.structured is not None,
+            "thinking_token_budget": self.thinking_token_budget is not None,
+        }
+        for name, set_ in reshaping.items():
+            if set_:
+                raise FieldError(f"{name} cannot be combined with use_beam_search: beam search ranks continuations "
+                                 "by the model's own distribution", name)
 
     def resolve_alphas(self, defaults: list[float], pair: int | None = None,
                        members: list[int] | None = None) -> list[float]:

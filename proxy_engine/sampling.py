@@ -126,10 +126,11 @@ def typical(sequences: list[Sequence], device: torch.device) -> LogitsProcessor 
     return lambda logits: sampler.filter_typical(logits, mass.to(logits.device))
 
 
-def thinking_budget(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
-    """A row past its thinking budget writes its closing tag, token by token: the one token it may write. Last, so
-    that nothing after it moves the choice (a bias or a ban on the tag cannot keep the block open)."""
-    forced = [s.thinking.forced() if s.thinking is not None else None for s in sequences]
+def forced_tokens(sequences: list[Sequence], device: torch.device) -> LogitsProcessor | None:
+    """A row past its thinking budget writes its closing tag, token by token, and a replayed one its replay
+    (Sequence.forced_token): the one token it may write. Last, so that nothing after it moves the choice (a bias or
+    a ban on the tag cannot keep the block open)."""
+    forced = [s.forced_token() if s.thinking is not None or s.replay is not None else None for s in sequences]
     if all(token is None for token in forced):
         return None
     return lambda logits: sampler.force_tokens(logits, forced)
@@ -138,10 +139,10 @@ def thinking_budget(sequences: list[Sequence], device: torch.device) -> LogitsPr
 # The one place that orders the processors (docs/sampling.md): the grammar mask first (as vLLM applies its
 # bitmask: what the grammar forbids is out before the others), bias, the allowed set and bans, penalties, then
 # transformers' warpers in their order: temperature, top-k, top-p over what top-k kept, min-p, typical; then a
-# thinking budget's forced token, which overrides them all.
+# thinking budget's or a replay's forced token, which overrides them all.
 PROCESSORS: tuple[ProcessorFactory, ...] = (
     grammar_mask, logit_bias, allowed_tokens, bad_words_ban, min_tokens_ban, penalties, temperature_scaling,
-    top_k_top_p_min_p, typical, thinking_budget,
+    top_k_top_p_min_p, typical, forced_tokens,
 )
 
 

@@ -51,6 +51,7 @@ class Sequence:
     preemptions: int = 0  # times its K/V was dropped (a more urgent sequence, out of memory): it resumes by recomputing
     thinking: ThinkingBudget | None = None  # params.thinking_token_budget's count, and the closing tag it forces
     pair: int | None = None  # the expert pair its model id names alone (Target.pair), None: the default combination
+    replay: tuple[int, ...] | None = None  # the tokens it writes, whatever is drawn (SamplingParams.replay)
     scheduled_at: float | None = None  # time.monotonic() at its first prefill (a preempted one's resumption aside)
     first_token_at: float | None = None
 
@@ -85,6 +86,13 @@ class Sequence:
         """Whether its prefill may start on cached columns: not a prompt scored position by position (prompt
         logprobs need every position's logits), unless it was scored already (resumed)."""
         return self.params.prompt_logprobs is None or self.resumed
+
+    def forced_token(self) -> int | None:
+        """The one token it may write next, if any: its replay's next, or its thinking budget's closing tag."""
+        if self.replay is not None:
+            written = len(self.output_ids)
+            return self.replay[written] if written < len(self.replay) else None
+        return self.thinking.forced() if self.thinking is not None else None
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
         self.status = Status.FINISHED

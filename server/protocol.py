@@ -103,7 +103,6 @@ def _text_only(value: Any) -> bool:
 
 # vLLM's extensions that change the output, on both endpoints; the ones honoured are fields of _SamplingFields.
 _UNHONOURED_SAMPLING = {
-    "use_beam_search": Unhonoured("beam search is not implemented (sampling and greedy decoding only)"),
     "logits_processors": Unhonoured("logits processors cannot be loaded from a request"),
 }
 
@@ -161,8 +160,11 @@ class _SamplingFields(_Lenient):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
-    # Refused when set (UNHONOURED); declared so that they are read, not dropped with the unknown fields.
-    use_beam_search: Any = None
+    # vLLM's beam search: the n likeliest continuations (proxy_engine/beam_search.py), ranked by their logprob over
+    # their length ** length_penalty.
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    # Refused when set (UNHONOURED); declared so that it is read, not dropped with the unknown fields.
     logits_processors: Any = None
     # vLLM's: every prompt token's logprob, its rank and the top k, in the answer (not in a stream).
     prompt_logprobs: int | None = None
@@ -216,6 +218,10 @@ class _SamplingFields(_Lenient):
         """The engine's parameters: the request's fields, then ``defaults`` (the model's generation_config) for
         the sampler fields it left out; its ``max_tokens`` there is a cap for a request that sent none."""
         refuse_unhonoured(self, self.UNHONOURED)
+        if self.use_beam_search:
+            # The model's sampler defaults (a generation_config's repetition_penalty, say) reshape a distribution
+            # that beam search ranks as it is: only its length applies. What the request itself sets is checked.
+            defaults = {k: v for k, v in (defaults or {}).items() if k == "max_tokens"}
         values: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
@@ -246,6 +252,8 @@ class _SamplingFields(_Lenient):
             "return_prompt_ids": True if self.return_token_ids else None,
             "logit_bias": _logit_bias(self.logit_bias),
             "structured": structured if structured is not None else self.structured(),
+            "beam_search": self.use_beam_search,
+            "length_penalty": self.length_penalty,
         }
         params = with_defaults(values, defaults)
         if params.top_k == -1:

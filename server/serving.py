@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from proxy_engine import PromptInput, SamplingParams  # the package's public request types
 from proxy_engine.async_engine import AsyncEngine, EngineStats, ModelInfo, RequestStream
+from proxy_engine.beam_search import add_beam_search_request
 from proxy_engine.config import LimitsConfig
 from proxy_engine.grammar import GrammarBusyError
 from proxy_engine.request import (
@@ -287,9 +288,10 @@ class ServerContext:
             raise self.overloaded(f"the waiting queue is full ({self.settings.engine.limits.max_waiting} "
                                   "sequences); retry shortly", 1)
         self.reserved += sequences  # released once the engine has queued them (or refused)
+        add = add_beam_search_request if params.beam_search else _add_request
         try:
-            return await self.engine.add_request(request_id, prompt, params, target,
-                                                 max_logprob_entries=self.settings.max_logprob_entries)
+            return await add(self.engine, request_id, prompt, params, target,
+                             max_logprob_entries=self.settings.max_logprob_entries)
         except ValueError as error:  # a ContextLengthError names its field and code
             raise APIError(400, str(error), param=getattr(error, "param", None),
                            code=getattr(error, "code", None)) from None
@@ -302,6 +304,10 @@ class ServerContext:
             raise internal_error(request_id) from None
         finally:
             self.reserved -= sequences
+
+
+async def _add_request(engine, *args, **kwargs) -> RequestStream:
+    return await engine.add_request(*args, **kwargs)
 
 
 def _retrieve(task: asyncio.Future) -> None:

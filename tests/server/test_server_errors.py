@@ -82,7 +82,6 @@ def test_bad_chat_messages_are_400(http, messages):
 
 # What clients really send for each field the server would not honour (protocol.UNHONOURED).
 _UNHONOURED_VALUES = {
-    "use_beam_search": True,
     "logits_processors": ["my_module.MyProcessor"],
     "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"},
