@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, TypeVar
 
@@ -54,6 +54,23 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
+async def _unless_gone(request: Request, work: Awaitable[T], abort: Callable[[], None]) -> T:
+    """``work``'s result; cancelled, with ``abort`` for what it may have started, and a 499, if the client leaves
+    first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        abort()
+        raise APIError(499, "the client closed the request before its answer was ready")
+    finally:
+        for future in (task, gone):
+            future.cancel()
+
+
 def _convert(build: Callable[[], T]) -> T:
     """Run a request conversion, turning the engine types' ``ValueError`` into a 400."""
     try:
@@ -86,8 +103,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
             served, target = await adapters.resolve_model(model)
             prompt_input = _convert(prompt)
             sampling = _convert(params)
-            stream = await adapters.submit(
+            submitting = adapters.submit(
                 model, target, lambda target: ctx.submit(request_id, prompt_input, sampling, target, salt))
+            # A beam search runs whole before its first byte: a client that leaves meanwhile stops it.
+            stream = await (_unless_gone(http, submitting, lambda: ctx.engine.abort(request_id))
+                            if sampling.beam_search else submitting)
         except APIError as error:
             if shape is not None:
                 request_logger.debug("%s %s %s prompt_tokens=? (refused)", request_id, endpoint, shape)

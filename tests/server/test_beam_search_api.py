@@ -75,3 +75,29 @@ def test_the_models_sampler_defaults_do_not_reach_a_beam_search():
         assert params.beam_search and params.repetition_penalty == 1.0 and params.top_p == 1.0
         assert params.default_max_tokens == 9
         params.check_beam_search()
+
+
+def test_a_client_that_leaves_during_the_search_stops_it(live):
+    """The search runs whole before the answer's first byte: the client's leaving is watched meanwhile, and its
+    steps are aborted (vLLM's keeps searching)."""
+    import httpx
+
+    from tests.server.live import wait_until
+
+    body = {"model": MODEL, "prompt": "Once upon a time", "n": 4, "max_tokens": 400, "ignore_eos": True, **BEAM}
+    with httpx.Client(base_url=live.url) as gone:
+        try:
+            gone.post("/v1/completions", json=body, timeout=1.0)
+        except httpx.ReadTimeout:
+            pass
+        else:
+            raise AssertionError("a 400-step search of 4 beams answered within a second")
+
+    def idle() -> bool:
+        stats = live.engine.stats()
+        return stats.running + stats.waiting + stats.prefilling == 0
+
+    def left() -> bool:
+        return 'status="499"' in httpx.get(f"{live.url}/metrics").text
+
+    assert wait_until(left, timeout=10) and wait_until(idle, timeout=10)
