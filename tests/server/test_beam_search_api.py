@@ -31,6 +31,21 @@ def test_completions_answer_the_n_best_beams(client):
     assert sum(choices[0].logprobs.token_logprobs) >= sum(greedy.choices[0].logprobs.token_logprobs) - 1e-4
 
 
+def test_several_prompts_each_get_their_beams_numbered_as_openai_numbers_choices(client):
+    prompts = ["Once upon a time", "The king said"]
+    answer = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=3, echo=True,
+                                       extra_body={**BEAM, "ignore_eos": True})
+    choices = sorted(answer.choices, key=lambda c: c.index)
+    assert [c.index for c in choices] == [0, 1, 2, 3]
+    for choice in choices:  # prompt i's beams are choices 2i and 2i + 1, each echoing its prompt
+        assert choice.text.startswith(prompts[choice.index // 2]) and choice.finish_reason == "length"
+    for i, prompt in enumerate(prompts):  # the same beams as the prompt alone
+        alone = client.completions.create(model=MODEL, prompt=prompt, n=2, max_tokens=3,
+                                          extra_body={**BEAM, "ignore_eos": True})
+        assert [c.text for c in sorted(alone.choices, key=lambda c: c.index)] == [
+            choices[2 * i + k].text.removeprefix(prompt) for k in range(2)]
+
+
 def test_a_streamed_chat_beam_search_is_the_same_answer(client, http):
     body = {"model": MODEL, "messages": MESSAGES, "n": 2, "max_tokens": 6, **BEAM}
     whole = http.post("/v1/chat/completions", json=body).json()
