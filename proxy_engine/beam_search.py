@@ -1,8 +1,9 @@
 """Beam search over the combined (proxy-tuned) distribution: vLLM's ``use_beam_search``, ``n`` beams wide.
 
 vLLM serves beam search above its engine, and so does this: each step asks the engine for one token of every
-live beam (the prompt with the beam's tokens as a ``PromptInput.continuation``, greedy, with the top ``2n``
-logprobs), keeps the ``n`` likeliest extensions, and sets aside those ended by an end-of-sequence or stop token.
+live beam (one request, a prompt per beam: the prompt with the beam's tokens as a ``PromptInput.continuation``,
+greedy, with the top ``2n`` logprobs), keeps the ``n`` likeliest extensions, and sets aside those ended by an
+end-of-sequence or stop token.
 Each step's prompts are the last step's plus one token, so the prefix cache holds all but the last block of each.
 The search ends when no beam is live, at ``max_tokens``, at the context's end, or when no live beam can still
 rank among the ``n`` best ended ones (an exact bound: the answer is what running on would give).
@@ -114,29 +115,32 @@ class BeamSearchFailed(Exception):
         self.output = output
 
 
-async def _next_token(engine, request_id: str, prompt: PromptInput, params: SamplingParams, target: Target,
-                      patient: bool) -> RequestOutput:
-    """One beam's next-token request, run to its end (aborted if the search is cancelled meanwhile). A full queue
-    is waited out when ``patient`` (a search under way), and refused otherwise (its first step: a 429 at once)."""
+async def _next_tokens(engine, request_id: str, prompts: list[PromptInput], params: SamplingParams, target: Target,
+                       patient: bool) -> list[RequestOutput]:
+    """Every live beam's next token, as one request of one prompt per beam (admitted together, so the beams of a
+    step prefill as one group where the step's token budget allows), run to its end: prompt ``k``'s output. Aborted
+    if the search is cancelled meanwhile. A full queue is waited out when ``patient`` (a search under way), and
+    refused otherwise (its first step: a 429 at once)."""
     for attempt in range(_BUSY_RETRIES + 1):
         try:
-            stream = await engine.add_request(request_id, prompt, params, target)
+            stream = await engine.add_request(request_id, prompts, params, target)
             break
         except EngineOverloadedError:
             if not patient or attempt == _BUSY_RETRIES:
                 raise
             await asyncio.sleep(_BUSY_WAIT_S)
-    token, finished = None, False
+    tokens: dict[int, RequestOutput] = {}
+    ended = 0
     try:
         async for output in stream:
-            finished = output.finished
+            ended += output.finished
             if output.finish_reason is FinishReason.ERROR:
                 raise BeamSearchFailed(output)
-            token = output if output.logprobs else token
-        assert token is not None  # max_tokens 1, with logprobs: its one output carries them
-        return token
+            if output.logprobs:  # max_tokens 1, with logprobs: each prompt's one token carries them
+                tokens[output.index] = output
+        return [tokens[k] for k in range(len(prompts))]
     finally:
-        if not finished:  # the search was cancelled (or failed) meanwhile
+        if ended < len(prompts):  # the search was cancelled (or failed) meanwhile
             engine.abort(request_id)
 
 
@@ -152,18 +156,13 @@ async def search(engine, request_id: str, prompt: PromptInput, params: SamplingP
     live, ended = [Beam()], []
     prompt_len, steps = 0, 0
     while live and steps < max_output:
+        prompts = [dataclasses.replace(prompt, continuation=prompt.continuation + beam.tokens) for beam in live]
         try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(_next_token(
-                    engine, f"{request_id}-{steps}-{k}",
-                    dataclasses.replace(prompt, continuation=prompt.continuation + beam.tokens), asked, target,
-                    patient=steps > 0)) for k, beam in enumerate(live)]
-        except ExceptionGroup as group:
-            first = group.exceptions[0]
-            if isinstance(first, ContextLengthError) and steps > 0:
-                break  # the context is full: the live beams end here, at its length
-            raise first from None
-        outputs = [task.result() for task in tasks]
+            outputs = await _next_tokens(engine, f"{request_id}-{steps}", prompts, asked, target, patient=steps > 0)
+        except ContextLengthError:
+            if steps == 0:
+                raise
+            break  # the context is full: the live beams end here, at its length
         if steps == 0:
             prompt_len = outputs[0].prompt_tokens
         live, done = extend(live, [[(top.token_id, top.logprob) for top in out.logprobs[0].top] for out in outputs],

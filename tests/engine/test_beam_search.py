@@ -170,7 +170,7 @@ async def test_a_failing_step_fails_every_choice_and_a_cancelled_search_leaves_n
     await engine.start()
     try:
         def fail(phase, sequences):
-            if any("-2-" in s.request_id for s in sequences):  # the third step
+            if any(s.request_id.endswith("-2") for s in sequences):  # the third step
                 raise RuntimeError("injected")
 
         engine.engine.fault_hook = fail
