@@ -5,6 +5,7 @@ combined distribution of a family whose expert reads chat prompts (each model it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import pytest
@@ -91,6 +92,26 @@ def _reference_beams(reference, prompts, weights, width, steps, length_penalty):
     return sorted(beams, key=lambda b: b[1] / (prompt_len + len(b[0])) ** length_penalty, reverse=True)
 
 
+@contextlib.asynccontextmanager
+async def _started(family):
+    engine = AsyncEngine(engine_config(family, chat_expert=True, max_num_seqs=8))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.shutdown()
+
+
+async def _idle(engine) -> bool:
+    """Whether every request (every step's) has ended, waiting up to 5 s."""
+    for _ in range(100):
+        stats = engine.stats()
+        if stats.running + stats.waiting + stats.prefilling == 0:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def _answer(engine, request_id, prompt, params):
     stream = await add_beam_search_request(engine, request_id, prompt, params)
     choices: dict[int, dict] = {}
@@ -105,9 +126,7 @@ async def _answer(engine, request_id, prompt, params):
 
 
 async def test_the_search_finds_the_reference_beams_read_out_as_any_generation(chat_family):
-    engine = AsyncEngine(engine_config(chat_family, chat_expert=True, max_num_seqs=8))
-    await engine.start()
-    try:
+    async with _started(chat_family) as engine:
         params = SamplingParams(n=3, max_tokens=4, ignore_eos=True, logprobs=1, length_penalty=1.0, beam_search=True)
         choices = await _answer(engine, "b", PromptInput(text=PROMPT), params)
         reference = NaiveProxy([str(chat_family.base), str(chat_family.expert), str(chat_family.anti_expert)], 512)
@@ -125,19 +144,11 @@ async def test_the_search_finds_the_reference_beams_read_out_as_any_generation(c
             "p", PromptInput(text=PROMPT), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))]
         assert greedy["tokens"] == [t for o in plain for t in o.new_token_ids]
         assert greedy["text"] == "".join(o.text_delta for o in plain)
-        for _ in range(50):  # every step's request has ended: nothing is left running
-            if engine.stats().running + engine.stats().waiting == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert engine.stats().running + engine.stats().waiting == 0
-    finally:
-        await engine.shutdown()
+        assert await _idle(engine)  # every step's request has ended: nothing is left running
 
 
 async def test_an_end_token_ends_a_beam_and_what_reshapes_the_distribution_is_refused(chat_family):
-    engine = AsyncEngine(engine_config(chat_family, chat_expert=True, max_num_seqs=8))
-    await engine.start()
-    try:
+    async with _started(chat_family) as engine:
         # The likeliest first token as a stop token id: the beam that takes it ends there, with finish "stop".
         probe = await engine.add_request("probe", PromptInput(text=PROMPT),
                                          SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
@@ -161,14 +172,10 @@ async def test_an_end_token_ends_a_beam_and_what_reshapes_the_distribution_is_re
             await add_beam_search_request(engine, "t", PromptInput(text=PROMPT, truncate=-1),
                                           SamplingParams(max_tokens=3, beam_search=True))
         assert truncating.value.param == "truncate_prompt_tokens"
-    finally:
-        await engine.shutdown()
 
 
 async def test_a_failing_step_fails_every_choice_and_a_cancelled_search_leaves_nothing_running(chat_family):
-    engine = AsyncEngine(engine_config(chat_family, chat_expert=True, max_num_seqs=8))
-    await engine.start()
-    try:
+    async with _started(chat_family) as engine:
         def fail(phase, sequences):
             if any(s.request_id.endswith("-2") for s in sequences):  # the third step
                 raise RuntimeError("injected")
@@ -186,10 +193,4 @@ async def test_a_failing_step_fails_every_choice_and_a_cancelled_search_leaves_n
         search.cancel()
         with pytest.raises(asyncio.CancelledError):
             await search
-        for _ in range(100):
-            if engine.stats().running + engine.stats().waiting + engine.stats().prefilling == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert engine.stats().running + engine.stats().waiting + engine.stats().prefilling == 0
-    finally:
-        await engine.shutdown()
+        assert await _idle(engine)
