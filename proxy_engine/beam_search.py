@@ -11,8 +11,8 @@ rank among the ``n`` best ended ones (an exact bound: the answer is what running
 The ``n`` best beams, by ``logprob / length ** length_penalty`` (vLLM's ranking: the length counts the prompt
 and the output, less a final end token), are then read out by one ordinary request that replays them
 (``SamplingParams.replay``): its text, logprobs, stop strings, usage and streaming are those of any generation,
-so every endpoint answers a beam search as it answers sampling. A stop string that a beam's text holds ends that
-answer there, as it would any other (vLLM's beam search ignores stop strings); the ranking does not see it.
+so every endpoint answers a beam search as it answers sampling. A beam whose text comes to hold a stop string ends
+there during the search, and its answer is cut there as any other is (vLLM's beam search ignores stop strings).
 
 The engine (a ``ProxyEngine`` in this process or in its own) is reached through ``add_request`` and ``abort``
 only: the search needs no engine of its own and runs beside every other request.
@@ -48,7 +48,8 @@ _BUSY_WAIT_S = 0.05
 class Beam:
     tokens: tuple[int, ...] = ()  # generated so far (an ended beam's last is its end or stop token)
     logprob: float = 0.0  # their summed logprob under the combined distribution
-    ended: bool = False  # by an end-of-sequence or stop token id
+    ended: bool = False  # by an end-of-sequence or stop token id, or a stop string its text came to hold
+    text: str = ""  # what its tokens write after the prompt (as their logprob entries render them)
 
 
 def beam_score(beam: Beam, prompt_len: int, length_penalty: float) -> float:
@@ -58,18 +59,25 @@ def beam_score(beam: Beam, prompt_len: int, length_penalty: float) -> float:
     return beam.logprob / length**length_penalty
 
 
-def extend(live: Sequence[Beam], candidates: Sequence[Iterable[tuple[int, float]]], width: int,
-           ending: frozenset[int]) -> tuple[list[Beam], list[Beam]]:
-    """One step: each live beam's candidates (token id, logprob) as new beams; those whose token is in ``ending``
-    have ended, the ``width`` likeliest of the others live on (ties: the earlier beam's, then the likelier token's,
-    as the candidates come)."""
+def completes_stop(text: str, added: str, stops: Sequence[str]) -> bool:
+    """Whether ``added`` after ``text`` completes one of ``stops`` (one that ``text`` alone held would have ended
+    the beam already)."""
+    return any(stop in text[max(0, len(text) - len(stop) + 1):] + added for stop in stops)
+
+
+def extend(live: Sequence[Beam], candidates: Sequence[Iterable[tuple[int, float, str]]], width: int,
+           ending: frozenset[int], stops: Sequence[str] = ()) -> tuple[list[Beam], list[Beam]]:
+    """One step: each live beam's candidates (token id, logprob, the text it adds) as new beams; those whose token
+    is in ``ending``, or whose text completes one of ``stops``, have ended; the ``width`` likeliest of the others
+    live on (ties: the earlier beam's, then the likelier token's, as the candidates come)."""
     grown: list[Beam] = []
     ended: list[Beam] = []
     for beam, options in zip(live, candidates):
-        for token, logprob in options:
+        for token, logprob, added in options:
             if not math.isfinite(logprob):
                 continue  # a token the combination rules out entirely
-            new = Beam(beam.tokens + (token,), beam.logprob + logprob, token in ending)
+            stopped = token in ending or completes_stop(beam.text, added, stops)
+            new = Beam(beam.tokens + (token,), beam.logprob + logprob, stopped, beam.text + added)
             (ended if new.ended else grown).append(new)
     grown.sort(key=lambda b: b.logprob, reverse=True)  # stable: ties keep their order
     return grown[:width], ended
@@ -165,8 +173,8 @@ async def search(engine, request_id: str, prompt: PromptInput, params: SamplingP
             break  # the context is full: the live beams end here, at its length
         if steps == 0:
             prompt_len = outputs[0].prompt_tokens
-        live, done = extend(live, [[(top.token_id, top.logprob) for top in out.logprobs[0].top] for out in outputs],
-                            width, ending)
+        candidates = [[(top.token_id, top.logprob, top.token) for top in out.logprobs[0].top] for out in outputs]
+        live, done = extend(live, candidates, width, ending, params.stop)
         ended += done
         steps += 1
         if settled(live, ended, width, prompt_len, params.length_penalty, max_output):

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from proxy_engine.async_engine import AsyncEngine
-from proxy_engine.beam_search import Beam, add_beam_search_request, beam_score, best, extend, settled
+from proxy_engine.beam_search import (
+    Beam,
+    add_beam_search_request,
+    beam_score,
+    best,
+    completes_stop,
+    extend,
+    settled,
+)
 from proxy_engine.request import FieldError, FinishReason, PromptInput, SamplingParams
 from tests.engine.conftest import engine_config, make_engine, run_to_end, submit
 from tests.engine.reference import NaiveProxy
@@ -30,11 +38,21 @@ def test_the_ranking_is_vllms_logprob_over_length_to_the_penalty():
 
 
 def test_a_step_keeps_the_likeliest_and_sets_the_ended_aside():
-    live = [Beam((1,), -1.0), Beam((2,), -2.0)]
-    candidates = [[(7, -0.1), (0, -0.2), (8, -3.0)], [(9, -0.05), (0, -0.3), (4, float("-inf"))]]
+    live = [Beam((1,), -1.0, text="a"), Beam((2,), -2.0, text="b")]
+    candidates = [[(7, -0.1, "x"), (0, -0.2, ""), (8, -3.0, "y")],
+                  [(9, -0.05, "z"), (0, -0.3, ""), (4, float("-inf"), "w")]]
     grown, ended = extend(live, candidates, width=2, ending=frozenset({0}))
-    assert grown == [Beam((1, 7), -1.1), Beam((2, 9), -2.05)]
-    assert ended == [Beam((1, 0), -1.2, ended=True), Beam((2, 0), -2.3, ended=True)]
+    assert grown == [Beam((1, 7), -1.1, text="ax"), Beam((2, 9), -2.05, text="bz")]
+    assert ended == [Beam((1, 0), -1.2, True, "a"), Beam((2, 0), -2.3, True, "b")]
+    # a stop string ends the beam whose text comes to hold it, across the token boundary too
+    grown, ended = extend(live, candidates, width=2, ending=frozenset(), stops=["ay", "bz"])
+    assert [b.tokens for b in ended] == [(1, 8), (2, 9)] and all(b.ended for b in ended)
+
+
+def test_a_stop_string_counts_only_where_the_new_text_completes_it():
+    assert completes_stop("hello wor", "ld", ["world"]) and completes_stop("", "a\n", ["\n"])
+    assert not completes_stop("hello", " there", ["world", "\n"])
+    assert not completes_stop("ab", "c", ["b"])  # held before: that beam would have ended already
 
 
 @pytest.mark.parametrize("length_penalty", [-1.0, 0.0, 0.5, 1.0, 2.0])
@@ -157,6 +175,16 @@ async def test_an_end_token_ends_a_beam_and_what_reshapes_the_distribution_is_re
             n=2, max_tokens=5, ignore_eos=True, stop_token_ids=[first], length_penalty=0.0, beam_search=True))
         stopped = [c for c in choices.values() if c["finish"] is FinishReason.STOP]
         assert stopped and all(c["tokens"][-1] == first and len(c["tokens"]) == 1 for c in stopped)
+
+        # A stop string in the likeliest beam's text: the beams that write it end there, their text cut before it.
+        [free] = (await _answer(engine, "free", PromptInput(text=PROMPT), SamplingParams(
+            n=1, max_tokens=6, ignore_eos=True, beam_search=True))).values()
+        stop = free["text"][len(free["text"]) // 2:][:3]
+        cut = await _answer(engine, "cut", PromptInput(text=PROMPT), SamplingParams(
+            n=2, max_tokens=6, ignore_eos=True, stop=[stop], beam_search=True))
+        assert any(c["finish"] is FinishReason.STOP for c in cut.values())
+        for c in cut.values():
+            assert stop not in c["text"] and (c["finish"] is FinishReason.STOP or len(c["tokens"]) == 6)
 
         for field, value in (("logit_bias", {3: 1.0}), ("allowed_token_ids", [1, 2]), ("bad_words", ["x"]),
                              ("min_tokens", 2), ("repetition_penalty", 1.2), ("presence_penalty", 0.5)):
