@@ -107,8 +107,9 @@ def settled(live: Sequence[Beam], ended: Sequence[Beam], width: int, prompt_len:
 
 
 def step_params(params: SamplingParams) -> SamplingParams:
-    """What each step asks of the engine: the next token of one beam, greedy, with the top 2n alternatives and the
-    request's combination (alpha, priority, model). The search itself tells the ends (ignore_eos here)."""
+    """What each step asks of the engine for every prompt (one per live beam): its next token, greedy, with the top
+    2n alternatives and the request's combination (alpha, priority, model). The search itself tells the ends
+    (ignore_eos here)."""
     return dataclasses.replace(
         params, n=1, max_tokens=1, default_max_tokens=None, temperature=0.0, seed=None, ignore_eos=True,
         logprobs=CANDIDATES_PER_BEAM * params.n, prompt_logprobs=None, model_logprobs=None, return_prompt_ids=False,

@@ -130,7 +130,7 @@ def forced_tokens(sequences: list[Sequence], device: torch.device) -> LogitsProc
     """A row past its thinking budget writes its closing tag, token by token, and a replayed one its replay
     (Sequence.forced_token): the one token it may write. Last, so that nothing after it moves the choice (a bias or
     a ban on the tag cannot keep the block open)."""
-    forced = [s.forced_token() if s.thinking is not None or s.replay is not None else None for s in sequences]
+    forced = [s.forced_token() for s in sequences]
     if all(token is None for token in forced):
         return None
     return lambda logits: sampler.force_tokens(logits, forced)

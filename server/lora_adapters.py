@@ -79,11 +79,10 @@ class AdapterLoader:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.changing = asyncio.Lock()
-        # The adapters loaded while serving, least recently used first (max_cpu_loras evicts from the front).
-        self.recency: dict[str, None] = {}
+        # The adapters loaded while serving, and how, least recently used first (max_cpu_loras evicts from the front).
+        self.recency: dict[str, LoadLoRAAdapterRequest] = {}
         # Those evicted to keep within max_cpu_loras: still served, loaded again (as they were) on their next request.
         self.dormant: dict[str, LoadLoRAAdapterRequest] = {}
-        self._bodies: dict[str, LoadLoRAAdapterRequest] = {}  # how each adapter in ``recency`` was loaded
 
     def _taken_up(self, pairs: list[ExpertPairConfig]) -> None:
         # The engine's pairs (in this process, the same list already). A new model id's sampling defaults are read
@@ -105,10 +104,8 @@ class AdapterLoader:
             index = ctx.settings.pair_named(name)
             if on_demand and index is not None:
                 return
-            if name in self.dormant and not body.load_inplace and not on_demand:
-                raise bad_request(f"The lora adapter '{name}' has already been loaded (load_inplace: true replaces "
-                                  "it)", "lora_name")
-            if index is not None and not body.load_inplace:
+            # Registered, held or dormant: the endpoint replaces it only when told (a request reloads a dormant one).
+            if not on_demand and not body.load_inplace and (index is not None or name in self.dormant):
                 raise bad_request(f"The lora adapter '{name}' has already been loaded (load_inplace: true replaces "
                                   "it)", "lora_name")
             if index is not None and ctx.settings.engine.experts[index].in_default:
@@ -131,9 +128,8 @@ class AdapterLoader:
                                "serves on as before", code=ErrorCode.INTERNAL_ERROR) from None
             self._taken_up(pairs)
             self.dormant.pop(name, None)
-            self._bodies[name] = body
             self.recency.pop(name, None)
-            self.recency[name] = None
+            self.recency[name] = body
             logger.info("loaded LoRA adapter %r from %s over %s (alpha %g)", name, adapter, pair.anti_expert.path,
                         body.alpha)
             # Only now that it is in: a load that fails evicts nothing (vLLM's LoRA cache reads the adapter first
@@ -158,7 +154,6 @@ class AdapterLoader:
             raise APIError(503, str(error), code=ErrorCode.ENGINE_FAILED) from None
         self._taken_up(pairs)
         self.recency.pop(name, None)
-        self._bodies.pop(name, None)
 
     async def _make_room(self) -> None:
         """Under ``changing``: evict the least recently used adapters loaded while serving until they are within
@@ -166,7 +161,7 @@ class AdapterLoader:
         limit = self.ctx.settings.max_cpu_loras
         while limit is not None and len(self.recency) > limit:
             oldest = next(iter(self.recency))
-            body = self._bodies[oldest]
+            body = self.recency[oldest]
             logger.info("evicting LoRA adapter %r, the least recently used, to keep %d loaded (max_cpu_loras); its "
                         "next request loads it again", oldest, limit)
             await self._remove(oldest)
@@ -243,8 +238,7 @@ class AdapterLoader:
         if target.pair is not None and self.recency:
             name = self.ctx.settings.engine.experts[target.pair].name
             if name in self.recency:
-                self.recency.pop(name)
-                self.recency[name] = None
+                self.recency[name] = self.recency.pop(name)
 
 
 def add_lora_adapter_routes(router: APIRouter, ctx: ServerContext) -> AdapterLoader:
